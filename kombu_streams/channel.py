@@ -1,0 +1,460 @@
+"""The Kombu channel: Kombu's virtual channel with every broker operation a Lua script.
+
+Layout per queue (see :mod:`kombu_streams.keys`): one stream per priority level, each with
+one consumer group named after the queue. A delivered message stays in the stream's PEL
+until it is acked (then XACK + XDEL) or requeued (its PEL record moves to a holder consumer,
+so it keeps its id and priority and is served before newer messages of its level).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from bisect import bisect
+from collections import deque
+from collections.abc import Iterable
+from itertools import count
+from queue import Empty
+from time import monotonic
+from typing import Any
+from uuid import uuid4
+
+from kombu.exceptions import BatchPublishError
+from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+from kombu.utils.scheduling import cycle_by_name
+
+from .connection import POOL_OPTIONS
+from .keys import Keys
+from .scripts import SCRIPTS, execute_pipeline
+
+logger = logging.getLogger(__name__)
+
+#: The consumer that holds requeued messages in a stream's PEL until they are read again.
+HOLDER = '~requeued'
+
+#: Messages per read when the channel has no prefetch limit.
+UNLIMITED_READ = 10
+
+#: Process-wide cache of routing tables: (server id, bindings key) -> (time read, table).
+_ROUTES: dict[tuple[str, str], tuple[float, list[tuple[str, ...]]]] = {}
+
+
+class QoS(virtual.QoS):
+    """Prefetch accounting plus ack / reject / restore, each a script call.
+
+    Messages read from Redis but not yet handed to the application (the channel's buffer)
+    count against the prefetch limit, so a channel never holds more than it was allowed.
+    """
+
+    def _in_use(self) -> int:
+        return len(self._delivered) - len(self._dirty) + len(self.channel._buffer)
+
+    def can_consume(self) -> bool:
+        pcount = self.prefetch_count
+        return not pcount or self._in_use() < pcount
+
+    def can_consume_max_estimate(self) -> int | None:
+        pcount = self.prefetch_count
+        if pcount:
+            return max(pcount - self._in_use(), 0)
+        return None
+
+    def ack(self, delivery_tag: str) -> None:
+        self.channel._settle([delivery_tag], requeue=False)
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        self.channel._settle([delivery_tag], requeue=requeue)
+        self._quick_ack(delivery_tag)
+
+    def restore_unacked(self) -> list[tuple[BaseException, Any]]:
+        """Requeue every delivered, unacked message in one script call per queue."""
+        self._flush()
+        tags = list(self._delivered)
+        errors: list[tuple[BaseException, Any]] = []
+        try:
+            self.channel._settle(tags, requeue=True)
+        except Exception as exc:  # the messages stay in the PEL: reclaim will bring them back
+            errors = [(exc, self._delivered[tag]) for tag in tags]
+        self._delivered.clear()
+        return errors
+
+
+class Channel(virtual.Channel):
+    """A Kombu channel on Redis Streams."""
+
+    QoS = QoS
+    supports_fanout = True
+    do_restore = True
+
+    from_transport_options = virtual.Channel.from_transport_options + (
+        'sep', 'priority_steps', 'queue_order_strategy', 'visibility_timeout',
+        'global_keyprefix', 'routing_cache_ttl', 'max_read_batch', 'purge_batch',
+    ) + POOL_OPTIONS
+
+    sep = '\x06\x16'
+    priority_steps = [0, 3, 6, 9]
+    queue_order_strategy = 'round_robin'
+    visibility_timeout: float = 3600
+    global_keyprefix = ''
+    #: Seconds a routing table read from Redis is reused; bindings made through this process
+    #: are seen at once. 0 reads the table on every publish.
+    routing_cache_ttl: float = 1.0
+    #: The most messages one read script call may deliver.
+    max_read_batch = 100
+    #: Entries deleted per purge script call (purge loops until done).
+    purge_batch = 1000
+
+    def __init__(self, connection: Any, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self._validate_options()
+        self.keys = Keys(self.global_keyprefix)
+        self._levels = list(self.priority_steps)
+        self._queue_cycle = cycle_by_name(self.queue_order_strategy)()
+        self._inflight: dict[str, tuple[str, str, bytes]] = {}
+        self._buffer: deque[tuple[dict[str, Any], str]] = deque()
+        self._no_ack_queues: set[str] = set()
+        self._tags = count(1)
+        self.consumer_name = (
+            f'{socket.gethostname()}:{os.getpid()}:{self.channel_id}:{uuid4().hex[:8]}')
+        self.client = connection.make_client()
+        connection.cycle.add(self)
+
+    def _validate_options(self) -> None:
+        steps = self.priority_steps
+        if (not isinstance(steps, (list, tuple)) or not steps
+                or any(not isinstance(s, int) or not 0 <= s <= 9 for s in steps)
+                or list(steps) != sorted(set(steps)) or steps[0] != 0):
+            raise ValueError(
+                f'kombu-streams: priority_steps must be increasing integers from 0 to 9 '
+                f'starting at 0, e.g. [0, 3, 6, 9]; got {steps!r}')
+        try:
+            cycle_by_name(self.queue_order_strategy)
+        except (KeyError, ImportError, AttributeError, ValueError):
+            raise ValueError(
+                f'kombu-streams: queue_order_strategy must be round_robin, priority or '
+                f'sorted; got {self.queue_order_strategy!r}') from None
+        if not isinstance(self.visibility_timeout, (int, float)) or self.visibility_timeout <= 0:
+            raise ValueError(
+                f'kombu-streams: visibility_timeout must be a positive number of seconds; '
+                f'got {self.visibility_timeout!r}')
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def _level(self, message: dict[str, Any]) -> int:
+        """Priority level as Kombu's Redis transport picks it: 0 is served first."""
+        pri = self._get_message_priority(message, reverse=False)
+        return self._levels[bisect(self._levels, pri) - 1]
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        keys = [self.keys.stream(queue, self._level(message)), self.keys.wake(queue)]
+        args = [dumps(message)]
+        batch = kwargs.get('_publish_batch')
+        if batch is not None:
+            batch.add(SCRIPTS['publish'], keys, args)
+        else:
+            SCRIPTS['publish'](self.client, keys, args)
+
+    def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
+                    **kwargs: Any) -> None:
+        """Each bound queue gets its own durable copy of the message."""
+        for queue in sorted(self.typeof(exchange).lookup(
+                self.get_table(exchange), exchange, routing_key, None)):
+            self._put(queue, message, **kwargs)
+
+    def create_publish_batch(self, max_size: int) -> PublishBatch:
+        return PublishBatch(self, max_size)
+
+    # -- routing tables, shared in Redis ----------------------------------------------------
+
+    def _route_key(self, exchange: str) -> tuple[str, str]:
+        return (self.connection.server_id, self.keys.bindings(exchange))
+
+    def get_table(self, exchange: str) -> list[tuple[str, ...]]:
+        cache_key = self._route_key(exchange)
+        now = monotonic()
+        hit = _ROUTES.get(cache_key)
+        if hit is not None and now - hit[0] < self.routing_cache_ttl:
+            return hit[1]
+        members = self.client.smembers(cache_key[1])
+        table = [tuple(bytes_to_str(m).split(self.sep)) for m in members]
+        _ROUTES[cache_key] = (now, table)
+        return table
+
+    def _binding_member(self, routing_key: str, pattern: str, queue: str) -> str:
+        return self.sep.join([routing_key or '', pattern or '', queue or ''])
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        cache_key = self._route_key(exchange)
+        self.client.sadd(cache_key[1], self._binding_member(routing_key, pattern, queue))
+        _ROUTES.pop(cache_key, None)
+
+    def queue_unbind(self, queue: str, exchange: str | None = None, routing_key: str = '',
+                     arguments: Any = None, **kwargs: Any) -> None:
+        exchange = exchange or 'amq.direct'
+        self.state.binding_delete(queue, exchange, routing_key)
+        _, pattern, _ = self.typeof(exchange).prepare_bind(
+            queue, exchange, routing_key, arguments)
+        self._unbind(exchange, routing_key, pattern, queue)
+
+    def _unbind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        cache_key = self._route_key(exchange)
+        self.client.srem(cache_key[1], self._binding_member(routing_key, pattern, queue))
+        _ROUTES.pop(cache_key, None)
+
+    # -- queues -------------------------------------------------------------------------------
+
+    def _streams(self, queue: str) -> list[str]:
+        return self.keys.streams(queue, self._levels)
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        SCRIPTS['declare'](self.client, self._streams(queue), [queue])
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        return bool(self.client.exists(*self._streams(queue)))
+
+    def _size(self, queue: str) -> int:
+        return int(SCRIPTS['size'](self.client, self._streams(queue), [queue, HOLDER]))
+
+    def _purge(self, queue: str) -> int:
+        total, more = 0, 1
+        while more:
+            purged, more = SCRIPTS['purge'](
+                self.client, self._streams(queue), [queue, HOLDER, self.purge_batch])
+            total += int(purged)
+        return total
+
+    def _delete(self, queue: str, exchange: str, routing_key: str, pattern: str,
+                *args: Any, **kwargs: Any) -> None:
+        self._unbind(exchange, routing_key, pattern, queue)
+
+    def queue_delete(self, queue: str, if_unused: bool = False, if_empty: bool = False,
+                     **kwargs: Any) -> None:
+        """Delete the queue in Redis even when this process never declared or bound it."""
+        if if_empty and self._size(queue):
+            return
+        super().queue_delete(queue, if_unused=if_unused, if_empty=False, **kwargs)
+        keys = self._streams(queue) + [self.keys.wake(queue), self.keys.dlq(queue)]
+        SCRIPTS['delete'](self.client, keys)
+
+    def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> Any:
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
+    # -- consuming ---------------------------------------------------------------------------
+
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        result = super().basic_consume(queue, no_ack, *args, **kwargs)
+        self._queue_cycle.update(self.active_queues)
+        return result
+
+    def basic_cancel(self, consumer_tag: str) -> Any:
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None and queue not in self._active_queues:
+            self._return_buffered(queue)
+        self._queue_cycle.update(self.active_queues)
+        return result
+
+    @property
+    def active_queues(self) -> list[str]:
+        return list(dict.fromkeys(self._active_queues))
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        delivered = self._read([queue], 1)
+        if not delivered:
+            return None
+        message = self.Message(delivered[0][0], channel=self)
+        if no_ack:
+            self._settle([message.delivery_tag], requeue=False)
+        else:
+            self.qos.append(message, message.delivery_tag)
+        return message
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        delivered = self._read([queue], 1)
+        if not delivered:
+            raise Empty()
+        return delivered[0][0]
+
+    def wake_keys(self) -> list[str]:
+        """Markers of the queues this channel would read now (empty when it may not read)."""
+        if not self._consumers or not self.qos.can_consume():
+            return []
+        return [self.keys.wake(q) for q in self.active_queues]
+
+    def next_delivery(self) -> tuple[dict[str, Any], str] | None:
+        """The next message for the application: from the buffer, or read from Redis."""
+        if not self._buffer and self._consumers and not self.closed:
+            credit = self.qos.can_consume_max_estimate()
+            if credit is None:
+                credit = UNLIMITED_READ
+            credit = min(credit, self.max_read_batch)
+            queues = self._queue_cycle.consume(len(self.active_queues))
+            if credit > 0 and queues:
+                self._buffer.extend(self._read(queues, credit))
+        if not self._buffer:
+            return None
+        message, queue = self._buffer.popleft()
+        self._queue_cycle.rotate(queue)
+        return message, queue
+
+    def _read(self, queues: list[str], credit: int) -> list[tuple[dict[str, Any], str]]:
+        """Run read.lua over ``queues`` and decode what it delivered."""
+        nq = len(queues)
+        streams = [self.keys.stream(q, level) for level in self._levels for q in queues]
+        args: list[Any] = [self.consumer_name, credit, len(streams), HOLDER]
+        for i in range(len(streams)):
+            args += [queues[i % nq], i % nq + 1]
+        keys = streams + [k for q in queues for k in (self.keys.wake(q), self.keys.dlq(q))]
+        reply = SCRIPTS['read'](self.client, keys, args)
+        out: list[tuple[dict[str, Any], str]] = []
+        no_ack: list[str] = []
+        for j in range(0, len(reply), 4):
+            index, entry_id, deliveries, payload = reply[j:j + 4]
+            stream, queue = streams[int(index) - 1], queues[(int(index) - 1) % nq]
+            message = self._decode(stream, queue, entry_id, int(deliveries), payload)
+            if message is None:
+                continue
+            tag = message['properties']['delivery_tag']
+            self._inflight[tag] = (queue, stream, entry_id)
+            if queue in self._no_ack_queues:
+                no_ack.append(tag)
+            out.append((message, queue))
+        if no_ack:  # no_ack consumers: the message is settled the moment it is taken
+            self._settle(no_ack, requeue=False)
+        return out
+
+    def _decode(self, stream: str, queue: str, entry_id: bytes, deliveries: int,
+                payload: bytes) -> dict[str, Any] | None:
+        try:
+            message = loads(bytes_to_str(payload))
+            props = message['properties']
+            info = props.setdefault('delivery_info', {})
+            info.setdefault('exchange', '')
+            info.setdefault('routing_key', queue)
+        except Exception as exc:  # not a Kombu message: set it aside, never drop it
+            logger.error('kombu-streams: entry %s of %s is not a Kombu message (%r); moved to '
+                         'the dead-letter stream %s', bytes_to_str(entry_id), stream, exc,
+                         self.keys.dlq(queue))
+            SCRIPTS['deadletter'](self.client, [stream, self.keys.dlq(queue)],
+                                  [queue, entry_id, f'undecodable: {exc!r}', deliveries])
+            return None
+        props['delivery_tag'] = f'{self.channel_id}.{next(self._tags)}.{uuid4().hex[:8]}'
+        redelivered = deliveries > 1
+        info['redelivered'] = redelivered
+        info['delivery_count'] = deliveries
+        if redelivered:
+            headers = message.get('headers')
+            if isinstance(headers, dict):
+                headers['redelivered'] = True
+        return message
+
+    # -- settling: ack, reject, requeue --------------------------------------------------------
+
+    def _settle(self, tags: Iterable[str], requeue: bool) -> int:
+        """Ack (delete) or requeue delivered messages: one script call per queue."""
+        by_queue: dict[str, list[tuple[str, bytes]]] = {}
+        for tag in tags:
+            found = self._inflight.pop(tag, None)
+            if found is not None:
+                queue, stream, entry_id = found
+                by_queue.setdefault(queue, []).append((stream, entry_id))
+        done = 0
+        for queue, entries in by_queue.items():
+            streams = list(dict.fromkeys(s for s, _ in entries))
+            pairs: list[Any] = []
+            for stream, entry_id in entries:
+                pairs += [streams.index(stream) + 1, entry_id]
+            if requeue:
+                done += SCRIPTS['requeue'](
+                    self.client, streams + [self.keys.wake(queue)], [queue, HOLDER, *pairs])
+            else:
+                done += SCRIPTS['ack'](self.client, streams, [queue, *pairs])
+        return done
+
+    def _return_buffered(self, queue: str | None = None) -> None:
+        """Requeue messages read for ``queue`` (or all) but never handed to the application."""
+        keep: deque[tuple[dict[str, Any], str]] = deque()
+        tags = []
+        for message, q in self._buffer:
+            if queue is None or q == queue:
+                tags.append(message['properties']['delivery_tag'])
+            else:
+                keep.append((message, q))
+        self._buffer = keep
+        if tags:
+            self._settle(tags, requeue=True)
+
+    def _restore(self, message: Any) -> None:
+        self._settle([message.delivery_tag], requeue=True)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._return_buffered()
+            except Exception as exc:  # they stay in the PEL and are reclaimed later
+                logger.warning('kombu-streams: could not requeue buffered messages: %r', exc)
+            self.connection.cycle.discard(self)
+        super().close()
+
+
+class PublishBatch:
+    """``Producer.batch()`` support: publish scripts pipelined in one round trip per flush."""
+
+    def __init__(self, channel: Channel, max_size: int) -> None:
+        self.channel = channel
+        self.max_size = max_size
+        self.pipeline = channel.client.pipeline(transaction=False)
+        self._calls: list[tuple[Any, list[str], list[Any]]] = []
+        self._failed: BaseException | None = None
+        self._closed = False
+        self._aborted = False
+
+    def _check_usable(self) -> None:
+        if self._closed or self._aborted:
+            raise RuntimeError('kombu-streams publish batch is closed or aborted')
+        if self._failed is not None:
+            raise BatchPublishError(
+                'publish batch cannot be reused after a failure') from self._failed
+
+    def publish(self, message: dict[str, Any], **kwargs: Any) -> Any:
+        self._check_usable()
+        result = self.channel.basic_publish(message, _publish_batch=self, **kwargs)
+        if len(self._calls) >= self.max_size:
+            self.flush()
+        return result
+
+    def add(self, script: Any, keys: list[str], args: list[Any]) -> None:
+        script.queue(self.pipeline, keys, args)
+        self._calls.append((script, keys, args))
+
+    def flush(self) -> None:
+        self._check_usable()
+        if not self._calls:
+            return
+        calls, self._calls = self._calls, []
+        try:
+            execute_pipeline(self.pipeline, calls)
+        except Exception as exc:
+            self._failed = exc
+            self.pipeline.reset()
+            raise BatchPublishError(
+                'kombu-streams publish batch failed; delivery is uncertain') from exc
+
+    def discard(self) -> None:
+        self._aborted = True
+        self._calls = []
+        self.pipeline.reset()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.pipeline.reset()

@@ -1,0 +1,42 @@
+"""Names of every Redis key kombu-streams uses; the only place that builds them.
+
+All keys of one queue share the hash tag ``{queue}`` so each script touches one Redis Cluster
+slot; exchange keys use the exchange's name as their tag. ``global_keyprefix`` is put in
+front of every key here, because scripts get all their keys in KEYS (Kombu's prefixing
+client would only rewrite the first one).
+
+    <prefix>ks:q:{<queue>}:<level>   stream of one priority level (0 is served first)
+    <prefix>ks:q:{<queue>}:wake      wake marker (zset with one member) for blocked consumers
+    <prefix>ks:q:{<queue>}:dlq       dead-letter stream
+    <prefix>ks:x:{<exchange>}:bindings   routing table (set of "rk<sep>pattern<sep>queue")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Builds key names for one ``global_keyprefix``."""
+
+    prefix: str = ''
+
+    def queue_base(self, queue: str) -> str:
+        return f'{self.prefix}ks:q:{{{queue}}}'
+
+    def stream(self, queue: str, level: int) -> str:
+        return f'{self.queue_base(queue)}:{level}'
+
+    def streams(self, queue: str, levels: list[int]) -> list[str]:
+        base = self.queue_base(queue)
+        return [f'{base}:{level}' for level in levels]
+
+    def wake(self, queue: str) -> str:
+        return f'{self.queue_base(queue)}:wake'
+
+    def dlq(self, queue: str) -> str:
+        return f'{self.queue_base(queue)}:dlq'
+
+    def bindings(self, exchange: str) -> str:
+        return f'{self.prefix}ks:x:{{{exchange}}}:bindings'

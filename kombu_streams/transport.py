@@ -1,0 +1,102 @@
+"""The Kombu transport: connection pool, server check, error classes and the poller.
+
+Use it by URL (``redis-streams://host:6379/0``, ``rediss-streams://`` for TLS) after
+``import kombu_streams``, or with ``transport='kombu_streams.transport:Transport'``
+(Celery: ``broker_transport``) and a plain ``redis://`` URL.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import redis
+from kombu.transport import virtual
+
+from .channel import Channel
+from .connection import check_server, pool_kwargs, warn_removed_options
+from .poller import Poller
+
+
+class Transport(virtual.Transport):
+    """Redis Streams transport for Kombu and Celery."""
+
+    Channel = Channel
+
+    #: The poller blocks on wake markers, so Kombu must not sleep between polls.
+    polling_interval = None
+    default_port = 6379
+    #: Celery keys fanout events, mingle, gossip and worker_disable_prefetch on 'redis'.
+    driver_type = 'redis'
+    driver_name = 'redis-streams'
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=False,
+        batch_publish=True,
+        exchange_type=frozenset(['direct', 'topic', 'fanout']),
+    )
+
+    connection_errors = virtual.Transport.connection_errors + (
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        redis.exceptions.AuthenticationError,
+        socket.error,
+        OSError,
+    )
+    channel_errors = virtual.Transport.channel_errors + (
+        redis.exceptions.ResponseError,
+        redis.exceptions.DataError,
+    )
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        options = client.transport_options
+        warn_removed_options(options)
+        super().__init__(client, **kwargs)
+        interval = options.get('polling_interval')
+        #: Longest single blocking wait, in seconds (see :mod:`kombu_streams.poller`).
+        self.wait_interval = float(interval) if interval else 1.0
+        self.polling_interval = None
+        self.cycle = Poller(self)
+        self._pool: redis.ConnectionPool | None = None
+        self._blocking: redis.Redis | None = None
+        self.server_version: tuple[int, ...] | None = None
+
+    def driver_version(self) -> str:
+        return redis.__version__
+
+    @property
+    def pool(self) -> redis.ConnectionPool:
+        if self._pool is None:
+            kwargs = pool_kwargs(self.client, self.client.transport_options,
+                                 self.client.transport_cls or '')
+            pool = redis.ConnectionPool(**kwargs)
+            self.server_version = check_server(redis.Redis(connection_pool=pool))
+            self._pool = pool
+            timeout = kwargs.get('socket_timeout')
+            if timeout:  # a blocking wait must end before the socket times out
+                self.wait_interval = max(min(self.wait_interval, timeout * 0.8), 0.01)
+        return self._pool
+
+    @property
+    def server_id(self) -> str:
+        """Identifies the server and database, for process-wide caches."""
+        kw = self.pool.connection_kwargs
+        return f"{kw.get('host')}:{kw.get('port')}:{kw.get('path')}:{kw.get('db')}"
+
+    def make_client(self) -> redis.Redis:
+        return redis.Redis(connection_pool=self.pool)
+
+    def blocking_client(self) -> redis.Redis:
+        if self._blocking is None:
+            self._blocking = self.make_client()
+        return self._blocking
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+        self.cycle.drain(self._deliver, timeout)
+
+    def close_connection(self, connection: Any) -> None:
+        super().close_connection(connection)
+        if self._pool is not None:
+            self._pool.disconnect()
+            self._pool = None
+            self._blocking = None

@@ -1,0 +1,18 @@
+--[[ delete: delete a queue with all its messages, ready or in flight.
+
+KEYS[1..n]  all streams of ONE queue (one per priority level)
+KEYS[n+1]   the queue's wake marker
+KEYS[n+2]   the queue's dead-letter stream
+Reply:      number of keys deleted
+Minimum Redis: 6.2. Cost: O(entries) (DEL of the streams).
+
+Dead letters are not dropped with the queue: the dead-letter stream is deleted only when it
+is empty, so nothing set aside for an operator disappears silently.
+]]
+local n = #KEYS - 2
+local deleted = 0
+for i = 1, n + 1 do deleted = deleted + redis.call('DEL', KEYS[i]) end
+if redis.call('EXISTS', KEYS[n + 2]) == 1 and redis.call('XLEN', KEYS[n + 2]) == 0 then
+  deleted = deleted + redis.call('DEL', KEYS[n + 2])
+end
+return deleted

@@ -1,0 +1,43 @@
+--[[ purge: delete a queue's ready messages; messages being worked on are left alone.
+
+KEYS[1..n]  all streams of ONE queue (one per priority level)
+ARGV[1]     consumer group (the queue's name)
+ARGV[2]     name of the holder consumer that parks requeued messages
+ARGV[3]     batch: the most entries to delete from each stream in this call
+Reply:      {purged, more}: messages deleted, and 1 if a stream still had more than the batch
+            (the caller calls again until more is 0)
+Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + batch) per stream.
+
+A stream nobody is working on is emptied in one XTRIM. Otherwise the ready entries are those
+after the group's last-delivered id plus those parked with the holder; delivered, unacked
+entries stay, so their consumers can still ack them.
+]]
+--@include common
+local group, holder, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local purged, more = 0, 0
+for _, key in ipairs(KEYS) do
+  local len = redis.call('XLEN', key)
+  if len > 0 then
+    local summary = try('XPENDING', key, group)
+    if summary == nil or tonumber(summary[1]) == 0 then
+      purged = purged + redis.call('XTRIM', key, 'MAXLEN', 0)
+    else
+      local held = redis.call('XPENDING', key, group, '-', '+', batch, holder)
+      for _, p in ipairs(held) do
+        redis.call('XACK', key, group, p[1])
+        purged = purged + redis.call('XDEL', key, p[1])
+      end
+      if #held >= batch then more = 1 end
+      local last = '0-0'
+      for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+        if field(g, 'name') == group then last = field(g, 'last-delivered-id') end
+      end
+      local fresh = redis.call('XRANGE', key, '(' .. last, '+', 'COUNT', batch)
+      for _, e in ipairs(fresh) do
+        purged = purged + redis.call('XDEL', key, e[1])
+      end
+      if #fresh >= batch then more = 1 end
+    end
+  end
+end
+return {purged, more}

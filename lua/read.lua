@@ -1,0 +1,98 @@
+--[[ read: deliver up to COUNT ready messages to one consumer, highest priority first.
+
+KEYS[1..S]        the streams to read, in the order to serve them (priority level first, then
+                  queue order), e.g. ks:q:{a}:0 ks:q:{b}:0 ks:q:{a}:3 ...
+KEYS[S+2q-1]      wake marker (zset) of queue q, for q = 1..Q
+KEYS[S+2q]        dead-letter stream of queue q
+ARGV[1]           consumer name (unique per channel)
+ARGV[2]           COUNT: the most messages to deliver (the channel's free prefetch)
+ARGV[3]           S: number of streams in KEYS
+ARGV[4]           name of the holder consumer that parks requeued messages
+ARGV[3+2i]        consumer group of stream i (the queue's name)
+ARGV[4+2i]        q: index of the queue that stream i belongs to (1..Q)
+Reply: a flat array, four items per delivered message, in delivery order:
+       stream index i, entry id, delivery count, payload
+Errors: Redis's own (WRONGTYPE when one of our names holds another type).
+Minimum Redis: 6.2. Cost: O(S + COUNT) commands; never blocks.
+
+Per stream, requeued messages (parked in the PEL under the holder consumer, so they keep their
+place, id and delivery count) are served before new entries of the same stream. An entry with
+no "m" field cannot be a message of ours: it goes to the queue's dead-letter stream at once.
+
+Wake-ups (see kombu_streams/poller.py for the whole argument): afterwards each queue's marker is
+set if the queue may still hold ready messages, and removed when this call has seen all of its
+streams run dry. A consumer that popped the marker always runs this script next, so another
+consumer is woken whenever work is left over.
+]]
+--@include common
+
+local consumer, left, S, holder = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local out = {}
+local maybe_more = {}   -- queue index -> true while ready messages may remain
+
+local function deliver(i, key, group, q, id, fields, deliveries)
+  local payload = field(fields, 'm')
+  if payload == nil then
+    dead_letter(key, group, id, fields, KEYS[S + 2 * q], 'malformed: no m field', deliveries)
+    return
+  end
+  out[#out + 1] = i
+  out[#out + 1] = id
+  out[#out + 1] = deliveries
+  out[#out + 1] = payload
+  left = left - 1
+end
+
+for i = 1, S do
+  local key, group, q = KEYS[i], ARGV[3 + 2 * i], tonumber(ARGV[4 + 2 * i])
+  if left <= 0 then
+    maybe_more[q] = true
+  else
+    local held, err = try('XPENDING', key, group, '-', '+', left, holder)
+    if err then return redis.error_reply(err) end
+    if held == nil then
+      local exists, gerr = ensure_group(key, group)
+      if gerr then return redis.error_reply(gerr) end
+      held = {}
+      if not exists then key = nil end
+    end
+    if key then
+      if #held > 0 then
+        local ids, counts = {}, {}
+        for j, p in ipairs(held) do
+          ids[j] = p[1]
+          counts[p[1]] = tonumber(p[4]) + 1
+        end
+        local claimed = redis.call('XCLAIM', key, group, consumer, 0, unpack(ids))
+        local seen = {}
+        for _, e in ipairs(claimed) do
+          if type(e) == 'table' then
+            seen[e[1]] = true
+            deliver(i, key, group, q, e[1], e[2], counts[e[1]])
+          end
+        end
+        -- Entries deleted while parked (Redis 6.2 keeps them in the PEL): drop the PEL record.
+        for _, id in ipairs(ids) do
+          if not seen[id] then redis.call('XACK', key, group, id) end
+        end
+        if #held >= left then maybe_more[q] = true end
+      end
+      if left > 0 then
+        local want = left
+        local fresh = read_entries(redis.call(
+          'XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', key, '>'))
+        for _, e in ipairs(fresh) do deliver(i, key, group, q, e[1], e[2], 1) end
+        if #fresh >= want then maybe_more[q] = true end
+      end
+    end
+  end
+end
+
+for q = 1, (#KEYS - S) / 2 do
+  if maybe_more[q] then
+    redis.call('ZADD', KEYS[S + 2 * q - 1], 0, 'w')
+  else
+    redis.call('ZREM', KEYS[S + 2 * q - 1], 'w')
+  end
+end
+return out

