@@ -11,7 +11,8 @@ local created = 0
 for _, key in ipairs(KEYS) do
   local r = redis.pcall('XGROUP', 'CREATE', key, ARGV[1], '0', 'MKSTREAM')
   if type(r) == 'table' and r.err then
-    if not string.find(r.err, 'BUSYGROUP', 1, true) then return redis.error_reply(r.err) end
+    local err = tostring(r.err)  -- tostring: fakeredis gives r.err as userdata
+    if not string.find(err, 'BUSYGROUP', 1, true) then return redis.error_reply(err) end
   else
     created = created + 1
   end

@@ -3,6 +3,7 @@
 KEYS[1..n]  all streams of ONE queue (one per priority level)
 KEYS[n+1]   the queue's wake marker
 KEYS[n+2]   the queue's dead-letter stream
+ARGV        none
 Reply:      number of keys deleted
 Minimum Redis: 6.2. Cost: O(entries) (DEL of the streams).
 

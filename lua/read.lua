@@ -48,7 +48,8 @@ for i = 1, S do
   if left <= 0 then
     maybe_more[q] = true
   else
-    local held, err = try('XPENDING', key, group, '-', '+', left, holder)
+    local want = left
+    local held, err = try('XPENDING', key, group, '-', '+', want, holder)
     if err then return redis.error_reply(err) end
     if held == nil then
       local exists, gerr = ensure_group(key, group)
@@ -75,10 +76,10 @@ for i = 1, S do
         for _, id in ipairs(ids) do
           if not seen[id] then redis.call('XACK', key, group, id) end
         end
-        if #held >= left then maybe_more[q] = true end
+        if #held >= want then maybe_more[q] = true end  -- want: deliver() lowered left
       end
       if left > 0 then
-        local want = left
+        want = left
         local fresh = read_entries(redis.call(
           'XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', key, '>'))
         for _, e in ipairs(fresh) do deliver(i, key, group, q, e[1], e[2], 1) end

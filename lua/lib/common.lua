@@ -4,14 +4,21 @@
 -- Each helper hides one difference between Redis versions (6.2, 7.x) or fakeredis, so the
 -- scripts themselves read as plain Redis Streams logic.
 
+-- The error message of a redis.pcall reply, or nil. tostring: fakeredis gives r.err as userdata.
+local function pcall_error(r)
+  if type(r) == 'table' and r.err then return tostring(r.err) end
+  return nil
+end
+
 -- Run a command that may fail with NOGROUP. Returns (reply, nil), or (nil, nil) when the key or
 -- the group does not exist, or (nil, message) on any other error (WRONGTYPE...), which the
 -- caller returns with redis.error_reply so the client sees Redis's own message.
 local function try(...)
   local r = redis.pcall(...)
-  if type(r) == 'table' and r.err then
-    if string.find(r.err, 'NOGROUP', 1, true) then return nil, nil end
-    return nil, r.err
+  local err = pcall_error(r)
+  if err then
+    if string.find(err, 'NOGROUP', 1, true) then return nil, nil end
+    return nil, err
   end
   return r, nil
 end
@@ -22,10 +29,8 @@ end
 -- Never creates the stream: a queue deleted elsewhere stays deleted.
 local function ensure_group(key, group)
   if redis.call('EXISTS', key) == 0 then return false, nil end
-  local r = redis.pcall('XGROUP', 'CREATE', key, group, '0')
-  if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP', 1, true) then
-    return false, r.err
-  end
+  local err = pcall_error(redis.pcall('XGROUP', 'CREATE', key, group, '0'))
+  if err and not string.find(err, 'BUSYGROUP', 1, true) then return false, err end
   return true, nil
 end
 
