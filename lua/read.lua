@@ -46,7 +46,8 @@ end
 for i = 1, S do
   local key, group, q = KEYS[i], ARGV[3 + 2 * i], tonumber(ARGV[4 + 2 * i])
   if left <= 0 then
-    maybe_more[q] = true
+    -- Not read: may hold ready messages unless empty (cheap; XLEN also counts in-flight ones).
+    if redis.call('XLEN', key) > 0 then maybe_more[q] = true end
   else
     local want = left
     local held, err = try('XPENDING', key, group, '-', '+', want, holder)
@@ -83,7 +84,11 @@ for i = 1, S do
         local fresh = read_entries(redis.call(
           'XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', key, '>'))
         for _, e in ipairs(fresh) do deliver(i, key, group, q, e[1], e[2], 1) end
-        if #fresh >= want then maybe_more[q] = true end
+        if #fresh >= want then
+          -- COUNT filled: more is left unless we just took the stream's last entry.
+          local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+          if top[1] and top[1][1] ~= fresh[#fresh][1] then maybe_more[q] = true end
+        end
       end
     end
   end
