@@ -27,14 +27,17 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import cycle_by_name
 
+from .broker import HOLDER, Broker, Delivery
 from .connection import POOL_OPTIONS
 from .keys import Keys
-from .scripts import SCRIPTS, execute_pipeline
+from .scripts import execute_pipeline
 
 logger = logging.getLogger(__name__)
 
-#: The consumer that holds requeued messages in a stream's PEL until they are read again.
-HOLDER = '~requeued'
+__all__ = ('Channel', 'QoS', 'PublishBatch', 'HOLDER')
+
+#: How _settle disposes of messages.
+ACK, REQUEUE, DEAD_LETTER = 'ack', 'requeue', 'dead-letter'
 
 #: Messages per read when the channel has no prefetch limit.
 UNLIMITED_READ = 10
@@ -64,11 +67,15 @@ class QoS(virtual.QoS):
         return None
 
     def ack(self, delivery_tag: str) -> None:
-        self.channel._settle([delivery_tag], requeue=False)
+        self.channel._settle([delivery_tag], ACK)
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        self.channel._settle([delivery_tag], requeue=requeue)
+        if requeue:
+            mode = REQUEUE
+        else:
+            mode = DEAD_LETTER if self.channel.dead_letter_rejected else ACK
+        self.channel._settle([delivery_tag], mode)
         self._quick_ack(delivery_tag)
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
@@ -77,7 +84,7 @@ class QoS(virtual.QoS):
         tags = list(self._delivered)
         errors: list[tuple[BaseException, Any]] = []
         try:
-            self.channel._settle(tags, requeue=True)
+            self.channel._settle(tags, REQUEUE)
         except Exception as exc:  # the messages stay in the PEL: reclaim will bring them back
             errors = [(exc, self._delivered[tag]) for tag in tags]
         self._delivered.clear()
@@ -94,6 +101,7 @@ class Channel(virtual.Channel):
     from_transport_options = virtual.Channel.from_transport_options + (
         'sep', 'priority_steps', 'queue_order_strategy', 'visibility_timeout',
         'global_keyprefix', 'routing_cache_ttl', 'max_read_batch', 'purge_batch',
+        'max_deliveries', 'dead_letter_rejected', 'reclaim_batch',
     ) + POOL_OPTIONS
 
     sep = '\x06\x16'
@@ -108,6 +116,14 @@ class Channel(virtual.Channel):
     max_read_batch = 100
     #: Entries deleted per purge script call (purge loops until done).
     purge_batch = 1000
+    #: A message delivered this many times (rejects with requeue and crashes alike) goes to
+    #: its queue's dead-letter stream instead of being delivered again. 0: no limit.
+    max_deliveries = 20
+    #: reject(requeue=False) moves the message to the dead-letter stream instead of dropping
+    #: it (Kombu's Redis transport drops it).
+    dead_letter_rejected = False
+    #: PEL entries looked at per stream by one reclaim call.
+    reclaim_batch = 100
 
     def __init__(self, connection: Any, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
@@ -122,6 +138,8 @@ class Channel(virtual.Channel):
         self.consumer_name = (
             f'{socket.gethostname()}:{os.getpid()}:{self.channel_id}:{uuid4().hex[:8]}')
         self.client = connection.make_client()
+        self.broker = Broker(self.client, self.keys, self._levels)
+        self._reclaim_cursors: dict[str, list[str]] = {}
         connection.cycle.add(self)
 
     def _validate_options(self) -> None:
@@ -138,6 +156,10 @@ class Channel(virtual.Channel):
             raise ValueError(
                 f'kombu-streams: queue_order_strategy must be round_robin, priority or '
                 f'sorted; got {self.queue_order_strategy!r}') from None
+        if not isinstance(self.max_deliveries, int) or self.max_deliveries < 0:
+            raise ValueError(
+                f'kombu-streams: max_deliveries must be an integer >= 0 (0: no limit); '
+                f'got {self.max_deliveries!r}')
         if not isinstance(self.visibility_timeout, (int, float)) or self.visibility_timeout <= 0:
             raise ValueError(
                 f'kombu-streams: visibility_timeout must be a positive number of seconds; '
@@ -151,13 +173,11 @@ class Channel(virtual.Channel):
         return self._levels[bisect(self._levels, pri) - 1]
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        keys = [self.keys.stream(queue, self._level(message)), self.keys.wake(queue)]
-        args = [dumps(message)]
         batch = kwargs.get('_publish_batch')
         if batch is not None:
-            batch.add(SCRIPTS['publish'], keys, args)
+            batch.add(*self.broker.publish_call(queue, self._level(message), dumps(message)))
         else:
-            SCRIPTS['publish'](self.client, keys, args)
+            self.broker.publish(queue, self._level(message), dumps(message))
 
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
                     **kwargs: Any) -> None:
@@ -208,25 +228,17 @@ class Channel(virtual.Channel):
 
     # -- queues -------------------------------------------------------------------------------
 
-    def _streams(self, queue: str) -> list[str]:
-        return self.keys.streams(queue, self._levels)
-
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
-        SCRIPTS['declare'](self.client, self._streams(queue), [queue])
+        self.broker.declare(queue)
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
-        return bool(self.client.exists(*self._streams(queue)))
+        return self.broker.exists(queue)
 
     def _size(self, queue: str) -> int:
-        return int(SCRIPTS['size'](self.client, self._streams(queue), [queue, HOLDER]))
+        return self.broker.size(queue)
 
     def _purge(self, queue: str) -> int:
-        total, more = 0, 1
-        while more:
-            purged, more = SCRIPTS['purge'](
-                self.client, self._streams(queue), [queue, HOLDER, self.purge_batch])
-            total += int(purged)
-        return total
+        return self.broker.purge(queue, self.purge_batch)
 
     def _delete(self, queue: str, exchange: str, routing_key: str, pattern: str,
                 *args: Any, **kwargs: Any) -> None:
@@ -238,8 +250,7 @@ class Channel(virtual.Channel):
         if if_empty and self._size(queue):
             return
         super().queue_delete(queue, if_unused=if_unused, if_empty=False, **kwargs)
-        keys = self._streams(queue) + [self.keys.wake(queue), self.keys.dlq(queue)]
-        SCRIPTS['delete'](self.client, keys)
+        self.broker.delete(queue)
 
     def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> Any:
         return to_rabbitmq_queue_arguments(arguments, **kwargs)
@@ -253,6 +264,7 @@ class Channel(virtual.Channel):
             self._no_ack_queues.discard(queue)
         result = super().basic_consume(queue, no_ack, *args, **kwargs)
         self._queue_cycle.update(self.active_queues)
+        self.connection.leases.start()  # consumers reclaim their queues' stalled messages
         return result
 
     def basic_cancel(self, consumer_tag: str) -> Any:
@@ -273,7 +285,7 @@ class Channel(virtual.Channel):
             return None
         message = self.Message(delivered[0][0], channel=self)
         if no_ack:
-            self._settle([message.delivery_tag], requeue=False)
+            self._settle([message.delivery_tag], ACK)
         else:
             self.qos.append(message, message.delivery_tag)
         return message
@@ -308,49 +320,42 @@ class Channel(virtual.Channel):
 
     def _read(self, queues: list[str], credit: int) -> list[tuple[dict[str, Any], str]]:
         """Run read.lua over ``queues`` and decode what it delivered."""
-        nq = len(queues)
-        streams = [self.keys.stream(q, level) for level in self._levels for q in queues]
-        args: list[Any] = [self.consumer_name, credit, len(streams), HOLDER]
-        for i in range(len(streams)):
-            args += [queues[i % nq], i % nq + 1]
-        keys = streams + [k for q in queues for k in (self.keys.wake(q), self.keys.dlq(q))]
-        reply = SCRIPTS['read'](self.client, keys, args)
         out: list[tuple[dict[str, Any], str]] = []
         no_ack: list[str] = []
-        for j in range(0, len(reply), 4):
-            index, entry_id, deliveries, payload = reply[j:j + 4]
-            stream, queue = streams[int(index) - 1], queues[(int(index) - 1) % nq]
-            message = self._decode(stream, queue, entry_id, int(deliveries), payload)
+        for delivery in self.broker.read(queues, self.consumer_name, credit,
+                                         self.max_deliveries):
+            message = self._decode(delivery)
             if message is None:
                 continue
             tag = message['properties']['delivery_tag']
-            self._inflight[tag] = (queue, stream, entry_id)
-            if queue in self._no_ack_queues:
+            self._inflight[tag] = (delivery.queue, delivery.stream, delivery.entry_id)
+            if delivery.queue in self._no_ack_queues:
                 no_ack.append(tag)
-            out.append((message, queue))
+            out.append((message, delivery.queue))
         if no_ack:  # no_ack consumers: the message is settled the moment it is taken
-            self._settle(no_ack, requeue=False)
+            self._settle(no_ack, ACK)
+        if self._inflight:
+            self.connection.leases.start()
         return out
 
-    def _decode(self, stream: str, queue: str, entry_id: bytes, deliveries: int,
-                payload: bytes) -> dict[str, Any] | None:
+    def _decode(self, d: Delivery) -> dict[str, Any] | None:
         try:
-            message = loads(bytes_to_str(payload))
+            message = loads(bytes_to_str(d.payload))
             props = message['properties']
             info = props.setdefault('delivery_info', {})
             info.setdefault('exchange', '')
-            info.setdefault('routing_key', queue)
+            info.setdefault('routing_key', d.queue)
         except Exception as exc:  # not a Kombu message: set it aside, never drop it
             logger.error('kombu-streams: entry %s of %s is not a Kombu message (%r); moved to '
-                         'the dead-letter stream %s', bytes_to_str(entry_id), stream, exc,
-                         self.keys.dlq(queue))
-            SCRIPTS['deadletter'](self.client, [stream, self.keys.dlq(queue)],
-                                  [queue, entry_id, f'undecodable: {exc!r}', deliveries])
+                         'the dead-letter stream %s', bytes_to_str(d.entry_id), d.stream, exc,
+                         self.keys.dlq(d.queue))
+            self.broker.dead_letter(d.queue, d.stream, d.entry_id, f'undecodable: {exc!r}',
+                                    d.deliveries)
             return None
         props['delivery_tag'] = f'{self.channel_id}.{next(self._tags)}.{uuid4().hex[:8]}'
-        redelivered = deliveries > 1
+        redelivered = d.deliveries > 1
         info['redelivered'] = redelivered
-        info['delivery_count'] = deliveries
+        info['delivery_count'] = d.deliveries
         if redelivered:
             headers = message.get('headers')
             if isinstance(headers, dict):
@@ -359,8 +364,8 @@ class Channel(virtual.Channel):
 
     # -- settling: ack, reject, requeue --------------------------------------------------------
 
-    def _settle(self, tags: Iterable[str], requeue: bool) -> int:
-        """Ack (delete) or requeue delivered messages: one script call per queue."""
+    def _settle(self, tags: Iterable[str], mode: str) -> int:
+        """Ack (delete), requeue or dead-letter delivered messages: one call per queue."""
         by_queue: dict[str, list[tuple[str, bytes]]] = {}
         for tag in tags:
             found = self._inflight.pop(tag, None)
@@ -369,16 +374,46 @@ class Channel(virtual.Channel):
                 by_queue.setdefault(queue, []).append((stream, entry_id))
         done = 0
         for queue, entries in by_queue.items():
-            streams = list(dict.fromkeys(s for s, _ in entries))
-            pairs: list[Any] = []
-            for stream, entry_id in entries:
-                pairs += [streams.index(stream) + 1, entry_id]
-            if requeue:
-                done += SCRIPTS['requeue'](
-                    self.client, streams + [self.keys.wake(queue)], [queue, HOLDER, *pairs])
+            if mode == REQUEUE:
+                done += self.broker.requeue(queue, entries)
+            elif mode == ACK:
+                done += self.broker.ack(queue, entries)
             else:
-                done += SCRIPTS['ack'](self.client, streams, [queue, *pairs])
+                for stream, entry_id in entries:
+                    done += self.broker.dead_letter(queue, stream, entry_id, 'rejected', 0)
         return done
+
+    # -- leases: run by the transport's LeaseKeeper thread ----------------------------------
+
+    def renew_leases(self) -> int:
+        """Renew the lease of every message this channel holds; log the ones it lost."""
+        by_queue: dict[str, list[tuple[str, bytes]]] = {}
+        for queue, stream, entry_id in list(self._inflight.values()):
+            by_queue.setdefault(queue, []).append((stream, entry_id))
+        renewed = 0
+        for queue, entries in by_queue.items():
+            lost = self.broker.renew(queue, self.consumer_name, entries)
+            renewed += len(entries) - len(lost)
+            for stream, entry_id in lost:
+                logger.warning(
+                    'kombu-streams: lost the lease of message %s in %s (it was reclaimed or '
+                    'settled elsewhere); it may be processed twice', bytes_to_str(entry_id),
+                    stream)
+        return renewed
+
+    def reclaim(self) -> int:
+        """Give back stalled messages of the queues this channel consumes (bounded calls)."""
+        total = 0
+        vt_ms = int(self.visibility_timeout * 1000)
+        expiry_ms = max(2 * vt_ms, 300_000)
+        for queue in self.active_queues:
+            count, cursors = self.broker.reclaim(
+                queue, vt_ms, self.reclaim_batch, self._reclaim_cursors.get(queue), expiry_ms)
+            self._reclaim_cursors[queue] = cursors
+            if count:
+                logger.info('kombu-streams: reclaimed %d stalled messages of %r', count, queue)
+            total += count
+        return total
 
     def _return_buffered(self, queue: str | None = None) -> None:
         """Requeue messages read for ``queue`` (or all) but never handed to the application."""
@@ -391,10 +426,10 @@ class Channel(virtual.Channel):
                 keep.append((message, q))
         self._buffer = keep
         if tags:
-            self._settle(tags, requeue=True)
+            self._settle(tags, REQUEUE)
 
     def _restore(self, message: Any) -> None:
-        self._settle([message.delivery_tag], requeue=True)
+        self._settle([message.delivery_tag], REQUEUE)
 
     def close(self) -> None:
         if not self.closed:

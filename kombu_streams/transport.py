@@ -15,6 +15,7 @@ from kombu.transport import virtual
 
 from .channel import Channel
 from .connection import check_server, pool_kwargs, warn_removed_options
+from .leases import LeaseKeeper
 from .poller import Poller
 
 
@@ -57,6 +58,7 @@ class Transport(virtual.Transport):
         self.wait_interval = float(interval) if interval else 1.0
         self.polling_interval = None
         self.cycle = Poller(self)
+        self.leases = LeaseKeeper(self)
         self._pool: redis.ConnectionPool | None = None
         self._blocking: redis.Redis | None = None
         self.server_version: tuple[int, ...] | None = None
@@ -95,6 +97,7 @@ class Transport(virtual.Transport):
         self.cycle.drain(self._deliver, timeout)
 
     def close_connection(self, connection: Any) -> None:
+        self.leases.stop()
         super().close_connection(connection)
         if self._pool is not None:
             self._pool.disconnect()

@@ -8,16 +8,20 @@ ARGV[1]           consumer name (unique per channel)
 ARGV[2]           COUNT: the most messages to deliver (the channel's free prefetch)
 ARGV[3]           S: number of streams in KEYS
 ARGV[4]           name of the holder consumer that parks requeued messages
-ARGV[3+2i]        consumer group of stream i (the queue's name)
-ARGV[4+2i]        q: index of the queue that stream i belongs to (1..Q)
+ARGV[5]           delivery limit: a message about to be delivered more often than this goes
+                  to its queue's dead-letter stream instead (0: no limit)
+ARGV[4+2i]        consumer group of stream i (the queue's name)
+ARGV[5+2i]        q: index of the queue that stream i belongs to (1..Q)
 Reply: a flat array, four items per delivered message, in delivery order:
        stream index i, entry id, delivery count, payload
 Errors: Redis's own (WRONGTYPE when one of our names holds another type).
 Minimum Redis: 6.2. Cost: O(S + COUNT) commands; never blocks.
 
-Per stream, requeued messages (parked in the PEL under the holder consumer, so they keep their
-place, id and delivery count) are served before new entries of the same stream. An entry with
-no "m" field cannot be a message of ours: it goes to the queue's dead-letter stream at once.
+Per stream, requeued and reclaimed messages (parked in the PEL under the holder consumer, so
+they keep their place, id and delivery count) are served before new entries of the same
+stream; this is the one place where redeliveries are counted against the delivery limit, so
+crash loops (reclaims) count as much as rejects. An entry with no "m" field cannot be a
+message of ours: it goes to the queue's dead-letter stream at once.
 
 Wake-ups (see kombu_streams/poller.py for the whole argument): afterwards each queue's marker is
 set if the queue may still hold ready messages, and removed when this call has seen all of its
@@ -27,6 +31,7 @@ consumer is woken whenever work is left over.
 --@include common
 
 local consumer, left, S, holder = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local limit = tonumber(ARGV[5])
 local out = {}
 local maybe_more = {}   -- queue index -> true while ready messages may remain
 
@@ -44,7 +49,7 @@ local function deliver(i, key, group, q, id, fields, deliveries)
 end
 
 for i = 1, S do
-  local key, group, q = KEYS[i], ARGV[3 + 2 * i], tonumber(ARGV[4 + 2 * i])
+  local key, group, q = KEYS[i], ARGV[4 + 2 * i], tonumber(ARGV[5 + 2 * i])
   if left <= 0 then
     -- Not read: may hold ready messages unless empty (cheap; XLEN also counts in-flight ones).
     if redis.call('XLEN', key) > 0 then maybe_more[q] = true end
@@ -70,7 +75,12 @@ for i = 1, S do
         for _, e in ipairs(claimed) do
           if type(e) == 'table' then
             seen[e[1]] = true
-            deliver(i, key, group, q, e[1], e[2], counts[e[1]])
+            if limit > 0 and counts[e[1]] > limit then
+              dead_letter(key, group, e[1], e[2], KEYS[S + 2 * q], 'delivery limit',
+                          counts[e[1]] - 1)
+            else
+              deliver(i, key, group, q, e[1], e[2], counts[e[1]])
+            end
           end
         end
         -- Entries deleted while parked (Redis 6.2 keeps them in the PEL): drop the PEL record.

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.exceptions import NoScriptError
 
-from kombu_streams.channel import HOLDER
+from kombu_streams.broker import HOLDER, Broker
 from kombu_streams.keys import Keys
 from kombu_streams.scripts import SCRIPTS, KeyTypeError, execute_pipeline, load_all, lua_dir
 
@@ -35,67 +35,47 @@ def b(s):
     return s.encode() if isinstance(s, str) else s
 
 
+def broker(c, levels=LEVELS):
+    return Broker(c, K, levels)
+
+
 def publish(c, queue, payload, level=0):
-    return SCRIPTS['publish'](c, [K.stream(queue, level), K.wake(queue)], [payload])
+    return broker(c).publish(queue, level, payload)
 
 
 def declare(c, queue, levels=LEVELS):
-    return SCRIPTS['declare'](c, K.streams(queue, levels), [queue])
+    return broker(c, levels).declare(queue)
 
 
-def read(c, queues, count, consumer='c1', levels=LEVELS):
+def read(c, queues, count, consumer='c1', levels=LEVELS, limit=0):
     """Run read.lua; return [(queue, level, id, deliveries, payload), ...] in delivery order."""
-    nq = len(queues)
-    streams = [K.stream(q, lv) for lv in levels for q in queues]
-    args = [consumer, count, len(streams), HOLDER]
-    for i in range(len(streams)):
-        args += [queues[i % nq], i % nq + 1]
-    keys = streams + [k for q in queues for k in (K.wake(q), K.dlq(q))]
-    reply = SCRIPTS['read'](c, keys, args)
-    assert len(reply) % 4 == 0
-    out = []
-    for j in range(0, len(reply), 4):
-        index, entry_id, deliveries, payload = reply[j:j + 4]
-        assert isinstance(index, int) and isinstance(deliveries, int)
-        out.append((queues[(index - 1) % nq], levels[(index - 1) // nq], entry_id,
-                    deliveries, payload))
-    return out
-
-
-def _pairs(queue, entries):
-    """entries: [(level, id)] -> (stream keys, flat index/id pairs) as the channel builds them."""
-    streams = list(dict.fromkeys(K.stream(queue, lv) for lv, _ in entries))
-    pairs = []
-    for lv, entry_id in entries:
-        pairs += [streams.index(K.stream(queue, lv)) + 1, entry_id]
-    return streams, pairs
+    return [(d.queue, d.level, d.entry_id, d.deliveries, d.payload)
+            for d in broker(c, levels).read(queues, consumer, count, limit)]
 
 
 def ack(c, queue, entries):
-    streams, pairs = _pairs(queue, entries)
-    return SCRIPTS['ack'](c, streams, [queue, *pairs])
+    return broker(c).ack(queue, [(K.stream(queue, lv), i) for lv, i in entries])
 
 
 def requeue(c, queue, entries):
-    streams, pairs = _pairs(queue, entries)
-    return SCRIPTS['requeue'](c, streams + [K.wake(queue)], [queue, HOLDER, *pairs])
+    return broker(c).requeue(queue, [(K.stream(queue, lv), i) for lv, i in entries])
 
 
 def size(c, queue, levels=LEVELS):
-    return SCRIPTS['size'](c, K.streams(queue, levels), [queue, HOLDER])
+    return broker(c, levels).size(queue)
 
 
 def purge(c, queue, batch=1000, levels=LEVELS):
+    """One purge.lua call (Broker.purge loops until done): [purged, more]."""
     return SCRIPTS['purge'](c, K.streams(queue, levels), [queue, HOLDER, batch])
 
 
 def delete(c, queue, levels=LEVELS):
-    return SCRIPTS['delete'](c, K.streams(queue, levels) + [K.wake(queue), K.dlq(queue)])
+    return broker(c, levels).delete(queue)
 
 
 def deadletter(c, queue, level, entry_id, reason, deliveries):
-    return SCRIPTS['deadletter'](c, [K.stream(queue, level), K.dlq(queue)],
-                                 [queue, entry_id, reason, deliveries])
+    return broker(c).dead_letter(queue, K.stream(queue, level), entry_id, reason, deliveries)
 
 
 def sid(entry_id):

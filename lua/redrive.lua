@@ -1,0 +1,46 @@
+--[[ redrive: move dead letters back to their queue, oldest first.
+
+KEYS[1]     the queue's dead-letter stream, ks:q:{name}:dlq
+KEYS[2..n]  all streams of the queue (one per priority level)
+KEYS[n+1]   the queue's wake marker (zset)
+ARGV[1]     the most dead letters to move in this call
+ARGV[2..]   optional: only these dead-letter ids (otherwise the oldest ones)
+Reply:      {moved, skipped}: skipped counts dead letters that hold no message (an entry
+            that was never a Kombu message) or came from a stream of another queue; they
+            stay in the dead-letter stream
+Minimum Redis: 6.2. Cost: O(count).
+
+A redriven message is appended to the stream it came from (its priority level) as a new
+entry, so it is delivered again with a fresh delivery count.
+]]
+--@include common
+local n = #KEYS - 1
+local limit = tonumber(ARGV[1])
+local entries
+if #ARGV > 1 then
+  entries = {}
+  for j = 2, #ARGV do
+    local found = redis.call('XRANGE', KEYS[1], ARGV[j], ARGV[j])
+    if found[1] then entries[#entries + 1] = found[1] end
+  end
+else
+  entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', limit)
+end
+local moved, skipped = 0, 0
+for _, e in ipairs(entries) do
+  if moved >= limit then break end
+  local payload, origin = field(e[2], 'f:m'), field(e[2], 'stream')
+  local target = nil
+  for i = 2, n do
+    if KEYS[i] == origin then target = KEYS[i] end
+  end
+  if payload and target then
+    redis.call('XADD', target, '*', 'm', payload)
+    redis.call('XDEL', KEYS[1], e[1])
+    moved = moved + 1
+  else
+    skipped = skipped + 1
+  end
+end
+if moved > 0 then redis.call('ZADD', KEYS[n + 1], 0, 'w') end
+return {moved, skipped}
