@@ -316,12 +316,13 @@ class Channel(virtual.Channel):
             return None
         message, queue = self._buffer.popleft()
         self._queue_cycle.rotate(queue)
+        if queue in self._no_ack_queues:  # no_ack: settled the moment it is handed over
+            self._settle([message['properties']['delivery_tag']], ACK)
         return message, queue
 
     def _read(self, queues: list[str], credit: int) -> list[tuple[dict[str, Any], str]]:
         """Run read.lua over ``queues`` and decode what it delivered."""
         out: list[tuple[dict[str, Any], str]] = []
-        no_ack: list[str] = []
         for delivery in self.broker.read(queues, self.consumer_name, credit,
                                          self.max_deliveries):
             message = self._decode(delivery)
@@ -329,11 +330,7 @@ class Channel(virtual.Channel):
                 continue
             tag = message['properties']['delivery_tag']
             self._inflight[tag] = (delivery.queue, delivery.stream, delivery.entry_id)
-            if delivery.queue in self._no_ack_queues:
-                no_ack.append(tag)
             out.append((message, delivery.queue))
-        if no_ack:  # no_ack consumers: the message is settled the moment it is taken
-            self._settle(no_ack, ACK)
         if self._inflight:
             self.connection.leases.start()
         return out
