@@ -114,13 +114,21 @@ class Broker:
             return 0
         return SCRIPTS['ack'](self.client, streams, [queue, *pairs])
 
-    def requeue(self, queue: str, entries: Iterable[tuple[str, Any]]) -> int:
-        """Give delivered entries back; they are served first in their level."""
-        streams, pairs = self._entry_args(queue, entries)
-        if not pairs:
+    def requeue(self, queue: str, entries: Iterable[tuple[Any, ...]]) -> int:
+        """Give delivered entries back; they are served first in their level.
+
+        Entries are (stream key, id) or (stream key, id, delivery count to keep).
+        """
+        streams: list[str] = []
+        args: list[Any] = []
+        for stream, entry_id, *count in entries:
+            if stream not in streams:
+                streams.append(stream)
+            args += [streams.index(stream) + 1, entry_id, count[0] if count else -1]
+        if not args:
             return 0
         return SCRIPTS['requeue'](self.client, streams + [self.keys.wake(queue)],
-                                  [queue, HOLDER, *pairs])
+                                  [queue, HOLDER, *args])
 
     def renew(self, queue: str, consumer: str, entries: Iterable[tuple[str, Any]]
               ) -> list[tuple[str, bytes]]:

@@ -26,11 +26,12 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import cycle_by_name
+from redis.exceptions import ResponseError
 
 from .broker import HOLDER, Broker, Delivery
 from .connection import POOL_OPTIONS
 from .keys import Keys
-from .scripts import execute_pipeline
+from .scripts import execute_pipeline, explain
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +73,10 @@ class QoS(virtual.QoS):
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
-            mode = REQUEUE
+            self.channel._requeue_delivered([delivery_tag])
         else:
             mode = DEAD_LETTER if self.channel.dead_letter_rejected else ACK
-        self.channel._settle([delivery_tag], mode)
+            self.channel._settle([delivery_tag], mode)
         self._quick_ack(delivery_tag)
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
@@ -131,7 +132,8 @@ class Channel(virtual.Channel):
         self.keys = Keys(self.global_keyprefix)
         self._levels = list(self.priority_steps)
         self._queue_cycle = cycle_by_name(self.queue_order_strategy)()
-        self._inflight: dict[str, tuple[str, str, bytes]] = {}
+        #: delivery tag -> (queue, stream, entry id, delivery count), until settled
+        self._inflight: dict[str, tuple[str, str, bytes, int]] = {}
         self._buffer: deque[tuple[dict[str, Any], str]] = deque()
         self._no_ack_queues: set[str] = set()
         self._tags = count(1)
@@ -200,17 +202,24 @@ class Channel(virtual.Channel):
         hit = _ROUTES.get(cache_key)
         if hit is not None and now - hit[0] < self.routing_cache_ttl:
             return hit[1]
-        members = self.client.smembers(cache_key[1])
+        members = self._on_bindings('smembers', cache_key[1])
         table = [tuple(bytes_to_str(m).split(self.sep)) for m in members]
         _ROUTES[cache_key] = (now, table)
         return table
+
+    def _on_bindings(self, command: str, key: str, *args: Any) -> Any:
+        """One command on a routing table (a set), with a clear error if the key is no set."""
+        try:
+            return getattr(self.client, command)(key, *args)
+        except ResponseError as exc:
+            raise explain('the routing table', exc, [key]) from exc
 
     def _binding_member(self, routing_key: str, pattern: str, queue: str) -> str:
         return self.sep.join([routing_key or '', pattern or '', queue or ''])
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
         cache_key = self._route_key(exchange)
-        self.client.sadd(cache_key[1], self._binding_member(routing_key, pattern, queue))
+        self._on_bindings('sadd', cache_key[1], self._binding_member(routing_key, pattern, queue))
         _ROUTES.pop(cache_key, None)
 
     def queue_unbind(self, queue: str, exchange: str | None = None, routing_key: str = '',
@@ -223,7 +232,7 @@ class Channel(virtual.Channel):
 
     def _unbind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
         cache_key = self._route_key(exchange)
-        self.client.srem(cache_key[1], self._binding_member(routing_key, pattern, queue))
+        self._on_bindings('srem', cache_key[1], self._binding_member(routing_key, pattern, queue))
         _ROUTES.pop(cache_key, None)
 
     # -- queues -------------------------------------------------------------------------------
@@ -296,11 +305,11 @@ class Channel(virtual.Channel):
             raise Empty()
         return delivered[0][0]
 
-    def wake_keys(self) -> list[str]:
-        """Markers of the queues this channel would read now (empty when it may not read)."""
-        if not self._consumers or not self.qos.can_consume():
+    def readable_queues(self) -> list[str]:
+        """The queues this channel would read now (none while at its prefetch limit)."""
+        if not self._consumers or self.closed or not self.qos.can_consume():
             return []
-        return [self.keys.wake(q) for q in self.active_queues]
+        return self.active_queues
 
     def next_delivery(self) -> tuple[dict[str, Any], str] | None:
         """The next message for the application: from the buffer, or read from Redis."""
@@ -323,13 +332,15 @@ class Channel(virtual.Channel):
     def _read(self, queues: list[str], credit: int) -> list[tuple[dict[str, Any], str]]:
         """Run read.lua over ``queues`` and decode what it delivered."""
         out: list[tuple[dict[str, Any], str]] = []
+        self.connection.cycle.note_read(queues)
         for delivery in self.broker.read(queues, self.consumer_name, credit,
                                          self.max_deliveries):
             message = self._decode(delivery)
             if message is None:
                 continue
             tag = message['properties']['delivery_tag']
-            self._inflight[tag] = (delivery.queue, delivery.stream, delivery.entry_id)
+            self._inflight[tag] = (delivery.queue, delivery.stream, delivery.entry_id,
+                                   delivery.deliveries)
             out.append((message, delivery.queue))
         if self._inflight:
             self.connection.leases.start()
@@ -361,31 +372,56 @@ class Channel(virtual.Channel):
 
     # -- settling: ack, reject, requeue --------------------------------------------------------
 
-    def _settle(self, tags: Iterable[str], mode: str) -> int:
-        """Ack (delete), requeue or dead-letter delivered messages: one call per queue."""
-        by_queue: dict[str, list[tuple[str, bytes]]] = {}
-        for tag in tags:
+    def _settle(self, tags: Iterable[str], mode: str, read_ahead: Iterable[str] = ()) -> int:
+        """Ack (delete), requeue or dead-letter messages: one script call per queue.
+
+        ``read_ahead`` are tags of messages read but never handed to the application; they
+        can only be requeued, and go back with their delivery count lowered by one.
+        """
+        by_queue: dict[str, list[tuple[str, bytes, int]]] = {}
+        for tag, handed in [(t, True) for t in tags] + [(t, False) for t in read_ahead]:
             found = self._inflight.pop(tag, None)
             if found is not None:
-                queue, stream, entry_id = found
-                by_queue.setdefault(queue, []).append((stream, entry_id))
+                queue, stream, entry_id, deliveries = found
+                by_queue.setdefault(queue, []).append(
+                    (stream, entry_id, deliveries if handed else deliveries - 1))
         done = 0
         for queue, entries in by_queue.items():
             if mode == REQUEUE:
                 done += self.broker.requeue(queue, entries)
             elif mode == ACK:
-                done += self.broker.ack(queue, entries)
+                done += self.broker.ack(queue, [(s, i) for s, i, _ in entries])
             else:
-                for stream, entry_id in entries:
-                    done += self.broker.dead_letter(queue, stream, entry_id, 'rejected', 0)
+                for stream, entry_id, deliveries in entries:
+                    done += self.broker.dead_letter(queue, stream, entry_id, 'rejected',
+                                                    deliveries)
         return done
+
+    def _requeue_delivered(self, tags: list[str]) -> int:
+        """Requeue delivered messages together with the read-ahead of their queues, so the
+        queue's order is as if nothing had been read ahead (Kombu's Redis transport order:
+        a requeued message comes back before the ones behind it)."""
+        queues = {self._inflight[t][0] for t in tags if t in self._inflight}
+        return self._settle(tags, REQUEUE, self._take_buffered(queues))
+
+    def _take_buffered(self, queues: set[str] | None = None) -> list[str]:
+        """Remove read-ahead messages of ``queues`` (or all) from the buffer; their tags."""
+        keep: deque[tuple[dict[str, Any], str]] = deque()
+        tags = []
+        for message, q in self._buffer:
+            if queues is None or q in queues:
+                tags.append(message['properties']['delivery_tag'])
+            else:
+                keep.append((message, q))
+        self._buffer = keep
+        return tags
 
     # -- leases: run by the transport's LeaseKeeper thread ----------------------------------
 
     def renew_leases(self) -> int:
         """Renew the lease of every message this channel holds; log the ones it lost."""
         by_queue: dict[str, list[tuple[str, bytes]]] = {}
-        for queue, stream, entry_id in list(self._inflight.values()):
+        for queue, stream, entry_id, _ in list(self._inflight.values()):
             by_queue.setdefault(queue, []).append((stream, entry_id))
         renewed = 0
         for queue, entries in by_queue.items():
@@ -414,19 +450,10 @@ class Channel(virtual.Channel):
 
     def _return_buffered(self, queue: str | None = None) -> None:
         """Requeue messages read for ``queue`` (or all) but never handed to the application."""
-        keep: deque[tuple[dict[str, Any], str]] = deque()
-        tags = []
-        for message, q in self._buffer:
-            if queue is None or q == queue:
-                tags.append(message['properties']['delivery_tag'])
-            else:
-                keep.append((message, q))
-        self._buffer = keep
-        if tags:
-            self._settle(tags, REQUEUE)
+        self._settle((), REQUEUE, self._take_buffered(None if queue is None else {queue}))
 
     def _restore(self, message: Any) -> None:
-        self._settle([message.delivery_tag], REQUEUE)
+        self._requeue_delivered([message.delivery_tag])
 
     def close(self) -> None:
         if not self.closed:

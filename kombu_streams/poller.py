@@ -44,13 +44,22 @@ if TYPE_CHECKING:
 #: BZPOPMIN rounds tiny timeouts to 0, which means "forever": never block for less.
 MIN_BLOCK = 0.01
 
+#: Most messages handed to the application per wake-up on the event loop, so one busy
+#: connection cannot starve the loop's other work.
+ASYNC_BATCH = 100
+
 
 class Poller:
-    """The transport's ``cycle``: serves ``drain_events`` for all channels of a connection."""
+    """The transport's ``cycle``: serves ``drain_events`` for all channels of a connection,
+    or, registered with an event loop (Celery's hub), waits on a socket of its own."""
 
     def __init__(self, transport: Any) -> None:
         self.transport = transport
         self.channels: list[Channel] = []
+        self._read_queues: set[str] = set()  # queues read since the last wake-up
+        self._hub: Any = None
+        self._conn: Any = None  # the connection of the pending asynchronous BZPOPMIN
+        self._fd: int | None = None
 
     def add(self, channel: Channel) -> None:
         if channel not in self.channels:
@@ -62,6 +71,14 @@ class Poller:
 
     def close(self) -> None:
         self.channels = []
+        self._drop_wait()
+        if self._hub is not None:
+            self._hub.on_tick.discard(self.on_tick)
+            self._hub = None
+
+    def note_read(self, queues: list[str]) -> None:
+        """Channels report each read, so a popped marker is never dropped unread."""
+        self._read_queues.update(queues)
 
     def deliver_one(self, deliver: Callable[[Any, str], Any]) -> bool:
         """Hand one message of any channel to ``deliver``; False when none is ready."""
@@ -74,25 +91,100 @@ class Poller:
                 return True
         return False
 
-    def drain(self, deliver: Callable[[Any, str], Any], timeout: float | None = None) -> None:
-        """Deliver one message, blocking up to ``timeout`` (None: forever) for one to come."""
-        deadline = None if timeout is None else monotonic() + timeout
-        while True:
-            if self.deliver_one(deliver):
-                return
-            remaining = None if deadline is None else deadline - monotonic()
-            if remaining is not None and remaining <= 0:
-                raise socket.timeout()
-            self.wait(remaining)
+    def _wake_keys(self) -> dict[str, str]:
+        """wake key -> queue, for the queues some channel may read now."""
+        return {ch.keys.wake(q): q for ch in self.channels for q in ch.readable_queues()}
 
-    def wait(self, remaining: float | None) -> None:
-        """Block until a marker of a queue we may read is set, or the interval passes."""
+    def _block(self, remaining: float | None) -> float:
         block = self.transport.wait_interval
         if remaining is not None:
             block = min(block, remaining)
-        block = max(block, MIN_BLOCK)
-        wakes = list(dict.fromkeys(k for ch in self.channels for k in ch.wake_keys()))
-        if not wakes:  # every channel is at its prefetch limit: wait for acks
-            time.sleep(block)
+        return max(block, MIN_BLOCK)
+
+    def _after_wake(self, popped: Any, deliver: Callable[[Any, str], Any],
+                    limit: int | None) -> int:
+        """Deliver what is ready after a wake-up (or a timeout); put back a marker that no
+        read covered (its queue's channels ran out of credit meanwhile)."""
+        self._read_queues.clear()
+        delivered = 0
+        while (limit is None or delivered < limit) and self.deliver_one(deliver):
+            delivered += 1
+            if limit is None:
+                break
+        if popped:
+            key = popped[0].decode() if isinstance(popped[0], bytes) else popped[0]
+            queue = self._wake_keys().get(key)
+            if queue is None or queue not in self._read_queues:
+                self.transport.blocking_client().zadd(key, {'w': 0})
+        return delivered
+
+    # -- synchronous: Connection.drain_events ------------------------------------------------
+
+    def drain(self, deliver: Callable[[Any, str], Any], timeout: float | None = None) -> None:
+        """Deliver one message, blocking up to ``timeout`` (None: forever) for one to come."""
+        deadline = None if timeout is None else monotonic() + timeout
+        if self.deliver_one(deliver):
             return
-        self.transport.blocking_client().bzpopmin(wakes, timeout=block)
+        while True:
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                raise socket.timeout()
+            wakes = list(self._wake_keys())
+            if not wakes:  # every channel is at its prefetch limit: wait for acks
+                time.sleep(self._block(remaining))
+                if self.deliver_one(deliver):
+                    return
+                continue
+            popped = self.transport.blocking_client().bzpopmin(
+                wakes, timeout=self._block(remaining))
+            if self._after_wake(popped, deliver, None):
+                return
+
+    # -- asynchronous: Celery's hub ------------------------------------------------------------
+
+    def register(self, hub: Any) -> None:
+        if self._hub is not None:
+            self._hub.on_tick.discard(self.on_tick)
+        self._hub = hub
+        hub.on_tick.add(self.on_tick)
+
+    def on_tick(self) -> None:
+        """Each loop turn: if no wait is pending and some channel may read, send one."""
+        if self._conn is not None or not self.channels:
+            return
+        wakes = list(self._wake_keys())
+        if not wakes:
+            return
+        conn = self.transport.pool.get_connection()
+        try:
+            conn.send_command('BZPOPMIN', *wakes, self._block(None))
+        except Exception:
+            self.transport.pool.release(conn)
+            raise
+        self._conn, self._fd = conn, conn._sock.fileno()
+        self._hub.add_reader(self._fd, self.transport.on_readable, self._fd)
+
+    def on_readable(self, fd: int) -> None:
+        """The wait answered: deliver what is ready, then the next tick waits again."""
+        conn = self._conn
+        if conn is None or fd != self._fd:
+            return
+        try:
+            popped = conn.read_response()
+        except Exception:
+            self._drop_wait(disconnect=True)
+            raise
+        self._drop_wait()
+        self._after_wake(popped, self.transport._deliver, ASYNC_BATCH)
+
+    def _drop_wait(self, disconnect: bool = False) -> None:
+        conn, fd = self._conn, self._fd
+        self._conn = self._fd = None
+        if fd is not None and self._hub is not None:
+            self._hub.remove_reader(fd)
+        if conn is not None:
+            if disconnect:
+                conn.disconnect()
+            pool = self.transport._pool
+            if pool is not None:
+                pool.release(conn)

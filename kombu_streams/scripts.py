@@ -22,7 +22,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
-__all__ = ('Script', 'SCRIPTS', 'lua_dir', 'KeyTypeError')
+__all__ = ('Script', 'SCRIPTS', 'lua_dir', 'KeyTypeError', 'explain', 'execute_pipeline')
 
 _INCLUDE = re.compile(r'^--@include\s+(\w+)\s*$', re.M)
 
@@ -64,19 +64,20 @@ class Script:
                 client.script_load(self.source)
                 return client.evalsha(self.sha, len(keys), *keys, *args)
         except ResponseError as exc:
-            raise _explain(self, exc, keys) from exc
+            raise explain(f'script {self.name!r}', exc, keys) from exc
 
     def queue(self, pipe: Any, keys: Sequence[Any], args: Sequence[Any] = ()) -> None:
         """Add the call to a pipeline; see :func:`execute_pipeline` for NOSCRIPT."""
         pipe.evalsha(self.sha, len(keys), *keys, *args)
 
 
-def _explain(script: Script, exc: ResponseError, keys: Sequence[Any]) -> ResponseError:
+def explain(what: str, exc: ResponseError, keys: Sequence[Any]) -> ResponseError:
+    """Turn WRONGTYPE into a :class:`KeyTypeError` naming the keys; other errors as they are."""
     text = str(exc)
     if 'WRONGTYPE' in text:
         names = ', '.join(k.decode() if isinstance(k, bytes) else str(k) for k in keys)
         return KeyTypeError(
-            f'kombu-streams: script {script.name!r} met a key of the wrong Redis type among '
+            f'kombu-streams: {what} met a key of the wrong Redis type among '
             f'[{names}]: another program uses these names; rename or delete that key '
             f'({text})')
     return exc
@@ -103,7 +104,7 @@ def execute_pipeline(pipe: Any, calls: Sequence[tuple[Script, Sequence[Any], Seq
             results[i] = r
     for (script, keys, _), r in zip(calls, results):
         if isinstance(r, ResponseError):
-            raise _explain(script, r, keys) from r
+            raise explain(f'script {script.name!r}', r, keys) from r
         if isinstance(r, Exception):
             raise r
     return results

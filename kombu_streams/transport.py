@@ -32,7 +32,7 @@ class Transport(virtual.Transport):
     driver_name = 'redis-streams'
 
     implements = virtual.Transport.implements.extend(
-        asynchronous=False,
+        asynchronous=True,
         batch_publish=True,
         exchange_type=frozenset(['direct', 'topic', 'fanout']),
     )
@@ -69,8 +69,9 @@ class Transport(virtual.Transport):
     @property
     def pool(self) -> redis.ConnectionPool:
         if self._pool is None:
+            scheme = self.client.transport_cls
             kwargs = pool_kwargs(self.client, self.client.transport_options,
-                                 self.client.transport_cls or '')
+                                 scheme if isinstance(scheme, str) else '')
             pool = redis.ConnectionPool(**kwargs)
             self.server_version = check_server(redis.Redis(connection_pool=pool))
             self._pool = pool
@@ -95,6 +96,13 @@ class Transport(virtual.Transport):
 
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:
         self.cycle.drain(self._deliver, timeout)
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Celery's hub: wait on a socket of our own instead of blocking the loop."""
+        self.cycle.register(loop)
+
+    def on_readable(self, fileno: int) -> None:
+        self.cycle.on_readable(fileno)
 
     def close_connection(self, connection: Any) -> None:
         self.leases.stop()

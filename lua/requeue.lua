@@ -5,20 +5,26 @@ KEYS[1..n]  streams of ONE queue that hold the messages
 KEYS[n+1]   the queue's wake marker (zset)
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
-ARGV[3..]   pairs: stream index k (1..n), entry id
+ARGV[3..]   triples: stream index k (1..n), entry id, delivery count to keep (-1: keep the
+            current one). A message read ahead but never handed to the application goes
+            back with its count lowered by one, so it is not counted as delivered.
 Reply:      number of messages requeued
 Minimum Redis: 6.2. Cost: O(number of ids).
 
-The entry is not copied: its PEL record moves to the holder consumer (XCLAIM JUSTID keeps the
-delivery count), so it keeps its stream (priority) and id, and read.lua serves held entries
-before newer ones of the same level. The next delivery counts as a redelivery. An id that is
-no longer pending (acked meanwhile) is left alone.
+The entry is not copied: its PEL record moves to the holder consumer (XCLAIM JUSTID), so it
+keeps its stream (priority) and id, and read.lua serves held entries before newer ones of
+the same level. An id that is no longer pending (acked meanwhile) is left alone.
 ]]
 local n = #KEYS - 1
 local group, holder, moved = ARGV[1], ARGV[2], 0
-for j = 3, #ARGV, 2 do
-  local key, id = KEYS[tonumber(ARGV[j])], ARGV[j + 1]
-  local r = redis.call('XCLAIM', key, group, holder, 0, id, 'JUSTID')
+for j = 3, #ARGV, 3 do
+  local key, id, count = KEYS[tonumber(ARGV[j])], ARGV[j + 1], tonumber(ARGV[j + 2])
+  local r
+  if count >= 0 then
+    r = redis.call('XCLAIM', key, group, holder, 0, id, 'RETRYCOUNT', count, 'JUSTID')
+  else
+    r = redis.call('XCLAIM', key, group, holder, 0, id, 'JUSTID')
+  end
   moved = moved + #r
 end
 if moved > 0 then redis.call('ZADD', KEYS[n + 1], 0, 'w') end
