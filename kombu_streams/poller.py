@@ -58,8 +58,8 @@ class Poller:
         self.channels: list[Channel] = []
         self._read_queues: set[str] = set()  # queues read since the last wake-up
         self._hub: Any = None
-        self._conn: Any = None  # the connection of the pending asynchronous BZPOPMIN
-        self._fd: int | None = None
+        self._waits: dict[int, Channel] = {}  # fd of a pending BZPOPMIN -> its channel
+        self._conns: dict[int, Any] = {}  # fd -> redis connection
 
     def add(self, channel: Channel) -> None:
         if channel not in self.channels:
@@ -68,10 +68,14 @@ class Poller:
     def discard(self, channel: Channel) -> None:
         if channel in self.channels:
             self.channels.remove(channel)
+        for fd, waiting in list(self._waits.items()):
+            if waiting is channel:
+                self._drop_wait(fd, disconnect=True)
 
     def close(self) -> None:
         self.channels = []
-        self._drop_wait()
+        for fd in list(self._conns):
+            self._drop_wait(fd, disconnect=True)
         if self._hub is not None:
             self._hub.on_tick.discard(self.on_tick)
             self._hub = None
@@ -141,6 +145,9 @@ class Poller:
                 return
 
     # -- asynchronous: Celery's hub ------------------------------------------------------------
+    # Each channel that may read gets its own pending BZPOPMIN on its own connection, so a
+    # channel whose prefetch credit comes back (after acks) starts waiting on the next loop
+    # turn, whatever the other channels are doing.
 
     def register(self, hub: Any) -> None:
         if self._hub is not None:
@@ -149,38 +156,42 @@ class Poller:
         hub.on_tick.add(self.on_tick)
 
     def on_tick(self) -> None:
-        """Each loop turn: if no wait is pending and some channel may read, send one."""
-        if self._conn is not None or not self.channels:
-            return
-        wakes = list(self._wake_keys())
-        if not wakes:
-            return
-        conn = self.transport.pool.get_connection()
-        try:
-            conn.send_command('BZPOPMIN', *wakes, self._block(None))
-        except Exception:
-            self.transport.pool.release(conn)
-            raise
-        self._conn, self._fd = conn, conn._sock.fileno()
-        self._hub.add_reader(self._fd, self.transport.on_readable, self._fd)
+        """Each loop turn: send a wait for every channel that may read and has none pending."""
+        for channel in list(self.channels):
+            if channel in self._waits.values():
+                continue
+            queues = channel.readable_queues()
+            if not queues:
+                continue
+            conn = self.transport.pool.get_connection()
+            try:
+                conn.send_command('BZPOPMIN', *(channel.keys.wake(q) for q in queues),
+                                  self._block(None))
+            except Exception:
+                self.transport.pool.release(conn)
+                raise
+            fd = conn._sock.fileno()
+            self._waits[fd] = channel
+            self._conns[fd] = conn
+            self._hub.add_reader(fd, self.transport.on_readable, fd)
 
     def on_readable(self, fd: int) -> None:
-        """The wait answered: deliver what is ready, then the next tick waits again."""
-        conn = self._conn
-        if conn is None or fd != self._fd:
+        """A wait answered: deliver what is ready; the next loop turn waits again."""
+        conn = self._conns.get(fd)
+        if conn is None:
             return
         try:
             popped = conn.read_response()
         except Exception:
-            self._drop_wait(disconnect=True)
+            self._drop_wait(fd, disconnect=True)
             raise
-        self._drop_wait()
+        self._drop_wait(fd)
         self._after_wake(popped, self.transport._deliver, ASYNC_BATCH)
 
-    def _drop_wait(self, disconnect: bool = False) -> None:
-        conn, fd = self._conn, self._fd
-        self._conn = self._fd = None
-        if fd is not None and self._hub is not None:
+    def _drop_wait(self, fd: int, disconnect: bool = False) -> None:
+        conn = self._conns.pop(fd, None)
+        self._waits.pop(fd, None)
+        if self._hub is not None:
             self._hub.remove_reader(fd)
         if conn is not None:
             if disconnect:
