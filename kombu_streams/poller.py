@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 #: BZPOPMIN rounds tiny timeouts to 0, which means "forever": never block for less.
 MIN_BLOCK = 0.01
 
+#: While every channel is at its prefetch limit, how often to look for returned credit.
+CREDIT_CHECK = 0.05
+
 #: Most messages handed to the application per wake-up on the event loop, so one busy
 #: connection cannot starve the loop's other work.
 ASYNC_BATCH = 100
@@ -134,8 +137,9 @@ class Poller:
             if remaining is not None and remaining <= 0:
                 raise socket.timeout()
             wakes = list(self._wake_keys())
-            if not wakes:  # every channel is at its prefetch limit: wait for acks
-                time.sleep(self._block(remaining))
+            if not wakes:  # every channel is at its prefetch limit: wait for acks, which
+                # other threads may send; checking costs no Redis call until credit is back
+                time.sleep(min(self._block(remaining), CREDIT_CHECK))
                 if self.deliver_one(deliver):
                     return
                 continue
