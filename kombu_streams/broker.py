@@ -87,6 +87,23 @@ class Broker:
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.dlq(queue)]
         return SCRIPTS['delete'](self.client, keys)
 
+    def touch(self, queue: str, ttl_ms: int) -> int:
+        """Keep an expiring queue's keys alive for another ``ttl_ms``."""
+        return SCRIPTS['touch'](self.client, self.streams(queue) + [self.keys.wake(queue)],
+                                [int(ttl_ms)])
+
+    # -- routing tables --------------------------------------------------------------------
+
+    def bind(self, exchange: str, member: str, ttl_ms: int = 0) -> int:
+        """Add or refresh a binding; ``ttl_ms`` > 0 for an expiring queue, -1 removes it."""
+        keys = [self.keys.bindings(exchange), self.keys.deadlines(exchange)]
+        return SCRIPTS['bind'](self.client, keys, [member, int(ttl_ms)])
+
+    def route(self, exchange: str, sweep: int = 100) -> list[bytes]:
+        """The routing table's members, after dropping up to ``sweep`` expired bindings."""
+        keys = [self.keys.bindings(exchange), self.keys.deadlines(exchange)]
+        return SCRIPTS['route'](self.client, keys, [sweep])
+
     # -- consuming -------------------------------------------------------------------------
 
     def read(self, queues: Sequence[str], consumer: str, count: int,

@@ -26,12 +26,11 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import cycle_by_name
-from redis.exceptions import ResponseError
 
 from .broker import HOLDER, Broker, Delivery
 from .connection import POOL_OPTIONS
 from .keys import Keys
-from .scripts import execute_pipeline, explain
+from .scripts import execute_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +44,14 @@ UNLIMITED_READ = 10
 
 #: Process-wide cache of routing tables: (server id, bindings key) -> (time read, table).
 _ROUTES: dict[tuple[str, str], tuple[float, list[tuple[str, ...]]]] = {}
+
+
+def _queue_expires(declare_kwargs: dict[str, Any]) -> int:
+    """x-expires (ms) from queue_declare's arguments, or 0."""
+    try:
+        return max(int(declare_kwargs['arguments']['x-expires']), 0)
+    except (KeyError, TypeError, ValueError):
+        return 0
 
 
 class QoS(virtual.QoS):
@@ -142,6 +149,8 @@ class Channel(virtual.Channel):
         self.client = connection.make_client()
         self.broker = Broker(self.client, self.keys, self._levels)
         self._reclaim_cursors: dict[str, list[str]] = {}
+        #: queue -> x-expires in ms, for the queues declared here with one
+        self._expires: dict[str, int] = {}
         connection.cycle.add(self)
 
     def _validate_options(self) -> None:
@@ -202,25 +211,17 @@ class Channel(virtual.Channel):
         hit = _ROUTES.get(cache_key)
         if hit is not None and now - hit[0] < self.routing_cache_ttl:
             return hit[1]
-        members = self._on_bindings('smembers', cache_key[1])
-        table = [tuple(bytes_to_str(m).split(self.sep)) for m in members]
+        table = [tuple(bytes_to_str(m).split(self.sep)) for m in self.broker.route(exchange)]
         _ROUTES[cache_key] = (now, table)
         return table
-
-    def _on_bindings(self, command: str, key: str, *args: Any) -> Any:
-        """One command on a routing table (a set), with a clear error if the key is no set."""
-        try:
-            return getattr(self.client, command)(key, *args)
-        except ResponseError as exc:
-            raise explain('the routing table', exc, [key]) from exc
 
     def _binding_member(self, routing_key: str, pattern: str, queue: str) -> str:
         return self.sep.join([routing_key or '', pattern or '', queue or ''])
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
-        cache_key = self._route_key(exchange)
-        self._on_bindings('sadd', cache_key[1], self._binding_member(routing_key, pattern, queue))
-        _ROUTES.pop(cache_key, None)
+        member = self._binding_member(routing_key, pattern, queue)
+        self.broker.bind(exchange, member, self._expires.get(queue, 0))
+        _ROUTES.pop(self._route_key(exchange), None)
 
     def queue_unbind(self, queue: str, exchange: str | None = None, routing_key: str = '',
                      arguments: Any = None, **kwargs: Any) -> None:
@@ -231,14 +232,39 @@ class Channel(virtual.Channel):
         self._unbind(exchange, routing_key, pattern, queue)
 
     def _unbind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
-        cache_key = self._route_key(exchange)
-        self._on_bindings('srem', cache_key[1], self._binding_member(routing_key, pattern, queue))
-        _ROUTES.pop(cache_key, None)
+        self.broker.bind(exchange, self._binding_member(routing_key, pattern, queue), -1)
+        _ROUTES.pop(self._route_key(exchange), None)
 
     # -- queues -------------------------------------------------------------------------------
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         self.broker.declare(queue)
+        expires = _queue_expires(kwargs)
+        if expires:
+            self._expires[queue] = expires
+            self.broker.touch(queue, expires)
+        else:
+            self._expires.pop(queue, None)
+
+    def keep_expiring_queues(self) -> None:
+        """Refresh the expiry of the expiring queues this channel consumes, and of their
+        bindings (run by the lease keeper, at a third of the shortest x-expires)."""
+        for queue in self.active_queues:
+            ttl = self._expires.get(queue)
+            if not ttl:
+                continue
+            self.broker.touch(queue, ttl)
+            for exchange, routing_key, args in self.state.queue_bindings(queue):
+                _, pattern, _ = self.typeof(exchange).prepare_bind(
+                    queue, exchange, routing_key, args)
+                self.broker.bind(exchange, self._binding_member(routing_key, pattern, queue),
+                                 ttl)
+
+    def keeper_interval(self) -> float:
+        """Seconds between two lease-keeper rounds this channel needs."""
+        periods = [float(self.visibility_timeout)]
+        periods += [self._expires[q] / 1000.0 for q in self.active_queues if q in self._expires]
+        return min(periods) / 3.0
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return self.broker.exists(queue)

@@ -9,6 +9,7 @@ client would only rewrite the first one).
     <prefix>ks:q:{<queue>}:wake      wake marker (zset with one member) for blocked consumers
     <prefix>ks:q:{<queue>}:dlq       dead-letter stream
     <prefix>ks:x:{<exchange>}:bindings   routing table (set of "rk<sep>pattern<sep>queue")
+    <prefix>ks:x:{<exchange>}:deadlines  deadlines of bindings of expiring queues (zset)
 """
 
 from __future__ import annotations
@@ -40,3 +41,6 @@ class Keys:
 
     def bindings(self, exchange: str) -> str:
         return f'{self.prefix}ks:x:{{{exchange}}}:bindings'
+
+    def deadlines(self, exchange: str) -> str:
+        return f'{self.prefix}ks:x:{{{exchange}}}:deadlines'

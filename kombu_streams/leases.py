@@ -5,7 +5,8 @@ A delivered message's lease is its idle time in the PEL: once it reaches
 process lives, this keeper renews the leases of every message its channels hold (running
 tasks, ETA tasks waiting in a Celery worker, prefetched messages) every third of the
 timeout, so a task may run far longer than ``visibility_timeout`` and still run once. A
-process that dies stops renewing, and its messages come back after the timeout.
+process that dies stops renewing, and its messages come back after the timeout. The same
+rounds keep the x-expires queues it consumes (and their bindings) alive.
 
 It is a daemon thread rather than a timer on the consumer's loop, because the loop may be
 blocked for a long time by the application (a Kombu callback doing slow work); the thread
@@ -35,8 +36,8 @@ class LeaseKeeper:
         self._lock = threading.Lock()
 
     def interval(self) -> float:
-        timeouts = [ch.visibility_timeout for ch in self._channels()] or [MAX_INTERVAL * 3]
-        return max(min(min(timeouts) / 3.0, MAX_INTERVAL), 0.05)
+        periods = [ch.keeper_interval() for ch in self._channels()] or [MAX_INTERVAL]
+        return max(min(min(periods), MAX_INTERVAL), 0.05)
 
     def _channels(self) -> list[Any]:
         return [ch for ch in list(self.transport.channels) if not ch.closed]
@@ -59,11 +60,13 @@ class LeaseKeeper:
             thread.join(timeout=5)
 
     def run_once(self) -> None:
-        """One round: renew every held lease, then reclaim for every consumed queue."""
+        """One round: renew every held lease, reclaim for every consumed queue, and keep
+        consumed expiring queues (x-expires) alive."""
         for channel in self._channels():
             try:
                 channel.renew_leases()
                 channel.reclaim()
+                channel.keep_expiring_queues()
             except Exception as exc:  # connection trouble: the next round tries again
                 logger.warning('kombu-streams: lease round failed: %r', exc)
 
