@@ -15,12 +15,14 @@ ARGV[5+2i]        q: index of the queue that stream i belongs to (1..Q)
 Reply: a flat array, four items per delivered message, in delivery order:
        stream index i, entry id, delivery count, payload
 Errors: Redis's own (WRONGTYPE when one of our names holds another type).
-Minimum Redis: 6.2. Cost: O(S + COUNT) commands; never blocks.
+Minimum Redis: 6.2. Cost: O(S + COUNT + entries set aside) commands; never blocks.
 
 Per stream, requeued and reclaimed messages (parked in the PEL under the holder consumer, so
 they keep their place, id and delivery count) are served before new entries of the same
 stream; this is the one place where redeliveries are counted against the delivery limit, so
-crash loops (reclaims) count as much as rejects. An entry with no "m" field cannot be a
+crash loops (reclaims) count as much as rejects. A held message set aside by the limit
+(reason "delivery limit", deliveries = times delivered so far) makes room for the next one
+in serving order, held ones still first. An entry with no "m" field cannot be a
 message of ours: it goes to the queue's dead-letter stream at once.
 
 Wake-ups (see kombu_streams/poller.py for the whole argument): afterwards each queue's marker is
@@ -64,7 +66,10 @@ for i = 1, S do
       if not exists then key = nil end
     end
     if key then
-      if #held > 0 then
+      -- Held entries first, in id order. One that is not delivered (set aside by the delivery
+      -- limit, or deleted while parked) leaves room, so look again: a fresh entry never
+      -- overtakes a held one. Every pass empties what it saw from the holder, so this ends.
+      while #held > 0 do
         local ids, counts = {}, {}
         for j, p in ipairs(held) do
           ids[j] = p[1]
@@ -87,7 +92,13 @@ for i = 1, S do
         for _, id in ipairs(ids) do
           if not seen[id] then redis.call('XACK', key, group, id) end
         end
-        if #held >= want then maybe_more[q] = true end  -- want: deliver() lowered left
+        if #held < want then break end  -- that was the last held entry
+        if left <= 0 then
+          maybe_more[q] = true
+          break
+        end
+        want = left
+        held = redis.call('XPENDING', key, group, '-', '+', want, holder)
       end
       if left > 0 then
         want = left

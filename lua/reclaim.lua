@@ -29,16 +29,18 @@ local reclaimed, cursors = 0, {}
 for i = 1, n do
   local key, cursor = KEYS[i], ARGV[4 + i]
   local start = cursor == '-' and '-' or '(' .. cursor
-  local stalled = try('XPENDING', key, group, 'IDLE', min_idle, start, '+', batch)
+  local stalled, err = try('XPENDING', key, group, 'IDLE', min_idle, start, '+', batch)
+  if err then return redis.error_reply(err) end
   local next_cursor = '-'
   if stalled and #stalled > 0 then
-    local ids = {}
+    -- XCLAIM key group holder min_idle id... JUSTID (unpack() must be last to expand fully)
+    local args = {key, group, holder, min_idle}
     for _, p in ipairs(stalled) do
-      if p[2] ~= holder then ids[#ids + 1] = p[1] end
+      if p[2] ~= holder then args[#args + 1] = p[1] end
     end
-    if #ids > 0 then
-      reclaimed = reclaimed + #redis.call('XCLAIM', key, group, holder, min_idle, unpack(ids),
-                                          'JUSTID')
+    if #args > 4 then
+      args[#args + 1] = 'JUSTID'
+      reclaimed = reclaimed + #redis.call('XCLAIM', unpack(args))
     end
     if #stalled >= batch then next_cursor = stalled[#stalled][1] end
   end

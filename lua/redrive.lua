@@ -4,11 +4,12 @@ KEYS[1]     the queue's dead-letter stream, ks:q:{name}:dlq
 KEYS[2..n]  all streams of the queue (one per priority level)
 KEYS[n+1]   the queue's wake marker (zset)
 ARGV[1]     the most dead letters to move in this call
-ARGV[2..]   optional: only these dead-letter ids (otherwise the oldest ones)
+ARGV[2..]   optional: only these dead-letter ids, in this order (otherwise the oldest
+            ones); an id given twice counts once, an id not in the stream is ignored
 Reply:      {moved, skipped}: skipped counts dead letters that hold no message (an entry
             that was never a Kombu message) or came from a stream of another queue; they
             stay in the dead-letter stream
-Minimum Redis: 6.2. Cost: O(count).
+Minimum Redis: 6.2. Cost: O(count), or O(number of ids given).
 
 A redriven message is appended to the stream it came from (its priority level) as a new
 entry, so it is delivered again with a fresh delivery count.
@@ -16,12 +17,18 @@ entry, so it is delivered again with a fresh delivery count.
 --@include common
 local n = #KEYS - 1
 local limit = tonumber(ARGV[1])
+if limit <= 0 then return {0, 0} end  -- XRANGE COUNT 0 answers nil on Redis
 local entries
 if #ARGV > 1 then
   entries = {}
+  local wanted = {}
   for j = 2, #ARGV do
     local found = redis.call('XRANGE', KEYS[1], ARGV[j], ARGV[j])
-    if found[1] then entries[#entries + 1] = found[1] end
+    -- an id given twice is moved once (XRANGE normalizes it, e.g. "5" and "5-0")
+    if found[1] and not wanted[found[1][1]] then
+      wanted[found[1][1]] = true
+      entries[#entries + 1] = found[1]
+    end
   end
 else
   entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', limit)

@@ -8,6 +8,7 @@ fails on any difference in what a script stores, deletes or returns.
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -78,6 +79,26 @@ def deadletter(c, queue, level, entry_id, reason, deliveries):
     return broker(c).dead_letter(queue, K.stream(queue, level), entry_id, reason, deliveries)
 
 
+def reclaim(c, queue, min_idle=0, batch=100, cursors=None, expiry=0):
+    """Run reclaim.lua once: (reclaimed, [cursor per level]).
+
+    Waits 3 ms first: fakeredis's XPENDING IDLE n matches idle > n (Redis: idle >= n, and no
+    filter at all for 0), so an entry delivered in the same millisecond would be missed with
+    min_idle 0 on fakeredis only.
+    """
+    time.sleep(0.003)
+    return broker(c).reclaim(queue, min_idle, batch, cursors, expiry)
+
+
+def renew(c, queue, consumer, entries):
+    """Run renew.lua for (level, id) entries; return the lost ones as (stream key, id)."""
+    return broker(c).renew(queue, consumer, [(K.stream(queue, lv), i) for lv, i in entries])
+
+
+def redrive(c, queue, count=100, ids=()):
+    return broker(c).redrive(queue, count, ids)
+
+
 def sid(entry_id):
     """A stream id as a sortable (ms, seq) tuple."""
     ms, seq = entry_id.split(b'-')
@@ -92,6 +113,22 @@ def pel(c, key, group):
     """The PEL as {id: (consumer, deliveries)}."""
     return {p['message_id']: (p['consumer'], p['times_delivered'])
             for p in c.xpending_range(key, group, min='-', max='+', count=1000)}
+
+
+def idle(c, key, group):
+    """Milliseconds since each PEL entry was last delivered or claimed: {id: ms}."""
+    return {p['message_id']: p['time_since_delivered']
+            for p in c.xpending_range(key, group, min='-', max='+', count=1000)}
+
+
+def consumers(c, key, group):
+    """The group's consumers as {name: pending}."""
+    return {b(x['name']): x['pending'] for x in c.xinfo_consumers(key, group)}
+
+
+def dead(c, queue):
+    """The dead letters of ``queue`` as [(dlq id, fields)]."""
+    return c.xrange(K.dlq(queue))
 
 
 def marker(c, queue):
@@ -574,6 +611,371 @@ def test_deadletter_of_missing_id_returns_0(script_client):
     assert c.keys('*ghost*') == []
 
 
+# -- read: delivery limit ----------------------------------------------------------------------
+
+
+def test_read_delivery_limit_dead_letters_held_entry(script_client):
+    c = script_client
+    declare(c, 'q')
+    key = K.stream('q', 0)
+    m = publish(c, 'q', b'payload')
+    for n in (1, 2):
+        assert [(d[2], d[3]) for d in read(c, ['q'], 5, limit=2)] == [(m, n)]
+        requeue(c, 'q', [(0, m)])
+    fresh = publish(c, 'q', b'fresh')
+    # m's next delivery would be its third: set aside, and the read goes on to the next message
+    assert read(c, ['q'], 5, limit=2) == [('q', 0, fresh, 1, b'fresh')]
+    assert ids(c, key) == [fresh]
+    assert pel(c, key, 'q') == {fresh: (b'c1', 1)}
+    [(_, fields)] = dead(c, 'q')
+    assert fields == {b'reason': b'delivery limit', b'stream': b(key), b'group': b'q',
+                      b'id': m, b'deliveries': b'2', b'f:m': b'payload'}
+    assert marker(c, 'q') == []
+
+
+def test_read_delivery_limit_counts_reclaimed_redeliveries(script_client):
+    c = script_client
+    declare(c, 'q')
+    m = publish(c, 'q', b'crash loop', level=6)
+    for n, consumer in enumerate(['c1', 'c2', 'c3'], 1):  # each consumer dies holding m
+        assert [(d[2], d[3]) for d in read(c, ['q'], 1, consumer=consumer, limit=3)] == [(m, n)]
+        assert reclaim(c, 'q') == (1, ['-'] * 4)
+    assert read(c, ['q'], 1, consumer='c4', limit=3) == []
+    [(_, fields)] = dead(c, 'q')
+    assert (fields[b'reason'], fields[b'id'], fields[b'deliveries']) == (
+        b'delivery limit', m, b'3')
+    assert c.xlen(K.stream('q', 6)) == 0
+    assert pel(c, K.stream('q', 6), 'q') == {}
+
+
+def test_read_delivery_limit_zero_means_no_limit(script_client):
+    c = script_client
+    declare(c, 'q')
+    m = publish(c, 'q', b'x')
+    for n in range(1, 8):
+        assert [(d[2], d[3]) for d in read(c, ['q'], 1, limit=0)] == [(m, n)]
+        requeue(c, 'q', [(0, m)])
+    assert c.exists(K.dlq('q')) == 0
+
+
+def test_read_delivery_limit_never_applies_to_fresh_entries(script_client):
+    c = script_client
+    declare(c, 'q')
+    m = [publish(c, 'q', b'%d' % i, level=lv) for i, lv in enumerate((0, 3, 9))]
+    assert [(d[2], d[3]) for d in read(c, ['q'], 5, limit=1)] == [(i, 1) for i in m]
+    assert c.exists(K.dlq('q')) == 0
+    requeue(c, 'q', [(3, m[1])])  # delivered once: a second delivery would exceed 1
+    assert read(c, ['q'], 5, limit=1) == []
+    assert [f[b'id'] for _, f in dead(c, 'q')] == [m[1]]
+
+
+def test_read_delivery_limit_keeps_every_field(script_client):
+    c = script_client
+    declare(c, 'q')
+    key = K.stream('q', 3)
+    m = c.xadd(key, {b'm': b'body', b'extra': b'\xff', b'empty': b''})
+    assert read(c, ['q'], 1) == [('q', 3, m, 1, b'body')]
+    requeue(c, 'q', [(3, m)])
+    assert read(c, ['q'], 1, limit=1) == []
+    [(_, fields)] = dead(c, 'q')
+    assert fields == {b'reason': b'delivery limit', b'stream': b(key), b'group': b'q',
+                      b'id': m, b'deliveries': b'1', b'f:m': b'body', b'f:extra': b'\xff',
+                      b'f:empty': b''}
+
+
+def test_read_delivery_limit_serves_next_held_before_fresh(script_client):
+    c = script_client
+    declare(c, 'q')
+    h1, h2, fresh = publish(c, 'q', b'h1'), publish(c, 'q', b'h2'), publish(c, 'q', b'fresh')
+    read(c, ['q'], 2)
+    requeue(c, 'q', [(0, h1)])
+    assert [(d[2], d[3]) for d in read(c, ['q'], 1)] == [(h1, 2)]
+    requeue(c, 'q', [(0, h1), (0, h2)])
+    # h1 is set aside; the next message in serving order is h2 (held), not the fresh one
+    assert [(d[2], d[3]) for d in read(c, ['q'], 1, limit=2)] == [(h2, 2)]
+    assert [f[b'id'] for _, f in dead(c, 'q')] == [h1]
+    assert marker(c, 'q') == [(b'w', 0.0)]
+    assert [(d[2], d[3]) for d in read(c, ['q'], 5, limit=2)] == [(fresh, 1)]
+
+
+# -- reclaim -----------------------------------------------------------------------------------
+
+
+def test_reclaim_moves_stalled_entries_to_holder_keeping_count(script_client):
+    c = script_client
+    declare(c, 'q')
+    a, bb, d, e = (publish(c, 'q', p) for p in (b'a', b'b', b'd', b'e'))
+    z = publish(c, 'q', b'z', level=9)
+    read(c, ['q'], 2, consumer='c1')               # a, b
+    requeue(c, 'q', [(0, bb)])
+    read(c, ['q'], 2, consumer='c2')               # b (2nd delivery), d
+    read(c, ['q'], 2, consumer='c1')               # e, z
+    requeue(c, 'q', [(0, e)])                      # e stays parked
+    c.delete(K.wake('q'))
+    assert reclaim(c, 'q') == (4, ['-'] * 4)
+    h = b(HOLDER)
+    assert pel(c, K.stream('q', 0), 'q') == {a: (h, 1), bb: (h, 2), d: (h, 1), e: (h, 1)}
+    assert pel(c, K.stream('q', 9), 'q') == {z: (h, 1)}
+    assert ids(c, K.stream('q', 0)) == [a, bb, d, e]  # not copied
+    assert marker(c, 'q') == [(b'w', 0.0)]
+    assert size(c, 'q') == 5
+    assert [(x[2], x[3]) for x in read(c, ['q'], 10, consumer='c3')] == [
+        (a, 2), (bb, 3), (d, 2), (e, 2), (z, 2)]
+
+
+def test_reclaim_leaves_held_entries_alone(script_client):
+    c = script_client
+    declare(c, 'q')
+    m = publish(c, 'q', b'x')
+    read(c, ['q'], 1)
+    requeue(c, 'q', [(0, m)])
+    c.delete(K.wake('q'))
+    time.sleep(0.05)
+    assert reclaim(c, 'q') == (0, ['-'] * 4)
+    assert pel(c, K.stream('q', 0), 'q') == {m: (b(HOLDER), 1)}
+    assert idle(c, K.stream('q', 0), 'q')[m] >= 50  # not even re-claimed by the holder
+    assert marker(c, 'q') == []  # nothing reclaimed, so no wake-up
+
+
+def test_reclaim_leaves_entries_idle_less_than_min_idle(script_client):
+    c = script_client
+    declare(c, 'q')
+    old = publish(c, 'q', b'old')
+    read(c, ['q'], 1, consumer='c1')
+    time.sleep(0.08)
+    new = publish(c, 'q', b'new')
+    read(c, ['q'], 1, consumer='c2')
+    c.delete(K.wake('q'))
+    assert reclaim(c, 'q', min_idle=40) == (1, ['-'] * 4)
+    assert pel(c, K.stream('q', 0), 'q') == {old: (b(HOLDER), 1), new: (b'c2', 1)}
+    assert marker(c, 'q') == [(b'w', 0.0)]
+    c.delete(K.wake('q'))
+    assert reclaim(c, 'q', min_idle=40) == (0, ['-'] * 4)
+    assert pel(c, K.stream('q', 0), 'q') == {old: (b(HOLDER), 1), new: (b'c2', 1)}
+    assert marker(c, 'q') == []
+
+
+def test_reclaim_pages_through_the_pel_with_cursors(script_client):
+    c = script_client
+    declare(c, 'q')
+    m = [publish(c, 'q', b'%d' % i) for i in range(5)]
+    z = [publish(c, 'q', b'z%d' % i, level=9) for i in range(2)]
+    read(c, ['q'], 10)
+    requeue(c, 'q', [(0, m[1])])  # held: takes a place in the page, is not counted
+    s, s9 = [i.decode() for i in m], [i.decode() for i in z]
+    walk = [reclaim(c, 'q', batch=2)]
+    for _ in range(3):
+        walk.append(reclaim(c, 'q', batch=2, cursors=walk[-1][1]))
+    # each level walks on its own: level 9 ends its walk after a full page that happened to
+    # be its last ('-' one call later) and starts again while level 0 is still on its way
+    assert walk == [(3, [s[1], '-', '-', s9[1]]),   # m0 (m1 is held), z0, z1
+                    (2, [s[3], '-', '-', '-']),     # m2, m3
+                    (1, ['-', '-', '-', s9[1]]),    # m4
+                    (0, [s[1], '-', '-', '-'])]     # only held entries are left
+    h = b(HOLDER)
+    assert pel(c, K.stream('q', 0), 'q') == {i: (h, 1) for i in m}
+    assert pel(c, K.stream('q', 9), 'q') == {i: (h, 1) for i in z}
+
+
+def test_reclaim_forgets_idle_consumers_that_own_nothing(script_client):
+    c = script_client
+    declare(c, 'q')
+    key = K.stream('q', 0)
+    a, bb, h = publish(c, 'q', b'a'), publish(c, 'q', b'b'), publish(c, 'q', b'h')
+    read(c, ['q'], 1, consumer='c1')                  # c1 keeps a
+    read(c, ['q'], 1, consumer='c2')
+    ack(c, 'q', [(0, bb)])                             # c2 owns nothing
+    read(c, ['q'], 1, consumer='c3')
+    requeue(c, 'q', [(0, h)])                          # c3 owns nothing
+    read(c, ['q'], 1, consumer='c2')
+    ack(c, 'q', [(0, h)])                              # the holder owns nothing
+    time.sleep(0.1)
+    k = publish(c, 'q', b'k')
+    read(c, ['q'], 1, consumer='c4')
+    ack(c, 'q', [(0, k)])                              # c4: seen just now, owns nothing
+    everyone = {b'c1': 1, b'c2': 0, b'c3': 0, b'c4': 0, b(HOLDER): 0}
+    assert consumers(c, key, 'q') == everyone
+    assert reclaim(c, 'q', min_idle=60_000, expiry=0) == (0, ['-'] * 4)
+    assert consumers(c, key, 'q') == everyone          # expiry 0: nobody is removed
+    assert reclaim(c, 'q', min_idle=60_000, expiry=60) == (0, ['-'] * 4)
+    assert consumers(c, key, 'q') == {b'c1': 1, b'c4': 0, b(HOLDER): 0}
+    # c1 died: its message is reclaimed, and then c1 owns nothing and goes too
+    assert reclaim(c, 'q', min_idle=0, expiry=60) == (1, ['-'] * 4)
+    assert consumers(c, key, 'q') == {b'c4': 0, b(HOLDER): 1}
+    assert pel(c, key, 'q') == {a: (b(HOLDER), 1)}
+
+
+def test_reclaim_without_streams_or_group(script_client):
+    c = script_client
+    assert reclaim(c, 'q', expiry=1) == (0, ['-'] * 4)
+    publish(c, 'q', b'x', level=3)  # a stream without a group
+    assert reclaim(c, 'q', expiry=1) == (0, ['-'] * 4)
+    assert c.xinfo_groups(K.stream('q', 3)) == []
+    assert sorted(c.keys('*')) == sorted([b(K.stream('q', 3)), b(K.wake('q'))])
+
+
+# -- renew -------------------------------------------------------------------------------------
+
+
+def test_renew_resets_idle_and_keeps_delivery_count(script_client):
+    c = script_client
+    declare(c, 'q')
+    key = K.stream('q', 0)
+    a, z = publish(c, 'q', b'a'), publish(c, 'q', b'z', level=9)
+    read(c, ['q'], 1)
+    requeue(c, 'q', [(0, a)])
+    read(c, ['q'], 2)                                   # a (2nd delivery), z
+    time.sleep(0.08)
+    assert renew(c, 'q', 'c1', [(0, a)]) == []
+    assert idle(c, key, 'q')[a] < 40
+    assert idle(c, K.stream('q', 9), 'q')[z] >= 80
+    assert pel(c, key, 'q') == {a: (b'c1', 2)}
+    assert pel(c, K.stream('q', 9), 'q') == {z: (b'c1', 1)}
+    # the renewed lease survives a reclaim that takes the stale one
+    assert reclaim(c, 'q', min_idle=40) == (1, ['-'] * 4)
+    assert pel(c, key, 'q') == {a: (b'c1', 2)}
+    assert pel(c, K.stream('q', 9), 'q') == {z: (b(HOLDER), 1)}
+
+
+def test_renew_reports_lost_leases_and_never_takes_them_back(script_client):
+    c = script_client
+    declare(c, 'q')
+    key = K.stream('q', 0)
+    a, bb, d, e, f = (publish(c, 'q', p) for p in (b'a', b'b', b'd', b'e', b'f'))
+    read(c, ['q'], 1, consumer='c1')
+    reclaim(c, 'q')                                    # c1 stalled: a is given to c2
+    read(c, ['q'], 1, consumer='c2')
+    read(c, ['q'], 4, consumer='c1')                   # b, d, e, f
+    ack(c, 'q', [(0, bb)])                             # acked meanwhile
+    requeue(c, 'q', [(0, d)])                          # parked again
+    c.xdel(key, e)                                     # deleted (its PEL record stays)
+    entries = [(0, a), (0, bb), (0, d), (0, e), (0, f)]
+    assert renew(c, 'q', 'c1', entries) == [(key, a), (key, bb), (key, d), (key, e)]
+    assert pel(c, key, 'q') == {a: (b'c2', 2), d: (b(HOLDER), 1), e: (b'c1', 1),
+                                f: (b'c1', 1)}
+    assert renew(c, 'q', 'c2', [(0, a)]) == []
+    assert renew(c, 'q', 'c3', [(0, a), (0, f)]) == [(key, a), (key, f)]
+    assert pel(c, key, 'q')[a] == (b'c2', 2)
+
+
+def test_renew_after_queue_deleted_reports_everything_lost(script_client):
+    c = script_client
+    declare(c, 'q')
+    a, z = publish(c, 'q', b'a'), publish(c, 'q', b'z', level=9)
+    read(c, ['q'], 2)
+    delete(c, 'q')
+    assert renew(c, 'q', 'c1', [(0, a), (9, z)]) == [(K.stream('q', 0), a),
+                                                     (K.stream('q', 9), z)]
+    assert c.keys('*') == []
+    again = publish(c, 'q', b'again', level=9)         # recreated by a producer, no group
+    assert renew(c, 'q', 'c1', [(9, again)]) == [(K.stream('q', 9), again)]
+    assert c.xinfo_groups(K.stream('q', 9)) == []
+
+
+# -- redrive -----------------------------------------------------------------------------------
+
+
+def _dead_letters(c, queue, plan):
+    """Publish, deliver and dead-letter one message per (payload, level), in plan order."""
+    sent = [(publish(c, queue, p, level=lv), lv) for p, lv in plan]
+    read(c, [queue], len(plan))
+    for entry_id, lv in sent:
+        assert deadletter(c, queue, lv, entry_id, 'rejected', 1) == 1
+    return [e for e, _ in dead(c, queue)]
+
+
+def test_redrive_moves_dead_letters_back_oldest_first(script_client):
+    c = script_client
+    declare(c, 'q')
+    _dead_letters(c, 'q', [(b'y', 3), (b'b', 0), (b'x', 3), (b'd', 9)])
+    c.delete(K.wake('q'))
+    assert redrive(c, 'q', 10) == (4, 0)
+    assert c.xlen(K.dlq('q')) == 0
+    assert marker(c, 'q') == [(b'w', 0.0)]
+    assert [f for _, f in c.xrange(K.stream('q', 3))] == [{b'm': b'y'}, {b'm': b'x'}]
+    got = read(c, ['q'], 10, limit=1)
+    assert [(d[1], d[3], d[4]) for d in got] == [(0, 1, b'b'), (3, 1, b'y'), (3, 1, b'x'),
+                                                 (9, 1, b'd')]
+    assert c.xlen(K.dlq('q')) == 0
+
+
+def test_redrive_count_and_ids(script_client):
+    c = script_client
+    declare(c, 'q')
+    dl = _dead_letters(c, 'q', [(b'p%d' % i, 0) for i in range(5)])
+    key = K.stream('q', 0)
+
+    def ready():
+        return [f[b'm'] for _, f in c.xrange(key)]
+
+    assert redrive(c, 'q', 2) == (2, 0)
+    assert ready() == [b'p0', b'p1']
+    assert redrive(c, 'q', 10, ids=[dl[4], dl[2]]) == (2, 0)  # in the order given
+    assert ready() == [b'p0', b'p1', b'p4', b'p2']
+    assert redrive(c, 'q', 10, ids=[dl[0], b'1-1']) == (0, 0)  # gone or never there
+    assert redrive(c, 'q', 10, ids=[dl[3], dl[3]]) == (1, 0)   # moved once, not twice
+    assert ready() == [b'p0', b'p1', b'p4', b'p2', b'p3']
+    assert c.xlen(K.dlq('q')) == 0
+    assert redrive(c, 'q', 10) == (0, 0)
+
+
+def test_redrive_count_limits_moves_given_by_id(script_client):
+    c = script_client
+    declare(c, 'q')
+    dl = _dead_letters(c, 'q', [(b'p%d' % i, 0) for i in range(3)])
+    assert redrive(c, 'q', 1, ids=[dl[2], dl[0]]) == (1, 0)
+    assert [f[b'm'] for _, f in c.xrange(K.stream('q', 0))] == [b'p2']
+    assert [e for e, _ in dead(c, 'q')] == [dl[0], dl[1]]
+    assert redrive(c, 'q', 0) == (0, 0)
+
+
+def test_redrive_skips_and_keeps_letters_it_cannot_place(script_client):
+    c = script_client
+    declare(c, 'q')
+    c.xadd(K.stream('q', 0), {b'x': b'1'})
+    read(c, ['q'], 1)                                  # malformed: dead letter without f:m
+    dlq = K.dlq('q')
+    base = {b'reason': b'r', b'group': b'q', b'id': b'1-1', b'deliveries': b'1', b'f:m': b'p'}
+    c.xadd(dlq, {**base, b'stream': b(K.stream('other', 0))})  # another queue's stream
+    c.xadd(dlq, {**base, b'stream': b(K.stream('q', 5))})      # not one of q's levels
+    c.xadd(dlq, base)                                          # no stream at all
+    good = _dead_letters(c, 'q', [(b'good', 6)])[-1]
+    before = dead(c, 'q')
+    c.delete(K.wake('q'))
+    assert redrive(c, 'q', 10) == (1, 4)
+    assert dead(c, 'q') == [e for e in before if e[0] != good]
+    assert [f for _, f in c.xrange(K.stream('q', 6))] == [{b'm': b'good'}]
+    assert c.keys('*other*') == [] and c.exists(K.stream('q', 5)) == 0
+    assert marker(c, 'q') == [(b'w', 0.0)]
+    c.delete(K.wake('q'))
+    assert redrive(c, 'q', 10) == (0, 4)
+    assert marker(c, 'q') == []  # nothing moved, no wake-up
+    assert dead(c, 'q') == [e for e in before if e[0] != good]
+
+
+def test_redrive_after_delivery_limit_starts_counting_again(script_client):
+    c = script_client
+    declare(c, 'q')
+    m = publish(c, 'q', b'again', level=3)
+    read(c, ['q'], 1, limit=1)
+    requeue(c, 'q', [(3, m)])
+    assert read(c, ['q'], 1, limit=1) == []
+    assert redrive(c, 'q', 1) == (1, 0)
+    [(_, new, n, payload)] = [d[1:] for d in read(c, ['q'], 5, limit=1)]
+    assert (n, payload) == (1, b'again') and sid(new) > sid(m)
+    assert c.xlen(K.dlq('q')) == 0
+
+
+def test_redrive_to_a_deleted_queue_recreates_its_stream(script_client):
+    c = script_client
+    declare(c, 'q')
+    _dead_letters(c, 'q', [(b'x', 9)])
+    delete(c, 'q')                                     # the dead letters stay
+    assert redrive(c, 'q', 5) == (1, 0)
+    assert [f for _, f in c.xrange(K.stream('q', 9))] == [{b'm': b'x'}]
+    assert [d[4] for d in read(c, ['q'], 5)] == [b'x']  # read creates the group lazily
+
+
 # -- properties --------------------------------------------------------------------------------
 
 _publishes = st.lists(st.tuples(st.sampled_from(['a', 'b', 'c']), st.sampled_from(LEVELS)),
@@ -652,6 +1054,93 @@ def test_property_size_and_redelivery_model(script_client, ops):
         assert sum(c.xlen(k) for k in K.streams('q', LEVELS)) == len(ready) + len(inflight)
 
 
+def _accounting(c, queue):
+    """Every payload held by ``queue``: its stream entries (ready or pending) and dead letters.
+
+    Also checks that no entry is stranded: an entry at or before the group's last-delivered
+    id that is not in the PEL would never be delivered again.
+    """
+    found = []
+    for lv in LEVELS:
+        key = K.stream(queue, lv)
+        entries = c.xrange(key)
+        found += [f[b'm'] for _, f in entries]
+        last = groups(c, key).get(b(queue), b'0-0') if c.exists(key) else b'0-0'
+        pending = set(pel(c, key, queue)) if c.exists(key) else set()
+        assert pending <= {e for e, _ in entries}, 'PEL record of a missing entry'
+        stranded = [e for e, _ in entries if sid(e) <= sid(last) and e not in pending]
+        assert stranded == [], f'delivered, not pending, never coming back: {stranded}'
+    found += [f.get(b'f:m') for _, f in dead(c, queue)]
+    return found
+
+
+_crash_ops = st.lists(
+    st.tuples(st.sampled_from(['pub', 'read', 'ack', 'requeue', 'crash', 'reclaim', 'renew',
+                               'reject', 'redrive']),
+              st.integers(0, 2), st.integers(0, 3), st.integers(1, 4)),
+    max_size=30)
+
+
+@PROPERTY
+@given(ops=_crash_ops)
+def test_property_crashes_and_reclaims_lose_and_duplicate_nothing(script_client, ops):
+    """Ready + pending + dead payloads are always exactly the published ones minus the acked."""
+    c = script_client
+    c.flushall()
+    declare(c, 'q')
+    published: list[bytes] = []
+    acked: set[bytes] = set()
+    # what each consumer believes it holds: (level, id) -> payload
+    holding: dict[str, dict[tuple[int, bytes], bytes]] = {f'c{i}': {} for i in range(3)}
+    cursors = None
+    for op, who, x, n in ops:
+        me = f'c{who}'
+        mine = holding[me]
+        chosen = sorted(mine, key=lambda m: (sid(m[1]), m[0]))[x:x + n]
+        if op == 'pub':
+            payload = b'%d' % len(published)
+            published.append(payload)
+            publish(c, 'q', payload, level=LEVELS[x])
+        elif op == 'read':
+            for _, lv, eid, deliveries, payload in read(c, ['q'], n, consumer=me,
+                                                        limit=(0, 2)[x % 2]):
+                assert payload not in acked and deliveries >= 1
+                mine[lv, eid] = payload
+        elif op == 'ack':
+            for m in chosen:
+                if ack(c, 'q', [m]) == 1:
+                    assert mine[m] not in acked
+                    acked.add(mine[m])
+                del mine[m]
+        elif op == 'requeue':
+            requeue(c, 'q', chosen)
+            for m in chosen:
+                del mine[m]
+        elif op == 'reject':
+            for lv, eid in chosen:
+                deadletter(c, 'q', lv, eid, 'rejected', 1)
+                del mine[lv, eid]
+        elif op == 'crash':
+            mine.clear()  # its PEL records stay until someone reclaims them
+        elif op == 'reclaim':
+            _, cursors = reclaim(c, 'q', min_idle=0, batch=n, cursors=cursors, expiry=x % 2)
+        elif op == 'renew':
+            lost = renew(c, 'q', me, list(mine))
+            for stream, eid in lost:
+                del mine[LEVELS[K.streams('q', LEVELS).index(stream)], eid]
+            for lv, eid in mine:
+                assert pel(c, K.stream('q', lv), 'q')[eid][0] == b(me)
+        elif op == 'redrive':
+            redrive(c, 'q', n)
+        found = _accounting(c, 'q')
+        assert sorted(found) == sorted(p for p in published if p not in acked)
+    # and everything left can still be delivered, exactly once
+    reclaim(c, 'q', min_idle=0, batch=1000)
+    redrive(c, 'q', 1000)
+    left = payloads(read(c, ['q'], 1000, consumer='last'))
+    assert sorted(left) == sorted(p for p in published if p not in acked)
+
+
 # -- registry: loading, NOSCRIPT, pipelines, errors, headers -------------------------------------
 
 
@@ -718,7 +1207,25 @@ _WRONGTYPE = {
     'purge': (K.stream('q', 3), lambda c: purge(c, 'q')),
     'delete': (K.dlq('q'), lambda c: delete(c, 'q')),
     'deadletter': (K.stream('q', 0), lambda c: deadletter(c, 'q', 0, b'1-1', 'r', 1)),
+    'reclaim': (K.stream('q', 3), lambda c: reclaim(c, 'q')),
+    'reclaim-marker': (K.wake('q'), lambda c: (_stalled_by_hand(c), reclaim(c, 'q'))),
+    'renew': (K.stream('q', 0), lambda c: renew(c, 'q', 'c1', [(0, b'1-1')])),
+    'redrive': (K.dlq('q'), lambda c: redrive(c, 'q', 10)),
+    'redrive-stream': (K.stream('q', 6), lambda c: (_letter_by_hand(c, 6), redrive(c, 'q', 10))),
+    'redrive-marker': (K.wake('q'), lambda c: (_letter_by_hand(c, 0), redrive(c, 'q', 10))),
 }
+
+
+def _stalled_by_hand(c):
+    """A pending entry of q made with plain commands (the scripts would touch the marker)."""
+    key = K.stream('q', 0)
+    c.xadd(key, {b'm': b'x'})
+    c.xgroup_create(key, 'q', '0')
+    c.xreadgroup('q', 'c1', {key: '>'})
+
+
+def _letter_by_hand(c, level):
+    c.xadd(K.dlq('q'), {b'reason': b'r', b'stream': b(K.stream('q', level)), b'f:m': b'x'})
 
 
 @pytest.mark.parametrize('case', sorted(_WRONGTYPE))
@@ -762,5 +1269,6 @@ def test_script_header_and_flattening(name):
 def test_registry_covers_every_lua_file():
     names = {p.stem for p in lua_dir().glob('*.lua')}
     assert set(SCRIPTS) == names == {
-        'ack', 'deadletter', 'declare', 'delete', 'publish', 'purge', 'read', 'requeue', 'size'}
+        'ack', 'bind', 'deadletter', 'declare', 'delete', 'publish', 'purge', 'read', 'reclaim',
+        'redrive', 'renew', 'requeue', 'route', 'size', 'touch'}
     assert load_all() == SCRIPTS
