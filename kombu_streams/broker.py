@@ -53,14 +53,17 @@ class Broker:
 
     # -- publishing ----------------------------------------------------------------------
 
-    def publish_call(self, queue: str, level: int, payload: str | bytes
+    def publish_call(self, queue: str, level: int, payload: str | bytes, routed: bool = False
                      ) -> tuple[Script, list[str], list[Any]]:
-        """The publish call as (script, KEYS, ARGV), for pipelines."""
-        return (SCRIPTS['publish'], [self.keys.stream(queue, level), self.keys.wake(queue)],
-                [payload])
+        """The publish call as (script, KEYS, ARGV), for pipelines. ``routed``: only if the
+        queue exists (a copy routed by an exchange must not recreate a deleted queue)."""
+        keys = [self.keys.stream(queue, level), self.keys.wake(queue),
+                self.keys.stream(queue, self.levels[0])]
+        return SCRIPTS['publish'], keys, [payload, '1' if routed else '0']
 
-    def publish(self, queue: str, level: int, payload: str | bytes) -> bytes:
-        script, keys, args = self.publish_call(queue, level, payload)
+    def publish(self, queue: str, level: int, payload: str | bytes, routed: bool = False
+                ) -> bytes | None:
+        script, keys, args = self.publish_call(queue, level, payload, routed)
         return script(self.client, keys, args)
 
     # -- queues ----------------------------------------------------------------------------

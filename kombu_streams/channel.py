@@ -183,12 +183,21 @@ class Channel(virtual.Channel):
         pri = self._get_message_priority(message, reverse=False)
         return self._levels[bisect(self._levels, pri) - 1]
 
+    def basic_publish(self, message: dict[str, Any], exchange: str, routing_key: str,
+                      **kwargs: Any) -> Any:
+        if exchange:  # copies routed to bound queues never recreate a deleted queue
+            kwargs['_routed'] = True
+        return super().basic_publish(message, exchange, routing_key, **kwargs)
+
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        call = self.broker.publish_call(queue, self._level(message), dumps(message),
+                                        routed=kwargs.get('_routed', False))
         batch = kwargs.get('_publish_batch')
         if batch is not None:
-            batch.add(*self.broker.publish_call(queue, self._level(message), dumps(message)))
+            batch.add(*call)
         else:
-            self.broker.publish(queue, self._level(message), dumps(message))
+            script, keys, args = call
+            script(self.client, keys, args)
 
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
                     **kwargs: Any) -> None:

@@ -117,7 +117,7 @@ end
 
 for q = 1, (#KEYS - S) / 2 do
   if maybe_more[q] then
-    redis.call('ZADD', KEYS[S + 2 * q - 1], 0, 'w')
+    arm(KEYS[S + 2 * q - 1], KEYS[q])  -- KEYS[q]: queue q's level-0 stream
   else
     redis.call('ZREM', KEYS[S + 2 * q - 1], 'w')
   end

@@ -55,7 +55,7 @@ for i = 1, n do
     end
   end
 end
-if reclaimed > 0 then redis.call('ZADD', KEYS[n + 1], 0, 'w') end
+if reclaimed > 0 then arm(KEYS[n + 1], KEYS[1]) end
 local reply = {reclaimed}
 for i = 1, n do reply[i + 1] = cursors[i] end
 return reply

@@ -49,5 +49,5 @@ for _, e in ipairs(entries) do
     skipped = skipped + 1
   end
 end
-if moved > 0 then redis.call('ZADD', KEYS[n + 1], 0, 'w') end
+if moved > 0 then arm(KEYS[n + 1], KEYS[2]) end
 return {moved, skipped}

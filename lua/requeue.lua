@@ -15,6 +15,7 @@ The entry is not copied: its PEL record moves to the holder consumer (XCLAIM JUS
 keeps its stream (priority) and id, and read.lua serves held entries before newer ones of
 the same level. An id that is no longer pending (acked meanwhile) is left alone.
 ]]
+--@include common
 local n = #KEYS - 1
 local group, holder, moved = ARGV[1], ARGV[2], 0
 for j = 3, #ARGV, 3 do
@@ -27,5 +28,5 @@ for j = 3, #ARGV, 3 do
   end
   moved = moved + #r
 end
-if moved > 0 then redis.call('ZADD', KEYS[n + 1], 0, 'w') end
+if moved > 0 then arm(KEYS[n + 1], KEYS[1]) end
 return moved

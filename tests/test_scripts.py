@@ -1169,9 +1169,9 @@ def test_execute_pipeline_reruns_only_noscript(script_client):
         SCRIPTS[name].queue(pipe, keys, args)
         calls.append((SCRIPTS[name], keys, args))
 
-    add('publish', [K.stream('q', 0), K.wake('q')], [b'one'])
+    add('publish', *broker(c).publish_call('q', 0, b'one')[1:])
     add('declare', K.streams('q', LEVELS), ['q'])
-    add('publish', [K.stream('q', 0), K.wake('q')], [b'two'])
+    add('publish', *broker(c).publish_call('q', 0, b'two')[1:])
     add('declare', K.streams('r', LEVELS), ['r'])
     results = execute_pipeline(pipe, calls)
     assert results[1] == 4 and results[3] == 4
@@ -1188,7 +1188,7 @@ def test_execute_pipeline_raises_key_type_error(script_client):
     c = script_client
     c.set(K.stream('q', 0), b'not a stream')
     pipe = c.pipeline(transaction=False)
-    call = (SCRIPTS['publish'], [K.stream('q', 0), K.wake('q')], [b'x'])
+    call = broker(c).publish_call('q', 0, b'x')
     SCRIPTS['publish'].queue(pipe, *call[1:])
     with pytest.raises(KeyTypeError, match=r'ks:q:\{q\}:0'):
         execute_pipeline(pipe, [call])
@@ -1198,6 +1198,9 @@ def test_execute_pipeline_raises_key_type_error(script_client):
 _WRONGTYPE = {
     'publish': (K.stream('q', 0), lambda c: publish(c, 'q', b'x')),
     'publish-marker': (K.wake('q'), lambda c: publish(c, 'q', b'x')),
+    'bind': (K.bindings('x'), lambda c: broker(c).bind('x', 'rk', 0)),
+    'bind-deadlines': (K.deadlines('x'), lambda c: broker(c).bind('x', 'rk', 1000)),
+    'route': (K.bindings('x'), lambda c: broker(c).route('x')),
     'declare': (K.stream('q', 6), lambda c: declare(c, 'q')),
     'read': (K.stream('q', 3), lambda c: read(c, ['q'], 5)),
     'read-marker': (K.wake('q'), lambda c: read(c, ['q'], 5)),
@@ -1243,7 +1246,8 @@ def test_wrong_type_key_raises_key_type_error(script_client, case):
 
 
 def test_every_script_is_tested_for_wrong_type():
-    assert {case.split('-')[0] for case in _WRONGTYPE} == set(SCRIPTS)
+    # touch only runs PEXPIRE, which works on keys of every type: nothing to meet WRONGTYPE
+    assert {case.split('-')[0] for case in _WRONGTYPE} | {'touch'} == set(SCRIPTS)
 
 
 def test_scripts_load_with_their_sha(script_client):
@@ -1272,3 +1276,74 @@ def test_registry_covers_every_lua_file():
         'ack', 'bind', 'deadletter', 'declare', 'delete', 'publish', 'purge', 'read', 'reclaim',
         'redrive', 'renew', 'requeue', 'route', 'size', 'touch'}
     assert load_all() == SCRIPTS
+
+
+# -- publish to bound queues, bindings with deadlines, x-expires (bind, route, touch) ----------
+
+
+def test_routed_publish_never_recreates_a_deleted_queue(script_client):
+    c = script_client
+    assert broker(c).publish('gone', 3, b'x', routed=True) is None
+    assert c.keys(b'*gone*') == []
+    declare(c, 'here')
+    entry = broker(c).publish('here', 3, b'x', routed=True)
+    assert ids(c, K.stream('here', 3)) == [entry]
+    assert marker(c, 'here') == [(b'w', 0.0)]
+    # the default exchange creates the queue, as Kombu's Redis transport does
+    assert broker(c).publish('fresh', 0, b'y') is not None
+    assert c.xlen(K.stream('fresh', 0)) == 1
+
+
+def test_marker_of_an_expiring_queue_expires_with_it(script_client):
+    c = script_client
+    declare(c, 'q')
+    assert broker(c).touch('q', 5000) == 4  # the streams; the marker does not exist yet
+    publish(c, 'q', b'x')
+    assert 0 < c.pttl(K.wake('q')) <= 5000
+    read(c, ['q'], 1)
+    requeue(c, 'q', [(0, ids(c, K.stream('q', 0))[0])])
+    assert 0 < c.pttl(K.wake('q')) <= 5000
+    declare(c, 'forever')
+    publish(c, 'forever', b'x')
+    assert c.pttl(K.wake('forever')) == -1
+
+
+def test_touch_sets_expiry_on_existing_keys_only(script_client):
+    c = script_client
+    declare(c, 'q', levels=[0, 3])
+    assert broker(c, [0, 3]).touch('q', 2000) == 2
+    assert all(0 < c.pttl(k) <= 2000 for k in K.streams('q', [0, 3]))
+    assert c.exists(K.wake('q')) == 0
+
+
+def test_bind_route_and_deadlines(script_client):
+    c = script_client
+    b_ = broker(c)
+    assert b_.bind('ex', 'rk\x06\x16\x06\x16a', 0) == 1
+    assert b_.bind('ex', 'rk\x06\x16\x06\x16a', 0) == 0
+    assert b_.bind('ex', 'rk\x06\x16\x06\x16b', 60_000) == 1
+    assert c.zscore(K.deadlines('ex'), 'rk\x06\x16\x06\x16b') is not None
+    assert sorted(b_.route('ex')) == [b'rk\x06\x16\x06\x16a', b'rk\x06\x16\x06\x16b']
+    assert b_.bind('ex', 'rk\x06\x16\x06\x16c', 1) == 1  # expires in 1 ms
+    import time
+    time.sleep(0.01)
+    assert sorted(b_.route('ex')) == [b'rk\x06\x16\x06\x16a', b'rk\x06\x16\x06\x16b']
+    assert c.zscore(K.deadlines('ex'), 'rk\x06\x16\x06\x16c') is None
+    # a permanent re-bind clears the deadline; removal drops both records
+    assert b_.bind('ex', 'rk\x06\x16\x06\x16b', 0) == 0
+    assert c.zscore(K.deadlines('ex'), 'rk\x06\x16\x06\x16b') is None
+    assert b_.bind('ex', 'rk\x06\x16\x06\x16a', -1) == 1
+    assert b_.bind('ex', 'rk\x06\x16\x06\x16a', -1) == 0
+    assert b_.route('ex') == [b'rk\x06\x16\x06\x16b']
+
+
+def test_route_sweeps_a_bounded_number(script_client):
+    c = script_client
+    b_ = broker(c)
+    for i in range(5):
+        b_.bind('ex', f'm{i}', 1)
+    import time
+    time.sleep(0.01)
+    assert len(b_.route('ex', sweep=2)) == 3
+    assert len(b_.route('ex', sweep=2)) == 1
+    assert b_.route('ex', sweep=2) == []

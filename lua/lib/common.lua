@@ -69,3 +69,11 @@ local function dead_letter(key, group, id, fields, dlq, reason, deliveries)
   redis.call('XACK', key, group, id)
   redis.call('XDEL', key, id)
 end
+
+-- Set a queue's wake marker WAKE. For an expiring queue (x-expires) the marker gets the time
+-- to live of the queue's stream STREAM, so it never outlives the queue.
+local function arm(wake, stream)
+  redis.call('ZADD', wake, 0, 'w')
+  local ttl = redis.call('PTTL', stream)
+  if ttl > 0 then redis.call('PEXPIRE', wake, ttl) end
+end
