@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from redis import exceptions as redis_errors
 from redis.exceptions import NoScriptError, ResponseError
 
-__all__ = ('Script', 'SCRIPTS', 'lua_dir', 'KeyTypeError', 'explain', 'execute_pipeline')
+__all__ = ('Script', 'SCRIPTS', 'lua_dir', 'KeyTypeError', 'OutOfMemoryError', 'explain',
+           'execute_pipeline')
 
 _INCLUDE = re.compile(r'^--@include\s+(\w+)\s*$', re.M)
 
@@ -39,6 +41,10 @@ def lua_dir() -> Path:
 
 class KeyTypeError(ResponseError):
     """A key under one of our names holds another Redis type (WRONGTYPE)."""
+
+
+class OutOfMemoryError(redis_errors.OutOfMemoryError):
+    """Redis refused a write because it reached ``maxmemory`` (with ``noeviction``)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,11 @@ def explain(what: str, exc: ResponseError, keys: Sequence[Any]) -> ResponseError
             f'kombu-streams: {what} met a key of the wrong Redis type among '
             f'[{names}]: another program uses these names; rename or delete that key '
             f'({text})')
+    if isinstance(exc, redis_errors.OutOfMemoryError) or text.startswith('OOM'):
+        return OutOfMemoryError(
+            f'kombu-streams: {what} was refused because Redis reached maxmemory; nothing was '
+            f'written. Acks and reclaims still work and free memory; raise maxmemory or drain '
+            f'queues ({text})')
     return exc
 
 
