@@ -27,6 +27,8 @@ class Delivery(NamedTuple):
     entry_id: bytes
     deliveries: int
     payload: bytes
+    #: the fanout exchange it came through, or None for the queue's own streams
+    exchange: str | None = None
 
 
 class Broker:
@@ -39,6 +41,10 @@ class Broker:
 
     def streams(self, queue: str) -> list[str]:
         return self.keys.streams(queue, self.levels)
+
+    def wake(self, queue: str, exchange: str | None = None) -> str:
+        """The wake marker of a queue, or of its group on a fanout exchange."""
+        return self.keys.fanout_wake(exchange, queue) if exchange else self.keys.wake(queue)
 
     def _entry_args(self, queue: str, entries: Iterable[tuple[str, Any]]
                     ) -> tuple[list[str], list[Any]]:
@@ -65,6 +71,14 @@ class Broker:
                 ) -> bytes | None:
         script, keys, args = self.publish_call(queue, level, payload, routed)
         return script(self.client, keys, args)
+
+    def fanout_publish_call(self, exchange: str, payload: str | bytes,
+                            bindings: Sequence[tuple[str, str]]
+                            ) -> tuple[Script, list[str], list[Any]]:
+        """Publish once to a fanout exchange; ``bindings`` are (queue, binding member)."""
+        keys = [self.keys.fanout(exchange), self.keys.deadlines(exchange)]
+        keys += [self.keys.fanout_wake(exchange, q) for q, _ in bindings]
+        return SCRIPTS['fanout_publish'], keys, [payload, *(m for _, m in bindings)]
 
     # -- queues ----------------------------------------------------------------------------
 
@@ -97,44 +111,81 @@ class Broker:
 
     # -- routing tables --------------------------------------------------------------------
 
-    def bind(self, exchange: str, member: str, ttl_ms: int = 0) -> int:
-        """Add or refresh a binding; ``ttl_ms`` > 0 for an expiring queue, -1 removes it."""
+    def bind(self, exchange: str, member: str, ttl_ms: int = 0,
+             fanout_group: str | None = None) -> int:
+        """Add or refresh a binding; ``ttl_ms`` > 0 for an expiring queue, -1 removes it.
+        On a fanout exchange, ``fanout_group`` (the queue) gets or loses its group."""
         keys = [self.keys.bindings(exchange), self.keys.deadlines(exchange)]
-        return SCRIPTS['bind'](self.client, keys, [member, int(ttl_ms)])
+        args: list[Any] = [member, int(ttl_ms)]
+        if fanout_group is not None:
+            keys.append(self.keys.fanout(exchange))
+            args.append(fanout_group)
+        return SCRIPTS['bind'](self.client, keys, args)
 
-    def route(self, exchange: str, sweep: int = 100) -> list[bytes]:
-        """The routing table's members, after dropping up to ``sweep`` expired bindings."""
+    def route(self, exchange: str, sweep: int = 100, fanout_sep: str | None = None
+              ) -> list[bytes]:
+        """The routing table's members, after dropping up to ``sweep`` expired bindings (and,
+        on a fanout exchange, given its member separator, their groups)."""
         keys = [self.keys.bindings(exchange), self.keys.deadlines(exchange)]
-        return SCRIPTS['route'](self.client, keys, [sweep])
+        args: list[Any] = [sweep]
+        if fanout_sep is not None:
+            keys.append(self.keys.fanout(exchange))
+            args.append(fanout_sep)
+        return SCRIPTS['route'](self.client, keys, args)
 
     # -- consuming -------------------------------------------------------------------------
 
     def read(self, queues: Sequence[str], consumer: str, count: int,
-             max_deliveries: int = 0) -> list[Delivery]:
-        """Deliver up to ``count`` messages across ``queues``, highest priority first."""
-        nq, levels = len(queues), self.levels
-        streams = [self.keys.stream(q, level) for level in levels for q in queues]
-        args: list[Any] = [consumer, count, len(streams), HOLDER, max_deliveries]
-        for i in range(len(streams)):
-            args += [queues[i % nq], i % nq + 1]
-        keys = streams + [k for q in queues for k in (self.keys.wake(q), self.keys.dlq(q))]
+             max_deliveries: int = 0, fanout: dict[str, Iterable[str]] | None = None,
+             ttls: dict[str, int] | None = None) -> list[Delivery]:
+        """Deliver up to ``count`` messages across ``queues``, highest priority first.
+
+        ``fanout`` maps a queue to the fanout exchanges it is bound to: their streams are
+        read (through the queue's group) before the queue's own. ``ttls`` gives the x-expires
+        of expiring queues, for their markers.
+        """
+        fanout, ttls = fanout or {}, ttls or {}
+        sources = [(q, ex) for q in queues for ex in sorted(fanout.get(q, ()))]
+        sources += [(q, None) for q in queues]
+        index = {src: i + 1 for i, src in enumerate(sources)}
+        # (stream key, group, source index, shared, level), in the order to serve them
+        streams = [(self.keys.fanout(ex), q, index[(q, ex)], '1', self.levels[0])
+                   for q, ex in sources if ex]
+        streams += [(self.keys.stream(q, level), q, index[(q, None)], '0', level)
+                    for level in self.levels for q in queues]
+        keys = [s[0] for s in streams]
+        for q, ex in sources:
+            keys += [self.wake(q, ex), self.keys.dlq(q)]
+        args: list[Any] = [consumer, count, len(streams), HOLDER, max_deliveries, len(sources)]
+        args += [ttls.get(q, 0) for q, _ in sources]
+        for _, group, src, shared, _ in streams:
+            args += [group, src, shared]
         reply = SCRIPTS['read'](self.client, keys, args)
         out = []
         for j in range(0, len(reply), 4):
-            index, entry_id, deliveries, payload = reply[j:j + 4]
-            i = int(index) - 1
-            out.append(Delivery(queues[i % nq], levels[i // nq], streams[i], entry_id,
-                                int(deliveries), payload))
+            index_, entry_id, deliveries, payload = reply[j:j + 4]
+            key, queue, src, _, level = streams[int(index_) - 1]
+            out.append(Delivery(queue, level, key, entry_id, int(deliveries), payload,
+                                sources[src - 1][1]))
         return out
 
-    def ack(self, queue: str, entries: Iterable[tuple[str, Any]]) -> int:
-        """Acknowledge and delete entries, given as (stream key, id)."""
+    def ack(self, queue: str, entries: Iterable[tuple[str, Any]],
+            exchange: str | None = None) -> int:
+        """Acknowledge entries, given as (stream key, id): deleted from the queue's streams;
+        on a fanout exchange's stream (``exchange``), trimmed once every group is done."""
+        if exchange:
+            ids = [entry_id for _, entry_id in entries]
+            if not ids:
+                return 0
+            return SCRIPTS['fanout_ack'](self.client, [self.keys.fanout(exchange)],
+                                         [queue, *ids])
         streams, pairs = self._entry_args(queue, entries)
         if not pairs:
             return 0
         return SCRIPTS['ack'](self.client, streams, [queue, *pairs])
 
-    def requeue(self, queue: str, entries: Iterable[tuple[Any, ...]]) -> int:
+    def requeue(self, queue: str, entries: Iterable[tuple[Any, ...]],
+                exchange: str | None = None) -> int:
         """Give delivered entries back; they are served first in their level.
 
         Entries are (stream key, id) or (stream key, id, delivery count to keep).
@@ -147,7 +198,7 @@ class Broker:
             args += [streams.index(stream) + 1, entry_id, count[0] if count else -1]
         if not args:
             return 0
-        return SCRIPTS['requeue'](self.client, streams + [self.keys.wake(queue)],
+        return SCRIPTS['requeue'](self.client, streams + [self.wake(queue, exchange)],
                                   [queue, HOLDER, *args])
 
     def renew(self, queue: str, consumer: str, entries: Iterable[tuple[str, Any]]
@@ -160,22 +211,24 @@ class Broker:
         return [(streams[int(lost[j]) - 1], lost[j + 1]) for j in range(0, len(lost), 2)]
 
     def reclaim(self, queue: str, min_idle_ms: int, batch: int,
-                cursors: Sequence[str] | None = None, consumer_expiry_ms: int = 0
-                ) -> tuple[int, list[str]]:
-        """Move messages whose lease ran out back to the queue; returns (count, cursors)."""
-        streams = self.streams(queue)
+                cursors: Sequence[str] | None = None, consumer_expiry_ms: int = 0,
+                exchange: str | None = None) -> tuple[int, list[str]]:
+        """Move messages whose lease ran out back to the queue (or to its group on a fanout
+        ``exchange``); returns (count, cursors)."""
+        streams = [self.keys.fanout(exchange)] if exchange else self.streams(queue)
         cursors = list(cursors) if cursors else ['-'] * len(streams)
         reply = SCRIPTS['reclaim'](
-            self.client, streams + [self.keys.wake(queue)],
+            self.client, streams + [self.wake(queue, exchange)],
             [queue, HOLDER, int(min_idle_ms), batch, *cursors, int(consumer_expiry_ms)])
         return int(reply[0]), [c.decode() if isinstance(c, bytes) else c for c in reply[1:]]
 
     # -- dead letters ------------------------------------------------------------------------
 
     def dead_letter(self, queue: str, stream: str, entry_id: Any, reason: str,
-                    deliveries: int) -> int:
+                    deliveries: int, shared: bool = False) -> int:
         return SCRIPTS['deadletter'](self.client, [stream, self.keys.dlq(queue)],
-                                     [queue, entry_id, reason, deliveries])
+                                     [queue, entry_id, reason, deliveries,
+                                      '1' if shared else '0'])
 
     def redrive(self, queue: str, count: int, ids: Sequence[Any] = ()) -> tuple[int, int]:
         """Move up to ``count`` dead letters (or just ``ids``) back; returns (moved, skipped)."""

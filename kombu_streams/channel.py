@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from itertools import count
 from queue import Empty
 from time import monotonic
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import uuid4
 
 from kombu.exceptions import BatchPublishError
@@ -44,6 +44,16 @@ UNLIMITED_READ = 10
 
 #: Process-wide cache of routing tables: (server id, bindings key) -> (time read, table).
 _ROUTES: dict[tuple[str, str], tuple[float, list[tuple[str, ...]]]] = {}
+
+
+class Held(NamedTuple):
+    """A message read by this channel and not yet settled."""
+
+    queue: str
+    stream: str
+    entry_id: bytes
+    deliveries: int
+    exchange: str | None  # the fanout exchange whose stream holds it, if any
 
 
 def _queue_expires(declare_kwargs: dict[str, Any]) -> int:
@@ -139,8 +149,8 @@ class Channel(virtual.Channel):
         self.keys = Keys(self.global_keyprefix)
         self._levels = list(self.priority_steps)
         self._queue_cycle = cycle_by_name(self.queue_order_strategy)()
-        #: delivery tag -> (queue, stream, entry id, delivery count), until settled
-        self._inflight: dict[str, tuple[str, str, bytes, int]] = {}
+        #: delivery tag -> where the message sits until settled
+        self._inflight: dict[str, Held] = {}
         self._buffer: deque[tuple[dict[str, Any], str]] = deque()
         self._no_ack_queues: set[str] = set()
         self._tags = count(1)
@@ -148,7 +158,7 @@ class Channel(virtual.Channel):
             f'{socket.gethostname()}:{os.getpid()}:{self.channel_id}:{uuid4().hex[:8]}')
         self.client = connection.make_client()
         self.broker = Broker(self.client, self.keys, self._levels)
-        self._reclaim_cursors: dict[str, list[str]] = {}
+        self._reclaim_cursors: dict[tuple[str, str | None], list[str]] = {}
         #: queue -> x-expires in ms, for the queues declared here with one
         self._expires: dict[str, int] = {}
         connection.cycle.add(self)
@@ -201,10 +211,18 @@ class Channel(virtual.Channel):
 
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
                     **kwargs: Any) -> None:
-        """Each bound queue gets its own durable copy of the message."""
-        for queue in sorted(self.typeof(exchange).lookup(
-                self.get_table(exchange), exchange, routing_key, None)):
-            self._put(queue, message, **kwargs)
+        """One entry in the exchange's stream; every bound queue reads it with its group."""
+        bindings = sorted({(queue, self._binding_member(rk, pattern, queue))
+                           for rk, pattern, queue in self.get_table(exchange)})
+        if not bindings:
+            return  # like AMQP: a fanout exchange with no queue drops the message
+        call = self.broker.fanout_publish_call(exchange, dumps(message), bindings)
+        batch = kwargs.get('_publish_batch')
+        if batch is not None:
+            batch.add(*call)
+        else:
+            script, keys, args = call
+            script(self.client, keys, args)
 
     def create_publish_batch(self, max_size: int) -> PublishBatch:
         return PublishBatch(self, max_size)
@@ -220,16 +238,33 @@ class Channel(virtual.Channel):
         hit = _ROUTES.get(cache_key)
         if hit is not None and now - hit[0] < self.routing_cache_ttl:
             return hit[1]
-        table = [tuple(bytes_to_str(m).split(self.sep)) for m in self.broker.route(exchange)]
+        members = self.broker.route(
+            exchange, fanout_sep=self.sep if self._is_fanout(exchange) else None)
+        table = [tuple(bytes_to_str(m).split(self.sep)) for m in members]
         _ROUTES[cache_key] = (now, table)
         return table
+
+    def _is_fanout(self, exchange: str) -> bool:
+        return self.typeof(exchange).type == 'fanout'
+
+    def _fanout_exchanges(self, queue: str) -> list[str]:
+        """The fanout exchanges ``queue`` was bound to through this connection: their streams
+        are read through the queue's group (as Kombu's Redis transport subscribes only to
+        what it bound itself)."""
+        return sorted({ex for ex, _, _ in self.state.queue_bindings(queue)
+                       if self._is_fanout(ex)})
+
+    def _fanout_map(self, queues: Iterable[str]) -> dict[str, list[str]]:
+        return {q: self._fanout_exchanges(q) for q in queues}
 
     def _binding_member(self, routing_key: str, pattern: str, queue: str) -> str:
         return self.sep.join([routing_key or '', pattern or '', queue or ''])
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
         member = self._binding_member(routing_key, pattern, queue)
-        self.broker.bind(exchange, member, self._expires.get(queue, 0))
+        fanout = self._is_fanout(exchange)
+        self.broker.bind(exchange, member, self._expires.get(queue, 0),
+                         fanout_group=queue if fanout else None)
         _ROUTES.pop(self._route_key(exchange), None)
 
     def queue_unbind(self, queue: str, exchange: str | None = None, routing_key: str = '',
@@ -241,7 +276,9 @@ class Channel(virtual.Channel):
         self._unbind(exchange, routing_key, pattern, queue)
 
     def _unbind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
-        self.broker.bind(exchange, self._binding_member(routing_key, pattern, queue), -1)
+        fanout = self._is_fanout(exchange)
+        self.broker.bind(exchange, self._binding_member(routing_key, pattern, queue), -1,
+                         fanout_group=queue if fanout else None)
         _ROUTES.pop(self._route_key(exchange), None)
 
     # -- queues -------------------------------------------------------------------------------
@@ -267,7 +304,7 @@ class Channel(virtual.Channel):
                 _, pattern, _ = self.typeof(exchange).prepare_bind(
                     queue, exchange, routing_key, args)
                 self.broker.bind(exchange, self._binding_member(routing_key, pattern, queue),
-                                 ttl)
+                                 ttl, fanout_group=queue if self._is_fanout(exchange) else None)
 
     def keeper_interval(self) -> float:
         """Seconds between two lease-keeper rounds this channel needs."""
@@ -340,11 +377,17 @@ class Channel(virtual.Channel):
             raise Empty()
         return delivered[0][0]
 
-    def readable_queues(self) -> list[str]:
-        """The queues this channel would read now (none while at its prefetch limit)."""
+    def wake_keys(self) -> dict[str, str]:
+        """Wake marker -> queue, for what this channel would read now (nothing while it is at
+        its prefetch limit): its queues, and their groups on fanout exchanges."""
         if not self._consumers or self.closed or not self.qos.can_consume():
-            return []
-        return self.active_queues
+            return {}
+        out = {}
+        for queue in self.active_queues:
+            out[self.keys.wake(queue)] = queue
+            for exchange in self._fanout_exchanges(queue):
+                out[self.keys.fanout_wake(exchange, queue)] = queue
+        return out
 
     def next_delivery(self) -> tuple[dict[str, Any], str] | None:
         """The next message for the application: from the buffer, or read from Redis."""
@@ -369,13 +412,14 @@ class Channel(virtual.Channel):
         out: list[tuple[dict[str, Any], str]] = []
         self.connection.cycle.note_read(queues)
         for delivery in self.broker.read(queues, self.consumer_name, credit,
-                                         self.max_deliveries):
+                                         self.max_deliveries, self._fanout_map(queues),
+                                         self._expires):
             message = self._decode(delivery)
             if message is None:
                 continue
             tag = message['properties']['delivery_tag']
-            self._inflight[tag] = (delivery.queue, delivery.stream, delivery.entry_id,
-                                   delivery.deliveries)
+            self._inflight[tag] = Held(delivery.queue, delivery.stream, delivery.entry_id,
+                                       delivery.deliveries, delivery.exchange)
             out.append((message, delivery.queue))
         if self._inflight:
             self.connection.leases.start()
@@ -393,7 +437,7 @@ class Channel(virtual.Channel):
                          'the dead-letter stream %s', bytes_to_str(d.entry_id), d.stream, exc,
                          self.keys.dlq(d.queue))
             self.broker.dead_letter(d.queue, d.stream, d.entry_id, f'undecodable: {exc!r}',
-                                    d.deliveries)
+                                    d.deliveries, shared=d.exchange is not None)
             return None
         props['delivery_tag'] = f'{self.channel_id}.{next(self._tags)}.{uuid4().hex[:8]}'
         redelivered = d.deliveries > 1
@@ -413,30 +457,30 @@ class Channel(virtual.Channel):
         ``read_ahead`` are tags of messages read but never handed to the application; they
         can only be requeued, and go back with their delivery count lowered by one.
         """
-        by_queue: dict[str, list[tuple[str, bytes, int]]] = {}
+        by_source: dict[tuple[str, str | None], list[tuple[str, bytes, int]]] = {}
         for tag, handed in [(t, True) for t in tags] + [(t, False) for t in read_ahead]:
-            found = self._inflight.pop(tag, None)
-            if found is not None:
-                queue, stream, entry_id, deliveries = found
-                by_queue.setdefault(queue, []).append(
-                    (stream, entry_id, deliveries if handed else deliveries - 1))
+            held = self._inflight.pop(tag, None)
+            if held is not None:
+                by_source.setdefault((held.queue, held.exchange), []).append(
+                    (held.stream, held.entry_id,
+                     held.deliveries if handed else held.deliveries - 1))
         done = 0
-        for queue, entries in by_queue.items():
+        for (queue, exchange), entries in by_source.items():
             if mode == REQUEUE:
-                done += self.broker.requeue(queue, entries)
+                done += self.broker.requeue(queue, entries, exchange)
             elif mode == ACK:
-                done += self.broker.ack(queue, [(s, i) for s, i, _ in entries])
+                done += self.broker.ack(queue, [(s, i) for s, i, _ in entries], exchange)
             else:
                 for stream, entry_id, deliveries in entries:
                     done += self.broker.dead_letter(queue, stream, entry_id, 'rejected',
-                                                    deliveries)
+                                                    deliveries, shared=exchange is not None)
         return done
 
     def _requeue_delivered(self, tags: list[str]) -> int:
         """Requeue delivered messages together with the read-ahead of their queues, so the
         queue's order is as if nothing had been read ahead (Kombu's Redis transport order:
         a requeued message comes back before the ones behind it)."""
-        queues = {self._inflight[t][0] for t in tags if t in self._inflight}
+        queues = {self._inflight[t].queue for t in tags if t in self._inflight}
         return self._settle(tags, REQUEUE, self._take_buffered(queues))
 
     def _take_buffered(self, queues: set[str] | None = None) -> list[str]:
@@ -455,11 +499,12 @@ class Channel(virtual.Channel):
 
     def renew_leases(self) -> int:
         """Renew the lease of every message this channel holds; log the ones it lost."""
-        by_queue: dict[str, list[tuple[str, bytes]]] = {}
-        for queue, stream, entry_id, _ in list(self._inflight.values()):
-            by_queue.setdefault(queue, []).append((stream, entry_id))
+        by_source: dict[tuple[str, str | None], list[tuple[str, bytes]]] = {}
+        for held in list(self._inflight.values()):
+            by_source.setdefault((held.queue, held.exchange), []).append(
+                (held.stream, held.entry_id))
         renewed = 0
-        for queue, entries in by_queue.items():
+        for (queue, _), entries in by_source.items():
             lost = self.broker.renew(queue, self.consumer_name, entries)
             renewed += len(entries) - len(lost)
             for stream, entry_id in lost:
@@ -470,17 +515,22 @@ class Channel(virtual.Channel):
         return renewed
 
     def reclaim(self) -> int:
-        """Give back stalled messages of the queues this channel consumes (bounded calls)."""
+        """Give back stalled messages of the queues this channel consumes, and of their
+        groups on fanout exchanges (bounded calls)."""
         total = 0
         vt_ms = int(self.visibility_timeout * 1000)
         expiry_ms = max(2 * vt_ms, 300_000)
         for queue in self.active_queues:
-            count, cursors = self.broker.reclaim(
-                queue, vt_ms, self.reclaim_batch, self._reclaim_cursors.get(queue), expiry_ms)
-            self._reclaim_cursors[queue] = cursors
-            if count:
-                logger.info('kombu-streams: reclaimed %d stalled messages of %r', count, queue)
-            total += count
+            for exchange in [None, *self._fanout_exchanges(queue)]:
+                source = (queue, exchange)
+                count, cursors = self.broker.reclaim(
+                    queue, vt_ms, self.reclaim_batch, self._reclaim_cursors.get(source),
+                    expiry_ms, exchange)
+                self._reclaim_cursors[source] = cursors
+                if count:
+                    logger.info('kombu-streams: reclaimed %d stalled messages of %r',
+                                count, queue)
+                total += count
         return total
 
     def _return_buffered(self, queue: str | None = None) -> None:

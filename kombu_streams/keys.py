@@ -10,6 +10,8 @@ client would only rewrite the first one).
     <prefix>ks:q:{<queue>}:dlq       dead-letter stream
     <prefix>ks:x:{<exchange>}:bindings   routing table (set of "rk<sep>pattern<sep>queue")
     <prefix>ks:x:{<exchange>}:deadlines  deadlines of bindings of expiring queues (zset)
+    <prefix>ks:x:{<exchange>}:fanout     fanout stream, one consumer group per bound queue
+    <prefix>ks:x:{<exchange>}:wake:<queue>   wake marker of a bound queue's group
 """
 
 from __future__ import annotations
@@ -44,3 +46,9 @@ class Keys:
 
     def deadlines(self, exchange: str) -> str:
         return f'{self.prefix}ks:x:{{{exchange}}}:deadlines'
+
+    def fanout(self, exchange: str) -> str:
+        return f'{self.prefix}ks:x:{{{exchange}}}:fanout'
+
+    def fanout_wake(self, exchange: str, queue: str) -> str:
+        return f'{self.prefix}ks:x:{{{exchange}}}:wake:{queue}'

@@ -100,7 +100,7 @@ class Poller:
 
     def _wake_keys(self) -> dict[str, str]:
         """wake key -> queue, for the queues some channel may read now."""
-        return {ch.keys.wake(q): q for ch in self.channels for q in ch.readable_queues()}
+        return {key: q for ch in self.channels for key, q in ch.wake_keys().items()}
 
     def _block(self, remaining: float | None) -> float:
         block = self.transport.wait_interval
@@ -164,13 +164,12 @@ class Poller:
         for channel in list(self.channels):
             if channel in self._waits.values():
                 continue
-            queues = channel.readable_queues()
-            if not queues:
+            wakes = channel.wake_keys()
+            if not wakes:
                 continue
             conn = self.transport.pool.get_connection()
             try:
-                conn.send_command('BZPOPMIN', *(channel.keys.wake(q) for q in queues),
-                                  self._block(None))
+                conn.send_command('BZPOPMIN', *wakes, self._block(None))
             except Exception:
                 self.transport.pool.release(conn)
                 raise

@@ -2,19 +2,30 @@
 
 KEYS[1]   the routing table (set of "routing key<sep>pattern<sep>queue"), ks:x:{ex}:bindings
 KEYS[2]   the table's deadlines (zset member -> unix ms), ks:x:{ex}:deadlines
+KEYS[3]   fanout exchanges only: the exchange's stream, ks:x:{ex}:fanout
 ARGV[1]   the binding member
 ARGV[2]   ttl in ms for a binding of an expiring queue (x-expires), refreshed by its
           consumers; 0 for a permanent binding; -1 removes the binding
+ARGV[3]   fanout exchanges only: the queue's consumer group on the stream
 Reply:    1 if the table changed (member added or removed), else 0
-Minimum Redis: 6.2. Cost: O(1).
+Minimum Redis: 6.2. Cost: O(1), plus O(groups) to trim a fanout stream on removal.
 
 Bindings of expiring queues get a deadline; route.lua drops those that passed it, so a queue
-whose consumers are gone stops receiving copies (and stops pinning memory).
+whose consumers are gone stops receiving copies (and stops pinning memory). Binding a queue
+to a fanout exchange creates the queue's group on the stream, starting at new messages;
+removing the binding destroys the group and trims what only it was holding back.
 ]]
+--@include common
 local ttl = tonumber(ARGV[2])
+local fanout, group = KEYS[3], ARGV[3]
 if ttl < 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
-  return redis.call('SREM', KEYS[1], ARGV[1])
+  local removed = redis.call('SREM', KEYS[1], ARGV[1])
+  if fanout and redis.call('EXISTS', fanout) == 1 then
+    redis.pcall('XGROUP', 'DESTROY', fanout, group)
+    trim_shared(fanout)
+  end
+  return removed
 end
 local added = redis.call('SADD', KEYS[1], ARGV[1])
 if ttl > 0 then
@@ -23,5 +34,9 @@ if ttl > 0 then
   redis.call('ZADD', KEYS[2], deadline, ARGV[1])
 else
   redis.call('ZREM', KEYS[2], ARGV[1])
+end
+if fanout then
+  local err = pcall_error(redis.pcall('XGROUP', 'CREATE', fanout, group, '$', 'MKSTREAM'))
+  if err and not string.find(err, 'BUSYGROUP', 1, true) then return redis.error_reply(err) end
 end
 return added

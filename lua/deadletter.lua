@@ -6,6 +6,8 @@ ARGV[1]   consumer group (the queue's name)
 ARGV[2]   entry id
 ARGV[3]   reason (free text, e.g. the decoding error)
 ARGV[4]   delivery count so far
+ARGV[5]   "1" if KEYS[1] is a fanout stream other groups still read (the entry is then only
+          acked here, not deleted), else "0"
 Reply:    1 if the entry was moved, 0 if it no longer exists
 Minimum Redis: 6.2. Cost: O(fields of the entry).
 
@@ -18,5 +20,5 @@ if #found == 0 then
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
   return 0
 end
-dead_letter(KEYS[1], ARGV[1], ARGV[2], found[1][2], KEYS[2], ARGV[3], ARGV[4])
+dead_letter(KEYS[1], ARGV[1], ARGV[2], found[1][2], KEYS[2], ARGV[3], ARGV[4], ARGV[5] == '1')
 return 1

@@ -1,17 +1,23 @@
 --[[ read: deliver up to COUNT ready messages to one consumer, highest priority first.
 
-KEYS[1..S]        the streams to read, in the order to serve them (priority level first, then
-                  queue order), e.g. ks:q:{a}:0 ks:q:{b}:0 ks:q:{a}:3 ...
-KEYS[S+2q-1]      wake marker (zset) of queue q, for q = 1..Q
-KEYS[S+2q]        dead-letter stream of queue q
+KEYS[1..S]        the streams to read, in the order to serve them: fanout streams first, then
+                  by priority level, then queue order, e.g.
+                  ks:x:{bcast}:fanout ks:q:{a}:0 ks:q:{b}:0 ks:q:{a}:3 ...
+KEYS[S+2q-1]      wake marker (zset) of source q, for q = 1..Q; a source is a queue's own
+                  streams, or its group on one fanout stream (marker ks:x:{ex}:wake:<queue>)
+KEYS[S+2q]        dead-letter stream of the queue of source q
 ARGV[1]           consumer name (unique per channel)
 ARGV[2]           COUNT: the most messages to deliver (the channel's free prefetch)
 ARGV[3]           S: number of streams in KEYS
 ARGV[4]           name of the holder consumer that parks requeued messages
 ARGV[5]           delivery limit: a message about to be delivered more often than this goes
                   to its queue's dead-letter stream instead (0: no limit)
-ARGV[4+2i]        consumer group of stream i (the queue's name)
-ARGV[5+2i]        q: index of the queue that stream i belongs to (1..Q)
+ARGV[6]           Q: number of sources
+ARGV[6+q]         ttl in ms for source q's marker (x-expires; 0: the ttl of its first stream)
+ARGV[4+Q+3i]      consumer group of stream i (the queue's name)
+ARGV[5+Q+3i]      q: index of the source that stream i belongs to (1..Q)
+ARGV[6+Q+3i]      "1" if stream i is a fanout stream other groups read too (entries are then
+                  only acked, never deleted here), else "0"
 Reply: a flat array, four items per delivered message, in delivery order:
        stream index i, entry id, delivery count, payload
 Errors: Redis's own (WRONGTYPE when one of our names holds another type).
@@ -33,14 +39,16 @@ consumer is woken whenever work is left over.
 --@include common
 
 local consumer, left, S, holder = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local limit = tonumber(ARGV[5])
+local limit, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
+local first = {}        -- source index -> its first stream (whose ttl its marker copies)
 local out = {}
 local maybe_more = {}   -- queue index -> true while ready messages may remain
 
-local function deliver(i, key, group, q, id, fields, deliveries)
+local function deliver(i, key, group, q, id, fields, deliveries, shared)
   local payload = field(fields, 'm')
   if payload == nil then
-    dead_letter(key, group, id, fields, KEYS[S + 2 * q], 'malformed: no m field', deliveries)
+    dead_letter(key, group, id, fields, KEYS[S + 2 * q], 'malformed: no m field', deliveries,
+                shared)
     return
   end
   out[#out + 1] = i
@@ -51,7 +59,10 @@ local function deliver(i, key, group, q, id, fields, deliveries)
 end
 
 for i = 1, S do
-  local key, group, q = KEYS[i], ARGV[4 + 2 * i], tonumber(ARGV[5 + 2 * i])
+  local base = 3 + Q + 3 * i
+  local key, group, q = KEYS[i], ARGV[base + 1], tonumber(ARGV[base + 2])
+  local shared = ARGV[base + 3] == '1'
+  first[q] = first[q] or key
   if left <= 0 then
     -- Not read: may hold ready messages unless empty (cheap; XLEN also counts in-flight ones).
     if redis.call('XLEN', key) > 0 then maybe_more[q] = true end
@@ -60,10 +71,14 @@ for i = 1, S do
     local held, err = try('XPENDING', key, group, '-', '+', want, holder)
     if err then return redis.error_reply(err) end
     if held == nil then
-      local exists, gerr = ensure_group(key, group)
-      if gerr then return redis.error_reply(gerr) end
       held = {}
-      if not exists then key = nil end
+      if shared then  -- a fanout group is made by its binding (at new messages), never here
+        key = nil
+      else
+        local exists, gerr = ensure_group(key, group)
+        if gerr then return redis.error_reply(gerr) end
+        if not exists then key = nil end
+      end
     end
     if key then
       -- Held entries first, in id order. One that is not delivered (set aside by the delivery
@@ -82,9 +97,9 @@ for i = 1, S do
             seen[e[1]] = true
             if limit > 0 and counts[e[1]] > limit then
               dead_letter(key, group, e[1], e[2], KEYS[S + 2 * q], 'delivery limit',
-                          counts[e[1]] - 1)
+                          counts[e[1]] - 1, shared)
             else
-              deliver(i, key, group, q, e[1], e[2], counts[e[1]])
+              deliver(i, key, group, q, e[1], e[2], counts[e[1]], shared)
             end
           end
         end
@@ -104,7 +119,7 @@ for i = 1, S do
         want = left
         local fresh = read_entries(redis.call(
           'XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', key, '>'))
-        for _, e in ipairs(fresh) do deliver(i, key, group, q, e[1], e[2], 1) end
+        for _, e in ipairs(fresh) do deliver(i, key, group, q, e[1], e[2], 1, shared) end
         if #fresh >= want then
           -- COUNT filled: more is left unless we just took the stream's last entry.
           local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
@@ -115,9 +130,9 @@ for i = 1, S do
   end
 end
 
-for q = 1, (#KEYS - S) / 2 do
+for q = 1, Q do
   if maybe_more[q] then
-    arm(KEYS[S + 2 * q - 1], KEYS[q])  -- KEYS[q]: queue q's level-0 stream
+    arm(KEYS[S + 2 * q - 1], first[q], ARGV[6 + q])
   else
     redis.call('ZREM', KEYS[S + 2 * q - 1], 'w')
   end

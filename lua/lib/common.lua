@@ -53,8 +53,10 @@ end
 
 -- Move one entry to the dead-letter stream DLQ and remove it from KEY/GROUP, atomically.
 -- FIELDS is the entry's own field list (may be missing or garbled): it is copied as is, so
--- nothing is lost, together with where it came from and why it was set aside.
-local function dead_letter(key, group, id, fields, dlq, reason, deliveries)
+-- nothing is lost, together with where it came from and why it was set aside. SHARED: the
+-- stream is a fanout stream that other groups still read, so the entry is only acked here
+-- (trim_shared deletes it once every group is done with it).
+local function dead_letter(key, group, id, fields, dlq, reason, deliveries, shared)
   local rec = {'reason', reason, 'stream', key, 'group', group, 'id', id,
                'deliveries', tostring(deliveries or 0)}
   if type(fields) == 'table' then
@@ -67,13 +69,40 @@ local function dead_letter(key, group, id, fields, dlq, reason, deliveries)
   end
   redis.call('XADD', dlq, '*', unpack(rec))
   redis.call('XACK', key, group, id)
-  redis.call('XDEL', key, id)
+  if not shared then redis.call('XDEL', key, id) end
 end
 
--- Set a queue's wake marker WAKE. For an expiring queue (x-expires) the marker gets the time
--- to live of the queue's stream STREAM, so it never outlives the queue.
-local function arm(wake, stream)
+-- Set a queue's wake marker WAKE. For an expiring queue (x-expires) the marker expires with
+-- it: after TTL ms when TTL > 0, else with the time to live of the queue's stream STREAM.
+local function arm(wake, stream, ttl)
   redis.call('ZADD', wake, 0, 'w')
-  local ttl = redis.call('PTTL', stream)
+  ttl = tonumber(ttl) or 0
+  if ttl <= 0 then ttl = redis.call('PTTL', stream) end
   if ttl > 0 then redis.call('PEXPIRE', wake, ttl) end
+end
+
+-- True when stream id A sorts before stream id B ("ms-seq" strings).
+local function id_before(a, b)
+  local ams, aseq = string.match(a, '(%d+)-(%d+)')
+  local bms, bseq = string.match(b, '(%d+)-(%d+)')
+  ams, bms = tonumber(ams), tonumber(bms)
+  if ams ~= bms then return ams < bms end
+  return tonumber(aseq) < tonumber(bseq)
+end
+
+-- Trim a fanout stream below what every group is done with: the oldest entry any group
+-- still holds unacked, or has not read yet. With no group left, nothing is kept.
+-- Cost: O(groups) plus the entries trimmed.
+local function trim_shared(stream)
+  local groups = redis.call('XINFO', 'GROUPS', stream)
+  if #groups == 0 then return redis.call('XTRIM', stream, 'MAXLEN', 0) end
+  local keep = nil
+  for _, g in ipairs(groups) do
+    local mark = field(g, 'last-delivered-id')
+    if tonumber(field(g, 'pending')) > 0 then
+      mark = redis.call('XPENDING', stream, field(g, 'name'), '-', '+', 1)[1][1]
+    end
+    if keep == nil or id_before(mark, keep) then keep = mark end
+  end
+  return redis.call('XTRIM', stream, 'MINID', keep)
 end
