@@ -392,10 +392,7 @@ class Channel(virtual.Channel):
     def next_delivery(self) -> tuple[dict[str, Any], str] | None:
         """The next message for the application: from the buffer, or read from Redis."""
         if not self._buffer and self._consumers and not self.closed:
-            credit = self.qos.can_consume_max_estimate()
-            if credit is None:
-                credit = UNLIMITED_READ
-            credit = min(credit, self.max_read_batch)
+            credit = self._credit()
             queues = self._queue_cycle.consume(len(self.active_queues))
             if credit > 0 and queues:
                 self._buffer.extend(self._read(queues, credit))
@@ -406,6 +403,19 @@ class Channel(virtual.Channel):
         if queue in self._no_ack_queues:  # no_ack: settled the moment it is handed over
             self._settle([message['properties']['delivery_tag']], ACK)
         return message, queue
+
+    def _credit(self) -> int:
+        """How many messages the next read may take."""
+        qos = self.qos
+        if not qos.can_consume():
+            return 0
+        if 'can_consume' in vars(qos):
+            # can_consume was replaced on this instance (Celery's worker_disable_prefetch
+            # does so, to take a message only when a pool process is free): honour it
+            # message by message, as Kombu's Redis transport does with one BRPOP each.
+            return 1
+        credit = qos.can_consume_max_estimate()
+        return min(UNLIMITED_READ if credit is None else credit, self.max_read_batch)
 
     def _read(self, queues: list[str], credit: int) -> list[tuple[dict[str, Any], str]]:
         """Run read.lua over ``queues`` and decode what it delivered."""
