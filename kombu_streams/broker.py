@@ -7,7 +7,7 @@ of a queue makes one script call per queue, so each call touches one hash slot.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 from .keys import Keys
@@ -144,6 +144,16 @@ class Broker:
         read (through the queue's group) before the queue's own. ``ttls`` gives the x-expires
         of expiring queues, for their markers.
         """
+        call, parse = self.read_call(queues, consumer, count, max_deliveries, fanout, ttls)
+        script, keys, args = call
+        return parse(script(self.client, keys, args))
+
+    def read_call(self, queues: Sequence[str], consumer: str, count: int,
+                  max_deliveries: int = 0, fanout: dict[str, Iterable[str]] | None = None,
+                  ttls: dict[str, int] | None = None
+                  ) -> tuple[tuple[Script, list[str], list[Any]],
+                             Callable[[list[Any]], list[Delivery]]]:
+        """The read call as (script, KEYS, ARGV), and the function that decodes its reply."""
         fanout, ttls = fanout or {}, ttls or {}
         sources = [(q, ex) for q in queues for ex in sorted(fanout.get(q, ()))]
         sources += [(q, None) for q in queues]
@@ -160,29 +170,40 @@ class Broker:
         args += [ttls.get(q, 0) for q, _ in sources]
         for _, group, src, shared, _ in streams:
             args += [group, src, shared]
-        reply = SCRIPTS['read'](self.client, keys, args)
-        out = []
-        for j in range(0, len(reply), 4):
-            index_, entry_id, deliveries, payload = reply[j:j + 4]
-            key, queue, src, _, level = streams[int(index_) - 1]
-            out.append(Delivery(queue, level, key, entry_id, int(deliveries), payload,
-                                sources[src - 1][1]))
-        return out
+
+        def parse(reply: list[Any]) -> list[Delivery]:
+            out = []
+            for j in range(0, len(reply), 4):
+                i, entry_id, deliveries, payload = reply[j:j + 4]
+                key, queue, src, _, level = streams[int(i) - 1]
+                out.append(Delivery(queue, level, key, entry_id, int(deliveries), payload,
+                                    sources[src - 1][1]))
+            return out
+
+        return (SCRIPTS['read'], keys, args), parse
 
     def ack(self, queue: str, entries: Iterable[tuple[str, Any]],
             exchange: str | None = None) -> int:
         """Acknowledge entries, given as (stream key, id): deleted from the queue's streams;
         on a fanout exchange's stream (``exchange``), trimmed once every group is done."""
+        call = self.ack_call(queue, entries, exchange)
+        if call is None:
+            return 0
+        script, keys, args = call
+        return script(self.client, keys, args)
+
+    def ack_call(self, queue: str, entries: Iterable[tuple[str, Any]],
+                 exchange: str | None = None) -> tuple[Script, list[str], list[Any]] | None:
+        """The ack call as (script, KEYS, ARGV), or None when there is nothing to ack."""
         if exchange:
             ids = [entry_id for _, entry_id in entries]
             if not ids:
-                return 0
-            return SCRIPTS['fanout_ack'](self.client, [self.keys.fanout(exchange)],
-                                         [queue, *ids])
+                return None
+            return SCRIPTS['fanout_ack'], [self.keys.fanout(exchange)], [queue, *ids]
         streams, pairs = self._entry_args(queue, entries)
         if not pairs:
-            return 0
-        return SCRIPTS['ack'](self.client, streams, [queue, *pairs])
+            return None
+        return SCRIPTS['ack'], streams, [queue, *pairs]
 
     def requeue(self, queue: str, entries: Iterable[tuple[Any, ...]],
                 exchange: str | None = None) -> int:
