@@ -85,7 +85,7 @@ class QoS(virtual.QoS):
         return None
 
     def ack(self, delivery_tag: str) -> None:
-        self.channel._settle([delivery_tag], ACK)
+        self.channel._ack(delivery_tag)
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
@@ -151,6 +151,8 @@ class Channel(virtual.Channel):
         self._queue_cycle = cycle_by_name(self.queue_order_strategy)()
         #: delivery tag -> where the message sits until settled
         self._inflight: dict[str, Held] = {}
+        #: acks made on an event loop, sent with the next read or before the loop waits
+        self._acks: deque[Held] = deque()
         self._buffer: deque[tuple[dict[str, Any], str]] = deque()
         self._no_ack_queues: set[str] = set()
         self._tags = count(1)
@@ -421,9 +423,16 @@ class Channel(virtual.Channel):
         """Run read.lua over ``queues`` and decode what it delivered."""
         out: list[tuple[dict[str, Any], str]] = []
         self.connection.cycle.note_read(queues)
-        for delivery in self.broker.read(queues, self.consumer_name, credit,
-                                         self.max_deliveries, self._fanout_map(queues),
-                                         self._expires):
+        read, parse = self.broker.read_call(queues, self.consumer_name, credit,
+                                            self.max_deliveries, self._fanout_map(queues),
+                                            self._expires)
+        calls = self._ack_calls() + [read]  # deferred acks ride along: one round trip
+        if len(calls) == 1:
+            script, keys, args = read
+            reply = script(self.client, keys, args)
+        else:
+            reply = execute_pipeline(self._pipeline_of(calls), calls)[-1]
+        for delivery in parse(reply):
             message = self._decode(delivery)
             if message is None:
                 continue
@@ -460,6 +469,46 @@ class Channel(virtual.Channel):
         return message
 
     # -- settling: ack, reject, requeue --------------------------------------------------------
+
+    def _ack(self, tag: str) -> None:
+        """Ack now; or, on an event loop, with the next read or before the loop next waits
+        (Poller.on_tick): one round trip then carries many acks. At-least-once holds either
+        way: an ack not yet sent only means the message may be delivered again."""
+        if not self.connection.cycle.batches_acks:
+            self._settle([tag], ACK)
+            return
+        held = self._inflight.pop(tag, None)
+        if held is not None:
+            self._acks.append(held)
+
+    def _ack_calls(self) -> list[tuple[Any, list[str], list[Any]]]:
+        """Take the deferred acks, as one script call per source."""
+        by_source: dict[tuple[str, str | None], list[tuple[str, bytes]]] = {}
+        while True:
+            try:
+                held = self._acks.popleft()
+            except IndexError:
+                break
+            by_source.setdefault((held.queue, held.exchange), []).append(
+                (held.stream, held.entry_id))
+        calls = []
+        for (queue, exchange), entries in by_source.items():
+            call = self.broker.ack_call(queue, entries, exchange)
+            if call is not None:
+                calls.append(call)
+        return calls
+
+    def flush_acks(self) -> None:
+        """Send deferred acks now."""
+        calls = self._ack_calls()
+        if calls:
+            execute_pipeline(self._pipeline_of(calls), calls)
+
+    def _pipeline_of(self, calls: list[tuple[Any, list[str], list[Any]]]) -> Any:
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            script.queue(pipe, keys, args)
+        return pipe
 
     def _settle(self, tags: Iterable[str], mode: str, read_ahead: Iterable[str] = ()) -> int:
         """Ack (delete), requeue or dead-letter messages: one script call per queue.
@@ -553,6 +602,7 @@ class Channel(virtual.Channel):
     def close(self) -> None:
         if not self.closed:
             try:
+                self.flush_acks()
                 self._return_buffered()
             except Exception as exc:  # they stay in the PEL and are reclaimed later
                 logger.warning('kombu-streams: could not requeue buffered messages: %r', exc)

@@ -64,6 +64,7 @@ class LeaseKeeper:
         consumed expiring queues (x-expires) alive."""
         for channel in self._channels():
             try:
+                channel.flush_acks()
                 channel.renew_leases()
                 channel.reclaim()
                 channel.keep_expiring_queues()

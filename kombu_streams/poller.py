@@ -153,6 +153,11 @@ class Poller:
     # channel whose prefetch credit comes back (after acks) starts waiting on the next loop
     # turn, whatever the other channels are doing.
 
+    @property
+    def batches_acks(self) -> bool:
+        """On an event loop, acks wait for the next read or loop turn (see on_tick)."""
+        return self._hub is not None
+
     def register(self, hub: Any) -> None:
         if self._hub is not None:
             self._hub.on_tick.discard(self.on_tick)
@@ -160,7 +165,10 @@ class Poller:
         hub.on_tick.add(self.on_tick)
 
     def on_tick(self) -> None:
-        """Each loop turn: send a wait for every channel that may read and has none pending."""
+        """Each loop turn: send the acks made since the last one, then a wait for every
+        channel that may read and has none pending."""
+        for channel in list(self.channels):
+            channel.flush_acks()
         for channel in list(self.channels):
             if channel in self._waits.values():
                 continue
