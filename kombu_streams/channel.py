@@ -566,7 +566,10 @@ class Channel(virtual.Channel):
         for (queue, _), entries in by_source.items():
             lost = self.broker.renew(queue, self.consumer_name, entries)
             renewed += len(entries) - len(lost)
+            still_held = {(h.stream, h.entry_id) for h in list(self._inflight.values())}
             for stream, entry_id in lost:
+                if (stream, entry_id) not in still_held:
+                    continue  # settled by this channel meanwhile: not lost
                 logger.warning(
                     'kombu-streams: lost the lease of message %s in %s (it was reclaimed or '
                     'settled elsewhere); it may be processed twice', bytes_to_str(entry_id),

@@ -84,12 +84,31 @@ for i = 1, S do
       -- Held entries first, in id order. One that is not delivered (set aside by the delivery
       -- limit, or deleted while parked) leaves room, so look again: a fresh entry never
       -- overtakes a held one. Every pass empties what it saw from the holder, so this ends.
+      -- A held entry that was delivered before (reclaimed after a crash, or requeued after
+      -- the application saw it) is delivered alone: if it is what crashes consumers, the
+      -- messages read with it would share its fate and its delivery count. Read-ahead that
+      -- went back unseen (count 0) is batched as usual.
       while #held > 0 do
+        local take, suspect = {}, false
+        for _, p in ipairs(held) do
+          if tonumber(p[4]) >= 1 then
+            suspect = true
+            if #take == 0 and #out == 0 then take[1] = p end
+            break
+          end
+          take[#take + 1] = p
+        end
+        if #take == 0 then  -- the next one must go alone, and this read has others already
+          maybe_more[q] = true
+          left = 0
+          break
+        end
         local ids, counts = {}, {}
-        for j, p in ipairs(held) do
+        for j, p in ipairs(take) do
           ids[j] = p[1]
           counts[p[1]] = tonumber(p[4]) + 1
         end
+        local before = #out
         local claimed = redis.call('XCLAIM', key, group, consumer, 0, unpack(ids))
         local seen = {}
         for _, e in ipairs(claimed) do
@@ -107,7 +126,12 @@ for i = 1, S do
         for _, id in ipairs(ids) do
           if not seen[id] then redis.call('XACK', key, group, id) end
         end
-        if #held < want then break end  -- that was the last held entry
+        if suspect and #out > before then  -- delivered what came before a suspect, or it
+          maybe_more[q] = true
+          left = 0
+          break
+        end
+        if not suspect and #held < want then break end  -- that was the last held entry
         if left <= 0 then
           maybe_more[q] = true
           break
