@@ -202,14 +202,8 @@ class Channel(virtual.Channel):
         return super().basic_publish(message, exchange, routing_key, **kwargs)
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        call = self.broker.publish_call(queue, self._level(message), dumps(message),
-                                        routed=kwargs.get('_routed', False))
-        batch = kwargs.get('_publish_batch')
-        if batch is not None:
-            batch.add(*call)
-        else:
-            script, keys, args = call
-            script(self.client, keys, args)
+        self._publish(self.broker.publish_call(queue, self._level(message), dumps(message),
+                                               routed=kwargs.get('_routed', False)), kwargs)
 
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
                     **kwargs: Any) -> None:
@@ -218,7 +212,11 @@ class Channel(virtual.Channel):
                            for rk, pattern, queue in self.get_table(exchange)})
         if not bindings:
             return  # like AMQP: a fanout exchange with no queue drops the message
-        call = self.broker.fanout_publish_call(exchange, dumps(message), bindings)
+        self._publish(self.broker.fanout_publish_call(exchange, dumps(message), bindings),
+                      kwargs)
+
+    def _publish(self, call: tuple[Any, list[str], list[Any]], kwargs: dict[str, Any]) -> None:
+        """Run a publish call now, or add it to the ``Producer.batch()`` being built."""
         batch = kwargs.get('_publish_batch')
         if batch is not None:
             batch.add(*call)
