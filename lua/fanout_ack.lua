@@ -9,6 +9,7 @@ Minimum Redis: 6.2. Cost: O(ids + groups + entries trimmed).
 
 An entry is deleted only once no group still has it unread or unacked, so a queue whose
 consumer is offline keeps its broadcasts until it comes back (or its binding expires).
+Acking twice, after the binding (group) was removed, or on a missing stream is harmless.
 ]]
 --@include common
 local done = 0

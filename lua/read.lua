@@ -17,11 +17,13 @@ ARGV[6+q]         ttl in ms for source q's marker (x-expires; 0: the ttl of its 
 ARGV[4+Q+3i]      consumer group of stream i (the queue's name)
 ARGV[5+Q+3i]      q: index of the source that stream i belongs to (1..Q)
 ARGV[6+Q+3i]      "1" if stream i is a fanout stream other groups read too (entries are then
-                  only acked, never deleted here), else "0"
+                  only acked, never deleted here; setting one aside trims the stream below
+                  what every group is done with), else "0"
 Reply: a flat array, four items per delivered message, in delivery order:
        stream index i, entry id, delivery count, payload
 Errors: Redis's own (WRONGTYPE when one of our names holds another type).
-Minimum Redis: 6.2. Cost: O(S + COUNT + entries set aside) commands; never blocks.
+Minimum Redis: 6.2. Cost: O(S + COUNT + entries set aside, times groups on a fanout
+stream) commands; never blocks.
 
 Per stream, requeued and reclaimed messages (parked in the PEL under the holder consumer, so
 they keep their place, id and delivery count) are served before new entries of the same

@@ -153,6 +153,71 @@ def payloads(delivered):
     return [d[4] for d in delivered]
 
 
+# fanout exchanges: one stream per exchange, one consumer group per bound queue
+
+SEP = '\x06\x16'  # the channel's separator in binding members
+
+
+def member(queue, routing_key=''):
+    """The binding member of ``queue`` in a routing table, as the channel writes it."""
+    return SEP.join([routing_key, '', queue])
+
+
+def fbind(c, queue, ttl_ms=0, ex='ex'):
+    """Bind ``queue`` to fanout exchange ``ex`` (bind.lua with its group); -1 unbinds."""
+    return broker(c).bind(ex, member(queue), ttl_ms, fanout_group=queue)
+
+
+def froute(c, sweep=100, ex='ex'):
+    return broker(c).route(ex, sweep, fanout_sep=SEP)
+
+
+def fpublish(c, payload, queues, ex='ex'):
+    """Run fanout_publish.lua for the bound ``queues``; the entry id or None."""
+    script, keys, args = broker(c).fanout_publish_call(ex, payload,
+                                                       [(q, member(q)) for q in queues])
+    return script(c, keys, args)
+
+
+def fread(c, queue, count, consumer='c1', ex='ex', limit=0):
+    """read.lua for ``queue`` bound to ``ex`` (its group first, then its own streams);
+    [(id, deliveries, payload)] of what came through the fanout stream."""
+    got = broker(c).read([queue], consumer, count, limit, fanout={queue: [ex]})
+    assert all(d.exchange == ex and d.stream == K.fanout(ex) for d in got)
+    return [(d.entry_id, d.deliveries, d.payload) for d in got]
+
+
+def fread_all(c, queue, count, consumer='c1', ex='ex'):
+    calls = []
+    while True:
+        got = fread(c, queue, count, consumer, ex)
+        if not got:
+            return calls
+        calls.append(got)
+
+
+def fack(c, queue, entry_ids, ex='ex'):
+    return broker(c).ack(queue, [(K.fanout(ex), i) for i in entry_ids], exchange=ex)
+
+
+def frequeue(c, queue, entry_ids, ex='ex'):
+    return broker(c).requeue(queue, [(K.fanout(ex), i) for i in entry_ids], exchange=ex)
+
+
+def freclaim(c, queue, min_idle=0, batch=100, ex='ex'):
+    """reclaim.lua on ``queue``'s group of the fanout stream (3 ms first: see reclaim())."""
+    time.sleep(0.003)
+    return broker(c).reclaim(queue, min_idle, batch, exchange=ex)
+
+
+def fdeadletter(c, queue, entry_id, reason, deliveries, ex='ex'):
+    return broker(c).dead_letter(queue, K.fanout(ex), entry_id, reason, deliveries, shared=True)
+
+
+def fmarker(c, queue, ex='ex'):
+    return c.zrange(K.fanout_wake(ex, queue), 0, -1, withscores=True)
+
+
 # -- publish -----------------------------------------------------------------------------------
 
 
@@ -1227,6 +1292,18 @@ _WRONGTYPE = {
     'bind': (K.bindings('x'), lambda c: broker(c).bind('x', 'rk', 0)),
     'bind-deadlines': (K.deadlines('x'), lambda c: broker(c).bind('x', 'rk', 1000)),
     'route': (K.bindings('x'), lambda c: broker(c).route('x')),
+    'bind-fanout': (K.fanout('x'), lambda c: fbind(c, 'q', ex='x')),
+    'bind-unbind': (K.fanout('x'), lambda c: fbind(c, 'q', -1, ex='x')),
+    'route-fanout': (K.fanout('x'), lambda c: (_expired_by_hand(c), froute(c, ex='x'))),
+    'fanout_publish': (K.fanout('x'), lambda c: fpublish(c, b'x', ['q'], ex='x')),
+    'fanout_publish-marker': (K.fanout_wake('x', 'q'),
+                              lambda c: (_fanout_group_by_hand(c),
+                                         fpublish(c, b'x', ['q'], ex='x'))),
+    'fanout_publish-deadlines': (K.deadlines('x'),
+                                 lambda c: (_fanout_group_by_hand(c),
+                                            fpublish(c, b'x', ['q'], ex='x'))),
+    'fanout_ack': (K.fanout('x'), lambda c: fack(c, 'q', [b'1-1'], ex='x')),
+    'deadletter-fanout': (K.fanout('x'), lambda c: fdeadletter(c, 'q', b'1-1', 'r', 1, ex='x')),
     'declare': (K.stream('q', 6), lambda c: declare(c, 'q')),
     'read': (K.stream('q', 3), lambda c: read(c, ['q'], 5)),
     'read-marker': (K.wake('q'), lambda c: read(c, ['q'], 5)),
@@ -1251,6 +1328,17 @@ def _stalled_by_hand(c):
     c.xadd(key, {b'm': b'x'})
     c.xgroup_create(key, 'q', '0')
     c.xreadgroup('q', 'c1', {key: '>'})
+
+
+def _expired_by_hand(c):
+    """A binding of q to fanout exchange x whose deadline has passed (bind.lua would fail)."""
+    c.sadd(K.bindings('x'), member('q'))
+    c.zadd(K.deadlines('x'), {member('q'): 1})
+
+
+def _fanout_group_by_hand(c):
+    """q's group on fanout exchange x, made with plain commands."""
+    c.xgroup_create(K.fanout('x'), 'q', '$', mkstream=True)
 
 
 def _letter_by_hand(c, level):
@@ -1299,8 +1387,9 @@ def test_script_header_and_flattening(name):
 def test_registry_covers_every_lua_file():
     names = {p.stem for p in lua_dir().glob('*.lua')}
     assert set(SCRIPTS) == names == {
-        'ack', 'bind', 'deadletter', 'declare', 'delete', 'publish', 'purge', 'read', 'reclaim',
-        'redrive', 'renew', 'requeue', 'route', 'size', 'touch'}
+        'ack', 'bind', 'deadletter', 'declare', 'delete', 'fanout_ack', 'fanout_publish',
+        'publish', 'purge', 'read', 'reclaim', 'redrive', 'renew', 'requeue', 'route', 'size',
+        'touch'}
     assert load_all() == SCRIPTS
 
 
@@ -1373,3 +1462,387 @@ def test_route_sweeps_a_bounded_number(script_client):
     assert len(b_.route('ex', sweep=2)) == 3
     assert len(b_.route('ex', sweep=2)) == 1
     assert b_.route('ex', sweep=2) == []
+
+
+# -- fanout exchanges: one stream, one group per bound queue (bind, route, fanout_publish, read,
+#    fanout_ack, requeue, reclaim, deadletter) --------------------------------------------------
+
+
+def test_bind_creates_group_at_new_messages(script_client):
+    c = script_client
+    fan = K.fanout('ex')
+    assert fbind(c, 'b') == 1
+    assert groups(c, fan) == {b'b': b'0-0'}
+    early = fpublish(c, b'early', ['b'])
+    assert fbind(c, 'a') == 1
+    assert groups(c, fan) == {b'a': early, b'b': b'0-0'}  # starts at new messages
+    late = fpublish(c, b'late', ['a', 'b'])
+    assert fread(c, 'a', 10) == [(late, 1, b'late')]
+    assert fread(c, 'b', 10) == [(early, 1, b'early'), (late, 1, b'late')]
+    # binding again keeps the group where it is
+    assert fbind(c, 'a') == 0
+    assert groups(c, fan) == {b'a': late, b'b': late}
+    assert fread(c, 'a', 10) == []
+    assert pel(c, fan, 'a') == {late: (b'c1', 1)}
+
+
+def test_fanout_two_groups_each_receive_every_message_once(script_client):
+    c = script_client
+    fan = K.fanout('ex')
+    fbind(c, 'a')
+    fbind(c, 'b')
+    m = [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(3)]
+    assert ids(c, fan) == m  # stored once
+    assert fmarker(c, 'a') == fmarker(c, 'b') == [(b'w', 0.0)]
+    for q in ('a', 'b'):
+        got = fread_all(c, q, 2, consumer=f'{q}1')
+        assert got == [[(m[0], 1, b'0'), (m[1], 1, b'1')], [(m[2], 1, b'2')]]
+        assert pel(c, fan, q) == {i: (b(f'{q}1'), 1) for i in m}
+        assert fmarker(c, q) == []
+    assert fmarker(c, 'a') == fmarker(c, 'b') == []
+    # the queues' own streams are untouched
+    assert c.keys('*ks:q:*') == []
+
+
+def test_fanout_offline_group_keeps_entries_until_it_acks(script_client):
+    c = script_client
+    fan = K.fanout('ex')
+    fbind(c, 'a')
+    fbind(c, 'b')  # b's consumers are offline: its group reads nothing for a while
+    m = [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(3)]
+    assert [x[0] for x in fread(c, 'a', 10)] == m
+    assert fack(c, 'a', m) == 3
+    assert ids(c, fan) == m  # b has not read them: nothing is trimmed
+    assert [x[0] for x in fread(c, 'b', 10)] == m
+    assert fack(c, 'b', m[:2]) == 2
+    assert ids(c, fan) == m[2:]
+    assert fack(c, 'b', m[2:]) == 1
+    assert fack(c, 'b', m[2:]) == 0  # twice is harmless
+    assert ids(c, fan) == m[2:]  # only the last one, where the groups stand, may remain
+    n = fpublish(c, b'n', ['a', 'b'])
+    for q in ('a', 'b'):
+        assert [x[0] for x in fread(c, q, 10)] == [n]
+        assert fack(c, q, [n]) == 1
+    assert ids(c, fan) == [n]
+
+
+def test_fanout_pending_entry_is_never_trimmed(script_client):
+    c = script_client
+    fan = K.fanout('ex')
+    fbind(c, 'a')
+    fbind(c, 'b')
+    m = [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(5)]
+    fread(c, 'a', 10)
+    fread(c, 'b', 10)
+    assert fack(c, 'b', m) == 5
+    assert fack(c, 'a', [m[0], m[2], m[3], m[4]]) == 4  # a still holds m1
+    assert ids(c, fan) == m[1:]
+    assert frequeue(c, 'a', [m[1]]) == 1  # parked under the holder: still pending
+    assert fack(c, 'b', m) == 0
+    assert ids(c, fan) == m[1:]
+    assert fread(c, 'a', 10, consumer='c2') == [(m[1], 2, b'1')]
+    assert ids(c, fan) == m[1:]
+    assert fack(c, 'a', [m[1]]) == 1
+    assert ids(c, fan) == m[4:]
+
+
+def test_fanout_requeue_returns_entry_to_its_group_first(script_client):
+    c = script_client
+    fan = K.fanout('ex')
+    fbind(c, 'a')
+    fbind(c, 'b')
+    m = [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(3)]
+    assert [x[0] for x in fread(c, 'a', 2)] == m[:2]
+    for q in ('a', 'b'):
+        c.delete(K.fanout_wake('ex', q))
+    assert frequeue(c, 'a', [m[0]]) == 1
+    assert pel(c, fan, 'a') == {m[0]: (b(HOLDER), 1), m[1]: (b'c1', 1)}
+    assert pel(c, fan, 'b') == {}
+    assert fmarker(c, 'a') == [(b'w', 0.0)]
+    assert fmarker(c, 'b') == []  # the other group is not disturbed
+    assert c.keys('*ks:q:*') == []
+    # served first, alone (delivered before), with its delivery count
+    assert fread(c, 'a', 10, consumer='c2') == [(m[0], 2, b'0')]
+    assert fread(c, 'a', 10, consumer='c2') == [(m[2], 1, b'2')]
+    assert frequeue(c, 'a', [b'1-1']) == 0  # never delivered: nothing to give back
+    # b reads each message once, fresh
+    assert fread(c, 'b', 10) == [(i, 1, b'%d' % n) for n, i in enumerate(m)]
+    assert ids(c, fan) == m
+
+
+def test_fanout_reclaim_returns_entries_to_their_group_first(script_client):
+    c = script_client
+    fan = K.fanout('ex')
+    fbind(c, 'a')
+    fbind(c, 'b')
+    m = [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(3)]
+    fread(c, 'a', 2, consumer='c1')     # c1 dies holding m0, m1
+    fread(c, 'b', 3, consumer='b1')     # b's consumer is alive and holds all three
+    fack(c, 'a', [m[1]])
+    for q in ('a', 'b'):
+        c.delete(K.fanout_wake('ex', q))
+    assert freclaim(c, 'a') == (1, ['-'])
+    assert pel(c, fan, 'a') == {m[0]: (b(HOLDER), 1)}
+    assert pel(c, fan, 'b') == {i: (b'b1', 1) for i in m}  # the other group's leases stay
+    assert fmarker(c, 'a') == [(b'w', 0.0)]
+    assert fmarker(c, 'b') == []
+    assert [[x[:2] for x in got] for got in fread_all(c, 'a', 10, consumer='c2')] == [
+        [(m[0], 2)], [(m[2], 1)]]
+    assert ids(c, fan) == m
+
+
+def test_fanout_deadletter_acks_for_one_group_only(script_client):
+    c = script_client
+    fan = K.fanout('ex')
+    fbind(c, 'a')
+    fbind(c, 'b')
+    m = [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(2)]
+    fread(c, 'a', 10)
+    assert fack(c, 'a', [m[1]]) == 1
+    # a rejects m0: set aside for a, not deleted (b has not read it)
+    assert fdeadletter(c, 'a', m[0], 'rejected', 1) == 1
+    [(_, fields)] = dead(c, 'a')
+    assert fields == {b'reason': b'rejected', b'stream': b(fan), b'group': b'a', b'id': m[0],
+                      b'deliveries': b'1', b'f:m': b'0'}
+    assert pel(c, fan, 'a') == {}
+    assert ids(c, fan) == m
+    assert fdeadletter(c, 'a', m[0], 'again', 1) == 0  # no longer a's: no duplicate letter
+    assert len(dead(c, 'a')) == 1
+    assert fread(c, 'b', 10) == [(m[0], 1, b'0'), (m[1], 1, b'1')]
+    assert fdeadletter(c, 'b', m[0], 'rejected', 1) == 1
+    assert [f[b'group'] for _, f in dead(c, 'b')] == [b'b']
+    # every group is done with m0: trimmed (without waiting for another ack)
+    assert ids(c, fan) == m[1:]
+    assert fack(c, 'b', [m[1]]) == 1
+    assert ids(c, fan) == m[1:]
+
+
+def test_fanout_malformed_entry_is_dead_lettered_by_each_group(script_client):
+    c = script_client
+    fan = K.fanout('ex')
+    fbind(c, 'a')
+    fbind(c, 'b')
+    bad = c.xadd(fan, {b'x': b'1'})
+    good = fpublish(c, b'good', ['a', 'b'])
+    assert fread(c, 'a', 10) == [(good, 1, b'good')]
+    [(_, fields)] = dead(c, 'a')
+    assert fields == {b'reason': b'malformed: no m field', b'stream': b(fan), b'group': b'a',
+                      b'id': bad, b'deliveries': b'1', b'f:x': b'1'}
+    assert pel(c, fan, 'a') == {good: (b'c1', 1)}
+    assert ids(c, fan) == [bad, good]  # b still has its copy
+    assert fread(c, 'b', 10) == [(good, 1, b'good')]
+    [(_, fields)] = dead(c, 'b')
+    assert (fields[b'group'], fields[b'id']) == (b'b', bad)
+    assert ids(c, fan) == [good]  # both set it aside: trimmed
+    assert fack(c, 'a', [good]) == fack(c, 'b', [good]) == 1
+    assert ids(c, fan) == [good]
+
+
+def test_fanout_unbind_destroys_group_and_trims(script_client):
+    c = script_client
+    fan = K.fanout('ex')
+    fbind(c, 'a')
+    fbind(c, 'b')
+    m = [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(3)]
+    fread(c, 'a', 1)  # a holds m0 and has not read the rest
+    fread(c, 'b', 10)
+    fack(c, 'b', m)
+    assert ids(c, fan) == m
+    assert fbind(c, 'a', -1) == 1
+    assert groups(c, fan) == {b'b': m[2]}
+    assert c.smembers(K.bindings('ex')) == {b(member('b'))}
+    assert ids(c, fan) == m[2:]
+    assert fbind(c, 'a', -1) == 0  # again: harmless
+    assert fread(c, 'a', 10) == []  # never recreated by a read
+    assert groups(c, fan) == {b'b': m[2]}
+    # the last group gone, nothing is kept, and a publish adds nothing
+    assert fbind(c, 'b', -1) == 1
+    assert groups(c, fan) == {}
+    assert c.xlen(fan) == 0
+    assert fpublish(c, b'late', ['b']) is None
+    assert c.xlen(fan) == 0
+
+
+def test_fanout_route_sweep_destroys_expired_group(script_client):
+    c = script_client
+    fan = K.fanout('ex')
+    fbind(c, 'gone', ttl_ms=1)
+    fbind(c, 'a.b')  # a queue name with a dot; the member's routing key holds the separator
+    c.srem(K.bindings('ex'), member('a.b'))
+    assert broker(c).bind('ex', member('a.b', routing_key=f'x{SEP}y'), 0,
+                          fanout_group='a.b') == 1
+    m = [fpublish(c, b'%d' % i, ['gone', 'a.b']) for i in range(2)]
+    fread(c, 'a.b', 10)
+    fack(c, 'a.b', m)
+    assert ids(c, fan) == m  # held back by the expired queue's group
+    time.sleep(0.01)
+    assert froute(c) == [b(member('a.b', routing_key=f'x{SEP}y'))]
+    assert groups(c, fan) == {b'a.b': m[1]}
+    assert c.zrange(K.deadlines('ex'), 0, -1) == []
+    assert ids(c, fan) == m[1:]
+    assert froute(c) == [b(member('a.b', routing_key=f'x{SEP}y'))]  # nothing more to sweep
+
+
+def test_fanout_route_sweep_of_the_last_group_empties_the_stream(script_client):
+    c = script_client
+    fan = K.fanout('ex')
+    fbind(c, 'gone', ttl_ms=1)
+    fpublish(c, b'x', ['gone'])
+    time.sleep(0.01)
+    assert froute(c) == []
+    assert groups(c, fan) == {} and c.xlen(fan) == 0
+    assert fpublish(c, b'y', ['gone']) is None
+
+
+def test_fanout_publish_without_groups_adds_nothing(script_client):
+    c = script_client
+    assert fpublish(c, b'x', ['a']) is None
+    assert c.keys('*') == []  # neither the stream nor a marker
+    c.xadd(K.fanout('ex'), {b'm': b'old'})  # a stream with no group (all unbound)
+    assert fpublish(c, b'x', ['a']) is None
+    assert c.xlen(K.fanout('ex')) == 1
+    assert c.exists(K.fanout_wake('ex', 'a')) == 0
+
+
+def test_fanout_markers_of_expiring_bindings_get_a_ttl(script_client):
+    c = script_client
+    fbind(c, 'brief', ttl_ms=5000)
+    fbind(c, 'forever')
+    assert fpublish(c, b'x', ['brief', 'forever']) is not None
+    assert fmarker(c, 'brief') == fmarker(c, 'forever') == [(b'w', 0.0)]
+    assert 0 < c.pttl(K.fanout_wake('ex', 'brief')) <= 5000
+    assert c.pttl(K.fanout_wake('ex', 'forever')) == -1
+    # the deadline moves with the binding's refresh
+    fbind(c, 'brief', ttl_ms=60_000)
+    fpublish(c, b'y', ['brief', 'forever'])
+    assert 5000 < c.pttl(K.fanout_wake('ex', 'brief')) <= 60_000
+
+
+def test_fanout_ack_after_unbind_is_harmless(script_client):
+    c = script_client
+    fbind(c, 'a')
+    fbind(c, 'b')
+    m = fpublish(c, b'x', ['a', 'b'])
+    fread(c, 'a', 1)
+    fbind(c, 'a', -1)
+    assert fack(c, 'a', [m]) == 0
+    assert ids(c, K.fanout('ex')) == [m]  # b has not read it
+    assert fdeadletter(c, 'a', m, 'rejected', 1) == 0  # nothing filed for a gone group
+    assert c.exists(K.dlq('a')) == 0
+    assert fack(c, 'a', [m], ex='never-bound') == 0
+    assert c.exists(K.fanout('never-bound')) == 0
+    assert ids(c, K.fanout('ex')) == [m]
+
+
+_fanout_ops = st.lists(
+    st.tuples(st.sampled_from(['pub', 'pub', 'bind', 'read', 'ack', 'requeue', 'crash',
+                               'reclaim']),
+              st.integers(0, 2), st.integers(0, 2), st.integers(1, 4)),
+    max_size=40)
+
+
+@PROPERTY
+@given(n_groups=st.integers(2, 3), bound_first=st.integers(1, 3), ops=_fanout_ops)
+def test_property_fanout_groups_each_get_every_message_once(script_client, n_groups,
+                                                            bound_first, ops):
+    """Each group gets each message published while it was bound once (again only after a
+    requeue or reclaim, then counted), the stream keeps whatever a group has not acked, and
+    once every group acked everything at most one entry is left."""
+    c = script_client
+    c.flushall()
+    fan = K.fanout('ex')
+    queues = ['g0', 'g1', 'g2'][:n_groups]
+    bound: list[str] = []
+    payload_of: dict[bytes, bytes] = {}
+    expected = {q: set() for q in queues}   # ids published while q was bound
+    acked = {q: set() for q in queues}
+    count = {q: {} for q in queues}         # id -> deliveries so far, per group
+    owed = {q: set() for q in queues}       # requeued or reclaimed: may come again
+    # what each consumer of each group believes it holds (may be stale after a reclaim)
+    holding = {(q, k): set() for q in queues for k in range(3)}
+
+    def bind_(q):
+        assert fbind(c, q) == 1
+        bound.append(q)
+
+    def take(q, got, mine):
+        for eid, deliveries, payload in got:
+            assert q in bound and eid in expected[q] and eid not in acked[q]
+            assert payload == payload_of[eid]
+            before = count[q].get(eid, 0)
+            if before:  # a redelivery: only of what was given back, flagged by its count
+                assert eid in owed[q]
+                owed[q].discard(eid)
+            count[q][eid] = before + 1
+            assert deliveries == before + 1
+            mine.add(eid)
+
+    def ack_(q, eid):
+        if fack(c, q, [eid]) == 1:
+            assert eid not in acked[q]
+            acked[q].add(eid)
+
+    for q in queues[:min(bound_first, n_groups)]:
+        bind_(q)
+    for op, gi, who, n in ops:
+        q = queues[gi % n_groups]
+        mine = holding[q, who]
+        chosen = sorted(mine, key=sid)[:n]
+        if op == 'pub':
+            payload = b'%d' % len(payload_of)
+            entry = fpublish(c, payload, bound)
+            assert entry is not None  # at least one queue is bound from the start
+            payload_of[entry] = payload
+            for g in bound:
+                expected[g].add(entry)
+        elif op == 'bind' and q not in bound:
+            bind_(q)
+        elif op == 'read':
+            got = fread(c, q, n, consumer=f'c{who}')
+            if q not in bound:
+                assert got == []
+            take(q, got, mine)
+        elif op == 'ack':
+            for eid in chosen:
+                ack_(q, eid)
+                mine.discard(eid)
+        elif op == 'requeue' and chosen:
+            pending = set(pel(c, fan, q))
+            assert frequeue(c, q, chosen) == len(pending.intersection(chosen))
+            owed[q].update(pending.intersection(chosen))
+            mine.difference_update(chosen)
+        elif op == 'crash':
+            mine.clear()  # its PEL records stay until a reclaim
+        elif op == 'reclaim' and q in bound:
+            pending = pel(c, fan, q)
+            stalled = [i for i in sorted(pending, key=sid)[:n] if pending[i][0] != b(HOLDER)]
+            assert freclaim(c, q, batch=n) == (len(stalled), ['-' if len(pending) <= n
+                                                              else ANY_CURSOR])
+            owed[q].update(stalled)
+        # no group's unacked message is ever trimmed away
+        left = set(ids(c, fan))
+        for g in bound:
+            assert expected[g] - acked[g] <= left, f'{g} lost a message'
+    # every group, drained by one last consumer, ends up with exactly its messages
+    for q in bound:
+        owed[q].update(pel(c, fan, q))
+        freclaim(c, q, batch=1000)
+        last = set()
+        for got in fread_all(c, q, 1000, consumer='last'):
+            take(q, got, last)
+        for eid in sorted(last, key=sid):
+            ack_(q, eid)
+        assert acked[q] == expected[q]
+        assert pel(c, fan, q) == {}
+    assert c.xlen(fan) <= 1
+    assert set(ids(c, fan)) <= set(payload_of)
+
+
+class _AnyCursor:
+    """Equal to any cursor a reclaim call may return."""
+
+    def __eq__(self, other):
+        return isinstance(other, str)
+
+
+ANY_CURSOR = _AnyCursor()

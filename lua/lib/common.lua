@@ -51,11 +51,41 @@ local function field(fields, name)
   return nil
 end
 
+-- True when stream id A sorts before stream id B ("ms-seq" strings).
+local function id_before(a, b)
+  local ams, aseq = string.match(a, '(%d+)-(%d+)')
+  local bms, bseq = string.match(b, '(%d+)-(%d+)')
+  ams, bms = tonumber(ams), tonumber(bms)
+  if ams ~= bms then return ams < bms end
+  return tonumber(aseq) < tonumber(bseq)
+end
+
+-- Trim a fanout stream below what every group is done with: the oldest entry any group
+-- still holds unacked, or has not read yet. With no group left, nothing is kept. A missing
+-- stream (never bound, or deleted) is left alone. Returns the number of entries trimmed.
+-- Cost: O(groups) plus the entries trimmed.
+local function trim_shared(stream)
+  if redis.call('EXISTS', stream) == 0 then return 0 end
+  local groups = redis.call('XINFO', 'GROUPS', stream)
+  if #groups == 0 then return redis.call('XTRIM', stream, 'MAXLEN', 0) end
+  local keep = nil
+  for _, g in ipairs(groups) do
+    local mark = field(g, 'last-delivered-id')
+    if tonumber(field(g, 'pending')) > 0 then
+      mark = redis.call('XPENDING', stream, field(g, 'name'), '-', '+', 1)[1][1]
+    end
+    if keep == nil or id_before(mark, keep) then keep = mark end
+  end
+  return redis.call('XTRIM', stream, 'MINID', keep)
+end
+
 -- Move one entry to the dead-letter stream DLQ and remove it from KEY/GROUP, atomically.
 -- FIELDS is the entry's own field list (may be missing or garbled): it is copied as is, so
 -- nothing is lost, together with where it came from and why it was set aside. SHARED: the
--- stream is a fanout stream that other groups still read, so the entry is only acked here
--- (trim_shared deletes it once every group is done with it).
+-- stream is a fanout stream that other groups still read, so the entry is only acked here,
+-- and the stream is trimmed below what every group is done with (this may have been the last
+-- group holding the entry back; without the trim a queue that rejects everything would keep
+-- the stream growing).
 local function dead_letter(key, group, id, fields, dlq, reason, deliveries, shared)
   local rec = {'reason', reason, 'stream', key, 'group', group, 'id', id,
                'deliveries', tostring(deliveries or 0)}
@@ -69,7 +99,11 @@ local function dead_letter(key, group, id, fields, dlq, reason, deliveries, shar
   end
   redis.call('XADD', dlq, '*', unpack(rec))
   redis.call('XACK', key, group, id)
-  if not shared then redis.call('XDEL', key, id) end
+  if shared then
+    trim_shared(key)
+  else
+    redis.call('XDEL', key, id)
+  end
 end
 
 -- Set a queue's wake marker WAKE. For an expiring queue (x-expires) the marker expires with
@@ -79,30 +113,4 @@ local function arm(wake, stream, ttl)
   ttl = tonumber(ttl) or 0
   if ttl <= 0 then ttl = redis.call('PTTL', stream) end
   if ttl > 0 then redis.call('PEXPIRE', wake, ttl) end
-end
-
--- True when stream id A sorts before stream id B ("ms-seq" strings).
-local function id_before(a, b)
-  local ams, aseq = string.match(a, '(%d+)-(%d+)')
-  local bms, bseq = string.match(b, '(%d+)-(%d+)')
-  ams, bms = tonumber(ams), tonumber(bms)
-  if ams ~= bms then return ams < bms end
-  return tonumber(aseq) < tonumber(bseq)
-end
-
--- Trim a fanout stream below what every group is done with: the oldest entry any group
--- still holds unacked, or has not read yet. With no group left, nothing is kept.
--- Cost: O(groups) plus the entries trimmed.
-local function trim_shared(stream)
-  local groups = redis.call('XINFO', 'GROUPS', stream)
-  if #groups == 0 then return redis.call('XTRIM', stream, 'MAXLEN', 0) end
-  local keep = nil
-  for _, g in ipairs(groups) do
-    local mark = field(g, 'last-delivered-id')
-    if tonumber(field(g, 'pending')) > 0 then
-      mark = redis.call('XPENDING', stream, field(g, 'name'), '-', '+', 1)[1][1]
-    end
-    if keep == nil or id_before(mark, keep) then keep = mark end
-  end
-  return redis.call('XTRIM', stream, 'MINID', keep)
 end
