@@ -13,20 +13,22 @@ Minimum Redis: 6.2. Cost: O(number of ids).
 
 The entry is not copied: its PEL record moves to the holder consumer (XCLAIM JUSTID), so it
 keeps its stream (priority) and id, and read.lua serves held entries before newer ones of
-the same level. An id that is no longer pending (acked meanwhile) is left alone.
+the same level. An id that is no longer pending (acked meanwhile), or whose queue or fanout
+binding is gone, is left alone.
 ]]
 --@include common
 local n = #KEYS - 1
 local group, holder, moved = ARGV[1], ARGV[2], 0
 for j = 3, #ARGV, 3 do
   local key, id, count = KEYS[tonumber(ARGV[j])], ARGV[j + 1], tonumber(ARGV[j + 2])
-  local r
+  local r, err
   if count >= 0 then
-    r = redis.call('XCLAIM', key, group, holder, 0, id, 'RETRYCOUNT', count, 'JUSTID')
+    r, err = try('XCLAIM', key, group, holder, 0, id, 'RETRYCOUNT', count, 'JUSTID')
   else
-    r = redis.call('XCLAIM', key, group, holder, 0, id, 'JUSTID')
+    r, err = try('XCLAIM', key, group, holder, 0, id, 'JUSTID')
   end
-  moved = moved + #r
+  if err then return redis.error_reply(err) end
+  moved = moved + #(r or {})  -- no group any more (queue deleted, fanout unbound): nothing
 end
 if moved > 0 then arm(KEYS[n + 1], KEYS[1]) end
 return moved
