@@ -244,6 +244,22 @@ class Channel(virtual.Channel):
         _ROUTES[cache_key] = (now, table)
         return table
 
+    def _lookup(self, exchange: str, routing_key: str, default: Any = None) -> list[str]:
+        """Route with the cached table; when it finds no queue, read the table again first:
+        the binding may be newer than the cache (Celery binds a fresh reply queue for each
+        remote-control call, and the worker answers it at once)."""
+        if exchange:
+            cache_key = self._route_key(exchange)
+            if cache_key in _ROUTES:
+                try:
+                    found = self.typeof(exchange).lookup(
+                        self.get_table(exchange), exchange, routing_key, None)
+                except KeyError:
+                    found = []
+                if not found:
+                    _ROUTES.pop(cache_key, None)
+        return super()._lookup(exchange, routing_key, default)
+
     def _is_fanout(self, exchange: str) -> bool:
         return self.typeof(exchange).type == 'fanout'
 
