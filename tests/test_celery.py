@@ -1,0 +1,532 @@
+"""End-to-end Celery behaviour on kombu-streams, with real worker subprocesses.
+
+Every test writes a small Celery app module into its tmp dir, starts ``celery worker``
+subprocesses (each in its own process group, so teardown can kill the pool children too)
+on the session's redis-server, and checks what the tasks recorded in a Redis list (no
+result backend). Broker: DB 3, task records: DB 4 of the same server.
+
+Covered: priority order of a backlog, remote control (ping, active_queues, revoke), events,
+purge, crash recovery of acks_late tasks, ETA tasks outliving the visibility timeout,
+broadcasts sent while a worker is disconnected, and warm shutdown returning prefetched
+messages.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import redis
+
+pytestmark = [pytest.mark.celery, pytest.mark.slow]
+
+MODULE = 'ks_e2e_app'
+QUEUE = 'celery'
+
+# The app module; the test process imports it too (to publish and to send control commands).
+APP_HEADER = '''
+import os
+import time
+
+import kombu_streams  # registers redis-streams://
+import redis
+from celery import Celery
+from celery.signals import worker_ready
+
+BROKER = os.environ.get('KS_E2E_BROKER') or {broker!r}
+STORE = {store!r}
+CONF = {conf!r}
+'''
+
+APP_BODY = '''
+app = Celery('ks_e2e_app', broker=BROKER)
+app.conf.update(CONF)
+store = redis.Redis.from_url(STORE)
+
+
+@worker_ready.connect
+def _announce_ready(sender=None, **kwargs):
+    store.rpush('ready', sender.hostname)
+
+
+@app.task(bind=True)
+def record(self, tag):
+    store.rpush('done', tag)
+    store.rpush('where', f'{tag} {self.request.hostname} {time.time():.3f}')
+    return tag
+
+
+@app.task(bind=True)
+def sleeper(self, seconds):
+    store.rpush('started', self.request.id)
+    time.sleep(seconds)
+    store.rpush('done', self.request.id)
+    return seconds
+'''
+
+BASE_CONF: dict[str, Any] = {
+    'broker_connection_retry_on_startup': True,
+    'task_acks_late': True,
+    'worker_redirect_stdouts': False,
+}
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05,
+             what: str = 'condition', log: Callable[[], str] | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = f'\n--- worker logs ---\n{log()}' if log else ''
+            pytest.fail(f'timed out after {timeout}s waiting for {what}{detail}')
+        time.sleep(interval)
+
+
+class Worker:
+    """One ``celery worker`` subprocess, leader of its own process group."""
+
+    def __init__(self, env: CeleryEnv, node: str, pool: str = 'prefork', concurrency: int = 2,
+                 args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None) -> None:
+        self.env = env
+        self.node = node
+        self.log_path = env.cwd / f'worker-{node.split("@")[0]}-{len(env.workers)}.log'
+        argv = [sys.executable, '-m', 'celery', '-A', MODULE, 'worker', '-P', pool,
+                '-c', str(concurrency), '-n', node, '--without-gossip', '--without-mingle',
+                '--loglevel=INFO', *args]
+        environ = dict(os.environ, PYTHONPATH=str(env.cwd), **(extra_env or {}))
+        with open(self.log_path, 'wb') as log:
+            self.proc = subprocess.Popen(
+                argv, cwd=env.cwd, env=environ,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        env.workers.append(self)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors='replace')
+        except OSError:
+            return '<no log>'
+
+    def wait_ready(self, timeout: float = 40) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f'worker {self.node} exited with {self.proc.returncode}:\n'
+                            f'{self.log()[-4000:]}')
+            return self.node.encode() in self.env.store.lrange('ready', 0, -1)
+
+        wait_for(ready, timeout, interval=0.1, what=f'worker {self.node} to be ready',
+                 log=lambda: self.log()[-4000:])
+
+    def terminate(self, timeout: float = 30) -> int:
+        """Warm shutdown (SIGTERM to the main process); SIGKILL the group if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill_group()
+        self.kill_group()  # pool children left behind, if any
+        return self.proc.returncode
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class CeleryEnv:
+    def __init__(self, cwd: Path, broker: str, store: redis.Redis, raw_broker: redis.Redis):
+        self.cwd = cwd
+        self.broker = broker
+        self.store = store
+        self.raw_broker = raw_broker
+        self.workers: list[Worker] = []
+        self.module: Any = None
+
+    @property
+    def app(self) -> Any:
+        return self.module.app
+
+    def load(self, transport_options: dict[str, Any] | None = None, **conf: Any) -> Any:
+        settings = dict(BASE_CONF, **conf)
+        if transport_options:
+            settings['broker_transport_options'] = transport_options
+        store_url = self.store.connection_pool.connection_kwargs
+        store = f"redis://{store_url['host']}:{store_url['port']}/{store_url['db']}"
+        source = APP_HEADER.format(broker=self.broker, store=store, conf=settings) + APP_BODY
+        (self.cwd / f'{MODULE}.py').write_text(source)
+        sys.modules.pop(MODULE, None)
+        self.module = importlib.import_module(MODULE)
+        return self.module
+
+    def worker(self, node: str, **kwargs: Any) -> Worker:
+        return Worker(self, node, **kwargs)
+
+    def logs(self) -> str:
+        return '\n'.join(f'--- {w.node} ({w.log_path.name}) ---\n{w.log()[-3000:]}'
+                         for w in self.workers)
+
+    def done(self) -> list[str]:
+        return [x.decode() for x in self.store.lrange('done', 0, -1)]
+
+    def started(self) -> list[str]:
+        return [x.decode() for x in self.store.lrange('started', 0, -1)]
+
+    def queue_length(self, queue: str = QUEUE) -> int:
+        with self.app.connection_for_write() as conn:
+            return conn.default_channel.queue_declare(queue, passive=True).message_count
+
+
+@pytest.fixture()
+def env(tmp_path: Path, redis_url: str):
+    base = redis_url.rsplit('/', 1)[0]
+    broker = base.replace('redis://', 'redis-streams://', 1) + '/3'
+    store = redis.Redis.from_url(base + '/4')
+    raw_broker = redis.Redis.from_url(base + '/3')
+    sys.path.insert(0, str(tmp_path))
+    environment = CeleryEnv(tmp_path, broker, store, raw_broker)
+    try:
+        yield environment
+    finally:
+        for worker in environment.workers:
+            worker.kill_group()
+        if environment.module is not None:
+            try:
+                environment.module.app.close()
+            except Exception:
+                pass
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(MODULE, None)
+        store.close()
+        raw_broker.close()
+
+
+def level_of(priority: int, steps: tuple[int, ...] = (0, 3, 6, 9)) -> int:
+    return max(s for s in steps if s <= priority)
+
+
+# ---------------------------------------------------------------------------
+# 1. priorities
+# ---------------------------------------------------------------------------
+
+
+def test_priorities_order_a_backlog(env: CeleryEnv) -> None:
+    module = env.load(worker_prefetch_multiplier=1)
+    published = []
+    for i in range(30):
+        priority = (i * 7) % 10  # every priority 0..9, three times, in a mixed order
+        module.record.apply_async(args=[f'{i}:{priority}'], priority=priority)
+        published.append((i, priority))
+    assert env.queue_length() == 30
+    worker = env.worker('prio@ks', concurrency=1)
+    wait_for(lambda: len(env.done()) >= 30, 60, what='30 tasks', log=env.logs)
+    worker.terminate()
+    expected = [f'{i}:{p}' for i, p in sorted(published, key=lambda ip: (level_of(ip[1]), ip[0]))]
+    assert env.done() == expected, env.logs()
+
+
+# ---------------------------------------------------------------------------
+# 2. remote control
+# ---------------------------------------------------------------------------
+
+
+def test_inspect_ping_and_active_queues(env: CeleryEnv) -> None:
+    """Back-to-back remote control calls, as ``celery inspect`` and monitors make them:
+    every call has its own reply queue, bound just before the worker replies."""
+    module = env.load()
+    node = 'ctl@ks'
+    worker = env.worker(node)
+    worker.wait_ready()
+    inspect = module.app.control.inspect(destination=[node], timeout=5)
+    assert inspect.ping() == {node: {'ok': 'pong'}}, env.logs()
+    queues = inspect.active_queues()
+    assert queues is not None, f'no reply to active_queues\n{env.logs()}'
+    assert list(queues) == [node], (queues, env.logs())
+    assert [q['name'] for q in queues[node]] == [QUEUE]
+    assert inspect.ping() == {node: {'ok': 'pong'}}, env.logs()
+    worker.terminate()
+
+
+def test_revoke_queued_task(env: CeleryEnv) -> None:
+    module = env.load()
+    node = 'rev@ks'
+    worker = env.worker(node)
+    worker.wait_ready()
+    revoked = module.record.apply_async(args=['revoked'], countdown=3)
+    module.record.apply_async(args=['kept'], countdown=3)
+    module.app.control.revoke(revoked.id)
+    wait_for(lambda: 'kept' in env.done(), 30, what='the task that was not revoked',
+             log=env.logs)
+    time.sleep(1.0)  # the revoked one had the same ETA: give it every chance to run
+    assert env.done() == ['kept'], env.logs()
+    listed = module.app.control.inspect(destination=[node], timeout=5).revoked()
+    assert listed == {node: [revoked.id]}, (listed, env.logs())
+    worker.terminate()
+    assert f'Discarding revoked task: {module.record.name}[{revoked.id}]' in worker.log(), \
+        worker.log()[-3000:]
+
+
+# ---------------------------------------------------------------------------
+# 3. events
+# ---------------------------------------------------------------------------
+
+
+def test_events_reach_a_receiver(env: CeleryEnv) -> None:
+    module = env.load()
+    app = module.app
+    node = 'ev@ks'
+    events: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def on_event(event: dict[str, Any]) -> None:
+        with lock:
+            events.append(event)
+
+    def seen(kind: str, **match: Any) -> list[dict[str, Any]]:
+        with lock:
+            return [e for e in events if e.get('type') == kind
+                    and all(e.get(k) == v for k, v in match.items())]
+
+    conn = app.connection_for_read()
+    receiver = app.events.Receiver(conn, handlers={'*': on_event})
+    bound = threading.Event()
+    receiver.on_consume_ready = lambda *args, **kwargs: bound.set()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            receiver.capture(limit=None, timeout=None, wakeup=False)
+        except BaseException as exc:  # surfaced by the assertions below
+            if not receiver.should_stop:
+                errors.append(exc)
+
+    thread = threading.Thread(target=run, name='event-receiver', daemon=True)
+    thread.start()
+    try:
+        # The receiver's queue must be bound before the worker comes online.
+        assert bound.wait(10), f'the event receiver did not start consuming: {errors}'
+        worker = env.worker(node, args=('-E',))
+        worker.wait_ready()
+        wait_for(lambda: seen('worker-online', hostname=node), 15, what='worker-online',
+                 log=env.logs)
+        wait_for(lambda: seen('worker-heartbeat', hostname=node), 15,
+                 what='worker-heartbeat', log=env.logs)
+        result = module.record.delay('evented')
+        succeeded = wait_for(lambda: seen('task-succeeded', uuid=result.id), 20,
+                             what='task-succeeded', log=env.logs)
+        assert succeeded[0]['hostname'] == node
+        assert succeeded[0]['result'] == repr('evented')
+        for kind in ('task-received', 'task-started'):
+            assert len(seen(kind, uuid=result.id)) == 1, (kind, events)
+        assert len(succeeded) == 1
+        assert not errors, errors
+        worker.terminate()
+        wait_for(lambda: seen('worker-offline', hostname=node), 10, what='worker-offline',
+                 log=env.logs)
+    finally:
+        receiver.should_stop = True
+        thread.join(timeout=10)
+        conn.release()
+    assert env.done() == ['evented']
+
+
+# ---------------------------------------------------------------------------
+# 4. purge
+# ---------------------------------------------------------------------------
+
+
+def test_purge_empties_the_backlog(env: CeleryEnv) -> None:
+    module = env.load()
+    for n in range(25):
+        module.record.apply_async(args=[f'purged-{n}'], priority=n % 10)
+    assert env.queue_length() == 25
+    assert module.app.control.purge() == 25
+    assert env.queue_length() == 0
+
+    for n in range(7):
+        module.record.delay(f'cli-purged-{n}')
+    out = subprocess.run(
+        [sys.executable, '-m', 'celery', '-A', MODULE, 'purge', '-f'], cwd=env.cwd,
+        env=dict(os.environ, PYTHONPATH=str(env.cwd)), capture_output=True, text=True,
+        timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert 'Purged 7 messages' in out.stdout, out.stdout + out.stderr
+    assert env.queue_length() == 0
+
+    worker = env.worker('purge@ks')
+    worker.wait_ready()
+    module.record.delay('after')
+    wait_for(lambda: 'after' in env.done(), 20, what='the task sent after purging',
+             log=env.logs)
+    time.sleep(1.0)
+    worker.terminate()
+    assert env.done() == ['after'], env.logs()
+
+
+# ---------------------------------------------------------------------------
+# 5. a worker killed mid-task: acks_late tasks are run by another worker
+# ---------------------------------------------------------------------------
+
+
+def test_killed_worker_tasks_run_elsewhere(env: CeleryEnv) -> None:
+    module = env.load({'visibility_timeout': 2}, task_reject_on_worker_lost=True)
+    worker_a = env.worker('a@ks')
+    worker_a.wait_ready()
+    ids = [module.sleeper.delay(4).id for _ in range(4)]
+    wait_for(lambda: len(env.started()) >= 2, 20, what='two tasks running on worker A',
+             log=env.logs)
+    time.sleep(0.5)
+    worker_a.kill_group()  # SIGKILL the main process and its pool children
+    assert env.done() == [], 'the tasks were meant to be still running when A was killed'
+    running_on_a = env.started()
+    assert len(running_on_a) == 2, running_on_a
+
+    worker_b = env.worker('b@ks')
+    worker_b.wait_ready()
+    wait_for(lambda: set(env.done()) >= set(ids), 40, what='all tasks done by worker B',
+             log=env.logs)
+    time.sleep(1.0)
+    worker_b.terminate()
+    done = Counter(env.done())
+    assert set(done) == set(ids), (done, ids, env.logs())
+    assert all(n == 1 for n in done.values()), (done, env.logs())  # B held them once each
+    assert set(running_on_a) <= set(done)
+
+
+# ---------------------------------------------------------------------------
+# 6. ETA tasks wait longer than the visibility timeout with two workers about
+# ---------------------------------------------------------------------------
+
+
+def test_eta_task_outlives_visibility_timeout_once(env: CeleryEnv) -> None:
+    vt = 1.0
+    module = env.load({'visibility_timeout': vt})
+    workers = [env.worker('eta1@ks'), env.worker('eta2@ks')]
+    for worker in workers:
+        worker.wait_ready()
+    countdown = 3.5 * vt
+    sent_at = time.time()
+    tags = [f'eta-{n}' for n in range(4)]
+    for tag in tags:
+        module.record.apply_async(args=[tag], countdown=countdown)
+    wait_for(lambda: set(env.done()) >= set(tags), 30, what='the ETA tasks', log=env.logs)
+    time.sleep(2 * vt + 1.0)  # time for a wrongly reclaimed copy to run too
+    for worker in workers:
+        worker.terminate()
+    assert Counter(env.done()) == Counter(tags), env.logs()
+    for entry in env.store.lrange('where', 0, -1):
+        tag, host, ran_at = entry.decode().split()
+        assert float(ran_at) >= sent_at + countdown - 0.2, (entry, sent_at)
+    for worker in workers:
+        assert 'lost the lease' not in worker.log(), worker.log()[-3000:]
+        assert 'reclaimed' not in worker.log(), worker.log()[-3000:]
+
+
+# ---------------------------------------------------------------------------
+# 7. broadcasts sent while the worker is disconnected still arrive
+# ---------------------------------------------------------------------------
+
+
+def test_broadcast_during_disconnection_is_received(env: CeleryEnv) -> None:
+    """A revoke and a ping broadcast sent while the worker is disconnected reach it once it
+    is back. With broadcasts over PUB/SUB (Kombu's Redis transport) both are lost.
+
+    The worker logs in as its own ACL user. ``CLIENT KILL TYPE normal`` alone is not enough:
+    Celery reconnects within milliseconds, before this process has reconnected to publish.
+    So the user is switched off first, which holds the worker off (its reconnection attempts
+    fail) until the broadcasts are sent; then it is switched on again."""
+    module = env.load()
+    app = module.app
+    node = 'bc@ks'
+    user, password = 'ks-e2e-worker', uuid.uuid4().hex
+    raw = env.raw_broker
+    raw.execute_command('ACL', 'SETUSER', user, 'reset', 'on', f'>{password}', '~*', '&*',
+                        '+@all')
+    try:
+        host, port = env.broker.split('://', 1)[1].split('/', 1)[0].split(':')
+        worker_url = f'redis-streams://{user}:{password}@{host}:{port}/3'
+        worker = env.worker(node, extra_env={'KS_E2E_BROKER': worker_url})
+        worker.wait_ready()
+        revoked_id = 'revoked-while-disconnected'
+        raw.execute_command('ACL', 'LOG', 'RESET')
+
+        raw.execute_command('ACL', 'SETUSER', user, 'off')
+        killed = raw.execute_command('CLIENT', 'KILL', 'TYPE', 'normal')
+        app.control.revoke(revoked_id)  # no reply expected
+        back_on = threading.Timer(
+            1.5, raw.execute_command, args=('ACL', 'SETUSER', user, 'on'))
+        back_on.start()
+        try:
+            # Published now, while the worker cannot log in; the reply comes once it is back.
+            replies = app.control.ping(destination=[node], timeout=15)
+        finally:
+            back_on.join()
+        assert killed >= 1
+        refused = [e for e in raw.acl_log() if e.get('username') in (user, user.encode())]
+        assert refused, 'the worker did not try to reconnect while it was locked out'
+        assert replies == [{node: {'ok': 'pong'}}], (replies, env.logs())
+
+        # The revoke was honoured: a task with that id is discarded, the next one runs.
+        module.record.apply_async(args=['revoked'], task_id=revoked_id)
+        module.record.delay('after')
+        wait_for(lambda: 'after' in env.done(), 20, what='the task after the revoked one',
+                 log=env.logs)
+        time.sleep(0.5)
+        worker.terminate()
+        assert env.done() == ['after'], env.logs()
+        assert f'Discarding revoked task: {module.record.name}[{revoked_id}]' in worker.log(), \
+            worker.log()[-3000:]
+    finally:
+        for worker in env.workers:
+            worker.kill_group()
+        raw.execute_command('ACL', 'DELUSER', user)
+
+
+# ---------------------------------------------------------------------------
+# 8. warm shutdown returns prefetched messages at once
+# ---------------------------------------------------------------------------
+
+
+def test_warm_shutdown_requeues_prefetched(env: CeleryEnv) -> None:
+    module = env.load({'visibility_timeout': 3600}, worker_prefetch_multiplier=4)
+    ids = [module.sleeper.delay(1).id for _ in range(8)]
+    worker = env.worker('warm@ks', concurrency=1)
+    wait_for(lambda: env.started(), 40, what='the first task to start', log=env.logs)
+    wait_for(lambda: worker.node.encode() in env.store.lrange('ready', 0, -1), 10,
+             what='worker ready', log=env.logs)
+    worker.proc.send_signal(signal.SIGTERM)
+    try:
+        worker.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f'worker did not stop on SIGTERM:\n{worker.log()[-3000:]}')
+    left = env.queue_length()
+    worker.kill_group()
+    executed = env.done()
+    assert env.started() == executed, env.logs()  # warm: the running task was finished
+    assert 1 <= len(executed) < 4, (executed, env.logs())
+    assert left == len(ids) - len(executed), (left, executed, env.logs())
+
+    second = env.worker('warm2@ks', concurrency=2)
+    wait_for(lambda: len(env.done()) >= len(ids), 40, what='the rest of the tasks',
+             log=env.logs)
+    time.sleep(0.5)
+    second.terminate()
+    assert Counter(env.done()) == Counter(ids), env.logs()
+    assert env.queue_length() == 0
