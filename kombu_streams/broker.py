@@ -256,3 +256,66 @@ class Broker:
         keys = [self.keys.dlq(queue), *self.streams(queue), self.keys.wake(queue)]
         moved, skipped = SCRIPTS['redrive'](self.client, keys, [count, *ids])
         return int(moved), int(skipped)
+
+    # -- introspection (read-only, for operator tools) -------------------------------------
+
+    @staticmethod
+    def _text(value: Any) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def inspect(self, queue: str) -> dict[str, Any]:
+        """A read-only snapshot of a queue (inspect.lua): per level its ready, held (requeued
+        or reclaimed, part of ready), pending (delivered, unacked) messages, consumers and
+        the age of the oldest ready message in ms (None when none is ready); the totals; the
+        dead-letter stream's length; ``exists`` (any of its streams exists)."""
+        keys = [*self.streams(queue), self.keys.dlq(queue)]
+        records, dlq, now = SCRIPTS['inspect'](self.client, keys, [queue, HOLDER, *self.levels])
+        levels: list[dict[str, Any]] = []
+        consumers: dict[str, dict[str, Any]] = {}
+        for key, rec in zip(keys, records):
+            level, exists, length, ready, held, pending, oldest, flat, last = rec
+            level_consumers = []
+            for j in range(0, len(flat), 3):
+                name, owns, idle = self._text(flat[j]), int(flat[j + 1]), int(flat[j + 2])
+                level_consumers.append({'name': name, 'pending': owns, 'idle_ms': idle})
+                seen = consumers.setdefault(name, {'name': name, 'pending': 0, 'idle_ms': idle})
+                seen['pending'] += owns
+                seen['idle_ms'] = min(seen['idle_ms'], idle)
+            levels.append({
+                'level': int(level), 'stream': key, 'exists': bool(exists),
+                'length': int(length), 'ready': int(ready), 'held': int(held),
+                'pending': int(pending), 'oldest_ready_ms': None if oldest < 0 else int(oldest),
+                'last_delivered_id': self._text(last) or None, 'consumers': level_consumers,
+            })
+        ages = [lv['oldest_ready_ms'] for lv in levels if lv['oldest_ready_ms'] is not None]
+        return {
+            'queue': queue,
+            'exists': any(lv['exists'] for lv in levels),
+            'ready': sum(lv['ready'] for lv in levels),
+            'held': sum(lv['held'] for lv in levels),
+            'pending': sum(lv['pending'] for lv in levels),
+            'oldest_ready_ms': max(ages) if ages else None,
+            'consumers': sorted(consumers.values(), key=lambda c: c['name']),
+            'dlq': int(dlq),
+            'levels': levels,
+            'time_ms': int(now),
+        }
+
+    def inspect_fanout(self, exchange: str, cap: int = 1000) -> dict[str, Any]:
+        """A read-only snapshot of a fanout exchange's stream (inspect_fanout.lua): per bound
+        queue's group its lag (entries not read yet, counted up to ``cap``; ``lag_capped``
+        when there were more and the server could not tell how many), pending (delivered,
+        unacked), consumers and the age of its oldest unread entry in ms."""
+        exists, length, now, records = SCRIPTS['inspect_fanout'](
+            self.client, [self.keys.fanout(exchange)], [int(cap)])
+        groups = []
+        for name, consumers, pending, lag, capped, oldest, last in records:
+            groups.append({
+                'group': self._text(name), 'consumers': int(consumers),
+                'pending': int(pending), 'lag': int(lag), 'lag_capped': bool(capped),
+                'oldest_unread_ms': None if oldest < 0 else int(oldest),
+                'last_delivered_id': self._text(last),
+            })
+        return {'exchange': exchange, 'stream': self.keys.fanout(exchange),
+                'exists': bool(exists), 'length': int(length),
+                'groups': sorted(groups, key=lambda g: g['group']), 'time_ms': int(now)}

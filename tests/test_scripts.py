@@ -1289,6 +1289,9 @@ def test_execute_pipeline_raises_key_type_error(script_client):
 _WRONGTYPE = {
     'publish': (K.stream('q', 0), lambda c: publish(c, 'q', b'x')),
     'publish-marker': (K.wake('q'), lambda c: publish(c, 'q', b'x')),
+    'inspect': (K.stream('q', 3), lambda c: broker(c).inspect('q')),
+    'inspect-dlq': (K.dlq('q'), lambda c: broker(c).inspect('q')),
+    'inspect_fanout': (K.fanout('x'), lambda c: broker(c).inspect_fanout('x')),
     'bind': (K.bindings('x'), lambda c: broker(c).bind('x', 'rk', 0)),
     'bind-deadlines': (K.deadlines('x'), lambda c: broker(c).bind('x', 'rk', 1000)),
     'route': (K.bindings('x'), lambda c: broker(c).route('x')),
@@ -1388,8 +1391,8 @@ def test_registry_covers_every_lua_file():
     names = {p.stem for p in lua_dir().glob('*.lua')}
     assert set(SCRIPTS) == names == {
         'ack', 'bind', 'deadletter', 'declare', 'delete', 'fanout_ack', 'fanout_publish',
-        'publish', 'purge', 'read', 'reclaim', 'redrive', 'renew', 'requeue', 'route', 'size',
-        'touch'}
+        'inspect', 'inspect_fanout', 'publish', 'purge', 'read', 'reclaim', 'redrive', 'renew',
+        'requeue', 'route', 'size', 'touch'}
     assert load_all() == SCRIPTS
 
 

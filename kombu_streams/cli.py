@@ -1,0 +1,600 @@
+"""``kombu-streams``: look into a kombu-streams broker and repair it from a shell.
+
+    kombu-streams [--url URL] [--prefix P] [--priority-steps 0,3,6,9] [--json] COMMAND
+
+    status [QUEUE...] [-x EXCHANGE] [--watch N [--count M]]
+                                 ready / pending messages, consumers, age of the oldest
+                                 ready message, dead letters; fanout groups' lag
+    peek QUEUE [-n N]            the next ready messages, without consuming them
+    dlq list QUEUE [-n N]        dead letters, oldest first
+    dlq show QUEUE ID            one dead letter, with its message decoded
+    dlq redrive QUEUE [--count N | --id ID...]   back to their queue (all by default)
+    dlq purge QUEUE [--yes]      delete the dead letters
+    scripts [--load]             each Lua script's SHA, KEYS/ARGV and an EVALSHA template
+
+The URL takes the transport's forms (``redis-streams://``, ``rediss-streams://``, and
+``redis://`` / ``rediss://`` for the same servers); default ``$KOMBU_STREAMS_URL`` or
+``redis-streams://127.0.0.1:6379/0``. ``--prefix`` and ``--priority-steps`` must match the
+app's ``global_keyprefix`` and ``priority_steps``. Everything but ``dlq redrive`` and ``dlq
+purge`` only reads.
+
+Exit codes: 0 ok, 1 error (cannot connect, Redis error), 2 usage, 3 queue or dead letter
+not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import sys
+import time
+from itertools import takewhile
+from typing import Any
+
+import redis
+from kombu import Connection
+from kombu.utils.url import maybe_sanitize_url
+
+from .broker import HOLDER, Broker
+from .connection import UnsupportedServer
+from .keys import Keys
+from .scripts import SCRIPTS
+
+DEFAULT_URL = 'redis-streams://127.0.0.1:6379/0'
+#: URL schemes of plain Redis, and the transport schemes they stand for here.
+SCHEMES = {'redis': 'redis-streams', 'rediss': 'rediss-streams',
+           'redis-streams': 'redis-streams', 'rediss-streams': 'rediss-streams'}
+#: Discovery by SCAN stops after this many names, or this many SCAN calls (of COUNT 1000).
+DISCOVER_LIMIT = 1000
+SCAN_CALLS = 10000
+PREVIEW = 80
+
+OK, ERROR, USAGE, NOT_FOUND = 0, 1, 2, 3
+
+
+class Failure(Exception):
+    """Ends the command with a message on stderr and an exit code."""
+
+    def __init__(self, message: str, code: int = ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- connection --------------------------------------------------------------------------------
+
+
+def transport_url(url: str) -> str:
+    """``url`` with its scheme turned into the transport's (redis:// -> redis-streams://)."""
+    scheme, sep, rest = url.partition('://')
+    base, plus, tail = scheme.partition('+')  # e.g. redis-streams+socket:///run/redis.sock
+    if not sep or base not in SCHEMES:
+        raise Failure(f'unsupported URL {maybe_sanitize_url(url)!r}: use redis-streams://, '
+                      f'rediss-streams://, redis:// or rediss://', USAGE)
+    return f'{SCHEMES[base]}{plus}{tail}://{rest}'
+
+
+def connect(args: argparse.Namespace) -> Broker:
+    """A Broker on the server of ``--url``, connected as the transport connects."""
+    conn = Connection(transport_url(args.url),
+                      transport_options={'socket_connect_timeout': 5, 'socket_timeout': 30})
+    try:
+        client = conn.transport.make_client()  # builds the pool, checks the server's version
+    except ValueError as exc:  # e.g. a database that is not a number
+        raise Failure(str(exc).replace('kombu-streams: ', '', 1), USAGE) from None
+    return Broker(client, Keys(args.prefix), args.priority_steps)
+
+
+def text(value: Any) -> str:
+    return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
+
+
+def discover(broker: Broker, kind: str) -> list[str]:
+    """Names of the queues (kind 'q', by their level-0 stream) or fanout exchanges (kind 'x')
+    under the prefix, by SCAN; bounded by DISCOVER_LIMIT names and SCAN_CALLS calls."""
+    prefix = re.sub(r'([*?\[\]\\])', r'\\\1', broker.keys.prefix)
+    head = f'{broker.keys.prefix}ks:{kind}:{{'
+    tail = '}:0' if kind == 'q' else '}:fanout'
+    names: set[str] = set()
+    cursor, calls = 0, 0
+    while True:
+        cursor, found = broker.client.scan(cursor, match=f'{prefix}ks:{kind}:{{*{tail}',
+                                           count=1000)
+        calls += 1
+        for key in map(text, found):
+            if key.startswith(head) and key.endswith(tail):
+                names.add(key[len(head):-len(tail)])
+        if not cursor:
+            break
+        if len(names) >= DISCOVER_LIMIT or calls >= SCAN_CALLS:
+            print(f'kombu-streams: stopped looking after {len(names)} names and {calls} SCAN '
+                  f'calls; name them to see others', file=sys.stderr)
+            break
+    return sorted(names)
+
+
+def existing_queue(broker: Broker, queue: str) -> dict[str, Any]:
+    """The queue's snapshot; Failure(3) when neither its streams nor dead letters exist."""
+    info = broker.inspect(queue)
+    if not info['exists'] and not info['dlq']:
+        raise Failure(f'queue {queue!r} not found (prefix {broker.keys.prefix!r})', NOT_FOUND)
+    return info
+
+
+# -- formatting --------------------------------------------------------------------------------
+
+
+def age(ms: int | None) -> str:
+    if ms is None:
+        return '-'
+    if ms < 1000:
+        return f'{ms}ms'
+    if ms < 60_000:
+        return f'{ms // 100 / 10:.1f}s'
+    s = ms // 1000
+    for unit, size, sub, subsize in (('d', 86400, 'h', 3600), ('h', 3600, 'm', 60)):
+        if s >= size:
+            return f'{s // size}{unit}{s % size // subsize:02d}{sub}'
+    return f'{s // 60}m{s % 60:02d}s'
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """Columns padded to their widest cell; numbers (and ages) right-aligned."""
+    cells = [header] + [[text(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    right = [i > 0 and all(re.match(r'^[-\d.]+[\w+]*$', row[i] or '-') for row in cells[1:])
+             for i in range(len(header))]
+    lines = ['  '.join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right))
+             for row in cells]
+    return '\n'.join(line.rstrip() for line in lines)
+
+
+def emit(args: argparse.Namespace, data: Any, human: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=None if getattr(args, 'watch', None) else 2))
+    elif human:
+        print(human)
+
+
+def summarize(payload: Any) -> dict[str, Any]:
+    """The parts of a Kombu envelope an operator looks at; the body decoded and shortened."""
+    raw = payload if isinstance(payload, bytes) else text(payload).encode()
+    out: dict[str, Any] = {'size': len(raw)}
+    try:
+        msg = json.loads(raw)
+        headers, props = msg.get('headers') or {}, msg.get('properties') or {}
+    except (ValueError, AttributeError):
+        out.update(error='not a Kombu message', body=text(raw[:PREVIEW]))
+        return out
+    body = decode_body(msg.get('body'), props.get('body_encoding'))
+    task, task_id = headers.get('task'), headers.get('id')
+    if task is None and body.startswith('{'):  # Celery message protocol 1: all in the body
+        try:
+            legacy = json.loads(body)
+            task, task_id = legacy.get('task'), legacy.get('id')
+        except (ValueError, AttributeError):
+            pass
+    out.update(task=task, task_id=task_id, content_type=msg.get('content-type'),
+               content_encoding=msg.get('content-encoding'),
+               priority=props.get('priority'), headers=headers,
+               body=body if len(body) <= PREVIEW else body[:PREVIEW - 3] + '...')
+    return out
+
+
+def decode_body(body: Any, encoding: Any) -> str:
+    """A message body as text: base64 decoded when the envelope says so (bytes that are not
+    UTF-8 shown as a Python bytes literal)."""
+    if not isinstance(body, str):
+        return json.dumps(body)
+    if encoding != 'base64':
+        return body
+    try:
+        raw = base64.b64decode(body)
+    except ValueError:
+        return body
+    try:
+        return raw.decode('utf-8')
+    except UnicodeDecodeError:
+        return repr(raw)
+
+
+def describe(summary: dict[str, Any]) -> str:
+    if summary.get('error'):
+        return f"{summary['error']}: {summary['body']}"
+    parts = [f"task {summary['task']} id {summary['task_id']}"] if summary['task'] else []
+    parts.append(f"content-type {summary['content_type']}")
+    if summary['priority'] is not None:
+        parts.append(f"priority {summary['priority']}")
+    return ', '.join(parts)
+
+
+def entry_age(entry_id: str, now_ms: int) -> int:
+    return max(now_ms - int(entry_id.split('-')[0]), 0)
+
+
+# -- status ------------------------------------------------------------------------------------
+
+
+def status_once(args: argparse.Namespace, broker: Broker) -> int:
+    queues, exchanges = list(args.queues), list(args.exchange)
+    if not queues and not exchanges:
+        queues, exchanges = discover(broker, 'q'), discover(broker, 'x')
+    infos = [broker.inspect(q) for q in queues]
+    fanouts = [broker.inspect_fanout(x) for x in exchanges]
+    missing = [i['queue'] for i in infos if not i['exists'] and not i['dlq']]
+    missing += [f"exchange {f['exchange']}" for f in fanouts if not f['exists']]
+    infos = [i for i in infos if i['exists'] or i['dlq']]
+    fanouts = [f for f in fanouts if f['exists']]
+    data = {'queues': infos, 'exchanges': fanouts, 'missing': missing}
+    emit(args, data, status_text(infos, fanouts) or ('' if missing else 'no queues found'))
+    for name in missing:
+        print(f'kombu-streams: {name} not found (prefix {args.prefix!r})', file=sys.stderr)
+    return NOT_FOUND if missing else OK
+
+
+def status_text(infos: list[dict[str, Any]], fanouts: list[dict[str, Any]]) -> str:
+    if not infos and not fanouts:
+        return ''
+    parts = []
+    if infos:
+        rows = []
+        for i in infos:
+            rows.append([i['queue'], 'all', i['ready'], i['held'], i['pending'],
+                         age(i['oldest_ready_ms']), len(i['consumers']), i['dlq']])
+            busy = [lv for lv in i['levels'] if lv['ready'] or lv['pending']]
+            if len(busy) > 1 or (busy and busy[0]['level'] != 0):
+                rows += [['', lv['level'], lv['ready'], lv['held'], lv['pending'],
+                          age(lv['oldest_ready_ms']), len(lv['consumers']), '']
+                         for lv in busy]
+        parts.append(table(['QUEUE', 'LEVEL', 'READY', 'REQUEUED', 'PENDING', 'OLDEST',
+                            'CONSUMERS', 'DLQ'], rows))
+        consumers = [[c['name'], i['queue'], c['pending'], age(c['idle_ms'])]
+                     for i in infos for c in i['consumers']]
+        if consumers:
+            parts.append(table(['CONSUMER', 'QUEUE', 'PENDING', 'IDLE'], consumers))
+    if fanouts:
+        rows = [[f['exchange'], g['group'], f"{g['lag']}{'+' if g['lag_capped'] else ''}",
+                 g['pending'], g['consumers'], age(g['oldest_unread_ms'])]
+                for f in fanouts for g in f['groups']]
+        rows += [[f['exchange'], '(no group)', '-', '-', '-', '-']
+                 for f in fanouts if not f['groups']]
+        parts.append(table(['FANOUT', 'GROUP', 'LAG', 'PENDING', 'CONSUMERS', 'OLDEST'],
+                           rows))
+    return '\n\n'.join(parts)
+
+
+def cmd_status(args: argparse.Namespace, broker: Broker) -> int:
+    done = 0
+    while True:
+        if args.watch and sys.stdout.isatty() and not args.json:
+            print('\033[H\033[2J', end='')
+        elif args.watch and done and not args.json:
+            print()
+        if args.watch and not args.json:
+            print(time.strftime('%Y-%m-%d %H:%M:%S'))
+        code = status_once(args, broker)
+        sys.stdout.flush()
+        done += 1
+        if not args.watch or (args.count and done >= args.count):
+            return code
+        time.sleep(args.watch)
+
+
+# -- peek --------------------------------------------------------------------------------------
+
+
+def ready_entries(broker: Broker, level: dict[str, Any], queue: str, limit: int
+                  ) -> list[tuple[Any, Any, bool]]:
+    """Up to ``limit`` ready entries of one level, in serving order: (id, fields, requeued)."""
+    key, out = level['stream'], []
+    if level['held']:
+        for p in broker.client.xpending_range(key, queue, '-', '+', limit, HOLDER):
+            out += [(i, f, True) for i, f in broker.client.xrange(key, p['message_id'],
+                                                                  p['message_id'])]
+    if len(out) < limit:
+        start = f"({level['last_delivered_id']}" if level['last_delivered_id'] else '-'
+        out += [(i, f, False) for i, f in broker.client.xrange(key, start, '+',
+                                                               count=limit - len(out))]
+    return out
+
+
+def cmd_peek(args: argparse.Namespace, broker: Broker) -> int:
+    info = existing_queue(broker, args.queue)
+    found: list[dict[str, Any]] = []
+    for level in info['levels']:
+        if len(found) >= args.n or not level['exists']:
+            continue
+        for entry_id, fields, requeued in ready_entries(broker, level, args.queue,
+                                                        args.n - len(found)):
+            entry_id = text(entry_id)
+            found.append({'level': level['level'], 'id': entry_id, 'requeued': requeued,
+                          'age_ms': entry_age(entry_id, info['time_ms']),
+                          **summarize(fields.get(b'm', b''))})
+    lines = []
+    for m in found:
+        lines.append(f"[{m['level']}] {m['id']}  age {age(m['age_ms'])}"
+                     f"{'  requeued' if m['requeued'] else ''}  {describe(m)}")
+        lines.append(f"    body: {m['body']}")
+    emit(args, found, '\n'.join(lines) or f'no ready messages in {args.queue}')
+    return OK
+
+
+# -- dead letters ------------------------------------------------------------------------------
+
+
+def level_of(stream: str) -> int | str | None:
+    """The priority level in a queue stream's name (ks:q:{q}:3 -> 3); 'fanout' for an
+    exchange's stream."""
+    tail = stream.rsplit(':', 1)[-1] if stream else None
+    return int(tail) if tail and tail.isdigit() else tail
+
+
+def letter(entry_id: Any, fields: dict[Any, Any], now_ms: int) -> dict[str, Any]:
+    """One dead letter: where it came from and why, and its message summarized."""
+    f = {text(k): v for k, v in fields.items()}
+    stream = text(f.get('stream', ''))
+    out = {'id': text(entry_id), 'age_ms': entry_age(text(entry_id), now_ms),
+           'reason': text(f.get('reason', '')), 'stream': stream,
+           'level': level_of(stream),
+           'origin_id': text(f.get('id', '')), 'deliveries': int(f.get('deliveries', 0)),
+           'fields': {k[2:]: text(v) for k, v in f.items() if k.startswith('f:')}}
+    out['message'] = summarize(f['f:m']) if 'f:m' in f else None
+    return out
+
+
+def cmd_dlq_list(args: argparse.Namespace, broker: Broker) -> int:
+    info = existing_queue(broker, args.queue)
+    entries = broker.client.xrange(broker.keys.dlq(args.queue), '-', '+', count=args.n)
+    letters = [letter(i, f, info['time_ms']) for i, f in entries]
+    rows = [[d['id'], age(d['age_ms']), '-' if d['level'] is None else d['level'],
+             d['deliveries'], d['reason'], (d['message'] or {}).get('task') or '-']
+            for d in letters]
+    more = f"\n({info['dlq'] - len(letters)} more)" if info['dlq'] > len(letters) else ''
+    human = table(['ID', 'AGE', 'LEVEL', 'DELIVERIES', 'REASON', 'TASK'], rows) + more
+    emit(args, {'queue': args.queue, 'total': info['dlq'], 'letters': letters},
+         human if letters else f'no dead letters in {args.queue}')
+    return OK
+
+
+def cmd_dlq_show(args: argparse.Namespace, broker: Broker) -> int:
+    info = existing_queue(broker, args.queue)
+    found = broker.client.xrange(broker.keys.dlq(args.queue), args.id, args.id)
+    if not found:
+        raise Failure(f'no dead letter {args.id} in queue {args.queue!r}', NOT_FOUND)
+    d = letter(*found[0], info['time_ms'])
+    if d['message'] is not None:  # show the whole body here, not a preview
+        d['message']['body'] = body_text(d['fields']['m'])
+    lines = [f"{k}: {d[k]}" for k in ('id', 'reason', 'stream', 'origin_id', 'deliveries')]
+    lines.append(f"age: {age(d['age_ms'])}")
+    lines += [f'field {k}: {v}' for k, v in d['fields'].items() if k != 'm']
+    if d['message']:
+        lines.append(f"message: {describe(d['message'])}")
+        lines.append(f"headers: {json.dumps(d['message'].get('headers'), sort_keys=True)}")
+        lines.append(f"body: {d['message']['body']}")
+    emit(args, d, '\n'.join(lines))
+    return OK
+
+
+def body_text(payload: str) -> str:
+    """The whole body of a Kombu envelope, base64 decoded when it says so."""
+    try:
+        msg = json.loads(payload)
+        return decode_body(msg.get('body'), (msg.get('properties') or {}).get('body_encoding'))
+    except (ValueError, AttributeError):
+        return payload
+
+
+def cmd_dlq_redrive(args: argparse.Namespace, broker: Broker) -> int:
+    existing_queue(broker, args.queue)
+    if args.id:
+        moved, skipped = broker.redrive(args.queue, len(args.id), args.id)
+    elif args.count is not None:
+        moved, skipped = broker.redrive(args.queue, args.count)
+    else:  # all there are now, by id in pages, so unmovable letters are counted once
+        dlq, moved, skipped = broker.keys.dlq(args.queue), 0, 0
+        newest = broker.client.xrevrange(dlq, '+', '-', count=1)
+        start = '-'
+        while newest:
+            page = [i for i, _ in broker.client.xrange(dlq, start, newest[0][0], count=500)]
+            if not page:
+                break
+            m, s = broker.redrive(args.queue, len(page), page)
+            moved, skipped, start = moved + m, skipped + s, f'({text(page[-1])}'
+    emit(args, {'queue': args.queue, 'moved': moved, 'skipped': skipped},
+         f'moved {moved} dead letter(s) back to {args.queue}'
+         + (f'; {skipped} skipped (no message, or from another queue)' if skipped else ''))
+    return OK
+
+
+def cmd_dlq_purge(args: argparse.Namespace, broker: Broker) -> int:
+    info = existing_queue(broker, args.queue)
+    dlq = broker.keys.dlq(args.queue)
+    newest = broker.client.xrevrange(dlq, '+', '-', count=1)
+    if not newest:
+        emit(args, {'queue': args.queue, 'purged': 0}, f'no dead letters in {args.queue}')
+        return OK
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise Failure('dlq purge deletes dead letters: confirm with --yes', USAGE)
+        answer = input(f"Delete {info['dlq']} dead letter(s) of {args.queue}? [y/N] ")
+        if answer.strip().lower() not in ('y', 'yes'):
+            raise Failure('aborted, nothing deleted', ERROR)
+    # Only what was counted above: a letter filed since then has a higher id and stays.
+    ms, seq = text(newest[0][0]).split('-')
+    purged = broker.client.xtrim(dlq, minid=f'{ms}-{int(seq) + 1}', approximate=False)
+    emit(args, {'queue': args.queue, 'purged': purged},
+         f'purged {purged} dead letter(s) of {args.queue}')
+    return OK
+
+
+# -- scripts -----------------------------------------------------------------------------------
+
+
+def script_doc(name: str) -> dict[str, Any]:
+    """A script's SHA, KEYS and ARGV lines (from its header) and a redis-cli template."""
+    script = SCRIPTS[name]
+    lines = script.header.splitlines()
+    keys: list[str] = []
+    argv: list[str] = []
+    current = None
+    for line in lines:
+        if line.startswith('KEYS'):
+            current = keys
+        elif line.startswith('ARGV'):
+            current = argv
+        elif not line.startswith(' ') or not line.strip():
+            current = None
+            continue
+        if current is not None:
+            current.append(line.rstrip())
+    labels = [line.split()[0] for line in keys + argv if re.match(r'(KEYS|ARGV)\[', line)]
+    key_labels = [x for x in labels if x.startswith('KEYS')]
+    fixed = all(re.fullmatch(r'KEYS\[\d+\]', x) for x in key_labels)
+    numkeys = str(len(key_labels)) if fixed else '<numkeys>'
+    template = ' '.join(['redis-cli', 'EVALSHA', script.sha, numkeys]
+                        + [f"'<{x}>'" for x in labels])
+    first = ' '.join(takewhile(lambda line: line.strip() and not line.startswith('KEYS'), lines))
+    return {'name': name, 'sha': script.sha, 'summary': first.partition(':')[2].strip(),
+            'keys': keys, 'argv': argv, 'template': template}
+
+
+def cmd_scripts(args: argparse.Namespace, broker: Broker | None) -> int:
+    docs = [script_doc(name) for name in sorted(SCRIPTS)]
+    if broker is not None:  # --load
+        for name in sorted(SCRIPTS):
+            broker.client.script_load(SCRIPTS[name].source)
+    blocks = []
+    for d in docs:
+        blocks.append('\n'.join([f"{d['name']}  {d['sha']}", f"  {d['summary']}",
+                                 *(f'  {line}' for line in d['keys'] + d['argv']),
+                                 f"  {d['template']}"]))
+    note = ('(EVALSHA needs the script loaded: kombu-streams scripts --load, or any client '
+            'of the transport loads it on first use)')
+    emit(args, docs, '\n\n'.join(blocks) + '\n\n' + note)
+    return OK
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def priority_steps(value: str) -> list[int]:
+    try:
+        steps = [int(s) for s in value.split(',')]
+    except ValueError:
+        steps = []
+    if not steps or steps[0] != 0 or steps != sorted(set(steps)) or steps[-1] > 9:
+        raise argparse.ArgumentTypeError(
+            f'must be increasing integers from 0 to 9 starting at 0, e.g. 0,3,6,9; got {value!r}')
+    return steps
+
+
+def positive(kind: type) -> Any:
+    def convert(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = 0
+        if number <= 0:
+            raise argparse.ArgumentTypeError(f'must be a positive number, got {value!r}')
+        return number
+    return convert
+
+
+def stream_id(value: str) -> str:
+    if not re.fullmatch(r'\d+-\d+', value):
+        raise argparse.ArgumentTypeError(f'not a stream entry id (like 1712345678901-0): '
+                                         f'{value!r}')
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='kombu-streams', description='Inspect and repair a kombu-streams broker.',
+        epilog='Exit codes: 0 ok, 1 error, 2 usage, 3 queue or dead letter not found.')
+    p.add_argument('--url', default=os.environ.get('KOMBU_STREAMS_URL') or DEFAULT_URL,
+                   help='broker URL (default: $KOMBU_STREAMS_URL or %(default)s)')
+    p.add_argument('--prefix', default='', help="the app's global_keyprefix")
+    p.add_argument('--priority-steps', type=priority_steps, default=[0, 3, 6, 9],
+                   metavar='0,3,6,9', help="the app's priority_steps")
+    p.add_argument('--json', action='store_true', help='print JSON for machines')
+    sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+    s = sub.add_parser('status', help='queues: ready, pending, consumers, age, dead letters')
+    s.add_argument('queues', nargs='*', metavar='QUEUE',
+                   help='queues to show (default: all queues and fanout exchanges)')
+    s.add_argument('-x', '--exchange', action='append', default=[],
+                   help='also show this fanout exchange (repeatable)')
+    s.add_argument('--watch', type=positive(float), metavar='N',
+                   help='refresh every N seconds')
+    s.add_argument('--count', type=positive(int), metavar='M',
+                   help='with --watch: stop after M refreshes')
+    s.set_defaults(run=cmd_status)
+
+    s = sub.add_parser('peek', help='the next ready messages, not consumed')
+    s.add_argument('queue', metavar='QUEUE')
+    s.add_argument('-n', type=positive(int), default=10, help='how many (default 10)')
+    s.set_defaults(run=cmd_peek)
+
+    dlq = sub.add_parser('dlq', help='dead letters').add_subparsers(
+        dest='action', required=True, metavar='ACTION')
+    s = dlq.add_parser('list', help='dead letters, oldest first')
+    s.add_argument('queue', metavar='QUEUE')
+    s.add_argument('-n', type=positive(int), default=100, help='how many (default 100)')
+    s.set_defaults(run=cmd_dlq_list)
+    s = dlq.add_parser('show', help='one dead letter')
+    s.add_argument('queue', metavar='QUEUE')
+    s.add_argument('id', type=stream_id, metavar='ID')
+    s.set_defaults(run=cmd_dlq_show)
+    s = dlq.add_parser('redrive', help='move dead letters back to their queue')
+    s.add_argument('queue', metavar='QUEUE')
+    which = s.add_mutually_exclusive_group()
+    which.add_argument('--count', type=positive(int), help='the N oldest (default: all)')
+    which.add_argument('--id', type=stream_id, nargs='+', help='these dead letters')
+    s.set_defaults(run=cmd_dlq_redrive)
+    s = dlq.add_parser('purge', help='delete all dead letters of a queue')
+    s.add_argument('queue', metavar='QUEUE')
+    s.add_argument('--yes', action='store_true', help='do not ask')
+    s.set_defaults(run=cmd_dlq_purge)
+
+    s = sub.add_parser('scripts', help='Lua scripts: SHA, KEYS/ARGV, EVALSHA template')
+    s.add_argument('--load', action='store_true', help='SCRIPT LOAD them on the server')
+    s.set_defaults(run=cmd_scripts, offline=True)  # no server needed unless --load
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else USAGE
+    where = maybe_sanitize_url(args.url)
+    try:
+        if getattr(args, 'offline', False) and not args.load:
+            return args.run(args, None)
+        broker = connect(args)
+        try:
+            return args.run(args, broker)
+        finally:
+            broker.client.connection_pool.disconnect()
+    except Failure as exc:
+        print(f'kombu-streams: {exc}', file=sys.stderr)
+        return exc.code
+    except BrokenPipeError:  # e.g. piped into head
+        return OK
+    except UnsupportedServer as exc:  # its message names the versions
+        print(exc, file=sys.stderr)
+        return ERROR
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        print(f'kombu-streams: cannot connect to Redis at {where}: {exc}', file=sys.stderr)
+        return ERROR
+    except redis.RedisError as exc:
+        print(f'kombu-streams: Redis error at {where}: {exc}', file=sys.stderr)
+        return ERROR
+    except KeyboardInterrupt:
+        return OK if getattr(args, 'watch', None) else 130
+
+
+if __name__ == '__main__':  # pragma: no cover
+    sys.exit(main())

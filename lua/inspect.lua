@@ -1,0 +1,97 @@
+--[[ inspect: a read-only snapshot of ONE queue, for operator tools (kombu-streams status).
+
+KEYS[1..n]    all streams of ONE queue (one per priority level)
+KEYS[n+1]     the queue's dead-letter stream, ks:q:{name}:dlq
+ARGV[1]       consumer group (the queue's name)
+ARGV[2]       name of the holder consumer that parks requeued messages
+ARGV[3..n+2]  the priority level of each stream, in KEYS order
+Reply:        {levels, dlq length, now}: now is the server's clock in unix ms (TIME), and
+              levels holds one record per stream, in KEYS order:
+              {level, exists, length, ready, held, pending, oldest, consumers, last}
+                exists     1 if the stream exists, else 0
+                length     XLEN
+                ready      messages not delivered yet: entries after the group's
+                           last-delivered id, plus those parked with the holder
+                held       of the ready ones, those parked with the holder (requeued or
+                           reclaimed, served first)
+                pending    delivered and not acked yet (the PEL without the holder)
+                oldest     age in ms of the oldest ready message (from the ms part of its
+                           entry id, against TIME), or -1 when none is ready
+                consumers  flat {name, pending, idle ms, ...}, the holder left out
+                last       the group's last-delivered id ("" when there is no group yet:
+                           then every entry is ready)
+Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + consumers) commands, each reading at most
+one entry; never loops over entries (ready = XLEN - PEL size + held, as in size.lua).
+
+Read-only: the script writes nothing, so it can run on a replica. Redis 7.0+ would let it
+say so with a first line "#!lua flags=no-writes" (then Redis refuses any write in it and
+allows it under EVALSHA_RO and on read-only replicas even during OOM); Redis 6.2 rejects
+shebang lines, so the file does not carry one. The registry (kombu_streams/scripts.py)
+could prepend the flag when the server is 7.0 or newer; that text has its own SHA.
+]]
+--@include common
+local n = #KEYS - 1
+local group, holder = ARGV[1], ARGV[2]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+
+-- Age in ms of the entry with id ID (its ms part against TIME), or -1 for no entry.
+local function age(id)
+  if not id then return -1 end
+  local ms = tonumber(string.match(id, '^(%d+)'))
+  if ms >= now then return 0 end
+  return now - ms
+end
+
+-- The first entry id of XRANGE KEY START +, or nil.
+local function first_after(key, start)
+  local r = redis.call('XRANGE', key, start, '+', 'COUNT', 1)
+  if r[1] then return r[1][1] end
+  return nil
+end
+
+-- The older of two ids (either may be nil).
+local function older(a, b)
+  if a == nil then return b end
+  if b == nil then return a end
+  if id_before(b, a) then return b end
+  return a
+end
+
+local function level_record(key, level)
+  if redis.call('EXISTS', key) == 0 then
+    return {level, 0, 0, 0, 0, 0, -1, {}, ''}
+  end
+  local length = redis.call('XLEN', key)
+  local info = nil
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+    if field(g, 'name') == group then info = g end
+  end
+  if info == nil then  -- published before any consumer declared the queue
+    return {level, 1, length, length, 0, 0, age(first_after(key, '-')), {}, ''}
+  end
+  local last = field(info, 'last-delivered-id')
+  local pel = tonumber(field(info, 'pending'))
+  local held, consumers = 0, {}
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', key, group)) do
+    local name, owns = field(c, 'name'), tonumber(field(c, 'pending'))
+    if name == holder then
+      held = owns
+    else
+      consumers[#consumers + 1] = name
+      consumers[#consumers + 1] = owns
+      consumers[#consumers + 1] = tonumber(field(c, 'idle'))
+    end
+  end
+  local oldest = first_after(key, '(' .. last)
+  if held > 0 then
+    local parked = redis.call('XPENDING', key, group, '-', '+', 1, holder)
+    if parked[1] then oldest = older(oldest, parked[1][1]) end
+  end
+  return {level, 1, length, length - pel + held, held, pel - held, age(oldest), consumers,
+          last}
+end
+
+local levels = {}
+for i = 1, n do levels[i] = level_record(KEYS[i], tonumber(ARGV[2 + i])) end
+return {levels, redis.call('XLEN', KEYS[n + 1]), now}

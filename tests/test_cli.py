@@ -1,0 +1,465 @@
+"""The ``kombu-streams`` command (kombu_streams/cli.py) and the scripts behind ``status``.
+
+inspect.lua and inspect_fanout.lua are tested like every script (on fakeredis, Redis 7.0 and
+Redis 6.2, through ``Broker``). The command itself runs as a subprocess, the installed
+console script, against a real redis-server, with its state made by Kombu or by the broker
+scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kombu import Connection, Exchange, Queue
+
+import kombu_streams  # noqa: F401  (registers redis-streams://)
+from kombu_streams.broker import HOLDER, Broker
+from kombu_streams.keys import Keys
+from kombu_streams.scripts import SCRIPTS, KeyTypeError
+
+K = Keys()
+LEVELS = [0, 3, 6, 9]
+CLI = Path(sys.executable).parent / 'kombu-streams'
+
+
+def broker(c, levels=LEVELS, keys=K):
+    return Broker(c, keys, levels)
+
+
+def level(info, lv):
+    return next(x for x in info['levels'] if x['level'] == lv)
+
+
+def counts(info):
+    """{level: (ready, held, pending)} of the levels that hold anything."""
+    return {x['level']: (x['ready'], x['held'], x['pending']) for x in info['levels']
+            if x['ready'] or x['pending']}
+
+
+def snapshot(c):
+    return {key: (c.type(key), c.dump(key)) for key in c.keys('*')}
+
+
+def is_fake(c):
+    return type(c).__module__.startswith('fakeredis')
+
+
+def is_62(c):
+    return not is_fake(c) and str(c.info('server')['redis_version']).startswith('6.')
+
+
+# -- inspect.lua ----------------------------------------------------------------------------
+
+
+def test_inspect_missing_queue(script_client):
+    info = broker(script_client).inspect('nope')
+    assert info['exists'] is False
+    assert (info['ready'], info['held'], info['pending'], info['dlq']) == (0, 0, 0, 0)
+    assert info['oldest_ready_ms'] is None and info['consumers'] == []
+    assert [x['level'] for x in info['levels']] == LEVELS
+    assert not any(x['exists'] for x in info['levels'])
+    assert script_client.keys('*') == []
+
+
+def test_inspect_counts_ready_held_pending_and_consumers(script_client):
+    c = script_client
+    b = broker(c)
+    b.declare('q')
+    for i in range(5):
+        b.publish('q', 0, f'a{i}')
+    for i in range(3):
+        b.publish('q', 6, f'b{i}')
+    got = b.read(['q'], 'c1', 3)                       # a0 a1 a2
+    b.requeue('q', [(got[0].stream, got[0].entry_id)])  # a0 back, held
+    b.ack('q', [(got[1].stream, got[1].entry_id)])      # a1 done
+    b.read(['q'], 'c2', 1)                               # a0 again (held ones first)
+    b.read(['q'], 'c3', 3)                               # a3 a4 b0
+    b.requeue('q', [(K.stream('q', 0), got[2].entry_id)])  # c1's a2 back
+    info = b.inspect('q')
+    assert counts(info) == {0: (1, 1, 3), 6: (2, 0, 1)}
+    assert (info['ready'], info['held'], info['pending']) == (3, 1, 4)
+    assert info['ready'] == b.size('q')
+    assert {(x['name'], x['pending']) for x in info['consumers']} == {
+        ('c1', 0), ('c2', 1), ('c3', 3)}
+    assert HOLDER not in {x['name'] for x in info['consumers']}
+    lv0 = level(info, 0)
+    assert {x['name']: x['pending'] for x in lv0['consumers']} == {'c1': 0, 'c2': 1, 'c3': 2}
+    assert all(x['idle_ms'] >= 0 for x in info['consumers'])
+    assert lv0['length'] == 4 and lv0['exists']
+    assert level(info, 3)['oldest_ready_ms'] is None
+    assert level(info, 6)['last_delivered_id'] == c.xrange(K.stream('q', 6))[0][0].decode()
+    assert info['dlq'] == 0
+
+
+def test_inspect_oldest_ready_age_counts_held_and_new_entries(script_client):
+    c = script_client
+    b = broker(c)
+    key = K.stream('q', 3)
+    for ms in (1000, 2000, 3000):
+        c.xadd(key, {'m': f'x{ms}'}, id=f'{ms}-0')
+    c.xgroup_create(key, 'q', '0')
+    info = b.inspect('q')
+    assert level(info, 3)['oldest_ready_ms'] == info['time_ms'] - 1000
+    got = b.read(['q'], 'c1', 2)            # 1000 and 2000 are delivered: 3000 is ready
+    info = b.inspect('q')
+    assert level(info, 3)['oldest_ready_ms'] == info['time_ms'] - 3000
+    b.requeue('q', [(key, got[1].entry_id)])  # 2000 is held: older than 3000
+    info = b.inspect('q')
+    assert level(info, 3)['oldest_ready_ms'] == info['time_ms'] - 2000
+    assert info['oldest_ready_ms'] == info['time_ms'] - 2000
+    assert (info['ready'], info['held'], info['pending']) == (2, 1, 1)
+
+
+def test_inspect_before_declare_counts_every_entry_ready(script_client):
+    c = script_client
+    c.xadd(K.stream('q', 9), {'m': 'x'}, id='5000-0')
+    c.xadd(K.stream('q', 9), {'m': 'y'}, id='6000-0')
+    info = broker(c).inspect('q')
+    assert info['exists'] and counts(info) == {9: (2, 0, 0)}
+    assert level(info, 9)['last_delivered_id'] is None
+    assert info['oldest_ready_ms'] == info['time_ms'] - 5000
+
+
+def test_inspect_counts_dead_letters_and_writes_nothing(script_client):
+    c = script_client
+    b = broker(c)
+    b.declare('q')
+    b.publish('q', 0, 'x')
+    c.xadd(K.stream('q', 0), {'junk': '1'})  # not a message: read sets it aside
+    d = b.read(['q'], 'c1', 5)
+    b.dead_letter('q', d[0].stream, d[0].entry_id, 'testing', d[0].deliveries)
+    b.bind('ex', 'm', 0, fanout_group='q')
+    before = snapshot(c)
+    info = b.inspect('q')
+    fan = b.inspect_fanout('ex')
+    assert info['dlq'] == 2 and info['ready'] == 0 and info['pending'] == 0
+    assert fan['exists'] and [g['group'] for g in fan['groups']] == ['q']
+    assert snapshot(c) == before
+    if not is_fake(c) and not is_62(c):
+        # Redis 7.0+: EVALSHA_RO refuses any script that tries to write
+        script = SCRIPTS['inspect']
+        keys = [*K.streams('q', LEVELS), K.dlq('q')]
+        assert c.evalsha_ro(script.sha, len(keys), *keys, 'q', HOLDER, *LEVELS)[1] == 2
+
+
+def test_inspect_with_prefix_and_other_levels(script_client):
+    keys = Keys('app1:')
+    b = broker(script_client, [0, 5], keys)
+    b.declare('q')
+    b.publish('q', 5, 'x')
+    info = b.inspect('q')
+    assert [x['stream'] for x in info['levels']] == ['app1:ks:q:{q}:0', 'app1:ks:q:{q}:5']
+    assert counts(info) == {5: (1, 0, 0)}
+    assert broker(script_client).inspect('q')['exists'] is False
+
+
+@pytest.mark.parametrize('which', ['level', 'dlq', 'fanout'])
+def test_inspect_wrong_type_raises_key_type_error(script_client, which):
+    c = script_client
+    key = {'level': K.stream('q', 3), 'dlq': K.dlq('q'), 'fanout': K.fanout('x')}[which]
+    c.set(key, b'someone else')
+    with pytest.raises(KeyTypeError) as info:
+        if which == 'fanout':
+            broker(c).inspect_fanout('x')
+        else:
+            broker(c).inspect('q')
+    assert key in str(info.value) and 'WRONGTYPE' in str(info.value)
+    assert c.get(key) == b'someone else'
+
+
+# -- inspect_fanout.lua ---------------------------------------------------------------------
+
+
+def test_inspect_fanout_lag_pending_and_cap(script_client):
+    c = script_client
+    b = broker(c)
+    missing = b.inspect_fanout('x')
+    assert (missing['exists'], missing['length'], missing['groups']) == (False, 0, [])
+    for q in ('a', 'b'):
+        b.bind('x', f'member-{q}', 0, fanout_group=q)
+    for i in range(3):
+        script, keys, args = b.fanout_publish_call('x', f'm{i}', [('a', 'member-a'),
+                                                                   ('b', 'member-b')])
+        script(c, keys, args)
+    got = b.read(['a'], 'c1', 1, fanout={'a': ['x']})
+    assert got[0].exchange == 'x'
+    info = b.inspect_fanout('x')
+    assert info['exists'] and info['length'] == 3
+    groups = {g['group']: g for g in info['groups']}
+    assert (groups['a']['lag'], groups['a']['pending'], groups['a']['consumers']) == (2, 1, 1)
+    assert (groups['b']['lag'], groups['b']['pending'], groups['b']['consumers']) == (3, 0, 0)
+    assert not groups['a']['lag_capped'] and not groups['b']['lag_capped']
+    assert groups['b']['oldest_unread_ms'] >= groups['a']['oldest_unread_ms'] >= 0
+    capped = {g['group']: g for g in b.inspect_fanout('x', cap=2)['groups']}['b']
+    if is_62(c):
+        assert (capped['lag'], capped['lag_capped']) == (2, True)
+    else:  # 7.0+ knows the lag beyond the cap
+        assert (capped['lag'], capped['lag_capped']) in {(3, False), (2, True)}
+    b.ack('a', [(got[0].stream, got[0].entry_id)], exchange='x')
+    b.read(['a'], 'c1', 5, fanout={'a': ['x']})
+    groups = {g['group']: g for g in b.inspect_fanout('x')['groups']}
+    assert (groups['a']['lag'], groups['a']['pending']) == (0, 2)
+    assert groups['a']['oldest_unread_ms'] is None
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def cli(url, *args, stdin=''):
+    if not CLI.exists():
+        pytest.fail(f'{CLI} is missing: pip install -e . to get the console script')
+    env = {k: v for k, v in os.environ.items() if k != 'KOMBU_STREAMS_URL'}
+    argv = [str(CLI)] + (['--url', url] if url else []) + list(args)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, input=stdin,
+                          env=env)
+
+
+def cli_json(url, *args):
+    r = cli(url, '--json', *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture
+def work(redis_url):
+    """Queue 'work' made by Kombu: levels 0: 3 messages (2 delivered to one channel and not
+    acked, one rejected back), 3: 2 (one a Celery task), 9: 1; and fanout exchange 'bcast'
+    with queue 'bq' bound. Yields while the channel still holds its messages."""
+    with Connection(redis_url, transport='kombu_streams.transport:Transport') as conn:
+        q = Queue('work', Exchange('work'), 'work')
+        producer = conn.Producer()
+        for i, pri in enumerate([0, 0, 0, 5, 9]):
+            producer.publish({'n': i}, exchange=q.exchange, routing_key='work', declare=[q],
+                             priority=pri)
+        producer.publish([[2, 3], {}, {}], exchange=q.exchange, routing_key='work',
+                         priority=3, headers={'task': 'tasks.add', 'id': 'abc-123'})
+        bcast = Exchange('bcast', type='fanout')
+        channel = conn.channel()
+        Queue('bq', bcast)(channel).declare()
+        conn.Producer(channel).publish({'b': 1}, exchange=bcast)
+        taken = [channel.basic_get('work') for _ in range(3)]
+        assert [m.payload for m in taken] == [{'n': 0}, {'n': 1}, {'n': 2}]
+        taken[0].reject(requeue=True)
+        yield redis_url, channel.consumer_name
+
+
+def test_status_json_exact_counts(work):
+    url, consumer = work
+    data = cli_json(url, 'status', 'work')
+    assert data['missing'] == [] and data['exchanges'] == []
+    [info] = data['queues']
+    assert counts(info) == {0: (1, 1, 2), 3: (2, 0, 0), 9: (1, 0, 0)}
+    assert (info['ready'], info['held'], info['pending'], info['dlq']) == (4, 1, 2, 0)
+    assert [(c['name'], c['pending']) for c in info['consumers']] == [(consumer, 2)]
+    assert info['oldest_ready_ms'] >= 0
+
+
+def test_status_table(work):
+    url, consumer = work
+    r = cli(url.replace('redis://', 'redis-streams://'), 'status', 'work')
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ['QUEUE', 'LEVEL', 'READY', 'REQUEUED', 'PENDING', 'OLDEST',
+                                'CONSUMERS', 'DLQ']
+    row = lines[1].split()
+    assert row[:5] == ['work', 'all', '4', '1', '2'] and row[6:] == ['1', '0']
+    assert [line.split()[:4] for line in lines[2:5]] == [
+        ['0', '1', '1', '2'], ['3', '2', '0', '0'], ['9', '1', '0', '0']]
+    assert any(line.split()[:3] == [consumer, 'work', '2'] for line in lines)
+
+
+def test_status_discovers_queues_and_fanout_exchanges(work):
+    url, _ = work
+    data = cli_json(url, 'status')
+    assert [q['queue'] for q in data['queues']] == ['bq', 'work']
+    [fan] = data['exchanges']
+    assert fan['exchange'] == 'bcast'
+    assert [(g['group'], g['lag'], g['pending']) for g in fan['groups']] == [('bq', 1, 0)]
+    r = cli(url, 'status')
+    assert r.returncode == 0
+    assert 'FANOUT' in r.stdout and 'bcast' in r.stdout
+
+
+def test_status_watch_is_bounded_by_count(work):
+    url, _ = work
+    r = cli(url, '--json', 'status', 'work', '--watch', '0.05', '--count', '3')
+    assert r.returncode == 0, r.stderr
+    docs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(docs) == 3 and all(d['queues'][0]['ready'] == 4 for d in docs)
+
+
+def test_status_with_prefix_and_priority_steps(redis_url):
+    options = {'global_keyprefix': 'app1:', 'priority_steps': [0, 5]}
+    with Connection(redis_url, transport='kombu_streams.transport:Transport',
+                    transport_options=options) as conn:
+        q = Queue('pq', Exchange('pq'), 'pq')
+        conn.Producer().publish({'x': 1}, exchange=q.exchange, routing_key='pq',
+                                declare=[q], priority=7)
+    data = cli_json(redis_url, '--prefix', 'app1:', '--priority-steps', '0,5', 'status')
+    assert [(q['queue'], counts(q)) for q in data['queues']] == [('pq', {5: (1, 0, 0)})]
+    assert cli_json(redis_url, 'status')['queues'] == []
+    assert cli(redis_url, 'status', 'pq').returncode == 3
+
+
+def test_missing_queue_exits_3(redis_url):
+    for args in (['status', 'nope'], ['peek', 'nope'], ['dlq', 'list', 'nope'],
+                 ['dlq', 'redrive', 'nope'], ['dlq', 'purge', 'nope', '--yes']):
+        r = cli(redis_url, *args)
+        assert r.returncode == 3, (args, r.stderr)
+        assert "'nope' not found" in r.stderr or 'nope not found' in r.stderr
+
+
+def test_unreachable_server_exits_1(free_port):
+    url = f'redis://:secret@127.0.0.1:{free_port()}/0'
+    r = cli(url, 'status')
+    assert r.returncode == 1
+    assert 'cannot connect to Redis at' in r.stderr and '127.0.0.1' in r.stderr
+    assert 'secret' not in r.stderr and 'Traceback' not in r.stderr
+
+
+@pytest.mark.parametrize('args', [
+    [], ['frobnicate'], ['--priority-steps', '3,0', 'status'], ['peek'],
+    ['dlq', 'show', 'q', 'not-an-id'], ['dlq', 'redrive', 'q', '--count', '1', '--id', '1-1'],
+    ['status', '--watch', '0'],
+])
+def test_usage_errors_exit_2(redis_url, args):
+    r = cli(redis_url, *args)
+    assert r.returncode == 2, r.stderr
+    assert 'usage:' in r.stderr
+
+
+def test_unsupported_url_exits_2():
+    r = cli('amqp://127.0.0.1//', 'status')
+    assert r.returncode == 2 and 'unsupported URL' in r.stderr
+
+
+def test_peek_shows_ready_messages_in_serving_order_without_consuming(work):
+    url, _ = work
+    before = cli_json(url, 'status', 'work')['queues'][0]
+    found = cli_json(url, 'peek', 'work')
+    assert [(m['level'], m['requeued'], m['body']) for m in found] == [
+        (0, True, '{"n": 0}'), (3, False, '{"n": 3}'), (3, False, '[[2, 3], {}, {}]'),
+        (9, False, '{"n": 4}')]
+    celery = found[2]
+    assert (celery['task'], celery['task_id'], celery['content_type']) == (
+        'tasks.add', 'abc-123', 'application/json')
+    assert [m['id'] for m in cli_json(url, 'peek', 'work', '-n', '2')] == [
+        m['id'] for m in found[:2]]
+    r = cli(url, 'peek', 'work')
+    assert r.returncode == 0
+    assert 'task tasks.add id abc-123' in r.stdout and 'requeued' in r.stdout
+    assert 'body: {"n": 4}' in r.stdout
+    after = cli_json(url, 'status', 'work')['queues'][0]
+    assert counts(after) == counts(before)
+
+
+def test_peek_shortens_and_decodes_bodies(redis_url):
+    with Connection(redis_url, transport='kombu_streams.transport:Transport') as conn:
+        q = Queue('big', Exchange('big'), 'big')
+        p = conn.Producer()
+        p.publish(b'x' * 500, exchange=q.exchange, routing_key='big', declare=[q],
+                  content_type='text/plain', content_encoding='utf-8')
+        p.publish(b'\xff\xfe', exchange=q.exchange, routing_key='big',
+                  content_type='application/data', content_encoding='binary')
+    found = cli_json(redis_url, 'peek', 'big')
+    assert found[0]['body'] == 'x' * 77 + '...' and found[0]['size'] > 500
+    assert found[1]['body'] == repr(b'\xff\xfe')
+
+
+def dead_letters(redis_url):
+    """Queue 'dq' with a ready message (level 0), and two dead letters: a malformed entry
+    set aside by the read script, then a message (task t1, level 3) dead-lettered by hand."""
+    import redis
+    c = redis.Redis.from_url(redis_url)
+    b = broker(c)
+    b.declare('dq')
+    c.xadd(K.stream('dq', 0), {'junk': 'yes'})
+    with Connection(redis_url, transport='kombu_streams.transport:Transport') as conn:
+        q = Queue('dq', Exchange('dq'), 'dq')
+        for i in range(2):
+            conn.Producer().publish({'n': i}, exchange=q.exchange, routing_key='dq',
+                                    declare=[q], priority=3 * i,
+                                    headers={'task': f'tasks.t{i}', 'id': f'id-{i}'})
+    # reads level 0 (one entry: the junk, set aside), then level 3: delivers n=1
+    got = b.read(['dq'], 'tool', 1)
+    assert got[0].level == 3
+    b.dead_letter('dq', got[0].stream, got[0].entry_id, 'poison', got[0].deliveries)
+    return c, b
+
+
+def test_dlq_list_and_show(redis_url):
+    c, _ = dead_letters(redis_url)
+    data = cli_json(redis_url, 'dlq', 'list', 'dq')
+    assert data['total'] == 2
+    junk, poison = data['letters']
+    assert (junk['reason'], junk['level'], junk['message'], junk['fields']) == (
+        'malformed: no m field', 0, None, {'junk': 'yes'})
+    assert (poison['reason'], poison['level'], poison['deliveries']) == ('poison', 3, 1)
+    assert poison['message']['task'] == 'tasks.t1'
+    r = cli(redis_url, 'dlq', 'list', 'dq')
+    assert r.returncode == 0
+    assert 'malformed: no m field' in r.stdout and 'tasks.t1' in r.stdout
+    shown = cli_json(redis_url, 'dlq', 'show', 'dq', poison['id'])
+    assert shown['message']['body'] == '{"n": 1}' and shown['origin_id'] == poison['origin_id']
+    r = cli(redis_url, 'dlq', 'show', 'dq', poison['id'])
+    assert 'reason: poison' in r.stdout and 'body: {"n": 1}' in r.stdout
+    assert cli(redis_url, 'dlq', 'show', 'dq', '1-1').returncode == 3
+    assert [d['id'] for d in cli_json(redis_url, 'dlq', 'list', 'dq', '-n', '1')['letters']] == [
+        junk['id']]
+    assert c.xlen(K.dlq('dq')) == 2
+
+
+def test_dlq_redrive_by_id_count_and_all(redis_url):
+    c, b = dead_letters(redis_url)
+    junk, poison = cli_json(redis_url, 'dlq', 'list', 'dq')['letters']
+    assert cli_json(redis_url, 'dlq', 'redrive', 'dq', '--count', '1') == {
+        'queue': 'dq', 'moved': 0, 'skipped': 1}  # the oldest holds no message
+    assert cli_json(redis_url, 'dlq', 'redrive', 'dq', '--id', poison['id']) == {
+        'queue': 'dq', 'moved': 1, 'skipped': 0}
+    assert counts(b.inspect('dq')) == {0: (1, 0, 0), 3: (1, 0, 0)}
+    b.dead_letter('dq', K.stream('dq', 3), c.xrange(K.stream('dq', 3))[0][0], 'again', 1)
+    r = cli(redis_url, 'dlq', 'redrive', 'dq')
+    assert r.returncode == 0
+    assert 'moved 1 dead letter(s) back to dq; 1 skipped' in r.stdout
+    info = b.inspect('dq')
+    assert counts(info) == {0: (1, 0, 0), 3: (1, 0, 0)} and info['dlq'] == 1
+
+
+def test_dlq_purge(redis_url):
+    c, b = dead_letters(redis_url)
+    r = cli(redis_url, 'dlq', 'purge', 'dq')  # stdin is no terminal: needs --yes
+    assert r.returncode == 2 and '--yes' in r.stderr
+    assert c.xlen(K.dlq('dq')) == 2
+    assert cli_json(redis_url, 'dlq', 'purge', 'dq', '--yes') == {'queue': 'dq', 'purged': 2}
+    assert c.xlen(K.dlq('dq')) == 0
+    assert b.inspect('dq')['ready'] == 1  # the queue itself is untouched
+    r = cli(redis_url, 'dlq', 'purge', 'dq', '--yes')
+    assert r.returncode == 0 and 'no dead letters' in r.stdout
+
+
+def test_scripts_lists_every_script_with_a_ready_evalsha_line(redis_url):
+    r = cli(None, 'scripts')  # needs no server
+    assert r.returncode == 0, r.stderr
+    for name, script in SCRIPTS.items():
+        assert f'{name}  {script.sha}' in r.stdout
+    assert "redis-cli EVALSHA {} 2 '<KEYS[1]>' '<KEYS[2]>' '<ARGV[1]>'".format(
+        SCRIPTS['deadletter'].sha) in r.stdout
+    docs = {d['name']: d for d in cli_json(None, 'scripts')}
+    assert set(docs) == set(SCRIPTS)
+    size = docs['size']
+    assert size['keys'][0].startswith('KEYS[1..n]') and len(size['argv']) == 2
+    assert size['template'] == (f"redis-cli EVALSHA {SCRIPTS['size'].sha} <numkeys> "
+                                f"'<KEYS[1..n]>' '<ARGV[1]>' '<ARGV[2]>'")
+    assert docs['inspect']['summary'].startswith('a read-only snapshot of ONE queue')
+    # --load puts them on the server, so the template works as printed
+    assert cli(redis_url, 'scripts', '--load').returncode == 0
+    import redis
+    c = redis.Redis.from_url(redis_url)
+    c.xadd(K.stream('q', 0), {'m': 'x'})
+    keys = K.streams('q', LEVELS)
+    assert c.evalsha(SCRIPTS['size'].sha, len(keys), *keys, 'q', HOLDER) == 1
