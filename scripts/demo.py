@@ -137,7 +137,7 @@ def run(url: str, count: int) -> int:
         print(f'ready messages left: {left}')
         print('scripts loaded (name, sha):')
         for script in SCRIPTS.values():
-            print(f'  {script.name:<11}{script.sha}')
+            print(f'  {script.name:<15}{script.sha}')
         return 0 if left == 0 else 1
 
 
