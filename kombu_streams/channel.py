@@ -153,6 +153,8 @@ class Channel(virtual.Channel):
         self._inflight: dict[str, Held] = {}
         #: acks made on an event loop, sent with the next read or before the loop waits
         self._acks: deque[Held] = deque()
+        #: the last read took all the credit it had: more messages are probably ready
+        self.more_ready = False
         self._buffer: deque[tuple[dict[str, Any], str]] = deque()
         self._no_ack_queues: set[str] = set()
         self._tags = count(1)
@@ -411,7 +413,9 @@ class Channel(virtual.Channel):
             credit = self._credit()
             queues = self._queue_cycle.consume(len(self.active_queues))
             if credit > 0 and queues:
-                self._buffer.extend(self._read(queues, credit))
+                got = self._read(queues, credit)
+                self.more_ready = len(got) >= credit
+                self._buffer.extend(got)
         if not self._buffer:
             return None
         message, queue = self._buffer.popleft()

@@ -175,6 +175,12 @@ class Poller:
             wakes = channel.wake_keys()
             if not wakes:
                 continue
+            if channel.more_ready:
+                # Its last read took all it was allowed, so more is probably waiting: read
+                # again now (one round trip, acks riding along) instead of waiting for the
+                # marker. A read that finds less ends this, so it cannot spin.
+                self._deliver_channel(channel)
+                continue
             conn = self.transport.pool.get_connection()
             try:
                 conn.send_command('BZPOPMIN', *wakes, self._block(None))
@@ -185,6 +191,13 @@ class Poller:
             self._waits[fd] = channel
             self._conns[fd] = conn
             self._hub.add_reader(fd, self.transport.on_readable, fd)
+
+    def _deliver_channel(self, channel: Channel) -> None:
+        for _ in range(ASYNC_BATCH):
+            item = channel.next_delivery()
+            if item is None:
+                return
+            self.transport._deliver(item[0], item[1])
 
     def on_readable(self, fd: int) -> None:
         """A wait answered: deliver what is ready; the next loop turn waits again."""
