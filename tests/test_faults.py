@@ -632,6 +632,10 @@ def test_client_kill_all_clients_mid_stream(private_redis, store_url, store, con
     killed = []
 
     def fault():
+        # Kill only once the consumer and the publisher are both connected (after an earlier
+        # kill they reconnect on their next command), so every round hits both of them.
+        wait_until(lambda: len(raw.client_list(_type='normal')) - 1 >= 2, 10,
+                   'the consumer and the publisher to be connected')
         killed.append(raw.client_kill_filter(_type='normal'))
 
     publisher, counts = stream_through(server, store_url, store, consumers, 'faults-kill',
