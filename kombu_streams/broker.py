@@ -46,16 +46,17 @@ class Broker:
         """The wake marker of a queue, or of its group on a fanout exchange."""
         return self.keys.fanout_wake(exchange, queue) if exchange else self.keys.wake(queue)
 
-    def _entry_args(self, queue: str, entries: Iterable[tuple[str, Any]]
-                    ) -> tuple[list[str], list[Any]]:
-        """(streams, [k, id, k, id, ...]) for entries given as (stream key, id)."""
+    @staticmethod
+    def _entry_args(entries: Iterable[tuple[Any, ...]]) -> tuple[list[str], list[Any]]:
+        """(streams, [k, id, *extra, k, id, *extra, ...]) for entries given as
+        (stream key, id, *extra): the KEYS and ARGV layout the entry scripts share."""
         streams: list[str] = []
-        pairs: list[Any] = []
-        for stream, entry_id in entries:
+        flat: list[Any] = []
+        for stream, entry_id, *extra in entries:
             if stream not in streams:
                 streams.append(stream)
-            pairs += [streams.index(stream) + 1, entry_id]
-        return streams, pairs
+            flat += [streams.index(stream) + 1, entry_id, *extra]
+        return streams, flat
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -200,7 +201,7 @@ class Broker:
             if not ids:
                 return None
             return SCRIPTS['fanout_ack'], [self.keys.fanout(exchange)], [queue, *ids]
-        streams, pairs = self._entry_args(queue, entries)
+        streams, pairs = self._entry_args(entries)
         if not pairs:
             return None
         return SCRIPTS['ack'], streams, [queue, *pairs]
@@ -211,12 +212,8 @@ class Broker:
 
         Entries are (stream key, id) or (stream key, id, delivery count to keep).
         """
-        streams: list[str] = []
-        args: list[Any] = []
-        for stream, entry_id, *count in entries:
-            if stream not in streams:
-                streams.append(stream)
-            args += [streams.index(stream) + 1, entry_id, count[0] if count else -1]
+        streams, args = self._entry_args(
+            (stream, entry_id, count[0] if count else -1) for stream, entry_id, *count in entries)
         if not args:
             return 0
         return SCRIPTS['requeue'](self.client, streams + [self.wake(queue, exchange)],
@@ -225,7 +222,7 @@ class Broker:
     def renew(self, queue: str, consumer: str, entries: Iterable[tuple[str, Any]]
               ) -> list[tuple[str, bytes]]:
         """Extend leases this consumer still holds; returns the (stream, id) it lost."""
-        streams, pairs = self._entry_args(queue, entries)
+        streams, pairs = self._entry_args(entries)
         if not pairs:
             return []
         lost = SCRIPTS['renew'](self.client, streams, [queue, consumer, *pairs])
