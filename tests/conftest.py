@@ -9,6 +9,7 @@ Helpers usable from other test modules (``from conftest import ...``):
 * ``start_redis(binary, tmpdir, extra_args=()) -> (proc, port)``
 * ``stop_redis(proc)``
 * ``server_version(url)`` -- ``redis_version`` from ``INFO server``
+* ``wait_until(predicate, timeout, what, interval, diag)`` -- poll until true, or fail
 
 Fixtures:
 
@@ -71,6 +72,20 @@ def missing(reason: str):
 # helpers
 # ---------------------------------------------------------------------------
 
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05, diag=None):
+    """Poll ``predicate`` until it is truthy (and return its value), or fail after
+    ``timeout`` seconds saying what was awaited, plus ``diag()`` if given."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f'\n{diag()}' if diag else ''
+            raise AssertionError(f'timed out after {timeout} s waiting for {what}{extra}')
+        time.sleep(interval)
 
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago."""

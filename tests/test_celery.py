@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import pytest
 import redis
+from conftest import wait_until
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow]
 
@@ -83,15 +84,9 @@ BASE_CONF: dict[str, Any] = {
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05,
              what: str = 'condition', log: Callable[[], str] | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = f'\n--- worker logs ---\n{log()}' if log else ''
-            pytest.fail(f'timed out after {timeout}s waiting for {what}{detail}')
-        time.sleep(interval)
+    """conftest.wait_until, with the worker logs as the diagnosis."""
+    diag = (lambda: f'--- worker logs ---\n{log()}') if log else None
+    return wait_until(predicate, timeout, what, interval, diag)
 
 
 class Worker:

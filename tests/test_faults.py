@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import HOST, start_redis, stop_redis
+from conftest import HOST, start_redis, stop_redis, wait_until
 from kombu import Connection, Consumer, Producer, Queue
 from kombu.exceptions import BatchPublishError
 
@@ -296,18 +296,6 @@ class Store:
 
     def stop_consumers(self) -> None:
         self.client.set('stop', 1)
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05, diag=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f'\n{diag()}' if diag else ''
-            raise AssertionError(f'timed out after {timeout} s waiting for {what}{extra}')
-        time.sleep(interval)
 
 
 def publish(broker: str, queue: str, bodies, **options) -> None:
