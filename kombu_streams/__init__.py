@@ -1,7 +1,8 @@
 """kombu-streams: a Kombu transport (and so a Celery broker) on Redis Streams.
 
-Importing the package registers the URL schemes ``redis-streams://`` and
-``rediss-streams://`` (TLS) with Kombu, so ``Connection('redis-streams://127.0.0.1:6379/0')``
+Importing the package registers the URL schemes ``redis-streams://``,
+``rediss-streams://`` (TLS), ``redis-streams-cluster://`` and ``rediss-streams-cluster://``
+(Redis Cluster) with Kombu, so ``Connection('redis-streams://127.0.0.1:6379/0')``
 works. Without the import, name the transport: ``transport='kombu_streams.transport:Transport'``.
 """
 
@@ -12,5 +13,6 @@ from .transport import Transport
 __all__ = ('Transport', '__version__')
 __version__ = '0.1.0'
 
-for _scheme in ('redis-streams', 'rediss-streams'):
+for _scheme in ('redis-streams', 'rediss-streams', 'redis-streams-cluster',
+                'rediss-streams-cluster'):
     TRANSPORT_ALIASES.setdefault(_scheme, 'kombu_streams.transport:Transport')

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
+from redis.crc import key_slot
+
 from .keys import Keys
 from .scripts import SCRIPTS, Script
 
@@ -155,18 +157,48 @@ class Broker:
                   ) -> tuple[tuple[Script, list[str], list[Any]],
                              Callable[[list[Any]], list[Delivery]]]:
         """The read call as (script, KEYS, ARGV), and the function that decodes its reply."""
-        fanout, ttls = fanout or {}, ttls or {}
-        sources = [(q, ex) for q in queues for ex in sorted(fanout.get(q, ()))]
-        sources += [(q, None) for q in queues]
+        return self.sources_call(self.sources(queues, fanout), consumer, count,
+                                 max_deliveries, ttls)
+
+    @staticmethod
+    def sources(queues: Sequence[str], fanout: dict[str, Iterable[str]] | None = None
+                ) -> list[tuple[str, str | None]]:
+        """(queue, fanout exchange or None) for what a read of ``queues`` covers, in serving
+        order: the queues' groups on fanout exchanges, then the queues' own streams."""
+        fanout = fanout or {}
+        out: list[tuple[str, str | None]] = [
+            (q, ex) for q in queues for ex in sorted(fanout.get(q, ()))]
+        return out + [(q, None) for q in queues]
+
+    def slot_groups(self, sources: Sequence[tuple[str, str | None]]
+                    ) -> list[list[tuple[str, str | None]]]:
+        """Split sources into groups one read script may cover: all of them on one Redis; on
+        Redis Cluster, those whose keys share a hash slot (queue names with a common
+        ``{tag}`` share one), in serving order of each group's first source."""
+        if not self.keys.cluster:
+            return [list(sources)]
+        groups: dict[int, list[tuple[str, str | None]]] = {}
+        for queue, exchange in sources:
+            key = self.keys.fanout(exchange) if exchange else self.keys.stream(queue, 0)
+            groups.setdefault(key_slot(key.encode()), []).append((queue, exchange))
+        return list(groups.values())
+
+    def sources_call(self, sources: Sequence[tuple[str, str | None]], consumer: str,
+                     count: int, max_deliveries: int = 0, ttls: dict[str, int] | None = None
+                     ) -> tuple[tuple[Script, list[str], list[Any]],
+                                Callable[[list[Any]], list[Delivery]]]:
+        """The read call for explicit ``sources`` (see :meth:`sources`), and its decoder."""
+        ttls = ttls or {}
         index = {src: i + 1 for i, src in enumerate(sources)}
         # (stream key, group, source index, shared, level), in the order to serve them
         streams = [(self.keys.fanout(ex), q, index[(q, ex)], '1', self.levels[0])
                    for q, ex in sources if ex]
+        own = [q for q, ex in sources if not ex]
         streams += [(self.keys.stream(q, level), q, index[(q, None)], '0', level)
-                    for level in self.levels for q in queues]
+                    for level in self.levels for q in own]
         keys = [s[0] for s in streams]
         for q, ex in sources:
-            keys += [self.wake(q, ex), self.keys.dlq(q)]
+            keys += [self.wake(q, ex), self.keys.fanout_dlq(ex, q) if ex else self.keys.dlq(q)]
         args: list[Any] = [consumer, count, len(streams), HOLDER, max_deliveries, len(sources)]
         args += [ttls.get(q, 0) for q, _ in sources]
         for _, group, src, shared, _ in streams:
@@ -243,10 +275,12 @@ class Broker:
     # -- dead letters ------------------------------------------------------------------------
 
     def dead_letter(self, queue: str, stream: str, entry_id: Any, reason: str,
-                    deliveries: int, shared: bool = False) -> int:
-        return SCRIPTS['deadletter'](self.client, [stream, self.keys.dlq(queue)],
+                    deliveries: int, exchange: str | None = None) -> int:
+        """Set one delivered entry aside; ``exchange``: it sits in that fanout stream."""
+        dlq = self.keys.fanout_dlq(exchange, queue) if exchange else self.keys.dlq(queue)
+        return SCRIPTS['deadletter'](self.client, [stream, dlq],
                                      [queue, entry_id, reason, deliveries,
-                                      '1' if shared else '0'])
+                                      '1' if exchange else '0'])
 
     def redrive(self, queue: str, count: int, ids: Sequence[Any] = ()) -> tuple[int, int]:
         """Move up to ``count`` dead letters (or just ``ids``) back; returns (moved, skipped)."""

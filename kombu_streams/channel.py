@@ -30,7 +30,7 @@ from kombu.utils.scheduling import cycle_by_name
 from .broker import HOLDER, Broker, Delivery
 from .connection import POOL_OPTIONS
 from .keys import Keys
-from .scripts import execute_pipeline
+from .scripts import Call, run_calls
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class Channel(virtual.Channel):
     def __init__(self, connection: Any, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
         self._validate_options()
-        self.keys = Keys(self.global_keyprefix)
+        self.keys = Keys(self.global_keyprefix, cluster=connection.cluster)
         self._levels = list(self.priority_steps)
         self._queue_cycle = cycle_by_name(self.queue_order_strategy)()
         #: delivery tag -> where the message sits until settled
@@ -438,26 +438,36 @@ class Channel(virtual.Channel):
         return min(UNLIMITED_READ if credit is None else credit, self.max_read_batch)
 
     def _read(self, queues: list[str], credit: int) -> list[tuple[dict[str, Any], str]]:
-        """Run read.lua over ``queues`` and decode what it delivered."""
+        """Run read.lua over ``queues`` and decode what it delivered.
+
+        One script call covers every queue, on one Redis; on Redis Cluster one call per hash
+        slot, in serving order, each taking what credit the ones before it left."""
         out: list[tuple[dict[str, Any], str]] = []
         self.connection.cycle.note_read(queues)
-        read, parse = self.broker.read_call(queues, self.consumer_name, credit,
-                                            self.max_deliveries, self._fanout_map(queues),
-                                            self._expires)
-        calls = self._ack_calls() + [read]  # deferred acks ride along: one round trip
-        if len(calls) == 1:
-            script, keys, args = read
-            reply = script(self.client, keys, args)
-        else:
-            reply = execute_pipeline(self._pipeline_of(calls), calls)[-1]
-        for delivery in parse(reply):
-            message = self._decode(delivery)
-            if message is None:
-                continue
-            tag = message['properties']['delivery_tag']
-            self._inflight[tag] = Held(delivery.queue, delivery.stream, delivery.entry_id,
-                                       delivery.deliveries, delivery.exchange)
-            out.append((message, delivery.queue))
+        groups = self.broker.slot_groups(self.broker.sources(queues, self._fanout_map(queues)))
+        acks = self._ack_calls()  # deferred acks ride along with the first read
+        for sources in groups:
+            if credit <= 0:
+                break
+            read, parse = self.broker.sources_call(sources, self.consumer_name, credit,
+                                                   self.max_deliveries, self._expires)
+            calls, acks = acks + [read], []
+            if len(calls) == 1:
+                script, keys, args = read
+                reply = script(self.client, keys, args)
+            else:
+                reply = run_calls(self.client, calls)[-1]
+            for delivery in parse(reply):
+                credit -= 1
+                message = self._decode(delivery)
+                if message is None:
+                    continue
+                tag = message['properties']['delivery_tag']
+                self._inflight[tag] = Held(delivery.queue, delivery.stream, delivery.entry_id,
+                                           delivery.deliveries, delivery.exchange)
+                out.append((message, delivery.queue))
+        if acks:
+            run_calls(self.client, acks)
         if self._inflight:
             self.connection.leases.start()
         return out
@@ -474,7 +484,7 @@ class Channel(virtual.Channel):
                          'the dead-letter stream %s', bytes_to_str(d.entry_id), d.stream, exc,
                          self.keys.dlq(d.queue))
             self.broker.dead_letter(d.queue, d.stream, d.entry_id, f'undecodable: {exc!r}',
-                                    d.deliveries, shared=d.exchange is not None)
+                                    d.deliveries, d.exchange)
             return None
         props['delivery_tag'] = f'{self.channel_id}.{next(self._tags)}.{uuid4().hex[:8]}'
         redelivered = d.deliveries > 1
@@ -499,7 +509,7 @@ class Channel(virtual.Channel):
         if held is not None:
             self._acks.append(held)
 
-    def _ack_calls(self) -> list[tuple[Any, list[str], list[Any]]]:
+    def _ack_calls(self) -> list[Call]:
         """Take the deferred acks, as one script call per source."""
         by_source: dict[tuple[str, str | None], list[tuple[str, bytes]]] = {}
         while True:
@@ -520,13 +530,7 @@ class Channel(virtual.Channel):
         """Send deferred acks now."""
         calls = self._ack_calls()
         if calls:
-            execute_pipeline(self._pipeline_of(calls), calls)
-
-    def _pipeline_of(self, calls: list[tuple[Any, list[str], list[Any]]]) -> Any:
-        pipe = self.client.pipeline(transaction=False)
-        for script, keys, args in calls:
-            script.queue(pipe, keys, args)
-        return pipe
+            run_calls(self.client, calls)
 
     def _settle(self, tags: Iterable[str], mode: str, read_ahead: Iterable[str] = ()) -> int:
         """Ack (delete), requeue or dead-letter messages: one script call per queue.
@@ -550,7 +554,7 @@ class Channel(virtual.Channel):
             else:
                 for stream, entry_id, deliveries in entries:
                     done += self.broker.dead_letter(queue, stream, entry_id, 'rejected',
-                                                    deliveries, shared=exchange is not None)
+                                                    deliveries, exchange)
         return done
 
     def _requeue_delivered(self, tags: list[str]) -> int:
@@ -632,13 +636,13 @@ class Channel(virtual.Channel):
 
 
 class PublishBatch:
-    """``Producer.batch()`` support: publish scripts pipelined in one round trip per flush."""
+    """``Producer.batch()`` support: publish scripts pipelined in one round trip per flush
+    (per node on Redis Cluster)."""
 
     def __init__(self, channel: Channel, max_size: int) -> None:
         self.channel = channel
         self.max_size = max_size
-        self.pipeline = channel.client.pipeline(transaction=False)
-        self._calls: list[tuple[Any, list[str], list[Any]]] = []
+        self._calls: list[Call] = []
         self._failed: BaseException | None = None
         self._closed = False
         self._aborted = False
@@ -658,7 +662,6 @@ class PublishBatch:
         return result
 
     def add(self, script: Any, keys: list[str], args: list[Any]) -> None:
-        script.queue(self.pipeline, keys, args)
         self._calls.append((script, keys, args))
 
     def flush(self) -> None:
@@ -667,19 +670,17 @@ class PublishBatch:
             return
         calls, self._calls = self._calls, []
         try:
-            execute_pipeline(self.pipeline, calls)
+            run_calls(self.channel.client, calls)
         except Exception as exc:
             self._failed = exc
-            self.pipeline.reset()
             raise BatchPublishError(
                 'kombu-streams publish batch failed; delivery is uncertain') from exc
 
     def discard(self) -> None:
         self._aborted = True
         self._calls = []
-        self.pipeline.reset()
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.pipeline.reset()
+            self._calls = []

@@ -12,6 +12,9 @@ client would only rewrite the first one).
     <prefix>ks:x:{<exchange>}:deadlines  deadlines of bindings of expiring queues (zset)
     <prefix>ks:x:{<exchange>}:fanout     fanout stream, one consumer group per bound queue
     <prefix>ks:x:{<exchange>}:wake:<queue>   wake marker of a bound queue's group
+    <prefix>ks:x:{<exchange>}:dlq:<queue>    on Redis Cluster only: dead letters of a bound
+                                             queue's group (a script cannot reach the queue's
+                                             own dead-letter stream in another slot)
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ class Keys:
     """Builds key names for one ``global_keyprefix``."""
 
     prefix: str = ''
+    #: Redis Cluster: a script may only touch keys of one slot.
+    cluster: bool = False
 
     def queue_base(self, queue: str) -> str:
         return f'{self.prefix}ks:q:{{{queue}}}'
@@ -52,3 +57,10 @@ class Keys:
 
     def fanout_wake(self, exchange: str, queue: str) -> str:
         return f'{self.prefix}ks:x:{{{exchange}}}:wake:{queue}'
+
+    def fanout_dlq(self, exchange: str, queue: str) -> str:
+        """Where dead letters of ``queue``'s group on a fanout exchange go: the queue's own
+        dead-letter stream, except on Redis Cluster, where it must share the exchange's slot."""
+        if self.cluster:
+            return f'{self.prefix}ks:x:{{{exchange}}}:dlq:{queue}'
+        return self.dlq(queue)

@@ -26,6 +26,13 @@ bounded by ``polling_interval`` seconds (1 s by default) and each timeout is fol
 one read. That is one cheap script call per second per idle connection: no busy polling,
 an idle consumer costs ~0 CPU.
 
+Redis Cluster: BZPOPMIN may only wait on keys of one hash slot, so the markers are grouped
+by slot and each group gets its own pending BZPOPMIN on a connection to the node that
+serves the slot; the waiting thread selects on all of their sockets. The argument above is
+per marker and holds unchanged. A wait answered MOVED or ASK (the slot is moving) counts as
+a wake-up: the next read goes through the cluster client, which follows the slot, and the
+slot map is refreshed before the next wait.
+
 Latency: a publish wakes the blocked consumer directly, which then runs one read: two round
 trips from publish to callback, the same as Kombu's Redis transport (BRPOP, then its
 pipeline that records the unacked message).
@@ -33,10 +40,14 @@ pipeline that records the unacked message).
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+from redis.crc import key_slot
+from redis.exceptions import AskError, ClusterDownError, TryAgainError
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -52,6 +63,19 @@ CREDIT_CHECK = 0.05
 ASYNC_BATCH = 100
 
 
+#: Replies to a wait that mean the slot is moving or the cluster is reconfiguring.
+_SLOT_MOVING = (AskError, TryAgainError, ClusterDownError)
+
+
+class Wait(NamedTuple):
+    """A BZPOPMIN sent and not yet answered."""
+
+    owner: Channel | None  # the channel it waits for on an event loop; None: drain()
+    keys: tuple[str, ...]
+    conn: Any
+    pool: Any
+
+
 class Poller:
     """The transport's ``cycle``: serves ``drain_events`` for all channels of a connection,
     or, registered with an event loop (Celery's hub), waits on a socket of its own."""
@@ -61,8 +85,7 @@ class Poller:
         self.channels: list[Channel] = []
         self._read_queues: set[str] = set()  # queues read since the last wake-up
         self._hub: Any = None
-        self._waits: dict[int, Channel] = {}  # fd of a pending BZPOPMIN -> its channel
-        self._conns: dict[int, Any] = {}  # fd -> redis connection
+        self._waits: dict[int, Wait] = {}  # fd of a pending BZPOPMIN -> the wait
 
     def add(self, channel: Channel) -> None:
         if channel not in self.channels:
@@ -71,13 +94,13 @@ class Poller:
     def discard(self, channel: Channel) -> None:
         if channel in self.channels:
             self.channels.remove(channel)
-        for fd, waiting in list(self._waits.items()):
-            if waiting is channel:
+        for fd, wait in list(self._waits.items()):
+            if wait.owner is channel:
                 self._drop_wait(fd, disconnect=True)
 
     def close(self) -> None:
         self.channels = []
-        for fd in list(self._conns):
+        for fd in list(self._waits):
             self._drop_wait(fd, disconnect=True)
         if self._hub is not None:
             self._hub.on_tick.discard(self.on_tick)
@@ -101,6 +124,15 @@ class Poller:
     def _wake_keys(self) -> dict[str, str]:
         """wake key -> queue, for the queues some channel may read now."""
         return {key: q for ch in self.channels for key, q in ch.wake_keys().items()}
+
+    def _groups(self, wakes: list[str]) -> list[tuple[str, ...]]:
+        """Markers one BZPOPMIN may wait on together: all, or those of one slot on Cluster."""
+        if not self.transport.cluster:
+            return [tuple(wakes)]
+        groups: dict[int, list[str]] = {}
+        for key in wakes:
+            groups.setdefault(key_slot(key.encode()), []).append(key)
+        return [tuple(keys) for keys in groups.values()]
 
     def _block(self, remaining: float | None) -> float:
         block = self.transport.wait_interval
@@ -143,10 +175,66 @@ class Poller:
                 if self.deliver_one(deliver):
                     return
                 continue
+            if self.transport.cluster:
+                if self._wait_groups(wakes, remaining, deliver):
+                    return
+                continue
             popped = self.transport.blocking_client().bzpopmin(
                 wakes, timeout=self._block(remaining))
             if self._after_wake(popped, deliver, None):
                 return
+
+    def _wait_groups(self, wakes: list[str], remaining: float | None,
+                     deliver: Callable[[Any, str], Any]) -> bool:
+        """drain() on Redis Cluster: one pending BZPOPMIN per slot group, kept across calls,
+        and a select() on their sockets. True when a message was delivered."""
+        groups = set(self._groups(wakes))
+        for fd, wait in list(self._waits.items()):
+            if wait.owner is None and wait.keys not in groups:
+                self._drop_wait(fd, disconnect=True)  # the channels' queues changed
+        pending = {w.keys for w in self._waits.values() if w.owner is None}
+        for keys in groups - pending:
+            self._send_wait(keys, None)
+        fds = [fd for fd, w in self._waits.items() if w.owner is None]
+        # each BZPOPMIN times out by itself within wait_interval; the margin covers the trip
+        timeout = self.transport.wait_interval + 1.0
+        if remaining is not None:
+            timeout = min(timeout, remaining)
+        ready, _, _ = select.select(fds, [], [], max(timeout, 0))
+        delivered = 0
+        for fd in ready:
+            popped = self._answer(fd)
+            # the first wake-up delivers one message; later ones only keep their markers
+            delivered += self._after_wake(popped, deliver, 0 if delivered else None)
+        return delivered > 0
+
+    def _send_wait(self, keys: tuple[str, ...], owner: Channel | None) -> int:
+        """Send BZPOPMIN on ``keys`` on a connection of its own; returns its fd."""
+        pool = self.transport.wait_pool(keys[0])
+        conn = pool.get_connection()
+        try:
+            conn.send_command('BZPOPMIN', *keys, self._block(None))
+        except Exception:
+            pool.release(conn)
+            raise
+        fd = conn._sock.fileno()
+        self._waits[fd] = Wait(owner, keys, conn, pool)
+        return fd
+
+    def _answer(self, fd: int) -> Any:
+        """Read a wait's answer and end the wait: the popped marker, or None."""
+        wait = self._waits[fd]
+        try:
+            popped = wait.conn.read_response()
+        except _SLOT_MOVING:
+            self._drop_wait(fd)
+            self.transport.refresh_slots()
+            return None
+        except Exception:
+            self._drop_wait(fd, disconnect=True)
+            raise
+        self._drop_wait(fd)
+        return popped
 
     # -- asynchronous: Celery's hub ------------------------------------------------------------
     # Each channel that may read gets its own pending BZPOPMIN on its own connection, so a
@@ -169,8 +257,9 @@ class Poller:
         channel that may read and has none pending."""
         for channel in list(self.channels):
             channel.flush_acks()
+        waiting = {w.owner for w in self._waits.values()}
         for channel in list(self.channels):
-            if channel in self._waits.values():
+            if channel in waiting:
                 continue
             wakes = channel.wake_keys()
             if not wakes:
@@ -181,16 +270,9 @@ class Poller:
                 # marker. A read that finds less ends this, so it cannot spin.
                 self._deliver_channel(channel)
                 continue
-            conn = self.transport.pool.get_connection()
-            try:
-                conn.send_command('BZPOPMIN', *wakes, self._block(None))
-            except Exception:
-                self.transport.pool.release(conn)
-                raise
-            fd = conn._sock.fileno()
-            self._waits[fd] = channel
-            self._conns[fd] = conn
-            self._hub.add_reader(fd, self.transport.on_readable, fd)
+            for keys in self._groups(list(wakes)):
+                fd = self._send_wait(keys, channel)
+                self._hub.add_reader(fd, self.transport.on_readable, fd)
 
     def _deliver_channel(self, channel: Channel) -> None:
         for _ in range(ASYNC_BATCH):
@@ -201,25 +283,17 @@ class Poller:
 
     def on_readable(self, fd: int) -> None:
         """A wait answered: deliver what is ready; the next loop turn waits again."""
-        conn = self._conns.get(fd)
-        if conn is None:
+        if fd not in self._waits:
             return
-        try:
-            popped = conn.read_response()
-        except Exception:
-            self._drop_wait(fd, disconnect=True)
-            raise
-        self._drop_wait(fd)
+        popped = self._answer(fd)
         self._after_wake(popped, self.transport._deliver, ASYNC_BATCH)
 
     def _drop_wait(self, fd: int, disconnect: bool = False) -> None:
-        conn = self._conns.pop(fd, None)
-        self._waits.pop(fd, None)
-        if self._hub is not None:
+        wait = self._waits.pop(fd, None)
+        if wait is None:
+            return
+        if self._hub is not None and wait.owner is not None:
             self._hub.remove_reader(fd)
-        if conn is not None:
-            if disconnect:
-                conn.disconnect()
-            pool = self.transport._pool
-            if pool is not None:
-                pool.release(conn)
+        if disconnect:
+            wait.conn.disconnect()
+        wait.pool.release(wait.conn)

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from redis import exceptions as redis_errors
+from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
 __all__ = ('Script', 'SCRIPTS', 'lua_dir', 'KeyTypeError', 'OutOfMemoryError', 'explain',
-           'execute_pipeline')
+           'run_calls', 'is_cluster', 'Call')
 
 _INCLUDE = re.compile(r'^--@include\s+(\w+)\s*$', re.M)
 
@@ -73,7 +74,7 @@ class Script:
             raise explain(f'script {self.name!r}', exc, keys) from exc
 
     def queue(self, pipe: Any, keys: Sequence[Any], args: Sequence[Any] = ()) -> None:
-        """Add the call to a pipeline; see :func:`execute_pipeline` for NOSCRIPT."""
+        """Add the call to a pipeline; see :func:`run_calls` for NOSCRIPT."""
         pipe.evalsha(self.sha, len(keys), *keys, *args)
 
 
@@ -94,31 +95,57 @@ def explain(what: str, exc: ResponseError, keys: Sequence[Any]) -> ResponseError
     return exc
 
 
-def execute_pipeline(pipe: Any, calls: Sequence[tuple[Script, Sequence[Any], Sequence[Any]]]
-                     ) -> list[Any]:
-    """Run queued EVALSHAs in one round trip; rerun only those that met NOSCRIPT.
+Call = tuple[Script, Sequence[Any], Sequence[Any]]
 
-    ``calls`` lists the (script, keys, args) queued on ``pipe`` in order. A command answered
-    NOSCRIPT did not run, so running it again after SCRIPT LOAD cannot duplicate a message.
-    """
-    results = pipe.execute(raise_on_error=False)
-    missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-    if missing:
-        client = pipe
-        for script in {calls[i][0] for i in missing}:
-            client.script_load(script.source)
-        client.execute()
-        for i in missing:
+#: Replies that mean "this command did not run": safe to send again. NOSCRIPT after SCRIPT
+#: FLUSH or a restart; MOVED / ASK / TRYAGAIN while Redis Cluster moves a slot.
+_NOT_RUN = (NoScriptError, redis_errors.AskError, redis_errors.TryAgainError)
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def _send(client: Any, calls: Sequence[Call], which: Sequence[int]) -> dict[int, Any]:
+    """One pipeline per server: all of them on one Redis; per node on Redis Cluster, whose
+    own pipeline refuses EVALSHA (each call's keys share one slot, so one node runs it)."""
+    groups: dict[Any, list[int]] = {}
+    for i in which:
+        node = client.get_node_from_key(calls[i][1][0]) if is_cluster(client) else None
+        groups.setdefault(node, []).append(i)
+    out: dict[int, Any] = {}
+    for node, indices in groups.items():
+        target = client if node is None else client.get_redis_connection(node)
+        pipe = target.pipeline(transaction=False)
+        for i in indices:
             script, keys, args = calls[i]
             script.queue(pipe, keys, args)
-        for i, r in zip(missing, pipe.execute(raise_on_error=False)):
-            results[i] = r
-    for (script, keys, _), r in zip(calls, results):
+        out.update(zip(indices, pipe.execute(raise_on_error=False)))
+    return out
+
+
+def run_calls(client: Any, calls: Sequence[Call]) -> list[Any]:
+    """Run script calls in one round trip per server; rerun only those that did not run.
+
+    A call answered NOSCRIPT (the script is loaded first), MOVED, ASK or TRYAGAIN (the slot
+    map is refreshed first) did not run, so sending it again cannot duplicate a message.
+    Any other error is raised, after every call was sent.
+    """
+    results = _send(client, calls, range(len(calls)))
+    again = [i for i, r in results.items() if isinstance(r, _NOT_RUN)]
+    if again:
+        for script in {calls[i][0] for i in again if isinstance(results[i], NoScriptError)}:
+            client.script_load(script.source)
+        if is_cluster(client) and any(not isinstance(results[i], NoScriptError) for i in again):
+            client.nodes_manager.initialize()
+        results.update(_send(client, calls, again))
+    ordered = [results[i] for i in range(len(calls))]
+    for (script, keys, _), r in zip(calls, ordered):
         if isinstance(r, ResponseError):
             raise explain(f'script {script.name!r}', r, keys) from r
         if isinstance(r, Exception):
             raise r
-    return results
+    return ordered
 
 
 def _flatten(path: Path, lib: Path) -> str:

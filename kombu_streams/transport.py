@@ -1,8 +1,9 @@
 """The Kombu transport: connection pool, server check, error classes and the poller.
 
-Use it by URL (``redis-streams://host:6379/0``, ``rediss-streams://`` for TLS) after
-``import kombu_streams``, or with ``transport='kombu_streams.transport:Transport'``
-(Celery: ``broker_transport``) and a plain ``redis://`` URL.
+Use it by URL (``redis-streams://host:6379/0``, ``rediss-streams://`` for TLS,
+``redis-streams-cluster://host:7000`` for Redis Cluster) after ``import kombu_streams``,
+or with ``transport='kombu_streams.transport:Transport'`` (Celery: ``broker_transport``) and
+a plain ``redis://`` URL.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import redis
 from kombu.transport import virtual
 
 from .channel import Channel
+from .cluster import make_cluster, wants_cluster
 from .connection import check_server, pool_kwargs, warn_removed_options
 from .leases import LeaseKeeper
 from .poller import Poller
@@ -43,6 +45,8 @@ class Transport(virtual.Transport):
         redis.exceptions.AuthenticationError,
         socket.error,
         OSError,
+        redis.exceptions.ClusterDownError,
+        redis.exceptions.SlotNotCoveredError,
     )
     channel_errors = virtual.Transport.channel_errors + (
         redis.exceptions.ResponseError,
@@ -61,6 +65,10 @@ class Transport(virtual.Transport):
         self.leases = LeaseKeeper(self)
         self._pool: redis.ConnectionPool | None = None
         self._blocking: redis.Redis | None = None
+        scheme = client.transport_cls
+        #: Redis Cluster (see :mod:`kombu_streams.cluster`): one client for all channels.
+        self.cluster = wants_cluster(scheme if isinstance(scheme, str) else '', options)
+        self._cluster: redis.RedisCluster | None = None
         self.server_version: tuple[int, ...] | None = None
 
     def driver_version(self) -> str:
@@ -83,16 +91,41 @@ class Transport(virtual.Transport):
     @property
     def server_id(self) -> str:
         """Identifies the server and database, for process-wide caches."""
+        if self.cluster:
+            nodes = self.make_client().nodes_manager.startup_nodes
+            return 'cluster:' + ','.join(sorted(nodes))
         kw = self.pool.connection_kwargs
         return f"{kw.get('host')}:{kw.get('port')}:{kw.get('path')}:{kw.get('db')}"
 
-    def make_client(self) -> redis.Redis:
+    def make_client(self) -> Any:
+        """A client for script calls: on its own on the shared pool, or the cluster client
+        (thread-safe, one per connection)."""
+        if self.cluster:
+            if self._cluster is None:
+                scheme = self.client.transport_cls
+                self._cluster = make_cluster(self.client, self.client.transport_options,
+                                             scheme if isinstance(scheme, str) else '')
+            return self._cluster
         return redis.Redis(connection_pool=self.pool)
 
-    def blocking_client(self) -> redis.Redis:
+    def blocking_client(self) -> Any:
+        if self.cluster:
+            return self.make_client()
         if self._blocking is None:
             self._blocking = self.make_client()
         return self._blocking
+
+    def wait_pool(self, key: str) -> redis.ConnectionPool:
+        """The pool of the server that holds ``key``, for a BZPOPMIN on a raw connection."""
+        if self.cluster:
+            client = self.make_client()
+            return client.get_redis_connection(client.get_node_from_key(key)).connection_pool
+        return self.pool
+
+    def refresh_slots(self) -> None:
+        """After MOVED / ASK on a wait: learn the cluster's slot map again."""
+        if self._cluster is not None:
+            self._cluster.nodes_manager.initialize()
 
     def drain_events(self, connection: Any, timeout: float | None = None) -> None:
         self.cycle.drain(self._deliver, timeout)
@@ -111,3 +144,6 @@ class Transport(virtual.Transport):
             self._pool.disconnect()
             self._pool = None
             self._blocking = None
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None

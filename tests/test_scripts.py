@@ -17,7 +17,7 @@ from redis.exceptions import NoScriptError
 
 from kombu_streams.broker import HOLDER, Broker
 from kombu_streams.keys import Keys
-from kombu_streams.scripts import SCRIPTS, KeyTypeError, execute_pipeline, load_all, lua_dir
+from kombu_streams.scripts import SCRIPTS, KeyTypeError, load_all, lua_dir, run_calls
 
 K = Keys()
 LEVELS = [0, 3, 6, 9]
@@ -211,7 +211,7 @@ def freclaim(c, queue, min_idle=0, batch=100, ex='ex'):
 
 
 def fdeadletter(c, queue, entry_id, reason, deliveries, ex='ex'):
-    return broker(c).dead_letter(queue, K.fanout(ex), entry_id, reason, deliveries, shared=True)
+    return broker(c).dead_letter(queue, K.fanout(ex), entry_id, reason, deliveries, exchange=ex)
 
 
 def fmarker(c, queue, ex='ex'):
@@ -1249,40 +1249,31 @@ def test_noscript_after_flush_reloads(script_client):
     assert ids(c, K.stream('q', 0)) == [first, second]  # the failed EVALSHA wrote nothing
 
 
-def test_execute_pipeline_reruns_only_noscript(script_client):
+def test_run_calls_reruns_only_noscript(script_client):
     c = script_client
     c.script_flush()
     c.script_load(SCRIPTS['publish'].source)  # publish is loaded, declare is not
-    pipe = c.pipeline(transaction=False)
-    calls = []
-
-    def add(name, keys, args):
-        SCRIPTS[name].queue(pipe, keys, args)
-        calls.append((SCRIPTS[name], keys, args))
-
-    add('publish', *broker(c).publish_call('q', 0, b'one')[1:])
-    add('declare', K.streams('q', LEVELS), ['q'])
-    add('publish', *broker(c).publish_call('q', 0, b'two')[1:])
-    add('declare', K.streams('r', LEVELS), ['r'])
-    results = execute_pipeline(pipe, calls)
+    calls = [
+        (SCRIPTS['publish'], *broker(c).publish_call('q', 0, b'one')[1:]),
+        (SCRIPTS['declare'], K.streams('q', LEVELS), ['q']),
+        (SCRIPTS['publish'], *broker(c).publish_call('q', 0, b'two')[1:]),
+        (SCRIPTS['declare'], K.streams('r', LEVELS), ['r']),
+    ]
+    results = run_calls(c, calls)
     assert results[1] == 4 and results[3] == 4
     assert [(e, f[b'm']) for e, f in c.xrange(K.stream('q', 0))] == [
         (results[0], b'one'), (results[2], b'two')]
     assert c.script_exists(SCRIPTS['declare'].sha) == [True]
     # a second run needs no reload and returns the replies in order
-    add2 = [(SCRIPTS['size'], K.streams('q', LEVELS), ['q', HOLDER])]
-    SCRIPTS['size'].queue(pipe, *add2[0][1:])
-    assert execute_pipeline(pipe, add2) == [2]
+    assert run_calls(c, [(SCRIPTS['size'], K.streams('q', LEVELS), ['q', HOLDER])]) == [2]
 
 
-def test_execute_pipeline_raises_key_type_error(script_client):
+def test_run_calls_raises_key_type_error(script_client):
     c = script_client
     c.set(K.stream('q', 0), b'not a stream')
-    pipe = c.pipeline(transaction=False)
     call = broker(c).publish_call('q', 0, b'x')
-    SCRIPTS['publish'].queue(pipe, *call[1:])
     with pytest.raises(KeyTypeError, match=r'ks:q:\{q\}:0'):
-        execute_pipeline(pipe, [call])
+        run_calls(c, [call])
 
 
 # For each script: (key to occupy with a string, call) -- the call must meet WRONGTYPE.
