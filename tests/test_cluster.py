@@ -300,6 +300,29 @@ def test_batch_publish_spans_nodes(cluster: Cluster, url: str) -> None:
         assert sorted(x['i'] for x, _ in got) == list(range(120))
 
 
+def test_stalled_messages_are_reclaimed_in_each_slot(cluster: Cluster, url: str) -> None:
+    """A dead consumer held one message of each of two queues on different nodes: the lease
+    keeper of a live consumer reclaims both after visibility_timeout."""
+    a, b = spread(cluster, 2, 'vt')
+    client = RedisCluster(host=HOST, port=cluster.ports[0])
+    try:
+        with Connection(url, transport_options={'visibility_timeout': 0.5}) as conn:
+            queues = [Queue(n, routing_key=n) for n in (a, b)]
+            for q in queues:
+                q(conn.default_channel).declare()
+                Producer(conn).publish({'q': q.name}, routing_key=q.name)
+                taken = client.xreadgroup(q.name, 'dead-worker', {K.stream(q.name, 0): '>'})
+                assert len(taken[0][1]) == 1  # read into the PEL, never acked or renewed
+            time.sleep(0.6)
+            got = drain(conn, queues, 2)
+        assert sorted(body['q'] for body, _ in got) == sorted([a, b])
+        assert all(m.delivery_info['redelivered'] for _, m in got)
+        for name in (a, b):
+            assert client.xpending(K.stream(name, 0), name)['pending'] == 0
+    finally:
+        client.close()
+
+
 def test_script_flush_on_every_node_is_survived(cluster: Cluster, url: str) -> None:
     (name,) = spread(cluster, 1)
     with Connection(url) as conn:
