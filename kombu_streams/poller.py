@@ -254,13 +254,11 @@ class Poller:
 
     def on_tick(self) -> None:
         """Each loop turn: send the acks made since the last one, then a wait for every
-        channel that may read and has none pending."""
+        channel that may read (per slot group on Cluster) where none is pending."""
         for channel in list(self.channels):
             channel.flush_acks()
-        waiting = {w.owner for w in self._waits.values()}
+        waiting = {(w.owner, w.keys) for w in self._waits.values()}
         for channel in list(self.channels):
-            if channel in waiting:
-                continue
             wakes = channel.wake_keys()
             if not wakes:
                 continue
@@ -270,7 +268,11 @@ class Poller:
                 # marker. A read that finds less ends this, so it cannot spin.
                 self._deliver_channel(channel)
                 continue
+            # One wait per slot group (one group on a single Redis); a group whose wait was
+            # answered waits again now, whatever the channel's other groups are doing.
             for keys in self._groups(list(wakes)):
+                if (channel, keys) in waiting:
+                    continue
                 fd = self._send_wait(keys, channel)
                 self._hub.add_reader(fd, self.transport.on_readable, fd)
 

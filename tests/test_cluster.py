@@ -323,6 +323,44 @@ def test_stalled_messages_are_reclaimed_in_each_slot(cluster: Cluster, url: str)
         client.close()
 
 
+def test_event_loop_waits_per_slot_and_rearms_each(cluster: Cluster, url: str) -> None:
+    """On an event loop (Celery's hub) a channel waits on two slots at once; after a wake-up
+    on one, its wait there is sent again at once, not when the other slot's wait times out.
+    polling_interval is 30 s, so only wake-ups can deliver within the test's deadline."""
+    from kombu.asynchronous import Hub
+
+    a, b = spread(cluster, 2, 'ev')
+    got: list[str] = []
+    hub = Hub()
+    with Connection(url, transport_options={'polling_interval': 30}) as conn, \
+            Connection(url) as pub:
+        queues = [Queue(n, routing_key=n) for n in (a, b)]
+        for q in queues:
+            q(conn.default_channel).declare()
+        conn.transport.register_with_event_loop(conn.connection, hub)
+
+        def on(body: Any, message: Any) -> None:
+            got.append(body['n'])
+            message.ack()
+
+        loop = hub.create_loop()
+
+        def run_until(count: int) -> None:
+            deadline = time.monotonic() + 10
+            while len(got) < count and time.monotonic() < deadline:
+                next(loop)
+            assert len(got) >= count, f'only {got} after 10 s'
+
+        with Consumer(conn, queues, callbacks=[on]):
+            for _ in range(3):
+                next(loop)  # the waits are sent
+            for n in range(4):  # one at a time, twice in each slot: a wake-up each
+                Producer(pub).publish({'n': n}, routing_key=(a, a, b, b)[n])
+                run_until(n + 1)
+        assert got == [0, 1, 2, 3]
+    hub.close()
+
+
 def test_script_flush_on_every_node_is_survived(cluster: Cluster, url: str) -> None:
     (name,) = spread(cluster, 1)
     with Connection(url) as conn:
