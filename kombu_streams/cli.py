@@ -11,12 +11,23 @@
     dlq redrive QUEUE [--count N | --id ID...]   back to their queue (all by default)
     dlq purge QUEUE [--yes]      delete the dead letters
     scripts [--load]             each Lua script's SHA, KEYS/ARGV and an EVALSHA template
+    migrate [QUEUE...] [--dry-run] [--batch N] [--limit N] [--no-unacked]
+            [--kombu-prefix P] [--from-url URL]
+                                 move messages from Kombu's Redis transport (lists and the
+                                 unacked hash) into streams of the same queue names
 
 The URL takes the transport's forms (``redis-streams://``, ``rediss-streams://``, and
 ``redis://`` / ``rediss://`` for the same servers); default ``$KOMBU_STREAMS_URL`` or
 ``redis-streams://127.0.0.1:6379/0``. ``--prefix`` and ``--priority-steps`` must match the
-app's ``global_keyprefix`` and ``priority_steps``. Everything but ``dlq redrive`` and ``dlq
-purge`` only reads.
+app's ``global_keyprefix`` and ``priority_steps``. Everything but ``dlq redrive``, ``dlq
+purge`` and ``migrate`` (without ``--dry-run``) only reads.
+
+``migrate`` moves each batch with one script inside Redis, so Kombu's keys must be on the
+same server and database as ours (``--from-url`` only for a URL written differently);
+``--kombu-prefix`` is the Kombu app's ``global_keyprefix`` (default ``--prefix``). Stop the
+workers on the old transport first. It exits 1 when it left something in place (an entry
+that is not a Kombu message, an unacked message with no queue or routed to a queue not
+being migrated), each named on stderr.
 
 Exit codes: 0 ok, 1 error (cannot connect, Redis error), 2 usage, 3 queue or dead letter
 not found.

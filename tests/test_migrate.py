@@ -311,7 +311,7 @@ def test_killed_run_continues_without_loss_or_duplicates(redis_url, redis_client
     counts = kombu_fill(redis_url, counts={0: 300, 6: 200})
     proc = subprocess.Popen([str(CLI), '--url', redis_url, 'migrate', '--batch', '1'],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: redis_client.exists(K.stream('work', 0)), 30, 'first batch moved')
+    wait_until(lambda: redis_client.xlen(K.stream('work', 0)) > 0, 30, 'first batch moved')
     proc.kill()
     proc.wait(10)
     cli_json(redis_url, 'migrate')
