@@ -398,3 +398,18 @@ def test_no_unacked_and_exit_codes(redis_url, redis_client):
     assert cli_json(redis_url, 'migrate', '--from-url', redis_url)['moved'] == 1
     assert cli(redis_url, 'migrate', '--batch', '0').returncode == 2
     assert SEP == '\x06\x16'
+
+
+def test_progress_callback_reports_every_batch(redis_url, redis_client):
+    """The Python API the command is built on: plan, then run with a progress callback."""
+    from kombu_streams.migrate import KombuKeys, Migration
+    kombu_fill(redis_url, counts={0: 3, 9: 2})
+    kombu_crash_holding(redis_url, 'work', 1)
+    migration = Migration(redis_client, Broker(redis_client, K, LEVELS), KombuKeys())
+    plan = migration.plan()
+    assert plan.total == 5 and [q.queue for q in plan.queues] == ['work']
+    seen = []
+    result = migration.run(plan, batch=2, progress=lambda p: seen.append((p.queue, p.moved,
+                                                                          p.total)))
+    assert seen == [('work', 1, 5), ('work', 3, 5), ('work', 5, 5)]  # unacked, list 0, 9
+    assert (result.total, result.unacked, result.limited) == (5, {'work': 1}, False)
