@@ -13,8 +13,8 @@ ARGV[4..n+3]  the priority level of each stream in KEYS[2..n+1], ascending (e.g.
 Reply:        {moved, kept, left, kept entry, ...}: messages moved; malformed entries met in
               this call (left in the list, at its oldest end, in their order); the list's
               length afterwards; then the malformed entries themselves, for the report
-Minimum Redis: 6.2 (RPOP with a count). Cost: O(S + count) list operations, plus decoding
-each moved message's JSON.
+Minimum Redis: 6.2. Cost: O(S + count) list operations, plus decoding each moved
+message's JSON.
 
 Kombu LPUSHes and pops with BRPOP from the right, so the right end holds the oldest message:
 entries are taken from the right, oldest first, and appended in that order, so order within a
@@ -67,11 +67,25 @@ local function target(raw)
   return index
 end
 
+-- Redis does not undo a script's writes when a later command fails, so every key is checked
+-- before the first write: a failure after the list was changed could lose messages.
+local function check(key, kind)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= kind then
+    return 'WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a ' .. kind
+  end
+  return nil
+end
+local wrong = check(KEYS[1], 'list') or check(KEYS[n + 2], 'zset')
+for i = 2, n + 1 do wrong = wrong or check(KEYS[i], 'stream') end
+if wrong then return redis.error_reply(wrong) end
+
 if limit <= 0 then return {0, 0, redis.call('LLEN', KEYS[1])} end
-local popped = redis.call('RPOP', KEYS[1], skip + limit)
-if not popped then return {0, 0, 0} end
+-- the window: the S passed-over entries and up to LIMIT more, oldest (rightmost) first
+local window = redis.call('LRANGE', KEYS[1], -(skip + limit), -1)
 local back, kept, moved = {}, {}, 0
-for i, raw in ipairs(popped) do
+for j = #window, 1, -1 do
+  local raw, i = window[j], #window - j + 1
   local index = nil
   if i > skip then index = target(raw) end
   if index then
@@ -82,9 +96,13 @@ for i, raw in ipairs(popped) do
     if i > skip then kept[#kept + 1] = raw end
   end
 end
--- Put the passed-over entries back at the oldest end in their order: the oldest goes last.
-for i = #back, 1, -1 do redis.call('RPUSH', KEYS[1], back[i]) end
-if moved > 0 then arm(KEYS[n + 2], KEYS[2]) end
+if moved > 0 then
+  -- Take the window off and put the passed-over entries back at the oldest end in their
+  -- order (the oldest goes last).
+  redis.call('LTRIM', KEYS[1], 0, -(#window + 1))
+  for i = #back, 1, -1 do redis.call('RPUSH', KEYS[1], back[i]) end
+  arm(KEYS[n + 2], KEYS[2])
+end
 local reply = {moved, #kept, redis.call('LLEN', KEYS[1])}
 for _, raw in ipairs(kept) do reply[#reply + 1] = raw end
 return reply

@@ -23,6 +23,7 @@ import kombu_streams  # noqa: F401  (registers redis-streams://)
 from kombu_streams.broker import Broker
 from kombu_streams.keys import Keys
 from kombu_streams.migrate import SEP, kombu_priority, list_target
+from kombu_streams.scripts import KeyTypeError
 
 K = Keys()
 LEVELS = [0, 3, 6, 9]
@@ -111,6 +112,19 @@ def test_migrate_list_leaves_malformed_entries_in_place(script_client):
     assert b.migrate_list('q', 'q', 0, 10, skip=4) == (1, 0, 4, [])
     assert c.lrange('q', 0, -1) == malformed
     assert stream_bodies(c, K.stream('q', 0)) == [0, 1, 2, 3]
+
+
+def test_migrate_list_checks_types_before_writing(script_client):
+    """Redis keeps a failed script's earlier writes: a stream key of another type must be
+    found before the list is touched, or the messages taken from it would be lost."""
+    c = script_client
+    b = Broker(c, K, LEVELS)
+    c.lpush('q', envelope(0, priority=0), envelope(1, priority=9), 'junk')
+    c.set(K.stream('q', 9), 'someone else')
+    before = c.lrange('q', 0, -1)
+    with pytest.raises(KeyTypeError):
+        b.migrate_list('q', 'q', 0, 10)
+    assert c.lrange('q', 0, -1) == before and not c.exists(K.stream('q', 0))
 
 
 def test_migrate_list_with_prefix_keys(script_client):
