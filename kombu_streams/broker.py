@@ -288,6 +288,29 @@ class Broker:
         moved, skipped = SCRIPTS['redrive'](self.client, keys, [count, *ids])
         return int(moved), int(skipped)
 
+    # -- migration from Kombu's Redis transport ---------------------------------------------
+
+    def migrate_list(self, source: str, queue: str, list_level: int, count: int,
+                     skip: int = 0) -> tuple[int, int, int, list[bytes]]:
+        """Move up to ``count`` of the oldest messages of Kombu's list ``source`` (full key
+        name) into ``queue``, each to its priority's level (``list_level`` when it has none),
+        passing over ``skip`` malformed entries at the list's oldest end. Returns (moved,
+        kept, list length left, the malformed entries met), see migrate.lua."""
+        keys = [*self.streams(queue), self.keys.wake(queue)]
+        args = [int(count), int(skip), self.levels.index(list_level) + 1, *self.levels]
+        moved, kept, left, *malformed = SCRIPTS['migrate'](self.client, [source, *keys], args)
+        return int(moved), int(kept), int(left), malformed
+
+    def migrate_unacked(self, unacked: str, unacked_index: str, tag: Any, raw: Any,
+                        payload: str | bytes, targets: Sequence[tuple[str, int]]) -> bool:
+        """Restore Kombu's unacked message ``tag`` (hash value ``raw`` as read) as
+        ``payload`` into each (queue, level) of ``targets``; False when it changed or left
+        the hash in the meantime (nothing written)."""
+        keys = [unacked, unacked_index]
+        for queue, level in targets:
+            keys += [self.keys.stream(queue, level), self.keys.wake(queue)]
+        return bool(SCRIPTS['migrate_unacked'](self.client, keys, [tag, raw, payload]))
+
     # -- introspection (read-only, for operator tools) -------------------------------------
 
     @staticmethod

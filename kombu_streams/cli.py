@@ -11,12 +11,23 @@
     dlq redrive QUEUE [--count N | --id ID...]   back to their queue (all by default)
     dlq purge QUEUE [--yes]      delete the dead letters
     scripts [--load]             each Lua script's SHA, KEYS/ARGV and an EVALSHA template
+    migrate [QUEUE...] [--dry-run] [--batch N] [--limit N] [--no-unacked]
+            [--kombu-prefix P] [--from-url URL]
+                                 move messages from Kombu's Redis transport (lists and the
+                                 unacked hash) into streams of the same queue names
 
 The URL takes the transport's forms (``redis-streams://``, ``rediss-streams://``, and
 ``redis://`` / ``rediss://`` for the same servers); default ``$KOMBU_STREAMS_URL`` or
 ``redis-streams://127.0.0.1:6379/0``. ``--prefix`` and ``--priority-steps`` must match the
-app's ``global_keyprefix`` and ``priority_steps``. Everything but ``dlq redrive`` and ``dlq
-purge`` only reads.
+app's ``global_keyprefix`` and ``priority_steps``. Everything but ``dlq redrive``, ``dlq
+purge`` and ``migrate`` (without ``--dry-run``) only reads.
+
+``migrate`` moves each batch with one script inside Redis, so Kombu's keys must be on the
+same server and database as ours (``--from-url`` only for a URL written differently);
+``--kombu-prefix`` is the Kombu app's ``global_keyprefix`` (default ``--prefix``). Stop the
+workers on the old transport first. It exits 1 when it left something in place (an entry
+that is not a Kombu message, an unacked message with no queue or routed to a queue not
+being migrated), each named on stderr.
 
 Exit codes: 0 ok, 1 error (cannot connect, Redis error), 2 usage, 3 queue or dead letter
 not found.
@@ -41,6 +52,7 @@ from kombu.utils.url import maybe_sanitize_url
 from .broker import HOLDER, Broker
 from .connection import UnsupportedServer
 from .keys import Keys
+from .migrate import KombuKeys, Migration, Plan, Progress, Result
 from .scripts import SCRIPTS
 
 DEFAULT_URL = 'redis-streams://127.0.0.1:6379/0'
@@ -476,6 +488,141 @@ def cmd_scripts(args: argparse.Namespace, broker: Broker | None) -> int:
     return OK
 
 
+# -- migrate -----------------------------------------------------------------------------------
+
+
+def source_client(args: argparse.Namespace, broker: Broker) -> Any:
+    """The client for Kombu's keys: the broker's own, or one on ``--from-url``, which must
+    reach the same server and database (each batch is one script touching both)."""
+    if not args.from_url:
+        return broker.client
+    scheme, sep, rest = args.from_url.partition('://')
+    base = scheme.partition('+')[0]
+    if not sep or base not in SCHEMES or '+' in scheme:
+        raise Failure(f'unsupported --from-url {maybe_sanitize_url(args.from_url)!r}: use '
+                      f'redis:// or rediss://', USAGE)
+    plain = 'rediss' if SCHEMES[base].startswith('rediss') else 'redis'
+    source = redis.Redis.from_url(f'{plain}://{rest}', socket_connect_timeout=5,
+                                  socket_timeout=30)
+
+    def where(client: Any) -> tuple[str, int]:
+        return (text(client.info('server')['run_id']),
+                int(client.connection_pool.connection_kwargs.get('db') or 0))
+
+    if where(source) != where(broker.client):
+        source.close()
+        raise Failure('--from-url must name the same Redis server and database as --url: '
+                      'each batch is moved by one script inside Redis', USAGE)
+    return source
+
+
+def migrate_rows(plan: Plan) -> list[list[Any]]:
+    """Dry-run table: per queue and Kombu priority list, what moves to which level."""
+    rows: list[list[Any]] = []
+    for qp in plan.queues:
+        by_level: dict[int, int] = {}
+        for e in qp.unacked:
+            assert e.level is not None
+            by_level[e.level] = by_level.get(e.level, 0) + 1
+        if by_level:
+            rows.append([qp.queue, 'unacked', sum(by_level.values()),
+                         ', '.join(f'{n} -> {lv}' for lv, n in sorted(by_level.items())), '-'])
+        for s in qp.lists:
+            levels = s.levels or {}
+            rows.append([qp.queue, f'priority {s.step}', s.length - s.malformed,
+                         ', '.join(f'{n} -> {lv}' for lv, n in levels.items()) or '-',
+                         s.malformed])
+        if not qp.lists and not qp.unacked:
+            rows.append([qp.queue, '-', 0, '-', '-'])
+    return rows
+
+
+def migrate_data(plan: Plan, result: Result | None) -> dict[str, Any]:
+    queues = []
+    for qp in plan.queues:
+        item: dict[str, Any] = {'queue': qp.queue, 'existed': qp.exists}
+        if result is None:
+            item['unacked'] = len(qp.unacked)
+            item['lists'] = [{'key': s.key, 'priority': s.step, 'level': s.level,
+                              'length': s.length, 'levels': s.levels,
+                              'malformed': s.malformed} for s in qp.lists]
+        else:
+            item['moved'] = result.moved.get(qp.queue, 0)
+            item['unacked'] = result.unacked.get(qp.queue, 0)
+            item['lists'] = [{'key': s.key, 'priority': s.step, 'level': s.level,
+                              'moved': result.lists.get((qp.queue, s.step), 0)}
+                             for s in qp.lists]
+        queues.append(item)
+    left = plan.left + (result.left if result else [])
+    data: dict[str, Any] = {'dry_run': result is None, 'queues': queues,
+                            'left': [x.as_dict() for x in left], 'missing': plan.missing}
+    if result is None:
+        data['would_move'] = sum(s.length - s.malformed for q in plan.queues for s in q.lists
+                                 ) + len(plan.unacked)
+    else:
+        data.update(moved=result.total, unacked_vanished=result.vanished,
+                    limited=result.limited)
+    return data
+
+
+def cmd_migrate(args: argparse.Namespace, broker: Broker) -> int:
+    source = source_client(args, broker)
+    kombu = KombuKeys(args.prefix if args.kombu_prefix is None else args.kombu_prefix)
+    migration = Migration(source, broker, kombu, include_unacked=args.unacked)
+    plan = migration.plan(args.queues, count=args.dry_run)
+    for name in plan.missing:
+        print(f'kombu-streams: queue {name!r} not found (no Kombu list, binding, unacked '
+              f'message or stream; prefix {kombu.prefix!r})', file=sys.stderr)
+    if args.queues and not plan.queues:
+        return NOT_FOUND
+    if args.dry_run:
+        data = migrate_data(plan, None)
+        human = table(['QUEUE', 'FROM', 'MESSAGES', 'TO LEVEL', 'MALFORMED'],
+                      migrate_rows(plan)) if plan.queues else 'no Kombu queues found'
+        human += f"\n\nwould move {data['would_move']} message(s); nothing was changed"
+        human += ''.join(f'\nwould leave {x.where}: {x.reason}' for x in plan.left)
+        emit(args, data, human)
+        return NOT_FOUND if plan.missing else OK
+    busy = migration.old_consumers()
+    print('kombu-streams: stop every worker on Kombu\'s Redis transport before migrating: '
+          'an old worker may still pop messages from the lists, and a restored unacked '
+          'message whose worker still runs is delivered twice'
+          + (f' ({busy} client(s) are blocked in BRPOP now)' if busy else ''),
+          file=sys.stderr)
+    show = sys.stderr.isatty() and not args.json
+
+    def progress(p: Progress) -> None:
+        if show:
+            print(f'\rmigrating {p.queue}: {p.moved}/{p.total}', end='', file=sys.stderr,
+                  flush=True)
+
+    try:
+        result = migration.run(plan, batch=args.batch, limit=args.limit, progress=progress)
+    finally:
+        if show:
+            print(file=sys.stderr)
+        if source is not broker.client:
+            source.close()
+    data = migrate_data(plan, result)
+    lines = [f"moved {q['moved']} message(s) to {q['queue']}"
+             + (f" ({q['unacked']} unacked restored)" if q['unacked'] else '')
+             for q in data['queues']]
+    lines.append(f'moved {result.total} message(s) in all'
+                 + (f' (stopped at --limit {args.limit}; run again to continue)'
+                    if result.limited else ''))
+    if result.vanished:
+        lines.append(f'{result.vanished} unacked message(s) were acked or restored by '
+                     f'someone else meanwhile')
+    emit(args, data, '\n'.join(lines))
+    left = plan.left + result.left
+    for x in left:
+        print(f'kombu-streams: left {x.where}: {x.reason}'
+              + (f': {x.preview}' if x.preview else ''), file=sys.stderr)
+    if left:
+        return ERROR
+    return NOT_FOUND if plan.missing else OK
+
+
 # -- command line ------------------------------------------------------------------------------
 
 
@@ -557,6 +704,26 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument('queue', metavar='QUEUE')
     s.add_argument('--yes', action='store_true', help='do not ask')
     s.set_defaults(run=cmd_dlq_purge)
+
+    s = sub.add_parser('migrate', help="move messages from Kombu's Redis transport here")
+    s.add_argument('queues', nargs='*', metavar='QUEUE',
+                   help='queues to migrate (default: every queue bound in _kombu.binding.*)')
+    s.add_argument('--from-url', metavar='URL',
+                   help="Kombu's broker URL if written differently; must be the same server "
+                        'and database as --url (default: --url)')
+    s.add_argument('--kombu-prefix', metavar='P',
+                   help="the Kombu app's global_keyprefix (default: --prefix)")
+    s.add_argument('--dry-run', action='store_true',
+                   help='only show what would move where; change nothing')
+    s.add_argument('--batch', type=positive(int), default=1000, metavar='N',
+                   help='messages per script call (default %(default)s)')
+    s.add_argument('--limit', type=positive(int), metavar='N',
+                   help='move at most N messages in this run (run again to continue)')
+    s.add_argument('--include-unacked', dest='unacked', action='store_true', default=True,
+                   help="restore Kombu's unacked messages too (default)")
+    s.add_argument('--no-unacked', dest='unacked', action='store_false',
+                   help='leave the unacked hash alone')
+    s.set_defaults(run=cmd_migrate)
 
     s = sub.add_parser('scripts', help='Lua scripts: SHA, KEYS/ARGV, EVALSHA template')
     s.add_argument('--load', action='store_true', help='SCRIPT LOAD them on the server')

@@ -1313,7 +1313,33 @@ _WRONGTYPE = {
     'redrive': (K.dlq('q'), lambda c: redrive(c, 'q', 10)),
     'redrive-stream': (K.stream('q', 6), lambda c: (_letter_by_hand(c, 6), redrive(c, 'q', 10))),
     'redrive-marker': (K.wake('q'), lambda c: (_letter_by_hand(c, 0), redrive(c, 'q', 10))),
+    'migrate': ('kq', lambda c: broker(c).migrate_list('kq', 'q', 0, 5)),
+    'migrate-stream': (K.stream('q', 6), lambda c: (_kombu_list_by_hand(c),
+                                                     broker(c).migrate_list('kq', 'q', 0, 5))),
+    'migrate-marker': (K.wake('q'), lambda c: (_kombu_list_by_hand(c),
+                                               broker(c).migrate_list('kq', 'q', 0, 5))),
+    'migrate_unacked': ('unacked', lambda c: _migrate_unacked(c)),
+    'migrate_unacked-stream': (K.stream('r', 0), lambda c: _migrate_unacked(c)),
+    'migrate_unacked-marker': (K.wake('r'), lambda c: _migrate_unacked(c)),
 }
+
+
+def _kombu_list_by_hand(c):
+    """Kombu's list kq holding an invalid entry (oldest) and a message of priority 6: the
+    WRONGTYPE cases check that both are still there afterwards."""
+    c.rpush('kq', b'{"body": "", "properties": {"priority": 6}}', b'junk')
+
+
+def _migrate_unacked(c):
+    """Restore tag t to queues q and r; the WRONGTYPE cases check nothing moved."""
+    hash_ok = c.type('unacked') in (b'none', b'hash')  # the case where it is another type
+    if hash_ok:
+        c.hset('unacked', 't', 'v')
+    try:
+        broker(c).migrate_unacked('unacked', 'unacked_index', 't', 'v', 'P', [('q', 0), ('r', 0)])
+    finally:
+        assert c.xlen(K.stream('q', 0)) == 0
+        assert not hash_ok or c.hget('unacked', 't') == b'v'
 
 
 def _stalled_by_hand(c):
@@ -1383,7 +1409,7 @@ def test_registry_covers_every_lua_file():
     assert set(SCRIPTS) == names == {
         'ack', 'bind', 'deadletter', 'declare', 'delete', 'fanout_ack', 'fanout_publish',
         'inspect', 'inspect_fanout', 'publish', 'purge', 'read', 'reclaim', 'redrive', 'renew',
-        'requeue', 'route', 'size', 'touch'}
+        'requeue', 'route', 'size', 'touch', 'migrate', 'migrate_unacked'}
     assert load_all() == SCRIPTS
 
 

@@ -1,0 +1,108 @@
+--[[ migrate: move the oldest messages of one of Kombu's Redis-transport lists into a queue.
+
+KEYS[1]       the Kombu list: the queue's name, or name + sep + step for a priority step,
+              with Kombu's global_keyprefix (e.g. celery, or "celery\x06\x163")
+KEYS[2..n+1]  all streams of the target queue, one per priority level, e.g. ks:q:{celery}:0
+KEYS[n+2]     the target queue's wake marker (zset), ks:q:{celery}:wake
+ARGV[1]       the most messages to move in this call
+ARGV[2]       S: entries at the list's oldest end already known to be malformed; they are
+              passed over and stay where they are
+ARGV[3]       i: the stream (1..n) for messages whose priority cannot be read: the level of
+              the list's own priority step
+ARGV[4..n+3]  the priority level of each stream in KEYS[2..n+1], ascending (e.g. 0 3 6 9)
+Reply:        {moved, kept, left, kept entry, ...}: messages moved; malformed entries met in
+              this call (left in the list, at its oldest end, in their order); the list's
+              length afterwards; then the malformed entries themselves, for the report
+Minimum Redis: 6.2. Cost: O(S + count) list operations, plus decoding each moved
+message's JSON.
+
+Kombu LPUSHes and pops with BRPOP from the right, so the right end holds the oldest message:
+entries are taken from the right, oldest first, and appended in that order, so order within a
+priority is kept. Each message goes, as stored (field "m" = Kombu's JSON envelope,
+unchanged), to the level its properties.priority maps to (clamped to 0..9, as Kombu does),
+so a list of one Kombu step is split correctly when our levels differ from Kombu's. An entry
+that is not a JSON object with a "body" and a "properties" object cannot be a Kombu message: it is put back where it
+was, so nothing is lost, and reported. The move and the wake marker happen in one script, so
+an interrupted migration never loses or duplicates a message, and a consumer blocked on the
+marker is woken. The target queue must be declared first (its group then exists).
+]]
+--@include common
+local n = #KEYS - 2
+local limit, skip, fallback = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local levels = {}
+for i = 1, n do levels[i] = tonumber(ARGV[3 + i]) end
+
+-- Kombu's priority of a decoded envelope (int(properties.priority) clamped to 0..9), or nil
+-- when Kombu would not read one (missing, null, not a whole number).
+local function priority(msg)
+  local props = msg['properties']
+  if type(props) ~= 'table' then return nil end
+  local p = props['priority']
+  if type(p) == 'boolean' then
+    p = p and 1 or 0
+  elseif type(p) == 'string' then
+    p = tonumber(string.match(p, '^%s*([-+]?%d+)%s*$'))
+  elseif type(p) ~= 'number' then
+    return nil
+  end
+  if p == nil or p ~= p or p == math.huge or p == -math.huge then return nil end
+  if p >= 0 then p = math.floor(p) else p = math.ceil(p) end  -- int() truncates toward 0
+  return math.max(0, math.min(9, p))
+end
+
+-- The stream (1..n) for a raw list entry, or nil when it is not a Kombu message (Kombu's
+-- consumers, and ours, need a JSON object with "body" and a "properties" object).
+local function target(raw)
+  local ok, msg = pcall(cjson.decode, raw)
+  if not ok or type(msg) ~= 'table' or msg['body'] == nil
+      or type(msg['properties']) ~= 'table' then
+    return nil
+  end
+  local p = priority(msg)
+  if p == nil then return fallback end
+  local index = 1
+  for i = 1, n do
+    if levels[i] <= p then index = i end
+  end
+  return index
+end
+
+-- Redis does not undo a script's writes when a later command fails, so every key is checked
+-- before the first write: a failure after the list was changed could lose messages.
+local function check(key, kind)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= kind then
+    return 'WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a ' .. kind
+  end
+  return nil
+end
+local wrong = check(KEYS[1], 'list') or check(KEYS[n + 2], 'zset')
+for i = 2, n + 1 do wrong = wrong or check(KEYS[i], 'stream') end
+if wrong then return redis.error_reply(wrong) end
+
+if limit <= 0 then return {0, 0, redis.call('LLEN', KEYS[1])} end
+-- the window: the S passed-over entries and up to LIMIT more, oldest (rightmost) first
+local window = redis.call('LRANGE', KEYS[1], -(skip + limit), -1)
+local back, kept, moved = {}, {}, 0
+for j = #window, 1, -1 do
+  local raw, i = window[j], #window - j + 1
+  local index = nil
+  if i > skip then index = target(raw) end
+  if index then
+    redis.call('XADD', KEYS[1 + index], '*', 'm', raw)
+    moved = moved + 1
+  else
+    back[#back + 1] = raw
+    if i > skip then kept[#kept + 1] = raw end
+  end
+end
+if moved > 0 then
+  -- Take the window off and put the passed-over entries back at the oldest end in their
+  -- order (the oldest goes last).
+  redis.call('LTRIM', KEYS[1], 0, -(#window + 1))
+  for i = #back, 1, -1 do redis.call('RPUSH', KEYS[1], back[i]) end
+  arm(KEYS[n + 2], KEYS[2])
+end
+local reply = {moved, #kept, redis.call('LLEN', KEYS[1])}
+for _, raw in ipairs(kept) do reply[#reply + 1] = raw end
+return reply
