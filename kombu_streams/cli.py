@@ -16,8 +16,9 @@
                                  move messages from Kombu's Redis transport (lists and the
                                  unacked hash) into streams of the same queue names
 
-The URL takes the transport's forms (``redis-streams://``, ``rediss-streams://``, and
-``redis://`` / ``rediss://`` for the same servers); default ``$KOMBU_STREAMS_URL`` or
+The URL takes the transport's forms (``redis-streams://``, ``rediss-streams://``,
+``redis-streams-cluster://`` for Redis Cluster, and ``redis://`` / ``rediss://`` for the same
+servers); default ``$KOMBU_STREAMS_URL`` or
 ``redis-streams://127.0.0.1:6379/0``. ``--prefix`` and ``--priority-steps`` must match the
 app's ``global_keyprefix`` and ``priority_steps``. Everything but ``dlq redrive``, ``dlq
 purge`` and ``migrate`` (without ``--dry-run``) only reads.
@@ -58,7 +59,9 @@ from .scripts import SCRIPTS
 DEFAULT_URL = 'redis-streams://127.0.0.1:6379/0'
 #: URL schemes of plain Redis, and the transport schemes they stand for here.
 SCHEMES = {'redis': 'redis-streams', 'rediss': 'rediss-streams',
-           'redis-streams': 'redis-streams', 'rediss-streams': 'rediss-streams'}
+           'redis-streams': 'redis-streams', 'rediss-streams': 'rediss-streams',
+           'redis-streams-cluster': 'redis-streams-cluster',
+           'rediss-streams-cluster': 'rediss-streams-cluster'}
 #: Discovery by SCAN stops after this many names, or this many SCAN calls (of COUNT 1000).
 DISCOVER_LIMIT = 1000
 SCAN_CALLS = 10000
@@ -84,7 +87,8 @@ def transport_url(url: str) -> str:
     base, plus, tail = scheme.partition('+')  # e.g. redis-streams+socket:///run/redis.sock
     if not sep or base not in SCHEMES:
         raise Failure(f'unsupported URL {maybe_sanitize_url(url)!r}: use redis-streams://, '
-                      f'rediss-streams://, redis:// or rediss://', USAGE)
+                      f'rediss-streams://, redis://, rediss:// or redis-streams-cluster://',
+                      USAGE)
     return f'{SCHEMES[base]}{plus}{tail}://{rest}'
 
 
@@ -96,7 +100,8 @@ def connect(args: argparse.Namespace) -> Broker:
         client = conn.transport.make_client()  # builds the pool, checks the server's version
     except ValueError as exc:  # e.g. a database that is not a number
         raise Failure(str(exc).replace('kombu-streams: ', '', 1), USAGE) from None
-    return Broker(client, Keys(args.prefix), args.priority_steps)
+    return Broker(client, Keys(args.prefix, cluster=conn.transport.cluster),
+                  args.priority_steps)
 
 
 def text(value: Any) -> str:
@@ -110,6 +115,16 @@ def discover(broker: Broker, kind: str) -> list[str]:
     head = f'{broker.keys.prefix}ks:{kind}:{{'
     tail = '}:0' if kind == 'q' else '}:fanout'
     names: set[str] = set()
+    if broker.keys.cluster:  # every primary, one after the other
+        for key in map(text, broker.client.scan_iter(
+                match=f'{prefix}ks:{kind}:{{*{tail}', count=1000)):
+            if key.startswith(head) and key.endswith(tail):
+                names.add(key[len(head):-len(tail)])
+            if len(names) >= DISCOVER_LIMIT:
+                print(f'kombu-streams: stopped looking after {len(names)} names; name them '
+                      f'to see others', file=sys.stderr)
+                break
+        return sorted(names)
     cursor, calls = 0, 0
     while True:
         cursor, found = broker.client.scan(cursor, match=f'{prefix}ks:{kind}:{{*{tail}',
@@ -566,6 +581,10 @@ def migrate_data(plan: Plan, result: Result | None) -> dict[str, Any]:
 
 
 def cmd_migrate(args: argparse.Namespace, broker: Broker) -> int:
+    if broker.keys.cluster:
+        raise Failure("migrate works on one Redis server (Kombu's Redis transport cannot run "
+                      'on a cluster, so its queues are not on one): migrate first, then move '
+                      'the data to the cluster', USAGE)
     source = source_client(args, broker)
     kombu = KombuKeys(args.prefix if args.kombu_prefix is None else args.kombu_prefix)
     migration = Migration(source, broker, kombu, include_unacked=args.unacked)
@@ -744,7 +763,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return args.run(args, broker)
         finally:
-            broker.client.connection_pool.disconnect()
+            if broker.keys.cluster:
+                broker.client.close()
+            else:
+                broker.client.connection_pool.disconnect()
     except Failure as exc:
         print(f'kombu-streams: {exc}', file=sys.stderr)
         return exc.code

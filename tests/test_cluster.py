@@ -437,6 +437,27 @@ def test_cluster_connection_errors(cluster: Cluster) -> None:
         assert c.default_channel.keys.cluster
 
 
+def test_cli_on_cluster(cluster: Cluster, url: str) -> None:
+    """kombu-streams status / peek / dlq on queues spread over the nodes; migrate refuses."""
+    from test_cli import cli, cli_json
+
+    names = spread(cluster, 3, 'cli')
+    with Connection(url) as conn:
+        ch = conn.default_channel
+        for i, name in enumerate(names):
+            Queue(name, routing_key=name)(ch).declare()
+            for n in range(i + 1):
+                Producer(ch).publish({'n': n}, routing_key=name)
+    status = cli_json(url, 'status')
+    assert {q['queue']: q['ready'] for q in status['queues']} == {
+        name: i + 1 for i, name in enumerate(names)}
+    peeked = cli_json(url, 'peek', names[2], '-n', '2')
+    assert [m['body'] for m in peeked] == ['{"n": 0}', '{"n": 1}']
+    assert cli(url, 'status', 'nosuchqueue').returncode == 3
+    refused = cli(url, 'migrate', '--dry-run')
+    assert refused.returncode == 2 and 'one Redis server' in refused.stderr
+
+
 APP = '''
 import kombu_streams
 import redis
