@@ -7,8 +7,8 @@ result backend). Broker: DB 3, task records: DB 4 of the same server.
 
 Covered: priority order of a backlog, remote control (ping, active_queues, revoke), events,
 purge, crash recovery of acks_late tasks, ETA tasks outliving the visibility timeout,
-broadcasts sent while a worker is disconnected, and warm shutdown returning prefetched
-messages.
+broadcasts sent while a worker is disconnected, warm shutdown returning prefetched
+messages, and worker_disable_prefetch.
 """
 
 from __future__ import annotations
@@ -525,3 +525,28 @@ def test_warm_shutdown_requeues_prefetched(env: CeleryEnv) -> None:
     second.terminate()
     assert Counter(env.done()) == Counter(ids), env.logs()
     assert env.queue_length() == 0
+
+
+# ---------------------------------------------------------------------------
+# 9. worker_disable_prefetch
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('disable, left', [(True, 4), (False, 0)])
+def test_worker_disable_prefetch_takes_only_what_the_pool_can_run(
+        env: CeleryEnv, disable: bool, left: int) -> None:
+    """With worker_disable_prefetch (Celery patches the channel's can_consume for drivers
+    of type 'redis') a 2-process worker holds 2 of 6 long tasks and leaves 4 in the queue
+    for other workers; with prefetch (multiplier 4: 8 allowed) it takes all 6."""
+    module = env.load(worker_prefetch_multiplier=4, worker_disable_prefetch=disable)
+    ids = [module.sleeper.delay(3).id for _ in range(6)]
+    worker = env.worker('noprefetch@ks', concurrency=2)
+    wait_for(lambda: len(env.started()) >= 2, 40, what='two tasks to start', log=env.logs)
+    time.sleep(0.5)  # time to read more, if it were going to
+    assert env.queue_length() == left, env.logs()
+    assert len(env.started()) == 2
+    worker.terminate()
+    second = env.worker('rest@ks', concurrency=4)
+    wait_for(lambda: len(env.done()) >= len(ids), 60, what='every task', log=env.logs)
+    second.terminate()
+    assert Counter(env.done()) == Counter(ids), env.logs()
