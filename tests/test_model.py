@@ -13,6 +13,8 @@ The model (Kombu's Redis priority semantics, as read.lua implements them):
   among themselves; then the fresh messages, in publish order;
 * ready count = requeued + fresh; messages held by the application are not ready;
 * ack and reject(requeue=False) delete the message; purge deletes the ready ones only;
+* a channel that crashes (forgets what it held) loses nothing: reclaim makes its messages
+  ready again exactly as if they had been requeued;
 * delivery limit (transport option ``max_deliveries``, 0 = none): a requeued message that has
   been delivered ``max_deliveries`` times already is not delivered again: the read that
   reaches it (in the order above) moves it to the queue's dead-letter stream and serves the
@@ -253,6 +255,27 @@ class StreamsMachine(RuleBasedStateMachine):
             self._requeue_in_model(mid)
         self.held.clear()
         self.channel = self.conn.channel()
+
+    @precondition(lambda self: self.held)
+    @rule()
+    def crash_and_reclaim(self) -> None:
+        """The channel dies holding messages (nothing restored, as after SIGKILL); once their
+        lease ran out, reclaim (the lease keeper's job; here with idle 0) makes them ready
+        again, before fresh ones in their level, each keeping its delivery count."""
+        dead = self.channel
+        dead._inflight.clear()  # the crash: this process forgets what it held
+        dead.qos._delivered.clear()
+        dead.close()
+        self.channel = self.conn.channel()
+        for mid, _ in self.held:
+            self._requeue_in_model(mid)
+        self.held.clear()
+        for name in QUEUES:
+            cursors = None
+            while True:
+                _, cursors = self.channel.broker.reclaim(name, 0, 100, cursors)
+                if all(c == '-' for c in cursors):
+                    break
 
     # -- invariants ------------------------------------------------------------------------
 
