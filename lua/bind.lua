@@ -18,6 +18,10 @@ removing the binding destroys the group and trims what only it was holding back.
 --@include common
 local ttl = tonumber(ARGV[2])
 local fanout, group = KEYS[3], ARGV[3]
+-- all keys checked before the first write (see wrong_type): no half-made binding
+local wrong = wrong_type(KEYS[1], 'set') or wrong_type(KEYS[2], 'zset')
+if fanout then wrong = wrong or wrong_type(fanout, 'stream') end
+if wrong then return redis.error_reply(wrong) end
 if ttl < 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
   local removed = redis.call('SREM', KEYS[1], ARGV[1])

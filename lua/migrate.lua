@@ -67,17 +67,9 @@ local function target(raw)
   return index
 end
 
--- Redis does not undo a script's writes when a later command fails, so every key is checked
--- before the first write: a failure after the list was changed could lose messages.
-local function check(key, kind)
-  local t = redis.call('TYPE', key)['ok']
-  if t ~= 'none' and t ~= kind then
-    return 'WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a ' .. kind
-  end
-  return nil
-end
-local wrong = check(KEYS[1], 'list') or check(KEYS[n + 2], 'zset')
-for i = 2, n + 1 do wrong = wrong or check(KEYS[i], 'stream') end
+-- every key is checked before the first write (see wrong_type)
+local wrong = wrong_type(KEYS[1], 'list') or wrong_type(KEYS[n + 2], 'zset')
+for i = 2, n + 1 do wrong = wrong or wrong_type(KEYS[i], 'stream') end
 if wrong then return redis.error_reply(wrong) end
 
 if limit <= 0 then return {0, 0, redis.call('LLEN', KEYS[1])} end

@@ -21,15 +21,13 @@ several queues touches several hash slots: Kombu's Redis transport runs on one s
 migrate requires the same server for both.
 ]]
 --@include common
--- Redis does not undo a script's writes when a later command fails: check every key first,
--- so a wrong type cannot leave the message in one queue and still unacked.
+-- every key is checked first (see wrong_type), so a wrong type cannot leave the message in
+-- one queue and still unacked
 local kinds = {'hash', 'zset'}
 for i = 3, #KEYS, 2 do kinds[i], kinds[i + 1] = 'stream', 'zset' end
 for i, key in ipairs(KEYS) do
-  local t = redis.call('TYPE', key)['ok']
-  if t ~= 'none' and t ~= kinds[i] then
-    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a ' .. kinds[i])
-  end
+  local wrong = wrong_type(key, kinds[i])
+  if wrong then return redis.error_reply(wrong) end
 end
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 for i = 3, #KEYS, 2 do

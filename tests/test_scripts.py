@@ -1379,6 +1379,17 @@ def test_wrong_type_key_raises_key_type_error(script_client, case):
     assert c.get(key) == b'someone else'
 
 
+def test_bind_checks_every_key_before_writing(script_client):
+    """A fanout exchange whose stream name holds another type: the binding is not recorded
+    (the routing table and deadlines stay as they were), so no copy is routed to a queue
+    whose group could not be made."""
+    c = script_client
+    c.set(K.fanout('x'), b'someone else')
+    with pytest.raises(KeyTypeError):
+        fbind(c, 'q', 1000, ex='x')
+    assert not c.exists(K.bindings('x')) and not c.exists(K.deadlines('x'))
+
+
 def test_every_script_is_tested_for_wrong_type():
     # touch only runs PEXPIRE, which works on keys of every type: nothing to meet WRONGTYPE
     assert {case.split('-')[0] for case in _WRONGTYPE} | {'touch'} == set(SCRIPTS)

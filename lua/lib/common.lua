@@ -106,6 +106,17 @@ local function dead_letter(key, group, id, fields, dlq, reason, deliveries, shar
   end
 end
 
+-- An error message when KEY exists and holds another type than KIND, else nil. Redis keeps
+-- what a script wrote before a command failed, so a script that writes several keys checks
+-- them all first: a failure half-way could otherwise lose or duplicate a message.
+local function wrong_type(key, kind)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= kind then
+    return 'WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a ' .. kind
+  end
+  return nil
+end
+
 -- Set a queue's wake marker WAKE. For an expiring queue (x-expires) the marker expires with
 -- it: after TTL ms when TTL > 0, else with the time to live of the queue's stream STREAM.
 local function arm(wake, stream, ttl)
