@@ -430,6 +430,13 @@ def test_cluster_connection_errors(cluster: Cluster) -> None:
                       transport_options={'socket_connect_timeout': 1})
     with pytest.raises(OperationalError, match='no Redis Cluster node answered'):
         conn.ensure_connection(max_retries=1)
+    # ';'-separated startup nodes: a dead first one does not matter
+    with Connection(f'redis-streams-cluster://{HOST}:{dead};'
+                    f'redis-streams-cluster://{HOST}:{cluster.ports[2]}') as c:
+        ch = c.default_channel
+        Queue('alt', routing_key='alt')(ch).declare()
+        Producer(ch).publish({'ok': 1}, routing_key='alt')
+        assert ch.basic_get('alt', no_ack=True).payload == {'ok': 1}
     # the cluster option with a plain scheme means the same
     with Connection(f'redis-streams://{HOST}:{cluster.ports[1]}',
                     transport_options={'cluster': True}) as c:
