@@ -1,8 +1,11 @@
 """kombu-streams: a Kombu transport (and so a Celery broker) on Redis Streams.
 
-Importing the package registers the URL schemes ``redis-streams://`` and
-``rediss-streams://`` (TLS) with Kombu, so ``Connection('redis-streams://127.0.0.1:6379/0')``
-works. Without the import, name the transport: ``transport='kombu_streams.transport:Transport'``.
+Importing the package registers the URL schemes ``redis-streams://``,
+``rediss-streams://`` (TLS), ``sentinel-streams://`` (Redis Sentinel; transport option
+``master_name``) and ``sentinels-streams://`` (Sentinel, TLS to the Redis servers) with
+Kombu, so ``Connection('redis-streams://127.0.0.1:6379/0')`` works. The unix socket form is
+``redis-streams+socket:///path/to/redis.sock``. Without the import, name the transport:
+``transport='kombu_streams.transport:Transport'``.
 """
 
 from kombu.transport import TRANSPORT_ALIASES
@@ -12,5 +15,5 @@ from .transport import Transport
 __all__ = ('Transport', '__version__')
 __version__ = '0.1.0'
 
-for _scheme in ('redis-streams', 'rediss-streams'):
+for _scheme in ('redis-streams', 'rediss-streams', 'sentinel-streams', 'sentinels-streams'):
     TRANSPORT_ALIASES.setdefault(_scheme, 'kombu_streams.transport:Transport')
