@@ -560,6 +560,15 @@ def sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
             stop_redis(proc)
 
 
+def test_sentinel_schemes_registered() -> None:
+    from kombu.transport import resolve_transport
+
+    from kombu_streams.transport import Transport
+
+    for scheme in ('sentinel-streams', 'sentinels-streams'):
+        assert resolve_transport(scheme) is Transport
+
+
 def test_sentinel_requires_master_name() -> None:
     conn = Connection(f'sentinel-streams://{HOST}:{free_port()}/0')
     try:
@@ -743,3 +752,39 @@ def test_sentinel_failover_keeps_consuming(sentinel_setup: SentinelSetup) -> Non
         assert streams and sum(new_primary.xlen(k) for k in streams) == 0
     finally:
         new_primary.close()
+
+
+def test_sentinel_event_loop(sentinel_setup: SentinelSetup) -> None:
+    """Celery's path: on Kombu's Hub the poller waits with BZPOPMIN on raw connections it
+    takes from the Sentinel-managed pool."""
+    from kombu.asynchronous import Hub
+
+    queue = Queue('hub-q', Exchange('hub-x', 'direct'), routing_key='h')
+    options = sentinel_setup.options()
+    got: list[Any] = []
+    seen_conns: set[type] = set()  # classes of the connections the poller waited on
+    hub = Hub()
+    with Connection(sentinel_setup.url(free_port()), transport_options=options) as conn, \
+            Connection(sentinel_setup.url(free_port()), transport_options=options) as pub:
+        conn.connect()
+
+        def on_message(body: Any, message: Any) -> None:
+            got.append(body)
+            message.ack()
+
+        with Consumer(conn.channel(), [queue], callbacks=[on_message], accept=['json']):
+            conn.transport.register_with_event_loop(conn.connection, hub)
+            conn.transport.cycle.on_tick()  # what the hub's first tick does: a BZPOPMIN wait
+            waiting = conn.transport.cycle._conns
+            assert waiting and set(waiting) <= set(hub.readers)
+            seen_conns.update(type(c) for c in waiting.values())
+            with pub.Producer(serializer='json') as producer:
+                for n in range(5):
+                    producer.publish({'n': n}, exchange=queue.exchange, routing_key='h',
+                                     declare=[queue])
+            deadline = time.monotonic() + 10
+            while len(got) < 5 and time.monotonic() < deadline:
+                hub.run_once()
+        hub.close()
+    assert got == [{'n': n} for n in range(5)]
+    assert seen_conns and all(issubclass(c, SentinelManagedConnection) for c in seen_conns)
