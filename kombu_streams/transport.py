@@ -1,9 +1,10 @@
 """The Kombu transport: connection pool, server check, error classes and the poller.
 
 Use it by URL (``redis-streams://host:6379/0``, ``rediss-streams://`` for TLS,
-``redis-streams-cluster://host:7000`` for Redis Cluster) after ``import kombu_streams``,
-or with ``transport='kombu_streams.transport:Transport'`` (Celery: ``broker_transport``) and
-a plain ``redis://`` URL.
+``redis-streams-cluster://host:7000`` for Redis Cluster, ``sentinel-streams://`` for Sentinel;
+see :mod:`kombu_streams.connection`) after ``import kombu_streams``, or with
+``transport='kombu_streams.transport:Transport'`` (Celery: ``broker_transport``) and a plain
+``redis://`` URL.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from kombu.transport import virtual
 
 from .channel import Channel
 from .cluster import make_cluster, wants_cluster
-from .connection import check_server, pool_kwargs, warn_removed_options
+from .connection import close_pool, open_pool, pool_id, warn_removed_options
 from .leases import LeaseKeeper
 from .poller import Poller
 
@@ -43,6 +44,9 @@ class Transport(virtual.Transport):
         redis.exceptions.ConnectionError,
         redis.exceptions.TimeoutError,
         redis.exceptions.AuthenticationError,
+        # A demoted primary answers writes with READONLY: reconnect (through Sentinel, or
+        # a DNS name that follows the primary) instead of failing the channel.
+        redis.exceptions.ReadOnlyError,
         socket.error,
         OSError,
         redis.exceptions.ClusterDownError,
@@ -78,12 +82,10 @@ class Transport(virtual.Transport):
     def pool(self) -> redis.ConnectionPool:
         if self._pool is None:
             scheme = self.client.transport_cls
-            kwargs = pool_kwargs(self.client, self.client.transport_options,
-                                 scheme if isinstance(scheme, str) else '')
-            pool = redis.ConnectionPool(**kwargs)
-            self.server_version = check_server(redis.Redis(connection_pool=pool))
-            self._pool = pool
-            timeout = kwargs.get('socket_timeout')
+            self._pool, self.server_version = open_pool(
+                self.client, self.client.transport_options,
+                scheme if isinstance(scheme, str) else '')
+            timeout = self._pool.connection_kwargs.get('socket_timeout')
             if timeout:  # a blocking wait must end before the socket times out
                 self.wait_interval = max(min(self.wait_interval, timeout * 0.8), 0.01)
         return self._pool
@@ -94,8 +96,7 @@ class Transport(virtual.Transport):
         if self.cluster:
             nodes = self.make_client().nodes_manager.startup_nodes
             return 'cluster:' + ','.join(sorted(nodes))
-        kw = self.pool.connection_kwargs
-        return f"{kw.get('host')}:{kw.get('port')}:{kw.get('path')}:{kw.get('db')}"
+        return pool_id(self.pool)
 
     def make_client(self) -> Any:
         """A client for script calls: on its own on the shared pool, or the cluster client
@@ -141,7 +142,7 @@ class Transport(virtual.Transport):
         self.leases.stop()
         super().close_connection(connection)
         if self._pool is not None:
-            self._pool.disconnect()
+            close_pool(self._pool)
             self._pool = None
             self._blocking = None
         if self._cluster is not None:
