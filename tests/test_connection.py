@@ -517,7 +517,9 @@ def _replica_ready(setup: SentinelSetup) -> bool:
 @pytest.fixture
 def sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
     """Primary + replica (both with a password) + one sentinel (own password, quorum 1,
-    1 s down-after, 5 s failover-timeout), all on free loopback ports."""
+    5 s down-after, 5 s failover-timeout), all on free loopback ports. Failovers here are
+    asked for (SENTINEL FAILOVER); the long down-after keeps a loaded machine's slow replies
+    from starting another one on its own."""
     binary = _binary()
     procs: list[subprocess.Popen] = []
     try:
@@ -545,7 +547,7 @@ def sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
                 f'requirepass {SENTINEL_PASSWORD}\n'
                 f'sentinel monitor {MASTER} {HOST} {primary} 1\n'
                 f'sentinel auth-pass {MASTER} {DATA_PASSWORD}\n'
-                f'sentinel down-after-milliseconds {MASTER} 1000\n'
+                f'sentinel down-after-milliseconds {MASTER} 5000\n'
                 f'sentinel failover-timeout {MASTER} 5000\n')
             return [binary, str(conf), '--sentinel']
 
@@ -744,7 +746,13 @@ def test_sentinel_failover_keeps_consuming(sentinel_setup: SentinelSetup) -> Non
     assert not producer_thread.is_alive() and not consumer_thread.is_alive()
     assert worker.after_ack == []
     assert worker.connections >= 2, 'the consumer never reconnected'
-    new_primary = setup.data(setup.replica)
+    sentinel = setup.sentinel_client()
+    try:
+        now = int(sentinel.sentinel_get_master_addr_by_name(MASTER)[1])
+    finally:
+        sentinel.close()
+    assert now == setup.replica, 'sentinel did not switch to the replica'
+    new_primary = setup.data(now)
     try:
         assert new_primary.execute_command('ROLE')[0] == b'master'
         # consumed on the new primary: its streams hold no unacked message of the test
