@@ -17,7 +17,8 @@
                                  unacked hash) into streams of the same queue names
 
 The URL takes the transport's forms (``redis-streams://``, ``rediss-streams://``,
-``redis-streams-cluster://`` for Redis Cluster, and ``redis://`` / ``rediss://`` for the same
+``redis-streams-cluster://`` for Redis Cluster, ``sentinel-streams://`` with ``--master-name``
+(and ``--sentinel-password``) for Sentinel, and ``redis://`` / ``rediss://`` for the same
 servers); default ``$KOMBU_STREAMS_URL`` or
 ``redis-streams://127.0.0.1:6379/0``. ``--prefix`` and ``--priority-steps`` must match the
 app's ``global_keyprefix`` and ``priority_steps``. Everything but ``dlq redrive``, ``dlq
@@ -51,7 +52,7 @@ from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
 from .broker import HOLDER, Broker
-from .connection import UnsupportedServer
+from .connection import UnsupportedServer, close_pool
 from .keys import Keys
 from .migrate import KombuKeys, Migration, Plan, Progress, Result
 from .scripts import SCRIPTS
@@ -61,7 +62,9 @@ DEFAULT_URL = 'redis-streams://127.0.0.1:6379/0'
 SCHEMES = {'redis': 'redis-streams', 'rediss': 'rediss-streams',
            'redis-streams': 'redis-streams', 'rediss-streams': 'rediss-streams',
            'redis-streams-cluster': 'redis-streams-cluster',
-           'rediss-streams-cluster': 'rediss-streams-cluster'}
+           'rediss-streams-cluster': 'rediss-streams-cluster',
+           'sentinel-streams': 'sentinel-streams', 'sentinels-streams': 'sentinels-streams',
+           'sentinel': 'sentinel-streams'}
 #: Discovery by SCAN stops after this many names, or this many SCAN calls (of COUNT 1000).
 DISCOVER_LIMIT = 1000
 SCAN_CALLS = 10000
@@ -87,15 +90,19 @@ def transport_url(url: str) -> str:
     base, plus, tail = scheme.partition('+')  # e.g. redis-streams+socket:///run/redis.sock
     if not sep or base not in SCHEMES:
         raise Failure(f'unsupported URL {maybe_sanitize_url(url)!r}: use redis-streams://, '
-                      f'rediss-streams://, redis://, rediss:// or redis-streams-cluster://',
-                      USAGE)
+                      f'rediss-streams://, redis://, rediss://, redis-streams-cluster:// or '
+                      f'sentinel-streams://', USAGE)
     return f'{SCHEMES[base]}{plus}{tail}://{rest}'
 
 
 def connect(args: argparse.Namespace) -> Broker:
     """A Broker on the server of ``--url``, connected as the transport connects."""
-    conn = Connection(transport_url(args.url),
-                      transport_options={'socket_connect_timeout': 5, 'socket_timeout': 30})
+    options: dict[str, Any] = {'socket_connect_timeout': 5, 'socket_timeout': 30}
+    if args.master_name:
+        options['master_name'] = args.master_name
+    if args.sentinel_password:
+        options['sentinel_kwargs'] = {'password': args.sentinel_password}
+    conn = Connection(transport_url(args.url), transport_options=options)
     try:
         client = conn.transport.make_client()  # builds the pool, checks the server's version
     except ValueError as exc:  # e.g. a database that is not a number
@@ -681,6 +688,11 @@ def parser() -> argparse.ArgumentParser:
         epilog='Exit codes: 0 ok, 1 error, 2 usage, 3 queue or dead letter not found.')
     p.add_argument('--url', default=os.environ.get('KOMBU_STREAMS_URL') or DEFAULT_URL,
                    help='broker URL (default: $KOMBU_STREAMS_URL or %(default)s)')
+    p.add_argument('--master-name', default=os.environ.get('KOMBU_STREAMS_MASTER_NAME'),
+                   help="Sentinel URLs: the service's master_name")
+    p.add_argument('--sentinel-password',
+                   default=os.environ.get('KOMBU_STREAMS_SENTINEL_PASSWORD'),
+                   help="Sentinel URLs: the sentinels' own password, if any")
     p.add_argument('--prefix', default='', help="the app's global_keyprefix")
     p.add_argument('--priority-steps', type=priority_steps, default=[0, 3, 6, 9],
                    metavar='0,3,6,9', help="the app's priority_steps")
@@ -766,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
             if broker.keys.cluster:
                 broker.client.close()
             else:
-                broker.client.connection_pool.disconnect()
+                close_pool(broker.client.connection_pool)
     except Failure as exc:
         print(f'kombu-streams: {exc}', file=sys.stderr)
         return exc.code

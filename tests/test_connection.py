@@ -622,6 +622,22 @@ def test_sentinel_round_trip(sentinel_setup: SentinelSetup) -> None:
             conn.connect()
 
 
+def test_cli_through_sentinel(sentinel_setup: SentinelSetup) -> None:
+    """kombu-streams finds the primary through Sentinel (--master-name), and says what is
+    missing without it."""
+    from test_cli import cli, cli_json
+
+    url = f'sentinel-streams://:{DATA_PASSWORD}@{HOST}:{sentinel_setup.sentinel}/0'
+    with Connection(url, transport_options=sentinel_setup.options()) as conn:
+        Queue('cli-q', routing_key='cli-q')(conn.default_channel).declare()
+        conn.Producer().publish('x', routing_key='cli-q')
+    status = cli_json(url, '--master-name', MASTER, '--sentinel-password', SENTINEL_PASSWORD,
+                      'status', 'cli-q')
+    assert status['queues'][0]['ready'] == 1
+    missing = cli(url, 'status')
+    assert missing.returncode == 2 and 'master_name' in missing.stderr, missing.stderr
+
+
 class _Worker(ConsumerMixin):
     """A Kombu user's consumer: ConsumerMixin reconnects after connection errors by itself.
     Records every delivery, and every message whose ack returned."""
