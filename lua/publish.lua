@@ -8,14 +8,23 @@ ARGV[2]   "1" when routed through an exchange: publish only if the queue exists 
           queue was declared; if its keys are gone it was deleted or expired, and a copy
           must not bring it back); "0" for the default exchange, which creates the queue
 Reply:    the new entry id, or nil when the queue does not exist and ARGV[2] is "1"
-Minimum Redis: 6.2. Cost: O(1).
+Minimum Redis: 6.2 (XADD NOMKSTREAM). Cost: O(1): XADD and ZADD, plus EXISTS only when the
+level's stream does not exist yet and PTTL only when the marker was not set.
+
+A queue exists while its level's stream or its first stream does (declare makes all its
+streams, delete removes them all, x-expires expires them together), so a routed copy first
+tries XADD NOMKSTREAM and looks at the first stream only when that found no stream.
 
 The marker is set in the same script as the XADD, so no consumer can see the marker without
 the message or the message without the marker: the heart of the no-lost-wake-up argument in
 kombu_streams/poller.py. Never trims: a stream only loses entries that were acked.
 ]]
 --@include common
-if ARGV[2] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then return false end
-local id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[1])
-arm(KEYS[2], KEYS[3])
+local id = false
+if ARGV[2] == '1' then
+  id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 'm', ARGV[1])
+  if not id and redis.call('EXISTS', KEYS[3]) == 0 then return false end
+end
+if not id then id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[1]) end
+arm_new(KEYS[2], KEYS[3])
 return id

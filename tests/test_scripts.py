@@ -1412,6 +1412,42 @@ def test_routed_publish_never_recreates_a_deleted_queue(script_client):
     assert c.xlen(K.stream('fresh', 0)) == 1
 
 
+def _calls(c):
+    """Commands Redis ran so far, by name (real servers only; None on fakeredis)."""
+    try:
+        stats = c.info('commandstats')
+    except Exception:
+        return None
+    return {k[len('cmdstat_'):]: v['calls'] for k, v in stats.items()} if stats else None
+
+
+def test_routed_publish_to_an_existing_level_needs_no_lookup(script_client):
+    c = script_client
+    declare(c, 'q')
+    c.delete(K.stream('q', 3))  # the first stream still says the queue exists
+    assert broker(c).publish('q', 3, b'a', routed=True) is not None
+    before = _calls(c)
+    assert broker(c).publish('q', 3, b'b', routed=True) is not None
+    after = _calls(c)
+    assert c.xlen(K.stream('q', 3)) == 2
+    if before is not None:
+        ran = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        ran.pop('info', None)
+        assert ran == {'evalsha': 1, 'xadd': 1, 'zadd': 1}
+
+
+def test_publish_keeps_the_expiry_of_a_set_marker(script_client):
+    c = script_client
+    declare(c, 'q')
+    broker(c).touch('q', 5000)
+    publish(c, 'q', b'x')
+    c.pexpire(K.wake('q'), 3000)  # as touch.lua would refresh it
+    publish(c, 'q', b'y')
+    assert 0 < c.pttl(K.wake('q')) <= 3000
+    c.delete(K.wake('q'))  # popped by a consumer: the next publish sets it anew
+    publish(c, 'q', b'z')
+    assert 3000 < c.pttl(K.wake('q')) <= 5000
+
 def test_marker_of_an_expiring_queue_expires_with_it(script_client):
     c = script_client
     declare(c, 'q')

@@ -106,6 +106,17 @@ local function dead_letter(key, group, id, fields, dlq, reason, deliveries, shar
   end
 end
 
+-- Set a queue's wake marker WAKE; look up the expiry only when the marker was not set. A set
+-- marker already has its queue's expiry: every script that creates one gives it (arm,
+-- arm_new), and touch.lua refreshes it together with the streams. The one exception is the
+-- poller's put-back (a plain ZADD after a wake-up no read covered): its consumer's next read
+-- of the queue (arm) or the lease keeper's next touch gives it the expiry.
+local function arm_new(wake, stream)
+  if redis.call('ZADD', wake, 0, 'w') == 0 then return end
+  local ttl = redis.call('PTTL', stream)
+  if ttl > 0 then redis.call('PEXPIRE', wake, ttl) end
+end
+
 -- Set a queue's wake marker WAKE. For an expiring queue (x-expires) the marker expires with
 -- it: after TTL ms when TTL > 0, else with the time to live of the queue's stream STREAM.
 local function arm(wake, stream, ttl)
