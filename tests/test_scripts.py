@@ -505,6 +505,37 @@ def test_ack_of_undelivered_id_deletes_nothing(script_client):
     assert [d[2] for d in read(c, ['q'], 5)] == [second]
 
 
+def test_ack_mixing_pending_acked_and_undelivered_ids(script_client):
+    c = script_client
+    declare(c, 'q')
+    m = [publish(c, 'q', b'%d' % i) for i in range(5)]
+    read(c, ['q'], 3)
+    assert ack(c, 'q', [(0, m[0])]) == 1
+    # m0 acked already, m1 and m2 pending, m3 and m4 never delivered
+    assert ack(c, 'q', [(0, i) for i in m]) == 2
+    assert ids(c, K.stream('q', 0)) == [m[3], m[4]]
+    assert pel(c, K.stream('q', 0), 'q') == {}
+    assert [d[2] for d in read(c, ['q'], 5)] == [m[3], m[4]]
+
+
+def test_ack_of_many_ids_in_one_call(script_client):
+    c = script_client
+    declare(c, 'q')
+    pipe = c.pipeline(transaction=False)
+    for i in range(2500):
+        pipe.xadd(K.stream('q', 3), {'m': b'%d' % i})
+    pipe.execute()
+    got = read(c, ['q'], 2400)
+    assert len(got) == 2400
+    before = _calls(c)
+    assert ack(c, 'q', [(3, d[2]) for d in got]) == 2400
+    after = _calls(c)
+    assert c.xlen(K.stream('q', 3)) == 100
+    assert pel(c, K.stream('q', 3), 'q') == {}
+    if before is not None:  # one XACK and one XDEL per 1000 ids
+        assert after['xack'] - before['xack'] == 3
+        assert after['xdel'] - before['xdel'] == 3
+
 def test_ack_after_queue_deleted_is_harmless(script_client):
     c = script_client
     declare(c, 'q')
@@ -1166,8 +1197,8 @@ def _accounting(c, queue):
 
 
 _crash_ops = st.lists(
-    st.tuples(st.sampled_from(['pub', 'read', 'ack', 'requeue', 'crash', 'reclaim', 'renew',
-                               'reject', 'redrive']),
+    st.tuples(st.sampled_from(['pub', 'read', 'ack', 'ackall', 'requeue', 'crash', 'reclaim',
+                               'renew', 'reject', 'redrive']),
               st.integers(0, 2), st.integers(0, 3), st.integers(1, 4)),
     max_size=30)
 
@@ -1202,6 +1233,16 @@ def test_property_crashes_and_reclaims_lose_and_duplicate_nothing(script_client,
                 if ack(c, 'q', [m]) == 1:
                     assert mine[m] not in acked
                     acked.add(mine[m])
+                del mine[m]
+        elif op == 'ackall':  # one call, some ids perhaps stale (reclaimed, acked elsewhere)
+            stale = [(lv, eid) for lv, eid in mine if x == 0]  # also ids acked already
+            pending = {(lv, eid) for lv, eid in set(chosen) | set(stale)
+                       if eid in pel(c, K.stream('q', lv), 'q')}
+            assert ack(c, 'q', chosen + stale) == len(pending)
+            for m in pending:
+                assert mine[m] not in acked
+                acked.add(mine[m])
+            for m in chosen:
                 del mine[m]
         elif op == 'requeue':
             requeue(c, 'q', chosen)

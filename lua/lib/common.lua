@@ -51,13 +51,13 @@ local function field(fields, name)
   return nil
 end
 
--- True when stream id A sorts before stream id B ("ms-seq" strings).
+-- True when stream id A sorts before stream id B ("ms-seq" strings; "ms" alone is "ms-0").
 local function id_before(a, b)
-  local ams, aseq = string.match(a, '(%d+)-(%d+)')
-  local bms, bseq = string.match(b, '(%d+)-(%d+)')
+  local ams, aseq = string.match(a, '^(%d+)-?(%d*)$')
+  local bms, bseq = string.match(b, '^(%d+)-?(%d*)$')
   ams, bms = tonumber(ams), tonumber(bms)
   if ams ~= bms then return ams < bms end
-  return tonumber(aseq) < tonumber(bseq)
+  return (tonumber(aseq) or 0) < (tonumber(bseq) or 0)
 end
 
 -- Trim a fanout stream below what every group is done with: the oldest entry any group
