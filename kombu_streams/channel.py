@@ -367,6 +367,7 @@ class Channel(virtual.Channel):
         return result
 
     def basic_cancel(self, consumer_tag: str) -> Any:
+        self.flush_acks()  # no read of this consumer may come to carry them
         queue = self._tag_to_queue.get(consumer_tag)
         result = super().basic_cancel(consumer_tag)
         if queue is not None and queue not in self._active_queues:
@@ -444,12 +445,17 @@ class Channel(virtual.Channel):
         read, parse = self.broker.read_call(queues, self.consumer_name, credit,
                                             self.max_deliveries, self._fanout_map(queues),
                                             self._expires)
-        calls = self._ack_calls() + [read]  # deferred acks ride along: one round trip
+        acks, calls = self._ack_calls()
+        calls.append(read)  # deferred acks ride along: one round trip
         if len(calls) == 1:
             script, keys, args = read
             reply = script(self.client, keys, args)
         else:
-            reply = execute_pipeline(self._pipeline_of(calls), calls)[-1]
+            try:
+                reply = execute_pipeline(self._pipeline_of(calls), calls)[-1]
+            except Exception:
+                self._acks.extendleft(reversed(acks))  # delayed again, never dropped
+                raise
         for delivery in parse(reply):
             message = self._decode(delivery)
             if message is None:
@@ -489,9 +495,11 @@ class Channel(virtual.Channel):
     # -- settling: ack, reject, requeue --------------------------------------------------------
 
     def _ack(self, tag: str) -> None:
-        """Ack now; or, on an event loop, with the next read or before the loop next waits
-        (Poller.on_tick): one round trip then carries many acks. At-least-once holds either
-        way: an ack not yet sent only means the message may be delivered again."""
+        """Ack now; or, on an event loop or from a drain_events callback, with the next read
+        or before the next wait (Poller.on_tick, Poller.drain): one round trip then carries
+        many acks. They are also sent when a consumer is cancelled, when the channel closes
+        and by each lease keeper round. At-least-once holds either way: an ack not yet sent
+        only means the message may be delivered again."""
         if not self.connection.cycle.batches_acks:
             self._settle([tag], ACK)
             return
@@ -499,14 +507,17 @@ class Channel(virtual.Channel):
         if held is not None:
             self._acks.append(held)
 
-    def _ack_calls(self) -> list[tuple[Any, list[str], list[Any]]]:
-        """Take the deferred acks, as one script call per source."""
+    def _ack_calls(self) -> tuple[list[Held], list[tuple[Any, list[str], list[Any]]]]:
+        """Take the deferred acks: (the acks, one script call per source). A caller whose
+        calls fail puts the acks back."""
         by_source: dict[tuple[str, str | None], list[tuple[str, bytes]]] = {}
+        taken: list[Held] = []
         while True:
             try:
                 held = self._acks.popleft()
             except IndexError:
                 break
+            taken.append(held)
             by_source.setdefault((held.queue, held.exchange), []).append(
                 (held.stream, held.entry_id))
         calls = []
@@ -514,13 +525,17 @@ class Channel(virtual.Channel):
             call = self.broker.ack_call(queue, entries, exchange)
             if call is not None:
                 calls.append(call)
-        return calls
+        return taken, calls
 
     def flush_acks(self) -> None:
         """Send deferred acks now."""
-        calls = self._ack_calls()
+        acks, calls = self._ack_calls()
         if calls:
-            execute_pipeline(self._pipeline_of(calls), calls)
+            try:
+                execute_pipeline(self._pipeline_of(calls), calls)
+            except Exception:
+                self._acks.extendleft(reversed(acks))  # delayed again, never dropped
+                raise
 
     def _pipeline_of(self, calls: list[tuple[Any, list[str], list[Any]]]) -> Any:
         pipe = self.client.pipeline(transaction=False)

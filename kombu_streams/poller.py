@@ -34,6 +34,7 @@ pipeline that records the unacked message).
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable
@@ -63,6 +64,7 @@ class Poller:
         self._hub: Any = None
         self._waits: dict[int, Channel] = {}  # fd of a pending BZPOPMIN -> its channel
         self._conns: dict[int, Any] = {}  # fd -> redis connection
+        self._draining: int | None = None  # thread inside drain(), whose acks wait
 
     def add(self, channel: Channel) -> None:
         if channel not in self.channels:
@@ -128,11 +130,26 @@ class Poller:
     # -- synchronous: Connection.drain_events ------------------------------------------------
 
     def drain(self, deliver: Callable[[Any, str], Any], timeout: float | None = None) -> None:
-        """Deliver one message, blocking up to ``timeout`` (None: forever) for one to come."""
+        """Deliver one message, blocking up to ``timeout`` (None: forever) for one to come.
+
+        Acks made by the callbacks it runs (in this thread) are deferred: they ride along with
+        the next read, and are flushed before any wait (and on cancel, close, lease rounds)."""
+        outer, self._draining = self._draining, threading.get_ident()
+        try:
+            self._drain(deliver, timeout)
+        finally:
+            self._draining = outer
+
+    def _flush_acks(self) -> None:
+        for channel in list(self.channels):
+            channel.flush_acks()
+
+    def _drain(self, deliver: Callable[[Any, str], Any], timeout: float | None) -> None:
         deadline = None if timeout is None else monotonic() + timeout
         if self.deliver_one(deliver):
             return
         while True:
+            self._flush_acks()  # nothing ready: acks must not wait for a later read
             remaining = None if deadline is None else deadline - monotonic()
             if remaining is not None and remaining <= 0:
                 raise socket.timeout()
@@ -155,8 +172,9 @@ class Poller:
 
     @property
     def batches_acks(self) -> bool:
-        """On an event loop, acks wait for the next read or loop turn (see on_tick)."""
-        return self._hub is not None
+        """On an event loop, acks wait for the next read or loop turn (see on_tick); in
+        drain_events, acks of its callbacks wait for the next read or wait (see drain)."""
+        return self._hub is not None or self._draining == threading.get_ident()
 
     def register(self, hub: Any) -> None:
         if self._hub is not None:
