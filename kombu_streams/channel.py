@@ -42,6 +42,12 @@ ACK, REQUEUE, DEAD_LETTER = 'ack', 'requeue', 'dead-letter'
 #: Messages per read when the channel has no prefetch limit.
 UNLIMITED_READ = 10
 
+#: Seconds between two reads that look at every stream of their queues instead of only those
+#: the queues' ready indexes name (read.lua): the repair for an index that names too little
+#: (a publisher of an older version, keys changed by hand). As often as the poller's bounded
+#: wait, the safety net for lost wake-ups.
+WALK_INTERVAL = 1.0
+
 #: Process-wide cache of routing tables: (server id, bindings key) -> (time read, table).
 _ROUTES: dict[tuple[str, str], tuple[float, list[tuple[str, ...]]]] = {}
 
@@ -163,6 +169,7 @@ class Channel(virtual.Channel):
         self.client = connection.make_client()
         self.broker = Broker(self.client, self.keys, self._levels)
         self._reclaim_cursors: dict[tuple[str, str | None], list[str]] = {}
+        self._walk_at = 0.0  # when the next read walks every stream (WALK_INTERVAL)
         #: queue -> x-expires in ms, for the queues declared here with one
         self._expires: dict[str, int] = {}
         connection.cycle.add(self)
@@ -442,9 +449,13 @@ class Channel(virtual.Channel):
         """Run read.lua over ``queues`` and decode what it delivered."""
         out: list[tuple[dict[str, Any], str]] = []
         self.connection.cycle.note_read(queues)
+        now = monotonic()
+        walk = now >= self._walk_at
+        if walk:
+            self._walk_at = now + WALK_INTERVAL
         read, parse = self.broker.read_call(queues, self.consumer_name, credit,
                                             self.max_deliveries, self._fanout_map(queues),
-                                            self._expires)
+                                            self._expires, walk)
         acks, calls = self._ack_calls()
         calls.append(read)  # deferred acks ride along: one round trip
         if len(calls) == 1:

@@ -23,6 +23,32 @@ local function try(...)
   return r, nil
 end
 
+-- Like try, for XREADGROUP: a missing stream is also (nil, nil). Real Redis says NOGROUP for
+-- it; fakeredis says "The XGROUP subcommand requires the key to exist".
+local function try_read(...)
+  local r, err = try(...)
+  if err and string.find(err, 'requires the key to exist', 1, true) then return nil, nil end
+  return r, err
+end
+
+-- The ready index of a queue (a set, ks:q:{queue}:ready) names the streams that may hold
+-- ready messages: the stream's key when entries may wait that the group has not delivered
+-- yet, HELD .. key when the holder consumer may park requeued or reclaimed ones. It may name
+-- more, never less: every script that adds ready work adds its member in the same call, and
+-- read.lua removes a member only after seeing that part of the stream run dry. COMPLETE is
+-- added by read.lua after it walked every stream of the queue; an index without it (never
+-- read, written by publishers alone, lost) makes the next read walk every stream again.
+local HELD, COMPLETE = 'h:', ''
+
+-- Add MEMBERS to the ready index INDEX of a queue; a newly added member gets the expiry of the
+-- queue's stream STREAM (x-expires), so the index never outlives the queue.
+local function index_add(index, stream, ...)
+  if redis.call('SADD', index, ...) > 0 then
+    local ttl = redis.call('PTTL', stream)
+    if ttl > 0 then redis.call('PEXPIRE', index, ttl) end
+  end
+end
+
 -- Make sure GROUP exists on an existing stream KEY, starting at its first entry (so messages
 -- published before any consumer declared the queue are delivered). Returns true if the stream
 -- exists, plus an error message if creating the group failed for another reason (WRONGTYPE).
@@ -104,17 +130,6 @@ local function dead_letter(key, group, id, fields, dlq, reason, deliveries, shar
   else
     redis.call('XDEL', key, id)
   end
-end
-
--- Set a queue's wake marker WAKE; look up the expiry only when the marker was not set. A set
--- marker already has its queue's expiry: every script that creates one gives it (arm,
--- arm_new), and touch.lua refreshes it together with the streams. The one exception is the
--- poller's put-back (a plain ZADD after a wake-up no read covered): its consumer's next read
--- of the queue (arm) or the lease keeper's next touch gives it the expiry.
-local function arm_new(wake, stream)
-  if redis.call('ZADD', wake, 0, 'w') == 0 then return end
-  local ttl = redis.call('PTTL', stream)
-  if ttl > 0 then redis.call('PEXPIRE', wake, ttl) end
 end
 
 -- Set a queue's wake marker WAKE. For an expiring queue (x-expires) the marker expires with
