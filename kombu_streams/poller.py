@@ -26,6 +26,13 @@ bounded by ``polling_interval`` seconds (1 s by default) and each timeout is fol
 one read. That is one cheap script call per second per idle connection: no busy polling,
 an idle consumer costs ~0 CPU.
 
+``read.lua`` tells "may still hold ready messages" from the queue's ready index (a set of
+the streams that may hold ready work, see ``lua/lib/common.lua``), which names more, never
+less: every script that adds ready work adds to it in the same call. An index that names
+less than it should (lost, or written around by hand or by an older version) is repaired by
+a read that walks every stream: the next read when the index is incomplete, and one read per
+channel every ``channel.WALK_INTERVAL`` (1 s), as bounded as the waits above.
+
 Latency: a publish wakes the blocked consumer directly, which then runs one read: two round
 trips from publish to callback, the same as Kombu's Redis transport (BRPOP, then its
 pipeline that records the unacked message).
