@@ -169,7 +169,8 @@ class Channel(virtual.Channel):
         self.client = connection.make_client()
         self.broker = Broker(self.client, self.keys, self._levels)
         self._reclaim_cursors: dict[tuple[str, str | None], list[str]] = {}
-        self._walk_at = 0.0  # when the next read walks every stream (WALK_INTERVAL)
+        #: queues read together -> when their next read walks every stream (WALK_INTERVAL)
+        self._walk_at: dict[frozenset[str], float] = {}
         #: queue -> x-expires in ms, for the queues declared here with one
         self._expires: dict[str, int] = {}
         connection.cycle.add(self)
@@ -449,10 +450,12 @@ class Channel(virtual.Channel):
         """Run read.lua over ``queues`` and decode what it delivered."""
         out: list[tuple[dict[str, Any], str]] = []
         self.connection.cycle.note_read(queues)
-        now = monotonic()
-        walk = now >= self._walk_at
+        now, group = monotonic(), frozenset(queues)
+        walk = now >= self._walk_at.get(group, 0.0)
         if walk:
-            self._walk_at = now + WALK_INTERVAL
+            if len(self._walk_at) > 1000:  # queue sets come and go: forget old ones
+                self._walk_at.clear()
+            self._walk_at[group] = now + WALK_INTERVAL
         read, parse = self.broker.read_call(queues, self.consumer_name, credit,
                                             self.max_deliveries, self._fanout_map(queues),
                                             self._expires, walk)

@@ -886,6 +886,21 @@ def test_deferred_acks_survive_a_failed_read(conn, raw, monkeypatch):
     assert stream_len_total(raw, "ack-fail-q") == 0
     ch.close()
 
+def test_message_the_ready_index_misses_is_found_by_the_periodic_walk(conn, raw):
+    """A message that its queue's ready index does not name (written by an older version,
+    or by hand) is still delivered: a read walks every stream once per WALK_INTERVAL."""
+    q = direct_queue("walk-q")
+    ch = conn.channel()
+    publish(conn, ["a"], queue=q)
+    assert payloads(drain(conn, [q], 1, channel=ch)) == ["a"]  # the channel's first read walks
+    assert raw.smembers(Keys().ready("walk-q")) == {b""}  # complete, nothing ready
+    publish(conn, ["b"], queue=q, priority=9)
+    raw.srem(Keys().ready("walk-q"), Keys().stream("walk-q", 9))  # as an old publisher would
+    started = time.monotonic()
+    assert payloads(drain(conn, [q], 1, channel=ch, timeout=3 * TIMEOUT)) == ["b"]
+    assert time.monotonic() - started < 2 * TIMEOUT
+    ch.close()
+
 def test_prefetch_limit(conn, raw):
     q = direct_queue("prefetch-q")
     publish(conn, [f"f{i}" for i in range(8)], queue=q)
