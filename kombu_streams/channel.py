@@ -375,7 +375,10 @@ class Channel(virtual.Channel):
         return result
 
     def basic_cancel(self, consumer_tag: str) -> Any:
-        self.flush_acks()  # no read of this consumer may come to carry them
+        try:
+            self.flush_acks()  # no read of this consumer may come to carry them
+        except Exception as exc:  # kept: sent later, or the messages come back (at least once)
+            logger.warning('kombu-streams: could not send acks at cancel: %r', exc)
         queue = self._tag_to_queue.get(consumer_tag)
         result = super().basic_cancel(consumer_tag)
         if queue is not None and queue not in self._active_queues:
