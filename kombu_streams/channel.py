@@ -164,8 +164,10 @@ class Channel(virtual.Channel):
         self._buffer: deque[tuple[dict[str, Any], str]] = deque()
         self._no_ack_queues: set[str] = set()
         self._tags = count(1)
-        self.consumer_name = (
-            f'{socket.gethostname()}:{os.getpid()}:{self.channel_id}:{uuid4().hex[:8]}')
+        salt = uuid4().hex[:8]
+        #: delivery tags are f'{channel id}.{n}.{salt}': unique per channel, one uuid per channel
+        self._tag_suffix = f'.{salt}'
+        self.consumer_name = f'{socket.gethostname()}:{os.getpid()}:{self.channel_id}:{salt}'
         self.client = connection.make_client()
         self.broker = Broker(self.client, self.keys, self._levels)
         self._reclaim_cursors: dict[tuple[str, str | None], list[str]] = {}
@@ -499,7 +501,7 @@ class Channel(virtual.Channel):
             self.broker.dead_letter(d.queue, d.stream, d.entry_id, f'undecodable: {exc!r}',
                                     d.deliveries, shared=d.exchange is not None)
             return None
-        props['delivery_tag'] = f'{self.channel_id}.{next(self._tags)}.{uuid4().hex[:8]}'
+        props['delivery_tag'] = f'{self.channel_id}.{next(self._tags)}{self._tag_suffix}'
         redelivered = d.deliveries > 1
         info['redelivered'] = redelivered
         info['delivery_count'] = d.deliveries
