@@ -156,8 +156,17 @@ def payloads(delivered):
 def check_ready_index(c, queue, levels=LEVELS):
     """The ready index names every stream with ready work: entries the group has not
     delivered (key), entries parked with the holder (h:key). An index without its complete
-    member '' may name less: the next read walks every stream."""
+    member '' may name less: the next read walks every stream. And a queue with ready work
+    has its wake marker (nothing pops it here)."""
     index = c.smembers(K.ready(queue))
+    ready = False
+    for lv in levels:
+        key = K.stream(queue, lv)
+        if c.exists(key):
+            last = groups(c, key).get(b(queue), b'0-0')
+            ready = ready or any(sid(e) > sid(last) for e in ids(c, key)) or any(
+                owner == b(HOLDER) for owner, _ in pel(c, key, queue).values())
+    assert not ready or marker(c, queue), 'ready work without a wake marker'
     if b'' not in index:
         return
     for lv in levels:
