@@ -67,7 +67,7 @@ class Broker:
         """The publish call as (script, KEYS, ARGV), for pipelines. ``routed``: only if the
         queue exists (a copy routed by an exchange must not recreate a deleted queue)."""
         keys = [self.keys.stream(queue, level), self.keys.wake(queue),
-                self.keys.stream(queue, self.levels[0])]
+                self.keys.stream(queue, self.levels[0]), self.keys.ready(queue)]
         return SCRIPTS['publish'], keys, [payload, '1' if routed else '0']
 
     def publish(self, queue: str, level: int, payload: str | bytes, routed: bool = False
@@ -104,13 +104,14 @@ class Broker:
         return total
 
     def delete(self, queue: str) -> int:
-        keys = self.streams(queue) + [self.keys.wake(queue), self.keys.dlq(queue)]
+        keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
+                                      self.keys.dlq(queue)]
         return SCRIPTS['delete'](self.client, keys)
 
     def touch(self, queue: str, ttl_ms: int) -> int:
         """Keep an expiring queue's keys alive for another ``ttl_ms``."""
-        return SCRIPTS['touch'](self.client, self.streams(queue) + [self.keys.wake(queue)],
-                                [int(ttl_ms)])
+        keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue)]
+        return SCRIPTS['touch'](self.client, keys, [int(ttl_ms)])
 
     # -- routing tables --------------------------------------------------------------------
 
@@ -140,25 +141,27 @@ class Broker:
 
     def read(self, queues: Sequence[str], consumer: str, count: int,
              max_deliveries: int = 0, fanout: dict[str, Iterable[str]] | None = None,
-             ttls: dict[str, int] | None = None) -> list[Delivery]:
+             ttls: dict[str, int] | None = None, walk: bool = False) -> list[Delivery]:
         """Deliver up to ``count`` messages across ``queues``, highest priority first.
 
         ``fanout`` maps a queue to the fanout exchanges it is bound to: their streams are
         read (through the queue's group) before the queue's own. ``ttls`` gives the x-expires
-        of expiring queues, for their markers.
+        of expiring queues, for their markers. ``walk``: look at every stream, not only those
+        the queues' ready indexes name, and rebuild the indexes (a repair, now and then).
         """
-        call, parse = self.read_call(queues, consumer, count, max_deliveries, fanout, ttls)
+        call, parse = self.read_call(queues, consumer, count, max_deliveries, fanout, ttls,
+                                     walk)
         script, keys, args = call
         return parse(script(self.client, keys, args))
 
     def read_call(self, queues: Sequence[str], consumer: str, count: int,
                   max_deliveries: int = 0, fanout: dict[str, Iterable[str]] | None = None,
-                  ttls: dict[str, int] | None = None
+                  ttls: dict[str, int] | None = None, walk: bool = False
                   ) -> tuple[tuple[Script, list[str], list[Any]],
                              Callable[[list[Any]], list[Delivery]]]:
         """The read call as (script, KEYS, ARGV), and the function that decodes its reply."""
         return self.sources_call(self.sources(queues, fanout), consumer, count,
-                                 max_deliveries, ttls)
+                                 max_deliveries, ttls, walk)
 
     @staticmethod
     def sources(queues: Sequence[str], fanout: dict[str, Iterable[str]] | None = None
@@ -184,8 +187,8 @@ class Broker:
         return list(groups.values())
 
     def sources_call(self, sources: Sequence[tuple[str, str | None]], consumer: str,
-                     count: int, max_deliveries: int = 0, ttls: dict[str, int] | None = None
-                     ) -> tuple[tuple[Script, list[str], list[Any]],
+                     count: int, max_deliveries: int = 0, ttls: dict[str, int] | None = None,
+                     walk: bool = False) -> tuple[tuple[Script, list[str], list[Any]],
                                 Callable[[list[Any]], list[Delivery]]]:
         """The read call for explicit ``sources`` (see :meth:`sources`), and its decoder."""
         ttls = ttls or {}
@@ -198,11 +201,15 @@ class Broker:
                     for level in self.levels for q in own]
         keys = [s[0] for s in streams]
         for q, ex in sources:
-            keys += [self.wake(q, ex), self.keys.fanout_dlq(ex, q) if ex else self.keys.dlq(q)]
+            if ex:  # no ready index for a group on a fanout stream: any key of its slot
+                keys += [self.wake(q, ex), self.keys.fanout_dlq(ex, q), self.wake(q, ex)]
+            else:
+                keys += [self.keys.wake(q), self.keys.dlq(q), self.keys.ready(q)]
         args: list[Any] = [consumer, count, len(streams), HOLDER, max_deliveries, len(sources)]
         args += [ttls.get(q, 0) for q, _ in sources]
         for _, group, src, shared, _ in streams:
             args += [group, src, shared]
+        args.append('1' if walk else '0')
 
         def parse(reply: list[Any]) -> list[Delivery]:
             out = []
@@ -248,8 +255,10 @@ class Broker:
             (stream, entry_id, count[0] if count else -1) for stream, entry_id, *count in entries)
         if not args:
             return 0
-        return SCRIPTS['requeue'](self.client, streams + [self.wake(queue, exchange)],
-                                  [queue, HOLDER, *args])
+        keys = streams + [self.wake(queue, exchange)]
+        if not exchange:
+            keys.append(self.keys.ready(queue))
+        return SCRIPTS['requeue'](self.client, keys, [queue, HOLDER, *args])
 
     def renew(self, queue: str, consumer: str, entries: Iterable[tuple[str, Any]]
               ) -> list[tuple[str, bytes]]:
@@ -267,8 +276,11 @@ class Broker:
         ``exchange``); returns (count, cursors)."""
         streams = [self.keys.fanout(exchange)] if exchange else self.streams(queue)
         cursors = list(cursors) if cursors else ['-'] * len(streams)
+        keys = streams + [self.wake(queue, exchange)]
+        if not exchange:
+            keys.append(self.keys.ready(queue))
         reply = SCRIPTS['reclaim'](
-            self.client, streams + [self.wake(queue, exchange)],
+            self.client, keys,
             [queue, HOLDER, int(min_idle_ms), batch, *cursors, int(consumer_expiry_ms)])
         return int(reply[0]), [c.decode() if isinstance(c, bytes) else c for c in reply[1:]]
 
@@ -284,7 +296,8 @@ class Broker:
 
     def redrive(self, queue: str, count: int, ids: Sequence[Any] = ()) -> tuple[int, int]:
         """Move up to ``count`` dead letters (or just ``ids``) back; returns (moved, skipped)."""
-        keys = [self.keys.dlq(queue), *self.streams(queue), self.keys.wake(queue)]
+        keys = [self.keys.dlq(queue), *self.streams(queue), self.keys.wake(queue),
+                self.keys.ready(queue)]
         moved, skipped = SCRIPTS['redrive'](self.client, keys, [count, *ids])
         return int(moved), int(skipped)
 

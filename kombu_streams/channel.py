@@ -42,6 +42,12 @@ ACK, REQUEUE, DEAD_LETTER = 'ack', 'requeue', 'dead-letter'
 #: Messages per read when the channel has no prefetch limit.
 UNLIMITED_READ = 10
 
+#: Seconds between two reads that look at every stream of their queues instead of only those
+#: the queues' ready indexes name (read.lua): the repair for an index that names too little
+#: (a publisher of an older version, keys changed by hand). As often as the poller's bounded
+#: wait, the safety net for lost wake-ups.
+WALK_INTERVAL = 1.0
+
 #: Process-wide cache of routing tables: (server id, bindings key) -> (time read, table).
 _ROUTES: dict[tuple[str, str], tuple[float, list[tuple[str, ...]]]] = {}
 
@@ -158,11 +164,15 @@ class Channel(virtual.Channel):
         self._buffer: deque[tuple[dict[str, Any], str]] = deque()
         self._no_ack_queues: set[str] = set()
         self._tags = count(1)
-        self.consumer_name = (
-            f'{socket.gethostname()}:{os.getpid()}:{self.channel_id}:{uuid4().hex[:8]}')
+        salt = uuid4().hex[:8]
+        #: delivery tags are f'{channel id}.{n}.{salt}': unique per channel, one uuid per channel
+        self._tag_suffix = f'.{salt}'
+        self.consumer_name = f'{socket.gethostname()}:{os.getpid()}:{self.channel_id}:{salt}'
         self.client = connection.make_client()
         self.broker = Broker(self.client, self.keys, self._levels)
         self._reclaim_cursors: dict[tuple[str, str | None], list[str]] = {}
+        #: sources read together -> when their next read walks every stream (WALK_INTERVAL)
+        self._walk_at: dict[frozenset[tuple[str, str | None]], float] = {}
         #: queue -> x-expires in ms, for the queues declared here with one
         self._expires: dict[str, int] = {}
         connection.cycle.add(self)
@@ -367,6 +377,10 @@ class Channel(virtual.Channel):
         return result
 
     def basic_cancel(self, consumer_tag: str) -> Any:
+        try:
+            self.flush_acks()  # no read of this consumer may come to carry them
+        except Exception as exc:  # kept: sent later, or the messages come back (at least once)
+            logger.warning('kombu-streams: could not send acks at cancel: %r', exc)
         queue = self._tag_to_queue.get(consumer_tag)
         result = super().basic_cancel(consumer_tag)
         if queue is not None and queue not in self._active_queues:
@@ -445,18 +459,29 @@ class Channel(virtual.Channel):
         out: list[tuple[dict[str, Any], str]] = []
         self.connection.cycle.note_read(queues)
         groups = self.broker.slot_groups(self.broker.sources(queues, self._fanout_map(queues)))
-        acks = self._ack_calls()  # deferred acks ride along with the first read
+        acks, calls = self._ack_calls()  # deferred acks ride along with the first read
         for sources in groups:
             if credit <= 0:
                 break
+            now, key = monotonic(), frozenset(sources)
+            walk = now >= self._walk_at.get(key, 0.0)
+            if walk:
+                if len(self._walk_at) > 1000:  # source sets come and go: forget old ones
+                    self._walk_at.clear()
+                self._walk_at[key] = now + WALK_INTERVAL
             read, parse = self.broker.sources_call(sources, self.consumer_name, credit,
-                                                   self.max_deliveries, self._expires)
-            calls, acks = acks + [read], []
+                                                   self.max_deliveries, self._expires, walk)
+            calls.append(read)
             if len(calls) == 1:
                 script, keys, args = read
                 reply = script(self.client, keys, args)
             else:
-                reply = run_calls(self.client, calls)[-1]
+                try:
+                    reply = run_calls(self.client, calls)[-1]
+                except Exception:
+                    self._acks.extendleft(reversed(acks))  # delayed again, never dropped
+                    raise
+            acks, calls = [], []
             for delivery in parse(reply):
                 credit -= 1
                 message = self._decode(delivery)
@@ -466,8 +491,12 @@ class Channel(virtual.Channel):
                 self._inflight[tag] = Held(delivery.queue, delivery.stream, delivery.entry_id,
                                            delivery.deliveries, delivery.exchange)
                 out.append((message, delivery.queue))
-        if acks:
-            run_calls(self.client, acks)
+        if calls:  # no read ran (no credit): the acks go on their own
+            try:
+                run_calls(self.client, calls)
+            except Exception:
+                self._acks.extendleft(reversed(acks))
+                raise
         if self._inflight:
             self.connection.leases.start()
         return out
@@ -486,7 +515,7 @@ class Channel(virtual.Channel):
             self.broker.dead_letter(d.queue, d.stream, d.entry_id, f'undecodable: {exc!r}',
                                     d.deliveries, d.exchange)
             return None
-        props['delivery_tag'] = f'{self.channel_id}.{next(self._tags)}.{uuid4().hex[:8]}'
+        props['delivery_tag'] = f'{self.channel_id}.{next(self._tags)}{self._tag_suffix}'
         redelivered = d.deliveries > 1
         info['redelivered'] = redelivered
         info['delivery_count'] = d.deliveries
@@ -499,9 +528,11 @@ class Channel(virtual.Channel):
     # -- settling: ack, reject, requeue --------------------------------------------------------
 
     def _ack(self, tag: str) -> None:
-        """Ack now; or, on an event loop, with the next read or before the loop next waits
-        (Poller.on_tick): one round trip then carries many acks. At-least-once holds either
-        way: an ack not yet sent only means the message may be delivered again."""
+        """Ack now; or, on an event loop or from a drain_events callback, with the next read
+        or before the next wait (Poller.on_tick, Poller.drain): one round trip then carries
+        many acks. They are also sent when a consumer is cancelled, when the channel closes
+        and by each lease keeper round. At-least-once holds either way: an ack not yet sent
+        only means the message may be delivered again."""
         if not self.connection.cycle.batches_acks:
             self._settle([tag], ACK)
             return
@@ -509,14 +540,17 @@ class Channel(virtual.Channel):
         if held is not None:
             self._acks.append(held)
 
-    def _ack_calls(self) -> list[Call]:
-        """Take the deferred acks, as one script call per source."""
+    def _ack_calls(self) -> tuple[list[Held], list[Call]]:
+        """Take the deferred acks: (the acks, one script call per source). A caller whose
+        calls fail puts the acks back."""
         by_source: dict[tuple[str, str | None], list[tuple[str, bytes]]] = {}
+        taken: list[Held] = []
         while True:
             try:
                 held = self._acks.popleft()
             except IndexError:
                 break
+            taken.append(held)
             by_source.setdefault((held.queue, held.exchange), []).append(
                 (held.stream, held.entry_id))
         calls = []
@@ -524,13 +558,17 @@ class Channel(virtual.Channel):
             call = self.broker.ack_call(queue, entries, exchange)
             if call is not None:
                 calls.append(call)
-        return calls
+        return taken, calls
 
     def flush_acks(self) -> None:
         """Send deferred acks now."""
-        calls = self._ack_calls()
+        acks, calls = self._ack_calls()
         if calls:
-            run_calls(self.client, calls)
+            try:
+                run_calls(self.client, calls)
+            except Exception:
+                self._acks.extendleft(reversed(acks))  # delayed again, never dropped
+                raise
 
     def _settle(self, tags: Iterable[str], mode: str, read_ahead: Iterable[str] = ()) -> int:
         """Ack (delete), requeue or dead-letter messages: one script call per queue.

@@ -8,6 +8,7 @@ client would only rewrite the first one).
     <prefix>ks:q:{<queue>}:<level>   stream of one priority level (0 is served first)
     <prefix>ks:q:{<queue>}:wake      wake marker (zset with one member) for blocked consumers
     <prefix>ks:q:{<queue>}:dlq       dead-letter stream
+    <prefix>ks:q:{<queue>}:ready     ready index (set): which streams may hold ready messages
     <prefix>ks:x:{<exchange>}:bindings   routing table (set of "rk<sep>pattern<sep>queue")
     <prefix>ks:x:{<exchange>}:deadlines  deadlines of bindings of expiring queues (zset)
     <prefix>ks:x:{<exchange>}:fanout     fanout stream, one consumer group per bound queue
@@ -42,6 +43,9 @@ class Keys:
 
     def wake(self, queue: str) -> str:
         return f'{self.queue_base(queue)}:wake'
+
+    def ready(self, queue: str) -> str:
+        return f'{self.queue_base(queue)}:ready'
 
     def dlq(self, queue: str) -> str:
         return f'{self.queue_base(queue)}:dlq'

@@ -33,6 +33,13 @@ per marker and holds unchanged. A wait answered MOVED or ASK (the slot is moving
 a wake-up: the next read goes through the cluster client, which follows the slot, and the
 slot map is refreshed before the next wait.
 
+``read.lua`` tells "may still hold ready messages" from the queue's ready index (a set of
+the streams that may hold ready work, see ``lua/lib/common.lua``), which names more, never
+less: every script that adds ready work adds to it in the same call. An index that names
+less than it should (lost, or written around by hand or by an older version) is repaired by
+a read that walks every stream: the next read when the index is incomplete, and one read per
+channel every ``channel.WALK_INTERVAL`` (1 s), as bounded as the waits above.
+
 Latency: a publish wakes the blocked consumer directly, which then runs one read: two round
 trips from publish to callback, the same as Kombu's Redis transport (BRPOP, then its
 pipeline that records the unacked message).
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import select
 import socket
+import threading
 import time
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
@@ -86,6 +94,7 @@ class Poller:
         self._read_queues: set[str] = set()  # queues read since the last wake-up
         self._hub: Any = None
         self._waits: dict[int, Wait] = {}  # fd of a pending BZPOPMIN -> the wait
+        self._draining: int | None = None  # thread inside drain(), whose acks wait
 
     def add(self, channel: Channel) -> None:
         if channel not in self.channels:
@@ -160,11 +169,26 @@ class Poller:
     # -- synchronous: Connection.drain_events ------------------------------------------------
 
     def drain(self, deliver: Callable[[Any, str], Any], timeout: float | None = None) -> None:
-        """Deliver one message, blocking up to ``timeout`` (None: forever) for one to come."""
+        """Deliver one message, blocking up to ``timeout`` (None: forever) for one to come.
+
+        Acks made by the callbacks it runs (in this thread) are deferred: they ride along with
+        the next read, and are flushed before any wait (and on cancel, close, lease rounds)."""
+        outer, self._draining = self._draining, threading.get_ident()
+        try:
+            self._drain(deliver, timeout)
+        finally:
+            self._draining = outer
+
+    def _flush_acks(self) -> None:
+        for channel in list(self.channels):
+            channel.flush_acks()
+
+    def _drain(self, deliver: Callable[[Any, str], Any], timeout: float | None) -> None:
         deadline = None if timeout is None else monotonic() + timeout
         if self.deliver_one(deliver):
             return
         while True:
+            self._flush_acks()  # nothing ready: acks must not wait for a later read
             remaining = None if deadline is None else deadline - monotonic()
             if remaining is not None and remaining <= 0:
                 raise socket.timeout()
@@ -243,8 +267,9 @@ class Poller:
 
     @property
     def batches_acks(self) -> bool:
-        """On an event loop, acks wait for the next read or loop turn (see on_tick)."""
-        return self._hub is not None
+        """On an event loop, acks wait for the next read or loop turn (see on_tick); in
+        drain_events, acks of its callbacks wait for the next read or wait (see drain)."""
+        return self._hub is not None or self._draining == threading.get_ident()
 
     def register(self, hub: Any) -> None:
         if self._hub is not None:

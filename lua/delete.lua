@@ -2,7 +2,8 @@
 
 KEYS[1..n]  all streams of ONE queue (one per priority level)
 KEYS[n+1]   the queue's wake marker
-KEYS[n+2]   the queue's dead-letter stream
+KEYS[n+2]   the queue's ready index
+KEYS[n+3]   the queue's dead-letter stream
 ARGV        none
 Reply:      number of keys deleted
 Minimum Redis: 6.2. Cost: O(entries) (DEL of the streams).
@@ -10,10 +11,10 @@ Minimum Redis: 6.2. Cost: O(entries) (DEL of the streams).
 Dead letters are not dropped with the queue: the dead-letter stream is deleted only when it
 is empty, so nothing set aside for an operator disappears silently.
 ]]
-local n = #KEYS - 2
+local n = #KEYS - 3
 local deleted = 0
-for i = 1, n + 1 do deleted = deleted + redis.call('DEL', KEYS[i]) end
-if redis.call('EXISTS', KEYS[n + 2]) == 1 and redis.call('XLEN', KEYS[n + 2]) == 0 then
-  deleted = deleted + redis.call('DEL', KEYS[n + 2])
+for i = 1, n + 2 do deleted = deleted + redis.call('DEL', KEYS[i]) end
+if redis.call('EXISTS', KEYS[n + 3]) == 1 and redis.call('XLEN', KEYS[n + 3]) == 0 then
+  deleted = deleted + redis.call('DEL', KEYS[n + 3])
 end
 return deleted

@@ -1,7 +1,8 @@
 --[[ reclaim: give back messages whose lease ran out, and forget consumers that left.
 
-KEYS[1..n]  all streams of ONE queue (one per priority level)
+KEYS[1..n]  all streams of ONE queue (one per priority level); n = #ARGV - 5
 KEYS[n+1]   the queue's wake marker (zset)
+KEYS[n+2]   the queue's ready index (set); not given for a fanout stream
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
 ARGV[3]     min idle, ms: a delivered message idle this long has lost its lease
@@ -16,13 +17,15 @@ Minimum Redis: 6.2 (XPENDING IDLE, exclusive ranges). Cost: O(n * batch), bounde
 
 A stalled message is not copied: its PEL record moves to the holder (XCLAIM with the min idle
 time, so a lease renewed meanwhile is left alone, and JUSTID, so the delivery count is
-kept). read.lua then serves it first in its level and counts the redelivery; that is where
+kept), and the ready index names HELD..stream. read.lua then serves it first in its level and
+counts the redelivery; that is where
 the delivery limit sends crash-looping messages to the dead-letter stream. Removing a
 consumer deletes its PEL records, so only consumers that own nothing are removed.
 ]]
 --@include common
-local n = #KEYS - 1
+local n = #ARGV - 5
 local group, holder = ARGV[1], ARGV[2]
+local held = {}  -- members of the ready index to add
 local min_idle, batch = tonumber(ARGV[3]), tonumber(ARGV[4])
 local expiry = tonumber(ARGV[5 + n])
 local reclaimed, cursors = 0, {}
@@ -40,7 +43,9 @@ for i = 1, n do
     end
     if #args > 4 then
       args[#args + 1] = 'JUSTID'
-      reclaimed = reclaimed + #redis.call('XCLAIM', unpack(args))
+      local got = #redis.call('XCLAIM', unpack(args))
+      reclaimed = reclaimed + got
+      if got > 0 then held[#held + 1] = HELD .. key end
     end
     if #stalled >= batch then next_cursor = stalled[#stalled][1] end
   end
@@ -55,7 +60,10 @@ for i = 1, n do
     end
   end
 end
-if reclaimed > 0 then arm(KEYS[n + 1], KEYS[1]) end
+if reclaimed > 0 then
+  if KEYS[n + 2] then index_add(KEYS[n + 2], KEYS[1], unpack(held)) end
+  arm(KEYS[n + 1], KEYS[1])
+end
 local reply = {reclaimed}
 for i = 1, n do reply[i + 1] = cursors[i] end
 return reply

@@ -3,6 +3,7 @@
 KEYS[1]     the queue's dead-letter stream, ks:q:{name}:dlq
 KEYS[2..n]  all streams of the queue (one per priority level)
 KEYS[n+1]   the queue's wake marker (zset)
+KEYS[n+2]   the queue's ready index (set)
 ARGV[1]     the most dead letters to move in this call
 ARGV[2..]   optional: only these dead-letter ids, in this order (otherwise the oldest
             ones); an id given twice counts once, an id not in the stream is ignored
@@ -15,7 +16,7 @@ A redriven message is appended to the stream it came from (its priority level) a
 entry, so it is delivered again with a fresh delivery count.
 ]]
 --@include common
-local n = #KEYS - 1
+local n = #KEYS - 2
 local limit = tonumber(ARGV[1])
 if limit <= 0 then return {0, 0} end  -- XRANGE COUNT 0 answers nil on Redis
 local entries
@@ -34,6 +35,7 @@ else
   entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', limit)
 end
 local moved, skipped = 0, 0
+local added, members = {}, {}  -- ready index members of the streams that got letters
 for _, e in ipairs(entries) do
   if moved >= limit then break end
   local payload, origin = field(e[2], 'f:m'), field(e[2], 'stream')
@@ -44,10 +46,17 @@ for _, e in ipairs(entries) do
   if payload and target then
     redis.call('XADD', target, '*', 'm', payload)
     redis.call('XDEL', KEYS[1], e[1])
+    if not added[target] then
+      added[target] = true
+      members[#members + 1] = target
+    end
     moved = moved + 1
   else
     skipped = skipped + 1
   end
 end
-if moved > 0 then arm(KEYS[n + 1], KEYS[2]) end
+if moved > 0 then
+  index_add(KEYS[n + 2], KEYS[2], unpack(members))
+  arm(KEYS[n + 1], KEYS[2])
+end
 return {moved, skipped}

@@ -1,6 +1,7 @@
 --[[ touch: keep an expiring queue (x-expires) alive for another ttl.
 
-KEYS[1..n]  the queue's keys that exist while it lives: its streams and wake marker
+KEYS[1..n]  the queue's keys that exist while it lives: its streams, wake marker and ready
+            index
 ARGV[1]     ttl in ms
 Reply:      number of keys whose expiry was set
 Minimum Redis: 6.2. Cost: O(n).

@@ -800,6 +800,107 @@ def test_producer_batch_after_script_flush(conn, raw):
 # ---------------------------------------------------------------------------
 
 
+def test_acks_of_drain_callbacks_ride_with_the_next_read(conn, raw):
+    """An ack made in a drain_events callback is sent with the next read (one round trip),
+    before any blocking wait, and at cancel; an ack made outside drain_events at once."""
+    q = direct_queue("ack-ride-q")
+    publish(conn, [f"r{i}" for i in range(4)], queue=q)
+    ch = conn.channel()
+    ch.basic_qos(0, 1, False)
+    got = []
+
+    def on_message(body, message):
+        got.append(message)
+        if body != "r3":
+            message.ack()
+
+    consumer = Consumer(ch, [q], callbacks=[on_message], accept=["json"])
+    consumer.consume()
+    conn.drain_events(timeout=TIMEOUT)
+    assert pending_total(raw, "ack-ride-q") == 1  # acked, not sent yet
+    conn.drain_events(timeout=TIMEOUT)
+    assert pending_total(raw, "ack-ride-q") == 1  # r0's ack went with the read of r1
+    assert stream_len_total(raw, "ack-ride-q") == 3
+    conn.drain_events(timeout=TIMEOUT)
+    conn.drain_events(timeout=TIMEOUT)  # r3, not acked by the callback
+    assert pending_total(raw, "ack-ride-q") == 1
+    with pytest.raises(socket.timeout):
+        conn.drain_events(timeout=QUIET)  # nothing to read: acks are sent before the wait
+    assert stream_len_total(raw, "ack-ride-q") == 1
+    got[3].ack()  # outside drain_events: sent at once
+    assert pending_total(raw, "ack-ride-q") == 0
+    assert stream_len_total(raw, "ack-ride-q") == 0
+    publish(conn, ["r4"], queue=q)
+    conn.drain_events(timeout=TIMEOUT)
+    assert pending_total(raw, "ack-ride-q") == 1
+    consumer.cancel()  # no read will follow: the ack goes now
+    assert pending_total(raw, "ack-ride-q") == 0
+    assert payloads(got) == [f"r{i}" for i in range(5)]
+    ch.close()
+
+
+@pytest.mark.parametrize("how", ["close", "lease round"])
+def test_deferred_acks_are_sent_at_close_and_by_the_lease_keeper(url, raw, how):
+    q = direct_queue("ack-close-q")
+    with Connection(url) as c:
+        publish(c, ["a", "b"], queue=q)
+        ch = c.channel()
+        consumer = Consumer(ch, [q], callbacks=[lambda b, m: m.ack()], accept=["json"])
+        consumer.consume()
+        c.drain_events(timeout=TIMEOUT)
+        c.drain_events(timeout=TIMEOUT)
+        assert stream_len_total(raw, "ack-close-q") >= 1
+        if how == "close":
+            ch.close()
+        else:
+            c.transport.leases.run_once()
+        assert pending_total(raw, "ack-close-q") == 0
+        assert stream_len_total(raw, "ack-close-q") == 0
+
+
+def test_deferred_acks_survive_a_failed_read(conn, raw, monkeypatch):
+    """A read that fails puts the acks it carried back: they are delayed, never dropped."""
+    from kombu_streams import channel as channel_module
+
+    q = direct_queue("ack-fail-q")
+    publish(conn, ["a", "b"], queue=q)
+    ch = conn.channel()
+    ch.basic_qos(0, 1, False)
+    consumer = Consumer(ch, [q], callbacks=[lambda b, m: m.ack()], accept=["json"])
+    consumer.consume()
+    conn.drain_events(timeout=TIMEOUT)
+    real = channel_module.run_calls
+
+    def broken(client, calls):
+        raise redis.ConnectionError("gone")
+
+    monkeypatch.setattr(channel_module, "run_calls", broken)
+    with pytest.raises(redis.ConnectionError):
+        conn.drain_events(timeout=TIMEOUT)
+    monkeypatch.setattr(channel_module, "run_calls", real)
+    assert pending_total(raw, "ack-fail-q") == 1
+    conn.drain_events(timeout=TIMEOUT)  # the read carries the ack again
+    with pytest.raises(socket.timeout):
+        conn.drain_events(timeout=QUIET)
+    assert pending_total(raw, "ack-fail-q") == 0
+    assert stream_len_total(raw, "ack-fail-q") == 0
+    ch.close()
+
+def test_message_the_ready_index_misses_is_found_by_the_periodic_walk(conn, raw):
+    """A message that its queue's ready index does not name (written by an older version,
+    or by hand) is still delivered: a read walks every stream once per WALK_INTERVAL."""
+    q = direct_queue("walk-q")
+    ch = conn.channel()
+    publish(conn, ["a"], queue=q)
+    assert payloads(drain(conn, [q], 1, channel=ch)) == ["a"]  # the channel's first read walks
+    assert raw.smembers(Keys().ready("walk-q")) == {b""}  # complete, nothing ready
+    publish(conn, ["b"], queue=q, priority=9)
+    raw.srem(Keys().ready("walk-q"), Keys().stream("walk-q", 9))  # as an old publisher would
+    started = time.monotonic()
+    assert payloads(drain(conn, [q], 1, channel=ch, timeout=3 * TIMEOUT)) == ["b"]
+    assert time.monotonic() - started < 2 * TIMEOUT
+    ch.close()
+
 def test_prefetch_limit(conn, raw):
     q = direct_queue("prefetch-q")
     publish(conn, [f"f{i}" for i in range(8)], queue=q)

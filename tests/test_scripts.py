@@ -153,6 +153,36 @@ def payloads(delivered):
     return [d[4] for d in delivered]
 
 
+def check_ready_index(c, queue, levels=LEVELS):
+    """The ready index names every stream with ready work: entries the group has not
+    delivered (key), entries parked with the holder (h:key). An index without its complete
+    member '' may name less: the next read walks every stream. And a queue with ready work
+    has its wake marker (nothing pops it here)."""
+    index = c.smembers(K.ready(queue))
+    ready = False
+    for lv in levels:
+        key = K.stream(queue, lv)
+        if c.exists(key):
+            last = groups(c, key).get(b(queue), b'0-0')
+            ready = ready or any(sid(e) > sid(last) for e in ids(c, key)) or any(
+                owner == b(HOLDER) for owner, _ in pel(c, key, queue).values())
+    assert not ready or marker(c, queue), 'ready work without a wake marker'
+    if b'' not in index:
+        return
+    for lv in levels:
+        key = K.stream(queue, lv)
+        if not c.exists(key):
+            continue
+        last = groups(c, key).get(b(queue))
+        if last is None:  # no group yet: every entry is new to it
+            assert c.xlen(key) == 0 or b(key) in index, f'{key} not indexed'
+            continue
+        if any(sid(e) > sid(last) for e in ids(c, key)):
+            assert b(key) in index, f'{key}: new entries, not indexed'
+        if any(owner == b(HOLDER) for owner, _ in pel(c, key, queue).values()):
+            assert b'h:' + b(key) in index, f'{key}: held entries, not indexed'
+
+
 # fanout exchanges: one stream per exchange, one consumer group per bound queue
 
 SEP = '\x06\x16'  # the channel's separator in binding members
@@ -505,6 +535,37 @@ def test_ack_of_undelivered_id_deletes_nothing(script_client):
     assert [d[2] for d in read(c, ['q'], 5)] == [second]
 
 
+def test_ack_mixing_pending_acked_and_undelivered_ids(script_client):
+    c = script_client
+    declare(c, 'q')
+    m = [publish(c, 'q', b'%d' % i) for i in range(5)]
+    read(c, ['q'], 3)
+    assert ack(c, 'q', [(0, m[0])]) == 1
+    # m0 acked already, m1 and m2 pending, m3 and m4 never delivered
+    assert ack(c, 'q', [(0, i) for i in m]) == 2
+    assert ids(c, K.stream('q', 0)) == [m[3], m[4]]
+    assert pel(c, K.stream('q', 0), 'q') == {}
+    assert [d[2] for d in read(c, ['q'], 5)] == [m[3], m[4]]
+
+
+def test_ack_of_many_ids_in_one_call(script_client):
+    c = script_client
+    declare(c, 'q')
+    pipe = c.pipeline(transaction=False)
+    for i in range(2500):
+        pipe.xadd(K.stream('q', 3), {'m': b'%d' % i})
+    pipe.execute()
+    got = read(c, ['q'], 2400)
+    assert len(got) == 2400
+    before = _calls(c)
+    assert ack(c, 'q', [(3, d[2]) for d in got]) == 2400
+    after = _calls(c)
+    assert c.xlen(K.stream('q', 3)) == 100
+    assert pel(c, K.stream('q', 3), 'q') == {}
+    if before is not None:  # one XACK and one XDEL per 1000 ids
+        assert after['xack'] - before['xack'] == 3
+        assert after['xdel'] - before['xdel'] == 3
+
 def test_ack_after_queue_deleted_is_harmless(script_client):
     c = script_client
     declare(c, 'q')
@@ -645,7 +706,7 @@ def test_delete_removes_streams_and_marker_keeps_dead_letters(script_client):
     read(c, ['q'], 10)
     publish(c, 'q', b'y', level=9)
     assert c.xlen(K.dlq('q')) == 1
-    assert delete(c, 'q') == 5  # 4 streams + marker
+    assert delete(c, 'q') == 6  # 4 streams + marker + ready index
     assert c.keys('*') == [b(K.dlq('q'))]
     assert c.xlen(K.dlq('q')) == 1
     assert delete(c, 'q') == 0
@@ -893,7 +954,8 @@ def test_reclaim_without_streams_or_group(script_client):
     publish(c, 'q', b'x', level=3)  # a stream without a group
     assert reclaim(c, 'q', expiry=1) == (0, ['-'] * 4)
     assert c.xinfo_groups(K.stream('q', 3)) == []
-    assert sorted(c.keys('*')) == sorted([b(K.stream('q', 3)), b(K.wake('q'))])
+    assert sorted(c.keys('*')) == sorted([b(K.stream('q', 3)), b(K.wake('q')),
+                                          b(K.ready('q'))])
 
 
 # -- renew -------------------------------------------------------------------------------------
@@ -1059,6 +1121,121 @@ def test_redrive_to_a_deleted_queue_recreates_its_stream(script_client):
     assert [d[4] for d in read(c, ['q'], 5)] == [b'x']  # read creates the group lazily
 
 
+
+# -- ready index -------------------------------------------------------------------------------
+
+
+def test_ready_index_follows_publish_read_requeue(script_client):
+    c = script_client
+    declare(c, 'q')
+    assert not c.exists(K.ready('q'))  # made by the first read, which walks every stream
+    m = publish(c, 'q', b'a', level=3)
+    assert c.smembers(K.ready('q')) == {b(K.stream('q', 3))}
+    assert len(read(c, ['q'], 5)) == 1
+    assert c.smembers(K.ready('q')) == {b''}  # walked: complete, nothing ready
+    requeue(c, 'q', [(3, m)])
+    assert c.smembers(K.ready('q')) == {b'', b'h:' + b(K.stream('q', 3))}
+    publish(c, 'q', b'b', level=6)
+    assert [d[4] for d in read(c, ['q'], 1)] == [b'a']  # delivered alone: more may be held
+    assert c.smembers(K.ready('q')) == {b'', b'h:' + b(K.stream('q', 3)), b(K.stream('q', 6))}
+    assert marker(c, 'q') == [(b'w', 0.0)]
+    assert [d[4] for d in read(c, ['q'], 5)] == [b'b']
+    assert c.smembers(K.ready('q')) == {b''}
+    assert marker(c, 'q') == []
+
+
+def test_read_looks_only_at_indexed_streams(script_client):
+    c = script_client
+    queues = [f'q{i}' for i in range(20)]
+    levels = list(range(10))
+    for q in queues:
+        declare(c, q, levels)
+    read(c, queues, 10, levels=levels)  # the walk: makes every index complete
+    for q in queues:
+        assert c.smembers(K.ready(q)) == {b''}
+    broker(c, levels).publish('q7', 4, b'x')
+    broker(c, levels).publish('q3', 9, b'y')
+    before = _calls(c)
+    got = read(c, queues, 10, levels=levels)
+    after = _calls(c)
+    assert [(d[0], d[1], d[4]) for d in got] == [('q7', 4, b'x'), ('q3', 9, b'y')]
+    if before is not None:
+        ran = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        ran.pop('info', None)
+        # one SMEMBERS and one ZREM per queue; XREADGROUP on the two indexed streams only
+        assert ran.pop('smembers') == 20 and ran.pop('zrem') == 20
+        assert ran == {'evalsha': 1, 'xreadgroup': 2, 'srem': 2}
+
+
+def test_read_walks_again_when_the_index_is_lost_or_asked_to(script_client):
+    c = script_client
+    declare(c, 'q')
+    read(c, ['q'], 1)
+    publish(c, 'q', b'a', level=0)
+    c.delete(K.ready('q'))  # evicted, or written by an older version
+    c.xadd(K.stream('q', 6), {'m': b'b'})  # a publisher that does not know the index
+    assert [d[4] for d in read(c, ['q'], 1)] == [b'a']
+    # not read, so not looked into: the walk names both parts of a non-empty stream
+    assert c.smembers(K.ready('q')) == {b'', b(K.stream('q', 6)), b'h:' + b(K.stream('q', 6))}
+    assert [d[4] for d in read(c, ['q'], 5)] == [b'b']
+    c.xadd(K.stream('q', 9), {'m': b'c'})  # not indexed, index complete: not seen...
+    assert read(c, ['q'], 5) == []
+    got = broker(c).read(['q'], 'c1', 5, walk=True)  # ...until a walk
+    assert [d.payload for d in got] == [b'c']
+    check_ready_index(c, 'q')
+
+
+def test_read_of_an_indexed_stream_without_group_makes_it(script_client):
+    c = script_client
+    declare(c, 'q')
+    read(c, ['q'], 1)
+    c.xgroup_destroy(K.stream('q', 3), 'q')
+    publish(c, 'q', b'a', level=3)
+    assert [d[4] for d in read(c, ['q'], 5)] == [b'a']
+    assert b'q' in groups(c, K.stream('q', 3))
+    c.delete(K.stream('q', 3))
+    c.sadd(K.ready('q'), K.stream('q', 3))  # names a stream that is gone
+    assert read(c, ['q'], 5) == []
+    assert c.smembers(K.ready('q')) == {b''}
+    assert not c.exists(K.stream('q', 3))
+
+
+def test_read_of_missing_queue_makes_no_index(script_client):
+    c = script_client
+    assert read(c, ['nope'], 5) == []
+    assert c.keys('*') == []
+
+
+def test_ready_index_expires_with_the_queue(script_client):
+    c = script_client
+    declare(c, 'q')
+    read(c, ['q'], 1)
+    assert broker(c).touch('q', 5000) == 5  # 4 streams and the index
+    assert 0 < c.pttl(K.ready('q')) <= 5000
+    c.delete(K.ready('q'))
+    publish(c, 'q', b'x')  # a new index takes the queue's expiry
+    assert 0 < c.pttl(K.ready('q')) <= 5000
+    read(c, ['q'], 5)  # the walk adds the complete member, keeping the expiry
+    assert c.smembers(K.ready('q')) == {b''}
+    assert 0 < c.pttl(K.ready('q')) <= 5000
+
+
+def test_reclaim_and_redrive_index_what_they_bring_back(script_client):
+    c = script_client
+    declare(c, 'q')
+    m = publish(c, 'q', b'a', level=6)
+    read(c, ['q'], 5)
+    assert c.smembers(K.ready('q')) == {b''}
+    assert reclaim(c, 'q', min_idle=0)[0] == 1
+    assert c.smembers(K.ready('q')) == {b'', b'h:' + b(K.stream('q', 6))}
+    got = read(c, ['q'], 5, limit=1)  # over the delivery limit: dead-lettered
+    assert got == [] and len(dead(c, 'q')) == 1
+    assert c.smembers(K.ready('q')) == {b''}
+    assert redrive(c, 'q', 5) == (1, 0)
+    assert c.smembers(K.ready('q')) == {b'', b(K.stream('q', 6))}
+    assert [d[4] for d in read(c, ['q'], 5)] == [b'a']
+    assert m not in ids(c, K.stream('q', 6))  # a redriven letter is a new entry
+
 # -- properties --------------------------------------------------------------------------------
 
 _publishes = st.lists(st.tuples(st.sampled_from(['a', 'b', 'c']), st.sampled_from(LEVELS)),
@@ -1143,6 +1320,7 @@ def test_property_size_and_redelivery_model(script_client, ops):
             ready.clear()
         assert size(c, 'q') == len(ready)
         assert sum(c.xlen(k) for k in K.streams('q', LEVELS)) == len(ready) + len(inflight)
+        check_ready_index(c, 'q')
 
 
 def _accounting(c, queue):
@@ -1166,8 +1344,8 @@ def _accounting(c, queue):
 
 
 _crash_ops = st.lists(
-    st.tuples(st.sampled_from(['pub', 'read', 'ack', 'requeue', 'crash', 'reclaim', 'renew',
-                               'reject', 'redrive']),
+    st.tuples(st.sampled_from(['pub', 'read', 'ack', 'ackall', 'requeue', 'crash', 'reclaim',
+                               'renew', 'reject', 'redrive']),
               st.integers(0, 2), st.integers(0, 3), st.integers(1, 4)),
     max_size=30)
 
@@ -1203,6 +1381,16 @@ def test_property_crashes_and_reclaims_lose_and_duplicate_nothing(script_client,
                     assert mine[m] not in acked
                     acked.add(mine[m])
                 del mine[m]
+        elif op == 'ackall':  # one call, some ids perhaps stale (reclaimed, acked elsewhere)
+            stale = [(lv, eid) for lv, eid in mine if x == 0]  # also ids acked already
+            pending = {(lv, eid) for lv, eid in set(chosen) | set(stale)
+                       if eid in pel(c, K.stream('q', lv), 'q')}
+            assert ack(c, 'q', chosen + stale) == len(pending)
+            for m in pending:
+                assert mine[m] not in acked
+                acked.add(mine[m])
+            for m in chosen:
+                del mine[m]
         elif op == 'requeue':
             requeue(c, 'q', chosen)
             for m in chosen:
@@ -1225,6 +1413,7 @@ def test_property_crashes_and_reclaims_lose_and_duplicate_nothing(script_client,
             redrive(c, 'q', n)
         found = _accounting(c, 'q')
         assert sorted(found) == sorted(p for p in published if p not in acked)
+        check_ready_index(c, 'q')
     # and everything left can still be delivered, exactly once
     reclaim(c, 'q', min_idle=0, batch=1000)
     redrive(c, 'q', 1000)
@@ -1439,6 +1628,42 @@ def test_routed_publish_never_recreates_a_deleted_queue(script_client):
     assert broker(c).publish('fresh', 0, b'y') is not None
     assert c.xlen(K.stream('fresh', 0)) == 1
 
+
+def _calls(c):
+    """Commands Redis ran so far, by name (real servers only; None on fakeredis)."""
+    try:
+        stats = c.info('commandstats')
+    except Exception:
+        return None
+    return {k[len('cmdstat_'):]: v['calls'] for k, v in stats.items()} if stats else None
+
+
+def test_routed_publish_to_an_existing_level_needs_no_lookup(script_client):
+    c = script_client
+    declare(c, 'q')
+    c.delete(K.stream('q', 3))  # the first stream still says the queue exists
+    assert broker(c).publish('q', 3, b'a', routed=True) is not None
+    before = _calls(c)
+    assert broker(c).publish('q', 3, b'b', routed=True) is not None
+    after = _calls(c)
+    assert c.xlen(K.stream('q', 3)) == 2
+    if before is not None:
+        ran = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+        ran.pop('info', None)
+        assert ran == {'evalsha': 1, 'xadd': 1, 'zadd': 1, 'sadd': 1}
+
+
+def test_publish_keeps_the_expiry_of_a_set_marker(script_client):
+    c = script_client
+    declare(c, 'q')
+    broker(c).touch('q', 5000)
+    publish(c, 'q', b'x')
+    c.pexpire(K.wake('q'), 3000)  # as touch.lua would refresh it
+    publish(c, 'q', b'y')
+    assert 0 < c.pttl(K.wake('q')) <= 3000
+    c.delete(K.wake('q'))  # popped by a consumer: the next publish sets it anew
+    publish(c, 'q', b'z')
+    assert 3000 < c.pttl(K.wake('q')) <= 5000
 
 def test_marker_of_an_expiring_queue_expires_with_it(script_client):
     c = script_client

@@ -23,6 +23,32 @@ local function try(...)
   return r, nil
 end
 
+-- Like try, for XREADGROUP: a missing stream is also (nil, nil). Real Redis says NOGROUP for
+-- it; fakeredis says "The XGROUP subcommand requires the key to exist".
+local function try_read(...)
+  local r, err = try(...)
+  if err and string.find(err, 'requires the key to exist', 1, true) then return nil, nil end
+  return r, err
+end
+
+-- The ready index of a queue (a set, ks:q:{queue}:ready) names the streams that may hold
+-- ready messages: the stream's key when entries may wait that the group has not delivered
+-- yet, HELD .. key when the holder consumer may park requeued or reclaimed ones. It may name
+-- more, never less: every script that adds ready work adds its member in the same call, and
+-- read.lua removes a member only after seeing that part of the stream run dry. COMPLETE is
+-- added by read.lua after it walked every stream of the queue; an index without it (never
+-- read, written by publishers alone, lost) makes the next read walk every stream again.
+local HELD, COMPLETE = 'h:', ''
+
+-- Add MEMBERS to the ready index INDEX of a queue; a newly added member gets the expiry of the
+-- queue's stream STREAM (x-expires), so the index never outlives the queue.
+local function index_add(index, stream, ...)
+  if redis.call('SADD', index, ...) > 0 then
+    local ttl = redis.call('PTTL', stream)
+    if ttl > 0 then redis.call('PEXPIRE', index, ttl) end
+  end
+end
+
 -- Make sure GROUP exists on an existing stream KEY, starting at its first entry (so messages
 -- published before any consumer declared the queue are delivered). Returns true if the stream
 -- exists, plus an error message if creating the group failed for another reason (WRONGTYPE).
@@ -51,13 +77,13 @@ local function field(fields, name)
   return nil
 end
 
--- True when stream id A sorts before stream id B ("ms-seq" strings).
+-- True when stream id A sorts before stream id B ("ms-seq" strings; "ms" alone is "ms-0").
 local function id_before(a, b)
-  local ams, aseq = string.match(a, '(%d+)-(%d+)')
-  local bms, bseq = string.match(b, '(%d+)-(%d+)')
+  local ams, aseq = string.match(a, '^(%d+)-?(%d*)$')
+  local bms, bseq = string.match(b, '^(%d+)-?(%d*)$')
   ams, bms = tonumber(ams), tonumber(bms)
   if ams ~= bms then return ams < bms end
-  return tonumber(aseq) < tonumber(bseq)
+  return (tonumber(aseq) or 0) < (tonumber(bseq) or 0)
 end
 
 -- Trim a fanout stream below what every group is done with: the oldest entry any group
