@@ -336,7 +336,8 @@ class Broker:
         the age of the oldest ready message in ms (None when none is ready); the totals; the
         dead-letter stream's length; ``exists`` (any of its streams exists)."""
         keys = [*self.streams(queue), self.keys.dlq(queue)]
-        records, dlq, now = SCRIPTS['inspect'](self.client, keys, [queue, HOLDER, *self.levels])
+        records, dlq, now = SCRIPTS['inspect'].call_ro(self.client, keys,
+                                                       [queue, HOLDER, *self.levels])
         levels: list[dict[str, Any]] = []
         consumers: dict[str, dict[str, Any]] = {}
         for key, rec in zip(keys, records):
@@ -373,7 +374,7 @@ class Broker:
         queue's group its lag (entries not read yet, counted up to ``cap``; ``lag_capped``
         when there were more and the server could not tell how many), pending (delivered,
         unacked), consumers and the age of its oldest unread entry in ms."""
-        exists, length, now, records = SCRIPTS['inspect_fanout'](
+        exists, length, now, records = SCRIPTS['inspect_fanout'].call_ro(
             self.client, [self.keys.fanout(exchange)], [int(cap)])
         groups = []
         for name, consumers, pending, lag, capped, oldest, last in records:

@@ -28,6 +28,7 @@ __all__ = ('Script', 'SCRIPTS', 'lua_dir', 'KeyTypeError', 'OutOfMemoryError', '
            'run_calls', 'is_cluster', 'Call')
 
 _INCLUDE = re.compile(r'^--@include\s+(\w+)\s*$', re.M)
+_FLAGS = re.compile(r'^--@flags\s+([\w,-]+)\s*$', re.M)
 
 
 def lua_dir() -> Path:
@@ -55,6 +56,8 @@ class Script:
     name: str
     source: str
     sha: str
+    #: Redis 7 script flags (``--@flags no-writes`` in the file), for :meth:`call_ro`
+    flags: str = ''
 
     @property
     def header(self) -> str:
@@ -72,6 +75,29 @@ class Script:
                 return client.evalsha(self.sha, len(keys), *keys, *args)
         except ResponseError as exc:
             raise explain(f'script {self.name!r}', exc, keys) from exc
+
+    @property
+    def flagged(self) -> Script:
+        """The same script with its ``#!lua flags=...`` line: Redis 7.0+ only (6.2 cannot
+        compile it), and a text of its own, so its own SHA."""
+        source = f'#!lua flags={self.flags}\n{self.source}'
+        return Script(self.name, source, hashlib.sha1(source.encode()).hexdigest(), self.flags)
+
+    def call_ro(self, client: Any, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
+        """Run a read-only script as such: EVALSHA_RO with the ``no-writes`` flag on Redis
+        7.0+, so it runs on read-only replicas and while the server is out of memory, and
+        Redis itself refuses any write in it; plain EVALSHA on 6.2, which has neither."""
+        flagged = self.flagged
+        try:
+            try:
+                return client.evalsha_ro(flagged.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                client.script_load(flagged.source)
+                return client.evalsha_ro(flagged.sha, len(keys), *keys, *args)
+        except ResponseError as exc:
+            if 'unknown command' not in str(exc).lower():
+                raise explain(f'script {self.name!r}', exc, keys) from exc
+        return self(client, keys, args)  # Redis 6.2
 
     def queue(self, pipe: Any, keys: Sequence[Any], args: Sequence[Any] = ()) -> None:
         """Add the call to a pipeline; see :func:`run_calls` for NOSCRIPT."""
@@ -164,7 +190,9 @@ def load_all(directory: Path | None = None) -> dict[str, Script]:
     out = {}
     for path in sorted(directory.glob('*.lua')):
         source = _flatten(path, directory / 'lib')
-        out[path.stem] = Script(path.stem, source, hashlib.sha1(source.encode()).hexdigest())
+        flags = _FLAGS.search(source)
+        out[path.stem] = Script(path.stem, source, hashlib.sha1(source.encode()).hexdigest(),
+                                flags.group(1) if flags else '')
     return out
 
 

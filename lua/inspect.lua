@@ -23,12 +23,13 @@ Reply:        {levels, dlq length, now}: now is the server's clock in unix ms (T
 Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + consumers) commands, each reading at most
 one entry; never loops over entries (ready = XLEN - PEL size + held, as in size.lua).
 
-Read-only: the script writes nothing, so it can run on a replica. Redis 7.0+ would let it
-say so with a first line "#!lua flags=no-writes" (then Redis refuses any write in it and
-allows it under EVALSHA_RO and on read-only replicas even during OOM); Redis 6.2 rejects
-shebang lines, so the file does not carry one. The registry (kombu_streams/scripts.py)
-could prepend the flag when the server is 7.0 or newer; that text has its own SHA.
+Read-only: the script writes nothing, so it can run on a replica. On Redis 7.0+ the registry
+(kombu_streams/scripts.py, Script.call_ro) runs it as "#!lua flags=no-writes" with EVALSHA_RO:
+Redis then refuses any write in it and runs it on read-only replicas and while the server is
+out of memory. The "--@flags" line below asks for that; Redis 6.2 cannot compile a shebang
+line, so there the plain text runs with EVALSHA.
 ]]
+--@flags no-writes
 --@include common
 local n = #KEYS - 1
 local group, holder = ARGV[1], ARGV[2]

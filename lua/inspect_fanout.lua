@@ -22,6 +22,7 @@ the server keeps one (Redis 7.0+, when no deletion made it unknown), else report
 with capped = 1.
 Read-only: writes nothing (see inspect.lua about the no-writes flag of Redis 7.0+).
 ]]
+--@flags no-writes
 --@include common
 local key, cap = KEYS[1], tonumber(ARGV[1])
 local clock = redis.call('TIME')

@@ -141,8 +141,9 @@ def test_inspect_counts_dead_letters_and_writes_nothing(script_client):
     assert fan['exists'] and [g['group'] for g in fan['groups']] == ['q']
     assert snapshot(c) == before
     if not is_fake(c) and not is_62(c):
-        # Redis 7.0+: EVALSHA_RO refuses any script that tries to write
-        script = SCRIPTS['inspect']
+        # Redis 7.0+: inspect ran as EVALSHA_RO with the no-writes flag (its own SHA)
+        script = SCRIPTS['inspect'].flagged
+        assert script.source.startswith('#!lua flags=no-writes\n')
         keys = [*K.streams('q', LEVELS), K.dlq('q')]
         assert c.evalsha_ro(script.sha, len(keys), *keys, 'q', HOLDER, *LEVELS)[1] == 2
 
@@ -463,3 +464,45 @@ def test_scripts_lists_every_script_with_a_ready_evalsha_line(redis_url):
     c.xadd(K.stream('q', 0), {'m': 'x'})
     keys = K.streams('q', LEVELS)
     assert c.evalsha(SCRIPTS['size'].sha, len(keys), *keys, 'q', HOLDER) == 1
+
+
+# -- read-only snapshots: replicas and OOM -------------------------------------------------
+
+
+def test_inspect_runs_on_a_replica_and_under_oom(redis_server, tmp_path):
+    """inspect / inspect_fanout run as no-writes scripts (EVALSHA_RO) on Redis 7: on a
+    read-only replica, and on a primary that is out of memory with noeviction."""
+    import redis as redis_py
+    from conftest import HOST, start_redis, stop_redis, wait_until
+
+    primary = redis_py.Redis.from_url(redis_server.url)
+    primary.flushall()
+    b = Broker(primary, Keys(), [0, 3, 6, 9])
+    b.declare('ro')
+    b.publish('ro', 3, b'{"body": "x"}')
+    b.bind('x', '\x06\x16\x06\x16ro', 0, fanout_group='ro')
+    proc, port = start_redis(redis_server.binary, tmp_path,
+                             ['--replicaof', HOST, redis_server.port])
+    replica = redis_py.Redis(host=HOST, port=port)
+    try:
+        wait_until(lambda: replica.info('replication').get('master_link_status') == 'up'
+                   and replica.exists(Keys().stream('ro', 3)), 10, 'the replica to sync')
+        on_replica = Broker(replica, Keys(), [0, 3, 6, 9])
+        assert on_replica.inspect('ro')['ready'] == 1
+        assert on_replica.inspect_fanout('x')['exists']
+        assert replica.script_exists(SCRIPTS['inspect'].flagged.sha) == [True]
+        with pytest.raises(redis_py.ReadOnlyError):  # what a script that writes would meet
+            replica.set('k', 'v')
+    finally:
+        replica.close()
+        stop_redis(proc)
+    before = primary.config_get('maxmemory')['maxmemory']
+    primary.config_set('maxmemory', '1')
+    try:
+        with pytest.raises(redis_py.exceptions.OutOfMemoryError):
+            primary.set('k', 'v')
+        assert b.inspect('ro')['ready'] == 1
+        assert b.inspect_fanout('x')['exists']
+    finally:
+        primary.config_set('maxmemory', before)
+        primary.close()
