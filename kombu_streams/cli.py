@@ -490,8 +490,13 @@ def script_doc(name: str) -> dict[str, Any]:
     template = ' '.join(['redis-cli', 'EVALSHA', script.sha, numkeys]
                         + [f"'<{x}>'" for x in labels])
     first = ' '.join(takewhile(lambda line: line.strip() and not line.startswith('KEYS'), lines))
-    return {'name': name, 'sha': script.sha, 'summary': first.partition(':')[2].strip(),
-            'keys': keys, 'argv': argv, 'template': template}
+    doc = {'name': name, 'sha': script.sha, 'summary': first.partition(':')[2].strip(),
+           'keys': keys, 'argv': argv, 'template': template}
+    if script.flags:  # Redis 7.0+ runs the flagged text, which has its own SHA
+        doc.update(flags=script.flags, flagged_sha=script.flagged.sha,
+                   template_ro=template.replace(f'EVALSHA {script.sha}',
+                                                f'EVALSHA_RO {script.flagged.sha}'))
+    return doc
 
 
 def cmd_scripts(args: argparse.Namespace, broker: Broker | None) -> int:
@@ -499,11 +504,18 @@ def cmd_scripts(args: argparse.Namespace, broker: Broker | None) -> int:
     if broker is not None:  # --load
         for name in sorted(SCRIPTS):
             broker.client.script_load(SCRIPTS[name].source)
+            if SCRIPTS[name].flags:
+                try:
+                    broker.client.script_load(SCRIPTS[name].flagged.source)
+                except redis.ResponseError:  # Redis 6.2 cannot compile the flags line
+                    pass
     blocks = []
     for d in docs:
         blocks.append('\n'.join([f"{d['name']}  {d['sha']}", f"  {d['summary']}",
                                  *(f'  {line}' for line in d['keys'] + d['argv']),
-                                 f"  {d['template']}"]))
+                                 f"  {d['template']}",
+                                 *([f"  Redis 7.0+ (#!lua flags={d['flags']}): "
+                                    f"{d['template_ro']}"] if 'flags' in d else [])]))
     note = ('(EVALSHA needs the script loaded: kombu-streams scripts --load, or any client '
             'of the transport loads it on first use)')
     emit(args, docs, '\n\n'.join(blocks) + '\n\n' + note)

@@ -464,6 +464,11 @@ def test_scripts_lists_every_script_with_a_ready_evalsha_line(redis_url):
     c.xadd(K.stream('q', 0), {'m': 'x'})
     keys = K.streams('q', LEVELS)
     assert c.evalsha(SCRIPTS['size'].sha, len(keys), *keys, 'q', HOLDER) == 1
+    # read-only scripts also get their Redis 7 flagged text loaded, and an EVALSHA_RO line
+    flagged = SCRIPTS['inspect'].flagged
+    assert docs['inspect']['flagged_sha'] == flagged.sha
+    assert docs['inspect']['template_ro'].startswith(f'redis-cli EVALSHA_RO {flagged.sha} ')
+    assert c.script_exists(flagged.sha) == [True]
 
 
 # -- read-only snapshots: replicas and OOM -------------------------------------------------
