@@ -309,7 +309,7 @@ class Broker:
         name) into ``queue``, each to its priority's level (``list_level`` when it has none),
         passing over ``skip`` malformed entries at the list's oldest end. Returns (moved,
         kept, list length left, the malformed entries met), see migrate.lua."""
-        keys = [*self.streams(queue), self.keys.wake(queue)]
+        keys = [*self.streams(queue), self.keys.wake(queue), self.keys.ready(queue)]
         args = [int(count), int(skip), self.levels.index(list_level) + 1, *self.levels]
         moved, kept, left, *malformed = SCRIPTS['migrate'](self.client, [source, *keys], args)
         return int(moved), int(kept), int(left), malformed
@@ -321,7 +321,8 @@ class Broker:
         the hash in the meantime (nothing written)."""
         keys = [unacked, unacked_index]
         for queue, level in targets:
-            keys += [self.keys.stream(queue, level), self.keys.wake(queue)]
+            keys += [self.keys.stream(queue, level), self.keys.wake(queue),
+                     self.keys.ready(queue)]
         return bool(SCRIPTS['migrate_unacked'](self.client, keys, [tag, raw, payload]))
 
     # -- introspection (read-only, for operator tools) -------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from bisect import bisect
 from collections import deque
 from collections.abc import Iterable
@@ -162,6 +163,9 @@ class Channel(virtual.Channel):
         #: the last read took all the credit it had: more messages are probably ready
         self.more_ready = False
         self._buffer: deque[tuple[dict[str, Any], str]] = deque()
+        #: the buffer is filled by the consuming thread and may be emptied by another (a
+        #: requeue from a Celery threads-pool task, a cancel from the application)
+        self._buffer_lock = threading.RLock()
         self._no_ack_queues: set[str] = set()
         self._tags = count(1)
         salt = uuid4().hex[:8]
@@ -429,10 +433,12 @@ class Channel(virtual.Channel):
             if credit > 0 and queues:
                 got = self._read(queues, credit)
                 self.more_ready = len(got) >= credit
-                self._buffer.extend(got)
-        if not self._buffer:
-            return None
-        message, queue = self._buffer.popleft()
+                with self._buffer_lock:
+                    self._buffer.extend(got)
+        with self._buffer_lock:
+            if not self._buffer:
+                return None
+            message, queue = self._buffer.popleft()
         self._queue_cycle.rotate(queue)
         if queue in self._no_ack_queues:  # no_ack: settled the moment it is handed over
             self._settle([message['properties']['delivery_tag']], ACK)
@@ -455,50 +461,72 @@ class Channel(virtual.Channel):
         """Run read.lua over ``queues`` and decode what it delivered.
 
         One script call covers every queue, on one Redis; on Redis Cluster one call per hash
-        slot, in serving order, each taking what credit the ones before it left."""
+        slot, in serving order, each taking what credit the ones before it left. Deferred
+        acks ride along with the first call. If anything fails after messages were read,
+        they go to the buffer (handed out next, or requeued at close) before the error is
+        raised, and unsent acks are put back: nothing read is stranded, no ack dropped."""
         out: list[tuple[dict[str, Any], str]] = []
-        self.connection.cycle.note_read(queues)
         groups = self.broker.slot_groups(self.broker.sources(queues, self._fanout_map(queues)))
-        acks, calls = self._ack_calls()  # deferred acks ride along with the first read
-        for sources in groups:
-            if credit <= 0:
-                break
-            now, key = monotonic(), frozenset(sources)
-            walk = now >= self._walk_at.get(key, 0.0)
-            if walk:
-                if len(self._walk_at) > 1000:  # source sets come and go: forget old ones
-                    self._walk_at.clear()
-                self._walk_at[key] = now + WALK_INTERVAL
-            read, parse = self.broker.sources_call(sources, self.consumer_name, credit,
-                                                   self.max_deliveries, self._expires, walk)
-            calls.append(read)
-            if len(calls) == 1:
-                script, keys, args = read
-                reply = script(self.client, keys, args)
-            else:
+        acks, calls = self._ack_calls()
+        try:
+            for sources in groups:
+                if credit <= 0:
+                    break
+                now, key = monotonic(), frozenset(sources)
+                walk = now >= self._walk_at.get(key, 0.0)
+                if walk:
+                    if len(self._walk_at) > 1000:  # source sets come and go: forget old ones
+                        self._walk_at.clear()
+                    self._walk_at[key] = now + WALK_INTERVAL
+                self.connection.cycle.note_read([q for q, _ in sources])
+                read, parse = self.broker.sources_call(
+                    sources, self.consumer_name, credit, self.max_deliveries, self._expires,
+                    walk)
+                calls.append(read)
+                sent, calls = calls, []
+                failed: list[BaseException] = []
+                if len(sent) == 1:
+                    script, keys, args = read
+                    reply = script(self.client, keys, args)
+                else:
+                    try:
+                        results = run_calls(self.client, sent, raise_errors=False)
+                    except Exception:
+                        self._acks.extendleft(reversed(acks))  # delayed again, never dropped
+                        raise
+                    taken, acks = acks, []
+                    failed = [r for r in results if isinstance(r, Exception)]
+                    if failed:  # re-sending an ack that did go through is harmless
+                        self._acks.extendleft(reversed(taken))
+                    reply = results[-1]
+                    if isinstance(reply, Exception):
+                        raise reply
+                for delivery in parse(reply):
+                    credit -= 1
+                    message = self._decode(delivery)
+                    if message is None:
+                        continue
+                    tag = message['properties']['delivery_tag']
+                    self._inflight[tag] = Held(delivery.queue, delivery.stream,
+                                               delivery.entry_id, delivery.deliveries,
+                                               delivery.exchange)
+                    out.append((message, delivery.queue))
+                if failed:
+                    raise failed[0]
+            if calls:  # no read ran (no credit): the acks go on their own
                 try:
-                    reply = run_calls(self.client, calls)[-1]
+                    run_calls(self.client, calls)
                 except Exception:
-                    self._acks.extendleft(reversed(acks))  # delayed again, never dropped
+                    self._acks.extendleft(reversed(acks))
                     raise
-            acks, calls = [], []
-            for delivery in parse(reply):
-                credit -= 1
-                message = self._decode(delivery)
-                if message is None:
-                    continue
-                tag = message['properties']['delivery_tag']
-                self._inflight[tag] = Held(delivery.queue, delivery.stream, delivery.entry_id,
-                                           delivery.deliveries, delivery.exchange)
-                out.append((message, delivery.queue))
-        if calls:  # no read ran (no credit): the acks go on their own
-            try:
-                run_calls(self.client, calls)
-            except Exception:
-                self._acks.extendleft(reversed(acks))
-                raise
-        if self._inflight:
-            self.connection.leases.start()
+        except BaseException:
+            if out:
+                with self._buffer_lock:
+                    self._buffer.extend(out)
+            raise
+        finally:
+            if self._inflight:
+                self.connection.leases.start()
         return out
 
     def _decode(self, d: Delivery) -> dict[str, Any] | None:
@@ -509,11 +537,15 @@ class Channel(virtual.Channel):
             info.setdefault('exchange', '')
             info.setdefault('routing_key', d.queue)
         except Exception as exc:  # not a Kombu message: set it aside, never drop it
-            logger.error('kombu-streams: entry %s of %s is not a Kombu message (%r); moved to '
-                         'the dead-letter stream %s', bytes_to_str(d.entry_id), d.stream, exc,
-                         self.keys.dlq(d.queue))
-            self.broker.dead_letter(d.queue, d.stream, d.entry_id, f'undecodable: {exc!r}',
-                                    d.deliveries, d.exchange)
+            logger.error('kombu-streams: entry %s of %s is not a Kombu message (%r); moving it '
+                         'to the dead-letter stream of %r', bytes_to_str(d.entry_id), d.stream,
+                         exc, d.queue)
+            try:
+                self.broker.dead_letter(d.queue, d.stream, d.entry_id, f'undecodable: {exc!r}',
+                                        d.deliveries, d.exchange)
+            except Exception as dl_exc:  # e.g. OOM: it stays pending and is reclaimed later
+                logger.error('kombu-streams: could not dead-letter entry %s of %s: %r',
+                             bytes_to_str(d.entry_id), d.stream, dl_exc)
             return None
         props['delivery_tag'] = f'{self.channel_id}.{next(self._tags)}{self._tag_suffix}'
         redelivered = d.deliveries > 1
@@ -606,12 +638,13 @@ class Channel(virtual.Channel):
         """Remove read-ahead messages of ``queues`` (or all) from the buffer; their tags."""
         keep: deque[tuple[dict[str, Any], str]] = deque()
         tags = []
-        for message, q in self._buffer:
-            if queues is None or q in queues:
-                tags.append(message['properties']['delivery_tag'])
-            else:
-                keep.append((message, q))
-        self._buffer = keep
+        with self._buffer_lock:
+            for message, q in self._buffer:
+                if queues is None or q in queues:
+                    tags.append(message['properties']['delivery_tag'])
+                else:
+                    keep.append((message, q))
+            self._buffer = keep
         return tags
 
     # -- leases: run by the transport's LeaseKeeper thread ----------------------------------
@@ -666,6 +699,10 @@ class Channel(virtual.Channel):
         if not self.closed:
             try:
                 self.flush_acks()
+            except Exception as exc:  # kept; the lease keeper sends them later
+                logger.warning('kombu-streams: acks not sent at close, retrying later: %r', exc)
+                self.connection.leases.adopt(self)
+            try:
                 self._return_buffered()
             except Exception as exc:  # they stay in the PEL and are reclaimed later
                 logger.warning('kombu-streams: could not requeue buffered messages: %r', exc)

@@ -34,6 +34,16 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        #: closed channels whose last acks could not be sent: retried every round
+        self._orphans: list[Any] = []
+
+    def adopt(self, channel: Any) -> None:
+        """Keep sending a closed channel's deferred acks (its close could not): an ack the
+        application made is only ever delayed, while this connection lives."""
+        with self._lock:
+            if channel not in self._orphans:
+                self._orphans.append(channel)
+        self.start()
 
     def interval(self) -> float:
         periods = [ch.keeper_interval() for ch in self._channels()] or [MAX_INTERVAL]
@@ -62,6 +72,14 @@ class LeaseKeeper:
     def run_once(self) -> None:
         """One round: renew every held lease, reclaim for every consumed queue, and keep
         consumed expiring queues (x-expires) alive."""
+        for channel in list(self._orphans):
+            try:
+                channel.flush_acks()
+            except Exception as exc:
+                logger.warning('kombu-streams: acks of a closed channel not sent yet: %r', exc)
+            else:
+                with self._lock:
+                    self._orphans.remove(channel)
         for channel in self._channels():
             try:
                 channel.flush_acks()

@@ -150,27 +150,39 @@ def _send(client: Any, calls: Sequence[Call], which: Sequence[int]) -> dict[int,
     return out
 
 
-def run_calls(client: Any, calls: Sequence[Call]) -> list[Any]:
+def run_calls(client: Any, calls: Sequence[Call], raise_errors: bool = True) -> list[Any]:
     """Run script calls in one round trip per server; rerun only those that did not run.
 
-    A call answered NOSCRIPT (the script is loaded first), MOVED, ASK or TRYAGAIN (the slot
-    map is refreshed first) did not run, so sending it again cannot duplicate a message.
-    Any other error is raised, after every call was sent.
+    A call answered NOSCRIPT, MOVED, ASK or TRYAGAIN did not run, so sending it again cannot
+    duplicate a message: on one Redis the missing scripts are loaded and those calls sent
+    again in one pipeline; on Redis Cluster each is sent again on its own through the
+    cluster client, which loads scripts and follows MOVED / ASK (with ASKING) / TRYAGAIN.
+    Any other error is raised after every call was sent, or, with ``raise_errors=False``,
+    returned in its call's place (so a caller can still use the replies of the others).
     """
     results = _send(client, calls, range(len(calls)))
     again = [i for i, r in results.items() if isinstance(r, _NOT_RUN)]
-    if again:
+    if again and is_cluster(client):
+        for i in again:
+            script, keys, args = calls[i]
+            try:
+                results[i] = script(client, keys, args)
+            except Exception as exc:  # already explained by Script.__call__
+                results[i] = exc
+    elif again:
         for script in {calls[i][0] for i in again if isinstance(results[i], NoScriptError)}:
             client.script_load(script.source)
-        if is_cluster(client) and any(not isinstance(results[i], NoScriptError) for i in again):
-            client.nodes_manager.initialize()
         results.update(_send(client, calls, again))
-    ordered = [results[i] for i in range(len(calls))]
-    for (script, keys, _), r in zip(calls, ordered):
+    ordered = []
+    for i, (script, keys, _) in enumerate(calls):
+        r = results[i]
         if isinstance(r, ResponseError):
-            raise explain(f'script {script.name!r}', r, keys) from r
-        if isinstance(r, Exception):
-            raise r
+            r = explain(f'script {script.name!r}', r, keys)
+        ordered.append(r)
+    if raise_errors:
+        for r in ordered:
+            if isinstance(r, Exception):
+                raise r
     return ordered
 
 

@@ -4,6 +4,7 @@ KEYS[1]       the Kombu list: the queue's name, or name + sep + step for a prior
               with Kombu's global_keyprefix (e.g. celery, or "celery\x06\x163")
 KEYS[2..n+1]  all streams of the target queue, one per priority level, e.g. ks:q:{celery}:0
 KEYS[n+2]     the target queue's wake marker (zset), ks:q:{celery}:wake
+KEYS[n+3]     the target queue's ready index (set), ks:q:{celery}:ready
 ARGV[1]       the most messages to move in this call
 ARGV[2]       S: entries at the list's oldest end already known to be malformed; they are
               passed over and stay where they are
@@ -27,7 +28,7 @@ an interrupted migration never loses or duplicates a message, and a consumer blo
 marker is woken. The target queue must be declared first (its group then exists).
 ]]
 --@include common
-local n = #KEYS - 2
+local n = #KEYS - 3
 local limit, skip, fallback = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local levels = {}
 for i = 1, n do levels[i] = tonumber(ARGV[3 + i]) end
@@ -69,6 +70,7 @@ end
 
 -- every key is checked before the first write (see wrong_type)
 local wrong = wrong_type(KEYS[1], 'list') or wrong_type(KEYS[n + 2], 'zset')
+  or wrong_type(KEYS[n + 3], 'set')
 for i = 2, n + 1 do wrong = wrong or wrong_type(KEYS[i], 'stream') end
 if wrong then return redis.error_reply(wrong) end
 
@@ -76,12 +78,17 @@ if limit <= 0 then return {0, 0, redis.call('LLEN', KEYS[1])} end
 -- the window: the S passed-over entries and up to LIMIT more, oldest (rightmost) first
 local window = redis.call('LRANGE', KEYS[1], -(skip + limit), -1)
 local back, kept, moved = {}, {}, 0
+local added, members = {}, {}  -- ready index members of the streams that got messages
 for j = #window, 1, -1 do
   local raw, i = window[j], #window - j + 1
   local index = nil
   if i > skip then index = target(raw) end
   if index then
     redis.call('XADD', KEYS[1 + index], '*', 'm', raw)
+    if not added[index] then
+      added[index] = true
+      members[#members + 1] = KEYS[1 + index]
+    end
     moved = moved + 1
   else
     back[#back + 1] = raw
@@ -93,6 +100,7 @@ if moved > 0 then
   -- order (the oldest goes last).
   redis.call('LTRIM', KEYS[1], 0, -(#window + 1))
   for i = #back, 1, -1 do redis.call('RPUSH', KEYS[1], back[i]) end
+  index_add(KEYS[n + 3], KEYS[2], unpack(members))
   arm(KEYS[n + 2], KEYS[2])
 end
 local reply = {moved, #kept, redis.call('LLEN', KEYS[1])}

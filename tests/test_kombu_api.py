@@ -871,7 +871,7 @@ def test_deferred_acks_survive_a_failed_read(conn, raw, monkeypatch):
     conn.drain_events(timeout=TIMEOUT)
     real = channel_module.run_calls
 
-    def broken(client, calls):
+    def broken(client, calls, **kwargs):
         raise redis.ConnectionError("gone")
 
     monkeypatch.setattr(channel_module, "run_calls", broken)
@@ -885,6 +885,77 @@ def test_deferred_acks_survive_a_failed_read(conn, raw, monkeypatch):
     assert pending_total(raw, "ack-fail-q") == 0
     assert stream_len_total(raw, "ack-fail-q") == 0
     ch.close()
+
+def test_a_read_whose_piggybacked_ack_fails_still_hands_out_what_it_read(conn, raw):
+    """The read and the deferred ack go in one pipeline; when the ack's call fails, the
+    messages the read took are handed out next (not stranded in the PEL until
+    visibility_timeout) and the ack is sent again with a later read."""
+    from kombu_streams.scripts import SCRIPTS
+
+    q = direct_queue("ack-err-q")
+    publish(conn, ["a", "b", "c"], queue=q)
+    ch = conn.channel()
+    ch.basic_qos(0, 1, False)
+    got = []
+
+    def on(body, message):
+        got.append(body)
+        message.ack()
+
+    consumer = Consumer(ch, [q], callbacks=[on], accept=["json"])
+    consumer.consume()
+    conn.drain_events(timeout=TIMEOUT)
+    assert got == ["a"]
+    real = ch.broker.ack_call
+    broken_once = []
+
+    def failing(queue, entries, exchange=None):
+        if broken_once:
+            return real(queue, entries, exchange)
+        broken_once.append(1)
+        stream = list(entries)[0][0]
+        return SCRIPTS["ack"], [stream], [queue, "not-a-number", "0-1"]  # a script error
+
+    ch.broker.ack_call = failing
+    with pytest.raises(redis.ResponseError):
+        conn.drain_events(timeout=TIMEOUT)  # the read of "b" ran; its ack call failed
+    conn.drain_events(timeout=TIMEOUT)  # "b" comes from the buffer, at once
+    conn.drain_events(timeout=TIMEOUT)
+    assert got == ["a", "b", "c"]
+    with pytest.raises(socket.timeout):
+        conn.drain_events(timeout=QUIET)  # sends the last acks before waiting
+    assert pending_total(raw, "ack-err-q") == 0
+    assert stream_len_total(raw, "ack-err-q") == 0
+    ch.close()
+
+
+def test_acks_a_closing_channel_could_not_send_are_sent_by_the_lease_keeper(
+        conn, raw, monkeypatch):
+    """Deferred acks whose flush fails at close are kept, and the lease keeper's next round
+    sends them: an ack the application made is delayed, never dropped."""
+    from kombu_streams import channel as channel_module
+
+    q = direct_queue("close-ack-q")
+    publish(conn, ["a", "b"], queue=q)
+    ch = conn.channel()
+    consumer = Consumer(ch, [q], callbacks=[lambda b, m: m.ack()], accept=["json"])
+    consumer.consume()
+    conn.drain_events(timeout=TIMEOUT)
+    conn.drain_events(timeout=TIMEOUT)
+    assert ch._acks  # the last ack waits for the next read or wait
+    real = channel_module.run_calls
+
+    def down(client, calls, **kwargs):
+        raise redis.ConnectionError("gone")
+
+    monkeypatch.setattr(channel_module, "run_calls", down)
+    ch.close()
+    monkeypatch.setattr(channel_module, "run_calls", real)
+    assert pending_total(raw, "close-ack-q") >= 1
+    conn.transport.leases.run_once()
+    assert pending_total(raw, "close-ack-q") == 0
+    assert stream_len_total(raw, "close-ack-q") == 0
+
 
 def test_message_the_ready_index_misses_is_found_by_the_periodic_walk(conn, raw):
     """A message that its queue's ready index does not name (written by an older version,

@@ -163,6 +163,24 @@ def test_migrate_unacked_moves_atomically_and_only_an_unchanged_entry(script_cli
     assert c.xlen(K.stream('a', 6)) == 1
 
 
+def test_migrated_messages_are_in_the_ready_index(script_client):
+    """Consumers already running (their reads made the ready index complete, so a read looks
+    only at the streams it names): messages migrated in are found by the next plain read,
+    not only by the periodic walk."""
+    c = script_client
+    b = Broker(c, K, LEVELS)
+    b.declare('q')
+    assert b.read(['q'], 'c1', 5, walk=True) == []  # the index is complete and names nothing
+    c.lpush('q\x06\x163', envelope(1, priority=4))
+    raw = json.dumps([json.loads(envelope(2, priority=9)), 'ex', 'rk'])
+    c.hset('unacked', 'tag', raw)
+    assert b.migrate_list('q\x06\x163', 'q', 3, 10)[0] == 1
+    assert b.migrate_unacked('unacked', 'unacked_index', 'tag', raw, envelope(2, 9),
+                             [('q', 9)])
+    got = b.read(['q'], 'c1', 5)  # not a walk
+    assert sorted(body(d.payload) for d in got) == [1, 2]
+
+
 def test_python_mirror_of_the_level_choice():
     """The dry run's prediction (Python) follows the same rules as migrate.lua."""
     assert [kombu_priority({'properties': {'priority': p}}) for p in
