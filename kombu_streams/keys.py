@@ -31,8 +31,16 @@ class Keys:
     #: Redis Cluster: a script may only touch keys of one slot.
     cluster: bool = False
 
+    def _tag(self, name: str, kind: str) -> str:
+        """``name`` as a hash tag. On Cluster a name starting with '}' would make an empty
+        tag, and Redis would then hash each whole key: the keys would spread over slots."""
+        if self.cluster and name.startswith('}'):
+            raise ValueError(f'kombu-streams: on Redis Cluster a {kind} name cannot start '
+                             f"with '}}': {name!r}")
+        return f'{{{name}}}'
+
     def queue_base(self, queue: str) -> str:
-        return f'{self.prefix}ks:q:{{{queue}}}'
+        return f'{self.prefix}ks:q:{self._tag(queue, "queue")}'
 
     def stream(self, queue: str, level: int) -> str:
         return f'{self.queue_base(queue)}:{level}'
@@ -51,20 +59,20 @@ class Keys:
         return f'{self.queue_base(queue)}:dlq'
 
     def bindings(self, exchange: str) -> str:
-        return f'{self.prefix}ks:x:{{{exchange}}}:bindings'
+        return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:bindings'
 
     def deadlines(self, exchange: str) -> str:
-        return f'{self.prefix}ks:x:{{{exchange}}}:deadlines'
+        return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:deadlines'
 
     def fanout(self, exchange: str) -> str:
-        return f'{self.prefix}ks:x:{{{exchange}}}:fanout'
+        return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:fanout'
 
     def fanout_wake(self, exchange: str, queue: str) -> str:
-        return f'{self.prefix}ks:x:{{{exchange}}}:wake:{queue}'
+        return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:wake:{queue}'
 
     def fanout_dlq(self, exchange: str, queue: str) -> str:
         """Where dead letters of ``queue``'s group on a fanout exchange go: the queue's own
         dead-letter stream, except on Redis Cluster, where it must share the exchange's slot."""
         if self.cluster:
-            return f'{self.prefix}ks:x:{{{exchange}}}:dlq:{queue}'
+            return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:dlq:{queue}'
         return self.dlq(queue)

@@ -527,3 +527,15 @@ def test_celery_worker_on_cluster(cluster: Cluster, url: str, tmp_path: Path) ->
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop('clusterapp', None)
+
+
+def test_a_name_that_would_make_an_empty_hash_tag_is_refused() -> None:
+    """'}x' would give the tag '{}' (empty), and Redis would hash each whole key: the keys
+    of one queue would spread over slots. A clear error instead of CROSSSLOT later."""
+    with pytest.raises(ValueError, match="cannot start with '}'"):
+        K.stream('}x', 0)
+    with pytest.raises(ValueError, match='exchange name'):
+        K.fanout('}x')
+    assert key_slot(K.stream('{app}.high', 0).encode()) == key_slot(
+        K.stream('{app}.low', 9).encode())  # the documented way to co-locate queues
+    assert Keys().stream('}x', 0) == 'ks:q:{}x}:0'  # one Redis: any name
