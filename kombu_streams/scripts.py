@@ -24,7 +24,8 @@ from redis import exceptions as redis_errors
 from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
-__all__ = ('Script', 'SCRIPTS', 'lua_dir', 'KeyTypeError', 'OutOfMemoryError', 'explain',
+__all__ = ('Script', 'SCRIPTS', 'lua_dir', 'KeyTypeError', 'OutOfMemoryError', 'NotReplicated',
+           'explain',
            'run_calls', 'is_cluster', 'Call')
 
 _INCLUDE = re.compile(r'^--@include\s+(\w+)\s*$', re.M)
@@ -132,9 +133,19 @@ def is_cluster(client: Any) -> bool:
     return isinstance(client, RedisCluster)
 
 
-def _send(client: Any, calls: Sequence[Call], which: Sequence[int]) -> dict[int, Any]:
+class NotReplicated(redis_errors.ConnectionError):
+    """Fewer replicas than asked for confirmed a write in time (``WAIT``): it may be lost
+    if the primary fails now. A connection error, so Kombu's publish retry reconnects (via
+    Sentinel to the current primary) and publishes again; at-least-once, so a copy may
+    also survive."""
+
+
+def _send(client: Any, calls: Sequence[Call], which: Sequence[int],
+          wait: tuple[int, int] | None = None) -> dict[int, Any]:
     """One pipeline per server: all of them on one Redis; per node on Redis Cluster, whose
-    own pipeline refuses EVALSHA (each call's keys share one slot, so one node runs it)."""
+    own pipeline refuses EVALSHA (each call's keys share one slot, so one node runs it).
+    ``wait`` (replicas, ms): end each pipeline with WAIT, which covers the writes of its own
+    connection, and raise NotReplicated when fewer replicas confirmed them."""
     groups: dict[Any, list[int]] = {}
     for i in which:
         node = client.get_node_from_key(calls[i][1][0]) if is_cluster(client) else None
@@ -146,11 +157,24 @@ def _send(client: Any, calls: Sequence[Call], which: Sequence[int]) -> dict[int,
         for i in indices:
             script, keys, args = calls[i]
             script.queue(pipe, keys, args)
-        out.update(zip(indices, pipe.execute(raise_on_error=False)))
+        if wait:
+            pipe.execute_command('WAIT', *wait)
+        replies = pipe.execute(raise_on_error=False)
+        if wait:
+            acked = replies.pop()
+            if isinstance(acked, Exception):
+                raise acked
+            ran = any(not isinstance(r, _NOT_RUN) for r in replies)  # else: sent again
+            if ran and int(acked) < wait[0]:
+                raise NotReplicated(
+                    f'kombu-streams: {acked} of {wait[0]} replicas confirmed the write within '
+                    f'{wait[1]} ms; it may be lost if the primary fails now')
+        out.update(zip(indices, replies))
     return out
 
 
-def run_calls(client: Any, calls: Sequence[Call], raise_errors: bool = True) -> list[Any]:
+def run_calls(client: Any, calls: Sequence[Call], raise_errors: bool = True,
+              wait: tuple[int, int] | None = None) -> list[Any]:
     """Run script calls in one round trip per server; rerun only those that did not run.
 
     A call answered NOSCRIPT, MOVED, ASK or TRYAGAIN did not run, so sending it again cannot
@@ -159,8 +183,9 @@ def run_calls(client: Any, calls: Sequence[Call], raise_errors: bool = True) -> 
     cluster client, which loads scripts and follows MOVED / ASK (with ASKING) / TRYAGAIN.
     Any other error is raised after every call was sent, or, with ``raise_errors=False``,
     returned in its call's place (so a caller can still use the replies of the others).
+    ``wait`` (replicas, ms): see :func:`_send` (one Redis only).
     """
-    results = _send(client, calls, range(len(calls)))
+    results = _send(client, calls, range(len(calls)), wait)
     again = [i for i, r in results.items() if isinstance(r, _NOT_RUN)]
     if again and is_cluster(client):
         for i in again:
@@ -172,7 +197,7 @@ def run_calls(client: Any, calls: Sequence[Call], raise_errors: bool = True) -> 
     elif again:
         for script in {calls[i][0] for i in again if isinstance(results[i], NoScriptError)}:
             client.script_load(script.source)
-        results.update(_send(client, calls, again))
+        results.update(_send(client, calls, again, wait))
     ordered = []
     for i, (script, keys, _) in enumerate(calls):
         r = results[i]

@@ -778,6 +778,87 @@ def test_sentinel_failover_keeps_consuming(sentinel_setup: SentinelSetup) -> Non
         new_primary.close()
 
 
+def test_unplanned_failover_loses_no_confirmed_publish_with_replica_acks(
+        sentinel_setup: SentinelSetup) -> None:
+    """A plain SENTINEL FAILOVER (no pause, no help): the old primary keeps taking writes
+    for seconds and then drops them. With publish_min_replicas=1 a publish returns only
+    once the replica has it (WAIT in the same round trip); on the old primary the WAIT
+    fails (its replica was promoted), the publish raises a connection error and Kombu's
+    retry publishes again on the new primary. Every confirmed message is consumed; some
+    may come twice (acks made on the old primary after the switch are lost with it)."""
+    setup = sentinel_setup
+    queue = Queue('unplanned-q', Exchange('unplanned-x', 'direct'), routing_key='u')
+    consumer_conn = Connection(setup.url(free_port()), transport_options=setup.options(
+        visibility_timeout=4, polling_interval=0.5))
+    producer_conn = Connection(setup.url(free_port()), transport_options=setup.options(
+        publish_min_replicas=1, publish_replica_timeout=0.5))
+    worker = _Worker(consumer_conn, queue)
+    confirmed: list[int] = []
+    stop_producing = threading.Event()
+
+    def produce() -> None:
+        producer = producer_conn.Producer(serializer='json')
+        n = 0
+        while not stop_producing.is_set():
+            try:
+                producer.publish({'n': n}, exchange=queue.exchange, routing_key='u',
+                                 declare=[queue], retry=True,
+                                 retry_policy={'max_retries': 60, 'interval_start': 0.1,
+                                               'interval_step': 0.2, 'interval_max': 0.5})
+                confirmed.append(n)
+            except Exception:  # not confirmed: may or may not arrive
+                pass
+            n += 1
+            time.sleep(0.02)
+
+    consumer_thread = threading.Thread(target=worker.run, name='ks-consumer', daemon=True)
+    producer_thread = threading.Thread(target=produce, name='ks-producer', daemon=True)
+    sentinel = setup.sentinel_client()
+    try:
+        consumer_thread.start()
+        producer_thread.start()
+        wait_until(lambda: len(worker.deliveries) >= 20, 20, 'steady consumption')
+        assert sentinel.execute_command('SENTINEL', 'FAILOVER', MASTER)
+        wait_until(lambda: int(sentinel.sentinel_get_master_addr_by_name(MASTER)[1])
+                   == setup.replica, 10, 'sentinel to switch to the replica')
+        switched_at = len(confirmed)
+        wait_until(lambda: len(confirmed) >= switched_at + 100, 60,
+                   'publishing confirmed on the new primary')
+        stop_producing.set()
+        producer_thread.join(30)
+        wait_until(lambda: set(confirmed) <= worker.acked, 60,
+                   'every confirmed message consumed',
+                   diag=lambda: sorted(set(confirmed) - worker.acked)[:20])
+    finally:
+        sentinel.close()
+        stop_producing.set()
+        worker.should_stop = True
+        producer_thread.join(30)
+        consumer_thread.join(30)
+        producer_conn.release()
+        consumer_conn.release()
+    assert not producer_thread.is_alive() and not consumer_thread.is_alive()
+
+
+def test_publish_min_replicas_without_a_replica_raises(redis_url: str) -> None:
+    """No replica confirms: the publish raises NotReplicated (a connection error, so
+    Kombu's retry policy applies) after publish_replica_timeout; the entry itself was
+    written on the primary (at-least-once: a retry may add a second copy)."""
+    from kombu_streams.scripts import NotReplicated
+
+    url = redis_url.replace('redis://', 'redis-streams://', 1)
+    opts = {'publish_min_replicas': 1, 'publish_replica_timeout': 0.1}
+    with Connection(url, transport_options=opts) as conn:
+        q = Queue('nr-q', routing_key='nr-q')
+        q(conn.default_channel).declare()
+        with pytest.raises(NotReplicated, match='0 of 1 replicas'):
+            conn.Producer().publish('x', routing_key='nr-q')
+        assert issubclass(NotReplicated, redis.ConnectionError)  # Kombu retries those
+        assert q(conn.default_channel).queue_declare(passive=True).message_count == 1
+    with pytest.raises(ValueError, match='publish_min_replicas'):
+        Connection(url, transport_options={'publish_min_replicas': -1}).channel()
+
+
 def test_sentinel_event_loop(sentinel_setup: SentinelSetup) -> None:
     """Celery's path: on Kombu's Hub the poller waits with BZPOPMIN on raw connections it
     takes from the Sentinel-managed pool."""
