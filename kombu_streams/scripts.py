@@ -66,14 +66,20 @@ class Script:
         m = re.match(r'--\[\[(.*?)\]\]', self.source, re.S)
         return m.group(1).strip() if m else ''
 
+    def _evalsha(self, client: Any, keys: Sequence[Any], args: Sequence[Any],
+                 read_only: bool = False) -> Any:
+        """EVALSHA (or EVALSHA_RO), loading the script first if Redis lost it."""
+        run = client.evalsha_ro if read_only else client.evalsha
+        try:
+            return run(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            client.script_load(self.source)
+            return run(self.sha, len(keys), *keys, *args)
+
     def __call__(self, client: Any, keys: Sequence[Any], args: Sequence[Any] = ()) -> Any:
         """Run on ``client`` with EVALSHA, loading the script if Redis lost it."""
         try:
-            try:
-                return client.evalsha(self.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                client.script_load(self.source)
-                return client.evalsha(self.sha, len(keys), *keys, *args)
+            return self._evalsha(client, keys, args)
         except ResponseError as exc:
             raise explain(f'script {self.name!r}', exc, keys) from exc
 
@@ -88,13 +94,8 @@ class Script:
         """Run a read-only script as such: EVALSHA_RO with the ``no-writes`` flag on Redis
         7.0+, so it runs on read-only replicas and while the server is out of memory, and
         Redis itself refuses any write in it; plain EVALSHA on 6.2, which has neither."""
-        flagged = self.flagged
         try:
-            try:
-                return client.evalsha_ro(flagged.sha, len(keys), *keys, *args)
-            except NoScriptError:
-                client.script_load(flagged.source)
-                return client.evalsha_ro(flagged.sha, len(keys), *keys, *args)
+            return self.flagged._evalsha(client, keys, args, read_only=True)
         except ResponseError as exc:
             if 'unknown command' not in str(exc).lower():
                 raise explain(f'script {self.name!r}', exc, keys) from exc

@@ -707,15 +707,18 @@ def _coordinated_failover(setup: SentinelSetup) -> None:
         sentinel.close()
 
 
-def test_sentinel_failover_keeps_consuming(sentinel_setup: SentinelSetup) -> None:
-    """A steady stream published on one connection and consumed on another survives
-    SENTINEL FAILOVER: every publish that returned is consumed at least once, nothing that
-    was acked comes back, and consumption continues on the new primary."""
-    setup = sentinel_setup
-    options = setup.options(visibility_timeout=4, polling_interval=0.5)
-    queue = Queue('failover-q', Exchange('failover-x', 'direct'), routing_key='f')
-    consumer_conn = Connection(setup.url(free_port()), transport_options=options)
-    producer_conn = Connection(setup.url(free_port()), transport_options=options)
+def _stream_through_failover(setup: SentinelSetup, name: str, failover: Any,
+                             producer_options: dict[str, Any] | None = None,
+                             timeout: float = 40) -> tuple[_Worker, list[int]]:
+    """A steady stream through a failover: a ConsumerMixin consumer and a producer (a
+    publish every 20 ms with retry=True) on connections of their own; ``failover(setup)``
+    runs once consumption is steady, then 100 more publishes must be confirmed and every
+    confirmed message consumed. Returns the consumer and the confirmed message numbers."""
+    queue = Queue(name, Exchange(name, 'direct'), routing_key=name)
+    consumer_conn = Connection(setup.url(free_port()), transport_options=setup.options(
+        visibility_timeout=4, polling_interval=0.5))
+    producer_conn = Connection(setup.url(free_port()),
+                               transport_options=setup.options(**(producer_options or {})))
     worker = _Worker(consumer_conn, queue)
     confirmed: list[int] = []
     failed: list[tuple[int, str]] = []
@@ -726,9 +729,9 @@ def test_sentinel_failover_keeps_consuming(sentinel_setup: SentinelSetup) -> Non
         n = 0
         while not stop_producing.is_set():
             try:
-                producer.publish({'n': n}, exchange=queue.exchange, routing_key='f',
+                producer.publish({'n': n}, exchange=queue.exchange, routing_key=name,
                                  declare=[queue], retry=True,
-                                 retry_policy={'max_retries': 40, 'interval_start': 0.1,
+                                 retry_policy={'max_retries': 60, 'interval_start': 0.1,
                                                'interval_step': 0.2, 'interval_max': 0.5})
                 confirmed.append(n)
             except Exception as exc:  # not confirmed: may or may not arrive
@@ -743,13 +746,13 @@ def test_sentinel_failover_keeps_consuming(sentinel_setup: SentinelSetup) -> Non
         producer_thread.start()
         wait_until(lambda: len(worker.deliveries) >= 20, 20, 'steady consumption')
         assert worker.connections == 1
-        _coordinated_failover(setup)
+        failover(setup)
         switched_at = len(confirmed)
-        wait_until(lambda: len(confirmed) >= switched_at + 100, 40,
+        wait_until(lambda: len(confirmed) >= switched_at + 100, timeout,
                    'publishing on the new primary', diag=lambda: failed[-3:])
         stop_producing.set()
         producer_thread.join(30)
-        wait_until(lambda: set(confirmed) <= worker.acked, 40,
+        wait_until(lambda: set(confirmed) <= worker.acked, timeout,
                    'every confirmed message consumed',
                    diag=lambda: sorted(set(confirmed) - worker.acked)[:20])
     finally:
@@ -760,6 +763,15 @@ def test_sentinel_failover_keeps_consuming(sentinel_setup: SentinelSetup) -> Non
         producer_conn.release()
         consumer_conn.release()
     assert not producer_thread.is_alive() and not consumer_thread.is_alive()
+    return worker, confirmed
+
+
+def test_sentinel_failover_keeps_consuming(sentinel_setup: SentinelSetup) -> None:
+    """A steady stream published on one connection and consumed on another survives
+    SENTINEL FAILOVER: every publish that returned is consumed at least once, nothing that
+    was acked comes back, and consumption continues on the new primary."""
+    setup = sentinel_setup
+    worker, _ = _stream_through_failover(setup, 'failover-q', _coordinated_failover)
     assert worker.after_ack == []
     assert worker.connections >= 2, 'the consumer never reconnected'
     sentinel = setup.sentinel_client()
@@ -778,66 +790,29 @@ def test_sentinel_failover_keeps_consuming(sentinel_setup: SentinelSetup) -> Non
         new_primary.close()
 
 
-def test_unplanned_failover_loses_no_confirmed_publish_with_replica_acks(
-        sentinel_setup: SentinelSetup) -> None:
-    """A plain SENTINEL FAILOVER (no pause, no help): the old primary keeps taking writes
-    for seconds and then drops them. With publish_min_replicas=1 a publish returns only
-    once the replica has it (WAIT in the same round trip); on the old primary the WAIT
-    fails (its replica was promoted), the publish raises a connection error and Kombu's
-    retry publishes again on the new primary. Every confirmed message is consumed; some
-    may come twice (acks made on the old primary after the switch are lost with it)."""
-    setup = sentinel_setup
-    queue = Queue('unplanned-q', Exchange('unplanned-x', 'direct'), routing_key='u')
-    consumer_conn = Connection(setup.url(free_port()), transport_options=setup.options(
-        visibility_timeout=4, polling_interval=0.5))
-    producer_conn = Connection(setup.url(free_port()), transport_options=setup.options(
-        publish_min_replicas=1, publish_replica_timeout=0.5))
-    worker = _Worker(consumer_conn, queue)
-    confirmed: list[int] = []
-    stop_producing = threading.Event()
-
-    def produce() -> None:
-        producer = producer_conn.Producer(serializer='json')
-        n = 0
-        while not stop_producing.is_set():
-            try:
-                producer.publish({'n': n}, exchange=queue.exchange, routing_key='u',
-                                 declare=[queue], retry=True,
-                                 retry_policy={'max_retries': 60, 'interval_start': 0.1,
-                                               'interval_step': 0.2, 'interval_max': 0.5})
-                confirmed.append(n)
-            except Exception:  # not confirmed: may or may not arrive
-                pass
-            n += 1
-            time.sleep(0.02)
-
-    consumer_thread = threading.Thread(target=worker.run, name='ks-consumer', daemon=True)
-    producer_thread = threading.Thread(target=produce, name='ks-producer', daemon=True)
+def _unplanned_failover(setup: SentinelSetup) -> None:
+    """A plain SENTINEL FAILOVER, nothing else: the old primary takes writes until Sentinel
+    demotes it, some 10 s later, and then drops them."""
     sentinel = setup.sentinel_client()
     try:
-        consumer_thread.start()
-        producer_thread.start()
-        wait_until(lambda: len(worker.deliveries) >= 20, 20, 'steady consumption')
         assert sentinel.execute_command('SENTINEL', 'FAILOVER', MASTER)
         wait_until(lambda: int(sentinel.sentinel_get_master_addr_by_name(MASTER)[1])
                    == setup.replica, 10, 'sentinel to switch to the replica')
-        switched_at = len(confirmed)
-        wait_until(lambda: len(confirmed) >= switched_at + 100, 60,
-                   'publishing confirmed on the new primary')
-        stop_producing.set()
-        producer_thread.join(30)
-        wait_until(lambda: set(confirmed) <= worker.acked, 60,
-                   'every confirmed message consumed',
-                   diag=lambda: sorted(set(confirmed) - worker.acked)[:20])
     finally:
         sentinel.close()
-        stop_producing.set()
-        worker.should_stop = True
-        producer_thread.join(30)
-        consumer_thread.join(30)
-        producer_conn.release()
-        consumer_conn.release()
-    assert not producer_thread.is_alive() and not consumer_thread.is_alive()
+
+
+def test_unplanned_failover_loses_no_confirmed_publish_with_replica_acks(
+        sentinel_setup: SentinelSetup) -> None:
+    """With publish_min_replicas=1 a publish returns only once the replica has it (WAIT in
+    the same round trip); on the old primary the WAIT fails (its replica was promoted), the
+    publish raises a connection error and Kombu's retry publishes again on the new primary.
+    Every confirmed message is consumed (the helper checks it); some may come twice (acks
+    made on the old primary after the switch are lost with it). Without the option the
+    same run loses confirmed messages."""
+    _stream_through_failover(sentinel_setup, 'unplanned-q', _unplanned_failover,
+                             {'publish_min_replicas': 1, 'publish_replica_timeout': 0.5},
+                             timeout=60)
 
 
 def test_publish_min_replicas_without_a_replica_raises(redis_url: str) -> None:
