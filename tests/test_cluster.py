@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -494,6 +493,8 @@ def test_celery_worker_on_cluster(cluster: Cluster, url: str, tmp_path: Path) ->
                      if cluster.owner(k) == store_proc_port)
     (tmp_path / 'clusterapp.py').write_text(
         (tmp_path / 'clusterapp.py').read_text().replace("'done'", repr(store_key)))
+    from test_celery_smoke import _stop_worker as stop_worker
+
     sys.path.insert(0, str(tmp_path))
     try:
         import clusterapp
@@ -512,14 +513,7 @@ def test_celery_worker_on_cluster(cluster: Cluster, url: str, tmp_path: Path) ->
                 time.sleep(0.2)
             replies = clusterapp.app.control.inspect(timeout=3).ping() or {}
         finally:
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-                try:
-                    worker.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait()
-            output = worker.stdout.read().decode(errors='replace') if worker.stdout else ''
+            output = stop_worker(worker)
         done = sorted(int(x) for x in store.lrange(store_key, 0, -1))
         assert done == list(range(50)), output[-3000:]
         assert any(r == {'ok': 'pong'} for r in replies.values()), (replies, output[-3000:])
