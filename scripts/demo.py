@@ -136,8 +136,9 @@ def run(url: str, count: int) -> int:
         left = sum(q(channel).queue_declare(passive=True).message_count for q in (orders, audit))
         print(f'ready messages left: {left}')
         print('scripts loaded (name, sha):')
+        width = max(len(name) for name in SCRIPTS) + 2
         for script in SCRIPTS.values():
-            print(f'  {script.name:<15}{script.sha}')
+            print(f'  {script.name:<{width}}{script.sha}')
         return 0 if left == 0 else 1
 
 
