@@ -240,6 +240,14 @@ def freclaim(c, queue, min_idle=0, batch=100, ex='ex'):
     return broker(c).reclaim(queue, min_idle, batch, exchange=ex)
 
 
+def two_groups(c, n):
+    """Queues 'a' and 'b' bound to fanout exchange 'ex', then ``n`` messages published to
+    both: (the fanout stream's key, their ids)."""
+    fbind(c, 'a')
+    fbind(c, 'b')
+    return K.fanout('ex'), [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(n)]
+
+
 def fdeadletter(c, queue, entry_id, reason, deliveries, ex='ex'):
     return broker(c).dead_letter(queue, K.fanout(ex), entry_id, reason, deliveries, exchange=ex)
 
@@ -1744,10 +1752,7 @@ def test_bind_creates_group_at_new_messages(script_client):
 
 def test_fanout_two_groups_each_receive_every_message_once(script_client):
     c = script_client
-    fan = K.fanout('ex')
-    fbind(c, 'a')
-    fbind(c, 'b')
-    m = [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(3)]
+    fan, m = two_groups(c, 3)
     assert ids(c, fan) == m  # stored once
     assert fmarker(c, 'a') == fmarker(c, 'b') == [(b'w', 0.0)]
     for q in ('a', 'b'):
@@ -1762,10 +1767,7 @@ def test_fanout_two_groups_each_receive_every_message_once(script_client):
 
 def test_fanout_offline_group_keeps_entries_until_it_acks(script_client):
     c = script_client
-    fan = K.fanout('ex')
-    fbind(c, 'a')
-    fbind(c, 'b')  # b's consumers are offline: its group reads nothing for a while
-    m = [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(3)]
+    fan, m = two_groups(c, 3)  # b's consumers are offline: its group reads nothing for a while
     assert [x[0] for x in fread(c, 'a', 10)] == m
     assert fack(c, 'a', m) == 3
     assert ids(c, fan) == m  # b has not read them: nothing is trimmed
@@ -1784,10 +1786,7 @@ def test_fanout_offline_group_keeps_entries_until_it_acks(script_client):
 
 def test_fanout_pending_entry_is_never_trimmed(script_client):
     c = script_client
-    fan = K.fanout('ex')
-    fbind(c, 'a')
-    fbind(c, 'b')
-    m = [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(5)]
+    fan, m = two_groups(c, 5)
     fread(c, 'a', 10)
     fread(c, 'b', 10)
     assert fack(c, 'b', m) == 5
@@ -1804,10 +1803,7 @@ def test_fanout_pending_entry_is_never_trimmed(script_client):
 
 def test_fanout_requeue_returns_entry_to_its_group_first(script_client):
     c = script_client
-    fan = K.fanout('ex')
-    fbind(c, 'a')
-    fbind(c, 'b')
-    m = [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(3)]
+    fan, m = two_groups(c, 3)
     assert [x[0] for x in fread(c, 'a', 2)] == m[:2]
     for q in ('a', 'b'):
         c.delete(K.fanout_wake('ex', q))
@@ -1828,10 +1824,7 @@ def test_fanout_requeue_returns_entry_to_its_group_first(script_client):
 
 def test_fanout_reclaim_returns_entries_to_their_group_first(script_client):
     c = script_client
-    fan = K.fanout('ex')
-    fbind(c, 'a')
-    fbind(c, 'b')
-    m = [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(3)]
+    fan, m = two_groups(c, 3)
     fread(c, 'a', 2, consumer='c1')     # c1 dies holding m0, m1
     fread(c, 'b', 3, consumer='b1')     # b's consumer is alive and holds all three
     fack(c, 'a', [m[1]])
@@ -1849,10 +1842,7 @@ def test_fanout_reclaim_returns_entries_to_their_group_first(script_client):
 
 def test_fanout_deadletter_acks_for_one_group_only(script_client):
     c = script_client
-    fan = K.fanout('ex')
-    fbind(c, 'a')
-    fbind(c, 'b')
-    m = [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(2)]
+    fan, m = two_groups(c, 2)
     fread(c, 'a', 10)
     assert fack(c, 'a', [m[1]]) == 1
     # a rejects m0: set aside for a, not deleted (b has not read it)
@@ -1875,9 +1865,7 @@ def test_fanout_deadletter_acks_for_one_group_only(script_client):
 
 def test_fanout_malformed_entry_is_dead_lettered_by_each_group(script_client):
     c = script_client
-    fan = K.fanout('ex')
-    fbind(c, 'a')
-    fbind(c, 'b')
+    fan, _ = two_groups(c, 0)
     bad = c.xadd(fan, {b'x': b'1'})
     good = fpublish(c, b'good', ['a', 'b'])
     assert fread(c, 'a', 10) == [(good, 1, b'good')]
@@ -1896,10 +1884,7 @@ def test_fanout_malformed_entry_is_dead_lettered_by_each_group(script_client):
 
 def test_fanout_unbind_destroys_group_and_trims(script_client):
     c = script_client
-    fan = K.fanout('ex')
-    fbind(c, 'a')
-    fbind(c, 'b')
-    m = [fpublish(c, b'%d' % i, ['a', 'b']) for i in range(3)]
+    fan, m = two_groups(c, 3)
     fread(c, 'a', 1)  # a holds m0 and has not read the rest
     fread(c, 'b', 10)
     fack(c, 'b', m)
