@@ -178,6 +178,15 @@ class CeleryEnv:
         return '\n'.join(f'--- {w.node} ({w.log_path.name}) ---\n{w.log()[-3000:]}'
                          for w in self.workers)
 
+    def only_the_next_task_runs(self, worker: Worker, settle: float) -> None:
+        """Send task 'after', wait for it and ``settle`` seconds more, stop the worker:
+        'after' must be the only task that ran (what came before was purged or revoked)."""
+        self.module.record.delay('after')
+        wait_for(lambda: 'after' in self.done(), 20, what="the task 'after'", log=self.logs)
+        time.sleep(settle)
+        worker.terminate()
+        assert self.done() == ['after'], self.logs()
+
     def done(self) -> list[str]:
         return [x.decode() for x in self.store.lrange('done', 0, -1)]
 
@@ -367,12 +376,7 @@ def test_purge_empties_the_backlog(env: CeleryEnv) -> None:
 
     worker = env.worker('purge@ks')
     worker.wait_ready()
-    module.record.delay('after')
-    wait_for(lambda: 'after' in env.done(), 20, what='the task sent after purging',
-             log=env.logs)
-    time.sleep(1.0)
-    worker.terminate()
-    assert env.done() == ['after'], env.logs()
+    env.only_the_next_task_runs(worker, settle=1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -480,12 +484,7 @@ def test_broadcast_during_disconnection_is_received(env: CeleryEnv) -> None:
 
         # The revoke was honoured: a task with that id is discarded, the next one runs.
         module.record.apply_async(args=['revoked'], task_id=revoked_id)
-        module.record.delay('after')
-        wait_for(lambda: 'after' in env.done(), 20, what='the task after the revoked one',
-                 log=env.logs)
-        time.sleep(0.5)
-        worker.terminate()
-        assert env.done() == ['after'], env.logs()
+        env.only_the_next_task_runs(worker, settle=0.5)
         assert f'Discarding revoked task: {module.record.name}[{revoked_id}]' in worker.log(), \
             worker.log()[-3000:]
     finally:

@@ -972,6 +972,7 @@ def test_message_the_ready_index_misses_is_found_by_the_periodic_walk(conn, raw)
     assert time.monotonic() - started < 2 * TIMEOUT
     ch.close()
 
+
 def test_prefetch_limit(conn, raw):
     q = direct_queue("prefetch-q")
     publish(conn, [f"f{i}" for i in range(8)], queue=q)
