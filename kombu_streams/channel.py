@@ -499,35 +499,9 @@ class Channel(virtual.Channel):
             for sources in groups:
                 if credit <= 0:
                     break
-                now, key = monotonic(), frozenset(sources)
-                walk = now >= self._walk_at.get(key, 0.0)
-                if walk:
-                    if len(self._walk_at) > 1000:  # source sets come and go: forget old ones
-                        self._walk_at.clear()
-                    self._walk_at[key] = now + WALK_INTERVAL
-                self.connection.cycle.note_read([q for q, _ in sources])
-                read, parse = self.broker.sources_call(
-                    sources, self.consumer_name, credit, self.max_deliveries, self._expires,
-                    walk)
-                calls.append(read)
-                sent, calls = calls, []
-                failed: list[BaseException] = []
-                if len(sent) == 1:
-                    script, keys, args = read
-                    reply = script(self.client, keys, args)
-                else:
-                    try:
-                        results = run_calls(self.client, sent, raise_errors=False)
-                    except Exception:
-                        self._acks.extendleft(reversed(acks))  # delayed again, never dropped
-                        raise
-                    taken, acks = acks, []
-                    failed = [r for r in results if isinstance(r, Exception)]
-                    if failed:  # re-sending an ack that did go through is harmless
-                        self._acks.extendleft(reversed(taken))
-                    reply = results[-1]
-                    if isinstance(reply, Exception):
-                        raise reply
+                read, parse = self._read_call(sources, credit)
+                reply, failed = self._send_read(calls + [read], acks)
+                acks, calls = [], []
                 for delivery in parse(reply):
                     credit -= 1
                     message = self._decode(delivery)
@@ -538,14 +512,10 @@ class Channel(virtual.Channel):
                                                delivery.entry_id, delivery.deliveries,
                                                delivery.exchange)
                     out.append((message, delivery.queue))
-                if failed:
-                    raise failed[0]
+                if failed is not None:
+                    raise failed
             if calls:  # no read ran (no credit): the acks go on their own
-                try:
-                    run_calls(self.client, calls)
-                except Exception:
-                    self._acks.extendleft(reversed(acks))
-                    raise
+                self._send_acks(acks, calls)
         except BaseException:
             if out:
                 with self._buffer_lock:
@@ -555,6 +525,50 @@ class Channel(virtual.Channel):
             if self._inflight:
                 self.connection.leases.start()
         return out
+
+    def _read_call(self, sources: list[tuple[str, str | None]], credit: int
+                   ) -> tuple[Call, Any]:
+        """The read call for one slot group, walking every stream once per WALK_INTERVAL."""
+        now, key = monotonic(), frozenset(sources)
+        walk = now >= self._walk_at.get(key, 0.0)
+        if walk:
+            if len(self._walk_at) > 1000:  # source sets come and go: forget old ones
+                self._walk_at.clear()
+            self._walk_at[key] = now + WALK_INTERVAL
+        self.connection.cycle.note_read([q for q, _ in sources])
+        return self.broker.sources_call(sources, self.consumer_name, credit,
+                                        self.max_deliveries, self._expires, walk)
+
+    def _send_read(self, calls: list[Call], acks: list[Held]
+                   ) -> tuple[Any, BaseException | None]:
+        """Send ack calls and the read (last) in one round trip: (the read's reply, the
+        first ack error). Acks whose call failed, or that may not have been sent, are put
+        back (sending an ack twice is harmless); an error of the read itself is raised."""
+        if len(calls) == 1:
+            script, keys, args = calls[0]
+            return script(self.client, keys, args), None
+        try:
+            results = run_calls(self.client, calls, raise_errors=False)
+        except Exception:
+            self._put_back(acks)
+            raise
+        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if failed is not None:
+            self._put_back(acks)
+        if isinstance(results[-1], Exception):
+            raise results[-1]
+        return results[-1], failed
+
+    def _send_acks(self, acks: list[Held], calls: list[Call]) -> None:
+        try:
+            run_calls(self.client, calls)
+        except Exception:
+            self._put_back(acks)
+            raise
+
+    def _put_back(self, acks: list[Held]) -> None:
+        """Deferred acks whose sending failed: delayed again, never dropped."""
+        self._acks.extendleft(reversed(acks))
 
     def _decode(self, d: Delivery) -> dict[str, Any] | None:
         try:
@@ -623,11 +637,7 @@ class Channel(virtual.Channel):
         """Send deferred acks now."""
         acks, calls = self._ack_calls()
         if calls:
-            try:
-                run_calls(self.client, calls)
-            except Exception:
-                self._acks.extendleft(reversed(acks))  # delayed again, never dropped
-                raise
+            self._send_acks(acks, calls)
 
     def _settle(self, tags: Iterable[str], mode: str, read_ahead: Iterable[str] = ()) -> int:
         """Ack (delete), requeue or dead-letter messages: one script call per queue.
