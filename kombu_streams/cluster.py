@@ -18,7 +18,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
 
-from .connection import check_server, pool_kwargs
+from .connection import addresses, check_server, pool_kwargs
 
 #: URL schemes that mean Redis Cluster.
 CLUSTER_SCHEMES = ('redis-streams-cluster', 'rediss-streams-cluster')
@@ -39,12 +39,9 @@ def make_cluster(conninfo: Any, options: dict[str, Any], scheme: str) -> RedisCl
                          'database number from the URL')
     if 'path' in kwargs:
         raise ValueError('kombu-streams: Redis Cluster needs TCP startup nodes, not a socket')
-    nodes = [ClusterNode(kwargs.pop('host'), kwargs.pop('port'))]
-    for alt in getattr(conninfo, 'alt', None) or []:
-        host, _, rest = alt.partition('://')[2].rpartition('@')[2].partition(':')
-        port = rest.split('/')[0]
-        if host and (host, port) != (nodes[0].host, str(nodes[0].port)):
-            nodes.append(ClusterNode(host, int(port or 6379)))
+    del kwargs['host'], kwargs['port']  # the startup nodes name them
+    nodes = [ClusterNode(host, port) for host, port in addresses(
+        conninfo, (*CLUSTER_SCHEMES, 'redis-streams', 'rediss-streams'), 6379)]
     if kwargs.pop('connection_class', None) is redis.SSLConnection:
         kwargs['ssl'] = True
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import ssl as _ssl
 import warnings
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -271,18 +272,25 @@ def sentinel_pool(conninfo: Any, options: dict[str, Any],
     return SentinelConnectionPool(master_name, manager, **kwargs)
 
 
-def sentinel_addresses(conninfo: Any) -> list[tuple[str, int]]:
-    """(host, port) of every sentinel: the URL Kombu currently uses first, then the other
-    ``;``-separated alternates (Kombu keeps them in ``Connection.alt``)."""
-    found = [(conninfo.hostname or '127.0.0.1', conninfo.port or DEFAULT_SENTINEL_PORT)]
+def addresses(conninfo: Any, schemes: Iterable[str], default_port: int
+              ) -> list[tuple[str, int]]:
+    """(host, port) of the URL Kombu currently uses, then of the other ``;``-separated
+    alternates (Kombu keeps them in ``Connection.alt``) whose scheme is one of ``schemes``:
+    the sentinels of a Sentinel URL, the startup nodes of a Cluster URL."""
+    schemes = set(schemes)
+    found = [(conninfo.hostname or '127.0.0.1', conninfo.port or default_port)]
     for url in conninfo.alt or ():
         parts = parse_url(url)
-        if parts.get('transport') in SENTINEL_SCHEMES:
-            address = (parts.get('hostname') or '127.0.0.1',
-                       parts.get('port') or DEFAULT_SENTINEL_PORT)
+        if parts.get('transport') in schemes:
+            address = (parts.get('hostname') or '127.0.0.1', parts.get('port') or default_port)
             if address not in found:
                 found.append(address)
     return found
+
+
+def sentinel_addresses(conninfo: Any) -> list[tuple[str, int]]:
+    """(host, port) of every sentinel."""
+    return addresses(conninfo, SENTINEL_SCHEMES, DEFAULT_SENTINEL_PORT)
 
 
 def _db(vhost: Any) -> int:

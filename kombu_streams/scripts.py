@@ -25,8 +25,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
 __all__ = ('Script', 'SCRIPTS', 'lua_dir', 'KeyTypeError', 'OutOfMemoryError', 'NotReplicated',
-           'explain',
-           'run_calls', 'is_cluster', 'Call')
+           'explain', 'run_calls', 'is_cluster', 'Call')
 
 _INCLUDE = re.compile(r'^--@include\s+(\w+)\s*$', re.M)
 _FLAGS = re.compile(r'^--@flags\s+([\w,-]+)\s*$', re.M)
