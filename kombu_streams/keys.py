@@ -16,6 +16,13 @@ client would only rewrite the first one).
     <prefix>ks:x:{<exchange>}:dlq:<queue>    on Redis Cluster only: dead letters of a bound
                                              queue's group (a script cannot reach the queue's
                                              own dead-letter stream in another slot)
+
+No two names make the same key. What follows a name's closing brace never holds a '}': the
+fixed suffixes have none, and a queue name written after an exchange's tag has '%' and '}'
+escaped as %25 and %7D (names without them, nearly all, are written as they are). So the last
+'}' of a key ends the tagged name, and the rest tells the kind of key: exchange 'e}:wake:q'
+(whose stream is ks:x:{e}:wake:q}:fanout) cannot meet the marker of queue 'q}:fanout' on
+exchange 'e' (ks:x:{e}:wake:q%7D:fanout).
 """
 
 from __future__ import annotations
@@ -38,6 +45,13 @@ class Keys:
             raise ValueError(f'kombu-streams: on Redis Cluster a {kind} name cannot start '
                              f"with '}}': {name!r}")
         return f'{{{name}}}'
+
+    @staticmethod
+    def _part(name: str) -> str:
+        """A name written after a tag: with '%' and '}' escaped, so it holds no '}'."""
+        if '}' in name or '%' in name:
+            return name.replace('%', '%25').replace('}', '%7D')
+        return name
 
     def queue_base(self, queue: str) -> str:
         return f'{self.prefix}ks:q:{self._tag(queue, "queue")}'
@@ -68,11 +82,11 @@ class Keys:
         return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:fanout'
 
     def fanout_wake(self, exchange: str, queue: str) -> str:
-        return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:wake:{queue}'
+        return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:wake:{self._part(queue)}'
 
     def fanout_dlq(self, exchange: str, queue: str) -> str:
         """Where dead letters of ``queue``'s group on a fanout exchange go: the queue's own
         dead-letter stream, except on Redis Cluster, where it must share the exchange's slot."""
         if self.cluster:
-            return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:dlq:{queue}'
+            return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:dlq:{self._part(queue)}'
         return self.dlq(queue)
