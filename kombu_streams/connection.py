@@ -10,6 +10,7 @@ keys. The transport only calls :func:`open_pool`, :func:`pool_id` and :func:`clo
 
 from __future__ import annotations
 
+import inspect
 import logging
 import ssl as _ssl
 import warnings
@@ -30,6 +31,9 @@ from redis.sentinel import (
 logger = logging.getLogger(__name__)
 
 MIN_VERSION = (6, 2, 0)
+
+#: Redis's default ``proto-max-bulk-len``: the largest string one command may carry.
+DEFAULT_BULK_LIMIT = 512 * 1024 * 1024
 
 #: URL schemes (registered in ``kombu_streams/__init__.py``) that find the primary through
 #: Redis Sentinel; the ``s`` form uses TLS to the Redis servers, as ``rediss`` does.
@@ -101,6 +105,16 @@ def check_server(client: redis.Redis) -> tuple[int, ...]:
             'kombu-streams: Redis maxmemory-policy is %r; Redis may evict queue keys and '
             'lose messages. Use maxmemory-policy noeviction for a broker.', policy)
     return version
+
+
+def bulk_limit(client: redis.Redis) -> int:
+    """The largest message the server takes in one command (``proto-max-bulk-len``); Redis's
+    default when CONFIG GET is not allowed (ACL) or renamed."""
+    try:
+        value = client.config_get('proto-max-bulk-len').get('proto-max-bulk-len')
+        return int(value) if value else DEFAULT_BULK_LIMIT
+    except (redis.exceptions.ResponseError, ValueError):
+        return DEFAULT_BULK_LIMIT
 
 
 def _ssl_params(conninfo: Any, scheme: str) -> dict[str, Any] | None:
@@ -210,6 +224,19 @@ def close_pool(pool: redis.ConnectionPool) -> None:
     pool.disconnect()
     if isinstance(pool, SentinelConnectionPool):
         pool.sentinel_manager.close()
+
+
+def socket_timeout(pool: redis.ConnectionPool) -> float | None:
+    """The socket timeout a pool's connections get: the one set, or else the connection
+    class's own default (None in redis-py 4 and 5, 5 s in redis-py 6 and newer). A blocking
+    wait must end before it, or the wait fails with a TimeoutError instead of returning."""
+    if 'socket_timeout' in pool.connection_kwargs:
+        return pool.connection_kwargs['socket_timeout']
+    for cls in pool.connection_class.__mro__:
+        param = inspect.signature(cls.__init__).parameters.get('socket_timeout')
+        if param is not None and param.default is not inspect.Parameter.empty:
+            return param.default
+    return None
 
 
 def pool_id(pool: redis.ConnectionPool) -> str:

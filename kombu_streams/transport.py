@@ -17,8 +17,17 @@ from kombu.transport import virtual
 
 from .channel import Channel
 from .cluster import make_cluster, wants_cluster
-from .connection import close_pool, open_pool, pool_id, warn_removed_options
+from .connection import (
+    DEFAULT_BULK_LIMIT,
+    bulk_limit,
+    close_pool,
+    open_pool,
+    pool_id,
+    socket_timeout,
+    warn_removed_options,
+)
 from .leases import LeaseKeeper
+from .options import check as check_options
 from .poller import Poller
 
 
@@ -60,10 +69,11 @@ class Transport(virtual.Transport):
     def __init__(self, client: Any, **kwargs: Any) -> None:
         options = client.transport_options
         warn_removed_options(options)
+        check_options(options)
         super().__init__(client, **kwargs)
         interval = options.get('polling_interval')
         #: Longest single blocking wait, in seconds (see :mod:`kombu_streams.poller`).
-        self.wait_interval = float(interval) if interval else 1.0
+        self.wait_interval = 1.0 if interval is None else float(interval)
         self.polling_interval = None
         self.cycle = Poller(self)
         self.leases = LeaseKeeper(self)
@@ -74,6 +84,8 @@ class Transport(virtual.Transport):
         self.cluster = wants_cluster(scheme if isinstance(scheme, str) else '', options)
         self._cluster: redis.RedisCluster | None = None
         self.server_version: tuple[int, ...] | None = None
+        #: The largest string the server takes in one command (proto-max-bulk-len)
+        self.bulk_limit = DEFAULT_BULK_LIMIT
 
     def driver_version(self) -> str:
         return redis.__version__
@@ -85,10 +97,16 @@ class Transport(virtual.Transport):
             self._pool, self.server_version = open_pool(
                 self.client, self.client.transport_options,
                 scheme if isinstance(scheme, str) else '')
-            timeout = self._pool.connection_kwargs.get('socket_timeout')
-            if timeout:  # a blocking wait must end before the socket times out
-                self.wait_interval = max(min(self.wait_interval, timeout * 0.8), 0.01)
+            self._cap_wait(self._pool)
+            self.bulk_limit = bulk_limit(redis.Redis(connection_pool=self._pool))
         return self._pool
+
+    def _cap_wait(self, pool: redis.ConnectionPool) -> None:
+        """A blocking wait must end before the socket times out, whatever the timeout's
+        source (the option, or redis-py's own default)."""
+        timeout = socket_timeout(pool)
+        if timeout:
+            self.wait_interval = max(min(self.wait_interval, timeout * 0.8), 0.01)
 
     @property
     def server_id(self) -> str:
@@ -106,6 +124,11 @@ class Transport(virtual.Transport):
                 scheme = self.client.transport_cls
                 self._cluster = make_cluster(self.client, self.client.transport_options,
                                              scheme if isinstance(scheme, str) else '')
+                nodes = [self._cluster.get_redis_connection(node)
+                         for node in self._cluster.get_primaries()]
+                for node in nodes:
+                    self._cap_wait(node.connection_pool)
+                self.bulk_limit = min(bulk_limit(node) for node in nodes)
             return self._cluster
         return redis.Redis(connection_pool=self.pool)
 
