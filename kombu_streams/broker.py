@@ -8,16 +8,35 @@ of a queue makes one script call per queue, so each call touches one hash slot.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 from redis.crc import key_slot
 
 from .keys import Keys
-from .scripts import SCRIPTS, Script
+from .scripts import SCRIPTS, Call, Script, run_calls
 
 #: The consumer that holds requeued and reclaimed messages in a stream's PEL until they are
 #: read again (so they keep their id, priority and delivery count).
 HOLDER = '~requeued'
+
+
+#: A source of messages for a read: (queue, None) for the queue's own streams, (queue,
+#: exchange) for its group on a fanout exchange's stream.
+Source = tuple[str, Optional[str]]
+
+#: How read.lua reads a source (see its header): read it; read it, its marker was popped by
+#: this consumer; read it only if its marker is set; walk every stream of it.
+READ, POPPED, GATED, WALK = 'r', 'p', 'm', 'w'
+
+#: Most ids per renew call (a few ms of Redis time; the calls of a round are pipelined).
+RENEW_CHUNK = 1000
+
+
+def _id_order(entry_id: Any) -> tuple[int, int]:
+    """A stream id ("ms-seq", str or bytes) as numbers, for sorting."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    ms, _, seq = text.partition('-')
+    return int(ms), int(seq or 0)
 
 
 class Delivery(NamedTuple):
@@ -31,6 +50,31 @@ class Delivery(NamedTuple):
     payload: bytes
     #: the fanout exchange it came through, or None for the queue's own streams
     exchange: str | None = None
+
+
+class ReadResult(NamedTuple):
+    """What one read.lua call did."""
+
+    deliveries: list[Delivery]
+    #: per source: '1' may hold more ready messages, '0' nothing ready, '-' not reached
+    #: (the count ran out first), 'e' met a problem
+    status: dict[Source, str]
+    #: (source, error) for errors on a source's keys (another program's key at our names)
+    problems: list[tuple[Source, str]]
+    #: (source, stream key, entry id, reason) of entries moved to the dead-letter stream
+    aside: list[tuple[Source, str, bytes, str]]
+
+
+class Reclaimed(NamedTuple):
+    """What one reclaim.lua call did."""
+
+    moved: int
+    #: the budget ran out before every stopped consumer's messages were moved: call again
+    more: bool
+    #: ms until some live consumer's lease could run out at the earliest (-1: none held)
+    next_ms: int
+    #: where the sweep goes on, per stream ('-': it reached the end)
+    cursors: list[str]
 
 
 class Broker:
@@ -147,78 +191,75 @@ class Broker:
         ``fanout`` maps a queue to the fanout exchanges it is bound to: their streams are
         read (through the queue's group) before the queue's own. ``ttls`` gives the x-expires
         of expiring queues, for their markers. ``walk``: look at every stream, not only those
-        the queues' ready indexes name, and rebuild the indexes (a repair, now and then).
+        the queues' ready indexes name, and rebuild the indexes (a repair).
         """
-        call, parse = self.read_call(queues, consumer, count, max_deliveries, fanout, ttls,
-                                     walk)
+        sources = self.sources(queues, fanout)
+        mode = WALK if walk else READ
+        call, parse = self.read_call(sources, consumer, count, max_deliveries, ttls,
+                                     {src: mode for src in sources})
         script, keys, args = call
-        return parse(script(self.client, keys, args))
-
-    def read_call(self, queues: Sequence[str], consumer: str, count: int,
-                  max_deliveries: int = 0, fanout: dict[str, Iterable[str]] | None = None,
-                  ttls: dict[str, int] | None = None, walk: bool = False
-                  ) -> tuple[tuple[Script, list[str], list[Any]],
-                             Callable[[list[Any]], list[Delivery]]]:
-        """The read call as (script, KEYS, ARGV), and the function that decodes its reply."""
-        return self.sources_call(self.sources(queues, fanout), consumer, count,
-                                 max_deliveries, ttls, walk)
+        return parse(script(self.client, keys, args)).deliveries
 
     @staticmethod
     def sources(queues: Sequence[str], fanout: dict[str, Iterable[str]] | None = None
-                ) -> list[tuple[str, str | None]]:
+                ) -> list[Source]:
         """(queue, fanout exchange or None) for what a read of ``queues`` covers, in serving
         order: the queues' groups on fanout exchanges, then the queues' own streams."""
         fanout = fanout or {}
-        out: list[tuple[str, str | None]] = [
-            (q, ex) for q in queues for ex in sorted(fanout.get(q, ()))]
+        out: list[Source] = [(q, ex) for q in queues for ex in sorted(fanout.get(q, ()))]
         return out + [(q, None) for q in queues]
 
-    def slot_groups(self, sources: Sequence[tuple[str, str | None]]
-                    ) -> list[list[tuple[str, str | None]]]:
+    def slot_groups(self, sources: Sequence[Source]) -> list[list[Source]]:
         """Split sources into groups one read script may cover: all of them on one Redis; on
         Redis Cluster, those whose keys share a hash slot (queue names with a common
         ``{tag}`` share one), in serving order of each group's first source."""
         if not self.keys.cluster:
             return [list(sources)]
-        groups: dict[int, list[tuple[str, str | None]]] = {}
+        groups: dict[int, list[Source]] = {}
         for queue, exchange in sources:
             key = self.keys.fanout(exchange) if exchange else self.keys.stream(queue, 0)
             groups.setdefault(key_slot(key.encode()), []).append((queue, exchange))
         return list(groups.values())
 
-    def sources_call(self, sources: Sequence[tuple[str, str | None]], consumer: str,
-                     count: int, max_deliveries: int = 0, ttls: dict[str, int] | None = None,
-                     walk: bool = False) -> tuple[tuple[Script, list[str], list[Any]],
-                                Callable[[list[Any]], list[Delivery]]]:
-        """The read call for explicit ``sources`` (see :meth:`sources`), and its decoder."""
-        ttls = ttls or {}
+    def read_call(self, sources: Sequence[Source], consumer: str, count: int,
+                  max_deliveries: int = 0, ttls: dict[str, int] | None = None,
+                  modes: dict[Source, str] | None = None
+                  ) -> tuple[Call, Callable[[list[Any]], ReadResult]]:
+        """The read call for ``sources`` (see :meth:`sources`), each read as ``modes`` says
+        (READ, POPPED, GATED or WALK; READ by default), and the function that decodes its
+        reply."""
+        ttls, modes = ttls or {}, modes or {}
         index = {src: i + 1 for i, src in enumerate(sources)}
-        # (stream key, group, source index, shared, level), in the order to serve them
-        streams = [(self.keys.fanout(ex), q, index[(q, ex)], '1', self.levels[0])
-                   for q, ex in sources if ex]
+        # (stream key, source, level), in the order to serve them
+        streams = [(self.keys.fanout(ex), (q, ex), self.levels[0]) for q, ex in sources if ex]
         own = [q for q, ex in sources if not ex]
-        streams += [(self.keys.stream(q, level), q, index[(q, None)], '0', level)
+        streams += [(self.keys.stream(q, level), (q, None), level)
                     for level in self.levels for q in own]
         keys = [s[0] for s in streams]
-        for q, ex in sources:
-            if ex:  # no ready index for a group on a fanout stream: any key of its slot
+        args: list[Any] = [consumer, count, HOLDER, max_deliveries, len(streams), len(sources)]
+        for src in sources:
+            q, ex = src
+            if ex:  # no ready index for a group on a fanout stream: its marker again
                 keys += [self.wake(q, ex), self.keys.fanout_dlq(ex, q), self.wake(q, ex)]
             else:
                 keys += [self.keys.wake(q), self.keys.dlq(q), self.keys.ready(q)]
-        args: list[Any] = [consumer, count, len(streams), HOLDER, max_deliveries, len(sources)]
-        args += [ttls.get(q, 0) for q, _ in sources]
-        for _, group, src, shared, _ in streams:
-            args += [group, src, shared]
-        args.append('1' if walk else '0')
+            args += [q, 'f' if ex else 'q', modes.get(src, READ), ttls.get(q, 0)]
+        args += [index[src] for _, src, _ in streams]
 
-        def parse(reply: list[Any]) -> list[Delivery]:
+        def parse(reply: list[Any]) -> ReadResult:
+            status, problems, aside = self._text(reply[0]), reply[1], reply[2]
             out = []
-            for j in range(0, len(reply), 4):
+            for j in range(3, len(reply), 4):
                 i, entry_id, deliveries, payload = reply[j:j + 4]
-                key, queue, src, _, level = streams[int(i) - 1]
+                key, (queue, exchange), level = streams[int(i) - 1]
                 out.append(Delivery(queue, level, key, entry_id, int(deliveries), payload,
-                                    sources[src - 1][1]))
-            return out
+                                    exchange))
+            return ReadResult(
+                out, dict(zip(sources, status)),
+                [(sources[int(problems[j]) - 1], self._text(problems[j + 1]))
+                 for j in range(0, len(problems), 2)],
+                [(sources[int(aside[j]) - 1], streams[int(aside[j + 1]) - 1][0], aside[j + 2],
+                  self._text(aside[j + 3])) for j in range(0, len(aside), 4)])
 
         return (SCRIPTS['read'], keys, args), parse
 
@@ -260,29 +301,57 @@ class Broker:
             keys.append(self.keys.ready(queue))
         return SCRIPTS['requeue'](self.client, keys, [queue, HOLDER, *args])
 
+    def renew_calls(self, queue: str, consumer: str, entries: Iterable[tuple[str, Any]]
+                    ) -> list[tuple[Call, str]]:
+        """The renew calls for entries given as (stream key, id): one per stream and chunk of
+        at most RENEW_CHUNK ids, each as (call, stream key). Ids go in increasing order, as
+        renew.lua needs them."""
+        by_stream: dict[str, list[Any]] = {}
+        for stream, entry_id in entries:
+            by_stream.setdefault(stream, []).append(entry_id)
+        calls = []
+        for stream, ids in by_stream.items():
+            ids.sort(key=_id_order)
+            for j in range(0, len(ids), RENEW_CHUNK):
+                calls.append(((SCRIPTS['renew'], [stream],
+                               [queue, consumer, *ids[j:j + RENEW_CHUNK]]), stream))
+        return calls
+
     def renew(self, queue: str, consumer: str, entries: Iterable[tuple[str, Any]]
               ) -> list[tuple[str, bytes]]:
         """Extend leases this consumer still holds; returns the (stream, id) it lost."""
-        streams, pairs = self._entry_args(entries)
-        if not pairs:
-            return []
-        lost = SCRIPTS['renew'](self.client, streams, [queue, consumer, *pairs])
-        return [(streams[int(lost[j]) - 1], lost[j + 1]) for j in range(0, len(lost), 2)]
+        calls = self.renew_calls(queue, consumer, entries)
+        replies = run_calls(self.client, [call for call, _ in calls])
+        return [(stream, entry_id) for (_, stream), lost in zip(calls, replies)
+                for entry_id in lost]
 
-    def reclaim(self, queue: str, min_idle_ms: int, batch: int,
-                cursors: Sequence[str] | None = None, consumer_expiry_ms: int = 0,
-                exchange: str | None = None) -> tuple[int, list[str]]:
-        """Move messages whose lease ran out back to the queue (or to its group on a fanout
-        ``exchange``); returns (count, cursors)."""
+    def reclaim_call(self, queue: str, lease_ms: int, budget: int,
+                     cursors: Sequence[str] | None = None, consumer_expiry_ms: int = 0,
+                     exchange: str | None = None) -> tuple[Call, Callable[[Any], Reclaimed]]:
+        """The reclaim call for a queue's streams (or its group on a fanout ``exchange``),
+        and the function that decodes its reply (see reclaim.lua)."""
         streams = [self.keys.fanout(exchange)] if exchange else self.streams(queue)
         cursors = list(cursors) if cursors else ['-'] * len(streams)
         keys = streams + [self.wake(queue, exchange)]
         if not exchange:
             keys.append(self.keys.ready(queue))
-        reply = SCRIPTS['reclaim'](
-            self.client, keys,
-            [queue, HOLDER, int(min_idle_ms), batch, *cursors, int(consumer_expiry_ms)])
-        return int(reply[0]), [c.decode() if isinstance(c, bytes) else c for c in reply[1:]]
+        args = [queue, HOLDER, int(lease_ms), int(budget), int(consumer_expiry_ms), *cursors]
+
+        def parse(reply: Any) -> Reclaimed:
+            moved, more, next_ms, *cursors = reply
+            return Reclaimed(int(moved), bool(int(more)), int(next_ms),
+                             [self._text(c) for c in cursors])
+
+        return (SCRIPTS['reclaim'], keys, args), parse
+
+    def reclaim(self, queue: str, lease_ms: int, budget: int,
+                cursors: Sequence[str] | None = None, consumer_expiry_ms: int = 0,
+                exchange: str | None = None) -> Reclaimed:
+        """Move messages whose lease ran out back to the queue (or to its group on a fanout
+        ``exchange``): those of consumers that stopped, then what the sweep finds."""
+        (script, keys, args), parse = self.reclaim_call(
+            queue, lease_ms, budget, cursors, consumer_expiry_ms, exchange)
+        return parse(script(self.client, keys, args))
 
     # -- dead letters ------------------------------------------------------------------------
 

@@ -15,10 +15,10 @@ import threading
 from bisect import bisect
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from itertools import count
-from queue import Empty
 from time import monotonic
-from typing import Any, NamedTuple
+from typing import Any
 from uuid import uuid4
 
 from kombu.exceptions import BatchPublishError
@@ -28,14 +28,17 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import cycle_by_name
 
-from .broker import HOLDER, Broker, Delivery
+from . import envelope
+from .broker import HOLDER, READ, Broker, Delivery, ReadResult, Source
 from .connection import POOL_OPTIONS
 from .keys import Keys
+from .leases import ACK_DELAY, Leases
+from .plan import ReadPlan
 from .scripts import Call, run_calls
 
 logger = logging.getLogger(__name__)
 
-__all__ = ('Channel', 'QoS', 'PublishBatch', 'HOLDER')
+__all__ = ('Channel', 'QoS', 'PublishBatch', 'HOLDER', 'MessageTooLarge')
 
 #: How _settle disposes of messages.
 ACK, REQUEUE, DEAD_LETTER = 'ack', 'requeue', 'dead-letter'
@@ -43,17 +46,19 @@ ACK, REQUEUE, DEAD_LETTER = 'ack', 'requeue', 'dead-letter'
 #: Messages per read when the channel has no prefetch limit.
 UNLIMITED_READ = 10
 
-#: Seconds between two reads that look at every stream of their queues instead of only those
-#: the queues' ready indexes name (read.lua): the repair for an index that names too little
-#: (a publisher of an older version, keys changed by hand). As often as the poller's bounded
-#: wait, the safety net for lost wake-ups.
-WALK_INTERVAL = 1.0
+#: Deferred acks are sent, at the latest, when this many wait (see :meth:`Channel._ack`).
+ACK_BATCH = 100
 
 #: Process-wide cache of routing tables: (server id, bindings key) -> (time read, table).
 _ROUTES: dict[tuple[str, str], tuple[float, list[tuple[str, ...]]]] = {}
 
 
-class Held(NamedTuple):
+class MessageTooLarge(ValueError):
+    """A message larger than the transport or the server takes: it was not published."""
+
+
+@dataclass(eq=False)
+class Held:
     """A message read by this channel and not yet settled."""
 
     queue: str
@@ -61,6 +66,8 @@ class Held(NamedTuple):
     entry_id: bytes
     deliveries: int
     exchange: str | None  # the fanout exchange whose stream holds it, if any
+    #: monotonic time of its read or last renewal: its lease holds until at least then + vt
+    leased_at: float = field(default_factory=monotonic)
 
 
 def _queue_expires(declare_kwargs: dict[str, Any]) -> int:
@@ -127,7 +134,7 @@ class Channel(virtual.Channel):
         'sep', 'priority_steps', 'queue_order_strategy', 'visibility_timeout',
         'global_keyprefix', 'routing_cache_ttl', 'max_read_batch', 'purge_batch',
         'max_deliveries', 'dead_letter_rejected', 'reclaim_batch', 'publish_min_replicas',
-        'publish_replica_timeout',
+        'publish_replica_timeout', 'max_message_size',
     ) + POOL_OPTIONS
 
     sep = '\x06\x16'
@@ -156,6 +163,9 @@ class Channel(virtual.Channel):
     publish_min_replicas = 0
     #: Seconds a publish waits for those replicas.
     publish_replica_timeout: float = 1.0
+    #: Largest message (encoded envelope, bytes) a publish sends; None: what the server takes
+    #: in one command (proto-max-bulk-len, 512 MiB by default).
+    max_message_size: int | None = None
 
     def __init__(self, connection: Any, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
@@ -167,6 +177,8 @@ class Channel(virtual.Channel):
         self._inflight: dict[str, Held] = {}
         #: acks made on an event loop, sent with the next read or before the loop waits
         self._acks: deque[Held] = deque()
+        #: when the oldest of them was made
+        self._acks_since = 0.0
         #: the last read took all the credit it had: more messages are probably ready
         self.more_ready = False
         self._buffer: deque[tuple[dict[str, Any], str]] = deque()
@@ -181,9 +193,10 @@ class Channel(virtual.Channel):
         self.consumer_name = f'{socket.gethostname()}:{os.getpid()}:{self.channel_id}:{salt}'
         self.client = connection.make_client()
         self.broker = Broker(self.client, self.keys, self._levels)
-        self._reclaim_cursors: dict[tuple[str, str | None], list[str]] = {}
-        #: sources read together -> when their next read walks every stream (WALK_INTERVAL)
-        self._walk_at: dict[frozenset[tuple[str, str | None]], float] = {}
+        #: which sources a read covers (see kombu_streams.plan)
+        self.plan = ReadPlan()
+        #: renewal and reclaim (see kombu_streams.leases)
+        self.leases = Leases(self)
         #: queue -> x-expires in ms, for the queues declared here with one
         self._expires: dict[str, int] = {}
         connection.cycle.add(self)
@@ -191,7 +204,8 @@ class Channel(virtual.Channel):
     def _validate_options(self) -> None:
         steps = self.priority_steps
         if (not isinstance(steps, (list, tuple)) or not steps
-                or any(not isinstance(s, int) or not 0 <= s <= 9 for s in steps)
+                or any(not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= 9
+                       for s in steps)
                 or list(steps) != sorted(set(steps)) or steps[0] != 0):
             raise ValueError(
                 f'kombu-streams: priority_steps must be increasing integers from 0 to 9 '
@@ -202,22 +216,13 @@ class Channel(virtual.Channel):
             raise ValueError(
                 f'kombu-streams: queue_order_strategy must be round_robin, priority or '
                 f'sorted; got {self.queue_order_strategy!r}') from None
-        if not isinstance(self.max_deliveries, int) or self.max_deliveries < 0:
-            raise ValueError(
-                f'kombu-streams: max_deliveries must be an integer >= 0 (0: no limit); '
-                f'got {self.max_deliveries!r}')
-        if not isinstance(self.visibility_timeout, (int, float)) or self.visibility_timeout <= 0:
-            raise ValueError(
-                f'kombu-streams: visibility_timeout must be a positive number of seconds; '
-                f'got {self.visibility_timeout!r}')
-        replicas, timeout = self.publish_min_replicas, self.publish_replica_timeout
-        if not isinstance(replicas, int) or replicas < 0:
-            raise ValueError(f'kombu-streams: publish_min_replicas must be an integer >= 0; '
-                             f'got {replicas!r}')
-        if replicas and (not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise ValueError(f'kombu-streams: publish_replica_timeout must be a positive '
-                             f'number of seconds; got {timeout!r}')
-        if replicas and self.connection.cluster:
+        try:  # whatever this Kombu's codecs take
+            self.encode_body('', self.body_encoding)
+        except Exception:
+            raise ValueError(f'kombu-streams: transport option body_encoding must be one of '
+                             f'{sorted(self.codecs)} or None; got {self.body_encoding!r}'
+                             ) from None
+        if self.publish_min_replicas and self.connection.cluster:
             raise ValueError('kombu-streams: publish_min_replicas is not supported on Redis '
                              'Cluster yet (a resent call would go unconfirmed)')
 
@@ -234,8 +239,30 @@ class Channel(virtual.Channel):
             kwargs['_routed'] = True
         return super().basic_publish(message, exchange, routing_key, **kwargs)
 
+    def _payload(self, message: dict[str, Any]) -> str:
+        """The message as stored, refused before it is sent when it is larger than
+        ``max_message_size`` or than the server takes in one command (proto-max-bulk-len):
+        sending it anyway ends in a dropped connection after the client built and sent it all.
+        The body is checked first, so a huge body is refused before its envelope is built."""
+        limit = self.connection.bulk_limit
+        if self.max_message_size:
+            limit = min(limit, self.max_message_size)
+        body = message.get('body')
+        size = len(body) if isinstance(body, (str, bytes)) else 0
+        payload = None
+        if size <= limit:
+            payload = dumps(message)
+            size = len(payload)
+        if payload is None or size > limit:
+            raise MessageTooLarge(
+                f'kombu-streams: message of {size} bytes (encoded) not published: the limit is '
+                f'{limit} bytes (transport option max_message_size, or the server\'s '
+                f'proto-max-bulk-len)')
+        return payload
+
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        self._publish(self.broker.publish_call(queue, self._level(message), dumps(message),
+        self._publish(self.broker.publish_call(queue, self._level(message),
+                                               self._payload(message),
                                                routed=kwargs.get('_routed', False)), kwargs)
 
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
@@ -245,7 +272,8 @@ class Channel(virtual.Channel):
                            for rk, pattern, queue in self.get_table(exchange)})
         if not bindings:
             return  # like AMQP: a fanout exchange with no queue drops the message
-        self._publish(self.broker.fanout_publish_call(exchange, dumps(message), bindings),
+        self._publish(self.broker.fanout_publish_call(exchange, self._payload(message),
+                                                      bindings),
                       kwargs)
 
     def _publish(self, call: tuple[Any, list[str], list[Any]], kwargs: dict[str, Any]) -> None:
@@ -417,6 +445,7 @@ class Channel(virtual.Channel):
         if queue is not None and queue not in self._active_queues:
             self._return_buffered(queue)
         self._queue_cycle.update(self.active_queues)
+        self.plan.forget(self._sources(self.active_queues))
         return result
 
     @property
@@ -424,7 +453,7 @@ class Channel(virtual.Channel):
         return list(dict.fromkeys(self._active_queues))
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
-        delivered = self._read([queue], 1)
+        delivered = self._read([queue], 1, planned=False)
         if not delivered:
             return None
         message = self.Message(delivered[0][0], channel=self)
@@ -434,23 +463,48 @@ class Channel(virtual.Channel):
             self.qos.append(message, message.delivery_tag)
         return message
 
-    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
-        delivered = self._read([queue], 1)
-        if not delivered:
-            raise Empty()
-        return delivered[0][0]
+    def _sources(self, queues: list[str]) -> list[Source]:
+        return self.broker.sources(queues, self._fanout_map(queues))
 
-    def wake_keys(self) -> dict[str, str]:
-        """Wake marker -> queue, for what this channel would read now (nothing while it is at
-        its prefetch limit): its queues, and their groups on fanout exchanges."""
+    def wake_keys(self) -> dict[str, Source]:
+        """Wake marker -> source, for what this channel would read now (nothing while it is
+        at its prefetch limit): its queues, and their groups on fanout exchanges, but not
+        those suspended for a broken key."""
         if not self._consumers or self.closed or not self.qos.can_consume():
             return {}
-        out = {}
-        for queue in self.active_queues:
-            out[self.keys.wake(queue)] = queue
-            for exchange in self._fanout_exchanges(queue):
-                out[self.keys.fanout_wake(exchange, queue)] = queue
-        return out
+        return {self.broker.wake(q, ex): (q, ex)
+                for q, ex in self.plan.live(self._sources(self.active_queues))}
+
+    def woke(self, key: str) -> bool:
+        """The poller popped wake marker ``key``: read its source next. False when it is
+        not one of this channel's."""
+        source = self.wake_keys().get(key)
+        if source is None:
+            return False
+        self.plan.woke(source)
+        return True
+
+    def unread_wake(self, key: str) -> bool:
+        """Whether the marker ``key`` this channel was woken by is still unread (no read
+        came to cover its source: the channel ran out of credit); it is then forgotten, and
+        the caller gives the wake-up back."""
+        for source in list(self.plan.woken):
+            if self.broker.wake(*source) == key:
+                self.plan.woken.discard(source)
+                return True
+        return False
+
+    def check_wakes(self) -> None:
+        """A wait failed with WRONGTYPE: find which of this channel's markers holds another
+        type, and suspend its source."""
+        keys = self.wake_keys()
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.type(key)
+        for (key, source), kind in zip(keys.items(), pipe.execute()):
+            kind = bytes_to_str(kind)
+            if kind not in ('zset', 'none'):
+                self.plan.suspend(source, f'WRONGTYPE {key} holds a {kind}, not a zset')
 
     def next_delivery(self) -> tuple[dict[str, Any], str] | None:
         """The next message for the application: from the buffer, or read from Redis."""
@@ -462,11 +516,17 @@ class Channel(virtual.Channel):
                 self.more_ready = len(got) >= credit
                 with self._buffer_lock:
                     self._buffer.extend(got)
-        with self._buffer_lock:
-            if not self._buffer:
-                return None
-            message, queue = self._buffer.popleft()
+        while True:
+            with self._buffer_lock:
+                if not self._buffer:
+                    return None
+                message, queue = self._buffer.popleft()
+            if self.leases.confirm(message['properties']['delivery_tag']):
+                break  # else its lease was lost: another consumer has it now
         self._queue_cycle.rotate(queue)
+        if self._acks and (len(self._acks) >= ACK_BATCH
+                           or monotonic() - self._acks_since >= ACK_DELAY):
+            self.flush_acks()  # the buffer may last: acks do not wait for the next read
         if queue in self._no_ack_queues:  # no_ack: settled the moment it is handed over
             self._settle([message['properties']['delivery_tag']], ACK)
         return message, queue
@@ -484,25 +544,33 @@ class Channel(virtual.Channel):
         credit = qos.can_consume_max_estimate()
         return min(UNLIMITED_READ if credit is None else credit, self.max_read_batch)
 
-    def _read(self, queues: list[str], credit: int) -> list[tuple[dict[str, Any], str]]:
+    def _read(self, queues: list[str], credit: int, planned: bool = True
+              ) -> list[tuple[dict[str, Any], str]]:
         """Run read.lua over ``queues`` and decode what it delivered.
 
-        One script call covers every queue, on one Redis; on Redis Cluster one call per hash
-        slot, in serving order, each taking what credit the ones before it left. Deferred
-        acks ride along with the first call. If anything fails after messages were read,
-        they go to the buffer (handed out next, or requeued at close) before the error is
-        raised, and unsent acks are put back: nothing read is stranded, no ack dropped."""
+        ``planned``: cover the sources the read plan picks, each in its mode (see
+        :mod:`kombu_streams.plan`); else read them all. One script call covers them, on one
+        Redis; on Redis Cluster one call per hash slot, in serving order, each taking what
+        credit the ones before it left. Deferred acks ride along with the first call. If
+        anything fails after messages were read, they go to the buffer (handed out next, or
+        requeued at close) before the error is raised, and unsent acks are put back:
+        nothing read is stranded, no ack dropped."""
         out: list[tuple[dict[str, Any], str]] = []
-        groups = self.broker.slot_groups(self.broker.sources(queues, self._fanout_map(queues)))
+        sources = self._sources(queues)
+        modes = self.plan.modes(sources) if planned else {s: READ for s in sources}
+        groups = self.broker.slot_groups([s for s in sources if s in modes])
         acks, calls = self._ack_calls()
         try:
-            for sources in groups:
+            for group in groups:
                 if credit <= 0:
                     break
-                read, parse = self._read_call(sources, credit)
+                read, parse = self.broker.read_call(group, self.consumer_name, credit,
+                                                    self.max_deliveries, self._expires, modes)
                 reply, failed = self._send_read(calls + [read], acks)
                 acks, calls = [], []
-                for delivery in parse(reply):
+                result = parse(reply)
+                self._learn(modes, result)
+                for delivery in result.deliveries:
                     credit -= 1
                     message = self._decode(delivery)
                     if message is None:
@@ -526,18 +594,13 @@ class Channel(virtual.Channel):
                 self.connection.leases.start()
         return out
 
-    def _read_call(self, sources: list[tuple[str, str | None]], credit: int
-                   ) -> tuple[Call, Any]:
-        """The read call for one slot group, walking every stream once per WALK_INTERVAL."""
-        now, key = monotonic(), frozenset(sources)
-        walk = now >= self._walk_at.get(key, 0.0)
-        if walk:
-            if len(self._walk_at) > 1000:  # source sets come and go: forget old ones
-                self._walk_at.clear()
-            self._walk_at[key] = now + WALK_INTERVAL
-        self.connection.cycle.note_read([q for q, _ in sources])
-        return self.broker.sources_call(sources, self.consumer_name, credit,
-                                        self.max_deliveries, self._expires, walk)
+    def _learn(self, modes: dict[Source, str], result: ReadResult) -> None:
+        """Take in a read's news: the plan's source states, and a log line for each entry
+        read.lua set aside (it cannot log)."""
+        self.plan.learn(modes, result)
+        for (queue, _), stream, entry_id, reason in result.aside:
+            logger.warning('kombu-streams: moved entry %s of %s to the dead-letter stream of '
+                           '%r: %s', bytes_to_str(entry_id), stream, queue, reason)
 
     def _send_read(self, calls: list[Call], acks: list[Held]
                    ) -> tuple[Any, BaseException | None]:
@@ -573,20 +636,15 @@ class Channel(virtual.Channel):
     def _decode(self, d: Delivery) -> dict[str, Any] | None:
         try:
             message = loads(bytes_to_str(d.payload))
+            envelope.check(message, self.decode_body)
             props = message['properties']
             info = props.setdefault('delivery_info', {})
             info.setdefault('exchange', '')
             info.setdefault('routing_key', d.queue)
-        except Exception as exc:  # not a Kombu message: set it aside, never drop it
-            logger.error('kombu-streams: entry %s of %s is not a Kombu message (%r); moving it '
-                         'to the dead-letter stream of %r', bytes_to_str(d.entry_id), d.stream,
-                         exc, d.queue)
-            try:
-                self.broker.dead_letter(d.queue, d.stream, d.entry_id, f'undecodable: {exc!r}',
-                                        d.deliveries, d.exchange)
-            except Exception as dl_exc:  # e.g. OOM: it stays pending and is reclaimed later
-                logger.error('kombu-streams: could not dead-letter entry %s of %s: %r',
-                             bytes_to_str(d.entry_id), d.stream, dl_exc)
+        except Exception as exc:  # not a message a consumer can take: set aside, never drop
+            what = exc if isinstance(exc, envelope.Unfit) else repr(exc)
+            self._set_aside(d.queue, d.stream, d.entry_id, d.deliveries, d.exchange,
+                            f'not a message a consumer can take: {what}')
             return None
         props['delivery_tag'] = f'{self.channel_id}.{next(self._tags)}{self._tag_suffix}'
         redelivered = d.deliveries > 1
@@ -611,6 +669,9 @@ class Channel(virtual.Channel):
             return
         held = self._inflight.pop(tag, None)
         if held is not None:
+            if not self._acks:
+                self._acks_since = monotonic()
+                self.connection.leases.acks_waiting()  # sent within ACK_DELAY at the latest
             self._acks.append(held)
 
     def _ack_calls(self) -> tuple[list[Held], list[Call]]:
@@ -639,7 +700,8 @@ class Channel(virtual.Channel):
         if calls:
             self._send_acks(acks, calls)
 
-    def _settle(self, tags: Iterable[str], mode: str, read_ahead: Iterable[str] = ()) -> int:
+    def _settle(self, tags: Iterable[str], mode: str, read_ahead: Iterable[str] = (),
+                reason: str = 'rejected') -> int:
         """Ack (delete), requeue or dead-letter messages: one script call per queue.
 
         ``read_ahead`` are tags of messages read but never handed to the application; they
@@ -660,9 +722,37 @@ class Channel(virtual.Channel):
                 done += self.broker.ack(queue, [(s, i) for s, i, _ in entries], exchange)
             else:
                 for stream, entry_id, deliveries in entries:
-                    done += self.broker.dead_letter(queue, stream, entry_id, 'rejected',
+                    done += self.broker.dead_letter(queue, stream, entry_id, reason,
                                                     deliveries, exchange)
         return done
+
+    def _set_aside(self, queue: str, stream: str, entry_id: bytes, deliveries: int,
+                   exchange: str | None, reason: str) -> None:
+        """Move an entry this channel read to its queue's dead-letter stream, logging why."""
+        logger.error('kombu-streams: moving entry %s of %s to the dead-letter stream of %r: %s',
+                     bytes_to_str(entry_id), stream, queue, reason)
+        try:
+            self.broker.dead_letter(queue, stream, entry_id, reason[:1000], deliveries,
+                                    exchange)
+        except Exception as exc:  # e.g. OOM: it stays pending and is reclaimed later
+            logger.error('kombu-streams: could not dead-letter entry %s of %s: %r',
+                         bytes_to_str(entry_id), stream, exc)
+
+    def handler_failed(self, message: dict[str, Any], exc: BaseException) -> None:
+        """The application's callback raised ``exc`` for ``message`` (Celery's strategy
+        cannot take it, say): if the message is still unsettled it goes to the dead-letter
+        stream now, instead of being redelivered into the same error (a crash loop)."""
+        tag = message['properties']['delivery_tag']
+        held = self._inflight.pop(tag, None)
+        if held is None:
+            logger.error('kombu-streams: the consumer callback raised %r for a message it had '
+                         'already settled', exc, exc_info=exc)
+            return
+        if tag in self.qos._delivered:
+            self.qos._quick_ack(tag)  # gone from the prefetch count
+        logger.error('kombu-streams: the consumer callback raised %r', exc, exc_info=exc)
+        self._set_aside(held.queue, held.stream, held.entry_id, held.deliveries,
+                        held.exchange, f'consumer callback raised {exc!r}')
 
     def _requeue_delivered(self, tags: list[str]) -> int:
         """Requeue delivered messages together with the read-ahead of their queues, so the
@@ -684,46 +774,30 @@ class Channel(virtual.Channel):
             self._buffer = keep
         return tags
 
-    # -- leases: run by the transport's LeaseKeeper thread ----------------------------------
+    # -- leases (see kombu_streams.leases) -------------------------------------------------
 
-    def renew_leases(self) -> int:
-        """Renew the lease of every message this channel holds; log the ones it lost."""
-        by_source: dict[tuple[str, str | None], list[tuple[str, bytes]]] = {}
-        for held in list(self._inflight.values()):
-            by_source.setdefault((held.queue, held.exchange), []).append(
-                (held.stream, held.entry_id))
-        renewed = 0
-        for (queue, _), entries in by_source.items():
-            lost = self.broker.renew(queue, self.consumer_name, entries)
-            renewed += len(entries) - len(lost)
-            still_held = {(h.stream, h.entry_id) for h in list(self._inflight.values())}
-            for stream, entry_id in lost:
-                if (stream, entry_id) not in still_held:
-                    continue  # settled by this channel meanwhile: not lost
-                logger.warning(
-                    'kombu-streams: lost the lease of message %s in %s (it was reclaimed or '
-                    'settled elsewhere); it may be processed twice', bytes_to_str(entry_id),
-                    stream)
-        return renewed
-
-    def reclaim(self) -> int:
-        """Give back stalled messages of the queues this channel consumes, and of their
-        groups on fanout exchanges (bounded calls)."""
-        total = 0
-        vt_ms = int(self.visibility_timeout * 1000)
-        expiry_ms = max(2 * vt_ms, 300_000)
-        for queue in self.active_queues:
-            for exchange in [None, *self._fanout_exchanges(queue)]:
-                source = (queue, exchange)
-                count, cursors = self.broker.reclaim(
-                    queue, vt_ms, self.reclaim_batch, self._reclaim_cursors.get(source),
-                    expiry_ms, exchange)
-                self._reclaim_cursors[source] = cursors
-                if count:
-                    logger.info('kombu-streams: reclaimed %d stalled messages of %r',
-                                count, queue)
-                total += count
-        return total
+    def _lease_lost(self, tag: str, held: Held, unhanded: bool = False) -> None:
+        """Another consumer has this message now (its lease ran out while this process was
+        stopped or cut off). Still in the read-ahead buffer (or taken from it to be handed
+        out: ``unhanded``): dropped, never handed out. Handed out already: it may be
+        processed twice; logged."""
+        dropped = unhanded
+        with self._buffer_lock:
+            kept = deque(item for item in self._buffer
+                         if item[0]['properties']['delivery_tag'] != tag)
+            if len(kept) < len(self._buffer):
+                self._buffer, dropped = kept, True
+        if self._inflight.get(tag) is not held:
+            return  # settled meanwhile: not lost
+        if dropped:
+            del self._inflight[tag]
+            logger.warning('kombu-streams: dropped message %s of %s from the read-ahead buffer: '
+                           'its lease ran out and another consumer has it now',
+                           bytes_to_str(held.entry_id), held.stream)
+        else:
+            logger.warning('kombu-streams: lost the lease of message %s in %s (it was reclaimed '
+                           'or settled elsewhere); it may be processed twice',
+                           bytes_to_str(held.entry_id), held.stream)
 
     def _return_buffered(self, queue: str | None = None) -> None:
         """Requeue messages read for ``queue`` (or all) but never handed to the application."""

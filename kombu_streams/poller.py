@@ -1,30 +1,40 @@
 """Waiting for messages without polling, and without losing a wake-up.
 
 Lua scripts cannot block inside Redis, so waiting happens outside them, on a wake marker:
-each queue has a zset ``ks:q:{queue}:wake`` with at most one member.
+each queue has a zset ``ks:q:{queue}:wake`` with at most one member (and each queue's group
+on a fanout exchange one of its own).
 
-* ``publish.lua`` adds the entry and sets the marker in one script.
+* ``publish.lua`` adds the entry and sets the marker in one script (so do requeue, reclaim,
+  redrive and the migrate scripts for what they make ready).
 * ``read.lua`` delivers what the caller may take and then, in the same script, sets the
-  marker of every queue that may still hold ready messages and removes it from every queue
-  it saw run dry.
-* An idle consumer blocks in ``BZPOPMIN`` on the markers of the queues it consumes. When
-  the pop returns (or times out) it runs ``read.lua`` on every channel before waiting again.
+  marker of every source it read that may still hold ready messages, and removes it from
+  every source it saw run dry. Sources it did not reach (its count ran out first) keep their
+  marker as it was, except one whose marker this consumer popped: that one is set again.
+* An idle consumer blocks in one ``BZPOPMIN`` on the markers of all the sources it reads.
+  The source whose marker it popped is read next (mode POPPED, see
+  :mod:`kombu_streams.plan`); if no read comes to cover it (the channel ran out of credit
+  meanwhile), the poller puts the marker back.
 
-Why no wake-up is lost. Invariant: at the end of every script, a queue with ready messages
-has its marker set. publish sets it; read sets it unless it saw the queue empty; requeue
-sets it. The only moment the invariant is broken is between a consumer's BZPOPMIN taking
-the marker and its next read, and that read restores it (sets the marker again if anything
-is left over for others). So a consumer that goes to sleep after an empty read cannot miss
-a message: a publish that landed after the read left the marker behind, and BZPOPMIN
-returns at once. Redis runs each script and each BZPOPMIN atomically, so there is no
-interleaving finer than these steps.
+Why no wake-up is lost. Invariant: at the end of every script, a source with ready messages
+has its marker set, except while a consumer holds a popped marker it has not read yet.
+publish sets it; a read sets it unless it saw the source dry, and leaves it alone where it
+did not look (so a marker set before stays set); requeue and reclaim set it. A popped marker
+is always followed by a read of its source in POPPED mode, which sets it again if anything is
+left (even if that read ran out of credit before it), or by the poller putting it back. So a
+consumer that goes to sleep cannot miss a message: a publish that landed after its last read
+left the marker behind, and BZPOPMIN returns at once. Redis runs each script and each
+BZPOPMIN atomically, so there is no interleaving finer than these steps. The same invariant
+lets a read skip a cold source whose marker is not set (mode GATED): nothing is ready there.
 
-What if the consumer that took the marker dies before its read? Then other consumers would
-not be woken by that marker. To stay safe even then, and after anything that removes keys
-behind our back (FLUSHDB, a failover that lost the last write), every blocked wait is
-bounded by ``polling_interval`` seconds (1 s by default) and each timeout is followed by
-one read. That is one cheap script call per second per idle connection: no busy polling,
-an idle consumer costs ~0 CPU.
+What if the consumer that took a marker dies before its read, or keys are removed behind our
+back (FLUSHDB, a failover that lost the last write)? Then a source could hold ready messages
+with no marker. Two bounded safety nets cover that: every blocked wait is bounded by
+``polling_interval`` seconds (1 s by default), and every ``plan.SWEEP_INTERVAL`` the next
+``plan.SWEEP`` sources of a channel in turn are walked (all their streams looked at, the
+ready index rebuilt and the marker set if work is found). A channel of up to four sources
+sweeps all of them every second, as the read after every wait timeout once did; one of 1,000
+sweeps each source every 250 s. An idle consumer costs one BZPOPMIN per interval plus the
+sweep: no busy polling, whatever the number of queues.
 
 Redis Cluster: BZPOPMIN may only wait on keys of one hash slot, so the markers are grouped
 by slot and each group gets its own pending BZPOPMIN on a connection to the node that
@@ -37,8 +47,7 @@ slot map is refreshed before the next wait.
 the streams that may hold ready work, see ``lua/lib/common.lua``), which names more, never
 less: every script that adds ready work adds to it in the same call. An index that names
 less than it should (lost, or written around by hand or by an older version) is repaired by
-a read that walks every stream: the next read when the index is incomplete, and one read per
-channel every ``channel.WALK_INTERVAL`` (1 s), as bounded as the waits above.
+a walk: the next read of a source whose index is incomplete, and the sweep above.
 
 Latency: a publish wakes the blocked consumer directly, which then runs one read: two round
 trips from publish to callback, the same as Kombu's Redis transport (BRPOP, then its
@@ -55,7 +64,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from redis.crc import key_slot
-from redis.exceptions import AskError, ClusterDownError, TryAgainError
+from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgainError
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -91,7 +100,6 @@ class Poller:
     def __init__(self, transport: Any) -> None:
         self.transport = transport
         self.channels: list[Channel] = []
-        self._read_queues: set[str] = set()  # queues read since the last wake-up
         self._hub: Any = None
         self._waits: dict[int, Wait] = {}  # fd of a pending BZPOPMIN -> the wait
         self._draining: int | None = None  # thread inside drain(), whose acks wait
@@ -115,10 +123,6 @@ class Poller:
             self._hub.on_tick.discard(self.on_tick)
             self._hub = None
 
-    def note_read(self, queues: list[str]) -> None:
-        """Channels report each read, so a popped marker is never dropped unread."""
-        self._read_queues.update(queues)
-
     def deliver_one(self, deliver: Callable[[Any, str], Any]) -> bool:
         """Hand one message of any channel to ``deliver``; False when none is ready."""
         for _ in range(len(self.channels)):
@@ -126,13 +130,38 @@ class Poller:
             self.channels.append(self.channels.pop(0))  # fair turn between channels
             item = channel.next_delivery()
             if item is not None:
-                deliver(item[0], item[1])
+                self._hand(channel, item[0], item[1], deliver)
                 return True
         return False
 
-    def _wake_keys(self) -> dict[str, str]:
-        """wake key -> queue, for the queues some channel may read now."""
-        return {key: q for ch in self.channels for key, q in ch.wake_keys().items()}
+    def _hand(self, channel: Channel, message: Any, queue: str,
+              deliver: Callable[[Any, str], Any]) -> None:
+        """Run the consumer callback. If it raises (other than a connection error), the
+        message goes to the dead-letter stream instead of coming back into the same error:
+        e.g. Celery's worker dies of an envelope its strategy cannot take, and would die
+        again at each redelivery. On an event loop (Celery's hub) the error ends there, so
+        the worker lives on; from drain_events it is raised to the caller, once."""
+        try:
+            deliver(message, queue)
+        except self.transport.connection_errors:
+            raise
+        except Exception as exc:
+            channel.handler_failed(message, exc)
+            if self._hub is None:
+                raise
+
+    def _wake_keys(self) -> dict[str, Any]:
+        """wake key -> source, for the sources some channel may read now."""
+        return {key: src for ch in self.channels for key, src in ch.wake_keys().items()}
+
+    def _on_wrongtype(self, exc: BaseException) -> bool:
+        """A wait failed because a marker's name holds another type: the channels suspend
+        the source it belongs to. True when that was the error (the caller waits again)."""
+        if 'WRONGTYPE' not in str(exc):
+            return False
+        for channel in list(self.channels):
+            channel.check_wakes()
+        return True
 
     def _groups(self, wakes: list[str]) -> list[tuple[str, ...]]:
         """Markers one BZPOPMIN may wait on together: all, or those of one slot on Cluster."""
@@ -151,18 +180,23 @@ class Poller:
 
     def _after_wake(self, popped: Any, deliver: Callable[[Any, str], Any],
                     limit: int | None) -> int:
-        """Deliver what is ready after a wake-up (or a timeout); put back a marker that no
-        read covered (its queue's channels ran out of credit meanwhile)."""
-        self._read_queues.clear()
-        delivered = 0
-        while (limit is None or delivered < limit) and self.deliver_one(deliver):
-            delivered += 1
-            if limit is None:
-                break
+        """Deliver what is ready after a wake-up (or a timeout). The channel whose marker was
+        popped reads that source next (read.lua gives the wake-up back if the read runs out
+        of credit first); a marker that no read covered (the channel ran out of credit, or
+        went away meanwhile) is put back."""
+        key = None
+        owner = None
         if popped:
             key = popped[0].decode() if isinstance(popped[0], bytes) else popped[0]
-            queue = self._wake_keys().get(key)
-            if queue is None or queue not in self._read_queues:
+            owner = next((ch for ch in list(self.channels) if ch.woke(key)), None)
+        delivered = 0
+        try:
+            while (limit is None or delivered < limit) and self.deliver_one(deliver):
+                delivered += 1
+                if limit is None:
+                    break
+        finally:
+            if key is not None and (owner is None or owner.unread_wake(key)):
                 self.transport.blocking_client().zadd(key, {'w': 0})
         return delivered
 
@@ -203,8 +237,13 @@ class Poller:
                 if self._wait_groups(wakes, remaining, deliver):
                     return
                 continue
-            popped = self.transport.blocking_client().bzpopmin(
-                wakes, timeout=self._block(remaining))
+            try:
+                popped = self.transport.blocking_client().bzpopmin(
+                    wakes, timeout=self._block(remaining))
+            except ResponseError as exc:
+                if not self._on_wrongtype(exc):
+                    raise
+                continue
             if self._after_wake(popped, deliver, None):
                 return
 
@@ -253,6 +292,11 @@ class Poller:
         except _SLOT_MOVING:
             self._drop_wait(fd)
             self.transport.refresh_slots()
+            return None
+        except ResponseError as exc:
+            self._drop_wait(fd)
+            if not self._on_wrongtype(exc):
+                raise
             return None
         except Exception:
             self._drop_wait(fd, disconnect=True)

@@ -29,5 +29,7 @@ if #found == 0 then
   redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
   return 0
 end
-dead_letter(KEYS[1], ARGV[1], ARGV[2], found[1][2], KEYS[2], ARGV[3], ARGV[4], ARGV[5] == '1')
+local err = dead_letter(KEYS[1], ARGV[1], ARGV[2], found[1][2], KEYS[2], ARGV[3], ARGV[4],
+                        ARGV[5] == '1')
+if err then return redis.error_reply(err) end
 return 1

@@ -1,69 +1,128 @@
---[[ reclaim: give back messages whose lease ran out, and forget consumers that left.
+--[[ reclaim: give back the messages of consumers that stopped, and leases that ran out.
 
-KEYS[1..n]  all streams of ONE queue (one per priority level); n = #ARGV - 5
-KEYS[n+1]   the queue's wake marker (zset)
+KEYS[1..n]  the streams of ONE source: all streams of a queue (one per priority level), or
+            one fanout stream (its group for the queue)
+KEYS[n+1]   the source's wake marker (zset)
 KEYS[n+2]   the queue's ready index (set); not given for a fanout stream
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
-ARGV[3]     min idle, ms: a delivered message idle this long has lost its lease
-            (visibility_timeout; live consumers renew their leases well before it)
-ARGV[4]     batch: the most PEL entries to look at per stream in this call
-ARGV[5..]   one cursor per stream: scan the PEL after this id ("-" from the start)
-ARGV[5+n]   consumer expiry, ms: a consumer that owns nothing and was idle this long is
+ARGV[3]     lease, ms (visibility_timeout): a message idle this long has lost its lease
+ARGV[4]     budget: the most PEL entries this call moves or looks at, over all its streams
+ARGV[5]     consumer expiry, ms: a consumer that owns nothing and was idle this long is
             removed from the group (0: never)
-Reply:      {reclaimed, cursor_1, ..., cursor_n}: messages moved back, and where the next
-            call should continue per stream ("-" once the end of the PEL was reached)
-Minimum Redis: 6.2 (XPENDING IDLE, exclusive ranges). Cost: O(n * batch), bounded.
+ARGV[6..]   one sweep cursor per stream: the sweep goes on after this id ("-": from the start)
+Reply:      {moved, more, next_ms, cursor_1, ..., cursor_n}: messages given back; 1 when the
+            budget ran out before every stopped consumer's messages were given back (call
+            again); ms until the lease of a live consumer's message could run out at the
+            earliest (-1: no consumer holds anything), so the caller need not look again
+            before then; where the sweep goes on per stream ("-": it reached the end)
+Errors:     Redis's own (WRONGTYPE: checked before the first write).
+Minimum Redis: 6.2 (exclusive ranges). Cost: O(n * consumers + budget), bounded: one XINFO
+CONSUMERS per stream, then XPENDING and XCLAIM of at most budget entries in all.
 
-A stalled message is not copied: its PEL record moves to the holder (XCLAIM with the min idle
-time, so a lease renewed meanwhile is left alone, and JUSTID, so the delivery count is
-kept), and the ready index names HELD..stream. read.lua then serves it first in its level and
-counts the redelivery; that is where
-the delivery limit sends crash-looping messages to the dead-letter stream. Removing a
-consumer deletes its PEL records, so only consumers that own nothing are removed.
+Stopped consumers. Every command that gives a consumer a message (XREADGROUP, XCLAIM: a read,
+a renewal) also resets the consumer's idle time, so each message a consumer owns has been
+idle at least as long as the consumer. A consumer that owns messages and was idle for a
+whole lease has renewed none of them for a lease: all of them have lost it. They are found
+through the consumer's own PEL (XPENDING ... consumer), never by scanning the stream's.
+
+The sweep. A live consumer can still own a message whose lease ran out: one whose read reply
+it never got (a timeout), so it does not know to renew it. Each call looks at the next page of
+each stream's PEL (XPENDING without IDLE, so a page costs its size however few are idle) and
+gives back those idle for a whole lease.
+
+A message is given back by moving its PEL record to the holder (XCLAIM with the lease as min
+idle time, so a lease renewed meanwhile is left alone, and JUSTID, so the delivery count is
+kept); the ready index names HELD..stream. read.lua serves it first in its level and counts
+the redelivery: that is where the delivery limit sends crash-looping messages to the
+dead-letter stream. Removing a consumer deletes its PEL records, so only consumers that own
+nothing are removed.
 ]]
 --@include common
 local n = #ARGV - 5
 local group, holder = ARGV[1], ARGV[2]
-local held = {}  -- members of the ready index to add
-local min_idle, batch = tonumber(ARGV[3]), tonumber(ARGV[4])
-local expiry = tonumber(ARGV[5 + n])
-local reclaimed, cursors = 0, {}
-for i = 1, n do
-  local key, cursor = KEYS[i], ARGV[4 + i]
-  local start = cursor == '-' and '-' or '(' .. cursor
-  local stalled, err = try('XPENDING', key, group, 'IDLE', min_idle, start, '+', batch)
-  if err then return redis.error_reply(err) end
-  local next_cursor = '-'
-  if stalled and #stalled > 0 then
-    -- XCLAIM key group holder min_idle id... JUSTID (unpack() must be last to expand fully)
-    local args = {key, group, holder, min_idle}
-    for _, p in ipairs(stalled) do
-      if p[2] ~= holder then args[#args + 1] = p[1] end
-    end
-    if #args > 4 then
-      args[#args + 1] = 'JUSTID'
-      local got = #redis.call('XCLAIM', unpack(args))
-      reclaimed = reclaimed + got
-      if got > 0 then held[#held + 1] = HELD .. key end
-    end
-    if #stalled >= batch then next_cursor = stalled[#stalled][1] end
+local lease, budget, expiry = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local index = KEYS[n + 2]
+-- every key is checked first (see wrong_type): a wrong type found after some messages were
+-- given back would leave them parked without their index member and marker
+local wrong = wrong_type(KEYS[n + 1], 'zset') or (index and wrong_type(index, 'set'))
+for i = 1, n do wrong = wrong or wrong_type(KEYS[i], 'stream') end
+if wrong then return redis.error_reply(wrong) end
+
+local moved, more, next_ms, held = 0, 0, -1, {}
+
+-- Give ids of stream KEY back to the holder, if they are still idle for a whole lease.
+local function give_back(key, ids)
+  if #ids == 0 then return 0 end
+  local args = {key, group, holder, lease}
+  for _, id in ipairs(ids) do args[#args + 1] = id end
+  args[#args + 1] = 'JUSTID'  -- unpack() must come last to expand fully
+  local got = #redis.call('XCLAIM', unpack(args))
+  if got > 0 then
+    moved = moved + got
+    held[#held + 1] = HELD .. key
   end
-  cursors[i] = next_cursor
-  if stalled and expiry > 0 then
-    for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', key, group)) do
-      local name = field(c, 'name')
-      if name ~= holder and tonumber(field(c, 'pending')) == 0
-          and tonumber(field(c, 'idle')) >= expiry then
-        redis.call('XGROUP', 'DELCONSUMER', key, group, name)
+  return got
+end
+
+local alive = {}  -- stream index -> true when it has the group
+for i = 1, n do
+  local key = KEYS[i]
+  local list, err = try('XINFO', 'CONSUMERS', key, group)
+  if err and string.find(err, 'no such key', 1, true) then list, err = nil, nil end
+  if err then return redis.error_reply(err) end
+  alive[i] = list ~= nil
+  for _, c in ipairs(list or {}) do
+    local name = field(c, 'name')
+    local pending, idle = tonumber(field(c, 'pending')), tonumber(field(c, 'idle'))
+    if name == holder or name == nil then  -- parked messages have no lease
+    elseif pending > 0 and idle >= lease then
+      if budget > 0 then
+        local ids = {}
+        for _, p in ipairs(redis.call('XPENDING', key, group, '-', '+', budget, name)) do
+          ids[#ids + 1] = p[1]
+        end
+        budget = budget - #ids
+        local got = give_back(key, ids)
+        if #ids < pending then
+          more = 1
+        elseif got == pending and expiry > 0 and idle >= expiry then
+          redis.call('XGROUP', 'DELCONSUMER', key, group, name)  -- owns nothing now
+        end
+      else
+        more = 1
       end
+    elseif pending > 0 then
+      if next_ms < 0 or lease - idle < next_ms then next_ms = lease - idle end
+    elseif expiry > 0 and idle >= expiry then
+      redis.call('XGROUP', 'DELCONSUMER', key, group, name)
     end
   end
 end
-if reclaimed > 0 then
-  if KEYS[n + 2] then index_add(KEYS[n + 2], KEYS[1], unpack(held)) end
+
+-- the sweep: one page per stream, sharing what is left of the budget
+local cursors, page = {}, math.floor(budget / n)
+for i = 1, n do
+  local key, cursor = KEYS[i], ARGV[5 + i]
+  if not alive[i] then
+    cursor = '-'
+  elseif page > 0 then
+    local start = cursor == '-' and '-' or '(' .. cursor
+    local entries = redis.call('XPENDING', key, group, start, '+', page)
+    local stale = {}
+    for _, p in ipairs(entries) do
+      if p[2] ~= holder and tonumber(p[3]) >= lease then stale[#stale + 1] = p[1] end
+    end
+    give_back(key, stale)
+    cursor = #entries >= page and entries[#entries][1] or '-'
+  end
+  cursors[i] = cursor
+end
+
+if moved > 0 then
+  if index then index_add(index, KEYS[1], unpack(held)) end
   arm(KEYS[n + 1], KEYS[1])
 end
-local reply = {reclaimed}
-for i = 1, n do reply[i + 1] = cursors[i] end
+local reply = {moved, more, next_ms}
+for i = 1, n do reply[i + 3] = cursors[i] end
 return reply

@@ -1,34 +1,51 @@
---[[ renew: extend the leases of messages this consumer is still working on.
+--[[ renew: extend the leases of messages this consumer is still working on, in one stream.
 
-KEYS[1..n]  streams of ONE queue that hold the messages
+KEYS[1]     the stream that holds the messages (a queue's level, or a fanout stream)
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     consumer name: only messages this consumer still owns are renewed
-ARGV[3..]   pairs: stream index k (1..n), entry id
-Reply:      the leases this consumer lost: a flat array of pairs (stream index, entry id)
-            for messages that are no longer pending under this consumer (reclaimed by
-            another consumer after a stall, or acked meanwhile), whose entry was deleted,
-            or whose stream or group is gone (the queue was deleted)
-Errors:     Redis's own (WRONGTYPE when one of our names holds another type).
-Minimum Redis: 6.2. Cost: O(number of ids).
+ARGV[3..]   entry ids, in increasing order (the channel sends at most 1000 per call)
+Reply:      the ids, in the order given, whose lease this consumer lost: no longer pending
+            under it (reclaimed after a stall, requeued, acked meanwhile), deleted, or their
+            stream or group is gone (the queue was deleted)
+Errors:     Redis's own (WRONGTYPE when the stream's name holds another type).
+Minimum Redis: 6.2 (exclusive ranges). Cost: O(ids + entries this consumer owns between
+the first and the last id): one XPENDING of its own entries in that range (paged), one XCLAIM
+of those it still owns; on Redis 6.2 also one XRANGE per owned id (see below).
 
-Renewal resets the PEL idle time (XCLAIM to itself, min idle 0, JUSTID: the delivery count
-stays). Ownership is checked first, so a consumer never takes back a message that was
-already given to someone else. A deleted entry is reported lost and not claimed (Redis 7
-would drop its PEL record on XCLAIM, Redis 6.2 would renew it), so every version answers
-the same; its PEL record goes when it is acked.
+Renewal resets the PEL idle time of each message (XCLAIM to itself, min idle 0, JUSTID: the
+delivery count stays) and the consumer's own idle time, which reclaim.lua reads to find
+consumers that stopped. Ownership is read first, so a consumer never takes back a message
+that was already given to someone else. A deleted entry is reported lost: Redis 7 leaves it
+out of XCLAIM's reply (and drops its PEL record); Redis 6.2 would claim it, so there each
+owned id is looked up first.
 ]]
 --@include common
-local group, me, lost = ARGV[1], ARGV[2], {}
-for j = 3, #ARGV, 2 do
-  local k, id = ARGV[j], ARGV[j + 1]
-  local key = KEYS[tonumber(k)]
-  local p, err = try('XPENDING', key, group, id, id, 1)
+local key, group, me = KEYS[1], ARGV[1], ARGV[2]
+local last = ARGV[#ARGV]
+local owned, start, page = {}, ARGV[3], #ARGV + 14
+while true do
+  local p, err = try('XPENDING', key, group, start, last, page, me)
   if err then return redis.error_reply(err) end
-  if p and p[1] and p[1][2] == me and #redis.call('XRANGE', key, id, id) > 0 then
-    redis.call('XCLAIM', key, group, me, 0, id, 'JUSTID')
-  else
-    lost[#lost + 1] = k
-    lost[#lost + 1] = id
+  if p == nil then break end  -- no stream or group: every lease is lost
+  for _, e in ipairs(p) do owned[e[1]] = true end
+  if #p < page then break end
+  start = '(' .. p[#p][1]
+end
+local check = not redis.REDIS_VERSION  -- Redis 6.2 (REDIS_VERSION came with 7.0)
+local claim = {key, group, me, 0}
+for j = 3, #ARGV do
+  local id = ARGV[j]
+  if owned[id] and (not check or #redis.call('XRANGE', key, id, id) > 0) then
+    claim[#claim + 1] = id
   end
+end
+local kept = {}
+if #claim > 4 then
+  claim[#claim + 1] = 'JUSTID'  -- unpack() must come last to expand fully
+  for _, id in ipairs(redis.call('XCLAIM', unpack(claim))) do kept[id] = true end
+end
+local lost = {}
+for j = 3, #ARGV do
+  if not kept[ARGV[j]] then lost[#lost + 1] = ARGV[j] end
 end
 return lost

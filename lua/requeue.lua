@@ -22,6 +22,11 @@ left alone.
 local n = 0
 for j = 3, #ARGV, 3 do n = math.max(n, tonumber(ARGV[j])) end
 local group, holder, moved = ARGV[1], ARGV[2], 0
+-- every key is checked first (see wrong_type): a wrong type found after some XCLAIMs would
+-- leave those messages parked without their index member and marker
+local wrong = wrong_type(KEYS[n + 1], 'zset') or (KEYS[n + 2] and wrong_type(KEYS[n + 2], 'set'))
+for i = 1, n do wrong = wrong or wrong_type(KEYS[i], 'stream') end
+if wrong then return redis.error_reply(wrong) end
 local held = {}  -- members of the ready index to add
 for j = 3, #ARGV, 3 do
   local key, id, count = KEYS[tonumber(ARGV[j])], ARGV[j + 1], tonumber(ARGV[j + 2])

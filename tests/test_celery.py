@@ -13,7 +13,9 @@ messages, and worker_disable_prefetch.
 
 from __future__ import annotations
 
+import base64
 import importlib
+import json
 import os
 import signal
 import subprocess
@@ -28,6 +30,8 @@ from typing import Any, Callable
 import pytest
 import redis
 from conftest import wait_until
+
+from kombu_streams.keys import Keys
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow]
 
@@ -549,3 +553,60 @@ def test_worker_disable_prefetch_takes_only_what_the_pool_can_run(
     wait_for(lambda: len(env.done()) >= len(ids), 60, what='every task', log=env.logs)
     second.terminate()
     assert Counter(env.done()) == Counter(ids), env.logs()
+
+
+# ---------------------------------------------------------------------------
+# 10. envelopes the worker cannot take
+# ---------------------------------------------------------------------------
+
+
+def _b64(obj: Any) -> str:
+    return base64.b64encode(json.dumps(obj).encode()).decode()
+
+
+def _task(headers: Any, body: Any) -> dict[str, Any]:
+    props = {'body_encoding': 'base64', 'delivery_mode': 2, 'priority': 0,
+             'delivery_info': {'exchange': '', 'routing_key': QUEUE}}
+    return {'body': body, 'properties': props, 'headers': headers,
+            'content-type': 'application/json', 'content-encoding': 'utf-8'}
+
+
+#: Each of these made a Celery 5.7 worker exit with "Unrecoverable error" at its first
+#: delivery, and again at every redelivery (issue #11): kombu.Message cannot be made of the
+#: first two; Celery's strategy raises on the others (bad-timelimit after taking a pool
+#: slot it never gives back, so it must be caught before Celery sees it).
+CELERY_POISON = {
+    'headers-a-list': {'properties': {}, 'headers': [1]},
+    'bad-base64': _task({}, '!!!x'),
+    'no-id': _task({'task': f'{MODULE}.record'}, _b64([['a'], {}, {}])),
+    'body-not-a-tuple': _task({'task': f'{MODULE}.record', 'id': 'p1'}, _b64('no tuple')),
+    'bad-timelimit': _task({'task': f'{MODULE}.record', 'id': 'p2', 'timelimit': 'x'},
+                           _b64([['a'], {}, {}])),
+    'id-a-list': _task({'task': f'{MODULE}.record', 'id': ['x']}, _b64([['a'], {}, {}])),
+}
+
+
+def test_poison_envelopes_are_dead_lettered_and_the_worker_lives(env: CeleryEnv) -> None:
+    """Entries a worker cannot take go to the dead-letter stream at their first delivery,
+    with the error as the reason; the worker keeps running and runs the good tasks behind
+    them (prefork, the pool Celery users run)."""
+    module = env.load(worker_prefetch_multiplier=1)
+    keys = Keys()
+    stream = keys.stream(QUEUE, 0)
+    with module.app.connection_for_write() as conn:
+        conn.default_channel.queue_declare(QUEUE)
+    module.record.delay('first')
+    for envelope in CELERY_POISON.values():
+        env.raw_broker.xadd(stream, {'m': json.dumps(envelope)})
+    module.record.delay('last')
+    worker = env.worker('poison@ks', concurrency=1)
+    wait_for(lambda: 'last' in env.done(), 40, what="the task behind the poison",
+             log=env.logs)
+    assert worker.proc.poll() is None, env.logs()
+    assert env.done() == ['first', 'last'], env.logs()
+    letters = [f for _, f in env.raw_broker.xrange(keys.dlq(QUEUE))]
+    assert len(letters) == len(CELERY_POISON), env.logs()
+    reasons = [f[b'reason'].decode() for f in letters]
+    assert all(r.startswith('not a message a consumer can take') for r in reasons), reasons
+    worker.terminate()
+    assert 'Unrecoverable error' not in worker.log(), worker.log()[-3000:]

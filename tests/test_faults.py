@@ -484,15 +484,15 @@ def test_ack_during_a_lease_round_is_not_reported_as_a_lost_lease(broker_url, ca
         channel = conn.channel()
         message = Queue(queue)(channel).get()
         assert message is not None
-        renew = channel.broker.renew
+        renew_calls = channel.broker.renew_calls
 
         def ack_then_renew(*args, **kwargs):
             message.ack()  # the consumer's thread acks while the round is under way
-            return renew(*args, **kwargs)
+            return renew_calls(*args, **kwargs)
 
-        channel.broker.renew = ack_then_renew
+        channel.broker.renew_calls = ack_then_renew
         caplog.set_level(logging.WARNING, logger='kombu_streams')
-        channel.renew_leases()
+        channel.leases.renew()
         lost = [r.getMessage() for r in caplog.records if 'lost the lease' in r.getMessage()]
         assert not lost, lost
 

@@ -1050,16 +1050,32 @@ def test_wrong_type_key_in_scripts(conn, raw, which):
     assert raw.get(key) == b"not ours"
 
 
-def test_wrong_type_key_on_consume(url, raw):
-    q = direct_queue("wrongtype-c")
+def test_wrong_type_key_on_consume_affects_only_that_queue(url, raw, caplog, monkeypatch):
+    """Another program's key at one of a queue's names: that queue's reads are suspended and
+    the problem logged (naming the key); the healthy queue read by the same channel goes on,
+    and nothing the read took is stranded. Once the key is gone the queue flows again."""
+    monkeypatch.setattr("kombu_streams.plan.SUSPEND", 0.3)
+    bad, good = direct_queue("wrongtype-c"), direct_queue("wrongtype-ok")
+    got = []
     with Connection(url) as c:
-        with Consumer(c.default_channel, [q], callbacks=[lambda b, m: m.ack()]):
-            key = Keys().stream("wrongtype-c", 6)
+        publish(c, ["first"], queue=bad)  # level 0: read before the broken level 6
+        key = Keys().stream("wrongtype-c", 6)
+        with Consumer(c.default_channel, [bad, good],
+                      callbacks=[lambda b, m: (got.append(b), m.ack())]):
             raw.delete(key)
             raw.set(key, "not ours")
-            with pytest.raises(KeyTypeError) as info:
+            publish(c, ["ok-1", "ok-2"], queue=good)
+            for _ in range(3):
                 c.drain_events(timeout=TIMEOUT)
-        assert key in str(info.value)
+            assert sorted(got) == ["first", "ok-1", "ok-2"]
+            assert any(key in r.getMessage() and "WRONGTYPE" in r.getMessage()
+                       for r in caplog.records), caplog.text
+            raw.delete(key)
+            publish(c, ["after"], queue=bad, priority=6)
+            c.drain_events(timeout=TIMEOUT)
+        assert got[-1] == "after"
+    assert pending_total(raw, "wrongtype-c") == 0
+    assert pending_total(raw, "wrongtype-ok") == 0
 
 
 def test_wrong_type_bindings_key(conn, raw):

@@ -273,8 +273,9 @@ class StreamsMachine(RuleBasedStateMachine):
         for name in QUEUES:
             cursors = None
             while True:
-                _, cursors = self.channel.broker.reclaim(name, 0, 100, cursors)
-                if all(c == '-' for c in cursors):
+                done = self.channel.broker.reclaim(name, 0, 100, cursors)
+                cursors = done.cursors
+                if not done.more and all(c == '-' for c in cursors):
                     break
 
     # -- invariants ------------------------------------------------------------------------

@@ -111,7 +111,8 @@ end
 -- stream is a fanout stream that other groups still read, so the entry is only acked here,
 -- and the stream is trimmed below what every group is done with (this may have been the last
 -- group holding the entry back; without the trim a queue that rejects everything would keep
--- the stream growing).
+-- the stream growing). Returns nil, or the error when DLQ cannot take the entry (another type
+-- at its name): the entry is then left as it was.
 local function dead_letter(key, group, id, fields, dlq, reason, deliveries, shared)
   local rec = {'reason', reason, 'stream', key, 'group', group, 'id', id,
                'deliveries', tostring(deliveries or 0)}
@@ -123,13 +124,15 @@ local function dead_letter(key, group, id, fields, dlq, reason, deliveries, shar
       end
     end
   end
-  redis.call('XADD', dlq, '*', unpack(rec))
+  local err = pcall_error(redis.pcall('XADD', dlq, '*', unpack(rec)))
+  if err then return err end
   redis.call('XACK', key, group, id)
   if shared then
     trim_shared(key)
   else
     redis.call('XDEL', key, id)
   end
+  return nil
 end
 
 -- An error message when KEY exists and holds another type than KIND, else nil. Redis keeps
@@ -145,9 +148,17 @@ end
 
 -- Set a queue's wake marker WAKE. For an expiring queue (x-expires) the marker expires with
 -- it: after TTL ms when TTL > 0, else with the time to live of the queue's stream STREAM.
+-- Returns nil, or the error when WAKE holds another type (then nothing was written).
 local function arm(wake, stream, ttl)
-  redis.call('ZADD', wake, 0, 'w')
+  local err = pcall_error(redis.pcall('ZADD', wake, 0, 'w'))
+  if err then return err end
   ttl = tonumber(ttl) or 0
   if ttl <= 0 then ttl = redis.call('PTTL', stream) end
   if ttl > 0 then redis.call('PEXPIRE', wake, ttl) end
+  return nil
 end
+
+-- The consumer that parks an entry the dead-letter stream could not take (another type at its
+-- name): not lost, not stuck with the consumer that read it; reclaim.lua gives it back once
+-- it has been idle for a lease (nobody renews it), and it is tried again.
+local UNFILED = '~unfiled'

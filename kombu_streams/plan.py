@@ -1,0 +1,147 @@
+"""Which sources a read covers, so that a read costs what the ready work costs.
+
+A channel may consume many queues (a source is a queue's own streams, or its group on a
+fanout exchange). Reading every one of them on every read would cost Redis O(sources) per
+read, busy or idle. Instead each source is in one of these states, and read.lua is told per
+source how to read it (see its header):
+
+* **woken** (mode POPPED): this consumer popped its wake marker; read it, and if the read
+  runs out of credit before it, read.lua sets the marker again;
+* **hot** (READ): the last read of it said it may hold more; read it;
+* **cold** (GATED): read it only if its marker is set. No marker means nothing is ready (the
+  invariant in :mod:`kombu_streams.poller`), so a gated source costs one EXISTS. A channel
+  with at most READ_ALL sources gates all its cold ones on every read, so priority order
+  across all its queues holds exactly as if every read covered every queue. A channel with
+  more gates a rotating WINDOW of them, and only while it is busy with hot or woken ones:
+  then its waits (a BZPOPMIN over every marker, which finds any set one) do not happen, and
+  the window makes sure a queue that got work is read within (cold / WINDOW) reads. An idle
+  channel reads nothing until a marker wakes it.
+* **swept** (WALK): every SWEEP_INTERVAL the next SWEEP sources in turn are walked (every
+  stream looked at, the ready index rebuilt): the safety net for a wake-up lost to something
+  outside the invariant (a consumer that died between popping a marker and reading, keys
+  removed behind our back) and for an index that names too little. With few sources, every
+  source is swept every interval, as every read after a wait timeout once did; with 1,000,
+  each comes round every 1,000 / SWEEP intervals.
+* **suspended**: a read met another program's key at one of its names (WRONGTYPE); it is
+  left out of reads and waits for SUSPEND seconds, so one broken queue never stops the
+  healthy ones, and the error is logged once per LOG_PERIOD.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from time import monotonic
+
+from .broker import GATED, POPPED, READ, WALK, ReadResult, Source
+
+logger = logging.getLogger(__name__)
+
+#: A channel with at most this many sources gates every cold one on every read.
+READ_ALL = 16
+#: Cold sources gated per read beyond READ_ALL, in turn, while the channel is busy.
+WINDOW = 16
+#: Sources walked per SWEEP_INTERVAL, in turn.
+SWEEP = 4
+SWEEP_INTERVAL = 1.0
+#: Seconds a source with a broken key is left alone; seconds between two logs of the same
+#: problem.
+SUSPEND = 10.0
+LOG_PERIOD = 300.0
+
+
+class ReadPlan:
+    """The read state of one channel's sources."""
+
+    def __init__(self) -> None:
+        self.hot: set[Source] = set()
+        self.woken: set[Source] = set()
+        self.suspended: dict[Source, float] = {}
+        self._logged: dict[tuple[Source, str], float] = {}
+        self._turn = {'window': 0, 'sweep': 0}
+        self._sweep_at = 0.0
+
+    def live(self, sources: Sequence[Source]) -> list[Source]:
+        """The sources not suspended, in their order."""
+        if not self.suspended:
+            return list(sources)
+        now = monotonic()
+        for source, until in list(self.suspended.items()):
+            if until <= now:
+                del self.suspended[source]
+        return [s for s in sources if s not in self.suspended]
+
+    def _next(self, kind: str, items: list[Source], n: int) -> list[Source]:
+        """The next ``n`` of ``items`` in turn (all of them if there are no more)."""
+        if len(items) <= n:
+            return items
+        start = self._turn[kind] % len(items)
+        self._turn[kind] = start + n
+        return (items[start:] + items[:start])[:n]
+
+    def modes(self, sources: Sequence[Source]) -> dict[Source, str]:
+        """How the next read covers ``sources`` (in serving order); a source left out is not
+        read. Empty: nothing to read now."""
+        live = self.live(sources)
+        modes: dict[Source, str] = {}
+        for s in live:
+            if s in self.woken:
+                modes[s] = POPPED
+            elif s in self.hot:
+                modes[s] = READ
+        cold = [s for s in live if s not in modes]
+        if len(live) <= READ_ALL:
+            modes.update((s, GATED) for s in cold)
+        elif modes:
+            modes.update((s, GATED) for s in self._next('window', cold, WINDOW))
+        now = monotonic()
+        if now >= self._sweep_at and live:
+            self._sweep_at = now + SWEEP_INTERVAL
+            for s in self._next('sweep', live, SWEEP):
+                if modes.get(s) != POPPED:  # a popped marker must be read or given back
+                    modes[s] = WALK
+        return modes
+
+    def woke(self, source: Source) -> None:
+        """This consumer popped the source's marker."""
+        self.woken.add(source)
+
+    def learn(self, modes: dict[Source, str], result: ReadResult) -> None:
+        """Take in what a read of ``modes`` said about each source."""
+        for source, status in result.status.items():
+            if status == '1':
+                self.hot.add(source)
+            elif status != '-':
+                self.hot.discard(source)
+            if modes.get(source) == POPPED:
+                self.woken.discard(source)  # read, or its wake-up given back by read.lua
+        for source, error in result.problems:
+            self.suspend(source, error)
+
+    def suspend(self, source: Source, error: str) -> None:
+        """Leave a source with a broken key alone for SUSPEND seconds; log it now and then."""
+        now = monotonic()
+        self.suspended[source] = now + SUSPEND
+        self.hot.discard(source)
+        self.woken.discard(source)
+        key = (source, error)
+        if now - self._logged.get(key, -LOG_PERIOD) >= LOG_PERIOD:
+            if len(self._logged) > 1000:
+                self._logged.clear()
+            self._logged[key] = now
+            queue, exchange = source
+            where = f'queue {queue!r}' + (f' (its group on fanout {exchange!r})'
+                                          if exchange else '')
+            logger.error('kombu-streams: %s: %s. Another program uses one of its key names: '
+                         'rename or delete that key. Its reads and waits are suspended for '
+                         '%d s at a time meanwhile; other queues are not affected.',
+                         where, error, SUSPEND)
+
+    def forget(self, sources: Sequence[Source]) -> None:
+        """Drop the state of sources no longer read (a cancelled consumer)."""
+        keep = set(sources)
+        self.hot &= keep
+        self.woken &= keep
+
+
+__all__ = ('ReadPlan', 'READ_ALL', 'WINDOW', 'SWEEP', 'SWEEP_INTERVAL')

@@ -1,0 +1,285 @@
+-- The phases of read.lua: open a source, serve its held then its fresh entries stream by
+-- stream, and save what the call learned (ready index, wake marker).
+-- KEYS: none of its own (a library: read.lua includes it after "--@include common").
+-- ARGV: none. Reply: none. Minimum Redis: 6.2.
+--
+-- State lives in one table, ctx (made by read.lua), and one table per source, src:
+--   ctx.consumer, ctx.holder, ctx.limit   who reads, who parks, the delivery limit
+--   ctx.left                              messages this call may still deliver
+--   ctx.out, ctx.problems, ctx.aside      the reply's parts (see read.lua)
+--   src.q, src.group, src.shared, src.mode, src.ttl, src.wake, src.dlq, src.index_key
+--   src.streams                           its streams in KEYS (their indices)
+--   src.state    nil: not reached yet; 'open'; 'skip': its marker says nothing is ready;
+--                'broken': its ready index holds another type
+--   src.index    the ready index as a table (member -> true), nil for a fanout source
+--   src.more     may still hold ready messages (beyond what the index says)
+-- A command that may meet another program's key at one of our names (WRONGTYPE) runs
+-- through try(): the error is noted against that source and the call goes on with the
+-- others, so one broken queue never stops the reads of the healthy ones, and nothing this
+-- call took is lost to an error reply.
+
+local set_aside  -- defined below; deliver and claim_held use it (Redis allows no globals)
+
+-- Note ERR, met on KEY, against source SRC; returns 'error' so callers can
+-- 'return problem(...)'.
+local function problem(ctx, src, key, err)
+  src.failed = true
+  ctx.problems[#ctx.problems + 1] = src.q
+  ctx.problems[#ctx.problems + 1] = err .. ' (key ' .. key .. ')'
+  return 'error'
+end
+
+-- A member list as a set.
+local function as_set(members)
+  local set = {}
+  for _, m in ipairs(members) do set[m] = true end
+  return set
+end
+
+-- First visit of a source: gate it on its marker (mode 'm') and load its ready index.
+-- True when it is to be served.
+local function open_source(ctx, src)
+  if src.state == nil then
+    src.state = 'open'
+    if src.mode == 'm' and redis.call('EXISTS', src.wake) == 0 then
+      src.state = 'skip'  -- no marker: nothing is ready (the wake-up invariant)
+    elseif not src.shared then
+      local members, err = try('SMEMBERS', src.index_key)
+      if err then
+        problem(ctx, src, src.index_key, err)
+        src.state = 'broken'
+      else
+        src.index, src.had = as_set(members), as_set(members)
+        src.walk = src.mode == 'w' or not src.index[COMPLETE]
+      end
+    end
+  end
+  return src.state == 'open'
+end
+
+-- Hand one entry to the consumer, or set it aside when it cannot be a message of ours.
+local function deliver(ctx, src, i, id, fields, count)
+  local payload = field(fields, 'm')
+  if payload == nil then
+    set_aside(ctx, src, i, id, fields, 'malformed: no m field', count)
+    return false
+  end
+  local out, n = ctx.out, #ctx.out
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4] = i, id, count, payload
+  ctx.left = ctx.left - 1
+  return true
+end
+
+-- Move one entry of stream I to the source's dead-letter stream. When that stream cannot take
+-- it (another type at its name), the entry is parked with UNFILED instead and the problem
+-- noted: the queue keeps flowing, and the entry is tried again after a lease.
+set_aside = function(ctx, src, i, id, fields, reason, deliveries)
+  local err = dead_letter(KEYS[i], src.group, id, fields, src.dlq, reason, deliveries,
+                          src.shared)
+  if err then
+    redis.call('XCLAIM', KEYS[i], src.group, UNFILED, 0, id, 'JUSTID')
+    return problem(ctx, src, src.dlq, err)
+  end
+  local aside, n = ctx.aside, #ctx.aside
+  aside[n + 1], aside[n + 2], aside[n + 3], aside[n + 4] = src.q, i, id, reason
+end
+
+-- Claim the parked entries TAKE (XPENDING records) of stream I for the consumer and deliver
+-- them, setting aside those past the delivery limit (counted here, so crash loops count as
+-- much as rejects). Returns the number delivered.
+local function claim_held(ctx, src, i, take)
+  local key, ids, counts = KEYS[i], {}, {}
+  for j, p in ipairs(take) do
+    ids[j] = p[1]
+    counts[p[1]] = tonumber(p[4]) + 1
+  end
+  local claimed = redis.call('XCLAIM', key, src.group, ctx.consumer, 0, unpack(ids))
+  local seen, delivered = {}, 0
+  for _, e in ipairs(claimed) do
+    if type(e) == 'table' then
+      seen[e[1]] = true
+      if ctx.limit > 0 and counts[e[1]] > ctx.limit then
+        set_aside(ctx, src, i, e[1], e[2], 'delivery limit', counts[e[1]] - 1)
+      elseif deliver(ctx, src, i, e[1], e[2], counts[e[1]]) then
+        delivered = delivered + 1
+      end
+    end
+  end
+  -- entries deleted while parked (Redis 6.2 keeps them in the PEL): drop the PEL record
+  for _, id in ipairs(ids) do
+    if not seen[id] then redis.call('XACK', key, src.group, id) end
+  end
+  return delivered
+end
+
+-- Serve the entries parked with the holder in stream I (requeued or reclaimed), in id order.
+-- Returns 'gone' when the stream or its group does not exist, 'error' on a problem.
+--
+-- Read-ahead that went back unseen (count 0) is served in batches. An entry that was
+-- delivered before (a requeue after the application saw it, a reclaim after a crash) is
+-- delivered alone: if it is what crashes consumers, no other message shares its fate or its
+-- delivery count. One that is not delivered (set aside, or deleted while parked) leaves room,
+-- so look again: a fresh entry never overtakes a held one. Each pass empties what it saw from
+-- the holder, so this ends.
+local function serve_held(ctx, src, i)
+  local key, group, want = KEYS[i], src.group, ctx.left
+  local held, err = try('XPENDING', key, group, '-', '+', want, ctx.holder)
+  if err then return problem(ctx, src, key, err) end
+  if held == nil then  -- no group; a fanout group is made by its binding, never here
+    if src.shared then return 'gone' end
+    local exists, gerr = ensure_group(key, group)
+    if gerr then return problem(ctx, src, key, gerr) end
+    if not exists then return 'gone' end
+    held = {}
+  end
+  src.alive = true
+  local done = true  -- every held entry of the stream was served
+  while #held > 0 do
+    local take, suspect = {}, false
+    for _, p in ipairs(held) do
+      if tonumber(p[4]) >= 1 then
+        suspect = true
+        if #take == 0 and #ctx.out == 0 then take[1] = p end
+        break
+      end
+      take[#take + 1] = p
+    end
+    if #take == 0 then  -- the next one must go alone, and this call has others already
+      done, ctx.left = false, 0
+      break
+    end
+    local delivered = claim_held(ctx, src, i, take)
+    if suspect and delivered > 0 then  -- delivered what came before a suspect, or it
+      done, ctx.left = false, 0
+      break
+    end
+    if not suspect and #held < want then break end  -- that was the last held entry
+    if ctx.left <= 0 then
+      done = false
+      break
+    end
+    want = ctx.left
+    held = redis.call('XPENDING', key, group, '-', '+', want, ctx.holder)
+  end
+  if not done then
+    src.more = true
+  elseif src.index then
+    src.index[HELD .. key] = nil
+  end
+end
+
+-- Serve entries of stream I the group has not delivered yet. Returns 'gone' when the stream
+-- does not exist (or, for a fanout group, the group), 'error' on a problem.
+local function serve_fresh(ctx, src, i)
+  local key, group, want = KEYS[i], src.group, ctx.left
+  local reply, err = try_read(
+    'XREADGROUP', 'GROUP', group, ctx.consumer, 'COUNT', want, 'STREAMS', key, '>')
+  if err then return problem(ctx, src, key, err) end
+  if reply == nil then  -- no group (or no stream) yet
+    if src.shared then return 'gone' end
+    local exists, gerr = ensure_group(key, group)
+    if gerr then return problem(ctx, src, key, gerr) end
+    if not exists then return 'gone' end
+    reply = redis.call(
+      'XREADGROUP', 'GROUP', group, ctx.consumer, 'COUNT', want, 'STREAMS', key, '>')
+  end
+  src.alive = true
+  local fresh = read_entries(reply)
+  for _, e in ipairs(fresh) do deliver(ctx, src, i, e[1], e[2], 1) end
+  local more = false
+  if #fresh >= want then
+    -- COUNT filled: more is left unless the stream's last entry was just taken
+    local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+    more = top[1] ~= nil and top[1][1] ~= fresh[#fresh][1]
+  end
+  if more then
+    src.more = true
+  elseif src.index then
+    src.index[key] = nil
+  end
+end
+
+-- Serve stream I of an open source: the parts its ready index names (both parts when the
+-- source is walked and the stream is not empty; always both for a fanout source).
+local function serve_stream(ctx, src, i)
+  local key, idx = KEYS[i], src.index
+  src.visited[i] = true
+  if idx and src.walk then
+    local len, err = try('XLEN', key)
+    if err then return problem(ctx, src, key, err) end
+    if len == 0 then  -- nothing in it, so nothing ready
+      idx[key], idx[HELD .. key] = nil, nil
+      if not src.alive and redis.call('EXISTS', key) == 1 then src.alive = true end
+      return
+    end
+    idx[key], idx[HELD .. key] = true, true
+  end
+  if idx and not idx[key] and not idx[HELD .. key] then return end  -- nothing ready here
+  local gone = nil
+  if not idx or idx[HELD .. key] then gone = serve_held(ctx, src, i) end
+  if gone == nil and ctx.left > 0 and (not idx or idx[key]) then
+    gone = serve_fresh(ctx, src, i)
+  end
+  if gone == 'gone' and idx then idx[key], idx[HELD .. key] = nil, nil end
+end
+
+-- Write back what this call learned about a reached queue's ready index: the members it
+-- found dry are removed, those a walk found are added (with the queue's expiry), and a walk
+-- of a queue that exists marks the index COMPLETE. True when the index still names one of
+-- the source's streams, i.e. ready work may be left.
+local function save_index(ctx, src)
+  local idx = src.index
+  if src.walk then  -- streams a walk did not reach (COUNT ran out): empty or maybe ready
+    for _, i in ipairs(src.streams) do
+      if not src.visited[i] then
+        local len = try('XLEN', KEYS[i])
+        local maybe = len ~= 0  -- nil (another type) counts as maybe: read and report it
+        idx[KEYS[i]], idx[HELD .. KEYS[i]] = maybe or nil, maybe or nil
+      end
+    end
+  end
+  if src.walk and src.alive and not src.failed then idx[COMPLETE] = true end
+  local adds, drops = {}, {}
+  for m in pairs(idx) do if not src.had[m] then adds[#adds + 1] = m end end
+  for m in pairs(src.had) do if not idx[m] then drops[#drops + 1] = m end end
+  if #drops > 0 then redis.call('SREM', src.index_key, unpack(drops)) end
+  if #adds > 0 then
+    redis.call('SADD', src.index_key, unpack(adds))
+    local ttl = src.ttl
+    if ttl <= 0 then ttl = redis.call('PTTL', KEYS[src.streams[1]]) end
+    if ttl > 0 then redis.call('PEXPIRE', src.index_key, ttl) end
+  end
+  for _, i in ipairs(src.streams) do
+    if idx[KEYS[i]] or idx[HELD .. KEYS[i]] then return true end
+  end
+  return false
+end
+
+-- The end of the call for one source: its status character, and its wake marker set if it may
+-- still hold ready messages, removed if it was seen dry. A source the call did not reach keeps
+-- its marker as it was, except one whose marker this consumer popped: that wake-up is given
+-- back. (See kombu_streams/poller.py for why no wake-up is lost.)
+local function finish_source(ctx, src)
+  if src.state == nil then
+    if src.mode == 'p' then
+      local err = arm(src.wake, KEYS[src.streams[1]], src.ttl)
+      if err then problem(ctx, src, src.wake, err) end
+    end
+    return src.failed and 'e' or '-'
+  end
+  if src.state == 'skip' then return '0' end
+  local more = src.more
+  if src.state == 'open' and src.index then more = save_index(ctx, src) or more end
+  if src.state == 'broken' then
+    more = src.mode == 'p'  -- cannot tell: give the wake-up back
+  end
+  local err
+  if more then
+    err = arm(src.wake, KEYS[src.streams[1]], src.ttl)
+  else
+    err = pcall_error(redis.pcall('ZREM', src.wake, 'w'))
+  end
+  if err then problem(ctx, src, src.wake, err) end
+  if src.failed then return 'e' end
+  return more and '1' or '0'
+end
