@@ -30,6 +30,8 @@ READ, POPPED, GATED, WALK = 'r', 'p', 'm', 'w'
 
 #: Most ids per renew call (a few ms of Redis time; the calls of a round are pipelined).
 RENEW_CHUNK = 1000
+#: Most entries per ack or requeue call, for the same reason.
+CHUNK = 1000
 
 
 def _id_order(entry_id: Any) -> tuple[int, int]:
@@ -267,11 +269,16 @@ class Broker:
             exchange: str | None = None) -> int:
         """Acknowledge entries, given as (stream key, id): deleted from the queue's streams;
         on a fanout exchange's stream (``exchange``), trimmed once every group is done."""
-        call = self.ack_call(queue, entries, exchange)
-        if call is None:
-            return 0
-        script, keys, args = call
-        return script(self.client, keys, args)
+        calls = self.ack_calls(queue, entries, exchange)
+        return sum(run_calls(self.client, calls)) if calls else 0
+
+    def ack_calls(self, queue: str, entries: Iterable[tuple[str, Any]],
+                  exchange: str | None = None) -> list[Call]:
+        """The ack calls, one per CHUNK entries (each call's work stays bounded)."""
+        entries = list(entries)
+        calls = [self.ack_call(queue, entries[j:j + CHUNK], exchange)
+                 for j in range(0, len(entries), CHUNK)]
+        return [call for call in calls if call is not None]
 
     def ack_call(self, queue: str, entries: Iterable[tuple[str, Any]],
                  exchange: str | None = None) -> tuple[Script, list[str], list[Any]] | None:
@@ -292,14 +299,16 @@ class Broker:
 
         Entries are (stream key, id) or (stream key, id, delivery count to keep).
         """
-        streams, args = self._entry_args(
-            (stream, entry_id, count[0] if count else -1) for stream, entry_id, *count in entries)
-        if not args:
-            return 0
-        keys = streams + [self.wake(queue, exchange)]
-        if not exchange:
-            keys.append(self.keys.ready(queue))
-        return SCRIPTS['requeue'](self.client, keys, [queue, HOLDER, *args])
+        entries = [(stream, entry_id, count[0] if count else -1)
+                   for stream, entry_id, *count in entries]
+        calls = []
+        for j in range(0, len(entries), CHUNK):  # a bounded call per CHUNK entries
+            streams, args = self._entry_args(entries[j:j + CHUNK])
+            keys = streams + [self.wake(queue, exchange)]
+            if not exchange:
+                keys.append(self.keys.ready(queue))
+            calls.append((SCRIPTS['requeue'], keys, [queue, HOLDER, *args]))
+        return sum(run_calls(self.client, calls)) if calls else 0
 
     def renew_calls(self, queue: str, consumer: str, entries: Iterable[tuple[str, Any]]
                     ) -> list[tuple[Call, str]]:

@@ -675,8 +675,8 @@ class Channel(virtual.Channel):
             self._acks.append(held)
 
     def _ack_calls(self) -> tuple[list[Held], list[Call]]:
-        """Take the deferred acks: (the acks, one script call per source). A caller whose
-        calls fail puts the acks back."""
+        """Take the deferred acks: (the acks, script calls: one per source and CHUNK acks).
+        A caller whose calls fail puts the acks back."""
         by_source: dict[tuple[str, str | None], list[tuple[str, bytes]]] = {}
         taken: list[Held] = []
         while True:
@@ -689,9 +689,7 @@ class Channel(virtual.Channel):
                 (held.stream, held.entry_id))
         calls = []
         for (queue, exchange), entries in by_source.items():
-            call = self.broker.ack_call(queue, entries, exchange)
-            if call is not None:
-                calls.append(call)
+            calls += self.broker.ack_calls(queue, entries, exchange)
         return taken, calls
 
     def flush_acks(self) -> None:

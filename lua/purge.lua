@@ -8,7 +8,7 @@ Reply:      {purged, more}: messages deleted, and 1 if a stream still had more t
             (the caller calls again until more is 0)
 Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + batch) per stream.
 
-A stream nobody is working on is emptied in one XTRIM. Otherwise the ready entries are those
+A stream nobody is working on is trimmed from its old end, batch entries per call. Otherwise the ready entries are those
 after the group's last-delivered id plus those parked with the holder; delivered, unacked
 entries stay, so their consumers can still ack them.
 ]]
@@ -20,7 +20,10 @@ for _, key in ipairs(KEYS) do
   if len > 0 then
     local summary = try('XPENDING', key, group)
     if summary == nil or tonumber(summary[1]) == 0 then
-      purged = purged + redis.call('XTRIM', key, 'MAXLEN', 0)
+      -- nobody is working on it: its oldest entries go, at most batch of them (exact MAXLEN
+      -- trimming removes from the old end, so this costs O(batch))
+      purged = purged + redis.call('XTRIM', key, 'MAXLEN', math.max(len - batch, 0))
+      if len > batch then more = 1 end
     else
       local held = redis.call('XPENDING', key, group, '-', '+', batch, holder)
       for _, p in ipairs(held) do
