@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ACL_RULE = (
     'resetkeys ~ks:* resetchannels -@all '
     '+@stream +zadd +zrem +zscore +zrangebyscore +bzpopmin +sadd +smembers +srem '
-    '+del +exists +type +pexpire +pexpireat +pttl +time '
+    '+del +unlink +exists +type +pexpire +pexpireat +pttl +time '
     '+evalsha +script|load +info +ping +select +client|setname'
 )
 
