@@ -68,6 +68,8 @@ class Held:
     exchange: str | None  # the fanout exchange whose stream holds it, if any
     #: monotonic time of its read or last renewal: its lease holds until at least then + vt
     leased_at: float = field(default_factory=monotonic)
+    #: a renewal found its lease lost: never to be handed out
+    lost: bool = False
 
 
 def _queue_expires(declare_kwargs: dict[str, Any]) -> int:
@@ -445,7 +447,12 @@ class Channel(virtual.Channel):
         if queue is not None and queue not in self._active_queues:
             self._return_buffered(queue)
         self._queue_cycle.update(self.active_queues)
-        self.plan.forget(self._sources(self.active_queues))
+        for source in self.plan.forget(self._sources(self.active_queues)):
+            try:  # popped, and now no read of this channel will cover it: give it back
+                self.client.zadd(self.broker.wake(*source), {'w': 0})
+            except Exception as exc:  # the sweep of another consumer will find its work
+                logger.warning('kombu-streams: could not give back a wake-up of %r: %r',
+                               source[0], exc)
         return result
 
     @property
@@ -516,17 +523,23 @@ class Channel(virtual.Channel):
                 self.more_ready = len(got) >= credit
                 with self._buffer_lock:
                     self._buffer.extend(got)
+        if self._acks and (len(self._acks) >= ACK_BATCH
+                           or monotonic() - self._acks_since >= ACK_DELAY):
+            self.flush_acks()  # the buffer may last: acks do not wait for the next read
         while True:
             with self._buffer_lock:
                 if not self._buffer:
                     return None
                 message, queue = self._buffer.popleft()
-            if self.leases.confirm(message['properties']['delivery_tag']):
+            try:
+                confirmed = self.leases.confirm(message['properties']['delivery_tag'])
+            except BaseException:  # e.g. no connection: it stays first in the buffer
+                with self._buffer_lock:
+                    self._buffer.appendleft((message, queue))
+                raise
+            if confirmed:
                 break  # else its lease was lost: another consumer has it now
         self._queue_cycle.rotate(queue)
-        if self._acks and (len(self._acks) >= ACK_BATCH
-                           or monotonic() - self._acks_since >= ACK_DELAY):
-            self.flush_acks()  # the buffer may last: acks do not wait for the next read
         if queue in self._no_ack_queues:  # no_ack: settled the moment it is handed over
             self._settle([message['properties']['delivery_tag']], ACK)
         return message, queue
@@ -566,6 +579,7 @@ class Channel(virtual.Channel):
                     break
                 read, parse = self.broker.read_call(group, self.consumer_name, credit,
                                                     self.max_deliveries, self._expires, modes)
+                sent_at = monotonic()  # the leases start when the read runs, not after
                 reply, failed = self._send_read(calls + [read], acks)
                 acks, calls = [], []
                 result = parse(reply)
@@ -578,7 +592,7 @@ class Channel(virtual.Channel):
                     tag = message['properties']['delivery_tag']
                     self._inflight[tag] = Held(delivery.queue, delivery.stream,
                                                delivery.entry_id, delivery.deliveries,
-                                               delivery.exchange)
+                                               delivery.exchange, sent_at)
                     out.append((message, delivery.queue))
                 if failed is not None:
                     raise failed
@@ -671,8 +685,8 @@ class Channel(virtual.Channel):
         if held is not None:
             if not self._acks:
                 self._acks_since = monotonic()
-                self.connection.leases.acks_waiting()  # sent within ACK_DELAY at the latest
             self._acks.append(held)
+            self.connection.leases.acks_waiting()  # sent within ACK_DELAY at the latest
 
     def _ack_calls(self) -> tuple[list[Held], list[Call]]:
         """Take the deferred acks: (the acks, script calls: one per source and CHUNK acks).
@@ -787,8 +801,9 @@ class Channel(virtual.Channel):
                 self._buffer, dropped = kept, True
         if self._inflight.get(tag) is not held:
             return  # settled meanwhile: not lost
+        held.lost = True  # also when the consumer thread is about to hand it out
         if dropped:
-            del self._inflight[tag]
+            self._inflight.pop(tag, None)
             logger.warning('kombu-streams: dropped message %s of %s from the read-ahead buffer: '
                            'its lease ran out and another consumer has it now',
                            bytes_to_str(held.entry_id), held.stream)

@@ -45,7 +45,7 @@ def check(message: Any, decode_body: Callable[[Any, Any], Any]) -> None:
     _check(encoding is None or isinstance(encoding, str),
            'properties.body_encoding is not a string')
     if body:
-        _check(isinstance(body, str), 'body is not a string')
+        _check(isinstance(body, (str, bytes)), 'body is not a string')
         try:  # as kombu.Message will, with this Kombu's own codecs
             body = decode_body(body, encoding)
         except Exception as exc:
@@ -65,7 +65,8 @@ def _check_task(headers: dict[str, Any], body: Any, content_type: Any) -> None:
     _check(limits is None or (isinstance(limits, (list, tuple)) and len(limits) == 2 and all(
         v is None or isinstance(v, (int, float)) for v in limits)),
         'task header timelimit is not a pair of numbers')
-    if content_type == 'application/json' and body:
+    # a compressed body (task_compression) is checked by Kombu when it decompresses it
+    if content_type == 'application/json' and body and not headers.get('compression'):
         try:
             decoded = json.loads(body)
         except ValueError as exc:

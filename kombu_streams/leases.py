@@ -106,7 +106,7 @@ class Leases:
         renewed now, and dropped if that shows the lease was lost meanwhile."""
         ch = self.channel
         held = ch._inflight.get(tag)
-        if held is None:
+        if held is None or held.lost:
             return False  # dropped: its lease was lost
         if monotonic() - held.leased_at < ch.visibility_timeout / 2:
             return True
@@ -205,12 +205,12 @@ class LeaseKeeper:
         return [ch for ch in list(self.transport.channels) if not ch.closed]
 
     def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        """Start the thread, unless it runs (or the transport was closed: stop is final)."""
+        if self._stop.is_set() or (self._thread is not None and self._thread.is_alive()):
             return
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
+            if self._stop.is_set() or (self._thread is not None and self._thread.is_alive()):
                 return
-            self._stop.clear()
             self._thread = threading.Thread(
                 target=self._run, name='kombu-streams-leases', daemon=True)
             self._thread.start()
@@ -252,6 +252,8 @@ class LeaseKeeper:
                 logger.warning('kombu-streams: lease round failed: %r', exc)
 
     def _run(self) -> None:
+        """Rounds every interval(); in between, deferred acks ACK_DELAY after they were
+        made. Acks never put a round off: one that is due runs after the ack flush."""
         next_round = monotonic() + self.interval()
         while not self._stop.is_set():
             if self._acks.wait(max(next_round - monotonic(), 0.0)):
@@ -259,11 +261,11 @@ class LeaseKeeper:
                 if self._stop.wait(ACK_DELAY):
                     break
                 self.flush_acks()
-                continue
             if self._stop.is_set():
                 break
-            self.run_once()
-            next_round = monotonic() + self.interval()
+            if monotonic() >= next_round:
+                self.run_once()
+                next_round = monotonic() + self.interval()
 
 
 __all__ = ('LeaseKeeper', 'Leases', 'ACK_DELAY')

@@ -137,11 +137,14 @@ class ReadPlan:
                          '%d s at a time meanwhile; other queues are not affected.',
                          where, error, SUSPEND)
 
-    def forget(self, sources: Sequence[Source]) -> None:
-        """Drop the state of sources no longer read (a cancelled consumer)."""
+    def forget(self, sources: Sequence[Source]) -> set[Source]:
+        """Keep only the state of ``sources`` (a consumer was cancelled); returns the woken
+        sources dropped: their popped markers must be given back."""
         keep = set(sources)
+        dropped = self.woken - keep
         self.hot &= keep
         self.woken &= keep
+        return dropped
 
 
 __all__ = ('ReadPlan', 'READ_ALL', 'WINDOW', 'SWEEP', 'SWEEP_INTERVAL')

@@ -56,6 +56,7 @@ pipeline that records the unacked message).
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import threading
@@ -68,6 +69,8 @@ from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgain
 
 if TYPE_CHECKING:
     from .channel import Channel
+
+logger = logging.getLogger(__name__)
 
 #: BZPOPMIN rounds tiny timeouts to 0, which means "forever": never block for less.
 MIN_BLOCK = 0.01
@@ -136,19 +139,22 @@ class Poller:
 
     def _hand(self, channel: Channel, message: Any, queue: str,
               deliver: Callable[[Any, str], Any]) -> None:
-        """Run the consumer callback. If it raises (other than a connection error), the
-        message goes to the dead-letter stream instead of coming back into the same error:
-        e.g. Celery's worker dies of an envelope its strategy cannot take, and would die
-        again at each redelivery. On an event loop (Celery's hub) the error ends there, so
-        the worker lives on; from drain_events it is raised to the caller, once."""
+        """Run the consumer callback. On an event loop (Celery's hub), if it raises (other
+        than a connection error), the message goes to the dead-letter stream and the error
+        ends here: Celery's worker would otherwise exit ("Unrecoverable error") and die
+        again at each redelivery of the same message. From drain_events the error reaches
+        the caller unchanged and the message stays unacked, as with Kombu's Redis transport:
+        the application decides (the envelope checks already set aside what Kombu or Celery
+        cannot take)."""
+        if self._hub is None:  # drain_events: the caller sees the error (Kombu's behaviour)
+            deliver(message, queue)
+            return
         try:
             deliver(message, queue)
         except self.transport.connection_errors:
             raise
         except Exception as exc:
             channel.handler_failed(message, exc)
-            if self._hub is None:
-                raise
 
     def _wake_keys(self) -> dict[str, Any]:
         """wake key -> source, for the sources some channel may read now."""
@@ -264,9 +270,11 @@ class Poller:
         if remaining is not None:
             timeout = min(timeout, remaining)
         ready, _, _ = select.select(fds, [], [], max(timeout, 0))
+        # every answer is read before any callback runs: a marker popped meanwhile would
+        # otherwise wait in its socket, unseen by other consumers, until the next drain
+        answers = [self._answer(fd) for fd in ready]
         delivered = 0
-        for fd in ready:
-            popped = self._answer(fd)
+        for popped in answers:
             # the first wake-up delivers one message; later ones only keep their markers
             delivered += self._after_wake(popped, deliver, 0 if delivered else None)
         return delivered > 0
@@ -350,7 +358,7 @@ class Poller:
             item = channel.next_delivery()
             if item is None:
                 return
-            self.transport._deliver(item[0], item[1])
+            self._hand(channel, item[0], item[1], self.transport._deliver)
 
     def on_readable(self, fd: int) -> None:
         """A wait answered: deliver what is ready; the next loop turn waits again."""
@@ -368,3 +376,16 @@ class Poller:
         if disconnect:
             wait.conn.disconnect()
         wait.pool.release(wait.conn)
+        if disconnect:
+            self._give_back(wait.keys)
+
+    def _give_back(self, keys: tuple[str, ...]) -> None:
+        """A wait dropped unread may have popped one of its markers (the answer was on its way):
+        set them all again. A marker without work costs a read that finds nothing; a lost one
+        would leave the work to the sweep."""
+        try:
+            client = self.transport.blocking_client()
+            for key in keys:
+                client.zadd(key, {'w': 0})
+        except Exception as exc:  # no connection: the sweep of some consumer finds the work
+            logger.warning('kombu-streams: could not give back wake markers: %r', exc)

@@ -37,7 +37,8 @@ Errors: none from a source's keys (see problems); Redis's own otherwise.
 Minimum Redis: 6.2. Cost: sources are opened in serving order until COUNT is used up: for
 each, EXISTS of the marker (mode 'm') and SMEMBERS of its index, then commands only for the
 streams the index names (always for a fanout stream), O(COUNT + entries set aside, times
-groups on a fanout stream); a walk adds one XLEN per stream. Sources after COUNT ran out cost
+groups on a fanout stream), at most COUNT + 100 entries set aside per call; a walk adds one
+XLEN per stream. Sources after COUNT ran out cost
 nothing (one ZADD for a popped one). Never blocks.
 
 Ready index (lua/lib/common.lua): a stream the index does not name holds no ready message,
@@ -50,7 +51,8 @@ lua/lib/serve.lua. Wake-ups: kombu_streams/poller.py.
 
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
 local ctx = {consumer = ARGV[1], left = tonumber(ARGV[2]), holder = ARGV[3],
-             limit = tonumber(ARGV[4]), out = {}, problems = {}, aside = {}}
+             limit = tonumber(ARGV[4]), out = {}, problems = {}, aside = {},
+             aside_left = tonumber(ARGV[2]) + 100}
 local sources = {}
 for q = 1, Q do
   sources[q] = {q = q, group = ARGV[3 + 4 * q], shared = ARGV[4 + 4 * q] == 'f',

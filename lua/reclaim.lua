@@ -102,6 +102,7 @@ end
 
 -- the sweep: one page per stream, sharing what is left of the budget
 local cursors, page = {}, math.floor(budget / n)
+if budget > 0 and page == 0 then page = 1 end  -- a budget below the stream count still sweeps
 for i = 1, n do
   local key, cursor = KEYS[i], ARGV[5 + i]
   if not alive[i] then

@@ -862,6 +862,24 @@ def test_read_delivery_limit_serves_next_held_before_fresh(script_client):
     assert [(d[2], d[3]) for d in read(c, ['q'], 5, limit=2)] == [(fresh, 1)]
 
 
+def test_read_sets_aside_a_bounded_number_per_call(script_client):
+    """A backlog of messages past the delivery limit is set aside COUNT + 100 per call (a
+    call's work stays bounded); the call says more may be ready, and the next ones go on."""
+    c = script_client
+    declare(c, 'q')
+    ids_ = [publish(c, 'q', b'%d' % i) for i in range(150)]
+    read(c, ['q'], 150)
+    requeue(c, 'q', [(0, i) for i in ids_])
+    sources = Broker.sources(['q'])
+    (script, keys, args), parse = broker(c).read_call(sources, 'c2', 5, max_deliveries=1)
+    first = parse(script(c, keys, args))
+    assert (len(first.aside), first.deliveries, first.status) == (105, [], {('q', None): '1'})
+    assert marker(c, 'q') == [(b'w', 0.0)]
+    second = parse(script(c, keys, args))
+    assert (len(second.aside), second.deliveries) == (45, [])
+    assert len(dead(c, 'q')) == 150
+
+
 # -- reclaim -----------------------------------------------------------------------------------
 
 

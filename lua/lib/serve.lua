@@ -7,6 +7,8 @@
 --   ctx.consumer, ctx.holder, ctx.limit   who reads, who parks, the delivery limit
 --   ctx.left                              messages this call may still deliver
 --   ctx.out, ctx.problems, ctx.aside      the reply's parts (see read.lua)
+--   ctx.aside_left                        entries this call may still set aside (COUNT +
+--                                         100: a backlog of them is worked off over calls)
 --   src.q, src.group, src.shared, src.mode, src.ttl, src.wake, src.dlq, src.index_key
 --   src.streams                           its streams in KEYS (their indices)
 --   src.state    nil: not reached yet; 'open'; 'skip': its marker says nothing is ready;
@@ -82,6 +84,7 @@ set_aside = function(ctx, src, i, id, fields, reason, deliveries)
   end
   local aside, n = ctx.aside, #ctx.aside
   aside[n + 1], aside[n + 2], aside[n + 3], aside[n + 4] = src.q, i, id, reason
+  ctx.aside_left = ctx.aside_left - 1
 end
 
 -- Claim the parked entries TAKE (XPENDING records) of stream I for the consumer and deliver
@@ -135,6 +138,10 @@ local function serve_held(ctx, src, i)
   src.alive = true
   local done = true  -- every held entry of the stream was served
   while #held > 0 do
+    if ctx.aside_left <= 0 then  -- set aside enough for one call: the rest next time
+      done, ctx.left = false, 0
+      break
+    end
     local take, suspect = {}, false
     for _, p in ipairs(held) do
       if tonumber(p[4]) >= 1 then
@@ -270,8 +277,12 @@ local function finish_source(ctx, src)
   if src.state == 'skip' then return '0' end
   local more = src.more
   if src.state == 'open' and src.index then more = save_index(ctx, src) or more end
-  if src.state == 'broken' then
-    more = src.mode == 'p'  -- cannot tell: give the wake-up back
+  if src.state == 'broken' then  -- its index cannot be read: leave its marker be,
+    if src.mode == 'p' then       -- but give a popped wake-up back
+      local err = arm(src.wake, KEYS[src.streams[1]], src.ttl)
+      if err then problem(ctx, src, src.wake, err) end
+    end
+    return 'e'
   end
   local err
   if more then
