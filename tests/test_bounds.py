@@ -444,6 +444,28 @@ def test_deferred_acks_are_sent_within_ack_delay_while_the_buffer_lasts(url, raw
             assert len(ch._buffer) == 8  # nothing else read meanwhile
 
 
+def test_lease_rounds_run_while_acks_keep_coming(url, raw):
+    """Acks wake the keeper thread every ACK_DELAY; its rounds must still run: a held message
+    keeps its lease (PEL idle time stays below the lease) while others are acked steadily."""
+    q, busy = direct_queue("keep-held"), direct_queue("keep-busy")
+    with Connection(url, transport_options={"visibility_timeout": 1.5}) as c:
+        publish(c, q, ["held"])
+        publish(c, busy, list(range(200)))
+        held = []
+        ch = c.channel()
+        with Consumer(ch, [q], accept=["json"], callbacks=[lambda b, m: held.append(m)]):
+            c.drain_events(timeout=TIMEOUT)
+            with Consumer(ch, [busy], accept=["json"], callbacks=[lambda b, m: m.ack()]):
+                end = time.monotonic() + 3
+                while time.monotonic() < end:
+                    c.drain_events(timeout=TIMEOUT)
+                    time.sleep(0.02)
+            idle = raw.xpending_range(Keys().stream("keep-held", 0), "keep-held", "-", "+",
+                                      1)[0]["time_since_delivered"]
+            assert idle < 1500, idle
+            held[0].ack()
+
+
 def test_renewal_of_thousands_goes_in_chunks(url, raw):
     q = direct_queue("renew-many")
     n = 2500
