@@ -21,7 +21,6 @@ from time import monotonic
 from typing import Any, NamedTuple
 from uuid import uuid4
 
-from kombu.exceptions import BatchPublishError
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.encoding import bytes_to_str
@@ -29,6 +28,7 @@ from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import cycle_by_name
 
 from .broker import HOLDER, Broker, Delivery
+from .compat import BATCH_PUBLISH, BatchPublishError
 from .connection import POOL_OPTIONS
 from .keys import Keys
 from .scripts import Call, run_calls
@@ -267,8 +267,9 @@ class Channel(virtual.Channel):
             return None
         return int(self.publish_min_replicas), int(self.publish_replica_timeout * 1000)
 
-    def create_publish_batch(self, max_size: int) -> PublishBatch:
-        return PublishBatch(self, max_size)
+    if BATCH_PUBLISH:  # Kombu 5.7+: Producer.batch() asks for this (see compat.py)
+        def create_publish_batch(self, max_size: int) -> PublishBatch:
+            return PublishBatch(self, max_size)
 
     # -- routing tables, shared in Redis ----------------------------------------------------
 
