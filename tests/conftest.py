@@ -10,6 +10,7 @@ Helpers usable from other test modules (``from conftest import ...``):
 * ``stop_redis(proc)``
 * ``server_version(url)`` -- ``redis_version`` from ``INFO server``
 * ``wait_until(predicate, timeout, what, interval, diag)`` -- poll until true, or fail
+* ``requires_batch_publish`` -- skip mark for tests of ``Producer.batch()`` (Kombu 5.7+)
 
 Fixtures:
 
@@ -35,6 +36,8 @@ from typing import NamedTuple
 import pytest
 import redis
 
+from kombu_streams.compat import BATCH_PUBLISH
+
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
 BIND_ATTEMPTS = 5
@@ -59,6 +62,13 @@ class RedisStartError(RuntimeError):
 
 def in_ci() -> bool:
     return bool(os.environ.get("CI"))
+
+
+#: For tests of ``Producer.batch()``: the feature does not exist in Kombu before 5.7, so the
+#: transport does not offer it there (a legitimate skip, also in CI).
+requires_batch_publish = pytest.mark.skipif(
+    not BATCH_PUBLISH,
+    reason="this Kombu has no Producer.batch(): batch publishing needs Kombu 5.7 or newer")
 
 
 def missing(reason: str):
