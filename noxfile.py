@@ -75,6 +75,7 @@ RUFF = 'ruff==0.17.6'
 #: version (credential providers, Sentinel pools), and real Celery workers: prefork and
 #: threads with results, inspect ping, revoke, purge.
 COMPAT_TESTS = [
+    'tests/test_compat.py',
     'tests/test_scripts.py',
     'tests/test_kombu_api.py',
     'tests/test_connection.py::test_sentinel_round_trip',
