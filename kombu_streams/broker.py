@@ -7,7 +7,7 @@ of a queue makes one script call per queue, so each call touches one hash slot.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from redis.crc import key_slot
@@ -164,7 +164,7 @@ class Broker:
                                  max_deliveries, ttls, walk)
 
     @staticmethod
-    def sources(queues: Sequence[str], fanout: dict[str, Iterable[str]] | None = None
+    def sources(queues: Sequence[str], fanout: Mapping[str, Iterable[str]] | None = None
                 ) -> list[tuple[str, str | None]]:
         """(queue, fanout exchange or None) for what a read of ``queues`` covers, in serving
         order: the queues' groups on fanout exchanges, then the queues' own streams."""

@@ -627,7 +627,7 @@ class Channel(virtual.Channel):
             taken.append(held)
             by_source.setdefault((held.queue, held.exchange), []).append(
                 (held.stream, held.entry_id))
-        calls = []
+        calls: list[Call] = []
         for (queue, exchange), entries in by_source.items():
             call = self.broker.ack_call(queue, entries, exchange)
             if call is not None:
