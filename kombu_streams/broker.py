@@ -7,7 +7,7 @@ of a queue makes one script call per queue, so each call touches one hash slot.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
 from redis.crc import key_slot
@@ -203,7 +203,7 @@ class Broker:
         return parse(script(self.client, keys, args)).deliveries
 
     @staticmethod
-    def sources(queues: Sequence[str], fanout: dict[str, Iterable[str]] | None = None
+    def sources(queues: Sequence[str], fanout: Mapping[str, Iterable[str]] | None = None
                 ) -> list[Source]:
         """(queue, fanout exchange or None) for what a read of ``queues`` covers, in serving
         order: the queues' groups on fanout exchanges, then the queues' own streams."""
@@ -233,7 +233,8 @@ class Broker:
         ttls, modes = ttls or {}, modes or {}
         index = {src: i + 1 for i, src in enumerate(sources)}
         # (stream key, source, level), in the order to serve them
-        streams = [(self.keys.fanout(ex), (q, ex), self.levels[0]) for q, ex in sources if ex]
+        streams: list[tuple[str, Source, int]] = [
+            (self.keys.fanout(ex), (q, ex), self.levels[0]) for q, ex in sources if ex]
         own = [q for q, ex in sources if not ex]
         streams += [(self.keys.stream(q, level), (q, None), level)
                     for level in self.levels for q in own]
@@ -318,7 +319,7 @@ class Broker:
         by_stream: dict[str, list[Any]] = {}
         for stream, entry_id in entries:
             by_stream.setdefault(stream, []).append(entry_id)
-        calls = []
+        calls: list[tuple[Call, str]] = []
         for stream, ids in by_stream.items():
             ids.sort(key=_id_order)
             for j in range(0, len(ids), RENEW_CHUNK):

@@ -21,7 +21,6 @@ from time import monotonic
 from typing import Any
 from uuid import uuid4
 
-from kombu.exceptions import BatchPublishError
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.encoding import bytes_to_str
@@ -30,6 +29,7 @@ from kombu.utils.scheduling import cycle_by_name
 
 from . import envelope
 from .broker import HOLDER, READ, Broker, Delivery, ReadResult, Source
+from .compat import BATCH_PUBLISH, BatchPublishError
 from .connection import POOL_OPTIONS
 from .keys import Keys
 from .leases import ACK_DELAY, Leases
@@ -297,8 +297,9 @@ class Channel(virtual.Channel):
             return None
         return int(self.publish_min_replicas), int(self.publish_replica_timeout * 1000)
 
-    def create_publish_batch(self, max_size: int) -> PublishBatch:
-        return PublishBatch(self, max_size)
+    if BATCH_PUBLISH:  # Kombu 5.7+: Producer.batch() asks for this (see compat.py)
+        def create_publish_batch(self, max_size: int) -> PublishBatch:
+            return PublishBatch(self, max_size)
 
     # -- routing tables, shared in Redis ----------------------------------------------------
 
@@ -701,7 +702,7 @@ class Channel(virtual.Channel):
             taken.append(held)
             by_source.setdefault((held.queue, held.exchange), []).append(
                 (held.stream, held.entry_id))
-        calls = []
+        calls: list[Call] = []
         for (queue, exchange), entries in by_source.items():
             calls += self.broker.ack_calls(queue, entries, exchange)
         return taken, calls

@@ -397,7 +397,8 @@ def cmd_dlq_show(args: argparse.Namespace, broker: Broker) -> int:
     found = broker.client.xrange(broker.keys.dlq(args.queue), args.id, args.id)
     if not found:
         raise Failure(f'no dead letter {args.id} in queue {args.queue!r}', NOT_FOUND)
-    d = letter(*found[0], info['time_ms'])
+    entry_id, fields = found[0]
+    d = letter(entry_id, fields, info['time_ms'])
     if d['message'] is not None:  # show the whole body here, not a preview
         d['message']['body'] = body_text(d['fields']['m'])
     lines = [f"{k}: {d[k]}" for k in ('id', 'reason', 'stream', 'origin_id', 'deliveries')]

