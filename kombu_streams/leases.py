@@ -193,9 +193,13 @@ class LeaseKeeper:
         self.start()
 
     def acks_waiting(self) -> None:
-        """A channel deferred an ack: make sure it goes out within ACK_DELAY."""
-        self._acks.set()
-        self.start()
+        """A channel deferred an ack: make sure it goes out within ACK_DELAY. Called for
+        every deferred ack, so it is cheap when the thread knows already: the flag is read
+        without a lock. The thread clears it before it waits ACK_DELAY and flushes, so an
+        ack made after the clear sets it again and the next turn sends that one."""
+        if not self._acks.is_set():
+            self._acks.set()
+            self.start()
 
     def interval(self) -> float:
         periods = [ch.keeper_interval() for ch in self._channels()] or [MAX_INTERVAL]
