@@ -80,6 +80,7 @@ COMPAT_TESTS = [
     'tests/test_scripts.py',
     'tests/test_kombu_api.py',
     'tests/test_bounds.py',
+    'tests/test_plan.py',
     'tests/test_connection.py::test_sentinel_round_trip',
     'tests/test_connection.py::test_sentinel_pool_options_without_servers',
     'tests/test_connection.py::test_credential_provider',
