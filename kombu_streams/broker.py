@@ -29,7 +29,7 @@ Source = tuple[str, Optional[str]]
 READ, POPPED, GATED, WALK = 'r', 'p', 'm', 'w'
 
 #: Most ids per renew call (a few ms of Redis time; the calls of a round are pipelined).
-RENEW_CHUNK = 1000
+RENEW_CHUNK = 500
 #: Most entries per ack or requeue call, for the same reason.
 CHUNK = 1000
 

@@ -3,7 +3,7 @@
 KEYS[1]     the stream that holds the messages (a queue's level, or a fanout stream)
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     consumer name: only messages this consumer still owns are renewed
-ARGV[3..]   entry ids, in increasing order (the channel sends at most 1000 per call)
+ARGV[3..]   entry ids, in increasing order (the channel sends at most 500 per call)
 Reply:      the ids, in the order given, whose lease this consumer lost: no longer pending
             under it (reclaimed after a stall, requeued, acked meanwhile), deleted, or their
             stream or group is gone (the queue was deleted)
