@@ -65,6 +65,9 @@ class ReadResult(NamedTuple):
     problems: list[tuple[Source, str]]
     #: (source, stream key, entry id, reason) of entries moved to the dead-letter stream
     aside: list[tuple[Source, str, bytes, str]]
+    #: per queue source the read opened: ms until its next delayed message is due (0: due
+    #: now), -1: none delayed
+    dues: dict[Source, int] = {}
 
 
 class Reclaimed(NamedTuple):
@@ -77,6 +80,17 @@ class Reclaimed(NamedTuple):
     next_ms: int
     #: where the sweep goes on, per stream ('-': it reached the end)
     cursors: list[str]
+
+
+class Delay(NamedTuple):
+    """When a published message is due, as publish.lua takes it."""
+
+    #: '' now, '@<unix ms>' at a time, '+<ms>' after a delay (on the server's clock)
+    due: str = ''
+    #: a message due sooner than this is published at once
+    threshold_ms: int = 1000
+    #: a name for operators (Celery's task id)
+    label: str = ''
 
 
 class Broker:
@@ -108,17 +122,23 @@ class Broker:
 
     # -- publishing ----------------------------------------------------------------------
 
-    def publish_call(self, queue: str, level: int, payload: str | bytes, routed: bool = False
-                     ) -> tuple[Script, list[str], list[Any]]:
+    def publish_call(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
+                     delay: Delay | None = None) -> tuple[Script, list[str], list[Any]]:
         """The publish call as (script, KEYS, ARGV), for pipelines. ``routed``: only if the
-        queue exists (a copy routed by an exchange must not recreate a deleted queue)."""
+        queue exists (a copy routed by an exchange must not recreate a deleted queue).
+        ``delay``: delayed delivery is on (messages already due are moved first, so this one
+        never overtakes them), and when the message is due (see :class:`Delay`)."""
         keys = [self.keys.stream(queue, level), self.keys.wake(queue),
                 self.keys.stream(queue, self.levels[0]), self.keys.ready(queue)]
-        return SCRIPTS['publish'], keys, [payload, '1' if routed else '0']
+        args: list[Any] = [payload, '1' if routed else '0']
+        if delay is not None:
+            keys += [self.keys.delayed(queue), self.keys.delayed_messages(queue)]
+            args += [delay.due, delay.threshold_ms, delay.label]
+        return SCRIPTS['publish'], keys, args
 
-    def publish(self, queue: str, level: int, payload: str | bytes, routed: bool = False
-                ) -> bytes | None:
-        script, keys, args = self.publish_call(queue, level, payload, routed)
+    def publish(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
+                delay: Delay | None = None) -> bytes | None:
+        script, keys, args = self.publish_call(queue, level, payload, routed, delay)
         return script(self.client, keys, args)
 
     def fanout_publish_call(self, exchange: str, payload: str | bytes,
@@ -141,22 +161,27 @@ class Broker:
         return int(SCRIPTS['size'](self.client, self.streams(queue), [queue, HOLDER]))
 
     def purge(self, queue: str, batch: int = 1000) -> int:
-        """Delete all ready messages, in calls of at most ``batch`` entries per stream."""
+        """Delete all ready and delayed messages, in calls of at most ``batch`` entries per
+        stream (and of the delayed set)."""
+        keys = self.streams(queue) + [self.keys.delayed(queue),
+                                      self.keys.delayed_messages(queue)]
         total, more = 0, 1
         while more:
-            purged, more = SCRIPTS['purge'](self.client, self.streams(queue),
-                                            [queue, HOLDER, batch])
+            purged, more = SCRIPTS['purge'](self.client, keys, [queue, HOLDER, batch])
             total += int(purged)
         return total
 
     def delete(self, queue: str) -> int:
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
-                                      self.keys.dlq(queue)]
+                                      self.keys.delayed(queue),
+                                      self.keys.delayed_messages(queue), self.keys.dlq(queue)]
         return SCRIPTS['delete'](self.client, keys)
 
     def touch(self, queue: str, ttl_ms: int) -> int:
         """Keep an expiring queue's keys alive for another ``ttl_ms``."""
-        keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue)]
+        keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
+                                      self.keys.delayed(queue),
+                                      self.keys.delayed_messages(queue)]
         return SCRIPTS['touch'](self.client, keys, [int(ttl_ms)])
 
     # -- routing tables --------------------------------------------------------------------
@@ -242,17 +267,19 @@ class Broker:
         args: list[Any] = [consumer, count, HOLDER, max_deliveries, len(streams), len(sources)]
         for src in sources:
             q, ex = src
-            if ex:  # no ready index for a group on a fanout stream: its marker again
-                keys += [self.wake(q, ex), self.keys.fanout_dlq(ex, q), self.wake(q, ex)]
+            if ex:  # no ready index, no delayed set for a group on a fanout stream
+                wake = self.wake(q, ex)
+                keys += [wake, self.keys.fanout_dlq(ex, q), wake, wake, wake]
             else:
-                keys += [self.keys.wake(q), self.keys.dlq(q), self.keys.ready(q)]
+                keys += [self.keys.wake(q), self.keys.dlq(q), self.keys.ready(q),
+                         self.keys.delayed(q), self.keys.delayed_messages(q)]
             args += [q, 'f' if ex else 'q', modes.get(src, READ), ttls.get(q, 0)]
         args += [index[src] for _, src, _ in streams]
 
         def parse(reply: list[Any]) -> ReadResult:
-            status, problems, aside = self._text(reply[0]), reply[1], reply[2]
+            status, problems, aside, dues = self._text(reply[0]), reply[1], reply[2], reply[3]
             out = []
-            for j in range(3, len(reply), 4):
+            for j in range(4, len(reply), 4):
                 i, entry_id, deliveries, payload = reply[j:j + 4]
                 key, (queue, exchange), level = streams[int(i) - 1]
                 out.append(Delivery(queue, level, key, entry_id, int(deliveries), payload,
@@ -262,7 +289,8 @@ class Broker:
                 [(sources[int(problems[j]) - 1], self._text(problems[j + 1]))
                  for j in range(0, len(problems), 2)],
                 [(sources[int(aside[j]) - 1], streams[int(aside[j + 1]) - 1][0], aside[j + 2],
-                  self._text(aside[j + 3])) for j in range(0, len(aside), 4)])
+                  self._text(aside[j + 3])) for j in range(0, len(aside), 4)],
+                {sources[int(dues[j]) - 1]: int(dues[j + 1]) for j in range(0, len(dues), 2)})
 
         return (SCRIPTS['read'], keys, args), parse
 
@@ -414,10 +442,11 @@ class Broker:
         """A read-only snapshot of a queue (inspect.lua): per level its ready, held (requeued
         or reclaimed, part of ready), pending (delivered, unacked) messages, consumers and
         the age of the oldest ready message in ms (None when none is ready); the totals; the
-        dead-letter stream's length; ``exists`` (any of its streams exists)."""
-        keys = [*self.streams(queue), self.keys.dlq(queue)]
-        records, dlq, now = SCRIPTS['inspect'].call_ro(self.client, keys,
-                                                       [queue, HOLDER, *self.levels])
+        dead-letter stream's length; the delayed messages and ms until the next is due
+        (``next_due_ms``, None when none); ``exists`` (any of its streams exists)."""
+        keys = [*self.streams(queue), self.keys.dlq(queue), self.keys.delayed(queue)]
+        records, dlq, now, delayed, next_due = SCRIPTS['inspect'].call_ro(
+            self.client, keys, [queue, HOLDER, *self.levels])
         levels: list[dict[str, Any]] = []
         consumers: dict[str, dict[str, Any]] = {}
         for key, rec in zip(keys, records):
@@ -445,6 +474,8 @@ class Broker:
             'oldest_ready_ms': max(ages) if ages else None,
             'consumers': sorted(consumers.values(), key=lambda c: c['name']),
             'dlq': int(dlq),
+            'delayed': int(delayed),
+            'next_due_ms': None if next_due < 0 else int(next_due),
             'levels': levels,
             'time_ms': int(now),
         }

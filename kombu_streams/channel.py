@@ -27,8 +27,8 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import cycle_by_name
 
-from . import envelope
-from .broker import HOLDER, READ, Broker, Delivery, ReadResult, Source
+from . import due, envelope
+from .broker import HOLDER, READ, Broker, Delay, Delivery, ReadResult, Source
 from .compat import BATCH_PUBLISH, BatchPublishError
 from .connection import POOL_OPTIONS
 from .keys import Keys
@@ -136,7 +136,7 @@ class Channel(virtual.Channel):
         'sep', 'priority_steps', 'queue_order_strategy', 'visibility_timeout',
         'global_keyprefix', 'routing_cache_ttl', 'max_read_batch', 'purge_batch',
         'max_deliveries', 'dead_letter_rejected', 'reclaim_batch', 'publish_min_replicas',
-        'publish_replica_timeout', 'max_message_size',
+        'publish_replica_timeout', 'max_message_size', 'delayed_delivery', 'delayed_threshold',
     ) + POOL_OPTIONS
 
     sep = '\x06\x16'
@@ -168,6 +168,12 @@ class Channel(virtual.Channel):
     #: Largest message (encoded envelope, bytes) a publish sends; None: what the server takes
     #: in one command (proto-max-bulk-len, 512 MiB by default).
     max_message_size: int | None = None
+    #: A message with a due time (Celery's eta/countdown, an x-delay header in ms) waits in
+    #: Redis, in its queue's delayed set, and is moved to its stream when due (see
+    #: kombu_streams.due). False: published at once, as Kombu's Redis transport does.
+    delayed_delivery = True
+    #: Seconds: a message due sooner than this is published at once.
+    delayed_threshold: float = 1.0
 
     def __init__(self, connection: Any, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
@@ -265,7 +271,15 @@ class Channel(virtual.Channel):
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         self._publish(self.broker.publish_call(queue, self._level(message),
                                                self._payload(message),
-                                               routed=kwargs.get('_routed', False)), kwargs)
+                                               routed=kwargs.get('_routed', False),
+                                               delay=self._delay(message)), kwargs)
+
+    def _delay(self, message: dict[str, Any]) -> Delay | None:
+        """When the message is due, for publish.lua; None with delayed delivery off."""
+        if not self.delayed_delivery:
+            return None
+        at, label = due.when(message)
+        return Delay(at, int(self.delayed_threshold * 1000), label)
 
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
                     **kwargs: Any) -> None:
@@ -482,6 +496,14 @@ class Channel(virtual.Channel):
             return {}
         return {self.broker.wake(q, ex): (q, ex)
                 for q, ex in self.plan.live(self._sources(self.active_queues))}
+
+    def due_in(self) -> float | None:
+        """Seconds until a delayed message of a source this channel would read now is due,
+        as its reads have told (0: due already); None when none is known."""
+        if not self.plan.due or not self._consumers or self.closed:
+            return None
+        at = self.plan.next_due(self.plan.live(self._sources(self.active_queues)))
+        return None if at is None else max(at - monotonic(), 0.0)
 
     def woke(self, key: str) -> bool:
         """The poller popped wake marker ``key``: read its source next. False when it is

@@ -9,6 +9,9 @@ client would only rewrite the first one).
     <prefix>ks:q:{<queue>}:wake      wake marker (zset with one member) for blocked consumers
     <prefix>ks:q:{<queue>}:dlq       dead-letter stream
     <prefix>ks:q:{<queue>}:ready     ready index (set): which streams may hold ready messages
+    <prefix>ks:q:{<queue>}:delayed   delayed messages: member -> due time (zset; the member
+                                     starts with the level it goes to, lua/lib/delay.lua)
+    <prefix>ks:q:{<queue>}:delayed:m delayed messages: member -> message (hash)
     <prefix>ks:x:{<exchange>}:bindings   routing table (set of "rk<sep>pattern<sep>queue")
     <prefix>ks:x:{<exchange>}:deadlines  deadlines of bindings of expiring queues (zset)
     <prefix>ks:x:{<exchange>}:fanout     fanout stream, one consumer group per bound queue
@@ -68,6 +71,14 @@ class Keys:
 
     def ready(self, queue: str) -> str:
         return f'{self.queue_base(queue)}:ready'
+
+    def delayed(self, queue: str) -> str:
+        """The delayed set; lua/lib/delay.lua finds the queue's streams by cutting
+        ':delayed' off its end."""
+        return f'{self.queue_base(queue)}:delayed'
+
+    def delayed_messages(self, queue: str) -> str:
+        return f'{self.queue_base(queue)}:delayed:m'
 
     def dlq(self, queue: str) -> str:
         return f'{self.queue_base(queue)}:dlq'

@@ -75,6 +75,8 @@ RULES: dict[str, Rule] = {
     'publish_replica_timeout': POSITIVE,
     'max_message_size': _or_none(_int_at_least(1)),
     'cluster': BOOL,
+    'delayed_delivery': BOOL,
+    'delayed_threshold': NON_NEGATIVE,
 }
 
 

@@ -22,6 +22,10 @@ source how to read it (see its header):
   removed behind our back) and for an index that names too little. With few sources, every
   source is swept every interval, as every read after a wait timeout once did; with 1,000,
   each comes round every 1,000 / SWEEP intervals.
+* **due** (READ): the last read of it said its next delayed message is due by now (read.lua
+  moves due ones into the streams as it opens a source). The wait of an idle channel ends
+  by the earliest due time it knows (:meth:`ReadPlan.next_due`), so a delayed message is
+  read when it is due, not a polling interval later.
 * **suspended**: a read met another program's key at one of its names (WRONGTYPE); it is
   left out of reads and waits for SUSPEND seconds, so one broken queue never stops the
   healthy ones, and the error is logged once per LOG_PERIOD.
@@ -58,6 +62,8 @@ class ReadPlan:
         self.woken: set[Source] = set()
         self.suspended: dict[Source, float] = {}
         self._logged: dict[tuple[Source, str], float] = {}
+        #: source -> monotonic time its next delayed message is due, as reads reported
+        self.due: dict[Source, float] = {}
         self._turn = {'window': 0, 'sweep': 0}
         self._sweep_at = 0.0
 
@@ -84,17 +90,17 @@ class ReadPlan:
         read. Empty: nothing to read now."""
         live = self.live(sources)
         modes: dict[Source, str] = {}
+        now = monotonic()
         for s in live:
             if s in self.woken:
                 modes[s] = POPPED
-            elif s in self.hot:
+            elif s in self.hot or self.due.get(s, now + 1) <= now:
                 modes[s] = READ
         cold = [s for s in live if s not in modes]
         if len(live) <= READ_ALL:
             modes.update((s, GATED) for s in cold)
         elif modes:
             modes.update((s, GATED) for s in self._next('window', cold, WINDOW))
-        now = monotonic()
         if now >= self._sweep_at and live:
             self._sweep_at = now + SWEEP_INTERVAL
             for s in self._next('sweep', live, SWEEP):
@@ -115,8 +121,25 @@ class ReadPlan:
                 self.hot.discard(source)
             if modes.get(source) == POPPED:
                 self.woken.discard(source)  # read, or its wake-up given back by read.lua
+        if result.dues:
+            now = monotonic()
+            for source, ms in result.dues.items():
+                if ms < 0:
+                    self.due.pop(source, None)
+                else:
+                    self.due[source] = now + ms / 1000.0
         for source, error in result.problems:
             self.suspend(source, error)
+
+    def next_due(self, sources: Sequence[Source] | None = None) -> float | None:
+        """The earliest monotonic time a delayed message of ``sources`` (default: all) is
+        due, as far as reads have told; None when none is known."""
+        if not self.due:
+            return None
+        if sources is None:
+            return min(self.due.values())
+        times = [self.due[s] for s in sources if s in self.due]
+        return min(times) if times else None
 
     def suspend(self, source: Source, error: str) -> None:
         """Leave a source with a broken key alone for SUSPEND seconds; log it now and then."""
@@ -144,6 +167,7 @@ class ReadPlan:
         dropped = self.woken - keep
         self.hot &= keep
         self.woken &= keep
+        self.due = {s: t for s, t in self.due.items() if s in keep}
         return dropped
 
 

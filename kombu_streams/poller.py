@@ -180,10 +180,20 @@ class Poller:
             groups.setdefault(key_slot(key.encode()), []).append(key)
         return [tuple(keys) for keys in groups.values()]
 
-    def _block(self, remaining: float | None) -> float:
+    def _due_in(self, owner: Channel | None = None) -> float | None:
+        """Seconds until the earliest delayed message that ``owner`` (default: any channel)
+        reads is due, as far as its reads have told; None when none is known."""
+        times = [t for ch in ([owner] if owner else self.channels)
+                 if (t := ch.due_in()) is not None]
+        return min(times) if times else None
+
+    def _block(self, remaining: float | None, owner: Channel | None = None) -> float:
+        """How long one wait may block: ``polling_interval``, the time left, and the time
+        until the next delayed message is due, whichever is shortest."""
         block = self.transport.wait_interval
-        if remaining is not None:
-            block = min(block, remaining)
+        for bound in (remaining, self._due_in(owner)):
+            if bound is not None:
+                block = min(block, bound)
         return max(block, MIN_BLOCK)
 
     def _after_wake(self, popped: Any, deliver: Callable[[Any, str], Any],
@@ -269,8 +279,9 @@ class Poller:
         fds = [fd for fd, w in self._waits.items() if w.owner is None]
         # each BZPOPMIN times out by itself within wait_interval; the margin covers the trip
         timeout = self.transport.wait_interval + 1.0
-        if remaining is not None:
-            timeout = min(timeout, remaining)
+        for bound in (remaining, self._due_in()):
+            if bound is not None:
+                timeout = min(timeout, bound)
         ready, _, _ = select.select(fds, [], [], max(timeout, 0))
         # every answer is read before any callback runs: a marker popped meanwhile would
         # otherwise wait in its socket, unseen by other consumers, until the next drain
@@ -286,7 +297,7 @@ class Poller:
         pool = self.transport.wait_pool(keys[0])
         conn = pool_connection(pool, 'BZPOPMIN')
         try:
-            conn.send_command('BZPOPMIN', *keys, self._block(None))
+            conn.send_command('BZPOPMIN', *keys, self._block(None, owner))
         except Exception:
             pool.release(conn)
             raise

@@ -1,42 +1,94 @@
---[[ publish: append one message to a queue's stream and wake its consumers.
+--[[ publish: append one message to a queue's stream and wake its consumers, or keep it in
+the queue's delayed set until it is due.
 
 KEYS[1]   the stream of the message's priority level, e.g. ks:q:{celery}:3
 KEYS[2]   the queue's wake marker (zset), ks:q:{celery}:wake
 KEYS[3]   the queue's first stream (level 0), ks:q:{celery}:0: while it exists, the queue does
 KEYS[4]   the queue's ready index (set), ks:q:{celery}:ready (see lua/lib/common.lua)
+KEYS[5]   optional: the queue's delayed set, ks:q:{celery}:delayed (see lua/lib/delay.lua)
+KEYS[6]   optional: the queue's delayed messages, ks:q:{celery}:delayed:m
 ARGV[1]   the message: Kombu's JSON envelope, stored as field "m"
-ARGV[2]   "1" when routed through an exchange: publish only if the queue exists (a bound
-          queue was declared; if its keys are gone it was deleted or expired, and a copy
-          must not bring it back); "0" for the default exchange, which creates the queue
-Reply:    the new entry id, or nil when the queue does not exist and ARGV[2] is "1"
-Minimum Redis: 6.2 (XADD NOMKSTREAM). Cost: O(1): XADD, ZADD and SADD, plus EXISTS only when
-the level's stream does not exist yet, and PTTL only when the marker or the stream's index
-member was not there (both then get the queue's expiry; present ones have it already: every
-script that sets them gives it, and touch.lua refreshes it with the streams; a marker the
-poller put back with a plain ZADD gets it at its consumer's next read or touch).
-
-A queue exists while its level's stream or its first stream does (declare makes all its
-streams, delete removes them all, x-expires expires them together), so a routed copy first
-tries XADD NOMKSTREAM and looks at the first stream only when that found no stream.
-
-The marker is set in the same script as the XADD, so no consumer can see the marker without
-the message or the message without the marker: the heart of the no-lost-wake-up argument in
-kombu_streams/poller.py. Never trims: a stream only loses entries that were acked.
+ARGV[2]   "1" when routed through an exchange: publish only if the queue exists (a copy must
+          not bring back a deleted or expired queue); "0" for the default exchange
+ARGV[3]   with KEYS[5..6]: when it is due: "" now, "@<ms>" at unix ms, "+<ms>" in ms from now
+ARGV[4]   with KEYS[5..6]: threshold in ms: a message due sooner is published now
+ARGV[5]   with KEYS[5..6]: a label for operators (Celery's task id), may be ""
+Reply:    the new entry id; or "delayed:<member>" when kept until due; or nil when the queue
+          does not exist and ARGV[2] is "1"
+Why here: the marker is set in the same call as the XADD, so no consumer sees one without
+the other (the no-lost-wake-up argument, docs/design.rst). With KEYS[5..6], delayed messages
+already due are moved to their streams first, so a message published now never overtakes
+one that was due before it. Never trims. Minimum Redis: 6.2. Cost: O(1) plus the moves
+(at most PUBLISH_PROMOTE).
 ]]
 --@include common
-local id = false
-if ARGV[2] == '1' then
-  id = redis.call('XADD', KEYS[1], 'NOMKSTREAM', '*', 'm', ARGV[1])
-  if not id and redis.call('EXISTS', KEYS[3]) == 0 then return false end
+--@include delay
+if #KEYS ~= 4 and #KEYS ~= 6 then return redis.error_reply('publish: needs 4 or 6 keys') end
+local PUBLISH_PROMOTE = 100
+local stream, wake, first, ready, dkey, bodies = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local payload, routed = ARGV[1], ARGV[2] == '1'
+local now = nil
+local function clock()
+  if now == nil then now = now_ms() end
+  return now
 end
-if not id then id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[1]) end
-local new_marker = redis.call('ZADD', KEYS[2], 0, 'w') == 1
-local new_member = redis.call('SADD', KEYS[4], KEYS[1]) == 1
-if new_marker or new_member then
-  local ttl = redis.call('PTTL', KEYS[3])
-  if ttl > 0 then
-    if new_marker then redis.call('PEXPIRE', KEYS[2], ttl) end
-    if new_member then redis.call('PEXPIRE', KEYS[4], ttl) end
+
+-- Give newly made members of the marker and the index the queue's expiry (x-expires); ones
+-- that exist have it already (every script that sets them gives it, touch.lua refreshes it).
+local function expire_new(...)
+  local ttl = nil
+  for _, key in ipairs({...}) do
+    if ttl == nil then ttl = redis.call('PTTL', first) end
+    if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
   end
 end
+
+local function keep_delayed(due)
+  local member, earliest = delay_store(dkey, bodies, string.match(stream, ':(%d+)$') or '0',
+                                       ARGV[5] or '', payload, due)
+  local new = {}
+  if redis.call('ZCARD', dkey) == 1 then new = {dkey, bodies} end
+  if redis.call('SADD', ready, DELAYED) == 1 then new[#new + 1] = ready end
+  -- a new earliest due time: wake a consumer, whose read learns it (its wait ends by then)
+  if earliest and redis.call('ZADD', wake, 0, 'w') == 1 then new[#new + 1] = wake end
+  expire_new(unpack(new))
+  return 'delayed:' .. member
+end
+
+if dkey and ARGV[3] ~= '' then
+  local mark, t = string.sub(ARGV[3], 1, 1), tonumber(string.sub(ARGV[3], 2))
+  if t == nil then return redis.error_reply('publish: bad due time ' .. ARGV[3]) end
+  local due = mark == '+' and clock() + t or t
+  if due - clock() >= tonumber(ARGV[4]) then
+    if routed and redis.call('EXISTS', first) == 0 then return false end
+    return keep_delayed(due)
+  end
+end
+
+local marks = nil  -- with KEYS[5..6]: {stream in the index, queue may hold delayed ones}
+if dkey then
+  marks = redis.call('SMISMEMBER', ready, stream, DELAYED)
+  local next_due = marks[2] == 1 and delay_next(dkey)
+  if next_due and next_due <= clock() then
+    if routed and redis.call('EXISTS', first) == 0 then return false end
+    local _, streams, more = promote(dkey, bodies, first, clock(), PUBLISH_PROMOTE)
+    if #streams > 0 then index_add(ready, first, unpack(streams)) end
+    if more then  -- more were due than one call moves: this one queues up behind them
+      if redis.call('ZADD', wake, 0, 'w') == 1 then expire_new(wake) end
+      return keep_delayed(clock())
+    end
+  end
+end
+local id = false
+if routed then
+  id = redis.call('XADD', stream, 'NOMKSTREAM', '*', 'm', payload)
+  if not id and redis.call('EXISTS', first) == 0 then return false end
+end
+if not id then id = redis.call('XADD', stream, '*', 'm', payload) end
+local new = {}
+if redis.call('ZADD', wake, 0, 'w') == 1 then new[#new + 1] = wake end
+if marks == nil or marks[1] == 0 then
+  if redis.call('SADD', ready, stream) == 1 then new[#new + 1] = ready end
+end
+expire_new(unpack(new))
 return id

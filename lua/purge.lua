@@ -1,10 +1,13 @@
---[[ purge: delete a queue's ready messages; messages being worked on are left alone.
+--[[ purge: delete a queue's ready and delayed messages; messages being worked on are left
+alone.
 
 KEYS[1..n]  all streams of ONE queue (one per priority level)
+KEYS[n+1]   the queue's delayed set;  KEYS[n+2]  the queue's delayed messages
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
 ARGV[3]     batch: the most entries to delete from each stream in this call
-Reply:      {purged, more}: messages deleted, and 1 if a stream still had more than the batch
+Reply:      {purged, more}: messages deleted, and 1 if a stream (or the delayed set) still
+            had more than the batch
             (the caller calls again until more is 0)
 Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + batch) per stream.
 
@@ -15,7 +18,18 @@ entries stay, so their consumers can still ack them.
 --@include common
 local group, holder, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local purged, more = 0, 0
-for _, key in ipairs(KEYS) do
+local dkey, bodies = KEYS[#KEYS - 1], KEYS[#KEYS]
+local bad = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash')
+if bad then return redis.error_reply(bad) end
+local delayed = redis.call('ZRANGE', dkey, 0, batch - 1)
+if #delayed > 0 then
+  redis.call('ZREM', dkey, unpack(delayed))
+  redis.call('HDEL', bodies, unpack(delayed))
+  purged = purged + #delayed
+  if #delayed >= batch then more = 1 end
+end
+for i = 1, #KEYS - 2 do
+  local key = KEYS[i]
   local len = redis.call('XLEN', key)
   if len > 0 then
     local summary = try('XPENDING', key, group)

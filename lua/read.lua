@@ -3,11 +3,13 @@
 KEYS[1..S]      the streams to read, in serving order: fanout streams first, then by
                 priority level, then source order, e.g.
                 ks:x:{bcast}:fanout ks:q:{a}:0 ks:q:{b}:0 ks:q:{a}:3 ...
-KEYS[S+3q-2]    wake marker (zset) of source q, q = 1..Q; a source is a queue's own
+KEYS[S+5q-4]    wake marker (zset) of source q, q = 1..Q; a source is a queue's own
                 streams, or its group on one fanout stream (marker ks:x:{ex}:wake:<queue>)
-KEYS[S+3q-1]    dead-letter stream of source q
-KEYS[S+3q]      ready index (set) of source q, ks:q:{queue}:ready; a fanout source has
-                none (the caller passes its marker again)
+KEYS[S+5q-3]    dead-letter stream of source q
+KEYS[S+5q-2]    ready index (set) of source q, ks:q:{queue}:ready
+KEYS[S+5q-1]    delayed set (zset) of source q, ks:q:{queue}:delayed
+KEYS[S+5q]      delayed messages (hash) of source q, ks:q:{queue}:delayed:m; a fanout
+                source has no index and no delayed keys (the caller passes its marker again)
 ARGV[1]         consumer name (unique per channel)
 ARGV[2]         COUNT: the most messages to deliver (the channel's free prefetch)
 ARGV[3]         name of the holder consumer that parks requeued messages
@@ -26,13 +28,15 @@ ARGV[5+4q]      how to read source q: 'r' read it; 'p' read it, this consumer po
 ARGV[6+4q]      ttl in ms of source q's marker and index (x-expires; 0: the ttl of its first
                 stream)
 ARGV[6+4Q+i]    the source (1..Q) of stream i
-Reply: {status, problems, aside, then per delivered message, in delivery order: stream index
-       i, entry id, delivery count, payload}
+Reply: {status, problems, aside, dues, then per delivered message, in delivery order:
+       stream index i, entry id, delivery count, payload}
        status    one character per source: '1' may hold more ready messages, '0' nothing
                  ready, '-' not reached (COUNT ran out first), 'e' it met a problem
        problems  {q, error, ...}: errors on source q's keys (another program's key at one of
                  our names); the call goes on with the other sources
        aside     {q, i, entry id, reason, ...}: entries moved to the dead-letter stream
+       dues      {q, ms, ...} for each queue source opened: ms until its next delayed message
+                 is due (0: due now, more than this call moved), -1: it holds none
 Errors: none from a source's keys (see problems); Redis's own otherwise.
 Minimum Redis: 6.2. Cost: sources are opened in serving order until COUNT is used up: for
 each, EXISTS of the marker (mode 'm') and SMEMBERS of its index, then commands only for the
@@ -47,18 +51,26 @@ phases and the serving rules (held before fresh, suspects alone, the delivery li
 lua/lib/serve.lua. Wake-ups: kombu_streams/poller.py.
 ]]
 --@include common
+--@include delay
 --@include serve
 
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
+if not S or not Q or #KEYS ~= S + 5 * Q or #ARGV ~= 6 + 4 * Q + S then
+  return redis.error_reply('read: expected ' .. tostring(S) .. ' streams and ' .. tostring(Q) ..
+                           ' sources (S + 5Q keys, 6 + 4Q + S args)')
+end
+local PROMOTE = 500  -- most delayed messages moved per call
 local ctx = {consumer = ARGV[1], left = tonumber(ARGV[2]), holder = ARGV[3],
              limit = tonumber(ARGV[4]), out = {}, problems = {}, aside = {},
-             aside_left = tonumber(ARGV[2]) + 100}
+             aside_left = tonumber(ARGV[2]) + 100,
+             promote_left = PROMOTE, dues = {}}
 local sources = {}
 for q = 1, Q do
   sources[q] = {q = q, group = ARGV[3 + 4 * q], shared = ARGV[4 + 4 * q] == 'f',
                 mode = ARGV[5 + 4 * q], ttl = tonumber(ARGV[6 + 4 * q]) or 0,
-                wake = KEYS[S + 3 * q - 2], dlq = KEYS[S + 3 * q - 1],
-                index_key = KEYS[S + 3 * q], streams = {}, visited = {}}
+                wake = KEYS[S + 5 * q - 4], dlq = KEYS[S + 5 * q - 3],
+                index_key = KEYS[S + 5 * q - 2], dkey = KEYS[S + 5 * q - 1],
+                bodies = KEYS[S + 5 * q], streams = {}, visited = {}}
 end
 for i = 1, S do
   local src = sources[tonumber(ARGV[6 + 4 * Q + i])]
@@ -73,6 +85,6 @@ end
 
 local status = {}
 for q = 1, Q do status[q] = finish_source(ctx, sources[q]) end
-local reply = {table.concat(status), ctx.problems, ctx.aside}
+local reply = {table.concat(status), ctx.problems, ctx.aside, ctx.dues}
 for _, v in ipairs(ctx.out) do reply[#reply + 1] = v end
 return reply

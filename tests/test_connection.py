@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: scripts are checked against the calling user too, hence the stream/zset/set commands.
 ACL_RULE = (
     'resetkeys ~ks:* resetchannels -@all '
-    '+@stream +zadd +zrem +zscore +zrangebyscore +bzpopmin +sadd +smembers +srem '
+    '+@stream +zadd +zrem +zscore +zrange +zrangebyscore +zcard +bzpopmin '
+    '+sadd +smembers +smismember +srem +hset +hmget +hdel '
     '+del +unlink +exists +type +pexpire +pexpireat +pttl +time '
     '+evalsha +script|load +info +ping +select +client|setname'
 )

@@ -69,7 +69,8 @@ def size(c, queue, levels=LEVELS):
 
 def purge(c, queue, batch=1000, levels=LEVELS):
     """One purge.lua call (Broker.purge loops until done): [purged, more]."""
-    return SCRIPTS['purge'](c, K.streams(queue, levels), [queue, HOLDER, batch])
+    keys = K.streams(queue, levels) + [K.delayed(queue), K.delayed_messages(queue)]
+    return SCRIPTS['purge'](c, keys, [queue, HOLDER, batch])
 
 
 def delete(c, queue, levels=LEVELS):

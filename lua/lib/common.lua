@@ -162,3 +162,9 @@ end
 -- name): not lost, not stuck with the consumer that read it; reclaim.lua gives it back once
 -- it has been idle for a lease (nobody renews it), and it is tried again.
 local UNFILED = '~unfiled'
+
+-- The server's clock in unix ms (TIME): the one clock every client agrees on.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end

@@ -1,6 +1,6 @@
 -- The phases of read.lua: open a source, serve its held then its fresh entries stream by
 -- stream, and save what the call learned (ready index, wake marker).
--- KEYS: none of its own (a library: read.lua includes it after "--@include common").
+-- KEYS: none of its own (a library: read.lua includes it after common and delay).
 -- ARGV: none. Reply: none. Minimum Redis: 6.2.
 --
 -- State lives in one table, ctx (made by read.lua), and one table per source, src:
@@ -9,7 +9,10 @@
 --   ctx.out, ctx.problems, ctx.aside      the reply's parts (see read.lua)
 --   ctx.aside_left                        entries this call may still set aside (COUNT +
 --                                         100: a backlog of them is worked off over calls)
---   src.q, src.group, src.shared, src.mode, src.ttl, src.wake, src.dlq, src.index_key
+--   ctx.promote_left, ctx.dues, ctx.now   delayed messages this call may still move, the
+--                                         reply's next due times, the server's clock
+--   src.q, src.group, src.shared, src.mode, src.ttl, src.wake, src.dlq, src.index_key,
+--   src.dkey, src.bodies                  (its keys; the delayed ones: lua/lib/delay.lua)
 --   src.streams                           its streams in KEYS (their indices)
 --   src.state    nil: not reached yet; 'open'; 'skip': its marker says nothing is ready;
 --                'broken': its ready index holds another type
@@ -38,8 +41,49 @@ local function as_set(members)
   return set
 end
 
--- First visit of a source: gate it on its marker (mode 'm') and load its ready index.
--- True when it is to be served.
+-- The server's clock for this call, read once.
+local function clock(ctx)
+  if ctx.now == nil then ctx.now = now_ms() end
+  return ctx.now
+end
+
+-- Move a queue's delayed messages that are due into its streams (at most ctx.promote_left
+-- per call, in due order), and note in ctx.dues when its next one is due: ms from now, 0
+-- when more are due than this call moved, -1 when it holds none. A walk looks at the delayed
+-- set whatever the index says (a repair, like the rest of the walk).
+local function promote_due(ctx, src)
+  local idx = src.index
+  if src.walk then
+    local n, err = try('ZCARD', src.dkey)
+    if err then return problem(ctx, src, src.dkey, err) end
+    idx[DELAYED] = (n or 0) > 0 or nil
+  end
+  local rel = -1
+  if idx[DELAYED] then
+    local next_due, err = delay_next(src.dkey)
+    if err then return problem(ctx, src, src.dkey, err) end
+    local now = clock(ctx)
+    if next_due and next_due <= now and ctx.promote_left > 0 then
+      local moved, streams, _, perr = promote(src.dkey, src.bodies, KEYS[src.streams[1]], now,
+                                              ctx.promote_left)
+      ctx.promote_left = ctx.promote_left - moved
+      for _, key in ipairs(streams) do idx[key] = true end
+      if perr then return problem(ctx, src, src.dkey, perr) end
+      next_due = delay_next(src.dkey)
+    end
+    if next_due == nil then
+      idx[DELAYED] = nil
+    else
+      rel = math.max(next_due - now, 0)
+      if rel == 0 then src.more = true end  -- due, not moved yet: as good as ready
+    end
+  end
+  ctx.dues[#ctx.dues + 1] = src.q
+  ctx.dues[#ctx.dues + 1] = rel
+end
+
+-- First visit of a source: gate it on its marker (mode 'm'), load its ready index and move
+-- what is due of its delayed messages. True when it is to be served.
 local function open_source(ctx, src)
   if src.state == nil then
     src.state = 'open'
@@ -53,6 +97,7 @@ local function open_source(ctx, src)
       else
         src.index, src.had = as_set(members), as_set(members)
         src.walk = src.mode == 'w' or not src.index[COMPLETE]
+        promote_due(ctx, src)
       end
     end
   end

@@ -1,0 +1,74 @@
+-- Delayed messages of one queue, kept until they are due (docs/design.rst, "Delayed delivery").
+-- KEYS: none of its own (a library: included after "--@include common").
+-- ARGV: none. Reply: none. Minimum Redis: 6.2.
+--
+--   ks:q:{queue}:delayed     zset: member -> due time, unix ms on the server's clock (TIME)
+--   ks:q:{queue}:delayed:m   hash: member -> the message (Kombu's JSON envelope)
+-- A member is "<stamp>:<level>:<label>[:n]": the server's time of the publish in µs (16
+-- digits, so messages due in the same ms keep their publish order), the priority level it
+-- goes to when due, a label for operators (Celery's task id, or empty), and a counter only
+-- if needed to keep it unique. DELAYED in the queue's ready index says it may hold delayed
+-- messages (more, never less: the store adds it in the same call, a read drops it on
+-- finding none).
+
+local DELAYED = 'd'
+
+-- Store PAYLOAD in the zset DKEY and hash BODIES, due at DUE ms, to go to LEVEL's stream;
+-- LABEL names it for operators. Returns the member and whether it is now the earliest.
+local function delay_store(dkey, bodies, level, label, payload, due)
+  local t = redis.call('TIME')
+  local stamp = string.format('%010d%06d', tonumber(t[1]), tonumber(t[2]))
+  local base = stamp .. ':' .. level .. ':' .. label
+  local member, n = base, 0
+  while redis.call('ZADD', dkey, 'NX', due, member) == 0 do  -- same µs, same label
+    n = n + 1
+    member = base .. ':' .. n
+  end
+  redis.call('HSET', bodies, member, payload)
+  local first = redis.call('ZRANGE', dkey, 0, 0)[1]
+  return member, first == member
+end
+
+-- The due time (ms) of the earliest delayed message in DKEY, or nil; or (nil, error) when
+-- DKEY holds another type.
+local function delay_next(dkey)
+  local r, err = try('ZRANGE', dkey, 0, 0, 'WITHSCORES')
+  if err then return nil, err end
+  if r and r[1] then return tonumber(r[2]), nil end
+  return nil, nil
+end
+
+-- Move the delayed messages of DKEY/BODIES due at NOW into their level's stream, in due order,
+-- at most N. A member without a level (not ours) goes to FIRST, the queue's first stream; one
+-- whose message is gone is dropped. Returns (moved, streams written, more may be due, error):
+-- on an error (a key holds another type) the members moved so far are removed and the rest
+-- stay where they are.
+local function promote(dkey, bodies, first, now, n)
+  local due, err = try('ZRANGEBYSCORE', dkey, '-inf', now, 'LIMIT', 0, n)
+  if err then return 0, {}, false, err end
+  if due == nil or #due == 0 then return 0, {}, false, nil end
+  local payloads, herr = try('HMGET', bodies, unpack(due))
+  if herr then return 0, {}, false, herr end
+  local base = string.sub(dkey, 1, -9)  -- the key minus ':delayed': ks:q:{queue}
+  local streams, seen, done, moved = {}, {}, {}, 0
+  for j, member in ipairs(due) do
+    local payload = payloads[j]
+    if payload then
+      local level = string.match(member, '^%d+:(%d+):')
+      local stream = level and (base .. ':' .. level) or first
+      local _, xerr = try('XADD', stream, '*', 'm', payload)
+      if xerr then err = xerr .. ' (key ' .. stream .. ')'; break end
+      if not seen[stream] then
+        seen[stream] = true
+        streams[#streams + 1] = stream
+      end
+      moved = moved + 1
+    end
+    done[#done + 1] = member
+  end
+  if #done > 0 then
+    redis.call('ZREM', dkey, unpack(done))
+    redis.call('HDEL', bodies, unpack(done))
+  end
+  return moved, streams, err == nil and #due >= n, err
+end
