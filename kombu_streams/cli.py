@@ -276,14 +276,15 @@ def status_text(infos: list[dict[str, Any]], fanouts: list[dict[str, Any]]) -> s
         rows = []
         for i in infos:
             rows.append([i['queue'], 'all', i['ready'], i['held'], i['pending'],
-                         age(i['oldest_ready_ms']), len(i['consumers']), i['dlq']])
+                         age(i['oldest_ready_ms']), i['delayed'], age(i['next_due_ms']),
+                         len(i['consumers']), i['dlq']])
             busy = [lv for lv in i['levels'] if lv['ready'] or lv['pending']]
             if len(busy) > 1 or (busy and busy[0]['level'] != 0):
                 rows += [['', lv['level'], lv['ready'], lv['held'], lv['pending'],
-                          age(lv['oldest_ready_ms']), len(lv['consumers']), '']
+                          age(lv['oldest_ready_ms']), '', '', len(lv['consumers']), '']
                          for lv in busy]
         parts.append(table(['QUEUE', 'LEVEL', 'READY', 'REQUEUED', 'PENDING', 'OLDEST',
-                            'CONSUMERS', 'DLQ'], rows))
+                            'DELAYED', 'DUE IN', 'CONSUMERS', 'DLQ'], rows))
         consumers = [[c['name'], i['queue'], c['pending'], age(c['idle_ms'])]
                      for i in infos for c in i['consumers']]
         if consumers:

@@ -2,10 +2,13 @@
 
 KEYS[1..n]    all streams of ONE queue (one per priority level)
 KEYS[n+1]     the queue's dead-letter stream, ks:q:{name}:dlq
+KEYS[n+2]     the queue's delayed set, ks:q:{name}:delayed
 ARGV[1]       consumer group (the queue's name)
 ARGV[2]       name of the holder consumer that parks requeued messages
 ARGV[3..n+2]  the priority level of each stream, in KEYS order
-Reply:        {levels, dlq length, now}: now is the server's clock in unix ms (TIME), and
+Reply:        {levels, dlq length, now, delayed, next due}: now is the server's clock in unix
+              ms (TIME); delayed the number of delayed messages (ZCARD), next due the ms
+              until the earliest of them is due (0: due, not moved yet; -1: none); and
               levels holds one record per stream, in KEYS order:
               {level, exists, length, ready, held, pending, oldest, consumers, last}
                 exists     1 if the stream exists, else 0
@@ -31,7 +34,7 @@ line, so there the plain text runs with EVALSHA.
 ]]
 --@flags no-writes
 --@include common
-local n = #KEYS - 1
+local n = #KEYS - 2
 local group, holder = ARGV[1], ARGV[2]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -95,4 +98,7 @@ end
 
 local levels = {}
 for i = 1, n do levels[i] = level_record(KEYS[i], tonumber(ARGV[2 + i])) end
-return {levels, redis.call('XLEN', KEYS[n + 1]), now}
+local first = redis.call('ZRANGE', KEYS[n + 2], 0, 0, 'WITHSCORES')
+local next_due = -1
+if first[1] then next_due = math.max(tonumber(first[2]) - now, 0) end
+return {levels, redis.call('XLEN', KEYS[n + 1]), now, redis.call('ZCARD', KEYS[n + 2]), next_due}

@@ -239,6 +239,8 @@ def work(redis_url):
                              priority=pri)
         producer.publish([[2, 3], {}, {}], exchange=q.exchange, routing_key='work',
                          priority=3, headers={'task': 'tasks.add', 'id': 'abc-123'})
+        producer.publish({'later': 1}, exchange=q.exchange, routing_key='work',
+                         headers={'x-delay': 600_000})
         bcast = Exchange('bcast', type='fanout')
         channel = conn.channel()
         Queue('bq', bcast)(channel).declare()
@@ -256,6 +258,7 @@ def test_status_json_exact_counts(work):
     [info] = data['queues']
     assert counts(info) == {0: (1, 1, 2), 3: (2, 0, 0), 9: (1, 0, 0)}
     assert (info['ready'], info['held'], info['pending'], info['dlq']) == (4, 1, 2, 0)
+    assert info['delayed'] == 1 and 590_000 < info['next_due_ms'] <= 600_000
     assert [(c['name'], c['pending']) for c in info['consumers']] == [(consumer, 2)]
     assert info['oldest_ready_ms'] >= 0
 
@@ -266,9 +269,10 @@ def test_status_table(work):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split() == ['QUEUE', 'LEVEL', 'READY', 'REQUEUED', 'PENDING', 'OLDEST',
-                                'CONSUMERS', 'DLQ']
+                                'DELAYED', 'DUE', 'IN', 'CONSUMERS', 'DLQ']
     row = lines[1].split()
-    assert row[:5] == ['work', 'all', '4', '1', '2'] and row[6:] == ['1', '0']
+    assert row[:5] == ['work', 'all', '4', '1', '2'] and row[6] == '1' and row[8:] == ['1', '0']
+    assert row[7].endswith('s') or row[7].endswith('m'), row
     assert [line.split()[:4] for line in lines[2:5]] == [
         ['0', '1', '1', '2'], ['3', '2', '0', '0'], ['9', '1', '0', '0']]
     assert any(line.split()[:3] == [consumer, 'work', '2'] for line in lines)
