@@ -73,6 +73,14 @@ def record(self, tag):
 
 
 @app.task(bind=True)
+def flaky(self, tag, countdown):
+    store.rpush('runs', f'{tag} {self.request.retries} {time.time():.3f}')
+    if self.request.retries == 0:
+        raise self.retry(countdown=countdown)
+    store.rpush('done', tag)
+
+
+@app.task(bind=True)
 def sleeper(self, seconds):
     store.rpush('started', self.request.id)
     time.sleep(seconds)
@@ -613,3 +621,94 @@ def test_poison_envelopes_are_dead_lettered_and_the_worker_lives(env: CeleryEnv)
     assert all(r.startswith('not a message a consumer can take') for r in reasons), reasons
     worker.terminate()
     assert 'Unrecoverable error' not in worker.log(), worker.log()[-3000:]
+
+
+# ---------------------------------------------------------------------------
+# 10. delayed delivery: ETA / countdown tasks wait in Redis, not in the worker
+# ---------------------------------------------------------------------------
+
+
+def _delayed(env: CeleryEnv, queue: str = QUEUE) -> int:
+    return env.raw_broker.zcard(Keys().delayed(queue))
+
+
+def _ran_at(env: CeleryEnv) -> dict[str, float]:
+    out = {}
+    for entry in env.store.lrange('where', 0, -1):
+        tag, _, ran_at = entry.decode().split()
+        out[tag] = float(ran_at)
+    return out
+
+
+def test_countdown_and_eta_tasks_wait_in_redis(env: CeleryEnv) -> None:
+    """countdown, an aware eta in another timezone and a naive (UTC) eta: kept in the
+    queue's delayed set, not reserved by the worker (inspect scheduled is empty), each run
+    once, none before its time. The app runs with enable_utc off in Europe/Berlin."""
+    from datetime import datetime, timedelta, timezone
+    module = env.load(enable_utc=False, timezone='Europe/Berlin')
+    node = 'delay@ks'
+    worker = env.worker(node)
+    worker.wait_ready()
+    now = datetime.now(timezone.utc)
+    due = {
+        'countdown': time.time() + 3,
+        'aware': (now + timedelta(seconds=3.5)).timestamp(),
+        'naive': (now + timedelta(seconds=4)).timestamp(),
+    }
+    module.record.apply_async(args=['countdown'], countdown=3)
+    module.record.apply_async(
+        args=['aware'], eta=(now + timedelta(seconds=3.5)).astimezone(
+            timezone(timedelta(hours=-5))))
+    module.record.apply_async(
+        args=['naive'], eta=(now + timedelta(seconds=4)).replace(tzinfo=None))
+    module.record.delay('now')
+    wait_for(lambda: 'now' in env.done(), 20, what="the task sent without eta", log=env.logs)
+    assert _delayed(env) == 3, env.logs()
+    inspect = module.app.control.inspect(destination=[node], timeout=5)
+    assert inspect.scheduled() == {node: []}, env.logs()
+    assert inspect.reserved() == {node: []}, env.logs()
+    wait_for(lambda: len(env.done()) == 4, 30, what='the delayed tasks', log=env.logs)
+    time.sleep(0.5)
+    worker.terminate()
+    assert Counter(env.done()) == Counter(['now', *due]), env.logs()
+    ran = _ran_at(env)
+    for tag, at in due.items():
+        assert ran[tag] >= at - 0.05, (tag, ran[tag], at)  # 50 ms: clocks read apart
+    assert _delayed(env) == 0
+
+
+def test_retry_with_countdown_waits_in_redis(env: CeleryEnv) -> None:
+    module = env.load()
+    worker = env.worker('retry@ks')
+    worker.wait_ready()
+    module.flaky.delay('f', 3)
+    wait_for(lambda: env.store.llen('runs') == 1, 20, what='the first run', log=env.logs)
+    wait_for(lambda: _delayed(env) == 1, 10, what='the retry in the delayed set',
+             log=env.logs)
+    wait_for(lambda: env.done() == ['f'], 30, what='the retried run', log=env.logs)
+    worker.terminate()
+    runs = [r.decode().split() for r in env.store.lrange('runs', 0, -1)]
+    assert [r[1] for r in runs] == ['0', '1'], runs
+    assert float(runs[1][2]) - float(runs[0][2]) >= 3 - 0.05, runs
+
+
+def test_delayed_tasks_survive_a_killed_worker(env: CeleryEnv) -> None:
+    """The worker is SIGKILLed while tasks wait: they are in Redis, not in its memory, so
+    the next worker runs each once at its time (no visibility timeout to wait for)."""
+    module = env.load({'visibility_timeout': 3600})
+    worker = env.worker('k1@ks')
+    worker.wait_ready()
+    tags = [f'k{n}' for n in range(5)]
+    sent = time.time()
+    for tag in tags:
+        module.record.apply_async(args=[tag], countdown=4)
+    assert _delayed(env) == 5
+    worker.kill_group()
+    second = env.worker('k2@ks')
+    second.wait_ready()
+    wait_for(lambda: len(env.done()) == 5, 30, what='the delayed tasks on the new worker',
+             log=env.logs)
+    time.sleep(0.5)
+    second.terminate()
+    assert Counter(env.done()) == Counter(tags), env.logs()
+    assert min(_ran_at(env).values()) >= sent + 4 - 0.05
