@@ -81,6 +81,7 @@ COMPAT_TESTS = [
     'tests/test_kombu_api.py',
     'tests/test_bounds.py',
     'tests/test_plan.py',
+    'tests/test_delayed.py',
     'tests/test_connection.py::test_sentinel_round_trip',
     'tests/test_connection.py::test_sentinel_pool_options_without_servers',
     'tests/test_connection.py::test_credential_provider',
@@ -89,13 +90,14 @@ COMPAT_TESTS = [
     'tests/test_celery.py::test_revoke_queued_task',
     'tests/test_celery.py::test_purge_empties_the_backlog',
     'tests/test_celery.py::test_poison_envelopes_are_dead_lettered_and_the_worker_lives',
+    'tests/test_celery.py::test_countdown_and_eta_tasks_wait_in_redis',
 ]
 
 #: The Valkey leg: the Lua scripts, the Kombu API and the fault tests (restarts, SCRIPT
 #: FLUSH, CLIENT KILL, OOM) on Valkey's redis-server.
 VALKEY = 'valkey-8.0.1'
 VALKEY_TESTS = ['tests/test_scripts.py', 'tests/test_kombu_api.py', 'tests/test_bounds.py',
-                'tests/test_faults.py']
+                'tests/test_faults.py', 'tests/test_delayed.py']
 
 
 def _find_pythons() -> None:
