@@ -20,8 +20,10 @@ in the worker). Protocol 1 messages (``eta`` in the body) are published at once 
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 #: Longest label (the task id) kept with a delayed message, for operators.
 LABEL_MAX = 64
@@ -53,10 +55,11 @@ def eta_ms(value: Any) -> int | None:
         return None
     if when.tzinfo is None or when.tzinfo.utcoffset(when) is None:
         when = when.replace(tzinfo=timezone.utc)
-    try:
-        return int(when.timestamp() * 1000)
-    except (OverflowError, ValueError, OSError):
+    try:  # whole µs, rounded up to the ms: a message is never due before its eta
+        micros = (when - EPOCH) // timedelta(microseconds=1)
+    except (OverflowError, ValueError):
         return None
+    return -(-micros // 1000)
 
 
 def delay_ms(value: Any) -> int | None:

@@ -58,7 +58,11 @@ end
 if dkey and ARGV[3] ~= '' then
   local mark, t = string.sub(ARGV[3], 1, 1), tonumber(string.sub(ARGV[3], 2))
   if t == nil then return redis.error_reply('publish: bad due time ' .. ARGV[3]) end
-  local due = mark == '+' and clock() + t or t
+  local due = t
+  if mark == '+' then  -- from now, rounded up to the ms: never due early
+    local time = redis.call('TIME')
+    due = tonumber(time[1]) * 1000 + math.ceil(tonumber(time[2]) / 1000) + t
+  end
   if due - clock() >= tonumber(ARGV[4]) then
     if routed and redis.call('EXISTS', first) == 0 then return false end
     return keep_delayed(due)
