@@ -49,6 +49,13 @@ less: every script that adds ready work adds to it in the same call. An index th
 less than it should (lost, or written around by hand or by an older version) is repaired by
 a walk: the next read of a source whose index is incomplete, and the sweep above.
 
+Delayed messages (``lua/lib/delay.lua``) are not ready, so they set no marker; instead each
+read reports when the next delayed message of each queue it opened is due, and a wait
+never blocks past the earliest due time its channels know (see :meth:`Poller._block`). A
+publish that becomes a queue's earliest due message sets the marker, so a blocked consumer
+reads, learns the new time and waits until then. README "Delayed delivery" says why no
+due message is missed.
+
 Latency: a publish wakes the blocked consumer directly, which then runs one read: two round
 trips from publish to callback, the same as Kombu's Redis transport (BRPOP, then its
 pipeline that records the unacked message).
@@ -85,6 +92,11 @@ CREDIT_CHECK = 0.05
 ASYNC_BATCH = 100
 
 
+#: After a due time, how long a wait it bounds may still take before the poller ends it with
+#: CLIENT UNBLOCK: Redis checks blocked clients' timeouts only when its event loop wakes,
+#: every 1/hz s (100 ms by default) on an otherwise quiet server.
+UNBLOCK_AFTER = 0.002
+
 #: Replies to a wait that mean the slot is moving or the cluster is reconfiguring.
 _SLOT_MOVING = (AskError, TryAgainError, ClusterDownError)
 
@@ -96,6 +108,8 @@ class Wait(NamedTuple):
     keys: tuple[str, ...]
     conn: Any
     pool: Any
+    #: the connection's CLIENT ID, when a due time bounds the wait (to end it on time)
+    client_id: int | None = None
 
 
 class Poller:
@@ -108,6 +122,7 @@ class Poller:
         self._hub: Any = None
         self._waits: dict[int, Wait] = {}  # fd of a pending BZPOPMIN -> the wait
         self._draining: int | None = None  # thread inside drain(), whose acks wait
+        self._can_unblock = True  # CLIENT ID / UNBLOCK allowed (an ACL may refuse them)
 
     def add(self, channel: Channel) -> None:
         if channel not in self.channels:
@@ -256,14 +271,85 @@ class Poller:
                     return
                 continue
             try:
-                popped = self.transport.blocking_client().bzpopmin(
-                    wakes, timeout=self._block(remaining))
+                if self._due_bounds(remaining):
+                    popped = self._wait_until_due(tuple(wakes), remaining)
+                else:
+                    popped = self.transport.blocking_client().bzpopmin(
+                        wakes, timeout=self._block(remaining))
             except ResponseError as exc:
                 if not self._on_wrongtype(exc):
                     raise
                 continue
             if self._after_wake(popped, deliver, None):
                 return
+
+    def _due_bounds(self, remaining: float | None, owner: Channel | None = None) -> bool:
+        """Whether a due time, not polling_interval or the caller's timeout, ends the next
+        wait (and CLIENT UNBLOCK may be used to end it on time)."""
+        due = self._due_in(owner)
+        if due is None or not self._can_unblock:
+            return False
+        return due < self.transport.wait_interval and (remaining is None or due < remaining)
+
+    def _wait_until_due(self, keys: tuple[str, ...], remaining: float | None) -> Any:
+        """drain() when a due time ends the wait: BZPOPMIN sent with that timeout, and if
+        Redis has not answered UNBLOCK_AFTER past it, the wait is ended with CLIENT UNBLOCK
+        (then read: a marker it popped meanwhile is not lost). Returns the popped marker or
+        None."""
+        fd = self._send_wait(keys, None, need_id=True)
+        wait = self._waits[fd]
+        try:
+            due = self._due_in() or 0.0  # the wait's own timeout is at least MIN_BLOCK
+            ready, _, _ = select.select([fd], [], [], due + UNBLOCK_AFTER)
+            if not ready:
+                self._unblock(wait)
+            return self._answer(fd)
+        finally:
+            if fd in self._waits:  # interrupted before the answer: give its markers back
+                self._drop_wait(fd, disconnect=True)
+
+    def _unblock(self, wait: Wait) -> None:
+        """End a pending wait now (Redis answers it as a timeout). Without the permission
+        (an ACL without CLIENT ID / UNBLOCK) waits end by Redis's own timeout instead, up to
+        1/hz s late; that is logged once."""
+        if wait.client_id is None:
+            return
+        conn = pool_connection(wait.pool, 'CLIENT')
+        try:
+            conn.send_command('CLIENT', 'UNBLOCK', wait.client_id)
+            conn.read_response()
+        except ResponseError as exc:
+            self._no_unblock(exc)
+        finally:
+            wait.pool.release(conn)
+
+    def _no_unblock(self, exc: BaseException) -> None:
+        if self._can_unblock:
+            self._can_unblock = False
+            logger.warning('kombu-streams: CLIENT ID / CLIENT UNBLOCK refused (%s): waits for '
+                           'delayed messages end by the server\'s own timeout, up to 1/hz s '
+                           '(100 ms by default) late. Allow +client|id +client|unblock.', exc)
+
+    def _client_id(self, conn: Any) -> int | None:
+        """The connection's CLIENT ID, asked once per socket (a reconnect gets a new id)."""
+        sock = conn._sock
+        if getattr(conn, '_ks_id_sock', None) is not sock:
+            conn.send_command('CLIENT', 'ID')
+            try:
+                conn._ks_client_id = int(conn.read_response())
+            except ResponseError as exc:
+                self._no_unblock(exc)
+                return None
+            conn._ks_id_sock = sock
+        return conn._ks_client_id
+
+    def _unblock_if_waiting(self, fd: int, wait: Wait) -> None:
+        """A hub timer at a due time: end the wait if it is still the one pending on fd."""
+        if self._waits.get(fd) is wait:
+            try:
+                self._unblock(wait)
+            except Exception as exc:  # the wait's own answer will report a broken connection
+                logger.debug('kombu-streams: CLIENT UNBLOCK failed: %r', exc)
 
     def _wait_groups(self, wakes: list[str], remaining: float | None,
                      deliver: Callable[[Any, str], Any]) -> bool:
@@ -279,10 +365,14 @@ class Poller:
         fds = [fd for fd, w in self._waits.items() if w.owner is None]
         # each BZPOPMIN times out by itself within wait_interval; the margin covers the trip
         timeout = self.transport.wait_interval + 1.0
-        for bound in (remaining, self._due_in()):
+        due = self._due_in()
+        for bound in (remaining, due):
             if bound is not None:
                 timeout = min(timeout, bound)
         ready, _, _ = select.select(fds, [], [], max(timeout, 0))
+        if not ready and due is not None and due <= timeout:
+            # a delayed message is due: read now (the waits stay pending for the next call)
+            return self._after_wake(None, deliver, None) > 0
         # every answer is read before any callback runs: a marker popped meanwhile would
         # otherwise wait in its socket, unseen by other consumers, until the next drain
         answers = [self._answer(fd) for fd in ready]
@@ -292,17 +382,20 @@ class Poller:
             delivered += self._after_wake(popped, deliver, 0 if delivered else None)
         return delivered > 0
 
-    def _send_wait(self, keys: tuple[str, ...], owner: Channel | None) -> int:
-        """Send BZPOPMIN on ``keys`` on a connection of its own; returns its fd."""
+    def _send_wait(self, keys: tuple[str, ...], owner: Channel | None,
+                   need_id: bool = False) -> int:
+        """Send BZPOPMIN on ``keys`` on a connection of its own; returns its fd.
+        ``need_id``: a due time ends it; learn the connection's id first, to unblock it."""
         pool = self.transport.wait_pool(keys[0])
         conn = pool_connection(pool, 'BZPOPMIN')
         try:
+            client_id = self._client_id(conn) if need_id else None
             conn.send_command('BZPOPMIN', *keys, self._block(None, owner))
         except Exception:
             pool.release(conn)
             raise
         fd = conn._sock.fileno()
-        self._waits[fd] = Wait(owner, keys, conn, pool)
+        self._waits[fd] = Wait(owner, keys, conn, pool, client_id)
         return fd
 
     def _answer(self, fd: int) -> Any:
@@ -360,11 +453,15 @@ class Poller:
                 continue
             # One wait per slot group (one group on a single Redis); a group whose wait was
             # answered waits again now, whatever the channel's other groups are doing.
+            due = self._due_bounds(None, channel)
             for keys in self._groups(list(wakes)):
                 if (channel, keys) in waiting:
                     continue
-                fd = self._send_wait(keys, channel)
+                fd = self._send_wait(keys, channel, need_id=due)
                 self._hub.add_reader(fd, self.transport.on_readable, fd)
+                if due:  # end the wait on time: Redis's own timeout may come 1/hz s late
+                    self._hub.call_later((self._due_in(channel) or 0.0) + UNBLOCK_AFTER,
+                                         self._unblock_if_waiting, fd, self._waits[fd])
 
     def _deliver_channel(self, channel: Channel) -> None:
         for _ in range(ASYNC_BATCH):

@@ -42,7 +42,8 @@ Minimum Redis: 6.2. Cost: sources are opened in serving order until COUNT is use
 each, EXISTS of the marker (mode 'm') and SMEMBERS of its index, then commands only for the
 streams the index names (always for a fanout stream), O(COUNT + entries set aside, times
 groups on a fanout stream), at most COUNT + 100 entries set aside per call; a walk adds one
-XLEN per stream. Sources after COUNT ran out cost
+XLEN per stream. A queue whose index names DELAYED adds a ZRANGE of its delayed set, and
+the moves of due messages: at most PROMOTE (500) per call. Sources after COUNT ran out cost
 nothing (one ZADD for a popped one). Never blocks.
 
 Ready index (lua/lib/common.lua): a stream the index does not name holds no ready message,

@@ -228,6 +228,36 @@ def test_queues_in_different_slots_publish_consume_ack(cluster: Cluster, url: st
         client.close()
 
 
+def test_delayed_messages_across_slots(cluster: Cluster, url: str) -> None:
+    """Delayed messages of queues on every master: each queue's delayed keys share its
+    slot, so publish and read move them in one script call per slot."""
+    names = spread(cluster, 3, prefix='dq')
+    queues = [Queue(n, Exchange(n, 'direct'), n) for n in names]
+    with Connection(url) as conn:
+        producer = Producer(conn)
+        for q in queues:
+            q(conn.default_channel).declare()
+        sent = time.time()
+        for i in range(30):
+            name = names[i % 3]
+            producer.publish({'n': i}, exchange=name, routing_key=name,
+                             headers={'x-delay': 1500}, priority=(i * 7) % 10)
+        client = RedisCluster(host=HOST, port=cluster.ports[0])
+        try:
+            assert sum(client.zcard(K.delayed(n)) for n in names) == 30
+        finally:
+            client.close()
+        got = drain(conn, queues, 30, timeout=20)
+        assert sorted(b['n'] for b, _ in got) == list(range(30))
+        assert time.time() - sent >= 1.5
+    client = RedisCluster(host=HOST, port=cluster.ports[0])
+    try:
+        for name in names:
+            assert client.exists(K.delayed(name)) == 0
+    finally:
+        client.close()
+
+
 def test_requeue_reject_and_basic_get_across_slots(cluster: Cluster, url: str) -> None:
     a, b = spread(cluster, 2)
     with Connection(url) as conn:

@@ -51,7 +51,7 @@ ACL_RULE = (
     '+@stream +zadd +zrem +zscore +zrange +zrangebyscore +zcard +bzpopmin '
     '+sadd +smembers +smismember +srem +hset +hmget +hdel '
     '+del +unlink +exists +type +pexpire +pexpireat +pttl +time '
-    '+evalsha +script|load +info +ping +select +client|setname'
+    '+evalsha +script|load +info +ping +select +client|setname +client|id +client|unblock'
 )
 
 

@@ -727,6 +727,41 @@ def test_server_restart_with_aof(private_redis, store_url, store, consumers, sig
     assert sum(v - 1 for v in dups.values()) <= sum(b for b, _, _ in in_flight) + 3
 
 
+@time_limit(60)
+def test_delayed_messages_survive_a_restart_with_aof(private_redis):
+    """Delayed messages are in Redis, not in a client: SIGKILL the server while they wait,
+    start it again from its AOF, and each arrives once, not before it is due."""
+    server = private_redis('--appendonly', 'yes', '--appendfsync', 'always', name='aof-delay')
+    queue = 'faults-delayed'
+    with Connection(server.broker) as conn:
+        Queue(queue)(conn.default_channel).declare()
+        producer = Producer(conn.default_channel)
+        sent = time.time()
+        for n in range(50):
+            producer.publish({'id': n}, routing_key=queue, serializer='json',
+                             headers={'x-delay': 2500})
+    with server.client() as raw:
+        assert raw.zcard(Keys().delayed(queue)) == 50
+    server.stop(signal.SIGKILL)
+    server.restart()
+    got: list[tuple[int, float]] = []
+    with Connection(server.broker) as conn:
+        def on_message(body, message):
+            got.append((body['id'], time.time()))
+            message.ack()
+        with Consumer(conn, [Queue(queue)], callbacks=[on_message], accept=['json']):
+            deadline = time.time() + 20
+            while len(got) < 50 and time.time() < deadline:
+                try:
+                    conn.drain_events(timeout=1)
+                except socket.timeout:
+                    pass
+    assert sorted(n for n, _ in got) == list(range(50))
+    assert min(at for _, at in got) >= sent + 2.5
+    with server.client() as raw:
+        assert raw.exists(Keys().delayed(queue)) == 0
+
+
 # ---------------------------------------------------------------------------
 # 7. maxmemory with noeviction, 8. an evicting policy
 # ---------------------------------------------------------------------------
