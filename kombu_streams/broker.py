@@ -177,6 +177,38 @@ class Broker:
                                       self.keys.delayed_messages(queue), self.keys.dlq(queue)]
         return SCRIPTS['delete'](self.client, keys)
 
+    def scheduled(self, queue: str, count: int = 10, bodies: bool = False) -> dict[str, Any]:
+        """The ``count`` earliest delayed messages of a queue (scheduled.lua, read-only):
+        each with its member, level, label (Celery's task id), ms until due and, with
+        ``bodies``, the message as stored."""
+        reply = SCRIPTS['scheduled'].call_ro(
+            self.client, [self.keys.delayed(queue), self.keys.delayed_messages(queue)],
+            [count, '1' if bodies else '0'])
+        now, total, flat = int(reply[0]), int(reply[1]), reply[2:]
+        out = []
+        for j in range(0, len(flat), 3):
+            member = self._text(flat[j])
+            _, level, label = (member.split(':', 2) + ['', ''])[:3]
+            entry: dict[str, Any] = {'member': member, 'level': int(level or 0),
+                                     'label': label, 'due_in_ms': max(int(flat[j + 1]) - now, 0)}
+            if bodies:
+                entry['message'] = self._text(flat[j + 2])
+            out.append(entry)
+        return {'queue': queue, 'delayed': total, 'messages': out, 'time_ms': now}
+
+    def cancel(self, queue: str, labels: Sequence[str], step: int = 1000) -> list[str]:
+        """Remove the delayed messages labelled ``labels`` (Celery task ids) from a queue
+        before they are due: a scan of its delayed set in calls of about ``step`` members
+        each. Returns the members removed."""
+        keys = [self.keys.delayed(queue), self.keys.delayed_messages(queue)]
+        cursor, gone = '0', []
+        while True:
+            reply = SCRIPTS['cancel'](self.client, keys, [cursor, step, *labels])
+            cursor = self._text(reply[0])
+            gone += [self._text(m) for m in reply[1:]]
+            if cursor == '0':
+                return sorted(set(gone))
+
     def touch(self, queue: str, ttl_ms: int) -> int:
         """Keep an expiring queue's keys alive for another ``ttl_ms``."""
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),

@@ -10,6 +10,8 @@
     dlq show QUEUE ID            one dead letter, with its message decoded
     dlq redrive QUEUE [--count N | --id ID...]   back to their queue (all by default)
     dlq purge QUEUE [--yes]      delete the dead letters
+    delayed list QUEUE [-n N] [--full]   delayed messages (eta / countdown), earliest first
+    delayed cancel QUEUE TASK_ID...      remove delayed messages by task id before they run
     scripts [--load]             each Lua script's SHA, KEYS/ARGV and an EVALSHA template
     migrate [QUEUE...] [--dry-run] [--batch N] [--limit N] [--no-unacked]
             [--kombu-prefix P] [--from-url URL]
@@ -22,7 +24,7 @@ The URL takes the transport's forms (``redis-streams://``, ``rediss-streams://``
 servers); default ``$KOMBU_STREAMS_URL`` or
 ``redis-streams://127.0.0.1:6379/0``. ``--prefix`` and ``--priority-steps`` must match the
 app's ``global_keyprefix`` and ``priority_steps``. Everything but ``dlq redrive``, ``dlq
-purge`` and ``migrate`` (without ``--dry-run``) only reads.
+purge``, ``delayed cancel`` and ``migrate`` (without ``--dry-run``) only reads.
 
 ``migrate`` moves each batch with one script inside Redis, so Kombu's keys must be on the
 same server and database as ours (``--from-url`` only for a URL written differently);
@@ -465,6 +467,27 @@ def cmd_dlq_purge(args: argparse.Namespace, broker: Broker) -> int:
     return OK
 
 
+# -- delayed messages ------------------------------------------------------------------------
+
+
+def cmd_delayed_list(args: argparse.Namespace, broker: Broker) -> int:
+    existing_queue(broker, args.queue)
+    data = broker.scheduled(args.queue, args.n, bodies=args.full)
+    rows = [[m['label'] or '-', m['level'], age(m['due_in_ms'])] for m in data['messages']]
+    shown = table(['LABEL', 'LEVEL', 'DUE IN'], rows) if rows else 'no delayed messages'
+    more = data['delayed'] - len(rows)
+    emit(args, data, shown + (f'\n({more} more)' if more > 0 else ''))
+    return OK
+
+
+def cmd_delayed_cancel(args: argparse.Namespace, broker: Broker) -> int:
+    existing_queue(broker, args.queue)
+    gone = broker.cancel(args.queue, args.ids)
+    emit(args, {'queue': args.queue, 'cancelled': gone},
+         f'cancelled {len(gone)} delayed message(s) of {args.queue}')
+    return OK if gone else NOT_FOUND
+
+
 # -- scripts -----------------------------------------------------------------------------------
 
 
@@ -749,6 +772,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument('queue', metavar='QUEUE')
     s.add_argument('--yes', action='store_true', help='do not ask')
     s.set_defaults(run=cmd_dlq_purge)
+
+    delayed = sub.add_parser('delayed', help='messages waiting for their due time').add_subparsers(
+        dest='action', required=True, metavar='ACTION')
+    s = delayed.add_parser('list', help='the next delayed messages, earliest first')
+    s.add_argument('queue', metavar='QUEUE')
+    s.add_argument('-n', type=positive(int), default=20, help='how many (default 20)')
+    s.add_argument('--full', action='store_true', help='with the messages (JSON output)')
+    s.set_defaults(run=cmd_delayed_list)
+    s = delayed.add_parser('cancel', help='remove delayed messages by task id (label)')
+    s.add_argument('queue', metavar='QUEUE')
+    s.add_argument('ids', nargs='+', metavar='TASK_ID')
+    s.set_defaults(run=cmd_delayed_cancel)
 
     s = sub.add_parser('migrate', help="move messages from Kombu's Redis transport here")
     s.add_argument('queues', nargs='*', metavar='QUEUE',

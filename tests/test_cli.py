@@ -144,7 +144,7 @@ def test_inspect_counts_dead_letters_and_writes_nothing(script_client):
         # Redis 7.0+: inspect ran as EVALSHA_RO with the no-writes flag (its own SHA)
         script = SCRIPTS['inspect'].flagged
         assert script.source.startswith('#!lua flags=no-writes\n')
-        keys = [*K.streams('q', LEVELS), K.dlq('q')]
+        keys = [*K.streams('q', LEVELS), K.dlq('q'), K.delayed('q')]
         assert c.evalsha_ro(script.sha, len(keys), *keys, 'q', HOLDER, *LEVELS)[1] == 2
 
 
@@ -276,6 +276,24 @@ def test_status_table(work):
     assert [line.split()[:4] for line in lines[2:5]] == [
         ['0', '1', '1', '2'], ['3', '2', '0', '0'], ['9', '1', '0', '0']]
     assert any(line.split()[:3] == [consumer, 'work', '2'] for line in lines)
+
+
+def test_delayed_list_and_cancel(work):
+    url, _ = work
+    with Connection(url, transport='kombu_streams.transport:Transport') as conn:
+        producer = conn.Producer()
+        for task_id in ('t-1', 't-2'):
+            producer.publish({'later': task_id}, exchange='work', routing_key='work',
+                             headers={'x-delay': 300_000, 'id': task_id})
+    data = cli_json(url, 'delayed', 'list', 'work', '--full')
+    assert data['delayed'] == 3  # with the fixture's unlabelled one
+    assert {m['label'] for m in data['messages']} == {'', 't-1', 't-2'}
+    assert all(m['message'].startswith('{') for m in data['messages'])
+    r = cli(url, 'delayed', 'list', 'work')
+    assert r.returncode == 0 and r.stdout.split()[:3] == ['LABEL', 'LEVEL', 'DUE'], r.stdout
+    assert cli_json(url, 'delayed', 'cancel', 'work', 't-1')['cancelled'][0].endswith(':t-1')
+    assert cli(url, 'delayed', 'cancel', 'work', 't-1').returncode == 3
+    assert cli_json(url, 'delayed', 'list', 'work')['delayed'] == 2
 
 
 def test_status_discovers_queues_and_fanout_exchanges(work):

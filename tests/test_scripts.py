@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.exceptions import NoScriptError
 
-from kombu_streams.broker import HOLDER, Broker
+from kombu_streams.broker import HOLDER, Broker, Delay
 from kombu_streams.keys import Keys
 from kombu_streams.scripts import SCRIPTS, KeyTypeError, load_all, lua_dir, run_calls
 
@@ -1584,6 +1584,12 @@ def test_run_calls_raises_key_type_error(script_client):
 _WRONGTYPE = {
     'publish': (K.stream('q', 0), lambda c: publish(c, 'q', b'x')),
     'publish-marker': (K.wake('q'), lambda c: publish(c, 'q', b'x')),
+    'publish-delayed': (K.delayed('q'), lambda c: broker(c).publish(
+        'q', 0, b'x', delay=Delay('+5000', 0, ''))),
+    'cancel': (K.delayed('q'), lambda c: broker(c).cancel('q', ['t1'])),
+    'cancel-messages': (K.delayed_messages('q'), lambda c: broker(c).cancel('q', ['t1'])),
+    'scheduled': (K.delayed('q'), lambda c: broker(c).scheduled('q')),
+    'purge-delayed': (K.delayed_messages('q'), lambda c: purge(c, 'q')),
     'inspect': (K.stream('q', 3), lambda c: broker(c).inspect('q')),
     'inspect-dlq': (K.dlq('q'), lambda c: broker(c).inspect('q')),
     'inspect_fanout': (K.fanout('x'), lambda c: broker(c).inspect_fanout('x')),
@@ -1763,7 +1769,8 @@ def test_registry_covers_every_lua_file():
     assert set(SCRIPTS) == names == {
         'ack', 'bind', 'deadletter', 'declare', 'delete', 'fanout_ack', 'fanout_publish',
         'inspect', 'inspect_fanout', 'publish', 'purge', 'read', 'reclaim', 'redrive', 'renew',
-        'requeue', 'route', 'size', 'touch', 'migrate', 'migrate_unacked'}
+        'requeue', 'route', 'size', 'touch', 'migrate', 'migrate_unacked', 'cancel',
+        'scheduled'}
     assert load_all() == SCRIPTS
 
 

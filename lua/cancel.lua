@@ -1,0 +1,40 @@
+--[[ cancel: remove delayed messages of ONE queue by label (Celery's task id) before they
+are due.
+
+KEYS[1]   the queue's delayed set, ks:q:{queue}:delayed
+KEYS[2]   the queue's delayed messages, ks:q:{queue}:delayed:m
+ARGV[1]   ZSCAN cursor: "0" to start, then the one the last call returned
+ARGV[2]   COUNT hint of the ZSCAN step: about how many members one call looks at
+ARGV[3..] the labels to cancel
+Reply:    {next cursor ("0": the scan is done), cancelled member, ...}
+Why: Celery keeps revokes in its workers' memory for hours only; this removes the message
+itself. The caller repeats the call until the cursor is "0" (a scan may return a member
+twice; removing it twice is harmless). Minimum Redis: 6.2. Cost: one ZSCAN step plus the
+removals.
+]]
+--@include common
+local bad = wrong_type(KEYS[1], 'zset') or wrong_type(KEYS[2], 'hash')
+if bad then return redis.error_reply(bad) end
+local wanted = {}
+for i = 3, #ARGV do wanted[ARGV[i]] = true end
+
+-- The label of a member "<stamp>:<level>:<label>[:n]" is wanted.
+local function is_wanted(member)
+  local rest = string.match(member, '^%d+:%d+:(.*)$')
+  if rest == nil then return false end
+  if wanted[rest] then return true end
+  local label = string.match(rest, '^(.*):%d+$')  -- a counter made it unique
+  return label ~= nil and wanted[label] == true
+end
+
+local step = redis.call('ZSCAN', KEYS[1], ARGV[1], 'COUNT', tonumber(ARGV[2]))
+local reply, gone = {step[1]}, {}
+for i = 1, #step[2], 2 do
+  if is_wanted(step[2][i]) then gone[#gone + 1] = step[2][i] end
+end
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('HDEL', KEYS[2], unpack(gone))
+  for _, m in ipairs(gone) do reply[#reply + 1] = m end
+end
+return reply
