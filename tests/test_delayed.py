@@ -406,6 +406,28 @@ def test_promotion_on_real_server(script_client):
     assert c.exists(K.delayed('q'), K.delayed_messages('q')) == 0
 
 
+def test_publish_moves_due_messages_first_on_real_server(script_client):
+    c = script_client
+    broker(c).declare('q')
+    pub(c, 'delayed-a', level=3, due_spec='+60')
+    pub(c, 'delayed-b', level=3, due_spec='+80')
+    time.sleep(0.1)
+    pub(c, 'after', level=3)  # moves both first: they were due before it was published
+    assert read(c) == ['delayed-a', 'delayed-b', 'after']
+
+
+def test_cancel_and_scheduled_on_real_server(script_client):
+    c = script_client
+    broker(c).declare('q')
+    for i in range(12):
+        pub(c, i, due_spec='+60000', label=f't{i % 4}')
+    data = broker(c).scheduled('q', 3)
+    assert data['delayed'] == 12 and len(data['messages']) == 3
+    assert 59_000 < data['messages'][0]['due_in_ms'] <= 60_001
+    assert len(broker(c).cancel('q', ['t1'], step=2)) == 3
+    assert c.zcard(K.delayed('q')) == c.hlen(K.delayed_messages('q')) == 9
+
+
 @pytest.fixture
 def url(redis_url):
     return 'redis-streams://' + redis_url[len('redis://'):]
