@@ -133,7 +133,8 @@ class Broker:
         args: list[Any] = [payload, '1' if routed else '0']
         if delay is not None:
             keys += [self.keys.delayed(queue), self.keys.delayed_messages(queue)]
-            args += [delay.due, delay.threshold_ms, delay.label]
+            if delay.due:  # due now: no more arguments (the common case stays small)
+                args += [delay.due, delay.threshold_ms, delay.label]
         return SCRIPTS['publish'], keys, args
 
     def publish(self, queue: str, level: int, payload: str | bytes, routed: bool = False,

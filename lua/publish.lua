@@ -10,9 +10,10 @@ KEYS[6]   optional: the queue's delayed messages, ks:q:{celery}:delayed:m
 ARGV[1]   the message: Kombu's JSON envelope, stored as field "m"
 ARGV[2]   "1" when routed through an exchange: publish only if the queue exists (a copy must
           not bring back a deleted or expired queue); "0" for the default exchange
-ARGV[3]   with KEYS[5..6]: when it is due: "" now, "@<ms>" at unix ms, "+<ms>" in ms from now
-ARGV[4]   with KEYS[5..6]: threshold in ms: a message due sooner is published now
-ARGV[5]   with KEYS[5..6]: a label for operators (Celery's task id), may be ""
+ARGV[3]   optional, with KEYS[5..6]: when it is due: "@<ms>" at unix ms, "+<ms>" in ms from
+          now; "" or absent: now
+ARGV[4]   with ARGV[3]: threshold in ms: a message due sooner is published now
+ARGV[5]   with ARGV[3]: a label for operators (Celery's task id), may be ""
 Reply:    the new entry id; or "delayed:<member>" when kept until due; or nil when the queue
           does not exist and ARGV[2] is "1"
 Why here: the marker is set in the same call as the XADD, so no consumer sees one without
@@ -55,7 +56,7 @@ local function keep_delayed(due)
   return 'delayed:' .. member
 end
 
-if dkey and ARGV[3] ~= '' then
+if dkey and ARGV[3] and ARGV[3] ~= '' then
   local mark, t = string.sub(ARGV[3], 1, 1), tonumber(string.sub(ARGV[3], 2))
   if t == nil then return redis.error_reply('publish: bad due time ' .. ARGV[3]) end
   local due = t

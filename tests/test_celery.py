@@ -17,6 +17,7 @@ import base64
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from typing import Any, Callable
 import pytest
 import redis
 from celery.app import defaults as celery_defaults
-from conftest import wait_until
+from conftest import missing, start_redis, stop_redis, wait_until
 
 from kombu_streams.keys import Keys
 
@@ -712,3 +713,52 @@ def test_delayed_tasks_survive_a_killed_worker(env: CeleryEnv) -> None:
     second.terminate()
     assert Counter(env.done()) == Counter(tags), env.logs()
     assert min(_ran_at(env).values()) >= sent + 4 - 0.05
+
+
+def test_delayed_tasks_survive_a_redis_restart_with_aof(tmp_path: Path) -> None:
+    """Tasks waiting for their countdown are in Redis: SIGKILL the server (AOF, fsync always)
+    and start it again; the worker reconnects and runs each once, not before its time."""
+    binary = shutil.which('redis-server')
+    if binary is None:
+        missing('redis-server not installed')
+    proc, port = start_redis(binary, tmp_path / 'aof',
+                             ('--appendonly', 'yes', '--appendfsync', 'always'))
+    base = f'redis://127.0.0.1:{port}'
+    env = CeleryEnv(tmp_path, f'redis-streams://127.0.0.1:{port}/3',
+                    redis.Redis.from_url(base + '/4'), redis.Redis.from_url(base + '/3'))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = env.load()
+        worker = env.worker('aof@ks')
+        worker.wait_ready()
+        tags = [f'a{n}' for n in range(5)]
+        sent = time.time()
+        for tag in tags:
+            module.record.apply_async(args=[tag], countdown=5)
+        assert _delayed(env) == 5
+        proc.kill()
+        proc.wait(10)
+        proc = subprocess.Popen(proc.args, cwd=tmp_path / 'aof', stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+        def all_done() -> bool:
+            try:
+                return len(env.done()) >= 5
+            except redis.ConnectionError:  # the server is still starting
+                return False
+
+        wait_for(all_done, 40, what='the delayed tasks after the restart', log=env.logs)
+        time.sleep(0.5)
+        worker.terminate()
+        assert Counter(env.done()) == Counter(tags), env.logs()
+        assert min(_ran_at(env).values()) >= sent + 5 - 0.05
+    finally:
+        for w in env.workers:
+            w.kill_group()
+        if env.module is not None:
+            env.module.app.close()
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(MODULE, None)
+        env.store.close()
+        env.raw_broker.close()
+        stop_redis(proc)
