@@ -82,6 +82,7 @@ COMPAT_TESTS = [
     'tests/test_bounds.py',
     'tests/test_plan.py',
     'tests/test_delayed.py',
+    'tests/test_exporter.py',
     'tests/test_connection.py::test_sentinel_round_trip',
     'tests/test_connection.py::test_sentinel_pool_options_without_servers',
     'tests/test_connection.py::test_credential_provider',
@@ -120,8 +121,10 @@ _find_pythons()
 
 
 def _pins(stack: Stack) -> list[str]:
+    # the optional prometheus extra: its declared floor on the oldest stack, else the newest
+    prometheus = 'prometheus_client==0.20.0' if stack is STACKS[0] else 'prometheus_client==0.26.0'
     return [f'celery=={stack.celery}', f'kombu=={stack.kombu}', f'redis=={stack.redis}',
-            RUFF, *TOOLS]
+            RUFF, prometheus, *TOOLS]
 
 
 def _install(session: nox.Session, stack: Stack) -> None:

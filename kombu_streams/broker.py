@@ -471,6 +471,36 @@ class Broker:
     def _text(value: Any) -> str:
         return value.decode() if isinstance(value, bytes) else str(value)
 
+    def discover(self, kind: str, limit: int = 1000, calls: int = 10000
+                 ) -> tuple[list[str], bool]:
+        """Names of the queues (kind 'q') or fanout exchanges (kind 'x') under the prefix, by
+        SCAN (COUNT 1000 per call; every primary in turn on Cluster), sorted; and whether
+        the search was complete (it stops after ``limit`` names or ``calls`` SCAN calls)."""
+        match, head, tail = self.keys.kind_pattern(kind)
+        names: set[str] = set()
+
+        def take(keys: Iterable[Any]) -> bool:  # False once the limit is reached
+            for key in map(self._text, keys):
+                if key.startswith(head) and key.endswith(tail):
+                    names.add(key[len(head):-len(tail)])
+                    if len(names) >= limit:
+                        return False
+            return True
+
+        if self.keys.cluster:
+            complete = take(self.client.scan_iter(match=match, count=1000))
+            return sorted(names), complete
+        cursor, n = 0, 0
+        while True:
+            cursor, found = self.client.scan(cursor, match=match, count=1000)
+            n += 1
+            if not take(found):
+                return sorted(names), False
+            if not cursor:
+                return sorted(names), True
+            if n >= calls:
+                return sorted(names), False
+
     def inspect(self, queue: str) -> dict[str, Any]:
         """A read-only snapshot of a queue (inspect.lua): per level its ready, held (requeued
         or reclaimed, part of ready), pending (delivered, unacked) messages, consumers and

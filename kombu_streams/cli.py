@@ -12,6 +12,8 @@
     dlq purge QUEUE [--yes]      delete the dead letters
     delayed list QUEUE [-n N] [--full]   delayed messages (eta / countdown), earliest first
     delayed cancel QUEUE TASK_ID...      remove delayed messages by task id before they run
+    exporter [QUEUE...] [-x EXCHANGE] [--port 9808] [--addr 127.0.0.1]
+                                 Prometheus metrics over HTTP (needs prometheus_client)
     scripts [--load]             each Lua script's SHA, KEYS/ARGV and an EVALSHA template
     migrate [QUEUE...] [--dry-run] [--batch N] [--limit N] [--no-unacked]
             [--kombu-prefix P] [--from-url URL]
@@ -118,37 +120,13 @@ def text(value: Any) -> str:
 
 
 def discover(broker: Broker, kind: str) -> list[str]:
-    """Names of the queues (kind 'q', by their level-0 stream) or fanout exchanges (kind 'x')
-    under the prefix, by SCAN; bounded by DISCOVER_LIMIT names and SCAN_CALLS calls."""
-    prefix = re.sub(r'([*?\[\]\\])', r'\\\1', broker.keys.prefix)
-    head = f'{broker.keys.prefix}ks:{kind}:{{'
-    tail = '}:0' if kind == 'q' else '}:fanout'
-    names: set[str] = set()
-    if broker.keys.cluster:  # every primary, one after the other
-        for key in map(text, broker.client.scan_iter(
-                match=f'{prefix}ks:{kind}:{{*{tail}', count=1000)):
-            if key.startswith(head) and key.endswith(tail):
-                names.add(key[len(head):-len(tail)])
-            if len(names) >= DISCOVER_LIMIT:
-                print(f'kombu-streams: stopped looking after {len(names)} names; name them '
-                      f'to see others', file=sys.stderr)
-                break
-        return sorted(names)
-    cursor, calls = 0, 0
-    while True:
-        cursor, found = broker.client.scan(cursor, match=f'{prefix}ks:{kind}:{{*{tail}',
-                                           count=1000)
-        calls += 1
-        for key in map(text, found):
-            if key.startswith(head) and key.endswith(tail):
-                names.add(key[len(head):-len(tail)])
-        if not cursor:
-            break
-        if len(names) >= DISCOVER_LIMIT or calls >= SCAN_CALLS:
-            print(f'kombu-streams: stopped looking after {len(names)} names and {calls} SCAN '
-                  f'calls; name them to see others', file=sys.stderr)
-            break
-    return sorted(names)
+    """Names of the queues (kind 'q') or fanout exchanges (kind 'x') under the prefix, with a
+    note on stderr when the search stopped early (see :meth:`Broker.discover`)."""
+    names, complete = broker.discover(kind, DISCOVER_LIMIT, SCAN_CALLS)
+    if not complete:
+        print(f'kombu-streams: stopped looking after {len(names)} names; name them to see '
+              f'others', file=sys.stderr)
+    return names
 
 
 def existing_queue(broker: Broker, queue: str) -> dict[str, Any]:
@@ -488,6 +466,25 @@ def cmd_delayed_cancel(args: argparse.Namespace, broker: Broker) -> int:
     return OK if gone else NOT_FOUND
 
 
+# -- Prometheus ----------------------------------------------------------------------------
+
+
+def cmd_exporter(args: argparse.Namespace, broker: Broker) -> int:
+    try:
+        from .exporter import serve
+    except ImportError as exc:
+        raise Failure(f'the exporter needs prometheus_client: pip install '
+                      f'kombu-streams[prometheus] ({exc})', USAGE) from None
+    print(f'kombu-streams exporter: serving http://{args.addr}:{args.port}/metrics',
+          file=sys.stderr, flush=True)
+    try:
+        serve(broker, args.port, args.addr, queues=args.queues, exchanges=args.exchange,
+              max_queues=args.max_queues)
+    except KeyboardInterrupt:
+        pass
+    return OK
+
+
 # -- scripts -----------------------------------------------------------------------------------
 
 
@@ -784,6 +781,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument('queue', metavar='QUEUE')
     s.add_argument('ids', nargs='+', metavar='TASK_ID')
     s.set_defaults(run=cmd_delayed_cancel)
+
+    s = sub.add_parser('exporter', help='serve Prometheus metrics of the queues over HTTP')
+    s.add_argument('queues', nargs='*', metavar='QUEUE',
+                   help='queues to export (default: all, found by SCAN at each scrape)')
+    s.add_argument('-x', '--exchange', action='append', default=[],
+                   help='also export this fanout exchange (repeatable)')
+    s.add_argument('--port', type=positive(int), default=9808, help='default %(default)s')
+    s.add_argument('--addr', default='127.0.0.1', help='address to listen on (default '
+                   '%(default)s; 0.0.0.0 for all)')
+    s.add_argument('--max-queues', type=positive(int), default=1000,
+                   help='most queues found by SCAN per scrape (default %(default)s)')
+    s.set_defaults(run=cmd_exporter)
 
     s = sub.add_parser('migrate', help="move messages from Kombu's Redis transport here")
     s.add_argument('queues', nargs='*', metavar='QUEUE',

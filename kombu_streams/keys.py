@@ -30,6 +30,7 @@ exchange 'e' (ks:x:{e}:wake:q%7D:fanout).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -55,6 +56,14 @@ class Keys:
         if '}' in name or '%' in name:
             return name.replace('%', '%25').replace('}', '%7D')
         return name
+
+    def kind_pattern(self, kind: str) -> tuple[str, str, str]:
+        """(SCAN MATCH pattern, head, tail) of the one key every queue (kind 'q': its first
+        stream) or fanout exchange (kind 'x': its stream) has: a name is what lies between
+        head and tail. The prefix is glob-escaped in the pattern."""
+        prefix = re.sub(r'([*?\[\]\\])', r'\\\1', self.prefix)
+        tail = '}:0' if kind == 'q' else '}:fanout'
+        return f'{prefix}ks:{kind}:{{*{tail}', f'{self.prefix}ks:{kind}:{{', tail
 
     def queue_base(self, queue: str) -> str:
         return f'{self.prefix}ks:q:{self._tag(queue, "queue")}'

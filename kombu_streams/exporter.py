@@ -1,0 +1,159 @@
+"""Prometheus metrics of a kombu-streams broker: queue depth per priority level, in flight,
+delayed, dead letters, consumers, age of the oldest ready message, fanout lag.
+
+    kombu-streams --url redis-streams://... exporter --port 9808 [QUEUE...] [-x EXCHANGE]
+
+or, inside an application, :func:`make_wsgi_app` (any WSGI server) or :class:`Collector`
+registered in a ``prometheus_client`` registry. Needs ``prometheus_client``
+(``pip install kombu-streams[prometheus]``).
+
+Every scrape reads Redis through the read-only inspect scripts (``inspect.lua``,
+``inspect_fanout.lua``: no writes, EVALSHA_RO on Redis 7, so a replica can serve them), one
+bounded call per queue or exchange; queues are found by SCAN (at most ``max_queues``) unless
+named. A scrape of 1,000 queues is 1,000 small calls one after another, never one long one:
+other clients of the server wait behind one call at a time. Names follow Prometheus'
+conventions (``_messages``, ``_seconds``, base units). A scrape that fails (no connection)
+answers with ``kombu_streams_scrape_errors_total`` raised and no queue series, rather than
+an HTTP error, so alerts can tell "broker unreachable" from "exporter down".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import make_wsgi_app as _wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .broker import Broker
+
+logger = logging.getLogger(__name__)
+
+PREFIX = 'kombu_streams'
+
+
+class Collector:
+    """Collects the broker's metrics at each scrape."""
+
+    def __init__(self, broker: Broker, queues: Sequence[str] = (),
+                 exchanges: Sequence[str] = (), max_queues: int = 1000) -> None:
+        self.broker = broker
+        self.queues, self.exchanges = list(queues), list(exchanges)
+        self.max_queues = max_queues
+        self.errors = 0
+
+    def _names(self) -> tuple[list[str], list[str]]:
+        if self.queues or self.exchanges:
+            return self.queues, self.exchanges
+        queues, _ = self.broker.discover('q', self.max_queues)
+        exchanges, _ = self.broker.discover('x', self.max_queues)
+        return queues, exchanges
+
+    def collect(self) -> Iterator[Metric]:
+        start = time.perf_counter()
+        families = _families()
+        count = 0
+        try:
+            queues, exchanges = self._names()
+            for queue in queues:
+                info = self.broker.inspect(queue)
+                if info['exists'] or info['dlq']:
+                    _add_queue(families, info)
+                    count += 1
+            for exchange in exchanges:
+                info = self.broker.inspect_fanout(exchange)
+                if info['exists']:
+                    _add_fanout(families, exchange, info)
+        except Exception as exc:  # an unreachable broker is a metric, not a failed scrape
+            self.errors += 1
+            logger.warning('kombu-streams exporter: scrape failed: %r', exc)
+            families = _families()
+            count = 0
+        yield from families.values()
+        yield _gauge('scrape_duration_seconds', 'Time the last scrape took',
+                     time.perf_counter() - start)
+        yield _gauge('scrape_queues', 'Queues in the last scrape', count)
+        errors = CounterMetricFamily(f'{PREFIX}_scrape_errors', 'Scrapes that failed')
+        errors.add_metric([], self.errors)
+        yield errors
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(f'{PREFIX}_{name}', doc)
+    g.add_metric([], value)
+    return g
+
+
+#: name -> (help, labels)
+QUEUE_METRICS = {
+    'queue_ready_messages': ('Messages ready to be delivered (requeued ones included)',
+                             ['queue', 'level']),
+    'queue_requeued_messages': ('Ready messages that were requeued or reclaimed (served '
+                                'first)', ['queue', 'level']),
+    'queue_pending_messages': ('Messages delivered and not acknowledged yet (in flight)',
+                               ['queue', 'level']),
+    'queue_delayed_messages': ('Messages waiting for their due time (eta, countdown, '
+                               'x-delay)', ['queue']),
+    'queue_next_due_seconds': ('Seconds until the next delayed message is due', ['queue']),
+    'queue_dead_letter_messages': ('Messages in the dead-letter stream', ['queue']),
+    'queue_consumers': ('Consumers holding or recently reading messages', ['queue']),
+    'queue_oldest_ready_age_seconds': ('Age of the oldest ready message', ['queue']),
+    'fanout_lag_messages': ('Fanout messages a bound queue has not read yet',
+                            ['exchange', 'queue']),
+    'fanout_pending_messages': ('Fanout messages delivered to a bound queue, not '
+                                'acknowledged', ['exchange', 'queue']),
+    'fanout_consumers': ('Consumers of a bound queue on a fanout exchange',
+                         ['exchange', 'queue']),
+}
+
+
+def _families() -> dict[str, GaugeMetricFamily]:
+    return {name: GaugeMetricFamily(f'{PREFIX}_{name}', doc, labels=labels)
+            for name, (doc, labels) in QUEUE_METRICS.items()}
+
+
+def _add_queue(f: dict[str, GaugeMetricFamily], info: dict[str, Any]) -> None:
+    queue = info['queue']
+    for lv in info['levels']:
+        level = str(lv['level'])
+        f['queue_ready_messages'].add_metric([queue, level], lv['ready'])
+        f['queue_requeued_messages'].add_metric([queue, level], lv['held'])
+        f['queue_pending_messages'].add_metric([queue, level], lv['pending'])
+    f['queue_delayed_messages'].add_metric([queue], info['delayed'])
+    if info['next_due_ms'] is not None:
+        f['queue_next_due_seconds'].add_metric([queue], info['next_due_ms'] / 1000)
+    f['queue_dead_letter_messages'].add_metric([queue], info['dlq'])
+    f['queue_consumers'].add_metric([queue], len(info['consumers']))
+    if info['oldest_ready_ms'] is not None:
+        f['queue_oldest_ready_age_seconds'].add_metric([queue], info['oldest_ready_ms'] / 1000)
+
+
+def _add_fanout(f: dict[str, GaugeMetricFamily], exchange: str, info: dict[str, Any]) -> None:
+    for g in info['groups']:
+        f['fanout_lag_messages'].add_metric([exchange, g['group']], g['lag'])
+        f['fanout_pending_messages'].add_metric([exchange, g['group']], g['pending'])
+        f['fanout_consumers'].add_metric([exchange, g['group']], g['consumers'])
+
+
+def registry_for(collector: Collector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def make_wsgi_app(broker: Broker, **options: Any) -> Any:
+    """A WSGI app serving the broker's metrics (``Collector`` options as keywords)."""
+    return _wsgi_app(registry_for(Collector(broker, **options)))
+
+
+def serve(broker: Broker, port: int, addr: str = '127.0.0.1', **options: Any) -> None:
+    """Serve /metrics on ``addr:port`` until interrupted."""
+    start_http_server(port, addr=addr, registry=registry_for(Collector(broker, **options)))
+    while True:
+        time.sleep(3600)
+
+
+__all__ = ('Collector', 'make_wsgi_app', 'serve', 'registry_for', 'QUEUE_METRICS')

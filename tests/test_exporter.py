@@ -1,0 +1,122 @@
+"""The Prometheus exporter on a real redis-server: the CLI's HTTP endpoint scraped for real,
+the text format parsed with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import free_port, wait_until
+from kombu import Connection, Exchange, Queue
+
+prometheus = pytest.importorskip('prometheus_client')
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from kombu_streams.broker import Broker  # noqa: E402
+from kombu_streams.exporter import Collector, make_wsgi_app  # noqa: E402
+from kombu_streams.keys import Keys  # noqa: E402
+
+CLI = Path(sys.executable).with_name('kombu-streams')
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.fixture
+def loaded(redis_url):
+    """Queue 'work': 5 messages at level 9 (priority 9) and 1 at level 0 (priority 0, served
+    first); 3 taken by a channel (the level-0 one rejected to the dead letters, 2 held),
+    1 delayed;
+    fanout 'bcast' with 'bq' bound and 2 broadcasts unread."""
+    options = {'dead_letter_rejected': True}
+    with Connection(redis_url, transport='kombu_streams.transport:Transport',
+                    transport_options=options) as conn:
+        ch = conn.channel()
+        q = Queue('work', Exchange('work'), 'work', max_priority=9)
+        q(ch).declare()
+        bcast = Exchange('bcast', type='fanout')
+        Queue('bq', bcast)(ch).declare()
+        producer = conn.Producer(ch)
+        for priority in (9, 9, 9, 9, 9, 0):
+            producer.publish({'p': priority}, exchange='work', routing_key='work',
+                             priority=priority)
+        producer.publish({'later': 1}, exchange='work', routing_key='work',
+                         headers={'x-delay': 600_000})
+        producer.publish({'b': 1}, exchange=bcast)
+        producer.publish({'b': 2}, exchange=bcast)
+        taken = [ch.basic_get('work') for _ in range(3)]
+        taken[0].reject(requeue=False)
+        yield redis_url
+
+
+def test_http_scrape_of_the_cli_exporter(loaded):
+    port = free_port()
+    proc = subprocess.Popen([str(CLI), '--url', loaded, 'exporter', '--port', str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        def scrape():
+            try:
+                with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=5) as r:
+                    return r.read().decode()
+            except OSError:
+                return None
+        text = wait_until(scrape, 20, 'the exporter to answer')
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    got = samples(text)
+    work = (('queue', 'work'),)
+    assert got[('kombu_streams_queue_ready_messages', (('level', '0'), ('queue', 'work')))] == 0
+    assert got[('kombu_streams_queue_ready_messages', (('level', '9'), ('queue', 'work')))] == 3
+    assert got[('kombu_streams_queue_pending_messages', (('level', '9'), ('queue', 'work')))] == 2
+    assert got[('kombu_streams_queue_delayed_messages', work)] == 1
+    assert 590 < got[('kombu_streams_queue_next_due_seconds', work)] <= 600
+    assert got[('kombu_streams_queue_dead_letter_messages', work)] == 1
+    assert got[('kombu_streams_queue_consumers', work)] == 1
+    assert got[('kombu_streams_queue_oldest_ready_age_seconds', work)] >= 0
+    bq = (('exchange', 'bcast'), ('queue', 'bq'))
+    assert got[('kombu_streams_fanout_lag_messages', bq)] == 2
+    assert got[('kombu_streams_fanout_pending_messages', bq)] == 0
+    assert got[('kombu_streams_scrape_errors_total', ())] == 0
+    assert got[('kombu_streams_scrape_queues', ())] == 2  # work and bq
+    assert got[('kombu_streams_scrape_duration_seconds', ())] > 0
+
+
+def test_wsgi_app_and_an_unreachable_broker(redis_client):
+    import redis
+    broker = Broker(redis.Redis(host='127.0.0.1', port=free_port(), socket_timeout=1),
+                    Keys(), [0, 3, 6, 9])
+    app = make_wsgi_app(broker, queues=['work'])
+    status = []
+    body = b''.join(app({'REQUEST_METHOD': 'GET', 'PATH_INFO': '/metrics',
+                         'QUERY_STRING': ''}, lambda s, h: status.append(s)))
+    assert status == ['200 OK']
+    got = samples(body.decode())
+    assert got[('kombu_streams_scrape_errors_total', ())] == 1
+    assert not any(name.startswith('kombu_streams_queue_') for name, _ in got)
+
+
+def test_scrape_of_many_queues_is_one_bounded_call_each(redis_client):
+    """300 queues, found by SCAN: one inspect call per queue, nothing more."""
+    broker = Broker(redis_client, Keys(), [0, 3, 6, 9])
+    for i in range(300):
+        broker.declare(f'q{i:03}')
+        broker.publish(f'q{i:03}', 0, '{}')
+    redis_client.config_resetstat()
+    got = {m.name: m for m in Collector(broker).collect()}
+    assert len(got['kombu_streams_queue_delayed_messages'].samples) == 300
+    stats = redis_client.info('commandstats')
+    calls = sum(v['calls'] for k, v in stats.items()
+                if k in ('cmdstat_evalsha', 'cmdstat_evalsha_ro'))
+    assert 300 <= calls <= 302  # one per queue (a first NOSCRIPT may repeat one)
