@@ -33,6 +33,7 @@ import redis
 from celery.app import defaults as celery_defaults
 from conftest import missing, start_redis, stop_redis, wait_until
 
+from kombu_streams.broker import Broker
 from kombu_streams.keys import Keys
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow]
@@ -363,6 +364,37 @@ def test_events_reach_a_receiver(env: CeleryEnv) -> None:
         thread.join(timeout=10)
         conn.release()
     assert env.done() == ['evented']
+
+
+def test_event_queues_expire_after_their_receiver_left(env: CeleryEnv) -> None:
+    """A receiver's celeryev.<id> queue has Celery's event_queue_expires as its x-expires:
+    once the receiver is gone it expires with all its keys (so status stops listing it),
+    and the worker's later events, routed to it no more, do not bring it back."""
+    module = env.load(event_queue_expires=2.0)
+    app = module.app
+    worker = env.worker('evx@ks', args=('-E',))
+    worker.wait_ready()
+    broker = Broker(env.raw_broker, Keys(), [0, 3, 6, 9])
+
+    def event_queues() -> list[str]:
+        return [q for q in broker.discover('q')[0] if q.startswith('celeryev.')]
+
+    with app.connection_for_read() as conn:
+        got: list[dict[str, Any]] = []
+
+        def on_event(event: dict[str, Any]) -> None:
+            got.append(event)
+            receiver.should_stop = True
+
+        receiver = app.events.Receiver(conn, handlers={'*': on_event})
+        receiver.capture(limit=None, timeout=20, wakeup=False)  # heartbeats every 2 s
+        assert got, 'no event received'
+        assert len(event_queues()) == 1
+    wait_for(lambda: not event_queues(), 20, what='the event queue to expire', log=env.logs)
+    time.sleep(4.5)  # two more heartbeats published to the celeryev exchange
+    assert event_queues() == []
+    assert not [k for k in env.raw_broker.scan_iter(match='ks:q:{celeryev.*')]
+    worker.terminate()
 
 
 # ---------------------------------------------------------------------------
