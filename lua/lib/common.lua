@@ -147,13 +147,18 @@ local function wrong_type(key, kind)
 end
 
 -- Set a queue's wake marker WAKE. For an expiring queue (x-expires) the marker expires with
--- it: after TTL ms when TTL > 0, else with the time to live of the queue's stream STREAM.
+-- it: after TTL ms when TTL > 0, else (a new marker only: one that was set has its expiry,
+-- and touch.lua refreshes it) with the time to live of the queue's stream STREAM.
 -- Returns nil, or the error when WAKE holds another type (then nothing was written).
 local function arm(wake, stream, ttl)
-  local err = pcall_error(redis.pcall('ZADD', wake, 0, 'w'))
+  local added = redis.pcall('ZADD', wake, 0, 'w')
+  local err = pcall_error(added)
   if err then return err end
   ttl = tonumber(ttl) or 0
-  if ttl <= 0 then ttl = redis.call('PTTL', stream) end
+  if ttl <= 0 then
+    if added == 0 then return nil end  -- it was set, with the queue's expiry (if any)
+    ttl = redis.call('PTTL', stream)
+  end
   if ttl > 0 then redis.call('PEXPIRE', wake, ttl) end
   return nil
 end

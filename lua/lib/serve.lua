@@ -238,13 +238,9 @@ local function serve_fresh(ctx, src, i)
   src.alive = true
   local fresh = read_entries(reply)
   for _, e in ipairs(fresh) do deliver(ctx, src, i, e[1], e[2], 1) end
-  local more = false
+  -- COUNT filled: more may be left. No probe for it (one command per read at prefetch 1):
+  -- if the stream ran dry just now, the next read finds that out and clears the index.
   if #fresh >= want then
-    -- COUNT filled: more is left unless the stream's last entry was just taken
-    local top = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
-    more = top[1] ~= nil and top[1][1] ~= fresh[#fresh][1]
-  end
-  if more then
     src.more = true
   elseif src.index then
     src.index[key] = nil
