@@ -283,11 +283,13 @@ class Broker:
 
     def read_call(self, sources: Sequence[Source], consumer: str, count: int,
                   max_deliveries: int = 0, ttls: dict[str, int] | None = None,
-                  modes: dict[Source, str] | None = None
+                  modes: dict[Source, str] | None = None,
+                  acks: Sequence[tuple[str, Any]] = ()
                   ) -> tuple[Call, Callable[[list[Any]], ReadResult]]:
         """The read call for ``sources`` (see :meth:`sources`), each read as ``modes`` says
         (READ, POPPED, GATED or WALK; READ by default), and the function that decodes its
-        reply."""
+        reply. ``acks``: (stream key, entry id) of messages to ack in the same call; each
+        stream must be one of a queue source's own (see :meth:`ack_merges`)."""
         ttls, modes = ttls or {}, modes or {}
         index = {src: i + 1 for i, src in enumerate(sources)}
         # (stream key, source, level), in the order to serve them
@@ -308,6 +310,10 @@ class Broker:
                          self.keys.delayed(q), self.keys.delayed_messages(q)]
             args += [q, 'f' if ex else 'q', modes.get(src, READ), ttls.get(q, 0)]
         args += [index[src] for _, src, _ in streams]
+        position = {key: i + 1 for i, (key, (_, ex), _) in enumerate(streams) if not ex}
+        args.append(len(acks))
+        for stream, entry_id in acks:
+            args += [position[stream], entry_id]
 
         def parse(reply: list[Any]) -> ReadResult:
             status, problems, aside, dues = self._text(reply[0]), reply[1], reply[2], reply[3]
@@ -326,6 +332,10 @@ class Broker:
                 {sources[int(dues[j]) - 1]: int(dues[j + 1]) for j in range(0, len(dues), 2)})
 
         return (SCRIPTS['read'], keys, args), parse
+
+    def ack_merges(self, sources: Sequence[Source]) -> set[str]:
+        """The streams whose acks may ride inside a read call of ``sources``."""
+        return {key for q, ex in sources if not ex for key in self.streams(q)}
 
     def ack(self, queue: str, entries: Iterable[tuple[str, Any]],
             exchange: str | None = None) -> int:

@@ -28,7 +28,7 @@ from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import cycle_by_name
 
 from . import due, envelope
-from .broker import HOLDER, READ, Broker, Delay, Delivery, ReadResult, Source
+from .broker import CHUNK, HOLDER, READ, Broker, Delay, Delivery, ReadResult, Source
 from .compat import BATCH_PUBLISH, BatchPublishError
 from .connection import POOL_OPTIONS
 from .keys import Keys
@@ -595,13 +595,16 @@ class Channel(virtual.Channel):
         sources = self._sources(queues)
         modes = self.plan.modes(sources) if planned else {s: READ for s in sources}
         groups = self.broker.slot_groups([s for s in sources if s in modes])
-        acks, calls = self._ack_calls()
+        mergeable = self.broker.ack_merges(groups[0]) if groups and credit > 0 else set()
+        acks, calls, merged = self._ack_calls(mergeable)
         try:
             for group in groups:
                 if credit <= 0:
                     break
-                read, parse = self.broker.read_call(group, self.consumer_name, credit,
-                                                    self.max_deliveries, self._expires, modes)
+                read, parse = self.broker.read_call(
+                    group, self.consumer_name, credit, self.max_deliveries, self._expires,
+                    modes, [(stream, entry_id) for _, stream, entry_id in merged])
+                merged = []
                 sent_at = monotonic()  # the leases start when the read runs, not after
                 reply, failed = self._send_read(calls + [read], acks)
                 acks, calls = [], []
@@ -619,8 +622,8 @@ class Channel(virtual.Channel):
                     out.append((message, delivery.queue))
                 if failed is not None:
                     raise failed
-            if calls:  # no read ran (no credit): the acks go on their own
-                self._send_acks(acks, calls)
+            if calls or merged:  # no read ran (no credit): the acks go on their own
+                self._send_acks(acks, calls + self._merged_calls(merged))
         except BaseException:
             if out:
                 with self._buffer_lock:
@@ -641,19 +644,24 @@ class Channel(virtual.Channel):
 
     def _send_read(self, calls: list[Call], acks: list[Held]
                    ) -> tuple[Any, BaseException | None]:
-        """Send ack calls and the read (last) in one round trip: (the read's reply, the
-        first ack error). Acks whose call failed, or that may not have been sent, are put
-        back (sending an ack twice is harmless); an error of the read itself is raised."""
-        if len(calls) == 1:
+        """Send ack calls and the read (last, with the acks that ride inside it) in one round
+        trip: (the read's reply, the first ack error). Acks whose call failed, or that may not
+        have been sent, are put back (sending an ack twice is harmless); an error of the read
+        itself is raised."""
+        if len(calls) == 1:  # the read, perhaps with acks inside it
             script, keys, args = calls[0]
-            return script(self.client, keys, args), None
+            try:
+                return script(self.client, keys, args), None
+            except Exception:
+                self._put_back(acks)
+                raise
         try:
             results = run_calls(self.client, calls, raise_errors=False)
         except Exception:
             self._put_back(acks)
             raise
         failed = next((r for r in results if isinstance(r, Exception)), None)
-        if failed is not None:
+        if failed is not None:  # an ack call or the read (which may carry acks) failed
             self._put_back(acks)
         if isinstance(results[-1], Exception):
             raise results[-1]
@@ -711,27 +719,40 @@ class Channel(virtual.Channel):
             self._acks.append(held)
             self.connection.leases.acks_waiting()  # sent within ACK_DELAY at the latest
 
-    def _ack_calls(self) -> tuple[list[Held], list[Call]]:
-        """Take the deferred acks: (the acks, script calls: one per source and CHUNK acks).
-        A caller whose calls fail puts the acks back."""
+    def _ack_calls(self, mergeable: set[str] | frozenset[str] = frozenset()
+                   ) -> tuple[list[Held], list[Call], list[tuple[str, str, bytes]]]:
+        """Take the deferred acks: (the acks, script calls: one per source and CHUNK acks,
+        and the (queue, stream, id) of those on ``mergeable`` streams, at most CHUNK, which ride
+        inside the next read call instead). A caller whose calls fail puts the acks back."""
         by_source: dict[tuple[str, str | None], list[tuple[str, bytes]]] = {}
         taken: list[Held] = []
+        merged: list[tuple[str, str, bytes]] = []
         while True:
             try:
                 held = self._acks.popleft()
             except IndexError:
                 break
             taken.append(held)
+            if held.stream in mergeable and held.exchange is None and len(merged) < CHUNK:
+                merged.append((held.queue, held.stream, held.entry_id))
+                continue
             by_source.setdefault((held.queue, held.exchange), []).append(
                 (held.stream, held.entry_id))
         calls: list[Call] = []
         for (queue, exchange), entries in by_source.items():
             calls += self.broker.ack_calls(queue, entries, exchange)
-        return taken, calls
+        return taken, calls, merged
+
+    def _merged_calls(self, merged: list[tuple[str, str, bytes]]) -> list[Call]:
+        """Ack calls for acks that were to ride with a read that did not run."""
+        by_queue: dict[str, list[tuple[str, bytes]]] = {}
+        for queue, stream, entry_id in merged:
+            by_queue.setdefault(queue, []).append((stream, entry_id))
+        return [c for q, entries in by_queue.items() for c in self.broker.ack_calls(q, entries)]
 
     def flush_acks(self) -> None:
         """Send deferred acks now."""
-        acks, calls = self._ack_calls()
+        acks, calls, _ = self._ack_calls()
         if calls:
             self._send_acks(acks, calls)
 

@@ -5,7 +5,8 @@ ARGV[1]     consumer group (the queue's name)
 ARGV[2..]   pairs: stream index k (1..n), entry id
 Reply:      number of entries that were pending and are now acked
 Minimum Redis: 6.2. Cost: O(number of ids) work in 2 commands per stream (one XACK and one
-XDEL of up to CHUNK ids each), plus XINFO GROUPS when some id was not pending.
+XDEL of up to 1,000 ids each), plus XINFO GROUPS when some id was not pending. The work is
+ack_ids in lua/lib/common.lua, which read.lua runs too for the acks that ride with a read.
 
 An id that is no longer pending (acked already, or the queue was purged or deleted) is
 skipped: acking twice is harmless. An entry is deleted only when the group had delivered it
@@ -16,7 +17,6 @@ script deletes an entry in the same call that acks it, so a delivered entry that
 pending is gone already, and deleting it again changes nothing.
 ]]
 --@include common
-local CHUNK = 1000  -- ids per XACK / XDEL (unpack() has a limit)
 local group, done = ARGV[1], 0
 local by_stream, order = {}, {}
 for j = 2, #ARGV, 2 do
@@ -28,25 +28,5 @@ for j = 2, #ARGV, 2 do
   local ids = by_stream[k]
   ids[#ids + 1] = ARGV[j + 1]
 end
-for _, k in ipairs(order) do
-  local key, all = KEYS[k], by_stream[k]
-  for first = 1, #all, CHUNK do
-    local ids = {unpack(all, first, math.min(first + CHUNK - 1, #all))}
-    local acked = redis.call('XACK', key, group, unpack(ids))
-    done = done + acked
-    if acked == #ids then
-      redis.call('XDEL', key, unpack(ids))
-    elseif acked > 0 then
-      local last = '0-0'
-      for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
-        if field(g, 'name') == group then last = field(g, 'last-delivered-id') end
-      end
-      local delivered = {}
-      for _, id in ipairs(ids) do
-        if not id_before(last, id) then delivered[#delivered + 1] = id end
-      end
-      if #delivered > 0 then redis.call('XDEL', key, unpack(delivered)) end
-    end
-  end
-end
+for _, k in ipairs(order) do done = done + ack_ids(KEYS[k], group, by_stream[k]) end
 return done

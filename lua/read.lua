@@ -28,6 +28,9 @@ ARGV[5+4q]      how to read source q: 'r' read it; 'p' read it, this consumer po
 ARGV[6+4q]      ttl in ms of source q's marker and index (x-expires; 0: the ttl of its first
                 stream)
 ARGV[6+4Q+i]    the source (1..Q) of stream i
+ARGV[7+4Q+S]    A: the number of acks that ride along (0: none), then A pairs: stream index
+                i (a queue's own stream, never a fanout one), entry id; they are acked
+                before anything is read, as ack.lua does (one round trip, one call)
 Reply: {status, problems, aside, dues, then per delivered message, in delivery order:
        stream index i, entry id, delivery count, payload}
        status    one character per source: '1' may hold more ready messages, '0' nothing
@@ -56,9 +59,11 @@ lua/lib/serve.lua. Wake-ups: kombu_streams/poller.py.
 --@include serve
 
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
-if not S or not Q or #KEYS ~= S + 5 * Q or #ARGV ~= 6 + 4 * Q + S then
-  return redis.error_reply('read: expected ' .. tostring(S) .. ' streams and ' .. tostring(Q) ..
-                           ' sources (S + 5Q keys, 6 + 4Q + S args)')
+local A = S and Q and tonumber(ARGV[7 + 4 * Q + S]) or 0
+if not S or not Q or #KEYS ~= S + 5 * Q or #ARGV ~= 7 + 4 * Q + S + 2 * A then
+  return redis.error_reply('read: expected ' .. tostring(S) .. ' streams, ' .. tostring(Q) ..
+                           ' sources and ' .. tostring(A) ..
+                           ' acks (S + 5Q keys, 7 + 4Q + S + 2A args)')
 end
 local PROMOTE = 500  -- most delayed messages moved per call
 local ctx = {consumer = ARGV[1], left = tonumber(ARGV[2]), holder = ARGV[3],
@@ -76,6 +81,25 @@ end
 for i = 1, S do
   local src = sources[tonumber(ARGV[6 + 4 * Q + i])]
   src.streams[#src.streams + 1] = i
+end
+
+-- the acks that ride along, by stream
+local acks, ack_order = {}, {}
+for j = 8 + 4 * Q + S, #ARGV, 2 do
+  local i = tonumber(ARGV[j])
+  if not acks[i] then
+    acks[i] = {}
+    ack_order[#ack_order + 1] = i
+  end
+  acks[i][#acks[i] + 1] = ARGV[j + 1]
+end
+for _, i in ipairs(ack_order) do
+  local src = sources[tonumber(ARGV[6 + 4 * Q + i])]
+  local ok, err = pcall(ack_ids, KEYS[i], src.group, acks[i])
+  if not ok then  -- another type at the stream's name: a problem of that source only
+    ctx.problems[#ctx.problems + 1] = src.q
+    ctx.problems[#ctx.problems + 1] = tostring(err) .. ' (key ' .. KEYS[i] .. ')'
+  end
 end
 
 for i = 1, S do

@@ -881,26 +881,34 @@ def test_deferred_acks_are_sent_at_close_and_by_the_lease_keeper(url, raw, how):
         assert stream_len_total(raw, "ack-close-q") == 0
 
 
-def test_deferred_acks_survive_a_failed_read(conn, raw, monkeypatch):
-    """A read that fails puts the acks it carried back: they are delayed, never dropped."""
+@pytest.mark.parametrize("inside", [True, False], ids=["acks-inside-the-read", "ack-calls"])
+def test_deferred_acks_survive_a_failed_read(conn, raw, monkeypatch, inside):
+    """A read that fails puts the acks it carried back: they are delayed, never dropped;
+    whether they rode inside the read call (acks of a queue it reads) or as ack calls in
+    its pipeline."""
     from kombu_streams import channel as channel_module
+    from kombu_streams.scripts import SCRIPTS
 
     q = direct_queue("ack-fail-q")
     publish(conn, ["a", "b"], queue=q)
     ch = conn.channel()
     ch.basic_qos(0, 1, False)
+    if not inside:
+        monkeypatch.setattr(ch.broker, "ack_merges", lambda sources: set())
     consumer = Consumer(ch, [q], callbacks=[lambda b, m: m.ack()], accept=["json"])
     consumer.consume()
     conn.drain_events(timeout=TIMEOUT)
-    real = channel_module.run_calls
 
-    def broken(client, calls, **kwargs):
+    def broken(*args, **kwargs):
         raise redis.ConnectionError("gone")
 
-    monkeypatch.setattr(channel_module, "run_calls", broken)
-    with pytest.raises(redis.ConnectionError):
-        conn.drain_events(timeout=TIMEOUT)
-    monkeypatch.setattr(channel_module, "run_calls", real)
+    with monkeypatch.context() as patch:
+        if inside:
+            patch.setitem(SCRIPTS, "read", broken)
+        else:
+            patch.setattr(channel_module, "run_calls", broken)
+        with pytest.raises(redis.ConnectionError):
+            conn.drain_events(timeout=TIMEOUT)
     assert pending_total(raw, "ack-fail-q") == 1
     conn.drain_events(timeout=TIMEOUT)  # the read carries the ack again
     with pytest.raises(socket.timeout):
@@ -910,7 +918,8 @@ def test_deferred_acks_survive_a_failed_read(conn, raw, monkeypatch):
     ch.close()
 
 def test_a_read_whose_piggybacked_ack_fails_still_hands_out_what_it_read(conn, raw):
-    """The read and the deferred ack go in one pipeline; when the ack's call fails, the
+    """Acks that cannot ride inside the read (here: made so) go as calls in the read's
+    pipeline; when the ack's call fails, the
     messages the read took are handed out next (not stranded in the PEL until
     visibility_timeout) and the ack is sent again with a later read."""
     from kombu_streams.scripts import SCRIPTS
@@ -925,6 +934,7 @@ def test_a_read_whose_piggybacked_ack_fails_still_hands_out_what_it_read(conn, r
         got.append(body)
         message.ack()
 
+    ch.broker.ack_merges = lambda sources: set()  # acks as calls of their own
     consumer = Consumer(ch, [q], callbacks=[on], accept=["json"])
     consumer.consume()
     conn.drain_events(timeout=TIMEOUT)
@@ -1204,3 +1214,19 @@ def test_script_flush_between_publish_and_consume(conn, raw):
     assert stream_len_total(raw, "noscript-q") == 0
     raw.script_flush()
     assert q(conn.default_channel).queue_declare(passive=True).message_count == 0
+
+
+def test_acks_ride_inside_the_read_at_prefetch_1(conn, raw):
+    """At prefetch 1 each consumed and acked message costs one script call: the ack made in
+    the callback rides inside the next read (no ack call of its own)."""
+    q = direct_queue("ack-inside-q")
+    publish(conn, [f"m{i}" for i in range(20)], queue=q)
+    raw.config_resetstat()
+    got = drain(conn, [q], 20, prefetch=1)
+    assert len(got) == 20
+    stats = raw.info("commandstats")
+    # 20 reads, plus the last flush before the QUIET wait and the first script loads;
+    # with ack calls of their own it would be 40 or more
+    assert stats["cmdstat_evalsha"]["calls"] < 30, stats["cmdstat_evalsha"]
+    assert pending_total(raw, "ack-inside-q") == 0
+    assert stream_len_total(raw, "ack-inside-q") == 0
