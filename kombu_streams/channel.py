@@ -595,7 +595,8 @@ class Channel(virtual.Channel):
         sources = self._sources(queues)
         modes = self.plan.modes(sources) if planned else {s: READ for s in sources}
         groups = self.broker.slot_groups([s for s in sources if s in modes])
-        mergeable = self.broker.ack_merges(groups[0]) if groups and credit > 0 else set()
+        mergeable = (self.broker.ack_merges(groups[0])
+                     if self._acks and groups and credit > 0 else set())
         acks, calls, merged = self._ack_calls(mergeable)
         try:
             for group in groups:
