@@ -22,10 +22,11 @@ entries are taken from the right, oldest first, and appended in that order, so o
 priority is kept. Each message goes, as stored (field "m" = Kombu's JSON envelope,
 unchanged), to the level its properties.priority maps to (clamped to 0..9, as Kombu does),
 so a list of one Kombu step is split correctly when our levels differ from Kombu's. An entry
-that is not a JSON object with a "body" and a "properties" object cannot be a Kombu message: it is put back where it
-was, so nothing is lost, and reported. The move and the wake marker happen in one script, so
-an interrupted migration never loses or duplicates a message, and a consumer blocked on the
-marker is woken. The target queue must be declared first (its group then exists).
+that is not a JSON object with a "body" and a "properties" object cannot be a Kombu
+message: it is put back where it was, so nothing is lost, and reported. The move and the
+wake marker happen in one script, so an interrupted migration never loses or duplicates a
+message, and a consumer blocked on the marker is woken. The target queue must be declared
+first (its group then exists).
 ]]
 --@include common
 local n = #KEYS - 3

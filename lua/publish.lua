@@ -26,7 +26,8 @@ one that was due before it. Never trims. Minimum Redis: 6.2. Cost: O(1) plus the
 --@include delay
 if #KEYS ~= 4 and #KEYS ~= 6 then return redis.error_reply('publish: needs 4 or 6 keys') end
 local PUBLISH_PROMOTE = 100
-local stream, wake, first, ready, dkey, bodies = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local stream, wake, first, ready = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local dkey, bodies = KEYS[5], KEYS[6]
 local payload, routed = ARGV[1], ARGV[2] == '1'
 local now = nil
 local function clock()

@@ -11,9 +11,9 @@ Reply:      {purged, more}: messages deleted, and 1 if a stream (or the delayed 
             (the caller calls again until more is 0)
 Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + batch) per stream.
 
-A stream nobody is working on is trimmed from its old end, batch entries per call. Otherwise the ready entries are those
-after the group's last-delivered id plus those parked with the holder; delivered, unacked
-entries stay, so their consumers can still ack them.
+A stream nobody is working on is trimmed from its old end, batch entries per call.
+Otherwise the ready entries are those after the group's last-delivered id plus those parked
+with the holder; delivered, unacked entries stay, so their consumers can still ack them.
 ]]
 --@include common
 local group, holder, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])

@@ -1752,6 +1752,13 @@ def test_scripts_load_with_their_sha(script_client):
         assert script_client.script_load(script.source) == script.sha
 
 
+def test_lua_lines_fit_100_columns():
+    """The Lua sources follow the Python line length (ruff's 100): read side by side."""
+    long = [f'{p.name}:{n}' for p in sorted(lua_dir().rglob('*.lua'))
+            for n, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 100]
+    assert long == []
+
+
 @pytest.mark.parametrize('name', sorted(SCRIPTS))
 def test_script_header_and_flattening(name):
     script = SCRIPTS[name]
