@@ -28,8 +28,9 @@ from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import cycle_by_name
 
 from . import due, envelope
+from .batch import PublishBatch
 from .broker import CHUNK, HOLDER, READ, Broker, Delay, Delivery, ReadResult, Source
-from .compat import BATCH_PUBLISH, BatchPublishError
+from .compat import BATCH_PUBLISH
 from .connection import POOL_OPTIONS
 from .keys import Keys
 from .leases import ACK_DELAY, Leases
@@ -38,7 +39,7 @@ from .scripts import Call, run_calls
 
 logger = logging.getLogger(__name__)
 
-__all__ = ('Channel', 'QoS', 'PublishBatch', 'HOLDER', 'MessageTooLarge')
+__all__ = ('Channel', 'QoS', 'HOLDER', 'MessageTooLarge')
 
 #: How _settle disposes of messages.
 ACK, REQUEUE, DEAD_LETTER = 'ack', 'requeue', 'dead-letter'
@@ -877,54 +878,3 @@ class Channel(virtual.Channel):
                 logger.warning('kombu-streams: could not requeue buffered messages: %r', exc)
             self.connection.cycle.discard(self)
         super().close()
-
-
-class PublishBatch:
-    """``Producer.batch()`` support: publish scripts pipelined in one round trip per flush
-    (per node on Redis Cluster)."""
-
-    def __init__(self, channel: Channel, max_size: int) -> None:
-        self.channel = channel
-        self.max_size = max_size
-        self._calls: list[Call] = []
-        self._failed: BaseException | None = None
-        self._closed = False
-        self._aborted = False
-
-    def _check_usable(self) -> None:
-        if self._closed or self._aborted:
-            raise RuntimeError('kombu-streams publish batch is closed or aborted')
-        if self._failed is not None:
-            raise BatchPublishError(
-                'publish batch cannot be reused after a failure') from self._failed
-
-    def publish(self, message: dict[str, Any], **kwargs: Any) -> Any:
-        self._check_usable()
-        result = self.channel.basic_publish(message, _publish_batch=self, **kwargs)
-        if len(self._calls) >= self.max_size:
-            self.flush()
-        return result
-
-    def add(self, script: Any, keys: list[str], args: list[Any]) -> None:
-        self._calls.append((script, keys, args))
-
-    def flush(self) -> None:
-        self._check_usable()
-        if not self._calls:
-            return
-        calls, self._calls = self._calls, []
-        try:
-            run_calls(self.channel.client, calls, wait=self.channel._replica_wait())
-        except Exception as exc:
-            self._failed = exc
-            raise BatchPublishError(
-                'kombu-streams publish batch failed; delivery is uncertain') from exc
-
-    def discard(self) -> None:
-        self._aborted = True
-        self._calls = []
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._calls = []
