@@ -32,6 +32,8 @@ READ, POPPED, GATED, WALK = 'r', 'p', 'm', 'w'
 RENEW_CHUNK = 500
 #: Most entries per ack or requeue call, for the same reason.
 CHUNK = 1000
+#: Most delayed messages one scheduled.lua call lists.
+SCHEDULED_MAX = 1000
 
 
 def _id_order(entry_id: Any) -> tuple[int, int]:
@@ -179,9 +181,11 @@ class Broker:
         return SCRIPTS['delete'](self.client, keys)
 
     def scheduled(self, queue: str, count: int = 10, bodies: bool = False) -> dict[str, Any]:
-        """The ``count`` earliest delayed messages of a queue (scheduled.lua, read-only):
+        """The ``count`` (at most SCHEDULED_MAX) earliest delayed messages of a queue
+        (scheduled.lua, read-only):
         each with its member, level, label (Celery's task id), ms until due and, with
         ``bodies``, the message as stored."""
+        count = max(1, min(int(count), SCHEDULED_MAX))  # bounded: one call, a few ms at most
         reply = SCRIPTS['scheduled'].call_ro(
             self.client, [self.keys.delayed(queue), self.keys.delayed_messages(queue)],
             [count, '1' if bodies else '0'])

@@ -17,22 +17,25 @@ ARGV[5]   with ARGV[3]: a label for operators (Celery's task id), may be ""
 Reply:    the new entry id; or "delayed:<member>" when kept until due; or nil when the queue
           does not exist and ARGV[2] is "1"
 Why here: the marker is set in the same call as the XADD, so no consumer sees one without
-the other (the no-lost-wake-up argument, docs/design.rst). With KEYS[5..6], delayed messages
-already due are moved to their streams first, so a message published now never overtakes
-one that was due before it. Never trims. Minimum Redis: 6.2. Cost: O(1) plus the moves
-(at most PUBLISH_PROMOTE).
+the other (the no-lost-wake-up argument, kombu_streams/poller.py). With KEYS[5..6], while
+delayed messages are due and not yet moved (read.lua moves them), a message published now
+joins them in the delayed set, due now, so it never overtakes one that was due before it.
+Never trims. Minimum Redis: 6.2. Cost: O(1); O(log n) in a queue holding n delayed messages.
 ]]
 --@include common
 --@include delay
 if #KEYS ~= 4 and #KEYS ~= 6 then return redis.error_reply('publish: needs 4 or 6 keys') end
-local PUBLISH_PROMOTE = 100
 local stream, wake, first, ready = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local dkey, bodies = KEYS[5], KEYS[6]
 local payload, routed = ARGV[1], ARGV[2] == '1'
-local now = nil
-local function clock()
-  if now == nil then now = now_ms() end
-  return now
+local time = nil  -- the server's clock, read once: {seconds, microseconds}
+local function now_us()
+  if time == nil then time = redis.call('TIME') end
+  return tonumber(time[1]), tonumber(time[2])
+end
+local function clock()  -- ms, rounded down
+  local sec, usec = now_us()
+  return sec * 1000 + math.floor(usec / 1000)
 end
 
 -- Give newly made members of the marker and the index the queue's expiry (x-expires); ones
@@ -46,12 +49,14 @@ local function expire_new(...)
 end
 
 local function keep_delayed(due)
+  local sec, usec = now_us()
   local member, earliest = delay_store(dkey, bodies, string.match(stream, ':(%d+)$') or '0',
-                                       ARGV[5] or '', payload, due)
+                                       ARGV[5] or '', payload, due,
+                                       string.format('%010d%06d', sec, usec))
   local new = {}
   if redis.call('ZCARD', dkey) == 1 then new = {dkey, bodies} end
   if redis.call('SADD', ready, DELAYED) == 1 then new[#new + 1] = ready end
-  -- a new earliest due time: wake a consumer, whose read learns it (its wait ends by then)
+  -- a new earliest due time (or one due now): wake a consumer, whose read learns it
   if earliest and redis.call('ZADD', wake, 0, 'w') == 1 then new[#new + 1] = wake end
   expire_new(unpack(new))
   return 'delayed:' .. member
@@ -62,8 +67,8 @@ if dkey and ARGV[3] and ARGV[3] ~= '' then
   if t == nil then return redis.error_reply('publish: bad due time ' .. ARGV[3]) end
   local due = t
   if mark == '+' then  -- from now, rounded up to the ms: never due early
-    local time = redis.call('TIME')
-    due = tonumber(time[1]) * 1000 + math.ceil(tonumber(time[2]) / 1000) + t
+    local sec, usec = now_us()
+    due = sec * 1000 + math.ceil(usec / 1000) + t
   end
   if due - clock() >= tonumber(ARGV[4]) then
     if routed and redis.call('EXISTS', first) == 0 then return false end
@@ -75,14 +80,10 @@ local marks = nil  -- with KEYS[5..6]: {stream in the index, queue may hold dela
 if dkey then
   marks = redis.call('SMISMEMBER', ready, stream, DELAYED)
   local next_due = marks[2] == 1 and delay_next(dkey)
-  if next_due and next_due <= clock() then
+  if next_due and next_due <= clock() then  -- due ones wait to be moved: queue up behind
     if routed and redis.call('EXISTS', first) == 0 then return false end
-    local _, streams, more = promote(dkey, bodies, first, clock(), PUBLISH_PROMOTE)
-    if #streams > 0 then index_add(ready, first, unpack(streams)) end
-    if more then  -- more were due than one call moves: this one queues up behind them
-      if redis.call('ZADD', wake, 0, 'w') == 1 then expire_new(wake) end
-      return keep_delayed(clock())
-    end
+    if redis.call('ZADD', wake, 0, 'w') == 1 then expire_new(wake) end
+    return keep_delayed(clock())
   end
 end
 local id = false

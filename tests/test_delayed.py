@@ -163,7 +163,7 @@ def test_read_reports_next_due(fake, clock):
     assert result.dues == {('q', None): -1}
 
 
-def test_publish_moves_due_messages_first(fake, clock):
+def test_publish_after_a_due_time_queues_up_behind_it(fake, clock):
     """A message published after another one's due time is served after it, even when no
     consumer read in between."""
     pub(fake, 'delayed', due_spec='+1000')
@@ -406,13 +406,13 @@ def test_promotion_on_real_server(script_client):
     assert c.exists(K.delayed('q'), K.delayed_messages('q')) == 0
 
 
-def test_publish_moves_due_messages_first_on_real_server(script_client):
+def test_publish_after_a_due_time_queues_up_behind_it_on_real_server(script_client):
     c = script_client
     broker(c).declare('q')
     pub(c, 'delayed-a', level=3, due_spec='+60')
     pub(c, 'delayed-b', level=3, due_spec='+80')
     time.sleep(0.1)
-    pub(c, 'after', level=3)  # moves both first: they were due before it was published
+    pub(c, 'after', level=3)  # queues up behind both: they were due before it was published
     assert read(c) == ['delayed-a', 'delayed-b', 'after']
 
 

@@ -1,4 +1,4 @@
--- Delayed messages of one queue, kept until they are due (docs/design.rst, "Delayed delivery").
+-- Delayed messages of one queue, kept until they are due (README.rst, "Delayed delivery").
 -- KEYS: none of its own (a library: included after "--@include common").
 -- ARGV: none. Reply: none. Minimum Redis: 6.2.
 --
@@ -14,10 +14,9 @@
 local DELAYED = 'd'
 
 -- Store PAYLOAD in the zset DKEY and hash BODIES, due at DUE ms, to go to LEVEL's stream;
--- LABEL names it for operators. Returns the member and whether it is now the earliest.
-local function delay_store(dkey, bodies, level, label, payload, due)
-  local t = redis.call('TIME')
-  local stamp = string.format('%010d%06d', tonumber(t[1]), tonumber(t[2]))
+-- LABEL names it for operators, STAMP is the server's time in µs (16 digits). Returns the
+-- member and whether it is now the earliest.
+local function delay_store(dkey, bodies, level, label, payload, due, stamp)
   local base = stamp .. ':' .. level .. ':' .. label
   local member, n = base, 0
   while redis.call('ZADD', dkey, 'NX', due, member) == 0 do  -- same µs, same label
@@ -39,23 +38,22 @@ local function delay_next(dkey)
 end
 
 -- Move the delayed messages of DKEY/BODIES due at NOW into their level's stream, in due order,
--- at most N. A member without a level (not ours) goes to FIRST, the queue's first stream; one
--- whose message is gone is dropped. Returns (moved, streams written, more may be due, error):
--- on an error (a key holds another type) the members moved so far are removed and the rest
--- stay where they are.
-local function promote(dkey, bodies, first, now, n)
+-- at most N. LEVELS maps a level ('0', '3'...) to its stream key, one of the caller's KEYS; a
+-- member whose level is not there (not ours, or another priority_steps) goes to FIRST, the
+-- queue's first stream; one whose message is gone is dropped. Returns (moved, streams
+-- written, error): on an error (a key holds another type) the members moved so far are
+-- removed and the rest stay where they are.
+local function promote(dkey, bodies, levels, first, now, n)
   local due, err = try('ZRANGEBYSCORE', dkey, '-inf', now, 'LIMIT', 0, n)
-  if err then return 0, {}, false, err end
-  if due == nil or #due == 0 then return 0, {}, false, nil end
+  if err then return 0, {}, err end
+  if due == nil or #due == 0 then return 0, {}, nil end
   local payloads, herr = try('HMGET', bodies, unpack(due))
-  if herr then return 0, {}, false, herr end
-  local base = string.sub(dkey, 1, -9)  -- the key minus ':delayed': ks:q:{queue}
+  if herr then return 0, {}, herr end
   local streams, seen, done, moved = {}, {}, {}, 0
   for j, member in ipairs(due) do
     local payload = payloads[j]
     if payload then
-      local level = string.match(member, '^%d+:(%d+):')
-      local stream = level and (base .. ':' .. level) or first
+      local stream = levels[string.match(member, '^%d+:(%d+):') or ''] or first
       local _, xerr = try('XADD', stream, '*', 'm', payload)
       if xerr then err = xerr .. ' (key ' .. stream .. ')'; break end
       if not seen[stream] then
@@ -70,5 +68,5 @@ local function promote(dkey, bodies, first, now, n)
     redis.call('ZREM', dkey, unpack(done))
     redis.call('HDEL', bodies, unpack(done))
   end
-  return moved, streams, err == nil and #due >= n, err
+  return moved, streams, err
 end

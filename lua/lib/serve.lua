@@ -64,8 +64,10 @@ local function promote_due(ctx, src)
     if err then return problem(ctx, src, src.dkey, err) end
     local now = clock(ctx)
     if next_due and next_due <= now and ctx.promote_left > 0 then
-      local moved, streams, _, perr = promote(src.dkey, src.bodies, KEYS[src.streams[1]], now,
-                                              ctx.promote_left)
+      local levels = {}  -- level -> its stream, all among this call's KEYS
+      for _, i in ipairs(src.streams) do levels[string.match(KEYS[i], ':(%d+)$')] = KEYS[i] end
+      local moved, streams, perr = promote(src.dkey, src.bodies, levels, KEYS[src.streams[1]],
+                                           now, ctx.promote_left)
       ctx.promote_left = ctx.promote_left - moved
       for _, key in ipairs(streams) do idx[key] = true end
       if perr then return problem(ctx, src, src.dkey, perr) end
