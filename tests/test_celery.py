@@ -25,6 +25,8 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -213,9 +215,10 @@ class CeleryEnv:
             return conn.default_channel.queue_declare(queue, passive=True).message_count
 
 
-@pytest.fixture()
-def env(tmp_path: Path, redis_url: str):
-    base = redis_url.rsplit('/', 1)[0]
+@contextmanager
+def celery_env(tmp_path: Path, base: str) -> Iterator[CeleryEnv]:
+    """A CeleryEnv on the server at ``base`` (redis://host:port): broker DB 3, records DB 4;
+    its workers killed and its app closed at the end."""
     broker = base.replace('redis://', 'redis-streams://', 1) + '/3'
     store = redis.Redis.from_url(base + '/4')
     raw_broker = redis.Redis.from_url(base + '/3')
@@ -235,6 +238,12 @@ def env(tmp_path: Path, redis_url: str):
         sys.modules.pop(MODULE, None)
         store.close()
         raw_broker.close()
+
+
+@pytest.fixture()
+def env(tmp_path: Path, redis_url: str):
+    with celery_env(tmp_path, redis_url.rsplit('/', 1)[0]) as environment:
+        yield environment
 
 
 def level_of(priority: int, steps: tuple[int, ...] = (0, 3, 6, 9)) -> int:
@@ -725,17 +734,24 @@ def test_retry_with_countdown_waits_in_redis(env: CeleryEnv) -> None:
     assert float(runs[1][2]) - float(runs[0][2]) >= 3 - 0.05, runs
 
 
+def _send_delayed(env: CeleryEnv, prefix: str, countdown: float) -> tuple[list[str], float]:
+    """Five record tasks with ``countdown``, checked to wait in the delayed set: (their tags,
+    when they were sent)."""
+    tags = [f'{prefix}{n}' for n in range(5)]
+    sent = time.time()
+    for tag in tags:
+        env.module.record.apply_async(args=[tag], countdown=countdown)
+    assert _delayed(env) == 5
+    return tags, sent
+
+
 def test_delayed_tasks_survive_a_killed_worker(env: CeleryEnv) -> None:
     """The worker is SIGKILLed while tasks wait: they are in Redis, not in its memory, so
     the next worker runs each once at its time (no visibility timeout to wait for)."""
-    module = env.load({'visibility_timeout': 3600})
+    env.load({'visibility_timeout': 3600})
     worker = env.worker('k1@ks')
     worker.wait_ready()
-    tags = [f'k{n}' for n in range(5)]
-    sent = time.time()
-    for tag in tags:
-        module.record.apply_async(args=[tag], countdown=4)
-    assert _delayed(env) == 5
+    tags, sent = _send_delayed(env, 'k', 4)
     worker.kill_group()
     second = env.worker('k2@ks')
     second.wait_ready()
@@ -755,42 +771,27 @@ def test_delayed_tasks_survive_a_redis_restart_with_aof(tmp_path: Path) -> None:
         missing('redis-server not installed')
     proc, port = start_redis(binary, tmp_path / 'aof',
                              ('--appendonly', 'yes', '--appendfsync', 'always'))
-    base = f'redis://127.0.0.1:{port}'
-    env = CeleryEnv(tmp_path, f'redis-streams://127.0.0.1:{port}/3',
-                    redis.Redis.from_url(base + '/4'), redis.Redis.from_url(base + '/3'))
-    sys.path.insert(0, str(tmp_path))
     try:
-        module = env.load()
-        worker = env.worker('aof@ks')
-        worker.wait_ready()
-        tags = [f'a{n}' for n in range(5)]
-        sent = time.time()
-        for tag in tags:
-            module.record.apply_async(args=[tag], countdown=5)
-        assert _delayed(env) == 5
-        proc.kill()
-        proc.wait(10)
-        proc = subprocess.Popen(proc.args, cwd=tmp_path / 'aof', stdout=subprocess.DEVNULL,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        with celery_env(tmp_path, f'redis://127.0.0.1:{port}') as env:
+            env.load()
+            worker = env.worker('aof@ks')
+            worker.wait_ready()
+            tags, sent = _send_delayed(env, 'a', 5)
+            proc.kill()
+            proc.wait(10)
+            proc = subprocess.Popen(proc.args, cwd=tmp_path / 'aof', stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
-        def all_done() -> bool:
-            try:
-                return len(env.done()) >= 5
-            except redis.ConnectionError:  # the server is still starting
-                return False
+            def all_done() -> bool:
+                try:
+                    return len(env.done()) >= 5
+                except redis.ConnectionError:  # the server is still starting
+                    return False
 
-        wait_for(all_done, 40, what='the delayed tasks after the restart', log=env.logs)
-        time.sleep(0.5)
-        worker.terminate()
-        assert Counter(env.done()) == Counter(tags), env.logs()
-        assert min(_ran_at(env).values()) >= sent + 5 - 0.05
+            wait_for(all_done, 40, what='the delayed tasks after the restart', log=env.logs)
+            time.sleep(0.5)
+            worker.terminate()
+            assert Counter(env.done()) == Counter(tags), env.logs()
+            assert min(_ran_at(env).values()) >= sent + 5 - 0.05
     finally:
-        for w in env.workers:
-            w.kill_group()
-        if env.module is not None:
-            env.module.app.close()
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop(MODULE, None)
-        env.store.close()
-        env.raw_broker.close()
         stop_redis(proc)
