@@ -6,10 +6,12 @@ on a fanout exchange one of its own).
 
 * ``publish.lua`` adds the entry and sets the marker in one script (so do requeue, reclaim,
   redrive and the migrate scripts for what they make ready).
-* ``read.lua`` delivers what the caller may take and then, in the same script, sets the
-  marker of every source it read that may still hold ready messages, and removes it from
-  every source it saw run dry. Sources it did not reach (its count ran out first) keep their
-  marker as it was, except one whose marker this consumer popped: that one is set again.
+* ``read.lua`` delivers what the caller may take and then, in the same script, removes the
+  marker of every source it saw run dry, and sets it on a source that may still hold ready
+  messages if it popped that marker, walked the source, or moved due delayed messages into
+  it. Any other source keeps its marker as it was: a read that only took work away from it
+  (a hot one) or did not reach it (its count ran out first), except one whose marker this
+  consumer popped: that one is set again.
 * An idle consumer blocks in one ``BZPOPMIN`` on the markers of all the sources it reads.
   The source whose marker it popped is read next (mode POPPED, see
   :mod:`kombu_streams.plan`); if no read comes to cover it (the channel ran out of credit
@@ -17,8 +19,11 @@ on a fanout exchange one of its own).
 
 Why no wake-up is lost. Invariant: at the end of every script, a source with ready messages
 has its marker set, except while a consumer holds a popped marker it has not read yet.
-publish sets it; a read sets it unless it saw the source dry, and leaves it alone where it
-did not look (so a marker set before stays set); requeue and reclaim set it. A popped marker
+publish sets it; requeue and reclaim set it; a read that made work ready (moved due
+messages, or found work by a walk) sets it; a read removes it only where it saw the source
+dry, and otherwise leaves it alone: a read that did not pop the marker and made nothing
+ready only took messages away, so every message left was there before it, under the marker
+or a popped wake-up, and still is (this saves a ZADD per read at prefetch 1). A popped marker
 is always followed by a read of its source in POPPED mode, which sets it again if anything is
 left (even if that read ran out of credit before it), or by the poller putting it back. So a
 consumer that goes to sleep cannot miss a message: a publish that landed after its last read
@@ -436,20 +441,19 @@ class Poller:
         hub.on_tick.add(self.on_tick)
 
     def on_tick(self) -> None:
-        """Each loop turn: send the acks made since the last one, then a wait for every
-        channel that may read (per slot group on Cluster) where none is pending."""
-        for channel in list(self.channels):
-            channel.flush_acks()
+        """Each loop turn: a read for every channel whose last read took all it was allowed
+        (the acks made since ride inside it), the acks of the others sent, then a wait for
+        every channel that may read (per slot group on Cluster) where none is pending."""
         waiting = {(w.owner, w.keys) for w in self._waits.values()}
         for channel in list(self.channels):
             wakes = channel.wake_keys()
-            if not wakes:
-                continue
-            if channel.more_ready:
-                # Its last read took all it was allowed, so more is probably waiting: read
-                # again now (one round trip, acks riding along) instead of waiting for the
-                # marker. A read that finds less ends this, so it cannot spin.
+            if wakes and channel.more_ready:
+                # More is probably waiting: read again now (one round trip) instead of
+                # waiting for the marker. A read that finds less ends this: no spinning.
                 self._deliver_channel(channel)
+                continue
+            channel.flush_acks()
+            if not wakes:
                 continue
             # One wait per slot group (one group on a single Redis); a group whose wait was
             # answered waits again now, whatever the channel's other groups are doing.

@@ -210,6 +210,22 @@ def test_new_earliest_sets_the_marker(fake, clock):
     assert fake.zcard(K.wake('q')) == 1
 
 
+def test_a_read_that_moves_due_messages_sets_the_marker(fake, clock):
+    """Moving due messages makes work ready: even a read that did not pop the marker (a
+    hot one, mode 'r') sets it, so other consumers wake for what it left."""
+    for body in 'abc':
+        pub(fake, body, due_spec='+1000')
+    read(fake)  # learns the due time; nothing is ready yet
+    assert fake.zcard(K.wake('q')) == 0
+    clock.ms += 1000
+    assert read(fake, count=1) == ['a']
+    assert fake.zcard(K.wake('q')) == 1
+    assert read(fake, count=1) == ['b']  # moved nothing: the marker is left as it was
+    fake.delete(K.wake('q'))
+    assert read(fake, count=1) == ['c']
+    assert fake.zcard(K.wake('q')) == 0
+
+
 def test_same_message_twice_is_kept_twice(fake, clock):
     pub(fake, 'same', due_spec='+1000')
     pub(fake, 'same', due_spec='+1000')

@@ -55,6 +55,14 @@ def read(c, queues, count, consumer='c1', levels=LEVELS, limit=0):
             for d in broker(c, levels).read(queues, consumer, count, limit)]
 
 
+def read_popped(c, queues, count):
+    """Read as the consumer that popped the queues' wake markers (mode 'p'); payloads."""
+    sources = Broker.sources(queues)
+    (script, keys, args), parse = broker(c).read_call(
+        sources, 'c1', count, modes={src: 'p' for src in sources})
+    return [d.payload for d in parse(script(c, keys, args)).deliveries]
+
+
 def ack(c, queue, entries):
     return broker(c).ack(queue, [(K.stream(queue, lv), i) for lv, i in entries])
 
@@ -445,13 +453,13 @@ def test_read_entry_without_m_goes_to_dlq(script_client):
 def test_read_malformed_entry_uses_no_count_but_keeps_marker(script_client):
     c = script_client
     declare(c, 'q')
-    good1 = publish(c, 'q', b'good1')
+    publish(c, 'q', b'good1')
     c.xadd(K.stream('q', 0), {b'other': b''})
-    good2 = publish(c, 'q', b'good2')
-    c.delete(K.wake('q'))
-    assert [d[2] for d in read(c, ['q'], 2)] == [good1]  # COUNT 2 read two entries
+    publish(c, 'q', b'good2')
+    c.delete(K.wake('q'))  # popped by this consumer
+    assert read_popped(c, ['q'], 2) == [b'good1']  # COUNT 2 read two entries
     assert marker(c, 'q') == [(b'w', 0.0)]  # so good2 is not stranded
-    assert [d[2] for d in read(c, ['q'], 2)] == [good2]
+    assert read_popped(c, ['q'], 2) == [b'good2']
     assert marker(c, 'q') == []
     assert c.xrange(K.dlq('q'))[0][1][b'f:other'] == b''
 
@@ -473,12 +481,32 @@ def test_wake_marker_follows_what_is_left(script_client):
     declare(c, 'q')
     for i in range(3):
         publish(c, 'q', b'%d' % i)
-    c.delete(K.wake('q'))
-    assert len(read(c, ['q'], 2)) == 2  # filled COUNT, one left
+    c.delete(K.wake('q'))  # popped by this consumer
+    assert len(read_popped(c, ['q'], 2)) == 2  # filled COUNT, one left
     assert marker(c, 'q') == [(b'w', 0.0)]
-    assert len(read(c, ['q'], 2)) == 1  # drained
+    assert len(read_popped(c, ['q'], 2)) == 1  # drained
     assert marker(c, 'q') == []
     assert read(c, ['q'], 2) == []
+    assert marker(c, 'q') == []
+
+
+@pytest.mark.parametrize('popped_elsewhere', [False, True])
+def test_hot_read_leaves_the_marker_as_it_was(script_client, popped_elsewhere):
+    """A read that did not pop the marker (mode 'r') and made nothing ready only took work
+    away: a marker of a source with more is left as it was (set, or popped by another
+    consumer, whose read sets it again); a source seen dry loses it."""
+    c = script_client
+    declare(c, 'q')
+    for i in range(3):
+        publish(c, 'q', b'%d' % i)
+    if popped_elsewhere:
+        c.delete(K.wake('q'))
+    before = marker(c, 'q')
+    assert len(read(c, ['q'], 1)) == 1
+    assert marker(c, 'q') == before
+    assert read_popped(c, ['q'], 1) == [b'1']  # the other consumer's read
+    assert marker(c, 'q') == [(b'w', 0.0)]
+    assert len(read(c, ['q'], 5)) == 1  # drained
     assert marker(c, 'q') == []
 
 
@@ -500,8 +528,9 @@ def test_wake_markers_of_sources_not_reached(script_client):
     result = parse(script(c, keys, args))
     assert [x.payload for x in result.deliveries] == [b'a']
     assert result.status == {('a', None): '1', ('b', None): '-', ('d', None): '-'}
-    # COUNT filled: more may be ready (read.lua does not probe), so its marker stays set
-    assert marker(c, 'a') == [(b'w', 0.0)]
+    # COUNT filled: more may be ready (read.lua does not probe); not popped here, so its
+    # marker stays as it was (whoever popped it sets it again)
+    assert marker(c, 'a') == []
     assert marker(c, 'b') == []  # not reached: as it was
     assert marker(c, 'd') == [(b'w', 0.0)]  # popped and not reached: given back
     assert payloads(read(c, ['a', 'b', 'd'], 5)) == [b'b', b'd']

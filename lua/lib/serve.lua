@@ -18,6 +18,7 @@
 --                'broken': its ready index holds another type
 --   src.index    the ready index as a table (member -> true), nil for a fanout source
 --   src.more     may still hold ready messages (beyond what the index says)
+--   src.announce this call made work ready (moved due messages): its marker must be set
 -- A command that may meet another program's key at one of our names (WRONGTYPE) runs
 -- through try(): the error is noted against that source and the call goes on with the
 -- others, so one broken queue never stops the reads of the healthy ones, and nothing this
@@ -69,6 +70,7 @@ local function promote_due(ctx, src)
       local moved, streams, perr = promote(src.dkey, src.bodies, levels, KEYS[src.streams[1]],
                                            now, ctx.promote_left)
       ctx.promote_left = ctx.promote_left - moved
+      if moved > 0 then src.announce = true end
       for _, key in ipairs(streams) do idx[key] = true end
       if perr then return problem(ctx, src, src.dkey, perr) end
       next_due = delay_next(src.dkey)
@@ -77,7 +79,9 @@ local function promote_due(ctx, src)
       idx[DELAYED] = nil
     else
       rel = math.max(next_due - now, 0)
-      if rel == 0 then src.more = true end  -- due, not moved yet: as good as ready
+      if rel == 0 then  -- due, not moved yet: as good as ready
+        src.more, src.announce = true, true
+      end
     end
   end
   ctx.dues[#ctx.dues + 1] = src.q
@@ -308,7 +312,10 @@ end
 -- The end of the call for one source: its status character, and its wake marker set if it may
 -- still hold ready messages, removed if it was seen dry. A source the call did not reach keeps
 -- its marker as it was, except one whose marker this consumer popped: that wake-up is given
--- back. (See kombu_streams/poller.py for why no wake-up is lost.)
+-- back. A read that neither popped the marker nor made work ready (moved due messages, or
+-- found work by a walk) leaves a marker of a source with more as it was: it only took work
+-- away, so the wake-up invariant held before it holds after it (one ZADD less per read at
+-- prefetch 1). (See kombu_streams/poller.py for why no wake-up is lost.)
 local function finish_source(ctx, src)
   if src.state == nil then
     if src.mode == 'p' then
@@ -327,11 +334,11 @@ local function finish_source(ctx, src)
     end
     return 'e'
   end
-  local err
-  if more then
-    err = arm(src.wake, KEYS[src.streams[1]], src.ttl)
-  else
+  local err = nil
+  if not more then
     err = pcall_error(redis.pcall('ZREM', src.wake, 'w'))
+  elseif src.mode == 'p' or src.mode == 'w' or src.announce then
+    err = arm(src.wake, KEYS[src.streams[1]], src.ttl)
   end
   if err then problem(ctx, src, src.wake, err) end
   if src.failed then return 'e' end
