@@ -15,7 +15,6 @@ import threading
 from bisect import bisect
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from itertools import count
 from time import monotonic
 from typing import Any
@@ -33,8 +32,9 @@ from .broker import CHUNK, HOLDER, READ, Broker, Delay, Delivery, ReadResult, So
 from .compat import BATCH_PUBLISH
 from .connection import POOL_OPTIONS
 from .keys import Keys
-from .leases import ACK_DELAY, Leases
+from .leases import ACK_DELAY, InFlight, Leases, by_source
 from .plan import ReadPlan
+from .routing import TABLES, binding_member, parse_members
 from .scripts import Call, run_calls
 
 logger = logging.getLogger(__name__)
@@ -50,27 +50,9 @@ UNLIMITED_READ = 10
 #: Deferred acks are sent, at the latest, when this many wait (see :meth:`Channel._ack`).
 ACK_BATCH = 100
 
-#: Process-wide cache of routing tables: (server id, bindings key) -> (time read, table).
-_ROUTES: dict[tuple[str, str], tuple[float, list[tuple[str, ...]]]] = {}
-
 
 class MessageTooLarge(ValueError):
     """A message larger than the transport or the server takes: it was not published."""
-
-
-@dataclass(eq=False)
-class Held:
-    """A message read by this channel and not yet settled."""
-
-    queue: str
-    stream: str
-    entry_id: bytes
-    deliveries: int
-    exchange: str | None  # the fanout exchange whose stream holds it, if any
-    #: monotonic time of its read or last renewal: its lease holds until at least then + vt
-    leased_at: float = field(default_factory=monotonic)
-    #: a renewal found its lease lost: never to be handed out
-    lost: bool = False
 
 
 def _queue_expires(declare_kwargs: dict[str, Any]) -> int:
@@ -183,9 +165,9 @@ class Channel(virtual.Channel):
         self._levels = list(self.priority_steps)
         self._queue_cycle = cycle_by_name(self.queue_order_strategy)()
         #: delivery tag -> where the message sits until settled
-        self._inflight: dict[str, Held] = {}
+        self._inflight: dict[str, InFlight] = {}
         #: acks made on an event loop, sent with the next read or before the loop waits
-        self._acks: deque[Held] = deque()
+        self._acks: deque[InFlight] = deque()
         #: when the oldest of them was made
         self._acks_since = 0.0
         #: the last read took all the credit it had: more messages are probably ready
@@ -322,16 +304,12 @@ class Channel(virtual.Channel):
         return (self.connection.server_id, self.keys.bindings(exchange))
 
     def get_table(self, exchange: str) -> list[tuple[str, ...]]:
-        cache_key = self._route_key(exchange)
-        now = monotonic()
-        hit = _ROUTES.get(cache_key)
-        if hit is not None and now - hit[0] < self.routing_cache_ttl:
-            return hit[1]
-        members = self.broker.route(
-            exchange, fanout_sep=self.sep if self._is_fanout(exchange) else None)
-        table = [tuple(bytes_to_str(m).split(self.sep)) for m in members]
-        _ROUTES[cache_key] = (now, table)
-        return table
+        def read() -> list[tuple[str, ...]]:
+            members = self.broker.route(
+                exchange, fanout_sep=self.sep if self._is_fanout(exchange) else None)
+            return parse_members(self.sep, members)
+
+        return TABLES.get(self._route_key(exchange), self.routing_cache_ttl, read)
 
     def _lookup(self, exchange: str, routing_key: str, default: Any = None) -> list[str]:
         """Route with the cached table; when it finds no queue, read the table again first:
@@ -339,14 +317,14 @@ class Channel(virtual.Channel):
         remote-control call, and the worker answers it at once)."""
         if exchange:
             cache_key = self._route_key(exchange)
-            if cache_key in _ROUTES:
+            if TABLES.cached(cache_key):
                 try:
                     found = self.typeof(exchange).lookup(
                         self.get_table(exchange), exchange, routing_key, None)
                 except KeyError:
                     found = []
                 if not found:
-                    _ROUTES.pop(cache_key, None)
+                    TABLES.forget(cache_key)
         return super()._lookup(exchange, routing_key, default)
 
     def _is_fanout(self, exchange: str) -> bool:
@@ -363,14 +341,14 @@ class Channel(virtual.Channel):
         return {q: self._fanout_exchanges(q) for q in queues}
 
     def _binding_member(self, routing_key: str, pattern: str, queue: str) -> str:
-        return self.sep.join([routing_key or '', pattern or '', queue or ''])
+        return binding_member(self.sep, routing_key, pattern, queue)
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
         member = self._binding_member(routing_key, pattern, queue)
         fanout = self._is_fanout(exchange)
         self.broker.bind(exchange, member, self._expires.get(queue, 0),
                          fanout_group=queue if fanout else None)
-        _ROUTES.pop(self._route_key(exchange), None)
+        TABLES.forget(self._route_key(exchange))
 
     def queue_unbind(self, queue: str, exchange: str | None = None, routing_key: str = '',
                      arguments: Any = None, **kwargs: Any) -> None:
@@ -384,7 +362,7 @@ class Channel(virtual.Channel):
         fanout = self._is_fanout(exchange)
         self.broker.bind(exchange, self._binding_member(routing_key, pattern, queue), -1,
                          fanout_group=queue if fanout else None)
-        _ROUTES.pop(self._route_key(exchange), None)
+        TABLES.forget(self._route_key(exchange))
 
     # -- queues -------------------------------------------------------------------------------
 
@@ -618,7 +596,7 @@ class Channel(virtual.Channel):
                     if message is None:
                         continue
                     tag = message['properties']['delivery_tag']
-                    self._inflight[tag] = Held(delivery.queue, delivery.stream,
+                    self._inflight[tag] = InFlight(delivery.queue, delivery.stream,
                                                delivery.entry_id, delivery.deliveries,
                                                delivery.exchange, sent_at)
                     out.append((message, delivery.queue))
@@ -644,7 +622,7 @@ class Channel(virtual.Channel):
             logger.warning('kombu-streams: moved entry %s of %s to the dead-letter stream of '
                            '%r: %s', bytes_to_str(entry_id), stream, queue, reason)
 
-    def _send_read(self, calls: list[Call], acks: list[Held]
+    def _send_read(self, calls: list[Call], acks: list[InFlight]
                    ) -> tuple[Any, BaseException | None]:
         """Send ack calls and the read (last, with the acks that ride inside it) in one round
         trip: (the read's reply, the first ack error). Acks whose call failed, or that may not
@@ -669,14 +647,14 @@ class Channel(virtual.Channel):
             raise results[-1]
         return results[-1], failed
 
-    def _send_acks(self, acks: list[Held], calls: list[Call]) -> None:
+    def _send_acks(self, acks: list[InFlight], calls: list[Call]) -> None:
         try:
             run_calls(self.client, calls)
         except Exception:
             self._put_back(acks)
             raise
 
-    def _put_back(self, acks: list[Held]) -> None:
+    def _put_back(self, acks: list[InFlight]) -> None:
         """Deferred acks whose sending failed: delayed again, never dropped."""
         self._acks.extendleft(reversed(acks))
 
@@ -714,35 +692,35 @@ class Channel(virtual.Channel):
         if not self.connection.cycle.batches_acks:
             self._settle([tag], ACK)
             return
-        held = self._inflight.pop(tag, None)
-        if held is not None:
+        msg = self._inflight.pop(tag, None)
+        if msg is not None:
             if not self._acks:
                 self._acks_since = monotonic()
-            self._acks.append(held)
+            self._acks.append(msg)
             self.connection.leases.acks_waiting()  # sent within ACK_DELAY at the latest
 
     def _ack_calls(self, mergeable: set[str] | frozenset[str] = frozenset()
-                   ) -> tuple[list[Held], list[Call], list[tuple[str, str, bytes]]]:
+                   ) -> tuple[list[InFlight], list[Call], list[tuple[str, str, bytes]]]:
         """Take the deferred acks: (the acks, script calls: one per source and CHUNK acks,
         and the (queue, stream, id) of those on ``mergeable`` streams, at most CHUNK, which ride
         inside the next read call instead). A caller whose calls fail puts the acks back."""
-        by_source: dict[tuple[str, str | None], list[tuple[str, bytes]]] = {}
-        taken: list[Held] = []
+        taken: list[InFlight] = []
         merged: list[tuple[str, str, bytes]] = []
+        alone: list[InFlight] = []
         while True:
             try:
-                held = self._acks.popleft()
+                msg = self._acks.popleft()
             except IndexError:
                 break
-            taken.append(held)
-            if held.stream in mergeable and held.exchange is None and len(merged) < CHUNK:
-                merged.append((held.queue, held.stream, held.entry_id))
-                continue
-            by_source.setdefault((held.queue, held.exchange), []).append(
-                (held.stream, held.entry_id))
+            taken.append(msg)
+            if msg.stream in mergeable and msg.exchange is None and len(merged) < CHUNK:
+                merged.append((msg.queue, msg.stream, msg.entry_id))
+            else:
+                alone.append(msg)
         calls: list[Call] = []
-        for (queue, exchange), entries in by_source.items():
-            calls += self.broker.ack_calls(queue, entries, exchange)
+        for (queue, exchange), msgs in by_source(alone, lambda m: m).items():
+            calls += self.broker.ack_calls(queue, [(m.stream, m.entry_id) for m in msgs],
+                                           exchange)
         return taken, calls, merged
 
     def _merged_calls(self, merged: list[tuple[str, str, bytes]]) -> list[Call]:
@@ -765,15 +743,14 @@ class Channel(virtual.Channel):
         ``read_ahead`` are tags of messages read but never handed to the application; they
         can only be requeued, and go back with their delivery count lowered by one.
         """
-        by_source: dict[tuple[str, str | None], list[tuple[str, bytes, int]]] = {}
+        msgs: list[tuple[InFlight, int]] = []  # with the delivery count to keep
         for tag, handed in [(t, True) for t in tags] + [(t, False) for t in read_ahead]:
-            held = self._inflight.pop(tag, None)
-            if held is not None:
-                by_source.setdefault((held.queue, held.exchange), []).append(
-                    (held.stream, held.entry_id,
-                     held.deliveries if handed else held.deliveries - 1))
+            msg = self._inflight.pop(tag, None)
+            if msg is not None:
+                msgs.append((msg, msg.deliveries if handed else msg.deliveries - 1))
         done = 0
-        for (queue, exchange), entries in by_source.items():
+        for (queue, exchange), group in by_source(msgs, lambda m: m[0]).items():
+            entries = [(m.stream, m.entry_id, n) for m, n in group]
             if mode == REQUEUE:
                 done += self.broker.requeue(queue, entries, exchange)
             elif mode == ACK:
@@ -801,16 +778,16 @@ class Channel(virtual.Channel):
         cannot take it, say): if the message is still unsettled it goes to the dead-letter
         stream now, instead of being redelivered into the same error (a crash loop)."""
         tag = message['properties']['delivery_tag']
-        held = self._inflight.pop(tag, None)
-        if held is None:
+        msg = self._inflight.pop(tag, None)
+        if msg is None:
             logger.error('kombu-streams: the consumer callback raised %r for a message it had '
                          'already settled', exc, exc_info=exc)
             return
         if tag in self.qos._delivered:
             self.qos._quick_ack(tag)  # gone from the prefetch count
         logger.error('kombu-streams: the consumer callback raised %r', exc, exc_info=exc)
-        self._set_aside(held.queue, held.stream, held.entry_id, held.deliveries,
-                        held.exchange, f'consumer callback raised {exc!r}')
+        self._set_aside(msg.queue, msg.stream, msg.entry_id, msg.deliveries,
+                        msg.exchange, f'consumer callback raised {exc!r}')
 
     def _requeue_delivered(self, tags: list[str]) -> int:
         """Requeue delivered messages together with the read-ahead of their queues, so the
@@ -832,37 +809,13 @@ class Channel(virtual.Channel):
             self._buffer = keep
         return tags
 
-    # -- leases (see kombu_streams.leases) -------------------------------------------------
-
-    def _lease_lost(self, tag: str, held: Held, unhanded: bool = False) -> None:
-        """Another consumer has this message now (its lease ran out while this process was
-        stopped or cut off). Still in the read-ahead buffer (or taken from it to be handed
-        out: ``unhanded``): dropped, never handed out. Handed out already: it may be
-        processed twice; logged."""
-        dropped = unhanded
-        with self._buffer_lock:
-            kept = deque(item for item in self._buffer
-                         if item[0]['properties']['delivery_tag'] != tag)
-            if len(kept) < len(self._buffer):
-                self._buffer, dropped = kept, True
-        if self._inflight.get(tag) is not held:
-            return  # settled meanwhile: not lost
-        held.lost = True  # also when the consumer thread is about to hand it out
-        if dropped:
-            self._inflight.pop(tag, None)
-            logger.warning('kombu-streams: dropped message %s of %s from the read-ahead buffer: '
-                           'its lease ran out and another consumer has it now',
-                           bytes_to_str(held.entry_id), held.stream)
-        else:
-            logger.warning('kombu-streams: lost the lease of message %s in %s (it was reclaimed '
-                           'or settled elsewhere); it may be processed twice',
-                           bytes_to_str(held.entry_id), held.stream)
-
     def _return_buffered(self, queue: str | None = None) -> None:
         """Requeue messages read for ``queue`` (or all) but never handed to the application."""
         self._settle((), REQUEUE, self._take_buffered(None if queue is None else {queue}))
 
     def _restore(self, message: Any) -> None:
+        """Kombu's virtual channel would publish the message again (a copy, the original
+        left in the PEL); our QoS never calls this, but whatever does gets a requeue."""
         self._requeue_delivered([message.delivery_tag])
 
     def close(self) -> None:

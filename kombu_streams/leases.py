@@ -1,4 +1,4 @@
-"""Leases: keep held messages from being reclaimed, and reclaim the messages of dead consumers.
+"""Leases: keep in-flight messages from being reclaimed; reclaim those of dead consumers.
 
 A delivered message's lease is its idle time in the PEL: once it reaches
 ``visibility_timeout`` any consumer of the queue may give it back (``reclaim.lua``). While a
@@ -27,8 +27,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from kombu.utils.encoding import bytes_to_str
 
 from .scripts import Call, run_calls
 
@@ -53,6 +58,36 @@ PIPELINE = 20
 SWEEP_CALLS = 10
 
 
+@dataclass(eq=False)
+class InFlight:
+    """A message a channel read and has not settled yet: delivered to the application, or
+    waiting in its read-ahead buffer. (Not "held": that word is for messages parked with the
+    holder consumer, see lua/lib/serve.lua.)"""
+
+    queue: str
+    stream: str
+    entry_id: bytes
+    deliveries: int
+    exchange: str | None  # the fanout exchange whose stream holds it, if any
+    #: monotonic time of its read or last renewal: its lease holds until at least then + vt
+    leased_at: float = field(default_factory=monotonic)
+    #: a renewal found its lease lost: never to be handed out
+    lost: bool = False
+
+
+T = TypeVar('T')
+
+
+def by_source(items: Iterable[T], msg: Callable[[T], InFlight]) -> dict[Source, list[T]]:
+    """``items`` grouped by the source of their message, (queue, fanout exchange or None):
+    one script call per source settles or renews them."""
+    groups: dict[Source, list[T]] = {}
+    for item in items:
+        m = msg(item)
+        groups.setdefault((m.queue, m.exchange), []).append(item)
+    return groups
+
+
 class Leases:
     """The lease work of one channel: renewal of what it holds, reclaim for what it reads."""
 
@@ -71,14 +106,11 @@ class Leases:
         """Renew the lease of every message the channel holds; drop from its read-ahead
         buffer the ones whose lease was lost, and log those already handed out."""
         ch = self.channel
-        held_now = list(ch._inflight.items())
-        by_source: dict[Source, list[tuple[str, bytes]]] = {}
-        for _, held in held_now:
-            by_source.setdefault((held.queue, held.exchange), []).append(
-                (held.stream, held.entry_id))
+        now_held = list(ch._inflight.items())
         calls: list[tuple[Call, str]] = []
-        for (queue, _), entries in by_source.items():
-            calls += ch.broker.renew_calls(queue, ch.consumer_name, entries)
+        for (queue, _), group in by_source(now_held, lambda item: item[1]).items():
+            calls += ch.broker.renew_calls(queue, ch.consumer_name,
+                                           [(m.stream, m.entry_id) for _, m in group])
         started = monotonic()
         lost: set[tuple[str, bytes]] = set()
         failed: set[str] = set()
@@ -91,12 +123,11 @@ class Leases:
             else:
                 lost.update((stream, entry_id) for entry_id in reply)
         renewed = 0
-        for tag, held in held_now:
-            key = (held.stream, held.entry_id)
-            if key in lost:
-                ch._lease_lost(tag, held)
-            elif held.stream not in failed:
-                held.leased_at = started
+        for tag, msg in now_held:
+            if (msg.stream, msg.entry_id) in lost:
+                self.lost(tag, msg)
+            elif msg.stream not in failed:
+                msg.leased_at = started
                 renewed += 1
         return renewed
 
@@ -105,18 +136,43 @@ class Leases:
         was read or renewed long ago (the process was stopped, or its keeper starved) is
         renewed now, and dropped if that shows the lease was lost meanwhile."""
         ch = self.channel
-        held = ch._inflight.get(tag)
-        if held is None or held.lost:
+        msg = ch._inflight.get(tag)
+        if msg is None or msg.lost:
             return False  # dropped: its lease was lost
-        if monotonic() - held.leased_at < ch.visibility_timeout / 2:
+        if monotonic() - msg.leased_at < ch.visibility_timeout / 2:
             return True
         started = monotonic()
-        lost = ch.broker.renew(held.queue, ch.consumer_name, [(held.stream, held.entry_id)])
+        lost = ch.broker.renew(msg.queue, ch.consumer_name, [(msg.stream, msg.entry_id)])
         if lost:
-            ch._lease_lost(tag, held, unhanded=True)
+            self.lost(tag, msg, unhanded=True)
             return False
-        held.leased_at = started
+        msg.leased_at = started
         return True
+
+    def lost(self, tag: str, msg: InFlight, unhanded: bool = False) -> None:
+        """Another consumer has this message now (its lease ran out while this process was
+        stopped or cut off). Still in the read-ahead buffer (or taken from it to be handed
+        out: ``unhanded``): dropped, never handed out. Handed out already: it may be
+        processed twice; logged."""
+        ch = self.channel
+        dropped = unhanded
+        with ch._buffer_lock:
+            kept = deque(item for item in ch._buffer
+                         if item[0]['properties']['delivery_tag'] != tag)
+            if len(kept) < len(ch._buffer):
+                ch._buffer, dropped = kept, True
+        if ch._inflight.get(tag) is not msg:
+            return  # settled meanwhile: not lost
+        msg.lost = True  # also when the consumer thread is about to hand it out
+        if dropped:
+            ch._inflight.pop(tag, None)
+            logger.warning('kombu-streams: dropped message %s of %s from the read-ahead buffer: '
+                           'its lease ran out and another consumer has it now',
+                           bytes_to_str(msg.entry_id), msg.stream)
+        else:
+            logger.warning('kombu-streams: lost the lease of message %s in %s (it was reclaimed '
+                           'or settled elsewhere); it may be processed twice',
+                           bytes_to_str(msg.entry_id), msg.stream)
 
     def reclaim(self) -> int:
         """Give back stalled messages of the sources the channel reads whose next check is
@@ -272,4 +328,4 @@ class LeaseKeeper:
                 next_round = monotonic() + self.interval()
 
 
-__all__ = ('LeaseKeeper', 'Leases', 'ACK_DELAY')
+__all__ = ('LeaseKeeper', 'Leases', 'InFlight', 'by_source', 'ACK_DELAY')
