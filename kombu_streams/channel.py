@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 import threading
-from bisect import bisect
 from collections import deque
 from collections.abc import Iterable
 from itertools import count
@@ -33,6 +32,7 @@ from .compat import BATCH_PUBLISH
 from .connection import POOL_OPTIONS
 from .keys import Keys
 from .leases import ACK_DELAY, InFlight, Leases, by_source
+from .options import SEP, level_for, priority_steps_error
 from .plan import ReadPlan
 from .routing import TABLES, binding_member, parse_members
 from .scripts import Call, run_calls
@@ -122,7 +122,7 @@ class Channel(virtual.Channel):
         'publish_replica_timeout', 'max_message_size', 'delayed_delivery', 'delayed_threshold',
     ) + POOL_OPTIONS
 
-    sep = '\x06\x16'
+    sep = SEP
     priority_steps = [0, 3, 6, 9]
     queue_order_strategy = 'round_robin'
     visibility_timeout: float = 3600
@@ -193,14 +193,9 @@ class Channel(virtual.Channel):
         connection.cycle.add(self)
 
     def _validate_options(self) -> None:
-        steps = self.priority_steps
-        if (not isinstance(steps, (list, tuple)) or not steps
-                or any(not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= 9
-                       for s in steps)
-                or list(steps) != sorted(set(steps)) or steps[0] != 0):
-            raise ValueError(
-                f'kombu-streams: priority_steps must be increasing integers from 0 to 9 '
-                f'starting at 0, e.g. [0, 3, 6, 9]; got {steps!r}')
+        problem = priority_steps_error(self.priority_steps)
+        if problem:
+            raise ValueError(f'kombu-streams: priority_steps {problem}')
         try:
             cycle_by_name(self.queue_order_strategy)
         except (KeyError, ImportError, AttributeError, ValueError):
@@ -221,8 +216,7 @@ class Channel(virtual.Channel):
 
     def _level(self, message: dict[str, Any]) -> int:
         """Priority level as Kombu's Redis transport picks it: 0 is served first."""
-        pri = self._get_message_priority(message, reverse=False)
-        return self._levels[bisect(self._levels, pri) - 1]
+        return level_for(self._levels, self._get_message_priority(message, reverse=False))
 
     def basic_publish(self, message: dict[str, Any], exchange: str, routing_key: str,
                       **kwargs: Any) -> Any:

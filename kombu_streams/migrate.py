@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from bisect import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,23 +33,12 @@ from typing import Any
 from kombu.utils.json import dumps
 
 from .broker import Broker
+from .options import SEP, level_for
+from .text import preview, text
 
-#: Kombu's default separator in priority list names and binding members.
-SEP = '\x06\x16'
 #: Kombu's priorities are 0..9, and a list exists per step in use: looking for all ten
 #: names finds them whatever ``priority_steps`` the Kombu app had.
 KOMBU_STEPS = range(10)
-PREVIEW = 80
-
-
-def _text(value: Any) -> str:
-    return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
-
-
-def preview(raw: Any) -> str:
-    """The start of an entry, for reports."""
-    s = _text(raw)
-    return s if len(s) <= PREVIEW else s[:PREVIEW - 3] + '...'
 
 
 def kombu_priority(msg: dict[str, Any]) -> int | None:
@@ -71,11 +59,6 @@ def kombu_priority(msg: dict[str, Any]) -> int | None:
     elif not isinstance(p, int):
         p = None
     return None if p is None else max(0, min(9, p))
-
-
-def level_for(levels: Sequence[int], priority: int) -> int:
-    """Our level for a priority: the highest step not above it, as the channel publishes."""
-    return levels[bisect(levels, priority) - 1]
 
 
 def list_target(raw: Any, levels: Sequence[int], list_level: int) -> int | None:
@@ -228,10 +211,10 @@ class Migration:
             match = re.sub(r'([*?\[\]\\])', r'\\\1', head) + '*'
             out: dict[str, list[tuple[str, str, str]]] = {}
             for key in self.source.scan_iter(match=match, count=1000):
-                name = _text(key)
+                name = text(key)
                 members = []
                 for m in self.source.smembers(key):
-                    parts = _text(m).split(self.kombu.sep)
+                    parts = text(m).split(self.kombu.sep)
                     if len(parts) == 3:
                         members.append((parts[0], parts[1], parts[2]))
                 out[name[len(head):]] = sorted(members)
@@ -300,7 +283,7 @@ class Migration:
         with self.source.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.type(key)
-            types = [_text(t) for t in pipe.execute()]
+            types = [text(t) for t in pipe.execute()]
         lists, left = [], []
         for step, key, kind in zip(KOMBU_STEPS, keys, types):
             if kind == 'list':
@@ -336,7 +319,7 @@ class Migration:
         per_queue: dict[str, list[Unacked]] = {q: [] for q in names}
         if self.include_unacked:
             for entry in self.read_unacked():
-                where = f'{self.kombu.unacked} {_text(entry.tag)}'
+                where = f'{self.kombu.unacked} {text(entry.tag)}'
                 if entry.problem:
                     if everything:  # otherwise nobody can tell whether it is one of ours
                         left.append(Left(where, entry.problem, preview(entry.raw)))

@@ -11,8 +11,29 @@ integers (not ``True``, not ``'10'``); numbers must be finite.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from bisect import bisect
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, NamedTuple
+
+#: Kombu's default separator in priority list names and binding members.
+SEP = '\x06\x16'
+
+
+def priority_steps_error(steps: Any) -> str | None:
+    """What is wrong with a ``priority_steps`` value, or None: Kombu's priorities are 0..9,
+    and each step is the lowest priority of a level, so the steps must rise from 0."""
+    if (isinstance(steps, (list, tuple)) and steps
+            and all(_is_int(s) and 0 <= s <= 9 for s in steps)
+            and list(steps) == sorted(set(steps)) and steps[0] == 0):
+        return None
+    return (f'must be increasing integers from 0 to 9 starting at 0, e.g. [0, 3, 6, 9]; '
+            f'got {steps!r}')
+
+
+def level_for(levels: Sequence[int], priority: int) -> int:
+    """The level of a priority as Kombu's Redis transport picks it: the highest step not
+    above it (level 0 is served first)."""
+    return levels[bisect(levels, priority) - 1]
 
 
 class Rule(NamedTuple):
