@@ -1,26 +1,25 @@
---[[ ack: acknowledge delivered messages and delete them, so acked work takes no memory.
+--[[ ack: acknowledge delivered messages of ONE queue and delete them.
 
-KEYS[1..n]  streams of ONE queue (one hash slot) that hold the messages
+KEYS[1..n]  streams of the queue (one hash slot) that hold the messages
 ARGV[1]     consumer group (the queue's name)
 ARGV[2..]   pairs: stream index k (1..n), entry id
 Reply:      number of entries that were pending and are now acked
-Minimum Redis: 6.2. Cost: O(number of ids) work in 2 commands per stream (one XACK and one
-XDEL of up to 1,000 ids each), plus XINFO GROUPS when some id was not pending. The work is
-ack_ids in lua/lib/common.lua, which read.lua runs too for the acks that ride with a read.
-
-An id that is no longer pending (acked already, or the queue was purged or deleted) is
-skipped: acking twice is harmless. An entry is deleted only when the group had delivered it
-(its id is at or before the group's last-delivered id), so an entry that was never delivered
-is never deleted by a stray ack. When XACK acked every id, all of them were pending, so all
-are deleted at once. Otherwise the ids are checked against the last-delivered id: every
-script deletes an entry in the same call that acks it, so a delivered entry that is not
-pending is gone already, and deleting it again changes nothing.
+Errors:     "ack: expected ..." for another layout; WRONGTYPE
+Minimum Redis: 6.2. Cost: O(ids) in one XACK and one XDEL per stream and 1,000 ids, plus
+XINFO GROUPS when some id was not pending. Acking twice is harmless; only delivered entries
+are deleted. See docs/design.rst (Leases).
 ]]
 --@include common
+local bad = check_args('ack', #KEYS >= 1, #ARGV >= 3 and #ARGV % 2 == 1,
+                       'KEYS: streams; ARGV: group, then pairs: stream index, id')
+if bad then return bad end
 local group, done = ARGV[1], 0
 local by_stream, order = {}, {}
 for j = 2, #ARGV, 2 do
   local k = tonumber(ARGV[j])
+  if KEYS[k] == nil then
+    return check_args('ack', true, false, 'a stream index 1..' .. #KEYS .. ' at ARGV[' .. j .. ']')
+  end
   if not by_stream[k] then
     by_stream[k] = {}
     order[#order + 1] = k

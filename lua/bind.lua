@@ -6,16 +6,17 @@ KEYS[3]   fanout exchanges only: the exchange's stream, ks:x:{ex}:fanout
 ARGV[1]   the binding member
 ARGV[2]   ttl in ms for a binding of an expiring queue (x-expires), refreshed by its
           consumers; 0 for a permanent binding; -1 removes the binding
-ARGV[3]   fanout exchanges only: the queue's consumer group on the stream
+ARGV[3]   with KEYS[3] only: the queue's consumer group on the stream
 Reply:    1 if the table changed (member added or removed), else 0
+Errors:   "bind: expected ..." for another layout; WRONGTYPE (checked before any write)
 Minimum Redis: 6.2. Cost: O(1), plus O(groups) to trim a fanout stream on removal.
-
-Bindings of expiring queues get a deadline; route.lua drops those that passed it, so a queue
-whose consumers are gone stops receiving copies (and stops pinning memory). Binding a queue
-to a fanout exchange creates the queue's group on the stream, starting at new messages;
-removing the binding destroys the group and trims what only it was holding back.
+A fanout binding creates the queue's group at "$"; removing it destroys the group and trims
+the stream. See docs/design.rst (Fanout).
 ]]
 --@include common
+local bad = check_args('bind', #KEYS == 2 or #KEYS == 3, #ARGV == #KEYS,
+                       'KEYS: table, deadlines[, fanout stream]; ARGV: member, ttl[, group]')
+if bad then return bad end
 local ttl = tonumber(ARGV[2])
 local fanout, group = KEYS[3], ARGV[3]
 -- all keys checked before the first write (see wrong_type): no half-made binding
@@ -33,9 +34,7 @@ if ttl < 0 then
 end
 local added = redis.call('SADD', KEYS[1], ARGV[1])
 if ttl > 0 then
-  local now = redis.call('TIME')
-  local deadline = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + ttl
-  redis.call('ZADD', KEYS[2], deadline, ARGV[1])
+  redis.call('ZADD', KEYS[2], now_ms() + ttl, ARGV[1])
 else
   redis.call('ZREM', KEYS[2], ARGV[1])
 end

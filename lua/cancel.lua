@@ -1,5 +1,4 @@
---[[ cancel: remove delayed messages of ONE queue by label (Celery's task id) before they
-are due.
+--[[ cancel: remove delayed messages of ONE queue by label (Celery's task id).
 
 KEYS[1]   the queue's delayed set, ks:q:{queue}:delayed
 KEYS[2]   the queue's delayed messages, ks:q:{queue}:delayed:m
@@ -7,13 +6,16 @@ ARGV[1]   ZSCAN cursor: "0" to start, then the one the last call returned
 ARGV[2]   COUNT hint of the ZSCAN step: about how many members one call looks at
 ARGV[3..] the labels to cancel
 Reply:    {next cursor ("0": the scan is done), cancelled member, ...}
-Why: Celery keeps revokes in its workers' memory for hours only; this removes the message
-itself. The caller repeats the call until the cursor is "0" (a scan may return a member
-twice; removing it twice is harmless). Minimum Redis: 6.2. Cost: one ZSCAN step plus the
-removals.
+Errors:   "cancel: expected ..." for another layout; WRONGTYPE
+Minimum Redis: 6.2. Cost: one ZSCAN step plus the removals; call again until the cursor is
+"0". Why: Celery's revokes live in worker memory for hours only; this removes the message.
+See docs/design.rst (Delayed delivery).
 ]]
 --@include common
-local bad = wrong_type(KEYS[1], 'zset') or wrong_type(KEYS[2], 'hash')
+local bad = check_args('cancel', #KEYS == 2, #ARGV >= 2,
+                       'KEYS: delayed set, delayed messages; ARGV: cursor, count, labels')
+if bad then return bad end
+bad = wrong_type(KEYS[1], 'zset') or wrong_type(KEYS[2], 'hash')
 if bad then return redis.error_reply(bad) end
 local wanted = {}
 for i = 3, #ARGV do wanted[ARGV[i]] = true end

@@ -5,15 +5,16 @@ KEYS[n+1]   the queue's wake marker
 KEYS[n+2]   the queue's ready index
 KEYS[n+3]   the queue's delayed set
 KEYS[n+4]   the queue's delayed messages
-KEYS[n+5]   the queue's dead-letter stream
+KEYS[n+5]   the queue's dead-letter stream: deleted only when it is empty
 ARGV        none
 Reply:      number of keys deleted
-Minimum Redis: 6.2. Cost: O(n) here; the memory of the streams is freed in the background
-(UNLINK).
-
-Dead letters are not dropped with the queue: the dead-letter stream is deleted only when it
-is empty, so nothing set aside for an operator disappears silently.
+Errors:     "delete: expected ..." for another layout; WRONGTYPE of the dead-letter stream
+Minimum Redis: 6.2. Cost: O(n); UNLINK frees the streams' memory in the background.
 ]]
+--@include common
+local bad = check_args('delete', #KEYS >= 6, #ARGV == 0,
+                       'KEYS: streams, marker, index, delayed set, delayed messages, dlq; no ARGV')
+if bad then return bad end
 local dlq = KEYS[#KEYS]
 local deleted = 0
 -- UNLINK: a stream of a million entries is freed in the background, not in this call

@@ -1,17 +1,16 @@
---[[ fanout_ack: acknowledge messages a queue's group read from a fanout stream, then trim the
-stream below what every bound queue is done with.
+--[[ fanout_ack: acknowledge entries a queue's group read from a fanout stream; trim it.
 
 KEYS[1]   the exchange's fanout stream, ks:x:{ex}:fanout
 ARGV[1]   consumer group (the bound queue's name)
 ARGV[2..] entry ids
 Reply:    number of entries that were pending and are now acked
-Minimum Redis: 6.2. Cost: O(ids + groups + entries trimmed).
-
-An entry is deleted only once no group still has it unread or unacked, so a queue whose
-consumer is offline keeps its broadcasts until it comes back (or its binding expires).
-Acking twice, after the binding (group) was removed, or on a missing stream is harmless.
+Errors:   "fanout_ack: expected ..." for another layout; WRONGTYPE
+Minimum Redis: 6.2. Cost: O(ids + groups + entries trimmed). Acking twice, after unbinding or
+on a missing stream is harmless. See docs/design.rst (Fanout).
 ]]
 --@include common
+local bad = check_args('fanout_ack', #KEYS == 1, #ARGV >= 2, 'KEYS: stream; ARGV: group, ids')
+if bad then return bad end
 local done = 0
 for j = 2, #ARGV do done = done + redis.call('XACK', KEYS[1], ARGV[1], ARGV[j]) end
 trim_shared(KEYS[1])

@@ -1,18 +1,19 @@
---[[ fanout_publish: append one message to a fanout exchange's stream and wake every bound
-queue's consumers. Each bound queue reads the stream through its own consumer group.
+--[[ fanout_publish: append one message to a fanout stream and wake every bound queue.
 
 KEYS[1]     the exchange's fanout stream, ks:x:{ex}:fanout
 KEYS[2]     the exchange's binding deadlines (zset member -> unix ms), ks:x:{ex}:deadlines
 KEYS[3..]   the wake marker of each bound queue, ks:x:{ex}:wake:<queue>
 ARGV[1]     the message (Kombu's JSON envelope), stored as field "m"
 ARGV[2..]   the binding member of each bound queue, in the order of the markers
-Reply:      the new entry id, or nil when no queue is bound (no group reads the stream)
-Minimum Redis: 6.2. Cost: O(bound queues).
-
-Markers of queues bound with a deadline (x-expires) expire at that deadline, so a queue that
-went away leaves no marker behind. The stream is trimmed by fanout_ack.lua, only below what
-every group has read and acked.
+Reply:      the new entry id, or nil when no group reads the stream (nothing written)
+Errors:     "fanout_publish: expected ..." for another layout; WRONGTYPE
+Minimum Redis: 6.2. Cost: O(bound queues). The marker of a binding with a deadline
+(x-expires) expires at that deadline. See docs/design.rst (Fanout).
 ]]
+--@include common
+local bad = check_args('fanout_publish', #KEYS >= 2, #ARGV == #KEYS - 1,
+                       'KEYS: stream, deadlines, markers; ARGV: message, one member per marker')
+if bad then return bad end
 if redis.call('EXISTS', KEYS[1]) == 0 or
     #redis.call('XINFO', 'GROUPS', KEYS[1]) == 0 then
   return false

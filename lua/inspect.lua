@@ -23,21 +23,19 @@ Reply:        {levels, dlq length, now, delayed, next due}: now is the server's 
                 consumers  flat {name, pending, idle ms, ...}, the holder left out
                 last       the group's last-delivered id ("" when there is no group yet:
                            then every entry is ready)
+Errors:       "inspect: expected ..." for another layout; WRONGTYPE
 Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + consumers) commands, each reading at most
-one entry; never loops over entries (ready = XLEN - PEL size + held, as in size.lua).
-
-Read-only: the script writes nothing, so it can run on a replica. On Redis 7.0+ the registry
-(kombu_streams/scripts.py, Script.call_ro) runs it as "#!lua flags=no-writes" with EVALSHA_RO:
-Redis then refuses any write in it and runs it on read-only replicas and while the server is
-out of memory. The "--@flags" line below asks for that; Redis 6.2 cannot compile a shebang
-line, so there the plain text runs with EVALSHA.
+one entry (ready = XLEN - PEL size + held). Read-only: "--@flags no-writes" below makes it
+run with EVALSHA_RO on Redis 7.0+ (Script.call_ro). See docs/design.rst (Leases).
 ]]
 --@flags no-writes
 --@include common
+local bad = check_args('inspect', #KEYS >= 3, #ARGV == #KEYS,
+                       'KEYS: n streams, dlq, delayed set; ARGV: group, holder, n levels')
+if bad then return bad end
 local n = #KEYS - 2
 local group, holder = ARGV[1], ARGV[2]
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local now = now_ms()
 
 -- Age in ms of the entry with id ID (its ms part against TIME), or -1 for no entry.
 local function age(id)
@@ -67,14 +65,10 @@ local function level_record(key, level)
     return {level, 0, 0, 0, 0, 0, -1, {}, ''}
   end
   local length = redis.call('XLEN', key)
-  local info = nil
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
-    if field(g, 'name') == group then info = g end
-  end
+  local last, info = last_delivered(key, group)
   if info == nil then  -- published before any consumer declared the queue
     return {level, 1, length, length, 0, 0, age(first_after(key, '-')), {}, ''}
   end
-  local last = field(info, 'last-delivered-id')
   local pel = tonumber(field(info, 'pending'))
   local held, consumers = 0, {}
   for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', key, group)) do

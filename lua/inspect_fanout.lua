@@ -1,32 +1,28 @@
---[[ inspect_fanout: a read-only snapshot of ONE fanout exchange's stream and its groups (one
-per bound queue), for operator tools (kombu-streams status).
+--[[ inspect_fanout: a read-only snapshot of ONE fanout exchange's stream and its groups.
 
 KEYS[1]   the exchange's fanout stream, ks:x:{ex}:fanout
 ARGV[1]   cap: the most unread entries counted per group (bounds the work; see lag)
 Reply:    {exists, length, now, groups}: exists 1 if the stream exists, else 0; length its
-          XLEN; now the server's clock in unix ms (TIME); groups one record per group:
-          {name, consumers, pending, lag, capped, oldest, last}
+          XLEN; now the server's clock in unix ms (TIME); groups one record per group (one
+          per bound queue): {name, consumers, pending, lag, capped, oldest, last}
             consumers  number of consumers of the group
             pending    delivered to the group's consumers and not acked yet
-            lag        entries after the group's last-delivered id (not read yet)
+            lag        entries after the group's last-delivered id (not read yet): exact up
+                       to cap; beyond it XINFO GROUPS "lag" where the server knows it (7.0+)
             capped     1 when there are more than cap such entries and the server cannot
                        tell how many (then lag is cap), else 0
             oldest     age in ms of the oldest unread entry (from its id), -1 when none
             last       the group's last-delivered id
+Errors:   "inspect_fanout: expected ..." for another layout; WRONGTYPE
 Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(groups) commands plus at most cap + 1 entries
-read per group; never loops over the whole stream.
-
-The lag is counted with XRANGE from just after the last-delivered id, COUNT cap + 1, so it
-is exact on every version up to cap. Beyond cap it is taken from XINFO GROUPS "lag" where
-the server keeps one (Redis 7.0+, when no deletion made it unknown), else reported as cap
-with capped = 1.
-Read-only: writes nothing (see inspect.lua about the no-writes flag of Redis 7.0+).
+read per group. Read-only (no-writes, as inspect.lua). See docs/design.rst (Fanout).
 ]]
 --@flags no-writes
 --@include common
+local bad = check_args('inspect_fanout', #KEYS == 1, #ARGV == 1, 'KEYS: stream; ARGV: cap')
+if bad then return bad end
 local key, cap = KEYS[1], tonumber(ARGV[1])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local now = now_ms()
 if redis.call('EXISTS', key) == 0 then return {0, 0, now, {}} end
 local length = redis.call('XLEN', key)
 local groups = {}

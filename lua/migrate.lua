@@ -14,21 +14,16 @@ ARGV[4..n+3]  the priority level of each stream in KEYS[2..n+1], ascending (e.g.
 Reply:        {moved, kept, left, kept entry, ...}: messages moved; malformed entries met in
               this call (left in the list, at its oldest end, in their order); the list's
               length afterwards; then the malformed entries themselves, for the report
-Minimum Redis: 6.2. Cost: O(S + count) list operations, plus decoding each moved
-message's JSON.
-
-Kombu LPUSHes and pops with BRPOP from the right, so the right end holds the oldest message:
-entries are taken from the right, oldest first, and appended in that order, so order within a
-priority is kept. Each message goes, as stored (field "m" = Kombu's JSON envelope,
-unchanged), to the level its properties.priority maps to (clamped to 0..9, as Kombu does),
-so a list of one Kombu step is split correctly when our levels differ from Kombu's. An entry
-that is not a JSON object with a "body" and a "properties" object cannot be a Kombu
-message: it is put back where it was, so nothing is lost, and reported. The move and the
-wake marker happen in one script, so an interrupted migration never loses or duplicates a
-message, and a consumer blocked on the marker is woken. The target queue must be declared
-first (its group then exists).
+Errors:       "migrate: expected ..." for another layout; WRONGTYPE (checked before any write)
+Minimum Redis: 6.2. Cost: O(S + count) list operations, plus decoding each moved message.
+Oldest (rightmost) first, each message as stored to the level of its properties.priority
+(clamped to 0..9, as Kombu does); an entry that is not a Kombu message stays in the list.
+The target queue must be declared first. See docs/design.rst (Wake-ups, The ready index).
 ]]
 --@include common
+local bad = check_args('migrate', #KEYS >= 4, #ARGV == #KEYS,
+                       'KEYS: list, n streams, marker, index; ARGV: count, S, i, n levels')
+if bad then return bad end
 local n = #KEYS - 3
 local limit, skip, fallback = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local levels = {}

@@ -1,30 +1,28 @@
---[[ publish: append one message to a queue's stream and wake its consumers, or keep it in
-the queue's delayed set until it is due.
+--[[ publish: append one message to a queue's stream and wake its consumers, or keep it delayed.
 
 KEYS[1]   the stream of the message's priority level, e.g. ks:q:{celery}:3
 KEYS[2]   the queue's wake marker (zset), ks:q:{celery}:wake
-KEYS[3]   the queue's first stream (level 0), ks:q:{celery}:0: while it exists, the queue does
-KEYS[4]   the queue's ready index (set), ks:q:{celery}:ready (see lua/lib/common.lua)
-KEYS[5]   optional: the queue's delayed set, ks:q:{celery}:delayed (see lua/lib/delay.lua)
-KEYS[6]   optional: the queue's delayed messages, ks:q:{celery}:delayed:m
+KEYS[3]   the queue's first stream, ks:q:{celery}:0: while it exists, the queue does
+KEYS[4]   the queue's ready index (set), ks:q:{celery}:ready
+KEYS[5]   optional (delayed delivery on): the queue's delayed set, ks:q:{celery}:delayed
+KEYS[6]   with KEYS[5]: the queue's delayed messages, ks:q:{celery}:delayed:m
 ARGV[1]   the message: Kombu's JSON envelope, stored as field "m"
-ARGV[2]   "1" when routed through an exchange: publish only if the queue exists (a copy must
-          not bring back a deleted or expired queue); "0" for the default exchange
-ARGV[3]   optional, with KEYS[5..6]: when it is due: "@<ms>" at unix ms, "+<ms>" in ms from
-          now; "" or absent: now
-ARGV[4]   with ARGV[3]: threshold in ms: a message due sooner is published now
-ARGV[5]   with ARGV[3]: a label for operators (Celery's task id), may be ""
-Reply:    the new entry id; or "delayed:<member>" when kept until due; or nil when the queue
-          does not exist and ARGV[2] is "1"
-Why here: the marker is set in the same call as the XADD, so no consumer sees one without
-the other (the no-lost-wake-up argument, kombu_streams/poller.py). With KEYS[5..6], while
-delayed messages are due and not yet moved (read.lua moves them), a message published now
-joins them in the delayed set, due now, so it never overtakes one that was due before it.
-Never trims. Minimum Redis: 6.2. Cost: O(1); O(log n) in a queue holding n delayed messages.
+ARGV[2]   "1": routed through an exchange, publish only if the queue exists; "0": always
+ARGV[3]   optional, with KEYS[5..6]: due at "@<unix ms>" or "+<ms from now>"; "" or absent: now
+ARGV[4]   with a due time in ARGV[3]: threshold in ms: a message due sooner is published now
+ARGV[5]   optional, with ARGV[4]: a label for operators (Celery's task id), may be ""
+Reply:    the new entry id; "delayed:<member>" when kept until due; nil when ARGV[2] is "1"
+          and the queue does not exist
+Errors:   "publish: expected ..." for another layout; "publish: bad due time"; WRONGTYPE
+Minimum Redis: 6.2. Cost: O(1); O(log n) with n delayed messages. Never trims.
+See docs/design.rst (Wake-ups, The ready index, Delayed delivery).
 ]]
 --@include common
 --@include delay
-if #KEYS ~= 4 and #KEYS ~= 6 then return redis.error_reply('publish: needs 4 or 6 keys') end
+local bad = check_args('publish', #KEYS == 4 or #KEYS == 6,
+                       #ARGV == 2 or (#KEYS == 6 and #ARGV <= 5 and (#ARGV >= 4 or ARGV[3] == '')),
+                       '4 or 6 keys; 2 args, or with 6 keys 3 to 5 (a due time needs ARGV[4])')
+if bad then return bad end
 local stream, wake, first, ready = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local dkey, bodies = KEYS[5], KEYS[6]
 local payload, routed = ARGV[1], ARGV[2] == '1'
@@ -38,8 +36,7 @@ local function clock()  -- ms, rounded down
   return sec * 1000 + math.floor(usec / 1000)
 end
 
--- Give newly made members of the marker and the index the queue's expiry (x-expires); ones
--- that exist have it already (every script that sets them gives it, touch.lua refreshes it).
+-- Give keys this call made (marker, index, delayed keys) the queue's expiry (x-expires).
 local function expire_new(...)
   local ttl = nil
   for _, key in ipairs({...}) do

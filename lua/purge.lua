@@ -1,25 +1,26 @@
---[[ purge: delete a queue's ready and delayed messages; messages being worked on are left
-alone.
+--[[ purge: delete a queue's ready and delayed messages; messages being worked on stay.
 
 KEYS[1..n]  all streams of ONE queue (one per priority level)
-KEYS[n+1]   the queue's delayed set;  KEYS[n+2]  the queue's delayed messages
+KEYS[n+1]   the queue's delayed set
+KEYS[n+2]   the queue's delayed messages
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
-ARGV[3]     batch: the most entries to delete from each stream in this call
-Reply:      {purged, more}: messages deleted, and 1 if a stream (or the delayed set) still
-            had more than the batch
-            (the caller calls again until more is 0)
-Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + batch) per stream.
-
-A stream nobody is working on is trimmed from its old end, batch entries per call.
-Otherwise the ready entries are those after the group's last-delivered id plus those parked
-with the holder; delivered, unacked entries stay, so their consumers can still ack them.
+ARGV[3]     batch: the most entries to delete from each stream (and the delayed set)
+Reply:      {purged, more}: messages deleted, and 1 if a stream or the delayed set had more
+            than the batch (call again until more is 0)
+Errors:     "purge: expected ..." for another layout; WRONGTYPE
+Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + batch) per stream. Ready entries are
+those after the group's last-delivered id and those parked with the holder; delivered,
+unacked ones stay so their consumers can still ack them. See docs/design.rst (Leases).
 ]]
 --@include common
+local bad = check_args('purge', #KEYS >= 3, #ARGV == 3,
+                       'KEYS: streams, delayed set, delayed messages; ARGV: group, holder, batch')
+if bad then return bad end
 local group, holder, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local purged, more = 0, 0
 local dkey, bodies = KEYS[#KEYS - 1], KEYS[#KEYS]
-local bad = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash')
+bad = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash')
 if bad then return redis.error_reply(bad) end
 local delayed = redis.call('ZRANGE', dkey, 0, batch - 1)
 if #delayed > 0 then
@@ -45,11 +46,8 @@ for i = 1, #KEYS - 2 do
         purged = purged + redis.call('XDEL', key, p[1])
       end
       if #held >= batch then more = 1 end
-      local last = '0-0'
-      for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
-        if field(g, 'name') == group then last = field(g, 'last-delivered-id') end
-      end
-      local fresh = redis.call('XRANGE', key, '(' .. last, '+', 'COUNT', batch)
+      local fresh = redis.call('XRANGE', key, '(' .. last_delivered(key, group), '+', 'COUNT',
+                               batch)
       for _, e in ipairs(fresh) do
         purged = purged + redis.call('XDEL', key, e[1])
       end

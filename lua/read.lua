@@ -40,19 +40,14 @@ Reply: {status, problems, aside, dues, then per delivered message, in delivery o
        aside     {q, i, entry id, reason, ...}: entries moved to the dead-letter stream
        dues      {q, ms, ...} for each queue source opened: ms until its next delayed message
                  is due (0: due now, more than this call moved), -1: it holds none
-Errors: none from a source's keys (see problems); Redis's own otherwise.
-Minimum Redis: 6.2. Cost: sources are opened in serving order until COUNT is used up: for
-each, EXISTS of the marker (mode 'm') and SMEMBERS of its index, then commands only for the
-streams the index names (always for a fanout stream), O(COUNT + entries set aside, times
-groups on a fanout stream), at most COUNT + 100 entries set aside per call; a walk adds one
-XLEN per stream. A queue whose index names DELAYED adds a ZRANGE of its delayed set, and
-the moves of due messages: at most PROMOTE (500) per call. Sources after COUNT ran out cost
-nothing (one ZADD for a popped one). Never blocks.
-
-Ready index (lua/lib/common.lua): a stream the index does not name holds no ready message,
-so it is skipped; held entries are looked up (XPENDING) only where it names HELD..key. The
-phases and the serving rules (held before fresh, suspects alone, the delivery limit) are in
-lua/lib/serve.lua. Wake-ups: kombu_streams/poller.py.
+Errors: "read: expected ..." for another layout; none from a source's keys (see problems);
+        Redis's own otherwise.
+Minimum Redis: 6.2. Cost: sources are opened in serving order until COUNT is used up (an
+EXISTS of the marker in mode 'm', SMEMBERS of the index), then commands only for the
+streams the index names: O(COUNT + entries set aside); a walk adds an XLEN per stream,
+moving due delayed messages at most PROMOTE (500). Never blocks. Phases: lua/lib/serve.lua.
+See docs/design.rst (Wake-ups, The ready index, Leases, Delivery counts and dead letters,
+Delayed delivery).
 ]]
 --@include common
 --@include delay
@@ -61,9 +56,8 @@ lua/lib/serve.lua. Wake-ups: kombu_streams/poller.py.
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
 local A = S and Q and tonumber(ARGV[7 + 4 * Q + S]) or 0
 if not S or not Q or #KEYS ~= S + 5 * Q or #ARGV ~= 7 + 4 * Q + S + 2 * A then
-  return redis.error_reply('read: expected ' .. tostring(S) .. ' streams, ' .. tostring(Q) ..
-                           ' sources and ' .. tostring(A) ..
-                           ' acks (S + 5Q keys, 7 + 4Q + S + 2A args)')
+  return check_args('read', false, false, tostring(S) .. ' streams, ' .. tostring(Q) ..
+                    ' sources and ' .. tostring(A) .. ' acks (S + 5Q keys, 7 + 4Q + S + 2A args)')
 end
 local PROMOTE = 500  -- most delayed messages moved per call
 local ctx = {consumer = ARGV[1], left = tonumber(ARGV[2]), holder = ARGV[3],

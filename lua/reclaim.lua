@@ -16,30 +16,16 @@ Reply:      {moved, more, next_ms, cursor_1, ..., cursor_n}: messages given back
             again); ms until the lease of a live consumer's message could run out at the
             earliest (-1: no consumer holds anything), so the caller need not look again
             before then; where the sweep goes on per stream ("-": it reached the end)
-Errors:     Redis's own (WRONGTYPE: checked before the first write).
-Minimum Redis: 6.2 (exclusive ranges). Cost: O(n * consumers + budget), bounded: one XINFO
-CONSUMERS per stream, then XPENDING and XCLAIM of at most budget entries in all.
-
-Stopped consumers. Every command that gives a consumer a message (XREADGROUP, XCLAIM: a read,
-a renewal) also resets the consumer's idle time, so each message a consumer owns has been
-idle at least as long as the consumer. A consumer that owns messages and was idle for a
-whole lease has renewed none of them for a lease: all of them have lost it. They are found
-through the consumer's own PEL (XPENDING ... consumer), never by scanning the stream's.
-
-The sweep. A live consumer can still own a message whose lease ran out: one whose read reply
-it never got (a timeout), so it does not know to renew it. Each call looks at the next page of
-each stream's PEL (XPENDING without IDLE, so a page costs its size however few are idle) and
-gives back those idle for a whole lease.
-
-A message is given back by moving its PEL record to the holder (XCLAIM with the lease as min
-idle time, so a lease renewed meanwhile is left alone, and JUSTID, so the delivery count is
-kept); the ready index names HELD..stream. read.lua serves it first in its level and counts
-the redelivery: that is where the delivery limit sends crash-looping messages to the
-dead-letter stream. Removing a consumer deletes its PEL records, so only consumers that own
-nothing are removed.
+Errors:     "reclaim: expected ..." for another layout; WRONGTYPE (checked before any write)
+Minimum Redis: 6.2 (exclusive ranges). Cost: O(n * consumers + budget): one XINFO CONSUMERS
+per stream, then XPENDING and XCLAIM of at most budget entries in all.
+Stopped consumers, the sweep and the holder: see docs/design.rst (Leases).
 ]]
 --@include common
 local n = #ARGV - 5
+local bad = check_args('reclaim', #KEYS == n + 1 or #KEYS == n + 2, n >= 1,
+                       'KEYS: n streams, marker[, index]; ARGV: 5 fixed, one cursor per stream')
+if bad then return bad end
 local group, holder = ARGV[1], ARGV[2]
 local lease, budget, expiry = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local index = KEYS[n + 2]

@@ -10,12 +10,15 @@ ARGV[2..]   optional: only these dead-letter ids, in this order (otherwise the o
 Reply:      {moved, skipped}: skipped counts dead letters that hold no message (an entry
             that was never a Kombu message) or came from a stream of another queue; they
             stay in the dead-letter stream
-Minimum Redis: 6.2. Cost: O(count), or O(number of ids given).
-
-A redriven message is appended to the stream it came from (its priority level) as a new
-entry, so it is delivered again with a fresh delivery count.
+Errors:     "redrive: expected ..." for another layout; WRONGTYPE (checked before any write)
+Minimum Redis: 6.2. Cost: O(count), or O(number of ids given). A letter goes back to the
+stream it came from as a new entry (a fresh delivery count). See docs/design.rst
+(Delivery counts and dead letters).
 ]]
 --@include common
+local bad = check_args('redrive', #KEYS >= 4, #ARGV >= 1,
+                       'KEYS: dlq, streams, marker, index; ARGV: count[, ids]')
+if bad then return bad end
 local n = #KEYS - 2
 local limit = tonumber(ARGV[1])
 -- every key is checked first (see wrong_type): no letter moved without its marker

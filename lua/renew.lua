@@ -7,19 +7,15 @@ ARGV[3..]   entry ids, in increasing order (the channel sends at most 500 per ca
 Reply:      the ids, in the order given, whose lease this consumer lost: no longer pending
             under it (reclaimed after a stall, requeued, acked meanwhile), deleted, or their
             stream or group is gone (the queue was deleted)
-Errors:     Redis's own (WRONGTYPE when the stream's name holds another type).
-Minimum Redis: 6.2 (exclusive ranges). Cost: O(ids + entries this consumer owns between
-the first and the last id): one XPENDING of its own entries in that range (paged), one XCLAIM
-of those it still owns; on Redis 6.2 also one XRANGE per owned id (see below).
-
-Renewal resets the PEL idle time of each message (XCLAIM to itself, min idle 0, JUSTID: the
-delivery count stays) and the consumer's own idle time, which reclaim.lua reads to find
-consumers that stopped. Ownership is read first, so a consumer never takes back a message
-that was already given to someone else. A deleted entry is reported lost: Redis 7 leaves it
-out of XCLAIM's reply (and drops its PEL record); Redis 6.2 would claim it, so there each
-owned id is looked up first.
+Errors:     "renew: expected ..." for another layout; WRONGTYPE
+Minimum Redis: 6.2 (exclusive ranges). Cost: O(ids + entries this consumer owns between the
+first and the last id): one XPENDING of its own range (paged), one XCLAIM (min idle 0,
+JUSTID: idle time reset, delivery count kept); on Redis 6.2 also one XRANGE per owned id,
+since 6.2 would claim a deleted entry. See docs/design.rst (Leases).
 ]]
 --@include common
+local bad = check_args('renew', #KEYS == 1, #ARGV >= 3, 'KEYS: stream; ARGV: group, consumer, ids')
+if bad then return bad end
 local key, group, me = KEYS[1], ARGV[1], ARGV[2]
 local last = ARGV[#ARGV]
 local owned, start, page = {}, ARGV[3], #ARGV + 14

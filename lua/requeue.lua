@@ -1,5 +1,4 @@
---[[ requeue: give delivered, unacked messages back to their queue (reject with requeue, and
-the restore of unacked messages when a channel closes).
+--[[ requeue: give delivered, unacked messages back to their queue, to be served first.
 
 KEYS[1..n]  streams of ONE queue that hold the messages (n: the highest index k in ARGV)
 KEYS[n+1]   the queue's wake marker (zset)
@@ -7,20 +6,23 @@ KEYS[n+2]   the queue's ready index (set); not given for a fanout stream
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
 ARGV[3..]   triples: stream index k (1..n), entry id, delivery count to keep (-1: keep the
-            current one). A message read ahead but never handed to the application goes
-            back with its count lowered by one, so it is not counted as delivered.
-Reply:      number of messages requeued
-Minimum Redis: 6.2. Cost: O(number of ids).
-
-The entry is not copied: its PEL record moves to the holder consumer (XCLAIM JUSTID), so it
-keeps its stream (priority) and id, and read.lua serves held entries before newer ones of
-the same level; the ready index names HELD..stream for each stream that got one back. An id
-that is no longer pending (acked meanwhile), or whose queue or fanout binding is gone, is
-left alone.
+            current one; the channel lowers it by one for a message read ahead but never
+            handed to the application)
+Reply:      number of messages requeued (an id no longer pending, or whose queue or fanout
+            binding is gone, is left alone)
+Errors:     "requeue: expected ..." for another layout; WRONGTYPE (checked before any write)
+Minimum Redis: 6.2. Cost: O(number of ids). Used for reject with requeue and the restore of
+unacked messages at close. The holder: see docs/design.rst (Leases).
 ]]
 --@include common
-local n = 0
-for j = 3, #ARGV, 3 do n = math.max(n, tonumber(ARGV[j])) end
+local n, ok = 0, #ARGV >= 5 and (#ARGV - 2) % 3 == 0
+for j = 3, #ARGV, 3 do
+  local k = tonumber(ARGV[j])
+  if k == nil or k < 1 or k % 1 ~= 0 then ok = false else n = math.max(n, k) end
+end
+local bad = check_args('requeue', #KEYS == n + 1 or #KEYS == n + 2, ok,
+  'KEYS: n streams, marker[, index]; ARGV: group, holder, triples (stream index 1..n, id, count)')
+if bad then return bad end
 local group, holder, moved = ARGV[1], ARGV[2], 0
 -- every key is checked first (see wrong_type): a wrong type found after some XCLAIMs would
 -- leave those messages parked without their index member and marker

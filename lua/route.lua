@@ -4,18 +4,18 @@ KEYS[1]   the routing table (set), ks:x:{ex}:bindings
 KEYS[2]   the table's deadlines (zset member -> unix ms), ks:x:{ex}:deadlines
 KEYS[3]   fanout exchanges only: the exchange's stream, ks:x:{ex}:fanout
 ARGV[1]   the most expired bindings to drop in this call
-ARGV[2]   fanout exchanges only: the separator in binding members (the queue, which names
-          the group, is what follows the last separator)
+ARGV[2]   with KEYS[3] only: the separator in binding members (the queue, which names the
+          group, is what follows the last separator)
 Reply:    the table's members
+Errors:   "route: expected ..." for another layout; WRONGTYPE
 Minimum Redis: 6.2. Cost: O(members + dropped), plus O(groups) to trim a fanout stream.
-
-Dropping the binding of an expired fanout queue also destroys its group, so the stream is
-no longer held back for a queue nobody reads.
+An expired fanout binding takes its group with it. See docs/design.rst (Fanout).
 ]]
 --@include common
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms, 'LIMIT', 0,
+local bad = check_args('route', #KEYS == 2 or #KEYS == 3, #ARGV == #KEYS - 1,
+                       'KEYS: table, deadlines[, fanout stream]; ARGV: count[, separator]')
+if bad then return bad end
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now_ms(), 'LIMIT', 0,
                            tonumber(ARGV[1]))
 local fanout, sep = KEYS[3], ARGV[2]
 for _, member in ipairs(expired) do

@@ -6,11 +6,15 @@ ARGV[1]   how many, earliest first
 ARGV[2]   "1": with each message's body as stored, "0": without
 Reply:    {now, total, member, due ms, message or "", ...}: now is the server's clock in
           unix ms (TIME), total the number of delayed messages
-Why: Celery's "inspect scheduled" is empty when tasks wait in Redis; this shows them.
-Read-only ("no-writes", EVALSHA_RO on Redis 7). Minimum Redis: 6.2. Cost: O(log n + ARGV[1]).
+Errors:   "scheduled: expected ..." for another layout; WRONGTYPE
+Minimum Redis: 6.2. Cost: O(log n + ARGV[1]). Read-only ("no-writes", EVALSHA_RO on Redis
+7). Why: Celery's "inspect scheduled" is empty when tasks wait in Redis; this shows them.
 ]]
 --@flags no-writes
 --@include common
+local bad = check_args('scheduled', #KEYS == 2, #ARGV == 2,
+                       'KEYS: delayed set, delayed messages; ARGV: count, bodies')
+if bad then return bad end
 local now = now_ms()
 local first = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
 local reply = {now, redis.call('ZCARD', KEYS[1])}

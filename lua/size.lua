@@ -4,12 +4,13 @@ KEYS[1..n]  all streams of ONE queue (one per priority level)
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
 Reply:      the number of ready messages
-Minimum Redis: 6.2. Cost: O(n + consumers); read-only.
-
-ready = entries in the stream - entries in the PEL + entries parked with the holder, which
-holds because acked entries are deleted at once.
+Errors:     "size: expected ..." for another layout; WRONGTYPE
+Minimum Redis: 6.2. Cost: O(n + consumers); read-only. Ready = XLEN - PEL size + parked
+with the holder, since acked entries are deleted at once. See docs/design.rst (Leases).
 ]]
 --@include common
+local bad = check_args('size', #KEYS >= 1, #ARGV == 2, 'KEYS: streams; ARGV: group, holder')
+if bad then return bad end
 local group, holder, ready = ARGV[1], ARGV[2], 0
 for _, key in ipairs(KEYS) do
   local len = redis.call('XLEN', key)

@@ -1,8 +1,15 @@
--- Shared helpers for the kombu-streams scripts.
--- KEYS: none (a library: kombu_streams.scripts inlines it where a script says "--@include common").
--- ARGV: none. Reply: none. Minimum Redis: 6.2.
--- Each helper hides one difference between Redis versions (6.2, 7.x) or fakeredis, so the
--- scripts themselves read as plain Redis Streams logic.
+-- Shared helpers of the scripts (a library: inlined where a script says "--@include common").
+-- Each hides a difference between Redis 6.2, 7.x and fakeredis, or a rule every script keeps
+-- (docs/design.rst, "Every script" and "Redis Cluster and supported servers").
+
+-- Unless KEYS_OK and ARGS_OK (the script's own test of #KEYS and #ARGV), an error reply that
+-- names script NAME and what it EXPECTED; else nil. Called first, so a missing argument gives
+-- this error rather than a Lua error at a line of the flattened text.
+local function check_args(name, keys_ok, args_ok, expected)
+  if keys_ok and args_ok then return nil end
+  return redis.error_reply(name .. ': expected ' .. expected .. '; got ' .. #KEYS ..
+                           ' keys, ' .. #ARGV .. ' args')
+end
 
 -- The error message of a redis.pcall reply, or nil. tostring: fakeredis gives r.err as userdata.
 local function pcall_error(r)
@@ -31,17 +38,11 @@ local function try_read(...)
   return r, err
 end
 
--- The ready index of a queue (a set, ks:q:{queue}:ready) names the streams that may hold
--- ready messages: the stream's key when entries may wait that the group has not delivered
--- yet, HELD .. key when the holder consumer may park requeued or reclaimed ones. It may name
--- more, never less: every script that adds ready work adds its member in the same call, and
--- read.lua removes a member only after seeing that part of the stream run dry. COMPLETE is
--- added by read.lua after it walked every stream of the queue; an index without it (never
--- read, written by publishers alone, lost) makes the next read walk every stream again.
+-- Members of a queue's ready index besides stream keys: HELD .. key (the holder may have
+-- entries parked there), COMPLETE (a walk saw every stream). docs/design.rst, "The ready index".
 local HELD, COMPLETE = 'h:', ''
 
--- Add MEMBERS to the ready index INDEX of a queue; a newly added member gets the expiry of the
--- queue's stream STREAM (x-expires), so the index never outlives the queue.
+-- Add MEMBERS to the ready index INDEX; a new member gives INDEX the expiry of STREAM.
 local function index_add(index, stream, ...)
   if redis.call('SADD', index, ...) > 0 then
     local ttl = redis.call('PTTL', stream)
@@ -86,10 +87,17 @@ local function id_before(a, b)
   return (tonumber(aseq) or 0) < (tonumber(bseq) or 0)
 end
 
--- Trim a fanout stream below what every group is done with: the oldest entry any group
--- still holds unacked, or has not read yet. With no group left, nothing is kept. A missing
--- stream (never bound, or deleted) is left alone. Returns the number of entries trimmed.
--- Cost: O(groups) plus the entries trimmed.
+-- GROUP's last-delivered id on stream KEY ('0-0' without that group) and its XINFO GROUPS
+-- record (nil without it).
+local function last_delivered(key, group)
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+    if field(g, 'name') == group then return field(g, 'last-delivered-id'), g end
+  end
+  return '0-0', nil
+end
+
+-- Trim fanout STREAM below what every group is done with (nothing kept without groups; a
+-- missing stream left alone); returns the entries trimmed. docs/design.rst, "Fanout".
 local function trim_shared(stream)
   if redis.call('EXISTS', stream) == 0 then return 0 end
   local groups = redis.call('XINFO', 'GROUPS', stream)
@@ -105,14 +113,9 @@ local function trim_shared(stream)
   return redis.call('XTRIM', stream, 'MINID', keep)
 end
 
--- Move one entry to the dead-letter stream DLQ and remove it from KEY/GROUP, atomically.
--- FIELDS is the entry's own field list (may be missing or garbled): it is copied as is, so
--- nothing is lost, together with where it came from and why it was set aside. SHARED: the
--- stream is a fanout stream that other groups still read, so the entry is only acked here,
--- and the stream is trimmed below what every group is done with (this may have been the last
--- group holding the entry back; without the trim a queue that rejects everything would keep
--- the stream growing). Returns nil, or the error when DLQ cannot take the entry (another type
--- at its name): the entry is then left as it was.
+-- Move entry ID (its FIELDS, copied as is) of KEY/GROUP to dead-letter stream DLQ; SHARED: a
+-- fanout stream, only acked and trimmed. Returns nil, or DLQ's error (then nothing changed).
+-- docs/design.rst, "Delivery counts and dead letters".
 local function dead_letter(key, group, id, fields, dlq, reason, deliveries, shared)
   local rec = {'reason', reason, 'stream', key, 'group', group, 'id', id,
                'deliveries', tostring(deliveries or 0)}
@@ -135,9 +138,8 @@ local function dead_letter(key, group, id, fields, dlq, reason, deliveries, shar
   return nil
 end
 
--- An error message when KEY exists and holds another type than KIND, else nil. Redis keeps
--- what a script wrote before a command failed, so a script that writes several keys checks
--- them all first: a failure half-way could otherwise lose or duplicate a message.
+-- An error message when KEY exists and holds another type than KIND, else nil. A script that
+-- writes several keys checks them all first (docs/design.rst, "Every script").
 local function wrong_type(key, kind)
   local t = redis.call('TYPE', key)['ok']
   if t ~= 'none' and t ~= kind then
@@ -146,10 +148,8 @@ local function wrong_type(key, kind)
   return nil
 end
 
--- Set a queue's wake marker WAKE. For an expiring queue (x-expires) the marker expires with
--- it: after TTL ms when TTL > 0, else (a new marker only: one that was set has its expiry,
--- and touch.lua refreshes it) with the time to live of the queue's stream STREAM.
--- Returns nil, or the error when WAKE holds another type (then nothing was written).
+-- Set wake marker WAKE (docs/design.rst, "Wake-ups"), expiring after TTL ms when TTL > 0,
+-- else, when new, with STREAM. Returns nil, or the error when WAKE holds another type.
 local function arm(wake, stream, ttl)
   local added = redis.pcall('ZADD', wake, 0, 'w')
   local err = pcall_error(added)
@@ -163,9 +163,7 @@ local function arm(wake, stream, ttl)
   return nil
 end
 
--- The consumer that parks an entry the dead-letter stream could not take (another type at its
--- name): not lost, not stuck with the consumer that read it; reclaim.lua gives it back once
--- it has been idle for a lease (nobody renews it), and it is tried again.
+-- Parks an entry the dead-letter stream could not take; reclaim gives it back after a lease.
 local UNFILED = '~unfiled'
 
 -- The server's clock in unix ms (TIME): the one clock every client agrees on.
@@ -174,9 +172,8 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Acknowledge IDS (a list) of stream KEY for GROUP and delete the entries the group had
--- delivered (see ack.lua for why that rule is safe). Returns the number that were pending.
--- Cost: one XACK and one XDEL per 1,000 ids, plus XINFO GROUPS when some id was not pending.
+-- Ack IDS of stream KEY for GROUP, deleting those the group had delivered (docs/design.rst,
+-- "Leases"). Returns the number that were pending. One XACK and one XDEL per 1,000 ids.
 local function ack_ids(key, group, all)
   local done = 0
   for first = 1, #all, 1000 do  -- unpack() has a limit
@@ -185,11 +182,8 @@ local function ack_ids(key, group, all)
     done = done + acked
     if acked == #ids then
       redis.call('XDEL', key, unpack(ids))
-    elseif acked > 0 then
-      local last = '0-0'
-      for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
-        if field(g, 'name') == group then last = field(g, 'last-delivered-id') end
-      end
+    elseif acked > 0 then  -- some were not pending: delete only the delivered ones
+      local last = last_delivered(key, group)
       local delivered = {}
       for _, id in ipairs(ids) do
         if not id_before(last, id) then delivered[#delivered + 1] = id end

@@ -1,17 +1,7 @@
--- Delayed messages of one queue, kept until they are due (README.rst, "Delayed delivery").
--- KEYS: none of its own (a library: included after "--@include common").
--- ARGV: none. Reply: none. Minimum Redis: 6.2.
---
---   ks:q:{queue}:delayed     zset: member -> due time, unix ms on the server's clock (TIME)
---   ks:q:{queue}:delayed:m   hash: member -> the message (Kombu's JSON envelope)
--- A member is "<stamp>:<level>:<label>[:n]": the server's time of the publish in µs (16
--- digits, so messages due in the same ms keep their publish order), the priority level it
--- goes to when due, a label for operators (Celery's task id, or empty), and a counter only
--- if needed to keep it unique. DELAYED in the queue's ready index says it may hold delayed
--- messages (more, never less: the store adds it in the same call, a read drops it on
--- finding none).
+-- A queue's delayed messages, kept until due (a library, included after common): the keys,
+-- the member format and why none is missed are in docs/design.rst, "Delayed delivery".
 
-local DELAYED = 'd'
+local DELAYED = 'd'  -- ready index member: the delayed set may hold messages
 
 -- Store PAYLOAD in the zset DKEY and hash BODIES, due at DUE ms, to go to LEVEL's stream;
 -- LABEL names it for operators, STAMP is the server's time in µs (16 digits). Returns the

@@ -1,7 +1,5 @@
--- The phases of read.lua: open a source, serve its held then its fresh entries stream by
--- stream, and save what the call learned (ready index, wake marker).
--- KEYS: none of its own (a library: read.lua includes it after common and delay).
--- ARGV: none. Reply: none. Minimum Redis: 6.2.
+-- The phases of read.lua (a library, included after common and delay): open a source, serve
+-- its held then its fresh entries stream by stream, and save what the call learned.
 --
 -- State lives in one table, ctx (made by read.lua), and one table per source, src:
 --   ctx.consumer, ctx.holder, ctx.limit   who reads, who parks, the delivery limit
@@ -19,10 +17,8 @@
 --   src.index    the ready index as a table (member -> true), nil for a fanout source
 --   src.more     may still hold ready messages (beyond what the index says)
 --   src.announce this call made work ready (moved due messages): its marker must be set
--- A command that may meet another program's key at one of our names (WRONGTYPE) runs
--- through try(): the error is noted against that source and the call goes on with the
--- others, so one broken queue never stops the reads of the healthy ones, and nothing this
--- call took is lost to an error reply.
+-- A command that may meet another program's key at our names (WRONGTYPE) runs through try():
+-- the error is noted against that source and the call serves the others, losing nothing.
 
 local set_aside  -- defined below; deliver and claim_held use it (Redis allows no globals)
 
@@ -48,10 +44,8 @@ local function clock(ctx)
   return ctx.now
 end
 
--- Move a queue's delayed messages that are due into its streams (at most ctx.promote_left
--- per call, in due order), and note in ctx.dues when its next one is due: ms from now, 0
--- when more are due than this call moved, -1 when it holds none. A walk looks at the delayed
--- set whatever the index says (a repair, like the rest of the walk).
+-- Move a queue's due delayed messages into its streams (at most ctx.promote_left), and note
+-- in ctx.dues when its next one is due. docs/design.rst, "Delayed delivery".
 local function promote_due(ctx, src)
   local idx = src.index
   if src.walk then
@@ -166,15 +160,10 @@ local function claim_held(ctx, src, i, take)
   return delivered
 end
 
--- Serve the entries parked with the holder in stream I (requeued or reclaimed), in id order.
--- Returns 'gone' when the stream or its group does not exist, 'error' on a problem.
---
--- Read-ahead that went back unseen (count 0) is served in batches. An entry that was
--- delivered before (a requeue after the application saw it, a reclaim after a crash) is
--- delivered alone: if it is what crashes consumers, no other message shares its fate or its
--- delivery count. One that is not delivered (set aside, or deleted while parked) leaves room,
--- so look again: a fresh entry never overtakes a held one. Each pass empties what it saw from
--- the holder, so this ends.
+-- Serve the entries parked with the holder in stream I, in id order, suspects alone
+-- (docs/design.rst, "Delivery counts and dead letters"). Returns 'gone' when the stream
+-- or its group does not exist, 'error' on a problem. An entry not delivered (set aside,
+-- deleted while parked) leaves room, so look again; each pass empties what it saw, so it ends.
 local function serve_held(ctx, src, i)
   local key, group, want = KEYS[i], src.group, ctx.left
   local held, err = try('XPENDING', key, group, '-', '+', want, ctx.holder)
@@ -309,13 +298,9 @@ local function save_index(ctx, src)
   return false
 end
 
--- The end of the call for one source: its status character, and its wake marker set if it may
--- still hold ready messages, removed if it was seen dry. A source the call did not reach keeps
--- its marker as it was, except one whose marker this consumer popped: that wake-up is given
--- back. A read that neither popped the marker nor made work ready (moved due messages, or
--- found work by a walk) leaves a marker of a source with more as it was: it only took work
--- away, so the wake-up invariant held before it holds after it (one ZADD less per read at
--- prefetch 1). (See kombu_streams/poller.py for why no wake-up is lost.)
+-- The end of the call for one source: its status character; its marker removed if seen dry,
+-- set if work is left and it was popped, walked or announced, else left as it was (a popped
+-- one is always given back). Why no wake-up is lost: docs/design.rst, "Wake-ups".
 local function finish_source(ctx, src)
   if src.state == nil then
     if src.mode == 'p' then
@@ -337,7 +322,7 @@ local function finish_source(ctx, src)
   local err = nil
   if not more then
     err = pcall_error(redis.pcall('ZREM', src.wake, 'w'))
-  elseif src.mode == 'p' or src.mode == 'w' or src.announce then
+  elseif src.mode == 'p' or src.walk or src.announce then
     err = arm(src.wake, KEYS[src.streams[1]], src.ttl)
   end
   if err then problem(ctx, src, src.wake, err) end

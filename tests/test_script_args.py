@@ -1,0 +1,102 @@
+"""Every script checks the number of its KEYS and ARGV before anything else: a call with too
+few of either gets an error reply that starts with the script's name, not a Lua error at a
+line of the flattened text (docs/design.rst, "Every script"). Run on fakeredis: the checks
+are plain Lua, the same on every server.
+"""
+
+from __future__ import annotations
+
+import pytest
+from redis.exceptions import ResponseError
+
+from kombu_streams.broker import HOLDER
+from kombu_streams.keys import Keys
+from kombu_streams.scripts import SCRIPTS
+
+K = Keys()
+Q, X = 'q', 'x'
+S0 = K.stream(Q, 0)
+FAN, FWAKE = K.fanout(X), K.fanout_wake(X, Q)
+QUEUE_KEYS = [K.wake(Q), K.ready(Q), K.delayed(Q), K.delayed_messages(Q)]
+
+#: The smallest valid call of each script, laid out as kombu_streams/broker.py does (one
+#: priority level, one entry; the fanout form where a queue's call has one key more): a
+#: call with any of its KEYS or ARGV cut off the end fits no layout of the script.
+MINIMAL = {
+    'ack': ([S0], [Q, 1, '1-1']),
+    'bind': ([K.bindings(X), K.deadlines(X)], ['rk', 0]),
+    'cancel': ([K.delayed(Q), K.delayed_messages(Q)], ['0', 10]),
+    'deadletter': ([S0, K.dlq(Q)], [Q, '1-1', 'why', 1, '0']),
+    'declare': ([S0], [Q]),
+    'delete': ([S0, *QUEUE_KEYS, K.dlq(Q)], []),
+    'fanout_ack': ([FAN], [Q, '1-1']),
+    'fanout_publish': ([FAN, K.deadlines(X)], ['m']),
+    'inspect': ([S0, K.dlq(Q), K.delayed(Q)], [Q, HOLDER, 0]),
+    'inspect_fanout': ([FAN], [10]),
+    'layout': (['ks:layout'], [1]),
+    'migrate': (['kq', S0, K.wake(Q), K.ready(Q)], [10, 0, 1, 0]),
+    'migrate_unacked': (['unacked', 'unacked_index', S0, K.wake(Q), K.ready(Q)],
+                        ['t', 'v', 'm']),
+    'peek': ([S0], [Q, HOLDER, 1, 1, 'h', '']),
+    'publish': ([S0, K.wake(Q), S0, K.ready(Q)], ['m', '0']),
+    'purge': ([S0, K.delayed(Q), K.delayed_messages(Q)], [Q, HOLDER, 10]),
+    'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:]],
+             ['c1', 10, HOLDER, 0, 1, 1, Q, 'q', 'r', 0, 1, 0]),
+    'reclaim': ([FAN, FWAKE], [Q, HOLDER, 1000, 100, 0, '-']),
+    'redrive': ([K.dlq(Q), S0, K.wake(Q), K.ready(Q)], [10]),
+    'renew': ([S0], [Q, 'c1', '1-1']),
+    'requeue': ([FAN, FWAKE], [Q, HOLDER, 1, '1-1', -1]),
+    'route': ([K.bindings(X), K.deadlines(X)], [100]),
+    'scheduled': ([K.delayed(Q), K.delayed_messages(Q)], [10, '0']),
+    'size': ([S0], [Q, HOLDER]),
+    'touch': ([S0], [1000]),
+}
+
+#: Larger valid layouts: one KEY or one ARGV fewer than these fits none either. (A queue's
+#: reclaim or requeue call with one key fewer is a valid call of its fanout form.)
+LARGER = {
+    'bind': ([K.bindings(X), K.deadlines(X), FAN], ['rk', 0, Q]),
+    'route': ([K.bindings(X), K.deadlines(X), FAN], [100, '\x06']),
+    'publish': ([S0, K.wake(Q), S0, K.ready(Q), K.delayed(Q), K.delayed_messages(Q)],
+                ['m', '0', '+5000', 1000]),
+    'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:]],
+             ['c1', 10, HOLDER, 0, 1, 1, Q, 'q', 'r', 0, 1, 1, 1, '1-1']),
+}
+
+
+def too_few(keys, args, every_prefix=True):
+    """(what, keys, args) with KEYS or ARGV cut short: every shorter prefix, or one fewer."""
+    cut = range(len(keys)) if every_prefix else range(max(len(keys) - 1, 0), len(keys))
+    out = [(f'{n} of {len(keys)} keys', keys[:n], args) for n in cut]
+    cut = range(len(args)) if every_prefix else range(max(len(args) - 1, 0), len(args))
+    return out + [(f'{n} of {len(args)} args', keys, args[:n]) for n in cut]
+
+
+def test_every_script_has_a_minimal_call():
+    assert set(MINIMAL) == set(SCRIPTS)
+
+
+@pytest.mark.parametrize('name', sorted(MINIMAL))
+def test_too_few_keys_or_args_give_an_error_naming_the_script(fake_client, name):
+    keys, args = MINIMAL[name]
+    cases = too_few(keys, args)
+    if name in LARGER:
+        cases += too_few(*LARGER[name], every_prefix=False)
+    assert cases
+    for what, k, a in cases:
+        with pytest.raises(ResponseError) as info:
+            SCRIPTS[name](fake_client, k, a)
+        assert str(info.value).startswith(f'{name}: expected '), (what, str(info.value))
+    # the layouts themselves are accepted
+    for k, a in [MINIMAL[name], *([LARGER[name]] if name in LARGER else [])]:
+        SCRIPTS[name](fake_client, k, a)
+
+
+def test_a_stream_index_outside_keys_is_named(fake_client):
+    """Entries name their stream by index: one past the streams in KEYS is a named error."""
+    c = fake_client
+    for index in (2, 0, 'x'):
+        with pytest.raises(ResponseError, match=r'^ack: expected a stream index 1\.\.1 at'):
+            SCRIPTS['ack'](c, [S0], [Q, index, '1-1'])
+    with pytest.raises(ResponseError, match=r'^requeue: expected '):
+        SCRIPTS['requeue'](c, [S0, K.wake(Q), K.ready(Q)], [Q, HOLDER, 3, '1-1', -1])
