@@ -1,65 +1,27 @@
 """Waiting for messages without polling, and without losing a wake-up.
 
-Lua scripts cannot block inside Redis, so waiting happens outside them, on a wake marker:
-each queue has a zset ``ks:q:{queue}:wake`` with at most one member (and each queue's group
-on a fanout exchange one of its own).
+Lua scripts cannot block inside Redis, so waiting happens outside them, on wake markers:
+each source (a queue's streams, or its group on a fanout exchange) has a zset with at most
+one member, set by every script that makes work ready and kept by ``read.lua`` as
+docs/design.rst ("Wake-ups") says, with the argument for why no wake-up is lost.
 
-* ``publish.lua`` adds the entry and sets the marker in one script (so do requeue, reclaim,
-  redrive and the migrate scripts for what they make ready).
-* ``read.lua`` delivers what the caller may take and then, in the same script, removes the
-  marker of every source it saw run dry, and sets it on a source that may still hold ready
-  messages if it popped that marker, walked the source, or moved due delayed messages into
-  it. Any other source keeps its marker as it was: a read that only took work away from it
-  (a hot one) or did not reach it (its count ran out first), except one whose marker this
-  consumer popped: that one is set again.
-* An idle consumer blocks in one ``BZPOPMIN`` on the markers of all the sources it reads.
-  The source whose marker it popped is read next (mode POPPED, see
-  :mod:`kombu_streams.plan`); if no read comes to cover it (the channel ran out of credit
-  meanwhile), the poller puts the marker back.
-
-Why no wake-up is lost. Invariant: at the end of every script, a source with ready messages
-has its marker set, except while a consumer holds a popped marker it has not read yet.
-publish sets it; requeue and reclaim set it; a read that made work ready (moved due
-messages, or found work by a walk) sets it; a read removes it only where it saw the source
-dry, and otherwise leaves it alone: a read that did not pop the marker and made nothing
-ready only took messages away, so every message left was there before it, under the marker
-or a popped wake-up, and still is (this saves a ZADD per read at prefetch 1). A popped marker
-is always followed by a read of its source in POPPED mode, which sets it again if anything is
-left (even if that read ran out of credit before it), or by the poller putting it back. So a
-consumer that goes to sleep cannot miss a message: a publish that landed after its last read
-left the marker behind, and BZPOPMIN returns at once. Redis runs each script and each
-BZPOPMIN atomically, so there is no interleaving finer than these steps. The same invariant
-lets a read skip a cold source whose marker is not set (mode GATED): nothing is ready there.
-
-What if the consumer that took a marker dies before its read, or keys are removed behind our
-back (FLUSHDB, a failover that lost the last write)? Then a source could hold ready messages
-with no marker. Two bounded safety nets cover that: every blocked wait is bounded by
-``polling_interval`` seconds (1 s by default), and every ``plan.SWEEP_INTERVAL`` the next
-``plan.SWEEP`` sources of a channel in turn are walked (all their streams looked at, the
-ready index rebuilt and the marker set if work is found). A channel of up to four sources
-sweeps all of them every second, as the read after every wait timeout once did; one of 1,000
-sweeps each source every 250 s. An idle consumer costs one BZPOPMIN per interval plus the
-sweep: no busy polling, whatever the number of queues.
+This module does the waiting. An idle consumer blocks in one ``BZPOPMIN`` on the markers of
+all the sources its channels read; the source whose marker it popped is read next (mode
+POPPED, see :mod:`kombu_streams.plan`), and if no read comes to cover it (the channel ran
+out of credit meanwhile) the poller puts the marker back. Every wait is bounded by
+``polling_interval`` (1 s by default) and by the earliest due time of a delayed message its
+channels know (:meth:`Poller._block`; a wait still blocked then is ended with CLIENT
+UNBLOCK, since Redis answers a blocked command's timeout only at its next tick). With the
+sweep of :mod:`kombu_streams.plan` these are the safety nets for wake-ups lost outside the
+invariant (a consumer that died between popping a marker and reading; keys removed behind
+our back). An idle consumer costs one BZPOPMIN per interval plus the sweep: no busy
+polling, whatever the number of queues.
 
 Redis Cluster: BZPOPMIN may only wait on keys of one hash slot, so the markers are grouped
 by slot and each group gets its own pending BZPOPMIN on a connection to the node that
-serves the slot; the waiting thread selects on all of their sockets. The argument above is
-per marker and holds unchanged. A wait answered MOVED or ASK (the slot is moving) counts as
-a wake-up: the next read goes through the cluster client, which follows the slot, and the
-slot map is refreshed before the next wait.
-
-``read.lua`` tells "may still hold ready messages" from the queue's ready index (a set of
-the streams that may hold ready work, see ``lua/lib/common.lua``), which names more, never
-less: every script that adds ready work adds to it in the same call. An index that names
-less than it should (lost, or written around by hand or by an older version) is repaired by
-a walk: the next read of a source whose index is incomplete, and the sweep above.
-
-Delayed messages (``lua/lib/delay.lua``) are not ready, so they set no marker; instead each
-read reports when the next delayed message of each queue it opened is due, and a wait
-never blocks past the earliest due time its channels know (see :meth:`Poller._block`). A
-publish that becomes a queue's earliest due message sets the marker, so a blocked consumer
-reads, learns the new time and waits until then. README "Delayed delivery" says why no
-due message is missed.
+serves the slot; the waiting thread selects on all of their sockets. A wait answered MOVED
+or ASK (the slot is moving) counts as a wake-up: the next read goes through the cluster
+client, which follows the slot, and the slot map is refreshed before the next wait.
 
 Latency: a publish wakes the blocked consumer directly, which then runs one read: two round
 trips from publish to callback, the same as Kombu's Redis transport (BRPOP, then its
