@@ -1,8 +1,12 @@
-"""Broker operations on one Redis database: one method per Lua script.
+"""Broker operations on one Redis database: one builder per Lua script call.
 
 This is the only place that lays out each script's KEYS and ARGV, so the channel, the
-tests and operator tools call the scripts the same way. Every method that takes entries
-of a queue makes one script call per queue, so each call touches one hash slot.
+tests and operator tools call the scripts the same way. A builder (``*_call``, ``*_calls``)
+returns the call as a :data:`~kombu_streams.scripts.Call` (with, where the reply needs
+decoding, the function that decodes it), for pipelines and ``kombu-streams scripts --call``;
+the methods named after the operations run a builder's call through :meth:`Broker.run` (or
+:meth:`Broker.run_all`, one round trip for many). Every method that takes entries of a queue
+makes one script call per queue, so each call touches one hash slot.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Optional
 
 from redis.crc import key_slot
+from redis.exceptions import ResponseError
 
 from .keys import Keys
 from .scripts import SCRIPTS, Call, Script, run_calls
@@ -34,6 +39,13 @@ RENEW_CHUNK = 500
 CHUNK = 1000
 #: Most delayed messages one scheduled.lua call lists.
 SCHEDULED_MAX = 1000
+#: Most messages one peek.lua call returns (its own limit, see its header).
+PEEK_MAX = 1000
+#: Most dead letters per XRANGE page, redrive call or purge step of the operator methods.
+PAGE = 500
+
+#: Where a peek.lua page starts: (stream index, 'h' held or 'f' fresh part, last id or '').
+PeekCursor = tuple[int, str, str]
 
 
 def _id_order(entry_id: Any) -> tuple[int, int]:
@@ -84,6 +96,18 @@ class Reclaimed(NamedTuple):
     cursors: list[str]
 
 
+class Ready(NamedTuple):
+    """One ready message as peek.lua sees it, not delivered."""
+
+    level: int
+    stream: str
+    entry_id: str
+    #: parked with the holder (requeued or reclaimed): served before fresh ones of its level
+    requeued: bool
+    #: the entry's ``m`` field; b'' when it has none (a read sets such entries aside)
+    payload: bytes
+
+
 class Delay(NamedTuple):
     """When a published message is due, as publish.lua takes it."""
 
@@ -122,14 +146,47 @@ class Broker:
             flat += [streams.index(stream) + 1, entry_id, *extra]
         return streams, flat
 
+    @staticmethod
+    def _text(value: Any) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    # -- running calls ---------------------------------------------------------------------
+
+    def run(self, call: Call) -> Any:
+        """Run one call: EVALSHA, or for a read-only script (flag ``no-writes``) EVALSHA_RO
+        where the server has it (:meth:`Script.call_ro`); loads the script if Redis lost it."""
+        script, keys, args = call
+        if 'no-writes' in script.flags.split(','):
+            return script.call_ro(self.client, keys, args)
+        return script(self.client, keys, args)
+
+    def run_all(self, calls: Sequence[Call]) -> list[Any]:
+        """Run calls in one round trip per server (:func:`~kombu_streams.scripts.run_calls`);
+        their replies in order."""
+        return run_calls(self.client, calls) if calls else []
+
+    def load_scripts(self) -> None:
+        """SCRIPT LOAD every script, and the Redis 7 flagged text of the read-only ones (Redis
+        6.2 cannot compile it: skipped there)."""
+        for name in sorted(SCRIPTS):
+            self.client.script_load(SCRIPTS[name].source)
+            if SCRIPTS[name].flags:
+                try:
+                    self.client.script_load(SCRIPTS[name].flagged.source)
+                except ResponseError:
+                    pass
+
     # -- publishing ----------------------------------------------------------------------
+
+    # The two publish builders say list where Call says Sequence: Channel._publish (and
+    # PublishBatch.add) still take their calls as lists.
 
     def publish_call(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
                      delay: Delay | None = None) -> tuple[Script, list[str], list[Any]]:
-        """The publish call as (script, KEYS, ARGV), for pipelines. ``routed``: only if the
-        queue exists (a copy routed by an exchange must not recreate a deleted queue).
-        ``delay``: delayed delivery is on (messages already due are moved first, so this one
-        never overtakes them), and when the message is due (see :class:`Delay`)."""
+        """The publish call. ``routed``: only if the queue exists (a copy routed by an
+        exchange must not recreate a deleted queue). ``delay``: delayed delivery is on
+        (messages already due are moved first, so this one never overtakes them), and when
+        the message is due (see :class:`Delay`)."""
         keys = [self.keys.stream(queue, level), self.keys.wake(queue),
                 self.keys.stream(queue, self.levels[0]), self.keys.ready(queue)]
         args: list[Any] = [payload, '1' if routed else '0']
@@ -141,8 +198,7 @@ class Broker:
 
     def publish(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
                 delay: Delay | None = None) -> bytes | None:
-        script, keys, args = self.publish_call(queue, level, payload, routed, delay)
-        return script(self.client, keys, args)
+        return self.run(self.publish_call(queue, level, payload, routed, delay))
 
     def fanout_publish_call(self, exchange: str, payload: str | bytes,
                             bindings: Sequence[tuple[str, str]]
@@ -154,115 +210,140 @@ class Broker:
 
     # -- queues ----------------------------------------------------------------------------
 
+    def declare_call(self, queue: str) -> Call:
+        return SCRIPTS['declare'], self.streams(queue), [queue]
+
     def declare(self, queue: str) -> int:
-        return SCRIPTS['declare'](self.client, self.streams(queue), [queue])
+        return self.run(self.declare_call(queue))
 
     def exists(self, queue: str) -> bool:
         return bool(self.client.exists(*self.streams(queue)))
 
+    def size_call(self, queue: str) -> Call:
+        return SCRIPTS['size'], self.streams(queue), [queue, HOLDER]
+
     def size(self, queue: str) -> int:
-        return int(SCRIPTS['size'](self.client, self.streams(queue), [queue, HOLDER]))
+        return int(self.run(self.size_call(queue)))
+
+    def purge_call(self, queue: str, batch: int = 1000) -> Call:
+        """One purge step: at most ``batch`` entries per stream (and of the delayed set);
+        its reply is (purged, more)."""
+        keys = self.streams(queue) + [self.keys.delayed(queue),
+                                      self.keys.delayed_messages(queue)]
+        return SCRIPTS['purge'], keys, [queue, HOLDER, batch]
 
     def purge(self, queue: str, batch: int = 1000) -> int:
         """Delete all ready and delayed messages, in calls of at most ``batch`` entries per
         stream (and of the delayed set)."""
-        keys = self.streams(queue) + [self.keys.delayed(queue),
-                                      self.keys.delayed_messages(queue)]
         total, more = 0, 1
         while more:
-            purged, more = SCRIPTS['purge'](self.client, keys, [queue, HOLDER, batch])
+            purged, more = self.run(self.purge_call(queue, batch))
             total += int(purged)
         return total
 
-    def delete(self, queue: str) -> int:
+    def delete_call(self, queue: str) -> Call:
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
                                       self.keys.delayed(queue),
                                       self.keys.delayed_messages(queue), self.keys.dlq(queue)]
-        return SCRIPTS['delete'](self.client, keys)
+        return SCRIPTS['delete'], keys, []
+
+    def delete(self, queue: str) -> int:
+        return self.run(self.delete_call(queue))
+
+    def scheduled_call(self, queue: str, count: int = 10, bodies: bool = False
+                       ) -> tuple[Call, Callable[[Any], dict[str, Any]]]:
+        """The scheduled call (read-only) for the ``count`` (at most SCHEDULED_MAX) earliest
+        delayed messages of a queue, and the function that decodes its reply (see
+        :meth:`scheduled`)."""
+        count = max(1, min(int(count), SCHEDULED_MAX))  # bounded: one call, a few ms at most
+        keys = [self.keys.delayed(queue), self.keys.delayed_messages(queue)]
+
+        def parse(reply: Any) -> dict[str, Any]:
+            now, total, flat = int(reply[0]), int(reply[1]), reply[2:]
+            out = []
+            for j in range(0, len(flat), 3):
+                member = self._text(flat[j])
+                _, level, label = (member.split(':', 2) + ['', ''])[:3]
+                entry: dict[str, Any] = {'member': member, 'level': int(level or 0),
+                                         'label': label,
+                                         'due_in_ms': max(int(flat[j + 1]) - now, 0)}
+                if bodies:
+                    entry['message'] = self._text(flat[j + 2])
+                out.append(entry)
+            return {'queue': queue, 'delayed': total, 'messages': out, 'time_ms': now}
+
+        return (SCRIPTS['scheduled'], keys, [count, '1' if bodies else '0']), parse
 
     def scheduled(self, queue: str, count: int = 10, bodies: bool = False) -> dict[str, Any]:
         """The ``count`` (at most SCHEDULED_MAX) earliest delayed messages of a queue
         (scheduled.lua, read-only):
         each with its member, level, label (Celery's task id), ms until due and, with
         ``bodies``, the message as stored."""
-        count = max(1, min(int(count), SCHEDULED_MAX))  # bounded: one call, a few ms at most
-        reply = SCRIPTS['scheduled'].call_ro(
-            self.client, [self.keys.delayed(queue), self.keys.delayed_messages(queue)],
-            [count, '1' if bodies else '0'])
-        now, total, flat = int(reply[0]), int(reply[1]), reply[2:]
-        out = []
-        for j in range(0, len(flat), 3):
-            member = self._text(flat[j])
-            _, level, label = (member.split(':', 2) + ['', ''])[:3]
-            entry: dict[str, Any] = {'member': member, 'level': int(level or 0),
-                                     'label': label, 'due_in_ms': max(int(flat[j + 1]) - now, 0)}
-            if bodies:
-                entry['message'] = self._text(flat[j + 2])
-            out.append(entry)
-        return {'queue': queue, 'delayed': total, 'messages': out, 'time_ms': now}
+        call, parse = self.scheduled_call(queue, count, bodies)
+        return parse(self.run(call))
+
+    def cancel_call(self, queue: str, labels: Sequence[str], cursor: str = '0',
+                    step: int = 1000) -> Call:
+        """One step of the scan of a queue's delayed set for ``labels``, from ``cursor``;
+        its reply is (next cursor, member removed, ...)."""
+        keys = [self.keys.delayed(queue), self.keys.delayed_messages(queue)]
+        return SCRIPTS['cancel'], keys, [cursor, step, *labels]
 
     def cancel(self, queue: str, labels: Sequence[str], step: int = 1000) -> list[str]:
         """Remove the delayed messages labelled ``labels`` (Celery task ids) from a queue
         before they are due: a scan of its delayed set in calls of about ``step`` members
         each. Returns the members removed."""
-        keys = [self.keys.delayed(queue), self.keys.delayed_messages(queue)]
         cursor, gone = '0', []
         while True:
-            reply = SCRIPTS['cancel'](self.client, keys, [cursor, step, *labels])
+            reply = self.run(self.cancel_call(queue, labels, cursor, step))
             cursor = self._text(reply[0])
             gone += [self._text(m) for m in reply[1:]]
             if cursor == '0':
                 return sorted(set(gone))
 
-    def touch(self, queue: str, ttl_ms: int) -> int:
-        """Keep an expiring queue's keys alive for another ``ttl_ms``."""
+    def touch_call(self, queue: str, ttl_ms: int) -> Call:
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
                                       self.keys.delayed(queue),
                                       self.keys.delayed_messages(queue)]
-        return SCRIPTS['touch'](self.client, keys, [int(ttl_ms)])
+        return SCRIPTS['touch'], keys, [int(ttl_ms)]
+
+    def touch(self, queue: str, ttl_ms: int) -> int:
+        """Keep an expiring queue's keys alive for another ``ttl_ms``."""
+        return self.run(self.touch_call(queue, ttl_ms))
 
     # -- routing tables --------------------------------------------------------------------
 
-    def bind(self, exchange: str, member: str, ttl_ms: int = 0,
-             fanout_group: str | None = None) -> int:
-        """Add or refresh a binding; ``ttl_ms`` > 0 for an expiring queue, -1 removes it.
-        On a fanout exchange, ``fanout_group`` (the queue) gets or loses its group."""
+    def bind_call(self, exchange: str, member: str, ttl_ms: int = 0,
+                  fanout_group: str | None = None) -> Call:
         keys = [self.keys.bindings(exchange), self.keys.deadlines(exchange)]
         args: list[Any] = [member, int(ttl_ms)]
         if fanout_group is not None:
             keys.append(self.keys.fanout(exchange))
             args.append(fanout_group)
-        return SCRIPTS['bind'](self.client, keys, args)
+        return SCRIPTS['bind'], keys, args
 
-    def route(self, exchange: str, sweep: int = 100, fanout_sep: str | None = None
-              ) -> list[bytes]:
-        """The routing table's members, after dropping up to ``sweep`` expired bindings (and,
-        on a fanout exchange, given its member separator, their groups)."""
+    def bind(self, exchange: str, member: str, ttl_ms: int = 0,
+             fanout_group: str | None = None) -> int:
+        """Add or refresh a binding; ``ttl_ms`` > 0 for an expiring queue, -1 removes it.
+        On a fanout exchange, ``fanout_group`` (the queue) gets or loses its group."""
+        return self.run(self.bind_call(exchange, member, ttl_ms, fanout_group))
+
+    def route_call(self, exchange: str, sweep: int = 100, fanout_sep: str | None = None
+                   ) -> Call:
         keys = [self.keys.bindings(exchange), self.keys.deadlines(exchange)]
         args: list[Any] = [sweep]
         if fanout_sep is not None:
             keys.append(self.keys.fanout(exchange))
             args.append(fanout_sep)
-        return SCRIPTS['route'](self.client, keys, args)
+        return SCRIPTS['route'], keys, args
+
+    def route(self, exchange: str, sweep: int = 100, fanout_sep: str | None = None
+              ) -> list[bytes]:
+        """The routing table's members, after dropping up to ``sweep`` expired bindings (and,
+        on a fanout exchange, given its member separator, their groups)."""
+        return self.run(self.route_call(exchange, sweep, fanout_sep))
 
     # -- consuming -------------------------------------------------------------------------
-
-    def read(self, queues: Sequence[str], consumer: str, count: int,
-             max_deliveries: int = 0, fanout: dict[str, Iterable[str]] | None = None,
-             ttls: dict[str, int] | None = None, walk: bool = False) -> list[Delivery]:
-        """Deliver up to ``count`` messages across ``queues``, highest priority first.
-
-        ``fanout`` maps a queue to the fanout exchanges it is bound to: their streams are
-        read (through the queue's group) before the queue's own. ``ttls`` gives the x-expires
-        of expiring queues, for their markers. ``walk``: look at every stream, not only those
-        the queues' ready indexes name, and rebuild the indexes (a repair).
-        """
-        sources = self.sources(queues, fanout)
-        mode = WALK if walk else READ
-        call, parse = self.read_call(sources, consumer, count, max_deliveries, ttls,
-                                     {src: mode for src in sources})
-        script, keys, args = call
-        return parse(script(self.client, keys, args)).deliveries
 
     @staticmethod
     def sources(queues: Sequence[str], fanout: Mapping[str, Iterable[str]] | None = None
@@ -341,24 +422,9 @@ class Broker:
         """The streams whose acks may ride inside a read call of ``sources``."""
         return {key for q, ex in sources if not ex for key in self.streams(q)}
 
-    def ack(self, queue: str, entries: Iterable[tuple[str, Any]],
-            exchange: str | None = None) -> int:
-        """Acknowledge entries, given as (stream key, id): deleted from the queue's streams;
-        on a fanout exchange's stream (``exchange``), trimmed once every group is done."""
-        calls = self.ack_calls(queue, entries, exchange)
-        return sum(run_calls(self.client, calls)) if calls else 0
-
-    def ack_calls(self, queue: str, entries: Iterable[tuple[str, Any]],
-                  exchange: str | None = None) -> list[Call]:
-        """The ack calls, one per CHUNK entries (each call's work stays bounded)."""
-        entries = list(entries)
-        calls = [self.ack_call(queue, entries[j:j + CHUNK], exchange)
-                 for j in range(0, len(entries), CHUNK)]
-        return [call for call in calls if call is not None]
-
     def ack_call(self, queue: str, entries: Iterable[tuple[str, Any]],
-                 exchange: str | None = None) -> tuple[Script, list[str], list[Any]] | None:
-        """The ack call as (script, KEYS, ARGV), or None when there is nothing to ack."""
+                 exchange: str | None = None) -> Call | None:
+        """The ack call, or None when there is nothing to ack."""
         if exchange:
             ids = [entry_id for _, entry_id in entries]
             if not ids:
@@ -369,22 +435,50 @@ class Broker:
             return None
         return SCRIPTS['ack'], streams, [queue, *pairs]
 
+    def ack_calls(self, queue: str, entries: Iterable[tuple[str, Any]],
+                  exchange: str | None = None) -> list[Call]:
+        """The ack calls, one per CHUNK entries (each call's work stays bounded)."""
+        entries = list(entries)
+        calls = [self.ack_call(queue, entries[j:j + CHUNK], exchange)
+                 for j in range(0, len(entries), CHUNK)]
+        return [call for call in calls if call is not None]
+
+    def ack(self, queue: str, entries: Iterable[tuple[str, Any]],
+            exchange: str | None = None) -> int:
+        """Acknowledge entries, given as (stream key, id): deleted from the queue's streams;
+        on a fanout exchange's stream (``exchange``), trimmed once every group is done."""
+        return sum(self.run_all(self.ack_calls(queue, entries, exchange)))
+
+    def requeue_call(self, queue: str, entries: Iterable[tuple[Any, ...]],
+                     exchange: str | None = None) -> Call:
+        """The requeue call for entries given as (stream key, id, delivery count to keep,
+        -1 for as it is)."""
+        streams, args = self._entry_args(entries)
+        keys = streams + [self.wake(queue, exchange)]
+        if not exchange:
+            keys.append(self.keys.ready(queue))
+        return SCRIPTS['requeue'], keys, [queue, HOLDER, *args]
+
+    def requeue_calls(self, queue: str, entries: Iterable[tuple[Any, ...]],
+                      exchange: str | None = None) -> list[Call]:
+        """The requeue calls, one per CHUNK entries; entries as for :meth:`requeue`."""
+        entries = [(stream, entry_id, count[0] if count else -1)
+                   for stream, entry_id, *count in entries]
+        return [self.requeue_call(queue, entries[j:j + CHUNK], exchange)
+                for j in range(0, len(entries), CHUNK)]
+
     def requeue(self, queue: str, entries: Iterable[tuple[Any, ...]],
                 exchange: str | None = None) -> int:
         """Give delivered entries back; they are served first in their level.
 
         Entries are (stream key, id) or (stream key, id, delivery count to keep).
         """
-        entries = [(stream, entry_id, count[0] if count else -1)
-                   for stream, entry_id, *count in entries]
-        calls = []
-        for j in range(0, len(entries), CHUNK):  # a bounded call per CHUNK entries
-            streams, args = self._entry_args(entries[j:j + CHUNK])
-            keys = streams + [self.wake(queue, exchange)]
-            if not exchange:
-                keys.append(self.keys.ready(queue))
-            calls.append((SCRIPTS['requeue'], keys, [queue, HOLDER, *args]))
-        return sum(run_calls(self.client, calls)) if calls else 0
+        return sum(self.run_all(self.requeue_calls(queue, entries, exchange)))
+
+    def renew_call(self, queue: str, consumer: str, stream: str, ids: Sequence[Any]) -> Call:
+        """The renew call for ``ids`` of one stream, in increasing order (renew.lua needs
+        them so)."""
+        return SCRIPTS['renew'], [stream], [queue, consumer, *ids]
 
     def renew_calls(self, queue: str, consumer: str, entries: Iterable[tuple[str, Any]]
                     ) -> list[tuple[Call, str]]:
@@ -398,15 +492,15 @@ class Broker:
         for stream, ids in by_stream.items():
             ids.sort(key=_id_order)
             for j in range(0, len(ids), RENEW_CHUNK):
-                calls.append(((SCRIPTS['renew'], [stream],
-                               [queue, consumer, *ids[j:j + RENEW_CHUNK]]), stream))
+                calls.append((self.renew_call(queue, consumer, stream,
+                                              ids[j:j + RENEW_CHUNK]), stream))
         return calls
 
     def renew(self, queue: str, consumer: str, entries: Iterable[tuple[str, Any]]
               ) -> list[tuple[str, bytes]]:
         """Extend leases this consumer still holds; returns the (stream, id) it lost."""
         calls = self.renew_calls(queue, consumer, entries)
-        replies = run_calls(self.client, [call for call, _ in calls])
+        replies = self.run_all([call for call, _ in calls])
         return [(stream, entry_id) for (_, stream), lost in zip(calls, replies)
                 for entry_id in lost]
 
@@ -434,28 +528,98 @@ class Broker:
                 exchange: str | None = None) -> Reclaimed:
         """Move messages whose lease ran out back to the queue (or to its group on a fanout
         ``exchange``): those of consumers that stopped, then what the sweep finds."""
-        (script, keys, args), parse = self.reclaim_call(
-            queue, lease_ms, budget, cursors, consumer_expiry_ms, exchange)
-        return parse(script(self.client, keys, args))
+        call, parse = self.reclaim_call(queue, lease_ms, budget, cursors, consumer_expiry_ms,
+                                        exchange)
+        return parse(self.run(call))
 
     # -- dead letters ------------------------------------------------------------------------
+
+    def dead_letter_call(self, queue: str, stream: str, entry_id: Any, reason: str,
+                         deliveries: int, exchange: str | None = None) -> Call:
+        dlq = self.keys.fanout_dlq(exchange, queue) if exchange else self.keys.dlq(queue)
+        return SCRIPTS['deadletter'], [stream, dlq], [queue, entry_id, reason, deliveries,
+                                                      '1' if exchange else '0']
 
     def dead_letter(self, queue: str, stream: str, entry_id: Any, reason: str,
                     deliveries: int, exchange: str | None = None) -> int:
         """Set one delivered entry aside; ``exchange``: it sits in that fanout stream."""
-        dlq = self.keys.fanout_dlq(exchange, queue) if exchange else self.keys.dlq(queue)
-        return SCRIPTS['deadletter'](self.client, [stream, dlq],
-                                     [queue, entry_id, reason, deliveries,
-                                      '1' if exchange else '0'])
+        return self.run(self.dead_letter_call(queue, stream, entry_id, reason, deliveries,
+                                              exchange))
+
+    def redrive_call(self, queue: str, count: int, ids: Sequence[Any] = ()) -> Call:
+        keys = [self.keys.dlq(queue), *self.streams(queue), self.keys.wake(queue),
+                self.keys.ready(queue)]
+        return SCRIPTS['redrive'], keys, [count, *ids]
 
     def redrive(self, queue: str, count: int, ids: Sequence[Any] = ()) -> tuple[int, int]:
         """Move up to ``count`` dead letters (or just ``ids``) back; returns (moved, skipped)."""
-        keys = [self.keys.dlq(queue), *self.streams(queue), self.keys.wake(queue),
-                self.keys.ready(queue)]
-        moved, skipped = SCRIPTS['redrive'](self.client, keys, [count, *ids])
+        moved, skipped = self.run(self.redrive_call(queue, count, ids))
         return int(moved), int(skipped)
 
+    def redrive_all(self, queue: str) -> tuple[int, int]:
+        """Move every dead letter filed so far back (one filed meanwhile stays), by id in
+        redrive calls of at most PAGE, so that letters which cannot move (no message, or
+        from another queue) are counted once; returns (moved, skipped)."""
+        newest = self.newest_dead_letter(queue)
+        moved, skipped, start = 0, 0, '-'
+        while newest:
+            ids = [entry_id for entry_id, _ in self.dead_letters(queue, PAGE, start, newest)]
+            if not ids:
+                break
+            m, s = self.redrive(queue, len(ids), ids)
+            moved, skipped, start = moved + m, skipped + s, f'({self._text(ids[-1])}'
+        return moved, skipped
+
+    def dead_letters(self, queue: str, count: int = 100, start: str = '-', end: str = '+'
+                     ) -> list[tuple[Any, dict[Any, Any]]]:
+        """Up to ``count`` dead letters of a queue as (id, fields), oldest first, from
+        ``start`` to ``end`` (stream ids, inclusive; '(' before one: exclusive), read in
+        XRANGE pages of at most PAGE."""
+        dlq = self.keys.dlq(queue)
+        out: list[tuple[Any, dict[Any, Any]]] = []
+        while len(out) < count:
+            want = min(count - len(out), PAGE)
+            page = self.client.xrange(dlq, start, end, count=want)
+            out += page
+            if len(page) < want:
+                break
+            start = f'({self._text(page[-1][0])}'
+        return out
+
+    def newest_dead_letter(self, queue: str) -> str | None:
+        """The id of a queue's newest dead letter, None when it has none."""
+        newest = self.client.xrevrange(self.keys.dlq(queue), '+', '-', count=1)
+        return self._text(newest[0][0]) if newest else None
+
+    def purge_dead_letters(self, queue: str, through: str) -> int:
+        """Delete a queue's dead letters up to id ``through`` (inclusive; letters filed later
+        stay), whole stream nodes at a time in steps of at most PAGE entries (XTRIM MINID ~
+        LIMIT), then what is left of the last node. Returns how many were deleted."""
+        dlq, total = self.keys.dlq(queue), 0
+        ms, _, seq = through.partition('-')
+        minid = f'{ms}-{int(seq or 0) + 1}'
+        while True:
+            trimmed = int(self.client.xtrim(dlq, minid=minid, approximate=True, limit=PAGE))
+            total += trimmed
+            if not trimmed:
+                break
+        return total + int(self.client.xtrim(dlq, minid=minid, approximate=False))
+
     # -- migration from Kombu's Redis transport ---------------------------------------------
+
+    def migrate_list_call(self, source: str, queue: str, list_level: int, count: int,
+                          skip: int = 0
+                          ) -> tuple[Call, Callable[[Any], tuple[int, int, int, list[bytes]]]]:
+        """The migrate call for Kombu's list ``source`` (see :meth:`migrate_list`), and the
+        function that decodes its reply."""
+        keys = [source, *self.streams(queue), self.keys.wake(queue), self.keys.ready(queue)]
+        args = [int(count), int(skip), self.levels.index(list_level) + 1, *self.levels]
+
+        def parse(reply: Any) -> tuple[int, int, int, list[bytes]]:
+            moved, kept, left, *malformed = reply
+            return int(moved), int(kept), int(left), malformed
+
+        return (SCRIPTS['migrate'], keys, args), parse
 
     def migrate_list(self, source: str, queue: str, list_level: int, count: int,
                      skip: int = 0) -> tuple[int, int, int, list[bytes]]:
@@ -463,40 +627,49 @@ class Broker:
         name) into ``queue``, each to its priority's level (``list_level`` when it has none),
         passing over ``skip`` malformed entries at the list's oldest end. Returns (moved,
         kept, list length left, the malformed entries met), see migrate.lua."""
-        keys = [*self.streams(queue), self.keys.wake(queue), self.keys.ready(queue)]
-        args = [int(count), int(skip), self.levels.index(list_level) + 1, *self.levels]
-        moved, kept, left, *malformed = SCRIPTS['migrate'](self.client, [source, *keys], args)
-        return int(moved), int(kept), int(left), malformed
+        call, parse = self.migrate_list_call(source, queue, list_level, count, skip)
+        return parse(self.run(call))
+
+    def migrate_unacked_call(self, unacked: str, unacked_index: str, tag: Any, raw: Any,
+                             payload: str | bytes, targets: Sequence[tuple[str, int]]
+                             ) -> Call:
+        keys = [unacked, unacked_index]
+        for queue, level in targets:
+            keys += [self.keys.stream(queue, level), self.keys.wake(queue),
+                     self.keys.ready(queue)]
+        return SCRIPTS['migrate_unacked'], keys, [tag, raw, payload]
 
     def migrate_unacked(self, unacked: str, unacked_index: str, tag: Any, raw: Any,
                         payload: str | bytes, targets: Sequence[tuple[str, int]]) -> bool:
         """Restore Kombu's unacked message ``tag`` (hash value ``raw`` as read) as
         ``payload`` into each (queue, level) of ``targets``; False when it changed or left
         the hash in the meantime (nothing written)."""
-        keys = [unacked, unacked_index]
-        for queue, level in targets:
-            keys += [self.keys.stream(queue, level), self.keys.wake(queue),
-                     self.keys.ready(queue)]
-        return bool(SCRIPTS['migrate_unacked'](self.client, keys, [tag, raw, payload]))
+        return bool(self.run(self.migrate_unacked_call(unacked, unacked_index, tag, raw,
+                                                       payload, targets)))
 
     # -- introspection (read-only, for operator tools) -------------------------------------
 
-    @staticmethod
-    def _text(value: Any) -> str:
-        return value.decode() if isinstance(value, bytes) else str(value)
+    def same_database(self, client: Any) -> bool:
+        """Whether ``client`` (redis-py, one server) reaches this broker's server (INFO
+        run_id) and database."""
+        def where(c: Any) -> tuple[str, int]:
+            return (self._text(c.info('server')['run_id']),
+                    int(c.connection_pool.connection_kwargs.get('db') or 0))
+        return where(client) == where(self.client)
 
     def discover(self, kind: str, limit: int = 1000, calls: int = 10000
                  ) -> tuple[list[str], bool]:
         """Names of the queues (kind 'q') or fanout exchanges (kind 'x') under the prefix, by
         SCAN (COUNT 1000 per call; every primary in turn on Cluster), sorted; and whether
         the search was complete (it stops after ``limit`` names or ``calls`` SCAN calls)."""
-        match, head, tail = self.keys.kind_pattern(kind)
+        match = self.keys.kind_pattern(kind)[0]
         names: set[str] = set()
 
         def take(keys: Iterable[Any]) -> bool:  # False once the limit is reached
             for key in map(self._text, keys):
-                if key.startswith(head) and key.endswith(tail):
-                    names.add(key[len(head):-len(tail)])
+                name = self.keys.kind_name(kind, key)
+                if name is not None:
+                    names.add(name)
                     if len(names) >= limit:
                         return False
             return True
@@ -515,63 +688,118 @@ class Broker:
             if n >= calls:
                 return sorted(names), False
 
+    def inspect_call(self, queue: str) -> tuple[Call, Callable[[Any], dict[str, Any]]]:
+        """The inspect call (read-only) for a queue, and the function that decodes its reply
+        (see :meth:`inspect`)."""
+        keys = [*self.streams(queue), self.keys.dlq(queue), self.keys.delayed(queue)]
+
+        def parse(reply: Any) -> dict[str, Any]:
+            records, dlq, now, delayed, next_due = reply
+            levels: list[dict[str, Any]] = []
+            consumers: dict[str, dict[str, Any]] = {}
+            for key, rec in zip(keys, records):
+                level, exists, length, ready, held, pending, oldest, flat, last = rec
+                level_consumers = []
+                for j in range(0, len(flat), 3):
+                    name, owns, idle = self._text(flat[j]), int(flat[j + 1]), int(flat[j + 2])
+                    level_consumers.append({'name': name, 'pending': owns, 'idle_ms': idle})
+                    seen = consumers.setdefault(name, {'name': name, 'pending': 0,
+                                                       'idle_ms': idle})
+                    seen['pending'] += owns
+                    seen['idle_ms'] = min(seen['idle_ms'], idle)
+                levels.append({
+                    'level': int(level), 'stream': key, 'exists': bool(exists),
+                    'length': int(length), 'ready': int(ready), 'held': int(held),
+                    'pending': int(pending),
+                    'oldest_ready_ms': None if oldest < 0 else int(oldest),
+                    'last_delivered_id': self._text(last) or None,
+                    'consumers': level_consumers,
+                })
+            ages = [lv['oldest_ready_ms'] for lv in levels if lv['oldest_ready_ms'] is not None]
+            return {
+                'queue': queue,
+                'exists': any(lv['exists'] for lv in levels),
+                'ready': sum(lv['ready'] for lv in levels),
+                'held': sum(lv['held'] for lv in levels),
+                'pending': sum(lv['pending'] for lv in levels),
+                'oldest_ready_ms': max(ages) if ages else None,
+                'consumers': sorted(consumers.values(), key=lambda c: c['name']),
+                'dlq': int(dlq),
+                'delayed': int(delayed),
+                'next_due_ms': None if next_due < 0 else int(next_due),
+                'levels': levels,
+                'time_ms': int(now),
+            }
+
+        return (SCRIPTS['inspect'], keys, [queue, HOLDER, *self.levels]), parse
+
     def inspect(self, queue: str) -> dict[str, Any]:
         """A read-only snapshot of a queue (inspect.lua): per level its ready, held (requeued
         or reclaimed, part of ready), pending (delivered, unacked) messages, consumers and
         the age of the oldest ready message in ms (None when none is ready); the totals; the
         dead-letter stream's length; the delayed messages and ms until the next is due
         (``next_due_ms``, None when none); ``exists`` (any of its streams exists)."""
-        keys = [*self.streams(queue), self.keys.dlq(queue), self.keys.delayed(queue)]
-        records, dlq, now, delayed, next_due = SCRIPTS['inspect'].call_ro(
-            self.client, keys, [queue, HOLDER, *self.levels])
-        levels: list[dict[str, Any]] = []
-        consumers: dict[str, dict[str, Any]] = {}
-        for key, rec in zip(keys, records):
-            level, exists, length, ready, held, pending, oldest, flat, last = rec
-            level_consumers = []
-            for j in range(0, len(flat), 3):
-                name, owns, idle = self._text(flat[j]), int(flat[j + 1]), int(flat[j + 2])
-                level_consumers.append({'name': name, 'pending': owns, 'idle_ms': idle})
-                seen = consumers.setdefault(name, {'name': name, 'pending': 0, 'idle_ms': idle})
-                seen['pending'] += owns
-                seen['idle_ms'] = min(seen['idle_ms'], idle)
-            levels.append({
-                'level': int(level), 'stream': key, 'exists': bool(exists),
-                'length': int(length), 'ready': int(ready), 'held': int(held),
-                'pending': int(pending), 'oldest_ready_ms': None if oldest < 0 else int(oldest),
-                'last_delivered_id': self._text(last) or None, 'consumers': level_consumers,
-            })
-        ages = [lv['oldest_ready_ms'] for lv in levels if lv['oldest_ready_ms'] is not None]
-        return {
-            'queue': queue,
-            'exists': any(lv['exists'] for lv in levels),
-            'ready': sum(lv['ready'] for lv in levels),
-            'held': sum(lv['held'] for lv in levels),
-            'pending': sum(lv['pending'] for lv in levels),
-            'oldest_ready_ms': max(ages) if ages else None,
-            'consumers': sorted(consumers.values(), key=lambda c: c['name']),
-            'dlq': int(dlq),
-            'delayed': int(delayed),
-            'next_due_ms': None if next_due < 0 else int(next_due),
-            'levels': levels,
-            'time_ms': int(now),
-        }
+        call, parse = self.inspect_call(queue)
+        return parse(self.run(call))
+
+    def inspect_fanout_call(self, exchange: str, cap: int = 1000
+                            ) -> tuple[Call, Callable[[Any], dict[str, Any]]]:
+        """The inspect_fanout call (read-only), and the function that decodes its reply (see
+        :meth:`inspect_fanout`)."""
+        stream = self.keys.fanout(exchange)
+
+        def parse(reply: Any) -> dict[str, Any]:
+            exists, length, now, records = reply
+            groups = []
+            for name, consumers, pending, lag, capped, oldest, last in records:
+                groups.append({
+                    'group': self._text(name), 'consumers': int(consumers),
+                    'pending': int(pending), 'lag': int(lag), 'lag_capped': bool(capped),
+                    'oldest_unread_ms': None if oldest < 0 else int(oldest),
+                    'last_delivered_id': self._text(last),
+                })
+            return {'exchange': exchange, 'stream': stream,
+                    'exists': bool(exists), 'length': int(length),
+                    'groups': sorted(groups, key=lambda g: g['group']), 'time_ms': int(now)}
+
+        return (SCRIPTS['inspect_fanout'], [stream], [int(cap)]), parse
 
     def inspect_fanout(self, exchange: str, cap: int = 1000) -> dict[str, Any]:
         """A read-only snapshot of a fanout exchange's stream (inspect_fanout.lua): per bound
         queue's group its lag (entries not read yet, counted up to ``cap``; ``lag_capped``
         when there were more and the server could not tell how many), pending (delivered,
         unacked), consumers and the age of its oldest unread entry in ms."""
-        exists, length, now, records = SCRIPTS['inspect_fanout'].call_ro(
-            self.client, [self.keys.fanout(exchange)], [int(cap)])
-        groups = []
-        for name, consumers, pending, lag, capped, oldest, last in records:
-            groups.append({
-                'group': self._text(name), 'consumers': int(consumers),
-                'pending': int(pending), 'lag': int(lag), 'lag_capped': bool(capped),
-                'oldest_unread_ms': None if oldest < 0 else int(oldest),
-                'last_delivered_id': self._text(last),
-            })
-        return {'exchange': exchange, 'stream': self.keys.fanout(exchange),
-                'exists': bool(exists), 'length': int(length),
-                'groups': sorted(groups, key=lambda g: g['group']), 'time_ms': int(now)}
+        call, parse = self.inspect_fanout_call(exchange, cap)
+        return parse(self.run(call))
+
+    def peek_call(self, queue: str, count: int = 10, cursor: PeekCursor = (1, 'h', '')
+                  ) -> tuple[Call, Callable[[Any], tuple[list[Ready], PeekCursor | None]]]:
+        """The peek call (read-only) for the next ``count`` (at most PEEK_MAX) ready messages
+        of a queue from ``cursor``, and the function that decodes its reply: the messages and
+        where the next page starts (None: there are no more)."""
+        streams = self.streams(queue)
+        count = max(1, min(int(count), PEEK_MAX))
+        index, part, after = cursor
+
+        def parse(reply: Any) -> tuple[list[Ready], PeekCursor | None]:
+            out = []
+            for j in range(3, len(reply), 4):
+                i, entry_id, held, payload = reply[j:j + 4]
+                out.append(Ready(self.levels[int(i) - 1], streams[int(i) - 1],
+                                 self._text(entry_id), bool(int(held)), payload))
+            at = int(reply[0])
+            return out, (at, self._text(reply[1]), self._text(reply[2])) if at else None
+
+        return (SCRIPTS['peek'], streams, [queue, HOLDER, count, index, part, after]), parse
+
+    def peek(self, queue: str, count: int = 10) -> list[Ready]:
+        """The next ``count`` ready messages of a queue, in the order a read would serve them
+        (peek.lua: per level in priority order, requeued ones first), without changing
+        anything; in calls of at most PEEK_MAX."""
+        out: list[Ready] = []
+        cursor: PeekCursor | None = (1, 'h', '')
+        while cursor is not None and len(out) < count:
+            call, parse = self.peek_call(queue, count - len(out), cursor)
+            page, cursor = parse(self.run(call))
+            out += page
+        return out

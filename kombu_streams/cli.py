@@ -15,6 +15,9 @@
     exporter [QUEUE...] [-x EXCHANGE] [--port 9808] [--addr 127.0.0.1]
                                  Prometheus metrics over HTTP (needs prometheus_client)
     scripts [--load]             each Lua script's SHA, KEYS/ARGV and an EVALSHA template
+    scripts --call NAME QUEUE [--lua-dir DIR]
+                                 that script's call for QUEUE as the transport makes it:
+                                 redis-cli --eval and EVALSHA lines, ready to run
     migrate [QUEUE...] [--dry-run] [--batch N] [--limit N] [--no-unacked]
             [--kombu-prefix P] [--from-url URL]
                                  move messages from Kombu's Redis transport (lists and the
@@ -46,20 +49,25 @@ import base64
 import json
 import os
 import re
+import shlex
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from itertools import takewhile
+from pathlib import Path
 from typing import Any
 
 import redis
 from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
-from .broker import HOLDER, Broker
+from .broker import Broker, Delay
+from .channel import Channel
 from .connection import UnsupportedServer, close_pool
 from .keys import Keys
 from .migrate import KombuKeys, Migration, Plan, Progress, Result
-from .scripts import SCRIPTS
+from .scripts import SCRIPTS, Call, Script
 
 DEFAULT_URL = 'redis-streams://127.0.0.1:6379/0'
 #: URL schemes of plain Redis, and the transport schemes they stand for here.
@@ -300,33 +308,11 @@ def cmd_status(args: argparse.Namespace, broker: Broker) -> int:
 # -- peek --------------------------------------------------------------------------------------
 
 
-def ready_entries(broker: Broker, level: dict[str, Any], queue: str, limit: int
-                  ) -> list[tuple[Any, Any, bool]]:
-    """Up to ``limit`` ready entries of one level, in serving order: (id, fields, requeued)."""
-    key, out = level['stream'], []
-    if level['held']:
-        for p in broker.client.xpending_range(key, queue, '-', '+', limit, HOLDER):
-            out += [(i, f, True) for i, f in broker.client.xrange(key, p['message_id'],
-                                                                  p['message_id'])]
-    if len(out) < limit:
-        start = f"({level['last_delivered_id']}" if level['last_delivered_id'] else '-'
-        out += [(i, f, False) for i, f in broker.client.xrange(key, start, '+',
-                                                               count=limit - len(out))]
-    return out
-
-
 def cmd_peek(args: argparse.Namespace, broker: Broker) -> int:
     info = existing_queue(broker, args.queue)
-    found: list[dict[str, Any]] = []
-    for level in info['levels']:
-        if len(found) >= args.n or not level['exists']:
-            continue
-        for entry_id, fields, requeued in ready_entries(broker, level, args.queue,
-                                                        args.n - len(found)):
-            entry_id = text(entry_id)
-            found.append({'level': level['level'], 'id': entry_id, 'requeued': requeued,
-                          'age_ms': entry_age(entry_id, info['time_ms']),
-                          **summarize(fields.get(b'm', b''))})
+    found = [{'level': m.level, 'id': m.entry_id, 'requeued': m.requeued,
+              'age_ms': entry_age(m.entry_id, info['time_ms']), **summarize(m.payload)}
+             for m in broker.peek(args.queue, args.n)]
     lines = []
     for m in found:
         lines.append(f"[{m['level']}] {m['id']}  age {age(m['age_ms'])}"
@@ -339,20 +325,13 @@ def cmd_peek(args: argparse.Namespace, broker: Broker) -> int:
 # -- dead letters ------------------------------------------------------------------------------
 
 
-def level_of(stream: str) -> int | str | None:
-    """The priority level in a queue stream's name (ks:q:{q}:3 -> 3); 'fanout' for an
-    exchange's stream."""
-    tail = stream.rsplit(':', 1)[-1] if stream else None
-    return int(tail) if tail and tail.isdigit() else tail
-
-
 def letter(entry_id: Any, fields: dict[Any, Any], now_ms: int) -> dict[str, Any]:
     """One dead letter: where it came from and why, and its message summarized."""
     f = {text(k): v for k, v in fields.items()}
     stream = text(f.get('stream', ''))
     out = {'id': text(entry_id), 'age_ms': entry_age(text(entry_id), now_ms),
            'reason': text(f.get('reason', '')), 'stream': stream,
-           'level': level_of(stream),
+           'level': Keys.stream_level(stream),
            'origin_id': text(f.get('id', '')), 'deliveries': int(f.get('deliveries', 0)),
            'fields': {k[2:]: text(v) for k, v in f.items() if k.startswith('f:')}}
     out['message'] = summarize(f['f:m']) if 'f:m' in f else None
@@ -361,8 +340,8 @@ def letter(entry_id: Any, fields: dict[Any, Any], now_ms: int) -> dict[str, Any]
 
 def cmd_dlq_list(args: argparse.Namespace, broker: Broker) -> int:
     info = existing_queue(broker, args.queue)
-    entries = broker.client.xrange(broker.keys.dlq(args.queue), '-', '+', count=args.n)
-    letters = [letter(i, f, info['time_ms']) for i, f in entries]
+    letters = [letter(i, f, info['time_ms']) for i, f in broker.dead_letters(args.queue,
+                                                                             args.n)]
     rows = [[d['id'], age(d['age_ms']), '-' if d['level'] is None else d['level'],
              d['deliveries'], d['reason'], (d['message'] or {}).get('task') or '-']
             for d in letters]
@@ -375,7 +354,7 @@ def cmd_dlq_list(args: argparse.Namespace, broker: Broker) -> int:
 
 def cmd_dlq_show(args: argparse.Namespace, broker: Broker) -> int:
     info = existing_queue(broker, args.queue)
-    found = broker.client.xrange(broker.keys.dlq(args.queue), args.id, args.id)
+    found = broker.dead_letters(args.queue, 1, args.id, args.id)
     if not found:
         raise Failure(f'no dead letter {args.id} in queue {args.queue!r}', NOT_FOUND)
     entry_id, fields = found[0]
@@ -408,16 +387,8 @@ def cmd_dlq_redrive(args: argparse.Namespace, broker: Broker) -> int:
         moved, skipped = broker.redrive(args.queue, len(args.id), args.id)
     elif args.count is not None:
         moved, skipped = broker.redrive(args.queue, args.count)
-    else:  # all there are now, by id in pages, so unmovable letters are counted once
-        dlq, moved, skipped = broker.keys.dlq(args.queue), 0, 0
-        newest = broker.client.xrevrange(dlq, '+', '-', count=1)
-        start = '-'
-        while newest:
-            page = [i for i, _ in broker.client.xrange(dlq, start, newest[0][0], count=500)]
-            if not page:
-                break
-            m, s = broker.redrive(args.queue, len(page), page)
-            moved, skipped, start = moved + m, skipped + s, f'({text(page[-1])}'
+    else:  # all there are now
+        moved, skipped = broker.redrive_all(args.queue)
     emit(args, {'queue': args.queue, 'moved': moved, 'skipped': skipped},
          f'moved {moved} dead letter(s) back to {args.queue}'
          + (f'; {skipped} skipped (no message, or from another queue)' if skipped else ''))
@@ -426,9 +397,8 @@ def cmd_dlq_redrive(args: argparse.Namespace, broker: Broker) -> int:
 
 def cmd_dlq_purge(args: argparse.Namespace, broker: Broker) -> int:
     info = existing_queue(broker, args.queue)
-    dlq = broker.keys.dlq(args.queue)
-    newest = broker.client.xrevrange(dlq, '+', '-', count=1)
-    if not newest:
+    newest = broker.newest_dead_letter(args.queue)
+    if newest is None:
         emit(args, {'queue': args.queue, 'purged': 0}, f'no dead letters in {args.queue}')
         return OK
     if not args.yes:
@@ -438,8 +408,7 @@ def cmd_dlq_purge(args: argparse.Namespace, broker: Broker) -> int:
         if answer.strip().lower() not in ('y', 'yes'):
             raise Failure('aborted, nothing deleted', ERROR)
     # Only what was counted above: a letter filed since then has a higher id and stays.
-    ms, seq = text(newest[0][0]).split('-')
-    purged = broker.client.xtrim(dlq, minid=f'{ms}-{int(seq) + 1}', approximate=False)
+    purged = broker.purge_dead_letters(args.queue, newest)
     emit(args, {'queue': args.queue, 'purged': purged},
          f'purged {purged} dead letter(s) of {args.queue}')
     return OK
@@ -521,16 +490,122 @@ def script_doc(name: str) -> dict[str, Any]:
     return doc
 
 
+#: Placeholders of ``scripts --call`` lines, for what a queue alone does not determine.
+ENTRY_ID = '<ENTRY-ID>'
+PAYLOAD = '<PAYLOAD: a Kombu message envelope (JSON)>'
+TASK_ID = '<TASK-ID>'
+REASON = '<REASON>'
+#: The consumer a ``scripts --call read`` line reads as.
+CALL_CONSUMER = 'kombu-streams-cli'
+#: Why ``scripts --call`` cannot lay out these scripts for a queue.
+NOT_QUEUE_CALLS = dict.fromkeys(
+    ('bind', 'route', 'fanout_publish', 'fanout_ack', 'inspect_fanout'),
+    'its keys are an exchange\'s') | dict.fromkeys(
+    ('migrate', 'migrate_unacked'), "its keys include Kombu's (kombu-streams migrate runs it)")
+
+
+def queue_call(broker: Broker, name: str, queue: str) -> tuple[Call, str]:
+    """Script ``name``'s call for ``queue`` as the transport makes it (the Broker's builder,
+    the transport's defaults), and what was filled in; Failure(2) for a script whose call a
+    queue does not determine."""
+    stream, lowest = broker.keys.stream(queue, broker.levels[0]), broker.levels[0]
+    lease_ms = int(Channel.visibility_timeout * 1000)
+    builders: dict[str, Callable[[], tuple[Call, str]]] = {
+        'read': lambda: (broker.read_call(broker.sources([queue]), CALL_CONSUMER, 1,
+                                          Channel.max_deliveries)[0],
+                         f'consumer {CALL_CONSUMER}, COUNT 1, delivery limit '
+                         f'{Channel.max_deliveries}: what it delivers stays pending with that '
+                         f'consumer until acked (or reclaimed after a lease)'),
+        'publish': lambda: (broker.publish_call(queue, lowest, PAYLOAD, delay=Delay()),
+                            f'level {lowest}, due now (delayed delivery on); replace {PAYLOAD}'),
+        'ack': lambda: (broker.ack_calls(queue, [(stream, ENTRY_ID)])[0],
+                        f'an entry of level {lowest}: replace {ENTRY_ID}'),
+        'requeue': lambda: (broker.requeue_calls(queue, [(stream, ENTRY_ID)])[0],
+                            f'an entry of level {lowest}, delivery count kept: replace '
+                            f'{ENTRY_ID}'),
+        'renew': lambda: (broker.renew_call(queue, CALL_CONSUMER, stream, [ENTRY_ID]),
+                          f'an entry of level {lowest} held by {CALL_CONSUMER}: replace '
+                          f'{ENTRY_ID}'),
+        'deadletter': lambda: (broker.dead_letter_call(queue, stream, ENTRY_ID, REASON, 1),
+                               f'an entry of level {lowest} delivered once: replace '
+                               f'{ENTRY_ID} and {REASON}'),
+        'reclaim': lambda: (broker.reclaim_call(queue, lease_ms, Channel.reclaim_batch)[0],
+                            f'lease {lease_ms} ms, budget {Channel.reclaim_batch}, consumer '
+                            f'expiry 0 (never), sweeps from the start'),
+        'redrive': lambda: (broker.redrive_call(queue, 1), 'the oldest dead letter'),
+        'purge': lambda: (broker.purge_call(queue, Channel.purge_batch),
+                          f'one step of at most {Channel.purge_batch} entries per stream: '
+                          f'repeat while the second value of its reply is 1'),
+        'cancel': lambda: (broker.cancel_call(queue, [TASK_ID]),
+                           f'one scan step from cursor 0: replace {TASK_ID}, repeat with the '
+                           f'cursor it returns until it is 0'),
+        'scheduled': lambda: (broker.scheduled_call(queue)[0], 'the 10 earliest, no bodies'),
+        'peek': lambda: (broker.peek_call(queue)[0], 'the next 10, from the start'),
+        'inspect': lambda: (broker.inspect_call(queue)[0], 'read-only'),
+        'touch': lambda: (broker.touch_call(queue, 3_600_000),
+                          'ttl 3600000 ms (the queue\'s x-expires)'),
+        'size': lambda: (broker.size_call(queue), 'read-only'),
+        'declare': lambda: (broker.declare_call(queue), ''),
+        'delete': lambda: (broker.delete_call(queue), 'deletes the queue and its dead letters'),
+    }
+    if name in SCRIPTS and name not in builders:
+        why = NOT_QUEUE_CALLS.get(name, "its keys are not a queue's")
+        raise Failure(f'scripts --call: {name} is not a call of a queue ({why}); see its KEYS '
+                      f'and ARGV in kombu-streams scripts', USAGE)
+    if name not in builders:
+        raise Failure(f'scripts --call: no script {name!r}; one of '
+                      f"{', '.join(sorted(builders))}", USAGE)
+    return builders[name]()
+
+
+def flat_file(script: Script, directory: str | None) -> str:
+    """The path of the script's flat text, written to ``directory`` (default: a new private
+    temporary directory) for ``redis-cli --eval``."""
+    where = Path(directory) if directory else Path(tempfile.mkdtemp(prefix='kombu-streams-'))
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / f'{script.name}.lua'
+    path.write_text(script.source)
+    return str(path)
+
+
+def cmd_call(args: argparse.Namespace, broker: Broker | None) -> int:
+    """``scripts --call NAME QUEUE``: that call as redis-cli lines (--eval and EVALSHA)."""
+    name, queue = args.call
+    if broker is None:  # no server needed: the keys are named as on the server
+        cluster = 'cluster' in args.url.partition('://')[0]
+        broker = Broker(None, Keys(args.prefix, cluster=cluster), args.priority_steps)
+    try:
+        (script, keys, argv), note = queue_call(broker, name, queue)
+    except ValueError as exc:  # a name the keys cannot hold (Keys._tag)
+        raise Failure(str(exc).replace('kombu-streams: ', '', 1), USAGE) from None
+    words = [shlex.quote(text(x)) for x in keys]
+    values = [shlex.quote(text(x)) for x in argv]
+    path = flat_file(script, args.lua_dir)
+    evaluate = ' '.join(['redis-cli', '--eval', shlex.quote(path), *words,
+                         *([',', *values] if values else [])])
+    evalsha = ' '.join(['redis-cli', 'EVALSHA', script.sha, str(len(keys)), *words, *values])
+    data: dict[str, Any] = {'name': name, 'queue': queue, 'levels': broker.levels,
+                            'note': note, 'sha': script.sha, 'keys': [text(x) for x in keys],
+                            'argv': [text(x) for x in argv], 'lua_file': path,
+                            'eval': evaluate, 'evalsha': evalsha}
+    lines = [f"# {name} for queue {queue!r}, levels {','.join(map(str, broker.levels))}"
+             + (f': {note}' if note else ''), evaluate, evalsha]
+    if script.flags:
+        data['evalsha_ro'] = evalsha.replace(f'EVALSHA {script.sha}',
+                                             f'EVALSHA_RO {script.flagged.sha}')
+        lines += [f'# Redis 7.0+ (#!lua flags={script.flags}):', data['evalsha_ro']]
+    lines.append('# (EVALSHA needs the script loaded: kombu-streams scripts --load; --eval '
+                 'sends the text itself; add -h/-p/-n/-a for your server)')
+    emit(args, data, '\n'.join(lines))
+    return OK
+
+
 def cmd_scripts(args: argparse.Namespace, broker: Broker | None) -> int:
-    docs = [script_doc(name) for name in sorted(SCRIPTS)]
     if broker is not None:  # --load
-        for name in sorted(SCRIPTS):
-            broker.client.script_load(SCRIPTS[name].source)
-            if SCRIPTS[name].flags:
-                try:
-                    broker.client.script_load(SCRIPTS[name].flagged.source)
-                except redis.ResponseError:  # Redis 6.2 cannot compile the flags line
-                    pass
+        broker.load_scripts()
+    if args.call:
+        return cmd_call(args, broker)
+    docs = [script_doc(name) for name in sorted(SCRIPTS)]
     blocks = []
     for d in docs:
         blocks.append('\n'.join([f"{d['name']}  {d['sha']}", f"  {d['summary']}",
@@ -561,11 +636,7 @@ def source_client(args: argparse.Namespace, broker: Broker) -> Any:
     source = redis.Redis.from_url(f'{plain}://{rest}', socket_connect_timeout=5,
                                   socket_timeout=30)
 
-    def where(client: Any) -> tuple[str, int]:
-        return (text(client.info('server')['run_id']),
-                int(client.connection_pool.connection_kwargs.get('db') or 0))
-
-    if where(source) != where(broker.client):
+    if not broker.same_database(source):
         source.close()
         raise Failure('--from-url must name the same Redis server and database as --url: '
                       'each batch is moved by one script inside Redis', USAGE)
@@ -816,6 +887,13 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser('scripts', help='Lua scripts: SHA, KEYS/ARGV, EVALSHA template')
     s.add_argument('--load', action='store_true', help='SCRIPT LOAD them on the server')
+    s.add_argument('--call', nargs=2, metavar=('NAME', 'QUEUE'),
+                   help="script NAME's call for QUEUE, as the transport makes it: redis-cli "
+                        '--eval and EVALSHA lines (placeholders <...> where a queue does not '
+                        'tell)')
+    s.add_argument('--lua-dir', metavar='DIR',
+                   help='with --call: write the flat script here (default: a new temporary '
+                        'directory)')
     s.set_defaults(run=cmd_scripts, offline=True)  # no server needed unless --load
     return p
 

@@ -65,6 +65,21 @@ class Keys:
         tail = '}:0' if kind == 'q' else '}:fanout'
         return f'{prefix}ks:{kind}:{{*{tail}', f'{self.prefix}ks:{kind}:{{', tail
 
+    def kind_name(self, kind: str, key: str) -> str | None:
+        """The queue (kind 'q') or fanout exchange (kind 'x') name in a key that
+        :meth:`kind_pattern` matched, or None when the key is not one of those."""
+        _, head, tail = self.kind_pattern(kind)
+        if key.startswith(head) and key.endswith(tail):
+            return key[len(head):-len(tail)]
+        return None
+
+    @staticmethod
+    def stream_level(key: str) -> int | str | None:
+        """What follows a stream key's tag: the priority level of a queue's stream
+        (ks:q:{q}:3 -> 3), 'fanout' for an exchange's stream; None for no key."""
+        tail = key.rsplit(':', 1)[-1] if key else None
+        return int(tail) if tail and tail.isdigit() else tail
+
     def queue_base(self, queue: str) -> str:
         return f'{self.prefix}ks:q:{self._tag(queue, "queue")}'
 

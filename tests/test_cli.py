@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+import redis
+from helpers import read_messages
 from kombu import Connection, Exchange, Queue
 
 import kombu_streams  # noqa: F401  (registers redis-streams://)
@@ -66,19 +71,25 @@ def test_inspect_missing_queue(script_client):
     assert script_client.keys('*') == []
 
 
-def test_inspect_counts_ready_held_pending_and_consumers(script_client):
-    c = script_client
+def filled(c):
+    """A Broker on ``c`` with queue q declared: a0..a4 at level 0, b0..b2 at level 6."""
     b = broker(c)
     b.declare('q')
     for i in range(5):
         b.publish('q', 0, f'a{i}')
     for i in range(3):
         b.publish('q', 6, f'b{i}')
-    got = b.read(['q'], 'c1', 3)                       # a0 a1 a2
+    return b
+
+
+def test_inspect_counts_ready_held_pending_and_consumers(script_client):
+    c = script_client
+    b = filled(c)
+    got = read_messages(b, ['q'], 'c1', 3)              # a0 a1 a2
     b.requeue('q', [(got[0].stream, got[0].entry_id)])  # a0 back, held
     b.ack('q', [(got[1].stream, got[1].entry_id)])      # a1 done
-    b.read(['q'], 'c2', 1)                               # a0 again (held ones first)
-    b.read(['q'], 'c3', 3)                               # a3 a4 b0
+    read_messages(b, ['q'], 'c2', 1)                    # a0 again (held ones first)
+    read_messages(b, ['q'], 'c3', 3)                    # a3 a4 b0
     b.requeue('q', [(K.stream('q', 0), got[2].entry_id)])  # c1's a2 back
     info = b.inspect('q')
     assert counts(info) == {0: (1, 1, 3), 6: (2, 0, 1)}
@@ -105,7 +116,7 @@ def test_inspect_oldest_ready_age_counts_held_and_new_entries(script_client):
     c.xgroup_create(key, 'q', '0')
     info = b.inspect('q')
     assert level(info, 3)['oldest_ready_ms'] == info['time_ms'] - 1000
-    got = b.read(['q'], 'c1', 2)            # 1000 and 2000 are delivered: 3000 is ready
+    got = read_messages(b, ['q'], 'c1', 2)  # 1000 and 2000 are delivered: 3000 is ready
     info = b.inspect('q')
     assert level(info, 3)['oldest_ready_ms'] == info['time_ms'] - 3000
     b.requeue('q', [(key, got[1].entry_id)])  # 2000 is held: older than 3000
@@ -131,7 +142,7 @@ def test_inspect_counts_dead_letters_and_writes_nothing(script_client):
     b.declare('q')
     b.publish('q', 0, 'x')
     c.xadd(K.stream('q', 0), {'junk': '1'})  # not a message: read sets it aside
-    d = b.read(['q'], 'c1', 5)
+    d = read_messages(b, ['q'], 'c1', 5)
     b.dead_letter('q', d[0].stream, d[0].entry_id, 'testing', d[0].deliveries)
     b.bind('ex', 'm', 0, fanout_group='q')
     before = snapshot(c)
@@ -187,7 +198,7 @@ def test_inspect_fanout_lag_pending_and_cap(script_client):
         script, keys, args = b.fanout_publish_call('x', f'm{i}', [('a', 'member-a'),
                                                                    ('b', 'member-b')])
         script(c, keys, args)
-    got = b.read(['a'], 'c1', 1, fanout={'a': ['x']})
+    got = read_messages(b, ['a'], 'c1', 1, fanout={'a': ['x']})
     assert got[0].exchange == 'x'
     info = b.inspect_fanout('x')
     assert info['exists'] and info['length'] == 3
@@ -202,10 +213,64 @@ def test_inspect_fanout_lag_pending_and_cap(script_client):
     else:  # 7.0+ knows the lag beyond the cap
         assert (capped['lag'], capped['lag_capped']) in {(3, False), (2, True)}
     b.ack('a', [(got[0].stream, got[0].entry_id)], exchange='x')
-    b.read(['a'], 'c1', 5, fanout={'a': ['x']})
+    read_messages(b, ['a'], 'c1', 5, fanout={'a': ['x']})
     groups = {g['group']: g for g in b.inspect_fanout('x')['groups']}
     assert (groups['a']['lag'], groups['a']['pending']) == (0, 2)
     assert groups['a']['oldest_unread_ms'] is None
+
+
+# -- peek.lua -------------------------------------------------------------------------------
+
+
+def test_peek_shows_what_reads_deliver_in_their_order_and_changes_nothing(script_client,
+                                                                          monkeypatch):
+    c = script_client
+    b = filled(c)
+    got = read_messages(b, ['q'], 'c1', 4)                   # a0 a1 a2 a3
+    b.requeue('q', [(got[2].stream, got[2].entry_id), (got[0].stream, got[0].entry_id),
+                    (got[3].stream, got[3].entry_id)])       # a0 a2 a3 held
+    c.xdel(K.stream('q', 0), got[3].entry_id)                # deleted while parked: not served
+    b.publish('q', 9, 'z')
+    before = snapshot(c)
+    peeked = b.peek('q', 100)
+    assert snapshot(c) == before
+    assert [(m.level, m.payload, m.requeued) for m in peeked] == [
+        (0, b'a0', True), (0, b'a2', True), (0, b'a4', False), (6, b'b0', False),
+        (6, b'b1', False), (6, b'b2', False), (9, b'z', False)]
+    assert [m.stream for m in peeked][:3] == [K.stream('q', 0)] * 3
+    assert b.peek('q', 2) == peeked[:2]
+    monkeypatch.setattr('kombu_streams.broker.PEEK_MAX', 1)  # a call per message: each cursor
+    assert b.peek('q', 100) == peeked
+    served = []
+    while True:
+        one = read_messages(b, ['q'], 'c2', 1)
+        if not one:
+            break
+        served += one
+    assert [(d.level, d.entry_id.decode()) for d in served] == [
+        (m.level, m.entry_id) for m in peeked]
+    assert b.peek('q', 10) == []
+
+
+def test_peek_before_declare_and_of_a_missing_queue(script_client):
+    c = script_client
+    c.xadd(K.stream('q', 9), {'m': 'x'}, id='5000-0')
+    c.xadd(K.stream('q', 9), {'junk': 'y'}, id='6000-0')  # no m field: shown with b''
+    b = broker(c)
+    assert [(m.level, m.entry_id, m.payload, m.requeued) for m in b.peek('q')] == [
+        (9, '5000-0', b'x', False), (9, '6000-0', b'', False)]
+    assert b.peek('nope') == []
+    assert sorted(c.keys('*')) == [K.stream('q', 9).encode()]
+
+
+def test_peek_checks_its_arguments(script_client):
+    keys = K.streams('q', LEVELS)
+    for keys_, args in ((keys, ['q', HOLDER, 0, 1, 'h', '']), (keys, ['q', HOLDER, 1001, 1,
+                        'h', '']), (keys, ['q', HOLDER, 10, 5, 'h', '']),
+                        (keys, ['q', HOLDER, 10, 1, 'x', '']), (keys, ['q', HOLDER, 10]),
+                        ([], ['q', HOLDER, 10, 1, 'h', ''])):
+        with pytest.raises(redis.ResponseError, match='peek: expected'):
+            SCRIPTS['peek'](script_client, keys_, args)
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -397,7 +462,6 @@ def test_peek_shortens_and_decodes_bodies(redis_url):
 def dead_letters(redis_url):
     """Queue 'dq' with a ready message (level 0), and two dead letters: a malformed entry
     set aside by the read script, then a message (task t1, level 3) dead-lettered by hand."""
-    import redis
     c = redis.Redis.from_url(redis_url)
     b = broker(c)
     b.declare('dq')
@@ -409,7 +473,7 @@ def dead_letters(redis_url):
                                     declare=[q], priority=3 * i,
                                     headers={'task': f'tasks.t{i}', 'id': f'id-{i}'})
     # reads level 0 (one entry: the junk, set aside), then level 3: delivers n=1
-    got = b.read(['dq'], 'tool', 1)
+    got = read_messages(b, ['dq'], 'tool', 1)
     assert got[0].level == 3
     b.dead_letter('dq', got[0].stream, got[0].entry_id, 'poison', got[0].deliveries)
     return c, b
@@ -481,7 +545,6 @@ def test_scripts_lists_every_script_with_a_ready_evalsha_line(redis_url):
     assert docs['inspect']['summary'].startswith('a read-only snapshot of ONE queue')
     # --load puts them on the server, so the template works as printed
     assert cli(redis_url, 'scripts', '--load').returncode == 0
-    import redis
     c = redis.Redis.from_url(redis_url)
     c.xadd(K.stream('q', 0), {'m': 'x'})
     keys = K.streams('q', LEVELS)
@@ -491,6 +554,70 @@ def test_scripts_lists_every_script_with_a_ready_evalsha_line(redis_url):
     assert docs['inspect']['flagged_sha'] == flagged.sha
     assert docs['inspect']['template_ro'].startswith(f'redis-cli EVALSHA_RO {flagged.sha} ')
     assert c.script_exists(flagged.sha) == [True]
+
+
+def call_words(lua_dir, *args):
+    """The JSON of ``scripts --call`` (offline, its flat script written to ``lua_dir``) and
+    its EVALSHA line as command words."""
+    data = cli_json(None, *args, '--lua-dir', str(lua_dir))
+    words = shlex.split(data['evalsha'])
+    assert words[:2] == ['redis-cli', 'EVALSHA'], data['evalsha']
+    return data, words[1:]
+
+
+def test_scripts_call_lines_run_as_the_transport_calls(redis_url, tmp_path):
+    """Each printed EVALSHA line, run as printed (placeholders filled in), does what the
+    script does; the keys and arguments are the Broker's builder's."""
+    c = redis.Redis.from_url(redis_url)
+    b = broker(c)
+    b.declare('cq')
+    assert cli(redis_url, 'scripts', '--load').returncode == 0
+    data, words = call_words(tmp_path, 'scripts', '--call', 'publish', 'cq')
+    assert data['keys'][:4] == [K.stream('cq', 0), K.wake('cq'), K.stream('cq', 0),
+                                K.ready('cq')] and len(data['keys']) == 6
+    assert data['argv'][0].startswith('<PAYLOAD')
+    entry = c.execute_command(*[w if not w.startswith('<PAYLOAD') else '{"n": 1}'
+                                for w in words])
+    assert [i for i, _ in c.xrange(K.stream('cq', 0))] == [entry]
+    _, words = call_words(tmp_path, 'scripts', '--call', 'size', 'cq')
+    assert c.execute_command(*words) == 1 == b.size('cq')
+    _, words = call_words(tmp_path, 'scripts', '--call', 'peek', 'cq')
+    assert c.execute_command(*words) == [0, b'', b'', 1, entry, 0, b'{"n": 1}']
+    data, words = call_words(tmp_path, 'scripts', '--call', 'read', 'cq')
+    assert data['argv'][:4] == ['kombu-streams-cli', '1', HOLDER, '20']
+    reply = c.execute_command(*words)
+    assert reply[4:] == [1, entry, 1, b'{"n": 1}']
+    assert [(x['name'], x['pending']) for x in b.inspect('cq')['consumers']] == [
+        ('kombu-streams-cli', 1)]
+    _, words = call_words(tmp_path, 'scripts', '--call', 'ack', 'cq')
+    assert '<ENTRY-ID>' in words
+    assert c.execute_command(*[entry if w == '<ENTRY-ID>' else w for w in words]) == 1
+    assert c.xlen(K.stream('cq', 0)) == 0
+    # the --eval line runs the flat text it wrote (redis-cli, when installed)
+    data = cli_json(None, 'scripts', '--call', 'size', 'cq', '--lua-dir', str(tmp_path))
+    assert data['lua_file'] == str(tmp_path / 'size.lua')
+    assert (tmp_path / 'size.lua').read_text() == SCRIPTS['size'].source
+    words = shlex.split(data['eval'])
+    assert words[:3] == ['redis-cli', '--eval', str(tmp_path / 'size.lua')]
+    assert words[3:] == [*K.streams('cq', LEVELS), ',', 'cq', HOLDER]
+    if shutil.which('redis-cli'):
+        port = str(urlsplit(redis_url).port)
+        r = subprocess.run(['redis-cli', '-p', port, *words[1:]], capture_output=True,
+                           text=True, timeout=30)
+        assert r.stdout.strip() == '0', r
+    # the app's prefix and priority steps name the keys
+    data, words = call_words(tmp_path, '--prefix', 'app1:', '--priority-steps', '0,5', 'scripts',
+                             '--call', 'read', 'cq')
+    assert data['keys'][:2] == Keys('app1:').streams('cq', [0, 5]) and words[2] == '7'
+    r = cli(None, 'scripts', '--call', 'read', 'cq', '--lua-dir', str(tmp_path))
+    assert r.returncode == 0 and 'redis-cli --eval ' in r.stdout
+    assert f"redis-cli EVALSHA {SCRIPTS['read'].sha} 9 'ks:q:{{cq}}:0' " in r.stdout
+
+
+@pytest.mark.parametrize('name', ['bind', 'migrate', 'nope'])
+def test_scripts_call_refuses_what_a_queue_does_not_determine(name):
+    r = cli(None, 'scripts', '--call', name, 'q')
+    assert r.returncode == 2 and 'scripts --call' in r.stderr, r.stderr
 
 
 # -- read-only snapshots: replicas and OOM -------------------------------------------------

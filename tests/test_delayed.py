@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
+from helpers import read_messages
 from hypothesis import given
 from hypothesis import strategies as st
 from kombu import Connection, Consumer, Producer, Queue
@@ -63,7 +64,7 @@ def pub(c, body, level=0, due_spec='', threshold=0, label='', queue='q', delayed
 
 
 def read(c, count=100, queue='q'):
-    return [json.loads(d.payload)['b'] for d in broker(c).read([queue], 'c1', count)]
+    return [json.loads(d.payload)['b'] for d in read_messages(broker(c), [queue], 'c1', count)]
 
 
 def read_result(c, count=100, queues=('q',)):
@@ -304,7 +305,7 @@ def test_promoted_entry_that_is_no_message_goes_to_the_envelope_check(fake, cloc
     fake.zadd(K.delayed('q'), {'1800000000000001:0:': clock.ms + 1000})
     fake.hset(K.delayed_messages('q'), '1800000000000001:0:', 'not json')
     clock.ms += 1000
-    got = broker(fake).read(['q'], 'c1', 10)
+    got = read_messages(broker(fake), ['q'], 'c1', 10)
     # read.lua hands both out; the channel's envelope check dead-letters the bad one
     assert sorted(d.payload for d in got) == [b'not json', b'{"b": "good"}']
 
@@ -315,7 +316,7 @@ def test_prefixed_keys(fake_client, clock):
     b.publish('q', 0, '{"b": 1}', delay=Delay('+1000', 0, ''))
     assert fake_client.zcard('app1:ks:q:{q}:delayed') == 1
     clock.ms += 1000
-    assert [d.payload for d in b.read(['q'], 'c1', 10)] == [b'{"b": 1}']
+    assert [d.payload for d in read_messages(b, ['q'], 'c1', 10)] == [b'{"b": 1}']
 
 
 def test_scheduled_lists_earliest_first(fake, clock):
@@ -364,7 +365,7 @@ def test_model_time_advances(fake_client, clock, ops):
     n = 0
 
     def take(count):
-        for d in broker(fake_client).read(['q'], 'c1', count):
+        for d in read_messages(broker(fake_client), ['q'], 'c1', count):
             body = json.loads(d.payload)['b']
             assert published[body][0] <= clock.ms, 'delivered before it was due'
             delivered.append(body)

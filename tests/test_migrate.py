@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_until
+from helpers import read_messages
 from kombu import Connection, Exchange, Queue
 
 import kombu_streams  # noqa: F401  (registers redis-streams://)
@@ -68,7 +69,8 @@ def test_migrate_list_moves_oldest_first_in_batches_and_wakes(script_client):
     assert b.migrate_list('q\x06\x163', 'q', 3, 10) == (0, 0, 0, [])
     # the envelope is stored unchanged
     assert c.xrange(K.stream('q', 3))[0][1] == {b'm': envelope(0, priority=4).encode()}
-    assert [b.read(['q'], 'c1', 1)[0].payload for _ in range(5)][2] == envelope(2, 4).encode()
+    got = [read_messages(b, ['q'], 'c1', 1)[0].payload for _ in range(5)]
+    assert got[2] == envelope(2, 4).encode()
 
 
 def test_migrate_list_levels_follow_each_message_priority(script_client):
@@ -172,14 +174,15 @@ def test_migrated_messages_are_in_the_ready_index(script_client):
     c = script_client
     b = Broker(c, K, LEVELS)
     b.declare('q')
-    assert b.read(['q'], 'c1', 5, walk=True) == []  # the index is complete and names nothing
+    # the index is complete and names nothing
+    assert read_messages(b, ['q'], 'c1', 5, walk=True) == []
     c.lpush('q\x06\x163', envelope(1, priority=4))
     raw = json.dumps([json.loads(envelope(2, priority=9)), 'ex', 'rk'])
     c.hset('unacked', 'tag', raw)
     assert b.migrate_list('q\x06\x163', 'q', 3, 10)[0] == 1
     assert b.migrate_unacked('unacked', 'unacked_index', 'tag', raw, envelope(2, 9),
                              [('q', 9)])
-    got = b.read(['q'], 'c1', 5)  # not a walk
+    got = read_messages(b, ['q'], 'c1', 5)  # not a walk
     assert sorted(body(d.payload) for d in got) == [1, 2]
 
 

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from fakeredis import FakeRedis
+from helpers import read_messages
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.exceptions import NoScriptError
@@ -52,7 +53,7 @@ def declare(c, queue, levels=LEVELS):
 def read(c, queues, count, consumer='c1', levels=LEVELS, limit=0):
     """Run read.lua; return [(queue, level, id, deliveries, payload), ...] in delivery order."""
     return [(d.queue, d.level, d.entry_id, d.deliveries, d.payload)
-            for d in broker(c, levels).read(queues, consumer, count, limit)]
+            for d in read_messages(broker(c, levels), queues, consumer, count, limit)]
 
 
 def read_popped(c, queues, count):
@@ -223,7 +224,7 @@ def fpublish(c, payload, queues, ex='ex'):
 def fread(c, queue, count, consumer='c1', ex='ex', limit=0):
     """read.lua for ``queue`` bound to ``ex`` (its group first, then its own streams);
     [(id, deliveries, payload)] of what came through the fanout stream."""
-    got = broker(c).read([queue], consumer, count, limit, fanout={queue: [ex]})
+    got = read_messages(broker(c), [queue], consumer, count, limit, fanout={queue: [ex]})
     assert all(d.exchange == ex and d.stream == K.fanout(ex) for d in got)
     return [(d.entry_id, d.deliveries, d.payload) for d in got]
 
@@ -1284,7 +1285,7 @@ def test_read_walks_again_when_the_index_is_lost_or_asked_to(script_client):
     assert [d[4] for d in read(c, ['q'], 5)] == [b'b']
     c.xadd(K.stream('q', 9), {'m': b'c'})  # not indexed, index complete: not seen...
     assert read(c, ['q'], 5) == []
-    got = broker(c).read(['q'], 'c1', 5, walk=True)  # ...until a walk
+    got = read_messages(broker(c), ['q'], 'c1', 5, walk=True)  # ...until a walk
     assert [d.payload for d in got] == [b'c']
     check_ready_index(c, 'q')
 
@@ -1624,6 +1625,7 @@ _WRONGTYPE = {
     'purge-delayed': (K.delayed_messages('q'), lambda c: purge(c, 'q')),
     'inspect': (K.stream('q', 3), lambda c: broker(c).inspect('q')),
     'inspect-dlq': (K.dlq('q'), lambda c: broker(c).inspect('q')),
+    'peek': (K.stream('q', 3), lambda c: broker(c).peek('q')),
     'inspect_fanout': (K.fanout('x'), lambda c: broker(c).inspect_fanout('x')),
     'bind': (K.bindings('x'), lambda c: broker(c).bind('x', 'rk', 0)),
     'bind-deadlines': (K.deadlines('x'), lambda c: broker(c).bind('x', 'rk', 1000)),
@@ -1809,7 +1811,7 @@ def test_registry_covers_every_lua_file():
         'ack', 'bind', 'deadletter', 'declare', 'delete', 'fanout_ack', 'fanout_publish',
         'inspect', 'inspect_fanout', 'publish', 'purge', 'read', 'reclaim', 'redrive', 'renew',
         'requeue', 'route', 'size', 'touch', 'migrate', 'migrate_unacked', 'cancel',
-        'scheduled'}
+        'scheduled', 'peek'}
     assert load_all() == SCRIPTS
 
 

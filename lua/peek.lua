@@ -1,0 +1,77 @@
+--[[ peek: the next COUNT ready messages of ONE queue, in serving order, changing nothing.
+
+KEYS[1..n]  all streams of ONE queue (one per priority level), in priority order
+ARGV[1]     consumer group (the queue's name)
+ARGV[2]     name of the holder consumer that parks requeued messages
+ARGV[3]     COUNT: the most messages to return, 1..1000
+ARGV[4]     where this page starts: stream index i (1..n; 1 for the first page)
+ARGV[5]     and the part of stream i: 'h' its held entries (then its fresh ones), 'f' its
+            fresh ones only
+ARGV[6]     and the last id the page before returned of that part ("" for none)
+Reply:      {i, part, id, then per message: stream index, entry id, held, payload}
+              i, part, id  where the next page starts (ARGV[4..6] of the next call); i is 0
+                           when every ready message was returned (a page short of COUNT
+                           may still give one: held entries deleted while parked)
+              held         1 if parked with the holder (requeued or reclaimed), else 0
+              payload      the entry's "m" field; "" when it has none (a read sets such an
+                           entry aside)
+Order:      as lua/lib/serve.lua serves: levels in priority order; in each, the held entries
+            in id order, then the fresh ones after the group's last-delivered id. Delayed
+            messages that are due but not moved yet are not shown (the next read moves them
+            to the end of their level).
+Errors:     "peek: expected ..." for another layout; WRONGTYPE
+Minimum Redis: 6.2 (exclusive ranges). Cost: per stream EXISTS and XINFO GROUPS, then at most
+one XPENDING of COUNT records, one XRANGE of one entry per record and one XRANGE of COUNT
+entries: O(n + COUNT) commands. Read-only: "--@flags no-writes" below makes it run with
+EVALSHA_RO on Redis 7.0+ (Script.call_ro).
+Why: operators see what the next reads would deliver, in order, and nothing moves or changes.
+See docs/design.rst.
+]]
+--@flags no-writes
+--@include common
+local n, want, start = #KEYS, tonumber(ARGV[3]), tonumber(ARGV[4])
+local bad = check_args('peek', n >= 1, #ARGV == 6 and want ~= nil and want >= 1 and
+                       want <= 1000 and start ~= nil and start >= 1 and start <= n and
+                       (ARGV[5] == 'h' or ARGV[5] == 'f'),
+                       'KEYS: streams; ARGV: group, holder, COUNT 1..1000, stream index, ' ..
+                       'h or f, id')
+if bad then return bad end
+local group, holder = ARGV[1], ARGV[2]
+local reply, left = {0, '', ''}, want
+
+local function add(i, entry, held)
+  local k = #reply
+  reply[k + 1], reply[k + 2], reply[k + 3] = i, entry[1], held
+  reply[k + 4] = field(entry[2], 'm') or ''
+  left = left - 1
+end
+
+-- The next page starts in part PART of stream I, after id AFTER.
+local function stop(i, part, after)
+  reply[1], reply[2], reply[3] = i, part, after
+  return reply
+end
+
+for i = start, n do
+  local key, part, after = KEYS[i], 'h', ''
+  if i == start then part, after = ARGV[5], ARGV[6] end
+  if redis.call('EXISTS', key) == 1 then
+    local last, info = last_delivered(key, group)  -- no group yet: '0-0', every entry fresh
+    if part == 'h' and info then
+      local from = '-'
+      if after ~= '' then from = '(' .. after end
+      local asked = left
+      local held = redis.call('XPENDING', key, group, from, '+', asked, holder)
+      for _, p in ipairs(held) do
+        local entry = redis.call('XRANGE', key, p[1], p[1])[1]
+        if entry then add(i, entry, 1) end  -- one deleted while parked is never served
+      end
+      if #held >= asked then return stop(i, 'h', held[#held][1]) end
+    end
+    if part == 'f' and after ~= '' then last = after end  -- the page before ended there
+    local fresh = redis.call('XRANGE', key, '(' .. last, '+', 'COUNT', left)
+    for _, entry in ipairs(fresh) do add(i, entry, 0) end
+    if left <= 0 then return stop(i, 'f', fresh[#fresh][1]) end
+  end
+end
+return reply
