@@ -17,8 +17,15 @@ from typing import Any, NamedTuple, Optional
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from .keys import Keys
-from .scripts import SCRIPTS, Call, Script, run_calls
+from .keys import LAYOUT, Keys
+from .scripts import SCRIPTS, Call, run_calls
+from .text import text
+
+
+class LayoutMismatch(RuntimeError):
+    """The keys under this prefix were written with another key layout than this release's:
+    not a connection error (retrying cannot help)."""
+
 
 #: The consumer that holds requeued and reclaimed messages in a stream's PEL until they are
 #: read again (so they keep their id, priority and delivery count).
@@ -90,7 +97,7 @@ class Reclaimed(NamedTuple):
     moved: int
     #: the budget ran out before every stopped consumer's messages were moved: call again
     more: bool
-    #: ms until some live consumer's lease could run out at the earliest (-1: none held)
+    #: ms until some live consumer's lease could run out at the earliest (-1: none owned)
     next_ms: int
     #: where the sweep goes on, per stream ('-': it reached the end)
     cursors: list[str]
@@ -146,10 +153,6 @@ class Broker:
             flat += [streams.index(stream) + 1, entry_id, *extra]
         return streams, flat
 
-    @staticmethod
-    def _text(value: Any) -> str:
-        return value.decode() if isinstance(value, bytes) else str(value)
-
     # -- running calls ---------------------------------------------------------------------
 
     def run(self, call: Call) -> Any:
@@ -176,13 +179,35 @@ class Broker:
                 except ResponseError:
                     pass
 
+    # -- the key layout --------------------------------------------------------------------
+
+    def layout_call(self) -> Call:
+        return SCRIPTS['layout'], [self.keys.layout()], [LAYOUT]
+
+    def check_layout(self) -> None:
+        """Record the key layout of this release under the prefix, or refuse to go on where
+        the keys were written with another one (see :data:`kombu_streams.keys.LAYOUT`)."""
+        key = self.keys.layout()
+        try:
+            found = text(self.run(self.layout_call()))
+        except ResponseError as exc:
+            if 'WRONGTYPE' not in str(exc):
+                raise
+            raise LayoutMismatch(
+                f'kombu-streams: {key!r} holds another type of value than a key layout '
+                f'version: another program uses this name; rename its key, or give '
+                f'kombu-streams a global_keyprefix of its own') from None
+        if found != str(LAYOUT):
+            raise LayoutMismatch(
+                f'kombu-streams: the keys under prefix {self.keys.prefix!r} were written with '
+                f'key layout {found!r} ({key}); this release reads and writes layout '
+                f'{LAYOUT}. Run the kombu-streams release that wrote them, or migrate them '
+                f'as its changelog says.')
+
     # -- publishing ----------------------------------------------------------------------
 
-    # The two publish builders say list where Call says Sequence: Channel._publish (and
-    # PublishBatch.add) still take their calls as lists.
-
     def publish_call(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
-                     delay: Delay | None = None) -> tuple[Script, list[str], list[Any]]:
+                     delay: Delay | None = None) -> Call:
         """The publish call. ``routed``: only if the queue exists (a copy routed by an
         exchange must not recreate a deleted queue). ``delay``: delayed delivery is on
         (messages already due are moved first, so this one never overtakes them), and when
@@ -201,8 +226,7 @@ class Broker:
         return self.run(self.publish_call(queue, level, payload, routed, delay))
 
     def fanout_publish_call(self, exchange: str, payload: str | bytes,
-                            bindings: Sequence[tuple[str, str]]
-                            ) -> tuple[Script, list[str], list[Any]]:
+                            bindings: Sequence[tuple[str, str]]) -> Call:
         """Publish once to a fanout exchange; ``bindings`` are (queue, binding member)."""
         keys = [self.keys.fanout(exchange), self.keys.deadlines(exchange)]
         keys += [self.keys.fanout_wake(exchange, q) for q, _ in bindings]
@@ -262,13 +286,13 @@ class Broker:
             now, total, flat = int(reply[0]), int(reply[1]), reply[2:]
             out = []
             for j in range(0, len(flat), 3):
-                member = self._text(flat[j])
+                member = text(flat[j])
                 _, level, label = (member.split(':', 2) + ['', ''])[:3]
                 entry: dict[str, Any] = {'member': member, 'level': int(level or 0),
                                          'label': label,
                                          'due_in_ms': max(int(flat[j + 1]) - now, 0)}
                 if bodies:
-                    entry['message'] = self._text(flat[j + 2])
+                    entry['message'] = text(flat[j + 2])
                 out.append(entry)
             return {'queue': queue, 'delayed': total, 'messages': out, 'time_ms': now}
 
@@ -296,8 +320,8 @@ class Broker:
         cursor, gone = '0', []
         while True:
             reply = self.run(self.cancel_call(queue, labels, cursor, step))
-            cursor = self._text(reply[0])
-            gone += [self._text(m) for m in reply[1:]]
+            cursor = text(reply[0])
+            gone += [text(m) for m in reply[1:]]
             if cursor == '0':
                 return sorted(set(gone))
 
@@ -401,7 +425,7 @@ class Broker:
             args += [position[stream], entry_id]
 
         def parse(reply: list[Any]) -> ReadResult:
-            status, problems, aside, dues = self._text(reply[0]), reply[1], reply[2], reply[3]
+            status, problems, aside, dues = text(reply[0]), reply[1], reply[2], reply[3]
             out = []
             for j in range(4, len(reply), 4):
                 i, entry_id, deliveries, payload = reply[j:j + 4]
@@ -410,10 +434,10 @@ class Broker:
                                     exchange))
             return ReadResult(
                 out, dict(zip(sources, status)),
-                [(sources[int(problems[j]) - 1], self._text(problems[j + 1]))
+                [(sources[int(problems[j]) - 1], text(problems[j + 1]))
                  for j in range(0, len(problems), 2)],
                 [(sources[int(aside[j]) - 1], streams[int(aside[j + 1]) - 1][0], aside[j + 2],
-                  self._text(aside[j + 3])) for j in range(0, len(aside), 4)],
+                  text(aside[j + 3])) for j in range(0, len(aside), 4)],
                 {sources[int(dues[j]) - 1]: int(dues[j + 1]) for j in range(0, len(dues), 2)})
 
         return (SCRIPTS['read'], keys, args), parse
@@ -519,7 +543,7 @@ class Broker:
         def parse(reply: Any) -> Reclaimed:
             moved, more, next_ms, *cursors = reply
             return Reclaimed(int(moved), bool(int(more)), int(next_ms),
-                             [self._text(c) for c in cursors])
+                             [text(c) for c in cursors])
 
         return (SCRIPTS['reclaim'], keys, args), parse
 
@@ -567,7 +591,7 @@ class Broker:
             if not ids:
                 break
             m, s = self.redrive(queue, len(ids), ids)
-            moved, skipped, start = moved + m, skipped + s, f'({self._text(ids[-1])}'
+            moved, skipped, start = moved + m, skipped + s, f'({text(ids[-1])}'
         return moved, skipped
 
     def dead_letters(self, queue: str, count: int = 100, start: str = '-', end: str = '+'
@@ -583,13 +607,13 @@ class Broker:
             out += page
             if len(page) < want:
                 break
-            start = f'({self._text(page[-1][0])}'
+            start = f'({text(page[-1][0])}'
         return out
 
     def newest_dead_letter(self, queue: str) -> str | None:
         """The id of a queue's newest dead letter, None when it has none."""
         newest = self.client.xrevrange(self.keys.dlq(queue), '+', '-', count=1)
-        return self._text(newest[0][0]) if newest else None
+        return text(newest[0][0]) if newest else None
 
     def purge_dead_letters(self, queue: str, through: str) -> int:
         """Delete a queue's dead letters up to id ``through`` (inclusive; letters filed later
@@ -653,7 +677,7 @@ class Broker:
         """Whether ``client`` (redis-py, one server) reaches this broker's server (INFO
         run_id) and database."""
         def where(c: Any) -> tuple[str, int]:
-            return (self._text(c.info('server')['run_id']),
+            return (text(c.info('server')['run_id']),
                     int(c.connection_pool.connection_kwargs.get('db') or 0))
         return where(client) == where(self.client)
 
@@ -666,7 +690,7 @@ class Broker:
         names: set[str] = set()
 
         def take(keys: Iterable[Any]) -> bool:  # False once the limit is reached
-            for key in map(self._text, keys):
+            for key in map(text, keys):
                 name = self.keys.kind_name(kind, key)
                 if name is not None:
                     names.add(name)
@@ -701,7 +725,7 @@ class Broker:
                 level, exists, length, ready, held, pending, oldest, flat, last = rec
                 level_consumers = []
                 for j in range(0, len(flat), 3):
-                    name, owns, idle = self._text(flat[j]), int(flat[j + 1]), int(flat[j + 2])
+                    name, owns, idle = text(flat[j]), int(flat[j + 1]), int(flat[j + 2])
                     level_consumers.append({'name': name, 'pending': owns, 'idle_ms': idle})
                     seen = consumers.setdefault(name, {'name': name, 'pending': 0,
                                                        'idle_ms': idle})
@@ -712,7 +736,7 @@ class Broker:
                     'length': int(length), 'ready': int(ready), 'held': int(held),
                     'pending': int(pending),
                     'oldest_ready_ms': None if oldest < 0 else int(oldest),
-                    'last_delivered_id': self._text(last) or None,
+                    'last_delivered_id': text(last) or None,
                     'consumers': level_consumers,
                 })
             ages = [lv['oldest_ready_ms'] for lv in levels if lv['oldest_ready_ms'] is not None]
@@ -753,10 +777,10 @@ class Broker:
             groups = []
             for name, consumers, pending, lag, capped, oldest, last in records:
                 groups.append({
-                    'group': self._text(name), 'consumers': int(consumers),
+                    'group': text(name), 'consumers': int(consumers),
                     'pending': int(pending), 'lag': int(lag), 'lag_capped': bool(capped),
                     'oldest_unread_ms': None if oldest < 0 else int(oldest),
-                    'last_delivered_id': self._text(last),
+                    'last_delivered_id': text(last),
                 })
             return {'exchange': exchange, 'stream': stream,
                     'exists': bool(exists), 'length': int(length),
@@ -786,9 +810,9 @@ class Broker:
             for j in range(3, len(reply), 4):
                 i, entry_id, held, payload = reply[j:j + 4]
                 out.append(Ready(self.levels[int(i) - 1], streams[int(i) - 1],
-                                 self._text(entry_id), bool(int(held)), payload))
+                                 text(entry_id), bool(int(held)), payload))
             at = int(reply[0])
-            return out, (at, self._text(reply[1]), self._text(reply[2])) if at else None
+            return out, (at, text(reply[1]), text(reply[2])) if at else None
 
         return (SCRIPTS['peek'], streams, [queue, HOLDER, count, index, part, after]), parse
 

@@ -51,6 +51,10 @@ UNLIMITED_READ = 10
 ACK_BATCH = 100
 
 
+#: (server id, key prefix) whose key layout this process checked (Broker.check_layout).
+_LAYOUT_SEEN: set[tuple[str, str]] = set()
+
+
 class MessageTooLarge(ValueError):
     """A message larger than the transport or the server takes: it was not published."""
 
@@ -184,6 +188,10 @@ class Channel(virtual.Channel):
         self.consumer_name = f'{socket.gethostname()}:{os.getpid()}:{self.channel_id}:{salt}'
         self.client = connection.make_client()
         self.broker = Broker(self.client, self.keys, self._levels)
+        layout_seen = (connection.server_id, self.keys.prefix)
+        if layout_seen not in _LAYOUT_SEEN:  # once per process, server and prefix
+            self.broker.check_layout()
+            _LAYOUT_SEEN.add(layout_seen)
         #: which sources a read covers (see kombu_streams.plan)
         self.plan = ReadPlan()
         #: renewal and reclaim (see kombu_streams.leases)
@@ -269,7 +277,7 @@ class Channel(virtual.Channel):
                                                       bindings),
                       kwargs)
 
-    def _publish(self, call: tuple[Any, list[str], list[Any]], kwargs: dict[str, Any]) -> None:
+    def _publish(self, call: Call, kwargs: dict[str, Any]) -> None:
         """Run a publish call now, or add it to the ``Producer.batch()`` being built."""
         batch = kwargs.get('_publish_batch')
         if batch is not None:

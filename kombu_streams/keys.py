@@ -19,6 +19,8 @@ client would only rewrite the first one).
     <prefix>ks:x:{<exchange>}:dlq:<queue>    on Redis Cluster only: dead letters of a bound
                                              queue's group (a script cannot reach the queue's
                                              own dead-letter stream in another slot)
+    <prefix>ks:layout                    the version of this layout (LAYOUT) the keys under
+                                         the prefix were written with (a string)
 
 No two names make the same key. What follows a name's closing brace never holds a '}': the
 fixed suffixes have none, and a queue name written after an exchange's tag has '%' and '}'
@@ -32,6 +34,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+#: The version of the key layout above. A release that changes the layout raises it and
+#: brings a migration; a client finding another version under its prefix refuses to run
+#: (lua/layout.lua, docs/design.rst "Key layout").
+LAYOUT = 1
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,9 @@ class Keys:
         (ks:q:{q}:3 -> 3), 'fanout' for an exchange's stream; None for no key."""
         tail = key.rsplit(':', 1)[-1] if key else None
         return int(tail) if tail and tail.isdigit() else tail
+
+    def layout(self) -> str:
+        return f'{self.prefix}ks:layout'
 
     def queue_base(self, queue: str) -> str:
         return f'{self.prefix}ks:q:{self._tag(queue, "queue")}'

@@ -735,6 +735,25 @@ def test_global_keyprefix_every_key(url, raw):
         assert [k for k in keys if not k.startswith("app1:")] == []
 
 
+def test_channel_records_the_key_layout_and_refuses_another(url, raw):
+    """The first channel of a process records the key layout under its prefix; a prefix
+    whose keys were written with another layout stops the client with a clear error."""
+    from uuid import uuid4
+
+    from kombu_streams.broker import LayoutMismatch
+    from kombu_streams.keys import LAYOUT
+
+    prefix, other = (f"layout-{uuid4().hex[:8]}:" for _ in range(2))
+    with Connection(url, transport_options={"global_keyprefix": prefix}) as c:
+        c.channel().close()
+    assert raw.get(Keys(prefix).layout()) == str(LAYOUT).encode()
+    raw.set(Keys(other).layout(), "2")
+    with Connection(url, transport_options={"global_keyprefix": other}) as c:
+        with pytest.raises(LayoutMismatch, match="written with key layout '2'"):
+            c.channel()
+    assert raw.get(Keys(other).layout()) == b"2"
+
+
 def test_global_keyprefix_isolation(url, raw):
     with Connection(url, transport_options={"global_keyprefix": "app1:"}) as c1, \
             Connection(url, transport_options={"global_keyprefix": "app2:"}) as c2:

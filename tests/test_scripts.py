@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.exceptions import NoScriptError
 
-from kombu_streams.broker import HOLDER, Broker, Delay
-from kombu_streams.keys import Keys
+from kombu_streams.broker import HOLDER, Broker, Delay, LayoutMismatch
+from kombu_streams.keys import LAYOUT, Keys
 from kombu_streams.scripts import SCRIPTS, KeyTypeError, load_all, lua_dir, run_calls
 
 K = Keys()
@@ -498,14 +498,16 @@ def test_hot_read_leaves_the_marker_as_it_was(script_client, popped_elsewhere):
     consumer, whose read sets it again); a source seen dry loses it."""
     c = script_client
     declare(c, 'q')
-    for i in range(3):
+    for i in range(4):
         publish(c, 'q', b'%d' % i)
+    assert len(read(c, ['q'], 1)) == 1  # the first read walks (the index is not complete)
+    assert marker(c, 'q') == [(b'w', 0.0)]  # and a walk that finds work sets the marker
     if popped_elsewhere:
         c.delete(K.wake('q'))
     before = marker(c, 'q')
     assert len(read(c, ['q'], 1)) == 1
     assert marker(c, 'q') == before
-    assert read_popped(c, ['q'], 1) == [b'1']  # the other consumer's read
+    assert read_popped(c, ['q'], 1) == [b'2']  # the other consumer's read
     assert marker(c, 'q') == [(b'w', 0.0)]
     assert len(read(c, ['q'], 5)) == 1  # drained
     assert marker(c, 'q') == []
@@ -529,9 +531,9 @@ def test_wake_markers_of_sources_not_reached(script_client):
     result = parse(script(c, keys, args))
     assert [x.payload for x in result.deliveries] == [b'a']
     assert result.status == {('a', None): '1', ('b', None): '-', ('d', None): '-'}
-    # COUNT filled: more may be ready (read.lua does not probe); not popped here, so its
-    # marker stays as it was (whoever popped it sets it again)
-    assert marker(c, 'a') == []
+    # COUNT filled: more may be ready (read.lua does not probe); its first read walked it
+    # (its index was not complete yet), and a walk that leaves work sets the marker
+    assert marker(c, 'a') == [(b'w', 0.0)]
     assert marker(c, 'b') == []  # not reached: as it was
     assert marker(c, 'd') == [(b'w', 0.0)]  # popped and not reached: given back
     assert payloads(read(c, ['a', 'b', 'd'], 5)) == [b'b', b'd']
@@ -1774,8 +1776,41 @@ def test_bind_checks_every_key_before_writing(script_client):
 
 def test_every_script_is_tested_for_wrong_type():
     # touch only runs PEXPIRE, which works on keys of every type: nothing to meet WRONGTYPE;
-    # read reports it per source instead of failing (its own test above)
-    assert {case.split('-')[0] for case in _WRONGTYPE} | {'touch', 'read'} == set(SCRIPTS)
+    # read reports it per source instead of failing (its own test above); layout's key is a
+    # string, so the case above is a foreign value there (test_layout_* below)
+    assert ({case.split('-')[0] for case in _WRONGTYPE} | {'touch', 'read', 'layout'}
+            == set(SCRIPTS))
+
+
+def test_layout_is_recorded_once_and_reported(script_client):
+    c = script_client
+    b = broker(c)
+    b.check_layout()
+    assert c.get(K.layout()) == str(LAYOUT).encode()
+    b.check_layout()  # the same version: fine, nothing rewritten
+    Broker(c, Keys('app:'), LEVELS).check_layout()
+    assert c.get('app:ks:layout') == str(LAYOUT).encode()  # each prefix has its own
+
+
+@pytest.mark.parametrize('found, says', [
+    (b'2', "key layout '2'"),
+    (b'someone else', "key layout 'someone else'"),
+])
+def test_layout_of_another_version_stops_the_client(script_client, found, says):
+    c = script_client
+    c.set(K.layout(), found)
+    with pytest.raises(LayoutMismatch) as info:
+        broker(c).check_layout()
+    assert says in str(info.value) and f'layout {LAYOUT}' in str(info.value)
+    assert c.get(K.layout()) == found  # left as it was
+
+
+def test_layout_key_of_another_type_is_named(script_client):
+    c = script_client
+    c.rpush(K.layout(), b'x')
+    with pytest.raises(LayoutMismatch, match='another program uses this name'):
+        broker(c).check_layout()
+    assert c.lrange(K.layout(), 0, -1) == [b'x']
 
 
 def test_scripts_load_with_their_sha(script_client):
@@ -1811,7 +1846,7 @@ def test_registry_covers_every_lua_file():
         'ack', 'bind', 'deadletter', 'declare', 'delete', 'fanout_ack', 'fanout_publish',
         'inspect', 'inspect_fanout', 'publish', 'purge', 'read', 'reclaim', 'redrive', 'renew',
         'requeue', 'route', 'size', 'touch', 'migrate', 'migrate_unacked', 'cancel',
-        'scheduled', 'peek'}
+        'scheduled', 'peek', 'layout'}
     assert load_all() == SCRIPTS
 
 
