@@ -3,6 +3,7 @@ trip per flush (per node on Redis Cluster)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from .compat import BatchPublishError
@@ -38,7 +39,7 @@ class PublishBatch:
             self.flush()
         return result
 
-    def add(self, script: Any, keys: list[str], args: list[Any]) -> None:
+    def add(self, script: Any, keys: Sequence[Any], args: Sequence[Any]) -> None:
         self._calls.append((script, keys, args))
 
     def flush(self) -> None:

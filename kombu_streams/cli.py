@@ -67,7 +67,9 @@ from .channel import Channel
 from .connection import UnsupportedServer, close_pool
 from .keys import Keys
 from .migrate import KombuKeys, Migration, Plan, Progress, Result
+from .options import priority_steps_error
 from .scripts import SCRIPTS, Call, Script
+from .text import PREVIEW, preview, text
 
 DEFAULT_URL = 'redis-streams://127.0.0.1:6379/0'
 #: URL schemes of plain Redis, and the transport schemes they stand for here.
@@ -80,8 +82,6 @@ SCHEMES = {'redis': 'redis-streams', 'rediss': 'rediss-streams',
 #: Discovery by SCAN stops after this many names, or this many SCAN calls (of COUNT 1000).
 DISCOVER_LIMIT = 1000
 SCAN_CALLS = 10000
-PREVIEW = 80
-
 OK, ERROR, USAGE, NOT_FOUND = 0, 1, 2, 3
 
 
@@ -121,10 +121,6 @@ def connect(args: argparse.Namespace) -> Broker:
         raise Failure(str(exc).replace('kombu-streams: ', '', 1), USAGE) from None
     return Broker(client, Keys(args.prefix, cluster=conn.transport.cluster),
                   args.priority_steps)
-
-
-def text(value: Any) -> str:
-    return value.decode('utf-8', 'replace') if isinstance(value, bytes) else str(value)
 
 
 def discover(broker: Broker, kind: str) -> list[str]:
@@ -201,7 +197,7 @@ def summarize(payload: Any) -> dict[str, Any]:
     out.update(task=task, task_id=task_id, content_type=msg.get('content-type'),
                content_encoding=msg.get('content-encoding'),
                priority=props.get('priority'), headers=headers,
-               body=body if len(body) <= PREVIEW else body[:PREVIEW - 3] + '...')
+               body=preview(body))
     return out
 
 
@@ -524,7 +520,7 @@ def queue_call(broker: Broker, name: str, queue: str) -> tuple[Call, str]:
                             f'an entry of level {lowest}, delivery count kept: replace '
                             f'{ENTRY_ID}'),
         'renew': lambda: (broker.renew_call(queue, CALL_CONSUMER, stream, [ENTRY_ID]),
-                          f'an entry of level {lowest} held by {CALL_CONSUMER}: replace '
+                          f'an entry of level {lowest} owned by {CALL_CONSUMER}: replace '
                           f'{ENTRY_ID}'),
         'deadletter': lambda: (broker.dead_letter_call(queue, stream, ENTRY_ID, REASON, 1),
                                f'an entry of level {lowest} delivered once: replace '
@@ -762,9 +758,9 @@ def priority_steps(value: str) -> list[int]:
         steps = [int(s) for s in value.split(',')]
     except ValueError:
         steps = []
-    if not steps or steps[0] != 0 or steps != sorted(set(steps)) or steps[-1] > 9:
-        raise argparse.ArgumentTypeError(
-            f'must be increasing integers from 0 to 9 starting at 0, e.g. 0,3,6,9; got {value!r}')
+    problem = priority_steps_error(steps) if steps else priority_steps_error(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return steps
 
 

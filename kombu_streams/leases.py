@@ -13,7 +13,7 @@ Bounded work: renewal goes in calls of at most ``broker.RENEW_CHUNK`` ids, pipel
 ``PIPELINE`` calls per round trip; each reclaim call moves or looks at most ``reclaim_batch``
 PEL entries. A source (a queue, or its group on a fanout exchange) is looked at only when a
 lease in it could have run out: reclaim.lua answers when that is at the earliest, and what is
-held by live consumers is not looked at before. So an idle consumer of 1,000 queues costs
+owned by live consumers is not looked at before. So an idle consumer of 1,000 queues costs
 Redis next to nothing here, and a dead consumer's 100,000 messages come back in the first
 round after their lease ran out, in calls of ``reclaim_batch``.
 
@@ -300,8 +300,8 @@ class LeaseKeeper:
                 logger.warning('kombu-streams: deferred acks not sent yet: %r', exc)
 
     def run_once(self) -> None:
-        """One round: send deferred acks, renew every held lease, reclaim where due, and keep
-        consumed expiring queues (x-expires) alive."""
+        """One round: send deferred acks, renew the lease of every in-flight message, reclaim
+        where due, and keep consumed expiring queues (x-expires) alive."""
         self.flush_acks()
         for channel in self._channels():
             try:

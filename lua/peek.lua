@@ -15,17 +15,11 @@ Reply:      {i, part, id, then per message: stream index, entry id, held, payloa
               held         1 if parked with the holder (requeued or reclaimed), else 0
               payload      the entry's "m" field; "" when it has none (a read sets such an
                            entry aside)
-Order:      as lua/lib/serve.lua serves: levels in priority order; in each, the held entries
-            in id order, then the fresh ones after the group's last-delivered id. Delayed
-            messages that are due but not moved yet are not shown (the next read moves them
-            to the end of their level).
+Order:      as read.lua serves (levels in priority order; held entries, then fresh ones);
+            due delayed messages not moved yet are not shown
 Errors:     "peek: expected ..." for another layout; WRONGTYPE
-Minimum Redis: 6.2 (exclusive ranges). Cost: per stream EXISTS and XINFO GROUPS, then at most
-one XPENDING of COUNT records, one XRANGE of one entry per record and one XRANGE of COUNT
-entries: O(n + COUNT) commands. Read-only: "--@flags no-writes" below makes it run with
-EVALSHA_RO on Redis 7.0+ (Script.call_ro).
-Why: operators see what the next reads would deliver, in order, and nothing moves or changes.
-See docs/design.rst.
+Minimum Redis: 6.2. Cost: O(n + COUNT) commands; read-only (EVALSHA_RO on 7.0+). Why:
+operators see what the next reads would deliver. See docs/design.rst (The ready index).
 ]]
 --@flags no-writes
 --@include common
