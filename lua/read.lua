@@ -59,51 +59,12 @@ if not S or not Q or #KEYS ~= S + 5 * Q or #ARGV ~= 7 + 4 * Q + S + 2 * A then
   return check_args('read', false, false, tostring(S) .. ' streams, ' .. tostring(Q) ..
                     ' sources and ' .. tostring(A) .. ' acks (S + 5Q keys, 7 + 4Q + S + 2A args)')
 end
-local PROMOTE = 500  -- most delayed messages moved per call
-local ctx = {consumer = ARGV[1], left = tonumber(ARGV[2]), holder = ARGV[3],
-             limit = tonumber(ARGV[4]), out = {}, problems = {}, aside = {},
-             aside_left = tonumber(ARGV[2]) + 100,
-             promote_left = PROMOTE, dues = {}}
-local sources = {}
-for q = 1, Q do
-  sources[q] = {q = q, group = ARGV[3 + 4 * q], shared = ARGV[4 + 4 * q] == 'f',
-                mode = ARGV[5 + 4 * q], ttl = tonumber(ARGV[6 + 4 * q]) or 0,
-                wake = KEYS[S + 5 * q - 4], dlq = KEYS[S + 5 * q - 3],
-                index_key = KEYS[S + 5 * q - 2], dkey = KEYS[S + 5 * q - 1],
-                bodies = KEYS[S + 5 * q], streams = {}, visited = {}}
-end
-for i = 1, S do
-  local src = sources[tonumber(ARGV[6 + 4 * Q + i])]
-  src.streams[#src.streams + 1] = i
-end
-
--- the acks that ride along, by stream
-local acks, ack_order = {}, {}
-for j = 8 + 4 * Q + S, #ARGV, 2 do
-  local i = tonumber(ARGV[j])
-  if not acks[i] then
-    acks[i] = {}
-    ack_order[#ack_order + 1] = i
-  end
-  acks[i][#acks[i] + 1] = ARGV[j + 1]
-end
-for _, i in ipairs(ack_order) do
-  local src = sources[tonumber(ARGV[6 + 4 * Q + i])]
-  local ok, err = pcall(ack_ids, KEYS[i], src.group, acks[i])
-  if not ok then  -- another type at the stream's name: a problem of that source only
-    ctx.problems[#ctx.problems + 1] = src.q
-    ctx.problems[#ctx.problems + 1] = tostring(err) .. ' (key ' .. KEYS[i] .. ')'
-  end
-end
-
+local ctx = new_context(ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]))
+local sources, of = load_sources(S, Q)
+ride_acks(ctx, of, 8 + 4 * Q + S)  -- before anything is read, as ack.lua would
 for i = 1, S do
   if ctx.left <= 0 then break end
-  local src = sources[tonumber(ARGV[6 + 4 * Q + i])]
+  local src = of[i]
   if not src.failed and open_source(ctx, src) then serve_stream(ctx, src, i) end
 end
-
-local status = {}
-for q = 1, Q do status[q] = finish_source(ctx, sources[q]) end
-local reply = {table.concat(status), ctx.problems, ctx.aside, ctx.dues}
-for _, v in ipairs(ctx.out) do reply[#reply + 1] = v end
-return reply
+return finish(ctx, sources)

@@ -20,6 +20,56 @@
 -- A command that may meet another program's key at our names (WRONGTYPE) runs through try():
 -- the error is noted against that source and the call serves the others, losing nothing.
 
+local PROMOTE = 500  -- most delayed messages moved per call
+
+-- The call's state (see the top of this file): CONSUMER reads up to COUNT messages, HOLDER
+-- parks, LIMIT is the delivery limit.
+local function new_context(consumer, count, holder, limit)
+  return {consumer = consumer, left = count, holder = holder, limit = limit, out = {},
+          problems = {}, aside = {}, aside_left = count + 100, promote_left = PROMOTE,
+          dues = {}}
+end
+
+-- The Q sources of a call over S streams, from read.lua's KEYS and ARGV layout, and the
+-- source of each stream (by stream index).
+local function load_sources(S, Q)
+  local sources, of = {}, {}
+  for q = 1, Q do
+    sources[q] = {q = q, group = ARGV[3 + 4 * q], shared = ARGV[4 + 4 * q] == 'f',
+                  mode = ARGV[5 + 4 * q], ttl = tonumber(ARGV[6 + 4 * q]) or 0,
+                  wake = KEYS[S + 5 * q - 4], dlq = KEYS[S + 5 * q - 3],
+                  index_key = KEYS[S + 5 * q - 2], dkey = KEYS[S + 5 * q - 1],
+                  bodies = KEYS[S + 5 * q], streams = {}, visited = {}}
+  end
+  for i = 1, S do
+    local src = sources[tonumber(ARGV[6 + 4 * Q + i])]
+    src.streams[#src.streams + 1] = i
+    of[i] = src
+  end
+  return sources, of
+end
+
+-- Ack the (stream index, entry id) pairs in ARGV[FIRST..], by stream, as ack.lua does. A
+-- stream holding another type is a problem of its source only.
+local function ride_acks(ctx, of, first)
+  local acks, order = {}, {}
+  for j = first, #ARGV, 2 do
+    local i = tonumber(ARGV[j])
+    if not acks[i] then
+      acks[i] = {}
+      order[#order + 1] = i
+    end
+    acks[i][#acks[i] + 1] = ARGV[j + 1]
+  end
+  for _, i in ipairs(order) do
+    local ok, err = pcall(ack_ids, KEYS[i], of[i].group, acks[i])
+    if not ok then
+      ctx.problems[#ctx.problems + 1] = of[i].q
+      ctx.problems[#ctx.problems + 1] = tostring(err) .. ' (key ' .. KEYS[i] .. ')'
+    end
+  end
+end
+
 local set_aside  -- defined below; deliver and claim_held use it (Redis allows no globals)
 
 -- Note ERR, met on KEY, against source SRC; returns 'error' so callers can
@@ -328,4 +378,14 @@ local function finish_source(ctx, src)
   if err then problem(ctx, src, src.wake, err) end
   if src.failed then return 'e' end
   return more and '1' or '0'
+end
+
+-- The reply of the call (see read.lua): status per source, problems, aside, dues, then the
+-- deliveries.
+local function finish(ctx, sources)
+  local status = {}
+  for q = 1, #sources do status[q] = finish_source(ctx, sources[q]) end
+  local reply = {table.concat(status), ctx.problems, ctx.aside, ctx.dues}
+  for _, v in ipairs(ctx.out) do reply[#reply + 1] = v end
+  return reply
 end
