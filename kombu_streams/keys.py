@@ -41,6 +41,11 @@ from dataclasses import dataclass
 LAYOUT = 1
 
 
+def glob_escape(text: str) -> str:
+    """``text`` with the glob characters of SCAN MATCH escaped: it matches only itself."""
+    return re.sub(r'([*?\[\]\\])', r'\\\1', text)
+
+
 @dataclass(frozen=True)
 class Keys:
     """Builds key names for one ``global_keyprefix``."""
@@ -68,7 +73,7 @@ class Keys:
         """(SCAN MATCH pattern, head, tail) of the one key every queue (kind 'q': its first
         stream) or fanout exchange (kind 'x': its stream) has: a name is what lies between
         head and tail. The prefix is glob-escaped in the pattern."""
-        prefix = re.sub(r'([*?\[\]\\])', r'\\\1', self.prefix)
+        prefix = glob_escape(self.prefix)
         tail = '}:0' if kind == 'q' else '}:fanout'
         return f'{prefix}ks:{kind}:{{*{tail}', f'{self.prefix}ks:{kind}:{{', tail
 

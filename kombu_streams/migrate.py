@@ -33,6 +33,7 @@ from typing import Any
 from kombu.utils.json import dumps
 
 from .broker import Broker
+from .keys import glob_escape
 from .options import SEP, level_for
 from .text import preview, text
 
@@ -208,7 +209,7 @@ class Migration:
         """exchange -> [(routing key, pattern, queue)], from every ``_kombu.binding.*`` set."""
         if self._bindings is None:
             head = self.kombu.binding_head
-            match = re.sub(r'([*?\[\]\\])', r'\\\1', head) + '*'
+            match = glob_escape(head) + '*'
             out: dict[str, list[tuple[str, str, str]]] = {}
             for key in self.source.scan_iter(match=match, count=1000):
                 name = text(key)
