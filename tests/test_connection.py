@@ -384,6 +384,27 @@ def test_acl_user_round_trip(plain_server: int, admin: redis.Redis,
     assert _denied(admin, user) == []
 
 
+def test_acl_rule_without_get_set_still_works(plain_server: int, admin: redis.Redis,
+                                             caplog: pytest.LogCaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule README documented before the key layout check (no +get +set): the check is
+    refused and skipped with a warning; the app keeps working."""
+    from kombu_streams import channel
+    monkeypatch.setattr(channel, '_LAYOUT_SEEN', set())  # not checked yet in this process
+    name, password = 'ks-old-rule', 'ks-secret-2'
+    rule = ACL_RULE.replace(' +get +set', '')
+    assert rule != ACL_RULE
+    admin.execute_command('ACL', 'SETUSER', name, 'reset', 'on', f'>{password}', *rule.split())
+    try:
+        url = f'redis-streams://{name}:{password}@{HOST}:{plain_server}/1'
+        with caplog.at_level('WARNING', logger='kombu_streams.broker'):
+            with Connection(url) as conn:
+                round_trip(conn, 'old-acl')
+        assert any('could not check the key layout' in r.getMessage() for r in caplog.records)
+    finally:
+        admin.execute_command('ACL', 'DELUSER', name)
+
+
 def test_acl_wrong_password_fails_promptly(plain_server: int,
                                            acl_user: tuple[str, str]) -> None:
     user, _ = acl_user
