@@ -50,7 +50,6 @@ UNLIMITED_READ = 10
 #: Deferred acks are sent, at the latest, when this many wait (see :meth:`Channel._ack`).
 ACK_BATCH = 100
 
-
 #: (server id, key prefix) whose key layout this process checked (Broker.check_layout).
 _LAYOUT_SEEN: set[tuple[str, str]] = set()
 
@@ -599,8 +598,8 @@ class Channel(virtual.Channel):
                         continue
                     tag = message['properties']['delivery_tag']
                     self._inflight[tag] = InFlight(delivery.queue, delivery.stream,
-                                               delivery.entry_id, delivery.deliveries,
-                                               delivery.exchange, sent_at)
+                                                   delivery.entry_id, delivery.deliveries,
+                                                   delivery.exchange, sent_at)
                     out.append((message, delivery.queue))
                 if failed is not None:
                     raise failed
