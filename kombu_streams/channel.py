@@ -30,6 +30,7 @@ from .batch import PublishBatch
 from .broker import CHUNK, HOLDER, READ, Broker, Delay, Delivery, ReadResult, Source
 from .compat import BATCH_PUBLISH
 from .connection import POOL_OPTIONS
+from .errors import ChannelClosed
 from .keys import Keys
 from .leases import ACK_DELAY, InFlight, Leases, by_source
 from .options import SEP, level_for, priority_steps_error
@@ -199,6 +200,23 @@ class Channel(virtual.Channel):
         self._expires: dict[str, int] = {}
         connection.cycle.add(self)
 
+    @property
+    def transport(self) -> Any:
+        """The transport of this open channel. Kombu sets ``connection`` to None when it
+        closes a channel (e.g. after a connection error); using the channel after that raises
+        :class:`~kombu_streams.errors.ChannelClosed`, a connection error Kombu's ``ensure()``
+        and Celery recover from (reconnect, revive), never an AttributeError."""
+        transport = self.connection
+        if transport is None:
+            raise ChannelClosed(f'kombu-streams: channel {self.channel_id} is closed')
+        return transport
+
+    @property
+    def state(self) -> Any:
+        """Kombu's exchange and binding state, from the transport (ChannelClosed once the
+        channel is closed)."""
+        return self.transport.state
+
     def _validate_options(self) -> None:
         problem = priority_steps_error(self.priority_steps)
         if problem:
@@ -236,7 +254,7 @@ class Channel(virtual.Channel):
         ``max_message_size`` or than the server takes in one command (proto-max-bulk-len):
         sending it anyway ends in a dropped connection after the client built and sent it all.
         The body is checked first, so a huge body is refused before its envelope is built."""
-        limit = self.connection.bulk_limit
+        limit = self.transport.bulk_limit
         if self.max_message_size:
             limit = min(limit, self.max_message_size)
         body = message.get('body')
@@ -302,7 +320,7 @@ class Channel(virtual.Channel):
     # -- routing tables, shared in Redis ----------------------------------------------------
 
     def _route_key(self, exchange: str) -> tuple[str, str]:
-        return (self.connection.server_id, self.keys.bindings(exchange))
+        return (self.transport.server_id, self.keys.bindings(exchange))
 
     def get_table(self, exchange: str) -> list[tuple[str, ...]]:
         def read() -> list[tuple[str, ...]]:
@@ -429,7 +447,7 @@ class Channel(virtual.Channel):
             self._no_ack_queues.discard(queue)
         result = super().basic_consume(queue, no_ack, *args, **kwargs)
         self._queue_cycle.update(self.active_queues)
-        self.connection.leases.start()  # consumers reclaim their queues' stalled messages
+        self.transport.leases.start()  # consumers reclaim their queues' stalled messages
         return result
 
     def basic_cancel(self, consumer_tag: str) -> Any:
@@ -571,6 +589,7 @@ class Channel(virtual.Channel):
         anything fails after messages were read, they go to the buffer (handed out next, or
         requeued at close) before the error is raised, and unsent acks are put back:
         nothing read is stranded, no ack dropped."""
+        self.transport  # noqa: B018 (raises ChannelClosed on a closed channel)
         out: list[tuple[dict[str, Any], str]] = []
         sources = self._sources(queues)
         modes = self.plan.modes(sources) if planned else {s: READ for s in sources}
@@ -611,7 +630,7 @@ class Channel(virtual.Channel):
                     self._buffer.extend(out)
             raise
         finally:
-            if self._inflight:
+            if self._inflight and self.connection is not None:
                 self.connection.leases.start()
         return out
 
@@ -690,7 +709,15 @@ class Channel(virtual.Channel):
         many acks. They are also sent when a consumer is cancelled, when the channel closes
         and by each lease keeper round. At-least-once holds either way: an ack not yet sent
         only means the message may be delivered again."""
-        if not self.connection.cycle.batches_acks:
+        transport = self.connection
+        if transport is None:  # closed: what it held was given back (or is reclaimed later)
+            if tag not in self._inflight:
+                logger.warning('kombu-streams: ack of message %s after its channel closed: '
+                               'the channel gave it back at close, so it will be delivered '
+                               'again', tag)
+            self._settle([tag], ACK)  # else it is still ours: try to ack it
+            return
+        if not transport.cycle.batches_acks:
             self._settle([tag], ACK)
             return
         msg = self._inflight.pop(tag, None)
@@ -698,7 +725,7 @@ class Channel(virtual.Channel):
             if not self._acks:
                 self._acks_since = monotonic()
             self._acks.append(msg)
-            self.connection.leases.acks_waiting()  # sent within ACK_DELAY at the latest
+            transport.leases.acks_waiting()  # sent within ACK_DELAY at the latest
 
     def _ack_calls(self, mergeable: set[str] | frozenset[str] = frozenset()
                    ) -> tuple[list[InFlight], list[Call], list[tuple[str, str, bytes]]]:

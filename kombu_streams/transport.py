@@ -27,6 +27,7 @@ from .connection import (
     socket_timeout,
     warn_removed_options,
 )
+from .errors import ChannelClosed
 from .leases import LeaseKeeper
 from .options import check as check_options
 from .poller import Poller
@@ -52,6 +53,7 @@ class Transport(virtual.Transport):
     )
 
     connection_errors = virtual.Transport.connection_errors + (
+        ChannelClosed,
         redis.exceptions.ConnectionError,
         redis.exceptions.TimeoutError,
         redis.exceptions.AuthenticationError,
@@ -67,6 +69,14 @@ class Transport(virtual.Transport):
         redis.exceptions.ResponseError,
         redis.exceptions.DataError,
     )
+    #: Kombu's ``ensure()`` (publish with retry, Celery's producer pool) reconnects and
+    #: retries these up to ``max_retries``, also when they persist after a reconnect
+    #: (NotReplicated through a failover, a Sentinel that still names the old primary).
+    #: Without this attribute Kombu treats every error alike and gives up when one comes
+    #: back after a successful reconnect: the second try of a retry policy of 100.
+    recoverable_connection_errors = connection_errors
+    #: The others (WRONGTYPE, OOM, a script error) are raised at once: retrying cannot help.
+    recoverable_channel_errors = ()
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         options = client.transport_options

