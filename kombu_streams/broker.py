@@ -297,7 +297,8 @@ class Broker:
                 _, level, label = (member.split(':', 2) + ['', ''])[:3]
                 entry: dict[str, Any] = {'member': member, 'level': int(level or 0),
                                          'label': label,
-                                         'due_in_ms': max(int(flat[j + 1]) - now, 0)}
+                                         # float(): a score stored in exponent form
+                                         'due_in_ms': max(int(float(flat[j + 1])) - now, 0)}
                 if bodies:
                     entry['message'] = text(flat[j + 2])
                 out.append(entry)

@@ -9,6 +9,7 @@ so it keeps its id and priority and is served before newer messages of its level
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -29,7 +30,7 @@ from . import due, envelope
 from .batch import PublishBatch
 from .broker import CHUNK, HOLDER, READ, Broker, Delay, Delivery, ReadResult, Source
 from .compat import BATCH_PUBLISH
-from .connection import POOL_OPTIONS
+from .connection import POOL_OPTIONS, socket_timeout
 from .errors import ChannelClosed
 from .keys import Keys
 from .leases import ACK_DELAY, InFlight, Leases, by_source
@@ -236,6 +237,13 @@ class Channel(virtual.Channel):
         if self.publish_min_replicas and self.connection.cluster:
             raise ValueError('kombu-streams: publish_min_replicas is not supported on Redis '
                              'Cluster yet (a resent call would go unconfirmed)')
+        if self.publish_min_replicas:
+            timeout = socket_timeout(self.connection.pool)
+            if timeout and self.publish_replica_timeout >= timeout:
+                raise ValueError(
+                    f'kombu-streams: publish_replica_timeout ({self.publish_replica_timeout} s) '
+                    f'must be shorter than socket_timeout ({timeout} s): a publish waiting '
+                    f'that long for replicas would end in a TimeoutError, not NotReplicated')
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -311,7 +319,9 @@ class Channel(virtual.Channel):
         """WAIT arguments for publishes, or None."""
         if not self.publish_min_replicas:
             return None
-        return int(self.publish_min_replicas), int(self.publish_replica_timeout * 1000)
+        # at least 1 ms: WAIT n 0 would block for ever
+        return (int(self.publish_min_replicas),
+                max(math.ceil(self.publish_replica_timeout * 1000), 1))
 
     if BATCH_PUBLISH:  # Kombu 5.7+: Producer.batch() asks for this (see compat.py)
         def create_publish_batch(self, max_size: int) -> PublishBatch:

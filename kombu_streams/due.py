@@ -28,6 +28,22 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 #: Longest label (the task id) kept with a delayed message, for operators.
 LABEL_MAX = 64
 
+#: The latest due time kept (unix ms, the year 5138): Lua prints a number of 15 or more
+#: digits in exponent form, which no reader of the delayed set could take back as ms.
+MAX_DUE_MS = 10**14 - 1
+#: The longest x-delay (ms, some 317 years): with any clock of this millennium the due time
+#: stays within MAX_DUE_MS.
+MAX_DELAY_MS = 10**13
+
+
+class DueTooLate(ValueError):
+    """A due time past what kombu-streams keeps: the message is not published."""
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f'{text[:37]}...'
+
 
 def _iso_parser() -> Callable[[str], datetime]:
     """dateutil's ISO 8601 parser where it is installed (Celery needs it, so a Celery user
@@ -59,20 +75,31 @@ def eta_ms(value: Any) -> int | None:
         micros = (when - EPOCH) // timedelta(microseconds=1)
     except (OverflowError, ValueError):
         return None
-    return -(-micros // 1000)
+    ms = -(-micros // 1000)
+    if ms > MAX_DUE_MS:
+        raise DueTooLate(f'kombu-streams: eta {_shown(value)} is later than the latest due time '
+                         f'kept ({MAX_DUE_MS} ms after 1970, the year 5138); not published')
+    return ms
 
 
 def delay_ms(value: Any) -> int | None:
-    """An ``x-delay`` header as whole ms (ints, floats and digit strings), or None."""
+    """An ``x-delay`` header as whole ms (ints, floats and digit strings), or None; one
+    longer than MAX_DELAY_MS (an infinite one included) raises DueTooLate."""
     if isinstance(value, bool):
         return None
-    try:
-        ms = float(value)
-    except (TypeError, ValueError):
-        return None
-    if ms != ms or ms in (float('inf'), float('-inf')):
-        return None
-    return int(ms)
+    if isinstance(value, int):
+        ms: float = value  # exact, however large: float() of 2**1100 would overflow
+    else:
+        try:
+            ms = float(value)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if ms != ms:  # NaN
+            return None
+    if ms > MAX_DELAY_MS:
+        raise DueTooLate(f'kombu-streams: x-delay {_shown(value)} is longer than the longest delay '
+                         f'kept ({MAX_DELAY_MS} ms, some 317 years); not published')
+    return int(ms) if ms > float('-inf') else None
 
 
 def when(message: dict[str, Any]) -> tuple[str, str]:
@@ -94,4 +121,4 @@ def when(message: dict[str, Any]) -> tuple[str, str]:
     return '', label
 
 
-__all__ = ('when', 'eta_ms', 'delay_ms')
+__all__ = ('when', 'eta_ms', 'delay_ms', 'DueTooLate', 'MAX_DUE_MS', 'MAX_DELAY_MS')

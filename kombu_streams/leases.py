@@ -106,7 +106,8 @@ class Leases:
         """Renew the lease of every message the channel holds; drop from its read-ahead
         buffer the ones whose lease was lost, and log those already handed out."""
         ch = self.channel
-        now_held = list(ch._inflight.items())
+        # a message whose lease was found lost is not renewed (nor reported) again
+        now_held = [(tag, m) for tag, m in list(ch._inflight.items()) if not m.lost]
         calls: list[tuple[Call, str]] = []
         for (queue, _), group in by_source(now_held, lambda item: item[1]).items():
             calls += ch.broker.renew_calls(queue, ch.consumer_name,

@@ -63,6 +63,13 @@ NON_NEGATIVE = Rule(lambda v: _is_number(v) and v >= 0, 'a number of seconds >= 
 BOOL = Rule(lambda v: isinstance(v, bool), 'True or False')
 TEXT = Rule(lambda v: isinstance(v, str), 'a string')
 MAPPING = Rule(lambda v: isinstance(v, Mapping), 'a dict')
+#: What Redis takes as a client name (CLIENT SETNAME): printable ASCII, no spaces.
+CLIENT_NAME = Rule(lambda v: isinstance(v, str) and all('!' <= c <= '~' for c in v),
+                   'a string of printable ASCII characters without spaces')
+#: TCP keepalive settings as redis-py takes them: socket option number -> integer.
+KEEPALIVE = Rule(lambda v: isinstance(v, Mapping)
+                 and all(_is_int(k) and _is_int(n) for k, n in v.items()),
+                 'a dict of socket option numbers (socket.TCP_KEEPIDLE, ...) to integers')
 
 #: option -> rule, for every option that has no more specific check of its own
 #: (priority_steps, queue_order_strategy, credential_provider and ssl are checked where
@@ -76,11 +83,11 @@ RULES: dict[str, Rule] = {
     'socket_timeout': _or_none(POSITIVE),
     'socket_connect_timeout': _or_none(POSITIVE),
     'socket_keepalive': _or_none(BOOL),
-    'socket_keepalive_options': _or_none(MAPPING),
+    'socket_keepalive_options': _or_none(KEEPALIVE),
     'retry_on_timeout': _or_none(BOOL),
     'max_connections': _or_none(_int_at_least(2)),
     'health_check_interval': _or_none(NON_NEGATIVE),
-    'client_name': _or_none(TEXT),
+    'client_name': _or_none(CLIENT_NAME),
     'master_name': _or_none(TEXT),
     'min_other_sentinels': _or_none(_int_at_least(0)),
     'sentinel_kwargs': _or_none(MAPPING),

@@ -114,3 +114,112 @@ def test_producer_recovers_after_ensure_gave_up_once(redis_url: str) -> None:
         channel = conn.channel()
         got = [m.payload['n'] for m in iter(lambda: queue(channel).get(no_ack=True), None)]
         assert got == [0, 1]
+
+
+# ---------------------------------------------------------------------------
+# values that used to block for ever, crash a reader or give a raw error (#23 item 7)
+# ---------------------------------------------------------------------------
+
+
+def _url(redis_url: str) -> str:
+    return redis_url.replace('redis://', 'redis-streams://', 1)
+
+
+def test_sub_millisecond_replica_timeout_does_not_wait_for_ever(redis_url: str) -> None:
+    """publish_replica_timeout=0.0004 used to become WAIT 1 0, which blocks for ever on a
+    server without replicas: the publish now waits 1 ms and raises NotReplicated."""
+    from kombu_streams.scripts import NotReplicated
+
+    opts = {'publish_min_replicas': 1, 'publish_replica_timeout': 0.0004,
+            'socket_timeout': 30}
+    outcome: list[BaseException | None] = []
+
+    def publish() -> None:
+        with Connection(_url(redis_url), transport_options=opts) as conn:
+            queue = Queue('tiny-wait', routing_key='tiny-wait')
+            try:
+                conn.Producer().publish('x', routing_key='tiny-wait', declare=[queue])
+            except BaseException as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+    import threading
+    worker = threading.Thread(target=publish, daemon=True)
+    worker.start()
+    worker.join(20)  # a liveness bound, far above the 1 ms it takes: not a timing assert
+    assert not worker.is_alive(), 'the publish blocked (WAIT n 0)'
+    assert isinstance(outcome[0], NotReplicated), outcome
+
+
+def test_replica_timeout_must_be_shorter_than_the_socket_timeout(redis_url: str) -> None:
+    opts = {'publish_min_replicas': 1, 'publish_replica_timeout': 5, 'socket_timeout': 2}
+    with pytest.raises(ValueError, match='publish_replica_timeout .* socket_timeout'):
+        Connection(_url(redis_url), transport_options=opts).channel()
+
+
+@pytest.mark.parametrize('delay', [1e17, 2**1100, float('inf'), '1e400'])
+def test_an_x_delay_too_long_is_refused_and_nothing_stored(redis_url: str, redis_client,
+                                                           delay) -> None:
+    from kombu_streams.due import DueTooLate
+
+    with Connection(_url(redis_url)) as conn:
+        queue = Queue('far-future', routing_key='far-future')
+        producer = conn.Producer()
+        producer.publish('first', routing_key='far-future', declare=[queue])
+        with pytest.raises(DueTooLate, match='longest delay'):
+            producer.publish('later', routing_key='far-future', headers={'x-delay': delay})
+        channel = conn.channel()
+        assert channel.broker.scheduled('far-future')['delayed'] == 0
+        assert queue(channel).queue_declare(passive=True).message_count == 1
+
+
+def test_scheduled_reads_a_due_time_stored_in_exponent_form(redis_url: str,
+                                                            redis_client) -> None:
+    """A due time written as 1e+17 (by an older release, or by hand) no longer crashes
+    ``delayed list`` and Broker.scheduled."""
+    with Connection(_url(redis_url)) as conn:
+        channel = conn.channel()
+        queue = Queue('exp-due', routing_key='exp-due')
+        queue(channel).declare()
+        keys = channel.keys
+        redis_client.zadd(keys.delayed('exp-due'), {'1700000000000000:0:task-1': 1e17})
+        redis_client.hset(keys.delayed_messages('exp-due'), '1700000000000000:0:task-1', '{}')
+        listed = channel.broker.scheduled('exp-due')
+        assert listed['messages'][0]['label'] == 'task-1'
+        assert listed['messages'][0]['due_in_ms'] > 10**16
+
+
+@pytest.mark.parametrize('name,value,allowed', [
+    ('client_name', 'my worker', 'printable ASCII characters without spaces'),
+    ('client_name', 'ok\n', 'printable ASCII'),
+    ('socket_keepalive_options', {'TCP_KEEPIDLE': 30}, 'socket option numbers'),
+    ('socket_keepalive_options', {4: '30'}, 'socket option numbers'),
+])
+def test_connection_options_get_an_error_naming_them(redis_url: str, name, value,
+                                                     allowed) -> None:
+    """Before: a raw ResponseError from CLIENT SETNAME, a TypeError deep in redis-py."""
+    with pytest.raises(ValueError, match=f"'{name}' must be .*{allowed}"):
+        Connection(_url(redis_url), transport_options={name: value}).channel()
+
+
+def test_a_lost_lease_is_reported_once(redis_url: str, redis_client, caplog) -> None:
+    """A message handed out whose lease another consumer took is logged once, not again at
+    every lease round."""
+    import logging
+
+    with Connection(_url(redis_url), transport_options={'visibility_timeout': 60}) as conn:
+        channel = conn.channel()
+        queue = Queue('lost-once', routing_key='lost-once')
+        conn.Producer().publish('x', routing_key='lost-once', declare=[queue])
+        message = queue(channel).get()
+        assert message is not None
+        inflight = channel._inflight[message.delivery_tag]
+        # another consumer has it now
+        assert redis_client.xclaim(inflight.stream, 'lost-once', 'other', 0,
+                                   [inflight.entry_id], justid=True)
+        caplog.set_level(logging.WARNING, logger='kombu_streams')
+        for _ in range(3):
+            channel.leases.renew()
+        lost = [r for r in caplog.records if 'lost the lease' in r.getMessage()]
+        assert len(lost) == 1, [r.getMessage() for r in lost]
