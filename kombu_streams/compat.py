@@ -58,6 +58,13 @@ def pool_connection(pool: ConnectionPool, command: str) -> Any:
     return pool.get_connection()
 
 
+def conn_fileno(conn: Any) -> int:
+    """The socket descriptor of a connected redis-py connection, for an event loop or a
+    selector to watch. redis-py has no public accessor for it (Kombu's own Redis transport
+    reads the same attribute); this is the one place kombu-streams does."""
+    return conn._sock.fileno()
+
+
 def close_sentinels(manager: Any) -> None:
     """Close the connections a ``redis.sentinel.Sentinel`` keeps to the sentinels.
 

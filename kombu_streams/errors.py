@@ -12,4 +12,11 @@ class ChannelClosed(redis.exceptions.ConnectionError):
     on instead of exiting."""
 
 
-__all__ = ('ChannelClosed',)
+class DeadConnection(redis.exceptions.ConnectionError):
+    """A blocking wait got no answer by its deadline (its timeout plus the socket timeout):
+    the connection is presumed dead, e.g. half-open after a silent network drop. A
+    connection error, so Kombu and Celery reconnect; without it an idle consumer would wait
+    for ever on a socket nothing will ever arrive on."""
+
+
+__all__ = ('ChannelClosed', 'DeadConnection')

@@ -31,17 +31,20 @@ pipeline that records the unacked message).
 from __future__ import annotations
 
 import logging
-import select
+import selectors
 import socket
 import threading
 import time
+import weakref
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from redis.crc import key_slot
 from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgainError
 
-from .compat import pool_connection
+from .compat import conn_fileno, pool_connection
+from .connection import socket_timeout
+from .errors import DeadConnection
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -64,6 +67,11 @@ ASYNC_BATCH = 100
 #: every 1/hz s (100 ms by default) on an otherwise quiet server.
 UNBLOCK_AFTER = 0.002
 
+#: How late past its own timeout a wait's answer may come before the connection is taken for
+#: dead (a half-open TCP connection: the server or a middlebox dropped it silently), when the
+#: pool sets no socket timeout; otherwise the socket timeout is the margin.
+DEAD_AFTER = 10.0
+
 #: Replies to a wait that mean the slot is moving or the cluster is reconfiguring.
 _SLOT_MOVING = (AskError, TryAgainError, ClusterDownError)
 
@@ -77,6 +85,18 @@ class Wait(NamedTuple):
     pool: Any
     #: the connection's CLIENT ID, when a due time bounds the wait (to end it on time)
     client_id: int | None = None
+    #: monotonic time by which Redis must have answered (its timeout plus a margin), else
+    #: the connection is dead
+    deadline: float = float('inf')
+
+
+def _readable(fds: list[int], timeout: float) -> list[int]:
+    """Which of ``fds`` can be read within ``timeout`` seconds. ``selectors`` (epoll or
+    poll) rather than ``select.select``, which refuses descriptors above 1023."""
+    with selectors.DefaultSelector() as selector:
+        for fd in fds:
+            selector.register(fd, selectors.EVENT_READ)
+        return [key.fd for key, _ in selector.select(max(timeout, 0.0))]
 
 
 class Poller:
@@ -90,6 +110,8 @@ class Poller:
         self._waits: dict[int, Wait] = {}  # fd of a pending BZPOPMIN -> the wait
         self._draining: int | None = None  # thread inside drain(), whose acks wait
         self._can_unblock = True  # CLIENT ID / UNBLOCK allowed (an ACL may refuse them)
+        #: connection -> its CLIENT ID, forgotten when it reconnects (a new id)
+        self._client_ids: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
     def add(self, channel: Channel) -> None:
         if channel not in self.channels:
@@ -238,11 +260,7 @@ class Poller:
                     return
                 continue
             try:
-                if self._due_bounds(remaining):
-                    popped = self._wait_until_due(tuple(wakes), remaining)
-                else:
-                    popped = self.transport.blocking_client().bzpopmin(
-                        wakes, timeout=self._block(remaining))
+                popped = self._wait_one(tuple(wakes), remaining)
             except ResponseError as exc:
                 if not self._on_wrongtype(exc):
                     raise
@@ -258,22 +276,44 @@ class Poller:
             return False
         return due < self.transport.wait_interval and (remaining is None or due < remaining)
 
-    def _wait_until_due(self, keys: tuple[str, ...], remaining: float | None) -> Any:
-        """drain() when a due time ends the wait: BZPOPMIN sent with that timeout, and if
-        Redis has not answered UNBLOCK_AFTER past it, the wait is ended with CLIENT UNBLOCK
-        (then read: a marker it popped meanwhile is not lost). Returns the popped marker or
-        None."""
-        fd = self._send_wait(keys, None, need_id=True)
+    def _wait_one(self, keys: tuple[str, ...], remaining: float | None) -> Any:
+        """drain() on one Redis: BZPOPMIN on ``keys`` for as long as :meth:`_block` says.
+        When a due time ends it and Redis has not answered UNBLOCK_AFTER past it, the wait is
+        ended with CLIENT UNBLOCK (then read: a marker it popped meanwhile is not lost). An
+        answer that does not come by the wait's deadline means a dead connection
+        (DeadConnection). Returns the popped marker or None."""
+        due = self._due_bounds(remaining)
+        fd = self._send_wait(keys, None, need_id=due, remaining=remaining)
         wait = self._waits[fd]
         try:
-            due = self._due_in() or 0.0  # the wait's own timeout is at least MIN_BLOCK
-            ready, _, _ = select.select([fd], [], [], due + UNBLOCK_AFTER)
-            if not ready:
+            if due and not _readable([fd], (self._due_in() or 0.0) + UNBLOCK_AFTER):
                 self._unblock(wait)
+            if not _readable([fd], wait.deadline - monotonic()):
+                self._dead(fd)
             return self._answer(fd)
         finally:
             if fd in self._waits:  # interrupted before the answer: give its markers back
                 self._drop_wait(fd, disconnect=True)
+
+    def _dead(self, fd: int) -> None:
+        """A wait got no answer by its deadline: its connection is dead (half-open). It is
+        dropped without giving its markers back (that would need the same network; a marker
+        it may have popped is found by the sweep) and DeadConnection raised, a connection
+        error: Kombu and Celery reconnect."""
+        wait = self._waits.pop(fd)
+        if self._hub is not None and wait.owner is not None:
+            self._hub.remove_reader(fd)
+        wait.conn.disconnect()
+        wait.pool.release(wait.conn)
+        raise DeadConnection(
+            f'kombu-streams: a wait on {len(wait.keys)} wake marker(s) got no answer by its '
+            f'deadline: the connection to Redis is presumed dead (half-open); reconnecting')
+
+    def _expire_if_waiting(self, fd: int, wait: Wait) -> None:
+        """A hub timer at a wait's deadline: if it is still the one pending on fd, its
+        connection is dead."""
+        if self._waits.get(fd) is wait:
+            self._dead(fd)
 
     def _unblock(self, wait: Wait) -> None:
         """End a pending wait now (Redis answers it as a timeout). Without the permission
@@ -298,17 +338,23 @@ class Poller:
                            '(100 ms by default) late. Allow +client|id +client|unblock.', exc)
 
     def _client_id(self, conn: Any) -> int | None:
-        """The connection's CLIENT ID, asked once per socket (a reconnect gets a new id)."""
-        sock = conn._sock
-        if getattr(conn, '_ks_id_sock', None) is not sock:
-            conn.send_command('CLIENT', 'ID')
-            try:
-                conn._ks_client_id = int(conn.read_response())
-            except ResponseError as exc:
-                self._no_unblock(exc)
-                return None
-            conn._ks_id_sock = sock
-        return conn._ks_client_id
+        """The connection's CLIENT ID, asked once per connection and again after it
+        reconnects (a new id): redis-py calls our connect callback then."""
+        known = self._client_ids.get(conn)
+        if known is not None:
+            return known
+        if conn not in self._client_ids:
+            conn.register_connect_callback(self._forget_id)
+        conn.send_command('CLIENT', 'ID')
+        try:
+            self._client_ids[conn] = int(conn.read_response())
+        except ResponseError as exc:
+            self._no_unblock(exc)
+            return None
+        return self._client_ids[conn]
+
+    def _forget_id(self, conn: Any) -> None:
+        self._client_ids.pop(conn, None)
 
     def _unblock_if_waiting(self, fd: int, wait: Wait) -> None:
         """A hub timer at a due time: end the wait if it is still the one pending on fd."""
@@ -329,14 +375,19 @@ class Poller:
         pending = {w.keys for w in self._waits.values() if w.owner is None}
         for keys in groups - pending:
             self._send_wait(keys, None)
-        fds = [fd for fd, w in self._waits.items() if w.owner is None]
-        # each BZPOPMIN times out by itself within wait_interval; the margin covers the trip
-        timeout = self.transport.wait_interval + 1.0
+        mine = {fd: w for fd, w in self._waits.items() if w.owner is None}
+        # each BZPOPMIN times out by itself within wait_interval; its deadline adds a margin
+        now = monotonic()
+        timeout = min(w.deadline for w in mine.values()) - now
         due = self._due_in()
         for bound in (remaining, due):
             if bound is not None:
                 timeout = min(timeout, bound)
-        ready, _, _ = select.select(fds, [], [], max(timeout, 0))
+        ready = _readable(list(mine), timeout)
+        if not ready:
+            for fd, wait in mine.items():
+                if wait.deadline <= monotonic():
+                    self._dead(fd)
         if not ready and due is not None and due <= timeout:
             # a delayed message is due: read now (the waits stay pending for the next call)
             return self._after_wake(None, deliver, None) > 0
@@ -350,19 +401,22 @@ class Poller:
         return delivered > 0
 
     def _send_wait(self, keys: tuple[str, ...], owner: Channel | None,
-                   need_id: bool = False) -> int:
+                   need_id: bool = False, remaining: float | None = None) -> int:
         """Send BZPOPMIN on ``keys`` on a connection of its own; returns its fd.
-        ``need_id``: a due time ends it; learn the connection's id first, to unblock it."""
+        ``need_id``: a due time ends it; learn the connection's id first, to unblock it.
+        Its deadline is its timeout plus the pool's socket timeout (or DEAD_AFTER)."""
         pool = self.transport.wait_pool(keys[0])
         conn = pool_connection(pool, 'BZPOPMIN')
         try:
             client_id = self._client_id(conn) if need_id else None
-            conn.send_command('BZPOPMIN', *keys, self._block(None, owner))
+            block = self._block(remaining, owner)
+            conn.send_command('BZPOPMIN', *keys, block)
+            fd = conn_fileno(conn)
         except Exception:
             pool.release(conn)
             raise
-        fd = conn._sock.fileno()
-        self._waits[fd] = Wait(owner, keys, conn, pool, client_id)
+        deadline = monotonic() + block + (socket_timeout(pool) or DEAD_AFTER)
+        self._waits[fd] = Wait(owner, keys, conn, pool, client_id, deadline)
         return fd
 
     def _answer(self, fd: int) -> Any:
@@ -425,6 +479,9 @@ class Poller:
                     continue
                 fd = self._send_wait(keys, channel, need_id=due)
                 self._hub.add_reader(fd, self.transport.on_readable, fd)
+                wait = self._waits[fd]
+                self._hub.call_later(wait.deadline - monotonic(), self._expire_if_waiting,
+                                     fd, wait)
                 if due:  # end the wait on time: Redis's own timeout may come 1/hz s late
                     self._hub.call_later((self._due_in(channel) or 0.0) + UNBLOCK_AFTER,
                                          self._unblock_if_waiting, fd, self._waits[fd])

@@ -8,6 +8,7 @@ still alive, every task ran once per delivery, the producer publishes again by i
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -223,3 +224,114 @@ def test_a_lost_lease_is_reported_once(redis_url: str, redis_client, caplog) -> 
             channel.leases.renew()
         lost = [r for r in caplog.records if 'lost the lease' in r.getMessage()]
         assert len(lost) == 1, [r.getMessage() for r in lost]
+
+
+# ---------------------------------------------------------------------------
+# waits with a deadline: a half-open connection is found dead (#23 item 4)
+# ---------------------------------------------------------------------------
+
+
+def test_drain_events_finds_a_half_open_connection_dead(redis_server) -> None:
+    """The network drops silently while a consumer waits: its BZPOPMIN never gets an
+    answer. drain_events raises DeadConnection (a connection error) by the wait's deadline
+    (its timeout + socket_timeout) instead of waiting for ever; the consumer reconnects
+    (new connections pass) and gets a message published meanwhile."""
+    from faultproxy import FaultProxy
+
+    from kombu_streams.errors import DeadConnection
+
+    raw = redis.Redis(host='127.0.0.1', port=redis_server.port, db=5)
+    raw.flushdb()
+    with FaultProxy(redis_server.port) as proxy:
+        url = f'redis-streams://127.0.0.1:{proxy.port}/5'
+        opts = {'polling_interval': 0.5, 'socket_timeout': 1.0}
+        queue = Queue('half-open', routing_key='half-open')
+        got: list = []
+        with Connection(url, transport_options=opts) as conn:
+            consumer = conn.Consumer([queue], callbacks=[lambda body, m: (got.append(body),
+                                                                         m.ack())])
+            consumer.consume()
+            with pytest.raises(socket.timeout):  # idle, nothing to get
+                conn.drain_events(timeout=0.2)
+            assert proxy.freeze() >= 1
+            with Connection(f'redis-streams://127.0.0.1:{redis_server.port}/5') as pub:
+                pub.Producer().publish('after the drop', routing_key='half-open')
+            # the read before the wait, or the wait (DeadConnection), whichever meets the
+            # frozen connection first: a connection error either way, never a hang
+            with pytest.raises(conn.connection_errors):
+                conn.drain_events(timeout=30)
+            assert issubclass(DeadConnection, conn.connection_errors)
+            # what Kombu's ensure / ConsumerMixin do: reconnect and consume again
+            conn.close()
+            conn.ensure_connection(max_retries=3)
+            consumer.revive(conn.channel())
+            consumer.consume()
+            conn.drain_events(timeout=10)
+        assert got == ['after the drop']
+    raw.close()
+
+
+def test_idle_celery_worker_behind_a_half_open_connection_recovers(
+        tmp_path: Path, redis_server) -> None:
+    """An idle prefork worker whose broker connections all go half-open (a proxy freezes
+    them) consumes again by itself: its event-loop wait has a deadline, the worker
+    reconnects. Before: 0 of 10 tasks in 90 s, and no answer to inspect ping."""
+    from faultproxy import FaultProxy
+
+    base = f'redis://127.0.0.1:{redis_server.port}'
+    with FaultProxy(redis_server.port) as proxy, celery_env(tmp_path, base) as env:
+        env.raw_broker.flushdb()
+        env.store.flushdb()
+        proxied = f'redis-streams://127.0.0.1:{proxy.port}/3'
+        module = env.load({'polling_interval': 1.0, 'socket_timeout': 2.0})
+        worker = env.worker('halfopen@ks', concurrency=1,
+                            extra_env={'KS_E2E_BROKER': proxied})
+        worker.wait_ready()
+        module.record.delay('before')
+        wait_for(lambda: 'before' in env.done(), 20, what='a task before the drop',
+                 log=env.logs)
+        time.sleep(1.0)  # idle: its wait is pending on the proxied connection
+        assert proxy.freeze() >= 1
+        tags = [f'after-{n}' for n in range(10)]
+        for tag in tags:
+            module.record.delay(tag)  # the test's own app publishes straight to Redis
+        wait_for(lambda: set(env.done()) >= set(tags), 30,
+                 what='the tasks sent after the drop', log=env.logs)
+        assert worker.proc.poll() is None, worker.log()[-4000:]
+        worker.terminate()
+
+
+def test_a_consumer_with_1100_open_descriptors_waits_for_a_delayed_message(
+        redis_url: str) -> None:
+    """Waits use ``selectors``, not ``select.select``, which raised ValueError ("filedescriptor
+    out of range in select()") for a wait's socket above 1023: a busy process (database
+    connections, a threads pool) waiting for an x-delay message died of it."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1400:
+        pytest.skip(f'the hard limit of open files ({hard}) is below 1,400')
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1400), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        got: list = []
+        queue = Queue('many-fds', routing_key='many-fds')
+        with Connection(_url(redis_url)) as conn:
+            consumer = conn.Consumer([queue], callbacks=[lambda body, m: (got.append(body),
+                                                                         m.ack())])
+            consumer.consume()
+            conn.Producer().publish('later', routing_key='many-fds', declare=[queue],
+                                    headers={'x-delay': 1500})
+            deadline = time.monotonic() + 20
+            while not got and time.monotonic() < deadline:
+                try:
+                    conn.drain_events(timeout=1)
+                except socket.timeout:
+                    pass
+        assert got == ['later']
+        assert min(held) <= 1023 < max(held)  # so the wait's own socket is above 1023
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
