@@ -184,8 +184,13 @@ class Broker:
 
     # -- the key layout --------------------------------------------------------------------
 
-    def layout_call(self) -> Call:
-        return SCRIPTS['layout'], [self.keys.layout()], [LAYOUT]
+    def layout_call(self, watch: bool = False) -> Call:
+        return SCRIPTS['layout'], [self.keys.layout()], [LAYOUT, *(['1'] if watch else [])]
+
+    def layout_vanished(self) -> bool:
+        """Whether the layout record of the prefix, which a channel of this process wrote or
+        found, is gone (it is written again now): Redis lost data under the prefix since."""
+        return self.run(self.layout_call(watch=True)) == 0
 
     def check_layout(self) -> None:
         """Record the key layout of this release under the prefix, or refuse to go on where

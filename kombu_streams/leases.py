@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from kombu.utils.encoding import bytes_to_str
 
+from .losswatch import LossWatch
 from .scripts import Call, run_calls
 
 if TYPE_CHECKING:
@@ -240,6 +241,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         #: closed channels whose last acks could not be sent: retried every round
         self._orphans: list[Any] = []
+        self._loss = LossWatch()
 
     def adopt(self, channel: Any) -> None:
         """Keep sending a closed channel's deferred acks (its close could not): an ack the
@@ -302,7 +304,8 @@ class LeaseKeeper:
 
     def run_once(self) -> None:
         """One round: send deferred acks, renew the lease of every in-flight message, reclaim
-        where due, and keep consumed expiring queues (x-expires) alive."""
+        where due, keep consumed expiring queues (x-expires) alive, and look for data Redis
+        lost (:mod:`kombu_streams.losswatch`)."""
         self.flush_acks()
         for channel in self._channels():
             try:
@@ -311,6 +314,7 @@ class LeaseKeeper:
                 channel.keep_expiring_queues()
             except Exception as exc:  # connection trouble: the next round tries again
                 logger.warning('kombu-streams: lease round failed: %r', exc)
+        self._loss.check(self._channels())
 
     def _run(self) -> None:
         """Rounds every interval(); in between, deferred acks ACK_DELAY after they were

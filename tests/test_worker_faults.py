@@ -8,6 +8,7 @@ still alive, every task ran once per delivery, the producer publishes again by i
 
 from __future__ import annotations
 
+import signal
 import socket
 import time
 from collections import Counter
@@ -335,3 +336,66 @@ def test_a_consumer_with_1100_open_descriptors_waits_for_a_delayed_message(
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# ---------------------------------------------------------------------------
+# loss is never silent (#23 item 6)
+# ---------------------------------------------------------------------------
+
+
+def _lost_data_logged(caplog, queue: str) -> bool:
+    messages = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
+    return (any('Redis lost data under key prefix' in m for m in messages)
+            and any(f"queue '{queue}' may have lost messages" in m for m in messages))
+
+
+def test_a_restart_without_persistence_is_logged(tmp_path: Path, caplog) -> None:
+    """A Redis restarted without persistence (no AOF, no RDB) forgets every message; the
+    consumers connected to it say so (once per queue), within a lease round."""
+    import logging
+    import shutil
+
+    from conftest import start_redis, stop_redis
+    from test_faults import Server
+
+    binary = shutil.which('redis-server')
+    if binary is None:
+        pytest.skip('redis-server not installed')
+    proc, port = start_redis(binary, tmp_path / 'nopersist')
+    server = Server(proc, port, tmp_path / 'nopersist')
+    caplog.set_level(logging.WARNING, logger='kombu_streams')
+    try:
+        queue = Queue('lossq', routing_key='lossq')
+        with Connection(server.broker, transport_options={'visibility_timeout': 3}) as conn:
+            consumer = conn.Consumer([queue], callbacks=[lambda body, m: None])
+            consumer.consume()
+            conn.Producer().publish('kept only in memory', routing_key='lossq')
+            server.stop(signal.SIGKILL)
+            server.restart()
+            wait_for(lambda: _lost_data_logged(caplog, 'lossq'), 20,
+                     what='the loss to be logged')
+            time.sleep(2.5)  # more lease rounds: the same loss is not reported again
+        errors = [r for r in caplog.records
+                  if "queue 'lossq' may have lost messages" in r.getMessage()]
+        assert len(errors) == 1
+    finally:
+        stop_redis(server.proc)
+
+
+def test_an_evicted_or_flushed_layout_record_is_logged(redis_url: str, redis_client,
+                                                       caplog) -> None:
+    """The record is the least recently used key, so allkeys-lru evicts it early: its
+    absence at a lease round is reported (here it is deleted, as eviction would)."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger='kombu_streams')
+    queue = Queue('evictq', routing_key='evictq')
+    with Connection(_url(redis_url), transport_options={'visibility_timeout': 60}) as conn:
+        consumer = conn.Consumer([queue], callbacks=[lambda body, m: None])
+        consumer.consume()
+        conn.transport.leases.run_once()
+        assert not _lost_data_logged(caplog, 'evictq')  # nothing lost yet
+        assert redis_client.delete('ks:layout') == 1
+        conn.transport.leases.run_once()
+        assert _lost_data_logged(caplog, 'evictq')
+        assert redis_client.get('ks:layout') is not None  # recorded again: reported once
