@@ -34,6 +34,12 @@ class LayoutMismatch(RuntimeError):
 #: read again (so they keep their id, priority and delivery count).
 HOLDER = '~requeued'
 
+#: The consumer name a settle call (ack, requeue, dead-letter) gives to settle entries
+#: whoever owns them: for operators. A channel gives its own name, so that once its lease
+#: ran out and another consumer took a message it cannot take it back (docs/design.rst,
+#: "Leases").
+ANY_OWNER = ''
+
 
 #: A source of messages for a read: (queue, None) for the queue's own streams, (queue,
 #: exchange) for its group on a fanout exchange's stream.
@@ -56,6 +62,16 @@ PAGE = 500
 
 #: Where a peek.lua page starts: (stream index, 'h' held or 'f' fresh part, last id or '').
 PeekCursor = tuple[int, str, str]
+
+
+def warn_unsettled(queue: str, count: int, what: str) -> None:
+    """Log entries a consumer's settle (``what``: ack, requeue, dead-letter) left alone because
+    it no longer owns them: its lease ran out (the process was stopped or cut off) and another
+    consumer took them, so this one may have processed a message that runs again there.
+    Called once per settle call and queue, never per message."""
+    logger.warning('kombu-streams: %d message%s of queue %r not settled (%s): its lease was lost, '
+                   'another consumer holds it now', count, '' if count == 1 else 's', queue,
+                   what)
 
 
 def _id_order(entry_id: Any) -> tuple[int, int]:
@@ -92,6 +108,9 @@ class ReadResult(NamedTuple):
     #: per queue source the read opened: ms until its next delayed message is due (0: due
     #: now), -1: none delayed
     dues: dict[Source, int] = {}
+    #: per source: acks that rode along and were left alone, as the consumer no longer owns
+    #: those entries (its lease ran out and another consumer took them)
+    unsettled: dict[Source, int] = {}
 
 
 class Reclaimed(NamedTuple):
@@ -170,6 +189,25 @@ class Broker:
         """Run calls in one round trip per server (:func:`~kombu_streams.scripts.run_calls`);
         their replies in order."""
         return run_calls(self.client, calls) if calls else []
+
+    @staticmethod
+    def settled(calls: Sequence[Call], replies: Sequence[Any], what: str) -> int:
+        """How many entries the settle ``calls`` (ack, fanout_ack, requeue, deadletter: each
+        replies {done, not owned}) settled; replies that are errors count none. Entries
+        left alone because the calls' consumer no longer owns them are logged, once per
+        queue (:func:`warn_unsettled`)."""
+        done = 0
+        unsettled: dict[str, int] = {}
+        for (_, _, args), reply in zip(calls, replies):
+            if isinstance(reply, Exception):
+                continue
+            done += int(reply[0])
+            if int(reply[1]):
+                queue = text(args[0])  # ARGV[1] of each: the group, named after the queue
+                unsettled[queue] = unsettled.get(queue, 0) + int(reply[1])
+        for queue, count in unsettled.items():
+            warn_unsettled(queue, count, what)
+        return done
 
     def load_scripts(self) -> None:
         """SCRIPT LOAD every script, and the Redis 7 flagged text of the read-only ones (Redis
@@ -410,8 +448,9 @@ class Broker:
                   ) -> tuple[Call, Callable[[list[Any]], ReadResult]]:
         """The read call for ``sources`` (see :meth:`sources`), each read as ``modes`` says
         (READ, POPPED, GATED or WALK; READ by default), and the function that decodes its
-        reply. ``acks``: (stream key, entry id) of messages to ack in the same call; each
-        stream must be one of a queue source's own (see :meth:`ack_merges`)."""
+        reply. ``acks``: (stream key, entry id) of messages ``consumer`` acks in the same
+        call (only those it still owns are acked, as :meth:`ack_call` says); each stream
+        must be one of a queue source's own (see :meth:`ack_merges`)."""
         ttls, modes = ttls or {}, modes or {}
         index = {src: i + 1 for i, src in enumerate(sources)}
         # (stream key, source, level), in the order to serve them
@@ -439,8 +478,9 @@ class Broker:
 
         def parse(reply: list[Any]) -> ReadResult:
             status, problems, aside, dues = text(reply[0]), reply[1], reply[2], reply[3]
+            unsettled = reply[4]
             out = []
-            for j in range(4, len(reply), 4):
+            for j in range(5, len(reply), 4):
                 i, entry_id, deliveries, payload = reply[j:j + 4]
                 key, (queue, exchange), level = streams[int(i) - 1]
                 out.append(Delivery(queue, level, key, entry_id, int(deliveries), payload,
@@ -451,7 +491,9 @@ class Broker:
                  for j in range(0, len(problems), 2)],
                 [(sources[int(aside[j]) - 1], streams[int(aside[j + 1]) - 1][0], aside[j + 2],
                   text(aside[j + 3])) for j in range(0, len(aside), 4)],
-                {sources[int(dues[j]) - 1]: int(dues[j + 1]) for j in range(0, len(dues), 2)})
+                {sources[int(dues[j]) - 1]: int(dues[j + 1]) for j in range(0, len(dues), 2)},
+                {sources[int(unsettled[j]) - 1]: int(unsettled[j + 1])
+                 for j in range(0, len(unsettled), 2)})
 
         return (SCRIPTS['read'], keys, args), parse
 
@@ -460,57 +502,63 @@ class Broker:
         return {key for q, ex in sources if not ex for key in self.streams(q)}
 
     def ack_call(self, queue: str, entries: Iterable[tuple[str, Any]],
-                 exchange: str | None = None) -> Call | None:
-        """The ack call, or None when there is nothing to ack."""
+                 exchange: str | None = None, consumer: str = ANY_OWNER) -> Call | None:
+        """The ack call, or None when there is nothing to ack. ``consumer``: only entries it
+        still owns are acked (a channel's own name); ANY_OWNER: whoever owns them."""
         if exchange:
             ids = [entry_id for _, entry_id in entries]
             if not ids:
                 return None
-            return SCRIPTS['fanout_ack'], [self.keys.fanout(exchange)], [queue, *ids]
+            return SCRIPTS['fanout_ack'], [self.keys.fanout(exchange)], [queue, consumer, *ids]
         streams, pairs = self._entry_args(entries)
         if not pairs:
             return None
-        return SCRIPTS['ack'], streams, [queue, *pairs]
+        return SCRIPTS['ack'], streams, [queue, consumer, *pairs]
 
     def ack_calls(self, queue: str, entries: Iterable[tuple[str, Any]],
-                  exchange: str | None = None) -> list[Call]:
+                  exchange: str | None = None, consumer: str = ANY_OWNER) -> list[Call]:
         """The ack calls, one per CHUNK entries (each call's work stays bounded)."""
         entries = list(entries)
-        calls = [self.ack_call(queue, entries[j:j + CHUNK], exchange)
+        calls = [self.ack_call(queue, entries[j:j + CHUNK], exchange, consumer)
                  for j in range(0, len(entries), CHUNK)]
         return [call for call in calls if call is not None]
 
     def ack(self, queue: str, entries: Iterable[tuple[str, Any]],
-            exchange: str | None = None) -> int:
+            exchange: str | None = None, consumer: str = ANY_OWNER) -> int:
         """Acknowledge entries, given as (stream key, id): deleted from the queue's streams;
-        on a fanout exchange's stream (``exchange``), trimmed once every group is done."""
-        return sum(self.run_all(self.ack_calls(queue, entries, exchange)))
+        on a fanout exchange's stream (``exchange``), trimmed once every group is done.
+        ``consumer``: only those it still owns (the others are logged); ANY_OWNER: all."""
+        calls = self.ack_calls(queue, entries, exchange, consumer)
+        return self.settled(calls, self.run_all(calls), 'ack')
 
     def requeue_call(self, queue: str, entries: Iterable[tuple[Any, ...]],
-                     exchange: str | None = None) -> Call:
+                     exchange: str | None = None, consumer: str = ANY_OWNER) -> Call:
         """The requeue call for entries given as (stream key, id, delivery count to keep,
-        -1 for as it is)."""
+        -1 for as it is). ``consumer``: only entries it still owns are requeued (a channel's
+        own name); ANY_OWNER: whoever owns them."""
         streams, args = self._entry_args(entries)
         keys = streams + [self.wake(queue, exchange)]
         if not exchange:
             keys.append(self.keys.ready(queue))
-        return SCRIPTS['requeue'], keys, [queue, HOLDER, *args]
+        return SCRIPTS['requeue'], keys, [queue, consumer, HOLDER, *args]
 
     def requeue_calls(self, queue: str, entries: Iterable[tuple[Any, ...]],
-                      exchange: str | None = None) -> list[Call]:
+                      exchange: str | None = None, consumer: str = ANY_OWNER) -> list[Call]:
         """The requeue calls, one per CHUNK entries; entries as for :meth:`requeue`."""
         entries = [(stream, entry_id, count[0] if count else -1)
                    for stream, entry_id, *count in entries]
-        return [self.requeue_call(queue, entries[j:j + CHUNK], exchange)
+        return [self.requeue_call(queue, entries[j:j + CHUNK], exchange, consumer)
                 for j in range(0, len(entries), CHUNK)]
 
     def requeue(self, queue: str, entries: Iterable[tuple[Any, ...]],
-                exchange: str | None = None) -> int:
+                exchange: str | None = None, consumer: str = ANY_OWNER) -> int:
         """Give delivered entries back; they are served first in their level.
 
         Entries are (stream key, id) or (stream key, id, delivery count to keep).
+        ``consumer``: only those it still owns (the others are logged); ANY_OWNER: all.
         """
-        return sum(self.run_all(self.requeue_calls(queue, entries, exchange)))
+        calls = self.requeue_calls(queue, entries, exchange, consumer)
+        return self.settled(calls, self.run_all(calls), 'requeue')
 
     def renew_call(self, queue: str, consumer: str, stream: str, ids: Sequence[Any]) -> Call:
         """The renew call for ``ids`` of one stream, in increasing order (renew.lua needs
@@ -572,16 +620,23 @@ class Broker:
     # -- dead letters ------------------------------------------------------------------------
 
     def dead_letter_call(self, queue: str, stream: str, entry_id: Any, reason: str,
-                         deliveries: int, exchange: str | None = None) -> Call:
+                         deliveries: int, exchange: str | None = None,
+                         consumer: str = ANY_OWNER) -> Call:
+        """The deadletter call; ``consumer``: only while it owns the entry (a channel's own
+        name); ANY_OWNER: whoever owns it."""
         dlq = self.keys.fanout_dlq(exchange, queue) if exchange else self.keys.dlq(queue)
-        return SCRIPTS['deadletter'], [stream, dlq], [queue, entry_id, reason, deliveries,
-                                                      '1' if exchange else '0']
+        return SCRIPTS['deadletter'], [stream, dlq], [queue, consumer, entry_id, reason,
+                                                      deliveries, '1' if exchange else '0']
 
     def dead_letter(self, queue: str, stream: str, entry_id: Any, reason: str,
-                    deliveries: int, exchange: str | None = None) -> int:
-        """Set one delivered entry aside; ``exchange``: it sits in that fanout stream."""
-        return self.run(self.dead_letter_call(queue, stream, entry_id, reason, deliveries,
-                                              exchange))
+                    deliveries: int, exchange: str | None = None,
+                    consumer: str = ANY_OWNER) -> int:
+        """Set one delivered entry aside; ``exchange``: it sits in that fanout stream;
+        ``consumer``: only while it owns it (else logged); ANY_OWNER: whoever does.
+        1 if it was moved, else 0."""
+        call = self.dead_letter_call(queue, stream, entry_id, reason, deliveries, exchange,
+                                     consumer)
+        return self.settled([call], [self.run(call)], 'dead-letter')
 
     def redrive_call(self, queue: str, count: int, ids: Sequence[Any] = ()) -> Call:
         keys = [self.keys.dlq(queue), *self.streams(queue), self.keys.wake(queue),

@@ -28,7 +28,17 @@ from kombu.utils.scheduling import cycle_by_name
 
 from . import due, envelope
 from .batch import PublishBatch
-from .broker import CHUNK, HOLDER, READ, Broker, Delay, Delivery, ReadResult, Source
+from .broker import (
+    CHUNK,
+    HOLDER,
+    READ,
+    Broker,
+    Delay,
+    Delivery,
+    ReadResult,
+    Source,
+    warn_unsettled,
+)
 from .compat import BATCH_PUBLISH
 from .connection import POOL_OPTIONS, socket_timeout
 from .errors import ChannelClosed
@@ -646,18 +656,21 @@ class Channel(virtual.Channel):
 
     def _learn(self, modes: dict[Source, str], result: ReadResult) -> None:
         """Take in a read's news: the plan's source states, and a log line for each entry
-        read.lua set aside (it cannot log)."""
+        read.lua set aside (it cannot log) and for acks that rode along but found their
+        lease lost (one line per queue)."""
         self.plan.learn(modes, result)
         for (queue, _), stream, entry_id, reason in result.aside:
             logger.warning('kombu-streams: moved entry %s of %s to the dead-letter stream of '
                            '%r: %s', bytes_to_str(entry_id), stream, queue, reason)
+        for (queue, _), left_alone in result.unsettled.items():
+            warn_unsettled(queue, left_alone, ACK)
 
     def _send_read(self, calls: list[Call], acks: list[InFlight]
                    ) -> tuple[Any, BaseException | None]:
         """Send ack calls and the read (last, with the acks that ride inside it) in one round
         trip: (the read's reply, the first ack error). Acks whose call failed, or that may not
         have been sent, are put back (sending an ack twice is harmless); an error of the read
-        itself is raised."""
+        itself is raised. Acks left alone (lease lost) are logged."""
         if len(calls) == 1:  # the read, perhaps with acks inside it
             script, keys, args = calls[0]
             try:
@@ -670,6 +683,7 @@ class Channel(virtual.Channel):
         except Exception:
             self._put_back(acks)
             raise
+        self.broker.settled(calls[:-1], results[:-1], ACK)
         failed = next((r for r in results if isinstance(r, Exception)), None)
         if failed is not None:  # an ack call or the read (which may carry acks) failed
             self._put_back(acks)
@@ -679,10 +693,11 @@ class Channel(virtual.Channel):
 
     def _send_acks(self, acks: list[InFlight], calls: list[Call]) -> None:
         try:
-            run_calls(self.client, calls)
+            replies = run_calls(self.client, calls)
         except Exception:
             self._put_back(acks)
             raise
+        self.broker.settled(calls, replies, ACK)  # logs acks left alone: lease lost
 
     def _put_back(self, acks: list[InFlight]) -> None:
         """Deferred acks whose sending failed: delayed again, never dropped."""
@@ -758,7 +773,7 @@ class Channel(virtual.Channel):
         calls: list[Call] = []
         for (queue, exchange), msgs in by_source(alone, lambda m: m).items():
             calls += self.broker.ack_calls(queue, [(m.stream, m.entry_id) for m in msgs],
-                                           exchange)
+                                           exchange, self.consumer_name)
         return taken, calls, merged
 
     def _merged_calls(self, merged: list[tuple[str, str, bytes]]) -> list[Call]:
@@ -766,7 +781,8 @@ class Channel(virtual.Channel):
         by_queue: dict[str, list[tuple[str, bytes]]] = {}
         for queue, stream, entry_id in merged:
             by_queue.setdefault(queue, []).append((stream, entry_id))
-        return [c for q, entries in by_queue.items() for c in self.broker.ack_calls(q, entries)]
+        return [c for q, entries in by_queue.items()
+                for c in self.broker.ack_calls(q, entries, None, self.consumer_name)]
 
     def flush_acks(self) -> None:
         """Send deferred acks now."""
@@ -776,28 +792,36 @@ class Channel(virtual.Channel):
 
     def _settle(self, tags: Iterable[str], mode: str, read_ahead: Iterable[str] = (),
                 reason: str = 'rejected') -> int:
-        """Ack (delete), requeue or dead-letter messages: one script call per queue.
+        """Ack (delete), requeue or dead-letter messages: one script call per queue (per
+        message to dead-letter), all in one round trip.
 
         ``read_ahead`` are tags of messages read but never handed to the application; they
         can only be requeued, and go back with their delivery count lowered by one.
+
+        Each call names this channel's consumer, so only messages it still owns are settled:
+        one whose lease ran out while this process was stopped or cut off belongs to another
+        consumer now and is left to it (a requeue here would hand it to a third one while
+        the second runs it). Those are logged once per queue.
         """
         msgs: list[tuple[InFlight, int]] = []  # with the delivery count to keep
         for tag, handed in [(t, True) for t in tags] + [(t, False) for t in read_ahead]:
             msg = self._inflight.pop(tag, None)
             if msg is not None:
                 msgs.append((msg, msg.deliveries if handed else msg.deliveries - 1))
-        done = 0
+        me = self.consumer_name
+        calls: list[Call] = []
         for (queue, exchange), group in by_source(msgs, lambda m: m[0]).items():
             entries = [(m.stream, m.entry_id, n) for m, n in group]
             if mode == REQUEUE:
-                done += self.broker.requeue(queue, entries, exchange)
+                calls += self.broker.requeue_calls(queue, entries, exchange, me)
             elif mode == ACK:
-                done += self.broker.ack(queue, [(s, i) for s, i, _ in entries], exchange)
+                calls += self.broker.ack_calls(queue, [(s, i) for s, i, _ in entries],
+                                               exchange, me)
             else:
-                for stream, entry_id, deliveries in entries:
-                    done += self.broker.dead_letter(queue, stream, entry_id, reason,
-                                                    deliveries, exchange)
-        return done
+                calls += [self.broker.dead_letter_call(queue, stream, entry_id, reason,
+                                                       deliveries, exchange, me)
+                          for stream, entry_id, deliveries in entries]
+        return self.broker.settled(calls, self.broker.run_all(calls), mode)
 
     def _set_aside(self, queue: str, stream: str, entry_id: bytes, deliveries: int,
                    exchange: str | None, reason: str) -> None:
@@ -806,7 +830,7 @@ class Channel(virtual.Channel):
                      bytes_to_str(entry_id), stream, queue, reason)
         try:
             self.broker.dead_letter(queue, stream, entry_id, reason[:1000], deliveries,
-                                    exchange)
+                                    exchange, self.consumer_name)
         except Exception as exc:  # e.g. OOM: it stays pending and is reclaimed later
             logger.error('kombu-streams: could not dead-letter entry %s of %s: %r',
                          bytes_to_str(entry_id), stream, exc)

@@ -491,7 +491,8 @@ ENTRY_ID = '<ENTRY-ID>'
 PAYLOAD = '<PAYLOAD: a Kombu message envelope (JSON)>'
 TASK_ID = '<TASK-ID>'
 REASON = '<REASON>'
-#: The consumer a ``scripts --call read`` line reads as.
+#: The consumer a ``scripts --call read`` line reads as, and the ack, requeue and deadletter
+#: lines settle as (only what it owns, as a channel does).
 CALL_CONSUMER = 'kombu-streams-cli'
 #: Why ``scripts --call`` cannot lay out these scripts for a queue.
 NOT_QUEUE_CALLS = dict.fromkeys(
@@ -514,16 +515,22 @@ def queue_call(broker: Broker, name: str, queue: str) -> tuple[Call, str]:
                          f'consumer until acked (or reclaimed after a lease)'),
         'publish': lambda: (broker.publish_call(queue, lowest, PAYLOAD, delay=Delay()),
                             f'level {lowest}, due now (delayed delivery on); replace {PAYLOAD}'),
-        'ack': lambda: (broker.ack_calls(queue, [(stream, ENTRY_ID)])[0],
-                        f'an entry of level {lowest}: replace {ENTRY_ID}'),
-        'requeue': lambda: (broker.requeue_calls(queue, [(stream, ENTRY_ID)])[0],
-                            f'an entry of level {lowest}, delivery count kept: replace '
+        'ack': lambda: (broker.ack_calls(queue, [(stream, ENTRY_ID)], None,
+                                         CALL_CONSUMER)[0],
+                        f'an entry of level {lowest} owned by {CALL_CONSUMER} (\'\' in its '
+                        f'place: whoever owns it): replace {ENTRY_ID}'),
+        'requeue': lambda: (broker.requeue_calls(queue, [(stream, ENTRY_ID)], None,
+                                                 CALL_CONSUMER)[0],
+                            f'an entry of level {lowest} owned by {CALL_CONSUMER} (\'\' in its '
+                            f'place: whoever owns it), delivery count kept: replace '
                             f'{ENTRY_ID}'),
         'renew': lambda: (broker.renew_call(queue, CALL_CONSUMER, stream, [ENTRY_ID]),
                           f'an entry of level {lowest} owned by {CALL_CONSUMER}: replace '
                           f'{ENTRY_ID}'),
-        'deadletter': lambda: (broker.dead_letter_call(queue, stream, ENTRY_ID, REASON, 1),
-                               f'an entry of level {lowest} delivered once: replace '
+        'deadletter': lambda: (broker.dead_letter_call(queue, stream, ENTRY_ID, REASON, 1,
+                                                       None, CALL_CONSUMER),
+                               f'an entry of level {lowest} delivered once, owned by '
+                               f'{CALL_CONSUMER} (\'\' in its place: whoever owns it): replace '
                                f'{ENTRY_ID} and {REASON}'),
         'reclaim': lambda: (broker.reclaim_call(queue, lease_ms, Channel.reclaim_batch)[0],
                             f'lease {lease_ms} ms, budget {Channel.reclaim_batch}, consumer '

@@ -4,33 +4,42 @@ KEYS[1]   the stream that holds the entry
 KEYS[2]   the queue's dead-letter stream, ks:q:{name}:dlq (for a fanout group on Redis
           Cluster: ks:x:{ex}:dlq:<queue>)
 ARGV[1]   consumer group (the queue's name)
-ARGV[2]   entry id
-ARGV[3]   reason (free text, e.g. the decoding error)
-ARGV[4]   delivery count so far
-ARGV[5]   "1" if KEYS[1] is a fanout stream (the entry is only acked there, and the stream
+ARGV[2]   consumer name: the entry is set aside only while it owns it; one whose lease ran
+          out and that another consumer took is left to that one. '' sets it aside whoever
+          owns it (operators)
+ARGV[3]   entry id
+ARGV[4]   reason (free text, e.g. the decoding error)
+ARGV[5]   delivery count so far
+ARGV[6]   "1" if KEYS[1] is a fanout stream (the entry is only acked there, and the stream
           trimmed), else "0"
-Reply:    1 if the entry was moved, 0 if it no longer exists (or, on a fanout stream, is not
-          pending for this group)
+Reply:    {moved, not owned}: moved is 1 if the entry was moved, 0 if it no longer exists
+          (or, on a fanout stream, is not pending for this group); not owned is 1 when the
+          consumer no longer owns it and it was left alone (0 for '')
 Errors:   "deadletter: expected ..." for another layout; WRONGTYPE
-Minimum Redis: 6.2. Cost: O(fields of the entry), plus O(groups) on a fanout stream.
-See docs/design.rst (Delivery counts and dead letters).
+Minimum Redis: 6.2. Cost: O(fields of the entry), plus O(groups) on a fanout stream; for a
+consumer, one XPENDING of its own entry. See docs/design.rst (Delivery counts and dead
+letters, Leases).
 ]]
 --@include common
-local bad = check_args('deadletter', #KEYS == 2, #ARGV == 5,
-                       'KEYS: stream, dead-letter stream; ARGV: group, id, reason, count, shared')
+local bad = check_args('deadletter', #KEYS == 2, #ARGV == 6, 'KEYS: stream, dead-letter ' ..
+                       'stream; ARGV: group, consumer, id, reason, count, shared')
 if bad then return bad end
-local found = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
-if #found > 0 and ARGV[5] == '1' then
+local key, group, me, id, shared = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[6] == '1'
+local owned, stale, oerr = owned_ids(key, group, me, {id})
+if oerr then return redis.error_reply(oerr) end
+if #owned == 0 then return {0, stale} end  -- another consumer's now, or nothing to do
+local found = redis.call('XRANGE', key, id, id)
+if #found > 0 and shared and me == '' then
   -- a fanout entry outlives this group's copy: not pending here, it was filed already
-  local pending, err = try('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+  -- (a consumer's own entry is pending: owned_ids saw it)
+  local pending, err = try('XPENDING', key, group, id, id, 1)
   if err then return redis.error_reply(err) end
-  if pending == nil or #pending == 0 then return 0 end
+  if pending == nil or #pending == 0 then return {0, 0} end
 end
 if #found == 0 then
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-  return 0
+  redis.call('XACK', key, group, id)
+  return {0, 0}
 end
-local err = dead_letter(KEYS[1], ARGV[1], ARGV[2], found[1][2], KEYS[2], ARGV[3], ARGV[4],
-                        ARGV[5] == '1')
+local err = dead_letter(key, group, id, found[1][2], KEYS[2], ARGV[4], ARGV[5], shared)
 if err then return redis.error_reply(err) end
-return 1
+return {1, 0}

@@ -30,9 +30,10 @@ ARGV[6+4q]      ttl in ms of source q's marker and index (x-expires; 0: the ttl 
 ARGV[6+4Q+i]    the source (1..Q) of stream i
 ARGV[7+4Q+S]    A: the number of acks that ride along (0: none), then A pairs: stream index
                 i (a queue's own stream, never a fanout one), entry id; they are acked
-                before anything is read, as ack.lua does (one round trip, one call)
-Reply: {status, problems, aside, dues, then per delivered message, in delivery order:
-       stream index i, entry id, delivery count, payload}
+                before anything is read, as ack.lua does for consumer ARGV[1] (one round
+                trip, one call): only those it still owns
+Reply: {status, problems, aside, dues, unsettled, then per delivered message, in delivery
+       order: stream index i, entry id, delivery count, payload}
        status    one character per source: '1' may hold more ready messages, '0' nothing
                  ready, '-' not reached (COUNT ran out first), 'e' it met a problem
        problems  {q, error, ...}: errors on source q's keys (another program's key at one of
@@ -40,12 +41,15 @@ Reply: {status, problems, aside, dues, then per delivered message, in delivery o
        aside     {q, i, entry id, reason, ...}: entries moved to the dead-letter stream
        dues      {q, ms, ...} for each queue source opened: ms until its next delayed message
                  is due (0: due now, more than this call moved), -1: it holds none
+       unsettled {q, n, ...}: n acks that rode along for source q were left alone, the
+                 consumer no longer owns those entries (its lease ran out, another took them)
 Errors: "read: expected ..." for another layout; none from a source's keys (see problems);
         Redis's own otherwise.
 Minimum Redis: 6.2. Cost: sources are opened in serving order until COUNT is used up (an
 EXISTS of the marker in mode 'm', SMEMBERS of the index), then commands only for the
 streams the index names: O(COUNT + entries set aside); a walk adds an XLEN per stream,
-moving due delayed messages at most PROMOTE (500). Never blocks. Phases: lua/lib/serve.lua.
+moving due delayed messages at most PROMOTE (500); acks that ride along add one XPENDING per
+stream (ownership, see ack.lua). Never blocks. Phases: lua/lib/serve.lua.
 See docs/design.rst (Wake-ups, The ready index, Leases, Delivery counts and dead letters,
 Delayed delivery).
 ]]

@@ -586,12 +586,12 @@ def test_scripts_call_lines_run_as_the_transport_calls(redis_url, tmp_path):
     data, words = call_words(tmp_path, 'scripts', '--call', 'read', 'cq')
     assert data['argv'][:4] == ['kombu-streams-cli', '1', HOLDER, '20']
     reply = c.execute_command(*words)
-    assert reply[4:] == [1, entry, 1, b'{"n": 1}']
+    assert reply[5:] == [1, entry, 1, b'{"n": 1}']
     assert [(x['name'], x['pending']) for x in b.inspect('cq')['consumers']] == [
         ('kombu-streams-cli', 1)]
     _, words = call_words(tmp_path, 'scripts', '--call', 'ack', 'cq')
     assert '<ENTRY-ID>' in words
-    assert c.execute_command(*[entry if w == '<ENTRY-ID>' else w for w in words]) == 1
+    assert c.execute_command(*[entry if w == '<ENTRY-ID>' else w for w in words]) == [1, 0]
     assert c.xlen(K.stream('cq', 0)) == 0
     # the --eval line runs the flat text it wrote (redis-cli, when installed)
     data = cli_json(None, 'scripts', '--call', 'size', 'cq', '--lua-dir', str(tmp_path))

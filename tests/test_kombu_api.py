@@ -961,12 +961,12 @@ def test_a_read_whose_piggybacked_ack_fails_still_hands_out_what_it_read(conn, r
     real = ch.broker.ack_call
     broken_once = []
 
-    def failing(queue, entries, exchange=None):
+    def failing(queue, entries, exchange=None, consumer=""):
         if broken_once:
-            return real(queue, entries, exchange)
+            return real(queue, entries, exchange, consumer)
         broken_once.append(1)
         stream = list(entries)[0][0]
-        return SCRIPTS["ack"], [stream], [queue, "not-a-number", "0-1"]  # a script error
+        return SCRIPTS["ack"], [stream], [queue, consumer, "not-a-number", "0-1"]  # an error
 
     ch.broker.ack_call = failing
     with pytest.raises(redis.ResponseError):

@@ -23,13 +23,13 @@ QUEUE_KEYS = [K.wake(Q), K.ready(Q), K.delayed(Q), K.delayed_messages(Q)]
 #: priority level, one entry; the fanout form where a queue's call has one key more): a
 #: call with any of its KEYS or ARGV cut off the end fits no layout of the script.
 MINIMAL = {
-    'ack': ([S0], [Q, 1, '1-1']),
+    'ack': ([S0], [Q, 'c1', 1, '1-1']),
     'bind': ([K.bindings(X), K.deadlines(X)], ['rk', 0]),
     'cancel': ([K.delayed(Q), K.delayed_messages(Q)], ['0', 10]),
-    'deadletter': ([S0, K.dlq(Q)], [Q, '1-1', 'why', 1, '0']),
+    'deadletter': ([S0, K.dlq(Q)], [Q, 'c1', '1-1', 'why', 1, '0']),
     'declare': ([S0], [Q]),
     'delete': ([S0, *QUEUE_KEYS, K.dlq(Q)], []),
-    'fanout_ack': ([FAN], [Q, '1-1']),
+    'fanout_ack': ([FAN], [Q, 'c1', '1-1']),
     'fanout_publish': ([FAN, K.deadlines(X)], ['m']),
     'inspect': ([S0, K.dlq(Q), K.delayed(Q)], [Q, HOLDER, 0]),
     'inspect_fanout': ([FAN], [10]),
@@ -45,7 +45,7 @@ MINIMAL = {
     'reclaim': ([FAN, FWAKE], [Q, HOLDER, 1000, 100, 0, '-']),
     'redrive': ([K.dlq(Q), S0, K.wake(Q), K.ready(Q)], [10]),
     'renew': ([S0], [Q, 'c1', '1-1']),
-    'requeue': ([FAN, FWAKE], [Q, HOLDER, 1, '1-1', -1]),
+    'requeue': ([FAN, FWAKE], [Q, 'c1', HOLDER, 1, '1-1', -1]),
     'route': ([K.bindings(X), K.deadlines(X)], [100]),
     'scheduled': ([K.delayed(Q), K.delayed_messages(Q)], [10, '0']),
     'size': ([S0], [Q, HOLDER]),
@@ -97,6 +97,6 @@ def test_a_stream_index_outside_keys_is_named(fake_client):
     c = fake_client
     for index in (2, 0, 'x'):
         with pytest.raises(ResponseError, match=r'^ack: expected a stream index 1\.\.1 at'):
-            SCRIPTS['ack'](c, [S0], [Q, index, '1-1'])
+            SCRIPTS['ack'](c, [S0], [Q, 'c1', index, '1-1'])
     with pytest.raises(ResponseError, match=r'^requeue: expected '):
-        SCRIPTS['requeue'](c, [S0, K.wake(Q), K.ready(Q)], [Q, HOLDER, 3, '1-1', -1])
+        SCRIPTS['requeue'](c, [S0, K.wake(Q), K.ready(Q)], [Q, 'c1', HOLDER, 3, '1-1', -1])

@@ -193,3 +193,45 @@ local function ack_ids(key, group, all)
   end
   return done
 end
+
+-- Of IDS (entry ids of stream KEY, as Redis gives them: "ms-seq"), the ones CONSUMER still
+-- owns in GROUP's PEL, in the order given (each once), and how many it does not own (its
+-- lease ran out and another consumer took the entry, or it was settled already). A settle
+-- leaves the others alone, so a stale consumer cannot take a message from its current owner
+-- (docs/design.rst, "Leases"). CONSUMER '' means any owner (operators): IDS as given, no
+-- command. Else one XPENDING of CONSUMER's own entries from the lowest to the highest id,
+-- paged, that stops once every id is found: O(ids + entries CONSUMER owns in that range).
+-- No stream or group: nothing to settle, ({}, 0). Another error (WRONGTYPE): (nil, 0, err),
+-- so a caller that asks before its first write has checked the stream's type too.
+local function owned_ids(key, group, consumer, ids)
+  if consumer == '' then return ids, 0, nil end
+  local want, n, lo, hi = {}, 0, nil, nil
+  for _, id in ipairs(ids) do
+    if not string.match(id, '^%d+%-?%d*$') then
+      return nil, 0, 'ERR Invalid stream ID specified as stream command argument: ' .. id
+    end
+    if not want[id] then
+      want[id], n = true, n + 1
+      if lo == nil or id_before(id, lo) then lo = id end
+      if hi == nil or id_before(hi, id) then hi = id end
+    end
+  end
+  local owned, found, start, page = {}, {}, lo, n + 100
+  local left = n
+  while left > 0 do
+    local p, err = try('XPENDING', key, group, start, hi, page, consumer)
+    if err then return nil, 0, err end
+    if p == nil then return {}, 0, nil end  -- no stream or group: nothing to settle
+    for _, e in ipairs(p) do
+      if want[e[1]] and not found[e[1]] then found[e[1]], left = true, left - 1 end
+    end
+    if #p < page then break end
+    start = '(' .. p[#p][1]
+  end
+  for _, id in ipairs(ids) do
+    if found[id] then
+      owned[#owned + 1], found[id] = id, nil
+    end
+  end
+  return owned, left, nil
+end

@@ -4,7 +4,8 @@
 -- State lives in one table, ctx (made by read.lua), and one table per source, src:
 --   ctx.consumer, ctx.holder, ctx.limit   who reads, who parks, the delivery limit
 --   ctx.left                              messages this call may still deliver
---   ctx.out, ctx.problems, ctx.aside      the reply's parts (see read.lua)
+--   ctx.out, ctx.problems, ctx.aside,     the reply's parts (see read.lua)
+--   ctx.unsettled
 --   ctx.aside_left                        entries this call may still set aside (COUNT +
 --                                         100: a backlog of them is worked off over calls)
 --   ctx.promote_left, ctx.dues, ctx.now   delayed messages this call may still move, the
@@ -27,7 +28,7 @@ local PROMOTE = 500  -- most delayed messages moved per call
 local function new_context(consumer, count, holder, limit)
   return {consumer = consumer, left = count, holder = holder, limit = limit, out = {},
           problems = {}, aside = {}, aside_left = count + 100, promote_left = PROMOTE,
-          dues = {}}
+          dues = {}, unsettled = {}}
 end
 
 -- The Q sources of a call over S streams, from read.lua's KEYS and ARGV layout, and the
@@ -49,7 +50,8 @@ local function load_sources(S, Q)
   return sources, of
 end
 
--- Ack the (stream index, entry id) pairs in ARGV[FIRST..], by stream, as ack.lua does. A
+-- Ack the (stream index, entry id) pairs in ARGV[FIRST..], by stream, as ack.lua does: only
+-- those the consumer still owns; the others are counted per source in ctx.unsettled. A
 -- stream holding another type is a problem of its source only.
 local function ride_acks(ctx, of, first)
   local acks, order = {}, {}
@@ -62,10 +64,16 @@ local function ride_acks(ctx, of, first)
     acks[i][#acks[i] + 1] = ARGV[j + 1]
   end
   for _, i in ipairs(order) do
-    local ok, err = pcall(ack_ids, KEYS[i], of[i].group, acks[i])
-    if not ok then
-      ctx.problems[#ctx.problems + 1] = of[i].q
-      ctx.problems[#ctx.problems + 1] = tostring(err) .. ' (key ' .. KEYS[i] .. ')'
+    local src = of[i]
+    local owned, lost, err = owned_ids(KEYS[i], src.group, ctx.consumer, acks[i])
+    if owned then
+      if lost > 0 then ctx.unsettled[src.q] = (ctx.unsettled[src.q] or 0) + lost end
+      local ok, aerr = pcall(ack_ids, KEYS[i], src.group, owned)
+      if not ok then err = tostring(aerr) end
+    end
+    if err then
+      ctx.problems[#ctx.problems + 1] = src.q
+      ctx.problems[#ctx.problems + 1] = err .. ' (key ' .. KEYS[i] .. ')'
     end
   end
 end
@@ -380,12 +388,18 @@ local function finish_source(ctx, src)
   return more and '1' or '0'
 end
 
--- The reply of the call (see read.lua): status per source, problems, aside, dues, then the
--- deliveries.
+-- The reply of the call (see read.lua): status per source, problems, aside, dues, unsettled,
+-- then the deliveries.
 local function finish(ctx, sources)
-  local status = {}
-  for q = 1, #sources do status[q] = finish_source(ctx, sources[q]) end
-  local reply = {table.concat(status), ctx.problems, ctx.aside, ctx.dues}
+  local status, unsettled = {}, {}
+  for q = 1, #sources do
+    status[q] = finish_source(ctx, sources[q])
+    if ctx.unsettled[q] then
+      unsettled[#unsettled + 1] = q
+      unsettled[#unsettled + 1] = ctx.unsettled[q]
+    end
+  end
+  local reply = {table.concat(status), ctx.problems, ctx.aside, ctx.dues, unsettled}
   for _, v in ipairs(ctx.out) do reply[#reply + 1] = v end
   return reply
 end

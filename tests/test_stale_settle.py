@@ -1,0 +1,270 @@
+"""A consumer whose lease ran out cannot settle a message another consumer holds now.
+
+A process stopped (SIGSTOP, a GC pause, a frozen network) for longer than its lease comes
+back and settles what it held: Celery restores every unacked message at each reconnect.
+Meanwhile its messages were reclaimed and another consumer runs them. Every settle names
+its consumer and leaves alone what that consumer no longer owns (docs/design.rst, "Leases",
+*Only the owner settles*): requeue, dead-letter, ack (ack.lua, fanout_ack.lua, and the acks
+riding inside read.lua). Operators settle with ANY_OWNER.
+
+The takeover is driven with XCLAIM (or reclaim.lua with lease 0), never by waiting for a
+lease to run out. XCLAIM's IDLE sets the taken entry's idle time to an hour, so a settle
+that claimed it again (resetting its idle time) changes the order of idle times.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import redis
+from helpers import read_messages
+from kombu import Connection, Exchange, Producer, Queue
+
+from kombu_streams.broker import ANY_OWNER, HOLDER, Broker
+from kombu_streams.keys import Keys
+from kombu_streams.scripts import KeyTypeError
+
+K = Keys()
+LEVELS = [0, 3, 6, 9]
+HOUR_MS = 3_600_000
+A, B = 'consumer-a', 'consumer-b'
+KINDS = ['requeue', 'dead-letter', 'ack', 'riding-ack']
+
+
+def broker(c):
+    return Broker(c, K, LEVELS)
+
+
+def pel(c, key, group):
+    """{id: (consumer, deliveries)} of a stream's PEL."""
+    return {p['message_id']: (p['consumer'].decode(), p['times_delivered'])
+            for p in c.xpending_range(key, group, min='-', max='+', count=10_000)}
+
+
+def idle_order(c, key, group):
+    """The PEL's ids, longest idle first (ties by id): a claim resets an entry's idle time."""
+    rows = c.xpending_range(key, group, min='-', max='+', count=10_000)
+    return [p['message_id'] for p in sorted(
+        rows, key=lambda p: (-p['time_since_delivered'], p['message_id']))]
+
+
+def idle_of(c, key, group, entry_id):
+    rows = c.xpending_range(key, group, min=entry_id, max=entry_id, count=1)
+    return rows[0]['time_since_delivered']
+
+
+def state(c, key, group, dlq):
+    """What a stale settle must not change: the stream, its PEL (the holder's part too),
+    the order of idle times, the dead-letter stream."""
+    return (c.xrange(key), pel(c, key, group), idle_order(c, key, group),
+            [fields for _, fields in c.xrange(dlq)])
+
+
+def take_over(c, key, group, entry_id, to=B):
+    """``to`` takes the entry over, as reclaim and a read by it would; idle an hour."""
+    assert c.xclaim(key, group, to, 0, [entry_id], idle=HOUR_MS, justid=True) == [entry_id]
+
+
+def stolen_queue(c):
+    """Queue q: A read x and z, B read y; then B took x over. Returns (x, y, z)."""
+    b = broker(c)
+    b.declare('q')
+    x, z, y = (b.publish('q', 0, m) for m in (b'{"x": 1}', b'{"z": 1}', b'{"y": 1}'))
+    assert [d.entry_id for d in read_messages(b, ['q'], A, 2)] == [x, z]
+    assert [d.entry_id for d in read_messages(b, ['q'], B, 1)] == [y]
+    take_over(c, K.stream('q', 0), 'q', x)
+    return x, y, z
+
+
+def settle(c, kind, consumer, entries, queue='q', exchange=None):
+    """Settle (stream key, id) entries as ``consumer``: (settled, left alone). Broker
+    methods say the second only in their log line; a read says it in its reply."""
+    b = broker(c)
+    if kind == 'requeue':
+        return b.requeue(queue, entries, exchange, consumer)
+    if kind == 'ack':
+        return b.ack(queue, entries, exchange, consumer)
+    if kind == 'dead-letter':
+        return sum(b.dead_letter(queue, stream, entry_id, 'rejected', 1, exchange, consumer)
+                   for stream, entry_id in entries)
+    assert kind == 'riding-ack' and exchange is None
+    (script, keys, args), parse = b.read_call(b.sources([queue]), consumer, 1, acks=entries)
+    result = parse(script(c, keys, args))
+    assert result.deliveries == []  # nothing is ready: the read only carried the acks
+    return result.unsettled
+
+
+def not_settled(caplog):
+    return [r.getMessage() for r in caplog.records if 'not settled' in r.getMessage()]
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_stale_settle_leaves_the_new_owner_alone(script_client, kind, caplog):
+    c = script_client
+    x, y, z = stolen_queue(c)
+    key, dlq = K.stream('q', 0), K.dlq('q')
+    before = state(c, key, 'q', dlq)
+    assert before[1] == {x: (B, 1), y: (B, 1), z: (A, 1)}
+    assert before[2][0] == x  # idle an hour: first
+    caplog.set_level(logging.WARNING, logger='kombu_streams')
+    got = settle(c, kind, A, [(key, x)])
+    assert state(c, key, 'q', dlq) == before
+    assert idle_of(c, key, 'q', x) >= HOUR_MS  # not claimed again
+    assert not c.xpending_range(key, 'q', min='-', max='+', count=10, consumername=HOLDER)
+    if kind == 'riding-ack':
+        assert got == {('q', None): 1}
+        assert not_settled(caplog) == []  # the channel logs a read's (see _learn)
+    else:
+        assert got == 0
+        assert not_settled(caplog) == [
+            f"kombu-streams: 1 message of queue 'q' not settled ({kind}): its lease was lost, "
+            f"another consumer holds it now"]
+    # the owner's settle works
+    got = settle(c, kind, B, [(key, x)])
+    assert got == ({} if kind == 'riding-ack' else 1)
+    if kind == 'requeue':
+        assert pel(c, key, 'q')[x] == (HOLDER, 1)
+        assert [i for i, _ in c.xrange(key)] == [x, z, y]
+    else:
+        assert x not in pel(c, key, 'q')
+        assert [i for i, _ in c.xrange(key)] == [z, y]
+    letters = [f[b'id'] for _, f in c.xrange(dlq)]
+    assert letters == ([x] if kind == 'dead-letter' else [])
+    assert pel(c, key, 'q').get(z) == (A, 1) and pel(c, key, 'q').get(y) == (B, 1)
+
+
+@pytest.mark.parametrize('kind', ['requeue', 'ack', 'riding-ack'])
+def test_a_settle_takes_its_own_entries_and_leaves_the_rest(script_client, kind):
+    """One call with an entry A still owns (z) and one B took (x): z is settled, x is not."""
+    c = script_client
+    x, y, z = stolen_queue(c)
+    key = K.stream('q', 0)
+    got = settle(c, kind, A, [(key, x), (key, z)])
+    assert got == ({('q', None): 1} if kind == 'riding-ack' else 1)
+    owners = pel(c, key, 'q')
+    assert owners[x] == (B, 1) and owners[y] == (B, 1)
+    if kind == 'requeue':
+        assert owners[z] == (HOLDER, 1)
+    else:
+        assert z not in owners and [i for i, _ in c.xrange(key)] == [x, y]
+    assert idle_of(c, key, 'q', x) >= HOUR_MS
+
+
+@pytest.mark.parametrize('kind', ['requeue', 'dead-letter', 'ack'])
+def test_stale_settle_on_a_fanout_group(script_client, kind):
+    """The same on a queue's group of a fanout stream (fanout_ack.lua for the ack)."""
+    c = script_client
+    b = broker(c)
+    b.declare('q')
+    b.bind('ex', '\x06\x16\x06\x16q', 0, fanout_group='q')
+    fan = K.fanout('ex')
+    script, keys, args = b.fanout_publish_call('ex', b'{"x": 1}', [('q', '\x06\x16\x06\x16q')])
+    x = script(c, keys, args)
+    got = read_messages(b, ['q'], A, 1, fanout={'q': ['ex']})
+    assert [(d.entry_id, d.exchange) for d in got] == [(x, 'ex')]
+    take_over(c, fan, 'q', x)
+    dlq = K.fanout_dlq('ex', 'q')
+    before = state(c, fan, 'q', dlq)
+    assert settle(c, kind, A, [(fan, x)], exchange='ex') == 0
+    assert state(c, fan, 'q', dlq) == before
+    assert idle_of(c, fan, 'q', x) >= HOUR_MS
+    assert settle(c, kind, B, [(fan, x)], exchange='ex') == 1
+    assert pel(c, fan, 'q').get(x) == ((HOLDER, 1) if kind == 'requeue' else None)
+    assert len(c.xrange(dlq)) == (1 if kind == 'dead-letter' else 0)
+
+
+@pytest.mark.parametrize('kind', ['requeue', 'ack'])
+def test_ownership_is_read_in_pages(script_client, kind):
+    """A owns 250 entries; a call for its first, last and one B took pages through A's own
+    range (about n + 100 per XPENDING) and finds both of A's."""
+    c = script_client
+    b = broker(c)
+    b.declare('q')
+    key = K.stream('q', 0)
+    ids = [b.publish('q', 0, b'{"n": %d}' % n) for n in range(250)]
+    assert len(read_messages(b, ['q'], A, 250)) == 250
+    take_over(c, key, 'q', ids[124])
+    assert settle(c, kind, A, [(key, ids[0]), (key, ids[124]), (key, ids[249])]) == 2
+    owners = pel(c, key, 'q')
+    assert owners[ids[124]] == (B, 1)
+    if kind == 'requeue':
+        assert owners[ids[0]] == owners[ids[249]] == (HOLDER, 1)
+    else:
+        assert ids[0] not in owners and ids[249] not in owners
+    assert sum(1 for who, _ in owners.values() if who == A) == 247
+
+
+@pytest.mark.parametrize('kind', ['requeue', 'dead-letter', 'ack'])
+def test_operators_settle_whoever_owns_the_entry(script_client, kind):
+    c = script_client
+    x, y, z = stolen_queue(c)
+    key = K.stream('q', 0)
+    assert settle(c, kind, ANY_OWNER, [(key, x)]) == 1
+    assert pel(c, key, 'q').get(x) == ((HOLDER, 1) if kind == 'requeue' else None)
+
+
+@pytest.mark.parametrize('consumer', [A, ANY_OWNER], ids=['consumer', 'any-owner'])
+def test_ack_checks_every_stream_type_before_its_first_write(script_client, consumer):
+    """An ack of entries in two streams, the second holding another type: nothing acked."""
+    c = script_client
+    b = broker(c)
+    b.declare('q')
+    x = b.publish('q', 0, b'{"x": 1}')
+    assert [d.entry_id for d in read_messages(b, ['q'], A, 1)] == [x]
+    c.delete(K.stream('q', 3))
+    c.set(K.stream('q', 3), b'someone else')
+    with pytest.raises(KeyTypeError):
+        b.ack('q', [(K.stream('q', 0), x), (K.stream('q', 3), b'1-1')], None, consumer)
+    assert pel(c, K.stream('q', 0), 'q') == {x: (A, 1)}
+    assert [i for i, _ in c.xrange(K.stream('q', 0))] == [x]
+
+
+# -- through Kombu, on a real server -------------------------------------------------------
+
+
+@pytest.mark.redis  # the server is fetched with getfixturevalue: conftest cannot see it
+@pytest.mark.parametrize('which', ['redis_server', 'redis62_server'])
+def test_a_stale_channel_leaves_its_messages_to_their_new_owner(request, which, caplog):
+    """Channel A gets two messages; its lease runs out (reclaim with lease 0 gives them
+    back) and channel B gets them. A's Message.requeue() and the restore of its unacked
+    message at close leave them with B, and B's acks delete them."""
+    server = request.getfixturevalue(which)
+    raw = redis.Redis.from_url(server.url)
+    raw.flushall()
+    url = 'redis-streams://' + server.url[len('redis://'):]
+    queue = Queue('stale', Exchange('stale', type='direct'), routing_key='stale')
+    conn_a, conn_b = Connection(url), Connection(url)
+    try:
+        ch_a, ch_b = conn_a.channel(), conn_b.channel()
+        producer = Producer(ch_a, serializer='json')
+        for body in ('one', 'two'):
+            producer.publish(body, exchange=queue.exchange, routing_key='stale',
+                             declare=[queue])
+        got_a = [queue.bind(ch_a).get(no_ack=False) for _ in range(2)]
+        assert [m.payload for m in got_a] == ['one', 'two']
+        key = K.stream('stale', 0)
+        assert ch_b.broker.reclaim('stale', 0, 100).moved == 2
+        got_b = [queue.bind(ch_b).get(no_ack=False) for _ in range(2)]
+        assert [m.payload for m in got_b] == ['one', 'two']
+        owned_by_b = {i: (ch_b.consumer_name, 2) for i, _ in raw.xrange(key)}
+        assert pel(raw, key, 'stale') == owned_by_b and len(owned_by_b) == 2
+        caplog.set_level(logging.WARNING, logger='kombu_streams')
+
+        got_a[0].requeue()
+        assert pel(raw, key, 'stale') == owned_by_b
+        ch_a.close()  # restores its unacked message, 'two', as Celery does at reconnect
+        assert pel(raw, key, 'stale') == owned_by_b
+        assert not_settled(caplog) == [
+            "kombu-streams: 1 message of queue 'stale' not settled (requeue): its lease was "
+            "lost, another consumer holds it now"] * 2
+
+        for message in got_b:
+            message.ack()
+        ch_b.flush_acks()
+        assert pel(raw, key, 'stale') == {}
+        assert raw.xlen(key) == 0
+    finally:
+        conn_a.release()
+        conn_b.release()
+        raw.close()
