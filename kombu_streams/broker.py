@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from .keys import LAYOUT, Keys
 from .scripts import SCRIPTS, Call, run_calls
+from .state import Source
 from .text import text
 
 logger = logging.getLogger(__name__)
@@ -41,9 +42,6 @@ HOLDER = '~requeued'
 ANY_OWNER = ''
 
 
-#: A source of messages for a read: (queue, None) for the queue's own streams, (queue,
-#: exchange) for its group on a fanout exchange's stream.
-Source = tuple[str, Optional[str]]
 
 #: How read.lua reads a source (see its header): read it; read it, its marker was popped by
 #: this consumer; read it only if its marker is set; walk every stream of it.

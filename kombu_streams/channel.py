@@ -12,8 +12,6 @@ import logging
 import math
 import os
 import socket
-import threading
-from collections import deque
 from collections.abc import Iterable
 from itertools import count
 from time import monotonic
@@ -43,11 +41,12 @@ from .compat import BATCH_PUBLISH
 from .connection import POOL_OPTIONS, socket_timeout
 from .errors import ChannelClosed
 from .keys import Keys
-from .leases import ACK_DELAY, InFlight, Leases, by_source
+from .leases import ACK_DELAY, Leases
 from .options import SEP, level_for, priority_steps_error
 from .plan import ReadPlan
 from .routing import TABLES, binding_member, parse_members
 from .scripts import Call, run_calls
+from .state import ConsumerState, InFlight, Reading, by_source
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ class QoS(virtual.QoS):
     """
 
     def _in_use(self) -> int:
-        return len(self._delivered) - len(self._dirty) + len(self.channel._buffer)
+        return len(self._delivered) - len(self._dirty) + self.channel.consumer_state.buffered()
 
     def can_consume(self) -> bool:
         pcount = self.prefetch_count
@@ -179,18 +178,10 @@ class Channel(virtual.Channel):
         self.keys = Keys(self.global_keyprefix, cluster=connection.cluster)
         self._levels = list(self.priority_steps)
         self._queue_cycle = cycle_by_name(self.queue_order_strategy)()
-        #: delivery tag -> where the message sits until settled
-        self._inflight: dict[str, InFlight] = {}
-        #: acks made on an event loop, sent with the next read or before the loop waits
-        self._acks: deque[InFlight] = deque()
-        #: when the oldest of them was made
-        self._acks_since = 0.0
+        #: in-flight messages, read-ahead buffer, deferred acks, sources: their one owner
+        self.consumer_state = ConsumerState()
         #: the last read took all the credit it had: more messages are probably ready
         self.more_ready = False
-        self._buffer: deque[tuple[dict[str, Any], str]] = deque()
-        #: the buffer is filled by the consuming thread and may be emptied by another (a
-        #: requeue from a Celery threads-pool task, a cancel from the application)
-        self._buffer_lock = threading.RLock()
         self._no_ack_queues: set[str] = set()
         self._tags = count(1)
         salt = uuid4().hex[:8]
@@ -369,15 +360,22 @@ class Channel(virtual.Channel):
     def _is_fanout(self, exchange: str) -> bool:
         return self.typeof(exchange).type == 'fanout'
 
-    def _fanout_exchanges(self, queue: str) -> list[str]:
-        """The fanout exchanges ``queue`` was bound to through this connection: their streams
-        are read through the queue's group (as Kombu's Redis transport subscribes only to
-        what it bound itself)."""
-        return sorted({ex for ex, _, _ in self.state.queue_bindings(queue)
-                       if self._is_fanout(ex)})
+    def bindings_changed(self) -> None:
+        """Work out again what this channel reads: its consumed queues, and their groups on
+        the fanout exchanges they were bound to through this connection (as Kombu's Redis
+        transport subscribes only to what it bound itself). Run when consumers or bindings
+        change (on any channel of the connection: Kombu's binding state is the
+        transport's), not on every read or loop turn; the lease keeper reads the result."""
+        queues = self.active_queues
+        bindings = {q: tuple(tuple(b) for b in self.state.queue_bindings(q)) for q in queues}
+        fanout = {q: self._fanout_of(q) for q in queues}
+        sources = tuple(self.broker.sources(queues, fanout))
+        self.consumer_state.set_reading(Reading(sources, fanout, bindings))
 
-    def _fanout_map(self, queues: Iterable[str]) -> dict[str, list[str]]:
-        return {q: self._fanout_exchanges(q) for q in queues}
+    def _bindings_changed_everywhere(self) -> None:
+        for channel in list(self.transport.channels):
+            if not channel.closed:
+                channel.bindings_changed()
 
     def _binding_member(self, routing_key: str, pattern: str, queue: str) -> str:
         return binding_member(self.sep, routing_key, pattern, queue)
@@ -388,6 +386,7 @@ class Channel(virtual.Channel):
         self.broker.bind(exchange, member, self._expires.get(queue, 0),
                          fanout_group=queue if fanout else None)
         TABLES.forget(self._route_key(exchange))
+        self._bindings_changed_everywhere()
 
     def queue_unbind(self, queue: str, exchange: str | None = None, routing_key: str = '',
                      arguments: Any = None, **kwargs: Any) -> None:
@@ -402,6 +401,7 @@ class Channel(virtual.Channel):
         self.broker.bind(exchange, self._binding_member(routing_key, pattern, queue), -1,
                          fanout_group=queue if fanout else None)
         TABLES.forget(self._route_key(exchange))
+        self._bindings_changed_everywhere()
 
     # -- queues -------------------------------------------------------------------------------
 
@@ -417,12 +417,12 @@ class Channel(virtual.Channel):
     def keep_expiring_queues(self) -> None:
         """Refresh the expiry of the expiring queues this channel consumes, and of their
         bindings (run by the lease keeper, at a third of the shortest x-expires)."""
-        for queue in self.active_queues:
+        for queue, bound in self.consumer_state.reading.bindings.items():
             ttl = self._expires.get(queue)
             if not ttl:
                 continue
             self.broker.touch(queue, ttl)
-            for exchange, routing_key, args in self.state.queue_bindings(queue):
+            for exchange, routing_key, args in bound:
                 _, pattern, _ = self.typeof(exchange).prepare_bind(
                     queue, exchange, routing_key, args)
                 self.broker.bind(exchange, self._binding_member(routing_key, pattern, queue),
@@ -467,6 +467,7 @@ class Channel(virtual.Channel):
             self._no_ack_queues.discard(queue)
         result = super().basic_consume(queue, no_ack, *args, **kwargs)
         self._queue_cycle.update(self.active_queues)
+        self.bindings_changed()
         self.transport.leases.start()  # consumers reclaim their queues' stalled messages
         return result
 
@@ -480,7 +481,8 @@ class Channel(virtual.Channel):
         if queue is not None and queue not in self._active_queues:
             self._return_buffered(queue)
         self._queue_cycle.update(self.active_queues)
-        for source in self.plan.forget(self._sources(self.active_queues)):
+        self.bindings_changed()
+        for source in self.plan.forget(self.consumer_state.reading.sources):
             try:  # popped, and now no read of this channel will cover it: give it back
                 self.client.zadd(self.broker.wake(*source), {'w': 0})
             except Exception as exc:  # the sweep of another consumer will find its work
@@ -504,7 +506,16 @@ class Channel(virtual.Channel):
         return message
 
     def _sources(self, queues: list[str]) -> list[Source]:
-        return self.broker.sources(queues, self._fanout_map(queues))
+        """What a read of ``queues`` covers, in serving order. A queue read without being
+        consumed (basic_get) has its fanout groups looked up now."""
+        fanout = self.consumer_state.reading.fanout
+        if any(q not in fanout for q in queues):
+            fanout = {**fanout, **{q: self._fanout_of(q) for q in queues if q not in fanout}}
+        return self.broker.sources(queues, fanout)
+
+    def _fanout_of(self, queue: str) -> tuple[str, ...]:
+        return tuple(sorted({ex for ex, _, _ in self.state.queue_bindings(queue)
+                             if self._is_fanout(ex)}))
 
     def wake_keys(self) -> dict[str, Source]:
         """Wake marker -> source, for what this channel would read now (nothing while it is
@@ -513,14 +524,14 @@ class Channel(virtual.Channel):
         if not self._consumers or self.closed or not self.qos.can_consume():
             return {}
         return {self.broker.wake(q, ex): (q, ex)
-                for q, ex in self.plan.live(self._sources(self.active_queues))}
+                for q, ex in self.plan.live(self.consumer_state.reading.sources)}
 
     def due_in(self) -> float | None:
         """Seconds until a delayed message of a source this channel would read now is due,
         as its reads have told (0: due already); None when none is known."""
         if not self.plan.due or not self._consumers or self.closed:
             return None
-        at = self.plan.next_due(self.plan.live(self._sources(self.active_queues)))
+        at = self.plan.next_due(self.plan.live(self.consumer_state.reading.sources))
         return None if at is None else max(at - monotonic(), 0.0)
 
     def woke(self, key: str) -> bool:
@@ -556,27 +567,25 @@ class Channel(virtual.Channel):
 
     def next_delivery(self) -> tuple[dict[str, Any], str] | None:
         """The next message for the application: from the buffer, or read from Redis."""
-        if not self._buffer and self._consumers and not self.closed:
+        state = self.consumer_state
+        if not state.buffered() and self._consumers and not self.closed:
             credit = self._credit()
             queues = self._queue_cycle.consume(len(self.active_queues))
             if credit > 0 and queues:
                 got = self._read(queues, credit)
                 self.more_ready = len(got) >= credit
-                with self._buffer_lock:
-                    self._buffer.extend(got)
-        if self._acks and (len(self._acks) >= ACK_BATCH
-                           or monotonic() - self._acks_since >= ACK_DELAY):
+                state.buffer(got)
+        if state.acks_due(ACK_BATCH, ACK_DELAY):
             self.flush_acks()  # the buffer may last: acks do not wait for the next read
         while True:
-            with self._buffer_lock:
-                if not self._buffer:
-                    return None
-                message, queue = self._buffer.popleft()
+            item = state.next_buffered()
+            if item is None:
+                return None
+            message, queue = item
             try:
                 confirmed = self.leases.confirm(message['properties']['delivery_tag'])
             except BaseException:  # e.g. no connection: it stays first in the buffer
-                with self._buffer_lock:
-                    self._buffer.appendleft((message, queue))
+                state.unread(item)
                 raise
             if confirmed:
                 break  # else its lease was lost: another consumer has it now
@@ -615,7 +624,7 @@ class Channel(virtual.Channel):
         modes = self.plan.modes(sources) if planned else {s: READ for s in sources}
         groups = self.broker.slot_groups([s for s in sources if s in modes])
         mergeable = (self.broker.ack_merges(groups[0])
-                     if self._acks and groups and credit > 0 else set())
+                     if self.consumer_state.has_acks() and groups and credit > 0 else set())
         acks, calls, merged = self._ack_calls(mergeable)
         try:
             for group in groups:
@@ -636,21 +645,19 @@ class Channel(virtual.Channel):
                     if message is None:
                         continue
                     tag = message['properties']['delivery_tag']
-                    self._inflight[tag] = InFlight(delivery.queue, delivery.stream,
-                                                   delivery.entry_id, delivery.deliveries,
-                                                   delivery.exchange, sent_at)
+                    self.consumer_state.hold(tag, InFlight(delivery.queue, delivery.stream,
+                                                  delivery.entry_id, delivery.deliveries,
+                                                  delivery.exchange, sent_at))
                     out.append((message, delivery.queue))
                 if failed is not None:
                     raise failed
             if calls or merged:  # no read ran (no credit): the acks go on their own
                 self._send_acks(acks, calls + self._merged_calls(merged))
         except BaseException:
-            if out:
-                with self._buffer_lock:
-                    self._buffer.extend(out)
+            self.consumer_state.buffer(out)
             raise
         finally:
-            if self._inflight and self.connection is not None:
+            if out and self.connection is not None:
                 self.connection.leases.start()
         return out
 
@@ -701,7 +708,7 @@ class Channel(virtual.Channel):
 
     def _put_back(self, acks: list[InFlight]) -> None:
         """Deferred acks whose sending failed: delayed again, never dropped."""
-        self._acks.extendleft(reversed(acks))
+        self.consumer_state.put_back_acks(acks)
 
     def _decode(self, d: Delivery) -> dict[str, Any] | None:
         try:
@@ -736,7 +743,7 @@ class Channel(virtual.Channel):
         only means the message may be delivered again."""
         transport = self.connection
         if transport is None:  # closed: what it held was given back (or is reclaimed later)
-            if tag not in self._inflight:
+            if self.consumer_state.get(tag) is None:
                 logger.warning('kombu-streams: ack of message %s after its channel closed: '
                                'the channel gave it back at close, so it will be delivered '
                                'again', tag)
@@ -745,11 +752,7 @@ class Channel(virtual.Channel):
         if not transport.cycle.batches_acks:
             self._settle([tag], ACK)
             return
-        msg = self._inflight.pop(tag, None)
-        if msg is not None:
-            if not self._acks:
-                self._acks_since = monotonic()
-            self._acks.append(msg)
+        if self.consumer_state.defer_ack(tag):
             transport.leases.acks_waiting()  # sent within ACK_DELAY at the latest
 
     def _ack_calls(self, mergeable: set[str] | frozenset[str] = frozenset()
@@ -757,15 +760,10 @@ class Channel(virtual.Channel):
         """Take the deferred acks: (the acks, script calls: one per source and CHUNK acks,
         and the (queue, stream, id) of those on ``mergeable`` streams, at most CHUNK, which ride
         inside the next read call instead). A caller whose calls fail puts the acks back."""
-        taken: list[InFlight] = []
+        taken = self.consumer_state.take_acks()
         merged: list[tuple[str, str, bytes]] = []
         alone: list[InFlight] = []
-        while True:
-            try:
-                msg = self._acks.popleft()
-            except IndexError:
-                break
-            taken.append(msg)
+        for msg in taken:
             if msg.stream in mergeable and msg.exchange is None and len(merged) < CHUNK:
                 merged.append((msg.queue, msg.stream, msg.entry_id))
             else:
@@ -803,11 +801,11 @@ class Channel(virtual.Channel):
         consumer now and is left to it (a requeue here would hand it to a third one while
         the second runs it). Those are logged once per queue.
         """
-        msgs: list[tuple[InFlight, int]] = []  # with the delivery count to keep
-        for tag, handed in [(t, True) for t in tags] + [(t, False) for t in read_ahead]:
-            msg = self._inflight.pop(tag, None)
-            if msg is not None:
-                msgs.append((msg, msg.deliveries if handed else msg.deliveries - 1))
+        handed = list(tags)
+        unhanded = set(read_ahead)
+        # with the delivery count to keep
+        msgs = [(msg, msg.deliveries - 1 if tag in unhanded else msg.deliveries)
+                for tag, msg in self.consumer_state.release([*handed, *unhanded])]
         me = self.consumer_name
         calls: list[Call] = []
         for (queue, exchange), group in by_source(msgs, lambda m: m[0]).items():
@@ -840,11 +838,12 @@ class Channel(virtual.Channel):
         cannot take it, say): if the message is still unsettled it goes to the dead-letter
         stream now, instead of being redelivered into the same error (a crash loop)."""
         tag = message['properties']['delivery_tag']
-        msg = self._inflight.pop(tag, None)
-        if msg is None:
+        released = self.consumer_state.release([tag])
+        if not released:
             logger.error('kombu-streams: the consumer callback raised %r for a message it had '
                          'already settled', exc, exc_info=exc)
             return
+        msg = released[0][1]
         if tag in self.qos._delivered:
             self.qos._quick_ack(tag)  # gone from the prefetch count
         logger.error('kombu-streams: the consumer callback raised %r', exc, exc_info=exc)
@@ -855,25 +854,13 @@ class Channel(virtual.Channel):
         """Requeue delivered messages together with the read-ahead of their queues, so the
         queue's order is as if nothing had been read ahead (Kombu's Redis transport order:
         a requeued message comes back before the ones behind it)."""
-        queues = {self._inflight[t].queue for t in tags if t in self._inflight}
-        return self._settle(tags, REQUEUE, self._take_buffered(queues))
-
-    def _take_buffered(self, queues: set[str] | None = None) -> list[str]:
-        """Remove read-ahead messages of ``queues`` (or all) from the buffer; their tags."""
-        keep: deque[tuple[dict[str, Any], str]] = deque()
-        tags = []
-        with self._buffer_lock:
-            for message, q in self._buffer:
-                if queues is None or q in queues:
-                    tags.append(message['properties']['delivery_tag'])
-                else:
-                    keep.append((message, q))
-            self._buffer = keep
-        return tags
+        queues = self.consumer_state.queues_of(tags)
+        return self._settle(tags, REQUEUE, self.consumer_state.take_buffered(queues))
 
     def _return_buffered(self, queue: str | None = None) -> None:
         """Requeue messages read for ``queue`` (or all) but never handed to the application."""
-        self._settle((), REQUEUE, self._take_buffered(None if queue is None else {queue}))
+        queues = None if queue is None else {queue}
+        self._settle((), REQUEUE, self.consumer_state.take_buffered(queues))
 
     def _restore(self, message: Any) -> None:
         """Kombu's virtual channel would publish the message again (a copy, the original

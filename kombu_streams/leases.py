@@ -27,20 +27,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from kombu.utils.encoding import bytes_to_str
 
 from .losswatch import LossWatch
 from .scripts import Call, run_calls
+from .state import InFlight, by_source
 
 if TYPE_CHECKING:
-    from .broker import Source
     from .channel import Channel
+    from .state import Source
 
 logger = logging.getLogger(__name__)
 
@@ -57,36 +55,6 @@ PIPELINE = 20
 #: Most reclaim calls per source and round for the sweep (work of stopped consumers is
 #: always given back in full, in as many calls as it takes).
 SWEEP_CALLS = 10
-
-
-@dataclass(eq=False)
-class InFlight:
-    """A message a channel read and has not settled yet: delivered to the application, or
-    waiting in its read-ahead buffer. (Not "held": that word is for messages parked with the
-    holder consumer, see lua/lib/serve.lua.)"""
-
-    queue: str
-    stream: str
-    entry_id: bytes
-    deliveries: int
-    exchange: str | None  # the fanout exchange whose stream holds it, if any
-    #: monotonic time of its read or last renewal: its lease holds until at least then + vt
-    leased_at: float = field(default_factory=monotonic)
-    #: a renewal found its lease lost: never to be handed out
-    lost: bool = False
-
-
-T = TypeVar('T')
-
-
-def by_source(items: Iterable[T], msg: Callable[[T], InFlight]) -> dict[Source, list[T]]:
-    """``items`` grouped by the source of their message, (queue, fanout exchange or None):
-    one script call per source settles or renews them."""
-    groups: dict[Source, list[T]] = {}
-    for item in items:
-        m = msg(item)
-        groups.setdefault((m.queue, m.exchange), []).append(item)
-    return groups
 
 
 class Leases:
@@ -108,7 +76,7 @@ class Leases:
         buffer the ones whose lease was lost, and log those already handed out."""
         ch = self.channel
         # a message whose lease was found lost is not renewed (nor reported) again
-        now_held = [(tag, m) for tag, m in list(ch._inflight.items()) if not m.lost]
+        now_held = ch.consumer_state.holding()
         calls: list[tuple[Call, str]] = []
         for (queue, _), group in by_source(now_held, lambda item: item[1]).items():
             calls += ch.broker.renew_calls(queue, ch.consumer_name,
@@ -138,7 +106,7 @@ class Leases:
         was read or renewed long ago (the process was stopped, or its keeper starved) is
         renewed now, and dropped if that shows the lease was lost meanwhile."""
         ch = self.channel
-        msg = ch._inflight.get(tag)
+        msg = ch.consumer_state.get(tag)
         if msg is None or msg.lost:
             return False  # dropped: its lease was lost
         if monotonic() - msg.leased_at < ch.visibility_timeout / 2:
@@ -156,18 +124,14 @@ class Leases:
         stopped or cut off). Still in the read-ahead buffer (or taken from it to be handed
         out: ``unhanded``): dropped, never handed out. Handed out already: it may be
         processed twice; logged."""
-        ch = self.channel
-        dropped = unhanded
-        with ch._buffer_lock:
-            kept = deque(item for item in ch._buffer
-                         if item[0]['properties']['delivery_tag'] != tag)
-            if len(kept) < len(ch._buffer):
-                ch._buffer, dropped = kept, True
-        if ch._inflight.get(tag) is not msg:
+        state = self.channel.consumer_state
+        dropped = state.lose(tag, msg)
+        if dropped is None:
             return  # settled meanwhile: not lost
-        msg.lost = True  # also when the consumer thread is about to hand it out
+        if unhanded and not dropped:
+            state.release([tag])
+            dropped = True
         if dropped:
-            ch._inflight.pop(tag, None)
             logger.warning('kombu-streams: dropped message %s of %s from the read-ahead buffer: '
                            'its lease ran out and another consumer has it now',
                            bytes_to_str(msg.entry_id), msg.stream)
@@ -181,7 +145,7 @@ class Leases:
         due; returns how many."""
         ch = self.channel
         now = monotonic()
-        sources = [(q, ex) for q in ch.active_queues for ex in [None, *ch._fanout_exchanges(q)]]
+        sources = list(ch.consumer_state.reading.sources)
         todo = [s for s in sources if self._due.get(s, 0.0) <= now]
         sweeps: dict[Source, int] = {}
         total = 0
@@ -333,4 +297,4 @@ class LeaseKeeper:
                 next_round = monotonic() + self.interval()
 
 
-__all__ = ('LeaseKeeper', 'Leases', 'InFlight', 'by_source', 'ACK_DELAY')
+__all__ = ('LeaseKeeper', 'Leases', 'ACK_DELAY')

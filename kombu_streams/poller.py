@@ -124,6 +124,14 @@ class Poller:
             if wait.owner is channel:
                 self._drop_wait(fd, disconnect=True)
 
+    def after_fork(self) -> None:
+        """In a child process: forget the parent's waits (their sockets are closed here, not
+        shut down: the parent's waits go on) and its event loop."""
+        for wait in self._waits.values():
+            wait.conn.disconnect()
+        self._waits.clear()
+        self._hub = None
+
     def close(self) -> None:
         self.channels = []
         for fd in list(self._waits):

@@ -9,7 +9,9 @@ see :mod:`kombu_streams.connection`) after ``import kombu_streams``, or with
 
 from __future__ import annotations
 
+import os
 import socket
+import weakref
 from typing import Any
 
 import redis
@@ -31,6 +33,18 @@ from .errors import ChannelClosed
 from .leases import LeaseKeeper
 from .options import check as check_options
 from .poller import Poller
+
+#: The transports of this process, for the after-fork hook (weak: closed ones go).
+_TRANSPORTS: weakref.WeakSet[Transport] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for transport in list(_TRANSPORTS):
+        transport.after_fork()
+
+
+# Every fork: Celery's prefork pool (billiard), multiprocessing, os.fork alike.
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Transport(virtual.Transport):
@@ -98,6 +112,20 @@ class Transport(virtual.Transport):
         self.server_version: tuple[int, ...] | None = None
         #: The largest string the server takes in one command (proto-max-bulk-len)
         self.bulk_limit = DEFAULT_BULK_LIMIT
+        _TRANSPORTS.add(self)
+
+    def after_fork(self) -> None:
+        """In a child process: nothing of the parent's consuming goes on here. The child
+        forgets what the parent's channels hold (it must not renew, ack or requeue the
+        parent's messages), drops the parent's pending waits and pooled sockets without
+        using them (redis-py only closes a socket another process opened), and gets a lease
+        keeper of its own, whose thread starts if the child consumes."""
+        for channel in list(self.channels):
+            channel.consumer_state.forget()
+        self.cycle.after_fork()
+        self.leases = LeaseKeeper(self)
+        if self._pool is not None:
+            self._pool.disconnect()
 
     def driver_version(self) -> str:
         return redis.__version__

@@ -410,7 +410,7 @@ def test_buffered_message_whose_lease_was_lost_is_not_handed_out(url, raw, caplo
         with Consumer(ch_a, [q], accept=["json"], callbacks=[lambda body, m: got_a.append(m)]):
             a.drain_events(timeout=TIMEOUT)  # 0 handed out, 1..4 in the buffer
             a.transport.leases.stop()  # A stalls: no renewal from now on
-            assert len(ch_a._buffer) == 4
+            assert ch_a.consumer_state.buffered() == 4
             time.sleep(1.2)
             ch_b = b.channel()
             with Consumer(ch_b, [q], accept=["json"],
@@ -436,12 +436,12 @@ def test_deferred_acks_are_sent_within_ack_delay_while_the_buffer_lasts(url, raw
         with Consumer(ch, [q], accept=["json"], callbacks=[lambda body, m: m.ack()]):
             c.drain_events(timeout=TIMEOUT)
             c.drain_events(timeout=TIMEOUT)  # two acked, 8 still buffered
-            assert len(ch._buffer) == 8
+            assert ch.consumer_state.buffered() == 8
             deadline = time.monotonic() + 5
             while pending(raw, "late-acks") > 8 and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert pending(raw, "late-acks") == 8
-            assert len(ch._buffer) == 8  # nothing else read meanwhile
+            assert ch.consumer_state.buffered() == 8  # nothing else read meanwhile
 
 
 def test_lease_rounds_run_while_acks_keep_coming(url, raw):
@@ -506,8 +506,7 @@ def test_a_dead_consumers_messages_come_back_in_one_round(url, raw):
             while len(held) < n:
                 c.drain_events(timeout=TIMEOUT)
         c.transport.leases.stop()
-        dead._inflight.clear()  # it dies: forgets what it held
-        dead._buffer.clear()
+        dead.consumer_state.forget()  # it dies: forgets what it held
         time.sleep(0.6)
         live = c.channel()
         with Consumer(live, [q], accept=["json"]):

@@ -994,7 +994,7 @@ def test_acks_a_closing_channel_could_not_send_are_sent_by_the_lease_keeper(
     consumer.consume()
     conn.drain_events(timeout=TIMEOUT)
     conn.drain_events(timeout=TIMEOUT)
-    assert ch._acks  # the last ack waits for the next read or wait
+    assert ch.consumer_state.has_acks()  # the last ack waits for the next read or wait
     real = channel_module.run_calls
 
     def down(client, calls, **kwargs):

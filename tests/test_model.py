@@ -263,7 +263,7 @@ class StreamsMachine(RuleBasedStateMachine):
         lease ran out, reclaim (the lease keeper's job; here with idle 0) makes them ready
         again, before fresh ones in their level, each keeping its delivery count."""
         dead = self.channel
-        dead._inflight.clear()  # the crash: this process forgets what it held
+        dead.consumer_state.forget()  # the crash: this process forgets what it held
         dead.qos._delivered.clear()
         dead.close()
         self.channel = self.conn.channel()

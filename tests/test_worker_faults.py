@@ -216,7 +216,7 @@ def test_a_lost_lease_is_reported_once(redis_url: str, redis_client, caplog) -> 
         conn.Producer().publish('x', routing_key='lost-once', declare=[queue])
         message = queue(channel).get()
         assert message is not None
-        inflight = channel._inflight[message.delivery_tag]
+        inflight = channel.consumer_state.get(message.delivery_tag)
         # another consumer has it now
         assert redis_client.xclaim(inflight.stream, 'lost-once', 'other', 0,
                                    [inflight.entry_id], justid=True)
