@@ -49,7 +49,7 @@ MINIMAL = {
     'route': ([K.bindings(X), K.deadlines(X)], [100]),
     'scheduled': ([K.delayed(Q), K.delayed_messages(Q)], [10, '0']),
     'size': ([S0], [Q, HOLDER]),
-    'touch': ([S0], [1000]),
+    'touch': ([S0, *QUEUE_KEYS], [1000]),
 }
 
 #: Larger valid layouts: one KEY or one ARGV fewer than these fits none either. (A queue's

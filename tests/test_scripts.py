@@ -1665,6 +1665,7 @@ _WRONGTYPE = {
     'migrate_unacked': ('unacked', lambda c: _migrate_unacked(c)),
     'migrate_unacked-stream': (K.stream('r', 0), lambda c: _migrate_unacked(c)),
     'migrate_unacked-marker': (K.wake('r'), lambda c: _migrate_unacked(c)),
+    'touch': (K.wake('q'), lambda c: broker(c).touch('q', 5000)),
 }
 
 
@@ -1775,10 +1776,10 @@ def test_bind_checks_every_key_before_writing(script_client):
 
 
 def test_every_script_is_tested_for_wrong_type():
-    # touch only runs PEXPIRE, which works on keys of every type: nothing to meet WRONGTYPE;
     # read reports it per source instead of failing (its own test above); layout's key is a
-    # string, so the case above is a foreign value there (test_layout_* below)
-    assert ({case.split('-')[0] for case in _WRONGTYPE} | {'touch', 'read', 'layout'}
+    # string, so the case above is a foreign value there (test_layout_* below); every key of
+    # every call: tests/test_types_first.py
+    assert ({case.split('-')[0] for case in _WRONGTYPE} | {'read', 'layout'}
             == set(SCRIPTS))
 
 
@@ -1887,7 +1888,8 @@ def test_routed_publish_to_an_existing_level_needs_no_lookup(script_client):
     if before is not None:
         ran = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
         ran.pop('info', None)
-        assert ran == {'evalsha': 1, 'xadd': 1, 'zadd': 1, 'sadd': 1}
+        # TYPE: every key checked before the first write (stream, marker, index, first)
+        assert ran == {'evalsha': 1, 'type': 4, 'xadd': 1, 'zadd': 1, 'sadd': 1}
 
 
 def test_publish_keeps_the_expiry_of_a_set_marker(script_client):
