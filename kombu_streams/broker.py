@@ -53,6 +53,8 @@ SCHEDULED_MAX = 1000
 PEEK_MAX = 1000
 #: Most dead letters per XRANGE page, redrive call or purge step of the operator methods.
 PAGE = 500
+#: About how many routing table members one route.lua call returns (an SSCAN COUNT).
+ROUTE_PAGE = 1000
 
 #: Where a peek.lua page starts: (stream index, 'h' held or 'f' fresh part, last id or '').
 PeekCursor = tuple[int, str, str]
@@ -359,20 +361,31 @@ class Broker:
         On a fanout exchange, ``fanout_group`` (the queue) gets or loses its group."""
         return self.run(self.bind_call(exchange, member, ttl_ms, fanout_group))
 
-    def route_call(self, exchange: str, sweep: int = 100, fanout_sep: str | None = None
-                   ) -> Call:
+    def route_call(self, exchange: str, sweep: int = 100, fanout_sep: str | None = None,
+                   cursor: Any = '0', page: int = ROUTE_PAGE) -> Call:
+        """One route call: the page of the routing table at SSCAN ``cursor`` (about ``page``
+        members), after dropping up to ``sweep`` expired bindings when the cursor is '0';
+        its reply is [next cursor, member, ...]."""
         keys = [self.keys.bindings(exchange), self.keys.deadlines(exchange)]
-        args: list[Any] = [sweep]
+        args: list[Any] = [sweep, cursor, page]
         if fanout_sep is not None:
             keys.append(self.keys.fanout(exchange))
             args.append(fanout_sep)
         return SCRIPTS['route'], keys, args
 
-    def route(self, exchange: str, sweep: int = 100, fanout_sep: str | None = None
-              ) -> list[bytes]:
+    def route(self, exchange: str, sweep: int = 100, fanout_sep: str | None = None,
+              page: int = ROUTE_PAGE) -> list[bytes]:
         """The routing table's members, after dropping up to ``sweep`` expired bindings (and,
-        on a fanout exchange, given its member separator, their groups)."""
-        return self.run(self.route_call(exchange, sweep, fanout_sep))
+        on a fanout exchange, given its member separator, their groups): one call per page
+        of about ``page`` members (a smaller table comes whole in one), so no call reads a
+        table of unknown size at once."""
+        members: dict[bytes, None] = {}
+        cursor: Any = '0'
+        while True:
+            cursor, *found = self.run(self.route_call(exchange, sweep, fanout_sep, cursor, page))
+            members.update(dict.fromkeys(found))  # SSCAN may return a member twice
+            if text(cursor) == '0':
+                return list(members)
 
     # -- consuming -------------------------------------------------------------------------
 

@@ -1959,6 +1959,27 @@ def test_route_sweeps_a_bounded_number(script_client):
     assert b_.route('ex', sweep=2) == []
 
 
+def test_route_reads_a_large_table_in_bounded_pages(script_client):
+    """A routing table of unknown size is read in SSCAN pages, one call each; expired
+    bindings are dropped only as the first page is read."""
+    c = script_client
+    b_ = broker(c)
+    members = {f'rk{i}{SEP}{SEP}q{i}'.encode() for i in range(300)}
+    c.sadd(K.bindings('ex'), *members)
+    assert sorted(b_.route('ex', page=50)) == sorted(members)
+    (script, keys, args), pages, cursor = b_.route_call('ex', page=50), [], '0'
+    while True:
+        cursor, *found = script(c, keys, [*args[:1], cursor, *args[2:]])
+        pages.append(found)
+        if cursor in (b'0', 0):
+            break
+    assert len(pages) >= 3 and max(len(p) for p in pages) <= 100
+    c.zadd(K.deadlines('ex'), {b'rk0' + b(SEP) + b(SEP) + b'q0': 1})  # past its deadline
+    script(c, keys, [args[0], b'1', *args[2:]])  # a later page: nothing dropped
+    assert c.sismember(K.bindings('ex'), b'rk0' + b(SEP) + b(SEP) + b'q0')
+    assert len(b_.route('ex', page=50)) == 299
+
+
 # -- fanout exchanges: one stream, one group per bound queue (bind, route, fanout_publish, read,
 #    fanout_ack, requeue, reclaim, deadletter) --------------------------------------------------
 
