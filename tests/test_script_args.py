@@ -50,6 +50,7 @@ MINIMAL = {
     'scheduled': ([K.delayed(Q), K.delayed_messages(Q)], [10, '0']),
     'size': ([S0], [Q, HOLDER]),
     'touch': ([S0, *QUEUE_KEYS], [1000]),
+    'wake': ([K.wake(Q), S0, K.wake(Q)], ['q', Q, '']),
 }
 
 #: Larger valid layouts: one KEY or one ARGV fewer than these fits none either. (A queue's
@@ -59,6 +60,8 @@ LARGER = {
     'route': ([K.bindings(X), K.deadlines(X), FAN], [100, '0', 1000, '\x06']),
     'publish': ([S0, K.wake(Q), S0, K.ready(Q), K.delayed(Q), K.delayed_messages(Q)],
                 ['m', '0', '+5000', 1000]),
+    'wake': ([FWAKE, FAN, K.deadlines(X), K.wake(Q), S0, K.wake(Q)],
+             ['f', Q, 'm', 'q', Q, '']),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:]],
              ['c1', 10, HOLDER, 0, 1, 1, Q, 'q', 'r', 0, 1, 1, 1, '1-1']),
 }

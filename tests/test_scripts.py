@@ -1666,6 +1666,7 @@ _WRONGTYPE = {
     'migrate_unacked-stream': (K.stream('r', 0), lambda c: _migrate_unacked(c)),
     'migrate_unacked-marker': (K.wake('r'), lambda c: _migrate_unacked(c)),
     'touch': (K.wake('q'), lambda c: broker(c).touch('q', 5000)),
+    'wake': (K.fanout_wake('x', 'q'), lambda c: broker(c).give_back([('q', None), ('q', 'x')])),
 }
 
 
@@ -1847,7 +1848,7 @@ def test_registry_covers_every_lua_file():
         'ack', 'bind', 'deadletter', 'declare', 'delete', 'fanout_ack', 'fanout_publish',
         'inspect', 'inspect_fanout', 'publish', 'purge', 'read', 'reclaim', 'redrive', 'renew',
         'requeue', 'route', 'size', 'touch', 'migrate', 'migrate_unacked', 'cancel',
-        'scheduled', 'peek', 'layout'}
+        'scheduled', 'peek', 'layout', 'wake'}
     assert load_all() == SCRIPTS
 
 
