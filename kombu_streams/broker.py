@@ -57,6 +57,10 @@ SCHEDULED_MAX = 1000
 PEEK_MAX = 1000
 #: Most dead letters per XRANGE page, redrive call or purge step of the operator methods.
 PAGE = 500
+#: About how many routing table members one route.lua call returns (an SSCAN COUNT).
+ROUTE_PAGE = 1000
+#: Most sources per wake.lua call (its own limit, see its header): a few O(1) commands each.
+WAKE_MAX = 500
 
 #: Where a peek.lua page starts: (stream index, 'h' held or 'f' fresh part, last id or '').
 PeekCursor = tuple[int, str, str]
@@ -401,20 +405,31 @@ class Broker:
         On a fanout exchange, ``fanout_group`` (the queue) gets or loses its group."""
         return self.run(self.bind_call(exchange, member, ttl_ms, fanout_group))
 
-    def route_call(self, exchange: str, sweep: int = 100, fanout_sep: str | None = None
-                   ) -> Call:
+    def route_call(self, exchange: str, sweep: int = 100, fanout_sep: str | None = None,
+                   cursor: Any = '0', page: int = ROUTE_PAGE) -> Call:
+        """One route call: the page of the routing table at SSCAN ``cursor`` (about ``page``
+        members), after dropping up to ``sweep`` expired bindings when the cursor is '0';
+        its reply is [next cursor, member, ...]."""
         keys = [self.keys.bindings(exchange), self.keys.deadlines(exchange)]
-        args: list[Any] = [sweep]
+        args: list[Any] = [sweep, cursor, page]
         if fanout_sep is not None:
             keys.append(self.keys.fanout(exchange))
             args.append(fanout_sep)
         return SCRIPTS['route'], keys, args
 
-    def route(self, exchange: str, sweep: int = 100, fanout_sep: str | None = None
-              ) -> list[bytes]:
+    def route(self, exchange: str, sweep: int = 100, fanout_sep: str | None = None,
+              page: int = ROUTE_PAGE) -> list[bytes]:
         """The routing table's members, after dropping up to ``sweep`` expired bindings (and,
-        on a fanout exchange, given its member separator, their groups)."""
-        return self.run(self.route_call(exchange, sweep, fanout_sep))
+        on a fanout exchange, given its member separator, their groups): one call per page
+        of about ``page`` members (a smaller table comes whole in one), so no call reads a
+        table of unknown size at once."""
+        members: dict[bytes, None] = {}
+        cursor: Any = '0'
+        while True:
+            cursor, *found = self.run(self.route_call(exchange, sweep, fanout_sep, cursor, page))
+            members.update(dict.fromkeys(found))  # SSCAN may return a member twice
+            if text(cursor) == '0':
+                return list(members)
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -438,6 +453,52 @@ class Broker:
             key = self.keys.fanout(exchange) if exchange else self.keys.stream(queue, 0)
             groups.setdefault(key_slot(key.encode()), []).append((queue, exchange))
         return list(groups.values())
+
+    def give_back_call(self, sources: Sequence[Source],
+                       members: Mapping[Source, str] | None = None) -> Call:
+        """The wake call that sets the markers of ``sources`` again (at most WAKE_MAX; on
+        Redis Cluster all in one slot, see :meth:`give_back_calls`), each only where its
+        source still exists: a popped marker no read will cover goes back without bringing
+        back the key of a queue that expired meanwhile. ``members``: per fanout source its
+        binding member (see :func:`kombu_streams.routing.binding_member`), so its marker
+        expires at the binding's deadline as a publish's does; without it a new marker gets
+        no expiry, and outlives the group if the binding expires later: pass it for
+        expiring queues. Its reply: one character per source, '1' set, '0' gone."""
+        if len(sources) > WAKE_MAX:
+            raise ValueError(f'at most {WAKE_MAX} sources per wake call, got {len(sources)}')
+        members = members or {}
+        keys: list[str] = []
+        args: list[Any] = []
+        for queue, exchange in sources:
+            wake = self.wake(queue, exchange)
+            if exchange:
+                keys += [wake, self.keys.fanout(exchange), self.keys.deadlines(exchange)]
+                args += ['f', queue, members.get((queue, exchange), '')]
+            else:
+                keys += [wake, self.keys.stream(queue, self.levels[0]), wake]
+                args += ['q', queue, '']
+        return SCRIPTS['wake'], keys, args
+
+    def _wake_chunks(self, sources: Sequence[Source]) -> list[list[Source]]:
+        """``sources`` in groups one wake call may take: per slot group, WAKE_MAX each."""
+        return [group[j:j + WAKE_MAX] for group in self.slot_groups(sources)
+                for j in range(0, len(group), WAKE_MAX) if group]
+
+    def give_back_calls(self, sources: Sequence[Source],
+                        members: Mapping[Source, str] | None = None) -> list[Call]:
+        """The wake calls for ``sources``: one per slot group (:meth:`slot_groups`) and
+        WAKE_MAX sources."""
+        return [self.give_back_call(chunk, members) for chunk in self._wake_chunks(sources)]
+
+    def give_back(self, sources: Sequence[Source],
+                  members: Mapping[Source, str] | None = None) -> list[Source]:
+        """Set the wake markers of ``sources`` again where the source still exists (see
+        :meth:`give_back_call`), in one round trip per server; returns the sources found
+        gone, whose markers were left absent."""
+        chunks = self._wake_chunks(sources)
+        replies = self.run_all([self.give_back_call(chunk, members) for chunk in chunks])
+        return [src for chunk, reply in zip(chunks, replies)
+                for src, flag in zip(chunk, text(reply)) if flag != '1']
 
     def read_call(self, sources: Sequence[Source], consumer: str, count: int,
                   max_deliveries: int = 0, ttls: dict[str, int] | None = None,

@@ -550,6 +550,8 @@ def queue_call(broker: Broker, name: str, queue: str) -> tuple[Call, str]:
         'size': lambda: (broker.size_call(queue), 'read-only'),
         'declare': lambda: (broker.declare_call(queue), ''),
         'delete': lambda: (broker.delete_call(queue), 'deletes the queue and its dead letters'),
+        'wake': lambda: (broker.give_back_call([(queue, None)]),
+                         'sets its wake marker again if the queue exists'),
     }
     if name in SCRIPTS and name not in builders:
         why = NOT_QUEUE_CALLS.get(name, "its keys are not a queue's")

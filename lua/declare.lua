@@ -3,7 +3,7 @@
 KEYS[1..n]  all streams of ONE queue (one per priority level)
 ARGV[1]     consumer group (the queue's name)
 Reply:      number of streams that got the group in this call (0 when the queue existed)
-Errors:     "declare: expected ..." for another layout; WRONGTYPE
+Errors:     "declare: expected ..." for another layout; WRONGTYPE (checked before any write)
 Minimum Redis: 6.2. Cost: O(n). Idempotent; the group starts at id 0, so messages published
 before the first declare are delivered. See docs/design.rst (Key layout).
 ]]
@@ -19,6 +19,11 @@ local function has_group(key, group)
   return info ~= nil
 end
 
+-- every key is checked first (see wrong_type): no queue with some of its levels only
+for _, key in ipairs(KEYS) do
+  local wrong = wrong_type(key, 'stream')
+  if wrong then return redis.error_reply(wrong) end
+end
 local created = 0
 for _, key in ipairs(KEYS) do
   if not has_group(key, ARGV[1]) then

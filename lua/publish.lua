@@ -14,6 +14,7 @@ ARGV[5]   optional, with ARGV[4]: a label for operators (Celery's task id), may 
 Reply:    the new entry id; "delayed:<member>" when kept until due; nil when ARGV[2] is "1"
           and the queue does not exist
 Errors:   "publish: expected ..." for another layout; "publish: bad due time"; WRONGTYPE
+          (checked before any write)
 Minimum Redis: 6.2. Cost: O(1); O(log n) with n delayed messages. Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery).
 ]]
@@ -26,6 +27,12 @@ if bad then return bad end
 local stream, wake, first, ready = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local dkey, bodies = KEYS[5], KEYS[6]
 local payload, routed = ARGV[1], ARGV[2] == '1'
+-- every key is checked first (see wrong_type): a message appended before its marker or index
+-- member failed would be appended again by the publisher's retry
+local wrong = wrong_type(stream, 'stream') or wrong_type(wake, 'zset') or wrong_type(ready, 'set')
+if first ~= stream then wrong = wrong or wrong_type(first, 'stream') end
+if dkey then wrong = wrong or wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash') end
+if wrong then return redis.error_reply(wrong) end
 local time = nil  -- the server's clock, read once: {seconds, microseconds}
 local function now_us()
   if time == nil then time = redis.call('TIME') end

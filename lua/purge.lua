@@ -8,7 +8,7 @@ ARGV[2]     name of the holder consumer that parks requeued messages
 ARGV[3]     batch: the most entries to delete from each stream (and the delayed set)
 Reply:      {purged, more}: messages deleted, and 1 if a stream or the delayed set had more
             than the batch (call again until more is 0)
-Errors:     "purge: expected ..." for another layout; WRONGTYPE
+Errors:     "purge: expected ..." for another layout; WRONGTYPE (checked before any write)
 Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + batch) per stream. Ready entries are
 those after the group's last-delivered id and those parked with the holder; delivered,
 unacked ones stay so their consumers can still ack them. See docs/design.rst (Leases).
@@ -20,7 +20,9 @@ if bad then return bad end
 local group, holder, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local purged, more = 0, 0
 local dkey, bodies = KEYS[#KEYS - 1], KEYS[#KEYS]
+-- every key is checked first (see wrong_type): no delayed messages gone, then an error
 bad = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash')
+for i = 1, #KEYS - 2 do bad = bad or wrong_type(KEYS[i], 'stream') end
 if bad then return redis.error_reply(bad) end
 local delayed = redis.call('ZRANGE', dkey, 0, batch - 1)
 if #delayed > 0 then

@@ -2,13 +2,20 @@
 
 * ``read_messages(broker, queues, consumer, count, ...)`` -- one read.lua call, as the
   transport lays it out (``Broker.read_call``), returning its deliveries
+* ``snapshot(client)`` / ``assert_same(before, after)`` -- every key of the database (type,
+  value, expiry) and the check that nothing changed between two snapshots
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from kombu_streams.broker import READ, WALK, Broker, Delivery
+
+#: ms idle of a pending entry whose lease is about to run out (set with XCLAIM IDLE);
+#: snapshots tell such entries apart, since renewing them changes nothing else
+STALE = 1_000_000
 
 
 def read_messages(broker: Broker, queues: Sequence[str], consumer: str, count: int,
@@ -26,3 +33,44 @@ def read_messages(broker: Broker, queues: Sequence[str], consumer: str, count: i
     call, parse = broker.read_call(sources, consumer, count, max_deliveries, ttls,
                                    {src: mode for src in sources})
     return parse(broker.run(call)).deliveries
+
+
+def _stream(c: Any, key: Any) -> tuple[Any, ...]:
+    """Everything of a stream a script could change; of idle times only whether an entry
+    has been idle for STALE (renew resets that)."""
+    info = c.xinfo_stream(key)
+    groups = []
+    for g in c.xinfo_groups(key):
+        name = g['name']
+        consumers = sorted((x['name'], x['pending']) for x in c.xinfo_consumers(key, name))
+        pending = [(p['message_id'], p['consumer'], p['times_delivered'],
+                    p['time_since_delivered'] >= STALE // 2)
+                   for p in c.xpending_range(key, name, '-', '+', 10_000)]
+        groups.append((name, g['last-delivered-id'], g['pending'], consumers, pending))
+    return (c.xrange(key), info['length'], info['last-generated-id'], sorted(groups))
+
+
+def snapshot(c: Any) -> dict[bytes, tuple[str, Any, int]]:
+    """Every key of the database: (type, value, ms to live)."""
+    read = {'string': c.get, 'list': lambda k: c.lrange(k, 0, -1),
+            'set': lambda k: sorted(c.smembers(k)),
+            'zset': lambda k: c.zrange(k, 0, -1, withscores=True),
+            'hash': lambda k: sorted(c.hgetall(k).items()), 'stream': lambda k: _stream(c, k)}
+    out = {}
+    for key in sorted(c.scan_iter(count=1000)):
+        kind = c.type(key).decode()
+        out[key] = (kind, read[kind](key), c.pttl(key))
+    return out
+
+
+def assert_same(before: dict[bytes, Any], after: dict[bytes, Any]) -> None:
+    """Nothing changed between two snapshots: the same keys, types and values, and the
+    same expiry give or take the time that passed (a script would set another one)."""
+    assert sorted(after) == sorted(before), 'keys created or deleted'
+    for key, (kind, value, ttl) in before.items():
+        assert after[key][:2] == (kind, value), f'{key!r} changed'
+        later = after[key][2]
+        if ttl < 0 or later < 0:
+            assert later == ttl, f'expiry of {key!r} changed'
+        else:  # time passes between the snapshots; a script would set another ttl
+            assert 0 <= ttl - later < 30_000, f'expiry of {key!r} changed'

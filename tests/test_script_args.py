@@ -46,19 +46,22 @@ MINIMAL = {
     'redrive': ([K.dlq(Q), S0, K.wake(Q), K.ready(Q)], [10]),
     'renew': ([S0], [Q, 'c1', '1-1']),
     'requeue': ([FAN, FWAKE], [Q, 'c1', HOLDER, 1, '1-1', -1]),
-    'route': ([K.bindings(X), K.deadlines(X)], [100]),
+    'route': ([K.bindings(X), K.deadlines(X)], [100, '0', 1000]),
     'scheduled': ([K.delayed(Q), K.delayed_messages(Q)], [10, '0']),
     'size': ([S0], [Q, HOLDER]),
-    'touch': ([S0], [1000]),
+    'touch': ([S0, *QUEUE_KEYS], [1000]),
+    'wake': ([K.wake(Q), S0, K.wake(Q)], ['q', Q, '']),
 }
 
 #: Larger valid layouts: one KEY or one ARGV fewer than these fits none either. (A queue's
 #: reclaim or requeue call with one key fewer is a valid call of its fanout form.)
 LARGER = {
     'bind': ([K.bindings(X), K.deadlines(X), FAN], ['rk', 0, Q]),
-    'route': ([K.bindings(X), K.deadlines(X), FAN], [100, '\x06']),
+    'route': ([K.bindings(X), K.deadlines(X), FAN], [100, '0', 1000, '\x06']),
     'publish': ([S0, K.wake(Q), S0, K.ready(Q), K.delayed(Q), K.delayed_messages(Q)],
                 ['m', '0', '+5000', 1000]),
+    'wake': ([FWAKE, FAN, K.deadlines(X), K.wake(Q), S0, K.wake(Q)],
+             ['f', Q, 'm', 'q', Q, '']),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:]],
              ['c1', 10, HOLDER, 0, 1, 1, Q, 'q', 'r', 0, 1, 1, 1, '1-1']),
 }

@@ -1665,6 +1665,8 @@ _WRONGTYPE = {
     'migrate_unacked': ('unacked', lambda c: _migrate_unacked(c)),
     'migrate_unacked-stream': (K.stream('r', 0), lambda c: _migrate_unacked(c)),
     'migrate_unacked-marker': (K.wake('r'), lambda c: _migrate_unacked(c)),
+    'touch': (K.wake('q'), lambda c: broker(c).touch('q', 5000)),
+    'wake': (K.fanout_wake('x', 'q'), lambda c: broker(c).give_back([('q', None), ('q', 'x')])),
 }
 
 
@@ -1775,10 +1777,10 @@ def test_bind_checks_every_key_before_writing(script_client):
 
 
 def test_every_script_is_tested_for_wrong_type():
-    # touch only runs PEXPIRE, which works on keys of every type: nothing to meet WRONGTYPE;
     # read reports it per source instead of failing (its own test above); layout's key is a
-    # string, so the case above is a foreign value there (test_layout_* below)
-    assert ({case.split('-')[0] for case in _WRONGTYPE} | {'touch', 'read', 'layout'}
+    # string, so the case above is a foreign value there (test_layout_* below); every key of
+    # every call: tests/test_types_first.py
+    assert ({case.split('-')[0] for case in _WRONGTYPE} | {'read', 'layout'}
             == set(SCRIPTS))
 
 
@@ -1846,7 +1848,7 @@ def test_registry_covers_every_lua_file():
         'ack', 'bind', 'deadletter', 'declare', 'delete', 'fanout_ack', 'fanout_publish',
         'inspect', 'inspect_fanout', 'publish', 'purge', 'read', 'reclaim', 'redrive', 'renew',
         'requeue', 'route', 'size', 'touch', 'migrate', 'migrate_unacked', 'cancel',
-        'scheduled', 'peek', 'layout'}
+        'scheduled', 'peek', 'layout', 'wake'}
     assert load_all() == SCRIPTS
 
 
@@ -1887,7 +1889,8 @@ def test_routed_publish_to_an_existing_level_needs_no_lookup(script_client):
     if before is not None:
         ran = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
         ran.pop('info', None)
-        assert ran == {'evalsha': 1, 'xadd': 1, 'zadd': 1, 'sadd': 1}
+        # TYPE: every key checked before the first write (stream, marker, index, first)
+        assert ran == {'evalsha': 1, 'type': 4, 'xadd': 1, 'zadd': 1, 'sadd': 1}
 
 
 def test_publish_keeps_the_expiry_of_a_set_marker(script_client):
@@ -1955,6 +1958,27 @@ def test_route_sweeps_a_bounded_number(script_client):
     assert len(b_.route('ex', sweep=2)) == 3
     assert len(b_.route('ex', sweep=2)) == 1
     assert b_.route('ex', sweep=2) == []
+
+
+def test_route_reads_a_large_table_in_bounded_pages(script_client):
+    """A routing table of unknown size is read in SSCAN pages, one call each; expired
+    bindings are dropped only as the first page is read."""
+    c = script_client
+    b_ = broker(c)
+    members = {f'rk{i}{SEP}{SEP}q{i}'.encode() for i in range(300)}
+    c.sadd(K.bindings('ex'), *members)
+    assert sorted(b_.route('ex', page=50)) == sorted(members)
+    (script, keys, args), pages, cursor = b_.route_call('ex', page=50), [], '0'
+    while True:
+        cursor, *found = script(c, keys, [*args[:1], cursor, *args[2:]])
+        pages.append(found)
+        if cursor in (b'0', 0):
+            break
+    assert len(pages) >= 3 and max(len(p) for p in pages) <= 100
+    c.zadd(K.deadlines('ex'), {b'rk0' + b(SEP) + b(SEP) + b'q0': 1})  # past its deadline
+    script(c, keys, [args[0], b'1', *args[2:]])  # a later page: nothing dropped
+    assert c.sismember(K.bindings('ex'), b'rk0' + b(SEP) + b(SEP) + b'q0')
+    assert len(b_.route('ex', page=50)) == 299
 
 
 # -- fanout exchanges: one stream, one group per bound queue (bind, route, fanout_publish, read,

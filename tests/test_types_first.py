@@ -1,0 +1,210 @@
+"""Types first, for every writing script and every one of its KEYS (docs/design.rst, "Every
+script"): another program's key of another type at any of the names a call gets is an error
+(WRONGTYPE, KeyTypeError) and the call changes nothing at all.
+
+Each case builds a realistic state (two declared queues with messages in several levels,
+pending, requeued, delayed and dead-lettered ones, a direct and a fanout exchange with
+bindings, groups, deadlines and an expired binding, Kombu's lists for the migration), lays
+the call out with the Broker's builder, puts a key of a wrong type (hypothesis picks which)
+at one position, and compares every key of the database (type, value, expiry) before and
+after. A companion test checks each call does write something on that state, so "nothing
+changed" is not true merely because the call had nothing to do.
+
+Not here: ack, requeue, deadletter, fanout_ack and read (read.lua reports a wrong type per
+source and serves the others: tests/test_scripts.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from helpers import STALE, assert_same, read_messages, snapshot
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kombu_streams.broker import Broker, Delay
+from kombu_streams.keys import Keys
+from kombu_streams.scripts import Call, KeyTypeError
+
+K = Keys()
+LEVELS = [0, 3, 6, 9]
+SEP = '\x06\x16'  # the channel's separator in binding members
+P = b'{"body": "eA==", "properties": {"priority": 0}}'  # a Kombu envelope (migrate reads it)
+HOUR = 3_600_000
+TYPES = ('string', 'list', 'set', 'zset', 'hash', 'stream')
+
+PROPERTY = settings(
+    max_examples=2,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def member(queue: str, routing_key: str = '') -> str:
+    return SEP.join([routing_key, '', queue])
+
+
+def realistic(c: Any, expiring: bool) -> dict[str, Any]:
+    """Queues q and r, direct exchange x, fanout exchange f, Kombu's keys; returns what the
+    calls need to know of it (ids, the unacked value)."""
+    b = Broker(c, K, LEVELS)
+    b.check_layout()
+    for q in ('q', 'r'):
+        b.declare(q)
+    b.bind('x', member('q', 'rk'), 0)
+    b.bind('x', member('r', 'rk'), HOUR)
+    c.sadd(K.bindings('x'), member('gone', 'rk'))  # past its deadline: route drops it
+    c.zadd(K.deadlines('x'), {member('gone', 'rk'): 1})
+    for q in ('q', 'r', 's'):
+        b.bind('f', member(q), HOUR if q != 'q' else 0, fanout_group=q)
+    c.zadd(K.deadlines('f'), {member('s'): 1})  # s's binding expired: route drops its group
+    for _ in range(3):
+        b.run(b.fanout_publish_call('f', P, [(q, member(q)) for q in ('q', 'r', 's')]))
+    for level in (0, 3, 9):
+        for q in ('q', 'r'):
+            for _ in range(3):
+                b.publish(q, level, P)
+    for due in ('+600000', '+900000'):
+        b.publish('q', 3, P, delay=Delay(due, 1000, 'lbl'))
+    fan = read_messages(b, ['q'], 'c1', 2, fanout={'q': ['f']})
+    own = read_messages(b, ['q'], 'c1', 3)
+    b.requeue('q', [(own[0].stream, own[0].entry_id)])  # parked with the holder
+    b.dead_letter('q', own[1].stream, own[1].entry_id, 'why', 1)
+    # a lease about to run out (renew's work; XCLAIM IDLE sets the idle time, count kept)
+    c.xclaim(own[2].stream, 'q', 'c1', 0, [own[2].entry_id], idle=STALE, justid=True)
+    if expiring:
+        b.touch('q', HOUR)
+        b.touch('r', HOUR)
+    c.rpush('kq', P, P, b'junk')  # Kombu's list of queue kq
+    raw = b'[' + P + b', "x", "rk"]'
+    c.hset('unacked', 't1', raw)
+    c.zadd('unacked_index', {'t1': 1})
+    return {'renew': (own[2].stream, [own[2].entry_id]), 'raw': raw,
+            'fanout_ids': [d.entry_id for d in fan]}
+
+
+def _popped(c: Any) -> None:
+    """As BZPOPMIN took them: the markers wake.lua gives back."""
+    c.delete(K.wake('q'), K.fanout_wake('f', 'q'), K.fanout_wake('f', 's'))
+
+
+def _unrecorded(c: Any) -> None:
+    c.delete(K.layout())
+
+
+FANOUT_SOURCES = [('q', None), ('r', None), ('q', 'f'), ('s', 'f'), ('n', None)]
+
+#: name -> (builder of the call from the Broker and the facts of the state, preparation)
+CASES: dict[str, tuple[Callable[[Broker, dict[str, Any]], Call], Callable[[Any], None] | None]]
+CASES = {
+    'publish': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay()), None),
+    'publish-delayed': (lambda b, f: b.publish_call(
+        'q', 6, P, delay=Delay('+600000', 1000, 'later')), None),
+    'fanout_publish': (lambda b, f: b.fanout_publish_call(
+        'f', P, [(q, member(q)) for q in ('q', 'r')]), None),
+    'declare': (lambda b, f: b.declare_call('n'), None),
+    'purge': (lambda b, f: b.purge_call('q', 2), None),
+    'delete': (lambda b, f: b.delete_call('q'), None),
+    'touch': (lambda b, f: b.touch_call('q', 60_000), None),
+    'bind': (lambda b, f: b.bind_call('x', member('n', 'rk'), 60_000), None),
+    'bind-fanout': (lambda b, f: b.bind_call('f', member('n'), 0, fanout_group='n'), None),
+    'bind-unbind': (lambda b, f: b.bind_call('f', member('q'), -1, fanout_group='q'), None),
+    'route': (lambda b, f: b.route_call('x', 100), None),
+    'route-fanout': (lambda b, f: b.route_call('f', 100, SEP), None),
+    'cancel': (lambda b, f: b.cancel_call('q', ['lbl']), None),
+    'redrive': (lambda b, f: b.redrive_call('q', 10), None),
+    'reclaim': (lambda b, f: b.reclaim_call('q', 0, 100)[0], None),
+    'reclaim-fanout': (lambda b, f: b.reclaim_call('q', 0, 100, exchange='f')[0], None),
+    'renew': (lambda b, f: b.renew_call('q', 'c1', *f['renew']), None),
+    'migrate': (lambda b, f: b.migrate_list_call('kq', 'q', 0, 10)[0], None),
+    'migrate_unacked': (lambda b, f: b.migrate_unacked_call(
+        'unacked', 'unacked_index', 't1', f['raw'], P, [('q', 0), ('r', 3)]), None),
+    'layout': (lambda b, f: b.layout_call(), _unrecorded),
+    'wake': (lambda b, f: b.give_back_call(
+        FANOUT_SOURCES, {('q', 'f'): member('q'), ('s', 'f'): member('s')}), _popped),
+}
+
+_DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': []}
+
+
+def _keys(name: str, facts: dict[str, Any] = _DUMMY) -> list[str]:
+    """The distinct KEYS of case ``name``'s call (the layout does not depend on the state)."""
+    _, keys, _ = CASES[name][0](Broker(None, K, LEVELS), facts)
+    return list(dict.fromkeys(str(k) for k in keys))
+
+
+POSITIONS = [(name, i) for name in sorted(CASES) for i in range(len(_keys(name)))]
+
+_TAILS = [(r':\d+', 'stream'), (r':wake(:.*)?', 'zset'), (r':ready', 'set'),
+          (r':delayed', 'zset'), (r':delayed:m', 'hash'), (r':dlq(:.*)?', 'stream'),
+          (r':bindings', 'set'), (r':deadlines', 'zset'), (r':fanout', 'stream')]
+_OTHERS = {'kq': 'list', 'unacked': 'hash', 'unacked_index': 'zset', K.layout(): 'string'}
+
+
+def expected_type(key: str) -> str:
+    """The type our layout (docs/design.rst, "Key layout") or Kombu's gives ``key``."""
+    if key in _OTHERS:
+        return _OTHERS[key]
+    tail = key.rsplit('}', 1)[1]
+    return next(kind for pattern, kind in _TAILS if re.fullmatch(pattern, tail))
+
+
+def put_wrong(c: Any, key: str, kind: str) -> None:
+    c.delete(key)
+    {'string': lambda: c.set(key, b'someone else'),
+     'list': lambda: c.rpush(key, b'someone', b'else'),
+     'set': lambda: c.sadd(key, b'someone'),
+     'zset': lambda: c.zadd(key, {b'someone': 1}),
+     'hash': lambda: c.hset(key, b'someone', b'else'),
+     'stream': lambda: c.xadd(key, {b'someone': b'else'})}[kind]()
+
+
+def prepared(c: Any, name: str, expiring: bool) -> tuple[Broker, Call]:
+    c.flushall()
+    facts = realistic(c, expiring)
+    builder, prepare = CASES[name]
+    if prepare:
+        prepare(c)
+    b = Broker(c, K, LEVELS)
+    return b, builder(b, facts)
+
+
+@pytest.mark.parametrize('name, position', POSITIONS)
+@PROPERTY
+@given(data=st.data())
+def test_a_wrong_type_at_any_key_changes_nothing(script_client, name, position, data):
+    c = script_client
+    b, call = prepared(c, name, data.draw(st.booleans(), label='expiring'))
+    key = list(dict.fromkeys(str(k) for k in call[1]))[position]
+    put_wrong(c, key, data.draw(st.sampled_from(
+        [t for t in TYPES if t != expected_type(key)]), label='wrong type'))
+    before = snapshot(c)
+    with pytest.raises(KeyTypeError) as info:
+        b.run(call)
+    assert 'WRONGTYPE' in str(info.value)
+    assert_same(before, snapshot(c))
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+@pytest.mark.parametrize('expiring', [False, True])
+def test_each_call_writes_on_that_state(script_client, name, expiring):
+    """Without a wrong type the same call succeeds and changes something, and the state
+    holds every key with the type the layout gives it."""
+    c = script_client
+    b, call = prepared(c, name, expiring)
+    for key in c.scan_iter(count=1000):
+        assert c.type(key).decode() == expected_type(key.decode()), key
+    before = snapshot(c)
+    b.run(call)
+    with pytest.raises(AssertionError):
+        assert_same(before, snapshot(c))
+
+
+def test_every_writing_script_has_a_case():
+    from kombu_streams.scripts import SCRIPTS
+    read_only = {'inspect', 'inspect_fanout', 'peek', 'scheduled', 'size'}
+    elsewhere = {'ack', 'requeue', 'deadletter', 'fanout_ack', 'read'}  # see the docstring
+    assert {name.split('-')[0] for name in CASES} == set(SCRIPTS) - read_only - elsewhere
