@@ -55,6 +55,8 @@ CHUNK = 1000
 SCHEDULED_MAX = 1000
 #: Most messages one peek.lua call returns (its own limit, see its header).
 PEEK_MAX = 1000
+#: Most markers one marked.lua call looks at (its own limit, see its header).
+MARKED_MAX = 1000
 #: Most dead letters per XRANGE page, redrive call or purge step of the operator methods.
 PAGE = 500
 #: About how many routing table members one route.lua call returns (an SSCAN COUNT).
@@ -441,6 +443,25 @@ class Broker:
         fanout = fanout or {}
         out: list[Source] = [(q, ex) for q in queues for ex in sorted(fanout.get(q, ()))]
         return out + [(q, None) for q in queues]
+
+    def marked_calls(self, markers: Sequence[str]) -> list[Call]:
+        """marked.lua calls for wake ``markers``: one per hash slot on Cluster (and per
+        MARKED_MAX), one on a single Redis."""
+        groups: dict[int, list[str]] = {}
+        for key in markers:
+            slot = key_slot(key.encode()) if self.keys.cluster else 0
+            groups.setdefault(slot, []).append(key)
+        return [(SCRIPTS['marked'], keys[i:i + MARKED_MAX], [])
+                for keys in groups.values() for i in range(0, len(keys), MARKED_MAX)]
+
+    def marked(self, markers: Sequence[str]) -> set[str]:
+        """Which of ``markers`` are set (marked.lua, read-only), in one round trip per
+        server."""
+        calls = self.marked_calls(markers)
+        found: set[str] = set()
+        for (_, keys, _), reply in zip(calls, run_calls(self.client, calls)):
+            found.update(keys[int(i) - 1] for i in reply)
+        return found
 
     def slot_groups(self, sources: Sequence[Source]) -> list[list[Source]]:
         """Split sources into groups one read script may cover: all of them on one Redis; on

@@ -543,6 +543,12 @@ class Channel(virtual.Channel):
         self.plan.woke(source)
         return True
 
+    def marked(self, keys: set[str]) -> None:
+        """These wake markers of this channel were seen set (the poller's look at the
+        queues it has no wait for, on Redis Cluster): read their sources next."""
+        wakes = self.wake_keys()
+        self.plan.marked([wakes[k] for k in keys if k in wakes])
+
     def unread_wake(self, key: str) -> bool:
         """Whether the marker ``key`` this channel was woken by is still unread (no read
         came to cover its source: the channel ran out of credit); it is then forgotten, and

@@ -108,6 +108,10 @@ class ReadPlan:
                     modes[s] = WALK
         return modes
 
+    def marked(self, sources: Sequence[Source]) -> None:
+        """Their markers were seen set, not popped (marked.lua): read them next, as hot."""
+        self.hot.update(sources)
+
     def woke(self, source: Source) -> None:
         """This consumer popped the source's marker."""
         self.woken.add(source)

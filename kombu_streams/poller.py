@@ -72,6 +72,10 @@ UNBLOCK_AFTER = 0.002
 #: pool sets no socket timeout; otherwise the socket timeout is the margin.
 DEAD_AFTER = 10.0
 
+#: On Redis Cluster, the share of a node's pool (max_connections) that waits may hold: each
+#: holds a pooled connection, and reads, acks and the lease keeper need the rest.
+WAIT_SHARE = 0.5
+
 #: Replies to a wait that mean the slot is moving or the cluster is reconfiguring.
 _SLOT_MOVING = (AskError, TryAgainError, ClusterDownError)
 
@@ -110,6 +114,11 @@ class Poller:
         self._waits: dict[int, Wait] = {}  # fd of a pending BZPOPMIN -> the wait
         self._draining: int | None = None  # thread inside drain(), whose acks wait
         self._can_unblock = True  # CLIENT ID / UNBLOCK allowed (an ACL may refuse them)
+        #: Cluster: markers of the slots beyond each node's wait budget, per channel (None:
+        #: drain), looked at with marked.lua once per polling interval instead
+        self._unwatched: dict[Channel | None, list[str]] = {}
+        self._next_look = 0.0
+        self._look_timer = False
         #: connection -> its CLIENT ID, forgotten when it reconnects (a new id)
         self._client_ids: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
@@ -123,6 +132,7 @@ class Poller:
         for fd, wait in list(self._waits.items()):
             if wait.owner is channel:
                 self._drop_wait(fd, disconnect=True)
+        self._unwatched.pop(channel, None)
 
     def after_fork(self) -> None:
         """In a child process: forget the parent's waits (their sockets are closed here, not
@@ -130,6 +140,7 @@ class Poller:
         for wait in self._waits.values():
             wait.conn.disconnect()
         self._waits.clear()
+        self._unwatched.clear()
         self._hub = None
 
     def close(self) -> None:
@@ -191,6 +202,47 @@ class Poller:
         for key in wakes:
             groups.setdefault(key_slot(key.encode()), []).append(key)
         return [tuple(keys) for keys in groups.values()]
+
+    def _budget(self) -> tuple[dict[int, int], Callable[[tuple[str, ...]], int]]:
+        """Cluster: waits pending per node (keyed by the node's pool), and the function that
+        names the node of a slot group."""
+        used: dict[int, int] = {}
+        for wait in self._waits.values():
+            used[id(wait.pool)] = used.get(id(wait.pool), 0) + 1
+        return used, lambda keys: id(self.transport.wait_pool(keys[0]))
+
+    def _cap(self, pool_of: Callable[[tuple[str, ...]], int], used: dict[int, int],
+             keys: tuple[str, ...]) -> bool:
+        """Whether one more wait fits in the budget of the node that serves ``keys`` (at
+        least one per node, whatever the pool size); counts it if so."""
+        node = pool_of(keys)
+        pool = self.transport.wait_pool(keys[0])
+        limit = max(int((getattr(pool, 'max_connections', None) or 10) * WAIT_SHARE), 1)
+        if used.get(node, 0) >= limit:
+            return False
+        used[node] = used.get(node, 0) + 1
+        return True
+
+    def _look(self, force: bool = False) -> list[Channel | None]:
+        """Cluster: once per polling interval, look which unwatched markers are set
+        (marked.lua, one round trip per node) and mark their sources to be read; the owners
+        (channels, or None for drain) that have some."""
+        if not self._unwatched or (not force and monotonic() < self._next_look):
+            return []
+        self._next_look = monotonic() + self.transport.wait_interval
+        hits: list[Channel | None] = []
+        for owner, markers in list(self._unwatched.items()):
+            found: set[str] = set()
+            for channel in ([owner] if owner is not None else list(self.channels)):
+                mine = [k for k in markers if k in channel.wake_keys()]
+                if mine:
+                    got = channel.broker.marked(mine)
+                    if got:
+                        channel.marked(got)
+                        found |= got
+            if found:
+                hits.append(owner)
+        return hits
 
     def _due_in(self, owner: Channel | None = None) -> float | None:
         """Seconds until the earliest delayed message that ``owner`` (default: any channel)
@@ -376,22 +428,33 @@ class Poller:
                      deliver: Callable[[Any, str], Any]) -> bool:
         """drain() on Redis Cluster: one pending BZPOPMIN per slot group, kept across calls,
         and a select() on their sockets. True when a message was delivered."""
-        groups = set(self._groups(wakes))
+        groups = self._groups(wakes)
         for fd, wait in list(self._waits.items()):
             if wait.owner is None and wait.keys not in groups:
                 self._drop_wait(fd, disconnect=True)  # the channels' queues changed
         pending = {w.keys for w in self._waits.values() if w.owner is None}
-        for keys in groups - pending:
-            self._send_wait(keys, None)
+        used, pool_of = self._budget()
+        unwatched: list[str] = []
+        for keys in groups:  # serving order: the first slots of each node get the waits
+            if keys not in pending:
+                if self._cap(pool_of, used, keys):
+                    self._send_wait(keys, None)
+                else:
+                    unwatched.extend(keys)
+        self._set_unwatched(None, unwatched)
         mine = {fd: w for fd, w in self._waits.items() if w.owner is None}
         # each BZPOPMIN times out by itself within wait_interval; its deadline adds a margin
         now = monotonic()
         timeout = min(w.deadline for w in mine.values()) - now
         due = self._due_in()
-        for bound in (remaining, due):
+        look = self._next_look - now if unwatched else None
+        for bound in (remaining, due, look):
             if bound is not None:
                 timeout = min(timeout, bound)
         ready = _readable(list(mine), timeout)
+        # the unwatched markers, once per interval, busy or not (their sources are read as
+        # hot by the next read, whichever wake-up runs it)
+        looked = bool(self._look()) if unwatched else False
         if not ready:
             for fd, wait in mine.items():
                 if wait.deadline <= monotonic():
@@ -406,7 +469,17 @@ class Poller:
         for popped in answers:
             # the first wake-up delivers one message; later ones only keep their markers
             delivered += self._after_wake(popped, deliver, 0 if delivered else None)
+        if looked and not delivered:
+            delivered += self._after_wake(None, deliver, None)
         return delivered > 0
+
+    def _set_unwatched(self, owner: Channel | None, markers: list[str]) -> None:
+        if markers:
+            if owner not in self._unwatched:
+                self._next_look = 0.0  # newly unwatched: look at once
+            self._unwatched[owner] = markers
+        else:
+            self._unwatched.pop(owner, None)
 
     def _send_wait(self, keys: tuple[str, ...], owner: Channel | None,
                    need_id: bool = False, remaining: float | None = None) -> int:
@@ -469,6 +542,7 @@ class Poller:
         (the acks made since ride inside it), the acks of the others sent, then a wait for
         every channel that may read (per slot group on Cluster) where none is pending."""
         waiting = {(w.owner, w.keys) for w in self._waits.values()}
+        used, pool_of = self._budget()
         for channel in list(self.channels):
             wakes = channel.wake_keys()
             if wakes and channel.more_ready:
@@ -478,12 +552,18 @@ class Poller:
                 continue
             channel.flush_acks()
             if not wakes:
+                self._set_unwatched(channel, [])
                 continue
             # One wait per slot group (one group on a single Redis); a group whose wait was
-            # answered waits again now, whatever the channel's other groups are doing.
+            # answered waits again now, whatever the channel's other groups are doing. On
+            # Cluster the groups beyond a node's wait budget are looked at instead (_look).
             due = self._due_bounds(None, channel)
+            unwatched: list[str] = []
             for keys in self._groups(list(wakes)):
                 if (channel, keys) in waiting:
+                    continue
+                if self.transport.cluster and not self._cap(pool_of, used, keys):
+                    unwatched.extend(keys)
                     continue
                 fd = self._send_wait(keys, channel, need_id=due)
                 self._hub.add_reader(fd, self.transport.on_readable, fd)
@@ -493,6 +573,17 @@ class Poller:
                 if due:  # end the wait on time: Redis's own timeout may come 1/hz s late
                     self._hub.call_later((self._due_in(channel) or 0.0) + UNBLOCK_AFTER,
                                          self._unblock_if_waiting, fd, self._waits[fd])
+            self._set_unwatched(channel, unwatched)
+        for owner in self._look():
+            if owner is not None:
+                self._deliver_channel(owner)
+        if self._unwatched and not self._look_timer:  # the loop must turn to look again
+            self._look_timer = True
+            self._hub.call_later(max(self._next_look - monotonic(), 0.0), self._looked)
+
+    def _looked(self) -> None:
+        """A hub timer: nothing to do but wake the loop, whose next turn looks."""
+        self._look_timer = False
 
     def _deliver_channel(self, channel: Channel) -> None:
         for _ in range(ASYNC_BATCH):

@@ -564,3 +564,84 @@ def test_a_name_that_would_make_an_empty_hash_tag_is_refused() -> None:
     assert key_slot(K.stream('{app}.high', 0).encode()) == key_slot(
         K.stream('{app}.low', 9).encode())  # the documented way to co-locate queues
     assert Keys().stream('}x', 0) == 'ks:q:{}x}:0'  # one Redis: any name
+
+
+def _queues_over_slots(cluster: Cluster, count: int, prefix: str) -> list[str]:
+    """``count`` queue names in ``count`` different hash slots (over all three masters)."""
+    names, slots, i = [], set(), 0
+    while len(names) < count:
+        name = f'{prefix}{i}'
+        i += 1
+        slot = key_slot(K.stream(name, 0).encode())
+        if slot not in slots:
+            slots.add(slot)
+            names.append(name)
+    return names
+
+
+@pytest.mark.parametrize('count', [60, 1000])
+def test_a_consumer_of_many_queues_drains_them_all(cluster: Cluster, url: str,
+                                                   count: int) -> None:
+    """One consumer of 60 (and 1,000) queues, each in a slot of its own: it waits with
+    BZPOPMIN on at most half of each node's pool (10 connections) and looks at the other
+    queues' markers once per polling interval. Before: MaxConnectionsError ("Too many
+    connections") as soon as 10 slots of one node had a wait."""
+    names = _queues_over_slots(cluster, count, f'many{count}-')
+    queues = [Queue(n, routing_key=n) for n in names]
+    with Connection(url, transport_options={'polling_interval': 0.5}) as conn, \
+            Connection(url) as pub:
+        channel = conn.channel()
+        for q in queues:
+            q(channel).declare()
+        got: list[str] = []
+        with Consumer(channel, queues, callbacks=[lambda body, m: (got.append(body),
+                                                                  m.ack())]):
+            with pytest.raises(socket.timeout):
+                conn.drain_events(timeout=1.0)  # idle: the waits are sent, nothing to get
+            waits_per_node: dict[int, int] = {}
+            for wait in conn.transport.cycle._waits.values():
+                waits_per_node[id(wait.pool)] = waits_per_node.get(id(wait.pool), 0) + 1
+            assert waits_per_node and max(waits_per_node.values()) <= 5
+            producer = Producer(pub)
+            for n in names:  # published while the consumer is idle
+                producer.publish(n, routing_key=n)
+            deadline = time.monotonic() + 60
+            while len(got) < count and time.monotonic() < deadline:
+                try:
+                    conn.drain_events(timeout=1)
+                except socket.timeout:
+                    pass
+        assert sorted(got) == sorted(names)
+
+
+def test_event_loop_consumer_of_60_queues_drains_them_all(cluster: Cluster,
+                                                          url: str) -> None:
+    """Celery's path on Cluster: a channel on Kombu's hub consuming 60 queues in 60 slots
+    keeps its waits within each node's budget and still gets every message."""
+    from kombu.asynchronous import Hub
+
+    names = _queues_over_slots(cluster, 60, 'hub60-')
+    queues = [Queue(n, routing_key=n) for n in names]
+    got: list[str] = []
+    hub = Hub()
+    with Connection(url, transport_options={'polling_interval': 0.5}) as conn, \
+            Connection(url) as pub:
+        channel = conn.channel()
+        for q in queues:
+            q(channel).declare()
+        conn.transport.register_with_event_loop(conn.connection, hub)
+        loop = hub.create_loop()
+        with Consumer(channel, queues, callbacks=[lambda body, m: (got.append(body),
+                                                                  m.ack())]):
+            for _ in range(3):
+                next(loop)
+            producer = Producer(pub)
+            for n in names:
+                producer.publish(n, routing_key=n)
+            deadline = time.monotonic() + 30
+            while len(got) < 60 and time.monotonic() < deadline:
+                next(loop)
+            waits = len(conn.transport.cycle._waits)
+        assert sorted(got) == sorted(names)
+        assert waits <= 15  # three nodes, five each at most
+    hub.close()
