@@ -10,8 +10,8 @@ at one position, and compares every key of the database (type, value, expiry) be
 after. A companion test checks each call does write something on that state, so "nothing
 changed" is not true merely because the call had nothing to do.
 
-Not here: ack, requeue, deadletter, fanout_ack and read (read.lua reports a wrong type per
-source and serves the others: tests/test_scripts.py).
+Not here: read (read.lua reports a wrong type per source and serves the others:
+tests/test_scripts.py).
 """
 
 from __future__ import annotations
@@ -123,11 +123,21 @@ CASES = {
     'migrate_unacked': (lambda b, f: b.migrate_unacked_call(
         'unacked', 'unacked_index', 't1', f['raw'], P, [('q', 0), ('r', 3)]), None),
     'layout': (lambda b, f: b.layout_call(), _unrecorded),
+    # the settles, by the consumer that owns the entry (c1) and by an operator (ANY_OWNER)
+    'ack': (lambda b, f: b.ack_calls('q', [(f['renew'][0], f['renew'][1][0])], None,
+                                     'c1')[0], None),
+    'ack-any': (lambda b, f: b.ack_calls('q', [(f['renew'][0], f['renew'][1][0])])[0], None),
+    'requeue': (lambda b, f: b.requeue_calls('q', [(f['renew'][0], f['renew'][1][0])], None,
+                                             'c1')[0], None),
+    'deadletter': (lambda b, f: b.dead_letter_call('q', f['renew'][0], f['renew'][1][0],
+                                                   'why', 1, None, 'c1'), None),
+    'fanout_ack': (lambda b, f: b.ack_calls('q', [(K.fanout('f'), f['fanout_ids'][0])], 'f',
+                                            'c1')[0], None),
     'wake': (lambda b, f: b.give_back_call(
         FANOUT_SOURCES, {('q', 'f'): member('q'), ('s', 'f'): member('s')}), _popped),
 }
 
-_DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': []}
+_DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': ['1-1']}
 
 
 def _keys(name: str, facts: dict[str, Any] = _DUMMY) -> list[str]:
@@ -205,6 +215,6 @@ def test_each_call_writes_on_that_state(script_client, name, expiring):
 
 def test_every_writing_script_has_a_case():
     from kombu_streams.scripts import SCRIPTS
-    read_only = {'inspect', 'inspect_fanout', 'peek', 'scheduled', 'size'}
-    elsewhere = {'ack', 'requeue', 'deadletter', 'fanout_ack', 'read'}  # see the docstring
+    read_only = {'inspect', 'inspect_fanout', 'peek', 'scheduled', 'size', 'marked'}
+    elsewhere = {'read'}  # see the docstring
     assert {name.split('-')[0] for name in CASES} == set(SCRIPTS) - read_only - elsewhere
