@@ -481,14 +481,31 @@ class Channel(virtual.Channel):
         if queue is not None and queue not in self._active_queues:
             self._return_buffered(queue)
         self._queue_cycle.update(self.active_queues)
+        before = self.consumer_state.reading
         self.bindings_changed()
-        for source in self.plan.forget(self.consumer_state.reading.sources):
-            try:  # popped, and now no read of this channel will cover it: give it back
-                self.client.zadd(self.broker.wake(*source), {'w': 0})
+        dropped = self.plan.forget(self.consumer_state.reading.sources)
+        if dropped:
+            try:  # popped, and now no read of this channel will cover them: give them back
+                self.give_back([s for s in before.sources if s in dropped], before.bindings)
             except Exception as exc:  # the sweep of another consumer will find its work
-                logger.warning('kombu-streams: could not give back a wake-up of %r: %r',
-                               source[0], exc)
+                logger.warning('kombu-streams: could not give back wake-ups: %r', exc)
         return result
+
+    def give_back(self, sources: list[Source],
+                  bindings: dict[str, tuple[tuple[str, str, Any], ...]] | None = None) -> None:
+        """Set the popped wake markers of ``sources`` again (wake.lua, one call per slot
+        group), each only where its source still exists and with its expiry: a fanout
+        group's marker expires with its binding (from ``bindings``, default the ones read
+        now), as a publish sets it."""
+        members: dict[Source, str] = {}
+        if bindings is None:
+            bindings = self.consumer_state.reading.bindings
+        for queue, exchange in sources:
+            for ex, routing_key, args in bindings.get(queue, ()) if exchange else ():
+                if ex == exchange and self.connection is not None:
+                    _, pattern, _ = self.typeof(ex).prepare_bind(queue, ex, routing_key, args)
+                    members[(queue, ex)] = self._binding_member(routing_key, pattern, queue)
+        self.broker.give_back(sources, members)
 
     @property
     def active_queues(self) -> list[str]:

@@ -37,7 +37,7 @@ import threading
 import time
 import weakref
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 from redis.crc import key_slot
 from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgainError
@@ -45,6 +45,7 @@ from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgain
 from .compat import conn_fileno, pool_connection
 from .connection import socket_timeout
 from .errors import DeadConnection
+from .state import Source
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -92,6 +93,13 @@ class Wait(NamedTuple):
     #: monotonic time by which Redis must have answered (its timeout plus a margin), else
     #: the connection is dead
     deadline: float = float('inf')
+    #: per key, the channel that reads its source and the source: to give a popped marker
+    #: back (wake.lua) when no read of that channel covers it
+    sources: tuple[tuple[Any, Source], ...] = ()
+
+
+#: A popped marker: (its key, the channel that reads its source, the source), or None.
+Popped = Optional[tuple[str, Any, Source]]
 
 
 def _readable(fds: list[int], timeout: float) -> list[int]:
@@ -181,9 +189,9 @@ class Poller:
         except Exception as exc:
             channel.handler_failed(message, exc)
 
-    def _wake_keys(self) -> dict[str, Any]:
-        """wake key -> source, for the sources some channel may read now."""
-        return {key: src for ch in self.channels for key, src in ch.wake_keys().items()}
+    def _wake_keys(self) -> dict[str, tuple[Channel, Source]]:
+        """wake key -> (channel, source), for the sources some channel may read now."""
+        return {key: (ch, src) for ch in self.channels for key, src in ch.wake_keys().items()}
 
     def _on_wrongtype(self, exc: BaseException) -> bool:
         """A wait failed because a marker's name holds another type: the channels suspend
@@ -260,17 +268,16 @@ class Poller:
                 block = min(block, bound)
         return max(block, MIN_BLOCK)
 
-    def _after_wake(self, popped: Any, deliver: Callable[[Any, str], Any],
+    def _after_wake(self, popped: Popped, deliver: Callable[[Any, str], Any],
                     limit: int | None) -> int:
         """Deliver what is ready after a wake-up (or a timeout). The channel whose marker was
         popped reads that source next (read.lua gives the wake-up back if the read runs out
         of credit first); a marker that no read covered (the channel ran out of credit, or
-        went away meanwhile) is put back."""
-        key = None
+        went away meanwhile) is given back (wake.lua)."""
         owner = None
-        if popped:
-            key = popped[0].decode() if isinstance(popped[0], bytes) else popped[0]
-            owner = next((ch for ch in list(self.channels) if ch.woke(key)), None)
+        if popped is not None:
+            key, channel, _ = popped
+            owner = channel if channel in self.channels and channel.woke(key) else None
         delivered = 0
         try:
             while (limit is None or delivered < limit) and self.deliver_one(deliver):
@@ -278,8 +285,8 @@ class Poller:
                 if limit is None:
                     break
         finally:
-            if key is not None and (owner is None or owner.unread_wake(key)):
-                self.transport.blocking_client().zadd(key, {'w': 0})
+            if popped is not None and (owner is None or owner.unread_wake(popped[0])):
+                self._give_back([popped[1:]])
         return delivered
 
     # -- synchronous: Connection.drain_events ------------------------------------------------
@@ -308,7 +315,7 @@ class Poller:
             remaining = None if deadline is None else deadline - monotonic()
             if remaining is not None and remaining <= 0:
                 raise socket.timeout()
-            wakes = list(self._wake_keys())
+            wakes = self._wake_keys()
             if not wakes:  # every channel is at its prefetch limit: wait for acks, which
                 # other threads may send; checking costs no Redis call until credit is back
                 time.sleep(min(self._block(remaining), CREDIT_CHECK))
@@ -320,7 +327,7 @@ class Poller:
                     return
                 continue
             try:
-                popped = self._wait_one(tuple(wakes), remaining)
+                popped = self._wait_one(wakes, remaining)
             except ResponseError as exc:
                 if not self._on_wrongtype(exc):
                     raise
@@ -336,14 +343,16 @@ class Poller:
             return False
         return due < self.transport.wait_interval and (remaining is None or due < remaining)
 
-    def _wait_one(self, keys: tuple[str, ...], remaining: float | None) -> Any:
+    def _wait_one(self, wakes: dict[str, tuple[Channel, Source]], remaining: float | None
+                  ) -> Popped:
         """drain() on one Redis: BZPOPMIN on ``keys`` for as long as :meth:`_block` says.
         When a due time ends it and Redis has not answered UNBLOCK_AFTER past it, the wait is
         ended with CLIENT UNBLOCK (then read: a marker it popped meanwhile is not lost). An
         answer that does not come by the wait's deadline means a dead connection
         (DeadConnection). Returns the popped marker or None."""
         due = self._due_bounds(remaining)
-        fd = self._send_wait(keys, None, need_id=due, remaining=remaining)
+        fd = self._send_wait(tuple(wakes), None, need_id=due, remaining=remaining,
+                             sources=tuple(wakes.values()))
         wait = self._waits[fd]
         try:
             if due and not _readable([fd], (self._due_in() or 0.0) + UNBLOCK_AFTER):
@@ -424,11 +433,11 @@ class Poller:
             except Exception as exc:  # the wait's own answer will report a broken connection
                 logger.debug('kombu-streams: CLIENT UNBLOCK failed: %r', exc)
 
-    def _wait_groups(self, wakes: list[str], remaining: float | None,
+    def _wait_groups(self, wakes: dict[str, tuple[Channel, Source]], remaining: float | None,
                      deliver: Callable[[Any, str], Any]) -> bool:
         """drain() on Redis Cluster: one pending BZPOPMIN per slot group, kept across calls,
         and a select() on their sockets. True when a message was delivered."""
-        groups = self._groups(wakes)
+        groups = self._groups(list(wakes))
         for fd, wait in list(self._waits.items()):
             if wait.owner is None and wait.keys not in groups:
                 self._drop_wait(fd, disconnect=True)  # the channels' queues changed
@@ -438,7 +447,7 @@ class Poller:
         for keys in groups:  # serving order: the first slots of each node get the waits
             if keys not in pending:
                 if self._cap(pool_of, used, keys):
-                    self._send_wait(keys, None)
+                    self._send_wait(keys, None, sources=tuple(wakes[k] for k in keys))
                 else:
                     unwatched.extend(keys)
         self._set_unwatched(None, unwatched)
@@ -482,7 +491,8 @@ class Poller:
             self._unwatched.pop(owner, None)
 
     def _send_wait(self, keys: tuple[str, ...], owner: Channel | None,
-                   need_id: bool = False, remaining: float | None = None) -> int:
+                   need_id: bool = False, remaining: float | None = None,
+                   sources: tuple[tuple[Any, Source], ...] = ()) -> int:
         """Send BZPOPMIN on ``keys`` on a connection of its own; returns its fd.
         ``need_id``: a due time ends it; learn the connection's id first, to unblock it.
         Its deadline is its timeout plus the pool's socket timeout (or DEAD_AFTER)."""
@@ -497,11 +507,12 @@ class Poller:
             pool.release(conn)
             raise
         deadline = monotonic() + block + (socket_timeout(pool) or DEAD_AFTER)
-        self._waits[fd] = Wait(owner, keys, conn, pool, client_id, deadline)
+        self._waits[fd] = Wait(owner, keys, conn, pool, client_id, deadline, sources)
         return fd
 
-    def _answer(self, fd: int) -> Any:
-        """Read a wait's answer and end the wait: the popped marker, or None."""
+    def _answer(self, fd: int) -> Popped:
+        """Read a wait's answer and end the wait: the popped marker with the channel and
+        source it belongs to, or None."""
         wait = self._waits[fd]
         try:
             popped = wait.conn.read_response()
@@ -518,7 +529,11 @@ class Poller:
             self._drop_wait(fd, disconnect=True)
             raise
         self._drop_wait(fd)
-        return popped
+        if not popped:
+            return None
+        key = popped[0].decode() if isinstance(popped[0], bytes) else str(popped[0])
+        channel, source = dict(zip(wait.keys, wait.sources)).get(key, (None, None))
+        return (key, channel, source) if source is not None else None
 
     # -- asynchronous: Celery's hub ------------------------------------------------------------
     # Each channel that may read gets its own pending BZPOPMIN on its own connection, so a
@@ -565,7 +580,8 @@ class Poller:
                 if self.transport.cluster and not self._cap(pool_of, used, keys):
                     unwatched.extend(keys)
                     continue
-                fd = self._send_wait(keys, channel, need_id=due)
+                fd = self._send_wait(keys, channel, need_id=due,
+                                     sources=tuple((channel, wakes[k]) for k in keys))
                 self._hub.add_reader(fd, self.transport.on_readable, fd)
                 wait = self._waits[fd]
                 self._hub.call_later(wait.deadline - monotonic(), self._expire_if_waiting,
@@ -609,15 +625,20 @@ class Poller:
             wait.conn.disconnect()
         wait.pool.release(wait.conn)
         if disconnect:
-            self._give_back(wait.keys)
+            self._give_back(wait.sources)
 
-    def _give_back(self, keys: tuple[str, ...]) -> None:
-        """A wait dropped unread may have popped one of its markers (the answer was on its way):
-        set them all again. A marker without work costs a read that finds nothing; a lost one
-        would leave the work to the sweep."""
-        try:
-            client = self.transport.blocking_client()
-            for key in keys:
-                client.zadd(key, {'w': 0})
-        except Exception as exc:  # no connection: the sweep of some consumer finds the work
-            logger.warning('kombu-streams: could not give back wake markers: %r', exc)
+    def _give_back(self, sources: Any) -> None:
+        """Popped markers no read will cover, given as (channel, source): a wait dropped
+        unread may have popped one of its markers (the answer was on its way), so all are
+        given back, one wake.lua call per channel and slot group, each only where its source
+        still exists (a queue that expired meanwhile gets no marker back). A marker without
+        work costs a read that finds nothing; a lost one would leave the work to the
+        sweep."""
+        by_channel: dict[Any, list[Source]] = {}
+        for channel, source in sources:
+            by_channel.setdefault(channel, []).append(source)
+        for channel, mine in by_channel.items():
+            try:
+                channel.give_back(mine)
+            except Exception as exc:  # no connection: the sweep of some consumer finds it
+                logger.warning('kombu-streams: could not give back wake markers: %r', exc)
