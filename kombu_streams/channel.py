@@ -27,7 +27,7 @@ from kombu.utils.scheduling import cycle_by_name
 
 from . import due, envelope
 from .batch import PublishBatch
-from .broker import CHUNK, HOLDER, READ, Broker, Delay, Delivery, ReadResult, Source
+from .broker import CHUNK, HOLDER, READ, READ_BYTES, Broker, Delay, Delivery, ReadResult, Source
 from .compat import BATCH_PUBLISH
 from .connection import POOL_OPTIONS
 from .keys import Keys
@@ -123,6 +123,7 @@ class Channel(virtual.Channel):
         'global_keyprefix', 'routing_cache_ttl', 'max_read_batch', 'purge_batch',
         'max_deliveries', 'dead_letter_rejected', 'reclaim_batch', 'publish_min_replicas',
         'publish_replica_timeout', 'max_message_size', 'delayed_delivery', 'delayed_threshold',
+        'max_read_bytes',
     ) + POOL_OPTIONS
 
     sep = SEP
@@ -135,6 +136,9 @@ class Channel(virtual.Channel):
     routing_cache_ttl: float = 1.0
     #: The most messages one read script call may deliver.
     max_read_batch = 100
+    #: The bytes one read (one script call on a single Redis) may copy, so a backlog of big
+    #: messages never blocks Redis for long; a message bigger than this is delivered alone.
+    max_read_bytes = READ_BYTES
     #: Entries deleted per purge script call (purge loops until done).
     purge_batch = 1000
     #: A message delivered this many times (rejects with requeue and crashes alike) goes to
@@ -175,6 +179,8 @@ class Channel(virtual.Channel):
         self._acks_since = 0.0
         #: the last read took all the credit it had: more messages are probably ready
         self.more_ready = False
+        #: the last read stopped on max_read_bytes (another message would not fit)
+        self._bytes_cut = False
         self._buffer: deque[tuple[dict[str, Any], str]] = deque()
         #: the buffer is filled by the consuming thread and may be emptied by another (a
         #: requeue from a Celery threads-pool task, a cancel from the application)
@@ -523,7 +529,7 @@ class Channel(virtual.Channel):
             queues = self._queue_cycle.consume(len(self.active_queues))
             if credit > 0 and queues:
                 got = self._read(queues, credit)
-                self.more_ready = len(got) >= credit
+                self.more_ready = len(got) >= credit or self._bytes_cut
                 with self._buffer_lock:
                     self._buffer.extend(got)
         if self._acks and (len(self._acks) >= ACK_BATCH
@@ -567,10 +573,10 @@ class Channel(virtual.Channel):
         ``planned``: cover the sources the read plan picks, each in its mode (see
         :mod:`kombu_streams.plan`); else read them all. One script call covers them, on one
         Redis; on Redis Cluster one call per hash slot, in serving order, each taking what
-        credit the ones before it left. Deferred acks ride along with the first call. If
-        anything fails after messages were read, they go to the buffer (handed out next, or
-        requeued at close) before the error is raised, and unsent acks are put back:
-        nothing read is stranded, no ack dropped."""
+        credit and bytes (``max_read_bytes``) the ones before it left. Deferred acks ride
+        along with the first call. If anything fails after messages were read, they go to
+        the buffer (handed out next, or requeued at close) before the error is raised, and
+        unsent acks are put back: nothing read is stranded, no ack dropped."""
         out: list[tuple[dict[str, Any], str]] = []
         sources = self._sources(queues)
         modes = self.plan.modes(sources) if planned else {s: READ for s in sources}
@@ -578,18 +584,27 @@ class Channel(virtual.Channel):
         mergeable = (self.broker.ack_merges(groups[0])
                      if self._acks and groups and credit > 0 else set())
         acks, calls, merged = self._ack_calls(mergeable)
+        budget, expect = int(self.max_read_bytes), 0
+        self._bytes_cut = False
         try:
             for group in groups:
-                if credit <= 0:
+                if credit <= 0 or budget <= 0:
                     break
                 read, parse = self.broker.read_call(
                     group, self.consumer_name, credit, self.max_deliveries, self._expires,
-                    modes, [(stream, entry_id) for _, stream, entry_id in merged])
+                    modes, [(stream, entry_id) for _, stream, entry_id in merged],
+                    max_bytes=budget, hints=self.plan.sizes)
                 merged = []
                 sent_at = monotonic()  # the leases start when the read runs, not after
                 reply, failed = self._send_read(calls + [read], acks)
                 acks, calls = [], []
                 result = parse(reply)
+                for delivery in result.deliveries:  # as read.lua counts: field m and payload
+                    size = len(delivery.payload) + 1
+                    budget -= size
+                    expect = max(expect, size, self.plan.sizes.get(
+                        (delivery.queue, delivery.exchange), 0))
+                self._bytes_cut = budget < expect  # read.lua stops so (see its batch())
                 self._learn(modes, result)
                 for delivery in result.deliveries:
                     credit -= 1
