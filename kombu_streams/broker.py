@@ -47,8 +47,8 @@ READ, POPPED, GATED, WALK = 'r', 'p', 'm', 'w'
 RENEW_CHUNK = 500
 #: Most entries per ack or requeue call, for the same reason.
 CHUNK = 1000
-#: Bytes one read call copies by default (the ``max_read_bytes`` transport option): a few
-#: ms of Redis time; a message bigger than this is still delivered, alone.
+#: Bytes one read call copies by default (the ``max_read_bytes`` transport option): about
+#: 10 ms of Redis time (docs/design.rst); a message bigger than this is delivered alone.
 READ_BYTES = 2 * 1024 * 1024
 #: Most delayed messages one scheduled.lua call lists.
 SCHEDULED_MAX = 1000
