@@ -51,6 +51,9 @@ READ, POPPED, GATED, WALK = 'r', 'p', 'm', 'w'
 RENEW_CHUNK = 500
 #: Most entries per ack or requeue call, for the same reason.
 CHUNK = 1000
+#: Bytes one read call copies by default (the ``max_read_bytes`` transport option): about
+#: 10 ms of Redis time (docs/design.rst); a message bigger than this is delivered alone.
+READ_BYTES = 2 * 1024 * 1024
 #: Most delayed messages one scheduled.lua call lists.
 SCHEDULED_MAX = 1000
 #: Most messages one peek.lua call returns (its own limit, see its header).
@@ -524,14 +527,18 @@ class Broker:
     def read_call(self, sources: Sequence[Source], consumer: str, count: int,
                   max_deliveries: int = 0, ttls: dict[str, int] | None = None,
                   modes: dict[Source, str] | None = None,
-                  acks: Sequence[tuple[str, Any]] = ()
+                  acks: Sequence[tuple[str, Any]] = (), max_bytes: int = READ_BYTES,
+                  hints: Mapping[Source, int] | None = None
                   ) -> tuple[Call, Callable[[list[Any]], ReadResult]]:
         """The read call for ``sources`` (see :meth:`sources`), each read as ``modes`` says
         (READ, POPPED, GATED or WALK; READ by default), and the function that decodes its
         reply. ``acks``: (stream key, entry id) of messages ``consumer`` acks in the same
         call (only those it still owns are acked, as :meth:`ack_call` says); each stream
-        must be one of a queue source's own (see :meth:`ack_merges`)."""
-        ttls, modes = ttls or {}, modes or {}
+        must be one of a queue source's own (see :meth:`ack_merges`). ``max_bytes``: the
+        call's byte budget (one message bigger than it is still delivered, alone); ``hints``:
+        per source, the bytes expected of its largest entry (unknown: the first batch is one
+        entry), which sizes the call's first batch of it (see read.lua)."""
+        ttls, modes, hints = ttls or {}, modes or {}, hints or {}
         index = {src: i + 1 for i, src in enumerate(sources)}
         # (stream key, source, level), in the order to serve them
         streams: list[tuple[str, Source, int]] = [
@@ -540,7 +547,8 @@ class Broker:
         streams += [(self.keys.stream(q, level), (q, None), level)
                     for level in self.levels for q in own]
         keys = [s[0] for s in streams]
-        args: list[Any] = [consumer, count, HOLDER, max_deliveries, len(streams), len(sources)]
+        args: list[Any] = [consumer, count, HOLDER, max_deliveries, len(streams), len(sources),
+                           max(int(max_bytes), 1)]
         for src in sources:
             q, ex = src
             if ex:  # no ready index, no delayed set for a group on a fanout stream
@@ -549,7 +557,8 @@ class Broker:
             else:
                 keys += [self.keys.wake(q), self.keys.dlq(q), self.keys.ready(q),
                          self.keys.delayed(q), self.keys.delayed_messages(q)]
-            args += [q, 'f' if ex else 'q', modes.get(src, READ), ttls.get(q, 0)]
+            args += [q, 'f' if ex else 'q', modes.get(src, READ), ttls.get(q, 0),
+                     int(hints.get(src, 0))]
         args += [index[src] for _, src, _ in streams]
         position = {key: i + 1 for i, (key, (_, ex), _) in enumerate(streams) if not ex}
         args.append(len(acks))

@@ -30,6 +30,7 @@ from .broker import (
     CHUNK,
     HOLDER,
     READ,
+    READ_BYTES,
     Broker,
     Delay,
     Delivery,
@@ -134,6 +135,7 @@ class Channel(virtual.Channel):
         'global_keyprefix', 'routing_cache_ttl', 'max_read_batch', 'purge_batch',
         'max_deliveries', 'dead_letter_rejected', 'reclaim_batch', 'publish_min_replicas',
         'publish_replica_timeout', 'max_message_size', 'delayed_delivery', 'delayed_threshold',
+        'max_read_bytes',
     ) + POOL_OPTIONS
 
     sep = SEP
@@ -146,6 +148,9 @@ class Channel(virtual.Channel):
     routing_cache_ttl: float = 1.0
     #: The most messages one read script call may deliver.
     max_read_batch = 100
+    #: The bytes one read (one script call on a single Redis) may copy, so a backlog of big
+    #: messages never blocks Redis for long; a message bigger than this is delivered alone.
+    max_read_bytes = READ_BYTES
     #: Entries deleted per purge script call (purge loops until done).
     purge_batch = 1000
     #: A message delivered this many times (rejects with requeue and crashes alike) goes to
@@ -182,6 +187,8 @@ class Channel(virtual.Channel):
         self.consumer_state = ConsumerState()
         #: the last read took all the credit it had: more messages are probably ready
         self.more_ready = False
+        #: the last read stopped on max_read_bytes (another message would not fit)
+        self._bytes_cut = False
         self._no_ack_queues: set[str] = set()
         self._tags = count(1)
         salt = uuid4().hex[:8]
@@ -596,7 +603,7 @@ class Channel(virtual.Channel):
             queues = self._queue_cycle.consume(len(self.active_queues))
             if credit > 0 and queues:
                 got = self._read(queues, credit)
-                self.more_ready = len(got) >= credit
+                self.more_ready = len(got) >= credit or self._bytes_cut
                 state.buffer(got)
         if state.acks_due(ACK_BATCH, ACK_DELAY):
             self.flush_acks()  # the buffer may last: acks do not wait for the next read
@@ -637,10 +644,10 @@ class Channel(virtual.Channel):
         ``planned``: cover the sources the read plan picks, each in its mode (see
         :mod:`kombu_streams.plan`); else read them all. One script call covers them, on one
         Redis; on Redis Cluster one call per hash slot, in serving order, each taking what
-        credit the ones before it left. Deferred acks ride along with the first call. If
-        anything fails after messages were read, they go to the buffer (handed out next, or
-        requeued at close) before the error is raised, and unsent acks are put back:
-        nothing read is stranded, no ack dropped."""
+        credit and bytes (``max_read_bytes``) the ones before it left. Deferred acks ride
+        along with the first call. If anything fails after messages were read, they go to
+        the buffer (handed out next, or requeued at close) before the error is raised, and
+        unsent acks are put back: nothing read is stranded, no ack dropped."""
         self.transport  # noqa: B018 (raises ChannelClosed on a closed channel)
         out: list[tuple[dict[str, Any], str]] = []
         sources = self._sources(queues)
@@ -649,18 +656,27 @@ class Channel(virtual.Channel):
         mergeable = (self.broker.ack_merges(groups[0])
                      if self.consumer_state.has_acks() and groups and credit > 0 else set())
         acks, calls, merged = self._ack_calls(mergeable)
+        budget, expect = int(self.max_read_bytes), 0
+        self._bytes_cut = False
         try:
             for group in groups:
-                if credit <= 0:
+                if credit <= 0 or budget <= 0:
                     break
                 read, parse = self.broker.read_call(
                     group, self.consumer_name, credit, self.max_deliveries, self._expires,
-                    modes, [(stream, entry_id) for _, stream, entry_id in merged])
+                    modes, [(stream, entry_id) for _, stream, entry_id in merged],
+                    max_bytes=budget, hints=self.plan.sizes)
                 merged = []
                 sent_at = monotonic()  # the leases start when the read runs, not after
                 reply, failed = self._send_read(calls + [read], acks)
                 acks, calls = [], []
                 result = parse(reply)
+                for delivery in result.deliveries:  # as read.lua counts: field m and payload
+                    size = len(delivery.payload) + 1
+                    budget -= size
+                    expect = max(expect, size, self.plan.sizes.get(
+                        (delivery.queue, delivery.exchange), 0))
+                self._bytes_cut = budget < expect  # read.lua stops so (see its batch())
                 self._learn(modes, result)
                 for delivery in result.deliveries:
                     credit -= 1

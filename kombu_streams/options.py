@@ -95,6 +95,7 @@ RULES: dict[str, Rule] = {
     # kombu-streams options
     'routing_cache_ttl': NON_NEGATIVE,
     'max_read_batch': _int_at_least(1),
+    'max_read_bytes': _int_at_least(1),
     'purge_batch': _int_at_least(1),
     'reclaim_batch': _int_at_least(1),
     'max_deliveries': _int_at_least(0),

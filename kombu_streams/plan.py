@@ -64,6 +64,11 @@ class ReadPlan:
         self._logged: dict[tuple[Source, str], float] = {}
         #: source -> monotonic time its next delayed message is due, as reads reported
         self.due: dict[Source, float] = {}
+        #: source -> bytes expected of its largest entry, read.lua's size hint (it sizes the
+        #: first batch of a read by it): the largest payload its last read delivered, or
+        #: half the hint before when that was more (so one big message is not forgotten at
+        #: once, and a stale hint fades in a few reads)
+        self.sizes: dict[Source, int] = {}
         self._turn = {'window': 0, 'sweep': 0}
         self._sweep_at = 0.0
 
@@ -125,6 +130,12 @@ class ReadPlan:
                 self.hot.discard(source)
             if modes.get(source) == POPPED:
                 self.woken.discard(source)  # read, or its wake-up given back by read.lua
+        largest: dict[Source, int] = {}
+        for d in result.deliveries:
+            source = (d.queue, d.exchange)
+            largest[source] = max(largest.get(source, 0), len(d.payload) + 1)
+        for source, size in largest.items():
+            self.sizes[source] = max(size, self.sizes.get(source, 0) // 2)
         if result.dues:
             now = monotonic()
             for source, ms in result.dues.items():
@@ -172,6 +183,7 @@ class ReadPlan:
         self.hot &= keep
         self.woken &= keep
         self.due = {s: t for s, t in self.due.items() if s in keep}
+        self.sizes = {s: n for s, n in self.sizes.items() if s in keep}
         return dropped
 
 

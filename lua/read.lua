@@ -16,19 +16,24 @@ ARGV[3]         name of the holder consumer that parks requeued messages
 ARGV[4]         delivery limit: a message about to be delivered more often than this goes to
                 its queue's dead-letter stream instead (0: no limit)
 ARGV[5]         S: number of streams;  ARGV[6]  Q: number of sources
-ARGV[3+4q]      consumer group of source q (the queue's name)
-ARGV[4+4q]      'q': a queue's own streams; 'f': a group on a fanout stream that other groups
+ARGV[7]         BYTES: the byte budget of the call (>= 1): entries are copied in batches sized
+                to fit it, and one that does not fit alone is still delivered, alone (see
+                the top of lua/lib/serve.lua for the worst case)
+ARGV[3+5q]      consumer group of source q (the queue's name)
+ARGV[4+5q]      'q': a queue's own streams; 'f': a group on a fanout stream that other groups
                 read too (entries are only acked there, never deleted; setting one aside
                 trims the stream below what every group is done with)
-ARGV[5+4q]      how to read source q: 'r' read it; 'p' read it, this consumer popped its
+ARGV[5+5q]      how to read source q: 'r' read it; 'p' read it, this consumer popped its
                 marker (if COUNT runs out first, the marker is set again); 'm' read it only
                 if its marker is set (else nothing is ready: the wake-up invariant); 'w' walk
                 it: look at every stream, not only those its ready index names, and rebuild
                 the index (a repair, now and then)
-ARGV[6+4q]      ttl in ms of source q's marker and index (x-expires; 0: the ttl of its first
+ARGV[6+5q]      ttl in ms of source q's marker and index (x-expires; 0: the ttl of its first
                 stream)
-ARGV[6+4Q+i]    the source (1..Q) of stream i
-ARGV[7+4Q+S]    A: the number of acks that ride along (0: none), then A pairs: stream index
+ARGV[7+5q]      size hint of source q: the bytes the caller expects of its largest entry (0:
+                unknown, the first batch is one entry); sizes the call's first batch of it
+ARGV[7+5Q+i]    the source (1..Q) of stream i
+ARGV[8+5Q+S]    A: the number of acks that ride along (0: none), then A pairs: stream index
                 i (a queue's own stream, never a fanout one), entry id; they are acked
                 before anything is read, as ack.lua does for consumer ARGV[1] (one round
                 trip, one call): only those it still owns
@@ -45,27 +50,29 @@ Reply: {status, problems, aside, dues, unsettled, then per delivered message, in
                  consumer no longer owns those entries (its lease ran out, another took them)
 Errors: "read: expected ..." for another layout; none from a source's keys (see problems);
         Redis's own otherwise.
-Minimum Redis: 6.2. Cost: sources are opened in serving order until COUNT is used up (an
-EXISTS of the marker in mode 'm', SMEMBERS of the index), then commands only for the
-streams the index names: O(COUNT + entries set aside); a walk adds an XLEN per stream,
-moving due delayed messages at most PROMOTE (500); acks that ride along add one XPENDING per
-stream (ownership, see ack.lua). Never blocks. Phases: lua/lib/serve.lua.
+Minimum Redis: 6.2. Cost: sources are opened in serving order until COUNT or BYTES is used
+up (an EXISTS of the marker in mode 'm', SMEMBERS of the index), then commands only for the
+streams the index names: O(COUNT + entries set aside), one XREADGROUP per stream while the
+caller's size hint holds; a walk adds an XLEN per stream, moving due delayed messages at
+most PROMOTE (500) and BYTES of them (an HSTRLEN each); acks that ride along add one
+XPENDING per stream (ownership, see ack.lua). Never blocks. Phases: lua/lib/serve.lua.
 See docs/design.rst (Wake-ups, The ready index, Leases, Delivery counts and dead letters,
-Delayed delivery).
+Delayed delivery, Reads bounded by bytes).
 ]]
 --@include common
 --@include delay
 --@include serve
 
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
-local A = S and Q and tonumber(ARGV[7 + 4 * Q + S]) or 0
-if not S or not Q or #KEYS ~= S + 5 * Q or #ARGV ~= 7 + 4 * Q + S + 2 * A then
+local A = S and Q and tonumber(ARGV[8 + 5 * Q + S]) or 0
+if not S or not Q or #KEYS ~= S + 5 * Q or #ARGV ~= 8 + 5 * Q + S + 2 * A then
   return check_args('read', false, false, tostring(S) .. ' streams, ' .. tostring(Q) ..
-                    ' sources and ' .. tostring(A) .. ' acks (S + 5Q keys, 7 + 4Q + S + 2A args)')
+                    ' sources and ' .. tostring(A) .. ' acks (S + 5Q keys, 8 + 5Q + S + 2A args)')
 end
-local ctx = new_context(ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]))
+local ctx = new_context(ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]),
+                        math.max(tonumber(ARGV[7]) or 1, 1))
 local sources, of = load_sources(S, Q)
-ride_acks(ctx, of, 8 + 4 * Q + S)  -- before anything is read, as ack.lua would
+ride_acks(ctx, of, 9 + 5 * Q + S)  -- before anything is read, as ack.lua would
 for i = 1, S do
   if ctx.left <= 0 then break end
   local src = of[i]

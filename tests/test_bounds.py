@@ -100,7 +100,8 @@ BAD_OPTIONS = [
     ("dead_letter_rejected", "no"), ("dead_letter_rejected", 0), ("polling_interval", 0),
     ("polling_interval", "1"), ("visibility_timeout", float("inf")),
     ("max_message_size", 0), ("publish_min_replicas", 1.5), ("socket_timeout", -2),
-    ("sep", ""), ("body_encoding", "rot13"), ("cluster", "yes"),
+    ("sep", ""), ("body_encoding", "rot13"), ("cluster", "yes"), ("max_read_bytes", 0),
+    ("max_read_bytes", 2.5), ("max_read_bytes", "1MB"), ("max_read_bytes", None),
 ]
 
 
@@ -116,7 +117,7 @@ def test_invalid_options_fail_at_channel_creation_naming_them(url, option, value
     ("max_read_batch", 1), ("reclaim_batch", 5000), ("purge_batch", 1),
     ("max_deliveries", 0), ("routing_cache_ttl", 0), ("dead_letter_rejected", True),
     ("polling_interval", 0.25), ("visibility_timeout", 1), ("max_message_size", None),
-    ("body_encoding", None),
+    ("body_encoding", None), ("max_read_bytes", 1), ("max_read_bytes", 64 << 20),
 ])
 def test_valid_options_are_taken(url, option, value):
     with Connection(url, transport_options={option: value}) as c:

@@ -41,7 +41,7 @@ MINIMAL = {
     'publish': ([S0, K.wake(Q), S0, K.ready(Q)], ['m', '0']),
     'purge': ([S0, K.delayed(Q), K.delayed_messages(Q)], [Q, HOLDER, 10]),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:]],
-             ['c1', 10, HOLDER, 0, 1, 1, Q, 'q', 'r', 0, 1, 0]),
+             ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 1, 0]),
     'reclaim': ([FAN, FWAKE], [Q, HOLDER, 1000, 100, 0, '-']),
     'redrive': ([K.dlq(Q), S0, K.wake(Q), K.ready(Q)], [10]),
     'renew': ([S0], [Q, 'c1', '1-1']),
@@ -64,7 +64,7 @@ LARGER = {
     'wake': ([FWAKE, FAN, K.deadlines(X), K.wake(Q), S0, K.wake(Q)],
              ['f', Q, 'm', 'q', Q, '']),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:]],
-             ['c1', 10, HOLDER, 0, 1, 1, Q, 'q', 'r', 0, 1, 1, 1, '1-1']),
+             ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 1, 1, 1, '1-1']),
 }
 
 

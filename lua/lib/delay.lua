@@ -28,19 +28,28 @@ local function delay_next(dkey)
 end
 
 -- Move the delayed messages of DKEY/BODIES due at NOW into their level's stream, in due order,
--- at most N. LEVELS maps a level ('0', '3'...) to its stream key, one of the caller's KEYS; a
--- member whose level is not there (not ours, or another priority_steps) goes to FIRST, the
--- queue's first stream; one whose message is gone is dropped. Returns (moved, streams
--- written, error): on an error (a key holds another type) the members moved so far are
--- removed and the rest stay where they are.
-local function promote(dkey, bodies, levels, first, now, n)
+-- at most N and BYTES bytes of them (sized with HSTRLEN before anything is copied; ALONE: the
+-- first may be bigger, and moves alone). LEVELS maps a level ('0', '3'...) to its stream key,
+-- one of the caller's KEYS; a member whose level is not there (not ours, or another
+-- priority_steps) goes to FIRST, the queue's first stream; one whose message is gone is
+-- dropped. Returns (moved, streams written, error, bytes moved): on an error (a key holds
+-- another type) the members moved so far are removed and the rest stay where they are.
+local function promote(dkey, bodies, levels, first, now, n, bytes, alone)
   local due, err = try('ZRANGEBYSCORE', dkey, '-inf', now, 'LIMIT', 0, n)
-  if err then return 0, {}, err end
-  if due == nil or #due == 0 then return 0, {}, nil end
-  local payloads, herr = try('HMGET', bodies, unpack(due))
-  if herr then return 0, {}, herr end
-  local streams, seen, done, moved = {}, {}, {}, 0
+  if err then return 0, {}, err, 0 end
+  if due == nil or #due == 0 then return 0, {}, nil, 0 end
+  local take, size = {}, 0
   for j, member in ipairs(due) do
+    local len, lerr = try('HSTRLEN', bodies, member)
+    if lerr then return 0, {}, lerr, 0 end
+    if size + len > bytes and not (alone and j == 1) then break end
+    take[j], size = member, size + len
+  end
+  if #take == 0 then return 0, {}, nil, 0 end
+  local payloads, herr = try('HMGET', bodies, unpack(take))
+  if herr then return 0, {}, herr, 0 end
+  local streams, seen, done, moved = {}, {}, {}, 0
+  for j, member in ipairs(take) do
     local payload = payloads[j]
     if payload then
       local stream = levels[string.match(member, '^%d+:(%d+):') or ''] or first
@@ -58,5 +67,5 @@ local function promote(dkey, bodies, levels, first, now, n)
     redis.call('ZREM', dkey, unpack(done))
     redis.call('HDEL', bodies, unpack(done))
   end
-  return moved, streams, err
+  return moved, streams, err, size
 end

@@ -10,9 +10,13 @@
 --                                         100: a backlog of them is worked off over calls)
 --   ctx.promote_left, ctx.dues, ctx.now   delayed messages this call may still move, the
 --                                         reply's next due times, the server's clock
+--   ctx.bytes_left, ctx.copied            the byte budget left, entries copied so far
+--   ctx.promote_bytes, ctx.promoted       the same for moving delayed messages
 --   src.q, src.group, src.shared, src.mode, src.ttl, src.wake, src.dlq, src.index_key,
 --   src.dkey, src.bodies                  (its keys; the delayed ones: lua/lib/delay.lua)
 --   src.streams                           its streams in KEYS (their indices)
+--   src.est                               the bytes expected of its next entry: the
+--                                         caller's hint, raised by every entry copied
 --   src.state    nil: not reached yet; 'open'; 'skip': its marker says nothing is ready;
 --                'broken': its ready index holds another type
 --   src.index    the ready index as a table (member -> true), nil for a fanout source
@@ -20,15 +24,28 @@
 --   src.announce this call made work ready (moved due messages): its marker must be set
 -- A command that may meet another program's key at our names (WRONGTYPE) runs through try():
 -- the error is noted against that source and the call serves the others, losing nothing.
+--
+-- Bytes (docs/design.rst, "Reads bounded by bytes"). XREADGROUP and XCLAIM cannot tell an
+-- entry's size before copying it, so a source is read in batches: each asks for as many
+-- entries as fit what is left of BYTES at src.est bytes each (batch()), the first one of a
+-- call always at least one (a message bigger than BYTES is delivered, alone), none once
+-- the budget is spent. A batch the budget did not cut is the last of its stream, as a read
+-- by COUNT alone was: with the caller's hint right, one XREADGROUP per stream per call.
+-- Worst case: a batch of n entries sized for src.est meets entries bigger than any seen in
+-- the call and than the hint; it copies up to n x the largest entry M, n <= min(COUNT,
+-- BYTES / src.est). Entries within a factor r of each other keep a call under about
+-- max(r x BYTES, M). Due delayed messages are sized before they are copied (HSTRLEN), so
+-- moving them overshoots never: at most BYTES more per call, or one message alone.
 
 local PROMOTE = 500  -- most delayed messages moved per call
 
 -- The call's state (see the top of this file): CONSUMER reads up to COUNT messages, HOLDER
 -- parks, LIMIT is the delivery limit.
-local function new_context(consumer, count, holder, limit)
+local function new_context(consumer, count, holder, limit, bytes)
   return {consumer = consumer, left = count, holder = holder, limit = limit, out = {},
           problems = {}, aside = {}, aside_left = count + 100, promote_left = PROMOTE,
-          dues = {}, unsettled = {}}
+          dues = {}, unsettled = {}, bytes_left = bytes, copied = 0, promote_bytes = bytes,
+          promoted = 0}
 end
 
 -- The Q sources of a call over S streams, from read.lua's KEYS and ARGV layout, and the
@@ -36,14 +53,15 @@ end
 local function load_sources(S, Q)
   local sources, of = {}, {}
   for q = 1, Q do
-    sources[q] = {q = q, group = ARGV[3 + 4 * q], shared = ARGV[4 + 4 * q] == 'f',
-                  mode = ARGV[5 + 4 * q], ttl = tonumber(ARGV[6 + 4 * q]) or 0,
+    sources[q] = {q = q, group = ARGV[3 + 5 * q], shared = ARGV[4 + 5 * q] == 'f',
+                  mode = ARGV[5 + 5 * q], ttl = tonumber(ARGV[6 + 5 * q]) or 0,
+                  est = tonumber(ARGV[7 + 5 * q]) or 0,
                   wake = KEYS[S + 5 * q - 4], dlq = KEYS[S + 5 * q - 3],
                   index_key = KEYS[S + 5 * q - 2], dkey = KEYS[S + 5 * q - 1],
                   bodies = KEYS[S + 5 * q], streams = {}, visited = {}}
   end
   for i = 1, S do
-    local src = sources[tonumber(ARGV[6 + 4 * Q + i])]
+    local src = sources[tonumber(ARGV[7 + 5 * Q + i])]
     src.streams[#src.streams + 1] = i
     of[i] = src
   end
@@ -102,6 +120,29 @@ local function clock(ctx)
   return ctx.now
 end
 
+-- How many entries the next XREADGROUP or XCLAIM of SRC may copy: what COUNT leaves, cut to
+-- what the byte budget leaves at SRC's expected entry size; at least one while the call has
+-- copied nothing (one message always fits alone), one to learn the size when none is known,
+-- none once the budget is spent. See the top of this file for the worst case.
+local function batch(ctx, src)
+  local n = ctx.left
+  if ctx.copied > 0 and ctx.bytes_left <= 0 then return 0 end
+  if src.est <= 0 then return math.min(n, 1) end
+  n = math.min(n, math.floor(ctx.bytes_left / src.est))
+  if n < 1 and ctx.copied == 0 then n = 1 end
+  return math.max(n, 0)
+end
+
+-- Count entry FIELDS, just copied from one of SRC's streams, against the byte budget.
+local function spend(ctx, src, fields)
+  local size = 0
+  if type(fields) == 'table' then
+    for _, v in ipairs(fields) do size = size + #tostring(v) end
+  end
+  ctx.bytes_left, ctx.copied = ctx.bytes_left - size, ctx.copied + 1
+  if size > src.est then src.est = size end
+end
+
 -- Move a queue's due delayed messages into its streams (at most ctx.promote_left), and note
 -- in ctx.dues when its next one is due. docs/design.rst, "Delayed delivery".
 local function promote_due(ctx, src)
@@ -116,12 +157,14 @@ local function promote_due(ctx, src)
     local next_due, err = delay_next(src.dkey)
     if err then return problem(ctx, src, src.dkey, err) end
     local now = clock(ctx)
-    if next_due and next_due <= now and ctx.promote_left > 0 then
+    if next_due and next_due <= now and ctx.promote_left > 0 and ctx.promote_bytes > 0 then
       local levels = {}  -- level -> its stream, all among this call's KEYS
       for _, i in ipairs(src.streams) do levels[string.match(KEYS[i], ':(%d+)$')] = KEYS[i] end
-      local moved, streams, perr = promote(src.dkey, src.bodies, levels, KEYS[src.streams[1]],
-                                           now, ctx.promote_left)
-      ctx.promote_left = ctx.promote_left - moved
+      local moved, streams, perr, size = promote(
+        src.dkey, src.bodies, levels, KEYS[src.streams[1]], now, ctx.promote_left,
+        ctx.promote_bytes, ctx.promoted == 0)
+      ctx.promote_left, ctx.promoted = ctx.promote_left - moved, ctx.promoted + moved
+      ctx.promote_bytes = ctx.promote_bytes - size
       if moved > 0 then src.announce = true end
       for _, key in ipairs(streams) do idx[key] = true end
       if perr then return problem(ctx, src, src.dkey, perr) end
@@ -204,6 +247,7 @@ local function claim_held(ctx, src, i, take)
   for _, e in ipairs(claimed) do
     if type(e) == 'table' then
       seen[e[1]] = true
+      spend(ctx, src, e[2])
       if ctx.limit > 0 and counts[e[1]] > ctx.limit then
         set_aside(ctx, src, i, e[1], e[2], 'delivery limit', counts[e[1]] - 1)
       elseif deliver(ctx, src, i, e[1], e[2], counts[e[1]]) then
@@ -222,8 +266,13 @@ end
 -- (docs/design.rst, "Delivery counts and dead letters"). Returns 'gone' when the stream
 -- or its group does not exist, 'error' on a problem. An entry not delivered (set aside,
 -- deleted while parked) leaves room, so look again; each pass empties what it saw, so it ends.
+-- Each pass takes at most a batch (the byte budget; see the top of this file).
 local function serve_held(ctx, src, i)
-  local key, group, want = KEYS[i], src.group, ctx.left
+  local key, group, want = KEYS[i], src.group, batch(ctx, src)
+  if want <= 0 then  -- the byte budget is spent: the rest next call
+    ctx.left, src.more = 0, true
+    return
+  end
   local held, err = try('XPENDING', key, group, '-', '+', want, ctx.holder)
   if err then return problem(ctx, src, key, err) end
   if held == nil then  -- no group; a fanout group is made by its binding, never here
@@ -263,7 +312,11 @@ local function serve_held(ctx, src, i)
       done = false
       break
     end
-    want = ctx.left
+    want = batch(ctx, src)
+    if want <= 0 then  -- the byte budget is spent
+      done, ctx.left = false, 0
+      break
+    end
     held = redis.call('XPENDING', key, group, '-', '+', want, ctx.holder)
   end
   if not done then
@@ -273,30 +326,46 @@ local function serve_held(ctx, src, i)
   end
 end
 
--- Serve entries of stream I the group has not delivered yet. Returns 'gone' when the stream
--- does not exist (or, for a fanout group, the group), 'error' on a problem.
+-- Serve entries of stream I the group has not delivered yet, in batches (the byte budget; see
+-- the top of this file). Returns 'gone' when the stream does not exist (or, for a fanout
+-- group, the group), 'error' on a problem.
 local function serve_fresh(ctx, src, i)
-  local key, group, want = KEYS[i], src.group, ctx.left
-  local reply, err = try_read(
-    'XREADGROUP', 'GROUP', group, ctx.consumer, 'COUNT', want, 'STREAMS', key, '>')
-  if err then return problem(ctx, src, key, err) end
-  if reply == nil then  -- no group (or no stream) yet
-    if src.shared then return 'gone' end
-    local exists, gerr = ensure_group(key, group)
-    if gerr then return problem(ctx, src, key, gerr) end
-    if not exists then return 'gone' end
-    reply = redis.call(
+  local key, group = KEYS[i], src.group
+  while true do
+    local want = batch(ctx, src)
+    if want <= 0 then  -- the byte budget is spent: the rest next call
+      ctx.left, src.more = 0, true
+      return
+    end
+    local cut = want < ctx.left  -- the budget, not COUNT, sized this batch
+    local reply, err = try_read(
       'XREADGROUP', 'GROUP', group, ctx.consumer, 'COUNT', want, 'STREAMS', key, '>')
-  end
-  src.alive = true
-  local fresh = read_entries(reply)
-  for _, e in ipairs(fresh) do deliver(ctx, src, i, e[1], e[2], 1) end
-  -- COUNT filled: more may be left. No probe for it (one command per read at prefetch 1):
-  -- if the stream ran dry just now, the next read finds that out and clears the index.
-  if #fresh >= want then
-    src.more = true
-  elseif src.index then
-    src.index[key] = nil
+    if err then return problem(ctx, src, key, err) end
+    if reply == nil then  -- no group (or no stream) yet
+      if src.shared then return 'gone' end
+      local exists, gerr = ensure_group(key, group)
+      if gerr then return problem(ctx, src, key, gerr) end
+      if not exists then return 'gone' end
+      reply = redis.call(
+        'XREADGROUP', 'GROUP', group, ctx.consumer, 'COUNT', want, 'STREAMS', key, '>')
+    end
+    src.alive = true
+    local fresh = read_entries(reply)
+    for _, e in ipairs(fresh) do
+      spend(ctx, src, e[2])
+      deliver(ctx, src, i, e[1], e[2], 1)
+    end
+    if #fresh < want then  -- the stream has no undelivered entries left
+      if src.index then src.index[key] = nil end
+      return
+    end
+    -- The batch filled: more may be left. No probe for it (one command per read at prefetch
+    -- 1): if the stream ran dry just now, the next read finds that out and clears the index.
+    -- Only a batch the budget cut is followed by another, while COUNT and aside allow.
+    if not cut or ctx.left <= 0 or ctx.aside_left <= 0 then
+      src.more = true
+      return
+    end
   end
 end
 
