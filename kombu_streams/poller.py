@@ -242,7 +242,8 @@ class Poller:
         for owner, markers in list(self._unwatched.items()):
             found: set[str] = set()
             for channel in ([owner] if owner is not None else list(self.channels)):
-                mine = [k for k in markers if k in channel.wake_keys()]
+                wakes = channel.wake_keys()
+                mine = [k for k in markers if k in wakes]
                 if mine:
                     got = channel.broker.marked(mine)
                     if got:

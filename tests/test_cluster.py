@@ -597,7 +597,7 @@ def test_a_consumer_of_many_queues_drains_them_all(cluster: Cluster, url: str,
         with Consumer(channel, queues, callbacks=[lambda body, m: (got.append(body),
                                                                   m.ack())]):
             with pytest.raises(socket.timeout):
-                conn.drain_events(timeout=1.0)  # idle: the waits are sent, nothing to get
+                conn.drain_events(timeout=3.0)  # idle: the waits are sent, nothing to get
             waits_per_node: dict[int, int] = {}
             for wait in conn.transport.cycle._waits.values():
                 waits_per_node[id(wait.pool)] = waits_per_node.get(id(wait.pool), 0) + 1

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ACL_RULE = (
     'resetkeys ~ks:* resetchannels -@all '
     '+@stream +zadd +zrem +zscore +zrange +zrangebyscore +zcard +bzpopmin '
-    '+sadd +smembers +smismember +srem +hset +hmget +hdel '
+    '+sadd +sscan +smembers +smismember +srem +hset +hmget +hstrlen +hdel '
     '+del +unlink +exists +type +pexpire +pexpireat +pttl +time +get +set '
     '+evalsha +script|load +info +ping +select +client|setname +client|id +client|unblock'
 )

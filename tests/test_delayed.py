@@ -23,6 +23,7 @@ from kombu import Connection, Consumer, Producer, Queue
 from kombu_streams import due
 from kombu_streams.broker import Broker, Delay
 from kombu_streams.keys import Keys
+from kombu_streams.scripts import KeyTypeError
 from tests.test_scripts import PROPERTY
 
 K = Keys()
@@ -283,8 +284,11 @@ def test_wrong_type_delayed_key_is_a_problem_of_that_queue(fake, clock):
     result = read_result(fake, queues=('q', 'ok'))
     assert [json.loads(d.payload)['b'] for d in result.deliveries] == ['fine']
     assert [s for s, _ in result.problems] == [('q', None)]
-    # publishing to it now still works (no promotion is tried from a broken set)
-    assert pub(fake, 'still').startswith(b'1')
+    # a publish to it is refused and writes nothing: types first (docs/design.rst)
+    before = fake.xlen(K.stream('q', 0))
+    with pytest.raises(KeyTypeError):
+        pub(fake, 'still')
+    assert fake.xlen(K.stream('q', 0)) == before
 
 
 def test_delayed_off_publishes_at_once(fake, clock):
