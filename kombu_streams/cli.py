@@ -63,11 +63,10 @@ from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
 from .broker import Broker, Delay
-from .channel import Channel
 from .connection import UnsupportedServer, close_pool
 from .keys import Keys
 from .migrate import KombuKeys, Migration, Plan, Progress, Result
-from .options import priority_steps_error
+from .options import DEFAULTS, ms, priority_steps_error
 from .scripts import SCRIPTS, Call, Script
 from .text import PREVIEW, preview, text
 
@@ -506,12 +505,15 @@ def queue_call(broker: Broker, name: str, queue: str) -> tuple[Call, str]:
     the transport's defaults), and what was filled in; Failure(2) for a script whose call a
     queue does not determine."""
     stream, lowest = broker.keys.stream(queue, broker.levels[0]), broker.levels[0]
-    lease_ms = int(Channel.visibility_timeout * 1000)
+    # the transport's defaults, from the option table
+    lease_ms = ms(DEFAULTS['visibility_timeout'])
+    deliveries, budget, step = (DEFAULTS['max_deliveries'], DEFAULTS['reclaim_batch'],
+                                DEFAULTS['purge_batch'])
     builders: dict[str, Callable[[], tuple[Call, str]]] = {
         'read': lambda: (broker.read_call(broker.sources([queue]), CALL_CONSUMER, 1,
-                                          Channel.max_deliveries)[0],
+                                          deliveries)[0],
                          f'consumer {CALL_CONSUMER}, COUNT 1, delivery limit '
-                         f'{Channel.max_deliveries}: what it delivers stays pending with that '
+                         f'{deliveries}: what it delivers stays pending with that '
                          f'consumer until acked (or reclaimed after a lease)'),
         'publish': lambda: (broker.publish_call(queue, lowest, PAYLOAD, delay=Delay()),
                             f'level {lowest}, due now (delayed delivery on); replace {PAYLOAD}'),
@@ -532,12 +534,12 @@ def queue_call(broker: Broker, name: str, queue: str) -> tuple[Call, str]:
                                f'an entry of level {lowest} delivered once, owned by '
                                f'{CALL_CONSUMER} (\'\' in its place: whoever owns it): replace '
                                f'{ENTRY_ID} and {REASON}'),
-        'reclaim': lambda: (broker.reclaim_call(queue, lease_ms, Channel.reclaim_batch)[0],
-                            f'lease {lease_ms} ms, budget {Channel.reclaim_batch}, consumer '
+        'reclaim': lambda: (broker.reclaim_call(queue, lease_ms, budget)[0],
+                            f'lease {lease_ms} ms, budget {budget}, consumer '
                             f'expiry 0 (never), sweeps from the start'),
         'redrive': lambda: (broker.redrive_call(queue, 1), 'the oldest dead letter'),
-        'purge': lambda: (broker.purge_call(queue, Channel.purge_batch),
-                          f'one step of at most {Channel.purge_batch} entries per stream: '
+        'purge': lambda: (broker.purge_call(queue, step),
+                          f'one step of at most {step} entries per stream: '
                           f'repeat while the second value of its reply is 1'),
         'cancel': lambda: (broker.cancel_call(queue, [TASK_ID]),
                            f'one scan step from cursor 0: replace {TASK_ID}, repeat with the '
@@ -803,8 +805,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument('--sentinel-password',
                    default=os.environ.get('KOMBU_STREAMS_SENTINEL_PASSWORD'),
                    help="Sentinel URLs: the sentinels' own password, if any")
-    p.add_argument('--prefix', default='', help="the app's global_keyprefix")
-    p.add_argument('--priority-steps', type=priority_steps, default=[0, 3, 6, 9],
+    p.add_argument('--prefix', default=DEFAULTS['global_keyprefix'],
+                   help="the app's global_keyprefix")
+    p.add_argument('--priority-steps', type=priority_steps,
+                   default=list(DEFAULTS['priority_steps']),
                    metavar='0,3,6,9', help="the app's priority_steps")
     p.add_argument('--json', action='store_true', help='print JSON for machines')
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.utils.encoding import bytes_to_str
 
 from .losswatch import LossWatch
+from .options import ms
 from .scripts import Call, run_calls
 from .state import InFlight, by_source
 
@@ -69,7 +70,9 @@ class Leases:
 
     @property
     def lease_ms(self) -> int:
-        return int(self.channel.visibility_timeout * 1000)
+        """The lease in ms for reclaim.lua: at least 1 (0 would take every lease as run
+        out, and reclaim messages still being worked on)."""
+        return ms(self.channel.visibility_timeout)
 
     def renew(self) -> int:
         """Renew the lease of every message the channel holds; drop from its read-ahead
