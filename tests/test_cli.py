@@ -1,4 +1,4 @@
-"""The ``kombu-streams`` command (kombu_streams/cli.py) and the scripts behind ``status``.
+"""The ``kombu-streams`` command (kombu_streams/cli/) and the scripts behind ``status``.
 
 inspect.lua and inspect_fanout.lua are tested like every script (on fakeredis, Redis 7.0 and
 Redis 6.2, through ``Broker``). The command itself runs as a subprocess, the installed
@@ -618,6 +618,14 @@ def test_scripts_call_lines_run_as_the_transport_calls(redis_url, tmp_path):
 def test_scripts_call_refuses_what_a_queue_does_not_determine(name):
     r = cli(None, 'scripts', '--call', name, 'q')
     assert r.returncode == 2 and 'scripts --call' in r.stderr, r.stderr
+
+
+def test_python_dash_m_runs_the_command(tmp_path):
+    r = subprocess.run([sys.executable, '-m', 'kombu_streams.cli', 'scripts', '--call', 'size',
+                        'q', '--lua-dir', str(tmp_path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"redis-cli EVALSHA {SCRIPTS['size'].sha} 4 " in r.stdout
 
 
 # -- read-only snapshots: replicas and OOM -------------------------------------------------
