@@ -24,6 +24,7 @@ from kombu import Connection, Exchange, Queue
 
 import kombu_streams  # noqa: F401  (registers redis-streams://)
 from kombu_streams.broker import HOLDER, Broker
+from kombu_streams.cli import parsing
 from kombu_streams.keys import Keys
 from kombu_streams.scripts import SCRIPTS, KeyTypeError
 
@@ -626,6 +627,64 @@ def test_python_dash_m_runs_the_command(tmp_path):
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert f"redis-cli EVALSHA {SCRIPTS['size'].sha} 4 " in r.stdout
+
+
+# -- global options: before or after the command -------------------------------------------
+
+#: Each global option, two values it takes as typed and as parsed, and its default.
+GLOBALS = [
+    ('--url', ['redis://h1:1/0', 'redis://h2:2/0'], ['redis://h1:1/0', 'redis://h2:2/0'],
+     'redis-streams://127.0.0.1:6379/0'),
+    ('--master-name', ['m1', 'm2'], ['m1', 'm2'], None),
+    ('--sentinel-password', ['p1', 'p2'], ['p1', 'p2'], None),
+    ('--prefix', ['a:', 'b:'], ['a:', 'b:'], ''),
+    ('--priority-steps', ['0,5', '0,2,4'], [[0, 5], [0, 2, 4]], [0, 3, 6, 9]),
+    ('--json', [None, None], [True, True], False),
+]
+
+
+@pytest.mark.parametrize('option, typed, parsed, default', GLOBALS,
+                         ids=[g[0] for g in GLOBALS])
+@pytest.mark.parametrize('command', [['status', 'q'], ['dlq', 'list', 'q'],
+                                     ['scripts', '--call', 'size', 'q']],
+                         ids=['status', 'dlq list', 'scripts'])
+def test_global_option_before_or_after_the_command(monkeypatch, option, typed, parsed,
+                                                   default, command):
+    """Before the command, after it, or both: given twice, the value after the command
+    wins (it is the one nearer the command, as for any option repeated)."""
+    for name in ('URL', 'MASTER_NAME', 'SENTINEL_PASSWORD'):
+        monkeypatch.delenv(f'KOMBU_STREAMS_{name}', raising=False)
+    dest = option[2:].replace('-', '_')
+
+    def given(i):
+        return [option] + ([typed[i]] if typed[i] is not None else [])
+
+    def value(argv):
+        return getattr(parsing.parser().parse_args(argv), dest)
+
+    assert value(command) == default
+    assert value(given(0) + command) == parsed[0]
+    assert value(command + given(0)) == parsed[0]
+    assert value(given(0) + command + given(1)) == parsed[1]
+    if command[0] == 'dlq':  # between the command and its action, too
+        assert value(['dlq', *given(0), 'list', 'q']) == parsed[0]
+        assert value(['dlq', *given(0), 'list', 'q', *given(1)]) == parsed[1]
+    # the other global options keep their defaults
+    others = {g[0][2:].replace('-', '_'): g[3] for g in GLOBALS if g[0] != option}
+    args = parsing.parser().parse_args(command + given(0))
+    assert {k: getattr(args, k) for k in others} == others
+
+
+def test_global_options_after_the_command_reach_the_server(work):
+    url, _ = work
+    r = cli(None, 'status', 'work', '--url', url, '--json')
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)['queues'][0]['ready'] == 4
+    # given before and after, the one after wins: the first names no server
+    r = cli('redis://127.0.0.1:1/0', 'status', 'work', '--json', '--url', url)
+    assert r.returncode == 0, r.stderr
+    r = cli(url, 'dlq', 'list', 'work', '--url', 'redis://127.0.0.1:1/0')
+    assert r.returncode == 1 and 'cannot connect' in r.stderr
 
 
 # -- read-only snapshots: replicas and OOM -------------------------------------------------

@@ -23,6 +23,10 @@
                                  move messages from Kombu's Redis transport (lists and the
                                  unacked hash) into streams of the same queue names
 
+The global options (``--url``, ``--master-name``, ``--sentinel-password``, ``--prefix``,
+``--priority-steps``, ``--json``) go before or after the command (``kombu-streams status
+--url URL``); given at both places, the one after the command wins.
+
 The URL takes the transport's forms (``redis-streams://``, ``rediss-streams://``,
 ``redis-streams-cluster://`` for Redis Cluster, ``sentinel-streams://`` with ``--master-name``
 (and ``--sentinel-password``) for Sentinel, and ``redis://`` / ``rediss://`` for the same

@@ -1,4 +1,12 @@
-"""The command line of ``kombu-streams``: its global options, its commands and theirs."""
+"""The command line of ``kombu-streams``: its commands, their options, and the global options
+every command takes before or after its name.
+
+Global options are defined twice with argparse's own means: on the top-level parser with
+their defaults, and on every command's parser (through a parent parser) with
+``default=SUPPRESS``. argparse copies what a command's parser parsed over what the top
+level parsed; SUPPRESS keeps an option not given after the command out of that copy, so a
+value given before the command (or the default) stays, and a value given after it wins,
+also when the option is given at both places."""
 
 from __future__ import annotations
 
@@ -49,12 +57,14 @@ def stream_id(value: str) -> str:
     return value
 
 
-def add_global_options(p: argparse.ArgumentParser) -> None:
-    """The options of every command, given before its name."""
+def add_global_options(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options of every command: with their defaults (``defaults``, the top-level
+    parser), else with SUPPRESS (each command's parser; see the module's docstring)."""
     def default(value: Any) -> Any:
-        return value
+        return value if defaults else argparse.SUPPRESS
 
-    g = p.add_argument_group('global options')
+    g = p.add_argument_group('global options' if defaults else
+                             'global options (also accepted before the command)')
     g.add_argument('--url', default=default(os.environ.get('KOMBU_STREAMS_URL') or DEFAULT_URL),
                    help=f'broker URL (default: $KOMBU_STREAMS_URL or {DEFAULT_URL})')
     g.add_argument('--master-name', default=default(os.environ.get('KOMBU_STREAMS_MASTER_NAME')),
@@ -73,11 +83,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='kombu-streams', description='Inspect and repair a kombu-streams broker.',
         epilog=EPILOG)
-    add_global_options(p)
+    add_global_options(p, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    add_global_options(common, defaults=False)
     sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
     def command(parent: Any, name: str, about: str) -> argparse.ArgumentParser:
-        return parent.add_parser(name, help=about, epilog=EPILOG)
+        return parent.add_parser(name, help=about, parents=[common], epilog=EPILOG)
 
     s = command(sub, 'status', 'queues: ready, pending, consumers, age, dead letters')
     s.add_argument('queues', nargs='*', metavar='QUEUE',
