@@ -23,10 +23,14 @@ from helpers import read_messages
 from kombu import Connection, Exchange, Queue
 
 import kombu_streams  # noqa: F401  (registers redis-streams://)
-from kombu_streams.broker import HOLDER, Broker
-from kombu_streams.cli import parsing
+from kombu_streams.broker import HOLDER, Broker, Delay
+from kombu_streams.channel import Channel
+from kombu_streams.cli import main, parsing
+from kombu_streams.cli.commands.calls import CALLS
 from kombu_streams.keys import Keys
+from kombu_streams.leases import consumer_expiry_ms
 from kombu_streams.scripts import SCRIPTS, KeyTypeError
+from kombu_streams.text import text
 
 K = Keys()
 LEVELS = [0, 3, 6, 9]
@@ -619,6 +623,116 @@ def test_scripts_call_lines_run_as_the_transport_calls(redis_url, tmp_path):
 def test_scripts_call_refuses_what_a_queue_does_not_determine(name):
     r = cli(None, 'scripts', '--call', name, 'q')
     assert r.returncode == 2 and 'scripts --call' in r.stderr, r.stderr
+
+
+def transport_calls(b, queue, expires=None):
+    """Each script ``scripts --call`` offers, with the call the transport sends for
+    ``queue`` (its defaults; placeholders where a queue does not tell), laid out by the
+    same builder the channel and the lease keeper use."""
+    s0, me = b.keys.stream(queue, b.levels[0]), 'kombu-streams-cli'
+    lease = int(Channel.visibility_timeout * 1000)
+    ttls = {queue: expires} if expires else {}
+    return {
+        'read': b.read_call(b.sources([queue]), me, 1, Channel.max_deliveries, ttls)[0],
+        'publish': b.publish_call(queue, b.levels[0], CALL_PAYLOAD, delay=Delay()),
+        'ack': b.ack_call(queue, [(s0, '<ENTRY-ID>')], None, me),
+        'requeue': b.requeue_call(queue, [(s0, '<ENTRY-ID>', -1)], None, me),
+        'renew': b.renew_call(queue, me, s0, ['<ENTRY-ID>']),
+        'deadletter': b.dead_letter_call(queue, s0, '<ENTRY-ID>', '<REASON>', 1, None, me),
+        'reclaim': b.reclaim_call(queue, lease, Channel.reclaim_batch, None,
+                                  consumer_expiry_ms(lease))[0],  # as the lease keeper
+        'purge': b.purge_call(queue, Channel.purge_batch),
+        'delete': b.delete_call(queue),
+        'cancel': b.cancel_call(queue, ['<TASK-ID>']),
+        'redrive': b.redrive_call(queue, 1),
+        'scheduled': b.scheduled_call(queue)[0],
+        'peek': b.peek_call(queue)[0],
+        'inspect': b.inspect_call(queue)[0],
+        'size': b.size_call(queue),
+        'declare': b.declare_call(queue),
+        'touch': b.touch_call(queue, expires or 0),
+    }
+
+
+CALL_PAYLOAD = '<PAYLOAD: a Kombu message envelope (JSON)>'
+
+
+def printed_call(capsys, *args):
+    """Run ``kombu-streams scripts --call ...`` in this process; its note and, parsed from
+    the printed redis-cli lines, (sha, keys, argv) of the EVALSHA line, of the --eval line
+    and of the EVALSHA_RO line (None when there is none)."""
+    assert main(['scripts', '--call', *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def evalsha(prefix):
+        found = [shlex.split(x) for x in lines if x.startswith(prefix)]
+        if not found:
+            return None
+        [words] = found
+        n = int(words[3])
+        return words[2], words[4:4 + n], words[4 + n:]
+
+    [evaluate] = [shlex.split(x) for x in lines if x.startswith('redis-cli --eval ')]
+    path, rest = Path(evaluate[2]), evaluate[3:]
+    split = rest.index(',') if ',' in rest else len(rest)
+    return (lines[0], evalsha('redis-cli EVALSHA '),
+            (path.stem, rest[:split], rest[split + 1:]), evalsha('redis-cli EVALSHA_RO '))
+
+
+@pytest.mark.parametrize('expires', [None, 60_000])
+def test_scripts_call_prints_the_builders_call_for_every_script_it_offers(
+        capsys, monkeypatch, tmp_path, expires):
+    """The KEYS and ARGV of each printed line are the builder's, with the values the
+    transport passes: a queue's x-expires only where the transport sends it (read's ttl,
+    touch), the lease keeper's consumer expiry for reclaim."""
+    monkeypatch.delenv('KOMBU_STREAMS_URL', raising=False)
+    expected = transport_calls(Broker(None, K, LEVELS), 'q', expires)
+    assert set(expected) == set(CALLS)  # every script offered is checked
+    for name, (script, keys, argv) in expected.items():
+        if expires is None and name == 'touch':
+            continue  # refused: see test_scripts_call_touch_needs_the_queues_x_expires
+        more = ['--expires', str(expires)] if expires and name in ('read', 'touch') else []
+        _, sha_call, eval_call, ro_call = printed_call(capsys, name, 'q', '--lua-dir',
+                                                       str(tmp_path), *more)
+        want = ([text(k) for k in keys], [text(a) for a in argv])
+        assert sha_call == (script.sha, *want), name
+        assert eval_call == (name, *want), name
+        assert (tmp_path / f'{name}.lua').read_text() == script.source
+        if script.flags:
+            assert ro_call == (script.flagged.sha, *want), name
+        else:
+            assert ro_call is None, name
+
+
+def test_scripts_call_touch_needs_the_queues_x_expires(capsys, monkeypatch, tmp_path):
+    """A channel touches only queues declared with x-expires, with that ttl: without one
+    there is no touch call to print (no made-up ttl that would expire a permanent queue)."""
+    monkeypatch.delenv('KOMBU_STREAMS_URL', raising=False)
+    assert main(['scripts', '--call', 'touch', 'q', '--lua-dir', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert 'only a queue declared with x-expires' in err and '--expires' in err
+    note, (_, _, argv), _, _ = printed_call(capsys, 'touch', 'q', '--expires', '90000',
+                                            '--lua-dir', str(tmp_path))
+    assert argv == ['90000'] and 'ttl 90000 ms' in note
+    for args in (['--call', 'size', 'q', '--expires', '5'], ['--expires', '5']):
+        assert main(['scripts', *args, '--lua-dir', str(tmp_path)]) == 2
+        assert '--expires' in capsys.readouterr().err
+
+
+def test_scripts_call_delete_says_dead_letters_stay_and_they_do(redis_url, capsys, tmp_path):
+    """delete.lua keeps a dead-letter stream that holds letters: the note says so, and the
+    printed line, run, does so."""
+    c = redis.Redis.from_url(redis_url)
+    b = broker(c)
+    b.declare('dq')
+    b.publish('dq', 0, 'x')
+    c.xadd(K.dlq('dq'), {'reason': 'kept'})
+    b.load_scripts()
+    note, (sha, keys, argv), _, _ = printed_call(capsys, 'delete', 'dq', '--lua-dir',
+                                                 str(tmp_path))
+    assert 'dead-letter stream only when it is empty' in note and 'letters stay' in note
+    assert c.evalsha(sha, len(keys), *keys, *argv) == 6  # four streams, marker, index
+    assert c.keys('*') == [K.dlq('dq').encode()] and c.xlen(K.dlq('dq')) == 1
 
 
 def test_python_dash_m_runs_the_command(tmp_path):

@@ -15,7 +15,7 @@
     exporter [QUEUE...] [-x EXCHANGE] [--port 9808] [--addr 127.0.0.1]
                                  Prometheus metrics over HTTP (needs prometheus_client)
     scripts [--load]             each Lua script's SHA, KEYS/ARGV and an EVALSHA template
-    scripts --call NAME QUEUE [--lua-dir DIR]
+    scripts --call NAME QUEUE [--expires MS] [--lua-dir DIR]
                                  that script's call for QUEUE as the transport makes it:
                                  redis-cli --eval and EVALSHA lines, ready to run
     migrate [QUEUE...] [--dry-run] [--batch N] [--limit N] [--no-unacked]

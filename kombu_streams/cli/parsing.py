@@ -178,6 +178,9 @@ def parser() -> argparse.ArgumentParser:
                    help="script NAME's call for QUEUE, as the transport makes it: redis-cli "
                         '--eval and EVALSHA lines (placeholders <...> where a queue does not '
                         'tell)')
+    s.add_argument('--expires', type=positive(int), metavar='MS',
+                   help="with --call touch or read: the queue's x-expires in ms (touch is "
+                        'sent only for queues declared with one)')
     s.add_argument('--lua-dir', metavar='DIR',
                    help='with --call: write the flat script here (default: a new temporary '
                         'directory)')

@@ -70,7 +70,7 @@ def cmd_call(args: argparse.Namespace, broker: Broker | None) -> int:
     if broker is None:  # no server needed: the keys are named as on the server
         broker = offline(args)
     try:
-        (script, keys, argv), note = queue_call(broker, name, queue)
+        (script, keys, argv), note = queue_call(broker, name, queue, args.expires)
     except ValueError as exc:  # a name the keys cannot hold (Keys._tag)
         raise Failure(str(exc).replace('kombu-streams: ', '', 1), USAGE) from None
     words = [shlex.quote(text(x)) for x in keys]
@@ -96,6 +96,8 @@ def cmd_call(args: argparse.Namespace, broker: Broker | None) -> int:
 
 
 def cmd_scripts(args: argparse.Namespace, broker: Broker | None) -> int:
+    if args.expires is not None and not args.call:
+        raise Failure('scripts: --expires goes with --call', USAGE)
     if broker is not None:  # --load
         broker.load_scripts()
     if args.call:
