@@ -651,6 +651,7 @@ def transport_calls(b, queue, expires=None):
         'size': b.size_call(queue),
         'declare': b.declare_call(queue),
         'touch': b.touch_call(queue, expires or 0),
+        'wake': b.give_back_call([(queue, None)]),  # as Channel.give_back
     }
 
 
