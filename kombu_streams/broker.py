@@ -19,6 +19,7 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from .keys import LAYOUT, Keys
+from .options import READ_BYTES
 from .scripts import SCRIPTS, Call, run_calls
 from .state import Source
 from .text import text
@@ -51,9 +52,6 @@ READ, POPPED, GATED, WALK = 'r', 'p', 'm', 'w'
 RENEW_CHUNK = 500
 #: Most entries per ack or requeue call, for the same reason.
 CHUNK = 1000
-#: Bytes one read call copies by default (the ``max_read_bytes`` transport option): about
-#: 10 ms of Redis time (docs/design.rst); a message bigger than this is delivered alone.
-READ_BYTES = 2 * 1024 * 1024
 #: Most delayed messages one scheduled.lua call lists.
 SCHEDULED_MAX = 1000
 #: Most messages one peek.lua call returns (its own limit, see its header).

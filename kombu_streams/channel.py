@@ -24,13 +24,12 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from kombu.utils.scheduling import cycle_by_name
 
-from . import due, envelope
+from . import due, envelope, options
 from .batch import PublishBatch
 from .broker import (
     CHUNK,
     HOLDER,
     READ,
-    READ_BYTES,
     Broker,
     Delay,
     Delivery,
@@ -39,11 +38,11 @@ from .broker import (
     warn_unsettled,
 )
 from .compat import BATCH_PUBLISH
-from .connection import POOL_OPTIONS, socket_timeout
+from .connection import socket_timeout
 from .errors import ChannelClosed
 from .keys import Keys
 from .leases import ACK_DELAY, Leases
-from .options import SEP, level_for, priority_steps_error
+from .options import level_for
 from .plan import ReadPlan
 from .routing import TABLES, binding_member, parse_members
 from .scripts import Call, run_calls
@@ -130,52 +129,30 @@ class Channel(virtual.Channel):
     supports_fanout = True
     do_restore = True
 
-    from_transport_options = virtual.Channel.from_transport_options + (
-        'sep', 'priority_steps', 'queue_order_strategy', 'visibility_timeout',
-        'global_keyprefix', 'routing_cache_ttl', 'max_read_batch', 'purge_batch',
-        'max_deliveries', 'dead_letter_rejected', 'reclaim_batch', 'publish_min_replicas',
-        'publish_replica_timeout', 'max_message_size', 'delayed_delivery', 'delayed_threshold',
-        'max_read_bytes',
-    ) + POOL_OPTIONS
-
-    sep = SEP
-    priority_steps = [0, 3, 6, 9]
-    queue_order_strategy = 'round_robin'
-    visibility_timeout: float = 3600
-    global_keyprefix = ''
-    #: Seconds a routing table read from Redis is reused; bindings made through this process
-    #: are seen at once. 0 reads the table on every publish.
-    routing_cache_ttl: float = 1.0
-    #: The most messages one read script call may deliver.
-    max_read_batch = 100
-    #: The bytes one read (one script call on a single Redis) may copy, so a backlog of big
-    #: messages never blocks Redis for long; a message bigger than this is delivered alone.
-    max_read_bytes = READ_BYTES
-    #: Entries deleted per purge script call (purge loops until done).
-    purge_batch = 1000
-    #: A message delivered this many times (rejects with requeue and crashes alike) goes to
-    #: its queue's dead-letter stream instead of being delivered again. 0: no limit.
-    max_deliveries = 20
-    #: reject(requeue=False) moves the message to the dead-letter stream instead of dropping
-    #: it (Kombu's Redis transport drops it).
-    dead_letter_rejected = False
-    #: PEL entries looked at per stream by one reclaim call.
-    reclaim_batch = 100
-    #: A publish returns only once this many replicas have it (WAIT, same round trip), else
-    #: raises NotReplicated (a connection error: Kombu's retry publishes again). Makes an
-    #: unplanned Sentinel failover lose no confirmed publish. 0: no waiting.
-    publish_min_replicas = 0
-    #: Seconds a publish waits for those replicas.
-    publish_replica_timeout: float = 1.0
-    #: Largest message (encoded envelope, bytes) a publish sends; None: what the server takes
-    #: in one command (proto-max-bulk-len, 512 MiB by default).
-    max_message_size: int | None = None
-    #: A message with a due time (Celery's eta/countdown, an x-delay header in ms) waits in
-    #: Redis, in its queue's delayed set, and is moved to its stream when due (see
-    #: kombu_streams.due). False: published at once, as Kombu's Redis transport does.
-    delayed_delivery = True
-    #: Seconds: a message due sooner than this is published at once.
-    delayed_threshold: float = 1.0
+    # Transport options: Kombu sets each one given on the channel (from_transport_options,
+    # in virtual.Channel.__init__). Their defaults, rules and help are rows of the table in
+    # kombu_streams/options.py, set on this class right after it; the lines here only give
+    # mypy their types (tests/test_options.py checks they match the table).
+    from_transport_options = options.channel_names(virtual.Channel.from_transport_options)
+    sep: str
+    priority_steps: list[int]
+    queue_order_strategy: str
+    visibility_timeout: float
+    global_keyprefix: str
+    body_encoding: str | None
+    deadletter_queue: str | None
+    routing_cache_ttl: float
+    max_read_batch: int
+    max_read_bytes: int
+    purge_batch: int
+    reclaim_batch: int
+    max_deliveries: int
+    dead_letter_rejected: bool
+    publish_min_replicas: int
+    publish_replica_timeout: float
+    max_message_size: int | None
+    delayed_delivery: bool
+    delayed_threshold: float
 
     def __init__(self, connection: Any, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
@@ -227,21 +204,12 @@ class Channel(virtual.Channel):
         return self.transport.state
 
     def _validate_options(self) -> None:
-        problem = priority_steps_error(self.priority_steps)
-        if problem:
-            raise ValueError(f'kombu-streams: priority_steps {problem}')
-        try:
-            cycle_by_name(self.queue_order_strategy)
-        except (KeyError, ImportError, AttributeError, ValueError):
-            raise ValueError(
-                f'kombu-streams: queue_order_strategy must be round_robin, priority or '
-                f'sorted; got {self.queue_order_strategy!r}') from None
-        try:  # whatever this Kombu's codecs take
-            self.encode_body('', self.body_encoding)
-        except Exception:
-            raise ValueError(f'kombu-streams: transport option body_encoding must be one of '
-                             f'{sorted(self.codecs)} or None; got {self.body_encoding!r}'
-                             ) from None
+        """Check the options as this channel got them (the transport checked what was
+        given; this also covers what was set on it since, and a subclass's own values),
+        then the rules that tie an option to another or to the connection."""
+        options.check({name: getattr(self, name) for name in self.from_transport_options})
+        if self.global_keyprefix is None:  # as Kombu's Redis transport takes it: no prefix
+            self.global_keyprefix = ''
         if self.publish_min_replicas and self.connection.cluster:
             raise ValueError('kombu-streams: publish_min_replicas is not supported on Redis '
                              'Cluster yet (a resent call would go unconfirmed)')
@@ -919,3 +887,7 @@ class Channel(virtual.Channel):
                 logger.warning('kombu-streams: could not requeue buffered messages: %r', exc)
             self.connection.cycle.discard(self)
         super().close()
+
+
+# The channel options' defaults, from the table (see the option block of Channel).
+options.set_defaults(Channel)

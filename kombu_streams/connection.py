@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 import logging
 import ssl as _ssl
-import warnings
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -29,6 +28,7 @@ from redis.sentinel import (
 )
 
 from .compat import close_sentinels, conninfo_credential_provider
+from .options import DEFAULTS, POOL_OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -48,37 +48,8 @@ DEFAULT_SENTINEL_PORT = 26379
 SOCKET_QUERY = {'virtual_host': int, 'db': int, 'socket_timeout': float,
                 'credential_provider': str}
 
-#: Options passed through to redis-py's connection pool, as Kombu's Redis transport does.
-POOL_OPTIONS = (
-    'socket_timeout', 'socket_connect_timeout', 'socket_keepalive',
-    'socket_keepalive_options', 'retry_on_timeout', 'max_connections',
-    'health_check_interval', 'client_name',
-)
-
-#: Kombu Redis transport options that have no meaning here, and why.
-REMOVED_OPTIONS = {
-    'ack_emulation': 'unacked messages always stay in the stream PEL',
-    'unacked_key': 'there is no unacked hash: the PEL is the record',
-    'unacked_index_key': 'there is no unacked index: the PEL keeps delivery times',
-    'unacked_mutex_key': 'reclaim needs no mutex',
-    'unacked_mutex_expire': 'reclaim needs no mutex',
-    'unacked_restore_limit': 'reclaim works in bounded batches by itself',
-    'unacked_restore_throttle': 'reclaim works in bounded batches by itself',
-    'fanout_prefix': 'fanout does not use PUB/SUB here',
-    'fanout_patterns': 'fanout does not use PUB/SUB here',
-}
-
-
 class UnsupportedServer(redis.exceptions.ConnectionError):
     """The Redis server is too old for Redis Streams consumer groups as we use them."""
-
-
-def warn_removed_options(options: dict[str, Any]) -> None:
-    for name, why in REMOVED_OPTIONS.items():
-        if name in options:
-            warnings.warn(
-                f'kombu-streams ignores transport option {name!r}: {why}',
-                UserWarning, stacklevel=3)
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -143,11 +114,11 @@ def pool_kwargs(conninfo: Any, options: dict[str, Any], scheme: str) -> dict[str
         'username': conninfo.userid or None,
         'password': conninfo.password or None,
     }
-    for name in POOL_OPTIONS:
-        if options.get(name) is not None:
-            kwargs[name] = options[name]
-    kwargs.setdefault('max_connections', 10)
-    kwargs.setdefault('health_check_interval', 25)
+    for name in POOL_OPTIONS:  # None (or not given): the table's default, if it has one
+        value = options.get(name)
+        value = DEFAULTS[name] if value is None else value
+        if value is not None:
+            kwargs[name] = value
     ssl = _ssl_params(conninfo, scheme)
     if ssl is not None:
         kwargs['connection_class'] = redis.SSLConnection
@@ -294,9 +265,10 @@ def sentinel_pool(conninfo: Any, options: dict[str, Any],
     sentinel_kwargs = options.get('sentinel_kwargs')
     if sentinel_kwargs is None:
         sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith('socket_')}
+    others = options.get('min_other_sentinels')
     manager = Sentinel(
         sentinel_addresses(conninfo),
-        min_other_sentinels=int(options.get('min_other_sentinels') or 0),
+        min_other_sentinels=DEFAULTS['min_other_sentinels'] if others is None else others,
         sentinel_kwargs=sentinel_kwargs)
     return SentinelConnectionPool(master_name, manager, **kwargs)
 

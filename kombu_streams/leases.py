@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.utils.encoding import bytes_to_str
 
 from .losswatch import LossWatch
+from .options import ms
 from .scripts import Call, run_calls
 from .state import InFlight, by_source
 
@@ -56,6 +57,17 @@ PIPELINE = 20
 #: always given back in full, in as many calls as it takes).
 SWEEP_CALLS = 10
 
+#: A consumer that owns nothing is removed by reclaim once idle this long (ms), never
+#: sooner than two leases: :func:`consumer_expiry_ms`.
+CONSUMER_EXPIRY_MIN_MS = 300_000
+
+
+def consumer_expiry_ms(lease_ms: int) -> int:
+    """How long a consumer that owns nothing may be idle before reclaim removes it: two
+    leases, at least CONSUMER_EXPIRY_MIN_MS. One place, so that ``kombu-streams scripts
+    --call reclaim`` prints the reclaim call the lease keeper sends."""
+    return max(2 * lease_ms, CONSUMER_EXPIRY_MIN_MS)
+
 
 class Leases:
     """The lease work of one channel: renewal of what it holds, reclaim for what it reads."""
@@ -69,7 +81,9 @@ class Leases:
 
     @property
     def lease_ms(self) -> int:
-        return int(self.channel.visibility_timeout * 1000)
+        """The lease in ms for reclaim.lua: at least 1 (0 would take every lease as run
+        out, and reclaim messages still being worked on)."""
+        return ms(self.channel.visibility_timeout)
 
     def renew(self) -> int:
         """Renew the lease of every message the channel holds; drop from its read-ahead
@@ -149,7 +163,7 @@ class Leases:
         todo = [s for s in sources if self._due.get(s, 0.0) <= now]
         sweeps: dict[Source, int] = {}
         total = 0
-        expiry_ms = max(2 * self.lease_ms, 300_000)
+        expiry_ms = consumer_expiry_ms(self.lease_ms)
         while todo:
             calls = [ch.broker.reclaim_call(q, self.lease_ms, ch.reclaim_batch,
                                             self._cursors.get((q, ex)), expiry_ms, ex)
@@ -297,4 +311,4 @@ class LeaseKeeper:
                 next_round = monotonic() + self.interval()
 
 
-__all__ = ('LeaseKeeper', 'Leases', 'ACK_DELAY')
+__all__ = ('LeaseKeeper', 'Leases', 'consumer_expiry_ms', 'ACK_DELAY')

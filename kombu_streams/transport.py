@@ -27,10 +27,10 @@ from .connection import (
     open_pool,
     pool_id,
     socket_timeout,
-    warn_removed_options,
 )
 from .errors import ChannelClosed
 from .leases import LeaseKeeper
+from .options import DEFAULTS, warn_unknown
 from .options import check as check_options
 from .poller import Poller
 
@@ -94,12 +94,13 @@ class Transport(virtual.Transport):
 
     def __init__(self, client: Any, **kwargs: Any) -> None:
         options = client.transport_options
-        warn_removed_options(options)
+        warn_unknown(options)
         check_options(options)
         super().__init__(client, **kwargs)
         interval = options.get('polling_interval')
         #: Longest single blocking wait, in seconds (see :mod:`kombu_streams.poller`).
-        self.wait_interval = 1.0 if interval is None else float(interval)
+        self.wait_interval = float(DEFAULTS['polling_interval'] if interval is None
+                                   else interval)
         self.polling_interval = None
         self.cycle = Poller(self)
         self.leases = LeaseKeeper(self)

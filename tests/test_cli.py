@@ -1,4 +1,4 @@
-"""The ``kombu-streams`` command (kombu_streams/cli.py) and the scripts behind ``status``.
+"""The ``kombu-streams`` command (kombu_streams/cli/) and the scripts behind ``status``.
 
 inspect.lua and inspect_fanout.lua are tested like every script (on fakeredis, Redis 7.0 and
 Redis 6.2, through ``Broker``). The command itself runs as a subprocess, the installed
@@ -23,9 +23,14 @@ from helpers import read_messages
 from kombu import Connection, Exchange, Queue
 
 import kombu_streams  # noqa: F401  (registers redis-streams://)
-from kombu_streams.broker import HOLDER, Broker
+from kombu_streams.broker import HOLDER, Broker, Delay
+from kombu_streams.channel import Channel
+from kombu_streams.cli import main, parsing
+from kombu_streams.cli.commands.calls import CALLS
 from kombu_streams.keys import Keys
+from kombu_streams.leases import consumer_expiry_ms
 from kombu_streams.scripts import SCRIPTS, KeyTypeError
+from kombu_streams.text import text
 
 K = Keys()
 LEVELS = [0, 3, 6, 9]
@@ -618,6 +623,183 @@ def test_scripts_call_lines_run_as_the_transport_calls(redis_url, tmp_path):
 def test_scripts_call_refuses_what_a_queue_does_not_determine(name):
     r = cli(None, 'scripts', '--call', name, 'q')
     assert r.returncode == 2 and 'scripts --call' in r.stderr, r.stderr
+
+
+def transport_calls(b, queue, expires=None):
+    """Each script ``scripts --call`` offers, with the call the transport sends for
+    ``queue`` (its defaults; placeholders where a queue does not tell), laid out by the
+    same builder the channel and the lease keeper use."""
+    s0, me = b.keys.stream(queue, b.levels[0]), 'kombu-streams-cli'
+    lease = int(Channel.visibility_timeout * 1000)
+    ttls = {queue: expires} if expires else {}
+    return {
+        'read': b.read_call(b.sources([queue]), me, 1, Channel.max_deliveries, ttls)[0],
+        'publish': b.publish_call(queue, b.levels[0], CALL_PAYLOAD, delay=Delay()),
+        'ack': b.ack_call(queue, [(s0, '<ENTRY-ID>')], None, me),
+        'requeue': b.requeue_call(queue, [(s0, '<ENTRY-ID>', -1)], None, me),
+        'renew': b.renew_call(queue, me, s0, ['<ENTRY-ID>']),
+        'deadletter': b.dead_letter_call(queue, s0, '<ENTRY-ID>', '<REASON>', 1, None, me),
+        'reclaim': b.reclaim_call(queue, lease, Channel.reclaim_batch, None,
+                                  consumer_expiry_ms(lease))[0],  # as the lease keeper
+        'purge': b.purge_call(queue, Channel.purge_batch),
+        'delete': b.delete_call(queue),
+        'cancel': b.cancel_call(queue, ['<TASK-ID>']),
+        'redrive': b.redrive_call(queue, 1),
+        'scheduled': b.scheduled_call(queue)[0],
+        'peek': b.peek_call(queue)[0],
+        'inspect': b.inspect_call(queue)[0],
+        'size': b.size_call(queue),
+        'declare': b.declare_call(queue),
+        'touch': b.touch_call(queue, expires or 0),
+        'wake': b.give_back_call([(queue, None)]),  # as Channel.give_back
+    }
+
+
+CALL_PAYLOAD = '<PAYLOAD: a Kombu message envelope (JSON)>'
+
+
+def printed_call(capsys, *args):
+    """Run ``kombu-streams scripts --call ...`` in this process; its note and, parsed from
+    the printed redis-cli lines, (sha, keys, argv) of the EVALSHA line, of the --eval line
+    and of the EVALSHA_RO line (None when there is none)."""
+    assert main(['scripts', '--call', *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def evalsha(prefix):
+        found = [shlex.split(x) for x in lines if x.startswith(prefix)]
+        if not found:
+            return None
+        [words] = found
+        n = int(words[3])
+        return words[2], words[4:4 + n], words[4 + n:]
+
+    [evaluate] = [shlex.split(x) for x in lines if x.startswith('redis-cli --eval ')]
+    path, rest = Path(evaluate[2]), evaluate[3:]
+    split = rest.index(',') if ',' in rest else len(rest)
+    return (lines[0], evalsha('redis-cli EVALSHA '),
+            (path.stem, rest[:split], rest[split + 1:]), evalsha('redis-cli EVALSHA_RO '))
+
+
+@pytest.mark.parametrize('expires', [None, 60_000])
+def test_scripts_call_prints_the_builders_call_for_every_script_it_offers(
+        capsys, monkeypatch, tmp_path, expires):
+    """The KEYS and ARGV of each printed line are the builder's, with the values the
+    transport passes: a queue's x-expires only where the transport sends it (read's ttl,
+    touch), the lease keeper's consumer expiry for reclaim."""
+    monkeypatch.delenv('KOMBU_STREAMS_URL', raising=False)
+    expected = transport_calls(Broker(None, K, LEVELS), 'q', expires)
+    assert set(expected) == set(CALLS)  # every script offered is checked
+    for name, (script, keys, argv) in expected.items():
+        if expires is None and name == 'touch':
+            continue  # refused: see test_scripts_call_touch_needs_the_queues_x_expires
+        more = ['--expires', str(expires)] if expires and name in ('read', 'touch') else []
+        _, sha_call, eval_call, ro_call = printed_call(capsys, name, 'q', '--lua-dir',
+                                                       str(tmp_path), *more)
+        want = ([text(k) for k in keys], [text(a) for a in argv])
+        assert sha_call == (script.sha, *want), name
+        assert eval_call == (name, *want), name
+        assert (tmp_path / f'{name}.lua').read_text() == script.source
+        if script.flags:
+            assert ro_call == (script.flagged.sha, *want), name
+        else:
+            assert ro_call is None, name
+
+
+def test_scripts_call_touch_needs_the_queues_x_expires(capsys, monkeypatch, tmp_path):
+    """A channel touches only queues declared with x-expires, with that ttl: without one
+    there is no touch call to print (no made-up ttl that would expire a permanent queue)."""
+    monkeypatch.delenv('KOMBU_STREAMS_URL', raising=False)
+    assert main(['scripts', '--call', 'touch', 'q', '--lua-dir', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert 'only a queue declared with x-expires' in err and '--expires' in err
+    note, (_, _, argv), _, _ = printed_call(capsys, 'touch', 'q', '--expires', '90000',
+                                            '--lua-dir', str(tmp_path))
+    assert argv == ['90000'] and 'ttl 90000 ms' in note
+    for args in (['--call', 'size', 'q', '--expires', '5'], ['--expires', '5']):
+        assert main(['scripts', *args, '--lua-dir', str(tmp_path)]) == 2
+        assert '--expires' in capsys.readouterr().err
+
+
+def test_scripts_call_delete_says_dead_letters_stay_and_they_do(redis_url, capsys, tmp_path):
+    """delete.lua keeps a dead-letter stream that holds letters: the note says so, and the
+    printed line, run, does so."""
+    c = redis.Redis.from_url(redis_url)
+    b = broker(c)
+    b.declare('dq')
+    b.publish('dq', 0, 'x')
+    c.xadd(K.dlq('dq'), {'reason': 'kept'})
+    b.load_scripts()
+    note, (sha, keys, argv), _, _ = printed_call(capsys, 'delete', 'dq', '--lua-dir',
+                                                 str(tmp_path))
+    assert 'dead-letter stream only when it is empty' in note and 'letters stay' in note
+    assert c.evalsha(sha, len(keys), *keys, *argv) == 6  # four streams, marker, index
+    assert c.keys('*') == [K.dlq('dq').encode()] and c.xlen(K.dlq('dq')) == 1
+
+
+def test_python_dash_m_runs_the_command(tmp_path):
+    r = subprocess.run([sys.executable, '-m', 'kombu_streams.cli', 'scripts', '--call', 'size',
+                        'q', '--lua-dir', str(tmp_path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"redis-cli EVALSHA {SCRIPTS['size'].sha} 4 " in r.stdout
+
+
+# -- global options: before or after the command -------------------------------------------
+
+#: Each global option, two values it takes as typed and as parsed, and its default.
+GLOBALS = [
+    ('--url', ['redis://h1:1/0', 'redis://h2:2/0'], ['redis://h1:1/0', 'redis://h2:2/0'],
+     'redis-streams://127.0.0.1:6379/0'),
+    ('--master-name', ['m1', 'm2'], ['m1', 'm2'], None),
+    ('--sentinel-password', ['p1', 'p2'], ['p1', 'p2'], None),
+    ('--prefix', ['a:', 'b:'], ['a:', 'b:'], ''),
+    ('--priority-steps', ['0,5', '0,2,4'], [[0, 5], [0, 2, 4]], [0, 3, 6, 9]),
+    ('--json', [None, None], [True, True], False),
+]
+
+
+@pytest.mark.parametrize('option, typed, parsed, default', GLOBALS,
+                         ids=[g[0] for g in GLOBALS])
+@pytest.mark.parametrize('command', [['status', 'q'], ['dlq', 'list', 'q'],
+                                     ['scripts', '--call', 'size', 'q']],
+                         ids=['status', 'dlq list', 'scripts'])
+def test_global_option_before_or_after_the_command(monkeypatch, option, typed, parsed,
+                                                   default, command):
+    """Before the command, after it, or both: given twice, the value after the command
+    wins (it is the one nearer the command, as for any option repeated)."""
+    for name in ('URL', 'MASTER_NAME', 'SENTINEL_PASSWORD'):
+        monkeypatch.delenv(f'KOMBU_STREAMS_{name}', raising=False)
+    dest = option[2:].replace('-', '_')
+
+    def given(i):
+        return [option] + ([typed[i]] if typed[i] is not None else [])
+
+    def value(argv):
+        return getattr(parsing.parser().parse_args(argv), dest)
+
+    assert value(command) == default
+    assert value(given(0) + command) == parsed[0]
+    assert value(command + given(0)) == parsed[0]
+    assert value(given(0) + command + given(1)) == parsed[1]
+    if command[0] == 'dlq':  # between the command and its action, too
+        assert value(['dlq', *given(0), 'list', 'q']) == parsed[0]
+        assert value(['dlq', *given(0), 'list', 'q', *given(1)]) == parsed[1]
+    # the other global options keep their defaults
+    others = {g[0][2:].replace('-', '_'): g[3] for g in GLOBALS if g[0] != option}
+    args = parsing.parser().parse_args(command + given(0))
+    assert {k: getattr(args, k) for k in others} == others
+
+
+def test_global_options_after_the_command_reach_the_server(work):
+    url, _ = work
+    r = cli(None, 'status', 'work', '--url', url, '--json')
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)['queues'][0]['ready'] == 4
+    # given before and after, the one after wins: the first names no server
+    r = cli('redis://127.0.0.1:1/0', 'status', 'work', '--json', '--url', url)
+    assert r.returncode == 0, r.stderr
+    r = cli(url, 'dlq', 'list', 'work', '--url', 'redis://127.0.0.1:1/0')
+    assert r.returncode == 1 and 'cannot connect' in r.stderr
 
 
 # -- read-only snapshots: replicas and OOM -------------------------------------------------

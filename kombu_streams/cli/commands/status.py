@@ -1,0 +1,98 @@
+"""Looking at queues without changing them: ``status`` (counts, consumers, ages, fanout lag)
+and ``peek`` (the next ready messages)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from ...broker import Broker
+from ..connect import discover, existing_queue
+from ..errors import NOT_FOUND, OK
+from ..messages import describe, summarize
+from ..render import age, emit, entry_age, table
+
+
+def status_once(args: argparse.Namespace, broker: Broker) -> int:
+    queues, exchanges = list(args.queues), list(args.exchange)
+    if not queues and not exchanges:
+        queues, exchanges = discover(broker, 'q'), discover(broker, 'x')
+    infos = [broker.inspect(q) for q in queues]
+    fanouts = [broker.inspect_fanout(x) for x in exchanges]
+    missing = [i['queue'] for i in infos if not i['exists'] and not i['dlq']]
+    missing += [f"exchange {f['exchange']}" for f in fanouts if not f['exists']]
+    infos = [i for i in infos if i['exists'] or i['dlq']]
+    fanouts = [f for f in fanouts if f['exists']]
+    data = {'queues': infos, 'exchanges': fanouts, 'missing': missing}
+    emit(args, data, status_text(infos, fanouts) or ('' if missing else 'no queues found'))
+    for name in missing:
+        print(f'kombu-streams: {name} not found (prefix {args.prefix!r})', file=sys.stderr)
+    return NOT_FOUND if missing else OK
+
+
+def status_text(infos: list[dict[str, Any]], fanouts: list[dict[str, Any]]) -> str:
+    if not infos and not fanouts:
+        return ''
+    parts = []
+    if infos:
+        rows = []
+        for i in infos:
+            rows.append([i['queue'], 'all', i['ready'], i['held'], i['pending'],
+                         age(i['oldest_ready_ms']), i['delayed'], age(i['next_due_ms']),
+                         len(i['consumers']), i['dlq']])
+            busy = [lv for lv in i['levels'] if lv['ready'] or lv['pending']]
+            if len(busy) > 1 or (busy and busy[0]['level'] != 0):
+                rows += [['', lv['level'], lv['ready'], lv['held'], lv['pending'],
+                          age(lv['oldest_ready_ms']), '', '', len(lv['consumers']), '']
+                         for lv in busy]
+        parts.append(table(['QUEUE', 'LEVEL', 'READY', 'REQUEUED', 'PENDING', 'OLDEST',
+                            'DELAYED', 'DUE IN', 'CONSUMERS', 'DLQ'], rows))
+        consumers = [[c['name'], i['queue'], c['pending'], age(c['idle_ms'])]
+                     for i in infos for c in i['consumers']]
+        if consumers:
+            parts.append(table(['CONSUMER', 'QUEUE', 'PENDING', 'IDLE'], consumers))
+    if fanouts:
+        rows = [[f['exchange'], g['group'], f"{g['lag']}{'+' if g['lag_capped'] else ''}",
+                 g['pending'], g['consumers'], age(g['oldest_unread_ms'])]
+                for f in fanouts for g in f['groups']]
+        rows += [[f['exchange'], '(no group)', '-', '-', '-', '-']
+                 for f in fanouts if not f['groups']]
+        parts.append(table(['FANOUT', 'GROUP', 'LAG', 'PENDING', 'CONSUMERS', 'OLDEST'],
+                           rows))
+    return '\n\n'.join(parts)
+
+
+def cmd_status(args: argparse.Namespace, broker: Broker) -> int:
+    done = 0
+    while True:
+        if args.watch and sys.stdout.isatty() and not args.json:
+            print('\033[H\033[2J', end='')
+        elif args.watch and done and not args.json:
+            print()
+        if args.watch and not args.json:
+            print(time.strftime('%Y-%m-%d %H:%M:%S'))
+        code = status_once(args, broker)
+        sys.stdout.flush()
+        done += 1
+        if not args.watch or (args.count and done >= args.count):
+            return code
+        time.sleep(args.watch)
+
+
+def cmd_peek(args: argparse.Namespace, broker: Broker) -> int:
+    info = existing_queue(broker, args.queue)
+    found = [{'level': m.level, 'id': m.entry_id, 'requeued': m.requeued,
+              'age_ms': entry_age(m.entry_id, info['time_ms']), **summarize(m.payload)}
+             for m in broker.peek(args.queue, args.n)]
+    lines = []
+    for m in found:
+        lines.append(f"[{m['level']}] {m['id']}  age {age(m['age_ms'])}"
+                     f"{'  requeued' if m['requeued'] else ''}  {describe(m)}")
+        lines.append(f"    body: {m['body']}")
+    emit(args, found, '\n'.join(lines) or f'no ready messages in {args.queue}')
+    return OK
+
+
+__all__ = ('cmd_status', 'cmd_peek')
