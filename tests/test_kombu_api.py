@@ -905,7 +905,7 @@ def test_deferred_acks_survive_a_failed_read(conn, raw, monkeypatch, inside):
     """A read that fails puts the acks it carried back: they are delayed, never dropped;
     whether they rode inside the read call (acks of a queue it reads) or as ack calls in
     its pipeline."""
-    from kombu_streams import channel as channel_module
+    from kombu_streams import consume as channel_module  # _send_read
     from kombu_streams.scripts import SCRIPTS
 
     q = direct_queue("ack-fail-q")
@@ -985,7 +985,7 @@ def test_acks_a_closing_channel_could_not_send_are_sent_by_the_lease_keeper(
         conn, raw, monkeypatch):
     """Deferred acks whose flush fails at close are kept, and the lease keeper's next round
     sends them: an ack the application made is delayed, never dropped."""
-    from kombu_streams import channel as channel_module
+    from kombu_streams import settle as channel_module  # _send_acks
 
     q = direct_queue("close-ack-q")
     publish(conn, ["a", "b"], queue=q)

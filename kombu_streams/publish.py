@@ -1,0 +1,113 @@
+"""Publishing on a channel: one script call per message (publish.lua, fanout_publish.lua),
+or one pipeline per ``Producer.batch()``; messages with a due time kept in Redis."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from kombu.transport import virtual
+from kombu.utils.json import dumps
+
+from .batch import PublishBatch
+from .broker import (
+    Delay,
+)
+from .compat import BATCH_PUBLISH
+from .due import when as due_at
+from .options import level_for
+from .scripts import Call, run_calls
+
+logger = logging.getLogger('kombu_streams.channel')
+
+
+class MessageTooLarge(ValueError):
+    """A message larger than the transport or the server takes: it was not published."""
+
+
+class Publishing(virtual.Channel):
+    """The publishing part of :class:`kombu_streams.channel.Channel`."""
+
+    def _level(self, message: dict[str, Any]) -> int:
+        """Priority level as Kombu's Redis transport picks it: 0 is served first."""
+        return level_for(self._levels, self._get_message_priority(message, reverse=False))
+
+    def basic_publish(self, message: dict[str, Any], exchange: str, routing_key: str,
+                      **kwargs: Any) -> Any:
+        if exchange:  # copies routed to bound queues never recreate a deleted queue
+            kwargs['_routed'] = True
+        return super().basic_publish(message, exchange, routing_key, **kwargs)
+
+    def _payload(self, message: dict[str, Any]) -> str:
+        """The message as stored, refused before it is sent when it is larger than
+        ``max_message_size`` or than the server takes in one command (proto-max-bulk-len):
+        sending it anyway ends in a dropped connection after the client built and sent it all.
+        The body is checked first, so a huge body is refused before its envelope is built."""
+        limit = self.transport.bulk_limit
+        if self.max_message_size:
+            limit = min(limit, self.max_message_size)
+        body = message.get('body')
+        size = len(body) if isinstance(body, (str, bytes)) else 0
+        payload = None
+        if size <= limit:
+            payload = dumps(message)
+            size = len(payload)
+        if payload is None or size > limit:
+            raise MessageTooLarge(
+                f'kombu-streams: message of {size} bytes (encoded) not published: the limit is '
+                f'{limit} bytes (transport option max_message_size, or the server\'s '
+                f'proto-max-bulk-len)')
+        return payload
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        self._publish(self.broker.publish_call(queue, self._level(message),
+                                               self._payload(message),
+                                               routed=kwargs.get('_routed', False),
+                                               delay=self._delay(message)), kwargs)
+
+    def _delay(self, message: dict[str, Any]) -> Delay | None:
+        """When the message is due, for publish.lua; None with delayed delivery off."""
+        if not self.delayed_delivery:
+            return None
+        at, label = due_at(message)
+        return Delay(at, int(self.delayed_threshold * 1000), label)
+
+    def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
+                    **kwargs: Any) -> None:
+        """One entry in the exchange's stream; every bound queue reads it with its group."""
+        bindings = sorted({(queue, self._binding_member(rk, pattern, queue))
+                           for rk, pattern, queue in self.get_table(exchange)})
+        if not bindings:
+            return  # like AMQP: a fanout exchange with no queue drops the message
+        self._publish(self.broker.fanout_publish_call(exchange, self._payload(message),
+                                                      bindings),
+                      kwargs)
+
+    def _publish(self, call: Call, kwargs: dict[str, Any]) -> None:
+        """Run a publish call now, or add it to the ``Producer.batch()`` being built."""
+        batch = kwargs.get('_publish_batch')
+        if batch is not None:
+            batch.add(*call)
+        else:
+            wait = self._replica_wait()
+            if wait:
+                run_calls(self.client, [call], wait=wait)
+            else:
+                script, keys, args = call
+                script(self.client, keys, args)
+
+    def _replica_wait(self) -> tuple[int, int] | None:
+        """WAIT arguments for publishes, or None."""
+        if not self.publish_min_replicas:
+            return None
+        # at least 1 ms: WAIT n 0 would block for ever
+        return (int(self.publish_min_replicas),
+                max(math.ceil(self.publish_replica_timeout * 1000), 1))
+
+    if BATCH_PUBLISH:  # Kombu 5.7+: Producer.batch() asks for this (see compat.py)
+        def create_publish_batch(self, max_size: int) -> PublishBatch:
+            return PublishBatch(self, max_size)
+
+
+__all__ = ('Publishing', 'MessageTooLarge')
