@@ -1,0 +1,133 @@
+"""Read-only calls for operator tools: what a queue holds (inspect), what a fanout
+exchange's groups lag (inspect_fanout), the next ready messages (peek) and the delayed ones
+(scheduled), each a builder with its reply's decoder. Bounded like every call; read-only
+(EVALSHA_RO on Redis 7.0+, so they run on replicas and under maxmemory)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .calls import HOLDER, PEEK_MAX, SCHEDULED_MAX, Calls, PeekCursor
+from .replies import Ready
+from .scripts import SCRIPTS, Call
+from .text import text
+
+
+class Introspection(Calls):
+    """The read-only operator calls, on top of :class:`~kombu_streams.calls.Calls`."""
+
+    def scheduled_call(self, queue: str, count: int = 10, bodies: bool = False
+                       ) -> tuple[Call, Callable[[Any], dict[str, Any]]]:
+        """The scheduled call (read-only) for the ``count`` (at most SCHEDULED_MAX) earliest
+        delayed messages of a queue, and the function that decodes its reply (see
+        :meth:`scheduled`)."""
+        count = max(1, min(int(count), SCHEDULED_MAX))  # bounded: one call, a few ms at most
+        keys = [self.keys.delayed(queue), self.keys.delayed_messages(queue)]
+
+        def parse(reply: Any) -> dict[str, Any]:
+            now, total, flat = int(reply[0]), int(reply[1]), reply[2:]
+            out = []
+            for j in range(0, len(flat), 3):
+                member = text(flat[j])
+                _, level, label = (member.split(':', 2) + ['', ''])[:3]
+                entry: dict[str, Any] = {'member': member, 'level': int(level or 0),
+                                         'label': label,
+                                         # float(): a score stored in exponent form
+                                         'due_in_ms': max(int(float(flat[j + 1])) - now, 0)}
+                if bodies:
+                    entry['message'] = text(flat[j + 2])
+                out.append(entry)
+            return {'queue': queue, 'delayed': total, 'messages': out, 'time_ms': now}
+
+        return (SCRIPTS['scheduled'], keys, [count, '1' if bodies else '0']), parse
+
+    def inspect_call(self, queue: str) -> tuple[Call, Callable[[Any], dict[str, Any]]]:
+        """The inspect call (read-only) for a queue, and the function that decodes its reply
+        (see :meth:`inspect`)."""
+        keys = [*self.streams(queue), self.keys.dlq(queue), self.keys.delayed(queue)]
+
+        def parse(reply: Any) -> dict[str, Any]:
+            records, dlq, now, delayed, next_due = reply
+            levels: list[dict[str, Any]] = []
+            consumers: dict[str, dict[str, Any]] = {}
+            for key, rec in zip(keys, records):
+                level, exists, length, ready, held, pending, oldest, flat, last = rec
+                level_consumers = []
+                for j in range(0, len(flat), 3):
+                    name, owns, idle = text(flat[j]), int(flat[j + 1]), int(flat[j + 2])
+                    level_consumers.append({'name': name, 'pending': owns, 'idle_ms': idle})
+                    seen = consumers.setdefault(name, {'name': name, 'pending': 0,
+                                                       'idle_ms': idle})
+                    seen['pending'] += owns
+                    seen['idle_ms'] = min(seen['idle_ms'], idle)
+                levels.append({
+                    'level': int(level), 'stream': key, 'exists': bool(exists),
+                    'length': int(length), 'ready': int(ready), 'held': int(held),
+                    'pending': int(pending),
+                    'oldest_ready_ms': None if oldest < 0 else int(oldest),
+                    'last_delivered_id': text(last) or None,
+                    'consumers': level_consumers,
+                })
+            ages = [lv['oldest_ready_ms'] for lv in levels if lv['oldest_ready_ms'] is not None]
+            return {
+                'queue': queue,
+                'exists': any(lv['exists'] for lv in levels),
+                'ready': sum(lv['ready'] for lv in levels),
+                'held': sum(lv['held'] for lv in levels),
+                'pending': sum(lv['pending'] for lv in levels),
+                'oldest_ready_ms': max(ages) if ages else None,
+                'consumers': sorted(consumers.values(), key=lambda c: c['name']),
+                'dlq': int(dlq),
+                'delayed': int(delayed),
+                'next_due_ms': None if next_due < 0 else int(next_due),
+                'levels': levels,
+                'time_ms': int(now),
+            }
+
+        return (SCRIPTS['inspect'], keys, [queue, HOLDER, *self.levels]), parse
+
+    def inspect_fanout_call(self, exchange: str, cap: int = 1000
+                            ) -> tuple[Call, Callable[[Any], dict[str, Any]]]:
+        """The inspect_fanout call (read-only), and the function that decodes its reply (see
+        :meth:`inspect_fanout`)."""
+        stream = self.keys.fanout(exchange)
+
+        def parse(reply: Any) -> dict[str, Any]:
+            exists, length, now, records = reply
+            groups = []
+            for name, consumers, pending, lag, capped, oldest, last in records:
+                groups.append({
+                    'group': text(name), 'consumers': int(consumers),
+                    'pending': int(pending), 'lag': int(lag), 'lag_capped': bool(capped),
+                    'oldest_unread_ms': None if oldest < 0 else int(oldest),
+                    'last_delivered_id': text(last),
+                })
+            return {'exchange': exchange, 'stream': stream,
+                    'exists': bool(exists), 'length': int(length),
+                    'groups': sorted(groups, key=lambda g: g['group']), 'time_ms': int(now)}
+
+        return (SCRIPTS['inspect_fanout'], [stream], [int(cap)]), parse
+
+    def peek_call(self, queue: str, count: int = 10, cursor: PeekCursor = (1, 'h', '')
+                  ) -> tuple[Call, Callable[[Any], tuple[list[Ready], PeekCursor | None]]]:
+        """The peek call (read-only) for the next ``count`` (at most PEEK_MAX) ready messages
+        of a queue from ``cursor``, and the function that decodes its reply: the messages and
+        where the next page starts (None: there are no more)."""
+        streams = self.streams(queue)
+        count = max(1, min(int(count), PEEK_MAX))
+        index, part, after = cursor
+
+        def parse(reply: Any) -> tuple[list[Ready], PeekCursor | None]:
+            out = []
+            for j in range(3, len(reply), 4):
+                i, entry_id, held, payload = reply[j:j + 4]
+                out.append(Ready(self.levels[int(i) - 1], streams[int(i) - 1],
+                                 text(entry_id), bool(int(held)), payload))
+            at = int(reply[0])
+            return out, (at, text(reply[1]), text(reply[2])) if at else None
+
+        return (SCRIPTS['peek'], streams, [queue, HOLDER, count, index, part, after]), parse
+
+
+__all__ = ('Introspection',)
