@@ -143,6 +143,15 @@ class Broker(Introspection):
     def declare(self, queue: str) -> int:
         return self.run(self.declare_call(queue))
 
+    def key_types(self, keys: Sequence[str]) -> list[str]:
+        """The Redis type of each key ('none' when absent), in one round trip per server:
+        which of a channel's wake markers another program holds, after a wait was answered
+        WRONGTYPE."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.type(key)
+        return [text(kind) for kind in pipe.execute()]
+
     def exists(self, queue: str) -> bool:
         return bool(self.client.exists(*self.streams(queue)))
 

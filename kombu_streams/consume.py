@@ -109,11 +109,7 @@ class Consuming(virtual.Channel):
         """A wait failed with WRONGTYPE: find which of this channel's markers holds another
         type, and suspend its source."""
         keys = self.wake_keys()
-        pipe = self.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.type(key)
-        for (key, source), kind in zip(keys.items(), pipe.execute()):
-            kind = bytes_to_str(kind)
+        for (key, source), kind in zip(keys.items(), self.broker.key_types(list(keys))):
             if kind not in ('zset', 'none'):
                 self.plan.suspend(source, f'WRONGTYPE {key} holds a {kind}, not a zset')
 
