@@ -599,7 +599,7 @@ def test_a_consumer_of_many_queues_drains_them_all(cluster: Cluster, url: str,
             with pytest.raises(socket.timeout):
                 conn.drain_events(timeout=3.0)  # idle: the waits are sent, nothing to get
             waits_per_node: dict[int, int] = {}
-            for wait in conn.transport.cycle._waits.values():
+            for wait in conn.transport.cycle.waits.pending.values():
                 waits_per_node[id(wait.pool)] = waits_per_node.get(id(wait.pool), 0) + 1
             assert waits_per_node and max(waits_per_node.values()) <= 5
             producer = Producer(pub)
@@ -641,7 +641,7 @@ def test_event_loop_consumer_of_60_queues_drains_them_all(cluster: Cluster,
             deadline = time.monotonic() + 30
             while len(got) < 60 and time.monotonic() < deadline:
                 next(loop)
-            waits = len(conn.transport.cycle._waits)
+            waits = len(conn.transport.cycle.waits.pending)
         assert sorted(got) == sorted(names)
         assert waits <= 15  # three nodes, five each at most
     hub.close()

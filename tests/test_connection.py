@@ -915,7 +915,7 @@ def test_sentinel_event_loop(sentinel_setup: SentinelSetup) -> None:
         with Consumer(conn.channel(), [queue], callbacks=[on_message], accept=['json']):
             conn.transport.register_with_event_loop(conn.connection, hub)
             conn.transport.cycle.on_tick()  # what the hub's first tick does: a BZPOPMIN wait
-            waiting = {fd: w.conn for fd, w in conn.transport.cycle._waits.items()}
+            waiting = {fd: w.conn for fd, w in conn.transport.cycle.waits.pending.items()}
             assert waiting and set(waiting) <= set(hub.readers)
             seen_conns.update(type(c) for c in waiting.values())
             with pub.Producer(serializer='json') as producer:

@@ -205,7 +205,7 @@ def test_a_forked_child_forgets_what_the_parent_holds(redis_url: str) -> None:
         if pid == 0:  # the child: report and leave without running any cleanup
             try:
                 report = (f'{channel.consumer_state.held_count()} '
-                          f'{len(conn.transport.cycle._waits)} '
+                          f'{len(conn.transport.cycle.waits.pending)} '
                           f'{conn.transport.leases._thread is None}')
             except BaseException as exc:  # pragma: no cover
                 report = repr(exc)

@@ -45,7 +45,7 @@ def test_an_expired_queue_leaves_no_key_behind_after_an_event_loop_close(
         for _ in range(5):
             next(loop)
         conn.transport.cycle.on_tick()  # what the hub's next turn does: a wait is sent
-        assert conn.transport.cycle._waits, 'the wait is pending'
+        assert conn.transport.cycle.waits.pending, 'the wait is pending'
         assert _left(redis_client, 'tmpq-hub')
     hub.close()
     keys = Keys()

@@ -1,0 +1,237 @@
+"""The pending waits of a transport: BZPOPMINs on wake markers, each on a pooled connection
+of its own, watched by a selector or an event loop.
+
+A wait is sent, then answered (the marker it popped, or a timeout), or ended early with CLIENT
+UNBLOCK (a due time came first), or dropped unread (its channel went away: its markers are
+given back through wake.lua), or found dead (no answer by its deadline: a half-open
+connection). What to wait on and when is the poller's (:mod:`kombu_streams.poller`).
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import weakref
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
+
+from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgainError
+
+from .compat import conn_fileno, pool_connection
+from .connection import socket_timeout
+from .errors import DeadConnection
+from .state import Source
+
+if TYPE_CHECKING:
+    from .channel import Channel
+
+logger = logging.getLogger('kombu_streams.poller')
+
+#: After a due time, how long a wait it bounds may still take before the poller ends it with
+#: CLIENT UNBLOCK: Redis checks blocked clients' timeouts only when its event loop wakes,
+#: every 1/hz s (100 ms by default) on an otherwise quiet server.
+UNBLOCK_AFTER = 0.002
+
+#: How late past its own timeout a wait's answer may come before the connection is taken for
+#: dead (a half-open TCP connection: the server or a middlebox dropped it silently), when the
+#: pool sets no socket timeout; otherwise the socket timeout is the margin.
+DEAD_AFTER = 10.0
+
+#: Replies to a wait that mean the slot is moving or the cluster is reconfiguring.
+_SLOT_MOVING = (AskError, TryAgainError, ClusterDownError)
+
+
+class Wait(NamedTuple):
+    """A BZPOPMIN sent and not yet answered."""
+
+    owner: Channel | None  # the channel it waits for on an event loop; None: drain()
+    keys: tuple[str, ...]
+    conn: Any
+    pool: Any
+    #: the connection's CLIENT ID, when a due time bounds the wait (to end it on time)
+    client_id: int | None = None
+    #: monotonic time by which Redis must have answered (its timeout plus a margin), else
+    #: the connection is dead
+    deadline: float = float('inf')
+    #: per key, the channel that reads its source and the source: to give a popped marker
+    #: back (wake.lua) when no read of that channel covers it
+    sources: tuple[tuple[Any, Source], ...] = ()
+
+
+#: A popped marker: (its key, the channel that reads its source, the source), or None.
+Popped = Optional[tuple[str, Any, Source]]
+
+
+def readable(fds: list[int], timeout: float) -> list[int]:
+    """Which of ``fds`` can be read within ``timeout`` seconds. ``selectors`` (epoll or
+    poll) rather than ``select.select``, which refuses descriptors above 1023."""
+    with selectors.DefaultSelector() as selector:
+        for fd in fds:
+            selector.register(fd, selectors.EVENT_READ)
+        return [key.fd for key, _ in selector.select(max(timeout, 0.0))]
+
+
+class Waits:
+    """The pending waits of one transport, by the socket descriptor they wait on."""
+
+    def __init__(self, transport: Any, on_wrongtype: Callable[[BaseException], bool]) -> None:
+        self.transport = transport
+        #: a wait answered WRONGTYPE: the poller's channels find which marker and suspend it
+        self._on_wrongtype = on_wrongtype
+        self.pending: dict[int, Wait] = {}
+        #: the event loop whose readers the waits of channels are (None: drain_events)
+        self.hub: Any = None
+        self.can_unblock = True  # CLIENT ID / UNBLOCK allowed (an ACL may refuse them)
+        #: connection -> its CLIENT ID, forgotten when it reconnects (a new id)
+        self._client_ids: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+    def send(self, keys: tuple[str, ...], owner: Channel | None, block: float,
+             need_id: bool = False, sources: tuple[tuple[Any, Source], ...] = ()) -> int:
+        """Send BZPOPMIN on ``keys`` on a connection of its own; returns its fd.
+        ``need_id``: a due time ends it; learn the connection's id first, to unblock it.
+        Its deadline is its timeout plus the pool's socket timeout (or DEAD_AFTER)."""
+        pool = self.transport.wait_pool(keys[0])
+        conn = pool_connection(pool, 'BZPOPMIN')
+        try:
+            client_id = self._client_id(conn) if need_id else None
+            conn.send_command('BZPOPMIN', *keys, block)
+            fd = conn_fileno(conn)
+        except Exception:
+            pool.release(conn)
+            raise
+        deadline = monotonic() + block + (socket_timeout(pool) or DEAD_AFTER)
+        self.pending[fd] = Wait(owner, keys, conn, pool, client_id, deadline, sources)
+        return fd
+
+    def answer(self, fd: int) -> Popped:
+        """Read a wait's answer and end the wait: the popped marker with the channel and
+        source it belongs to, or None."""
+        wait = self.pending[fd]
+        try:
+            popped = wait.conn.read_response()
+        except _SLOT_MOVING:
+            self.drop(fd)
+            self.transport.refresh_slots()
+            return None
+        except ResponseError as exc:
+            self.drop(fd)
+            if not self._on_wrongtype(exc):
+                raise
+            return None
+        except Exception:
+            self.drop(fd, disconnect=True)
+            raise
+        self.drop(fd)
+        if not popped:
+            return None
+        key = popped[0].decode() if isinstance(popped[0], bytes) else str(popped[0])
+        channel, source = dict(zip(wait.keys, wait.sources)).get(key, (None, None))
+        return (key, channel, source) if source is not None else None
+
+    def drop(self, fd: int, disconnect: bool = False) -> None:
+        wait = self.pending.pop(fd, None)
+        if wait is None:
+            return
+        if self.hub is not None and wait.owner is not None:
+            self.hub.remove_reader(fd)
+        if disconnect:
+            wait.conn.disconnect()
+        wait.pool.release(wait.conn)
+        if disconnect:
+            self.give_back(wait.sources)
+
+    def give_back(self, sources: Any) -> None:
+        """Popped markers no read will cover, given as (channel, source): a wait dropped
+        unread may have popped one of its markers (the answer was on its way), so all are
+        given back, one wake.lua call per channel and slot group, each only where its source
+        still exists (a queue that expired meanwhile gets no marker back). A marker without
+        work costs a read that finds nothing; a lost one would leave the work to the
+        sweep."""
+        by_channel: dict[Any, list[Source]] = {}
+        for channel, source in sources:
+            by_channel.setdefault(channel, []).append(source)
+        for channel, mine in by_channel.items():
+            try:
+                channel.give_back(mine)
+            except Exception as exc:  # no connection: the sweep of some consumer finds it
+                logger.warning('kombu-streams: could not give back wake markers: %r', exc)
+
+    def dead(self, fd: int) -> None:
+        """A wait got no answer by its deadline: its connection is dead (half-open). It is
+        dropped without giving its markers back (that would need the same network; a marker
+        it may have popped is found by the sweep) and DeadConnection raised, a connection
+        error: Kombu and Celery reconnect."""
+        wait = self.pending.pop(fd)
+        if self.hub is not None and wait.owner is not None:
+            self.hub.remove_reader(fd)
+        wait.conn.disconnect()
+        wait.pool.release(wait.conn)
+        raise DeadConnection(
+            f'kombu-streams: a wait on {len(wait.keys)} wake marker(s) got no answer by its '
+            f'deadline: the connection to Redis is presumed dead (half-open); reconnecting')
+
+    def expire_if_waiting(self, fd: int, wait: Wait) -> None:
+        """A hub timer at a wait's deadline: if it is still the one pending on fd, its
+        connection is dead."""
+        if self.pending.get(fd) is wait:
+            self.dead(fd)
+
+    def unblock_if_waiting(self, fd: int, wait: Wait) -> None:
+        """A hub timer at a due time: end the wait if it is still the one pending on fd."""
+        if self.pending.get(fd) is wait:
+            try:
+                self.unblock(wait)
+            except Exception as exc:  # the wait's own answer will report a broken connection
+                logger.debug('kombu-streams: CLIENT UNBLOCK failed: %r', exc)
+
+    def unblock(self, wait: Wait) -> None:
+        """End a pending wait now (Redis answers it as a timeout). Without the permission
+        (an ACL without CLIENT ID / UNBLOCK) waits end by Redis's own timeout instead, up to
+        1/hz s late; that is logged once."""
+        if wait.client_id is None:
+            return
+        conn = pool_connection(wait.pool, 'CLIENT')
+        try:
+            conn.send_command('CLIENT', 'UNBLOCK', wait.client_id)
+            conn.read_response()
+        except ResponseError as exc:
+            self._no_unblock(exc)
+        finally:
+            wait.pool.release(conn)
+
+    def _no_unblock(self, exc: BaseException) -> None:
+        if self.can_unblock:
+            self.can_unblock = False
+            logger.warning('kombu-streams: CLIENT ID / CLIENT UNBLOCK refused (%s): waits for '
+                           'delayed messages end by the server\'s own timeout, up to 1/hz s '
+                           '(100 ms by default) late. Allow +client|id +client|unblock.', exc)
+
+    def _client_id(self, conn: Any) -> int | None:
+        """The connection's CLIENT ID, asked once per connection and again after it
+        reconnects (a new id): redis-py calls our connect callback then."""
+        known = self._client_ids.get(conn)
+        if known is not None:
+            return known
+        if conn not in self._client_ids:
+            conn.register_connect_callback(self._forget_id)
+        conn.send_command('CLIENT', 'ID')
+        try:
+            self._client_ids[conn] = int(conn.read_response())
+        except ResponseError as exc:
+            self._no_unblock(exc)
+            return None
+        return self._client_ids[conn]
+
+    def _forget_id(self, conn: Any) -> None:
+        self._client_ids.pop(conn, None)
+
+    def after_fork(self) -> None:
+        """In a child process: forget the parent's waits (their sockets are closed here, not
+        shut down: the parent's waits go on) and its event loop."""
+        for wait in self.pending.values():
+            wait.conn.disconnect()
+        self.pending.clear()
+        self.hub = None
+
+
+__all__ = ('Waits', 'Wait', 'Popped', 'readable', 'UNBLOCK_AFTER', 'DEAD_AFTER')
