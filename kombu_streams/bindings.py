@@ -59,6 +59,7 @@ class Bindings(virtual.Channel):
         fanout = {q: self._fanout_of(q) for q in queues}
         sources = tuple(self.broker.sources(queues, fanout))
         self.consumer_state.set_reading(Reading(sources, fanout, bindings))
+        self.consumer_state.join(sources)
 
     def _bindings_changed_everywhere(self) -> None:
         for channel in list(self.transport.channels):

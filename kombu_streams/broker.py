@@ -143,6 +143,13 @@ class Broker(Introspection):
     def declare(self, queue: str) -> int:
         return self.run(self.declare_call(queue))
 
+    def leave(self, sources: Sequence[Source], consumer: str) -> int:
+        """``consumer`` leaves the groups of ``sources`` where it owns nothing (leave.lua,
+        one call per source, one round trip per server); in how many streams' groups it is
+        not any more."""
+        calls = [self.leave_call(queue, consumer, exchange) for queue, exchange in sources]
+        return sum(int(r) for r in self.run_all(calls))
+
     def key_types(self, keys: Sequence[str]) -> list[str]:
         """The Redis type of each key ('none' when absent), in one round trip per server:
         which of a channel's wake markers another program holds, after a wait was answered

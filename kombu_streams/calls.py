@@ -140,6 +140,12 @@ class Calls:
                                       self.keys.delayed_messages(queue), self.keys.dlq(queue)]
         return SCRIPTS['delete'], keys, []
 
+    def leave_call(self, queue: str, consumer: str, exchange: str | None = None) -> Call:
+        """The leave call: ``consumer`` leaves the queue's group (on its streams, or on the
+        fanout ``exchange``'s stream) where it owns nothing."""
+        keys = [self.keys.fanout(exchange)] if exchange else self.streams(queue)
+        return SCRIPTS['leave'], keys, [queue, consumer]
+
     def cancel_call(self, queue: str, labels: Sequence[str], cursor: str = '0',
                     step: int = 1000) -> Call:
         """One step of the scan of a queue's delayed set for ``labels``, from ``cursor``;

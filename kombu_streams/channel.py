@@ -228,6 +228,7 @@ class Channel(Consuming, Settling, Publishing, Bindings):
         return list(dict.fromkeys(self._active_queues))
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        self.consumer_state.join(self._sources([queue]))
         delivered = self._read([queue], 1, planned=False)
         if not delivered:
             return None
@@ -250,7 +251,22 @@ class Channel(Consuming, Settling, Publishing, Bindings):
             except Exception as exc:  # they stay in the PEL and are reclaimed later
                 logger.warning('kombu-streams: could not requeue buffered messages: %r', exc)
             self.connection.cycle.discard(self)
-        super().close()
+            super().close()  # cancels the consumers, gives back what was delivered
+            self._leave()
+        else:
+            super().close()
+
+    def _leave(self) -> None:
+        """This channel's consumer leaves the groups it read, where it owns nothing now
+        (leave.lua), so consumer lists do not grow by one per closed channel. What it could
+        not leave (no connection, a message still owned) reclaim forgets later."""
+        joined = self.consumer_state.joined()
+        if not joined:
+            return
+        try:
+            self.broker.leave(joined, self.consumer_name)
+        except Exception as exc:
+            logger.debug('kombu-streams: could not leave the groups at close: %r', exc)
 
 
 # The channel options' defaults, from the table (see the option block of Channel).

@@ -95,6 +95,8 @@ class ConsumerState:
         self._acks: deque[InFlight] = deque()
         self._acks_since = 0.0
         self._reading = Reading()
+        #: every source this channel read (its consumer joined their groups): left at close
+        self._joined: set[Source] = set()
 
     # -- in flight ---------------------------------------------------------------------------
 
@@ -263,6 +265,15 @@ class ConsumerState:
     @property
     def reading(self) -> Reading:
         return self._reading
+
+    def join(self, sources: Iterable[Source]) -> None:
+        """The channel reads (or read once) ``sources``: its consumer is in their groups."""
+        with self._lock:
+            self._joined.update(sources)
+
+    def joined(self) -> list[Source]:
+        with self._lock:
+            return sorted(self._joined, key=lambda s: (s[0], s[1] or ''))
 
 
 __all__ = ('ConsumerState', 'InFlight', 'Reading', 'Source', 'by_source')

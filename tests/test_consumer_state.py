@@ -137,6 +137,7 @@ def test_state_matches_a_model(ops) -> None:
             msg = _msg(n)
             state.hold(tag, msg)
             in_flight[tag] = msg
+            lost.discard(tag)  # a new message under the tag (tags are unique in practice)
         elif op == 'buffer' and tag in in_flight and tag not in buffered:
             state.buffer([_item(n)])
             buffered.append(tag)

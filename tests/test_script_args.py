@@ -48,6 +48,7 @@ MINIMAL = {
     'requeue': ([FAN, FWAKE], [Q, 'c1', HOLDER, 1, '1-1', -1]),
     'route': ([K.bindings(X), K.deadlines(X)], [100, '0', 1000]),
     'marked': ([K.wake(Q)], []),
+    'leave': ([S0], [Q, 'c1']),
     'scheduled': ([K.delayed(Q), K.delayed_messages(Q)], [10, '0']),
     'size': ([S0], [Q, HOLDER]),
     'touch': ([S0, *QUEUE_KEYS], [1000]),

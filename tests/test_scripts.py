@@ -1630,6 +1630,7 @@ _WRONGTYPE = {
     'inspect': (K.stream('q', 3), lambda c: broker(c).inspect('q')),
     'inspect-dlq': (K.dlq('q'), lambda c: broker(c).inspect('q')),
     'peek': (K.stream('q', 3), lambda c: broker(c).peek('q')),
+    'leave': (K.stream('q', 3), lambda c: broker(c).leave([('q', None)], 'c1')),
     'inspect_fanout': (K.fanout('x'), lambda c: broker(c).inspect_fanout('x')),
     'bind': (K.bindings('x'), lambda c: broker(c).bind('x', 'rk', 0)),
     'bind-deadlines': (K.deadlines('x'), lambda c: broker(c).bind('x', 'rk', 1000)),
@@ -1851,7 +1852,7 @@ def test_registry_covers_every_lua_file():
         'ack', 'bind', 'deadletter', 'declare', 'delete', 'fanout_ack', 'fanout_publish',
         'inspect', 'inspect_fanout', 'publish', 'purge', 'read', 'reclaim', 'redrive', 'renew',
         'requeue', 'route', 'size', 'touch', 'migrate', 'migrate_unacked', 'cancel',
-        'scheduled', 'peek', 'layout', 'wake', 'marked'}
+        'scheduled', 'peek', 'layout', 'wake', 'marked', 'leave'}
     assert load_all() == SCRIPTS
 
 

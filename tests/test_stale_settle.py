@@ -268,3 +268,55 @@ def test_a_stale_channel_leaves_its_messages_to_their_new_owner(request, which, 
         conn_a.release()
         conn_b.release()
         raw.close()
+
+
+# ---------------------------------------------------------------------------
+# leaving: a closed channel's consumer leaves the groups where it owns nothing
+# ---------------------------------------------------------------------------
+
+
+def test_leave_removes_a_consumer_only_where_it_owns_nothing(script_client):
+    c = script_client
+    b = Broker(c, K, LEVELS)
+    b.declare('q')
+    b.publish('q', 0, b'{}')
+    b.publish('q', 3, b'{}')
+    got = read_messages(b, ['q'], 'gone', 2)
+    b.ack('q', [(got[0].stream, got[0].entry_id)])  # level 0: owns nothing now
+    def names(lvl):
+        return {n.decode() if isinstance(n, bytes) else n
+                for n in (x['name'] for x in c.xinfo_consumers(K.stream('q', lvl), 'q'))}
+
+    read_from = {K.stream('q', 0), K.stream('q', 3)}  # it joined the groups it read
+    assert {lvl for lvl in LEVELS if 'gone' in names(lvl)} == {0, 3}
+    # out of every group but level 3's, which still holds its message
+    assert b.leave([('q', None)], 'gone') == len(LEVELS) - 1
+    owner = got[1].stream
+    assert owner in read_from and owner != got[0].stream
+    assert {lvl for lvl in LEVELS if 'gone' in names(lvl)} == {3}
+    assert c.xpending(owner, 'q')['pending'] == 1
+    assert b.leave([('nothing-here', None)], 'gone') == 0  # no stream, no group
+
+
+def test_a_closed_channel_leaves_its_groups(redis_url, redis_client):
+    """XINFO CONSUMERS does not grow by one per closed channel: a channel's consumer leaves
+    its queues' groups at close (what it still held was given back first)."""
+    url = redis_url.replace('redis://', 'redis-streams://', 1)
+    queue = Queue('leave-q', Exchange('leave-q'), 'leave-q')
+    with Connection(url) as conn:
+        producer = conn.Producer()
+        for n in range(3):
+            producer.publish({'n': n}, exchange=queue.exchange, routing_key='leave-q',
+                             declare=[queue])
+        for _ in range(5):  # five channels come and go, the last with a message unacked
+            channel = conn.channel()
+            message = queue(channel).get()
+            assert message is not None
+            name = channel.consumer_name
+            channel.close()
+            for level in LEVELS:
+                names = [x['name'] for x in redis_client.xinfo_consumers(
+                    K.stream('leave-q', level), 'leave-q')]
+                assert name.encode() not in names and name not in names
+        fresh = queue(conn.channel())
+        assert fresh.get() is not None  # the message held at close came back

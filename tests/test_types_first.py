@@ -91,6 +91,12 @@ def _popped(c: Any) -> None:
     c.delete(K.wake('q'), K.fanout_wake('f', 'q'), K.fanout_wake('f', 's'))
 
 
+def _joined_idle(c: Any) -> None:
+    """Consumer c9 read queue q once and owns nothing there: leave.lua removes it."""
+    for level in LEVELS:
+        c.xgroup_createconsumer(K.stream('q', level), 'q', 'c9')
+
+
 def _unrecorded(c: Any) -> None:
     c.delete(K.layout())
 
@@ -123,6 +129,7 @@ CASES = {
     'migrate_unacked': (lambda b, f: b.migrate_unacked_call(
         'unacked', 'unacked_index', 't1', f['raw'], P, [('q', 0), ('r', 3)]), None),
     'layout': (lambda b, f: b.layout_call(), _unrecorded),
+    'leave': (lambda b, f: b.leave_call('q', 'c9'), _joined_idle),
     # the settles, by the consumer that owns the entry (c1) and by an operator (ANY_OWNER)
     'ack': (lambda b, f: b.ack_calls('q', [(f['renew'][0], f['renew'][1][0])], None,
                                      'c1')[0], None),

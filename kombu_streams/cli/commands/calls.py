@@ -132,6 +132,9 @@ CALLS: dict[str, Callable[[Broker, str, int], Built]] = {
     'size': lambda b, q, _: (b.size_call(q), 'read-only'),
     'declare': lambda b, q, _: (b.declare_call(q), 'each level\'s stream with its group at '
                                 'id 0; a queue with x-expires is touched next'),
+    'leave': lambda b, q, _: (b.leave_call(q, CALL_CONSUMER),
+                              f'{CALL_CONSUMER} leaves the queue\'s group where it owns '
+                              f'nothing (a channel does so at close)'),
     'wake': lambda b, q, _: (b.give_back_call([(q, None)]),
                              'sets its wake marker again if the queue exists'),
 }
