@@ -42,4 +42,5 @@ if #found == 0 then
 end
 local err = dead_letter(key, group, id, found[1][2], KEYS[2], ARGV[4], ARGV[5], shared)
 if err then return redis.error_reply(err) end
+if shared then trim_shared(key) end
 return {1, 0}

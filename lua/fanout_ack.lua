@@ -8,8 +8,9 @@ ARGV[3..] entry ids
 Reply:    {acked, not owned}: entries that were pending and are now acked; entries (each
           counted once) this consumer no longer owns, left alone (0 for '')
 Errors:   "fanout_ack: expected ..." for another layout; WRONGTYPE
-Minimum Redis: 6.2. Cost: O(ids + groups + entries trimmed), in one XACK per 1,000 ids; for
-a consumer, one XPENDING of its own entries from the lowest to the highest id (paged).
+Minimum Redis: 6.2. Cost: O(ids + groups + entries trimmed), in one XACK per 1,000 ids and
+one trim per call; for a consumer, one XPENDING of its own entries from the lowest to the
+highest id (paged).
 Acking twice, after unbinding or on a missing stream is harmless. See docs/design.rst
 (Fanout, Leases).
 ]]

@@ -104,9 +104,12 @@ local function trim_shared(stream)
   if #groups == 0 then return redis.call('XTRIM', stream, 'MAXLEN', 0) end
   local keep = nil
   for _, g in ipairs(groups) do
-    local mark = field(g, 'last-delivered-id')
-    if tonumber(field(g, 'pending')) > 0 then
+    local mark
+    if tonumber(field(g, 'pending')) > 0 then  -- it still needs its oldest pending entry
       mark = redis.call('XPENDING', stream, field(g, 'name'), '-', '+', 1)[1][1]
+    else  -- it is done with everything it was delivered: keep what comes after
+      local ms, seq = string.match(field(g, 'last-delivered-id'), '^(%d+)-(%d+)$')
+      mark = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
     end
     if keep == nil or id_before(mark, keep) then keep = mark end
   end
@@ -114,7 +117,8 @@ local function trim_shared(stream)
 end
 
 -- Move entry ID (its FIELDS, copied as is) of KEY/GROUP to dead-letter stream DLQ; SHARED: a
--- fanout stream, only acked and trimmed. Returns nil, or DLQ's error (then nothing changed).
+-- fanout stream, only acked (the caller trims it, once per call, with trim_shared). Returns
+-- nil, or DLQ's error (then nothing changed).
 -- docs/design.rst, "Delivery counts and dead letters".
 local function dead_letter(key, group, id, fields, dlq, reason, deliveries, shared)
   local rec = {'reason', reason, 'stream', key, 'group', group, 'id', id,
@@ -130,11 +134,7 @@ local function dead_letter(key, group, id, fields, dlq, reason, deliveries, shar
   local err = pcall_error(redis.pcall('XADD', dlq, '*', unpack(rec)))
   if err then return err end
   redis.call('XACK', key, group, id)
-  if shared then
-    trim_shared(key)
-  else
-    redis.call('XDEL', key, id)
-  end
+  if not shared then redis.call('XDEL', key, id) end  -- shared: the caller trims, once
   return nil
 end
 

@@ -45,7 +45,7 @@ local function new_context(consumer, count, holder, limit, bytes)
   return {consumer = consumer, left = count, holder = holder, limit = limit, out = {},
           problems = {}, aside = {}, aside_left = count + 100, promote_left = PROMOTE,
           dues = {}, unsettled = {}, bytes_left = bytes, copied = 0, promote_bytes = bytes,
-          promoted = 0}
+          promoted = 0, trim = {}}
 end
 
 -- The Q sources of a call over S streams, from read.lua's KEYS and ARGV layout, and the
@@ -227,6 +227,10 @@ set_aside = function(ctx, src, i, id, fields, reason, deliveries)
   if err then
     redis.call('XCLAIM', KEYS[i], src.group, UNFILED, 0, id, 'JUSTID')
     return problem(ctx, src, src.dlq, err)
+  end
+  if src.shared and not ctx.trim[KEYS[i]] then  -- trimmed once, in finish: not per entry
+    ctx.trim[KEYS[i]] = true
+    ctx.trim[#ctx.trim + 1] = KEYS[i]
   end
   local aside, n = ctx.aside, #ctx.aside
   aside[n + 1], aside[n + 2], aside[n + 3], aside[n + 4] = src.q, i, id, reason
@@ -460,6 +464,7 @@ end
 -- The reply of the call (see read.lua): status per source, problems, aside, dues, unsettled,
 -- then the deliveries.
 local function finish(ctx, sources)
+  for _, stream in ipairs(ctx.trim) do trim_shared(stream) end  -- fanout streams set aside
   local status, unsettled = {}, {}
   for q = 1, #sources do
     status[q] = finish_source(ctx, sources[q])
