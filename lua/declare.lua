@@ -20,10 +20,8 @@ local function has_group(key, group)
 end
 
 -- every key is checked first (see wrong_type): no queue with some of its levels only
-for _, key in ipairs(KEYS) do
-  local wrong = wrong_type(key, 'stream')
-  if wrong then return redis.error_reply(wrong) end
-end
+local wrong = wrong_streams(1, #KEYS)
+if wrong then return redis.error_reply(wrong) end
 local created = 0
 for _, key in ipairs(KEYS) do
   if not has_group(key, ARGV[1]) then

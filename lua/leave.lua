@@ -20,10 +20,8 @@ local bad = check_args('leave', #KEYS >= 1, #ARGV == 2 and ARGV[2] ~= '',
                        'KEYS: streams; ARGV: group, consumer')
 if bad then return bad end
 local group, me = ARGV[1], ARGV[2]
-for _, key in ipairs(KEYS) do
-  local wrong = wrong_type(key, 'stream')
-  if wrong then return redis.error_reply(wrong) end
-end
+local wrong = wrong_streams(1, #KEYS)
+if wrong then return redis.error_reply(wrong) end
 local left = 0
 for _, key in ipairs(KEYS) do
   local owned, err = try('XPENDING', key, group, '-', '+', 1, me)

@@ -67,7 +67,7 @@ end
 -- every key is checked before the first write (see wrong_type)
 local wrong = wrong_type(KEYS[1], 'list') or wrong_type(KEYS[n + 2], 'zset')
   or wrong_type(KEYS[n + 3], 'set')
-for i = 2, n + 1 do wrong = wrong or wrong_type(KEYS[i], 'stream') end
+wrong = wrong or wrong_streams(2, n + 1)
 if wrong then return redis.error_reply(wrong) end
 
 if limit <= 0 then return {0, 0, redis.call('LLEN', KEYS[1])} end

@@ -22,7 +22,7 @@ local purged, more = 0, 0
 local dkey, bodies = KEYS[#KEYS - 1], KEYS[#KEYS]
 -- every key is checked first (see wrong_type): no delayed messages gone, then an error
 bad = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash')
-for i = 1, #KEYS - 2 do bad = bad or wrong_type(KEYS[i], 'stream') end
+bad = bad or wrong_streams(1, #KEYS - 2)
 if bad then return redis.error_reply(bad) end
 local delayed = redis.call('ZRANGE', dkey, 0, batch - 1)
 if #delayed > 0 then

@@ -32,7 +32,7 @@ local index = KEYS[n + 2]
 -- every key is checked first (see wrong_type): a wrong type found after some messages were
 -- given back would leave them parked without their index member and marker
 local wrong = wrong_type(KEYS[n + 1], 'zset') or (index and wrong_type(index, 'set'))
-for i = 1, n do wrong = wrong or wrong_type(KEYS[i], 'stream') end
+wrong = wrong or wrong_streams(1, n)
 if wrong then return redis.error_reply(wrong) end
 
 local moved, more, next_ms, held = 0, 0, -1, {}

@@ -24,7 +24,7 @@ local limit = tonumber(ARGV[1])
 -- every key is checked first (see wrong_type): no letter moved without its marker
 local wrong = wrong_type(KEYS[1], 'stream') or wrong_type(KEYS[n + 1], 'zset')
   or wrong_type(KEYS[n + 2], 'set')
-for i = 2, n do wrong = wrong or wrong_type(KEYS[i], 'stream') end
+wrong = wrong or wrong_streams(2, n)
 if wrong then return redis.error_reply(wrong) end
 if limit <= 0 then return {0, 0} end  -- XRANGE COUNT 0 answers nil on Redis
 local entries

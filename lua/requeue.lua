@@ -36,7 +36,7 @@ local group, me, holder, moved, stale = ARGV[1], ARGV[2], ARGV[3], 0, 0
 -- ownership XPENDING of each stream named is its check.
 local wrong = wrong_type(KEYS[n + 1], 'zset') or (KEYS[n + 2] and wrong_type(KEYS[n + 2], 'set'))
 if me == '' then
-  for i = 1, n do wrong = wrong or wrong_type(KEYS[i], 'stream') end
+  wrong = wrong or wrong_streams(1, n)
 end
 if wrong then return redis.error_reply(wrong) end
 local ids = {}  -- stream index -> its ids

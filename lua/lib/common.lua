@@ -148,6 +148,16 @@ local function wrong_type(key, kind)
   return nil
 end
 
+-- The first WRONGTYPE error among KEYS[FIRST..LAST], which must be streams (or absent), or
+-- nil: the types-first check of a script's streams.
+local function wrong_streams(first, last)
+  for i = first, last do
+    local wrong = wrong_type(KEYS[i], 'stream')
+    if wrong then return wrong end
+  end
+  return nil
+end
+
 -- Set wake marker WAKE (docs/design.rst, "Wake-ups"), expiring after TTL ms when TTL > 0,
 -- else, when new, with STREAM. Returns nil, or the error when WAKE holds another type.
 local function arm(wake, stream, ttl)
