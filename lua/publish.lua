@@ -27,11 +27,20 @@ if bad then return bad end
 local stream, wake, first, ready = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local dkey, bodies = KEYS[5], KEYS[6]
 local payload, routed = ARGV[1], ARGV[2] == '1'
--- every key is checked first (see wrong_type): a message appended before its marker or index
--- member failed would be appended again by the publisher's retry
-local wrong = wrong_type(stream, 'stream') or wrong_type(wake, 'zset') or wrong_type(ready, 'set')
-if first ~= stream then wrong = wrong or wrong_type(first, 'stream') end
-if dkey then wrong = wrong or wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash') end
+-- Types before the first write (see wrong_type): a message appended before its marker or
+-- index member failed would be appended again by the publisher's retry. XADD is the first
+-- write (it fails alone); SMISMEMBER checks the index and ZRANGE the delayed set, reads the
+-- call needs anyway; the delayed messages' hash is checked where a message is kept there.
+-- A key this path never touches (the first stream, only asked its TTL; the delayed keys of
+-- a queue whose index says it holds none) is not looked at: no command per publish for it.
+local wrong = wrong_type(wake, 'zset')
+local marks, next_due = nil, nil  -- with KEYS[5..6]: {stream indexed, may hold delayed ones}
+if dkey and not wrong then
+  marks, wrong = try('SMISMEMBER', ready, stream, DELAYED)
+  if marks and marks[2] == 1 then next_due, wrong = delay_next(dkey) end
+elseif not dkey then
+  wrong = wrong or wrong_type(ready, 'set')
+end
 if wrong then return redis.error_reply(wrong) end
 local time = nil  -- the server's clock, read once: {seconds, microseconds}
 local function now_us()
@@ -50,6 +59,12 @@ local function expire_new(...)
     if ttl == nil then ttl = redis.call('PTTL', first) end
     if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
   end
+end
+
+-- The delayed keys' types, checked before a path that writes them writes anything.
+local function delayed_wrong()
+  local err = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash')
+  return err and redis.error_reply(err)
 end
 
 local function keep_delayed(due)
@@ -76,16 +91,15 @@ if dkey and ARGV[3] and ARGV[3] ~= '' then
   end
   if due - clock() >= tonumber(ARGV[4]) then
     if routed and redis.call('EXISTS', first) == 0 then return false end
-    return keep_delayed(due)
+    return delayed_wrong() or keep_delayed(due)
   end
 end
 
-local marks = nil  -- with KEYS[5..6]: {stream in the index, queue may hold delayed ones}
 if dkey then
-  marks = redis.call('SMISMEMBER', ready, stream, DELAYED)
-  local next_due = marks[2] == 1 and delay_next(dkey)
   if next_due and next_due <= clock() then  -- due ones wait to be moved: queue up behind
     if routed and redis.call('EXISTS', first) == 0 then return false end
+    bad = delayed_wrong()
+    if bad then return bad end
     if redis.call('ZADD', wake, 0, 'w') == 1 then expire_new(wake) end
     return keep_delayed(clock())
   end
