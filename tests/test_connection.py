@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import HOST, free_port, missing, start_redis, stop_redis, wait_until
+from conftest import HOST, free_port, missing, redis7_binary, start_redis, stop_redis, wait_until
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.mixins import ConsumerMixin
 from redis.sentinel import (
@@ -61,10 +61,7 @@ ACL_RULE = (
 
 
 def _binary() -> str:
-    binary = shutil.which('redis-server')
-    if binary is None:
-        missing('redis-server not installed')
-    return binary
+    return redis7_binary()
 
 
 def _tail(path: Path, lines: int = 15) -> str:
