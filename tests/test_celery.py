@@ -17,7 +17,6 @@ import base64
 import importlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from typing import Any, Callable
 import pytest
 import redis
 from celery.app import defaults as celery_defaults
-from conftest import missing, start_redis, stop_redis, wait_until
+from conftest import redis7_binary, start_redis, stop_redis, wait_until
 
 from kombu_streams.broker import Broker
 from kombu_streams.keys import Keys
@@ -766,10 +765,7 @@ def test_delayed_tasks_survive_a_killed_worker(env: CeleryEnv) -> None:
 def test_delayed_tasks_survive_a_redis_restart_with_aof(tmp_path: Path) -> None:
     """Tasks waiting for their countdown are in Redis: SIGKILL the server (AOF, fsync always)
     and start it again; the worker reconnects and runs each once, not before its time."""
-    binary = shutil.which('redis-server')
-    if binary is None:
-        missing('redis-server not installed')
-    proc, port = start_redis(binary, tmp_path / 'aof',
+    proc, port = start_redis(redis7_binary(), tmp_path / 'aof',
                              ('--appendonly', 'yes', '--appendfsync', 'always'))
     try:
         with celery_env(tmp_path, f'redis://127.0.0.1:{port}') as env:

