@@ -353,15 +353,11 @@ def test_a_restart_without_persistence_is_logged(tmp_path: Path, caplog) -> None
     """A Redis restarted without persistence (no AOF, no RDB) forgets every message; the
     consumers connected to it say so (once per queue), within a lease round."""
     import logging
-    import shutil
 
-    from conftest import start_redis, stop_redis
+    from conftest import redis7_binary, start_redis, stop_redis
     from test_faults import Server
 
-    binary = shutil.which('redis-server')
-    if binary is None:
-        pytest.skip('redis-server not installed')
-    proc, port = start_redis(binary, tmp_path / 'nopersist')
+    proc, port = start_redis(redis7_binary(), tmp_path / 'nopersist')
     server = Server(proc, port, tmp_path / 'nopersist')
     caplog.set_level(logging.WARNING, logger='kombu_streams')
     try:
