@@ -151,15 +151,15 @@ def payloads(messages):
 
 def spy_waits(conn, monkeypatch):
     """The timeout of every BZPOPMIN the connection's poller sends from now on."""
-    client = conn.transport.blocking_client()
+    pending = conn.transport.cycle.waits
     waits = []
-    real = client.bzpopmin
+    real = pending.send
 
-    def bzpopmin(keys, timeout=0):
-        waits.append(timeout)
-        return real(keys, timeout=timeout)
+    def send(keys, owner, block, *args, **kwargs):
+        waits.append(block)
+        return real(keys, owner, block, *args, **kwargs)
 
-    monkeypatch.setattr(client, "bzpopmin", bzpopmin)
+    monkeypatch.setattr(pending, "send", send)
     return waits
 
 
