@@ -241,18 +241,22 @@ class Channel(Consuming, Settling, Publishing, Bindings):
 
     def close(self) -> None:
         if not self.closed:
+            healthy = True  # the connection answered at close: worth leaving the groups
             try:
                 self.flush_acks()
             except Exception as exc:  # kept; the lease keeper sends them later
+                healthy = False
                 logger.warning('kombu-streams: acks not sent at close, retrying later: %r', exc)
                 self.connection.leases.adopt(self)
             try:
                 self._return_buffered()
             except Exception as exc:  # they stay in the PEL and are reclaimed later
+                healthy = False
                 logger.warning('kombu-streams: could not requeue buffered messages: %r', exc)
             self.connection.cycle.discard(self)
             super().close()  # cancels the consumers, gives back what was delivered
-            self._leave()
+            if healthy:  # else no more waiting on a broken connection: reclaim forgets it
+                self._leave()
         else:
             super().close()
 
