@@ -1,5 +1,6 @@
--- The phases of read.lua (a library, included after common and delay): open a source, serve
--- its held then its fresh entries stream by stream, and save what the call learned.
+-- The phases of read.lua (a library, included after common and delay; KEYS and ARGV as
+-- read.lua's header lays them out): open a source, serve its held then its fresh entries
+-- stream by stream, and save what the call learned.
 --
 -- State lives in one table, ctx (made by read.lua), and one table per source, src:
 --   ctx.consumer, ctx.holder, ctx.limit   who reads, who parks, the delivery limit
@@ -12,6 +13,8 @@
 --                                         reply's next due times, the server's clock
 --   ctx.bytes_left, ctx.copied            the byte budget left, entries copied so far
 --   ctx.promote_bytes, ctx.promoted       the same for moving delayed messages
+--   ctx.trim                              fanout streams an entry was set aside in: trimmed
+--                                         once, at the end of the call
 --   src.q, src.group, src.shared, src.mode, src.ttl, src.wake, src.dlq, src.index_key,
 --   src.dkey, src.bodies                  (its keys; the delayed ones: lua/lib/delay.lua)
 --   src.streams                           its streams in KEYS (their indices)
