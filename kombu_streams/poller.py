@@ -19,7 +19,9 @@ polling, whatever the number of queues.
 
 Redis Cluster: BZPOPMIN may only wait on keys of one hash slot, so the markers are grouped
 by slot and each group gets its own pending BZPOPMIN on a connection to the node that
-serves the slot; the waiting thread selects on all of their sockets. A wait answered MOVED
+serves the slot, within a budget of half that node's pool (WAIT_SHARE); the markers of the
+slots beyond it are looked at once per polling interval (marked.lua, :meth:`Poller._look`).
+The waiting thread selects on all of the waits' sockets. A wait answered MOVED
 or ASK (the slot is moving) counts as a wake-up: the next read goes through the cluster
 client, which follows the slot, and the slot map is refreshed before the next wait.
 
