@@ -85,7 +85,9 @@ class ConsumerState:
     channel, behind one lock."""
 
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        #: not re-entrant: no method calls another that takes it (and a plain lock is cheaper
+        #: on the per-message path)
+        self._lock = threading.Lock()
         #: delivery tag -> the message, from its read until it is settled
         self._held: dict[str, InFlight] = {}
         #: read, not yet handed to the application (their tags are in _held)
@@ -135,13 +137,24 @@ class ConsumerState:
             return {self._held[t].queue for t in tags if t in self._held}
 
     def forget(self) -> None:
-        """Drop everything (a prefork child must not settle its parent's messages; a test's
-        crashed consumer); nothing is sent to Redis: leases bring the messages back."""
+        """Drop everything (a test's crashed consumer); nothing is sent to Redis: leases
+        bring the messages back."""
         with self._lock:
-            self._held.clear()
-            self._buffer.clear()
-            self._buffered_tags.clear()
-            self._acks.clear()
+            self._clear()
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's messages (the child must not settle
+        them) under a new lock. The parent's lock may have been held by another of its
+        threads (the lease keeper) at the fork; that thread does not exist in the child, so
+        taking the old lock could wait forever."""
+        self._lock = threading.Lock()
+        self._clear()
+
+    def _clear(self) -> None:
+        self._held.clear()
+        self._buffer.clear()
+        self._buffered_tags.clear()
+        self._acks.clear()
 
     # -- the read-ahead buffer ---------------------------------------------------------------
 
@@ -162,11 +175,12 @@ class ConsumerState:
         with self._lock:
             while self._buffer:
                 item = self._buffer.popleft()
-                self._buffered_tags.discard(_tag(item))
-                msg = self._held.get(_tag(item))
+                tag = _tag(item)
+                self._buffered_tags.discard(tag)
+                msg = self._held.get(tag)
                 if msg is not None and not msg.lost:
                     return item
-                self._held.pop(_tag(item), None)
+                self._held.pop(tag, None)
             return None
 
     def unread(self, item: Item) -> None:

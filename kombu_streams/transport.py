@@ -122,7 +122,7 @@ class Transport(virtual.Transport):
         using them (redis-py only closes a socket another process opened), and gets a lease
         keeper of its own, whose thread starts if the child consumes."""
         for channel in list(self.channels):
-            channel.consumer_state.forget()
+            channel.consumer_state.after_fork()
         self.cycle.after_fork()
         self.leases = LeaseKeeper(self)
         if self._pool is not None:

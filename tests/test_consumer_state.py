@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import threading
+import time
 import warnings
 
 from hypothesis import given, settings
@@ -220,3 +222,49 @@ def test_a_forked_child_forgets_what_the_parent_holds(redis_url: str) -> None:
         assert channel.consumer_state.held_count() == 1  # the parent still has it
         message.ack()
         assert queue(channel).get() is None
+
+
+def test_a_fork_while_another_thread_holds_the_lock_does_not_hang_the_child(
+        redis_url: str) -> None:
+    """The parent's lease keeper may hold the state's lock at the very moment of a fork.
+    The child has no such thread: its after-fork reset must not wait for that lock."""
+    url = redis_url.replace('redis://', 'redis-streams://', 1)
+    with Connection(url) as conn:
+        state = conn.channel().consumer_state
+        holding, release = threading.Event(), threading.Event()
+
+        def keeper() -> None:  # stands in for the lease keeper, mid-round
+            with state._lock:
+                holding.set()
+                release.wait(30)
+
+        thread = threading.Thread(target=keeper, daemon=True)
+        thread.start()
+        assert holding.wait(10)
+        read_end, write_end = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', DeprecationWarning)  # fork with threads
+            pid = os.fork()
+        if pid == 0:  # the child: the at-fork hook ran; the state must be usable
+            try:
+                report = str(state.held_count())
+            except BaseException as exc:  # pragma: no cover
+                report = repr(exc)
+            os.write(write_end, report.encode())
+            os._exit(0)
+        os.close(write_end)
+        # the child hangs (in the at-fork hook) if it waits for the parent's lock: give it
+        # 20 s while the parent's thread still holds its copy, then kill it
+        for _ in range(200):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+        release.set()
+        thread.join(10)
+        report = os.read(read_end, 1000).decode() if done else 'hung'
+        os.close(read_end)
+        assert status == 0 and report == '0', (status, report)
