@@ -1,0 +1,171 @@
+"""The raw redis-py ceilings: the least this client and server can do per message.
+
+No Kombu, no script: what any transport built on redis-py and Redis Streams pays at the
+least. Each message is one stream entry whose field ``m`` holds the bytes a Kombu virtual
+transport stores for a BODY_SIZE body (the envelope: body, headers, properties), made once,
+so neither JSON encoding nor decoding is counted here: that is Kombu's part (``memory://``).
+
+* publish: one XADD per message, one round trip each.
+* consume+ack prefetch k (k = 1, 100): one round trip per k messages, a pipeline of
+  [XACK, XDEL] of the entries read before (none the first time) and XREADGROUP COUNT k:
+  the acks ride with the next read, as kombu-streams' read script does.
+* latency: a consumer process blocked in that same pipeline (XREADGROUP BLOCK); the
+  producer XADDs one stamped entry at a time, as the Kombu latency workload does.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from functools import lru_cache
+
+import redis
+from kombu import Connection, Exchange, Producer, Queue
+from kombu.utils.json import dumps
+
+from .common import ignore_sigint, make_body, measure_latency, unique
+
+GROUP = 'bench'
+CONSUMER = 'c'
+FILL_CHUNK = 500     # XADDs per pipeline when filling a stream before a consume run
+
+
+@lru_cache(maxsize=1)
+def envelope() -> bytes:
+    """The bytes Kombu's virtual transports (Kombu's redis://, kombu-streams) store for one
+    message with a BODY_SIZE JSON body: the message as ``memory://`` holds it, as JSON."""
+    name = unique('envelope')
+    with Connection('memory://') as conn:
+        channel = conn.channel()
+        queue = Queue(name, Exchange('bench', 'direct'), routing_key=name)
+        queue(channel).declare()
+        Producer(channel, queue.exchange, serializer='json').publish(
+            make_body(0), routing_key=name, retry=False)
+        message = channel._get(name)
+        queue(channel).delete()
+    return dumps(message).encode()
+
+
+def client_for(subject) -> redis.Redis:
+    return redis.Redis.from_url(subject.url)
+
+
+def fill(client: redis.Redis, key: str, n: int) -> None:
+    """A stream of ``n`` entries with the group at its start (not timed)."""
+    client.xgroup_create(key, GROUP, id='0', mkstream=True)
+    payload = envelope()
+    for start in range(0, n, FILL_CHUNK):
+        pipe = client.pipeline(transaction=False)
+        for _ in range(min(FILL_CHUNK, n - start)):
+            pipe.xadd(key, {'m': payload})
+        pipe.execute()
+
+
+def entry_ids(reply) -> list:
+    """The ids of an XREADGROUP reply (RESP2 list or RESP3 dict; None when it timed out)."""
+    if not reply:
+        return []
+    streams = reply.values() if isinstance(reply, dict) else (s[1] for s in reply)
+    return [entry[0] for entries in streams for entry in entries]
+
+
+def read_round(pipe, key: str, acked: list, count: int, block: int | None = None):
+    """One round trip: ack and delete ``acked``, read up to ``count`` new entries."""
+    if acked:
+        pipe.xack(key, GROUP, *acked)
+        pipe.xdel(key, *acked)
+    pipe.xreadgroup(GROUP, CONSUMER, {key: '>'}, count=count, block=block)
+    return pipe.execute()[-1]
+
+
+def r_publish(subject, opts, admin):
+    n, key, payload = opts.messages, unique('bench:raw'), envelope()
+    client = client_for(subject)
+    try:
+        xadd = client.xadd
+        start = time.perf_counter()
+        for _ in range(n):
+            xadd(key, {'m': payload})
+        elapsed = time.perf_counter() - start
+        if client.xlen(key) != n:
+            raise RuntimeError(f'stream holds {client.xlen(key)} entries, expected {n}')
+    finally:
+        client.delete(key)
+        client.close()
+    return {'publish': n / elapsed}
+
+
+def r_consume(subject, opts, admin, count: int):
+    n, key = opts.messages, unique('bench:raw')
+    client = client_for(subject)
+    try:
+        fill(client, key, n)
+        pipe = client.pipeline(transaction=False)
+        got, ids = 0, []
+        start = time.perf_counter()
+        while got < n:
+            ids = entry_ids(read_round(pipe, key, ids, count))
+            if not ids:
+                raise RuntimeError(f'raw consumer found nothing after {got}/{n} entries')
+            got += len(ids)
+        pipe.xack(key, GROUP, *ids)
+        pipe.xdel(key, *ids)
+        pipe.execute()
+        elapsed = time.perf_counter() - start
+        left, pending = client.xlen(key), client.xpending(key, GROUP)['pending']
+        if got != n or left or pending:
+            raise RuntimeError(f'raw consume: {got} read, {left} left, {pending} pending '
+                               f'of {n}')
+    finally:
+        client.delete(key)
+        client.close()
+    return {f'consume{count}': n / elapsed}
+
+
+def r_consume1(subject, opts, admin):
+    return r_consume(subject, opts, admin, 1)
+
+
+def r_consume100(subject, opts, admin):
+    return r_consume(subject, opts, admin, 100)
+
+
+def raw_latency_consumer(url: str, key: str, pipe) -> None:
+    """Child process: blocked in [XACK, XDEL, XREADGROUP BLOCK] until an entry comes; sends
+    time.monotonic_ns() - its stamp. Stops when the parent sends anything."""
+    ignore_sigint()
+    client = redis.Redis.from_url(url)
+    rpipe = client.pipeline(transaction=False)
+    ids: list = []
+    pipe.send('ready')
+    while not pipe.poll():
+        reply = read_round(rpipe, key, ids, 1, block=200)
+        now = time.monotonic_ns()
+        ids = []
+        streams = reply.values() if isinstance(reply, dict) else [s[1] for s in reply or ()]
+        for entries in streams:
+            for entry_id, fields in entries:
+                ids.append(entry_id)
+                pipe.send(now - int(fields[b't']))
+    client.close()
+
+
+def r_latency(subject, opts, admin):
+    key, payload = unique('bench:raw'), envelope()
+    client = client_for(subject)
+    try:
+        client.xgroup_create(key, GROUP, id='$', mkstream=True)
+
+        def publish(i):
+            client.xadd(key, {'m': payload, 't': str(time.monotonic_ns())})
+
+        return measure_latency(opts, multiprocessing.get_context('spawn'),
+                               raw_latency_consumer, (subject.url, key), publish)
+    finally:
+        client.delete(key)
+        client.close()
+
+
+#: Workload name (as in --only) -> the raw function measuring the same rows.
+RAW_WORKLOADS = {'publish': r_publish, 'consume1': r_consume1, 'consume100': r_consume100,
+                 'latency': r_latency}
