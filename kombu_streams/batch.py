@@ -4,7 +4,7 @@ trip per flush (per node on Redis Cluster)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .compat import BatchPublishError
 from .scripts import Call, run_calls
@@ -41,6 +41,18 @@ class PublishBatch:
 
     def add(self, script: Any, keys: Sequence[Any], args: Sequence[Any]) -> None:
         self._calls.append((script, keys, args))
+
+    def run_alone(self, publish: Callable[[], Any]) -> None:
+        """A publish that cannot be pipelined (a big message: a transaction of its own, see
+        :meth:`kombu_streams.broker.Broker.publish_big`): the calls added before it are
+        sent first, so the batch's order holds; a failure fails the batch, as a flush's."""
+        self.flush()
+        try:
+            publish()
+        except Exception as exc:
+            self._failed = exc
+            raise BatchPublishError(
+                'kombu-streams publish batch failed; delivery is uncertain') from exc
 
     def flush(self) -> None:
         self._check_usable()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from uuid import uuid4
 
 from redis.exceptions import ResponseError
 
@@ -19,6 +20,7 @@ from .calls import (
     CHUNK,
     GATED,
     HOLDER,
+    LOOKUP_CHUNK,
     MARKED_MAX,
     PAGE,
     PEEK_MAX,
@@ -35,7 +37,7 @@ from .calls import (
 from .introspect import Introspection
 from .keys import LAYOUT, Keys
 from .replies import Delivery, ReadResult, Ready, Reclaimed
-from .scripts import SCRIPTS, Call, run_calls
+from .scripts import SCRIPTS, Call, run_after, run_calls
 from .state import Source
 from .text import text
 
@@ -140,6 +142,23 @@ class Broker(Introspection):
                 delay: Delay | None = None) -> bytes | None:
         return self.run(self.publish_call(queue, level, payload, routed, delay))
 
+    def publish_big(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
+                    delay: Delay | None = None, wait: tuple[int, int] | None = None) -> Any:
+        """Publish a big message (``big_message_bytes``): its body in the queue's big hash
+        under a new token (HSET) and its entry, holding the token, by publish.lua, in one
+        MULTI/EXEC (:func:`~kombu_streams.scripts.run_after`), so no script copies the body.
+        ``wait``: (replicas, ms) to WAIT for after it. The reply is publish.lua's."""
+        token = uuid4().hex
+        return run_after(self.client, self.store_big(queue, token, payload),
+                         self.publish_call(queue, level, payload, routed, delay, token), wait)
+
+    def bodies(self, queue: str, tokens: Sequence[Any]) -> list[bytes | None]:
+        """The bodies of big messages of ``queue`` by token (None: gone), one HGET each and
+        one after the other: a pipeline would have Redis copy them back to back, blocking
+        it for the sum; one at a time, other clients get in between."""
+        key = self.keys.big(queue)
+        return [self.client.hget(key, token) for token in tokens]
+
     def declare(self, queue: str) -> int:
         return self.run(self.declare_call(queue))
 
@@ -183,7 +202,13 @@ class Broker(Introspection):
         each with its member, level, label (Celery's task id), ms until due and, with
         ``bodies``, the message as stored."""
         call, parse = self.scheduled_call(queue, count, bodies)
-        return parse(self.run(call))
+        found = parse(self.run(call))
+        if bodies:  # a big message's value is its reference: show its body
+            for entry in found['messages']:
+                if entry['message'].startswith('r:'):
+                    body = self.bodies(queue, [entry['message'][2:]])[0]
+                    entry['message'] = '' if body is None else text(body)
+        return found
 
     def cancel(self, queue: str, labels: Sequence[str], step: int = 1000) -> list[str]:
         """Remove the delayed messages labelled ``labels`` (Celery task ids) from a queue
@@ -241,11 +266,17 @@ class Broker(Introspection):
                 for src, flag in zip(chunk, text(reply)) if flag != '1']
 
     def ack(self, queue: str, entries: Iterable[tuple[str, Any]],
-            exchange: str | None = None, consumer: str = ANY_OWNER) -> int:
+            exchange: str | None = None, consumer: str = ANY_OWNER,
+            big: bool | None = None) -> int:
         """Acknowledge entries, given as (stream key, id): deleted from the queue's streams;
         on a fanout exchange's stream (``exchange``), trimmed once every group is done.
-        ``consumer``: only those it still owns (the others are logged); ANY_OWNER: all."""
-        calls = self.ack_calls(queue, entries, exchange, consumer)
+        ``consumer``: only those it still owns (the others are logged); ANY_OWNER: all.
+        ``big``: look each entry up and free the bodies of big messages among them; by
+        default for ANY_OWNER (an operator does not know which are big), in calls of at
+        most LOOKUP_CHUNK entries."""
+        if big is None:
+            big = consumer == ANY_OWNER
+        calls = self.ack_calls(queue, entries, exchange, consumer, big)
         return self.settled(calls, self.run_all(calls), 'ack')
 
     def requeue(self, queue: str, entries: Iterable[tuple[Any, ...]],
@@ -325,19 +356,17 @@ class Broker(Introspection):
         newest = self.client.xrevrange(self.keys.dlq(queue), '+', '-', count=1)
         return text(newest[0][0]) if newest else None
 
-    def purge_dead_letters(self, queue: str, through: str) -> int:
+    def purge_dead_letters(self, queue: str, through: str, batch: int = PAGE) -> int:
         """Delete a queue's dead letters up to id ``through`` (inclusive; letters filed later
-        stay), whole stream nodes at a time in steps of at most PAGE entries (XTRIM MINID ~
-        LIMIT), then what is left of the last node. Returns how many were deleted."""
-        dlq, total = self.keys.dlq(queue), 0
-        ms, _, seq = through.partition('-')
-        minid = f'{ms}-{int(seq or 0) + 1}'
-        while True:
-            trimmed = int(self.client.xtrim(dlq, minid=minid, approximate=True, limit=PAGE))
-            total += trimmed
-            if not trimmed:
-                break
-        return total + int(self.client.xtrim(dlq, minid=minid, approximate=False))
+        stay), with the bodies of big messages they refer to, in dlq_purge.lua calls of at
+        most ``batch`` letters. Returns how many were deleted."""
+        ms, _, seq = text(through).partition('-')
+        through = f'{ms}-{seq or 0}'
+        total, more = 0, 1
+        while more:
+            deleted, more = self.run(self.dlq_purge_call(queue, through, batch))
+            total += int(deleted)
+        return total
 
     def migrate_list(self, source: str, queue: str, list_level: int, count: int,
                      skip: int = 0) -> tuple[int, int, int, list[bytes]]:
@@ -421,11 +450,13 @@ class Broker(Introspection):
         while cursor is not None and len(out) < count:
             call, parse = self.peek_call(queue, count - len(out), cursor)
             page, cursor = parse(self.run(call))
-            out += page
+            out += [r._replace(payload=self.bodies(queue, [r.token])[0] or b'')
+                    if r.token is not None else r for r in page]
         return out
 
 
 __all__ = ('Broker', 'LayoutMismatch', 'warn_unsettled', 'ANY_OWNER', 'CHUNK', 'GATED',
+           'LOOKUP_CHUNK',
            'HOLDER', 'MARKED_MAX', 'PAGE', 'PEEK_MAX', 'POPPED', 'READ', 'RENEW_CHUNK',
            'ROUTE_PAGE', 'SCHEDULED_MAX', 'WAKE_MAX', 'WALK', 'Delay', 'PeekCursor',
            'Delivery', 'ReadResult', 'Reclaimed', 'Ready', 'Source')

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from redis.crc import key_slot
 
-from .keys import LAYOUT, Keys
+from .keys import LAYOUT, READS_LAYOUTS, Keys
 from .options import READ_BYTES
 from .replies import Delivery, ReadResult, Reclaimed, _id_order
 from .scripts import SCRIPTS, Call
@@ -42,6 +42,10 @@ READ, POPPED, GATED, WALK = 'r', 'p', 'm', 'w'
 RENEW_CHUNK = 500
 #: Most entries per ack or requeue call, for the same reason.
 CHUNK = 1000
+#: Most entries per ack call that looks each entry up (XRANGE) to free big messages' bodies:
+#: a big message's entry is a token, but an operator's ack may meet messages stored inline,
+#: each copied by its look-up (under ``big_message_bytes``, 512 KiB by default, each).
+LOOKUP_CHUNK = 20
 #: Most delayed messages one scheduled.lua call lists.
 SCHEDULED_MAX = 1000
 #: Most messages one peek.lua call returns (its own limit, see its header).
@@ -97,22 +101,35 @@ class Calls:
         return streams, flat
 
     def layout_call(self, watch: bool = False) -> Call:
-        return SCRIPTS['layout'], [self.keys.layout()], [LAYOUT, *(['1'] if watch else [])]
+        """The layout call: the check at a channel's start (an older layout this release
+        reads, READS_LAYOUTS, is recorded as LAYOUT), or the lease keeper's ``watch``."""
+        if watch:
+            return SCRIPTS['layout'], [self.keys.layout()], [LAYOUT, '1']
+        return SCRIPTS['layout'], [self.keys.layout()], [LAYOUT, '0', *READS_LAYOUTS]
 
     def publish_call(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
-                     delay: Delay | None = None) -> Call:
+                     delay: Delay | None = None, token: str | None = None) -> Call:
         """The publish call. ``routed``: only if the queue exists (a copy routed by an
         exchange must not recreate a deleted queue). ``delay``: delayed delivery is on
         (messages already due are moved first, so this one never overtakes them), and when
-        the message is due (see :class:`Delay`)."""
+        the message is due (see :class:`Delay`). ``token``: a big message, whose body
+        (``payload``, not sent with this call) the same transaction stores in the queue's
+        big hash under ``token`` (:meth:`store_big`)."""
         keys = [self.keys.stream(queue, level), self.keys.wake(queue),
                 self.keys.stream(queue, self.levels[0]), self.keys.ready(queue)]
-        args: list[Any] = [payload, '1' if routed else '0']
+        args: list[Any] = [payload if token is None else f'r:{token}', '1' if routed else '0']
         if delay is not None:
             keys += [self.keys.delayed(queue), self.keys.delayed_messages(queue)]
             if delay.due:  # due now: no more arguments (the common case stays small)
                 args += [delay.due, delay.threshold_ms, delay.label]
+        if token is not None:
+            keys.append(self.keys.big(queue))
         return SCRIPTS['publish'], keys, args
+
+    def store_big(self, queue: str, token: str, payload: str | bytes) -> tuple[Any, ...]:
+        """The command that stores a big message's body, sent with its publish call in one
+        MULTI/EXEC (see :meth:`publish_call`)."""
+        return ('HSET', self.keys.big(queue), token, payload)
 
     def fanout_publish_call(self, exchange: str, payload: str | bytes,
                             bindings: Sequence[tuple[str, str]]) -> Call:
@@ -131,13 +148,14 @@ class Calls:
         """One purge step: at most ``batch`` entries per stream (and of the delayed set);
         its reply is (purged, more)."""
         keys = self.streams(queue) + [self.keys.delayed(queue),
-                                      self.keys.delayed_messages(queue)]
+                                      self.keys.delayed_messages(queue), self.keys.big(queue)]
         return SCRIPTS['purge'], keys, [queue, HOLDER, batch]
 
     def delete_call(self, queue: str) -> Call:
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
                                       self.keys.delayed(queue),
-                                      self.keys.delayed_messages(queue), self.keys.dlq(queue)]
+                                      self.keys.delayed_messages(queue), self.keys.big(queue),
+                                      self.keys.dlq(queue)]
         return SCRIPTS['delete'], keys, []
 
     def leave_call(self, queue: str, consumer: str, exchange: str | None = None) -> Call:
@@ -150,13 +168,14 @@ class Calls:
                     step: int = 1000) -> Call:
         """One step of the scan of a queue's delayed set for ``labels``, from ``cursor``;
         its reply is (next cursor, member removed, ...)."""
-        keys = [self.keys.delayed(queue), self.keys.delayed_messages(queue)]
+        keys = [self.keys.delayed(queue), self.keys.delayed_messages(queue),
+                self.keys.big(queue)]
         return SCRIPTS['cancel'], keys, [cursor, step, *labels]
 
     def touch_call(self, queue: str, ttl_ms: int) -> Call:
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
                                       self.keys.delayed(queue),
-                                      self.keys.delayed_messages(queue)]
+                                      self.keys.delayed_messages(queue), self.keys.big(queue)]
         return SCRIPTS['touch'], keys, [int(ttl_ms)]
 
     def bind_call(self, exchange: str, member: str, ttl_ms: int = 0,
@@ -274,12 +293,13 @@ class Calls:
                            max(int(max_bytes), 1)]
         for src in sources:
             q, ex = src
-            if ex:  # no ready index, no delayed set for a group on a fanout stream
+            if ex:  # no ready index, delayed set or big messages for a group on a fanout stream
                 wake = self.wake(q, ex)
-                keys += [wake, self.keys.fanout_dlq(ex, q), wake, wake, wake]
+                keys += [wake, self.keys.fanout_dlq(ex, q), wake, wake, wake, wake]
             else:
                 keys += [self.keys.wake(q), self.keys.dlq(q), self.keys.ready(q),
-                         self.keys.delayed(q), self.keys.delayed_messages(q)]
+                         self.keys.delayed(q), self.keys.delayed_messages(q),
+                         self.keys.big(q)]
             args += [q, 'f' if ex else 'q', modes.get(src, READ), ttls.get(q, 0),
                      int(hints.get(src, 0))]
         args += [index[src] for _, src, _ in streams]
@@ -295,8 +315,11 @@ class Calls:
             for j in range(5, len(reply), 4):
                 i, entry_id, deliveries, payload = reply[j:j + 4]
                 key, (queue, exchange), level = streams[int(i) - 1]
+                token = None
+                if isinstance(payload, list):  # a big message: {token}, body not fetched yet
+                    token, payload = payload[0], b''
                 out.append(Delivery(queue, level, key, entry_id, int(deliveries), payload,
-                                    exchange))
+                                    exchange, token))
             return ReadResult(
                 out, dict(zip(sources, status)),
                 [(sources[int(problems[j]) - 1], text(problems[j + 1]))
@@ -314,10 +337,13 @@ class Calls:
         return {key for q, ex in sources if not ex for key in self.streams(q)}
 
     def ack_call(self, queue: str, entries: Iterable[tuple[str, Any]],
-                 exchange: str | None = None, consumer: str = ANY_OWNER) -> Call | None:
+                 exchange: str | None = None, consumer: str = ANY_OWNER,
+                 big: bool = False) -> Call | None:
         """The ack call, or None when there is nothing to ack. ``consumer``: only entries it
-        still owns are acked (a channel's own name); ANY_OWNER: whoever owns them."""
-        if exchange:
+        still owns are acked (a channel's own name); ANY_OWNER: whoever owns them. ``big``:
+        the entries may be big messages', whose bodies go with them (each entry is looked
+        up: a channel sends only its big messages' acks so, see ack.lua)."""
+        if exchange:  # fanout messages are never stored apart
             ids = [entry_id for _, entry_id in entries]
             if not ids:
                 return None
@@ -325,14 +351,20 @@ class Calls:
         streams, pairs = self._entry_args(entries)
         if not pairs:
             return None
+        if big:
+            return SCRIPTS['ack'], [*streams, self.keys.big(queue)], [queue, consumer, 'b',
+                                                                      *pairs]
         return SCRIPTS['ack'], streams, [queue, consumer, *pairs]
 
     def ack_calls(self, queue: str, entries: Iterable[tuple[str, Any]],
-                  exchange: str | None = None, consumer: str = ANY_OWNER) -> list[Call]:
-        """The ack calls, one per CHUNK entries (each call's work stays bounded)."""
+                  exchange: str | None = None, consumer: str = ANY_OWNER,
+                  big: bool = False) -> list[Call]:
+        """The ack calls, one per CHUNK entries (each call's work stays bounded); with
+        ``big`` one per LOOKUP_CHUNK (each entry is looked up, see :meth:`ack_call`)."""
         entries = list(entries)
-        calls = [self.ack_call(queue, entries[j:j + CHUNK], exchange, consumer)
-                 for j in range(0, len(entries), CHUNK)]
+        chunk = LOOKUP_CHUNK if big else CHUNK
+        calls = [self.ack_call(queue, entries[j:j + chunk], exchange, consumer, big)
+                 for j in range(0, len(entries), chunk)]
         return [call for call in calls if call is not None]
 
     def requeue_call(self, queue: str, entries: Iterable[tuple[Any, ...]],
@@ -402,6 +434,12 @@ class Calls:
         dlq = self.keys.fanout_dlq(exchange, queue) if exchange else self.keys.dlq(queue)
         return SCRIPTS['deadletter'], [stream, dlq], [queue, consumer, entry_id, reason,
                                                       deliveries, '1' if exchange else '0']
+
+    def dlq_purge_call(self, queue: str, through: str, batch: int = PAGE) -> Call:
+        """One step of deleting a queue's dead letters up to id ``through`` (inclusive), at
+        most ``batch``, with the big bodies they refer to; its reply is (deleted, more)."""
+        return SCRIPTS['dlq_purge'], [self.keys.dlq(queue), self.keys.big(queue)], [through,
+                                                                                   batch]
 
     def redrive_call(self, queue: str, count: int, ids: Sequence[Any] = ()) -> Call:
         keys = [self.keys.dlq(queue), *self.streams(queue), self.keys.wake(queue),

@@ -83,6 +83,7 @@ class Channel(Consuming, Settling, Publishing, Bindings):
     publish_min_replicas: int
     publish_replica_timeout: float
     max_message_size: int | None
+    big_message_bytes: int
     delayed_delivery: bool
     delayed_threshold: float
 

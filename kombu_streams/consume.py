@@ -188,9 +188,9 @@ class Consuming(virtual.Channel):
                 sent_at = monotonic()  # the leases start when the read runs, not after
                 reply, failed = self._send_read(calls + [read], acks)
                 acks, calls = [], []
-                result = parse(reply)
+                result = self._fetch_bodies(parse(reply))
                 for delivery in result.deliveries:  # as read.lua counts: field m and payload
-                    size = len(delivery.payload) + 1
+                    size = len(delivery.payload) + 1 + len(delivery.token or b'')
                     budget -= size
                     expect = max(expect, size, self.plan.sizes.get(
                         (delivery.queue, delivery.exchange), 0))
@@ -204,7 +204,8 @@ class Consuming(virtual.Channel):
                     tag = message['properties']['delivery_tag']
                     self.consumer_state.hold(tag, InFlight(delivery.queue, delivery.stream,
                                                   delivery.entry_id, delivery.deliveries,
-                                                  delivery.exchange, sent_at))
+                                                  delivery.exchange, sent_at,
+                                                  big=delivery.token is not None))
                     out.append((message, delivery.queue))
                 if failed is not None:
                     raise failed
@@ -217,6 +218,31 @@ class Consuming(virtual.Channel):
             if out and self.connection is not None:
                 self.connection.leases.start()
         return out
+
+    def _fetch_bodies(self, result: ReadResult) -> ReadResult:
+        """``result`` with the bodies of its big messages fetched (Broker.bodies: one HGET
+        each, one after the other). One whose body is gone (its hash or field deleted behind
+        our back) is set aside to the dead-letter stream, logged once, and left out."""
+        big = [(d.queue, d.token) for d in result.deliveries if d.token is not None]
+        if not big:
+            return result
+        bodies: dict[tuple[str, bytes], bytes | None] = {}
+        for queue in dict.fromkeys(q for q, _ in big):
+            tokens = [t for q, t in big if q == queue]
+            bodies.update(zip(((queue, t) for t in tokens), self.broker.bodies(queue, tokens)))
+        out = []
+        for d in result.deliveries:
+            if d.token is None:
+                out.append(d)
+                continue
+            body = bodies[(d.queue, d.token)]
+            if body is None:
+                self._set_aside(d.queue, d.stream, d.entry_id, d.deliveries, d.exchange,
+                                f'big message body missing: no {bytes_to_str(d.token)} in '
+                                f'{self.keys.big(d.queue)}')
+                continue
+            out.append(d._replace(payload=body))
+        return result._replace(deliveries=out)
 
     def _learn(self, modes: dict[Source, str], result: ReadResult) -> None:
         """Take in a read's news: the plan's source states, and a log line for each entry

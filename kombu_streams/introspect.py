@@ -122,8 +122,11 @@ class Introspection(Calls):
             out = []
             for j in range(3, len(reply), 4):
                 i, entry_id, held, payload = reply[j:j + 4]
+                token = None
+                if isinstance(payload, list):  # a big message: {token}, its body apart
+                    token, payload = payload[0], b''
                 out.append(Ready(self.levels[int(i) - 1], streams[int(i) - 1],
-                                 text(entry_id), bool(int(held)), payload))
+                                 text(entry_id), bool(int(held)), payload, token))
             at = int(reply[0])
             return out, (at, text(reply[1]), text(reply[2])) if at else None
 

@@ -11,7 +11,10 @@ client would only rewrite the first one).
     <prefix>ks:q:{<queue>}:ready     ready index (set): which streams may hold ready messages
     <prefix>ks:q:{<queue>}:delayed   delayed messages: member -> due time (zset; the member
                                      starts with the level it goes to, lua/lib/delay.lua)
-    <prefix>ks:q:{<queue>}:delayed:m delayed messages: member -> message (hash)
+    <prefix>ks:q:{<queue>}:delayed:m delayed messages: member -> message, or "r:<token>"
+                                     for a big one (hash)
+    <prefix>ks:q:{<queue>}:big       big messages: token -> message (hash); their stream
+                                     entries (and delayed values) hold the token instead
     <prefix>ks:x:{<exchange>}:bindings   routing table (set of "rk<sep>pattern<sep>queue")
     <prefix>ks:x:{<exchange>}:deadlines  deadlines of bindings of expiring queues (zset)
     <prefix>ks:x:{<exchange>}:fanout     fanout stream, one consumer group per bound queue
@@ -38,7 +41,12 @@ from dataclasses import dataclass
 #: The version of the key layout above. A release that changes the layout raises it and
 #: brings a migration; a client finding another version under its prefix refuses to run
 #: (lua/layout.lua, docs/design.rst "Key layout").
-LAYOUT = 1
+#: 2: big messages (a queue's ``big`` hash, stream entries with field ``r``).
+LAYOUT = 2
+
+#: Older layouts whose keys this release reads as they are (each is a subset of LAYOUT): a
+#: prefix recorded with one of them is recorded as LAYOUT by the first channel.
+READS_LAYOUTS = (1,)
 
 
 def glob_escape(text: str) -> str:
@@ -121,6 +129,10 @@ class Keys:
 
     def dlq(self, queue: str) -> str:
         return f'{self.queue_base(queue)}:dlq'
+
+    def big(self, queue: str) -> str:
+        """The bodies of a queue's big messages (``big_message_bytes``), by token."""
+        return f'{self.queue_base(queue)}:big'
 
     def bindings(self, exchange: str) -> str:
         return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:bindings'

@@ -123,6 +123,11 @@ CREDENTIAL_PROVIDER = Rule(lambda v: v is None or isinstance(v, (str, redis.Cred
 #: (docs/design.rst, "Reads bounded by bytes"); a message bigger than this goes alone.
 READ_BYTES = 2 * 1024 * 1024
 
+#: Messages of at least this many bytes are stored apart (``big_message_bytes``): copying one
+#: through a script costs Redis some 3 to 6 ms per MB, so above this a script would take
+#: more than a few ms (docs/design.rst, "Big messages").
+BIG_BYTES = 512 * 1024
+
 # -- the table -------------------------------------------------------------------------------
 
 #: Who reads an option (the README groups the list by it).
@@ -213,6 +218,11 @@ OPTIONS: tuple[Option, ...] = (
            'raises ``MessageTooLarge`` before anything is sent. None: what the server takes in '
            "one command (``proto-max-bulk-len``, read at connect; 512 MiB where ``CONFIG GET`` "
            "is refused)."),
+    Option('big_message_bytes', 'int', BIG_BYTES, _int_at_least(0), CHANNEL,
+           "A message (encoded envelope) of at least this many bytes is stored apart, in its "
+           "queue's hash of big messages, and its stream entry holds a reference: no script "
+           "copies its body, so it never blocks Redis for longer than one HSET or HGET of it "
+           "(see `Reliability`_). 0: never; fanout messages always go inline."),
     Option('delayed_delivery', 'bool', True, BOOL, CHANNEL,
            "A message with a due time waits in Redis until it is due (see `Delayed "
            "delivery`_). False: published at once, as Kombu's Redis transport does."),

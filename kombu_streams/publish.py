@@ -1,5 +1,6 @@
 """Publishing on a channel: one script call per message (publish.lua, fanout_publish.lua),
-or one pipeline per ``Producer.batch()``; messages with a due time kept in Redis."""
+or one pipeline per ``Producer.batch()``; messages with a due time kept in Redis; big
+messages (``big_message_bytes``) stored apart, their body never passed through a script."""
 
 from __future__ import annotations
 
@@ -61,10 +62,27 @@ class Publishing(virtual.Channel):
         return payload
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        self._publish(self.broker.publish_call(queue, self._level(message),
-                                               self._payload(message),
-                                               routed=kwargs.get('_routed', False),
-                                               delay=self._delay(message)), kwargs)
+        payload = self._payload(message)
+        level, delay = self._level(message), self._delay(message)
+        routed = kwargs.get('_routed', False)
+        if self.big_message_bytes and len(payload) >= self.big_message_bytes:
+            self._publish_big(queue, level, payload, routed, delay, kwargs)
+            return
+        self._publish(self.broker.publish_call(queue, level, payload, routed=routed,
+                                               delay=delay), kwargs)
+
+    def _publish_big(self, queue: str, level: int, payload: str, routed: bool,
+                     delay: Delay | None, kwargs: dict[str, Any]) -> None:
+        """A big message: body and entry in one transaction of their own (Broker.publish_big);
+        in a ``Producer.batch()`` too, after the calls added before it (their order kept)."""
+        def publish() -> None:
+            self.broker.publish_big(queue, level, payload, routed, delay, self._replica_wait())
+
+        batch = kwargs.get('_publish_batch')
+        if batch is not None:
+            batch.run_alone(publish)
+        else:
+            publish()
 
     def _delay(self, message: dict[str, Any]) -> Delay | None:
         """When the message is due, for publish.lua; None with delayed delivery off."""

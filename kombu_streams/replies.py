@@ -25,6 +25,9 @@ class Delivery(NamedTuple):
     payload: bytes
     #: the fanout exchange it came through, or None for the queue's own streams
     exchange: str | None = None
+    #: a big message's token (its body is in the queue's big hash; ``payload`` is b'' until
+    #: :meth:`~kombu_streams.broker.Broker.bodies` fetched it), None for one stored inline
+    token: bytes | None = None
 
 
 class ReadResult(NamedTuple):
@@ -66,8 +69,11 @@ class Ready(NamedTuple):
     entry_id: str
     #: parked with the holder (requeued or reclaimed): served before fresh ones of its level
     requeued: bool
-    #: the entry's ``m`` field; b'' when it has none (a read sets such entries aside)
+    #: the entry's ``m`` field (a big message's body, fetched); b'' when it has none (a read
+    #: sets such entries aside) or a big message's body is gone
     payload: bytes
+    #: a big message's token in the queue's big hash, None for one stored inline
+    token: bytes | None = None
 
 
 __all__ = ('Delivery', 'ReadResult', 'Reclaimed', 'Ready')

@@ -25,7 +25,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
 __all__ = ('Script', 'SCRIPTS', 'lua_dir', 'KeyTypeError', 'OutOfMemoryError', 'NotReplicated',
-           'explain', 'run_calls', 'is_cluster', 'Call')
+           'explain', 'run_calls', 'run_after', 'is_cluster', 'Call')
 
 _INCLUDE = re.compile(r'^--@include\s+(\w+)\s*$', re.M)
 _FLAGS = re.compile(r'^--@flags\s+([\w,-]+)\s*$', re.M)
@@ -210,6 +210,76 @@ def run_calls(client: Any, calls: Sequence[Call], raise_errors: bool = True,
             if isinstance(r, Exception):
                 raise r
     return ordered
+
+
+#: Replies to a command queued in MULTI on a Cluster node that no longer serves its slot (or
+#: not yet): the transaction is refused whole (EXECABORT), nothing ran.
+_REDIRECTED = (redis_errors.MovedError, redis_errors.AskError, redis_errors.TryAgainError,
+               redis_errors.ClusterDownError)
+
+
+def _check_replicas(acked: Any, wait: tuple[int, int]) -> None:
+    if isinstance(acked, Exception):
+        raise acked
+    if int(acked) < wait[0]:
+        raise NotReplicated(
+            f'kombu-streams: {acked} of {wait[0]} replicas confirmed the write within '
+            f'{wait[1]} ms; it may be lost if the primary fails now')
+
+
+def run_after(client: Any, command: Sequence[Any], call: Call,
+              wait: tuple[int, int] | None = None) -> Any:
+    """Run ``command`` (a big message's HSET) and then the script ``call`` in one MULTI/EXEC,
+    in one round trip: Redis runs both or neither, so a publisher that dies in between
+    leaves no body without its entry (nor an entry without its body: the script checks).
+    Returns the call's reply; its errors are raised as :func:`explain` says.
+
+    NOSCRIPT inside EXEC means the command ran and the script did not: the script is loaded
+    and the same transaction sent again (the command must be idempotent, as an HSET of the
+    same token is). ``wait`` (replicas, ms): WAIT after EXEC on the same connection, as
+    :func:`run_calls` does.
+
+    On Redis Cluster the transaction goes to the node serving the call's slot, on that
+    node's own connection: redis-py's cluster pipeline refuses transactions up to 5.x (4.6
+    to 5.2: "transaction is deprecated in cluster mode"). Should the slot have moved (MOVED
+    or ASK at queueing, so EXECABORT: nothing ran) the two are sent one after the other
+    through the cluster client, which follows the slot: a publisher that dies between them
+    leaves a body no entry refers to (one message's memory until its queue is deleted)."""
+    script, keys, args = call
+    target = client
+    if is_cluster(client):
+        target = client.get_redis_connection(client.get_node_from_key(keys[0]))
+    for attempt in range(2):
+        pipe = target.pipeline(transaction=False)
+        pipe.execute_command('MULTI')
+        pipe.execute_command(*command)
+        pipe.execute_command('EVALSHA', script.sha, len(keys), *keys, *args)
+        pipe.execute_command('EXEC')
+        if wait:
+            pipe.execute_command('WAIT', *wait)
+        replies = pipe.execute(raise_on_error=False)
+        acked = replies.pop() if wait else None
+        done = replies[-1]
+        if isinstance(done, Exception):  # EXECABORT: refused at queueing, nothing ran
+            refused = next((r for r in replies[:-1] if isinstance(r, Exception)), done)
+            if is_cluster(client) and isinstance(refused, _REDIRECTED):
+                client.execute_command(*command)
+                return script(client, keys, args)
+            if isinstance(refused, ResponseError):
+                raise explain(f'script {script.name!r}', refused, keys) from refused
+            raise refused
+        reply = done[-1]
+        if isinstance(reply, NoScriptError) or (
+                isinstance(reply, ResponseError) and str(reply).startswith('NOSCRIPT')):
+            if attempt == 0:
+                target.script_load(script.source)
+                continue
+        if wait:
+            _check_replicas(acked, wait)
+        if isinstance(reply, ResponseError):
+            raise explain(f'script {script.name!r}', reply, keys) from reply
+        return reply
+    raise AssertionError('unreachable')  # pragma: no cover
 
 
 def _flatten(path: Path, lib: Path) -> str:

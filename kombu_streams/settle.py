@@ -114,15 +114,25 @@ class Settling(virtual.Channel):
         merged: list[tuple[str, str, bytes]] = []
         alone: list[InFlight] = []
         for msg in taken:
-            if msg.stream in mergeable and msg.exchange is None and len(merged) < CHUNK:
+            if (msg.stream in mergeable and msg.exchange is None and not msg.big
+                    and len(merged) < CHUNK):
                 merged.append((msg.queue, msg.stream, msg.entry_id))
             else:
                 alone.append(msg)
         calls: list[Call] = []
         for (queue, exchange), msgs in by_source(alone, lambda m: m).items():
-            calls += self.broker.ack_calls(queue, [(m.stream, m.entry_id) for m in msgs],
-                                           exchange, self.consumer_name)
+            calls += self._acks_of(queue, exchange, msgs)
         return taken, calls, merged
+
+    def _acks_of(self, queue: str, exchange: str | None, msgs: list[InFlight]) -> list[Call]:
+        """The ack calls for ``msgs`` of one source: big messages in calls of their own,
+        which free their bodies (never riding with a read), so ordinary acks cost nothing
+        more."""
+        me = self.consumer_name
+        plain = [(m.stream, m.entry_id) for m in msgs if not m.big]
+        big = [(m.stream, m.entry_id) for m in msgs if m.big]
+        return (self.broker.ack_calls(queue, plain, exchange, me)
+                + self.broker.ack_calls(queue, big, exchange, me, big=True))
 
     def _merged_calls(self, merged: list[tuple[str, str, bytes]]) -> list[Call]:
         """Ack calls for acks that were to ride with a read that did not run."""
@@ -163,8 +173,7 @@ class Settling(virtual.Channel):
             if mode == REQUEUE:
                 calls += self.broker.requeue_calls(queue, entries, exchange, me)
             elif mode == ACK:
-                calls += self.broker.ack_calls(queue, [(s, i) for s, i, _ in entries],
-                                               exchange, me)
+                calls += self._acks_of(queue, exchange, [m for m, _ in group])
             else:
                 calls += [self.broker.dead_letter_call(queue, stream, entry_id, reason,
                                                        deliveries, exchange, me)

@@ -48,6 +48,9 @@ class InFlight:
     leased_at: float = field(default_factory=monotonic)
     #: a renewal found its lease lost: never to be handed out, never renewed again
     lost: bool = False
+    #: a big message (its body in the queue's big hash): its ack frees the body, in an ack
+    #: call of its own (ordinary acks cost no command more for it)
+    big: bool = False
 
 
 T = TypeVar('T')

@@ -2,20 +2,24 @@
 
 KEYS[1]   the queue's delayed set, ks:q:{queue}:delayed
 KEYS[2]   the queue's delayed messages, ks:q:{queue}:delayed:m
+KEYS[3]   the queue's big messages (hash): a cancelled big message's body goes too
 ARGV[1]   ZSCAN cursor: "0" to start, then the one the last call returned
 ARGV[2]   COUNT hint of the ZSCAN step: about how many members one call looks at
 ARGV[3..] the labels to cancel
 Reply:    {next cursor ("0": the scan is done), cancelled member, ...}
 Errors:   "cancel: expected ..." for another layout; WRONGTYPE
-Minimum Redis: 6.2. Cost: one ZSCAN step plus the removals; call again until the cursor is
-"0". Why: Celery's revokes live in worker memory for hours only; this removes the message.
-See docs/design.rst (Delayed delivery).
+Minimum Redis: 6.2. Cost: one ZSCAN step plus the removals (an HSTRLEN each, to find big
+messages' references without copying a message); call again until the cursor is "0".
+Why: Celery's revokes live in worker memory for hours only; this removes the message.
+See docs/design.rst (Delayed delivery, Big messages).
 ]]
 --@include common
-local bad = check_args('cancel', #KEYS == 2, #ARGV >= 2,
-                       'KEYS: delayed set, delayed messages; ARGV: cursor, count, labels')
+--@include delay
+local bad = check_args('cancel', #KEYS == 3, #ARGV >= 2,
+                       'KEYS: delayed set, delayed messages, big messages; ARGV: cursor, ' ..
+                       'count, labels')
 if bad then return bad end
-bad = wrong_type(KEYS[1], 'zset') or wrong_type(KEYS[2], 'hash')
+bad = wrong_type(KEYS[1], 'zset') or wrong_type(KEYS[2], 'hash') or wrong_type(KEYS[3], 'hash')
 if bad then return redis.error_reply(bad) end
 local wanted = {}
 for i = 3, #ARGV do wanted[ARGV[i]] = true end
@@ -35,6 +39,8 @@ for i = 1, #step[2], 2 do
   if is_wanted(step[2][i]) then gone[#gone + 1] = step[2][i] end
 end
 if #gone > 0 then
+  local tokens = delayed_tokens(KEYS[2], gone)
+  if #tokens > 0 then redis.call('HDEL', KEYS[3], unpack(tokens)) end
   redis.call('ZREM', KEYS[1], unpack(gone))
   redis.call('HDEL', KEYS[2], unpack(gone))
   for _, m in ipairs(gone) do reply[#reply + 1] = m end

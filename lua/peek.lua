@@ -13,8 +13,9 @@ Reply:      {i, part, id, then per message: stream index, entry id, held, payloa
                            when every ready message was returned (a page short of COUNT
                            may still give one: held entries deleted while parked)
               held         1 if parked with the holder (requeued or reclaimed), else 0
-              payload      the entry's "m" field; "" when it has none (a read sets such an
-                           entry aside)
+              payload      the entry's "m" field; {token} for a big message (field r: its
+                           body is in the queue's big hash); "" when it has neither (a
+                           read sets such an entry aside)
 Order:      as read.lua serves (levels in priority order; held entries, then fresh ones);
             due delayed messages not moved yet are not shown
 Errors:     "peek: expected ..." for another layout; WRONGTYPE
@@ -36,7 +37,9 @@ local reply, left = {0, '', ''}, want
 local function add(i, entry, held)
   local k = #reply
   reply[k + 1], reply[k + 2], reply[k + 3] = i, entry[1], held
-  reply[k + 4] = field(entry[2], 'm') or ''
+  local payload = field(entry[2], 'm')
+  if payload == nil and field(entry[2], 'r') then payload = {field(entry[2], 'r')} end
+  reply[k + 4] = payload or ''
   left = left - 1
 end
 

@@ -3,58 +3,115 @@
 KEYS[1..n]  all streams of ONE queue (one per priority level)
 KEYS[n+1]   the queue's delayed set
 KEYS[n+2]   the queue's delayed messages
+KEYS[n+3]   the queue's big messages (hash): the bodies of those deleted are deleted too
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
 ARGV[3]     batch: the most entries to delete from each stream (and the delayed set)
 Reply:      {purged, more}: messages deleted, and 1 if a stream or the delayed set had more
-            than the batch (call again until more is 0)
+            than the batch, or the call stopped on its byte bound (call again until more is 0)
 Errors:     "purge: expected ..." for another layout; WRONGTYPE (checked before any write)
 Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + batch) per stream. Ready entries are
 those after the group's last-delivered id and those parked with the holder; delivered,
-unacked ones stay so their consumers can still ack them. See docs/design.rst (Leases).
+unacked ones stay so their consumers can still ack them. Entries it must read (the ready
+ones of a stream some consumer works on; every one it deletes while the queue has big
+messages, to find their tokens) are read in pages until about COPY_BYTES (4 MiB) were
+copied, then the call stops with more = 1; delayed values are read only when short enough
+to be a big message's reference. See docs/design.rst (Leases, Big messages).
 ]]
 --@include common
-local bad = check_args('purge', #KEYS >= 3, #ARGV == 3,
-                       'KEYS: streams, delayed set, delayed messages; ARGV: group, holder, batch')
+--@include delay
+local bad = check_args('purge', #KEYS >= 4, #ARGV == 3,
+                       'KEYS: streams, delayed set, delayed messages, big messages; ARGV: ' ..
+                       'group, holder, batch')
 if bad then return bad end
 local group, holder, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local purged, more = 0, 0
-local dkey, bodies = KEYS[#KEYS - 1], KEYS[#KEYS]
+local n = #KEYS - 3
+local dkey, bodies, big = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3]
 -- every key is checked first (see wrong_type): no delayed messages gone, then an error
-bad = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash')
-bad = bad or wrong_streams(1, #KEYS - 2)
+bad = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash') or wrong_type(big, 'hash')
+bad = bad or wrong_streams(1, n)
 if bad then return redis.error_reply(bad) end
+local has_big = redis.call('EXISTS', big) == 1
+local free = {}  -- tokens of big messages deleted: their bodies go too
+
+local COPY_BYTES = 4 * 1024 * 1024
+local copied = 0  -- bytes of entries read so far
+
+-- Note the token of big message entry E (an XRANGE record), and count what was copied.
+local function look_at(e)
+  for _, v in ipairs(e[2]) do copied = copied + #v end
+  local token = field(e[2], 'r')
+  if token then free[#free + 1] = token end
+end
+
+-- Up to N entries of stream KEY from START ('-', or '(' .. id), in pages of at most 100,
+-- until about COPY_BYTES were copied in this call; and whether the bytes cut it short.
+local function entries_from(key, start, want)
+  local out = {}
+  while #out < want do
+    if copied >= COPY_BYTES then return out, true end
+    local page_size = math.min(100, want - #out)
+    local page = redis.call('XRANGE', key, start, '+', 'COUNT', page_size)
+    for _, e in ipairs(page) do
+      out[#out + 1] = e[1]
+      look_at(e)
+    end
+    if #page < page_size then break end
+    start = '(' .. page[#page][1]
+  end
+  return out, false
+end
+
 local delayed = redis.call('ZRANGE', dkey, 0, batch - 1)
 if #delayed > 0 then
+  if has_big then
+    for _, token in ipairs(delayed_tokens(bodies, delayed)) do free[#free + 1] = token end
+  end
   redis.call('ZREM', dkey, unpack(delayed))
   redis.call('HDEL', bodies, unpack(delayed))
   purged = purged + #delayed
   if #delayed >= batch then more = 1 end
 end
-for i = 1, #KEYS - 2 do
+for i = 1, n do
   local key = KEYS[i]
   local len = redis.call('XLEN', key)
   if len > 0 then
     local summary = try('XPENDING', key, group)
-    if summary == nil or tonumber(summary[1]) == 0 then
+    if (summary == nil or tonumber(summary[1]) == 0) and not has_big then
       -- nobody is working on it: its oldest entries go, at most batch of them (exact MAXLEN
       -- trimming removes from the old end, so this costs O(batch))
       purged = purged + redis.call('XTRIM', key, 'MAXLEN', math.max(len - batch, 0))
       if len > batch then more = 1 end
+    elseif summary == nil or tonumber(summary[1]) == 0 then
+      -- the same, read first for the tokens of big messages among them
+      local ids, cut = entries_from(key, '-', batch)
+      if #ids > 0 then purged = purged + redis.call('XDEL', key, unpack(ids)) end
+      if cut or len > #ids then more = 1 end
     else
       local held = redis.call('XPENDING', key, group, '-', '+', batch, holder)
-      for _, p in ipairs(held) do
+      for j, p in ipairs(held) do
+        if has_big and copied >= COPY_BYTES then
+          more = 1
+          break
+        end
+        if has_big then
+          local e = redis.call('XRANGE', key, p[1], p[1])[1]
+          if e then look_at(e) end
+        end
         redis.call('XACK', key, group, p[1])
         purged = purged + redis.call('XDEL', key, p[1])
+        if j == #held and #held >= batch then more = 1 end
       end
-      if #held >= batch then more = 1 end
-      local fresh = redis.call('XRANGE', key, '(' .. last_delivered(key, group), '+', 'COUNT',
-                               batch)
-      for _, e in ipairs(fresh) do
-        purged = purged + redis.call('XDEL', key, e[1])
+      local fresh, cut = entries_from(key, '(' .. last_delivered(key, group), batch)
+      for _, id in ipairs(fresh) do
+        purged = purged + redis.call('XDEL', key, id)
       end
-      if #fresh >= batch then more = 1 end
+      if cut or #fresh >= batch then more = 1 end
     end
   end
+end
+for j = 1, #free, 1000 do  -- unpack() has a limit
+  redis.call('HDEL', big, unpack(free, j, math.min(j + 999, #free)))
 end
 return {purged, more}

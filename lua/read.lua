@@ -3,13 +3,15 @@
 KEYS[1..S]      the streams to read, in serving order: fanout streams first, then by
                 priority level, then source order, e.g.
                 ks:x:{bcast}:fanout ks:q:{a}:0 ks:q:{b}:0 ks:q:{a}:3 ...
-KEYS[S+5q-4]    wake marker (zset) of source q, q = 1..Q; a source is a queue's own
+KEYS[S+6q-5]    wake marker (zset) of source q, q = 1..Q; a source is a queue's own
                 streams, or its group on one fanout stream (marker ks:x:{ex}:wake:<queue>)
-KEYS[S+5q-3]    dead-letter stream of source q
-KEYS[S+5q-2]    ready index (set) of source q, ks:q:{queue}:ready
-KEYS[S+5q-1]    delayed set (zset) of source q, ks:q:{queue}:delayed
-KEYS[S+5q]      delayed messages (hash) of source q, ks:q:{queue}:delayed:m; a fanout
-                source has no index and no delayed keys (the caller passes its marker again)
+KEYS[S+6q-4]    dead-letter stream of source q
+KEYS[S+6q-3]    ready index (set) of source q, ks:q:{queue}:ready
+KEYS[S+6q-2]    delayed set (zset) of source q, ks:q:{queue}:delayed
+KEYS[S+6q-1]    delayed messages (hash) of source q, ks:q:{queue}:delayed:m
+KEYS[S+6q]      big messages (hash) of source q, ks:q:{queue}:big; a fanout source has no
+                index, no delayed keys and no big messages (the caller passes its marker
+                again)
 ARGV[1]         consumer name (unique per channel)
 ARGV[2]         COUNT: the most messages to deliver (the channel's free prefetch)
 ARGV[3]         name of the holder consumer that parks requeued messages
@@ -38,7 +40,8 @@ ARGV[8+5Q+S]    A: the number of acks that ride along (0: none), then A pairs: s
                 before anything is read, as ack.lua does for consumer ARGV[1] (one round
                 trip, one call): only those it still owns
 Reply: {status, problems, aside, dues, unsettled, then per delivered message, in delivery
-       order: stream index i, entry id, delivery count, payload}
+       order: stream index i, entry id, delivery count, payload}; the payload of a big
+       message is {token}: the caller fetches its body from KEYS[S+6q] (HGET)
        status    one character per source: '1' may hold more ready messages, '0' nothing
                  ready, '-' not reached (COUNT ran out first), 'e' it met a problem
        problems  {q, error, ...}: errors on source q's keys (another program's key at one of
@@ -54,10 +57,10 @@ Minimum Redis: 6.2. Cost: sources are opened in serving order until COUNT or BYT
 up (an EXISTS of the marker in mode 'm', SMEMBERS of the index), then commands only for the
 streams the index names: O(COUNT + entries set aside), one XREADGROUP per stream while the
 caller's size hint holds; a walk adds an XLEN per stream, moving due delayed messages at
-most PROMOTE (500) and BYTES of them (an HSTRLEN each); acks that ride along add one
-XPENDING per stream (ownership, see ack.lua). Never blocks. Phases: lua/lib/serve.lua.
-See docs/design.rst (Wake-ups, The ready index, Leases, Delivery counts and dead letters,
-Delayed delivery, Reads bounded by bytes).
+most PROMOTE (500) and BYTES of them (an HSTRLEN each); a big message adds an HSTRLEN;
+acks that ride along add one XPENDING per stream (ownership, see ack.lua). Never blocks.
+Phases: lua/lib/serve.lua. See docs/design.rst (Wake-ups, The ready index, Leases, Delivery
+counts and dead letters, Delayed delivery, Reads bounded by bytes, Big messages).
 ]]
 --@include common
 --@include delay
@@ -65,9 +68,9 @@ Delayed delivery, Reads bounded by bytes).
 
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
 local A = S and Q and tonumber(ARGV[8 + 5 * Q + S]) or 0
-if not S or not Q or #KEYS ~= S + 5 * Q or #ARGV ~= 8 + 5 * Q + S + 2 * A then
+if not S or not Q or #KEYS ~= S + 6 * Q or #ARGV ~= 8 + 5 * Q + S + 2 * A then
   return check_args('read', false, false, tostring(S) .. ' streams, ' .. tostring(Q) ..
-                    ' sources and ' .. tostring(A) .. ' acks (S + 5Q keys, 8 + 5Q + S + 2A args)')
+                    ' sources and ' .. tostring(A) .. ' acks (S + 6Q keys, 8 + 5Q + S + 2A args)')
 end
 local ctx = new_context(ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]),
                         math.max(tonumber(ARGV[7]) or 1, 1))

@@ -12,7 +12,8 @@ Reply:      {moved, skipped}: skipped counts dead letters that hold no message (
             stay in the dead-letter stream
 Errors:     "redrive: expected ..." for another layout; WRONGTYPE (checked before any write)
 Minimum Redis: 6.2. Cost: O(count), or O(number of ids given). A letter goes back to the
-stream it came from as a new entry (a fresh delivery count). See docs/design.rst
+stream it came from as a new entry (a fresh delivery count); a big message's (f:r) as its
+token, its body left in the queue's big hash. See docs/design.rst
 (Delivery counts and dead letters).
 ]]
 --@include common
@@ -46,13 +47,16 @@ local moved, skipped = 0, 0
 local added, members = {}, {}  -- ready index members of the streams that got letters
 for _, e in ipairs(entries) do
   if moved >= limit then break end
-  local payload, origin = field(e[2], 'f:m'), field(e[2], 'stream')
+  -- a big message's letter holds its token (f:r): it goes back as such, its body stays put
+  local name, payload = 'm', field(e[2], 'f:m')
+  if payload == nil then name, payload = 'r', field(e[2], 'f:r') end
+  local origin = field(e[2], 'stream')
   local target = nil
   for i = 2, n do
     if KEYS[i] == origin then target = KEYS[i] end
   end
   if payload and target then
-    redis.call('XADD', target, '*', 'm', payload)
+    redis.call('XADD', target, '*', name, payload)
     redis.call('XDEL', KEYS[1], e[1])
     if not added[target] then
       added[target] = true

@@ -84,6 +84,11 @@ def flaky(self, tag, countdown):
 
 
 @app.task(bind=True)
+def weigh(self, tag, blob):
+    store.rpush('done', f'{tag} {len(blob)}')
+
+
+@app.task(bind=True)
 def sleeper(self, seconds):
     store.rpush('started', self.request.id)
     time.sleep(seconds)
@@ -116,7 +121,9 @@ class Worker:
         argv = [sys.executable, '-m', 'celery', '-A', MODULE, 'worker', '-P', pool,
                 '-c', str(concurrency), '-n', node, '--without-gossip', '--without-mingle',
                 '--loglevel=INFO', *args]
-        environ = dict(os.environ, PYTHONPATH=str(env.cwd), **(extra_env or {}))
+        # the app's dir first, then what the tests run with (a checkout before the install)
+        path = os.pathsep.join(filter(None, [str(env.cwd), os.environ.get('PYTHONPATH')]))
+        environ = dict(os.environ, PYTHONPATH=path, **(extra_env or {}))
         with open(self.log_path, 'wb') as log:
             self.proc = subprocess.Popen(
                 argv, cwd=env.cwd, env=environ,
@@ -431,6 +438,23 @@ def test_purge_empties_the_backlog(env: CeleryEnv) -> None:
     worker = env.worker('purge@ks')
     worker.wait_ready()
     env.only_the_next_task_runs(worker, settle=1.0)
+
+
+def test_a_task_with_a_2_mb_argument_runs(env: CeleryEnv) -> None:
+    """Its message is over big_message_bytes (512 KiB): the body waits in the queue's big
+    hash, the worker runs the task with the whole argument, and the ack frees the body."""
+    module = env.load()
+    blob = 'b' * (2 << 20)
+    module.weigh.delay('big', blob)
+    big = Keys().big(QUEUE)
+    assert env.raw_broker.hlen(big) == 1  # stored apart, the entry holds its token
+    worker = env.worker('big@ks')
+    worker.wait_ready()
+    wait_for(lambda: env.done() == [f'big {len(blob)}'], 30, what='the task', log=env.logs)
+    wait_for(lambda: not env.raw_broker.exists(big), 10, what='its body freed by the ack',
+             log=env.logs)
+    worker.terminate()
+    assert 'Traceback' not in worker.log(), worker.log()[-3000:]
 
 
 # ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from helpers import read_messages
 from kombu import Connection, Exchange, Queue
 
 import kombu_streams  # noqa: F401  (registers redis-streams://)
-from kombu_streams.broker import HOLDER, Broker, Delay
+from kombu_streams.broker import HOLDER, PAGE, Broker, Delay
 from kombu_streams.channel import Channel
 from kombu_streams.cli import main, parsing
 from kombu_streams.cli.commands.calls import CALLS
@@ -613,10 +613,10 @@ def test_scripts_call_lines_run_as_the_transport_calls(redis_url, tmp_path):
     # the app's prefix and priority steps name the keys
     data, words = call_words(tmp_path, '--prefix', 'app1:', '--priority-steps', '0,5', 'scripts',
                              '--call', 'read', 'cq')
-    assert data['keys'][:2] == Keys('app1:').streams('cq', [0, 5]) and words[2] == '7'
+    assert data['keys'][:2] == Keys('app1:').streams('cq', [0, 5]) and words[2] == '8'
     r = cli(None, 'scripts', '--call', 'read', 'cq', '--lua-dir', str(tmp_path))
     assert r.returncode == 0 and 'redis-cli --eval ' in r.stdout
-    assert f"redis-cli EVALSHA {SCRIPTS['read'].sha} 9 'ks:q:{{cq}}:0' " in r.stdout
+    assert f"redis-cli EVALSHA {SCRIPTS['read'].sha} 10 'ks:q:{{cq}}:0' " in r.stdout
 
 
 @pytest.mark.parametrize('name', ['bind', 'migrate', 'nope'])
@@ -645,6 +645,7 @@ def transport_calls(b, queue, expires=None):
         'delete': b.delete_call(queue),
         'cancel': b.cancel_call(queue, ['<TASK-ID>']),
         'redrive': b.redrive_call(queue, 1),
+        'dlq_purge': b.dlq_purge_call(queue, '<LAST-ID>', PAGE),
         'scheduled': b.scheduled_call(queue)[0],
         'peek': b.peek_call(queue)[0],
         'inspect': b.inspect_call(queue)[0],

@@ -330,6 +330,47 @@ def test_batch_publish_spans_nodes(cluster: Cluster, url: str) -> None:
         assert sorted(x['i'] for x, _ in got) == list(range(120))
 
 
+def test_big_messages_in_each_slot_and_after_a_slot_moved(cluster: Cluster, url: str,
+                                                           monkeypatch: Any) -> None:
+    """A big message's body and entry go in one MULTI/EXEC to the node of their slot; once
+    the slot has moved, the node refuses the transaction (MOVED: nothing ran) and the two go
+    through the cluster client instead. Every message arrives whole, every body is freed."""
+    names = spread(cluster, 3, 'big')
+    queues = [Queue(n, routing_key=n) for n in names]
+    pad = 'x' * 5000
+    through_cluster: list[Any] = []  # HSETs sent by the cluster client: the fallback's
+    send = RedisCluster.execute_command
+
+    def spy(self: RedisCluster, *args: Any, **kwargs: Any) -> Any:
+        if args and args[0] == 'HSET':
+            through_cluster.append(args[1])
+        return send(self, *args, **kwargs)
+
+    monkeypatch.setattr(RedisCluster, 'execute_command', spy)
+    client = RedisCluster(host=HOST, port=cluster.ports[0])
+    try:
+        with Connection(url, transport_options={'big_message_bytes': 1000}) as conn:
+            producer = Producer(conn)
+            for q in queues:
+                q(conn.default_channel).declare()
+            for i in range(6):
+                producer.publish({'i': i, 'pad': pad}, routing_key=names[i % 3])
+            assert [client.hlen(K.big(n)) for n in names] == [2, 2, 2]
+            assert through_cluster == []  # each a transaction on its node
+            slot = key_slot(K.stream(names[0], 0).encode())
+            before = cluster.owner(K.stream(names[0], 0))
+            cluster.move_slot(slot, next(p for p in cluster.ports if p != before))
+            producer.publish({'i': 6, 'pad': pad}, routing_key=names[0])
+            assert client.hlen(K.big(names[0])) == 3
+            assert through_cluster == [K.big(names[0])]
+            got = drain(conn, queues, 7)
+        assert sorted(b['i'] for b, _ in got) == list(range(7))
+        assert all(b['pad'] == pad for b, _ in got)
+        assert not any(client.exists(K.big(n)) for n in names)
+    finally:
+        client.close()
+
+
 def test_stalled_messages_are_reclaimed_in_each_slot(cluster: Cluster, url: str) -> None:
     """A dead consumer held one message of each of two queues on different nodes: the lease
     keeper of a live consumer reclaims both after visibility_timeout."""

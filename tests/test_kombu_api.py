@@ -789,11 +789,11 @@ def test_channel_records_the_key_layout_and_refuses_another(url, raw):
     with Connection(url, transport_options={"global_keyprefix": prefix}) as c:
         c.channel().close()
     assert raw.get(Keys(prefix).layout()) == str(LAYOUT).encode()
-    raw.set(Keys(other).layout(), "2")
+    raw.set(Keys(other).layout(), "3")
     with Connection(url, transport_options={"global_keyprefix": other}) as c:
-        with pytest.raises(LayoutMismatch, match="written with key layout '2'"):
+        with pytest.raises(LayoutMismatch, match="written with key layout '3'"):
             c.channel()
-    assert raw.get(Keys(other).layout()) == b"2"
+    assert raw.get(Keys(other).layout()) == b"3"
 
 
 def test_global_keyprefix_isolation(url, raw):
@@ -1003,9 +1003,9 @@ def test_a_read_whose_piggybacked_ack_fails_still_hands_out_what_it_read(conn, r
     real = ch.broker.ack_call
     broken_once = []
 
-    def failing(queue, entries, exchange=None, consumer=""):
+    def failing(queue, entries, exchange=None, consumer="", big=False):
         if broken_once:
-            return real(queue, entries, exchange, consumer)
+            return real(queue, entries, exchange, consumer, big)
         broken_once.append(1)
         stream = list(entries)[0][0]
         return SCRIPTS["ack"], [stream], [queue, consumer, "not-a-number", "0-1"]  # an error

@@ -17,7 +17,7 @@ K = Keys()
 Q, X = 'q', 'x'
 S0 = K.stream(Q, 0)
 FAN, FWAKE = K.fanout(X), K.fanout_wake(X, Q)
-QUEUE_KEYS = [K.wake(Q), K.ready(Q), K.delayed(Q), K.delayed_messages(Q)]
+QUEUE_KEYS = [K.wake(Q), K.ready(Q), K.delayed(Q), K.delayed_messages(Q), K.big(Q)]
 
 #: The smallest valid call of each script, laid out as kombu_streams/broker.py does (one
 #: priority level, one entry; the fanout form where a queue's call has one key more): a
@@ -25,10 +25,11 @@ QUEUE_KEYS = [K.wake(Q), K.ready(Q), K.delayed(Q), K.delayed_messages(Q)]
 MINIMAL = {
     'ack': ([S0], [Q, 'c1', 1, '1-1']),
     'bind': ([K.bindings(X), K.deadlines(X)], ['rk', 0]),
-    'cancel': ([K.delayed(Q), K.delayed_messages(Q)], ['0', 10]),
+    'cancel': ([K.delayed(Q), K.delayed_messages(Q), K.big(Q)], ['0', 10]),
     'deadletter': ([S0, K.dlq(Q)], [Q, 'c1', '1-1', 'why', 1, '0']),
     'declare': ([S0], [Q]),
     'delete': ([S0, *QUEUE_KEYS, K.dlq(Q)], []),
+    'dlq_purge': ([K.dlq(Q), K.big(Q)], ['1-0', 10]),
     'fanout_ack': ([FAN], [Q, 'c1', '1-1']),
     'fanout_publish': ([FAN, K.deadlines(X)], ['m']),
     'inspect': ([S0, K.dlq(Q), K.delayed(Q)], [Q, HOLDER, 0]),
@@ -39,7 +40,7 @@ MINIMAL = {
                         ['t', 'v', 'm']),
     'peek': ([S0], [Q, HOLDER, 1, 1, 'h', '']),
     'publish': ([S0, K.wake(Q), S0, K.ready(Q)], ['m', '0']),
-    'purge': ([S0, K.delayed(Q), K.delayed_messages(Q)], [Q, HOLDER, 10]),
+    'purge': ([S0, K.delayed(Q), K.delayed_messages(Q), K.big(Q)], [Q, HOLDER, 10]),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:]],
              ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 1, 0]),
     'reclaim': ([FAN, FWAKE], [Q, HOLDER, 1000, 100, 0, '-']),
@@ -62,6 +63,7 @@ LARGER = {
     'route': ([K.bindings(X), K.deadlines(X), FAN], [100, '0', 1000, '\x06']),
     'publish': ([S0, K.wake(Q), S0, K.ready(Q), K.delayed(Q), K.delayed_messages(Q)],
                 ['m', '0', '+5000', 1000]),
+    'ack': ([S0, K.big(Q)], [Q, 'c1', 'b', 1, '1-1']),
     'wake': ([FWAKE, FAN, K.deadlines(X), K.wake(Q), S0, K.wake(Q)],
              ['f', Q, 'm', 'q', Q, '']),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:]],

@@ -65,7 +65,8 @@ def read_popped(c, queues, count):
 
 
 def ack(c, queue, entries):
-    return broker(c).ack(queue, [(K.stream(queue, lv), i) for lv, i in entries])
+    """An ack of ordinary messages, as the channel sends it (big messages: test_big.py)."""
+    return broker(c).ack(queue, [(K.stream(queue, lv), i) for lv, i in entries], big=False)
 
 
 def requeue(c, queue, entries):
@@ -78,8 +79,8 @@ def size(c, queue, levels=LEVELS):
 
 def purge(c, queue, batch=1000, levels=LEVELS):
     """One purge.lua call (Broker.purge loops until done): [purged, more]."""
-    keys = K.streams(queue, levels) + [K.delayed(queue), K.delayed_messages(queue)]
-    return SCRIPTS['purge'](c, keys, [queue, HOLDER, batch])
+    script, keys, args = broker(c, levels).purge_call(queue, batch)
+    return script(c, keys, args)
 
 
 def delete(c, queue, levels=LEVELS):
@@ -1711,6 +1712,9 @@ _WRONGTYPE = {
     'deadletter-fanout': (K.fanout('x'), lambda c: fdeadletter(c, 'q', b'1-1', 'r', 1, ex='x')),
     'declare': (K.stream('q', 6), lambda c: declare(c, 'q')),
     'ack': (K.stream('q', 0), lambda c: ack(c, 'q', [(0, b'1-1')])),
+    'ack-big': (K.big('q'), lambda c: broker(c).ack('q', [(K.stream('q', 0), b'1-1')])),
+    'publish-big': (K.big('q'), lambda c: broker(c).publish_big('q', 0, b'{"x": 1}')),
+    'dlq_purge': (K.big('q'), lambda c: broker(c).purge_dead_letters('q', '1-1')),
     'requeue': (K.stream('q', 0), lambda c: requeue(c, 'q', [(0, b'1-1')])),
     'size': (K.stream('q', 9), lambda c: size(c, 'q')),
     'purge': (K.stream('q', 3), lambda c: purge(c, 'q')),
@@ -1861,7 +1865,7 @@ def test_layout_is_recorded_once_and_reported(script_client):
 
 
 @pytest.mark.parametrize('found, says', [
-    (b'2', "key layout '2'"),
+    (b'3', "key layout '3'"),
     (b'someone else', "key layout 'someone else'"),
 ])
 def test_layout_of_another_version_stops_the_client(script_client, found, says):
@@ -1914,7 +1918,7 @@ def test_registry_covers_every_lua_file():
         'ack', 'bind', 'deadletter', 'declare', 'delete', 'fanout_ack', 'fanout_publish',
         'inspect', 'inspect_fanout', 'publish', 'purge', 'read', 'reclaim', 'redrive', 'renew',
         'requeue', 'route', 'size', 'touch', 'migrate', 'migrate_unacked', 'cancel',
-        'scheduled', 'peek', 'layout', 'wake', 'marked', 'leave'}
+        'scheduled', 'peek', 'layout', 'wake', 'marked', 'leave', 'dlq_purge'}
     assert load_all() == SCRIPTS
 
 

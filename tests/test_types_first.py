@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, Union
 
 import pytest
 from helpers import STALE, assert_same, read_messages, snapshot
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from kombu_streams.broker import Broker, Delay
 from kombu_streams.keys import Keys
-from kombu_streams.scripts import Call, KeyTypeError
+from kombu_streams.scripts import Call, KeyTypeError, run_after
 
 K = Keys()
 LEVELS = [0, 3, 6, 9]
@@ -54,6 +54,8 @@ def realistic(c: Any, expiring: bool) -> dict[str, Any]:
     b.check_layout()
     for q in ('q', 'r'):
         b.declare(q)
+    for _ in range(2):  # big messages: the first two entries of q's level 0
+        b.publish_big('q', 0, P)
     b.bind('x', member('q', 'rk'), 0)
     b.bind('x', member('r', 'rk'), HOUR)
     c.sadd(K.bindings('x'), member('gone', 'rk'))  # past its deadline: route drops it
@@ -69,10 +71,12 @@ def realistic(c: Any, expiring: bool) -> dict[str, Any]:
                 b.publish(q, level, P)
     for due in ('+600000', '+900000'):
         b.publish('q', 3, P, delay=Delay(due, 1000, 'lbl'))
+    b.publish_big('q', 3, P, delay=Delay('+700000', 1000, 'lbl'))
     fan = read_messages(b, ['q'], 'c1', 2, fanout={'q': ['f']})
     own = read_messages(b, ['q'], 'c1', 3)
-    b.requeue('q', [(own[0].stream, own[0].entry_id)])  # parked with the holder
-    b.dead_letter('q', own[1].stream, own[1].entry_id, 'why', 1)
+    assert own[0].token and own[1].token and not own[2].token
+    b.requeue('q', [(own[0].stream, own[0].entry_id)])  # a big one parked with the holder
+    b.dead_letter('q', own[1].stream, own[1].entry_id, 'why', 1)  # a big one's letter: f:r
     # a lease about to run out (renew's work; XCLAIM IDLE sets the idle time, count kept)
     c.xclaim(own[2].stream, 'q', 'c1', 0, [own[2].entry_id], idle=STALE, justid=True)
     if expiring:
@@ -103,10 +107,41 @@ def _unrecorded(c: Any) -> None:
 
 FANOUT_SOURCES = [('q', None), ('r', None), ('q', 'f'), ('s', 'f'), ('n', None)]
 
+
+class After(NamedTuple):
+    """A call run after a command in one MULTI/EXEC (a big message's publish: its body's
+    HSET, then publish.lua), which as a whole changes nothing on a wrong type."""
+
+    command: tuple[Any, ...]
+    call: Call
+
+
+Run = Union[Call, After]
+
+
+def run(b: Broker, call: Run) -> Any:
+    if isinstance(call, After):
+        return run_after(b.client, call.command, call.call)
+    return b.run(call)
+
+
+def keys_of(call: Run) -> list[str]:
+    """The distinct KEYS of a call, in order."""
+    keys = call.call[1] if isinstance(call, After) else call[1]
+    return list(dict.fromkeys(str(k) for k in keys))
+
+
+def big_publish(b: Broker, delay: Delay) -> After:
+    return After(b.store_big('q', 't0', P),
+                 b.publish_call('q', 3, P, routed=True, delay=delay, token='t0'))
+
+
 #: name -> (builder of the call from the Broker and the facts of the state, preparation)
-CASES: dict[str, tuple[Callable[[Broker, dict[str, Any]], Call], Callable[[Any], None] | None]]
+CASES: dict[str, tuple[Callable[[Broker, dict[str, Any]], Run], Callable[[Any], None] | None]]
 CASES = {
     'publish': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay()), None),
+    'publish-big': (lambda b, f: big_publish(b, Delay()), None),
+    'publish-big-delayed': (lambda b, f: big_publish(b, Delay('+600000', 1000, 'later')), None),
     'publish-delayed': (lambda b, f: b.publish_call(
         'q', 6, P, delay=Delay('+600000', 1000, 'later')), None),
     'fanout_publish': (lambda b, f: b.fanout_publish_call(
@@ -134,6 +169,9 @@ CASES = {
     'ack': (lambda b, f: b.ack_calls('q', [(f['renew'][0], f['renew'][1][0])], None,
                                      'c1')[0], None),
     'ack-any': (lambda b, f: b.ack_calls('q', [(f['renew'][0], f['renew'][1][0])])[0], None),
+    'ack-big': (lambda b, f: b.ack_calls('q', [(f['renew'][0], f['renew'][1][0])], None, 'c1',
+                                         big=True)[0], None),
+    'dlq_purge': (lambda b, f: b.dlq_purge_call('q', '9999999999999-0', 10), None),
     'requeue': (lambda b, f: b.requeue_calls('q', [(f['renew'][0], f['renew'][1][0])], None,
                                              'c1')[0], None),
     'deadletter': (lambda b, f: b.dead_letter_call('q', f['renew'][0], f['renew'][1][0],
@@ -149,22 +187,23 @@ CASES = {
 #: command per publish (the first stream is only asked its TTL; the delayed keys of a queue
 #: whose index says it holds none, or the stream of a message kept until due).
 UNTOUCHED = {('publish', 2), ('publish', 5), ('publish-delayed', 0),
-             ('publish-delayed', 2)}
+             ('publish-delayed', 2), ('publish-big', 2), ('publish-big', 5),
+             ('publish-big-delayed', 0), ('publish-big-delayed', 2)}
 
 _DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': ['1-1']}
 
 
 def _keys(name: str, facts: dict[str, Any] = _DUMMY) -> list[str]:
     """The distinct KEYS of case ``name``'s call (the layout does not depend on the state)."""
-    _, keys, _ = CASES[name][0](Broker(None, K, LEVELS), facts)
-    return list(dict.fromkeys(str(k) for k in keys))
+    return keys_of(CASES[name][0](Broker(None, K, LEVELS), facts))
 
 
 POSITIONS = [(name, i) for name in sorted(CASES) for i in range(len(_keys(name)))]
 
 _TAILS = [(r':\d+', 'stream'), (r':wake(:.*)?', 'zset'), (r':ready', 'set'),
           (r':delayed', 'zset'), (r':delayed:m', 'hash'), (r':dlq(:.*)?', 'stream'),
-          (r':bindings', 'set'), (r':deadlines', 'zset'), (r':fanout', 'stream')]
+          (r':bindings', 'set'), (r':deadlines', 'zset'), (r':fanout', 'stream'),
+          (r':big', 'hash')]
 _OTHERS = {'kq': 'list', 'unacked': 'hash', 'unacked_index': 'zset', K.layout(): 'string'}
 
 
@@ -186,7 +225,7 @@ def put_wrong(c: Any, key: str, kind: str) -> None:
      'stream': lambda: c.xadd(key, {b'someone': b'else'})}[kind]()
 
 
-def prepared(c: Any, name: str, expiring: bool) -> tuple[Broker, Call]:
+def prepared(c: Any, name: str, expiring: bool) -> tuple[Broker, Run]:
     c.flushall()
     facts = realistic(c, expiring)
     builder, prepare = CASES[name]
@@ -202,12 +241,12 @@ def prepared(c: Any, name: str, expiring: bool) -> tuple[Broker, Call]:
 def test_a_wrong_type_at_any_key_changes_nothing(script_client, name, position, data):
     c = script_client
     b, call = prepared(c, name, data.draw(st.booleans(), label='expiring'))
-    key = list(dict.fromkeys(str(k) for k in call[1]))[position]
+    key = keys_of(call)[position]
     put_wrong(c, key, data.draw(st.sampled_from(
         [t for t in TYPES if t != expected_type(key)]), label='wrong type'))
     before = snapshot(c)
     try:
-        b.run(call)
+        run(b, call)
     except KeyTypeError as exc:
         assert 'WRONGTYPE' in str(exc)
         assert_same(before, snapshot(c))
@@ -226,7 +265,7 @@ def test_each_call_writes_on_that_state(script_client, name, expiring):
     for key in c.scan_iter(count=1000):
         assert c.type(key).decode() == expected_type(key.decode()), key
     before = snapshot(c)
-    b.run(call)
+    run(b, call)
     with pytest.raises(AssertionError):
         assert_same(before, snapshot(c))
 

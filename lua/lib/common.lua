@@ -184,21 +184,26 @@ end
 
 -- Ack IDS of stream KEY for GROUP, deleting those the group had delivered (docs/design.rst,
 -- "Leases"). Returns the number that were pending. One XACK and one XDEL per 1,000 ids.
-local function ack_ids(key, group, all)
+-- DELETED, when given, is a set that gets each id deleted (ack.lua frees their big bodies).
+local function ack_ids(key, group, all, deleted)
   local done = 0
   for first = 1, #all, 1000 do  -- unpack() has a limit
     local ids = {unpack(all, first, math.min(first + 999, #all))}
     local acked = redis.call('XACK', key, group, unpack(ids))
     done = done + acked
+    local gone = {}
     if acked == #ids then
       redis.call('XDEL', key, unpack(ids))
+      gone = ids
     elseif acked > 0 then  -- some were not pending: delete only the delivered ones
       local last = last_delivered(key, group)
-      local delivered = {}
       for _, id in ipairs(ids) do
-        if not id_before(last, id) then delivered[#delivered + 1] = id end
+        if not id_before(last, id) then gone[#gone + 1] = id end
       end
-      if #delivered > 0 then redis.call('XDEL', key, unpack(delivered)) end
+      if #gone > 0 then redis.call('XDEL', key, unpack(gone)) end
+    end
+    if deleted then
+      for _, id in ipairs(gone) do deleted[id] = true end
     end
   end
   return done

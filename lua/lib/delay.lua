@@ -3,6 +3,29 @@
 
 local DELAYED = 'd'  -- ready index member: the delayed set may hold messages
 
+-- A delayed value "r:<token>" stands for a big message whose body is in the queue's big hash
+-- (a Kombu envelope starts with '{'): its entry gets field r = token, nothing is copied.
+local function entry_of(value)
+  if string.sub(value, 1, 2) == 'r:' then return 'r', string.sub(value, 3) end
+  return 'm', value
+end
+
+-- The token of each of MEMBERS of the delayed messages' hash BODIES whose value is a big
+-- message's reference ("r:<token>", 34 bytes): only values that short are read (HSTRLEN
+-- first), so no message is copied to find out. Returns the tokens, or (nil, error).
+local function delayed_tokens(bodies, members)
+  local tokens = {}
+  for _, m in ipairs(members) do
+    local len, err = try('HSTRLEN', bodies, m)
+    if err then return nil, err end
+    if len > 2 and len <= 64 then
+      local v = redis.call('HGET', bodies, m)
+      if v and string.sub(v, 1, 2) == 'r:' then tokens[#tokens + 1] = string.sub(v, 3) end
+    end
+  end
+  return tokens, nil
+end
+
 -- Store PAYLOAD in the zset DKEY and hash BODIES, due at DUE ms, to go to LEVEL's stream;
 -- LABEL names it for operators, STAMP is the server's time in µs (16 digits). Returns the
 -- member and whether it is now the earliest.
@@ -29,7 +52,8 @@ end
 
 -- Move the delayed messages of DKEY/BODIES due at NOW into their level's stream, in due order,
 -- at most N and BYTES bytes of them (sized with HSTRLEN before anything is copied; ALONE: the
--- first may be bigger, and moves alone). LEVELS maps a level ('0', '3'...) to its stream key,
+-- first may be bigger, and moves alone; a big message's reference moves as field r, its body
+-- stays where it is). LEVELS maps a level ('0', '3'...) to its stream key,
 -- one of the caller's KEYS; a member whose level is not there (not ours, or another
 -- priority_steps) goes to FIRST, the queue's first stream; one whose message is gone is
 -- dropped. Returns (moved, streams written, error, bytes moved): on an error (a key holds
@@ -53,7 +77,8 @@ local function promote(dkey, bodies, levels, first, now, n, bytes, alone)
     local payload = payloads[j]
     if payload then
       local stream = levels[string.match(member, '^%d+:(%d+):') or ''] or first
-      local _, xerr = try('XADD', stream, '*', 'm', payload)
+      local name, value = entry_of(payload)
+      local _, xerr = try('XADD', stream, '*', name, value)
       if xerr then err = xerr .. ' (key ' .. stream .. ')'; break end
       if not seen[stream] then
         seen[stream] = true

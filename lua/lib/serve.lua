@@ -16,7 +16,7 @@
 --   ctx.trim                              fanout streams an entry was set aside in: trimmed
 --                                         once, at the end of the call
 --   src.q, src.group, src.shared, src.mode, src.ttl, src.wake, src.dlq, src.index_key,
---   src.dkey, src.bodies                  (its keys; the delayed ones: lua/lib/delay.lua)
+--   src.dkey, src.bodies, src.big         (its keys; the delayed ones: lua/lib/delay.lua)
 --   src.streams                           its streams in KEYS (their indices)
 --   src.est                               the bytes expected of its next entry: the
 --                                         caller's hint, raised by every entry copied
@@ -39,6 +39,8 @@
 -- BYTES / src.est). Entries within a factor r of each other keep a call under about
 -- max(r x BYTES, M). Due delayed messages are sized before they are copied (HSTRLEN), so
 -- moving them overshoots never: at most BYTES more per call, or one message alone.
+-- A big message's entry (field r, docs/design.rst "Big messages") costs the call an HSTRLEN
+-- of its body, never a copy: the body counts against BYTES as the caller will fetch it.
 
 local PROMOTE = 500  -- most delayed messages moved per call
 
@@ -56,12 +58,13 @@ end
 local function load_sources(S, Q)
   local sources, of = {}, {}
   for q = 1, Q do
+    local k = S + 6 * q  -- the source's last key
     sources[q] = {q = q, group = ARGV[3 + 5 * q], shared = ARGV[4 + 5 * q] == 'f',
                   mode = ARGV[5 + 5 * q], ttl = tonumber(ARGV[6 + 5 * q]) or 0,
                   est = tonumber(ARGV[7 + 5 * q]) or 0,
-                  wake = KEYS[S + 5 * q - 4], dlq = KEYS[S + 5 * q - 3],
-                  index_key = KEYS[S + 5 * q - 2], dkey = KEYS[S + 5 * q - 1],
-                  bodies = KEYS[S + 5 * q], streams = {}, visited = {}}
+                  wake = KEYS[k - 5], dlq = KEYS[k - 4], index_key = KEYS[k - 3],
+                  dkey = KEYS[k - 2], bodies = KEYS[k - 1], big = KEYS[k],
+                  streams = {}, visited = {}}
   end
   for i = 1, S do
     local src = sources[tonumber(ARGV[7 + 5 * Q + i])]
@@ -208,12 +211,33 @@ local function open_source(ctx, src)
   return src.state == 'open'
 end
 
--- Hand one entry to the consumer, or set it aside when it cannot be a message of ours.
+-- Hand one entry to the consumer, or set it aside when it cannot be a message of ours. A big
+-- message's entry (field r: the token of its body in the queue's big hash) goes out as {token}
+-- in place of the payload, its body counted against the byte budget (an HSTRLEN, no copy);
+-- one whose body is gone is set aside. When the big hash holds another type the entry is
+-- parked with UNFILED (tried again after a lease) and the problem noted.
 local function deliver(ctx, src, i, id, fields, count)
   local payload = field(fields, 'm')
   if payload == nil then
-    set_aside(ctx, src, i, id, fields, 'malformed: no m field', count)
-    return false
+    local token = not src.shared and field(fields, 'r')
+    if not token then
+      set_aside(ctx, src, i, id, fields, 'malformed: no m field', count)
+      return false
+    end
+    local size, err = try('HSTRLEN', src.big, token)
+    if err then
+      redis.call('XCLAIM', KEYS[i], src.group, UNFILED, 0, id, 'JUSTID')
+      problem(ctx, src, src.big, err)
+      return false
+    end
+    if size == 0 then
+      set_aside(ctx, src, i, id, fields, 'big message body missing: no ' .. token .. ' in ' ..
+                src.big, count)
+      return false
+    end
+    ctx.bytes_left = ctx.bytes_left - size
+    if size > src.est then src.est = size end
+    payload = {token}
   end
   local out, n = ctx.out, #ctx.out
   out[n + 1], out[n + 2], out[n + 3], out[n + 4] = i, id, count, payload

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ...broker import Broker, Delay
+from ...broker import PAGE, Broker, Delay
 from ...leases import consumer_expiry_ms
 from ...options import DEFAULTS, ms
 from ...scripts import SCRIPTS, Call
@@ -19,6 +19,7 @@ ENTRY_ID = '<ENTRY-ID>'
 PAYLOAD = '<PAYLOAD: a Kombu message envelope (JSON)>'
 TASK_ID = '<TASK-ID>'
 REASON = '<REASON>'
+LAST_ID = '<LAST-ID>'
 #: The consumer a ``read`` line reads as, and the ack, requeue and deadletter lines settle
 #: as (only what it owns, as a channel does).
 CALL_CONSUMER = 'kombu-streams-cli'
@@ -111,7 +112,8 @@ def _delete(b: Broker, queue: str, expires: int) -> Built:
     return b.delete_call(queue), (
         'unlinks the streams (every message: ready, delayed or in flight), wake marker, '
         'ready index and delayed keys; the dead-letter stream only when it is empty: dead '
-        'letters stay (kombu-streams dlq purge first)')
+        'letters stay, and so does the big messages\' hash with them (kombu-streams dlq '
+        'purge first)')
 
 
 def _cancel(b: Broker, queue: str, expires: int) -> Built:
@@ -126,6 +128,10 @@ CALLS: dict[str, Callable[[Broker, str, int], Built]] = {
     'deadletter': _deadletter, 'reclaim': _reclaim, 'purge': _purge, 'delete': _delete,
     'cancel': _cancel, 'touch': _touch,
     'redrive': lambda b, q, _: (b.redrive_call(q, 1), 'the oldest dead letter'),
+    'dlq_purge': lambda b, q, _: (b.dlq_purge_call(q, LAST_ID, PAGE),
+                                  f'dead letters up to id {LAST_ID} (inclusive), at most '
+                                  f'{PAGE}: replace {LAST_ID}, repeat while the second value '
+                                  f'of its reply is 1'),
     'scheduled': lambda b, q, _: (b.scheduled_call(q)[0], 'the 10 earliest, no bodies'),
     'peek': lambda b, q, _: (b.peek_call(q)[0], 'the next 10, from the start'),
     'inspect': lambda b, q, _: (b.inspect_call(q)[0], 'read-only'),
@@ -157,4 +163,5 @@ def queue_call(broker: Broker, name: str, queue: str, expires: int | None = None
     return CALLS[name](broker, queue, expires or 0)
 
 
-__all__ = ('CALLS', 'queue_call', 'CALL_CONSUMER', 'ENTRY_ID', 'PAYLOAD', 'TASK_ID', 'REASON')
+__all__ = ('CALLS', 'queue_call', 'CALL_CONSUMER', 'ENTRY_ID', 'PAYLOAD', 'TASK_ID', 'REASON',
+           'LAST_ID')

@@ -16,15 +16,25 @@ from ..messages import body_text, describe, summarize
 from ..render import age, emit, entry_age, table
 
 
-def letter(entry_id: Any, fields: dict[Any, Any], now_ms: int) -> dict[str, Any]:
-    """One dead letter: where it came from and why, and its message summarized."""
+def letter(entry_id: Any, fields: dict[Any, Any], now_ms: int,
+           broker: Broker | None = None, queue: str = '') -> dict[str, Any]:
+    """One dead letter: where it came from and why, and its message summarized. A big
+    message's letter holds its token (field r): with ``broker``, its body is fetched from
+    ``queue``'s big hash (field m then shows it); without, no message is shown."""
     f = {text(k): v for k, v in fields.items()}
     stream = text(f.get('stream', ''))
-    out = {'id': text(entry_id), 'age_ms': entry_age(text(entry_id), now_ms),
-           'reason': text(f.get('reason', '')), 'stream': stream,
-           'level': Keys.stream_level(stream),
-           'origin_id': text(f.get('id', '')), 'deliveries': int(f.get('deliveries', 0)),
-           'fields': {k[2:]: text(v) for k, v in f.items() if k.startswith('f:')}}
+    shown = {k[2:]: text(v) for k, v in f.items() if k.startswith('f:')}
+    out: dict[str, Any] = {
+        'id': text(entry_id), 'age_ms': entry_age(text(entry_id), now_ms),
+        'reason': text(f.get('reason', '')), 'stream': stream,
+        'level': Keys.stream_level(stream),
+        'origin_id': text(f.get('id', '')), 'deliveries': int(f.get('deliveries', 0)),
+        'fields': shown}
+    if 'f:m' not in f and 'f:r' in f and broker is not None:
+        body = broker.bodies(queue, [f['f:r']])[0]
+        if body is not None:
+            f['f:m'] = body
+            shown['m'] = text(body)
     out['message'] = summarize(f['f:m']) if 'f:m' in f else None
     return out
 
@@ -49,7 +59,7 @@ def cmd_dlq_show(args: argparse.Namespace, broker: Broker) -> int:
     if not found:
         raise Failure(f'no dead letter {args.id} in queue {args.queue!r}', NOT_FOUND)
     entry_id, fields = found[0]
-    d = letter(entry_id, fields, info['time_ms'])
+    d = letter(entry_id, fields, info['time_ms'], broker, args.queue)
     if d['message'] is not None:  # show the whole body here, not a preview
         d['message']['body'] = body_text(d['fields']['m'])
     lines = [f"{k}: {d[k]}" for k in ('id', 'reason', 'stream', 'origin_id', 'deliveries')]
