@@ -100,6 +100,20 @@ class Calls:
             flat += [streams.index(stream) + 1, entry_id, *extra]
         return streams, flat
 
+    @staticmethod
+    def _ack_args(entries: Iterable[tuple[Any, ...]]) -> tuple[list[str], list[Any]]:
+        """(streams, [k, id, k, id, ...]) for acks given as (stream key, id[, trusted]): k
+        is the stream's index, negative for an ack the consumer knows it may make without
+        the ownership lookup (see ack.lua and InFlight.surely_held)."""
+        streams: list[str] = []
+        flat: list[Any] = []
+        for stream, entry_id, *trusted in entries:
+            if stream not in streams:
+                streams.append(stream)
+            k = streams.index(stream) + 1
+            flat += [-k if trusted and trusted[0] else k, entry_id]
+        return streams, flat
+
     def layout_call(self, watch: bool = False) -> Call:
         """The layout call: the check at a channel's start (an older layout this release
         reads, READS_LAYOUTS, is recorded as LAYOUT), or the lease keeper's ``watch``."""
@@ -269,12 +283,12 @@ class Calls:
     def read_call(self, sources: Sequence[Source], consumer: str, count: int,
                   max_deliveries: int = 0, ttls: dict[str, int] | None = None,
                   modes: dict[Source, str] | None = None,
-                  acks: Sequence[tuple[str, Any]] = (), max_bytes: int = READ_BYTES,
+                  acks: Sequence[tuple[Any, ...]] = (), max_bytes: int = READ_BYTES,
                   hints: Mapping[Source, int] | None = None
                   ) -> tuple[Call, Callable[[list[Any]], ReadResult]]:
         """The read call for ``sources`` (see :meth:`sources`), each read as ``modes`` says
         (READ, POPPED, GATED or WALK; READ by default), and the function that decodes its
-        reply. ``acks``: (stream key, entry id) of messages ``consumer`` acks in the same
+        reply. ``acks``: (stream key, entry id[, trusted]) of messages ``consumer`` acks in the same
         call (only those it still owns are acked, as :meth:`ack_call` says); each stream
         must be one of a queue source's own (see :meth:`ack_merges`). ``max_bytes``: the
         call's byte budget (one message bigger than it is still delivered, alone); ``hints``:
@@ -305,8 +319,9 @@ class Calls:
         args += [index[src] for _, src, _ in streams]
         position = {key: i + 1 for i, (key, (_, ex), _) in enumerate(streams) if not ex}
         args.append(len(acks))
-        for stream, entry_id in acks:
-            args += [position[stream], entry_id]
+        for stream, entry_id, *trusted in acks:
+            k = position[stream]
+            args += [-k if trusted and trusted[0] else k, entry_id]
 
         def parse(reply: list[Any]) -> ReadResult:
             status, problems, aside, dues = text(reply[0]), reply[1], reply[2], reply[3]
@@ -340,15 +355,16 @@ class Calls:
                  exchange: str | None = None, consumer: str = ANY_OWNER,
                  big: bool = False) -> Call | None:
         """The ack call, or None when there is nothing to ack. ``consumer``: only entries it
-        still owns are acked (a channel's own name); ANY_OWNER: whoever owns them. ``big``:
+        still owns are acked (a channel's own name; an entry given as (stream, id, True) is one
+        it surely still owns, acked without looking); ANY_OWNER: whoever owns them. ``big``:
         the entries may be big messages', whose bodies go with them (each entry is looked
         up: a channel sends only its big messages' acks so, see ack.lua)."""
         if exchange:  # fanout messages are never stored apart
-            ids = [entry_id for _, entry_id in entries]
+            ids = [entry_id for _, entry_id, *_ in entries]
             if not ids:
                 return None
             return SCRIPTS['fanout_ack'], [self.keys.fanout(exchange)], [queue, consumer, *ids]
-        streams, pairs = self._entry_args(entries)
+        streams, pairs = self._ack_args(entries)
         if not pairs:
             return None
         if big:

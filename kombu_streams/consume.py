@@ -182,7 +182,7 @@ class Consuming(virtual.Channel):
                     break
                 read, parse = self.broker.read_call(
                     group, self.consumer_name, credit, self.max_deliveries, self._expires,
-                    modes, [(stream, entry_id) for _, stream, entry_id in merged],
+                    modes, [(stream, entry_id, trusted) for _, stream, entry_id, trusted in merged],
                     max_bytes=budget, hints=self.plan.sizes)
                 merged = []
                 sent_at = monotonic()  # the leases start when the read runs, not after

@@ -123,7 +123,7 @@ class Leases:
         msg = ch.consumer_state.get(tag)
         if msg is None or msg.lost:
             return False  # dropped: its lease was lost
-        if monotonic() - msg.leased_at < ch.visibility_timeout / 2:
+        if msg.surely_held(ch.visibility_timeout, monotonic()):
             return True
         started = monotonic()
         lost = ch.broker.renew(msg.queue, ch.consumer_name, [(msg.stream, msg.entry_id)])

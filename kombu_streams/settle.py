@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from time import monotonic
 from typing import Any
 
 from kombu.transport import virtual
@@ -106,17 +107,20 @@ class Settling(virtual.Channel):
             transport.leases.acks_waiting()  # sent within ACK_DELAY at the latest
 
     def _ack_calls(self, mergeable: set[str] | frozenset[str] = frozenset()
-                   ) -> tuple[list[InFlight], list[Call], list[tuple[str, str, bytes]]]:
+                   ) -> tuple[list[InFlight], list[Call], list[tuple[str, str, bytes, bool]]]:
         """Take the deferred acks: (the acks, script calls: one per source and CHUNK acks,
-        and the (queue, stream, id) of those on ``mergeable`` streams, at most CHUNK, which ride
-        inside the next read call instead). A caller whose calls fail puts the acks back."""
+        and the (queue, stream, id, trusted) of those on ``mergeable`` streams, at most CHUNK,
+        which ride inside the next read call instead). A caller whose calls fail puts the
+        acks back."""
         taken = self.consumer_state.take_acks()
-        merged: list[tuple[str, str, bytes]] = []
+        merged: list[tuple[str, str, bytes, bool]] = []
         alone: list[InFlight] = []
+        lease, now = self.visibility_timeout, monotonic()
         for msg in taken:
             if (msg.stream in mergeable and msg.exchange is None and not msg.big
                     and len(merged) < CHUNK):
-                merged.append((msg.queue, msg.stream, msg.entry_id))
+                merged.append((msg.queue, msg.stream, msg.entry_id,
+                               msg.surely_held(lease, now)))
             else:
                 alone.append(msg)
         calls: list[Call] = []
@@ -128,17 +132,17 @@ class Settling(virtual.Channel):
         """The ack calls for ``msgs`` of one source: big messages in calls of their own,
         which free their bodies (never riding with a read), so ordinary acks cost nothing
         more."""
-        me = self.consumer_name
-        plain = [(m.stream, m.entry_id) for m in msgs if not m.big]
-        big = [(m.stream, m.entry_id) for m in msgs if m.big]
+        me, lease, now = self.consumer_name, self.visibility_timeout, monotonic()
+        plain = [(m.stream, m.entry_id, m.surely_held(lease, now)) for m in msgs if not m.big]
+        big = [(m.stream, m.entry_id, m.surely_held(lease, now)) for m in msgs if m.big]
         return (self.broker.ack_calls(queue, plain, exchange, me)
                 + self.broker.ack_calls(queue, big, exchange, me, big=True))
 
-    def _merged_calls(self, merged: list[tuple[str, str, bytes]]) -> list[Call]:
+    def _merged_calls(self, merged: list[tuple[str, str, bytes, bool]]) -> list[Call]:
         """Ack calls for acks that were to ride with a read that did not run."""
-        by_queue: dict[str, list[tuple[str, bytes]]] = {}
-        for queue, stream, entry_id in merged:
-            by_queue.setdefault(queue, []).append((stream, entry_id))
+        by_queue: dict[str, list[tuple[str, bytes, bool]]] = {}
+        for queue, stream, entry_id, trusted in merged:
+            by_queue.setdefault(queue, []).append((stream, entry_id, trusted))
         return [c for q, entries in by_queue.items()
                 for c in self.broker.ack_calls(q, entries, None, self.consumer_name)]
 

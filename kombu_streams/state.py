@@ -48,6 +48,14 @@ class InFlight:
     leased_at: float = field(default_factory=monotonic)
     #: a renewal found its lease lost: never to be handed out, never renewed again
     lost: bool = False
+
+    def surely_held(self, lease: float, now: float) -> bool:
+        """Whether this consumer surely still owns the message at ``now`` (monotonic): read
+        or renewed less than half a ``lease`` (seconds) ago by its own clock. No reclaim
+        takes an entry before it was idle a whole lease, so nobody can have taken it; the
+        half leaves room for clocks and a stalled thread. Settling such a message needs no
+        ownership lookup in Redis (ack.lua's trusted acks)."""
+        return not self.lost and now - self.leased_at < lease / 2
     #: a big message (its body in the queue's big hash): its ack frees the body, in an ack
     #: call of its own (ordinary acks cost no command more for it)
     big: bool = False

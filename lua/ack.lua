@@ -8,15 +8,17 @@ ARGV[2]     consumer name: only entries it still owns are acked; one whose lease
             (operators)
 ARGV[3]     optional "b": free the bodies of big messages among the entries deleted (each
             entry is looked up first); the pairs then start at ARGV[4]
-ARGV[3..]   pairs: stream index k (1..n), entry id
+ARGV[3..]   pairs: stream index k (1..n), entry id; -k: the consumer knows it still owns
+            the entry (read or renewed less than half a lease ago by its clock): acked
+            without the ownership lookup
 Reply:      {acked, not owned}: entries that were pending and are now acked; entries (each
             counted once) this consumer no longer owns, left alone (0 for '')
 Errors:     "ack: expected ..." for another layout; WRONGTYPE (every stream, and the big
             hash, is checked before the first write)
 Minimum Redis: 6.2. Cost: O(ids) in one XACK and one XDEL per stream and 1,000 ids, plus
 XINFO GROUPS when some id was not pending; for a consumer, one XPENDING per stream of its
-own entries from the lowest to the highest id (paged; this is also the type check), for ''
-a TYPE per stream. With "b", an XRANGE per entry acked (it copies the entry: the channel
+own entries from the lowest to the highest id (paged; this is also the type check) unless
+all its ids are trusted (-k), for '' a TYPE per stream. With "b", an XRANGE per entry acked (it copies the entry: the channel
 sends only big messages' entries this way, a field r each) and one HDEL. Acking twice is
 harmless; only delivered entries are deleted, and only the bodies of entries this call
 deleted are freed. See docs/design.rst (Leases, Big messages).
@@ -30,27 +32,25 @@ local bad = check_args('ack', n >= 1, #ARGV >= first + 1 and (#ARGV - first) % 2
                        'stream index, id')
 if bad then return bad end
 local group, me = ARGV[1], ARGV[2]
-local by_stream, order = {}, {}
-for j = first, #ARGV, 2 do
-  local k = tonumber(ARGV[j])
-  if k == nil or k < 1 or k > n or KEYS[k] == nil then
-    return check_args('ack', true, false, 'a stream index 1..' .. n .. ' at ARGV[' .. j .. ']')
-  end
-  if not by_stream[k] then
-    by_stream[k] = {}
-    order[#order + 1] = k
-  end
-  local ids = by_stream[k]
-  ids[#ids + 1] = ARGV[j + 1]
+local pairs_of, order, at = ack_pairs(first, n)
+if not pairs_of then
+  return check_args('ack', true, false, 'a stream index 1..' .. n .. ' at ARGV[' .. at ..
+                    '] (negative: trusted)')
 end
 -- every stream is looked at before the first write (see wrong_type): a WRONGTYPE after some
--- XACKs would leave half a call done
+-- XACKs would leave half a call done. The ownership lookup (XPENDING) is that look; a stream
+-- with trusted acks only gets a TYPE when another stream comes before or after it (alone,
+-- its XACK is the first write, and fails alone).
 local stale = 0
 local wrong = big and wrong_type(KEYS[#KEYS], 'hash')
 if wrong then return redis.error_reply(wrong) end
+local by_stream = {}
 for _, k in ipairs(order) do
-  local owned, lost, err = owned_ids(KEYS[k], group, me, by_stream[k])
-  err = err or (me == '' and wrong_type(KEYS[k], 'stream'))
+  local owned, lost, err = ackable(KEYS[k], group, me, pairs_of[k])
+  local unlooked = me == '' or #pairs_of[k][1] == 0
+  if not err and unlooked and (me == '' or #order > 1) then
+    err = wrong_type(KEYS[k], 'stream')
+  end
   if err then return redis.error_reply(err) end
   by_stream[k], stale = owned, stale + lost
 end

@@ -36,9 +36,9 @@ ARGV[7+5q]      size hint of source q: the bytes the caller expects of its large
                 unknown, the first batch is one entry); sizes the call's first batch of it
 ARGV[7+5Q+i]    the source (1..Q) of stream i
 ARGV[8+5Q+S]    A: the number of acks that ride along (0: none), then A pairs: stream index
-                i (a queue's own stream, never a fanout one), entry id; they are acked
-                before anything is read, as ack.lua does for consumer ARGV[1] (one round
-                trip, one call): only those it still owns
+                i (a queue's own stream, never a fanout one; -i: trusted, see ack.lua),
+                entry id; they are acked before anything is read, as ack.lua does for
+                consumer ARGV[1] (one round trip, one call): only those it still owns
 Reply: {status, problems, aside, dues, unsettled, then per delivered message, in delivery
        order: stream index i, entry id, delivery count, payload}; the payload of a big
        message is {token}: the caller fetches its body from KEYS[S+6q] (HGET)
@@ -58,7 +58,8 @@ up (an EXISTS of the marker in mode 'm', SMEMBERS of the index), then commands o
 streams the index names: O(COUNT + entries set aside), one XREADGROUP per stream while the
 caller's size hint holds; a walk adds an XLEN per stream, moving due delayed messages at
 most PROMOTE (500) and BYTES of them (an HSTRLEN each); a big message adds an HSTRLEN;
-acks that ride along add one XPENDING per stream (ownership, see ack.lua). Never blocks.
+acks that ride along add one XPENDING per stream (ownership, see ack.lua) unless all of the
+stream's are trusted. Never blocks.
 Phases: lua/lib/serve.lua. See docs/design.rst (Wake-ups, The ready index, Leases, Delivery
 counts and dead letters, Delayed delivery, Reads bounded by bytes, Big messages).
 ]]

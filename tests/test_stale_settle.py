@@ -204,9 +204,13 @@ def test_operators_settle_whoever_owns_the_entry(script_client, kind):
     assert pel(c, key, 'q').get(x) == ((HOLDER, 1) if kind == 'requeue' else None)
 
 
-@pytest.mark.parametrize('consumer', [A, ANY_OWNER], ids=['consumer', 'any-owner'])
-def test_ack_checks_every_stream_type_before_its_first_write(script_client, consumer):
-    """An ack of entries in two streams, the second holding another type: nothing acked."""
+@pytest.mark.parametrize('consumer,trusted', [(A, False), (A, True), (ANY_OWNER, False)],
+                         ids=['consumer', 'trusted', 'any-owner'])
+def test_ack_checks_every_stream_type_before_its_first_write(script_client, consumer,
+                                                             trusted):
+    """An ack of entries in two streams, the second holding another type: nothing acked
+    (trusted acks skip the ownership lookup, which is also the type check, so they get a
+    TYPE instead when the call spans streams)."""
     c = script_client
     b = broker(c)
     b.declare('q')
@@ -215,9 +219,34 @@ def test_ack_checks_every_stream_type_before_its_first_write(script_client, cons
     c.delete(K.stream('q', 3))
     c.set(K.stream('q', 3), b'someone else')
     with pytest.raises(KeyTypeError):
-        b.ack('q', [(K.stream('q', 0), x), (K.stream('q', 3), b'1-1')], None, consumer)
+        b.ack('q', [(K.stream('q', 0), x, trusted), (K.stream('q', 3), b'1-1', trusted)],
+              None, consumer)
     assert pel(c, K.stream('q', 0), 'q') == {x: (A, 1)}
     assert [i for i, _ in c.xrange(K.stream('q', 0))] == [x]
+
+
+@pytest.mark.parametrize('kind', ['ack', 'riding-ack'])
+def test_a_trusted_ack_is_made_without_the_ownership_lookup(script_client, kind):
+    """An ack the consumer marks trusted (its lease surely holds: InFlight.surely_held) is
+    made without looking the entry up: the flag is what spares the XPENDING. Shown by an
+    entry B took over: A's trusted ack acks it (a consumer only trusts an ack when no
+    reclaim can have happened), where A's looked-up ack leaves it to B."""
+    c = script_client
+    x, y, z = stolen_queue(c)
+    key = K.stream('q', 0)
+    got = settle(c, kind, A, [(key, z, True), (key, x, True)])
+    assert got == ({} if kind == 'riding-ack' else 2)
+    assert pel(c, key, 'q') == {y: (B, 1)}
+    assert [i for i, _ in c.xrange(key)] == [y]
+
+
+def test_trusted_and_looked_up_acks_in_one_call(script_client):
+    """In one call: z (A's, trusted) is acked, x (B's, looked up) is left to B."""
+    c = script_client
+    x, y, z = stolen_queue(c)
+    key = K.stream('q', 0)
+    assert broker(c).ack('q', [(key, z, True), (key, x, False)], None, A) == 1
+    assert pel(c, key, 'q') == {x: (B, 1), y: (B, 1)}
 
 
 # -- through Kombu, on a real server -------------------------------------------------------
@@ -320,3 +349,55 @@ def test_a_closed_channel_leaves_its_groups(redis_url, redis_client):
                 assert name.encode() not in names and name not in names
         fresh = queue(conn.channel())
         assert fresh.get() is not None  # the message held at close came back
+
+
+@pytest.mark.parametrize('prefetch', [1, 100])
+def test_a_channel_trusts_only_acks_whose_lease_surely_holds(redis_url, redis_client,
+                                                             prefetch, monkeypatch):
+    """A message acked soon after its read is acked without the ownership lookup (every
+    ack the channel sends, alone or riding in a read, is marked trusted); one whose read or
+    renewal is more than half a lease old (a process stopped that long) is looked up, and
+    a stale one is left to its new owner."""
+    sent: list[tuple] = []  # every ack the channel hands to the call builders
+    read_call, ack_args = Broker.read_call, Broker._ack_args
+
+    def spy_read(self, *args, **kwargs):
+        sent.extend(kwargs.get('acks', ()) or (args[6] if len(args) > 6 else ()))
+        return read_call(self, *args, **kwargs)
+
+    def spy_ack_args(entries):
+        entries = list(entries)
+        sent.extend(entries)
+        return ack_args(entries)
+
+    monkeypatch.setattr(Broker, 'read_call', spy_read)
+    monkeypatch.setattr(Broker, '_ack_args', staticmethod(spy_ack_args))
+    url = redis_url.replace('redis://', 'redis-streams://', 1)
+    queue = Queue('trust', routing_key='trust')
+    key = K.stream('trust', 0)
+    with Connection(url) as conn:
+        producer = conn.Producer()
+        for i in range(5):
+            producer.publish({'i': i}, routing_key='trust', declare=[queue])
+        got = []
+        with conn.Consumer([queue], callbacks=[lambda body, m: (got.append(body), m.ack())],
+                           prefetch_count=prefetch):
+            while len(got) < 5:
+                conn.drain_events(timeout=5)
+        conn.default_channel.flush_acks()
+        assert redis_client.xlen(key) == 0
+        assert len({entry[1] for entry in sent}) == 5
+        assert all(len(entry) == 3 and entry[2] is True for entry in sent), sent
+
+        sent.clear()
+        producer.publish({'i': 'old'}, routing_key='trust')
+        channel = conn.channel()
+        message = queue(channel).get(no_ack=False)
+        msg = channel.consumer_state.get(message.delivery_tag)
+        msg.leased_at -= channel.visibility_timeout  # as if stopped for a whole lease
+        (entry_id,) = [i for i, _ in redis_client.xrange(key)]
+        take_over(redis_client, key, 'trust', entry_id)
+        message.ack()
+        channel.flush_acks()
+        assert [entry[2] for entry in sent] == [False]
+        assert pel(redis_client, key, 'trust') == {entry_id: (B, 1)}  # left to B

@@ -250,3 +250,35 @@ local function owned_ids(key, group, consumer, ids)
   end
   return owned, left, nil
 end
+
+-- Ack pairs in ARGV[FIRST..] (stream index k, entry id), by stream: {ids to look up, ids
+-- trusted} per k, and the ks in first-seen order; nil and the offending ARGV position when a
+-- k is not an index 1..N. A negative k marks an entry the consumer knows it still owns: by
+-- its own clock it read or renewed it less than half a lease ago, so no reclaim can have
+-- taken it (docs/design.rst, "Leases"); it is acked without the ownership lookup.
+local function ack_pairs(first, n)
+  local by, order = {}, {}
+  for j = first, #ARGV, 2 do
+    local k = tonumber(ARGV[j])
+    local trusted = k ~= nil and k < 0
+    if trusted then k = -k end
+    if k == nil or k < 1 or k > n or k % 1 ~= 0 then return nil, nil, j end
+    if not by[k] then
+      by[k] = {{}, {}}
+      order[#order + 1] = k
+    end
+    local ids = by[k][trusted and 2 or 1]
+    ids[#ids + 1] = ARGV[j + 1]
+  end
+  return by, order
+end
+
+-- The ids of BY (one stream's entry of ack_pairs) CONSUMER may ack: the trusted ones and
+-- those of the others it still owns (owned_ids), how many it does not own, or an error.
+local function ackable(key, group, consumer, by)
+  local owned, lost, err = {}, 0, nil
+  if #by[1] > 0 then owned, lost, err = owned_ids(key, group, consumer, by[1]) end
+  if err then return nil, 0, err end
+  for _, id in ipairs(by[2]) do owned[#owned + 1] = id end
+  return owned, lost, nil
+end

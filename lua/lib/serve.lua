@@ -75,21 +75,17 @@ local function load_sources(S, Q)
 end
 
 -- Ack the (stream index, entry id) pairs in ARGV[FIRST..], by stream, as ack.lua does: only
--- those the consumer still owns; the others are counted per source in ctx.unsettled. A
+-- those the consumer still owns (or trusts it owns: a negative index, see ack_pairs); the others are counted per source in ctx.unsettled. A
 -- stream holding another type is a problem of its source only.
 local function ride_acks(ctx, of, first)
-  local acks, order = {}, {}
-  for j = first, #ARGV, 2 do
-    local i = tonumber(ARGV[j])
-    if not acks[i] then
-      acks[i] = {}
-      order[#order + 1] = i
-    end
-    acks[i][#acks[i] + 1] = ARGV[j + 1]
+  local by, order, at = ack_pairs(first, #of)
+  if not by then  -- before anything is written: the whole call fails, and says why
+    error({err = 'read: expected a stream index 1..' .. #of .. ' at ARGV[' .. at ..
+                 '] (negative: trusted)'})
   end
   for _, i in ipairs(order) do
     local src = of[i]
-    local owned, lost, err = owned_ids(KEYS[i], src.group, ctx.consumer, acks[i])
+    local owned, lost, err = ackable(KEYS[i], src.group, ctx.consumer, by[i])
     if owned then
       if lost > 0 then ctx.unsettled[src.q] = (ctx.unsettled[src.q] or 0) + lost end
       local ok, aerr = pcall(ack_ids, KEYS[i], src.group, owned)
