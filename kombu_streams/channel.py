@@ -26,6 +26,7 @@ from .broker import (
 )
 from .connection import socket_timeout
 from .consume import Consuming
+from .envelope import decoder as envelope_decoder
 from .errors import ChannelClosed
 from .keys import Keys
 from .leases import Leases
@@ -101,6 +102,7 @@ class Channel(Consuming, Settling, Publishing, Bindings):
         self._bytes_cut = False
         self._no_ack_queues: set[str] = set()
         self._tags = count(1)
+        self._decode_envelope = envelope_decoder()
         salt = uuid4().hex[:8]
         #: delivery tags are f'{channel id}.{n}.{salt}': unique per channel, one uuid per channel
         self._tag_suffix = f'.{salt}'

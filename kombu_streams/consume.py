@@ -10,7 +10,6 @@ from typing import Any
 
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
 
 from .broker import (
     READ,
@@ -283,7 +282,7 @@ class Consuming(virtual.Channel):
 
     def _decode(self, d: Delivery) -> dict[str, Any] | None:
         try:
-            message = loads(bytes_to_str(d.payload))
+            message = self._decode_envelope(bytes_to_str(d.payload))
             check_envelope(message, self.decode_body)
             props = message['properties']
             info = props.setdefault('delivery_info', {})

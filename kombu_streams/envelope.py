@@ -17,6 +17,16 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
+from kombu.utils.json import object_hook
+
+
+def decoder() -> Callable[[str], Any]:
+    """A decoder of envelopes, as Kombu's ``loads`` decodes them (its ``object_hook``
+    restores the types Kombu's ``dumps`` wrote), with the ``JSONDecoder`` made once:
+    ``json.loads`` with an ``object_hook`` makes a new one per call, some 6% of a consumer's
+    time at prefetch 100. One per channel, for its consuming thread."""
+    return json.JSONDecoder(object_hook=object_hook).decode
+
 
 class Unfit(ValueError):
     """An envelope a consumer cannot take; the message says why."""
