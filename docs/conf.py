@@ -31,4 +31,6 @@ nitpick_ignore_regex = [
 ]
 autodoc_typehints = 'none'  # signatures stay short; the docstrings say what a value is
 autodoc_member_order = 'bysource'
-pygments_style = 'sphinx'
+# Literal blocks (``::``) are key layouts, tables and synopses, not Python: no guessing.
+# Examples are code-block directives with a language (tests/test_docs_examples.py runs them).
+highlight_language = 'none'
