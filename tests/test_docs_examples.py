@@ -15,8 +15,10 @@ namespace per page (an example may use what an earlier one on the page made):
   ``kombu_streams.cli.main``) and must exit 0; its shown output is checked for shape: the
   same lines, each the same once every word that holds a digit (counts, ages, ids, SHAs) is
   masked. Any other command in a console block fails: show it in a ``shell`` block.
-* ``shell`` and ``text`` blocks are shown, not run (a worker to start, a scrape with curl,
-  an help text); any other language fails, so a new kind of example gets decided on here.
+* ``shell`` blocks: a ``celery -A APP worker ...`` line starts that worker (in the page's
+  directory, stopped when the page ends), so a later example can wait for its result; other
+  shell lines (an install, a scrape with curl) are shown, not run. ``text`` blocks are shown
+  only; any other language fails, so a new kind of example gets decided on here.
 
 The docs write Redis as ``127.0.0.1:6379``: that is replaced by the test server's address.
 Each page's test prints how many examples ran.
@@ -28,6 +30,8 @@ import doctest
 import os
 import re
 import shlex
+import signal
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -44,6 +48,7 @@ PAGES = [*sorted((ROOT / 'docs').rglob('*.rst')), ROOT / 'README.rst']
 DOCS_REDIS = '127.0.0.1:6379'
 RUN = ('python', 'pycon', 'console')
 SHOWN = ('shell', 'text')
+WORKER = re.compile(r'celery -A \S+ worker\b')
 FILE_LINE = re.compile(r'#\s*([\w/]+\.py)\s*$')
 
 
@@ -103,6 +108,7 @@ class Page:
                  capsys: pytest.CaptureFixture[str]) -> None:
         self.page, self.address, self.folder, self.capsys = page, address, folder, capsys
         self.namespace: dict[str, Any] = {'__name__': '__docs__'}
+        self.workers: list[tuple[subprocess.Popen[bytes], Path]] = []
 
     def local(self, text: str) -> str:
         return text.replace(DOCS_REDIS, self.address).replace('/tmp/flat',
@@ -142,6 +148,38 @@ class Page:
             have = [skeleton(s) for s in got.splitlines() if s.strip()]
             assert have == want, (f'{example.where}: $ {command}: output of another shape\n'
                                   'shown:\n' + '\n'.join(shown) + '\ngot:\n' + got)
+
+
+    def shell(self, example: Example) -> int:
+        """Start the Celery workers the block shows; returns how many."""
+        started = 0
+        for line in example.code.splitlines():
+            if not WORKER.match(line):
+                continue
+            log = self.folder / f'worker-{len(self.workers)}.log'
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [str(self.folder), os.environ.get('PYTHONPATH', '')]))
+            with open(log, 'wb') as out:
+                proc = subprocess.Popen([sys.executable, '-m', *shlex.split(self.local(line))],
+                                        cwd=self.folder, env=env, stdout=out,
+                                        stderr=subprocess.STDOUT)
+            self.workers.append((proc, log))
+            started += 1
+        return started
+
+    def stop_workers(self) -> str:
+        """Stop the workers this page started (by pid); their logs, for a failure."""
+        logs = []
+        for proc, log in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            logs.append(log.read_text(errors='replace')[-3000:])
+        return '\n'.join(logs)
 
 
 def runnable(page: Path) -> list[Example]:
@@ -186,16 +224,27 @@ def test_the_examples_of_a_page_run(page: Path, page_env: str, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     runner = Page(page, page_env, tmp_path, capsys)
     counts = dict.fromkeys(RUN, 0)
-    for example in runnable(page):
-        getattr(runner, example.lang)(example)
-        counts[example.lang] += 1
+    workers = 0
+    try:
+        for example in examples(page):
+            if example.lang == 'shell':
+                workers += runner.shell(example)
+            elif example.lang in RUN:
+                getattr(runner, example.lang)(example)
+                counts[example.lang] += 1
+    except BaseException:
+        print('worker logs:', runner.stop_workers())
+        raise
+    finally:
+        runner.stop_workers()
     ran = sum(counts.values())
     assert ran == len(runnable(page))
     shown = len(examples(page)) - ran
     with capsys.disabled():
         print(f'\ndocs examples: {page.relative_to(ROOT)}: {ran} ran ('
               + ', '.join(f'{lang} {n}' for lang, n in counts.items())
-              + f'), {shown} shown only')
+              + f'), {shown} shown only'
+              + (f', of which {workers} started a Celery worker' if workers else ''))
 
 
 def test_the_docs_have_examples_of_each_kind(capsys: pytest.CaptureFixture[str]) -> None:
@@ -211,6 +260,8 @@ def test_the_docs_have_examples_of_each_kind(capsys: pytest.CaptureFixture[str])
     names = {p.name for p in PAGES_WITH_EXAMPLES}
     assert {'getting-started.rst', 'switching.rst', 'guide.rst', 'operations.rst',
             'options.rst', 'README.rst'} <= names, names
+    workers = [e.where for e in every if e.lang == 'shell' and WORKER.search(e.code)]
+    assert any('getting-started.rst' in where for where in workers), workers
 
 
 def test_shapes_mask_numbers_but_not_words() -> None:
