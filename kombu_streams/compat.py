@@ -1,9 +1,9 @@
 """Differences between the Kombu and redis-py releases kombu-streams supports, in one place.
 
-Supported: Kombu 5.3.0 to 5.7.x and redis-py 4.6 to 8.x (README, "Supported versions"). Each
-difference is found by looking for the feature itself (an attribute, an import, a signature),
-never by comparing version strings: a backport, a patched distribution package or a release we
-have not seen then still gets the right branch.
+Supported: Kombu 5.3.0 to 5.7.x and redis-py 4.6 to 8.x (docs/getting-started.rst,
+"Supported versions"). Each difference is found by looking for the feature itself (an
+attribute, an import, a signature), never by comparing version strings: a backport, a
+patched distribution package or a release we have not seen then still gets the right branch.
 """
 
 from __future__ import annotations

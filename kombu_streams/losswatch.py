@@ -60,7 +60,8 @@ class LossWatch:
                      '%sks:layout this process saw is gone (a restart without persistence, '
                      'FLUSHDB/FLUSHALL, a failover to a replica that had not synced, or '
                      'eviction: see maxmemory-policy). Messages may have been lost; Redis '
-                     'settings that avoid it are in README.rst, "Reliability".', prefix, prefix)
+                     'settings that avoid it are in the docs, "Reliability and Redis '
+                     'settings".', prefix, prefix)
         for queue in queues[:NAMED]:
             logger.error('kombu-streams: queue %r may have lost messages (Redis lost data)',
                          queue)

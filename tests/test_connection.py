@@ -4,7 +4,7 @@
   keeps consuming across ``SENTINEL FAILOVER`` while a producer keeps publishing.
 * TLS: ``rediss-streams://`` with Kombu's ``ssl`` argument and with the URL query form,
   against a server that also demands a client certificate; a wrong CA fails at once.
-* ACL: a user with only the permissions README.rst lists; a wrong password fails at once.
+* ACL: a user with only the permissions docs/guide.rst lists; a wrong password fails at once.
 * ``credential_provider``: as an object and as a dotted name in the transport options.
 * Unix socket: ``redis-streams+socket:///path``.
 * ``global_keyprefix``: every key on the server carries the prefix.
@@ -45,8 +45,9 @@ from kombu_streams.connection import make_pool, pool_id
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: The ACL rule README.rst documents: only what kombu-streams needs. Commands run by the Lua
-#: scripts are checked against the calling user too, hence the stream/zset/set commands.
+#: The ACL rule docs/guide.rst (Connecting) documents: only what kombu-streams needs. Commands
+#: run by the Lua scripts are checked against the calling user too, hence the stream/zset/set
+#: commands.
 ACL_RULE = (
     'resetkeys ~ks:* resetchannels -@all '
     '+@stream +zadd +zrem +zscore +zrange +zrangebyscore +zcard +bzpopmin '
@@ -377,9 +378,9 @@ def _denied(admin: redis.Redis, user: str) -> list[str]:
             and e.get('object') not in ('config|get', 'client|setinfo')]
 
 
-def test_readme_documents_the_acl_rule() -> None:
-    readme = ' '.join((ROOT / 'README.rst').read_text().split())
-    assert ACL_RULE in readme
+def test_the_docs_document_the_acl_rule() -> None:
+    guide = ' '.join((ROOT / 'docs' / 'guide.rst').read_text().split())
+    assert ACL_RULE in guide
 
 
 def test_acl_user_round_trip(plain_server: int, admin: redis.Redis,

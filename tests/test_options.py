@@ -1,8 +1,8 @@
 """The option table (kombu_streams/options.py) and everything derived from it.
 
 Each option is accepted at its default and refused, naming it, for a value of the wrong
-type; the Channel's defaults, types and from_transport_options are the table's; README.rst's
-option list is the generated one; unknown names are warned about once; and no duration option
+type; the Channel's defaults, types and from_transport_options are the table's; the docs'
+option reference is generated from it; unknown names are warned about once; and no duration option
 turns into 0 ms, which Redis reads as "forever" or "no wait".
 """
 
@@ -31,7 +31,9 @@ from kombu_streams.options import (
 )
 from kombu_streams.poller import MIN_BLOCK
 
-README = Path(__file__).resolve().parent.parent / 'README.rst'
+ROOT = Path(__file__).resolve().parent.parent
+#: The option reference: rendered from options.rst() when the docs are built.
+OPTIONS_PAGE = ROOT / 'docs' / 'reference' / 'options.rst'
 #: No server listens here: a Transport is made (and its options checked) without connecting.
 NOWHERE = 'redis-streams://127.0.0.1:1/0'
 #: The smallest positive float: the least a "positive number of seconds" accepts.
@@ -112,13 +114,15 @@ def test_the_pool_options_are_the_tables() -> None:
     assert 'max_connections' in POOL_OPTIONS and 'visibility_timeout' not in POOL_OPTIONS
 
 
-def test_readme_lists_the_options_as_the_table_says() -> None:
-    """The list in README.rst is generated (python -m kombu_streams.options --update
-    README.rst): a default or a rule written there by hand fails here."""
-    text = README.read_text(encoding='utf-8')
-    start, end = text.index(options.BEGIN), text.index(options.END) + len(options.END) + 1
-    assert text[start:end] == options.rst()
-    assert options.replace_block(text) == text
+def test_the_docs_render_the_options_from_the_table() -> None:
+    """The docs' option list is options.rst() rendered at build time (docs/_ext/ksdocs.py),
+    never a copy: a default or a rule written into a page or the README by hand fails here."""
+    page = OPTIONS_PAGE.read_text(encoding='utf-8')
+    assert page.count('.. kombu-streams-options::') == 1
+    for path in [ROOT / 'README.rst', *sorted((ROOT / 'docs').rglob('*.rst'))]:
+        text = path.read_text(encoding='utf-8')
+        for option in OPTIONS:
+            assert f'``{option.name}`` = ``' not in text, (path, option.name)
 
 
 def test_the_rst_command_prints_the_list(capsys: pytest.CaptureFixture[str]) -> None:
