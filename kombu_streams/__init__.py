@@ -11,9 +11,10 @@ and ``sentinels-streams://`` (Sentinel, TLS to the Redis servers) with Kombu, so
 
 from kombu.transport import TRANSPORT_ALIASES
 
+from .limits import QueueArgumentsDiffer, QueueFull
 from .transport import Transport
 
-__all__ = ('Transport', '__version__')
+__all__ = ('Transport', 'QueueFull', 'QueueArgumentsDiffer', '__version__')
 __version__ = '0.1.0'
 
 for _scheme in ('redis-streams', 'rediss-streams', 'redis-streams-cluster',

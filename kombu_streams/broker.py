@@ -36,6 +36,7 @@ from .calls import (
 )
 from .introspect import Introspection
 from .keys import LAYOUT, Keys
+from .limits import as_dict
 from .replies import Delivery, ReadResult, Ready, Reclaimed
 from .scripts import SCRIPTS, Call, run_after, run_calls
 from .state import Source
@@ -159,8 +160,16 @@ class Broker(Introspection):
         key = self.keys.big(queue)
         return [self.client.hget(key, token) for token in tokens]
 
-    def declare(self, queue: str) -> int:
-        return self.run(self.declare_call(queue))
+    def declare(self, queue: str, arguments: Sequence[str] = ()) -> int:
+        """Create the queue if needed; record ``arguments`` (as
+        :func:`~kombu_streams.limits.stored_pairs` gives them) or check them against those
+        recorded (:class:`~kombu_streams.limits.QueueArgumentsDiffer`)."""
+        return self.run(self.declare_call(queue, arguments))
+
+    def limits(self, queue: str, arguments: Sequence[str] | None = None) -> dict[str, Any]:
+        """The queue's recorded arguments; with ``arguments``, after replacing them by those
+        ([]: none)."""
+        return as_dict(self.run(self.limits_call(queue, arguments)))
 
     def leave(self, sources: Sequence[Source], consumer: str) -> int:
         """``consumer`` leaves the groups of ``sources`` where it owns nothing (leave.lua,

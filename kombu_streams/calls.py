@@ -129,15 +129,16 @@ class Calls:
         the message is due (see :class:`Delay`). ``token``: a big message, whose body
         (``payload``, not sent with this call) the same transaction stores in the queue's
         big hash under ``token`` (:meth:`store_big`)."""
-        keys = [self.keys.stream(queue, level), self.keys.wake(queue),
-                self.keys.stream(queue, self.levels[0]), self.keys.ready(queue)]
-        args: list[Any] = [payload if token is None else f'r:{token}', '1' if routed else '0']
-        if delay is not None:
-            keys += [self.keys.delayed(queue), self.keys.delayed_messages(queue)]
-            if delay.due:  # due now: no more arguments (the common case stays small)
-                args += [delay.due, delay.threshold_ms, delay.label]
+        k = self.keys
+        keys = [k.stream(queue, level), k.wake(queue), k.ready(queue), k.args(queue),
+                k.dlq(queue), k.delayed(queue), k.delayed_messages(queue),
+                *self.streams(queue)]
+        args: list[Any] = [payload if token is None else f'r:{token}', '1' if routed else '0',
+                           len(self.levels), queue, HOLDER, '0' if delay is None else '1']
+        if delay is not None and delay.due:  # due now: no more arguments (the common case)
+            args += [delay.due, delay.threshold_ms, delay.label]
         if token is not None:
-            keys.append(self.keys.big(queue))
+            keys.append(k.big(queue))
         return SCRIPTS['publish'], keys, args
 
     def store_big(self, queue: str, token: str, payload: str | bytes) -> tuple[Any, ...]:
@@ -152,8 +153,17 @@ class Calls:
         keys += [self.keys.fanout_wake(exchange, q) for q, _ in bindings]
         return SCRIPTS['fanout_publish'], keys, [payload, *(m for _, m in bindings)]
 
-    def declare_call(self, queue: str) -> Call:
-        return SCRIPTS['declare'], self.streams(queue), [queue]
+    def declare_call(self, queue: str, arguments: Sequence[str] = ()) -> Call:
+        """Declare ``queue`` with ``arguments`` as :func:`kombu_streams.limits.stored_pairs`
+        gives them (none: whatever the queue has recorded)."""
+        return (SCRIPTS['declare'], [*self.streams(queue), self.keys.args(queue)],
+                [queue, *arguments])
+
+    def limits_call(self, queue: str, arguments: Sequence[str] | None = None) -> Call:
+        """Show the queue's arguments (``arguments`` None), or replace them ([]: clear)."""
+        args = ['get'] if arguments is None else ['set', *arguments]
+        keys = [self.keys.args(queue), self.keys.stream(queue, self.levels[0])]
+        return SCRIPTS['limits'], keys, args
 
     def size_call(self, queue: str) -> Call:
         return SCRIPTS['size'], self.streams(queue), [queue, HOLDER]
@@ -168,8 +178,8 @@ class Calls:
     def delete_call(self, queue: str) -> Call:
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
                                       self.keys.delayed(queue),
-                                      self.keys.delayed_messages(queue), self.keys.big(queue),
-                                      self.keys.dlq(queue)]
+                                      self.keys.delayed_messages(queue), self.keys.args(queue),
+                                      self.keys.big(queue), self.keys.dlq(queue)]
         return SCRIPTS['delete'], keys, []
 
     def leave_call(self, queue: str, consumer: str, exchange: str | None = None) -> Call:
@@ -189,7 +199,8 @@ class Calls:
     def touch_call(self, queue: str, ttl_ms: int) -> Call:
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
                                       self.keys.delayed(queue),
-                                      self.keys.delayed_messages(queue), self.keys.big(queue)]
+                                      self.keys.delayed_messages(queue), self.keys.big(queue),
+                                      self.keys.args(queue)]
         return SCRIPTS['touch'], keys, [int(ttl_ms)]
 
     def bind_call(self, exchange: str, member: str, ttl_ms: int = 0,

@@ -13,6 +13,8 @@ client would only rewrite the first one).
                                      starts with the level it goes to, lua/lib/delay.lua)
     <prefix>ks:q:{<queue>}:delayed:m delayed messages: member -> message, or "r:<token>"
                                      for a big one (hash)
+    <prefix>ks:q:{<queue>}:args      queue arguments (hash: x-max-length, x-overflow):
+                                     kombu_streams/limits.py
     <prefix>ks:q:{<queue>}:big       big messages: token -> message (hash); their stream
                                      entries (and delayed values) hold the token instead
     <prefix>ks:x:{<exchange>}:bindings   routing table (set of "rk<sep>pattern<sep>queue")
@@ -42,11 +44,12 @@ from dataclasses import dataclass
 #: brings a migration; a client finding another version under its prefix refuses to run
 #: (lua/layout.lua, docs/design.rst "Key layout").
 #: 2: big messages (a queue's ``big`` hash, stream entries with field ``r``).
-LAYOUT = 2
+#: 3: queue arguments (a queue's ``args`` hash).
+LAYOUT = 3
 
 #: Older layouts whose keys this release reads as they are (each is a subset of LAYOUT): a
 #: prefix recorded with one of them is recorded as LAYOUT by the first channel.
-READS_LAYOUTS = (1,)
+READS_LAYOUTS = (1, 2)
 
 
 def glob_escape(text: str) -> str:
@@ -129,6 +132,10 @@ class Keys:
 
     def dlq(self, queue: str) -> str:
         return f'{self.queue_base(queue)}:dlq'
+
+    def args(self, queue: str) -> str:
+        """A queue's arguments (x-max-length...), read by every publish to it."""
+        return f'{self.queue_base(queue)}:args'
 
     def big(self, queue: str) -> str:
         """The bodies of a queue's big messages (``big_message_bytes``), by token."""

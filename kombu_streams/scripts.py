@@ -24,6 +24,8 @@ from redis import exceptions as redis_errors
 from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
+from .limits import QueueArgumentsDiffer, QueueFull
+
 __all__ = ('Script', 'SCRIPTS', 'lua_dir', 'KeyTypeError', 'OutOfMemoryError', 'NotReplicated',
            'explain', 'run_calls', 'run_after', 'is_cluster', 'Call')
 
@@ -106,8 +108,14 @@ class Script:
 
 
 def explain(what: str, exc: ResponseError, keys: Sequence[Any]) -> ResponseError:
-    """Turn WRONGTYPE into a :class:`KeyTypeError` naming the keys; other errors as they are."""
+    """Turn WRONGTYPE into a :class:`KeyTypeError` naming the keys, a full queue into
+    :class:`~kombu_streams.limits.QueueFull`, a declare with other queue arguments into
+    :class:`~kombu_streams.limits.QueueArgumentsDiffer`; other errors as they are."""
     text = str(exc)
+    if text.startswith('QUEUEFULL '):
+        return QueueFull(f'kombu-streams: {text[len("QUEUEFULL "):]}')
+    if text.startswith('PRECONDITION '):
+        return QueueArgumentsDiffer(f'kombu-streams: {text[len("PRECONDITION "):]}')
     if 'WRONGTYPE' in text:
         names = ', '.join(k.decode() if isinstance(k, bytes) else str(k) for k in keys)
         return KeyTypeError(

@@ -1,11 +1,15 @@
---[[ publish: append one message to a queue's stream and wake its consumers, or keep it delayed.
+--[[ publish: append one message to a queue's stream and wake its consumers, or keep it delayed;
+a queue with a length limit (x-max-length) refuses it or sets its head aside first.
 
 KEYS[1]   the stream of the message's priority level, e.g. ks:q:{celery}:3
 KEYS[2]   the queue's wake marker (zset), ks:q:{celery}:wake
-KEYS[3]   the queue's first stream, ks:q:{celery}:0: while it exists, the queue does
-KEYS[4]   the queue's ready index (set), ks:q:{celery}:ready
-KEYS[5]   optional (delayed delivery on): the queue's delayed set, ks:q:{celery}:delayed
-KEYS[6]   with KEYS[5]: the queue's delayed messages, ks:q:{celery}:delayed:m
+KEYS[3]   the queue's ready index (set), ks:q:{celery}:ready
+KEYS[4]   the queue's arguments (hash), ks:q:{celery}:args: read once (HMGET)
+KEYS[5]   the queue's dead-letter stream, ks:q:{celery}:dlq: drop-head's letters
+KEYS[6]   the queue's delayed set, ks:q:{celery}:delayed
+KEYS[7]   the queue's delayed messages, ks:q:{celery}:delayed:m
+KEYS[8..7+L]  all the queue's streams, first level first (KEYS[8], ks:q:{celery}:0: while
+          it exists, the queue does); only a limited queue's publish looks at the others
 KEYS[#]   last, only with a big message (ARGV[1] "r:<token>"): the queue's big messages
           (hash), ks:q:{celery}:big
 ARGV[1]   the message: Kombu's JSON envelope, stored as field "m"; or "r:<token>" for a big
@@ -13,30 +17,43 @@ ARGV[1]   the message: Kombu's JSON envelope, stored as field "m"; or "r:<token>
           MULTI/EXEC, just before): its entry gets field "r" = token (a delayed one keeps
           "r:<token>" as its value), and every path that publishes nothing deletes the body
 ARGV[2]   "1": routed through an exchange, publish only if the queue exists; "0": always
-ARGV[3]   optional, with KEYS[5..6]: due at "@<unix ms>" or "+<ms from now>"; "" or absent: now
-ARGV[4]   with a due time in ARGV[3]: threshold in ms: a message due sooner is published now
-ARGV[5]   optional, with ARGV[4]: a label for operators (Celery's task id), may be ""
+ARGV[3]   L, the number of the queue's streams
+ARGV[4]   the consumer group (the queue's name); ARGV[5] the holder consumer (drop-head)
+ARGV[6]   "1": delayed delivery on (KEYS[6..7] used); "0": off
+ARGV[7]   optional, with ARGV[6] "1": due at "@<unix ms>" or "+<ms from now>"; "": now
+ARGV[8]   with a due time in ARGV[7]: threshold in ms: a message due sooner is published now
+ARGV[9]   optional, with ARGV[8]: a label for operators (Celery's task id), may be ""
 Reply:    the new entry id; "delayed:<member>" when kept until due; nil when ARGV[2] is "1"
           and the queue does not exist
 Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "publish: no
-          body" (a big message's token is not in KEYS[#]); WRONGTYPE (checked before any
-          write)
-Minimum Redis: 6.2. Cost: O(1); O(log n) with n delayed messages; a big message adds two
-TYPEs, an HEXISTS and two PTTLs, and never passes through Lua. Never trims.
-See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages).
+          body" (a big message's token is not in KEYS[#]); "QUEUEFULL ..." (x-overflow
+          reject-publish, or drop-head with nothing ready to set aside: nothing stored);
+          WRONGTYPE (checked before any write)
+Minimum Redis: 6.2. Cost: O(1) and one HMGET; O(log n) with n delayed messages; a limited
+queue adds L XLENs, a ZCARD and, for drop-head when full, a few reads per level; a big
+message adds two TYPEs, an HEXISTS and two PTTLs, and never passes through Lua. Never trims.
+See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
+arguments and limits).
 ]]
 --@include common
 --@include delay
+--@include limits
 local big = string.sub(ARGV[1] or '', 1, 2) == 'r:'  -- the body is in the big hash
 local nk = #KEYS - (big and 1 or 0)
-local bad = check_args('publish', nk == 4 or nk == 6,
-                       #ARGV == 2 or (nk == 6 and #ARGV <= 5 and (#ARGV >= 4 or ARGV[3] == '')),
-                       '4 or 6 keys (one more, the big hash, with "r:<token>"); 2 args, or ' ..
-                       'with 6 keys 3 to 5 (a due time needs ARGV[4])')
+local nl = tonumber(ARGV[3] or '')
+local bad = check_args('publish', nl ~= nil and nl >= 1 and nk == 7 + nl,
+                       #ARGV == 6 or (ARGV[6] == '1' and ((#ARGV == 7 and ARGV[7] == '')
+                                                          or #ARGV == 8 or #ARGV == 9)),
+                       '7 keys and the L streams (one more, the big hash, with "r:<token>"); ' ..
+                       '6 args, or with delayed delivery 7 to 9 (a due time needs ARGV[8])')
 if bad then return bad end
-local stream, wake, first, ready = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local stream, wake, ready, argkey, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local first = KEYS[8]
+local streams = {unpack(KEYS, 8, 7 + nl)}
+local group, holder = ARGV[4], ARGV[5]
 local dkey, bodies = nil, nil
-if nk == 6 then dkey, bodies = KEYS[5], KEYS[6] end
+if ARGV[6] == '1' then dkey, bodies = KEYS[6], KEYS[7] end
+local due_arg, threshold, label = ARGV[7], ARGV[8], ARGV[9]
 local payload, routed = ARGV[1], ARGV[2] == '1'
 local bigkey, token = nil, nil
 local field_name, value = 'm', payload  -- what the stream entry holds
@@ -71,6 +88,41 @@ elseif not dkey then
   wrong = wrong or wrong_type(ready, 'set')
 end
 if wrong then return refuse(redis.error_reply(wrong)) end
+
+-- The length limit (docs/design.rst, "Queue arguments and limits"): everything the queue
+-- holds counts, so what a publish adds (to a stream or the delayed set) is checked here,
+-- before any write. Keys only a limited queue's publish reads are type-checked here too.
+local limit, overflow
+limit, overflow, wrong = read_limit(argkey)
+if not wrong and limit then
+  for _, s in ipairs(streams) do wrong = wrong or wrong_type(s, 'stream') end
+  wrong = wrong or wrong_type(KEYS[6], 'zset') or wrong_type(dlq, 'stream')
+end
+if wrong then return refuse(redis.error_reply(wrong)) end
+if limit then  -- what else refuses the publish, before drop-head sets anything aside
+  if dkey and due_arg and due_arg ~= '' and tonumber(string.sub(due_arg, 2)) == nil then
+    return refuse(redis.error_reply('publish: bad due time ' .. due_arg))
+  end
+  if routed and redis.call('EXISTS', first) == 0 then return refuse(false) end
+end
+local held = limit and held_count(streams, KEYS[6]) or 0
+if limit and held >= limit then
+  local full = 'QUEUEFULL queue ' .. group .. ' is full: x-max-length ' .. limit ..
+               ' reached (x-overflow ' .. overflow .. '); the message was not stored'
+  if overflow ~= 'drop-head' or limit < 1 then return refuse(redis.error_reply(full)) end
+  -- one goes per publish; more (at most 100) after the limit was lowered at run time
+  local drops = 0
+  while held >= limit and drops < 100 do
+    local dropped, err = drop_head(streams, group, holder, dlq)
+    if err then return refuse(redis.error_reply(err)) end
+    if not dropped then break end
+    held, drops = held - 1, drops + 1
+  end
+  if held >= limit then  -- the rest is in flight or delayed: never over the limit
+    return refuse(redis.error_reply(full .. ': no ready message left to set aside (the ' ..
+                                    'rest is in flight or delayed)'))
+  end
+end
 local time = nil  -- the server's clock, read once: {seconds, microseconds}
 local function now_us()
   if time == nil then time = redis.call('TIME') end
@@ -101,7 +153,7 @@ end
 local function keep_delayed(due)
   local sec, usec = now_us()
   local member, earliest = delay_store(dkey, bodies, string.match(stream, ':(%d+)$') or '0',
-                                       ARGV[5] or '', payload, due,
+                                       label or '', payload, due,
                                        string.format('%010d%06d', sec, usec))
   local new = {}
   if redis.call('ZCARD', dkey) == 1 then new = {dkey, bodies} end
@@ -112,15 +164,15 @@ local function keep_delayed(due)
   return 'delayed:' .. member
 end
 
-if dkey and ARGV[3] and ARGV[3] ~= '' then
-  local mark, t = string.sub(ARGV[3], 1, 1), tonumber(string.sub(ARGV[3], 2))
-  if t == nil then return refuse(redis.error_reply('publish: bad due time ' .. ARGV[3])) end
+if dkey and due_arg and due_arg ~= '' then
+  local mark, t = string.sub(due_arg, 1, 1), tonumber(string.sub(due_arg, 2))
+  if t == nil then return refuse(redis.error_reply('publish: bad due time ' .. due_arg)) end
   local due = t
   if mark == '+' then  -- from now, rounded up to the ms: never due early
     local sec, usec = now_us()
     due = sec * 1000 + math.ceil(usec / 1000) + t
   end
-  if due - clock() >= tonumber(ARGV[4]) then
+  if due - clock() >= tonumber(threshold) then
     if routed and redis.call('EXISTS', first) == 0 then return refuse(false) end
     return delayed_wrong() or keep_delayed(due)
   end

@@ -348,14 +348,16 @@ def test_a_routed_big_message_to_a_deleted_queue_leaves_no_body(script_client):
     assert tails(c, 'gone') == set()
 
 
-def test_a_prefix_of_layout_1_is_recorded_as_this_one(script_client):
-    """Layout 2 only adds keys and a field: a prefix recorded as 1 is read as it is, and
-    recorded as 2 by the first channel (an older client then refuses to start)."""
+@pytest.mark.parametrize('older', [b'1', b'2'])
+def test_a_prefix_of_an_older_layout_is_recorded_as_this_one(script_client, older):
+    """Layouts 2 (big messages) and 3 (queue arguments) only add keys and a field: a prefix
+    recorded as 1 or 2 is read as it is, and recorded as 3 by the first channel (an older
+    client then refuses to start)."""
     c = script_client
-    assert LAYOUT == 2
-    c.set(K.layout(), b'1')
+    assert LAYOUT == 3
+    c.set(K.layout(), older)
     broker(c).check_layout()
-    assert c.get(K.layout()) == b'2'
+    assert c.get(K.layout()) == b'3'
 
 
 @pytest.mark.parametrize('value', [-1, True, '10', 1.5, None])

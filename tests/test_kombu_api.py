@@ -789,11 +789,11 @@ def test_channel_records_the_key_layout_and_refuses_another(url, raw):
     with Connection(url, transport_options={"global_keyprefix": prefix}) as c:
         c.channel().close()
     assert raw.get(Keys(prefix).layout()) == str(LAYOUT).encode()
-    raw.set(Keys(other).layout(), "3")
+    raw.set(Keys(other).layout(), "4")
     with Connection(url, transport_options={"global_keyprefix": other}) as c:
-        with pytest.raises(LayoutMismatch, match="written with key layout '3'"):
+        with pytest.raises(LayoutMismatch, match="written with key layout '4'"):
             c.channel()
-    assert raw.get(Keys(other).layout()) == b"3"
+    assert raw.get(Keys(other).layout()) == b"4"
 
 
 def test_global_keyprefix_isolation(url, raw):

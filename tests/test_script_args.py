@@ -18,6 +18,8 @@ Q, X = 'q', 'x'
 S0 = K.stream(Q, 0)
 FAN, FWAKE = K.fanout(X), K.fanout_wake(X, Q)
 QUEUE_KEYS = [K.wake(Q), K.ready(Q), K.delayed(Q), K.delayed_messages(Q), K.big(Q)]
+PUBLISH_KEYS = [S0, K.wake(Q), K.ready(Q), K.args(Q), K.dlq(Q), K.delayed(Q),
+                K.delayed_messages(Q), S0]
 
 #: The smallest valid call of each script, laid out as kombu_streams/broker.py does (one
 #: priority level, one entry; the fanout form where a queue's call has one key more): a
@@ -27,8 +29,8 @@ MINIMAL = {
     'bind': ([K.bindings(X), K.deadlines(X)], ['rk', 0]),
     'cancel': ([K.delayed(Q), K.delayed_messages(Q), K.big(Q)], ['0', 10]),
     'deadletter': ([S0, K.dlq(Q)], [Q, 'c1', '1-1', 'why', 1, '0']),
-    'declare': ([S0], [Q]),
-    'delete': ([S0, *QUEUE_KEYS, K.dlq(Q)], []),
+    'declare': ([S0, K.args(Q)], [Q]),
+    'delete': ([S0, *QUEUE_KEYS[:4], K.args(Q), K.big(Q), K.dlq(Q)], []),
     'dlq_purge': ([K.dlq(Q), K.big(Q)], ['1-0', 10]),
     'fanout_ack': ([FAN], [Q, 'c1', '1-1']),
     'fanout_publish': ([FAN, K.deadlines(X)], ['m']),
@@ -39,7 +41,8 @@ MINIMAL = {
     'migrate_unacked': (['unacked', 'unacked_index', S0, K.wake(Q), K.ready(Q)],
                         ['t', 'v', 'm']),
     'peek': ([S0], [Q, HOLDER, 1, 1, 'h', '']),
-    'publish': ([S0, K.wake(Q), S0, K.ready(Q)], ['m', '0']),
+    'limits': ([K.args(Q), S0], ['get']),
+    'publish': (PUBLISH_KEYS, ['m', '0', 1, Q, HOLDER, '0']),
     'purge': ([S0, K.delayed(Q), K.delayed_messages(Q), K.big(Q)], [Q, HOLDER, 10]),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:]],
              ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 1, 0]),
@@ -52,7 +55,7 @@ MINIMAL = {
     'leave': ([S0], [Q, 'c1']),
     'scheduled': ([K.delayed(Q), K.delayed_messages(Q)], [10, '0']),
     'size': ([S0], [Q, HOLDER]),
-    'touch': ([S0, *QUEUE_KEYS], [1000]),
+    'touch': ([S0, *QUEUE_KEYS, K.args(Q)], [1000]),
     'wake': ([K.wake(Q), S0, K.wake(Q)], ['q', Q, '']),
 }
 
@@ -61,8 +64,8 @@ MINIMAL = {
 LARGER = {
     'bind': ([K.bindings(X), K.deadlines(X), FAN], ['rk', 0, Q]),
     'route': ([K.bindings(X), K.deadlines(X), FAN], [100, '0', 1000, '\x06']),
-    'publish': ([S0, K.wake(Q), S0, K.ready(Q), K.delayed(Q), K.delayed_messages(Q)],
-                ['m', '0', '+5000', 1000]),
+    'publish': (PUBLISH_KEYS, ['m', '0', 1, Q, HOLDER, '1', '+5000', 1000]),
+    'declare': ([S0, K.args(Q)], [Q, 'x-max-length', '5']),
     'ack': ([S0, K.big(Q)], [Q, 'c1', 'b', 1, '1-1']),
     'wake': ([FWAKE, FAN, K.deadlines(X), K.wake(Q), S0, K.wake(Q)],
              ['f', Q, 'm', 'q', Q, '']),

@@ -1659,9 +1659,9 @@ def test_run_calls_reruns_only_noscript(script_client):
     c.script_load(SCRIPTS['publish'].source)  # publish is loaded, declare is not
     calls = [
         (SCRIPTS['publish'], *broker(c).publish_call('q', 0, b'one')[1:]),
-        (SCRIPTS['declare'], K.streams('q', LEVELS), ['q']),
+        broker(c).declare_call('q'),
         (SCRIPTS['publish'], *broker(c).publish_call('q', 0, b'two')[1:]),
-        (SCRIPTS['declare'], K.streams('r', LEVELS), ['r']),
+        broker(c).declare_call('r'),
     ]
     results = run_calls(c, calls)
     assert results[1] == 4 and results[3] == 4
@@ -1711,6 +1711,7 @@ _WRONGTYPE = {
     'fanout_ack': (K.fanout('x'), lambda c: fack(c, 'q', [b'1-1'], ex='x')),
     'deadletter-fanout': (K.fanout('x'), lambda c: fdeadletter(c, 'q', b'1-1', 'r', 1, ex='x')),
     'declare': (K.stream('q', 6), lambda c: declare(c, 'q')),
+    'limits': (K.args('q'), lambda c: broker(c).limits('q')),
     'ack': (K.stream('q', 0), lambda c: ack(c, 'q', [(0, b'1-1')])),
     'ack-big': (K.big('q'), lambda c: broker(c).ack('q', [(K.stream('q', 0), b'1-1')])),
     'publish-big': (K.big('q'), lambda c: broker(c).publish_big('q', 0, b'{"x": 1}')),
@@ -1865,7 +1866,7 @@ def test_layout_is_recorded_once_and_reported(script_client):
 
 
 @pytest.mark.parametrize('found, says', [
-    (b'3', "key layout '3'"),
+    (b'4', "key layout '4'"),
     (b'someone else', "key layout 'someone else'"),
 ])
 def test_layout_of_another_version_stops_the_client(script_client, found, says):
@@ -1918,7 +1919,7 @@ def test_registry_covers_every_lua_file():
         'ack', 'bind', 'deadletter', 'declare', 'delete', 'fanout_ack', 'fanout_publish',
         'inspect', 'inspect_fanout', 'publish', 'purge', 'read', 'reclaim', 'redrive', 'renew',
         'requeue', 'route', 'size', 'touch', 'migrate', 'migrate_unacked', 'cancel',
-        'scheduled', 'peek', 'layout', 'wake', 'marked', 'leave', 'dlq_purge'}
+        'scheduled', 'peek', 'layout', 'wake', 'marked', 'leave', 'dlq_purge', 'limits'}
     assert load_all() == SCRIPTS
 
 
@@ -1960,8 +1961,8 @@ def test_routed_publish_to_an_existing_level_needs_no_lookup(script_client):
         ran = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
         ran.pop('info', None)
         # TYPE: the keys written after the XADD (marker, index); the XADD fails alone, and
-        # the first stream is only asked its TTL
-        assert ran == {'evalsha': 1, 'type': 2, 'xadd': 1, 'zadd': 1, 'sadd': 1}
+        # the first stream is only asked its TTL; HMGET: the queue's arguments (no limit)
+        assert ran == {'evalsha': 1, 'type': 2, 'xadd': 1, 'zadd': 1, 'sadd': 1, 'hmget': 1}
 
 
 def test_publish_keeps_the_expiry_of_a_set_marker(script_client):

@@ -43,6 +43,10 @@ PROPERTY = settings(
 )
 
 
+#: A length limit as declare.lua and limits.lua store it.
+LIMIT = ['x-max-length', '5', 'x-overflow', 'drop-head']
+
+
 def member(queue: str, routing_key: str = '') -> str:
     return SEP.join([routing_key, '', queue])
 
@@ -147,6 +151,13 @@ CASES = {
     'fanout_publish': (lambda b, f: b.fanout_publish_call(
         'f', P, [(q, member(q)) for q in ('q', 'r')]), None),
     'declare': (lambda b, f: b.declare_call('n'), None),
+    'declare-args': (lambda b, f: b.declare_call('n', LIMIT), None),
+    'limits': (lambda b, f: b.limits_call('q', LIMIT), None),
+    # q holds more than its limit of 5 (drop-head sets its head aside); under one of 500
+    'publish-drop-head': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay()),
+                          lambda c: c.hset(K.args('q'), mapping=dict(zip(*[iter(LIMIT)] * 2)))),
+    'publish-limited': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay()),
+                     lambda c: c.hset(K.args('q'), mapping={'x-max-length': '500'})),
     'purge': (lambda b, f: b.purge_call('q', 2), None),
     'delete': (lambda b, f: b.delete_call('q'), None),
     'touch': (lambda b, f: b.touch_call('q', 60_000), None),
@@ -186,9 +197,16 @@ CASES = {
 #: program's key there (and leaves it alone): publish checks no key it does not use, as a
 #: command per publish (the first stream is only asked its TTL; the delayed keys of a queue
 #: whose index says it holds none, or the stream of a message kept until due).
-UNTOUCHED = {('publish', 2), ('publish', 5), ('publish-delayed', 0),
-             ('publish-delayed', 2), ('publish-big', 2), ('publish-big', 5),
-             ('publish-big-delayed', 0), ('publish-big-delayed', 2)}
+#: A queue without a length limit never looks at its dead-letter stream (4) nor at its
+#: streams (7...) beyond the message's own; a limited one looks at all of them, since
+#: it counts them and may set its head aside.
+UNTOUCHED = {('publish', 4), ('publish', 6), ('publish', 7), ('publish', 8), ('publish', 9),
+             ('publish-delayed', 0), ('publish-delayed', 4), ('publish-delayed', 7),
+             ('publish-delayed', 8), ('publish-delayed', 9),
+             ('publish-big', 4), ('publish-big', 6), ('publish-big', 7), ('publish-big', 8),
+             ('publish-big', 9), ('publish-big-delayed', 0), ('publish-big-delayed', 4),
+             ('publish-big-delayed', 7), ('publish-big-delayed', 8),
+             ('publish-big-delayed', 9), ('publish-drop-head', 6), ('publish-limited', 6)}
 
 _DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': ['1-1']}
 
@@ -203,7 +221,7 @@ POSITIONS = [(name, i) for name in sorted(CASES) for i in range(len(_keys(name))
 _TAILS = [(r':\d+', 'stream'), (r':wake(:.*)?', 'zset'), (r':ready', 'set'),
           (r':delayed', 'zset'), (r':delayed:m', 'hash'), (r':dlq(:.*)?', 'stream'),
           (r':bindings', 'set'), (r':deadlines', 'zset'), (r':fanout', 'stream'),
-          (r':big', 'hash')]
+          (r':big', 'hash'), (r':args', 'hash')]
 _OTHERS = {'kq': 'list', 'unacked': 'hash', 'unacked_index': 'zset', K.layout(): 'string'}
 
 

@@ -1,0 +1,100 @@
+"""Queue arguments kept with a queue in Redis (``ks:q:{q}:args``): which ones, their checks,
+and how they are stored, so that every publisher is bound by them, declared or not.
+
+A Kombu ``Queue(..., queue_arguments={...})`` (Celery's ``task_queues``) or the transport
+option ``queue_arguments`` (for queues an app never declares with arguments, such as Celery's
+default ``celery`` queue) gives them; ``declare.lua`` records them with the queue, or refuses a
+declare whose arguments differ from those recorded (RabbitMQ's PRECONDITION_FAILED), and
+``publish.lua`` reads them on every publish. ``kombu-streams limits QUEUE`` shows and
+changes them at run time. Why the length counts what it counts: docs/design.rst, "Queue
+arguments and limits".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+
+#: The arguments kombu-streams stores and enforces, in the order they are stored.
+MAX_LENGTH, OVERFLOW = 'x-max-length', 'x-overflow'
+STORED = (MAX_LENGTH, OVERFLOW)
+#: x-overflow values: RabbitMQ's names.
+OVERFLOWS = ('drop-head', 'reject-publish')
+#: Limits known from RabbitMQ that are not enforced yet: refused, never silently ignored.
+#: (x-message-ttl is not among them: Celery's event queues set it, and always did.)
+NOT_YET = {
+    'x-max-length-bytes': 'a byte count of what a queue holds cannot be kept exact by every '
+                          'script that removes messages without reading them yet',
+}
+
+
+class QueueFull(redis.exceptions.ResponseError):
+    """A publish refused because the queue holds ``x-max-length`` messages (``x-overflow``
+    ``reject-publish``): nothing was stored. A channel error, not a connection error, so a
+    publish with ``retry=True`` does not spin on it; the message names the queue and limit."""
+
+
+class QueueArgumentsDiffer(redis.exceptions.ResponseError):
+    """A declare whose queue arguments differ from those the queue has in Redis (as
+    RabbitMQ's PRECONDITION_FAILED): nothing was changed; the message names both."""
+
+
+def _error(queue: str, name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f'kombu-streams: queue {queue!r}: argument {name}={value!r} is not '
+                      f'valid: {allowed}')
+
+
+def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
+    """The limit arguments of ``arguments`` (other ones, such as x-expires or
+    x-max-priority, are left to the code that reads them) checked and as declare.lua stores
+    them: a flat [field, value, ...] list of strings in a fixed order; [] for none. An
+    x-overflow without a length is refused (it would mean nothing); x-overflow defaults to
+    drop-head, RabbitMQ's default. Raises ValueError naming the queue and argument."""
+    args = dict(arguments or {})
+    for name, why in NOT_YET.items():
+        if name in args:
+            raise _error(queue, name, args[name], f'not supported by kombu-streams yet ({why})')
+    length = args.get(MAX_LENGTH)
+    overflow = args.get(OVERFLOW)
+    if length is None:
+        if overflow is not None:
+            raise _error(queue, OVERFLOW, overflow, f'it needs {MAX_LENGTH}')
+        return []
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        if isinstance(length, str) and length.isdigit():  # from the CLI or a config file
+            length = int(length)
+        else:
+            raise _error(queue, MAX_LENGTH, length, 'an integer >= 0')
+    if overflow is None:
+        overflow = 'drop-head'
+    if overflow not in OVERFLOWS:
+        raise _error(queue, OVERFLOW, overflow, ' or '.join(OVERFLOWS))
+    return [MAX_LENGTH, str(length), OVERFLOW, overflow]
+
+
+def as_dict(flat: list[Any]) -> dict[str, Any]:
+    """A queue's arguments from their stored flat list (HGETALL): x-max-length as an int."""
+    out: dict[str, Any] = {}
+    for i in range(0, len(flat) - 1, 2):
+        name = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])
+        value = flat[i + 1].decode() if isinstance(flat[i + 1], bytes) else str(flat[i + 1])
+        out[name] = int(value) if name == MAX_LENGTH and value.isdigit() else value
+    return out
+
+
+def check_option(value: Any) -> bool:
+    """The rule of the ``queue_arguments`` transport option: queue name -> arguments, each
+    valid (:func:`stored_pairs` raises the error that names what is wrong)."""
+    if not isinstance(value, Mapping):
+        return False
+    for queue, arguments in value.items():
+        if not isinstance(queue, str) or not isinstance(arguments, Mapping):
+            return False
+        stored_pairs(queue, arguments)
+    return True
+
+
+__all__ = ('QueueFull', 'QueueArgumentsDiffer', 'stored_pairs', 'as_dict', 'STORED',
+           'MAX_LENGTH', 'OVERFLOW', 'OVERFLOWS')

@@ -1,0 +1,56 @@
+-- A queue's length limit (a library, included after common): the arguments hash, what counts
+-- and which message drop-head sets aside are in docs/design.rst, "Queue arguments and limits".
+
+-- Fields of a queue's arguments hash (ks:q:{q}:args) the scripts read.
+local MAX_LENGTH, OVERFLOW = 'x-max-length', 'x-overflow'
+
+-- The queue's length limit and overflow from its arguments hash ARGS: (limit, overflow), or
+-- (nil, nil) without a limit, or (nil, nil, error) when ARGS holds another type. One HMGET,
+-- O(1): all a publish to a queue without arguments pays.
+local function read_limit(args)
+  local r, err = try('HMGET', args, MAX_LENGTH, OVERFLOW)
+  if err then return nil, nil, err end
+  if not r or not r[1] then return nil, nil, nil end
+  return tonumber(r[1]), r[2] or 'drop-head', nil
+end
+
+-- What a queue holds, counted against its limit: every entry of its STREAMS (ready and in
+-- flight: an ack deletes its entry) plus its delayed messages (DKEY). O(levels): XLEN and
+-- ZCARD are O(1), so the count is exact under every script without a counter to keep.
+local function held_count(streams, dkey)
+  local n = redis.call('ZCARD', dkey)
+  for _, s in ipairs(streams) do n = n + redis.call('XLEN', s) end
+  return n
+end
+
+-- The entry of stream S that a read would serve next, as (id, fields, deliveries) or nil:
+-- the oldest one parked with HOLDER (requeued first), else the first after GROUP's
+-- last-delivered id. Parked records whose entry is gone (Redis 6.2 keeps them) are skipped,
+-- at most 10 per call.
+local function next_served(s, group, holder)
+  local parked = try('XPENDING', s, group, '-', '+', 10, holder)
+  for _, p in ipairs(parked or {}) do
+    local e = redis.call('XRANGE', s, p[1], p[1])[1]
+    if e then return e[1], e[2], tonumber(p[4]) end
+  end
+  local last = last_delivered(s, group)
+  local e = redis.call('XRANGE', s, '(' .. last, '+', 'COUNT', 1)[1]
+  if e then return e[1], e[2], 0 end
+  return nil
+end
+
+-- drop-head: move the message a read would serve next (levels in order, each parked before
+-- fresh) to the dead-letter stream DLQ with reason "max-length". Returns true when one went,
+-- false when none is ready (all in flight or delayed), or (false, error) when DLQ cannot
+-- take it (nothing changed).
+local function drop_head(streams, group, holder, dlq)
+  for _, s in ipairs(streams) do
+    local id, fields, deliveries = next_served(s, group, holder)
+    if id then
+      local err = dead_letter(s, group, id, fields, dlq, 'max-length', deliveries, false)
+      if err then return false, err end
+      return true, nil
+    end
+  end
+  return false, nil
+end

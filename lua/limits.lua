@@ -1,0 +1,33 @@
+--[[ limits: show or replace a queue's arguments (x-max-length...) at run time, as an operator's
+policy would.
+
+KEYS[1]   the queue's arguments (hash), ks:q:{celery}:args
+KEYS[2]   the queue's first stream: while it exists, the queue does
+ARGV[1]   "get"; or "set" followed by field, value pairs (validated by the caller,
+          kombu_streams/limits.py): they replace all the queue's arguments ("set" alone
+          clears them)
+Reply:    the arguments recorded after the call, as a flat field, value list
+Errors:   "limits: expected ..." for another layout; "limits: no queue ..." for "set" on a
+          queue that does not exist; WRONGTYPE (checked before any write)
+Minimum Redis: 6.2. Cost: O(arguments). See docs/design.rst (Queue arguments and limits).
+]]
+--@include common
+local bad = check_args('limits', #KEYS == 2,
+                       ARGV[1] == 'get' and #ARGV == 1 or ARGV[1] == 'set' and #ARGV % 2 == 1,
+                       'KEYS: arguments hash, first stream; ARGV: "get", or "set" and pairs')
+if bad then return bad end
+local argkey, first = KEYS[1], KEYS[2]
+local wrong = wrong_type(argkey, 'hash') or wrong_type(first, 'stream')
+if wrong then return redis.error_reply(wrong) end
+if ARGV[1] == 'set' then
+  if redis.call('EXISTS', first) == 0 then
+    return redis.error_reply('limits: no queue at ' .. first .. ' (declare it first)')
+  end
+  redis.call('DEL', argkey)
+  if #ARGV > 1 then
+    redis.call('HSET', argkey, unpack(ARGV, 2))
+    local ttl = redis.call('PTTL', first)
+    if ttl > 0 then redis.call('PEXPIRE', argkey, ttl) end
+  end
+end
+return redis.call('HGETALL', argkey)
