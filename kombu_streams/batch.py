@@ -1,5 +1,7 @@
 """``Producer.batch()`` (Kombu 5.7+): publish calls collected and sent pipelined, one round
-trip per flush (per node on Redis Cluster)."""
+trip per flush (per node on Redis Cluster). Messages a full queue refused (``x-overflow``
+``reject-publish``) are reported by number, after the others were sent: their outcome is
+certain, so the batch stays usable (:class:`BatchRefused`)."""
 
 from __future__ import annotations
 
@@ -7,10 +9,24 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable
 
 from .compat import BatchPublishError
+from .limits import QueueFull
 from .scripts import Call, run_calls
 
 if TYPE_CHECKING:
     from .channel import Channel
+
+
+class BatchRefused(QueueFull):
+    """Some messages of a ``Producer.batch()`` were refused by full queues; the others were
+    published. ``refused`` maps each refused message's number in the batch (0: the first
+    ``publish`` on it) to the :class:`~kombu_streams.limits.QueueFull` naming its queue."""
+
+    def __init__(self, refused: dict[int, QueueFull]) -> None:
+        self.refused = dict(refused)
+        first = next(iter(self.refused.values()))
+        super().__init__(f'kombu-streams: {len(self.refused)} message(s) of the batch refused '
+                         f'(numbers {sorted(self.refused)}), the others published; first: '
+                         f'{first}')
 
 
 class PublishBatch:
@@ -21,6 +37,11 @@ class PublishBatch:
         self.channel = channel
         self.max_size = max_size
         self._calls: list[Call] = []
+        #: the number in the batch of the message each call of _calls publishes
+        self._numbers: list[int] = []
+        #: messages published on this batch so far, and those full queues refused
+        self._count = 0
+        self._refused: dict[int, QueueFull] = {}
         self._failed: BaseException | None = None
         self._closed = False
         self._aborted = False
@@ -34,46 +55,69 @@ class PublishBatch:
 
     def publish(self, message: dict[str, Any], **kwargs: Any) -> Any:
         self._check_usable()
-        result = self.channel.basic_publish(message, _publish_batch=self, **kwargs)
+        try:
+            result = self.channel.basic_publish(message, _publish_batch=self, **kwargs)
+        finally:
+            self._count += 1
         if len(self._calls) >= self.max_size:
-            self.flush()
+            self._send()  # refusals wait for the batch's own flush, so the loop goes on
         return result
 
     def add(self, script: Any, keys: Sequence[Any], args: Sequence[Any]) -> None:
         self._calls.append((script, keys, args))
+        self._numbers.append(self._count)
 
     def run_alone(self, publish: Callable[[], Any]) -> None:
         """A publish that cannot be pipelined (a big message: a transaction of its own, see
         :meth:`kombu_streams.broker.Broker.publish_big`): the calls added before it are
         sent first, so the batch's order holds; a failure fails the batch, as a flush's."""
-        self.flush()
+        self._send()
         try:
             publish()
+        except QueueFull as exc:  # certain: nothing stored; reported by the next flush
+            self._refused[self._count] = exc
         except Exception as exc:
             self._failed = exc
             raise BatchPublishError(
                 'kombu-streams publish batch failed; delivery is uncertain') from exc
 
     def flush(self) -> None:
+        """Send what is left; then raise :class:`BatchRefused` for every message a full
+        queue refused since the last flush (the others are published)."""
+        self._send()
+        if self._refused:
+            refused, self._refused = self._refused, {}
+            raise BatchRefused(refused)
+
+    def _send(self) -> None:
+        """Send the calls collected, noting the messages refused by full queues."""
         self._check_usable()
-        if not self._calls:
-            return
         calls, self._calls = self._calls, []
-        try:
-            run_calls(self.channel.client, calls, wait=self.channel._replica_wait())
-        except Exception as exc:
-            self._failed = exc
-            raise BatchPublishError(
-                'kombu-streams publish batch failed; delivery is uncertain') from exc
+        numbers, self._numbers = self._numbers, []
+        if calls:
+            try:
+                replies = run_calls(self.channel.client, calls, raise_errors=False,
+                                    wait=self.channel._replica_wait())
+                for number, reply in zip(numbers, replies):
+                    if isinstance(reply, QueueFull):
+                        self._refused[number] = reply
+                failed = [r for r in replies
+                          if isinstance(r, Exception) and not isinstance(r, QueueFull)]
+                if failed:
+                    raise failed[0]
+            except Exception as exc:
+                self._failed = exc
+                raise BatchPublishError(
+                    'kombu-streams publish batch failed; delivery is uncertain') from exc
 
     def discard(self) -> None:
         self._aborted = True
-        self._calls = []
+        self._calls, self._numbers = [], []
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._calls = []
+            self._calls, self._numbers = [], []
 
 
-__all__ = ('PublishBatch',)
+__all__ = ('PublishBatch', 'BatchRefused')

@@ -30,6 +30,7 @@ from .envelope import decoder as envelope_decoder
 from .errors import ChannelClosed
 from .keys import Keys
 from .leases import Leases
+from .limits import QueueFull, stored_pairs
 from .options import channel_names, set_defaults
 from .options import check as check_options
 from .plan import ReadPlan
@@ -39,7 +40,7 @@ from .state import ConsumerState
 
 logger = logging.getLogger(__name__)
 
-__all__ = ('Channel', 'QoS', 'HOLDER', 'MessageTooLarge')
+__all__ = ('Channel', 'QoS', 'HOLDER', 'MessageTooLarge', 'QueueFull')
 
 #: (server id, key prefix) whose key layout this process checked (Broker.check_layout).
 _LAYOUT_SEEN: set[tuple[str, str]] = set()
@@ -87,6 +88,7 @@ class Channel(Consuming, Settling, Publishing, Bindings):
     big_message_bytes: int
     delayed_delivery: bool
     delayed_threshold: float
+    queue_arguments: dict[str, dict[str, Any]]
 
     def __init__(self, connection: Any, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
@@ -157,13 +159,20 @@ class Channel(Consuming, Settling, Publishing, Bindings):
                     f'that long for replicas would end in a TimeoutError, not NotReplicated')
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
-        self.broker.declare(queue)
+        self.broker.declare(queue, self._limit_arguments(queue, kwargs))
         expires = _queue_expires(kwargs)
         if expires:
             self._expires[queue] = expires
             self.broker.touch(queue, expires)
         else:
             self._expires.pop(queue, None)
+
+    def _limit_arguments(self, queue: str, declare_kwargs: dict[str, Any]) -> list[str]:
+        """The limit arguments this declare records or checks (kombu_streams/limits.py): the
+        Queue's own (``queue_arguments``), else the transport option's for this queue; none
+        of either: the declare takes what the queue has in Redis."""
+        pairs = stored_pairs(queue, declare_kwargs.get('arguments'))
+        return pairs or stored_pairs(queue, self.queue_arguments.get(queue))
 
     def keeper_interval(self) -> float:
         """Seconds between two lease-keeper rounds this channel needs."""

@@ -35,6 +35,8 @@ import redis
 from kombu.transport import virtual
 from kombu.utils.scheduling import cycle_by_name
 
+from .limits import check_option as check_queue_arguments
+
 #: Kombu's default separator in priority list names and binding members.
 SEP = '\x06\x16'
 
@@ -102,6 +104,20 @@ POSITIVE = Rule(lambda v: _is_number(v) and v > 0, 'a positive number of seconds
 NON_NEGATIVE = Rule(lambda v: _is_number(v) and v >= 0, 'a number of seconds >= 0')
 BOOL = Rule(lambda v: isinstance(v, bool), 'True or False')
 TEXT = Rule(lambda v: isinstance(v, str), 'a string')
+
+
+def _queue_arguments_ok(value: Any) -> bool:
+    """A dict of queue name -> arguments, each valid; a wrong argument raises the ValueError
+    that names the queue and argument (clearer than the rule's generic text)."""
+    try:
+        return check_queue_arguments(value)
+    except ValueError as exc:
+        raise ValueError(f'kombu-streams: transport option \'queue_arguments\': {exc}') from None
+
+
+QUEUE_ARGUMENTS = Rule(_queue_arguments_ok,
+                       "a dict of queue name -> dict of queue arguments, e.g. "
+                       "{'celery': {'x-max-length': 10000, 'x-overflow': 'reject-publish'}}")
 MAPPING = Rule(lambda v: isinstance(v, Mapping), 'a dict')
 #: What Redis takes as a client name (CLIENT SETNAME): printable ASCII, no spaces.
 CLIENT_NAME = Rule(lambda v: isinstance(v, str) and all('!' <= c <= '~' for c in v),
@@ -230,6 +246,10 @@ OPTIONS: tuple[Option, ...] = (
            "delivery`_). False: published at once, as Kombu's Redis transport does."),
     Option('delayed_threshold', 'float', 1.0, NON_NEGATIVE, CHANNEL,
            'A message due sooner than this is published at once.'),
+    Option('queue_arguments', 'dict[str, dict[str, Any]]', {}, QUEUE_ARGUMENTS, CHANNEL,
+           "Queue name -> queue arguments (``x-max-length``, ``x-overflow``) for queues "
+           "declared without them, such as Celery's default ``celery`` queue: recorded in "
+           "Redis at the queue's declare, binding every publisher (see `Flow control`_)."),
     # -- transport -------------------------------------------------------------------------
     Option('polling_interval', 'float | None', 1.0, _or_none(POSITIVE), TRANSPORT,
            'The longest single blocking wait (a safety net: a publish wakes a '

@@ -339,9 +339,10 @@ def test_status_table(work):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split() == ['QUEUE', 'LEVEL', 'READY', 'REQUEUED', 'PENDING', 'OLDEST',
-                                'DELAYED', 'DUE', 'IN', 'CONSUMERS', 'DLQ']
+                                'DELAYED', 'DUE', 'IN', 'CONSUMERS', 'DLQ', 'LIMIT']
     row = lines[1].split()
-    assert row[:5] == ['work', 'all', '4', '1', '2'] and row[6] == '1' and row[8:] == ['1', '0']
+    assert row[:5] == ['work', 'all', '4', '1', '2'] and row[6] == '1'
+    assert row[8:] == ['1', '0', '-']
     assert row[7].endswith('s') or row[7].endswith('m'), row
     assert [line.split()[:4] for line in lines[2:5]] == [
         ['0', '1', '1', '2'], ['3', '2', '0', '0'], ['9', '1', '0', '0']]
@@ -578,8 +579,8 @@ def test_scripts_call_lines_run_as_the_transport_calls(redis_url, tmp_path):
     b.declare('cq')
     assert cli(redis_url, 'scripts', '--load').returncode == 0
     data, words = call_words(tmp_path, 'scripts', '--call', 'publish', 'cq')
-    assert data['keys'][:4] == [K.stream('cq', 0), K.wake('cq'), K.stream('cq', 0),
-                                K.ready('cq')] and len(data['keys']) == 6
+    assert data['keys'][:4] == [K.stream('cq', 0), K.wake('cq'), K.ready('cq'),
+                                K.args('cq')] and len(data['keys']) == 7 + 4
     assert data['argv'][0].startswith('<PAYLOAD')
     entry = c.execute_command(*[w if not w.startswith('<PAYLOAD') else '{"n": 1}'
                                 for w in words])

@@ -30,6 +30,7 @@ from sphinx.util.nodes import nested_parse_with_titles
 LINKS = {
     'Connecting': 'connecting',
     'Delayed delivery': 'delayed-delivery',
+    'Flow control': 'flow-control',
     'Reliability': 'reliability',
     'Redis Cluster': 'redis-cluster',
 }

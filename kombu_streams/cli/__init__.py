@@ -10,6 +10,9 @@
     dlq show QUEUE ID            one dead letter, with its message decoded
     dlq redrive QUEUE [--count N | --id ID...]   back to their queue (all by default)
     dlq purge QUEUE [--yes]      delete the dead letters
+    limits QUEUE [--set NAME=VALUE...] [--clear]
+                                 the queue's length limit (x-max-length, x-overflow),
+                                 shown or changed at run time
     delayed list QUEUE [-n N] [--full]   delayed messages (eta / countdown), earliest first
     delayed cancel QUEUE TASK_ID...      remove delayed messages by task id before they run
     exporter [QUEUE...] [-x EXCHANGE] [--port 9808] [--addr 127.0.0.1]
@@ -32,8 +35,8 @@ The URL takes the transport's forms (``redis-streams://``, ``rediss-streams://``
 (and ``--sentinel-password``) for Sentinel, and ``redis://`` / ``rediss://`` for the same
 servers); default ``$KOMBU_STREAMS_URL`` or ``redis-streams://127.0.0.1:6379/0``.
 ``--prefix`` and ``--priority-steps`` must match the app's ``global_keyprefix`` and
-``priority_steps``. Everything but ``dlq redrive``, ``dlq purge``, ``delayed cancel`` and
-``migrate`` (without ``--dry-run``) only reads.
+``priority_steps``. Everything but ``dlq redrive``, ``dlq purge``, ``delayed cancel``,
+``limits --set`` / ``--clear`` and ``migrate`` (without ``--dry-run``) only reads.
 
 ``migrate`` moves each batch with one script inside Redis, so Kombu's keys must be on the
 same server and database as ours (``--from-url`` only for a URL written differently);

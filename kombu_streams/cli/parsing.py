@@ -19,6 +19,7 @@ from ..options import DEFAULTS, priority_steps_error
 from .commands.deadletters import cmd_dlq_list, cmd_dlq_purge, cmd_dlq_redrive, cmd_dlq_show
 from .commands.delayed import cmd_delayed_cancel, cmd_delayed_list
 from .commands.exporter import cmd_exporter
+from .commands.limits import cmd_limits
 from .commands.migrate import cmd_migrate
 from .commands.scripts import cmd_scripts
 from .commands.status import cmd_peek, cmd_status
@@ -129,6 +130,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument('queue', metavar='QUEUE')
     s.add_argument('--yes', action='store_true', help='do not ask')
     s.set_defaults(run=cmd_dlq_purge)
+
+    s = command(sub, 'limits', "a queue's length limit: show, or change at run time")
+    s.add_argument('queue', metavar='QUEUE')
+    s.add_argument('--set', nargs='+', metavar='NAME=VALUE',
+                   help='set arguments, e.g. x-max-length=10000 x-overflow=reject-publish')
+    s.add_argument('--clear', action='store_true',
+                   help='remove all limits (with --set: replace them by those)')
+    s.set_defaults(run=cmd_limits)
 
     delayed = command(sub, 'delayed', 'messages waiting for their due time').add_subparsers(
         dest='action', required=True, metavar='ACTION')

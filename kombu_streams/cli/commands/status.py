@@ -24,12 +24,21 @@ def status_once(args: argparse.Namespace, broker: Broker) -> int:
     missing = [i['queue'] for i in infos if not i['exists'] and not i['dlq']]
     missing += [f"exchange {f['exchange']}" for f in fanouts if not f['exists']]
     infos = [i for i in infos if i['exists'] or i['dlq']]
+    for i in infos:
+        i['limits'] = broker.limits(i['queue'])
     fanouts = [f for f in fanouts if f['exists']]
     data = {'queues': infos, 'exchanges': fanouts, 'missing': missing}
     emit(args, data, status_text(infos, fanouts) or ('' if missing else 'no queues found'))
     for name in missing:
         print(f'kombu-streams: {name} not found (prefix {args.prefix!r})', file=sys.stderr)
     return NOT_FOUND if missing else OK
+
+
+def limit_text(arguments: dict[str, Any]) -> str:
+    """A queue's length limit for the status table: '1000 reject-publish', or '-'."""
+    if 'x-max-length' not in arguments:
+        return '-'
+    return f"{arguments['x-max-length']} {arguments.get('x-overflow', 'drop-head')}"
 
 
 def status_text(infos: list[dict[str, Any]], fanouts: list[dict[str, Any]]) -> str:
@@ -41,14 +50,14 @@ def status_text(infos: list[dict[str, Any]], fanouts: list[dict[str, Any]]) -> s
         for i in infos:
             rows.append([i['queue'], 'all', i['ready'], i['held'], i['pending'],
                          age(i['oldest_ready_ms']), i['delayed'], age(i['next_due_ms']),
-                         len(i['consumers']), i['dlq']])
+                         len(i['consumers']), i['dlq'], limit_text(i.get('limits', {}))])
             busy = [lv for lv in i['levels'] if lv['ready'] or lv['pending']]
             if len(busy) > 1 or (busy and busy[0]['level'] != 0):
                 rows += [['', lv['level'], lv['ready'], lv['held'], lv['pending'],
-                          age(lv['oldest_ready_ms']), '', '', len(lv['consumers']), '']
+                          age(lv['oldest_ready_ms']), '', '', len(lv['consumers']), '', '']
                          for lv in busy]
         parts.append(table(['QUEUE', 'LEVEL', 'READY', 'REQUEUED', 'PENDING', 'OLDEST',
-                            'DELAYED', 'DUE IN', 'CONSUMERS', 'DLQ'], rows))
+                            'DELAYED', 'DUE IN', 'CONSUMERS', 'DLQ', 'LIMIT'], rows))
         consumers = [[c['name'], i['queue'], c['pending'], age(c['idle_ms'])]
                      for i in infos for c in i['consumers']]
         if consumers:

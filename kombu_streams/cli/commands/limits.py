@@ -1,0 +1,50 @@
+"""``limits``: a queue's arguments kept in Redis (x-max-length, x-overflow), shown or changed
+at run time, as a RabbitMQ policy would change them; every publisher sees the change at its
+next publish."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ...broker import Broker
+from ...limits import stored_pairs
+from ..connect import existing_queue
+from ..errors import OK, USAGE, Failure
+from ..render import emit
+
+
+def _assignments(pairs: list[str]) -> dict[str, Any]:
+    """NAME=VALUE words as a dict (values as given: limits.stored_pairs checks them)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition('=')
+        if not sep or not name:
+            raise Failure(f'--set takes NAME=VALUE, e.g. x-max-length=10000; got {pair!r}', USAGE)
+        out[name] = value
+    return out
+
+
+def limits_text(queue: str, arguments: dict[str, Any]) -> str:
+    if not arguments:
+        return f'{queue}: no limits'
+    return f'{queue}: ' + ' '.join(f'{k}={v}' for k, v in sorted(arguments.items()))
+
+
+def cmd_limits(args: argparse.Namespace, broker: Broker) -> int:
+    existing_queue(broker, args.queue)
+    arguments = broker.limits(args.queue)
+    if args.clear or args.set:
+        wanted = {} if args.clear else dict(arguments)
+        wanted.update(_assignments(args.set or []))
+        try:
+            pairs = stored_pairs(args.queue, wanted)
+        except ValueError as exc:
+            raise Failure(str(exc), USAGE) from None
+        arguments = broker.limits(args.queue, pairs)
+    emit(args, {'queue': args.queue, 'arguments': arguments},
+         limits_text(args.queue, arguments))
+    return OK
+
+
+__all__ = ('cmd_limits',)
