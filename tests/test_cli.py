@@ -652,6 +652,7 @@ def transport_calls(b, queue, expires=None):
         'inspect': b.inspect_call(queue)[0],
         'size': b.size_call(queue),
         'declare': b.declare_call(queue),
+        'limits': b.limits_call(queue),
         'touch': b.touch_call(queue, expires or 0),
         'wake': b.give_back_call([(queue, None)]),  # as Channel.give_back
         'leave': b.leave_call(queue, me),  # as Channel._leave

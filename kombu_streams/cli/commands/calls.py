@@ -111,9 +111,9 @@ def _purge(b: Broker, queue: str, expires: int) -> Built:
 def _delete(b: Broker, queue: str, expires: int) -> Built:
     return b.delete_call(queue), (
         'unlinks the streams (every message: ready, delayed or in flight), wake marker, '
-        'ready index and delayed keys; the dead-letter stream only when it is empty: dead '
-        'letters stay, and so does the big messages\' hash with them (kombu-streams dlq '
-        'purge first)')
+        'ready index, delayed keys and arguments; the dead-letter stream only when it is '
+        'empty: dead letters stay, and so does the big messages\' hash with them '
+        '(kombu-streams dlq purge first)')
 
 
 def _cancel(b: Broker, queue: str, expires: int) -> Built:
@@ -137,7 +137,11 @@ CALLS: dict[str, Callable[[Broker, str, int], Built]] = {
     'inspect': lambda b, q, _: (b.inspect_call(q)[0], 'read-only'),
     'size': lambda b, q, _: (b.size_call(q), 'read-only'),
     'declare': lambda b, q, _: (b.declare_call(q), 'each level\'s stream with its group at '
-                                'id 0; a queue with x-expires is touched next'),
+                                'id 0; a queue with x-expires is touched next; no arguments '
+                                'given: it takes those recorded (x-max-length ... as pairs '
+                                'after the group record or check them)'),
+    'limits': lambda b, q, _: (b.limits_call(q), 'read-only: the recorded arguments ("set" '
+                               'followed by pairs replaces them, "set" alone clears them)'),
     'leave': lambda b, q, _: (b.leave_call(q, CALL_CONSUMER),
                               f'{CALL_CONSUMER} leaves the queue\'s group where it owns '
                               f'nothing (a channel does so at close)'),
