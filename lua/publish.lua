@@ -49,7 +49,7 @@ local bad = check_args('publish', nl ~= nil and nl >= 1 and nk == 7 + nl,
 if bad then return bad end
 local stream, wake, ready, argkey, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local first = KEYS[8]
-local streams = {unpack(KEYS, 8, 7 + nl)}
+local streams = nil  -- all the queue's streams, only a limited queue's publish needs
 local group, holder = ARGV[4], ARGV[5]
 local dkey, bodies = nil, nil
 if ARGV[6] == '1' then dkey, bodies = KEYS[6], KEYS[7] end
@@ -95,6 +95,7 @@ if wrong then return refuse(redis.error_reply(wrong)) end
 local limit, overflow
 limit, overflow, wrong = read_limit(argkey)
 if not wrong and limit then
+  streams = {unpack(KEYS, 8, 7 + nl)}
   for _, s in ipairs(streams) do wrong = wrong or wrong_type(s, 'stream') end
   wrong = wrong or wrong_type(KEYS[6], 'zset') or wrong_type(dlq, 'stream')
 end

@@ -322,3 +322,18 @@ def test_cli_limits_shows_sets_and_clears(redis_url):
     assert cli_json(redis_url, 'limits', 'lq', '--clear')['arguments'] == {}
     b.publish('lq', 0, body(2))
     assert cli(redis_url, 'limits', 'nope').returncode == 3
+
+
+def test_drop_head_on_a_queue_whose_levels_were_never_created(script_client):
+    """A queue made by publishes alone (no declare: only the streams written exist), limited
+    by an operator: drop-head skips the missing levels and the missing group."""
+    c = script_client
+    b = broker(c)
+    for n in range(3):
+        b.publish('p', 0 if n == 0 else 9, body(n))
+    assert not c.exists(K.stream('p', 3))
+    b.limits('p', stored_pairs('p', {'x-max-length': 3}))
+    b.publish('p', 9, body(3))  # m0 goes: level 0 is empty after it, 3 and 6 missing
+    b.publish('p', 9, body(4))
+    assert letters(b, 'p') == [('max-length', 'm0'), ('max-length', 'm1')]
+    assert held(c, 'p') == 3

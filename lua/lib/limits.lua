@@ -28,6 +28,7 @@ end
 -- last-delivered id. Parked records whose entry is gone (Redis 6.2 keeps them) are skipped,
 -- at most 10 per call.
 local function next_served(s, group, holder)
+  if redis.call('XLEN', s) == 0 then return nil end  -- also a level never created
   local parked = try('XPENDING', s, group, '-', '+', 10, holder)
   for _, p in ipairs(parked or {}) do
     local e = redis.call('XRANGE', s, p[1], p[1])[1]
