@@ -17,7 +17,7 @@ from kombu import Connection, Producer, Queue
 
 from kombu_streams import QueueArgumentsDiffer, QueueFull
 from kombu_streams.batch import BatchRefused
-from kombu_streams.broker import Broker
+from kombu_streams.broker import Broker, Delay
 from kombu_streams.keys import Keys
 from kombu_streams.limits import stored_pairs
 from tests.test_scripts import PROPERTY
@@ -337,3 +337,17 @@ def test_drop_head_on_a_queue_whose_levels_were_never_created(script_client):
     b.publish('p', 9, body(4))
     assert letters(b, 'p') == [('max-length', 'm0'), ('max-length', 'm1')]
     assert held(c, 'p') == 3
+
+
+def test_delayed_messages_count_and_promotion_keeps_the_count(script_client):
+    c = script_client
+    b = limited(c, 'q', 2, 'drop-head')
+    b.publish('q', 0, body(0), delay=Delay('+600000', 1000, 'later'))
+    b.publish('q', 0, body(1), delay=Delay('+600000', 1000, 'later'))
+    with pytest.raises(QueueFull, match='no ready message left'):  # both wait: none to drop
+        b.publish('q', 0, body(2), delay=Delay())
+    c.zadd(K.delayed('q'), {m: 1 for m in c.zrange(K.delayed('q'), 0, -1)})  # due now
+    assert bodies(read_messages(b, ['q'], 'c1', 1)) == ['m0']  # promoted: still held
+    assert held(c, 'q') == 2
+    b.publish('q', 0, body(3), delay=Delay())  # m1, ready now, is set aside
+    assert letters(b, 'q') == [('max-length', 'm1')]
