@@ -17,6 +17,7 @@ from .broker import (
 )
 from .compat import BATCH_PUBLISH
 from .due import when as due_at
+from .limits import QueueFull
 from .options import level_for
 from .scripts import Call, run_calls
 
@@ -38,7 +39,15 @@ class Publishing(virtual.Channel):
                       **kwargs: Any) -> Any:
         if exchange:  # copies routed to bound queues never recreate a deleted queue
             kwargs['_routed'] = True
-        return super().basic_publish(message, exchange, routing_key, **kwargs)
+        # A full queue (QueueFull) does not keep the copies for the other bound queues from
+        # being published: raised once every queue had its copy, as RabbitMQ nacks a
+        # publish some queue refused while the others keep theirs.
+        refused: list[QueueFull] = []
+        result = super().basic_publish(message, exchange, routing_key, _refused=refused,
+                                       **kwargs)
+        if refused:
+            raise refused[0]
+        return result
 
     def _payload(self, message: dict[str, Any]) -> str:
         """The message as stored, refused before it is sent when it is larger than
@@ -62,6 +71,15 @@ class Publishing(virtual.Channel):
         return payload
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        try:
+            self._put_one(queue, message, kwargs)
+        except QueueFull as exc:
+            refused = kwargs.get('_refused')
+            if refused is None:
+                raise
+            refused.append(exc)
+
+    def _put_one(self, queue: str, message: dict[str, Any], kwargs: dict[str, Any]) -> None:
         payload = self._payload(message)
         level, delay = self._level(message), self._delay(message)
         routed = kwargs.get('_routed', False)

@@ -13,7 +13,7 @@ from conftest import requires_batch_publish
 from helpers import assert_same, read_messages, snapshot
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-from kombu import Connection, Producer, Queue
+from kombu import Connection, Exchange, Producer, Queue
 
 from kombu_streams import QueueArgumentsDiffer, QueueFull
 from kombu_streams.batch import BatchRefused
@@ -351,3 +351,25 @@ def test_delayed_messages_count_and_promotion_keeps_the_count(script_client):
     assert held(c, 'q') == 2
     b.publish('q', 0, body(3), delay=Delay())  # m1, ready now, is set aside
     assert letters(b, 'q') == [('max-length', 'm1')]
+
+
+def test_a_full_queue_does_not_keep_a_routed_copy_from_the_others(url):
+    """Direct exchange, two queues on one routing key; the full one comes first (the
+    lookup's order is the routing table's, so it is made sorted here)."""
+    ex = Exchange('lx', 'direct')
+    full = Queue('a-full', ex, 'k', queue_arguments={'x-max-length': 1,
+                                                     'x-overflow': 'reject-publish'})
+    other = Queue('b-open', ex, 'k')
+    with Connection(url) as conn:
+        channel = conn.default_channel
+        for q in (full, other):
+            q(channel).declare()
+        lookup = channel._lookup
+        channel._lookup = lambda *a, **k: sorted(lookup(*a, **k))
+        producer = Producer(conn.default_channel, exchange=ex, routing_key='k')
+        producer.publish({'n': 1})
+        with pytest.raises(QueueFull, match='queue a-full is full'):
+            producer.publish({'n': 2})
+        counts = [q(conn.default_channel).queue_declare(passive=True).message_count
+                  for q in (full, other)]
+        assert counts == [1, 2]
