@@ -265,6 +265,36 @@ class Broker(Introspection):
         return [src for chunk, reply in zip(chunks, replies)
                 for src, flag in zip(chunk, text(reply)) if flag != '1']
 
+    # -- waits: the commands of a BZPOPMIN wait, on a pooled connection it holds alone --------
+    # A wait is split in two (sent now, its answer read when its socket is readable), which no
+    # client call does, so these take the connection; kombu_streams/waits.py decides which
+    # waits there are and when (see docs/design.rst, "Wake-ups").
+
+    @staticmethod
+    def send_wait(conn: Any, keys: Sequence[str], block: float) -> None:
+        """Send BZPOPMIN on wake markers ``keys`` for at most ``block`` seconds, without
+        reading the answer (:meth:`wait_answer`, once the socket is readable)."""
+        conn.send_command('BZPOPMIN', *keys, block)
+
+    @staticmethod
+    def wait_answer(conn: Any) -> Any:
+        """The answer to a wait sent on ``conn``: [marker, member, score] it popped, or None
+        when it timed out (or was ended by :meth:`unblock`)."""
+        return conn.read_response()
+
+    @staticmethod
+    def client_id(conn: Any) -> int:
+        """CLIENT ID of ``conn``: what :meth:`unblock` names to end a wait on it early."""
+        conn.send_command('CLIENT', 'ID')
+        return int(conn.read_response())
+
+    @staticmethod
+    def unblock(conn: Any, client_id: int) -> None:
+        """End the wait of client ``client_id`` now (Redis answers it as a timeout), sent on
+        ``conn``, another connection than the waiting one."""
+        conn.send_command('CLIENT', 'UNBLOCK', client_id)
+        conn.read_response()
+
     def ack(self, queue: str, entries: Iterable[tuple[str, Any]],
             exchange: str | None = None, consumer: str = ANY_OWNER,
             big: bool | None = None) -> int:
