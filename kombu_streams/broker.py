@@ -467,9 +467,15 @@ class Broker(Introspection):
         """A read-only snapshot of a fanout exchange's stream (inspect_fanout.lua): per bound
         queue's group its lag (entries not read yet, counted up to ``cap``; ``lag_capped``
         when there were more and the server could not tell how many), pending (delivered,
-        unacked), consumers and the age of its oldest unread entry in ms."""
+        unacked), consumers and the age of its oldest unread entry in ms. One call per
+        page of groups (as many as FANOUT_BUDGET entries read allow)."""
         call, parse = self.inspect_fanout_call(exchange, cap)
-        return parse(self.run(call))
+        info, start = parse(self.run(call))
+        while start is not None:
+            call, parse = self.inspect_fanout_call(exchange, cap, start)
+            page, start = parse(self.run(call))
+            info['groups'] = sorted(info['groups'] + page['groups'], key=lambda g: g['group'])
+        return info
 
     def peek(self, queue: str, count: int = 10) -> list[Ready]:
         """The next ``count`` ready messages of a queue, in the order a read would serve them
