@@ -399,12 +399,13 @@ class Broker(Introspection):
         return total
 
     def migrate_list(self, source: str, queue: str, list_level: int, count: int,
-                     skip: int = 0) -> tuple[int, int, int, list[bytes]]:
-        """Move up to ``count`` of the oldest messages of Kombu's list ``source`` (full key
-        name) into ``queue``, each to its priority's level (``list_level`` when it has none),
-        passing over ``skip`` malformed entries at the list's oldest end. Returns (moved,
-        kept, list length left, the malformed entries met), see migrate.lua."""
-        call, parse = self.migrate_list_call(source, queue, list_level, count, skip)
+                     todo: int = -1) -> tuple[int, int, int, int, list[bytes]]:
+        """Look at up to ``count`` of the oldest entries of Kombu's list ``source`` (full key
+        name) that this run has not looked at (``todo`` of them are left, from the previous
+        reply; -1: a new run) and move the messages into ``queue``, each to its priority's
+        level (``list_level`` when it has none). Returns (moved, kept, list length left,
+        ``todo`` of the next call, the malformed entries met), see migrate.lua."""
+        call, parse = self.migrate_list_call(source, queue, list_level, count, todo)
         return parse(self.run(call))
 
     def migrate_unacked(self, unacked: str, unacked_index: str, tag: Any, raw: Any,
