@@ -180,14 +180,6 @@ class Waits:
         if self.pending.get(fd) is wait:
             self.dead(fd)
 
-    def unblock_if_waiting(self, fd: int, wait: Wait) -> None:
-        """A hub timer at a due time: end the wait if it is still the one pending on fd."""
-        if self.pending.get(fd) is wait:
-            try:
-                self.unblock(wait)
-            except Exception as exc:  # the wait's own answer will report a broken connection
-                logger.debug('kombu-streams: CLIENT UNBLOCK failed: %r', exc)
-
     def unblock(self, wait: Wait) -> None:
         """End a pending wait now (Redis answers it as a timeout). Without the permission
         (an ACL without CLIENT ID / UNBLOCK) waits end by Redis's own timeout instead, up to
