@@ -458,10 +458,10 @@ class Poller:
         come), unless one at or before it is armed. Called after every read on the loop, so
         the timer is in the hub before the hub works out how long to sleep: Kombu's hub does
         that (fire_timers) before on_tick, so a timer first added in on_tick, as the CLIENT
-        UNBLOCK of a due-bounded wait was, counted only from the next turn, and the wait
-        ended at Redis's next tick, up to 1/hz s late (81 ms at the median for Celery ETA
-        tasks on a prefork worker). Due times already past arm nothing: on_tick reads those
-        channels once they may read."""
+        UNBLOCK of a due-bounded wait was, counted only from the next turn: an idle loop
+        slept through it, and the wait ended at Redis's next tick, up to 1/hz s late
+        (scripts/eta: Celery countdown tasks on a prefork worker, p99 78 to 107 ms). Due
+        times already past arm nothing: on_tick reads those channels once they may read."""
         hub = self.waits.hub
         if hub is None:
             return

@@ -5,8 +5,8 @@ server), so a wait that merely times out at the due time comes up to 100 ms late
 * On an event loop (Celery's hub) a hub timer reads the channel at the due time. It must be
   armed as soon as a read tells the time: Kombu's hub works out how long to sleep before it
   calls on_tick, so the timer (a CLIENT UNBLOCK) the poller used to add in on_tick counted
-  only from the next turn, and Celery ETA tasks on a prefork worker ran 81 ms late at the
-  median.
+  only from the next turn, and Celery ETA tasks on an idle prefork worker ran up to 100 ms
+  late (scripts/eta).
 * In drain_events, a wait that polling_interval ends just before a due time could be
   answered after it: it is ended with CLIENT UNBLOCK at the due time too.
 
