@@ -20,8 +20,8 @@ XINFO GROUPS when some id was not pending; for a consumer, one XPENDING per stre
 own entries from the lowest to the highest id (paged; this is also the type check) unless
 all its ids are trusted (-k), for '' a TYPE per stream. With "b", an XRANGE per entry acked
 (it copies the entry: the channel sends only big messages' entries this way, a field r
-each) and one HDEL. Acking twice is harmless; only delivered entries are deleted, and only the bodies of entries this call
-deleted are freed. See docs/design.rst (Leases, Big messages).
+each) and one HDEL. Acking twice is harmless; only delivered entries are deleted, and only
+the bodies of entries this call deleted are freed. See docs/design.rst (Leases, Big messages).
 ]]
 --@include common
 local big = ARGV[3] == 'b'
