@@ -274,6 +274,36 @@ class Broker(Introspection):
         return [src for chunk, reply in zip(chunks, replies)
                 for src, flag in zip(chunk, text(reply)) if flag != '1']
 
+    # -- waits: the commands of a BZPOPMIN wait, on a pooled connection it holds alone --------
+    # A wait is split in two (sent now, its answer read when its socket is readable), which no
+    # client call does, so these take the connection; kombu_streams/waits.py decides which
+    # waits there are and when (see docs/design.rst, "Wake-ups").
+
+    @staticmethod
+    def send_wait(conn: Any, keys: Sequence[str], block: float) -> None:
+        """Send BZPOPMIN on wake markers ``keys`` for at most ``block`` seconds, without
+        reading the answer (:meth:`wait_answer`, once the socket is readable)."""
+        conn.send_command('BZPOPMIN', *keys, block)
+
+    @staticmethod
+    def wait_answer(conn: Any) -> Any:
+        """The answer to a wait sent on ``conn``: [marker, member, score] it popped, or None
+        when it timed out (or was ended by :meth:`unblock`)."""
+        return conn.read_response()
+
+    @staticmethod
+    def client_id(conn: Any) -> int:
+        """CLIENT ID of ``conn``: what :meth:`unblock` names to end a wait on it early."""
+        conn.send_command('CLIENT', 'ID')
+        return int(conn.read_response())
+
+    @staticmethod
+    def unblock(conn: Any, client_id: int) -> None:
+        """End the wait of client ``client_id`` now (Redis answers it as a timeout), sent on
+        ``conn``, another connection than the waiting one."""
+        conn.send_command('CLIENT', 'UNBLOCK', client_id)
+        conn.read_response()
+
     def ack(self, queue: str, entries: Iterable[tuple[str, Any]],
             exchange: str | None = None, consumer: str = ANY_OWNER,
             big: bool | None = None) -> int:
@@ -378,12 +408,13 @@ class Broker(Introspection):
         return total
 
     def migrate_list(self, source: str, queue: str, list_level: int, count: int,
-                     skip: int = 0) -> tuple[int, int, int, list[bytes]]:
-        """Move up to ``count`` of the oldest messages of Kombu's list ``source`` (full key
-        name) into ``queue``, each to its priority's level (``list_level`` when it has none),
-        passing over ``skip`` malformed entries at the list's oldest end. Returns (moved,
-        kept, list length left, the malformed entries met), see migrate.lua."""
-        call, parse = self.migrate_list_call(source, queue, list_level, count, skip)
+                     todo: int = -1) -> tuple[int, int, int, int, list[bytes]]:
+        """Look at up to ``count`` of the oldest entries of Kombu's list ``source`` (full key
+        name) that this run has not looked at (``todo`` of them are left, from the previous
+        reply; -1: a new run) and move the messages into ``queue``, each to its priority's
+        level (``list_level`` when it has none). Returns (moved, kept, list length left,
+        ``todo`` of the next call, the malformed entries met), see migrate.lua."""
+        call, parse = self.migrate_list_call(source, queue, list_level, count, todo)
         return parse(self.run(call))
 
     def migrate_unacked(self, unacked: str, unacked_index: str, tag: Any, raw: Any,
@@ -446,9 +477,15 @@ class Broker(Introspection):
         """A read-only snapshot of a fanout exchange's stream (inspect_fanout.lua): per bound
         queue's group its lag (entries not read yet, counted up to ``cap``; ``lag_capped``
         when there were more and the server could not tell how many), pending (delivered,
-        unacked), consumers and the age of its oldest unread entry in ms."""
+        unacked), consumers and the age of its oldest unread entry in ms. One call per
+        page of groups (as many as FANOUT_BUDGET entries read allow)."""
         call, parse = self.inspect_fanout_call(exchange, cap)
-        return parse(self.run(call))
+        info, start = parse(self.run(call))
+        while start is not None:
+            call, parse = self.inspect_fanout_call(exchange, cap, start)
+            page, start = parse(self.run(call))
+            info['groups'] = sorted(info['groups'] + page['groups'], key=lambda g: g['group'])
+        return info
 
     def peek(self, queue: str, count: int = 10) -> list[Ready]:
         """The next ``count`` ready messages of a queue, in the order a read would serve them

@@ -474,16 +474,17 @@ class Calls:
         return SCRIPTS['redrive'], keys, [count, *ids]
 
     def migrate_list_call(self, source: str, queue: str, list_level: int, count: int,
-                          skip: int = 0
-                          ) -> tuple[Call, Callable[[Any], tuple[int, int, int, list[bytes]]]]:
+                          todo: int = -1
+                          ) -> tuple[Call, Callable[[Any], tuple[int, int, int, int,
+                                                                 list[bytes]]]]:
         """The migrate call for Kombu's list ``source`` (see :meth:`migrate_list`), and the
         function that decodes its reply."""
         keys = [source, *self.streams(queue), self.keys.wake(queue), self.keys.ready(queue)]
-        args = [int(count), int(skip), self.levels.index(list_level) + 1, *self.levels]
+        args = [int(count), int(todo), self.levels.index(list_level) + 1, *self.levels]
 
-        def parse(reply: Any) -> tuple[int, int, int, list[bytes]]:
-            moved, kept, left, *malformed = reply
-            return int(moved), int(kept), int(left), malformed
+        def parse(reply: Any) -> tuple[int, int, int, int, list[bytes]]:
+            moved, kept, left, todo, *malformed = reply
+            return int(moved), int(kept), int(left), int(todo), malformed
 
         return (SCRIPTS['migrate'], keys, args), parse
 

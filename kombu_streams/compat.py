@@ -12,6 +12,7 @@ import inspect
 from typing import Any
 
 import kombu.exceptions
+import redis
 from kombu.messaging import Producer
 from redis.connection import ConnectionPool
 
@@ -60,9 +61,25 @@ def pool_connection(pool: ConnectionPool, command: str) -> Any:
 
 def conn_fileno(conn: Any) -> int:
     """The socket descriptor of a connected redis-py connection, for an event loop or a
-    selector to watch. redis-py has no public accessor for it (Kombu's own Redis transport
-    reads the same attribute); this is the one place kombu-streams does."""
-    return conn._sock.fileno()
+    selector to watch: a wait's answer is read only once its socket is readable.
+
+    Why a private attribute: no supported redis-py (4.6 to 8.x) has a public way to reach
+    the socket or its descriptor. ``Connection``, ``SSLConnection`` and
+    ``UnixDomainSocketConnection`` keep it in ``_sock`` (None until connected) in every one
+    of them; 8.x adds ``_get_socket()``, private as well. Kombu's own Redis transport reads
+    the same ``_sock`` to register its BRPOP with the event loop, so a redis-py that renamed
+    it would break Kombu alike. This function is the only place kombu-streams reads it. If
+    redis-py changes it, waits fail here with the AttributeError below, naming this
+    function, at the first wait (drain_events or Celery's event loop), before the wait's
+    command is sent.
+    """
+    sock = getattr(conn, '_sock', None)
+    if sock is None:
+        raise AttributeError(
+            f'kombu-streams: compat.conn_fileno found no socket on {type(conn).__name__} '
+            f'(redis-py {redis.__version__}): this release of redis-py keeps it elsewhere, '
+            f'or the connection is not connected')
+    return int(sock.fileno())
 
 
 def close_sentinels(manager: Any) -> None:

@@ -13,6 +13,10 @@ from .replies import Ready
 from .scripts import SCRIPTS, Call
 from .text import text
 
+#: The most stream entries one inspect_fanout call reads (a group costs up to its cap + 1, so
+#: at the default cap of 1,000 about five groups per call): a few ms of Redis per call.
+FANOUT_BUDGET = 5000
+
 
 class Introspection(Calls):
     """The read-only operator calls, on top of :class:`~kombu_streams.calls.Calls`."""
@@ -87,15 +91,18 @@ class Introspection(Calls):
 
         return (SCRIPTS['inspect'], keys, [queue, HOLDER, *self.levels]), parse
 
-    def inspect_fanout_call(self, exchange: str, cap: int = 1000
-                            ) -> tuple[Call, Callable[[Any], dict[str, Any]]]:
-        """The inspect_fanout call (read-only), and the function that decodes its reply (see
-        :meth:`inspect_fanout`)."""
+    def inspect_fanout_call(self, exchange: str, cap: int = 1000, start: int = 0,
+                            budget: int | None = None
+                            ) -> tuple[Call, Callable[[Any], tuple[dict[str, Any], int | None]]]:
+        """The inspect_fanout call (read-only) for the groups from number ``start`` on (as
+        many as ``budget`` entries read allow, default FANOUT_BUDGET; at least one), and the
+        function that decodes its reply: the page (see :meth:`inspect_fanout`) and the
+        ``start`` of the next one (None: this was the last)."""
         stream = self.keys.fanout(exchange)
 
-        def parse(reply: Any) -> dict[str, Any]:
-            exists, length, now, records = reply
-            groups = []
+        def parse(reply: Any) -> tuple[dict[str, Any], int | None]:
+            exists, length, now, records, after = reply
+            groups: list[dict[str, Any]] = []
             for name, consumers, pending, lag, capped, oldest, last in records:
                 groups.append({
                     'group': text(name), 'consumers': int(consumers),
@@ -103,11 +110,13 @@ class Introspection(Calls):
                     'oldest_unread_ms': None if oldest < 0 else int(oldest),
                     'last_delivered_id': text(last),
                 })
-            return {'exchange': exchange, 'stream': stream,
+            page = {'exchange': exchange, 'stream': stream,
                     'exists': bool(exists), 'length': int(length),
                     'groups': sorted(groups, key=lambda g: g['group']), 'time_ms': int(now)}
+            return page, int(after) or None
 
-        return (SCRIPTS['inspect_fanout'], [stream], [int(cap)]), parse
+        budget = FANOUT_BUDGET if budget is None else budget
+        return (SCRIPTS['inspect_fanout'], [stream], [int(cap), int(start), int(budget)]), parse
 
     def peek_call(self, queue: str, count: int = 10, cursor: PeekCursor = (1, 'h', '')
                   ) -> tuple[Call, Callable[[Any], tuple[list[Ready], PeekCursor | None]]]:
@@ -133,4 +142,4 @@ class Introspection(Calls):
         return (SCRIPTS['peek'], streams, [queue, HOLDER, count, index, part, after]), parse
 
 
-__all__ = ('Introspection',)
+__all__ = ('Introspection', 'FANOUT_BUDGET')

@@ -355,9 +355,12 @@ class Migration:
 
     def run(self, plan: Plan, batch: int = 1000, limit: int | None = None,
             progress: Callable[[Progress], None] | None = None) -> Result:
-        """Move what ``plan`` found, ``batch`` messages per script call, at most ``limit`` in
-        all; ``progress`` is called after every batch. Messages that arrived since the plan
-        was made are moved too (each list is drained), so the plan's totals are a guide."""
+        """Move what ``plan`` found, ``batch`` entries looked at per script call, at most
+        ``limit`` messages in all; ``progress`` is called after every batch. Each list is
+        taken as it is when the run reaches it: messages that arrived since the plan was
+        made are moved too (the plan's totals are a guide), those pushed while the run moves
+        that list are left for the next run, beyond the malformed entries it met (which it
+        keeps at the list's newest end, in their order: see migrate.lua)."""
         result = Result(moved={q.queue: 0 for q in plan.queues},
                         unacked={q.queue: 0 for q in plan.queues})
         declared: set[str] = set()
@@ -398,17 +401,16 @@ class Migration:
         for qp in plan.queues:
             for source in qp.lists:
                 declare(qp.queue)
-                skip = 0
+                todo = -1  # the whole list, as it is when its first call runs
                 while True:
                     if budget <= 0:
                         result.limited = True
                         return result
-                    moved, kept, length, malformed = self.broker.migrate_list(
-                        source.key, qp.queue, source.level, int(min(batch, budget)), skip)
+                    moved, kept, _, todo, malformed = self.broker.migrate_list(
+                        source.key, qp.queue, source.level, int(min(batch, budget)), todo)
                     for raw in malformed:
                         result.left.append(Left(source.key, 'not a Kombu message',
                                                 preview(raw)))
-                    skip += kept
                     budget -= moved
                     moved_all += moved
                     result.total += moved
@@ -416,7 +418,7 @@ class Migration:
                     result.lists[(qp.queue, source.step)] = (
                         result.lists.get((qp.queue, source.step), 0) + moved)
                     report(qp.queue)
-                    if moved + kept == 0 or length <= skip:
+                    if todo <= 0 or moved + kept == 0:
                         break
         return result
 

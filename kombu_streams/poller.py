@@ -10,8 +10,11 @@ all the sources its channels read; the source whose marker it popped is read nex
 POPPED, see :mod:`kombu_streams.plan`), and if no read comes to cover it (the channel ran
 out of credit meanwhile) the poller puts the marker back. Every wait is bounded by
 ``polling_interval`` (1 s by default) and by the earliest due time of a delayed message its
-channels know (:meth:`Poller._block`; a wait still blocked then is ended with CLIENT
-UNBLOCK, since Redis answers a blocked command's timeout only at its next tick). With the
+channels know (:meth:`Poller._block`). Redis answers a blocked command's timeout only at its
+next tick (every 1/hz s, 100 ms by default, on a quiet server), so the due time itself is
+kept by the poller: in drain_events a wait still blocked then is ended with CLIENT UNBLOCK;
+on an event loop a hub timer at the due time reads the channel (:meth:`Poller._arm_due`),
+armed as soon as a read tells the time, so that the loop sleeps no longer. With the
 sweep of :mod:`kombu_streams.plan` these are the safety nets for wake-ups lost outside the
 invariant (a consumer that died between popping a marker and reading; keys removed behind
 our back). An idle consumer costs one BZPOPMIN per interval plus the sweep: no busy
@@ -80,6 +83,8 @@ class Poller:
         self._unwatched: dict[Channel | None, list[str]] = {}
         self._next_look = 0.0
         self._look_timer = False
+        #: monotonic time of the hub timer armed for the earliest due time (None: none)
+        self._due_timer: float | None = None
 
     def add(self, channel: Channel) -> None:
         if channel not in self.channels:
@@ -97,6 +102,7 @@ class Poller:
         """In a child process: forget the parent's waits and event loop."""
         self.waits.after_fork()
         self._unwatched.clear()
+        self._due_timer = None
 
     def close(self) -> None:
         self.channels = []
@@ -105,6 +111,7 @@ class Poller:
         if self.waits.hub is not None:
             self.waits.hub.on_tick.discard(self.on_tick)
             self.waits.hub = None
+        self._due_timer = None
 
     def deliver_one(self, deliver: Callable[[Any, str], Any]) -> bool:
         """Hand one message of any channel to ``deliver``; False when none is ready."""
@@ -284,12 +291,14 @@ class Poller:
                 return
 
     def _due_bounds(self, remaining: float | None, owner: Channel | None = None) -> bool:
-        """Whether a due time, not polling_interval or the caller's timeout, ends the next
-        wait (and CLIENT UNBLOCK may be used to end it on time)."""
+        """Whether a due time comes before the caller's timeout, so that the next wait is
+        ended with CLIENT UNBLOCK at that time if Redis has not answered it by then. Also
+        when polling_interval ends the wait first: Redis may answer that timeout up to 1/hz
+        s late, past the due time."""
         due = self._due_in(owner)
         if due is None or not self.waits.can_unblock:
             return False
-        return due < self.transport.wait_interval and (remaining is None or due < remaining)
+        return remaining is None or due < remaining
 
     def _wait_one(self, wakes: dict[str, tuple[Channel, Source]], remaining: float | None
                   ) -> Popped:
@@ -303,7 +312,8 @@ class Poller:
                              sources=tuple(wakes.values()))
         wait = self.waits.pending[fd]
         try:
-            if due and not readable([fd], (self._due_in() or 0.0) + UNBLOCK_AFTER):
+            if due and not readable([fd], min((self._due_in() or 0.0) + UNBLOCK_AFTER,
+                                              wait.deadline - monotonic())):
                 self.waits.unblock(wait)
             if not readable([fd], wait.deadline - monotonic()):
                 self.waits.dead(fd)
@@ -385,12 +395,14 @@ class Poller:
         if self.waits.hub is not None:
             self.waits.hub.on_tick.discard(self.on_tick)
         self.waits.hub = hub
+        self._due_timer = None
         hub.on_tick.add(self.on_tick)
 
     def on_tick(self) -> None:
         """Each loop turn: a read for every channel whose last read took all it was allowed
-        (the acks made since ride inside it), the acks of the others sent, then a wait for
-        every channel that may read (per slot group on Cluster) where none is pending."""
+        (the acks made since ride inside it) or that knows a delayed message is due, the
+        acks of the others sent, then a wait for every channel that may read (per slot
+        group on Cluster) where none is pending."""
         waiting = {(w.owner, w.keys) for w in self.waits.pending.values()}
         used, pool_of = self._budget()
         for channel in list(self.channels):
@@ -400,6 +412,10 @@ class Poller:
                 # waiting for the marker. A read that finds less ends this: no spinning.
                 self._deliver_channel(channel)
                 continue
+            if wakes and self._due_now(channel):
+                # due (e.g. credit came back after the due timer fired): the read moves it
+                self._deliver_channel(channel)
+                wakes = channel.wake_keys()
             channel.flush_acks()
             if not wakes:
                 self._set_unwatched(channel, [])
@@ -407,7 +423,9 @@ class Poller:
             # One wait per slot group (one group on a single Redis); a group whose wait was
             # answered waits again now, whatever the channel's other groups are doing. On
             # Cluster the groups beyond a node's wait budget are looked at instead (_look).
-            due = self._due_bounds(None, channel)
+            # A wait ends by polling_interval or the channel's due time, whichever is first;
+            # Redis may answer that up to 1/hz s late, so the due time itself is the due
+            # timer's (_arm_due).
             unwatched: list[str] = []
             for keys in self._groups(list(wakes)):
                 if (channel, keys) in waiting:
@@ -415,15 +433,12 @@ class Poller:
                 if self.transport.cluster and not self._cap(pool_of, used, keys):
                     unwatched.extend(keys)
                     continue
-                fd = self.waits.send(keys, channel, self._block(None, channel), need_id=due,
+                fd = self.waits.send(keys, channel, self._block(None, channel),
                                      sources=tuple((channel, wakes[k]) for k in keys))
                 self.waits.hub.add_reader(fd, self.transport.on_readable, fd)
                 wait = self.waits.pending[fd]
-                self.waits.hub.call_later(wait.deadline - monotonic(), self.waits.expire_if_waiting,
-                                     fd, wait)
-                if due:  # end the wait on time: Redis's own timeout may come 1/hz s late
-                    self.waits.hub.call_later((self._due_in(channel) or 0.0) + UNBLOCK_AFTER,
-                                         self.waits.unblock_if_waiting, fd, self.waits.pending[fd])
+                self.waits.hub.call_later(wait.deadline - monotonic(),
+                                          self.waits.expire_if_waiting, fd, wait)
             self._set_unwatched(channel, unwatched)
         for owner in self._look():
             if owner is not None:
@@ -431,6 +446,47 @@ class Poller:
         if self._unwatched and not self._look_timer:  # the loop must turn to look again
             self._look_timer = True
             self.waits.hub.call_later(max(self._next_look - monotonic(), 0.0), self._looked)
+        self._arm_due()
+
+    def _due_now(self, channel: Channel) -> bool:
+        """Whether a delayed message ``channel`` reads is due by now, as its reads told."""
+        due = channel.due_in()
+        return due is not None and due <= 0
+
+    def _arm_due(self) -> None:
+        """On the event loop: a hub timer at the earliest due time a channel knows (still to
+        come), unless one at or before it is armed. Called after every read on the loop, so
+        the timer is in the hub before the hub works out how long to sleep: Kombu's hub does
+        that (fire_timers) before on_tick, so a timer first added in on_tick, as the CLIENT
+        UNBLOCK of a due-bounded wait was, counted only from the next turn: an idle loop
+        slept through it, and the wait ended at Redis's next tick, up to 1/hz s late
+        (scripts/eta: Celery countdown tasks on a prefork worker, p99 78 to 107 ms). Due
+        times already past arm nothing: on_tick reads those channels once they may read."""
+        hub = self.waits.hub
+        if hub is None:
+            return
+        ahead = [t for ch in self.channels if (t := ch.due_in()) is not None and t > 0]
+        if not ahead:
+            return
+        # No slack: read.lua counts the time left from the server's clock rounded down to
+        # the ms, so this is at or after the due time; a read that comes early anyway (the
+        # clocks drifted) is told the time left again, and the timer set again.
+        at = monotonic() + min(ahead)
+        if self._due_timer is not None and self._due_timer <= at + 0.0005:
+            return
+        self._due_timer = at
+        hub.call_later(at - monotonic(), self._on_due, at)
+
+    def _on_due(self, at: float) -> None:
+        """A hub timer at a due time: read the channels whose delayed message is due and
+        that may read (read.lua moves it and delivers it in the same call), then arm the
+        timer for the next due time those reads told."""
+        if self._due_timer == at:
+            self._due_timer = None
+        for channel in list(self.channels):
+            if self._due_now(channel) and channel.wake_keys():
+                self._deliver_channel(channel)
+        self._arm_due()
 
     def _looked(self) -> None:
         """A hub timer: nothing to do but wake the loop, whose next turn looks."""
@@ -448,4 +504,7 @@ class Poller:
         if fd not in self.waits.pending:
             return
         popped = self.waits.answer(fd)
-        self._after_wake(popped, self.transport._deliver, ASYNC_BATCH)
+        try:
+            self._after_wake(popped, self.transport._deliver, ASYNC_BATCH)
+        finally:
+            self._arm_due()  # before the hub's next turn works out how long to sleep

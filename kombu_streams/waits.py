@@ -4,7 +4,9 @@ of its own, watched by a selector or an event loop.
 A wait is sent, then answered (the marker it popped, or a timeout), or ended early with CLIENT
 UNBLOCK (a due time came first), or dropped unread (its channel went away: its markers are
 given back through wake.lua), or found dead (no answer by its deadline: a half-open
-connection). What to wait on and when is the poller's (:mod:`kombu_streams.poller`).
+connection). What to wait on and when is the poller's (:mod:`kombu_streams.poller`); the
+commands themselves (BZPOPMIN, CLIENT ID, CLIENT UNBLOCK) are the Broker's, the one place that
+talks to Redis (:meth:`~kombu_streams.broker.Broker.send_wait` and the methods after it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgainError
 
+from .broker import Broker
 from .compat import conn_fileno, pool_connection
 from .connection import socket_timeout
 from .errors import DeadConnection
@@ -94,9 +97,10 @@ class Waits:
         conn = pool_connection(pool, 'BZPOPMIN')
         try:
             client_id = self._client_id(conn) if need_id else None
-            conn.send_command('BZPOPMIN', *keys, block)
-            fd = conn_fileno(conn)
+            fd = conn_fileno(conn)  # the pool connected it
+            Broker.send_wait(conn, keys, block)
         except Exception:
+            conn.disconnect()  # half a command, or an answer on its way: nobody else reads it
             pool.release(conn)
             raise
         deadline = monotonic() + block + (socket_timeout(pool) or DEAD_AFTER)
@@ -108,7 +112,7 @@ class Waits:
         source it belongs to, or None."""
         wait = self.pending[fd]
         try:
-            popped = wait.conn.read_response()
+            popped = Broker.wait_answer(wait.conn)
         except _SLOT_MOVING:
             self.drop(fd)
             self.transport.refresh_slots()
@@ -176,14 +180,6 @@ class Waits:
         if self.pending.get(fd) is wait:
             self.dead(fd)
 
-    def unblock_if_waiting(self, fd: int, wait: Wait) -> None:
-        """A hub timer at a due time: end the wait if it is still the one pending on fd."""
-        if self.pending.get(fd) is wait:
-            try:
-                self.unblock(wait)
-            except Exception as exc:  # the wait's own answer will report a broken connection
-                logger.debug('kombu-streams: CLIENT UNBLOCK failed: %r', exc)
-
     def unblock(self, wait: Wait) -> None:
         """End a pending wait now (Redis answers it as a timeout). Without the permission
         (an ACL without CLIENT ID / UNBLOCK) waits end by Redis's own timeout instead, up to
@@ -192,8 +188,7 @@ class Waits:
             return
         conn = pool_connection(wait.pool, 'CLIENT')
         try:
-            conn.send_command('CLIENT', 'UNBLOCK', wait.client_id)
-            conn.read_response()
+            Broker.unblock(conn, wait.client_id)
         except ResponseError as exc:
             self._no_unblock(exc)
         finally:
@@ -214,9 +209,8 @@ class Waits:
             return known
         if conn not in self._client_ids:
             conn.register_connect_callback(self._forget_id)
-        conn.send_command('CLIENT', 'ID')
         try:
-            self._client_ids[conn] = int(conn.read_response())
+            self._client_ids[conn] = Broker.client_id(conn)
         except ResponseError as exc:
             self._no_unblock(exc)
             return None

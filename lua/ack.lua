@@ -18,10 +18,10 @@ Errors:     "ack: expected ..." for another layout; WRONGTYPE (every stream, and
 Minimum Redis: 6.2. Cost: O(ids) in one XACK and one XDEL per stream and 1,000 ids, plus
 XINFO GROUPS when some id was not pending; for a consumer, one XPENDING per stream of its
 own entries from the lowest to the highest id (paged; this is also the type check) unless
-all its ids are trusted (-k), for '' a TYPE per stream. With "b", an XRANGE per entry acked (it copies the entry: the channel
-sends only big messages' entries this way, a field r each) and one HDEL. Acking twice is
-harmless; only delivered entries are deleted, and only the bodies of entries this call
-deleted are freed. See docs/design.rst (Leases, Big messages).
+all its ids are trusted (-k), for '' a TYPE per stream. With "b", an XRANGE per entry acked
+(it copies the entry: the channel sends only big messages' entries this way, a field r
+each) and one HDEL. Acking twice is harmless; only delivered entries are deleted, and only
+the bodies of entries this call deleted are freed. See docs/design.rst (Leases, Big messages).
 ]]
 --@include common
 local big = ARGV[3] == 'b'

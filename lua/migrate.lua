@@ -5,27 +5,33 @@ KEYS[1]       the Kombu list: the queue's name, or name + sep + step for a prior
 KEYS[2..n+1]  all streams of the target queue, one per priority level, e.g. ks:q:{celery}:0
 KEYS[n+2]     the target queue's wake marker (zset), ks:q:{celery}:wake
 KEYS[n+3]     the target queue's ready index (set), ks:q:{celery}:ready
-ARGV[1]       the most messages to move in this call
-ARGV[2]       S: entries at the list's oldest end already known to be malformed; they are
-              passed over and stay where they are
+ARGV[1]       the most entries to look at in this call
+ARGV[2]       todo: entries at the list's oldest end this run has not looked at yet (the
+              cursor, from the previous reply); -1 in a run's first call: all of them
 ARGV[3]       i: the stream (1..n) for messages whose priority cannot be read: the level of
               the list's own priority step
 ARGV[4..n+3]  the priority level of each stream in KEYS[2..n+1], ascending (e.g. 0 3 6 9)
-Reply:        {moved, kept, left, kept entry, ...}: messages moved; malformed entries met in
-              this call (left in the list, at its oldest end, in their order); the list's
-              length afterwards; then the malformed entries themselves, for the report
+Reply:        {moved, kept, left, todo, kept entry, ...}: messages moved; malformed entries
+              met in this call (kept in the list); the list's length afterwards; ARGV[2] of
+              the next call (0: the run has looked at every entry there was when it began);
+              then the malformed entries themselves, for the report
 Errors:       "migrate: expected ..." for another layout; WRONGTYPE (checked before any write)
-Minimum Redis: 6.2. Cost: O(S + count) list operations, plus decoding each moved message.
+Minimum Redis: 6.2. Cost: O(count) list operations (the oldest count entries read and
+trimmed, the malformed ones among them pushed back), plus decoding each entry looked at.
 Oldest (rightmost) first, each message as stored to the level of its properties.priority
-(clamped to 0..9, as Kombu does); an entry that is not a Kombu message stays in the list.
-The target queue must be declared first. See docs/design.rst (Wake-ups, The ready index).
+(clamped to 0..9, as Kombu does). An entry that is not a Kombu message stays in the list: it
+goes to the list's newest end (LPUSH), where the rest of the run does not meet it again, so a
+call never re-reads what earlier calls kept. Once a run has looked at every entry the kept
+ones are the list, in their order; a run stopped half-way leaves those it met ahead of the
+rest (newest end), and entries pushed while it runs sit beyond them, for the next run. The
+target queue must be declared first. See docs/design.rst (Wake-ups, The ready index).
 ]]
 --@include common
 local bad = check_args('migrate', #KEYS >= 4, #ARGV == #KEYS,
-                       'KEYS: list, n streams, marker, index; ARGV: count, S, i, n levels')
+                       'KEYS: list, n streams, marker, index; ARGV: count, todo, i, n levels')
 if bad then return bad end
 local n = #KEYS - 3
-local limit, skip, fallback = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local limit, todo, fallback = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local levels = {}
 for i = 1, n do levels[i] = tonumber(ARGV[3 + i]) end
 
@@ -70,15 +76,17 @@ local wrong = wrong_type(KEYS[1], 'list') or wrong_type(KEYS[n + 2], 'zset')
 wrong = wrong or wrong_streams(2, n + 1)
 if wrong then return redis.error_reply(wrong) end
 
-if limit <= 0 then return {0, 0, redis.call('LLEN', KEYS[1])} end
--- the window: the S passed-over entries and up to LIMIT more, oldest (rightmost) first
-local window = redis.call('LRANGE', KEYS[1], -(skip + limit), -1)
-local back, kept, moved = {}, {}, 0
+local length = redis.call('LLEN', KEYS[1])
+if todo < 0 or todo > length then todo = length end
+local size = math.min(math.max(limit, 0), todo)
+if size == 0 then return {0, 0, length, todo} end
+-- the window: the SIZE oldest entries, none looked at by this run yet (rightmost first)
+local window = redis.call('LRANGE', KEYS[1], -size, -1)
+local kept, moved = {}, 0
 local added, members = {}, {}  -- ready index members of the streams that got messages
 for j = #window, 1, -1 do
-  local raw, i = window[j], #window - j + 1
-  local index = nil
-  if i > skip then index = target(raw) end
+  local raw = window[j]
+  local index = target(raw)
   if index then
     redis.call('XADD', KEYS[1 + index], '*', 'm', raw)
     if not added[index] then
@@ -87,18 +95,17 @@ for j = #window, 1, -1 do
     end
     moved = moved + 1
   else
-    back[#back + 1] = raw
-    if i > skip then kept[#kept + 1] = raw end
+    kept[#kept + 1] = raw
   end
 end
+-- Take the window off; the malformed entries go to the newest end, oldest first, so they
+-- keep their order among themselves and the rest of the run does not meet them again.
+redis.call('LTRIM', KEYS[1], 0, -(size + 1))
+for _, raw in ipairs(kept) do redis.call('LPUSH', KEYS[1], raw) end
 if moved > 0 then
-  -- Take the window off and put the passed-over entries back at the oldest end in their
-  -- order (the oldest goes last).
-  redis.call('LTRIM', KEYS[1], 0, -(#window + 1))
-  for i = #back, 1, -1 do redis.call('RPUSH', KEYS[1], back[i]) end
   index_add(KEYS[n + 3], KEYS[2], unpack(members))
   arm(KEYS[n + 2], KEYS[2])
 end
-local reply = {moved, #kept, redis.call('LLEN', KEYS[1])}
+local reply = {moved, #kept, redis.call('LLEN', KEYS[1]), todo - size}
 for _, raw in ipairs(kept) do reply[#reply + 1] = raw end
 return reply

@@ -224,6 +224,41 @@ def test_inspect_fanout_lag_pending_and_cap(script_client):
     assert groups['a']['oldest_unread_ms'] is None
 
 
+def test_inspect_fanout_reads_a_bounded_page_of_groups_per_call(script_client, monkeypatch):
+    """One call read up to cap + 1 entries of every group: groups x (cap + 1) in all. Now a
+    call stops before a group that could pass its budget of entries (reporting one at
+    least), and the Broker calls again from where it stopped."""
+    c = script_client
+    b = broker(c)
+    names = ['a', 'b', 'c', 'd']
+    for q in names:
+        b.bind('x', f'member-{q}', 0, fanout_group=q)
+    members = [(q, f'member-{q}') for q in names]
+    for i in range(6):
+        script, keys, args = b.fanout_publish_call('x', f'm{i}', members)
+        script(c, keys, args)
+    read_messages(b, ['b'], 'c1', 2, fanout={'b': ['x']})
+    script, keys, args = b.inspect_fanout_call('x', 5, 1, 13)[0]
+    exists, length, _, page, after = script(c, keys, args)
+    # budget 13, cap 5: two groups of 6 entries each fit, a third could pass it
+    assert (exists, length, [text(g[0]) for g in page], after) == (1, 6, ['b', 'c'], 3)
+    # b read 2 of 6; c has 6 unread: beyond the cap, Redis 7 may know how many
+    assert page[0][3:5] == [4, 0] and page[1][3:5] in ([5, 1], [6, 0])
+    script, keys, args = b.inspect_fanout_call('x', 5, 3, 1)[0]
+    assert [text(g[0]) for g in script(c, keys, args)[3]] == ['d']  # at least one group
+    assert script(c, keys, args)[4] == 0  # the last page
+    runs = []
+    real = Broker.run
+    monkeypatch.setattr(Broker, 'run', lambda self, call: runs.append(call[2]) or real(self,
+                                                                                       call))
+    monkeypatch.setattr('kombu_streams.introspect.FANOUT_BUDGET', 7)
+    info = broker(c).inspect_fanout('x', cap=5)
+    assert [g['group'] for g in info['groups']] == names
+    lags = [(g['lag'], g['lag_capped']) for g in info['groups']]
+    assert lags[1] == (4, False) and {lags[0], lags[2], lags[3]} <= {(5, True), (6, False)}
+    assert runs == [[5, 0, 7], [5, 1, 7], [5, 2, 7], [5, 3, 7]]  # one group per call
+
+
 # -- peek.lua -------------------------------------------------------------------------------
 
 

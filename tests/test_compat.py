@@ -84,3 +84,24 @@ def test_batch_detection_follows_kombu():
     if compat.BATCH_PUBLISH:
         from kombu.exceptions import BatchPublishError
         assert compat.BatchPublishError is BatchPublishError
+
+
+class ConnectionWithoutSock:
+    """A redis-py that keeps its socket elsewhere than ``_sock``."""
+
+
+def test_conn_fileno_names_itself_when_redis_py_moved_the_socket():
+    with pytest.raises(AttributeError, match=r'compat\.conn_fileno.*ConnectionWithoutSock'):
+        compat.conn_fileno(ConnectionWithoutSock())
+
+
+@pytest.mark.redis
+def test_conn_fileno_of_a_pooled_connection_is_its_socket(redis_url):
+    pool = redis.ConnectionPool.from_url(redis_url)
+    try:
+        conn = compat.pool_connection(pool, 'BZPOPMIN')
+        fd = compat.conn_fileno(conn)
+        assert fd >= 0 and fd == conn._sock.fileno()
+        pool.release(conn)
+    finally:
+        pool.disconnect()

@@ -60,13 +60,13 @@ def test_migrate_list_moves_oldest_first_in_batches_and_wakes(script_client):
     b.declare('q')
     for n in range(5):
         c.lpush('q\x06\x163', envelope(n, priority=4))  # Kombu LPUSHes: oldest at the right
-    assert b.migrate_list('q\x06\x163', 'q', 3, 2) == (2, 0, 3, [])
+    assert b.migrate_list('q\x06\x163', 'q', 3, 2) == (2, 0, 3, 3, [])
     assert stream_bodies(c, K.stream('q', 3)) == [0, 1]
     assert c.zcard(K.wake('q')) == 1
-    assert b.migrate_list('q\x06\x163', 'q', 3, 10) == (3, 0, 0, [])
+    assert b.migrate_list('q\x06\x163', 'q', 3, 10, 3) == (3, 0, 0, 0, [])
     assert stream_bodies(c, K.stream('q', 3)) == [0, 1, 2, 3, 4]
     assert c.exists('q\x06\x163') == 0
-    assert b.migrate_list('q\x06\x163', 'q', 3, 10) == (0, 0, 0, [])
+    assert b.migrate_list('q\x06\x163', 'q', 3, 10) == (0, 0, 0, 0, [])
     # the envelope is stored unchanged
     assert c.xrange(K.stream('q', 3))[0][1] == {b'm': envelope(0, priority=4).encode()}
     got = [read_messages(b, ['q'], 'c1', 1)[0].payload for _ in range(5)]
@@ -101,21 +101,47 @@ def test_migrate_list_leaves_malformed_entries_in_place(script_client):
     for item in [envelope(0), 'not json', envelope(1), '[1, 2]', '{"no": "body"}',
                  '{"body": "", "properties": "nope"}', envelope(2)]:
         c.lpush('q', item)
-    moved, kept, left, bad = b.migrate_list('q', 'q', 0, 2)
-    assert (moved, kept, left, bad) == (1, 1, 6, [b'not json'])
-    moved, kept, left, bad = b.migrate_list('q', 'q', 0, 10, skip=1)
-    assert (moved, kept, left) == (2, 3, 4)
+    moved, kept, left, todo, bad = b.migrate_list('q', 'q', 0, 2)
+    assert (moved, kept, left, todo, bad) == (1, 1, 6, 5, [b'not json'])
+    moved, kept, left, todo, bad = b.migrate_list('q', 'q', 0, 10, todo)
+    assert (moved, kept, left, todo) == (2, 3, 4, 0)
     assert bad == [b'[1, 2]', b'{"no": "body"}', b'{"body": "", "properties": "nope"}']
     assert stream_bodies(c, K.stream('q', 0)) == [0, 1, 2]
     # the malformed ones are still there, oldest at the right end, in their order
     malformed = [b'{"body": "", "properties": "nope"}', b'{"no": "body"}', b'[1, 2]',
                  b'not json']
     assert c.lrange('q', 0, -1) == malformed
-    assert b.migrate_list('q', 'q', 0, 10, skip=4) == (0, 0, 4, [])
-    c.lpush('q', envelope(3))  # a newer message behind them still moves
-    assert b.migrate_list('q', 'q', 0, 10, skip=4) == (1, 0, 4, [])
+    assert b.migrate_list('q', 'q', 0, 10, 0) == (0, 0, 4, 0, [])  # the run has seen all
+    c.lpush('q', envelope(3))  # a newer message behind them moves in the next run
+    assert b.migrate_list('q', 'q', 0, 10) == (1, 4, 4, 0, malformed[::-1])
     assert c.lrange('q', 0, -1) == malformed
     assert stream_bodies(c, K.stream('q', 0)) == [0, 1, 2, 3]
+
+
+def test_migrate_list_never_reads_an_entry_twice_in_a_run(script_client, monkeypatch):
+    """Malformed entries used to stay at the list's oldest end, so every later call read
+    them again (LRANGE of all S kept + count) and pushed them back: a list of 100,000 such
+    entries cost 100,000 reads and writes per call. Each call now reads only the count
+    oldest entries this run has not looked at."""
+    c = script_client
+    b = Broker(c, K, LEVELS)
+    b.declare('q')
+    items = [envelope(0), 'bad 1', 'bad 2', envelope(1), 'bad 3', envelope(2), 'bad 4']
+    for item in items:
+        c.lpush('q', item)
+    seen, todo, rounds = [], -1, 0
+    while todo:
+        before = c.lrange('q', 0, -1)
+        moved, kept, left, todo, bad = b.migrate_list('q', 'q', 0, 2, todo)
+        n = moved + kept
+        assert n == (2 if rounds < 3 else 1) and left == len(before) - moved
+        # this call's window was the n oldest entries, none met before
+        assert not set(before[-n:]) & set(seen)
+        seen += before[-n:][::-1]
+        rounds += 1
+    assert rounds == 4 and seen == [i.encode() for i in items[:-1]] + [b'bad 4']
+    assert stream_bodies(c, K.stream('q', 0)) == [0, 1, 2]
+    assert c.lrange('q', 0, -1) == [b'bad 4', b'bad 3', b'bad 2', b'bad 1']
 
 
 def test_migrate_list_checks_types_before_writing(script_client):

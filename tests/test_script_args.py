@@ -35,7 +35,7 @@ MINIMAL = {
     'fanout_ack': ([FAN], [Q, 'c1', '1-1']),
     'fanout_publish': ([FAN, K.deadlines(X)], ['m']),
     'inspect': ([S0, K.dlq(Q), K.delayed(Q)], [Q, HOLDER, 0]),
-    'inspect_fanout': ([FAN], [10]),
+    'inspect_fanout': ([FAN], [10, 0, 100]),
     'layout': (['ks:layout'], [1]),
     'migrate': (['kq', S0, K.wake(Q), K.ready(Q)], [10, 0, 1, 0]),
     'migrate_unacked': (['unacked', 'unacked_index', S0, K.wake(Q), K.ready(Q)],

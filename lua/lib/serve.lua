@@ -75,8 +75,9 @@ local function load_sources(S, Q)
 end
 
 -- Ack the (stream index, entry id) pairs in ARGV[FIRST..], by stream, as ack.lua does: only
--- those the consumer still owns (or trusts it owns: a negative index, see ack_pairs); the others are counted per source in ctx.unsettled. A
--- stream holding another type is a problem of its source only.
+-- those the consumer still owns (or trusts it owns: a negative index, see ack_pairs); the
+-- others are counted per source in ctx.unsettled. A stream holding another type is a
+-- problem of its source only.
 local function ride_acks(ctx, of, first)
   local by, order, at = ack_pairs(first, #of)
   if not by then  -- before anything is written: the whole call fails, and says why
