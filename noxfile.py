@@ -133,6 +133,20 @@ COMPAT_TESTS = [
     'tests/test_worker_faults.py::test_a_consumer_with_1100_open_descriptors_waits_for_a_delayed_message',
     # the option table against each Kombu's ensure() and Celery's retry policy keys
     'tests/test_options.py',
+    # big messages: a MULTI/EXEC of HSET and EVALSHA through each redis-py (its transaction
+    # errors, NOSCRIPT inside EXEC), bodies fetched and freed through Kombu's channel
+    'tests/test_big.py::test_kombu_big_messages_round_trip',
+    'tests/test_big.py::test_kombu_big_message_after_script_flush',
+    'tests/test_big.py::test_kombu_batch_sends_big_messages_alone_in_order',
+    # queue arguments through each Kombu's queue_declare, QueueFull as a channel error
+    # through its publish and batch paths
+    'tests/test_limits.py::test_queue_arguments_of_a_kombu_queue_bind_every_publisher',
+    'tests/test_limits.py::test_a_batch_reports_which_messages_were_refused',
+    'tests/test_limits.py::test_a_full_queue_does_not_keep_a_routed_copy_from_the_others',
+    # acks made without the ownership lookup, as each Kombu's QoS hands them over
+    'tests/test_stale_settle.py::test_a_channel_trusts_only_acks_whose_lease_surely_holds',
+    # the due-time timer on each Kombu's hub (its timer API)
+    'tests/test_due_timer.py',
     # the after-fork hook on each Python; Kombu's hub closing a pending wait
     'tests/test_consumer_state.py::test_a_forked_child_forgets_what_the_parent_holds',
     'tests/test_wake_giveback.py::test_an_expired_queue_leaves_no_key_behind_after_an_event_loop_close',
