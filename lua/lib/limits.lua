@@ -1,5 +1,7 @@
 -- A queue's length limit (a library, included after common): the arguments hash, what counts
 -- and which message drop-head sets aside are in docs/design.rst, "Queue arguments and limits".
+-- KEYS: none of its own. Each function takes the keys it touches (the queue's arguments hash,
+-- streams, delayed set) from its caller, which has them in its KEYS with the queue's tag.
 
 -- Fields of a queue's arguments hash (ks:q:{q}:args) the scripts read.
 local MAX_LENGTH, OVERFLOW = 'x-max-length', 'x-overflow'
