@@ -15,6 +15,7 @@ from uuid import uuid4
 
 from redis.exceptions import ResponseError
 
+from .admin import Admin
 from .calls import (
     ANY_OWNER,
     CHUNK,
@@ -34,7 +35,6 @@ from .calls import (
     Delay,
     PeekCursor,
 )
-from .introspect import Introspection
 from .keys import LAYOUT, Keys
 from .limits import as_dict
 from .replies import Delivery, ReadResult, Ready, Reclaimed
@@ -60,8 +60,10 @@ def warn_unsettled(queue: str, count: int, what: str) -> None:
                    what)
 
 
-class Broker(Introspection):
-    """Runs script calls for queues laid out by ``keys`` with priority ``levels``."""
+class Broker(Admin):
+    """Runs script calls for queues laid out by ``keys`` with priority ``levels``: the
+    operations of consumers and publishers here, the operator's in
+    :class:`~kombu_streams.admin.Admin`."""
 
     def __init__(self, client: Any, keys: Keys, levels: Sequence[int]) -> None:
         super().__init__(keys, levels)
@@ -205,32 +207,6 @@ class Broker(Introspection):
     def delete(self, queue: str) -> int:
         return self.run(self.delete_call(queue))
 
-    def scheduled(self, queue: str, count: int = 10, bodies: bool = False) -> dict[str, Any]:
-        """The ``count`` (at most SCHEDULED_MAX) earliest delayed messages of a queue
-        (scheduled.lua, read-only):
-        each with its member, level, label (Celery's task id), ms until due and, with
-        ``bodies``, the message as stored."""
-        call, parse = self.scheduled_call(queue, count, bodies)
-        found = parse(self.run(call))
-        if bodies:  # a big message's value is its reference: show its body
-            for entry in found['messages']:
-                if entry['message'].startswith('r:'):
-                    body = self.bodies(queue, [entry['message'][2:]])[0]
-                    entry['message'] = '' if body is None else text(body)
-        return found
-
-    def cancel(self, queue: str, labels: Sequence[str], step: int = 1000) -> list[str]:
-        """Remove the delayed messages labelled ``labels`` (Celery task ids) from a queue
-        before they are due: a scan of its delayed set in calls of about ``step`` members
-        each. Returns the members removed."""
-        cursor, gone = '0', []
-        while True:
-            reply = self.run(self.cancel_call(queue, labels, cursor, step))
-            cursor = text(reply[0])
-            gone += [text(m) for m in reply[1:]]
-            if cursor == '0':
-                return sorted(set(gone))
-
     def touch(self, queue: str, ttl_ms: int) -> int:
         """Keep an expiring queue's keys alive for another ``ttl_ms``."""
         return self.run(self.touch_call(queue, ttl_ms))
@@ -354,152 +330,6 @@ class Broker(Introspection):
         call = self.dead_letter_call(queue, stream, entry_id, reason, deliveries, exchange,
                                      consumer)
         return self.settled([call], [self.run(call)], 'dead-letter')
-
-    def redrive(self, queue: str, count: int, ids: Sequence[Any] = ()) -> tuple[int, int]:
-        """Move up to ``count`` dead letters (or just ``ids``) back; returns (moved, skipped)."""
-        moved, skipped = self.run(self.redrive_call(queue, count, ids))
-        return int(moved), int(skipped)
-
-    def redrive_all(self, queue: str) -> tuple[int, int]:
-        """Move every dead letter filed so far back (one filed meanwhile stays), by id in
-        redrive calls of at most PAGE, so that letters which cannot move (no message, or
-        from another queue) are counted once; returns (moved, skipped)."""
-        newest = self.newest_dead_letter(queue)
-        moved, skipped, start = 0, 0, '-'
-        while newest:
-            ids = [entry_id for entry_id, _ in self.dead_letters(queue, PAGE, start, newest)]
-            if not ids:
-                break
-            m, s = self.redrive(queue, len(ids), ids)
-            moved, skipped, start = moved + m, skipped + s, f'({text(ids[-1])}'
-        return moved, skipped
-
-    def dead_letters(self, queue: str, count: int = 100, start: str = '-', end: str = '+'
-                     ) -> list[tuple[Any, dict[Any, Any]]]:
-        """Up to ``count`` dead letters of a queue as (id, fields), oldest first, from
-        ``start`` to ``end`` (stream ids, inclusive; '(' before one: exclusive), read in
-        XRANGE pages of at most PAGE."""
-        dlq = self.keys.dlq(queue)
-        out: list[tuple[Any, dict[Any, Any]]] = []
-        while len(out) < count:
-            want = min(count - len(out), PAGE)
-            page = self.client.xrange(dlq, start, end, count=want)
-            out += page
-            if len(page) < want:
-                break
-            start = f'({text(page[-1][0])}'
-        return out
-
-    def newest_dead_letter(self, queue: str) -> str | None:
-        """The id of a queue's newest dead letter, None when it has none."""
-        newest = self.client.xrevrange(self.keys.dlq(queue), '+', '-', count=1)
-        return text(newest[0][0]) if newest else None
-
-    def purge_dead_letters(self, queue: str, through: str, batch: int = PAGE) -> int:
-        """Delete a queue's dead letters up to id ``through`` (inclusive; letters filed later
-        stay), with the bodies of big messages they refer to, in dlq_purge.lua calls of at
-        most ``batch`` letters. Returns how many were deleted."""
-        ms, _, seq = text(through).partition('-')
-        through = f'{ms}-{seq or 0}'
-        total, more = 0, 1
-        while more:
-            deleted, more = self.run(self.dlq_purge_call(queue, through, batch))
-            total += int(deleted)
-        return total
-
-    def migrate_list(self, source: str, queue: str, list_level: int, count: int,
-                     todo: int = -1) -> tuple[int, int, int, int, list[bytes]]:
-        """Look at up to ``count`` of the oldest entries of Kombu's list ``source`` (full key
-        name) that this run has not looked at (``todo`` of them are left, from the previous
-        reply; -1: a new run) and move the messages into ``queue``, each to its priority's
-        level (``list_level`` when it has none). Returns (moved, kept, list length left,
-        ``todo`` of the next call, the malformed entries met), see migrate.lua."""
-        call, parse = self.migrate_list_call(source, queue, list_level, count, todo)
-        return parse(self.run(call))
-
-    def migrate_unacked(self, unacked: str, unacked_index: str, tag: Any, raw: Any,
-                        payload: str | bytes, targets: Sequence[tuple[str, int]]) -> bool:
-        """Restore Kombu's unacked message ``tag`` (hash value ``raw`` as read) as
-        ``payload`` into each (queue, level) of ``targets``; False when it changed or left
-        the hash in the meantime (nothing written)."""
-        return bool(self.run(self.migrate_unacked_call(unacked, unacked_index, tag, raw,
-                                                       payload, targets)))
-
-    def same_database(self, client: Any) -> bool:
-        """Whether ``client`` (redis-py, one server) reaches this broker's server (INFO
-        run_id) and database."""
-        def where(c: Any) -> tuple[str, int]:
-            return (text(c.info('server')['run_id']),
-                    int(c.connection_pool.connection_kwargs.get('db') or 0))
-        return where(client) == where(self.client)
-
-    def discover(self, kind: str, limit: int = 1000, calls: int = 10000
-                 ) -> tuple[list[str], bool]:
-        """Names of the queues (kind 'q') or fanout exchanges (kind 'x') under the prefix, by
-        SCAN (COUNT 1000 per call; every primary in turn on Cluster), sorted; and whether
-        the search was complete (it stops after ``limit`` names or ``calls`` SCAN calls)."""
-        match = self.keys.kind_pattern(kind)[0]
-        names: set[str] = set()
-
-        def take(keys: Iterable[Any]) -> bool:  # False once the limit is reached
-            for key in map(text, keys):
-                name = self.keys.kind_name(kind, key)
-                if name is not None:
-                    names.add(name)
-                    if len(names) >= limit:
-                        return False
-            return True
-
-        if self.keys.cluster:
-            complete = take(self.client.scan_iter(match=match, count=1000))
-            return sorted(names), complete
-        cursor, n = 0, 0
-        while True:
-            cursor, found = self.client.scan(cursor, match=match, count=1000)
-            n += 1
-            if not take(found):
-                return sorted(names), False
-            if not cursor:
-                return sorted(names), True
-            if n >= calls:
-                return sorted(names), False
-
-    def inspect(self, queue: str) -> dict[str, Any]:
-        """A read-only snapshot of a queue (inspect.lua): per level its ready, held (requeued
-        or reclaimed, part of ready), pending (delivered, unacked) messages, consumers and
-        the age of the oldest ready message in ms (None when none is ready); the totals; the
-        dead-letter stream's length; the delayed messages and ms until the next is due
-        (``next_due_ms``, None when none); ``exists`` (any of its streams exists)."""
-        call, parse = self.inspect_call(queue)
-        return parse(self.run(call))
-
-    def inspect_fanout(self, exchange: str, cap: int = 1000) -> dict[str, Any]:
-        """A read-only snapshot of a fanout exchange's stream (inspect_fanout.lua): per bound
-        queue's group its lag (entries not read yet, counted up to ``cap``; ``lag_capped``
-        when there were more and the server could not tell how many), pending (delivered,
-        unacked), consumers and the age of its oldest unread entry in ms. One call per
-        page of groups (as many as FANOUT_BUDGET entries read allow)."""
-        call, parse = self.inspect_fanout_call(exchange, cap)
-        info, start = parse(self.run(call))
-        while start is not None:
-            call, parse = self.inspect_fanout_call(exchange, cap, start)
-            page, start = parse(self.run(call))
-            info['groups'] = sorted(info['groups'] + page['groups'], key=lambda g: g['group'])
-        return info
-
-    def peek(self, queue: str, count: int = 10) -> list[Ready]:
-        """The next ``count`` ready messages of a queue, in the order a read would serve them
-        (peek.lua: per level in priority order, requeued ones first), without changing
-        anything; in calls of at most PEEK_MAX."""
-        out: list[Ready] = []
-        cursor: PeekCursor | None = (1, 'h', '')
-        while cursor is not None and len(out) < count:
-            call, parse = self.peek_call(queue, count - len(out), cursor)
-            page, cursor = parse(self.run(call))
-            out += [r._replace(payload=self.bodies(queue, [r.token])[0] or b'')
-                    if r.token is not None else r for r in page]
-        return out
-
 
 __all__ = ('Broker', 'LayoutMismatch', 'warn_unsettled', 'ANY_OWNER', 'CHUNK', 'GATED',
            'LOOKUP_CHUNK',

@@ -27,6 +27,7 @@ from redis.sentinel import (
     SentinelManagedSSLConnection,
 )
 
+from .admin import config_value, server_info
 from .compat import close_sentinels, conninfo_credential_provider
 from .options import DEFAULTS, POOL_OPTIONS
 
@@ -62,17 +63,14 @@ def parse_version(text: str) -> tuple[int, ...]:
 
 def check_server(client: redis.Redis) -> tuple[int, ...]:
     """Refuse servers older than 6.2; warn when keys may be evicted. Returns the version."""
-    info = client.info('server')
+    info = server_info(client)
     found = str(info.get('redis_version', '0'))
     version = parse_version(found)
     if version < MIN_VERSION:
         raise UnsupportedServer(
             f'kombu-streams needs Redis 6.2 or newer (XAUTOCLAIM, consumer groups); '
             f'the server at {pool_id(client.connection_pool)} runs Redis {found}')
-    try:
-        policy = client.config_get('maxmemory-policy').get('maxmemory-policy')
-    except redis.exceptions.ResponseError:  # CONFIG may be denied by ACL (NOPERM) or renamed
-        policy = None
+    policy = config_value(client, 'maxmemory-policy')
     if policy and policy != 'noeviction':
         logger.warning(
             'kombu-streams: Redis maxmemory-policy is %r; Redis may evict queue keys and '
@@ -83,10 +81,10 @@ def check_server(client: redis.Redis) -> tuple[int, ...]:
 def bulk_limit(client: redis.Redis) -> int:
     """The largest message the server takes in one command (``proto-max-bulk-len``); Redis's
     default when CONFIG GET is not allowed (ACL) or renamed."""
+    value = config_value(client, 'proto-max-bulk-len')
     try:
-        value = client.config_get('proto-max-bulk-len').get('proto-max-bulk-len')
         return int(value) if value else DEFAULT_BULK_LIMIT
-    except (redis.exceptions.ResponseError, ValueError):
+    except ValueError:
         return DEFAULT_BULK_LIMIT
 
 

@@ -192,12 +192,11 @@ class Result:
 
 
 class Migration:
-    """Plan and run a migration from Kombu's keys (read through ``source``) into ``broker``'s
-    queues; ``source`` must be a client of the same server and database as the broker's."""
+    """Plan and run a migration from Kombu's keys into ``broker``'s queues, in the same
+    server and database (each batch is one script that touches both); Kombu's keys are read
+    through the broker too (:class:`~kombu_streams.admin.Admin`), like every command."""
 
-    def __init__(self, source: Any, broker: Broker, kombu: KombuKeys,
-                 include_unacked: bool = True) -> None:
-        self.source = source
+    def __init__(self, broker: Broker, kombu: KombuKeys, include_unacked: bool = True) -> None:
         self.broker = broker
         self.kombu = kombu
         self.include_unacked = include_unacked
@@ -211,14 +210,13 @@ class Migration:
             head = self.kombu.binding_head
             match = glob_escape(head) + '*'
             out: dict[str, list[tuple[str, str, str]]] = {}
-            for key in self.source.scan_iter(match=match, count=1000):
-                name = text(key)
+            for exchange, found in self.broker.kombu_bindings(head, match):
                 members = []
-                for m in self.source.smembers(key):
+                for m in found:
                     parts = text(m).split(self.kombu.sep)
                     if len(parts) == 3:
                         members.append((parts[0], parts[1], parts[2]))
-                out[name[len(head):]] = sorted(members)
+                out[exchange] = sorted(members)
             self._bindings = out
         return self._bindings
 
@@ -248,10 +246,10 @@ class Migration:
     def read_unacked(self) -> list[Unacked]:
         """Every entry of the unacked hash, decoded and routed, oldest delivery first (the
         order Kombu's restore would serve them in)."""
-        scores = {tag: score for tag, score in self.source.zscan_iter(
-            self.kombu.unacked_index, count=1000)}
+        scores, entries = self.broker.kombu_unacked(self.kombu.unacked,
+                                                    self.kombu.unacked_index)
         out = []
-        for tag, raw in self.source.hscan_iter(self.kombu.unacked, count=1000):
+        for tag, raw in entries:
             entry = Unacked(tag, raw, scores.get(tag, math.inf))
             try:
                 envelope, exchange, routing_key = json.loads(raw)
@@ -281,16 +279,11 @@ class Migration:
     def source_lists(self, queue: str) -> tuple[list[SourceList], list[Left]]:
         """The queue's Kombu lists that hold messages, highest priority first."""
         keys = [self.kombu.list(queue, step) for step in KOMBU_STEPS]
-        with self.source.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.type(key)
-            types = [text(t) for t in pipe.execute()]
         lists, left = [], []
-        for step, key, kind in zip(KOMBU_STEPS, keys, types):
+        for step, key, (kind, length) in zip(KOMBU_STEPS, keys, self.broker.list_lengths(keys)):
             if kind == 'list':
                 lists.append(SourceList(queue, step, key,
-                                        level_for(self.broker.levels, step),
-                                        int(self.source.llen(key))))
+                                        level_for(self.broker.levels, step), length))
             elif kind != 'none':
                 left.append(Left(key, f'not a list but a {kind}: not a Kombu queue'))
         return lists, left
@@ -299,7 +292,7 @@ class Migration:
         """For the dry run: which level each message of the list would go to."""
         counts: dict[int, int] = {}
         for start in range(0, source.length, chunk):
-            for raw in self.source.lrange(source.key, start, start + chunk - 1):
+            for raw in self.broker.list_range(source.key, start, start + chunk - 1):
                 target = list_target(raw, self.broker.levels, source.level)
                 if target is None:
                     source.malformed += 1
@@ -425,7 +418,4 @@ class Migration:
     def old_consumers(self) -> int:
         """Clients blocked in BRPOP: most likely workers still on Kombu's Redis transport
         (ours wait with BZPOPMIN). 0 when the server does not let us look."""
-        try:
-            return sum(1 for c in self.source.client_list() if c.get('cmd') == 'brpop')
-        except Exception:  # CLIENT LIST may be refused by an ACL
-            return 0
+        return self.broker.clients_in('brpop') or 0

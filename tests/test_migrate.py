@@ -468,7 +468,7 @@ def test_progress_callback_reports_every_batch(redis_url, redis_client):
     from kombu_streams.migrate import KombuKeys, Migration
     kombu_fill(redis_url, counts={0: 3, 9: 2})
     kombu_crash_holding(redis_url, 'work', 1)
-    migration = Migration(redis_client, Broker(redis_client, K, LEVELS), KombuKeys())
+    migration = Migration(Broker(redis_client, K, LEVELS), KombuKeys())
     plan = migration.plan()
     assert plan.total == 5 and [q.queue for q in plan.queues] == ['work']
     seen = []

@@ -17,11 +17,12 @@ from ..errors import ERROR, NOT_FOUND, OK, USAGE, Failure
 from ..render import emit, table
 
 
-def source_client(args: argparse.Namespace, broker: Broker) -> Any:
-    """The client for Kombu's keys: the broker's own, or one on ``--from-url``, which must
-    reach the same server and database (each batch is one script touching both)."""
+def check_source(args: argparse.Namespace, broker: Broker) -> None:
+    """Refuse a ``--from-url`` (where the Kombu app's keys are) that does not reach the
+    broker's server and database: each batch is one script touching both, so Kombu's keys
+    are read and moved through the broker's own connection."""
     if not args.from_url:
-        return broker.client
+        return
     scheme, sep, rest = args.from_url.partition('://')
     base = scheme.partition('+')[0]
     if not sep or base not in SCHEMES or '+' in scheme:
@@ -31,11 +32,12 @@ def source_client(args: argparse.Namespace, broker: Broker) -> Any:
     source = redis.Redis.from_url(f'{plain}://{rest}', socket_connect_timeout=5,
                                   socket_timeout=30)
 
-    if not broker.same_database(source):
+    try:
+        if not broker.same_database(source):
+            raise Failure('--from-url must name the same Redis server and database as --url: '
+                          'each batch is moved by one script inside Redis', USAGE)
+    finally:
         source.close()
-        raise Failure('--from-url must name the same Redis server and database as --url: '
-                      'each batch is moved by one script inside Redis', USAGE)
-    return source
 
 
 def migrate_rows(plan: Plan) -> list[list[Any]]:
@@ -92,9 +94,9 @@ def cmd_migrate(args: argparse.Namespace, broker: Broker) -> int:
         raise Failure("migrate works on one Redis server (Kombu's Redis transport cannot run "
                       'on a cluster, so its queues are not on one): migrate first, then move '
                       'the data to the cluster', USAGE)
-    source = source_client(args, broker)
+    check_source(args, broker)
     kombu = KombuKeys(args.prefix if args.kombu_prefix is None else args.kombu_prefix)
-    migration = Migration(source, broker, kombu, include_unacked=args.unacked)
+    migration = Migration(broker, kombu, include_unacked=args.unacked)
     plan = migration.plan(args.queues, count=args.dry_run)
     for name in plan.missing:
         print(f'kombu-streams: queue {name!r} not found (no Kombu list, binding, unacked '
@@ -127,8 +129,6 @@ def cmd_migrate(args: argparse.Namespace, broker: Broker) -> int:
     finally:
         if show:
             print(file=sys.stderr)
-        if source is not broker.client:
-            source.close()
     data = migrate_data(plan, result)
     lines = [f"moved {q['moved']} message(s) to {q['queue']}"
              + (f" ({q['unacked']} unacked restored)" if q['unacked'] else '')
