@@ -222,7 +222,8 @@ class Admin(Introspection):
         or reclaimed, part of ready), pending (delivered, unacked) messages, consumers and
         the age of the oldest ready message in ms (None when none is ready); the totals; the
         dead-letter stream's length; the delayed messages and ms until the next is due
-        (``next_due_ms``, None when none); ``exists`` (any of its streams exists)."""
+        (``next_due_ms``, None when none); ``exists`` (any of its streams exists);
+        ``arguments``, the queue's recorded arguments (x-max-length, ...)."""
         call, parse = self.inspect_call(queue)
         return parse(self.run(call))
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .calls import HOLDER, PEEK_MAX, SCHEDULED_MAX, Calls, PeekCursor
+from .limits import as_dict
 from .replies import Ready
 from .scripts import SCRIPTS, Call
 from .text import text
@@ -49,10 +50,11 @@ class Introspection(Calls):
     def inspect_call(self, queue: str) -> tuple[Call, Callable[[Any], dict[str, Any]]]:
         """The inspect call (read-only) for a queue, and the function that decodes its reply
         (see :meth:`inspect`)."""
-        keys = [*self.streams(queue), self.keys.dlq(queue), self.keys.delayed(queue)]
+        keys = [*self.streams(queue), self.keys.dlq(queue), self.keys.delayed(queue),
+                self.keys.args(queue)]
 
         def parse(reply: Any) -> dict[str, Any]:
-            records, dlq, now, delayed, next_due = reply
+            records, dlq, now, delayed, next_due, arguments = reply
             levels: list[dict[str, Any]] = []
             consumers: dict[str, dict[str, Any]] = {}
             for key, rec in zip(keys, records):
@@ -87,6 +89,7 @@ class Introspection(Calls):
                 'next_due_ms': None if next_due < 0 else int(next_due),
                 'levels': levels,
                 'time_ms': int(now),
+                'arguments': as_dict(arguments),
             }
 
         return (SCRIPTS['inspect'], keys, [queue, HOLDER, *self.levels]), parse

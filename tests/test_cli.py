@@ -160,7 +160,7 @@ def test_inspect_counts_dead_letters_and_writes_nothing(script_client):
         # Redis 7.0+: inspect ran as EVALSHA_RO with the no-writes flag (its own SHA)
         script = SCRIPTS['inspect'].flagged
         assert script.source.startswith('#!lua flags=no-writes\n')
-        keys = [*K.streams('q', LEVELS), K.dlq('q'), K.delayed('q')]
+        keys = [*K.streams('q', LEVELS), K.dlq('q'), K.delayed('q'), K.args('q')]
         assert c.evalsha_ro(script.sha, len(keys), *keys, 'q', HOLDER, *LEVELS)[1] == 2
 
 

@@ -36,13 +36,14 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def loaded(redis_url):
     """Queue 'work': 5 messages at level 9 (priority 9) and 1 at level 0 (priority 0, served
     first); 3 taken by a channel (the level-0 one rejected to the dead letters, 2 held),
-    1 delayed;
+    1 delayed; a length limit of 100 (reject-publish);
     fanout 'bcast' with 'bq' bound and 2 broadcasts unread."""
     options = {'dead_letter_rejected': True}
     with Connection(redis_url, transport='kombu_streams.transport:Transport',
                     transport_options=options) as conn:
         ch = conn.channel()
-        q = Queue('work', Exchange('work'), 'work', max_priority=9)
+        q = Queue('work', Exchange('work'), 'work', max_priority=9,
+                  queue_arguments={'x-max-length': 100, 'x-overflow': 'reject-publish'})
         q(ch).declare()
         bcast = Exchange('bcast', type='fanout')
         Queue('bq', bcast)(ch).declare()
@@ -85,6 +86,9 @@ def test_http_scrape_of_the_cli_exporter(loaded):
     assert got[('kombu_streams_queue_dead_letter_messages', work)] == 1
     assert got[('kombu_streams_queue_consumers', work)] == 1
     assert got[('kombu_streams_queue_oldest_ready_age_seconds', work)] >= 0
+    arguments = {labels: v for (name, labels), v in got.items()
+                 if name == 'kombu_streams_queue_argument'}
+    assert arguments == {(('argument', 'x-max-length'), ('queue', 'work')): 100}
     bq = (('exchange', 'bcast'), ('queue', 'bq'))
     assert got[('kombu_streams_fanout_lag_messages', bq)] == 2
     assert got[('kombu_streams_fanout_pending_messages', bq)] == 0

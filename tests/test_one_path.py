@@ -1,6 +1,7 @@
 """One path to Redis: the Broker (kombu_streams/broker.py and its operator half admin.py,
-running scripts.py's calls) is the only code that sends a Redis command. A raw command elsewhere (send_command /
-read_response on a connection, execute_command on a client) is a broker operation laid out
+running scripts.py's calls) is the only code that sends a Redis command. A raw command
+elsewhere (send_command / read_response on a connection, execute_command on a client, a
+redis-py command method) is a broker operation laid out
 in a second place, out of reach of what the Broker does for every call (NOSCRIPT reload,
 error explanations, one round trip per server), as the waits' BZPOPMIN, CLIENT ID and CLIENT
 UNBLOCK were in waits.py."""

@@ -34,7 +34,7 @@ MINIMAL = {
     'dlq_purge': ([K.dlq(Q), K.big(Q)], ['1-0', 10]),
     'fanout_ack': ([FAN], [Q, 'c1', '1-1']),
     'fanout_publish': ([FAN, K.deadlines(X)], ['m']),
-    'inspect': ([S0, K.dlq(Q), K.delayed(Q)], [Q, HOLDER, 0]),
+    'inspect': ([S0, K.dlq(Q), K.delayed(Q), K.args(Q)], [Q, HOLDER, 0]),
     'inspect_fanout': ([FAN], [10, 0, 100]),
     'layout': (['ks:layout'], [1]),
     'migrate': (['kq', S0, K.wake(Q), K.ready(Q)], [10, 0, 1, 0]),

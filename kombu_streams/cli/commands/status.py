@@ -24,8 +24,8 @@ def status_once(args: argparse.Namespace, broker: Broker) -> int:
     missing = [i['queue'] for i in infos if not i['exists'] and not i['dlq']]
     missing += [f"exchange {f['exchange']}" for f in fanouts if not f['exists']]
     infos = [i for i in infos if i['exists'] or i['dlq']]
-    for i in infos:
-        i['limits'] = broker.limits(i['queue'])
+    for i in infos:  # the name status has shown them under (JSON); inspect reads them
+        i['limits'] = i.pop('arguments')
     fanouts = [f for f in fanouts if f['exists']]
     data = {'queues': infos, 'exchanges': fanouts, 'missing': missing}
     emit(args, data, status_text(infos, fanouts) or ('' if missing else 'no queues found'))
