@@ -815,3 +815,56 @@ def test_delayed_tasks_survive_a_redis_restart_with_aof(tmp_path: Path) -> None:
             assert min(_ran_at(env).values()) >= sent + 5 - 0.05
     finally:
         stop_redis(proc)
+
+
+# ---------------------------------------------------------------------------
+# 12. queue length limits (x-max-length) on Celery's default queue
+# ---------------------------------------------------------------------------
+
+
+def test_reject_publish_refuses_apply_async_at_once_and_a_worker_frees_room(
+        env: CeleryEnv) -> None:
+    """x-max-length 3, x-overflow reject-publish on Celery's ``celery`` queue, given by the
+    transport option (Celery never declares it with arguments): the 4th apply_async raises
+    QueueFull, naming queue and limit, after one script call (a channel error: Celery's
+    publish retry, on by default, does not retry it), and stores nothing; a worker drains
+    the 3; then a publish is taken again."""
+    from kombu_streams import QueueFull
+
+    module = env.load({'queue_arguments': {QUEUE: {'x-max-length': 3,
+                                                   'x-overflow': 'reject-publish'}}})
+    for i in range(3):
+        module.record.delay(f't{i}')
+    def scripts_run() -> int:
+        stats = env.raw_broker.info('commandstats')
+        return sum(stats.get(f'cmdstat_{c}', {}).get('calls', 0) for c in ('evalsha', 'eval'))
+
+    before = scripts_run()
+    with pytest.raises(QueueFull, match="'?celery'? is full: x-max-length 3"):
+        module.record.delay('t3')
+    assert scripts_run() - before == 1  # refused once, not retried by Celery's publish retry
+    assert env.queue_length() == 3
+    worker = env.worker('limits@ks', concurrency=1)
+    wait_for(lambda: len(env.done()) == 3, 40, what='the 3 queued tasks', log=env.logs)
+    module.record.delay('t4')
+    wait_for(lambda: 't4' in env.done(), 20, what="the task 't4'", log=env.logs)
+    worker.terminate()
+    assert sorted(env.done()) == ['t0', 't1', 't2', 't4'], env.logs()
+
+
+def test_drop_head_dead_letters_the_oldest_celery_tasks(env: CeleryEnv) -> None:
+    """x-max-length 2 (drop-head, the default): 5 apply_async; the 3 oldest go to the
+    dead-letter stream with reason max-length, the worker runs the 2 newest."""
+    module = env.load({'queue_arguments': {QUEUE: {'x-max-length': 2}}})
+    for i in range(5):
+        module.record.delay(f't{i}')
+    assert env.queue_length() == 2
+    worker = env.worker('drophead@ks', concurrency=1)
+    wait_for(lambda: len(env.done()) == 2, 40, what='the 2 newest tasks', log=env.logs)
+    time.sleep(0.5)
+    worker.terminate()
+    assert sorted(env.done()) == ['t3', 't4'], env.logs()
+    letters = [f for _, f in env.raw_broker.xrange(Keys().dlq(QUEUE))]
+    assert [f[b'reason'] for f in letters] == [b'max-length'] * 3
+    tags = [json.loads(f[b'f:m'])['headers']['argsrepr'] for f in letters]
+    assert tags == ["('t0',)", "('t1',)", "('t2',)"]
