@@ -17,8 +17,10 @@ the read-only inspect script, one bounded call per queue, run in a thread so Flo
 loop is never blocked. Per queue: ``messages`` and ``messages_ready`` are the ready messages
 (what waits; as Flower's Redis broker counts), ``messages_unacknowledged`` those delivered
 and not acknowledged, ``consumers`` the consumers, ``delayed`` those waiting for their due
-time. The transport options of Flower's Celery app (``broker_transport_options``:
-``global_keyprefix``, ``priority_steps``...) apply.
+time, ``arguments`` the queue's recorded arguments (its limits: ``kombu-streams limits``;
+the API shows them, Flower's Broker page has fixed columns). The transport options of
+Flower's Celery app (``broker_transport_options``: ``global_keyprefix``,
+``priority_steps``...) apply.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ class StreamsBroker(flower_broker.BrokerBase):
             out.append({'name': name, 'messages': info['ready'],
                         'messages_ready': info['ready'],
                         'messages_unacknowledged': info['pending'],
-                        'consumers': len(info['consumers']), 'delayed': info['delayed']})
+                        'consumers': len(info['consumers']), 'delayed': info['delayed'],
+                        'arguments': info['arguments']})
         return out
 
     async def queues(self, names: Any) -> list[dict[str, Any]]:

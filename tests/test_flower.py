@@ -39,13 +39,15 @@ def chromium() -> str:
 
 
 def run_flower(tmp_path: Path, broker: str, conf: dict, n_messages: int):
-    """Publish ``n_messages`` to 'celery', start Flower on a free port; yields its base URL."""
+    """Publish ``n_messages`` to 'celery' (declared with a length limit of 100), start
+    Flower on a free port; yields its base URL."""
     module = f'ks_flower_app_{free_port()}'
     (tmp_path / f'{module}.py').write_text(APP.format(broker=broker, conf=conf))
     (tmp_path / 'flowerconfig.py').write_text('import kombu_streams.flower  # noqa: F401\n')
     with Connection(broker if broker.startswith('redis-streams') else
                     'redis-streams' + broker[len('redis'):]) as conn:
-        queue = Queue('celery', Exchange('celery'), 'celery')
+        queue = Queue('celery', Exchange('celery'), 'celery',
+                      queue_arguments={'x-max-length': 100})
         queue(conn.default_channel).declare()
         producer = conn.Producer()
         for n in range(n_messages):
@@ -95,7 +97,8 @@ def test_flower_api_and_broker_page_show_queue_lengths(tmp_path, redis_url, form
                             diag=lambda: stop(proc))
         assert json.loads(answer) == {'active_queues': [
             {'name': 'celery', 'messages': 7, 'messages_ready': 7,
-             'messages_unacknowledged': 0, 'consumers': 0, 'delayed': 0}]}
+             'messages_unacknowledged': 0, 'consumers': 0, 'delayed': 0,
+             'arguments': {'x-max-length': 100, 'x-overflow': 'drop-head'}}]}
         # the Broker page, rendered by a real browser
         dom = subprocess.run(
             [chromium(), '--headless', '--no-sandbox', '--disable-gpu', '--dump-dom',
