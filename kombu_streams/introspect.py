@@ -39,8 +39,12 @@ class Introspection(Calls):
                                          'label': label,
                                          # float(): a score stored in exponent form
                                          'due_in_ms': max(int(float(flat[j + 1])) - now, 0)}
-                if bodies:
-                    entry['message'] = text(flat[j + 2])
+                if bodies:  # a TTL deadline is kept as a prefix: e:<unix ms>:<message>
+                    message = text(flat[j + 2])
+                    if message.startswith('e:') and message.count(':') >= 2:
+                        _, deadline, message = message.split(':', 2)
+                        entry['expires_at_ms'] = int(deadline)
+                    entry['message'] = message
                 out.append(entry)
             return {'queue': queue, 'delayed': total, 'messages': out, 'time_ms': now}
 

@@ -42,9 +42,9 @@ MINIMAL = {
                         ['t', 'v', 'm']),
     'peek': ([S0], [Q, HOLDER, 1, 1, 'h', '']),
     'limits': ([K.args(Q), S0], ['get']),
-    'publish': (PUBLISH_KEYS, ['m', '0', 1, Q, HOLDER, '0']),
+    'publish': (PUBLISH_KEYS, ['m', '0', 1, Q, HOLDER, '0', '']),
     'purge': ([S0, K.delayed(Q), K.delayed_messages(Q), K.big(Q)], [Q, HOLDER, 10]),
-    'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:]],
+    'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q)],
              ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 1, 0]),
     'reclaim': ([FAN, FWAKE], [Q, HOLDER, 1000, 100, 0, '-']),
     'redrive': ([K.dlq(Q), S0, K.wake(Q), K.ready(Q)], [10]),
@@ -64,12 +64,12 @@ MINIMAL = {
 LARGER = {
     'bind': ([K.bindings(X), K.deadlines(X), FAN], ['rk', 0, Q]),
     'route': ([K.bindings(X), K.deadlines(X), FAN], [100, '0', 1000, '\x06']),
-    'publish': (PUBLISH_KEYS, ['m', '0', 1, Q, HOLDER, '1', '+5000', 1000]),
+    'publish': (PUBLISH_KEYS, ['m', '0', 1, Q, HOLDER, '1', '', '+5000', 1000]),
     'declare': ([S0, K.args(Q)], [Q, 'x-max-length', '5']),
     'ack': ([S0, K.big(Q)], [Q, 'c1', 'b', 1, '1-1']),
     'wake': ([FWAKE, FAN, K.deadlines(X), K.wake(Q), S0, K.wake(Q)],
              ['f', Q, 'm', 'q', Q, '']),
-    'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:]],
+    'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q)],
              ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 1, 1, 1, '1-1']),
 }
 
