@@ -388,10 +388,10 @@ local function serve_fresh(ctx, src, i)
         'XREADGROUP', 'GROUP', group, ctx.consumer, 'COUNT', want, 'STREAMS', key, '>')
     end
     src.alive = true
-    local fresh, delivered = read_entries(reply), 0
+    local fresh, expired = read_entries(reply), src.expired
     for _, e in ipairs(fresh) do
       spend(ctx, src, e[2])
-      if deliver(ctx, src, i, e[1], e[2], 1) then delivered = delivered + 1 end
+      deliver(ctx, src, i, e[1], e[2], 1)
     end
     if #fresh < want then  -- the stream has no undelivered entries left
       if src.index then src.index[key] = nil end
@@ -399,14 +399,14 @@ local function serve_fresh(ctx, src, i)
     end
     -- The batch filled: more may be left. No probe for it (one command per read at prefetch
     -- 1): if the stream ran dry just now, the next read finds that out and clears the index.
-    -- Only a batch the budget cut, or one that set entries aside (expired ones: the live
-    -- ones behind them are served in this call), is followed by another, while COUNT and
-    -- aside allow; once aside is spent the call stops, as serve_held does.
+    -- Only a batch the budget cut, or one with expired entries (the live ones behind them
+    -- are served in this call: docs/design.rst, "Message TTL"), is followed by another,
+    -- while COUNT and aside allow; once aside is spent the call stops, as serve_held does.
     if ctx.aside_left <= 0 then
       ctx.left, src.more = 0, true
       return
     end
-    if not (cut or delivered < #fresh) or ctx.left <= 0 then
+    if not (cut or src.expired > expired) or ctx.left <= 0 then
       src.more = true
       return
     end
