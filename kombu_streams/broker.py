@@ -172,7 +172,14 @@ class Broker(Introspection):
     def limits(self, queue: str, arguments: Sequence[str] | None = None) -> dict[str, Any]:
         """The queue's recorded arguments; with ``arguments``, after replacing them by those
         ([]: none)."""
-        return as_dict(self.run(self.limits_call(queue, arguments)))
+        return self.limits_and_counters(queue, arguments)[0]
+
+    def limits_and_counters(self, queue: str, arguments: Sequence[str] | None = None
+                            ) -> tuple[dict[str, Any], dict[str, int]]:
+        """:meth:`limits`, and the queue's counters (``expired``: messages set aside past
+        their TTL), from the same call."""
+        recorded, counters = self.run(self.limits_call(queue, arguments))
+        return as_dict(recorded), {k: int(v) for k, v in as_dict(counters).items()}
 
     def leave(self, sources: Sequence[Source], consumer: str) -> int:
         """``consumer`` leaves the groups of ``sources`` where it owns nothing (leave.lua,

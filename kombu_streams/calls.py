@@ -165,7 +165,8 @@ class Calls:
     def limits_call(self, queue: str, arguments: Sequence[str] | None = None) -> Call:
         """Show the queue's arguments (``arguments`` None), or replace them ([]: clear)."""
         args = ['get'] if arguments is None else ['set', *arguments]
-        keys = [self.keys.args(queue), self.keys.stream(queue, self.levels[0])]
+        keys = [self.keys.args(queue), self.keys.stream(queue, self.levels[0]),
+                self.keys.counters(queue)]
         return SCRIPTS['limits'], keys, args
 
     def size_call(self, queue: str) -> Call:
@@ -182,7 +183,8 @@ class Calls:
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
                                       self.keys.delayed(queue),
                                       self.keys.delayed_messages(queue), self.keys.args(queue),
-                                      self.keys.big(queue), self.keys.dlq(queue)]
+                                      self.keys.counters(queue), self.keys.big(queue),
+                                      self.keys.dlq(queue)]
         return SCRIPTS['delete'], keys, []
 
     def leave_call(self, queue: str, consumer: str, exchange: str | None = None) -> Call:
@@ -203,7 +205,7 @@ class Calls:
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
                                       self.keys.delayed(queue),
                                       self.keys.delayed_messages(queue), self.keys.big(queue),
-                                      self.keys.args(queue)]
+                                      self.keys.args(queue), self.keys.counters(queue)]
         return SCRIPTS['touch'], keys, [int(ttl_ms)]
 
     def bind_call(self, exchange: str, member: str, ttl_ms: int = 0,

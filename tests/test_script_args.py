@@ -30,7 +30,7 @@ MINIMAL = {
     'cancel': ([K.delayed(Q), K.delayed_messages(Q), K.big(Q)], ['0', 10]),
     'deadletter': ([S0, K.dlq(Q)], [Q, 'c1', '1-1', 'why', 1, '0']),
     'declare': ([S0, K.args(Q)], [Q]),
-    'delete': ([S0, *QUEUE_KEYS[:4], K.args(Q), K.big(Q), K.dlq(Q)], []),
+    'delete': ([S0, *QUEUE_KEYS[:4], K.args(Q), K.counters(Q), K.big(Q), K.dlq(Q)], []),
     'dlq_purge': ([K.dlq(Q), K.big(Q)], ['1-0', 10]),
     'fanout_ack': ([FAN], [Q, 'c1', '1-1']),
     'fanout_publish': ([FAN, K.deadlines(X)], ['m']),
@@ -41,7 +41,7 @@ MINIMAL = {
     'migrate_unacked': (['unacked', 'unacked_index', S0, K.wake(Q), K.ready(Q)],
                         ['t', 'v', 'm']),
     'peek': ([S0], [Q, HOLDER, 1, 1, 'h', '']),
-    'limits': ([K.args(Q), S0], ['get']),
+    'limits': ([K.args(Q), S0, K.counters(Q)], ['get']),
     'publish': (PUBLISH_KEYS, ['m', '0', 1, Q, HOLDER, '0', '']),
     'purge': ([S0, K.delayed(Q), K.delayed_messages(Q), K.big(Q)], [Q, HOLDER, 10]),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q)],
@@ -55,7 +55,7 @@ MINIMAL = {
     'leave': ([S0], [Q, 'c1']),
     'scheduled': ([K.delayed(Q), K.delayed_messages(Q)], [10, '0']),
     'size': ([S0], [Q, HOLDER]),
-    'touch': ([S0, *QUEUE_KEYS, K.args(Q)], [1000]),
+    'touch': ([S0, *QUEUE_KEYS, K.args(Q), K.counters(Q)], [1000]),
     'wake': ([K.wake(Q), S0, K.wake(Q)], ['q', Q, '']),
 }
 
