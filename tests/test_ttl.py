@@ -7,15 +7,19 @@ its clock driven (``FakeClock``), never on sleeps. docs/design.rst, "Message TTL
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from helpers import STALE, read_messages
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kombu_streams.broker import Broker, Delay
 from kombu_streams.keys import Keys
 from kombu_streams.limits import expiration_ms, stored_pairs
+from tests.test_scripts import PROPERTY
 
 K = Keys()
 LEVELS = [0, 3, 6, 9]
@@ -373,3 +377,125 @@ def test_rounded_up_never_early(fake_clock):
     b.publish('q', 0, body(1))
     clock.ms += 1  # 1 ms after the publish, not yet 1 ms after the next ms
     assert bodies(read_messages(b, ['q'], 'c1', 10)) == ['m1']
+
+
+class TtlQueue(RuleBasedStateMachine):
+    """Publish with and without TTL (the queue's, changed at run time, and the message's
+    own), delayed or not, read, ack and requeue while the clock moves (fakeredis's, driven):
+    nothing is delivered at or past its deadline, and every message published is ready,
+    delayed, in flight, acked, or in the dead-letter stream with reason expired and a
+    deadline that has passed: none lost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import fakeredis
+        from fakeredis.commands_mixins import server_mixin
+        self.c = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        self.clock = FakeClock(server_ms(self.c))
+        self._module, self._real = server_mixin, server_mixin.time
+        server_mixin.time = self.clock  # type: ignore[assignment]
+        self.b = with_ttl(self.c, 'q', None)
+        self.queue_ttl: int | None = None
+        self.n = 0
+        self.deadline: dict[str, int | None] = {}
+        self.in_flight: dict[str, Any] = {}
+        self.acked: set[str] = set()
+
+    def teardown(self) -> None:
+        self._module.time = self._real  # type: ignore[attr-defined]
+
+    @rule(ttl=st.one_of(st.none(), st.integers(0, 200)))
+    def set_queue_ttl(self, ttl: int | None) -> None:
+        self.b.limits('q', stored_pairs('q', {} if ttl is None else {'x-message-ttl': ttl}))
+        self.queue_ttl = ttl
+
+    @rule(level=st.sampled_from(LEVELS), expiration=st.one_of(st.none(), st.integers(0, 200)),
+          delay=st.one_of(st.none(), st.integers(1, 300)))
+    def publish(self, level: int, expiration: int | None, delay: int | None) -> None:
+        self.n += 1
+        name = f'm{self.n}'
+        ttls = [t for t in (self.queue_ttl, expiration) if t is not None]
+        self.deadline[name] = math.ceil(self.clock.ms) + min(ttls) if ttls else None
+        due = Delay() if delay is None else Delay(f'+{delay}', 0, name)
+        self.b.publish('q', level, json.dumps({'body': name}), delay=due,
+                       expiration=expiration)
+
+    @rule(ms=st.sampled_from([0.5, 1, 7, 50, 150]))
+    def advance(self, ms: float) -> None:
+        self.clock.ms += ms
+
+    @rule(count=st.integers(1, 3))
+    def read(self, count: int) -> None:
+        now = math.floor(self.clock.ms)
+        for d in read_messages(self.b, ['q'], 'c1', count):
+            name = json.loads(d.payload)['body']
+            deadline = self.deadline[name]
+            assert deadline is None or deadline > now, f'{name} delivered past its deadline'
+            self.in_flight[name] = d
+
+    @precondition(lambda self: self.in_flight)
+    @rule(how=st.sampled_from(['ack', 'requeue']), data=st.data())
+    def settle(self, how: str, data: Any) -> None:
+        name = data.draw(st.sampled_from(sorted(self.in_flight)))
+        d = self.in_flight.pop(name)
+        if how == 'requeue':
+            self.b.requeue('q', [(d.stream, d.entry_id)])
+        else:
+            self.b.ack('q', [(d.stream, d.entry_id)])
+            self.acked.add(name)
+
+    @invariant()
+    def none_lost_and_only_the_expired_set_aside(self) -> None:
+        stored = {json.loads(f[b'm'])['body'] for lv in LEVELS
+                  for _, f in self.c.xrange(K.stream('q', lv))}
+        delayed = {json.loads(v[v.index(b'{'):])['body']  # after a deadline's prefix
+                   for v in self.c.hvals(K.delayed_messages('q'))}
+        dropped = letters(self.b, 'q')
+        now = math.floor(self.clock.ms)
+        for reason, name in dropped:
+            assert reason == 'expired'
+            deadline = self.deadline[name]
+            assert deadline is not None and deadline <= now
+        names = [name for _, name in dropped]
+        assert len(names) == len(set(names)) == expired_count(self.c, 'q')
+        assert not (set(names) & (stored | delayed | self.acked))
+        everything = stored | delayed | self.acked | set(names)
+        assert everything == {f'm{i}' for i in range(1, self.n + 1)}
+        assert set(self.in_flight) <= stored
+
+
+TestTtlQueue = TtlQueue.TestCase
+TestTtlQueue.settings = PROPERTY
+
+
+@pytest.fixture
+def url(redis_url: str) -> str:
+    return 'redis-streams://' + redis_url[len('redis://'):]
+
+
+def test_kombu_queue_message_ttl_and_producer_expiration(url, redis_url):
+    """Queue(message_ttl=seconds) is stored as x-message-ttl; Producer.publish(expiration=
+    seconds) is the message's own; a consumer gets only what has not expired."""
+    import redis
+    from kombu import Connection, Producer, Queue
+    c = redis.Redis.from_url(redis_url)
+    with Connection(url) as conn:
+        q = Queue('tq', message_ttl=600)
+        q(conn.default_channel).declare()
+        assert broker(c).limits('tq') == {'x-message-ttl': 600_000}
+        producer = Producer(conn.default_channel, routing_key='tq')
+        producer.publish({'n': 1}, expiration=0)
+        producer.publish({'n': 2})
+        producer.publish({'n': 3}, expiration=3600)
+        stamped = [int(f[b'e']) for _, f in c.xrange(K.stream('tq', 0))]
+        assert stamped[1] - stamped[0] >= 600_000 - 1000 and stamped[2] == max(stamped)
+        while server_ms(c) < stamped[0]:
+            pass
+        got = []
+        with conn.Consumer(q, callbacks=[lambda body, m: (got.append(body), m.ack())]):
+            while len(got) < 2:
+                conn.drain_events(timeout=5)
+        assert got == [{'n': 2}, {'n': 3}]
+        [(_, letter)] = c.xrange(K.dlq('tq'))
+        assert letter[b'reason'] == b'expired'
+        assert json.loads(letter[b'f:m'])['properties']['expiration'] == '0'
