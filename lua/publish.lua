@@ -33,7 +33,8 @@ Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "
           WRONGTYPE (checked before any write)
 Minimum Redis: 6.2. Cost: O(1) and one HMGET; O(log n) with n delayed messages; a limited
 queue adds L XLENs, a ZCARD and, for drop-head when full, a few reads per level; a big
-message adds two TYPEs, an HEXISTS and two PTTLs, and never passes through Lua. Never trims.
+message adds two TYPEs, an HEXISTS and two PTTLs, and never passes through Lua; a TTL adds a
+TIME and the field e. Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
 arguments and limits, Message TTL).
 ]]

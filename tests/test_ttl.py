@@ -499,3 +499,22 @@ def test_kombu_queue_message_ttl_and_producer_expiration(url, redis_url):
         [(_, letter)] = c.xrange(K.dlq('tq'))
         assert letter[b'reason'] == b'expired'
         assert json.loads(letter[b'f:m'])['properties']['expiration'] == '0'
+
+
+def test_cli_limits_and_status_show_the_ttl_and_the_expired(redis_url):
+    import redis
+
+    from tests.test_cli import cli, cli_json
+    c = redis.Redis.from_url(redis_url)
+    b = with_ttl(c, 'tq', None)
+    out = cli_json(redis_url, 'limits', 'tq', '--set', 'x-message-ttl=0')
+    assert out == {'queue': 'tq', 'arguments': {'x-message-ttl': 0}, 'counters': {}}
+    b.publish('tq', 0, body(1))
+    b.publish('tq', 0, body(2))
+    pass_deadlines(c, 'tq')
+    assert read_messages(b, ['tq'], 'c1', 10) == []
+    assert cli(redis_url, 'limits', 'tq').stdout.strip() == 'tq: x-message-ttl=0 (2 expired)'
+    assert cli_json(redis_url, 'status', 'tq')['queues'][0]['counters'] == {'expired': 2}
+    assert 'ttl 0ms, 2 expired' in cli(redis_url, 'status', 'tq').stdout
+    bad = cli(redis_url, 'limits', 'tq', '--set', 'x-message-ttl=soon')
+    assert bad.returncode == 2 and 'x-message-ttl' in bad.stderr

@@ -217,7 +217,8 @@ end
 -- docs/design.rst "Message TTL"). When the big hash holds another type the entry is parked
 -- with UNFILED (tried again after a lease) and the problem noted. True when delivered.
 local function deliver(ctx, src, i, id, fields, count)
-  local deadline = deadline_of(fields)  -- Message TTL: past it, never handed out
+  -- Message TTL: past its deadline, never handed out. An entry without one has one field.
+  local deadline = type(fields) == 'table' and fields[3] ~= nil and deadline_of(fields)
   if deadline and deadline <= clock(ctx) then
     if not set_aside(ctx, src, i, id, fields, EXPIRED, count - 1) then
       src.expired = src.expired + 1
