@@ -143,6 +143,10 @@ COMPAT_TESTS = [
     'tests/test_limits.py::test_queue_arguments_of_a_kombu_queue_bind_every_publisher',
     'tests/test_limits.py::test_a_batch_reports_which_messages_were_refused',
     'tests/test_limits.py::test_a_full_queue_does_not_keep_a_routed_copy_from_the_others',
+    # message TTL: each Kombu's expiration property and Queue(message_ttl=...), and each
+    # Celery's apply_async(expires=...) (passed on as that property since 5.3), in Redis
+    'tests/test_ttl.py::test_kombu_queue_message_ttl_and_producer_expiration',
+    'tests/test_ttl_celery.py',
     # acks made without the ownership lookup, as each Kombu's QoS hands them over
     'tests/test_stale_settle.py::test_a_channel_trusts_only_acks_whose_lease_surely_holds',
     # the due-time timer on each Kombu's hub (its timer API)
@@ -177,7 +181,7 @@ COMPAT_ARGS = [*COMPAT_TESTS, '-k', ' or '.join(['not redis62', *COMPAT_62])]
 VALKEY = 'valkey-8.0.1'
 VALKEY_TESTS = ['tests/test_scripts.py', 'tests/test_kombu_api.py', 'tests/test_bounds.py',
                 'tests/test_faults.py', 'tests/test_delayed.py', 'tests/test_big.py',
-                'tests/test_limits.py', '-m', 'redis', '-k', 'not redis62']
+                'tests/test_limits.py', 'tests/test_ttl.py', '-m', 'redis', '-k', 'not redis62']
 
 
 def _find_pythons() -> None:

@@ -142,18 +142,21 @@ class Broker(Admin):
                 f'as its changelog says.')
 
     def publish(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
-                delay: Delay | None = None) -> bytes | None:
-        return self.run(self.publish_call(queue, level, payload, routed, delay))
+                delay: Delay | None = None, expiration: int | None = None) -> bytes | None:
+        return self.run(self.publish_call(queue, level, payload, routed, delay,
+                                          expiration=expiration))
 
     def publish_big(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
-                    delay: Delay | None = None, wait: tuple[int, int] | None = None) -> Any:
+                    delay: Delay | None = None, wait: tuple[int, int] | None = None,
+                    expiration: int | None = None) -> Any:
         """Publish a big message (``big_message_bytes``): its body in the queue's big hash
         under a new token (HSET) and its entry, holding the token, by publish.lua, in one
         MULTI/EXEC (:func:`~kombu_streams.scripts.run_after`), so no script copies the body.
         ``wait``: (replicas, ms) to WAIT for after it. The reply is publish.lua's."""
         token = uuid4().hex
         return run_after(self.client, self.store_big(queue, token, payload),
-                         self.publish_call(queue, level, payload, routed, delay, token), wait)
+                         self.publish_call(queue, level, payload, routed, delay, token,
+                                           expiration), wait)
 
     def bodies(self, queue: str, tokens: Sequence[Any]) -> list[bytes | None]:
         """The bodies of big messages of ``queue`` by token (None: gone), one HGET each and
@@ -171,7 +174,14 @@ class Broker(Admin):
     def limits(self, queue: str, arguments: Sequence[str] | None = None) -> dict[str, Any]:
         """The queue's recorded arguments; with ``arguments``, after replacing them by those
         ([]: none)."""
-        return as_dict(self.run(self.limits_call(queue, arguments)))
+        return self.limits_and_counters(queue, arguments)[0]
+
+    def limits_and_counters(self, queue: str, arguments: Sequence[str] | None = None
+                            ) -> tuple[dict[str, Any], dict[str, int]]:
+        """:meth:`limits`, and the queue's counters (``expired``: messages set aside past
+        their TTL), from the same call."""
+        recorded, counters = self.run(self.limits_call(queue, arguments))
+        return as_dict(recorded), {k: int(v) for k, v in as_dict(counters).items()}
 
     def leave(self, sources: Sequence[Source], consumer: str) -> int:
         """``consumer`` leaves the groups of ``sources`` where it owns nothing (leave.lua,

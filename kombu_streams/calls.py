@@ -122,19 +122,22 @@ class Calls:
         return SCRIPTS['layout'], [self.keys.layout()], [LAYOUT, '0', *READS_LAYOUTS]
 
     def publish_call(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
-                     delay: Delay | None = None, token: str | None = None) -> Call:
+                     delay: Delay | None = None, token: str | None = None,
+                     expiration: int | None = None) -> Call:
         """The publish call. ``routed``: only if the queue exists (a copy routed by an
         exchange must not recreate a deleted queue). ``delay``: delayed delivery is on
         (messages already due are moved first, so this one never overtakes them), and when
         the message is due (see :class:`Delay`). ``token``: a big message, whose body
         (``payload``, not sent with this call) the same transaction stores in the queue's
-        big hash under ``token`` (:meth:`store_big`)."""
+        big hash under ``token`` (:meth:`store_big`). ``expiration``: the message's own TTL
+        in ms (Kombu's ``expiration`` property), None for none."""
         k = self.keys
         keys = [k.stream(queue, level), k.wake(queue), k.ready(queue), k.args(queue),
                 k.dlq(queue), k.delayed(queue), k.delayed_messages(queue),
                 *self.streams(queue)]
         args: list[Any] = [payload if token is None else f'r:{token}', '1' if routed else '0',
-                           len(self.levels), queue, HOLDER, '0' if delay is None else '1']
+                           len(self.levels), queue, HOLDER, '0' if delay is None else '1',
+                           '' if expiration is None else expiration]
         if delay is not None and delay.due:  # due now: no more arguments (the common case)
             args += [delay.due, delay.threshold_ms, delay.label]
         if token is not None:
@@ -162,7 +165,8 @@ class Calls:
     def limits_call(self, queue: str, arguments: Sequence[str] | None = None) -> Call:
         """Show the queue's arguments (``arguments`` None), or replace them ([]: clear)."""
         args = ['get'] if arguments is None else ['set', *arguments]
-        keys = [self.keys.args(queue), self.keys.stream(queue, self.levels[0])]
+        keys = [self.keys.args(queue), self.keys.stream(queue, self.levels[0]),
+                self.keys.counters(queue)]
         return SCRIPTS['limits'], keys, args
 
     def size_call(self, queue: str) -> Call:
@@ -179,7 +183,8 @@ class Calls:
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
                                       self.keys.delayed(queue),
                                       self.keys.delayed_messages(queue), self.keys.args(queue),
-                                      self.keys.big(queue), self.keys.dlq(queue)]
+                                      self.keys.counters(queue), self.keys.big(queue),
+                                      self.keys.dlq(queue)]
         return SCRIPTS['delete'], keys, []
 
     def leave_call(self, queue: str, consumer: str, exchange: str | None = None) -> Call:
@@ -200,7 +205,7 @@ class Calls:
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
                                       self.keys.delayed(queue),
                                       self.keys.delayed_messages(queue), self.keys.big(queue),
-                                      self.keys.args(queue)]
+                                      self.keys.args(queue), self.keys.counters(queue)]
         return SCRIPTS['touch'], keys, [int(ttl_ms)]
 
     def bind_call(self, exchange: str, member: str, ttl_ms: int = 0,
@@ -320,11 +325,11 @@ class Calls:
             q, ex = src
             if ex:  # no ready index, delayed set or big messages for a group on a fanout stream
                 wake = self.wake(q, ex)
-                keys += [wake, self.keys.fanout_dlq(ex, q), wake, wake, wake, wake]
+                keys += [wake, self.keys.fanout_dlq(ex, q), wake, wake, wake, wake, wake]
             else:
                 keys += [self.keys.wake(q), self.keys.dlq(q), self.keys.ready(q),
                          self.keys.delayed(q), self.keys.delayed_messages(q),
-                         self.keys.big(q)]
+                         self.keys.big(q), self.keys.counters(q)]
             args += [q, 'f' if ex else 'q', modes.get(src, READ), ttls.get(q, 0),
                      int(hints.get(src, 0))]
         args += [index[src] for _, src, _ in streams]

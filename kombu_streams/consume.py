@@ -248,9 +248,16 @@ class Consuming(virtual.Channel):
         read.lua set aside (it cannot log) and for acks that rode along but found their
         lease lost (one line per queue)."""
         self.plan.learn(modes, result)
+        expired: dict[str, int] = {}
         for (queue, _), stream, entry_id, reason in result.aside:
+            if reason == 'expired':  # past its TTL: as asked, so one line per queue
+                expired[queue] = expired.get(queue, 0) + 1
+                continue
             logger.warning('kombu-streams: moved entry %s of %s to the dead-letter stream of '
                            '%r: %s', bytes_to_str(entry_id), stream, queue, reason)
+        for queue, n in expired.items():
+            logger.info('kombu-streams: moved %d expired messages (TTL) of %r to its '
+                        'dead-letter stream', n, queue)
         for (queue, _), left_alone in result.unsettled.items():
             warn_unsettled(queue, left_alone, ACK)
 

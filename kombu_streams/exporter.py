@@ -101,6 +101,8 @@ QUEUE_METRICS = {
     'queue_dead_letter_messages': ('Messages in the dead-letter stream', ['queue']),
     'queue_consumers': ('Consumers holding or recently reading messages', ['queue']),
     'queue_oldest_ready_age_seconds': ('Age of the oldest ready message', ['queue']),
+    'queue_expired_messages': ('Messages set aside unread past their TTL (x-message-ttl, '
+                               'expiration), counted while the queue lives', ['queue']),
     'queue_argument': ('A numeric queue argument recorded for the queue (x-max-length, ...; '
                        'kombu-streams limits)', ['queue', 'argument']),
     'fanout_lag_messages': ('Fanout messages a bound queue has not read yet',
@@ -131,6 +133,7 @@ def _add_queue(f: dict[str, GaugeMetricFamily], info: dict[str, Any]) -> None:
     f['queue_consumers'].add_metric([queue], len(info['consumers']))
     if info['oldest_ready_ms'] is not None:
         f['queue_oldest_ready_age_seconds'].add_metric([queue], info['oldest_ready_ms'] / 1000)
+    f['queue_expired_messages'].add_metric([queue], info.get('counters', {}).get('expired', 0))
     for name, value in sorted(info.get('arguments', {}).items()):
         number = _number(value)
         if number is not None:  # x-overflow's mode is not a number: status shows it

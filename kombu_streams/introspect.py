@@ -40,8 +40,12 @@ class Introspection(Calls):
                                          'label': label,
                                          # float(): a score stored in exponent form
                                          'due_in_ms': max(int(float(flat[j + 1])) - now, 0)}
-                if bodies:
-                    entry['message'] = text(flat[j + 2])
+                if bodies:  # a TTL deadline is kept as a prefix: e:<unix ms>:<message>
+                    message = text(flat[j + 2])
+                    if message.startswith('e:') and message.count(':') >= 2:
+                        _, deadline, message = message.split(':', 2)
+                        entry['expires_at_ms'] = int(deadline)
+                    entry['message'] = message
                 out.append(entry)
             return {'queue': queue, 'delayed': total, 'messages': out, 'time_ms': now}
 
@@ -51,10 +55,10 @@ class Introspection(Calls):
         """The inspect call (read-only) for a queue, and the function that decodes its reply
         (see :meth:`inspect`)."""
         keys = [*self.streams(queue), self.keys.dlq(queue), self.keys.delayed(queue),
-                self.keys.args(queue)]
+                self.keys.args(queue), self.keys.counters(queue)]
 
         def parse(reply: Any) -> dict[str, Any]:
-            records, dlq, now, delayed, next_due, arguments = reply
+            records, dlq, now, delayed, next_due, arguments, counters = reply
             levels: list[dict[str, Any]] = []
             consumers: dict[str, dict[str, Any]] = {}
             for key, rec in zip(keys, records):
@@ -90,6 +94,7 @@ class Introspection(Calls):
                 'levels': levels,
                 'time_ms': int(now),
                 'arguments': as_dict(arguments),
+                'counters': {k: int(v) for k, v in as_dict(counters).items()},
             }
 
         return (SCRIPTS['inspect'], keys, [queue, HOLDER, *self.levels]), parse

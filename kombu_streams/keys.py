@@ -17,6 +17,7 @@ client would only rewrite the first one).
                                      kombu_streams/limits.py
     <prefix>ks:q:{<queue>}:big       big messages: token -> message (hash); their stream
                                      entries (and delayed values) hold the token instead
+    <prefix>ks:q:{<queue>}:counters  counters (hash: expired), kombu-streams limits shows them
     <prefix>ks:x:{<exchange>}:bindings   routing table (set of "rk<sep>pattern<sep>queue")
     <prefix>ks:x:{<exchange>}:deadlines  deadlines of bindings of expiring queues (zset)
     <prefix>ks:x:{<exchange>}:fanout     fanout stream, one consumer group per bound queue
@@ -140,6 +141,10 @@ class Keys:
     def big(self, queue: str) -> str:
         """The bodies of a queue's big messages (``big_message_bytes``), by token."""
         return f'{self.queue_base(queue)}:big'
+
+    def counters(self, queue: str) -> str:
+        """A queue's counters (hash): ``expired``, messages set aside past their TTL."""
+        return f'{self.queue_base(queue)}:counters'
 
     def bindings(self, exchange: str) -> str:
         return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:bindings'

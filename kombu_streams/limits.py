@@ -19,11 +19,15 @@ import redis
 
 #: The arguments kombu-streams stores and enforces, in the order they are stored.
 MAX_LENGTH, OVERFLOW = 'x-max-length', 'x-overflow'
-STORED = (MAX_LENGTH, OVERFLOW)
+#: Message TTL in ms (RabbitMQ's x-message-ttl; Kombu's ``Queue(message_ttl=seconds)``):
+#: a message not delivered within it goes to the dead-letter stream (reason ``expired``).
+MESSAGE_TTL = 'x-message-ttl'
+STORED = (MAX_LENGTH, OVERFLOW, MESSAGE_TTL)
+#: Arguments whose value is an integer >= 0 (as_dict gives them as int).
+INTEGERS = (MAX_LENGTH, MESSAGE_TTL)
 #: x-overflow values: RabbitMQ's names.
 OVERFLOWS = ('drop-head', 'reject-publish')
 #: Limits known from RabbitMQ that are not enforced yet: refused, never silently ignored.
-#: (x-message-ttl is not among them: Celery's event queues set it, and always did.)
 NOT_YET = {
     'x-max-length-bytes': 'a byte count of what a queue holds cannot be kept exact by every '
                           'script that removes messages without reading them yet',
@@ -56,22 +60,33 @@ def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
     for name, why in NOT_YET.items():
         if name in args:
             raise _error(queue, name, args[name], f'not supported by kombu-streams yet ({why})')
+    pairs: list[str] = []
     length = args.get(MAX_LENGTH)
     overflow = args.get(OVERFLOW)
     if length is None:
         if overflow is not None:
             raise _error(queue, OVERFLOW, overflow, f'it needs {MAX_LENGTH}')
-        return []
-    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-        if isinstance(length, str) and length.isdigit():  # from the CLI or a config file
-            length = int(length)
-        else:
-            raise _error(queue, MAX_LENGTH, length, 'an integer >= 0')
-    if overflow is None:
-        overflow = 'drop-head'
-    if overflow not in OVERFLOWS:
-        raise _error(queue, OVERFLOW, overflow, ' or '.join(OVERFLOWS))
-    return [MAX_LENGTH, str(length), OVERFLOW, overflow]
+    else:
+        if overflow is None:
+            overflow = 'drop-head'
+        if overflow not in OVERFLOWS:
+            raise _error(queue, OVERFLOW, overflow, ' or '.join(OVERFLOWS))
+        pairs += [MAX_LENGTH, str(_count(queue, MAX_LENGTH, length)), OVERFLOW, overflow]
+    # x-message-ttl: Celery's event queues (event_queue_ttl) and reply queues set it
+    ttl = args.get(MESSAGE_TTL)
+    if ttl is not None:
+        pairs += [MESSAGE_TTL, str(_count(queue, MESSAGE_TTL, ttl))]
+    return pairs
+
+
+def _count(queue: str, name: str, value: Any) -> int:
+    """``value`` of argument ``name`` as an integer >= 0: an int, or its digits as a string
+    (from the CLI or a config file); anything else raises the error naming it."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise _error(queue, name, value, 'an integer >= 0')
 
 
 def as_dict(flat: list[Any]) -> dict[str, Any]:
@@ -80,8 +95,26 @@ def as_dict(flat: list[Any]) -> dict[str, Any]:
     for i in range(0, len(flat) - 1, 2):
         name = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])
         value = flat[i + 1].decode() if isinstance(flat[i + 1], bytes) else str(flat[i + 1])
-        out[name] = int(value) if name == MAX_LENGTH and value.isdigit() else value
+        out[name] = int(value) if name in INTEGERS and value.isdigit() else value
     return out
+
+
+def expiration_ms(message: Mapping[str, Any]) -> int | None:
+    """A message's own TTL in ms, from Kombu's ``expiration`` property (a string of ms:
+    ``Producer.publish(expiration=seconds)``, and Celery's ``apply_async(expires=...)``, which
+    passes the seconds left, 0 when past), or None. A negative value counts as 0 (already
+    expired); one that is not a number raises ValueError, as RabbitMQ refuses it, rather
+    than storing a message whose TTL would be ignored."""
+    properties = message.get('properties') or {}
+    value = properties.get('expiration')
+    if value is None or value == '':
+        return None
+    try:
+        ms = int(float(value))
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f'kombu-streams: message expiration {value!r} is not a number of '
+                         f'milliseconds: not published') from None
+    return max(ms, 0)
 
 
 def check_option(value: Any) -> bool:
@@ -97,4 +130,4 @@ def check_option(value: Any) -> bool:
 
 
 __all__ = ('QueueFull', 'QueueArgumentsDiffer', 'stored_pairs', 'as_dict', 'STORED',
-           'MAX_LENGTH', 'OVERFLOW', 'OVERFLOWS')
+           'MAX_LENGTH', 'OVERFLOW', 'OVERFLOWS', 'MESSAGE_TTL', 'expiration_ms')

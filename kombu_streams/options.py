@@ -247,7 +247,8 @@ OPTIONS: tuple[Option, ...] = (
     Option('delayed_threshold', 'float', 1.0, NON_NEGATIVE, CHANNEL,
            'A message due sooner than this is published at once.'),
     Option('queue_arguments', 'dict[str, dict[str, Any]]', {}, QUEUE_ARGUMENTS, CHANNEL,
-           "Queue name -> queue arguments (``x-max-length``, ``x-overflow``) for queues "
+           "Queue name -> queue arguments (``x-max-length``, ``x-overflow``, "
+           "``x-message-ttl``) for queues "
            "declared without them, such as Celery's default ``celery`` queue: recorded in "
            "Redis at the queue's declare, binding every publisher (see `Flow control`_)."),
     # -- transport -------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from .broker import (
 )
 from .compat import BATCH_PUBLISH
 from .due import when as due_at
-from .limits import QueueFull
+from .limits import QueueFull, expiration_ms
 from .options import level_for
 from .scripts import Call, run_calls
 
@@ -83,18 +83,21 @@ class Publishing(virtual.Channel):
         payload = self._payload(message)
         level, delay = self._level(message), self._delay(message)
         routed = kwargs.get('_routed', False)
+        expiration = expiration_ms(message)
         if self.big_message_bytes and len(payload) >= self.big_message_bytes:
-            self._publish_big(queue, level, payload, routed, delay, kwargs)
+            self._publish_big(queue, level, payload, routed, delay, kwargs, expiration)
             return
         self._publish(self.broker.publish_call(queue, level, payload, routed=routed,
-                                               delay=delay), kwargs)
+                                               delay=delay, expiration=expiration), kwargs)
 
     def _publish_big(self, queue: str, level: int, payload: str, routed: bool,
-                     delay: Delay | None, kwargs: dict[str, Any]) -> None:
+                     delay: Delay | None, kwargs: dict[str, Any],
+                     expiration: int | None = None) -> None:
         """A big message: body and entry in one transaction of their own (Broker.publish_big);
         in a ``Producer.batch()`` too, after the calls added before it (their order kept)."""
         def publish() -> None:
-            self.broker.publish_big(queue, level, payload, routed, delay, self._replica_wait())
+            self.broker.publish_big(queue, level, payload, routed, delay, self._replica_wait(),
+                                    expiration)
 
         batch = kwargs.get('_publish_batch')
         if batch is not None:

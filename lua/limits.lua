@@ -3,21 +3,25 @@ policy would.
 
 KEYS[1]   the queue's arguments (hash), ks:q:{celery}:args
 KEYS[2]   the queue's first stream: while it exists, the queue does
+KEYS[3]   the queue's counters (hash), ks:q:{celery}:counters: only read
 ARGV[1]   "get"; or "set" followed by field, value pairs (validated by the caller,
           kombu_streams/limits.py): they replace all the queue's arguments ("set" alone
           clears them)
-Reply:    the arguments recorded after the call, as a flat field, value list
+Reply:    {arguments, counters}: the arguments recorded after the call and the queue's
+          counters (expired...), each as a flat field, value list
 Errors:   "limits: expected ..." for another layout; "limits: no queue ..." for "set" on a
           queue that does not exist; WRONGTYPE (checked before any write)
 Minimum Redis: 6.2. Cost: O(arguments). See docs/design.rst (Queue arguments and limits).
 ]]
 --@include common
-local bad = check_args('limits', #KEYS == 2,
+local bad = check_args('limits', #KEYS == 3,
                        ARGV[1] == 'get' and #ARGV == 1 or ARGV[1] == 'set' and #ARGV % 2 == 1,
-                       'KEYS: arguments hash, first stream; ARGV: "get", or "set" and pairs')
+                       'KEYS: arguments hash, first stream, counters; ARGV: "get", or ' ..
+                       '"set" and pairs')
 if bad then return bad end
 local argkey, first = KEYS[1], KEYS[2]
 local wrong = wrong_type(argkey, 'hash') or wrong_type(first, 'stream')
+  or wrong_type(KEYS[3], 'hash')
 if wrong then return redis.error_reply(wrong) end
 if ARGV[1] == 'set' then
   if redis.call('EXISTS', first) == 0 then
@@ -30,4 +34,4 @@ if ARGV[1] == 'set' then
     if ttl > 0 then redis.call('PEXPIRE', argkey, ttl) end
   end
 end
-return redis.call('HGETALL', argkey)
+return {redis.call('HGETALL', argkey), redis.call('HGETALL', KEYS[3])}

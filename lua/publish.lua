@@ -20,9 +20,11 @@ ARGV[2]   "1": routed through an exchange, publish only if the queue exists; "0"
 ARGV[3]   L, the number of the queue's streams
 ARGV[4]   the consumer group (the queue's name); ARGV[5] the holder consumer (drop-head)
 ARGV[6]   "1": delayed delivery on (KEYS[6..7] used); "0": off
-ARGV[7]   optional, with ARGV[6] "1": due at "@<unix ms>" or "+<ms from now>"; "": now
-ARGV[8]   with a due time in ARGV[7]: threshold in ms: a message due sooner is published now
-ARGV[9]   optional, with ARGV[8]: a label for operators (Celery's task id), may be ""
+ARGV[7]   the message's own TTL in ms (Kombu's expiration property), or "": none; with the
+          queue's x-message-ttl, the lower one sets the deadline stamped on it (field "e")
+ARGV[8]   optional, with ARGV[6] "1": due at "@<unix ms>" or "+<ms from now>"; "": now
+ARGV[9]   with a due time in ARGV[8]: threshold in ms: a message due sooner is published now
+ARGV[10]  optional, with ARGV[9]: a label for operators (Celery's task id), may be ""
 Reply:    the new entry id; "delayed:<member>" when kept until due; nil when ARGV[2] is "1"
           and the queue does not exist
 Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "publish: no
@@ -31,21 +33,23 @@ Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "
           WRONGTYPE (checked before any write)
 Minimum Redis: 6.2. Cost: O(1) and one HMGET; O(log n) with n delayed messages; a limited
 queue adds L XLENs, a ZCARD and, for drop-head when full, a few reads per level; a big
-message adds two TYPEs, an HEXISTS and two PTTLs, and never passes through Lua. Never trims.
+message adds two TYPEs, an HEXISTS and two PTTLs, and never passes through Lua; a TTL adds a
+TIME and the field e. Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
-arguments and limits).
+arguments and limits, Message TTL).
 ]]
 --@include common
 --@include delay
 --@include limits
+--@include expiry
 local big = string.sub(ARGV[1] or '', 1, 2) == 'r:'  -- the body is in the big hash
 local nk = #KEYS - (big and 1 or 0)
 local nl = tonumber(ARGV[3] or '')
 local bad = check_args('publish', nl ~= nil and nl >= 1 and nk == 7 + nl,
-                       #ARGV == 6 or (ARGV[6] == '1' and ((#ARGV == 7 and ARGV[7] == '')
-                                                          or #ARGV == 8 or #ARGV == 9)),
+                       #ARGV == 7 or (ARGV[6] == '1' and ((#ARGV == 8 and ARGV[8] == '')
+                                                          or #ARGV == 9 or #ARGV == 10)),
                        '7 keys and the L streams (one more, the big hash, with "r:<token>"); ' ..
-                       '6 args, or with delayed delivery 7 to 9 (a due time needs ARGV[8])')
+                       '7 args, or with delayed delivery 8 to 10 (a due time needs ARGV[9])')
 if bad then return bad end
 local stream, wake, ready, argkey, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local first = KEYS[8]
@@ -53,13 +57,14 @@ local streams = nil  -- all the queue's streams, only a limited queue's publish 
 local group, holder = ARGV[4], ARGV[5]
 local dkey, bodies = nil, nil
 if ARGV[6] == '1' then dkey, bodies = KEYS[6], KEYS[7] end
-local due_arg, threshold, label = ARGV[7], ARGV[8], ARGV[9]
+local expiration = tonumber(ARGV[7])  -- ms, nil: none
+local due_arg, threshold, label = ARGV[8], ARGV[9], ARGV[10]
 local payload, routed = ARGV[1], ARGV[2] == '1'
 local bigkey, token = nil, nil
-local field_name, value = 'm', payload  -- what the stream entry holds
+local field_values = {'m', payload}  -- what the stream entry holds
 if big then
   bigkey, token = KEYS[#KEYS], string.sub(payload, 3)
-  field_name, value = 'r', token
+  field_values = {'r', token}
   local wrong = wrong_type(bigkey, 'hash')  -- then the HSET before failed too: nothing to undo
   if wrong then return redis.error_reply(wrong) end
   if redis.call('HEXISTS', bigkey, token) == 0 then
@@ -92,8 +97,8 @@ if wrong then return refuse(redis.error_reply(wrong)) end
 -- The length limit (docs/design.rst, "Queue arguments and limits"): everything the queue
 -- holds counts, so what a publish adds (to a stream or the delayed set) is checked here,
 -- before any write. Keys only a limited queue's publish reads are type-checked here too.
-local limit, overflow
-limit, overflow, wrong = read_limit(argkey)
+local limit, overflow, queue_ttl
+limit, overflow, wrong, queue_ttl = read_limit(argkey)
 if not wrong and limit then
   streams = {unpack(KEYS, 8, 7 + nl)}
   for _, s in ipairs(streams) do wrong = wrong or wrong_type(s, 'stream') end
@@ -134,6 +139,15 @@ local function clock()  -- ms, rounded down
   return sec * 1000 + math.floor(usec / 1000)
 end
 
+-- Message TTL (docs/design.rst, "Message TTL"): the deadline, from this call's clock, goes
+-- with the message wherever it waits (field e of its entry, a prefix of its delayed value).
+local deadline = nil
+if queue_ttl or expiration then
+  local sec, usec = now_us()
+  deadline = deadline_at(sec, usec, queue_ttl, expiration)
+end
+if deadline then field_values[3], field_values[4] = EXPIRES, deadline end
+
 -- Give keys this call made (marker, index, delayed keys; a big hash without an expiry) the
 -- queue's expiry (x-expires).
 local function expire_new(new)
@@ -154,7 +168,7 @@ end
 local function keep_delayed(due)
   local sec, usec = now_us()
   local member, earliest = delay_store(dkey, bodies, string.match(stream, ':(%d+)$') or '0',
-                                       label or '', payload, due,
+                                       label or '', with_deadline(payload, deadline), due,
                                        string.format('%010d%06d', sec, usec))
   local new = {}
   if redis.call('ZCARD', dkey) == 1 then new = {dkey, bodies} end
@@ -194,10 +208,10 @@ if big then  -- XADD would fail alone, but after the body's HSET: refuse (and un
   if wrong_stream then return refuse(redis.error_reply(wrong_stream)) end
 end
 if routed then
-  id = redis.call('XADD', stream, 'NOMKSTREAM', '*', field_name, value)
+  id = redis.call('XADD', stream, 'NOMKSTREAM', '*', unpack(field_values))
   if not id and redis.call('EXISTS', first) == 0 then return refuse(false) end
 end
-if not id then id = redis.call('XADD', stream, '*', field_name, value) end
+if not id then id = redis.call('XADD', stream, '*', unpack(field_values)) end
 local new = {}
 if redis.call('ZADD', wake, 0, 'w') == 1 then new[#new + 1] = wake end
 if marks == nil or marks[1] == 0 then

@@ -3,15 +3,16 @@
 KEYS[1..S]      the streams to read, in serving order: fanout streams first, then by
                 priority level, then source order, e.g.
                 ks:x:{bcast}:fanout ks:q:{a}:0 ks:q:{b}:0 ks:q:{a}:3 ...
-KEYS[S+6q-5]    wake marker (zset) of source q, q = 1..Q; a source is a queue's own
+KEYS[S+7q-6]    wake marker (zset) of source q, q = 1..Q; a source is a queue's own
                 streams, or its group on one fanout stream (marker ks:x:{ex}:wake:<queue>)
-KEYS[S+6q-4]    dead-letter stream of source q
-KEYS[S+6q-3]    ready index (set) of source q, ks:q:{queue}:ready
-KEYS[S+6q-2]    delayed set (zset) of source q, ks:q:{queue}:delayed
-KEYS[S+6q-1]    delayed messages (hash) of source q, ks:q:{queue}:delayed:m
-KEYS[S+6q]      big messages (hash) of source q, ks:q:{queue}:big; a fanout source has no
-                index, no delayed keys and no big messages (the caller passes its marker
-                again)
+KEYS[S+7q-5]    dead-letter stream of source q
+KEYS[S+7q-4]    ready index (set) of source q, ks:q:{queue}:ready
+KEYS[S+7q-3]    delayed set (zset) of source q, ks:q:{queue}:delayed
+KEYS[S+7q-2]    delayed messages (hash) of source q, ks:q:{queue}:delayed:m
+KEYS[S+7q-1]    big messages (hash) of source q, ks:q:{queue}:big
+KEYS[S+7q]      counters (hash) of source q, ks:q:{queue}:counters: "expired" counts the
+                messages set aside past their TTL; a fanout source has no index, no delayed
+                keys, no big messages and no counters (the caller passes its marker again)
 ARGV[1]         consumer name (unique per channel)
 ARGV[2]         COUNT: the most messages to deliver (the channel's free prefetch)
 ARGV[3]         name of the holder consumer that parks requeued messages
@@ -41,12 +42,13 @@ ARGV[8+5Q+S]    A: the number of acks that ride along (0: none), then A pairs: s
                 consumer ARGV[1] (one round trip, one call): only those it still owns
 Reply: {status, problems, aside, dues, unsettled, then per delivered message, in delivery
        order: stream index i, entry id, delivery count, payload}; the payload of a big
-       message is {token}: the caller fetches its body from KEYS[S+6q] (HGET)
+       message is {token}: the caller fetches its body from KEYS[S+7q-1] (HGET)
        status    one character per source: '1' may hold more ready messages, '0' nothing
                  ready, '-' not reached (COUNT ran out first), 'e' it met a problem
        problems  {q, error, ...}: errors on source q's keys (another program's key at one of
                  our names); the call goes on with the other sources
        aside     {q, i, entry id, reason, ...}: entries moved to the dead-letter stream
+                 (reason "expired": past its TTL deadline, never delivered)
        dues      {q, ms, ...} for each queue source opened: ms until its next delayed message
                  is due (0: due now, more than this call moved), -1: it holds none
        unsettled {q, n, ...}: n acks that rode along for source q were left alone, the
@@ -58,20 +60,23 @@ up (an EXISTS of the marker in mode 'm', SMEMBERS of the index), then commands o
 streams the index names: O(COUNT + entries set aside), one XREADGROUP per stream while the
 caller's size hint holds; a walk adds an XLEN per stream, moving due delayed messages at
 most PROMOTE (500) and BYTES of them (an HSTRLEN each); a big message adds an HSTRLEN;
+entries set aside (expired ones too) at most COUNT + 100 per call, the rest next call;
 acks that ride along add one XPENDING per stream (ownership, see ack.lua) unless all of the
 stream's are trusted. Never blocks.
 Phases: lua/lib/serve.lua. See docs/design.rst (Wake-ups, The ready index, Leases, Delivery
-counts and dead letters, Delayed delivery, Reads bounded by bytes, Big messages).
+counts and dead letters, Delayed delivery, Reads bounded by bytes, Big messages, Message
+TTL).
 ]]
 --@include common
 --@include delay
+--@include expiry
 --@include serve
 
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
 local A = S and Q and tonumber(ARGV[8 + 5 * Q + S]) or 0
-if not S or not Q or #KEYS ~= S + 6 * Q or #ARGV ~= 8 + 5 * Q + S + 2 * A then
+if not S or not Q or #KEYS ~= S + 7 * Q or #ARGV ~= 8 + 5 * Q + S + 2 * A then
   return check_args('read', false, false, tostring(S) .. ' streams, ' .. tostring(Q) ..
-                    ' sources and ' .. tostring(A) .. ' acks (S + 6Q keys, 8 + 5Q + S + 2A args)')
+                    ' sources and ' .. tostring(A) .. ' acks (S + 7Q keys, 8 + 5Q + S + 2A args)')
 end
 local ctx = new_context(ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]),
                         math.max(tonumber(ARGV[7]) or 1, 1))

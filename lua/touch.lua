@@ -7,6 +7,7 @@ KEYS[n+3]   the queue's delayed set (zset)
 KEYS[n+4]   the queue's delayed messages (hash)
 KEYS[n+5]   the queue's big messages (hash)
 KEYS[n+6]   the queue's arguments (hash)
+KEYS[n+7]   the queue's counters (hash: expired)
 ARGV[1]     ttl in ms
 Reply:      number of keys whose expiry was set (those that exist)
 Errors:     "touch: expected ..." for another layout; WRONGTYPE (checked before any write:
@@ -15,13 +16,13 @@ Minimum Redis: 6.2. Cost: O(n). Its consumers call it (the lease keeper) at a th
 ttl; once they are gone the keys expire. See docs/design.rst (Key layout).
 ]]
 --@include common
-local bad = check_args('touch', #KEYS >= 7, #ARGV == 1,
+local bad = check_args('touch', #KEYS >= 8, #ARGV == 1,
                        'KEYS: streams, marker, index, delayed set, delayed messages, big ' ..
-                       'messages, arguments; ARGV: ttl')
+                       'messages, arguments, counters; ARGV: ttl')
 if bad then return bad end
-local n = #KEYS - 6
+local n = #KEYS - 7
 -- every key is checked first (see wrong_type)
-local kinds = {'zset', 'set', 'zset', 'hash', 'hash', 'hash'}  -- marker ... big, arguments
+local kinds = {'zset', 'set', 'zset', 'hash', 'hash', 'hash', 'hash'}  -- marker ... counters
 for i, key in ipairs(KEYS) do
   local wrong = wrong_type(key, i <= n and 'stream' or kinds[i - n])
   if wrong then return redis.error_reply(wrong) end

@@ -303,7 +303,8 @@ def test_cli_limits_shows_sets_and_clears(redis_url):
     c = redis.Redis.from_url(redis_url)
     b = broker(c)
     b.declare('lq')
-    assert cli_json(redis_url, 'limits', 'lq') == {'queue': 'lq', 'arguments': {}}
+    assert cli_json(redis_url, 'limits', 'lq') == {'queue': 'lq', 'arguments': {},
+                                                   'counters': {}}
     out = cli(redis_url, 'limits', 'lq', '--set', 'x-max-length=2',
               'x-overflow=reject-publish')
     assert out.returncode == 0 and out.stdout.strip() == (

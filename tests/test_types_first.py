@@ -83,6 +83,7 @@ def realistic(c: Any, expiring: bool) -> dict[str, Any]:
     b.dead_letter('q', own[1].stream, own[1].entry_id, 'why', 1)  # a big one's letter: f:r
     # a lease about to run out (renew's work; XCLAIM IDLE sets the idle time, count kept)
     c.xclaim(own[2].stream, 'q', 'c1', 0, [own[2].entry_id], idle=STALE, justid=True)
+    c.hset(K.counters('q'), 'expired', 2)  # messages set aside past their TTL
     if expiring:
         b.touch('q', HOUR)
         b.touch('r', HOUR)
@@ -158,6 +159,13 @@ CASES = {
                           lambda c: c.hset(K.args('q'), mapping=dict(zip(*[iter(LIMIT)] * 2)))),
     'publish-limited': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay()),
                      lambda c: c.hset(K.args('q'), mapping={'x-max-length': '500'})),
+    # message TTL: the queue's and the message's own, stamped on the entry or delayed value
+    'publish-ttl': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay(),
+                                                expiration=60_000),
+                    lambda c: c.hset(K.args('q'), mapping={'x-message-ttl': '600000'})),
+    'publish-ttl-delayed': (lambda b, f: b.publish_call(
+        'q', 6, P, delay=Delay('+600000', 1000, 'later'), expiration=0),
+        lambda c: c.hset(K.args('q'), mapping={'x-message-ttl': '600000'})),
     'purge': (lambda b, f: b.purge_call('q', 2), None),
     'delete': (lambda b, f: b.delete_call('q'), None),
     'touch': (lambda b, f: b.touch_call('q', 60_000), None),
@@ -206,7 +214,11 @@ UNTOUCHED = {('publish', 4), ('publish', 6), ('publish', 7), ('publish', 8), ('p
              ('publish-big', 4), ('publish-big', 6), ('publish-big', 7), ('publish-big', 8),
              ('publish-big', 9), ('publish-big-delayed', 0), ('publish-big-delayed', 4),
              ('publish-big-delayed', 7), ('publish-big-delayed', 8),
-             ('publish-big-delayed', 9), ('publish-drop-head', 6), ('publish-limited', 6)}
+             ('publish-big-delayed', 9), ('publish-drop-head', 6), ('publish-limited', 6),
+             ('publish-ttl', 4), ('publish-ttl', 6), ('publish-ttl', 7), ('publish-ttl', 8),
+             ('publish-ttl', 9), ('publish-ttl-delayed', 0), ('publish-ttl-delayed', 4),
+             ('publish-ttl-delayed', 7), ('publish-ttl-delayed', 8),
+             ('publish-ttl-delayed', 9)}
 
 _DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': ['1-1']}
 
@@ -221,7 +233,7 @@ POSITIONS = [(name, i) for name in sorted(CASES) for i in range(len(_keys(name))
 _TAILS = [(r':\d+', 'stream'), (r':wake(:.*)?', 'zset'), (r':ready', 'set'),
           (r':delayed', 'zset'), (r':delayed:m', 'hash'), (r':dlq(:.*)?', 'stream'),
           (r':bindings', 'set'), (r':deadlines', 'zset'), (r':fanout', 'stream'),
-          (r':big', 'hash'), (r':args', 'hash')]
+          (r':big', 'hash'), (r':args', 'hash'), (r':counters', 'hash')]
 _OTHERS = {'kq': 'list', 'unacked': 'hash', 'unacked_index': 'zset', K.layout(): 'string'}
 
 

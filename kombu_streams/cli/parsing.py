@@ -131,10 +131,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument('--yes', action='store_true', help='do not ask')
     s.set_defaults(run=cmd_dlq_purge)
 
-    s = command(sub, 'limits', "a queue's length limit: show, or change at run time")
+    s = command(sub, 'limits', "a queue's length limit and message TTL (and how many "
+                "expired): show, or change at run time")
     s.add_argument('queue', metavar='QUEUE')
     s.add_argument('--set', nargs='+', metavar='NAME=VALUE',
-                   help='set arguments, e.g. x-max-length=10000 x-overflow=reject-publish')
+                   help='set arguments, e.g. x-max-length=10000 x-overflow=reject-publish '
+                        'x-message-ttl=60000')
     s.add_argument('--clear', action='store_true',
                    help='remove all limits (with --set: replace them by those)')
     s.set_defaults(run=cmd_limits)

@@ -3,16 +3,39 @@
 
 local DELAYED = 'd'  -- ready index member: the delayed set may hold messages
 
--- A delayed value "r:<token>" stands for a big message whose body is in the queue's big hash
--- (a Kombu envelope starts with '{'): its entry gets field r = token, nothing is copied.
+-- A delayed message's value with its TTL DEADLINE (unix ms, nil: none): "e:<deadline>:<value>"
+-- (docs/design.rst, "Message TTL"). A Kombu envelope starts with '{' and a big message's
+-- reference with "r:", so the prefix is unambiguous.
+local function with_deadline(value, deadline)
+  if deadline == nil then return value end
+  return 'e:' .. deadline .. ':' .. value
+end
+
+-- The value and deadline (or nil) of a delayed message's stored VALUE (see with_deadline).
+local function split_deadline(value)
+  if string.sub(value, 1, 2) ~= 'e:' then return value, nil end
+  local colon = string.find(value, ':', 3, true)
+  if colon == nil then return value, nil end
+  return string.sub(value, colon + 1), string.sub(value, 3, colon - 1)
+end
+
+-- The stream entry of a delayed VALUE as a flat field list. "r:<token>" stands for a big
+-- message whose body is in the queue's big hash (a Kombu envelope starts with '{'): its entry
+-- gets field r = token, nothing is copied. A deadline goes with it as field e.
 local function entry_of(value)
-  if string.sub(value, 1, 2) == 'r:' then return 'r', string.sub(value, 3) end
-  return 'm', value
+  local rest, deadline = split_deadline(value)
+  local entry = {'m', rest}
+  if string.sub(rest, 1, 2) == 'r:' then entry = {'r', string.sub(rest, 3)} end
+  if deadline then
+    entry[3], entry[4] = 'e', deadline
+  end
+  return entry
 end
 
 -- The token of each of MEMBERS of the delayed messages' hash BODIES whose value is a big
 -- message's reference ("r:<token>", 34 bytes): only values that short are read (HSTRLEN
--- first), so no message is copied to find out. Returns the tokens, or (nil, error).
+-- first; a TTL deadline prefix fits in that length), so no message is copied to find out.
+-- Returns the tokens, or (nil, error).
 local function delayed_tokens(bodies, members)
   local tokens = {}
   for _, m in ipairs(members) do
@@ -20,6 +43,7 @@ local function delayed_tokens(bodies, members)
     if err then return nil, err end
     if len > 2 and len <= 64 then
       local v = redis.call('HGET', bodies, m)
+      if v then v = split_deadline(v) end
       if v and string.sub(v, 1, 2) == 'r:' then tokens[#tokens + 1] = string.sub(v, 3) end
     end
   end
@@ -53,7 +77,8 @@ end
 -- Move the delayed messages of DKEY/BODIES due at NOW into their level's stream, in due order,
 -- at most N and BYTES bytes of them (sized with HSTRLEN before anything is copied; ALONE: the
 -- first may be bigger, and moves alone; a big message's reference moves as field r, its body
--- stays where it is). LEVELS maps a level ('0', '3'...) to its stream key,
+-- stays where it is; a TTL deadline goes with it, expired or not: the read sets an expired one
+-- aside). LEVELS maps a level ('0', '3'...) to its stream key,
 -- one of the caller's KEYS; a member whose level is not there (not ours, or another
 -- priority_steps) goes to FIRST, the queue's first stream; one whose message is gone is
 -- dropped. Returns (moved, streams written, error, bytes moved): on an error (a key holds
@@ -77,8 +102,7 @@ local function promote(dkey, bodies, levels, first, now, n, bytes, alone)
     local payload = payloads[j]
     if payload then
       local stream = levels[string.match(member, '^%d+:(%d+):') or ''] or first
-      local name, value = entry_of(payload)
-      local _, xerr = try('XADD', stream, '*', name, value)
+      local _, xerr = try('XADD', stream, '*', unpack(entry_of(payload)))
       if xerr then err = xerr .. ' (key ' .. stream .. ')'; break end
       if not seen[stream] then
         seen[stream] = true

@@ -5,15 +5,19 @@
 
 -- Fields of a queue's arguments hash (ks:q:{q}:args) the scripts read.
 local MAX_LENGTH, OVERFLOW = 'x-max-length', 'x-overflow'
+local MESSAGE_TTL = 'x-message-ttl'  -- ms (docs/design.rst, "Message TTL")
 
 -- The queue's length limit and overflow from its arguments hash ARGS: (limit, overflow), or
--- (nil, nil) without a limit, or (nil, nil, error) when ARGS holds another type. One HMGET,
--- O(1): all a publish to a queue without arguments pays.
+-- (nil, nil) without a limit, or (nil, nil, error) when ARGS holds another type; the fourth
+-- value is the queue's message TTL in ms, or nil. One HMGET, O(1): all a publish to a queue
+-- without arguments pays.
 local function read_limit(args)
-  local r, err = try('HMGET', args, MAX_LENGTH, OVERFLOW)
-  if err then return nil, nil, err end
-  if not r or not r[1] then return nil, nil, nil end
-  return tonumber(r[1]), r[2] or 'drop-head', nil
+  local r, err = try('HMGET', args, MAX_LENGTH, OVERFLOW, MESSAGE_TTL)
+  if err then return nil, nil, err, nil end
+  if not r then return nil, nil, nil, nil end
+  local ttl = r[3] and tonumber(r[3]) or nil
+  if not r[1] then return nil, nil, nil, ttl end
+  return tonumber(r[1]), r[2] or 'drop-head', nil, ttl
 end
 
 -- What a queue holds, counted against its limit: every entry of its STREAMS (ready and in

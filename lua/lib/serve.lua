@@ -16,7 +16,9 @@
 --   ctx.trim                              fanout streams an entry was set aside in: trimmed
 --                                         once, at the end of the call
 --   src.q, src.group, src.shared, src.mode, src.ttl, src.wake, src.dlq, src.index_key,
---   src.dkey, src.bodies, src.big         (its keys; the delayed ones: lua/lib/delay.lua)
+--   src.dkey, src.bodies, src.big,        (its keys; the delayed ones: lua/lib/delay.lua)
+--   src.counters
+--   src.expired                           entries this call set aside past their TTL
 --   src.streams                           its streams in KEYS (their indices)
 --   src.est                               the bytes expected of its next entry: the
 --                                         caller's hint, raised by every entry copied
@@ -58,13 +60,13 @@ end
 local function load_sources(S, Q)
   local sources, of = {}, {}
   for q = 1, Q do
-    local k = S + 6 * q  -- the source's last key
+    local k = S + 7 * q  -- the source's last key
     sources[q] = {q = q, group = ARGV[3 + 5 * q], shared = ARGV[4 + 5 * q] == 'f',
                   mode = ARGV[5 + 5 * q], ttl = tonumber(ARGV[6 + 5 * q]) or 0,
                   est = tonumber(ARGV[7 + 5 * q]) or 0,
-                  wake = KEYS[k - 5], dlq = KEYS[k - 4], index_key = KEYS[k - 3],
-                  dkey = KEYS[k - 2], bodies = KEYS[k - 1], big = KEYS[k],
-                  streams = {}, visited = {}}
+                  wake = KEYS[k - 6], dlq = KEYS[k - 5], index_key = KEYS[k - 4],
+                  dkey = KEYS[k - 3], bodies = KEYS[k - 2], big = KEYS[k - 1],
+                  counters = KEYS[k], streams = {}, visited = {}, expired = 0}
   end
   for i = 1, S do
     local src = sources[tonumber(ARGV[7 + 5 * Q + i])]
@@ -211,9 +213,18 @@ end
 -- Hand one entry to the consumer, or set it aside when it cannot be a message of ours. A big
 -- message's entry (field r: the token of its body in the queue's big hash) goes out as {token}
 -- in place of the payload, its body counted against the byte budget (an HSTRLEN, no copy);
--- one whose body is gone is set aside. When the big hash holds another type the entry is
--- parked with UNFILED (tried again after a lease) and the problem noted.
+-- one whose body is gone is set aside, and so is one past its TTL deadline (reason expired,
+-- docs/design.rst "Message TTL"). When the big hash holds another type the entry is parked
+-- with UNFILED (tried again after a lease) and the problem noted. True when delivered.
 local function deliver(ctx, src, i, id, fields, count)
+  -- Message TTL: past its deadline, never handed out. An entry without one has one field.
+  local deadline = type(fields) == 'table' and fields[3] ~= nil and deadline_of(fields)
+  if deadline and deadline <= clock(ctx) then
+    if not set_aside(ctx, src, i, id, fields, EXPIRED, count - 1) then
+      src.expired = src.expired + 1
+    end
+    return false
+  end
   local payload = field(fields, 'm')
   if payload == nil then
     local token = not src.shared and field(fields, 'r')
@@ -378,7 +389,7 @@ local function serve_fresh(ctx, src, i)
         'XREADGROUP', 'GROUP', group, ctx.consumer, 'COUNT', want, 'STREAMS', key, '>')
     end
     src.alive = true
-    local fresh = read_entries(reply)
+    local fresh, expired = read_entries(reply), src.expired
     for _, e in ipairs(fresh) do
       spend(ctx, src, e[2])
       deliver(ctx, src, i, e[1], e[2], 1)
@@ -389,8 +400,14 @@ local function serve_fresh(ctx, src, i)
     end
     -- The batch filled: more may be left. No probe for it (one command per read at prefetch
     -- 1): if the stream ran dry just now, the next read finds that out and clears the index.
-    -- Only a batch the budget cut is followed by another, while COUNT and aside allow.
-    if not cut or ctx.left <= 0 or ctx.aside_left <= 0 then
+    -- Only a batch the budget cut, or one with expired entries (the live ones behind them
+    -- are served in this call: docs/design.rst, "Message TTL"), is followed by another,
+    -- while COUNT and aside allow; once aside is spent the call stops, as serve_held does.
+    if ctx.aside_left <= 0 then
+      ctx.left, src.more = 0, true
+      return
+    end
+    if not (cut or src.expired > expired) or ctx.left <= 0 then
       src.more = true
       return
     end
@@ -489,6 +506,12 @@ end
 -- then the deliveries.
 local function finish(ctx, sources)
   for _, stream in ipairs(ctx.trim) do trim_shared(stream) end  -- fanout streams set aside
+  for _, src in ipairs(sources) do  -- Message TTL: each queue's count of expired messages
+    if src.expired > 0 then
+      local err = count_expired(src.counters, KEYS[src.streams[1]], src.expired)
+      if err then problem(ctx, src, src.counters, err) end
+    end
+  end
   local status, unsettled = {}, {}
   for q = 1, #sources do
     status[q] = finish_source(ctx, sources[q])

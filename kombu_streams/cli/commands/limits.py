@@ -1,6 +1,6 @@
-"""``limits``: a queue's arguments kept in Redis (x-max-length, x-overflow), shown or changed
-at run time, as a RabbitMQ policy would change them; every publisher sees the change at its
-next publish."""
+"""``limits``: a queue's arguments kept in Redis (x-max-length, x-overflow, x-message-ttl),
+shown or changed at run time, as a RabbitMQ policy would change them; every publisher sees the
+change at its next publish. Its counters (expired messages) are shown with them."""
 
 from __future__ import annotations
 
@@ -25,15 +25,18 @@ def _assignments(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def limits_text(queue: str, arguments: dict[str, Any]) -> str:
-    if not arguments:
-        return f'{queue}: no limits'
-    return f'{queue}: ' + ' '.join(f'{k}={v}' for k, v in sorted(arguments.items()))
+def limits_text(queue: str, arguments: dict[str, Any], counters: dict[str, int]) -> str:
+    text = f'{queue}: no limits'
+    if arguments:
+        text = f'{queue}: ' + ' '.join(f'{k}={v}' for k, v in sorted(arguments.items()))
+    if counters:
+        text += ' (' + ', '.join(f'{v} {k}' for k, v in sorted(counters.items())) + ')'
+    return text
 
 
 def cmd_limits(args: argparse.Namespace, broker: Broker) -> int:
     existing_queue(broker, args.queue)
-    arguments = broker.limits(args.queue)
+    arguments, counters = broker.limits_and_counters(args.queue)
     if args.clear or args.set:
         wanted = {} if args.clear else dict(arguments)
         wanted.update(_assignments(args.set or []))
@@ -41,9 +44,9 @@ def cmd_limits(args: argparse.Namespace, broker: Broker) -> int:
             pairs = stored_pairs(args.queue, wanted)
         except ValueError as exc:
             raise Failure(str(exc), USAGE) from None
-        arguments = broker.limits(args.queue, pairs)
-    emit(args, {'queue': args.queue, 'arguments': arguments},
-         limits_text(args.queue, arguments))
+        arguments, counters = broker.limits_and_counters(args.queue, pairs)
+    emit(args, {'queue': args.queue, 'arguments': arguments, 'counters': counters},
+         limits_text(args.queue, arguments, counters))
     return OK
 
 

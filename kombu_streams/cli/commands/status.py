@@ -24,8 +24,8 @@ def status_once(args: argparse.Namespace, broker: Broker) -> int:
     missing = [i['queue'] for i in infos if not i['exists'] and not i['dlq']]
     missing += [f"exchange {f['exchange']}" for f in fanouts if not f['exists']]
     infos = [i for i in infos if i['exists'] or i['dlq']]
-    for i in infos:  # the name status has shown them under (JSON); inspect reads them
-        i['limits'] = i.pop('arguments')
+    for i in infos:  # the names status has shown them under (JSON); inspect reads them
+        i['limits'], i['counters'] = i.pop('arguments'), i.pop('counters')
     fanouts = [f for f in fanouts if f['exists']]
     data = {'queues': infos, 'exchanges': fanouts, 'missing': missing}
     emit(args, data, status_text(infos, fanouts) or ('' if missing else 'no queues found'))
@@ -34,11 +34,17 @@ def status_once(args: argparse.Namespace, broker: Broker) -> int:
     return NOT_FOUND if missing else OK
 
 
-def limit_text(arguments: dict[str, Any]) -> str:
-    """A queue's length limit for the status table: '1000 reject-publish', or '-'."""
-    if 'x-max-length' not in arguments:
-        return '-'
-    return f"{arguments['x-max-length']} {arguments.get('x-overflow', 'drop-head')}"
+def limit_text(arguments: dict[str, Any], counters: dict[str, int] | None = None) -> str:
+    """A queue's limits for the status table: '1000 reject-publish', 'ttl 5000ms', the count
+    of messages that expired, or '-'."""
+    parts = []
+    if 'x-max-length' in arguments:
+        parts.append(f"{arguments['x-max-length']} {arguments.get('x-overflow', 'drop-head')}")
+    if 'x-message-ttl' in arguments:
+        parts.append(f"ttl {arguments['x-message-ttl']}ms")
+    if (counters or {}).get('expired'):
+        parts.append(f"{(counters or {})['expired']} expired")
+    return ', '.join(parts) or '-'
 
 
 def status_text(infos: list[dict[str, Any]], fanouts: list[dict[str, Any]]) -> str:
@@ -50,7 +56,8 @@ def status_text(infos: list[dict[str, Any]], fanouts: list[dict[str, Any]]) -> s
         for i in infos:
             rows.append([i['queue'], 'all', i['ready'], i['held'], i['pending'],
                          age(i['oldest_ready_ms']), i['delayed'], age(i['next_due_ms']),
-                         len(i['consumers']), i['dlq'], limit_text(i.get('limits', {}))])
+                         len(i['consumers']), i['dlq'],
+                         limit_text(i.get('limits', {}), i.get('counters'))])
             busy = [lv for lv in i['levels'] if lv['ready'] or lv['pending']]
             if len(busy) > 1 or (busy and busy[0]['level'] != 0):
                 rows += [['', lv['level'], lv['ready'], lv['held'], lv['pending'],
