@@ -22,6 +22,7 @@ from .reads import (
     CHUNK,
     GATED,
     HOLDER,
+    LAYOUTS_KEPT,
     LOOKUP_CHUNK,
     POPPED,
     READ,
@@ -98,9 +99,7 @@ class Calls(ReadCalls):
         (``payload``, not sent with this call) the same transaction stores in the queue's
         big hash under ``token`` (:meth:`store_big`)."""
         k = self.keys
-        keys = [k.stream(queue, level), k.wake(queue), k.ready(queue), k.args(queue),
-                k.dlq(queue), k.delayed(queue), k.delayed_messages(queue),
-                *self.streams(queue)]
+        keys = list(self._publish_keys.get((queue, level)) or self._lay_out_publish(queue, level))
         args: list[Any] = [payload if token is None else f'r:{token}', '1' if routed else '0',
                            len(self.levels), queue, HOLDER, '0' if delay is None else '1']
         if delay is not None and delay.due:  # due now: no more arguments (the common case)
@@ -108,6 +107,17 @@ class Calls(ReadCalls):
         if token is not None:
             keys.append(k.big(queue))
         return SCRIPTS['publish'], keys, args
+
+    def _lay_out_publish(self, queue: str, level: int) -> tuple[str, ...]:
+        """A publish's KEYS for ``queue`` and ``level`` but the big hash: laid out once and
+        kept (like a read's, see :meth:`read_layout`), as every publish to them sends them."""
+        if len(self._publish_keys) >= LAYOUTS_KEPT:
+            self._publish_keys.clear()
+        k = self.keys
+        keys = self._publish_keys[(queue, level)] = (
+            k.stream(queue, level), k.wake(queue), k.ready(queue), k.args(queue), k.dlq(queue),
+            k.delayed(queue), k.delayed_messages(queue), *self.streams(queue))
+        return keys
 
     def store_big(self, queue: str, token: str, payload: str | bytes) -> tuple[Any, ...]:
         """The command that stores a big message's body, sent with its publish call in one

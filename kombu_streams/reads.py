@@ -43,7 +43,8 @@ CHUNK = 1000
 #: each copied by its look-up (under ``big_message_bytes``, 512 KiB by default, each).
 LOOKUP_CHUNK = 20
 #: Most read layouts a Calls keeps (one per set of sources read together; a channel has a
-#: handful). Past it they are all dropped and laid out again as needed.
+#: handful), and most publish layouts (one per queue and level). Past it they are all
+#: dropped and laid out again as needed.
 LAYOUTS_KEPT = 64
 
 
@@ -72,6 +73,8 @@ class CallsBase:
         self.keys = keys
         self.levels = list(levels)
         self._read_layouts: dict[tuple[Source, ...], ReadLayout] = {}
+        #: (queue, level) -> a publish's KEYS but the big hash (Calls.publish_call)
+        self._publish_keys: dict[tuple[str, int], tuple[str, ...]] = {}
 
     def streams(self, queue: str) -> list[str]:
         return self.keys.streams(queue, self.levels)
