@@ -57,8 +57,6 @@ class ReadLayout(NamedTuple):
     streams: tuple[tuple[str, Source, int], ...]
     #: (source, queue, 'q' or 'f') per source, for its ARGV group
     sources: tuple[tuple[Source, str, str], ...]
-    #: ARGV's source (1..Q) of each stream
-    tail: tuple[int, ...]
     #: stream key -> its index in KEYS, for the streams whose acks may ride in the call
     position: dict[str, int]
     #: the same streams, as :meth:`ReadCalls.ack_merges` answers
@@ -112,7 +110,6 @@ class ReadCalls(CallsBase):
         return layout
 
     def _lay_out_read(self, sources: tuple[Source, ...]) -> ReadLayout:
-        index = {src: i + 1 for i, src in enumerate(sources)}
         # (stream key, source, level), in the order to serve them
         streams: list[tuple[str, Source, int]] = [
             (self.keys.fanout(ex), (q, ex), self.levels[0]) for q, ex in sources if ex]
@@ -131,7 +128,7 @@ class ReadCalls(CallsBase):
         position = {key: i + 1 for i, (key, (_, ex), _) in enumerate(streams) if not ex}
         return ReadLayout(tuple(keys), tuple(streams),
                           tuple((src, src[0], 'f' if src[1] else 'q') for src in sources),
-                          tuple(index[src] for _, src, _ in streams), position,
+                          position,
                           frozenset(position))
 
     def read_call(self, sources: Sequence[Source], consumer: str, count: int,
@@ -155,7 +152,6 @@ class ReadCalls(CallsBase):
                            max(int(max_bytes), 1)]
         for src, q, kind in layout.sources:
             args += (q, kind, modes.get(src, READ), ttls.get(q, 0), int(hints.get(src, 0)))
-        args += layout.tail
         args.append(len(acks))
         position = layout.position
         for stream, entry_id, *trusted in acks:

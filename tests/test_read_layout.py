@@ -38,7 +38,7 @@ def test_kept_layout_gives_the_fresh_call_whatever_changes():
                                          [(s3b, b'1-1', True)], hints={a: 900})
     assert args[:7] == ['c1', 7, '~requeued', 3, 8, 2, args[6]]
     assert args[7:17] == ['a', 'q', 'r', 5000, 900, 'b', 'q', 'p', 0, 0]
-    assert args[17:] == [1, 2, 1, 2, 1, 2, 1, 2, 1, -4, b'1-1']
+    assert args[17:] == [1, -4, b'1-1']
     assert keys[3] == s3b  # streams by level, then by source: a0 b0 a3 b3 ...
     # the reply is decoded against the call's own sources and streams
     call, parse = calls.read_call([b, a], 'c1', 2)
