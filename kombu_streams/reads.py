@@ -170,15 +170,16 @@ class ReadCalls(CallsBase):
                     token, payload = payload[0], b''
                 out.append(Delivery(queue, level, key, entry_id, int(deliveries), payload,
                                     exchange, token))
+            # problems, aside and unsettled are empty in almost every reply: no loop then
             return ReadResult(
                 out, dict(zip(sources, status)),
                 [(sources[int(problems[j]) - 1], text(problems[j + 1]))
-                 for j in range(0, len(problems), 2)],
+                 for j in range(0, len(problems), 2)] if problems else [],
                 [(sources[int(aside[j]) - 1], streams[int(aside[j + 1]) - 1][0], aside[j + 2],
-                  text(aside[j + 3])) for j in range(0, len(aside), 4)],
+                  text(aside[j + 3])) for j in range(0, len(aside), 4)] if aside else [],
                 {sources[int(dues[j]) - 1]: int(dues[j + 1]) for j in range(0, len(dues), 2)},
                 {sources[int(unsettled[j]) - 1]: int(unsettled[j + 1])
-                 for j in range(0, len(unsettled), 2)})
+                 for j in range(0, len(unsettled), 2)} if unsettled else {})
 
         return (SCRIPTS['read'], list(layout.keys), args), parse
 
