@@ -5,7 +5,8 @@ lease keeper, the tests and operator tools call the scripts the same way. A buil
 (``*_call``, ``*_calls``) returns the call as a :data:`~kombu_streams.scripts.Call` (with,
 where the reply needs decoding, the function that decodes it); nothing here talks to Redis:
 :class:`kombu_streams.broker.Broker` runs the calls. Every builder that takes entries of a
-queue makes one call per queue, so each call touches one hash slot.
+queue makes one call per queue, so each call touches one hash slot. The hot path's
+builders (read, ack, renew) are in :mod:`kombu_streams.reads`, re-exported here.
 """
 
 from __future__ import annotations
@@ -15,37 +16,30 @@ from typing import Any, NamedTuple
 
 from redis.crc import key_slot
 
-from .keys import LAYOUT, READS_LAYOUTS, Keys
-from .options import READ_BYTES
-from .replies import Delivery, ReadResult, Reclaimed, _id_order
+from .keys import LAYOUT, READS_LAYOUTS
+from .reads import (
+    ANY_OWNER,
+    CHUNK,
+    GATED,
+    HOLDER,
+    LAYOUTS_KEPT,
+    LOOKUP_CHUNK,
+    POPPED,
+    READ,
+    RENEW_CHUNK,
+    WALK,
+    ReadCalls,
+    ReadLayout,
+)
+from .replies import Reclaimed
 from .scripts import SCRIPTS, Call
 from .state import Source
 from .text import text
 
-#: The consumer that holds requeued and reclaimed messages in a stream's PEL until they are
-#: read again (so they keep their id, priority and delivery count).
-HOLDER = '~requeued'
+__all__ = ('ANY_OWNER', 'CHUNK', 'GATED', 'HOLDER', 'LOOKUP_CHUNK', 'MARKED_MAX', 'PAGE',
+           'PEEK_MAX', 'POPPED', 'READ', 'RENEW_CHUNK', 'ROUTE_PAGE', 'SCHEDULED_MAX',
+           'WAKE_MAX', 'WALK', 'Calls', 'Delay', 'PeekCursor', 'ReadLayout')
 
-#: The consumer name a settle call (ack, requeue, dead-letter) gives to settle entries
-#: whoever owns them: for operators. A channel gives its own name, so that once its lease
-#: ran out and another consumer took a message it cannot take it back (docs/design.rst,
-#: "Leases").
-ANY_OWNER = ''
-
-
-
-#: How read.lua reads a source (see its header): read it; read it, its marker was popped by
-#: this consumer; read it only if its marker is set; walk every stream of it.
-READ, POPPED, GATED, WALK = 'r', 'p', 'm', 'w'
-
-#: Most ids per renew call (a few ms of Redis time; the calls of a round are pipelined).
-RENEW_CHUNK = 500
-#: Most entries per ack or requeue call, for the same reason.
-CHUNK = 1000
-#: Most entries per ack call that looks each entry up (XRANGE) to free big messages' bodies:
-#: a big message's entry is a token, but an operator's ack may meet messages stored inline,
-#: each copied by its look-up (under ``big_message_bytes``, 512 KiB by default, each).
-LOOKUP_CHUNK = 20
 #: Most delayed messages one scheduled.lua call lists.
 SCHEDULED_MAX = 1000
 #: Most messages one peek.lua call returns (its own limit, see its header).
@@ -74,19 +68,8 @@ class Delay(NamedTuple):
     label: str = ''
 
 
-class Calls:
+class Calls(ReadCalls):
     """The script calls for queues laid out by ``keys`` with priority ``levels``."""
-
-    def __init__(self, keys: Keys, levels: Sequence[int]) -> None:
-        self.keys = keys
-        self.levels = list(levels)
-
-    def streams(self, queue: str) -> list[str]:
-        return self.keys.streams(queue, self.levels)
-
-    def wake(self, queue: str, exchange: str | None = None) -> str:
-        """The wake marker of a queue, or of its group on a fanout exchange."""
-        return self.keys.fanout_wake(exchange, queue) if exchange else self.keys.wake(queue)
 
     @staticmethod
     def _entry_args(entries: Iterable[tuple[Any, ...]]) -> tuple[list[str], list[Any]]:
@@ -98,20 +81,6 @@ class Calls:
             if stream not in streams:
                 streams.append(stream)
             flat += [streams.index(stream) + 1, entry_id, *extra]
-        return streams, flat
-
-    @staticmethod
-    def _ack_args(entries: Iterable[tuple[Any, ...]]) -> tuple[list[str], list[Any]]:
-        """(streams, [k, id, k, id, ...]) for acks given as (stream key, id[, trusted]): k
-        is the stream's index, negative for an ack the consumer knows it may make without
-        the ownership lookup (see ack.lua and InFlight.surely_held)."""
-        streams: list[str] = []
-        flat: list[Any] = []
-        for stream, entry_id, *trusted in entries:
-            if stream not in streams:
-                streams.append(stream)
-            k = streams.index(stream) + 1
-            flat += [-k if trusted and trusted[0] else k, entry_id]
         return streams, flat
 
     def layout_call(self, watch: bool = False) -> Call:
@@ -132,9 +101,7 @@ class Calls:
         big hash under ``token`` (:meth:`store_big`). ``expiration``: the message's own TTL
         in ms (Kombu's ``expiration`` property), None for none."""
         k = self.keys
-        keys = [k.stream(queue, level), k.wake(queue), k.ready(queue), k.args(queue),
-                k.dlq(queue), k.delayed(queue), k.delayed_messages(queue),
-                *self.streams(queue)]
+        keys = list(self._publish_keys.get((queue, level)) or self._lay_out_publish(queue, level))
         args: list[Any] = [payload if token is None else f'r:{token}', '1' if routed else '0',
                            len(self.levels), queue, HOLDER, '0' if delay is None else '1',
                            '' if expiration is None else expiration]
@@ -143,6 +110,17 @@ class Calls:
         if token is not None:
             keys.append(k.big(queue))
         return SCRIPTS['publish'], keys, args
+
+    def _lay_out_publish(self, queue: str, level: int) -> tuple[str, ...]:
+        """A publish's KEYS for ``queue`` and ``level`` but the big hash: laid out once and
+        kept (like a read's, see :meth:`read_layout`), as every publish to them sends them."""
+        if len(self._publish_keys) >= LAYOUTS_KEPT:
+            self._publish_keys.clear()
+        k = self.keys
+        keys = self._publish_keys[(queue, level)] = (
+            k.stream(queue, level), k.wake(queue), k.ready(queue), k.args(queue), k.dlq(queue),
+            k.delayed(queue), k.delayed_messages(queue), *self.streams(queue))
+        return keys
 
     def store_big(self, queue: str, token: str, payload: str | bytes) -> tuple[Any, ...]:
         """The command that stores a big message's body, sent with its publish call in one
@@ -296,109 +274,6 @@ class Calls:
         WAKE_MAX sources."""
         return [self.give_back_call(chunk, members) for chunk in self._wake_chunks(sources)]
 
-    def read_call(self, sources: Sequence[Source], consumer: str, count: int,
-                  max_deliveries: int = 0, ttls: dict[str, int] | None = None,
-                  modes: dict[Source, str] | None = None,
-                  acks: Sequence[tuple[Any, ...]] = (), max_bytes: int = READ_BYTES,
-                  hints: Mapping[Source, int] | None = None
-                  ) -> tuple[Call, Callable[[list[Any]], ReadResult]]:
-        """The read call for ``sources`` (see :meth:`sources`), each read as ``modes`` says
-        (READ, POPPED, GATED or WALK; READ by default), and the function that decodes its
-        reply. ``acks``: (stream key, entry id[, trusted]) of messages ``consumer`` acks in the same
-        call (only those it still owns are acked, as :meth:`ack_call` says); each stream
-        must be one of a queue source's own (see :meth:`ack_merges`). ``max_bytes``: the
-        call's byte budget (one message bigger than it is still delivered, alone); ``hints``:
-        per source, the bytes expected of its largest entry (unknown: the first batch is one
-        entry), which sizes the call's first batch of it (see read.lua)."""
-        ttls, modes, hints = ttls or {}, modes or {}, hints or {}
-        index = {src: i + 1 for i, src in enumerate(sources)}
-        # (stream key, source, level), in the order to serve them
-        streams: list[tuple[str, Source, int]] = [
-            (self.keys.fanout(ex), (q, ex), self.levels[0]) for q, ex in sources if ex]
-        own = [q for q, ex in sources if not ex]
-        streams += [(self.keys.stream(q, level), (q, None), level)
-                    for level in self.levels for q in own]
-        keys = [s[0] for s in streams]
-        args: list[Any] = [consumer, count, HOLDER, max_deliveries, len(streams), len(sources),
-                           max(int(max_bytes), 1)]
-        for src in sources:
-            q, ex = src
-            if ex:  # no ready index, delayed set or big messages for a group on a fanout stream
-                wake = self.wake(q, ex)
-                keys += [wake, self.keys.fanout_dlq(ex, q), wake, wake, wake, wake, wake]
-            else:
-                keys += [self.keys.wake(q), self.keys.dlq(q), self.keys.ready(q),
-                         self.keys.delayed(q), self.keys.delayed_messages(q),
-                         self.keys.big(q), self.keys.counters(q)]
-            args += [q, 'f' if ex else 'q', modes.get(src, READ), ttls.get(q, 0),
-                     int(hints.get(src, 0))]
-        args += [index[src] for _, src, _ in streams]
-        position = {key: i + 1 for i, (key, (_, ex), _) in enumerate(streams) if not ex}
-        args.append(len(acks))
-        for stream, entry_id, *trusted in acks:
-            k = position[stream]
-            args += [-k if trusted and trusted[0] else k, entry_id]
-
-        def parse(reply: list[Any]) -> ReadResult:
-            status, problems, aside, dues = text(reply[0]), reply[1], reply[2], reply[3]
-            unsettled = reply[4]
-            out = []
-            for j in range(5, len(reply), 4):
-                i, entry_id, deliveries, payload = reply[j:j + 4]
-                key, (queue, exchange), level = streams[int(i) - 1]
-                token = None
-                if isinstance(payload, list):  # a big message: {token}, body not fetched yet
-                    token, payload = payload[0], b''
-                out.append(Delivery(queue, level, key, entry_id, int(deliveries), payload,
-                                    exchange, token))
-            return ReadResult(
-                out, dict(zip(sources, status)),
-                [(sources[int(problems[j]) - 1], text(problems[j + 1]))
-                 for j in range(0, len(problems), 2)],
-                [(sources[int(aside[j]) - 1], streams[int(aside[j + 1]) - 1][0], aside[j + 2],
-                  text(aside[j + 3])) for j in range(0, len(aside), 4)],
-                {sources[int(dues[j]) - 1]: int(dues[j + 1]) for j in range(0, len(dues), 2)},
-                {sources[int(unsettled[j]) - 1]: int(unsettled[j + 1])
-                 for j in range(0, len(unsettled), 2)})
-
-        return (SCRIPTS['read'], keys, args), parse
-
-    def ack_merges(self, sources: Sequence[Source]) -> set[str]:
-        """The streams whose acks may ride inside a read call of ``sources``."""
-        return {key for q, ex in sources if not ex for key in self.streams(q)}
-
-    def ack_call(self, queue: str, entries: Iterable[tuple[str, Any]],
-                 exchange: str | None = None, consumer: str = ANY_OWNER,
-                 big: bool = False) -> Call | None:
-        """The ack call, or None when there is nothing to ack. ``consumer``: only entries it
-        still owns are acked (a channel's own name; an entry given as (stream, id, True) is one
-        it surely still owns, acked without looking); ANY_OWNER: whoever owns them. ``big``:
-        the entries may be big messages', whose bodies go with them (each entry is looked
-        up: a channel sends only its big messages' acks so, see ack.lua)."""
-        if exchange:  # fanout messages are never stored apart
-            ids = [entry_id for _, entry_id, *_ in entries]
-            if not ids:
-                return None
-            return SCRIPTS['fanout_ack'], [self.keys.fanout(exchange)], [queue, consumer, *ids]
-        streams, pairs = self._ack_args(entries)
-        if not pairs:
-            return None
-        if big:
-            return SCRIPTS['ack'], [*streams, self.keys.big(queue)], [queue, consumer, 'b',
-                                                                      *pairs]
-        return SCRIPTS['ack'], streams, [queue, consumer, *pairs]
-
-    def ack_calls(self, queue: str, entries: Iterable[tuple[str, Any]],
-                  exchange: str | None = None, consumer: str = ANY_OWNER,
-                  big: bool = False) -> list[Call]:
-        """The ack calls, one per CHUNK entries (each call's work stays bounded); with
-        ``big`` one per LOOKUP_CHUNK (each entry is looked up, see :meth:`ack_call`)."""
-        entries = list(entries)
-        chunk = LOOKUP_CHUNK if big else CHUNK
-        calls = [self.ack_call(queue, entries[j:j + chunk], exchange, consumer, big)
-                 for j in range(0, len(entries), chunk)]
-        return [call for call in calls if call is not None]
-
     def requeue_call(self, queue: str, entries: Iterable[tuple[Any, ...]],
                      exchange: str | None = None, consumer: str = ANY_OWNER) -> Call:
         """The requeue call for entries given as (stream key, id, delivery count to keep,
@@ -417,27 +292,6 @@ class Calls:
                    for stream, entry_id, *count in entries]
         return [self.requeue_call(queue, entries[j:j + CHUNK], exchange, consumer)
                 for j in range(0, len(entries), CHUNK)]
-
-    def renew_call(self, queue: str, consumer: str, stream: str, ids: Sequence[Any]) -> Call:
-        """The renew call for ``ids`` of one stream, in increasing order (renew.lua needs
-        them so)."""
-        return SCRIPTS['renew'], [stream], [queue, consumer, *ids]
-
-    def renew_calls(self, queue: str, consumer: str, entries: Iterable[tuple[str, Any]]
-                    ) -> list[tuple[Call, str]]:
-        """The renew calls for entries given as (stream key, id): one per stream and chunk of
-        at most RENEW_CHUNK ids, each as (call, stream key). Ids go in increasing order, as
-        renew.lua needs them."""
-        by_stream: dict[str, list[Any]] = {}
-        for stream, entry_id in entries:
-            by_stream.setdefault(stream, []).append(entry_id)
-        calls: list[tuple[Call, str]] = []
-        for stream, ids in by_stream.items():
-            ids.sort(key=_id_order)
-            for j in range(0, len(ids), RENEW_CHUNK):
-                calls.append((self.renew_call(queue, consumer, stream,
-                                              ids[j:j + RENEW_CHUNK]), stream))
-        return calls
 
     def reclaim_call(self, queue: str, lease_ms: int, budget: int,
                      cursors: Sequence[str] | None = None, consumer_expiry_ms: int = 0,

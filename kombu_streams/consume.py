@@ -35,8 +35,40 @@ UNLIMITED_READ = 10
 ACK_BATCH = 100
 
 
+#: Largest body the envelope check's decoding is kept for (see Consuming.decode_body):
+#: keeping a bigger one would double its memory while it waits in the read-ahead buffer.
+KEEP_DECODED = 64 * 1024
+#: Most decoded bodies kept at once (a read-ahead buffer's worth).
+KEEP_MAX = 1000
+
+
 class Consuming(virtual.Channel):
     """The consuming part of :class:`kombu_streams.channel.Channel`."""
+
+    #: Bodies the envelope check decoded, kept for Kombu's Message to take instead of
+    #: decoding them again: id(body) -> (body, encoding, decoded). Emptied before each
+    #: read into an empty buffer: what is left then was handed out or dropped.
+    _decoded: dict[int, tuple[Any, Any, Any]] | None = None
+
+    def decode_body(self, body: Any, encoding: Any = None) -> Any:
+        """A body as Kombu's Message decodes it (``body_encoding``: base64 for Kombu's
+        virtual transports). One the envelope check decoded when it was read is taken
+        from what the check kept, once, rather than decoded a second time."""
+        kept = self._decoded
+        if kept:
+            hit = kept.pop(id(body), None)
+            if hit is not None and hit[0] is body and hit[1] == encoding:
+                return hit[2]
+        return super().decode_body(body, encoding)
+
+    def _check_decode(self, body: Any, encoding: Any) -> Any:
+        """Decode ``body`` for the envelope check, keeping the result for decode_body."""
+        decoded = super().decode_body(body, encoding)
+        if decoded is not body and len(body) <= KEEP_DECODED:
+            if self._decoded is None or len(self._decoded) >= KEEP_MAX:
+                self._decoded = {}  # past KEEP_MAX something kept them: decode again
+            self._decoded[id(body)] = (body, encoding, decoded)
+        return decoded
 
     def give_back(self, sources: list[Source],
                   bindings: dict[str, tuple[tuple[str, str, Any], ...]] | None = None) -> None:
@@ -116,6 +148,8 @@ class Consuming(virtual.Channel):
         """The next message for the application: from the buffer, or read from Redis."""
         state = self.consumer_state
         if not state.buffered() and self._consumers and not self.closed:
+            if self._decoded:
+                self._decoded.clear()
             credit = self._credit()
             queues = self._queue_cycle.consume(len(self.active_queues))
             if credit > 0 and queues:
@@ -290,7 +324,7 @@ class Consuming(virtual.Channel):
     def _decode(self, d: Delivery) -> dict[str, Any] | None:
         try:
             message = self._decode_envelope(bytes_to_str(d.payload))
-            check_envelope(message, self.decode_body)
+            check_envelope(message, self._check_decode)
             props = message['properties']
             info = props.setdefault('delivery_info', {})
             info.setdefault('exchange', '')

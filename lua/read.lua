@@ -3,6 +3,9 @@
 KEYS[1..S]      the streams to read, in serving order: fanout streams first, then by
                 priority level, then source order, e.g.
                 ks:x:{bcast}:fanout ks:q:{a}:0 ks:q:{b}:0 ks:q:{a}:3 ...
+                so stream i is the stream of the i-th fanout source for i <= F (F: the
+                sources of kind 'f'), else of the ((i - F - 1) mod O + 1)-th of the O queue
+                sources (kind 'q'), each with S - F = O x levels streams
 KEYS[S+7q-6]    wake marker (zset) of source q, q = 1..Q; a source is a queue's own
                 streams, or its group on one fanout stream (marker ks:x:{ex}:wake:<queue>)
 KEYS[S+7q-5]    dead-letter stream of source q
@@ -35,8 +38,7 @@ ARGV[6+5q]      ttl in ms of source q's marker and index (x-expires; 0: the ttl 
                 stream)
 ARGV[7+5q]      size hint of source q: the bytes the caller expects of its largest entry (0:
                 unknown, the first batch is one entry); sizes the call's first batch of it
-ARGV[7+5Q+i]    the source (1..Q) of stream i
-ARGV[8+5Q+S]    A: the number of acks that ride along (0: none), then A pairs: stream index
+ARGV[8+5Q]      A: the number of acks that ride along (0: none), then A pairs: stream index
                 i (a queue's own stream, never a fanout one; -i: trusted, see ack.lua),
                 entry id; they are acked before anything is read, as ack.lua does for
                 consumer ARGV[1] (one round trip, one call): only those it still owns
@@ -73,15 +75,25 @@ TTL).
 --@include serve
 
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
-local A = S and Q and tonumber(ARGV[8 + 5 * Q + S]) or 0
-if not S or not Q or #KEYS ~= S + 7 * Q or #ARGV ~= 8 + 5 * Q + S + 2 * A then
+local A = S and Q and tonumber(ARGV[8 + 5 * Q]) or 0
+local fits = S and Q and #KEYS == S + 7 * Q and #ARGV == 8 + 5 * Q + 2 * A
+local F = 0  -- fanout sources: one stream each; the O queue sources have one per level
+if fits then
+  for q = 1, Q do
+    if ARGV[4 + 5 * q] == 'f' then F = F + 1 end
+  end
+  local O = Q - F
+  fits = S >= F and ((O == 0 and S == F) or (O > 0 and S > F and (S - F) % O == 0))
+end
+if not fits then
   return check_args('read', false, false, tostring(S) .. ' streams, ' .. tostring(Q) ..
-                    ' sources and ' .. tostring(A) .. ' acks (S + 7Q keys, 8 + 5Q + S + 2A args)')
+                    ' sources and ' .. tostring(A) .. ' acks (S + 7Q keys, 8 + 5Q + 2A args, ' ..
+                    'S = fanout sources + queue sources x levels)')
 end
 local ctx = new_context(ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]),
                         math.max(tonumber(ARGV[7]) or 1, 1))
-local sources, of = load_sources(S, Q)
-ride_acks(ctx, of, 9 + 5 * Q + S)  -- before anything is read, as ack.lua would
+local sources, of = load_sources(S, Q, F)
+ride_acks(ctx, of, 9 + 5 * Q)  -- before anything is read, as ack.lua would
 for i = 1, S do
   if ctx.left <= 0 then break end
   local src = of[i]

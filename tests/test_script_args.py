@@ -45,7 +45,7 @@ MINIMAL = {
     'publish': (PUBLISH_KEYS, ['m', '0', 1, Q, HOLDER, '0', '']),
     'purge': ([S0, K.delayed(Q), K.delayed_messages(Q), K.big(Q)], [Q, HOLDER, 10]),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q)],
-             ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 1, 0]),
+             ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 0]),
     'reclaim': ([FAN, FWAKE], [Q, HOLDER, 1000, 100, 0, '-']),
     'redrive': ([K.dlq(Q), S0, K.wake(Q), K.ready(Q)], [10]),
     'renew': ([S0], [Q, 'c1', '1-1']),
@@ -70,7 +70,7 @@ LARGER = {
     'wake': ([FWAKE, FAN, K.deadlines(X), K.wake(Q), S0, K.wake(Q)],
              ['f', Q, 'm', 'q', Q, '']),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q)],
-             ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 1, 1, 1, '1-1']),
+             ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 1, 1, '1-1']),
 }
 
 
@@ -110,3 +110,23 @@ def test_a_stream_index_outside_keys_is_named(fake_client):
             SCRIPTS['ack'](c, [S0], [Q, 'c1', index, '1-1'])
     with pytest.raises(ResponseError, match=r'^requeue: expected '):
         SCRIPTS['requeue'](c, [S0, K.wake(Q), K.ready(Q)], [Q, 'c1', HOLDER, 3, '1-1', -1])
+
+
+def test_a_read_whose_streams_fit_no_layout_is_refused(fake_client):
+    """read.lua works out which source each stream is of (fanout ones first, then the queue
+    sources' by level): a stream count that is not fanout sources + queue sources x levels
+    is refused before anything is read."""
+    b = 'b'
+    source_keys = [*[K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q)],
+                   *[K.wake(b), K.dlq(b), K.ready(b), K.delayed(b), K.delayed_messages(b),
+                     K.big(b), K.counters(b)]]
+    head = ['c1', 10, HOLDER, 0]
+    per_source = [Q, 'q', 'r', 0, 0, b, 'q', 'r', 0, 0]
+    streams = [S0, K.stream(b, 0), K.stream(Q, 3)]  # two queue sources, three streams
+    with pytest.raises(ResponseError, match=r'^read: expected 3 streams, 2 sources'):
+        SCRIPTS['read'](fake_client, [*streams, *source_keys],
+                        [*head, 3, 2, 4096, *per_source, 0])
+    streams.append(K.stream(b, 3))  # two levels of each: fits
+    reply = SCRIPTS['read'](fake_client, [*streams, *source_keys],
+                            [*head, 4, 2, 4096, *per_source, 0])
+    assert reply[0] in (b'00', '00')  # nothing ready in either queue

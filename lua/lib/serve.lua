@@ -55,10 +55,11 @@ local function new_context(consumer, count, holder, limit, bytes)
           promoted = 0, trim = {}}
 end
 
--- The Q sources of a call over S streams, from read.lua's KEYS and ARGV layout, and the
--- source of each stream (by stream index).
-local function load_sources(S, Q)
-  local sources, of = {}, {}
+-- The Q sources of a call over S streams, F of them on fanout streams, from read.lua's KEYS
+-- and ARGV layout, and the source of each stream (by stream index): the F fanout sources'
+-- streams first, then the queue sources' by level (see read.lua's header).
+local function load_sources(S, Q, F)
+  local sources, of, fan, own = {}, {}, {}, {}
   for q = 1, Q do
     local k = S + 7 * q  -- the source's last key
     sources[q] = {q = q, group = ARGV[3 + 5 * q], shared = ARGV[4 + 5 * q] == 'f',
@@ -67,9 +68,10 @@ local function load_sources(S, Q)
                   wake = KEYS[k - 6], dlq = KEYS[k - 5], index_key = KEYS[k - 4],
                   dkey = KEYS[k - 3], bodies = KEYS[k - 2], big = KEYS[k - 1],
                   counters = KEYS[k], streams = {}, visited = {}, expired = 0}
+    if sources[q].shared then fan[#fan + 1] = sources[q] else own[#own + 1] = sources[q] end
   end
   for i = 1, S do
-    local src = sources[tonumber(ARGV[7 + 5 * Q + i])]
+    local src = fan[i] or own[(i - F - 1) % #own + 1]
     src.streams[#src.streams + 1] = i
     of[i] = src
   end
