@@ -272,6 +272,34 @@ def test_the_counter_gets_the_queue_expiry(script_client):
     assert 0 < c.pttl(K.counters('q')) <= 60_000
 
 
+def test_an_expiring_queue_drops_its_expired_messages_instead_of_filing_them(script_client):
+    """A queue with x-expires (Celery's event, reply and pidbox queues, which also set a
+    message TTL): its expired messages are dropped and counted, bodies of big ones too, and
+    nothing goes to a dead-letter stream that would outlive the queue and grow with every
+    event a slow receiver let expire. The live one behind them is delivered."""
+    c = script_client
+    b = with_ttl(c, 'q', None)
+    b.touch('q', 60_000)
+    b.publish('q', 0, body(1), expiration=0)
+    b.publish_big('q', 0, body(2), expiration=0)
+    b.publish('q', 0, body(3), expiration=FAR)
+    soon = server_ms(c) + 60_000
+    last = max(int(f[b'e']) for _, f in c.xrange(K.stream('q', 0)) if int(f[b'e']) < soon)
+    while server_ms(c) < last:  # TTL 0: at most a ms away
+        pass
+    got = read_messages(b, ['q'], 'c1', 10, ttls={'q': 60_000})
+    assert bodies(got) == ['m3']
+    assert letters(b, 'q') == [] and not c.exists(K.dlq('q'))
+    assert expired_count(c, 'q') == 2
+    assert c.hlen(K.big('q')) == 0  # the big one's body went with it
+    assert c.xlen(K.stream('q', 0)) == 1  # only m3's entry, in flight
+    # the same queue read without its expiry (a consumer that does not know it) files them
+    b.publish('q', 0, body(4), expiration=0)
+    pass_deadlines(c, 'q')
+    assert read_messages(b, ['q'], 'c2', 10) == []
+    assert letters(b, 'q') == [('expired', 'm4')]
+
+
 def test_a_counters_key_of_another_type_is_reported_and_the_letter_kept(script_client):
     c = script_client
     b = with_ttl(c, 'q', None)

@@ -103,7 +103,7 @@ local function ride_acks(ctx, of, first)
   end
 end
 
-local set_aside  -- defined below; deliver and claim_held use it (Redis allows no globals)
+local set_aside, drop_expired  -- defined below; deliver and claim_held use them (no globals)
 
 -- Note ERR, met on KEY, against source SRC; returns 'error' so callers can
 -- 'return problem(...)'.
@@ -222,7 +222,10 @@ local function deliver(ctx, src, i, id, fields, count)
   -- Message TTL: past its deadline, never handed out. An entry without one has one field.
   local deadline = type(fields) == 'table' and fields[3] ~= nil and deadline_of(fields)
   if deadline and deadline <= clock(ctx) then
-    if not set_aside(ctx, src, i, id, fields, EXPIRED, count - 1) then
+    if src.ttl > 0 then  -- an expiring queue's (x-expires): dropped, counted, not filed
+      drop_expired(ctx, src, i, id, fields)
+      src.expired = src.expired + 1
+    elseif not set_aside(ctx, src, i, id, fields, EXPIRED, count - 1) then
       src.expired = src.expired + 1
     end
     return false
@@ -253,6 +256,19 @@ local function deliver(ctx, src, i, id, fields, count)
   out[n + 1], out[n + 2], out[n + 3], out[n + 4] = i, id, count, payload
   ctx.left = ctx.left - 1
   return true
+end
+
+-- Drop one expired entry of stream I of an expiring queue (x-expires: Celery's event, reply
+-- and pidbox queues), with its big body if any, rather than file it: such a queue's
+-- dead-letter stream would outlive the queue and grow with every message a slow receiver
+-- let expire (RabbitMQ too drops expired messages of a queue without a dead-letter
+-- exchange). It counts against the call's set-aside budget. docs/design.rst, "Message TTL".
+drop_expired = function(ctx, src, i, id, fields)
+  redis.call('XACK', KEYS[i], src.group, id)
+  redis.call('XDEL', KEYS[i], id)
+  local token = not src.shared and field(fields, 'r')
+  if token then try('HDEL', src.big, token) end  -- another type there: no body to free
+  ctx.aside_left = ctx.aside_left - 1
 end
 
 -- Move one entry of stream I to the source's dead-letter stream. When that stream cannot take
