@@ -122,21 +122,25 @@ class Calls:
         return SCRIPTS['layout'], [self.keys.layout()], [LAYOUT, '0', *READS_LAYOUTS]
 
     def publish_call(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
-                     delay: Delay | None = None, token: str | None = None) -> Call:
+                     delay: Delay | None = None, token: str | None = None,
+                     dedup_id: str = '') -> Call:
         """The publish call. ``routed``: only if the queue exists (a copy routed by an
         exchange must not recreate a deleted queue). ``delay``: delayed delivery is on
         (messages already due are moved first, so this one never overtakes them), and when
         the message is due (see :class:`Delay`). ``token``: a big message, whose body
         (``payload``, not sent with this call) the same transaction stores in the queue's
-        big hash under ``token`` (:meth:`store_big`)."""
+        big hash under ``token`` (:meth:`store_big`). ``dedup_id``: the message's
+        deduplication id (kombu_streams/dedup.py), '' for none."""
         k = self.keys
         keys = [k.stream(queue, level), k.wake(queue), k.ready(queue), k.args(queue),
                 k.dlq(queue), k.delayed(queue), k.delayed_messages(queue),
-                *self.streams(queue)]
+                *self.streams(queue), k.dedup(queue)]
         args: list[Any] = [payload if token is None else f'r:{token}', '1' if routed else '0',
                            len(self.levels), queue, HOLDER, '0' if delay is None else '1']
         if delay is not None and delay.due:  # due now: no more arguments (the common case)
             args += [delay.due, delay.threshold_ms, delay.label]
+        if dedup_id:  # ARGV[10]; ARGV[7..9] '' where there is no due time
+            args += [''] * (9 - len(args)) + [dedup_id]
         if token is not None:
             keys.append(k.big(queue))
         return SCRIPTS['publish'], keys, args
@@ -179,7 +183,8 @@ class Calls:
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
                                       self.keys.delayed(queue),
                                       self.keys.delayed_messages(queue), self.keys.args(queue),
-                                      self.keys.big(queue), self.keys.dlq(queue)]
+                                      self.keys.dedup(queue), self.keys.big(queue),
+                                      self.keys.dlq(queue)]
         return SCRIPTS['delete'], keys, []
 
     def leave_call(self, queue: str, consumer: str, exchange: str | None = None) -> Call:

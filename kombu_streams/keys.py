@@ -17,6 +17,8 @@ client would only rewrite the first one).
                                      kombu_streams/limits.py
     <prefix>ks:q:{<queue>}:big       big messages: token -> message (hash); their stream
                                      entries (and delayed values) hold the token instead
+    <prefix>ks:q:{<queue>}:dedup     ids of messages stored within x-deduplication-window:
+                                     id -> until when, unix ms (zset); lua/lib/dedup.lua
     <prefix>ks:x:{<exchange>}:bindings   routing table (set of "rk<sep>pattern<sep>queue")
     <prefix>ks:x:{<exchange>}:deadlines  deadlines of bindings of expiring queues (zset)
     <prefix>ks:x:{<exchange>}:fanout     fanout stream, one consumer group per bound queue
@@ -140,6 +142,10 @@ class Keys:
     def big(self, queue: str) -> str:
         """The bodies of a queue's big messages (``big_message_bytes``), by token."""
         return f'{self.queue_base(queue)}:big'
+
+    def dedup(self, queue: str) -> str:
+        """The ids a queue with ``x-deduplication-window`` remembers (lua/lib/dedup.lua)."""
+        return f'{self.queue_base(queue)}:dedup'
 
     def bindings(self, exchange: str) -> str:
         return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:bindings'

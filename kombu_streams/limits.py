@@ -30,6 +30,15 @@ NOT_YET = {
 }
 
 
+#: Idempotent publish (kombu_streams/dedup.py, lua/lib/dedup.lua): the window in ms within
+#: which a message whose id the queue stored is not stored again, and the most ids remembered
+#: (100,000 without it). Stored after the length arguments, in this order.
+DEDUP_WINDOW, DEDUP_MAX_IDS = 'x-deduplication-window', 'x-deduplication-max-ids'
+DEDUP_STORED = (DEDUP_WINDOW, DEDUP_MAX_IDS)
+#: Arguments stored as integers (shown as such by :func:`as_dict`).
+INTEGERS = (MAX_LENGTH, *DEDUP_STORED)
+
+
 class QueueFull(redis.exceptions.ResponseError):
     """A publish refused because the queue holds ``x-max-length`` messages (``x-overflow``
     ``reject-publish``): nothing was stored. A channel error, not a connection error, so a
@@ -44,6 +53,29 @@ class QueueArgumentsDiffer(redis.exceptions.ResponseError):
 def _error(queue: str, name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f'kombu-streams: queue {queue!r}: argument {name}={value!r} is not '
                       f'valid: {allowed}')
+
+
+def _positive(queue: str, name: str, value: Any) -> int:
+    """``value`` as an int >= 1 (a digit string too: the CLI's), else ValueError naming it."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _error(queue, name, value, 'an integer >= 1')
+    return value
+
+
+def dedup_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
+    """The deduplication arguments of ``args`` checked, as stored: [] without a window; a
+    cap without a window is refused (it would mean nothing)."""
+    window, cap = args.get(DEDUP_WINDOW), args.get(DEDUP_MAX_IDS)
+    if window is None:
+        if cap is not None:
+            raise _error(queue, DEDUP_MAX_IDS, cap, f'it needs {DEDUP_WINDOW}')
+        return []
+    pairs = [DEDUP_WINDOW, str(_positive(queue, DEDUP_WINDOW, window))]
+    if cap is not None:
+        pairs += [DEDUP_MAX_IDS, str(_positive(queue, DEDUP_MAX_IDS, cap))]
+    return pairs
 
 
 def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
@@ -61,7 +93,7 @@ def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
     if length is None:
         if overflow is not None:
             raise _error(queue, OVERFLOW, overflow, f'it needs {MAX_LENGTH}')
-        return []
+        return dedup_pairs(queue, args)
     if isinstance(length, bool) or not isinstance(length, int) or length < 0:
         if isinstance(length, str) and length.isdigit():  # from the CLI or a config file
             length = int(length)
@@ -71,7 +103,7 @@ def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
         overflow = 'drop-head'
     if overflow not in OVERFLOWS:
         raise _error(queue, OVERFLOW, overflow, ' or '.join(OVERFLOWS))
-    return [MAX_LENGTH, str(length), OVERFLOW, overflow]
+    return [MAX_LENGTH, str(length), OVERFLOW, overflow, *dedup_pairs(queue, args)]
 
 
 def as_dict(flat: list[Any]) -> dict[str, Any]:
@@ -80,7 +112,7 @@ def as_dict(flat: list[Any]) -> dict[str, Any]:
     for i in range(0, len(flat) - 1, 2):
         name = flat[i].decode() if isinstance(flat[i], bytes) else str(flat[i])
         value = flat[i + 1].decode() if isinstance(flat[i + 1], bytes) else str(flat[i + 1])
-        out[name] = int(value) if name == MAX_LENGTH and value.isdigit() else value
+        out[name] = int(value) if name in INTEGERS and value.isdigit() else value
     return out
 
 
@@ -97,4 +129,5 @@ def check_option(value: Any) -> bool:
 
 
 __all__ = ('QueueFull', 'QueueArgumentsDiffer', 'stored_pairs', 'as_dict', 'STORED',
-           'MAX_LENGTH', 'OVERFLOW', 'OVERFLOWS')
+           'MAX_LENGTH', 'OVERFLOW', 'OVERFLOWS', 'DEDUP_WINDOW', 'DEDUP_MAX_IDS',
+           'dedup_pairs')

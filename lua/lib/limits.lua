@@ -6,14 +6,20 @@
 -- Fields of a queue's arguments hash (ks:q:{q}:args) the scripts read.
 local MAX_LENGTH, OVERFLOW = 'x-max-length', 'x-overflow'
 
+-- Idempotent publish (lua/lib/dedup.lua): read by the same HMGET.
+local DEDUP_WINDOW = 'x-deduplication-window'
+
 -- The queue's length limit and overflow from its arguments hash ARGS: (limit, overflow), or
--- (nil, nil) without a limit, or (nil, nil, error) when ARGS holds another type. One HMGET,
--- O(1): all a publish to a queue without arguments pays.
+-- (nil, nil) without a limit, or (nil, nil, error) when ARGS holds another type; fourth, its
+-- x-deduplication-window in ms, or nil. One HMGET, O(1): all a publish to a queue without
+-- arguments pays.
 local function read_limit(args)
-  local r, err = try('HMGET', args, MAX_LENGTH, OVERFLOW)
+  local r, err = try('HMGET', args, MAX_LENGTH, OVERFLOW, DEDUP_WINDOW)
   if err then return nil, nil, err end
-  if not r or not r[1] then return nil, nil, nil end
-  return tonumber(r[1]), r[2] or 'drop-head', nil
+  if not r then return nil, nil, nil end
+  local window = tonumber(r[3])
+  if not r[1] then return nil, nil, nil, window end
+  return tonumber(r[1]), r[2] or 'drop-head', nil, window
 end
 
 -- What a queue holds, counted against its limit: every entry of its STREAMS (ready and in

@@ -8,7 +8,7 @@ import argparse
 from typing import Any
 
 from ...broker import Broker
-from ...limits import stored_pairs
+from ...limits import DEDUP_WINDOW, stored_pairs
 from ..connect import existing_queue
 from ..errors import OK, USAGE, Failure
 from ..render import emit
@@ -25,10 +25,13 @@ def _assignments(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def limits_text(queue: str, arguments: dict[str, Any]) -> str:
+def limits_text(queue: str, arguments: dict[str, Any], duplicates: int = 0) -> str:
     if not arguments:
         return f'{queue}: no limits'
-    return f'{queue}: ' + ' '.join(f'{k}={v}' for k, v in sorted(arguments.items()))
+    text = f'{queue}: ' + ' '.join(f'{k}={v}' for k, v in sorted(arguments.items()))
+    if DEDUP_WINDOW in arguments:
+        text += f' (duplicates not stored: {duplicates})'
+    return text
 
 
 def cmd_limits(args: argparse.Namespace, broker: Broker) -> int:
@@ -42,8 +45,10 @@ def cmd_limits(args: argparse.Namespace, broker: Broker) -> int:
         except ValueError as exc:
             raise Failure(str(exc), USAGE) from None
         arguments = broker.limits(args.queue, pairs)
-    emit(args, {'queue': args.queue, 'arguments': arguments},
-         limits_text(args.queue, arguments))
+    data: dict[str, Any] = {'queue': args.queue, 'arguments': arguments}
+    if DEDUP_WINDOW in arguments:  # publishes not stored as duplicates (lua/lib/dedup.lua)
+        data['duplicates'] = broker.duplicates(args.queue)
+    emit(args, data, limits_text(args.queue, arguments, data.get('duplicates', 0)))
     return OK
 
 

@@ -26,6 +26,8 @@ def status_once(args: argparse.Namespace, broker: Broker) -> int:
     infos = [i for i in infos if i['exists'] or i['dlq']]
     for i in infos:
         i['limits'] = broker.limits(i['queue'])
+        if 'x-deduplication-window' in i['limits']:
+            i['duplicates'] = broker.duplicates(i['queue'])
     fanouts = [f for f in fanouts if f['exists']]
     data = {'queues': infos, 'exchanges': fanouts, 'missing': missing}
     emit(args, data, status_text(infos, fanouts) or ('' if missing else 'no queues found'))
@@ -34,11 +36,15 @@ def status_once(args: argparse.Namespace, broker: Broker) -> int:
     return NOT_FOUND if missing else OK
 
 
-def limit_text(arguments: dict[str, Any]) -> str:
-    """A queue's length limit for the status table: '1000 reject-publish', or '-'."""
-    if 'x-max-length' not in arguments:
-        return '-'
-    return f"{arguments['x-max-length']} {arguments.get('x-overflow', 'drop-head')}"
+def limit_text(arguments: dict[str, Any], duplicates: int = 0) -> str:
+    """A queue's length limit for the status table: '1000 reject-publish', or '-'; with a
+    deduplication window, 'dedup 60000ms: 3 dup' (the duplicates not stored) after it."""
+    parts = []
+    if 'x-max-length' in arguments:
+        parts.append(f"{arguments['x-max-length']} {arguments.get('x-overflow', 'drop-head')}")
+    if 'x-deduplication-window' in arguments:
+        parts.append(f"dedup {arguments['x-deduplication-window']}ms: {duplicates} dup")
+    return ', '.join(parts) or '-'
 
 
 def status_text(infos: list[dict[str, Any]], fanouts: list[dict[str, Any]]) -> str:
@@ -50,7 +56,8 @@ def status_text(infos: list[dict[str, Any]], fanouts: list[dict[str, Any]]) -> s
         for i in infos:
             rows.append([i['queue'], 'all', i['ready'], i['held'], i['pending'],
                          age(i['oldest_ready_ms']), i['delayed'], age(i['next_due_ms']),
-                         len(i['consumers']), i['dlq'], limit_text(i.get('limits', {}))])
+                         len(i['consumers']), i['dlq'], limit_text(i.get('limits', {}),
+                                                                 i.get('duplicates', 0))])
             busy = [lv for lv in i['levels'] if lv['ready'] or lv['pending']]
             if len(busy) > 1 or (busy and busy[0]['level'] != 0):
                 rows += [['', lv['level'], lv['ready'], lv['held'], lv['pending'],
