@@ -4,7 +4,10 @@ it stored within the window only once (``lua/lib/dedup.lua``; docs/design.rst, "
 
 The id is the ``x-deduplication-id`` header, else, for a Celery task message, its task id, so
 that ``apply_async`` retried after a connection error or a failover (the first attempt stored,
-its reply lost) stores the task once. Every publish sends its id, whether or not the queue has a
+its reply lost) stores the task once. A task's own retry (``self.retry()``) publishes it again
+with the same task id and its ``retries`` count raised: that count is part of the id
+(``<task id>:<retries>`` once it is above 0), so a retry is a new message, and a retry's
+publish retried is still one. Every publish sends its id, whether or not the queue has a
 window: only Redis knows the queue's arguments, and a message without one costs nothing more.
 """
 
@@ -36,6 +39,15 @@ def _short(value: str) -> str:
     return 'sha256:' + hashlib.sha256(value.encode('utf-8', 'surrogatepass')).hexdigest()
 
 
+def _task_key(task_id: Any, retries: Any) -> str:
+    """A task message's id: its task id, with the retry count once it is above 0."""
+    if not isinstance(task_id, str) or not task_id:
+        return ''
+    if isinstance(retries, int) and not isinstance(retries, bool) and retries > 0:
+        return f'{task_id}:{retries}'
+    return task_id
+
+
 def _v1_task_id(message: dict[str, Any]) -> str:
     """The task id in a Celery protocol 1 message's body ({"task": ..., "id": ...}): such a
     message has no ``task`` header, its ``correlation_id`` property is the task id, and its
@@ -54,23 +66,23 @@ def _v1_task_id(message: dict[str, Any]) -> str:
         decoded = json.loads(body)
     except (ValueError, binascii.Error, TypeError):
         return ''
-    if isinstance(decoded, dict) and 'task' in decoded and isinstance(decoded.get('id'), str):
-        return decoded['id']
+    if isinstance(decoded, dict) and 'task' in decoded:
+        return _task_key(decoded.get('id'), decoded.get('retries'))
     return ''
 
 
 def dedup_id(message: dict[str, Any]) -> str:
     """The id publish.lua deduplicates ``message`` (a Kombu envelope) by, '' for none: its
     ``x-deduplication-id`` header, else a Celery task's id (protocol 2: the ``id`` header of a
-    message with a ``task`` header; protocol 1: the body's ``id``)."""
+    message with a ``task`` header; protocol 1: the body's ``id``), with its retry count
+    when it is a retry."""
     headers = message.get('headers')
     if isinstance(headers, dict):
         given = headers.get(HEADER)
         if given is not None and given != '':
             return _short(str(given))
         if 'task' in headers:
-            task_id = headers.get('id')
-            return _short(task_id) if isinstance(task_id, str) else ''
+            return _short(_task_key(headers.get('id'), headers.get('retries')))
     return _short(_v1_task_id(message))
 
 

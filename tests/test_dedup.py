@@ -244,6 +244,8 @@ def _celery_v1(task_id: str) -> dict[str, Any]:
 def test_the_id_of_a_message():
     assert dedup_id({'headers': {'x-deduplication-id': 'k1', 'task': 't', 'id': 'tid'}}) == 'k1'
     assert dedup_id({'headers': {'task': 't.add', 'id': 'tid'}}) == 'tid'  # Celery protocol 2
+    assert dedup_id({'headers': {'task': 't.add', 'id': 'tid', 'retries': 0}}) == 'tid'
+    assert dedup_id({'headers': {'task': 't.add', 'id': 'tid', 'retries': 2}}) == 'tid:2'
     assert dedup_id(_celery_v1('v1id')) == 'v1id'  # protocol 1: the body's id
     assert dedup_id({'headers': {'id': 'not-a-task'}, 'body': '{}'}) == ''
     assert dedup_id({'headers': {}, 'body': 'plain', 'properties': {}}) == ''
@@ -297,12 +299,12 @@ def test_a_celery_task_id_is_the_default_id(any_url):
         assert _count(conn, 'tasks') == 2
 
 
-def test_a_retried_publish_after_a_dropped_connection_is_stored_once(redis_url):
+def test_a_retried_publish_after_a_dropped_connection_is_stored_once(any_url):
     """The first publish runs on the server, then its connection is killed (CLIENT KILL)
     before the client reads the reply: Kombu's publish retry sends it again, and the queue
     stores it once."""
-    url = 'redis-streams://' + redis_url[len('redis://'):]
-    admin = redis.Redis.from_url(redis_url)
+    url = any_url
+    admin = redis.Redis.from_url('redis://' + any_url[len('redis-streams://'):])
     killed = []
     with Connection(url) as conn:
         Queue('rq', queue_arguments={'x-deduplication-window': HOUR})(
@@ -354,6 +356,10 @@ def test_a_batch_reports_its_duplicates(url_big):
         assert _count(conn, 'bq') == 4
         raw = conn.default_channel.client
         assert raw.hlen(K.big('bq')) == 1  # the big duplicate left no body
+        with producer.batch() as batch:  # no refusal: nothing raised, the batch tells
+            producer.publish('y', headers={'x-deduplication-id': 'a'})
+            producer.publish('y', routing_key='other', headers={'x-deduplication-id': 'z'})
+        assert batch.state.session.duplicates == {0: ('bq', 'a')}
 
 
 @pytest.fixture
