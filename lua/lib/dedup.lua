@@ -42,7 +42,7 @@ local function dedup_remember(store, id, now, window, args, first)
   if n > cap then  -- the oldest first: those soonest forgotten anyway
     local over = redis.call('ZRANGEBYSCORE', store, '(0', '+inf', 'LIMIT', 0,
                             math.min(n - cap, DEDUP_STEP))
-    redis.call('ZREM', store, unpack(over))
+    if #over > 0 then redis.call('ZREM', store, unpack(over)) end
   end
   local ttl, want = redis.call('PTTL', store), math.max(window, redis.call('PTTL', first))
   if want > ttl then redis.call('PEXPIRE', store, want) end
