@@ -1,6 +1,7 @@
-"""``limits``: a queue's arguments kept in Redis (x-max-length, x-overflow), shown or changed
-at run time, as a RabbitMQ policy would change them; every publisher sees the change at its
-next publish."""
+"""``limits``: a queue's arguments kept in Redis (x-max-length, x-overflow,
+x-deduplication-window), shown or changed at run time, as a RabbitMQ policy would change them;
+every publisher sees the change at its next publish. With a window it also shows how many
+publishes were not stored as duplicates."""
 
 from __future__ import annotations
 
