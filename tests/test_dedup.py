@@ -305,7 +305,8 @@ def test_a_retried_publish_after_a_dropped_connection_is_stored_once(any_url):
     stores it once."""
     url = any_url
     admin = redis.Redis.from_url('redis://' + any_url[len('redis-streams://'):])
-    killed = []
+    killed: list[int] = []
+    kombu: list[BaseException] = []  # errors Kombu's publish retry saw
     with Connection(url) as conn:
         Queue('rq', queue_arguments={'x-deduplication-window': HOUR})(
             conn.default_channel).declare()
@@ -326,10 +327,12 @@ def test_a_retried_publish_after_a_dropped_connection_is_stored_once(any_url):
         try:
             producer.publish({'n': 1}, headers={'x-deduplication-id': 'once'}, retry=True,
                              retry_policy={'max_retries': 3, 'interval_start': 0,
-                                           'interval_step': 0})
+                                           'interval_step': 0,
+                                           'errback': lambda exc, interval: kombu.append(exc)})
         finally:
             cls.read_response = original
         assert killed == [1]  # the first reply was lost for real
+        assert len(kombu) == 1  # and Kombu's publish retry sent it again
         assert _count(conn, 'rq') == 1
     b = Broker(admin, K, LEVELS)
     assert b.duplicates('rq') == 1
