@@ -1,14 +1,18 @@
 """``Producer.batch()`` (Kombu 5.7+): publish calls collected and sent pipelined, one round
 trip per flush (per node on Redis Cluster). Messages a full queue refused (``x-overflow``
 ``reject-publish``) are reported by number, after the others were sent: their outcome is
-certain, so the batch stays usable (:class:`BatchRefused`)."""
+certain, so the batch stays usable (:class:`BatchRefused`). Messages a queue did not store
+again because it had stored their id within its ``x-deduplication-window`` are no failure
+(as a NATS publish acknowledged ``duplicate``): the batch lists them by number in
+``duplicates`` (and on a :class:`BatchRefused` raised meanwhile)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from .compat import BatchPublishError
+from .dedup import is_duplicate, note
 from .limits import QueueFull
 from .scripts import Call, run_calls
 
@@ -16,13 +20,24 @@ if TYPE_CHECKING:
     from .channel import Channel
 
 
+class Duplicate(NamedTuple):
+    """A message of a batch its queue did not store: it had stored its id (``ident``)
+    within the queue's ``x-deduplication-window``."""
+
+    queue: str
+    ident: str
+
+
 class BatchRefused(QueueFull):
     """Some messages of a ``Producer.batch()`` were refused by full queues; the others were
     published. ``refused`` maps each refused message's number in the batch (0: the first
-    ``publish`` on it) to the :class:`~kombu_streams.limits.QueueFull` naming its queue."""
+    ``publish`` on it) to the :class:`~kombu_streams.limits.QueueFull` naming its queue;
+    ``duplicates`` the numbers of the duplicates so far (:class:`Duplicate`)."""
 
-    def __init__(self, refused: dict[int, QueueFull]) -> None:
+    def __init__(self, refused: dict[int, QueueFull],
+                 duplicates: dict[int, Duplicate] | None = None) -> None:
         self.refused = dict(refused)
+        self.duplicates = dict(duplicates or {})
         first = next(iter(self.refused.values()))
         super().__init__(f'kombu-streams: {len(self.refused)} message(s) of the batch refused '
                          f'(numbers {sorted(self.refused)}), the others published; first: '
@@ -42,6 +57,8 @@ class PublishBatch:
         #: messages published on this batch so far, and those full queues refused
         self._count = 0
         self._refused: dict[int, QueueFull] = {}
+        #: messages not stored as duplicates, by number in the batch (see :class:`Duplicate`)
+        self.duplicates: dict[int, Duplicate] = {}
         self._failed: BaseException | None = None
         self._closed = False
         self._aborted = False
@@ -67,13 +84,23 @@ class PublishBatch:
         self._calls.append((script, keys, args))
         self._numbers.append(self._count)
 
-    def run_alone(self, publish: Callable[[], Any]) -> None:
+    def _duplicate(self, number: int, reply: Any, call: Call) -> None:
+        """Note message ``number`` if publish.lua's ``reply`` says it was a duplicate."""
+        args = call[2]
+        if len(args) == 11 and is_duplicate(reply):  # ARGV[11] the id, ARGV[4] the queue
+            queue, ident = str(args[3]), str(args[10])
+            self.duplicates[number] = Duplicate(queue, ident)
+            note(queue, ident)
+
+    def run_alone(self, publish: Callable[[], Any], queue: str = '', ident: str = '') -> None:
         """A publish that cannot be pipelined (a big message: a transaction of its own, see
         :meth:`kombu_streams.broker.Broker.publish_big`): the calls added before it are
         sent first, so the batch's order holds; a failure fails the batch, as a flush's."""
         self._send()
         try:
-            publish()
+            reply = publish()
+            if ident and is_duplicate(reply):
+                self.duplicates[self._count] = Duplicate(queue, ident)
         except QueueFull as exc:  # certain: nothing stored; reported by the next flush
             self._refused[self._count] = exc
         except Exception as exc:
@@ -87,7 +114,7 @@ class PublishBatch:
         self._send()
         if self._refused:
             refused, self._refused = self._refused, {}
-            raise BatchRefused(refused)
+            raise BatchRefused(refused, self.duplicates)
 
     def _send(self) -> None:
         """Send the calls collected, noting the messages refused by full queues."""
@@ -98,9 +125,11 @@ class PublishBatch:
             try:
                 replies = run_calls(self.channel.client, calls, raise_errors=False,
                                     wait=self.channel._replica_wait())
-                for number, reply in zip(numbers, replies):
+                for number, reply, call in zip(numbers, replies, calls):
                     if isinstance(reply, QueueFull):
                         self._refused[number] = reply
+                    else:
+                        self._duplicate(number, reply, call)
                 failed = [r for r in replies
                           if isinstance(r, Exception) and not isinstance(r, QueueFull)]
                 if failed:
@@ -120,4 +149,4 @@ class PublishBatch:
             self._calls, self._numbers = [], []
 
 
-__all__ = ('PublishBatch', 'BatchRefused')
+__all__ = ('PublishBatch', 'BatchRefused', 'Duplicate')

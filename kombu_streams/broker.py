@@ -142,13 +142,14 @@ class Broker(Admin):
                 f'as its changelog says.')
 
     def publish(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
-                delay: Delay | None = None, expiration: int | None = None) -> bytes | None:
+                delay: Delay | None = None, expiration: int | None = None,
+                dedup_id: str = '') -> bytes | None:
         return self.run(self.publish_call(queue, level, payload, routed, delay,
-                                          expiration=expiration))
+                                          expiration=expiration, dedup_id=dedup_id))
 
     def publish_big(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
                     delay: Delay | None = None, wait: tuple[int, int] | None = None,
-                    expiration: int | None = None) -> Any:
+                    expiration: int | None = None, dedup_id: str = '') -> Any:
         """Publish a big message (``big_message_bytes``): its body in the queue's big hash
         under a new token (HSET) and its entry, holding the token, by publish.lua, in one
         MULTI/EXEC (:func:`~kombu_streams.scripts.run_after`), so no script copies the body.
@@ -156,7 +157,7 @@ class Broker(Admin):
         token = uuid4().hex
         return run_after(self.client, self.store_big(queue, token, payload),
                          self.publish_call(queue, level, payload, routed, delay, token,
-                                           expiration), wait)
+                                           expiration, dedup_id), wait)
 
     def bodies(self, queue: str, tokens: Sequence[Any]) -> list[bytes | None]:
         """The bodies of big messages of ``queue`` by token (None: gone), one HGET each and
@@ -182,6 +183,13 @@ class Broker(Admin):
         their TTL), from the same call."""
         recorded, counters = self.run(self.limits_call(queue, arguments))
         return as_dict(recorded), {k: int(v) for k, v in as_dict(counters).items()}
+
+    def duplicates(self, queue: str) -> int:
+        """How many publishes ``queue`` did not store as duplicates (x-deduplication-window)
+        since its id store was made: the store goes, and the count with it, once the queue
+        was a whole window without a publish that stored an id (lua/lib/dedup.lua)."""
+        count = self.client.zscore(self.keys.dedup(queue), '')
+        return int(-count) if count else 0
 
     def leave(self, sources: Sequence[Source], consumer: str) -> int:
         """``consumer`` leaves the groups of ``sources`` where it owns nothing (leave.lua,

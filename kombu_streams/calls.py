@@ -92,14 +92,15 @@ class Calls(ReadCalls):
 
     def publish_call(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
                      delay: Delay | None = None, token: str | None = None,
-                     expiration: int | None = None) -> Call:
+                     expiration: int | None = None, dedup_id: str = '') -> Call:
         """The publish call. ``routed``: only if the queue exists (a copy routed by an
         exchange must not recreate a deleted queue). ``delay``: delayed delivery is on
         (messages already due are moved first, so this one never overtakes them), and when
         the message is due (see :class:`Delay`). ``token``: a big message, whose body
         (``payload``, not sent with this call) the same transaction stores in the queue's
         big hash under ``token`` (:meth:`store_big`). ``expiration``: the message's own TTL
-        in ms (Kombu's ``expiration`` property), None for none."""
+        in ms (Kombu's ``expiration`` property), None for none. ``dedup_id``: the message's
+        deduplication id (kombu_streams/dedup.py), '' for none."""
         k = self.keys
         keys = list(self._publish_keys.get((queue, level)) or self._lay_out_publish(queue, level))
         args: list[Any] = [payload if token is None else f'r:{token}', '1' if routed else '0',
@@ -107,6 +108,8 @@ class Calls(ReadCalls):
                            '' if expiration is None else expiration]
         if delay is not None and delay.due:  # due now: no more arguments (the common case)
             args += [delay.due, delay.threshold_ms, delay.label]
+        if dedup_id:  # ARGV[11]; ARGV[8..10] '' where there is no due time
+            args += [''] * (10 - len(args)) + [dedup_id]
         if token is not None:
             keys.append(k.big(queue))
         return SCRIPTS['publish'], keys, args
@@ -119,7 +122,8 @@ class Calls(ReadCalls):
         k = self.keys
         keys = self._publish_keys[(queue, level)] = (
             k.stream(queue, level), k.wake(queue), k.ready(queue), k.args(queue), k.dlq(queue),
-            k.delayed(queue), k.delayed_messages(queue), *self.streams(queue))
+            k.delayed(queue), k.delayed_messages(queue), *self.streams(queue),
+            k.dedup(queue))
         return keys
 
     def store_big(self, queue: str, token: str, payload: str | bytes) -> tuple[Any, ...]:
@@ -161,7 +165,8 @@ class Calls(ReadCalls):
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
                                       self.keys.delayed(queue),
                                       self.keys.delayed_messages(queue), self.keys.args(queue),
-                                      self.keys.counters(queue), self.keys.big(queue),
+                                      self.keys.counters(queue), self.keys.dedup(queue),
+                                      self.keys.big(queue),
                                       self.keys.dlq(queue)]
         return SCRIPTS['delete'], keys, []
 

@@ -18,6 +18,8 @@ client would only rewrite the first one).
     <prefix>ks:q:{<queue>}:big       big messages: token -> message (hash); their stream
                                      entries (and delayed values) hold the token instead
     <prefix>ks:q:{<queue>}:counters  counters (hash: expired), kombu-streams limits shows them
+    <prefix>ks:q:{<queue>}:dedup     ids of messages stored within x-deduplication-window:
+                                     id -> until when, unix ms (zset); lua/lib/dedup.lua
     <prefix>ks:x:{<exchange>}:bindings   routing table (set of "rk<sep>pattern<sep>queue")
     <prefix>ks:x:{<exchange>}:deadlines  deadlines of bindings of expiring queues (zset)
     <prefix>ks:x:{<exchange>}:fanout     fanout stream, one consumer group per bound queue
@@ -145,6 +147,10 @@ class Keys:
     def counters(self, queue: str) -> str:
         """A queue's counters (hash): ``expired``, messages set aside past their TTL."""
         return f'{self.queue_base(queue)}:counters'
+
+    def dedup(self, queue: str) -> str:
+        """The ids a queue with ``x-deduplication-window`` remembers (lua/lib/dedup.lua)."""
+        return f'{self.queue_base(queue)}:dedup'
 
     def bindings(self, exchange: str) -> str:
         return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:bindings'

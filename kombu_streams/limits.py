@@ -23,8 +23,6 @@ MAX_LENGTH, OVERFLOW = 'x-max-length', 'x-overflow'
 #: a message not delivered within it goes to the dead-letter stream (reason ``expired``).
 MESSAGE_TTL = 'x-message-ttl'
 STORED = (MAX_LENGTH, OVERFLOW, MESSAGE_TTL)
-#: Arguments whose value is an integer >= 0 (as_dict gives them as int).
-INTEGERS = (MAX_LENGTH, MESSAGE_TTL)
 #: x-overflow values: RabbitMQ's names.
 OVERFLOWS = ('drop-head', 'reject-publish')
 #: Limits known from RabbitMQ that are not enforced yet: refused, never silently ignored.
@@ -32,6 +30,15 @@ NOT_YET = {
     'x-max-length-bytes': 'a byte count of what a queue holds cannot be kept exact by every '
                           'script that removes messages without reading them yet',
 }
+
+
+#: Idempotent publish (kombu_streams/dedup.py, lua/lib/dedup.lua): the window in ms within
+#: which a message whose id the queue stored is not stored again, and the most ids remembered
+#: (100,000 without it). Stored after the length arguments, in this order.
+DEDUP_WINDOW, DEDUP_MAX_IDS = 'x-deduplication-window', 'x-deduplication-max-ids'
+DEDUP_STORED = (DEDUP_WINDOW, DEDUP_MAX_IDS)
+#: Arguments stored as integers (shown as such by :func:`as_dict`).
+INTEGERS = (MAX_LENGTH, MESSAGE_TTL, *DEDUP_STORED)
 
 
 class QueueFull(redis.exceptions.ResponseError):
@@ -48,6 +55,29 @@ class QueueArgumentsDiffer(redis.exceptions.ResponseError):
 def _error(queue: str, name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f'kombu-streams: queue {queue!r}: argument {name}={value!r} is not '
                       f'valid: {allowed}')
+
+
+def _positive(queue: str, name: str, value: Any) -> int:
+    """``value`` as an int >= 1 (a digit string too: the CLI's), else ValueError naming it."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _error(queue, name, value, 'an integer >= 1')
+    return value
+
+
+def dedup_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
+    """The deduplication arguments of ``args`` checked, as stored: [] without a window; a
+    cap without a window is refused (it would mean nothing)."""
+    window, cap = args.get(DEDUP_WINDOW), args.get(DEDUP_MAX_IDS)
+    if window is None:
+        if cap is not None:
+            raise _error(queue, DEDUP_MAX_IDS, cap, f'it needs {DEDUP_WINDOW}')
+        return []
+    pairs = [DEDUP_WINDOW, str(_positive(queue, DEDUP_WINDOW, window))]
+    if cap is not None:
+        pairs += [DEDUP_MAX_IDS, str(_positive(queue, DEDUP_MAX_IDS, cap))]
+    return pairs
 
 
 def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
@@ -76,7 +106,7 @@ def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
     ttl = args.get(MESSAGE_TTL)
     if ttl is not None:
         pairs += [MESSAGE_TTL, str(_count(queue, MESSAGE_TTL, ttl))]
-    return pairs
+    return pairs + dedup_pairs(queue, args)
 
 
 def _count(queue: str, name: str, value: Any) -> int:
@@ -130,4 +160,5 @@ def check_option(value: Any) -> bool:
 
 
 __all__ = ('QueueFull', 'QueueArgumentsDiffer', 'stored_pairs', 'as_dict', 'STORED',
-           'MAX_LENGTH', 'OVERFLOW', 'OVERFLOWS', 'MESSAGE_TTL', 'expiration_ms')
+           'MAX_LENGTH', 'OVERFLOW', 'OVERFLOWS', 'MESSAGE_TTL', 'expiration_ms',
+           'DEDUP_WINDOW', 'DEDUP_MAX_IDS', 'dedup_pairs')

@@ -16,6 +16,7 @@ from .broker import (
     Delay,
 )
 from .compat import BATCH_PUBLISH
+from .dedup import dedup_id, is_duplicate, note
 from .due import when as due_at
 from .limits import QueueFull, expiration_ms
 from .options import level_for
@@ -84,24 +85,31 @@ class Publishing(virtual.Channel):
         level, delay = self._level(message), self._delay(message)
         routed = kwargs.get('_routed', False)
         expiration = expiration_ms(message)
+        ident = dedup_id(message)  # the queue's x-deduplication-window, if any, applies
         if self.big_message_bytes and len(payload) >= self.big_message_bytes:
-            self._publish_big(queue, level, payload, routed, delay, kwargs, expiration)
+            self._publish_big(queue, level, payload, routed, delay, kwargs, expiration, ident)
             return
-        self._publish(self.broker.publish_call(queue, level, payload, routed=routed,
-                                               delay=delay, expiration=expiration), kwargs)
+        reply = self._publish(self.broker.publish_call(queue, level, payload, routed=routed,
+                                                       delay=delay, expiration=expiration,
+                                                       dedup_id=ident), kwargs)
+        if ident and is_duplicate(reply):
+            note(queue, ident)
 
     def _publish_big(self, queue: str, level: int, payload: str, routed: bool,
                      delay: Delay | None, kwargs: dict[str, Any],
-                     expiration: int | None = None) -> None:
+                     expiration: int | None = None, ident: str = '') -> None:
         """A big message: body and entry in one transaction of their own (Broker.publish_big);
         in a ``Producer.batch()`` too, after the calls added before it (their order kept)."""
-        def publish() -> None:
-            self.broker.publish_big(queue, level, payload, routed, delay, self._replica_wait(),
-                                    expiration)
+        def publish() -> Any:
+            reply = self.broker.publish_big(queue, level, payload, routed, delay,
+                                            self._replica_wait(), expiration, ident)
+            if ident and is_duplicate(reply):
+                note(queue, ident)
+            return reply
 
         batch = kwargs.get('_publish_batch')
         if batch is not None:
-            batch.run_alone(publish)
+            batch.run_alone(publish, queue, ident)
         else:
             publish()
 
@@ -123,18 +131,18 @@ class Publishing(virtual.Channel):
                                                       bindings),
                       kwargs)
 
-    def _publish(self, call: Call, kwargs: dict[str, Any]) -> None:
-        """Run a publish call now, or add it to the ``Producer.batch()`` being built."""
+    def _publish(self, call: Call, kwargs: dict[str, Any]) -> Any:
+        """Run a publish call now and return its reply, or add it to the
+        ``Producer.batch()`` being built (None: the batch learns the reply)."""
         batch = kwargs.get('_publish_batch')
         if batch is not None:
             batch.add(*call)
-        else:
-            wait = self._replica_wait()
-            if wait:
-                run_calls(self.client, [call], wait=wait)
-            else:
-                script, keys, args = call
-                script(self.client, keys, args)
+            return None
+        wait = self._replica_wait()
+        if wait:
+            return run_calls(self.client, [call], wait=wait)[0]
+        script, keys, args = call
+        return script(self.client, keys, args)
 
     def _replica_wait(self) -> tuple[int, int] | None:
         """WAIT arguments for publishes, or None."""

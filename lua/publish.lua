@@ -1,5 +1,6 @@
 --[[ publish: append one message to a queue's stream and wake its consumers, or keep it delayed;
-a queue with a length limit (x-max-length) refuses it or sets its head aside first.
+a queue with a length limit (x-max-length) refuses it or sets its head aside first; a queue
+with x-deduplication-window stores a message whose id it stored within the window only once.
 
 KEYS[1]   the stream of the message's priority level, e.g. ks:q:{celery}:3
 KEYS[2]   the queue's wake marker (zset), ks:q:{celery}:wake
@@ -10,6 +11,7 @@ KEYS[6]   the queue's delayed set, ks:q:{celery}:delayed
 KEYS[7]   the queue's delayed messages, ks:q:{celery}:delayed:m
 KEYS[8..7+L]  all the queue's streams, first level first (KEYS[8], ks:q:{celery}:0: while
           it exists, the queue does); only a limited queue's publish looks at the others
+KEYS[8+L] the queue's id store (zset), ks:q:{celery}:dedup: only with x-deduplication-window
 KEYS[#]   last, only with a big message (ARGV[1] "r:<token>"): the queue's big messages
           (hash), ks:q:{celery}:big
 ARGV[1]   the message: Kombu's JSON envelope, stored as field "m"; or "r:<token>" for a big
@@ -25,8 +27,10 @@ ARGV[7]   the message's own TTL in ms (Kombu's expiration property), or "": none
 ARGV[8]   optional, with ARGV[6] "1": due at "@<unix ms>" or "+<ms from now>"; "": now
 ARGV[9]   with a due time in ARGV[8]: threshold in ms: a message due sooner is published now
 ARGV[10]  optional, with ARGV[9]: a label for operators (Celery's task id), may be ""
+ARGV[11]  optional (ARGV[8..10] then given, "" where unused): the message's deduplication id
 Reply:    the new entry id; "delayed:<member>" when kept until due; nil when ARGV[2] is "1"
-          and the queue does not exist
+          and the queue does not exist; "duplicate" when the queue has x-deduplication-window
+          and stored a message with the id of ARGV[11] within it (nothing stored)
 Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "publish: no
           body" (a big message's token is not in KEYS[#]); "QUEUEFULL ..." (x-overflow
           reject-publish, or drop-head with nothing ready to set aside: nothing stored);
@@ -34,24 +38,30 @@ Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "
 Minimum Redis: 6.2. Cost: O(1) and one HMGET; O(log n) with n delayed messages; a limited
 queue adds L XLENs, a ZCARD and, for drop-head when full, a few reads per level; a big
 message adds two TYPEs, an HEXISTS and two PTTLs, and never passes through Lua; a TTL adds a
-TIME and the field e. Never trims.
+TIME and the field e; an id on a queue with x-deduplication-window O(log n) with n ids
+remembered. Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
-arguments and limits, Message TTL).
+arguments and limits, Message TTL, Duplicates).
 ]]
 --@include common
 --@include delay
 --@include limits
 --@include expiry
+--@include dedup
 local big = string.sub(ARGV[1] or '', 1, 2) == 'r:'  -- the body is in the big hash
 local nk = #KEYS - (big and 1 or 0)
 local nl = tonumber(ARGV[3] or '')
-local bad = check_args('publish', nl ~= nil and nl >= 1 and nk == 7 + nl,
-                       #ARGV == 7 or (ARGV[6] == '1' and ((#ARGV == 8 and ARGV[8] == '')
-                                                          or #ARGV == 9 or #ARGV == 10)),
-                       '7 keys and the L streams (one more, the big hash, with "r:<token>"); ' ..
-                       '7 args, or with delayed delivery 8 to 10 (a due time needs ARGV[9])')
+local bad = check_args('publish', nl ~= nil and nl >= 1 and nk == 8 + nl,
+                       #ARGV == 7 or (#ARGV == 11 and (ARGV[6] == '1' or ARGV[8] == ''))
+                       or (ARGV[6] == '1' and ((#ARGV == 8 and ARGV[8] == '')
+                                              or #ARGV == 9 or #ARGV == 10)),
+                       '7 keys, the L streams and the id store (one more, the big hash, ' ..
+                       'with "r:<token>"); 7 args, or with delayed delivery 8 to 10 (a due ' ..
+                       'time needs ARGV[9]), or 11 with an id')
 if bad then return bad end
 local stream, wake, ready, argkey, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local store, dedup_id = KEYS[8 + nl], ARGV[11]
+if dedup_id == '' then dedup_id = nil end
 local first = KEYS[8]
 local streams = nil  -- all the queue's streams, only a limited queue's publish needs
 local group, holder = ARGV[4], ARGV[5]
@@ -97,14 +107,29 @@ if wrong then return refuse(redis.error_reply(wrong)) end
 -- The length limit (docs/design.rst, "Queue arguments and limits"): everything the queue
 -- holds counts, so what a publish adds (to a stream or the delayed set) is checked here,
 -- before any write. Keys only a limited queue's publish reads are type-checked here too.
-local limit, overflow, queue_ttl
-limit, overflow, wrong, queue_ttl = read_limit(argkey)
+local limit, overflow, queue_ttl, window
+limit, overflow, wrong, queue_ttl, window = read_limit(argkey)
 if not wrong and limit then
   streams = {unpack(KEYS, 8, 7 + nl)}
   for _, s in ipairs(streams) do wrong = wrong or wrong_type(s, 'stream') end
   wrong = wrong or wrong_type(KEYS[6], 'zset') or wrong_type(dlq, 'stream')
 end
 if wrong then return refuse(redis.error_reply(wrong)) end
+-- A duplicate (docs/design.rst, "Duplicates") is refused before the limit is looked at: a
+-- retried publish to a full queue is no reason to set another message aside.
+local dedup_now = nil  -- with an id to remember once the message is stored
+if window and window > 0 and dedup_id then
+  dedup_now = now_ms()
+  local seen, err = dedup_seen(store, dedup_id, dedup_now)
+  if err then return refuse(redis.error_reply(err)) end
+  if seen then
+    dedup_count(store)
+    return refuse('duplicate')
+  end
+end
+local function remember()
+  if dedup_now then dedup_remember(store, dedup_id, dedup_now, window, argkey, first) end
+end
 if limit then  -- what else refuses the publish, before drop-head sets anything aside
   if dkey and due_arg and due_arg ~= '' and tonumber(string.sub(due_arg, 2)) == nil then
     return refuse(redis.error_reply('publish: bad due time ' .. due_arg))
@@ -176,6 +201,7 @@ local function keep_delayed(due)
   -- a new earliest due time (or one due now): wake a consumer, whose read learns it
   if earliest and redis.call('ZADD', wake, 0, 'w') == 1 then new[#new + 1] = wake end
   expire_new(new)
+  remember()
   return 'delayed:' .. member
 end
 
@@ -218,4 +244,5 @@ if marks == nil or marks[1] == 0 then
   if redis.call('SADD', ready, stream) == 1 then new[#new + 1] = ready end
 end
 expire_new(new)
+remember()
 return id

@@ -19,7 +19,7 @@ S0 = K.stream(Q, 0)
 FAN, FWAKE = K.fanout(X), K.fanout_wake(X, Q)
 QUEUE_KEYS = [K.wake(Q), K.ready(Q), K.delayed(Q), K.delayed_messages(Q), K.big(Q)]
 PUBLISH_KEYS = [S0, K.wake(Q), K.ready(Q), K.args(Q), K.dlq(Q), K.delayed(Q),
-                K.delayed_messages(Q), S0]
+                K.delayed_messages(Q), S0, K.dedup(Q)]
 
 #: The smallest valid call of each script, laid out as kombu_streams/broker.py does (one
 #: priority level, one entry; the fanout form where a queue's call has one key more): a
@@ -30,7 +30,8 @@ MINIMAL = {
     'cancel': ([K.delayed(Q), K.delayed_messages(Q), K.big(Q)], ['0', 10]),
     'deadletter': ([S0, K.dlq(Q)], [Q, 'c1', '1-1', 'why', 1, '0']),
     'declare': ([S0, K.args(Q)], [Q]),
-    'delete': ([S0, *QUEUE_KEYS[:4], K.args(Q), K.counters(Q), K.big(Q), K.dlq(Q)], []),
+    'delete': ([S0, *QUEUE_KEYS[:4], K.args(Q), K.counters(Q), K.dedup(Q), K.big(Q), K.dlq(Q)],
+               []),
     'dlq_purge': ([K.dlq(Q), K.big(Q)], ['1-0', 10]),
     'fanout_ack': ([FAN], [Q, 'c1', '1-1']),
     'fanout_publish': ([FAN, K.deadlines(X)], ['m']),

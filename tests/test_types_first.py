@@ -47,6 +47,12 @@ PROPERTY = settings(
 LIMIT = ['x-max-length', '5', 'x-overflow', 'drop-head']
 
 
+def _dedup(c: Any) -> None:
+    """Queue q remembers ids for an hour (x-deduplication-window), 'seen' among them."""
+    c.hset(K.args('q'), mapping={'x-deduplication-window': str(HOUR)})
+    c.zadd(K.dedup('q'), {'seen': 9_999_999_999_999, 'old': 1, '': -2})
+
+
 def member(queue: str, routing_key: str = '') -> str:
     return SEP.join([routing_key, '', queue])
 
@@ -136,9 +142,10 @@ def keys_of(call: Run) -> list[str]:
     return list(dict.fromkeys(str(k) for k in keys))
 
 
-def big_publish(b: Broker, delay: Delay) -> After:
+def big_publish(b: Broker, delay: Delay, dedup_id: str = '') -> After:
     return After(b.store_big('q', 't0', P),
-                 b.publish_call('q', 3, P, routed=True, delay=delay, token='t0'))
+                 b.publish_call('q', 3, P, routed=True, delay=delay, token='t0',
+                                dedup_id=dedup_id))
 
 
 #: name -> (builder of the call from the Broker and the facts of the state, preparation)
@@ -149,6 +156,14 @@ CASES = {
     'publish-big-delayed': (lambda b, f: big_publish(b, Delay('+600000', 1000, 'later')), None),
     'publish-delayed': (lambda b, f: b.publish_call(
         'q', 6, P, delay=Delay('+600000', 1000, 'later')), None),
+    # x-deduplication-window: a new id (remembered), a duplicate (counted), big and delayed
+    'publish-dedup': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay(),
+                                                  dedup_id='new'), _dedup),
+    'publish-dedup-duplicate': (lambda b, f: b.publish_call(
+        'q', 3, P, routed=True, delay=Delay(), dedup_id='seen'), _dedup),
+    'publish-dedup-big': (lambda b, f: big_publish(b, Delay(), 'new'), _dedup),
+    'publish-dedup-delayed': (lambda b, f: b.publish_call(
+        'q', 6, P, delay=Delay('+600000', 1000, 'later'), dedup_id='new'), _dedup),
     'fanout_publish': (lambda b, f: b.fanout_publish_call(
         'f', P, [(q, member(q)) for q in ('q', 'r')]), None),
     'declare': (lambda b, f: b.declare_call('n'), None),
@@ -219,6 +234,15 @@ UNTOUCHED = {('publish', 4), ('publish', 6), ('publish', 7), ('publish', 8), ('p
              ('publish-ttl', 9), ('publish-ttl-delayed', 0), ('publish-ttl-delayed', 4),
              ('publish-ttl-delayed', 7), ('publish-ttl-delayed', 8),
              ('publish-ttl-delayed', 9)}
+#: A queue without x-deduplication-window never looks at its id store (10); one with it does
+#: what the same publish without does, and a duplicate stores nothing (not even its stream).
+UNTOUCHED |= {(case, 10) for case in ('publish', 'publish-delayed', 'publish-big',
+                                      'publish-big-delayed', 'publish-drop-head',
+                                      'publish-limited', 'publish-ttl', 'publish-ttl-delayed')}
+UNTOUCHED |= {(f'publish-dedup{tail}', i) for tail, like in (
+    ('', 'publish'), ('-big', 'publish-big'), ('-delayed', 'publish-delayed'),
+    ('-duplicate', 'publish')) for case, i in set(UNTOUCHED) if case == like}
+UNTOUCHED.add(('publish-dedup-duplicate', 0))
 
 _DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': ['1-1']}
 
@@ -233,7 +257,7 @@ POSITIONS = [(name, i) for name in sorted(CASES) for i in range(len(_keys(name))
 _TAILS = [(r':\d+', 'stream'), (r':wake(:.*)?', 'zset'), (r':ready', 'set'),
           (r':delayed', 'zset'), (r':delayed:m', 'hash'), (r':dlq(:.*)?', 'stream'),
           (r':bindings', 'set'), (r':deadlines', 'zset'), (r':fanout', 'stream'),
-          (r':big', 'hash'), (r':args', 'hash'), (r':counters', 'hash')]
+          (r':big', 'hash'), (r':args', 'hash'), (r':counters', 'hash'), (r':dedup', 'zset')]
 _OTHERS = {'kq': 'list', 'unacked': 'hash', 'unacked_index': 'zset', K.layout(): 'string'}
 
 

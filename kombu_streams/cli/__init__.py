@@ -11,7 +11,8 @@
     dlq redrive QUEUE [--count N | --id ID...]   back to their queue (all by default)
     dlq purge QUEUE [--yes]      delete the dead letters
     limits QUEUE [--set NAME=VALUE...] [--clear]
-                                 the queue's length limit (x-max-length, x-overflow),
+                                 the queue's length limit (x-max-length, x-overflow) and
+                                 x-deduplication-window (with the duplicates not stored),
                                  shown or changed at run time
     delayed list QUEUE [-n N] [--full]   delayed messages (eta / countdown), earliest first
     delayed cancel QUEUE TASK_ID...      remove delayed messages by task id before they run

@@ -1,6 +1,7 @@
-"""``limits``: a queue's arguments kept in Redis (x-max-length, x-overflow, x-message-ttl),
-shown or changed at run time, as a RabbitMQ policy would change them; every publisher sees the
-change at its next publish. Its counters (expired messages) are shown with them."""
+"""``limits``: a queue's arguments kept in Redis (x-max-length, x-overflow, x-message-ttl,
+x-deduplication-window), shown or changed at run time, as a RabbitMQ policy would change them;
+every publisher sees the change at its next publish. Its counters (expired messages) are shown
+with them, and with a window how many publishes were not stored as duplicates."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 from typing import Any
 
 from ...broker import Broker
-from ...limits import stored_pairs
+from ...limits import DEDUP_WINDOW, stored_pairs
 from ..connect import existing_queue
 from ..errors import OK, USAGE, Failure
 from ..render import emit
@@ -25,12 +26,15 @@ def _assignments(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def limits_text(queue: str, arguments: dict[str, Any], counters: dict[str, int]) -> str:
+def limits_text(queue: str, arguments: dict[str, Any], counters: dict[str, int],
+                duplicates: int = 0) -> str:
     text = f'{queue}: no limits'
     if arguments:
         text = f'{queue}: ' + ' '.join(f'{k}={v}' for k, v in sorted(arguments.items()))
     if counters:
         text += ' (' + ', '.join(f'{v} {k}' for k, v in sorted(counters.items())) + ')'
+    if DEDUP_WINDOW in arguments:
+        text += f' (duplicates not stored: {duplicates})'
     return text
 
 
@@ -45,8 +49,10 @@ def cmd_limits(args: argparse.Namespace, broker: Broker) -> int:
         except ValueError as exc:
             raise Failure(str(exc), USAGE) from None
         arguments, counters = broker.limits_and_counters(args.queue, pairs)
-    emit(args, {'queue': args.queue, 'arguments': arguments, 'counters': counters},
-         limits_text(args.queue, arguments, counters))
+    data: dict[str, Any] = {'queue': args.queue, 'arguments': arguments, 'counters': counters}
+    if DEDUP_WINDOW in arguments:  # publishes not stored as duplicates (lua/lib/dedup.lua)
+        data['duplicates'] = broker.duplicates(args.queue)
+    emit(args, data, limits_text(args.queue, arguments, counters, data.get('duplicates', 0)))
     return OK
 
 

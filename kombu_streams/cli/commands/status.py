@@ -26,6 +26,8 @@ def status_once(args: argparse.Namespace, broker: Broker) -> int:
     infos = [i for i in infos if i['exists'] or i['dlq']]
     for i in infos:  # the names status has shown them under (JSON); inspect reads them
         i['limits'], i['counters'] = i.pop('arguments'), i.pop('counters')
+        if 'x-deduplication-window' in i['limits']:
+            i['duplicates'] = broker.duplicates(i['queue'])
     fanouts = [f for f in fanouts if f['exists']]
     data = {'queues': infos, 'exchanges': fanouts, 'missing': missing}
     emit(args, data, status_text(infos, fanouts) or ('' if missing else 'no queues found'))
@@ -34,9 +36,10 @@ def status_once(args: argparse.Namespace, broker: Broker) -> int:
     return NOT_FOUND if missing else OK
 
 
-def limit_text(arguments: dict[str, Any], counters: dict[str, int] | None = None) -> str:
+def limit_text(arguments: dict[str, Any], counters: dict[str, int] | None = None,
+               duplicates: int = 0) -> str:
     """A queue's limits for the status table: '1000 reject-publish', 'ttl 5000ms', the count
-    of messages that expired, or '-'."""
+    of messages that expired, 'dedup 60000ms: 3 dup' (the duplicates not stored), or '-'."""
     parts = []
     if 'x-max-length' in arguments:
         parts.append(f"{arguments['x-max-length']} {arguments.get('x-overflow', 'drop-head')}")
@@ -44,6 +47,8 @@ def limit_text(arguments: dict[str, Any], counters: dict[str, int] | None = None
         parts.append(f"ttl {arguments['x-message-ttl']}ms")
     if (counters or {}).get('expired'):
         parts.append(f"{(counters or {})['expired']} expired")
+    if 'x-deduplication-window' in arguments:
+        parts.append(f"dedup {arguments['x-deduplication-window']}ms: {duplicates} dup")
     return ', '.join(parts) or '-'
 
 
@@ -57,7 +62,8 @@ def status_text(infos: list[dict[str, Any]], fanouts: list[dict[str, Any]]) -> s
             rows.append([i['queue'], 'all', i['ready'], i['held'], i['pending'],
                          age(i['oldest_ready_ms']), i['delayed'], age(i['next_due_ms']),
                          len(i['consumers']), i['dlq'],
-                         limit_text(i.get('limits', {}), i.get('counters'))])
+                         limit_text(i.get('limits', {}), i.get('counters'),
+                                    i.get('duplicates', 0))])
             busy = [lv for lv in i['levels'] if lv['ready'] or lv['pending']]
             if len(busy) > 1 or (busy and busy[0]['level'] != 0):
                 rows += [['', lv['level'], lv['ready'], lv['held'], lv['pending'],
