@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 #: connection cannot starve the loop's other work.
 ASYNC_BATCH = 100
 
+#: Longest a refill read waits for more credit (see EventLoopSide._hold_refill).
+REFILL_HOLD = 0.002
+
 
 class EventLoopSide(PollerBase):
     """The part of :class:`kombu_streams.poller.Poller` that runs on an event loop."""
@@ -29,11 +32,19 @@ class EventLoopSide(PollerBase):
         self._look_timer = False
         #: monotonic time of the hub timer armed for the earliest due time (None: none)
         self._due_timer: float | None = None
+        #: channel -> monotonic time its refill read was first held back (0.0: the hold's
+        #: hub timer fired, read on the next turn), see _hold_refill
+        self._refill_held: dict[Channel, float] = {}
+
+    def discard(self, channel: Channel) -> None:
+        super().discard(channel)
+        self._refill_held.pop(channel, None)
 
     def after_fork(self) -> None:
         """In a child process: forget the parent's waits and event loop."""
         super().after_fork()
         self._due_timer = None
+        self._refill_held.clear()
 
     def close(self) -> None:
         self.channels = []
@@ -43,7 +54,7 @@ class EventLoopSide(PollerBase):
             self.waits.hub.on_tick.discard(self.on_tick)
             self.waits.hub = None
         self._due_timer = None
-
+        self._refill_held.clear()
 
     def register(self, hub: Any) -> None:
         if self.waits.hub is not None:
@@ -58,13 +69,16 @@ class EventLoopSide(PollerBase):
         acks of the others sent, then a wait for every channel that may read (per slot
         group on Cluster) where none is pending."""
         waiting = {(w.owner, w.keys) for w in self.waits.pending.values()}
-        used, pool_of = self._budget()
+        used, pool_of = self._budget() if self.transport.cluster else ({}, None)
         for channel in list(self.channels):
             wakes = channel.wake_keys()
             if wakes and channel.more_ready:
                 # More is probably waiting: read again now (one round trip) instead of
                 # waiting for the marker. A read that finds less ends this: no spinning.
-                self._deliver_channel(channel)
+                # Unless the credit is short and the application still busy: then the
+                # read (with the acks riding in it) waits a little for more credit.
+                if not self._hold_refill(channel):
+                    self._deliver_channel(channel)
                 continue
             if wakes and self._due_now(channel):
                 # due (e.g. credit came back after the due timer fired): the read moves it
@@ -84,7 +98,7 @@ class EventLoopSide(PollerBase):
             for keys in self._groups(list(wakes)):
                 if (channel, keys) in waiting:
                     continue
-                if self.transport.cluster and not self._cap(pool_of, used, keys):
+                if pool_of is not None and not self._cap(pool_of, used, keys):
                     unwatched.extend(keys)
                     continue
                 fd = self.waits.send(keys, channel, self._block(None, channel),
@@ -101,6 +115,37 @@ class EventLoopSide(PollerBase):
             self._look_timer = True
             self.waits.hub.call_later(max(self._next_look - monotonic(), 0.0), self._looked)
         self._arm_due()
+
+    def _hold_refill(self, channel: Channel) -> bool:
+        """Whether ``channel``'s refill read waits for a later loop turn. Celery's worker
+        gives prefetch credit back one message at a time (an ack as each task starts, or
+        ends with acks_late), so refilling at once costs a read, a round trip and a script
+        call, per task. A read is held back while the credit is under half the prefetch
+        limit (Channel.refill_low: the application then still holds the other half, so,
+        with early acks, every pool process is busy) and no delayed message is due, for
+        REFILL_HOLD at most (a hub timer turns the loop then): with acks_late and as many
+        pool processes as the prefetch limit, a process may idle that long. The acks made
+        meanwhile ride in the read, later by as much (an unsent ack only means a message
+        may come again). An idle consumer is never held: it waits on its marker."""
+        if not channel.refill_low() or self._due_now(channel):
+            self._refill_held.pop(channel, None)
+            return False
+        now = monotonic()
+        since = self._refill_held.get(channel)
+        if since is None:
+            self._refill_held[channel] = now
+            self.waits.hub.call_later(REFILL_HOLD, self._end_hold, channel, now)
+            return True
+        if now - since < REFILL_HOLD:
+            return True
+        del self._refill_held[channel]
+        return False
+
+    def _end_hold(self, channel: Channel, since: float) -> None:
+        """A hub timer REFILL_HOLD after a refill read was held: the next loop turn reads
+        (even if this timer came a little early by the loop's clock)."""
+        if self._refill_held.get(channel) == since:
+            self._refill_held[channel] = 0.0
 
     def _due_now(self, channel: Channel) -> bool:
         """Whether a delayed message ``channel`` reads is due by now, as its reads told."""
@@ -147,6 +192,7 @@ class EventLoopSide(PollerBase):
         self._look_timer = False
 
     def _deliver_channel(self, channel: Channel) -> None:
+        self._refill_held.pop(channel, None)
         for _ in range(ASYNC_BATCH):
             item = channel.next_delivery()
             if item is None:
