@@ -174,6 +174,19 @@ class Channel(Consuming, Settling, Publishing, Bindings):
         pairs = stored_pairs(queue, declare_kwargs.get('arguments'))
         return pairs or stored_pairs(queue, self.queue_arguments.get(queue))
 
+    def refill_low(self) -> bool:
+        """Whether a read now would take less than half of the prefetch limit (and of
+        max_read_batch) while the application holds the rest: the event loop may then wait
+        for more credit before it reads (see kombu_streams.hubloop). Never without a limit,
+        nor when can_consume was replaced (Celery's worker_disable_prefetch: each message
+        is taken only when a process is free)."""
+        qos = self.qos
+        limit = qos.prefetch_count
+        if not limit or 'can_consume' in vars(qos):
+            return False
+        credit = qos.can_consume_max_estimate() or 0
+        return 0 < credit < min(limit / 2, self.max_read_batch)
+
     def keeper_interval(self) -> float:
         """Seconds between two lease-keeper rounds this channel needs."""
         periods = [float(self.visibility_timeout)]

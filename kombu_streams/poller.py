@@ -35,216 +35,31 @@ pipeline that records the unacked message).
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 import time
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable
 
-from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
+from .hubloop import ASYNC_BATCH, EventLoopSide
+from .pollbase import MIN_BLOCK, WAIT_SHARE
 from .state import Source
-from .waits import UNBLOCK_AFTER, Popped, Waits, readable
+from .waits import UNBLOCK_AFTER, Popped, readable
 
 if TYPE_CHECKING:
     from .channel import Channel
 
-logger = logging.getLogger(__name__)
-
-#: BZPOPMIN rounds tiny timeouts to 0, which means "forever": never block for less.
-MIN_BLOCK = 0.01
-
 #: While every channel is at its prefetch limit, how often to look for returned credit.
 CREDIT_CHECK = 0.05
 
-#: Most messages handed to the application per wake-up on the event loop, so one busy
-#: connection cannot starve the loop's other work.
-ASYNC_BATCH = 100
 
-
-#: On Redis Cluster, the share of a node's pool (max_connections) that waits may hold: each
-#: holds a pooled connection, and reads, acks and the lease keeper need the rest.
-WAIT_SHARE = 0.5
-
-class Poller:
-    """The transport's ``cycle``: serves ``drain_events`` for all channels of a connection,
-    or, registered with an event loop (Celery's hub), waits on a socket of its own."""
-
-    def __init__(self, transport: Any) -> None:
-        self.transport = transport
-        self.channels: list[Channel] = []
-        #: the pending BZPOPMINs (see kombu_streams.waits)
-        self.waits = Waits(transport, self._on_wrongtype)
-        self._draining: int | None = None  # thread inside drain(), whose acks wait
-        #: Cluster: markers of the slots beyond each node's wait budget, per channel (None:
-        #: drain), looked at with marked.lua once per polling interval instead
-        self._unwatched: dict[Channel | None, list[str]] = {}
-        self._next_look = 0.0
-        self._look_timer = False
-        #: monotonic time of the hub timer armed for the earliest due time (None: none)
-        self._due_timer: float | None = None
-
-    def add(self, channel: Channel) -> None:
-        if channel not in self.channels:
-            self.channels.append(channel)
-
-    def discard(self, channel: Channel) -> None:
-        if channel in self.channels:
-            self.channels.remove(channel)
-        for fd, wait in list(self.waits.pending.items()):
-            if wait.owner is channel:
-                self.waits.drop(fd, disconnect=True)
-        self._unwatched.pop(channel, None)
-
-    def after_fork(self) -> None:
-        """In a child process: forget the parent's waits and event loop."""
-        self.waits.after_fork()
-        self._unwatched.clear()
-        self._due_timer = None
-
-    def close(self) -> None:
-        self.channels = []
-        for fd in list(self.waits.pending):
-            self.waits.drop(fd, disconnect=True)
-        if self.waits.hub is not None:
-            self.waits.hub.on_tick.discard(self.on_tick)
-            self.waits.hub = None
-        self._due_timer = None
-
-    def deliver_one(self, deliver: Callable[[Any, str], Any]) -> bool:
-        """Hand one message of any channel to ``deliver``; False when none is ready."""
-        for _ in range(len(self.channels)):
-            channel = self.channels[0]
-            self.channels.append(self.channels.pop(0))  # fair turn between channels
-            item = channel.next_delivery()
-            if item is not None:
-                self._hand(channel, item[0], item[1], deliver)
-                return True
-        return False
-
-    def _hand(self, channel: Channel, message: Any, queue: str,
-              deliver: Callable[[Any, str], Any]) -> None:
-        """Run the consumer callback. On an event loop (Celery's hub), if it raises (other
-        than a connection error), the message goes to the dead-letter stream and the error
-        ends here: Celery's worker would otherwise exit ("Unrecoverable error") and die
-        again at each redelivery of the same message. From drain_events the error reaches
-        the caller unchanged and the message stays unacked, as with Kombu's Redis transport:
-        the application decides (the envelope checks already set aside what Kombu or Celery
-        cannot take)."""
-        if self.waits.hub is None:  # drain_events: the caller sees the error (Kombu's behaviour)
-            deliver(message, queue)
-            return
-        try:
-            deliver(message, queue)
-        except self.transport.connection_errors:
-            raise
-        except Exception as exc:
-            channel.handler_failed(message, exc)
-
-    def _wake_keys(self) -> dict[str, tuple[Channel, Source]]:
-        """wake key -> (channel, source), for the sources some channel may read now."""
-        return {key: (ch, src) for ch in self.channels for key, src in ch.wake_keys().items()}
-
-    def _on_wrongtype(self, exc: BaseException) -> bool:
-        """A wait failed because a marker's name holds another type: the channels suspend
-        the source it belongs to. True when that was the error (the caller waits again)."""
-        if 'WRONGTYPE' not in str(exc):
-            return False
-        for channel in list(self.channels):
-            channel.check_wakes()
-        return True
-
-    def _groups(self, wakes: list[str]) -> list[tuple[str, ...]]:
-        """Markers one BZPOPMIN may wait on together: all, or those of one slot on Cluster."""
-        if not self.transport.cluster:
-            return [tuple(wakes)]
-        groups: dict[int, list[str]] = {}
-        for key in wakes:
-            groups.setdefault(key_slot(key.encode()), []).append(key)
-        return [tuple(keys) for keys in groups.values()]
-
-    def _budget(self) -> tuple[dict[int, int], Callable[[tuple[str, ...]], int]]:
-        """Cluster: waits pending per node (keyed by the node's pool), and the function that
-        names the node of a slot group."""
-        used: dict[int, int] = {}
-        for wait in self.waits.pending.values():
-            used[id(wait.pool)] = used.get(id(wait.pool), 0) + 1
-        return used, lambda keys: id(self.transport.wait_pool(keys[0]))
-
-    def _cap(self, pool_of: Callable[[tuple[str, ...]], int], used: dict[int, int],
-             keys: tuple[str, ...]) -> bool:
-        """Whether one more wait fits in the budget of the node that serves ``keys`` (at
-        least one per node, whatever the pool size); counts it if so."""
-        node = pool_of(keys)
-        pool = self.transport.wait_pool(keys[0])
-        limit = max(int((getattr(pool, 'max_connections', None) or 10) * WAIT_SHARE), 1)
-        if used.get(node, 0) >= limit:
-            return False
-        used[node] = used.get(node, 0) + 1
-        return True
-
-    def _look(self, force: bool = False) -> list[Channel | None]:
-        """Cluster: once per polling interval, look which unwatched markers are set
-        (marked.lua, one round trip per node) and mark their sources to be read; the owners
-        (channels, or None for drain) that have some."""
-        if not self._unwatched or (not force and monotonic() < self._next_look):
-            return []
-        self._next_look = monotonic() + self.transport.wait_interval
-        hits: list[Channel | None] = []
-        for owner, markers in list(self._unwatched.items()):
-            found: set[str] = set()
-            for channel in ([owner] if owner is not None else list(self.channels)):
-                wakes = channel.wake_keys()
-                mine = [k for k in markers if k in wakes]
-                if mine:
-                    got = channel.broker.marked(mine)
-                    if got:
-                        channel.marked(got)
-                        found |= got
-            if found:
-                hits.append(owner)
-        return hits
-
-    def _due_in(self, owner: Channel | None = None) -> float | None:
-        """Seconds until the earliest delayed message that ``owner`` (default: any channel)
-        reads is due, as far as its reads have told; None when none is known."""
-        times = [t for ch in ([owner] if owner else self.channels)
-                 if (t := ch.due_in()) is not None]
-        return min(times) if times else None
-
-    def _block(self, remaining: float | None, owner: Channel | None = None) -> float:
-        """How long one wait may block: ``polling_interval``, the time left, and the time
-        until the next delayed message is due, whichever is shortest."""
-        block = self.transport.wait_interval
-        for bound in (remaining, self._due_in(owner)):
-            if bound is not None:
-                block = min(block, bound)
-        return max(block, MIN_BLOCK)
-
-    def _after_wake(self, popped: Popped, deliver: Callable[[Any, str], Any],
-                    limit: int | None) -> int:
-        """Deliver what is ready after a wake-up (or a timeout). The channel whose marker was
-        popped reads that source next (read.lua gives the wake-up back if the read runs out
-        of credit first); a marker that no read covered (the channel ran out of credit, or
-        went away meanwhile) is given back (wake.lua)."""
-        owner = None
-        if popped is not None:
-            key, channel, _ = popped
-            owner = channel if channel in self.channels and channel.woke(key) else None
-        delivered = 0
-        try:
-            while (limit is None or delivered < limit) and self.deliver_one(deliver):
-                delivered += 1
-                if limit is None:
-                    break
-        finally:
-            if popped is not None and (owner is None or owner.unread_wake(popped[0])):
-                self.waits.give_back([popped[1:]])
-        return delivered
-
-    # -- synchronous: Connection.drain_events ------------------------------------------------
+class Poller(EventLoopSide):
+    """The transport's ``cycle``: serves ``drain_events`` for all channels of a connection
+    (here), or, registered with an event loop (Celery's hub), waits on sockets of its own
+    (:class:`kombu_streams.hubloop.EventLoopSide`); what both share is in
+    :class:`kombu_streams.pollbase.PollerBase`."""
 
     def drain(self, deliver: Callable[[Any, str], Any], timeout: float | None = None) -> None:
         """Deliver one message, blocking up to ``timeout`` (None: forever) for one to come.
@@ -372,139 +187,5 @@ class Poller:
             delivered += self._after_wake(None, deliver, None)
         return delivered > 0
 
-    def _set_unwatched(self, owner: Channel | None, markers: list[str]) -> None:
-        if markers:
-            if owner not in self._unwatched:
-                self._next_look = 0.0  # newly unwatched: look at once
-            self._unwatched[owner] = markers
-        else:
-            self._unwatched.pop(owner, None)
 
-    # -- asynchronous: Celery's hub ------------------------------------------------------------
-    # Each channel that may read gets its own pending BZPOPMIN on its own connection, so a
-    # channel whose prefetch credit comes back (after acks) starts waiting on the next loop
-    # turn, whatever the other channels are doing.
-
-    @property
-    def batches_acks(self) -> bool:
-        """On an event loop, acks wait for the next read or loop turn (see on_tick); in
-        drain_events, acks of its callbacks wait for the next read or wait (see drain)."""
-        return self.waits.hub is not None or self._draining == threading.get_ident()
-
-    def register(self, hub: Any) -> None:
-        if self.waits.hub is not None:
-            self.waits.hub.on_tick.discard(self.on_tick)
-        self.waits.hub = hub
-        self._due_timer = None
-        hub.on_tick.add(self.on_tick)
-
-    def on_tick(self) -> None:
-        """Each loop turn: a read for every channel whose last read took all it was allowed
-        (the acks made since ride inside it) or that knows a delayed message is due, the
-        acks of the others sent, then a wait for every channel that may read (per slot
-        group on Cluster) where none is pending."""
-        waiting = {(w.owner, w.keys) for w in self.waits.pending.values()}
-        used, pool_of = self._budget()
-        for channel in list(self.channels):
-            wakes = channel.wake_keys()
-            if wakes and channel.more_ready:
-                # More is probably waiting: read again now (one round trip) instead of
-                # waiting for the marker. A read that finds less ends this: no spinning.
-                self._deliver_channel(channel)
-                continue
-            if wakes and self._due_now(channel):
-                # due (e.g. credit came back after the due timer fired): the read moves it
-                self._deliver_channel(channel)
-                wakes = channel.wake_keys()
-            channel.flush_acks()
-            if not wakes:
-                self._set_unwatched(channel, [])
-                continue
-            # One wait per slot group (one group on a single Redis); a group whose wait was
-            # answered waits again now, whatever the channel's other groups are doing. On
-            # Cluster the groups beyond a node's wait budget are looked at instead (_look).
-            # A wait ends by polling_interval or the channel's due time, whichever is first;
-            # Redis may answer that up to 1/hz s late, so the due time itself is the due
-            # timer's (_arm_due).
-            unwatched: list[str] = []
-            for keys in self._groups(list(wakes)):
-                if (channel, keys) in waiting:
-                    continue
-                if self.transport.cluster and not self._cap(pool_of, used, keys):
-                    unwatched.extend(keys)
-                    continue
-                fd = self.waits.send(keys, channel, self._block(None, channel),
-                                     sources=tuple((channel, wakes[k]) for k in keys))
-                self.waits.hub.add_reader(fd, self.transport.on_readable, fd)
-                wait = self.waits.pending[fd]
-                self.waits.hub.call_later(wait.deadline - monotonic(),
-                                          self.waits.expire_if_waiting, fd, wait)
-            self._set_unwatched(channel, unwatched)
-        for owner in self._look():
-            if owner is not None:
-                self._deliver_channel(owner)
-        if self._unwatched and not self._look_timer:  # the loop must turn to look again
-            self._look_timer = True
-            self.waits.hub.call_later(max(self._next_look - monotonic(), 0.0), self._looked)
-        self._arm_due()
-
-    def _due_now(self, channel: Channel) -> bool:
-        """Whether a delayed message ``channel`` reads is due by now, as its reads told."""
-        due = channel.due_in()
-        return due is not None and due <= 0
-
-    def _arm_due(self) -> None:
-        """On the event loop: a hub timer at the earliest due time a channel knows (still to
-        come), unless one at or before it is armed. Called after every read on the loop, so
-        the timer is in the hub before the hub works out how long to sleep: Kombu's hub does
-        that (fire_timers) before on_tick, so a timer first added in on_tick, as the CLIENT
-        UNBLOCK of a due-bounded wait was, counted only from the next turn: an idle loop
-        slept through it, and the wait ended at Redis's next tick, up to 1/hz s late
-        (scripts/eta: Celery countdown tasks on a prefork worker, p99 78 to 107 ms). Due
-        times already past arm nothing: on_tick reads those channels once they may read."""
-        hub = self.waits.hub
-        if hub is None:
-            return
-        ahead = [t for ch in self.channels if (t := ch.due_in()) is not None and t > 0]
-        if not ahead:
-            return
-        # No slack: read.lua counts the time left from the server's clock rounded down to
-        # the ms, so this is at or after the due time; a read that comes early anyway (the
-        # clocks drifted) is told the time left again, and the timer set again.
-        at = monotonic() + min(ahead)
-        if self._due_timer is not None and self._due_timer <= at + 0.0005:
-            return
-        self._due_timer = at
-        hub.call_later(at - monotonic(), self._on_due, at)
-
-    def _on_due(self, at: float) -> None:
-        """A hub timer at a due time: read the channels whose delayed message is due and
-        that may read (read.lua moves it and delivers it in the same call), then arm the
-        timer for the next due time those reads told."""
-        if self._due_timer == at:
-            self._due_timer = None
-        for channel in list(self.channels):
-            if self._due_now(channel) and channel.wake_keys():
-                self._deliver_channel(channel)
-        self._arm_due()
-
-    def _looked(self) -> None:
-        """A hub timer: nothing to do but wake the loop, whose next turn looks."""
-        self._look_timer = False
-
-    def _deliver_channel(self, channel: Channel) -> None:
-        for _ in range(ASYNC_BATCH):
-            item = channel.next_delivery()
-            if item is None:
-                return
-            self._hand(channel, item[0], item[1], self.transport._deliver)
-
-    def on_readable(self, fd: int) -> None:
-        """A wait answered: deliver what is ready; the next loop turn waits again."""
-        if fd not in self.waits.pending:
-            return
-        popped = self.waits.answer(fd)
-        try:
-            self._after_wake(popped, self.transport._deliver, ASYNC_BATCH)
-        finally:
-            self._arm_due()  # before the hub's next turn works out how long to sleep
+__all__ = ('Poller', 'ASYNC_BATCH', 'CREDIT_CHECK', 'MIN_BLOCK', 'WAIT_SHARE')

@@ -5,5 +5,6 @@ Redis transports, raw redis-py, Kombu alone on ``memory://``, RabbitMQ); ``workl
 Kombu workloads, ``raw`` the redis-py ceilings, ``celerywork`` and ``celeryapp`` the Celery
 runs; ``servers`` the private redis-server and the delay proxy, ``rabbit`` the private
 RabbitMQ node; ``report`` the arithmetic and the tables (pure: unit tested), ``charts`` the
-PNGs; ``nohiredis`` keeps hiredis out of the bench and every process it starts.
+PNGs; ``nohiredis`` keeps hiredis out of the bench and every process it starts;
+``workers`` (``python -m benchlib.workers``) compares Celery workers of several checkouts.
 """
