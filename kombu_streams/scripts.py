@@ -13,6 +13,7 @@ safe because NOSCRIPT means the script did not run.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 import sys
 from collections.abc import Sequence
@@ -20,11 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from redis import Redis
 from redis import exceptions as redis_errors
+from redis.client import Pipeline
 from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
 from .limits import QueueArgumentsDiffer, QueueFull
+from .packing import pack_evalsha
 
 __all__ = ('Script', 'SCRIPTS', 'lua_dir', 'KeyTypeError', 'OutOfMemoryError', 'NotReplicated',
            'explain', 'run_calls', 'run_after', 'is_cluster', 'Call')
@@ -51,6 +55,86 @@ class OutOfMemoryError(redis_errors.OutOfMemoryError):
     """Redis refused a write because it reached ``maxmemory`` (with ``noeviction``)."""
 
 
+#: What :func:`direct_evalsha` answers when the call must go the plain way (client.evalsha)
+PLAIN: Any = object()
+
+#: per client class: whether its calls may go direct (a plain or Sentinel redis.Redis, fakeredis)
+_DIRECT: dict[type, bool] = {}
+#: per pool class: whether its get_connection needs the command name (redis-py < 6)
+_NAMED: dict[type, bool] = {}
+
+
+def _direct_pool(client: Any) -> Any:
+    """The pool to take a connection from for a direct call, or None where anything is
+    unusual: Redis Cluster, a pipeline, a client holding one connection of its own, a
+    client-side cache, another encoding than redis-py's default, an EVALSHA reply callback."""
+    kind = type(client)
+    ok = _DIRECT.get(kind)
+    if ok is None:
+        ok = _DIRECT[kind] = issubclass(kind, Redis) and not issubclass(kind, Pipeline)
+    if not ok or client.connection is not None or 'EVALSHA' in client.response_callbacks:
+        return None
+    pool = client.connection_pool
+    kwargs = pool.connection_kwargs
+    if (kwargs.get('encoding', 'utf-8') != 'utf-8'
+            or kwargs.get('encoding_errors', 'strict') != 'strict'
+            or getattr(pool, 'cache', None) is not None):
+        return None
+    return pool
+
+
+def _take(pool: Any) -> Any:
+    """A connection from ``pool``, asked for as this redis-py's own calls do (4.6 and 5.x
+    name the command; 6.x and later take no argument and warn about one)."""
+    kind = type(pool)
+    named = _NAMED.get(kind)
+    if named is None:
+        param = inspect.signature(kind.get_connection).parameters.get('command_name')
+        named = _NAMED[kind] = param is not None and param.default is inspect.Parameter.empty
+    return pool.get_connection('EVALSHA') if named else pool.get_connection()
+
+
+def direct_evalsha(client: Any, sha: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    """EVALSHA packed here (:func:`~kombu_streams.packing.pack_evalsha`) and sent on a
+    connection of the client's pool, its reply read as redis-py reads it: what
+    ``client.evalsha`` does, without redis-py's per-argument packing and per-command hooks
+    (its OpenTelemetry metrics and debug log of the call are not recorded). A dropped
+    connection is handled as redis-py does: the connection is disconnected, the call retried
+    as the connection's Retry says (and as this redis-py's failure handler allows) or the
+    error raised; a connection redis-py asks to reconnect (maintenance notices, 7.x+) is.
+    Error replies are raised as redis-py's exceptions (NOSCRIPT as NoScriptError). Returns
+    :data:`PLAIN` where the call must go the plain way (see :func:`_direct_pool`)."""
+    pool = _direct_pool(client)
+    if pool is None:
+        return PLAIN
+    packed = pack_evalsha('EVALSHA', sha, keys, args)
+    if packed is None:
+        return PLAIN
+    conn = _take(pool)
+    close = getattr(client, '_close_connection', None)  # redis-py 6+; then retry as Retry says
+
+    def fail(error: Exception) -> None:
+        if close is not None:
+            close(conn)
+        else:  # redis-py 4.6-5.x: disconnect; raise unless retry_on_error names the error
+            client._disconnect_raise(conn, error)
+
+    def send() -> Any:
+        conn.send_packed_command((packed,))  # an iterable of chunks, as pack_command gives
+        return conn.read_response()
+
+    try:
+        return conn.retry.call_with_retry(send, fail)
+    finally:
+        try:
+            reconnect = getattr(conn, 'should_reconnect', None)
+            if reconnect is not None and reconnect():
+                conn.disconnect()
+                conn.connect()
+        finally:
+            pool.release(conn)
+
+
 @dataclass(frozen=True)
 class Script:
     """One flat Lua script: its name, source text and SHA1."""
@@ -70,6 +154,14 @@ class Script:
     def _evalsha(self, client: Any, keys: Sequence[Any], args: Sequence[Any],
                  read_only: bool = False) -> Any:
         """EVALSHA (or EVALSHA_RO), loading the script first if Redis lost it."""
+        if not read_only:
+            try:
+                reply = direct_evalsha(client, self.sha, keys, args)
+            except NoScriptError:
+                client.script_load(self.source)
+                reply = direct_evalsha(client, self.sha, keys, args)
+            if reply is not PLAIN:
+                return reply
         run = client.evalsha_ro if read_only else client.evalsha
         try:
             return run(self.sha, len(keys), *keys, *args)
@@ -194,7 +286,16 @@ def run_calls(client: Any, calls: Sequence[Call], raise_errors: bool = True,
     returned in its call's place (so a caller can still use the replies of the others).
     ``wait`` (replicas, ms): see :func:`_send` (one Redis only).
     """
-    results = _send(client, calls, range(len(calls)), wait)
+    if len(calls) == 1 and not wait and _direct_pool(client) is not None:
+        # one call: no pipeline needed (an ack alone, a publish); sent direct, its error
+        # replies in its place as the pipeline gives them, a dropped connection raised
+        script, keys, args = calls[0]
+        try:
+            results: dict[int, Any] = {0: script._evalsha(client, keys, args)}
+        except ResponseError as exc:
+            results = {0: exc}
+    else:
+        results = _send(client, calls, range(len(calls)), wait)
     again = [i for i, r in results.items() if isinstance(r, _NOT_RUN)]
     if again and is_cluster(client):
         for i in again:
