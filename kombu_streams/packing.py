@@ -30,9 +30,9 @@ _heads: dict[tuple[Any, ...], bytes] = {}
 def _arg(value: Any) -> bytes | None:
     kind = type(value)
     if kind is str:
-        return value.encode()  # type: ignore[no-any-return]
+        return value.encode()
     if kind is bytes:
-        return value  # type: ignore[no-any-return]
+        return value
     if kind is int:
         return b'%d' % value
     if kind is float:
