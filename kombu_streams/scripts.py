@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from redis import Redis
+from redis import __version__ as redis_version
 from redis import exceptions as redis_errors
 from redis.client import Pipeline
 from redis.cluster import RedisCluster
@@ -57,7 +58,6 @@ class OutOfMemoryError(redis_errors.OutOfMemoryError):
 
 #: What :func:`direct_evalsha` answers when the call must go the plain way (client.evalsha)
 PLAIN: Any = object()
-
 #: per client class: whether its calls may go direct (a plain or Sentinel redis.Redis, fakeredis)
 _DIRECT: dict[type, bool] = {}
 #: per pool class: whether its get_connection needs the command name (redis-py < 6)
@@ -95,33 +95,60 @@ def _take(pool: Any) -> Any:
 
 
 def direct_evalsha(client: Any, sha: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-    """EVALSHA packed here (:func:`~kombu_streams.packing.pack_evalsha`) and sent on a
-    connection of the client's pool, its reply read as redis-py reads it: what
-    ``client.evalsha`` does, without redis-py's per-argument packing and per-command hooks
-    (its OpenTelemetry metrics and debug log of the call are not recorded). A dropped
-    connection is handled as redis-py does: the connection is disconnected, the call retried
-    as the connection's Retry says (and as this redis-py's failure handler allows) or the
-    error raised; a connection redis-py asks to reconnect (maintenance notices, 7.x+) is.
-    Error replies are raised as redis-py's exceptions (NOSCRIPT as NoScriptError). Returns
-    :data:`PLAIN` where the call must go the plain way (see :func:`_direct_pool`)."""
+    """What ``client.evalsha`` does, packed here (:mod:`kombu_streams.packing`) and without
+    redis-py's per-command hooks (its OpenTelemetry metrics and debug log are not recorded):
+    error replies raised as redis-py's exceptions (NOSCRIPT as NoScriptError), a dropped
+    connection as :func:`direct_evalshas` says; :data:`PLAIN` to go the plain way."""
+    replies = direct_evalshas(client, [(sha, keys, args)], pipelined=False)
+    if replies is PLAIN:
+        return PLAIN
+    if isinstance(replies[0], ResponseError):
+        raise replies[0]
+    return replies[0]
+
+
+#: redis-py 4.x, whose pipeline retries no ConnectionError (5.x and later: as a command)
+_OLD_PIPELINE = int(redis_version.split('.')[0]) < 5
+
+
+def direct_evalshas(client: Any, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]],
+                    pipelined: bool = True) -> Any:
+    """EVALSHA calls (sha, keys, args) in one round trip, as a redis-py pipeline without
+    a transaction sends them: their replies in order, an error reply (redis-py's exception)
+    in its call's place. A dropped connection is handled as redis-py does: the connection
+    is disconnected, then everything sent again as the connection's Retry says and this
+    redis-py's failure handler (of a pipeline, else of a command) allows, or the error
+    raised; a connection redis-py asks to reconnect (maintenance notices, 7.x+) is.
+    :data:`PLAIN` where the calls must go the plain way (see :func:`_direct_pool`)."""
     pool = _direct_pool(client)
     if pool is None:
         return PLAIN
-    packed = pack_evalsha('EVALSHA', sha, keys, args)
-    if packed is None:
+    packed = [pack_evalsha('EVALSHA', sha, keys, args) for sha, keys, args in calls]
+    if None in packed:
         return PLAIN
+    chunks = (b''.join(packed),)  # type: ignore[arg-type]  # one write, as redis-py's
     conn = _take(pool)
     close = getattr(client, '_close_connection', None)  # redis-py 6+; then retry as Retry says
 
     def fail(error: Exception) -> None:
         if close is not None:
             close(conn)
+        elif pipelined and _OLD_PIPELINE:  # retries a timeout only, with retry_on_timeout
+            conn.disconnect()
+            if not (conn.retry_on_timeout and isinstance(error, redis_errors.TimeoutError)):
+                raise error
         else:  # redis-py 4.6-5.x: disconnect; raise unless retry_on_error names the error
             client._disconnect_raise(conn, error)
 
-    def send() -> Any:
-        conn.send_packed_command((packed,))  # an iterable of chunks, as pack_command gives
-        return conn.read_response()
+    def send() -> list[Any]:
+        conn.send_packed_command(chunks)  # an iterable of chunks, as redis-py's packer gives
+        replies = []
+        for _ in calls:
+            try:
+                replies.append(conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
 
     try:
         return conn.retry.call_with_retry(send, fail)
@@ -253,6 +280,12 @@ def _send(client: Any, calls: Sequence[Call], which: Sequence[int],
         groups.setdefault(None if node is None else node.name, (node, []))[1].append(i)
     out: dict[int, Any] = {}
     for node, indices in groups.values():
+        if node is None and not wait:
+            replies = direct_evalshas(client, [(calls[i][0].sha, calls[i][1], calls[i][2])
+                                               for i in indices])
+            if replies is not PLAIN:
+                out.update(zip(indices, replies))
+                continue
         target = client if node is None else client.get_redis_connection(node)
         pipe = target.pipeline(transaction=False)
         for i in indices:
@@ -286,16 +319,7 @@ def run_calls(client: Any, calls: Sequence[Call], raise_errors: bool = True,
     returned in its call's place (so a caller can still use the replies of the others).
     ``wait`` (replicas, ms): see :func:`_send` (one Redis only).
     """
-    if len(calls) == 1 and not wait and _direct_pool(client) is not None:
-        # one call: no pipeline needed (an ack alone, a publish); sent direct, its error
-        # replies in its place as the pipeline gives them, a dropped connection raised
-        script, keys, args = calls[0]
-        try:
-            results: dict[int, Any] = {0: script._evalsha(client, keys, args)}
-        except ResponseError as exc:
-            results = {0: exc}
-    else:
-        results = _send(client, calls, range(len(calls)), wait)
+    results = _send(client, calls, range(len(calls)), wait)
     again = [i for i, r in results.items() if isinstance(r, _NOT_RUN)]
     if again and is_cluster(client):
         for i in again:

@@ -217,3 +217,38 @@ def test_connection_goes_back_to_the_pool(redis_url, monkeypatch):
     finally:
         client.close()
         pool.disconnect()
+
+
+def test_pipelined_calls_reply_in_place_and_reload(redis_client, monkeypatch):
+    """Several calls go direct in one round trip: replies in order, an error reply in its
+    call's place (explained), NOSCRIPT after SCRIPT FLUSH reloaded and each call run once."""
+    redis_client.hset('{q}:h', 'f', 'v')
+    redis_client.script_flush()
+    monkeypatch.setattr(redis_client, 'pipeline', lambda *a, **k: pytest.fail('pipeline'))
+    _no_plain(redis_client, monkeypatch)
+    calls = [(COUNT, ['{q}:a'], []), (COUNT, ['{q}:h'], []), (COUNT, ['{q}:a'], [])]
+    replies = scripts.run_calls(redis_client, calls, raise_errors=False)
+    assert replies[0] == 1 and replies[2] == 2
+    assert isinstance(replies[1], scripts.KeyTypeError)
+    assert redis_client.get('{q}:a') == b'2'
+    with pytest.raises(scripts.KeyTypeError):
+        scripts.run_calls(redis_client, calls)
+
+
+@pytest.mark.parametrize('retries', [0, 1])
+def test_dropped_connection_in_pipelined_calls_as_redis_pys(redis_url, retries):
+    def mine(client):
+        replies = scripts.direct_evalshas(client, [(COUNT.sha, ['{q}:c'], [])] * 2)
+        assert replies is not PLAIN
+        return tuple(replies)
+
+    def theirs(client):
+        pipe = client.pipeline(transaction=False)
+        pipe.evalsha(COUNT.sha, 1, '{q}:c')
+        pipe.evalsha(COUNT.sha, 1, '{q}:c')
+        return tuple(pipe.execute())
+
+    plain = _outcome(redis_url, retries, theirs)
+    assert _outcome(redis_url, retries, mine) == plain
+    retried = retries and not scripts._OLD_PIPELINE  # redis-py 4.x: a pipeline does not
+    assert plain == (((1, 2), b'2', [1]) if retried else (redis.ConnectionError, None, [1]))
