@@ -126,7 +126,8 @@ def direct_evalshas(client: Any, calls: Sequence[tuple[str, Sequence[Any], Seque
     packed = [pack_evalsha('EVALSHA', sha, keys, args) for sha, keys, args in calls]
     if None in packed:
         return PLAIN
-    chunks = (b''.join(packed),)  # type: ignore[arg-type]  # one write, as redis-py's
+    # one write, as redis-py's; one call's bytes as they are (a publish's body: no copy)
+    chunks = (packed[0] if len(packed) == 1 else b''.join(packed),)  # type: ignore[arg-type]
     conn = _take(pool)
     close = getattr(client, '_close_connection', None)  # redis-py 6+; then retry as Retry says
 
