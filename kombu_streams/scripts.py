@@ -24,6 +24,7 @@ from redis import exceptions as redis_errors
 from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
+from .direct import PLAIN, direct_evalsha, direct_evalshas
 from .limits import QueueArgumentsDiffer, QueueFull
 
 __all__ = ('Script', 'SCRIPTS', 'lua_dir', 'KeyTypeError', 'OutOfMemoryError', 'NotReplicated',
@@ -70,6 +71,14 @@ class Script:
     def _evalsha(self, client: Any, keys: Sequence[Any], args: Sequence[Any],
                  read_only: bool = False) -> Any:
         """EVALSHA (or EVALSHA_RO), loading the script first if Redis lost it."""
+        if not read_only:
+            try:
+                reply = direct_evalsha(client, self.sha, keys, args)
+            except NoScriptError:
+                client.script_load(self.source)
+                reply = direct_evalsha(client, self.sha, keys, args)
+            if reply is not PLAIN:
+                return reply
         run = client.evalsha_ro if read_only else client.evalsha
         try:
             return run(self.sha, len(keys), *keys, *args)
@@ -161,6 +170,12 @@ def _send(client: Any, calls: Sequence[Call], which: Sequence[int],
         groups.setdefault(None if node is None else node.name, (node, []))[1].append(i)
     out: dict[int, Any] = {}
     for node, indices in groups.values():
+        if node is None and not wait:
+            replies = direct_evalshas(client, [(calls[i][0].sha, calls[i][1], calls[i][2])
+                                               for i in indices])
+            if replies is not PLAIN:
+                out.update(zip(indices, replies))
+                continue
         target = client if node is None else client.get_redis_connection(node)
         pipe = target.pipeline(transaction=False)
         for i in indices:

@@ -16,7 +16,7 @@ import redis
 import kombu_streams
 
 PACKAGE = Path(kombu_streams.__file__).resolve().parent
-EXECUTOR = {'broker.py', 'admin.py', 'scripts.py'}
+EXECUTOR = {'broker.py', 'admin.py', 'scripts.py', 'direct.py'}
 RAW = re.compile(r'\.(send_command|read_response|execute_command|send_packed_command)\(')
 
 
