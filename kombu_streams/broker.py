@@ -63,7 +63,7 @@ def warn_unsettled(queue: str, count: int, what: str) -> None:
 class Broker(Admin):
     """Runs script calls for queues laid out by ``keys`` with priority ``levels``: the
     operations of consumers and publishers here, the operator's in
-    :class:`~kombu_streams.admin.Admin`."""
+    ``Admin`` (kombu_streams/admin.py)."""
 
     def __init__(self, client: Any, keys: Keys, levels: Sequence[int]) -> None:
         super().__init__(keys, levels)

@@ -194,7 +194,7 @@ class Result:
 class Migration:
     """Plan and run a migration from Kombu's keys into ``broker``'s queues, in the same
     server and database (each batch is one script that touches both); Kombu's keys are read
-    through the broker too (:class:`~kombu_streams.admin.Admin`), like every command."""
+    through the broker too (``Admin`` in kombu_streams/admin.py), like every command."""
 
     def __init__(self, broker: Broker, kombu: KombuKeys, include_unacked: bool = True) -> None:
         self.broker = broker
