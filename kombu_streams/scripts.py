@@ -1,10 +1,10 @@
 """The Lua script registry: every broker operation is one script in ``lua/``.
 
-Scripts are read once per process, with their ``--@include NAME`` lines replaced by
-``lua/lib/NAME.lua`` (shared helpers live in one place, and Redis gets one flat text per
-script). They are called with EVALSHA; when Redis answers NOSCRIPT (after SCRIPT FLUSH, a
-restart or a failover) the script is loaded with SCRIPT LOAD and the call repeated, which is
-safe because NOSCRIPT means the script did not run.
+Scripts are read once per process, with their ``--@include NAME`` lines replaced by what
+they use of ``lua/lib/NAME.lua`` (shared helpers live in one place, and Redis gets one flat
+text per script: ``flatten.py``). They are called with EVALSHA; when Redis answers NOSCRIPT
+(after SCRIPT FLUSH, a restart or a failover) the script is loaded with SCRIPT LOAD and the
+call repeated, which is safe because NOSCRIPT means the script did not run.
 
 ``python -m kombu_streams.scripts DIR`` writes the flat scripts to DIR, for
 ``redis-cli --eval DIR/read.lua k1 k2 , a1 a2`` or SCRIPT LOAD + EVALSHA by hand.
@@ -25,12 +25,12 @@ from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError, ResponseError
 
 from .direct import PLAIN, direct_evalsha, direct_evalshas
+from .flatten import flatten
 from .limits import QueueArgumentsDiffer, QueueFull
 
 __all__ = ('Script', 'SCRIPTS', 'lua_dir', 'KeyTypeError', 'OutOfMemoryError', 'NotReplicated',
            'explain', 'run_calls', 'run_after', 'is_cluster', 'Call')
 
-_INCLUDE = re.compile(r'^--@include\s+(\w+)\s*$', re.M)
 _FLAGS = re.compile(r'^--@flags\s+([\w,-]+)\s*$', re.M)
 
 
@@ -305,22 +305,12 @@ def run_after(client: Any, command: Sequence[Any], call: Call,
     raise AssertionError('unreachable')  # pragma: no cover
 
 
-def _flatten(path: Path, lib: Path) -> str:
-    text = path.read_text()
-
-    def include(m: re.Match[str]) -> str:
-        part = (lib / f'{m.group(1)}.lua').read_text()
-        return f'-- begin include {m.group(1)}\n{part}-- end include {m.group(1)}'
-
-    return _INCLUDE.sub(include, text)
-
-
 def load_all(directory: Path | None = None) -> dict[str, Script]:
     """Read and flatten every ``lua/*.lua`` script."""
     directory = directory or lua_dir()
     out = {}
     for path in sorted(directory.glob('*.lua')):
-        source = _flatten(path, directory / 'lib')
+        source = flatten(path, directory / 'lib')
         flags = _FLAGS.search(source)
         out[path.stem] = Script(path.stem, source, hashlib.sha1(source.encode()).hexdigest(),
                                 flags.group(1) if flags else '')
