@@ -34,10 +34,10 @@ Reply:    the new entry id; "delayed:<member>" when kept until due; nil when ARG
 Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "publish: no
           body" (a big message's token is not in KEYS[#]); "QUEUEFULL ..." (x-overflow
           reject-publish, or drop-head with nothing ready to set aside: nothing stored);
-          WRONGTYPE (checked before any write)
+          WRONGTYPE (nothing written: checked first, or the marker's ZADD undone)
 Minimum Redis: 6.2. Cost: O(1) and one HMGET; O(log n) with n delayed messages; a limited
 queue adds L XLENs, a ZCARD and, for drop-head when full, a few reads per level; a big
-message adds two TYPEs, an HEXISTS and two PTTLs, and never passes through Lua; a TTL adds a
+message adds a TYPE, an HEXISTS and two PTTLs, and never passes through Lua; a TTL adds a
 TIME and the field e; an id on a queue with x-deduplication-window O(log n) with n ids
 remembered. Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
@@ -89,12 +89,14 @@ local function refuse(reply)
   return reply
 end
 -- Types before the first write (see wrong_type): a message appended before its marker or
--- index member failed would be appended again by the publisher's retry. XADD is the first
--- write (it fails alone); SMISMEMBER checks the index and ZRANGE the delayed set, reads the
--- call needs anyway; the delayed messages' hash is checked where a message is kept there.
--- A key this path never touches (the first stream, only asked its TTL; the delayed keys of
--- a queue whose index says it holds none) is not looked at: no command per publish for it.
-local wrong = wrong_type(wake, 'zset')
+-- index member failed would be appended again by the publisher's retry. On the common path
+-- the marker's ZADD is the first write (it fails alone) and is undone if the XADD after it
+-- fails; SMISMEMBER checks the index and ZRANGE the delayed set, reads the call needs
+-- anyway; the marker and the delayed messages' hash are checked where a message is kept
+-- delayed or a limit may set one aside first. A key this path never touches (the first
+-- stream, only asked its TTL; the delayed keys of a queue whose index says it holds none) is
+-- not looked at: no command per publish for it.
+local wrong = nil
 local marks, next_due = nil, nil  -- with KEYS[5..6]: {stream indexed, may hold delayed ones}
 if dkey and not wrong then
   marks, wrong = try('SMISMEMBER', ready, stream, DELAYED)
@@ -113,6 +115,7 @@ if not wrong and limit then
   streams = {unpack(KEYS, 8, 7 + nl)}
   for _, s in ipairs(streams) do wrong = wrong or wrong_type(s, 'stream') end
   wrong = wrong or wrong_type(KEYS[6], 'zset') or wrong_type(dlq, 'stream')
+  wrong = wrong or wrong_type(wake, 'zset')  -- drop-head may write before the marker
 end
 if wrong then return refuse(redis.error_reply(wrong)) end
 -- A duplicate (docs/design.rst, "Duplicates") is refused before the limit is looked at: a
@@ -186,7 +189,7 @@ end
 
 -- The delayed keys' types, checked before a path that writes them writes anything.
 local function delayed_wrong()
-  local err = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash')
+  local err = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash') or wrong_type(wake, 'zset')
   return err and refuse(redis.error_reply(err))
 end
 
@@ -228,18 +231,24 @@ if dkey then
     return keep_delayed(clock())
   end
 end
-local id = false
-if big then  -- XADD would fail alone, but after the body's HSET: refuse (and undo it) first
-  local wrong_stream = wrong_type(stream, 'stream')
-  if wrong_stream then return refuse(redis.error_reply(wrong_stream)) end
+local woke, wake_wrong = try('ZADD', wake, 0, 'w')  -- first write: fails alone
+if wake_wrong then return refuse(redis.error_reply(wake_wrong)) end
+local function unwake(reply)  -- nothing appended: the marker as it was, then refuse
+  if woke == 1 then redis.call('ZREM', wake, 'w') end
+  return refuse(reply)
 end
+local id, err = false, nil
 if routed then
-  id = redis.call('XADD', stream, 'NOMKSTREAM', '*', unpack(field_values))
-  if not id and redis.call('EXISTS', first) == 0 then return refuse(false) end
+  id, err = try('XADD', stream, 'NOMKSTREAM', '*', unpack(field_values))
+  if err then return unwake(redis.error_reply(err)) end
+  if not id and redis.call('EXISTS', first) == 0 then return unwake(false) end
 end
-if not id then id = redis.call('XADD', stream, '*', unpack(field_values)) end
+if not id then
+  id, err = try('XADD', stream, '*', unpack(field_values))
+  if err then return unwake(redis.error_reply(err)) end
+end
 local new = {}
-if redis.call('ZADD', wake, 0, 'w') == 1 then new[#new + 1] = wake end
+if woke == 1 then new[#new + 1] = wake end
 if marks == nil or marks[1] == 0 then
   if redis.call('SADD', ready, stream) == 1 then new[#new + 1] = ready end
 end

@@ -243,6 +243,8 @@ UNTOUCHED |= {(f'publish-dedup{tail}', i) for tail, like in (
     ('', 'publish'), ('-big', 'publish-big'), ('-delayed', 'publish-delayed'),
     ('-duplicate', 'publish')) for case, i in set(UNTOUCHED) if case == like}
 UNTOUCHED.add(('publish-dedup-duplicate', 0))
+#: A duplicate is refused before the marker's ZADD, which checks the marker's type itself.
+UNTOUCHED.add(('publish-dedup-duplicate', 1))
 
 _DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': ['1-1']}
 
