@@ -287,8 +287,15 @@ class Calls(ReadCalls):
         streams, args = self._entry_args(entries)
         keys = streams + [self.wake(queue, exchange)]
         if not exchange:
-            keys.append(self.keys.ready(queue))
+            keys += self._backoff_keys(queue)
         return SCRIPTS['requeue'], keys, [queue, consumer, HOLDER, *args]
+
+    def _backoff_keys(self, queue: str) -> list[str]:
+        """The ready index and the keys of retry backoff (x-requeue-delay: the arguments
+        and the delayed set), which requeue and reclaim take after the marker: the queue's
+        argument decides in the script, whatever this client's options say."""
+        k = self.keys
+        return [k.ready(queue), k.args(queue), k.delayed(queue)]
 
     def requeue_calls(self, queue: str, entries: Iterable[tuple[Any, ...]],
                       exchange: str | None = None, consumer: str = ANY_OWNER) -> list[Call]:
@@ -307,7 +314,7 @@ class Calls(ReadCalls):
         cursors = list(cursors) if cursors else ['-'] * len(streams)
         keys = streams + [self.wake(queue, exchange)]
         if not exchange:
-            keys.append(self.keys.ready(queue))
+            keys += self._backoff_keys(queue)
         args = [queue, HOLDER, int(lease_ms), int(budget), int(consumer_expiry_ms), *cursors]
 
         def parse(reply: Any) -> Reclaimed:

@@ -41,6 +41,15 @@ DEDUP_STORED = (DEDUP_WINDOW, DEDUP_MAX_IDS)
 INTEGERS = (MAX_LENGTH, MESSAGE_TTL, *DEDUP_STORED)
 
 
+#: Retry backoff (lua/lib/delay.lua, docs/design.rst "Retry backoff"): 'min_ms,max_ms', RabbitMQ
+#: 4.3's delayed-retry rule. A message given back (requeue, reject with requeue, reclaim)
+#: after n deliveries waits min_ms x n, at most max_ms, in the delayed set. Stored last.
+REQUEUE_DELAY = 'x-requeue-delay'
+#: The longest max_ms taken: a day (a message waiting longer than a consumer's lease,
+#: visibility_timeout, is given back by reclaim then: see the design).
+REQUEUE_DELAY_MAX = 86_400_000
+
+
 class QueueFull(redis.exceptions.ResponseError):
     """A publish refused because the queue holds ``x-max-length`` messages (``x-overflow``
     ``reject-publish``): nothing was stored. A channel error, not a connection error, so a
@@ -80,6 +89,33 @@ def dedup_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
     return pairs
 
 
+def backoff_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
+    """x-requeue-delay of ``args`` checked, as stored ('min_ms,max_ms'), or [] without it.
+    Given as 'min_ms,max_ms' (the CLI's form), or a pair of ints; 1 <= min_ms <= max_ms <=
+    REQUEUE_DELAY_MAX. Raises ValueError naming the queue, the argument and the rule."""
+    value = args.get(REQUEUE_DELAY)
+    if value is None:
+        return []
+    parts: Any = value
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(',')]
+    rule = (f"'min_ms,max_ms' (RabbitMQ 4.3's delayed retry: min_ms x deliveries, at most "
+            f'max_ms), integers with 1 <= min_ms <= max_ms <= {REQUEUE_DELAY_MAX}')
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2:
+        raise _error(queue, REQUEUE_DELAY, value, rule)
+    numbers = []
+    for part in parts:
+        if isinstance(part, str) and part.isdigit():
+            part = int(part)
+        if isinstance(part, bool) or not isinstance(part, int):
+            raise _error(queue, REQUEUE_DELAY, value, rule)
+        numbers.append(part)
+    low, high = numbers
+    if not 1 <= low <= high <= REQUEUE_DELAY_MAX:
+        raise _error(queue, REQUEUE_DELAY, value, rule)
+    return [REQUEUE_DELAY, f'{low},{high}']
+
+
 def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
     """The limit arguments of ``arguments`` (other ones, such as x-expires or
     x-max-priority, are left to the code that reads them) checked and as declare.lua stores
@@ -106,7 +142,7 @@ def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
     ttl = args.get(MESSAGE_TTL)
     if ttl is not None:
         pairs += [MESSAGE_TTL, str(_count(queue, MESSAGE_TTL, ttl))]
-    return pairs + dedup_pairs(queue, args)
+    return pairs + dedup_pairs(queue, args) + backoff_pairs(queue, args)
 
 
 def _count(queue: str, name: str, value: Any) -> int:
@@ -161,4 +197,4 @@ def check_option(value: Any) -> bool:
 
 __all__ = ('QueueFull', 'QueueArgumentsDiffer', 'stored_pairs', 'as_dict', 'STORED',
            'MAX_LENGTH', 'OVERFLOW', 'OVERFLOWS', 'MESSAGE_TTL', 'expiration_ms',
-           'DEDUP_WINDOW', 'DEDUP_MAX_IDS', 'dedup_pairs')
+           'DEDUP_WINDOW', 'DEDUP_MAX_IDS', 'dedup_pairs', 'REQUEUE_DELAY', 'backoff_pairs')

@@ -36,7 +36,7 @@ Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "
           reject-publish, or drop-head with nothing ready to set aside: nothing stored);
           WRONGTYPE (nothing written: checked first, or the marker's ZADD undone)
 Minimum Redis: 6.2. Cost: O(1) and one HMGET; O(log n) with n delayed messages; a limited
-queue adds L XLENs, a ZCARD and, for drop-head when full, a few reads per level; a big
+queue adds L XLENs, an HLEN and, for drop-head when full, a few reads per level; a big
 message adds a TYPE, an HEXISTS and two PTTLs, and never passes through Lua; a TTL adds a
 TIME and the field e; an id on a queue with x-deduplication-window O(log n) with n ids
 remembered. Never trims.
@@ -114,7 +114,8 @@ limit, overflow, wrong, queue_ttl, window = read_limit(argkey)
 if not wrong and limit then
   streams = {unpack(KEYS, 8, 7 + nl)}
   for _, s in ipairs(streams) do wrong = wrong or wrong_type(s, 'stream') end
-  wrong = wrong or wrong_type(KEYS[6], 'zset') or wrong_type(dlq, 'stream')
+  wrong = wrong or wrong_type(KEYS[6], 'zset') or wrong_type(KEYS[7], 'hash')
+  wrong = wrong or wrong_type(dlq, 'stream')
   wrong = wrong or wrong_type(wake, 'zset')  -- drop-head may write before the marker
 end
 if wrong then return refuse(redis.error_reply(wrong)) end
@@ -139,7 +140,7 @@ if limit then  -- what else refuses the publish, before drop-head sets anything 
   end
   if routed and redis.call('EXISTS', first) == 0 then return refuse(false) end
 end
-local held = limit and held_count(streams, KEYS[6]) or 0
+local held = limit and held_count(streams, KEYS[7]) or 0
 if limit and held >= limit then
   local full = 'QUEUEFULL queue ' .. group .. ' is full: x-max-length ' .. limit ..
                ' reached (x-overflow ' .. overflow .. '); the message was not stored'

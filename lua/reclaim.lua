@@ -4,6 +4,10 @@ KEYS[1..n]  the streams of ONE source: all streams of a queue (one per priority 
             one fanout stream (its group for the queue)
 KEYS[n+1]   the source's wake marker (zset)
 KEYS[n+2]   the queue's ready index (set); not given for a fanout stream
+KEYS[n+3..n+4] optional, with KEYS[n+2]: the queue's arguments (hash) and delayed set,
+            for retry backoff: with x-requeue-delay a message given back after n >= 1
+            deliveries waits, parked with ~backoff (docs/design.rst, "Retry backoff"); one
+            parked there whose lease ran out (its pointer went) goes to the holder at once
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
 ARGV[3]     lease, ms (visibility_timeout): a message idle this long has lost its lease
@@ -18,13 +22,16 @@ Reply:      {moved, more, next_ms, cursor_1, ..., cursor_n}: messages given back
             before then; where the sweep goes on per stream ("-": it reached the end)
 Errors:     "reclaim: expected ..." for another layout; WRONGTYPE (checked before any write)
 Minimum Redis: 6.2 (exclusive ranges). Cost: O(n * consumers + budget): one XINFO CONSUMERS
-per stream, then XPENDING and XCLAIM of at most budget entries in all.
+per stream, then XPENDING and XCLAIM of at most budget entries in all; with backoff an HGET,
+a TIME and an O(log n) store per message delayed.
 Stopped consumers, the sweep and the holder: see docs/design.rst (Leases).
 ]]
 --@include common
+--@include delay
 local n = #ARGV - 5
-local bad = check_args('reclaim', #KEYS == n + 1 or #KEYS == n + 2, n >= 1,
-                       'KEYS: n streams, marker[, index]; ARGV: 5 fixed, one cursor per stream')
+local bad = check_args('reclaim', #KEYS == n + 1 or #KEYS == n + 2 or #KEYS == n + 4, n >= 1,
+                       'KEYS: n streams, marker[, index[, arguments, delayed set]]; ' ..
+                       'ARGV: 5 fixed, one cursor per stream')
 if bad then return bad end
 local group, holder = ARGV[1], ARGV[2]
 local lease, budget, expiry = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -33,13 +40,46 @@ local index = KEYS[n + 2]
 -- given back would leave them parked without their index member and marker
 local wrong = wrong_type(KEYS[n + 1], 'zset') or (index and wrong_type(index, 'set'))
 wrong = wrong or wrong_streams(1, n)
+local dkey = KEYS[n + 4]
+local min_ms, max_ms = nil, nil  -- x-requeue-delay, when the queue has it
+if dkey and not wrong then
+  local err
+  min_ms, max_ms, err = read_backoff(KEYS[n + 3])
+  wrong = err or (min_ms and wrong_type(dkey, 'zset'))
+end
 if wrong then return redis.error_reply(wrong) end
 
 local moved, more, next_ms, held = 0, 0, -1, {}
+local clock = nil  -- TIME, read once, when a message is to wait
 
--- Give ids of stream KEY back to the holder, if they are still idle for a whole lease.
-local function give_back(key, ids)
-  if #ids == 0 then return 0 end
+-- Retry backoff: park the ids of stream KEY (XPENDING records P, idle a whole lease) that
+-- their delivery count says must wait with BACKOFF, each pointed to from the delayed set.
+-- Returns the ids left to give back to the holder, and how many were parked.
+local function wait(key, p)
+  local rest, parked = {}, 0
+  for _, e in ipairs(p) do
+    local delay = 0
+    if min_ms and e[2] ~= BACKOFF then delay = backoff_ms(tonumber(e[4]), min_ms, max_ms) end
+    if delay <= 0 then
+      rest[#rest + 1] = e[1]
+    elseif redis.call('XCLAIM', key, group, BACKOFF, lease, e[1], 'JUSTID')[1] then
+      clock = clock or redis.call('TIME')
+      local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+      park_pointer(dkey, index, KEYS[n + 1], key, string.match(key, ':(%d+)$') or '0',
+                   e[1], holder, group, now + delay,
+                   string.format('%010d%06d', tonumber(clock[1]), tonumber(clock[2])))
+      parked = parked + 1
+    end
+  end
+  moved = moved + parked
+  return rest, parked
+end
+
+-- Give the XPENDING records P of stream KEY back to the holder (or, with backoff, to the
+-- delayed set), if they are still idle for a whole lease. Returns how many went.
+local function give_back(key, p)
+  local ids, parked = wait(key, p)
+  if #ids == 0 then return parked end
   local args = {key, group, holder, lease}
   for _, id in ipairs(ids) do args[#args + 1] = id end
   args[#args + 1] = 'JUSTID'  -- unpack() must come last to expand fully
@@ -48,7 +88,7 @@ local function give_back(key, ids)
     moved = moved + got
     held[#held + 1] = HELD .. key
   end
-  return got
+  return got + parked
 end
 
 local alive = {}  -- stream index -> true when it has the group
@@ -61,13 +101,12 @@ for i = 1, n do
   for _, c in ipairs(list or {}) do
     local name = field(c, 'name')
     local pending, idle = tonumber(field(c, 'pending')), tonumber(field(c, 'idle'))
-    if name == holder or name == nil then  -- parked messages have no lease
+    if name == holder or name == BACKOFF or name == nil then
+      -- parked messages have no lease; one waiting with BACKOFF whose pointer went is found
+      -- by the sweep below, entry by entry (its consumer's idle time says nothing of it)
     elseif pending > 0 and idle >= lease then
       if budget > 0 then
-        local ids = {}
-        for _, p in ipairs(redis.call('XPENDING', key, group, '-', '+', budget, name)) do
-          ids[#ids + 1] = p[1]
-        end
+        local ids = redis.call('XPENDING', key, group, '-', '+', budget, name)
         budget = budget - #ids
         local got = give_back(key, ids)
         if #ids < pending then
@@ -98,7 +137,10 @@ for i = 1, n do
     local entries = redis.call('XPENDING', key, group, start, '+', page)
     local stale = {}
     for _, p in ipairs(entries) do
-      if p[2] ~= holder and tonumber(p[3]) >= lease then stale[#stale + 1] = p[1] end
+      -- one waiting with BACKOFF is due within max_ms of its parking: only one idle past
+      -- that and a lease lost its pointer (purge, cancel); never one that is still waiting
+      local idle = p[2] == BACKOFF and lease + (max_ms or 0) or lease
+      if p[2] ~= holder and tonumber(p[3]) >= idle then stale[#stale + 1] = p end
     end
     give_back(key, stale)
     cursor = #entries >= page and entries[#entries][1] or '-'
@@ -106,7 +148,7 @@ for i = 1, n do
   cursors[i] = cursor
 end
 
-if moved > 0 then
+if #held > 0 then  -- given back to the holder (those waiting made their own marks)
   if index then index_add(index, KEYS[1], unpack(held)) end
   arm(KEYS[n + 1], KEYS[1])
 end

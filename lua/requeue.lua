@@ -3,6 +3,9 @@
 KEYS[1..n]  streams of ONE queue that hold the messages (n: the highest index k in ARGV)
 KEYS[n+1]   the queue's wake marker (zset)
 KEYS[n+2]   the queue's ready index (set); not given for a fanout stream
+KEYS[n+3..n+4] optional, with KEYS[n+2]: the queue's arguments (hash) and delayed set,
+            for retry backoff: with x-requeue-delay a message delivered n >= 1 times waits,
+            parked with ~backoff (docs/design.rst, "Retry backoff")
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     consumer name: only entries it still owns are requeued; one whose lease ran out
             and that another consumer took is left to that one. '' requeues whoever owns them
@@ -11,30 +14,39 @@ ARGV[3]     name of the holder consumer that parks requeued messages
 ARGV[4..]   triples: stream index k (1..n), entry id, delivery count to keep (-1: keep the
             current one; the channel lowers it by one for a message read ahead but never
             handed to the application)
-Reply:      {requeued, not owned}: messages requeued (an id no longer pending, or whose queue
-            or fanout binding is gone, is left alone); entries (each counted once) this
-            consumer no longer owns, left alone (0 for '')
+Reply:      {requeued, not owned}: messages requeued, those now waiting included (an id no
+            longer pending, or whose queue or fanout binding is gone, is left alone);
+            entries (each counted once) this consumer no longer owns, left alone (0 for '')
 Errors:     "requeue: expected ..." for another layout; WRONGTYPE (checked before any write)
 Minimum Redis: 6.2. Cost: O(number of ids): one XCLAIM per id; for a consumer, one XPENDING
-per stream of its own entries from the lowest to the highest id (paged). Used for reject
-with requeue and the restore of unacked messages at close. The holder: see docs/design.rst
-(Leases).
+per stream of its own entries from the lowest to the highest id (paged); with backoff an
+HGET and a TIME per call, per message that waits an O(log n) ZADD (and an XPENDING of its id
+for a count -1). Used for reject with requeue and the restore of unacked messages at close.
+The holder: see docs/design.rst (Leases).
 ]]
 --@include common
+--@include delay
 local n, ok = 0, #ARGV >= 6 and (#ARGV - 3) % 3 == 0
 for j = 4, #ARGV, 3 do
   local k = tonumber(ARGV[j])
   if k == nil or k < 1 or k % 1 ~= 0 then ok = false else n = math.max(n, k) end
 end
-local bad = check_args('requeue', #KEYS == n + 1 or #KEYS == n + 2, ok,
-  'KEYS: n streams, marker[, index]; ARGV: group, consumer, holder, triples (stream index ' ..
-  '1..n, id, count)')
+local bad = check_args('requeue', #KEYS == n + 1 or #KEYS == n + 2 or #KEYS == n + 4, ok,
+  'KEYS: n streams, marker[, index[, arguments, delayed set]]; ARGV: ' ..
+  'group, consumer, holder, triples (stream index 1..n, id, count)')
 if bad then return bad end
 local group, me, holder, moved, stale = ARGV[1], ARGV[2], ARGV[3], 0, 0
 -- every key is checked first (see wrong_type): a wrong type found after some XCLAIMs would
 -- leave those messages parked without their index member and marker. For a consumer, the
 -- ownership XPENDING of each stream named is its check.
 local wrong = wrong_type(KEYS[n + 1], 'zset') or (KEYS[n + 2] and wrong_type(KEYS[n + 2], 'set'))
+local dkey = KEYS[n + 4]
+local min_ms, max_ms = nil, nil  -- x-requeue-delay, when the queue has it
+if dkey and not wrong then
+  local err
+  min_ms, max_ms, err = read_backoff(KEYS[n + 3])
+  wrong = err or (min_ms and wrong_type(dkey, 'zset'))
+end
 if me == '' then
   wrong = wrong or wrong_streams(1, n)
 end
@@ -55,10 +67,33 @@ for k = 1, n do
   end
 end
 local held = {}  -- members of the ready index to add
+local clock = nil  -- TIME, read once, when a message is to wait
+-- Retry backoff: park entry ID of stream K with BACKOFF and point to it from the delayed set
+-- when its delivery COUNT (-1: as it is) says it waits. True when it did.
+local function wait(k, id, count)
+  local key = KEYS[k]
+  if count < 0 then
+    local p = redis.call('XPENDING', key, group, id, id, 1)[1]
+    count = p and tonumber(p[4]) or 0
+  end
+  local delay = backoff_ms(count, min_ms, max_ms)
+  if delay <= 0 then return false end
+  if redis.call('XCLAIM', key, group, BACKOFF, 0, id, 'RETRYCOUNT', count, 'JUSTID')[1] then
+    clock = clock or redis.call('TIME')
+    local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+    park_pointer(dkey, KEYS[n + 2], KEYS[n + 1], key, string.match(key, ':(%d+)$') or '0',
+                 id, holder, group, now + delay,
+                 string.format('%010d%06d', tonumber(clock[1]), tonumber(clock[2])))
+    moved = moved + 1
+  end
+  return true
+end
 for j = 4, #ARGV, 3 do
   local k = tonumber(ARGV[j])
   local key, id, count = KEYS[k], ARGV[j + 1], tonumber(ARGV[j + 2])
-  if mine[k][id] then
+  if mine[k][id] and min_ms and wait(k, id, count) then
+    mine[k][id] = nil  -- waits in the delayed set (or was not pending)
+  elseif mine[k][id] then
     local r, err
     if count >= 0 then
       r, err = try('XCLAIM', key, group, holder, 0, id, 'RETRYCOUNT', count, 'JUSTID')
@@ -72,7 +107,7 @@ for j = 4, #ARGV, 3 do
     end  -- else: no group any more (queue deleted, fanout unbound), or not pending: nothing
   end
 end
-if moved > 0 then
+if #held > 0 then  -- parked with the holder (those waiting made their own marks)
   if KEYS[n + 2] then index_add(KEYS[n + 2], KEYS[1], unpack(held)) end
   arm(KEYS[n + 1], KEYS[1])
 end

@@ -53,6 +53,11 @@ def _dedup(c: Any) -> None:
     c.zadd(K.dedup('q'), {'seen': 9_999_999_999_999, 'old': 1, '': -2})
 
 
+def _backoff(c: Any) -> None:
+    """Queue q has x-requeue-delay: what requeue and reclaim give back waits."""
+    c.hset(K.args('q'), 'x-requeue-delay', '1000,60000')
+
+
 def member(queue: str, routing_key: str = '') -> str:
     return SEP.join([routing_key, '', queue])
 
@@ -212,6 +217,10 @@ CASES = {
                                                    'why', 1, None, 'c1'), None),
     'fanout_ack': (lambda b, f: b.ack_calls('q', [(K.fanout('f'), f['fanout_ids'][0])], 'f',
                                             'c1')[0], None),
+    # retry backoff (x-requeue-delay): the given-back messages wait in the delayed set
+    'requeue-backoff': (lambda b, f: b.requeue_calls(
+        'q', [(f['renew'][0], f['renew'][1][0])], None, 'c1')[0], _backoff),
+    'reclaim-backoff': (lambda b, f: b.reclaim_call('q', 0, 100)[0], _backoff),
     'wake': (lambda b, f: b.give_back_call(
         FANOUT_SOURCES, {('q', 'f'): member('q'), ('s', 'f'): member('s')}), _popped),
 }
@@ -245,6 +254,8 @@ UNTOUCHED |= {(f'publish-dedup{tail}', i) for tail, like in (
 UNTOUCHED.add(('publish-dedup-duplicate', 0))
 #: A duplicate is refused before the marker's ZADD, which checks the marker's type itself.
 UNTOUCHED.add(('publish-dedup-duplicate', 1))
+#: A queue without x-requeue-delay never looks at its delayed keys in requeue and reclaim.
+UNTOUCHED |= {('requeue', 4), ('reclaim', 7)}
 
 _DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': ['1-1']}
 

@@ -74,6 +74,54 @@ local function delay_next(dkey)
   return nil, nil
 end
 
+-- Retry backoff (x-requeue-delay, docs/design.rst "Retry backoff"). A message given back
+-- (requeue, reject with requeue, reclaim) that must wait stays where it is, in its stream's
+-- PEL, owned by the consumer BACKOFF, which never reads (like the holder): its id, level,
+-- delivery count, TTL field and every other field are kept, nothing is copied. The delayed
+-- set gets a pointer to it, a member "<stamp>:<level>:b:<id>:<holder>:<group>" with NO value
+-- in the delayed messages' hash (so that hash's length stays the number of delayed
+-- messages), which the promotion of due messages turns into a parked entry (XCLAIM to the
+-- holder, JUSTID: the count is kept). BACKOFF holds a lease like a consumer, so reclaim gives
+-- an entry whose pointer went (purge, cancel) back after a lease: never lost.
+local BACKOFF = '~backoff'
+
+-- The delay (ms) before a message given back after COUNT deliveries is served again, under
+-- x-requeue-delay MIN_MS, MAX_MS: RabbitMQ 4.3's rule, MIN x (deliveries so far), at most MAX;
+-- 0 for a message never handed out (count 0: read ahead and given back unseen).
+local function backoff_ms(count, min_ms, max_ms)
+  if count == nil or count < 1 then return 0 end
+  return math.min(min_ms * count, max_ms)
+end
+
+-- Point to entry ID of STREAM (level LEVEL), just parked with BACKOFF, from the delayed set
+-- DKEY, due at DUE; the ready index INDEX is told ("d") and marker WAKE set when it is the
+-- earliest; a new DKEY gets STREAM's expiry. STAMP as for delay_store (the same entry parked
+-- twice in one µs would be the same pointer).
+local function park_pointer(dkey, index, wake, stream, level, id, holder, group, due, stamp)
+  local fresh = redis.call('EXISTS', dkey) == 0
+  local member = stamp .. ':' .. level .. ':b:' .. id .. ':' .. holder .. ':' .. group
+  redis.call('ZADD', dkey, due, member)
+  if fresh then
+    local ttl = redis.call('PTTL', stream)
+    if ttl > 0 then redis.call('PEXPIRE', dkey, ttl) end
+  end
+  index_add(index, stream, DELAYED)
+  if redis.call('ZRANGE', dkey, 0, 0)[1] == member then arm(wake, stream) end
+end
+
+-- Give the entry pointer MEMBER (see park_pointer) names in STREAM to its holder, if BACKOFF
+-- still owns it (reclaim may have given it back after a lease; gone, or the group gone:
+-- nothing). Returns true when parked, or (nil, error) on another type at STREAM.
+local function unpark(stream, member)
+  local id, holder, group = string.match(member, '^%d+:%d+:b:([^:]+):([^:]*):(.*)$')
+  if id == nil then return nil, nil end
+  local p, err = try('XPENDING', stream, group, id, id, 1)  -- no group: nil, nil
+  if err then return nil, err end
+  if not (p and p[1] and p[1][2] == BACKOFF) then return nil, nil end
+  local got = redis.call('XCLAIM', stream, group, holder, 0, id, 'JUSTID')
+  return #got > 0, nil
+end
+
 -- Move the delayed messages of DKEY/BODIES due at NOW into their level's stream, in due order,
 -- at most N and BYTES bytes of them (sized with HSTRLEN before anything is copied; ALONE: the
 -- first may be bigger, and moves alone; a big message's reference moves as field r, its body
@@ -81,8 +129,11 @@ end
 -- aside). LEVELS maps a level ('0', '3'...) to its stream key,
 -- one of the caller's KEYS; a member whose level is not there (not ours, or another
 -- priority_steps) goes to FIRST, the queue's first stream; one whose message is gone is
--- dropped. Returns (moved, streams written, error, bytes moved): on an error (a key holds
--- another type) the members moved so far are removed and the rest stay where they are.
+-- dropped. A retry's pointer (park_pointer) parks its entry with the holder instead, if its level's
+-- stream is among LEVELS (else the pointer goes, and reclaim gives the entry back after a
+-- lease). Returns (moved, ready index members to add: the streams written, and HELD ..
+-- stream for parked entries, error, bytes moved): on an error (a key holds another type) the
+-- members moved so far are removed and the rest stay where they are.
 local function promote(dkey, bodies, levels, first, now, n, bytes, alone)
   local due, err = try('ZRANGEBYSCORE', dkey, '-inf', now, 'LIMIT', 0, n)
   if err then return 0, {}, err, 0 end
@@ -100,7 +151,19 @@ local function promote(dkey, bodies, levels, first, now, n, bytes, alone)
   local streams, seen, done, moved = {}, {}, {}, 0
   for j, member in ipairs(take) do
     local payload = payloads[j]
-    if payload then
+    if not payload and string.match(member, '^%d+:%d+:b:') then  -- a retry's pointer
+      local stream = levels[string.match(member, '^%d+:(%d+):') or '']
+      local held, perr = nil, nil
+      if stream then held, perr = unpark(stream, member) end
+      if perr then err = perr .. ' (key ' .. stream .. ')'; break end
+      if held then
+        if not seen[HELD .. stream] then
+          seen[HELD .. stream] = true
+          streams[#streams + 1] = HELD .. stream
+        end
+        moved = moved + 1
+      end
+    elseif payload then
       local stream = levels[string.match(member, '^%d+:(%d+):') or ''] or first
       local _, xerr = try('XADD', stream, '*', unpack(entry_of(payload)))
       if xerr then err = xerr .. ' (key ' .. stream .. ')'; break end
@@ -117,4 +180,15 @@ local function promote(dkey, bodies, levels, first, now, n, bytes, alone)
     redis.call('HDEL', bodies, unpack(done))
   end
   return moved, streams, err, size
+end
+
+-- The queue's x-requeue-delay ("min_ms,max_ms") from its arguments hash ARGS, one HGET per
+-- call: (min_ms, max_ms), or nil without it (or a value that does not parse: limits.py checks
+-- what it stores), or (nil, nil, error) when ARGS holds another type.
+local function read_backoff(args)
+  local v, err = try('HGET', args, 'x-requeue-delay')
+  if err then return nil, nil, err end
+  local lo, hi = string.match(v or '', '^(%d+),(%d+)$')
+  if lo == nil or tonumber(hi) < 1 then return nil, nil, nil end
+  return tonumber(lo), tonumber(hi), nil
 end

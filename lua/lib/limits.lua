@@ -25,10 +25,12 @@ local function read_limit(args)
 end
 
 -- What a queue holds, counted against its limit: every entry of its STREAMS (ready and in
--- flight: an ack deletes its entry) plus its delayed messages (DKEY). O(levels): XLEN and
--- ZCARD are O(1), so the count is exact under every script without a counter to keep.
-local function held_count(streams, dkey)
-  local n = redis.call('ZCARD', dkey)
+-- flight: an ack deletes its entry) plus its delayed messages (the hash BODIES: a retry
+-- waiting with x-requeue-delay has a member in the delayed set but no value there, as it is
+-- still an entry of its stream). O(levels): XLEN and HLEN are O(1), so the count is exact
+-- under every script without a counter to keep.
+local function held_count(streams, bodies)
+  local n = redis.call('HLEN', bodies)
   for _, s in ipairs(streams) do n = n + redis.call('XLEN', s) end
   return n
 end
