@@ -8,11 +8,11 @@ ARGV[2]     consumer name: only entries it still owns are acked; one whose lease
             that another consumer took is left to that one. '' acks whoever owns them
             (operators)
 ARGV[3]     optional "b": free the bodies of big messages among the entries deleted (each
-            entry is looked up first); the pairs then start at ARGV[4]
-ARGV[3]     or "u" / "bu": the entries hold unique keys (x-unique-key), released when their
-            entry is deleted here (or kept until x-unique-ttl ms from now: throttle);
-            ARGV[4] m, the number of pairs, ARGV[5..4+m] the key of each pair in order ('':
-            none); the pairs then start at ARGV[5+m]. docs/design.rst, Unique keys
+            entry is looked up first); the pairs then start at ARGV[4]. Or "u" / "bu": the
+            entries hold unique keys (x-unique-key), each released when its entry is deleted
+            here (or kept until x-unique-ttl ms from now: throttle); then ARGV[4] is m, the
+            number of pairs, ARGV[5..4+m] the key of each pair in order ('': none), and the
+            pairs start at ARGV[5+m]. docs/design.rst, Unique keys
 ARGV[3..]   pairs: stream index k (1..n), entry id; -k: the consumer knows it still owns
             the entry (read or renewed less than half a lease ago by its clock): acked
             without the ownership lookup

@@ -3,7 +3,6 @@
 KEYS[1]   the stream that holds the entry
 KEYS[2]   the queue's dead-letter stream, ks:q:{name}:dlq (for a fanout group on Redis
           Cluster: ks:x:{ex}:dlq:<queue>)
-KEYS[3]   optional, with ARGV[7]: the queue's key store (hash), ks:q:{name}:unique
 ARGV[1]   consumer group (the queue's name)
 ARGV[2]   consumer name: the entry is set aside only while it owns it; one whose lease ran
           out and that another consumer took is left to that one. '' sets it aside whoever
@@ -13,8 +12,9 @@ ARGV[4]   reason (free text, e.g. the decoding error)
 ARGV[5]   delivery count so far
 ARGV[6]   "1" if KEYS[1] is a fanout stream (the entry is only acked there, and the stream
           trimmed), else "0"
-ARGV[7]   optional: the entry's unique key (x-unique-key), released when it is set aside
-          (docs/design.rst, Unique keys)
+          Optional, for an entry with a unique key (x-unique-key): KEYS[3] the queue's key
+          store (hash), ks:q:{name}:unique, and ARGV[7] the key, released when the entry is
+          set aside (docs/design.rst, Unique keys)
 Reply:    {moved, not owned}: moved is 1 if the entry was moved, 0 if it no longer exists
           (or, on a fanout stream, is not pending for this group); not owned is 1 when the
           consumer no longer owns it and it was left alone (0 for '')
