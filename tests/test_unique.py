@@ -283,11 +283,13 @@ class UniqueModel(RuleBasedStateMachine):
     order. After each step: at most one live message per key, and a publish is refused
     exactly when a live message holds its key (never a key left behind its message)."""
 
+    MODE: dict[str, str] = {}  # the queue's arguments
+
     def __init__(self) -> None:
         super().__init__()
         import fakeredis
         self.c = fakeredis.FakeRedis(server=fakeredis.FakeServer())
-        self.b = queue(self.c)
+        self.b = queue(self.c, **self.MODE)
         self.n = 0
         self.flight: dict[str, list[Any]] = {'c1': [], 'c2': []}
 
@@ -307,7 +309,10 @@ class UniqueModel(RuleBasedStateMachine):
                                delay=LATER if delayed else None,
                                expiration=0 if expired and not delayed else None,
                                unique_key=key)
-        assert (reply == DUPLICATE) == taken, (key, reply, self.live())
+        if self.MODE:  # replace: refused only while one lives; stored replaces a waiting one
+            assert reply != DUPLICATE or taken, (key, reply, self.live())
+        else:
+            assert (reply == DUPLICATE) == taken, (key, reply, self.live())
 
     @rule(consumer=st.sampled_from(['c1', 'c2']))
     def read(self, consumer: str) -> None:
@@ -349,3 +354,14 @@ class UniqueModel(RuleBasedStateMachine):
 
 TestUniqueModel = UniqueModel.TestCase
 TestUniqueModel.settings = PROPERTY
+
+
+class ReplaceModel(UniqueModel):
+    """The same sequences with x-unique-mode replace: still at most one live message per key
+    (a replaced one is gone), and a refusal only while one lives."""
+
+    MODE = {'x_unique_mode': 'replace'}
+
+
+TestReplaceModel = ReplaceModel.TestCase
+TestReplaceModel.settings = PROPERTY
