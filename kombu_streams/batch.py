@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 class Duplicate(NamedTuple):
     """A message of a batch its queue did not store: it had stored its id (``ident``)
-    within the queue's ``x-deduplication-window``."""
+    within the queue's ``x-deduplication-window``, or (``ident`` then is the key) a live
+    message of the queue held its ``x-unique-key`` (kombu_streams/unique.py)."""
 
     queue: str
     ident: str
@@ -87,8 +88,9 @@ class PublishBatch:
     def _duplicate(self, number: int, reply: Any, call: Call) -> None:
         """Note message ``number`` if publish.lua's ``reply`` says it was a duplicate."""
         args = call[2]
-        if len(args) == 11 and is_duplicate(reply):  # ARGV[11] the id, ARGV[4] the queue
-            queue, ident = str(args[3]), str(args[10])
+        # ARGV[11] the id, ARGV[12] a unique key (kombu_streams/unique.py), ARGV[4] the queue
+        if len(args) >= 11 and is_duplicate(reply):
+            queue, ident = str(args[3]), str(args[11] if len(args) == 12 else args[10])
             self.duplicates[number] = Duplicate(queue, ident)
             note(queue, ident)
 

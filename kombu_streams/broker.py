@@ -41,6 +41,7 @@ from .replies import Delivery, ReadResult, Ready, Reclaimed
 from .scripts import SCRIPTS, Call, run_after, run_calls
 from .state import Source
 from .text import text
+from .unique import COUNT_FIELD as UNIQUE_COUNT
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +144,15 @@ class Broker(Admin):
 
     def publish(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
                 delay: Delay | None = None, expiration: int | None = None,
-                dedup_id: str = '') -> bytes | None:
+                dedup_id: str = '', unique_key: str = '') -> bytes | None:
         return self.run(self.publish_call(queue, level, payload, routed, delay,
-                                          expiration=expiration, dedup_id=dedup_id))
+                                          expiration=expiration, dedup_id=dedup_id,
+                                          unique_key=unique_key))
 
     def publish_big(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
                     delay: Delay | None = None, wait: tuple[int, int] | None = None,
-                    expiration: int | None = None, dedup_id: str = '') -> Any:
+                    expiration: int | None = None, dedup_id: str = '',
+                    unique_key: str = '') -> Any:
         """Publish a big message (``big_message_bytes``): its body in the queue's big hash
         under a new token (HSET) and its entry, holding the token, by publish.lua, in one
         MULTI/EXEC (:func:`~kombu_streams.scripts.run_after`), so no script copies the body.
@@ -157,7 +160,7 @@ class Broker(Admin):
         token = uuid4().hex
         return run_after(self.client, self.store_big(queue, token, payload),
                          self.publish_call(queue, level, payload, routed, delay, token,
-                                           expiration, dedup_id), wait)
+                                           expiration, dedup_id, unique_key), wait)
 
     def bodies(self, queue: str, tokens: Sequence[Any]) -> list[bytes | None]:
         """The bodies of big messages of ``queue`` by token (None: gone), one HGET each and
@@ -190,6 +193,12 @@ class Broker(Admin):
         was a whole window without a publish that stored an id (lua/lib/dedup.lua)."""
         count = self.client.zscore(self.keys.dedup(queue), '')
         return int(-count) if count else 0
+
+    def unique_refused(self, queue: str) -> int:
+        """How many publishes ``queue`` did not store because a live message of it held
+        their x-unique-key (lua/lib/unique.lua; the count goes with the queue)."""
+        count = self.client.hget(self.keys.unique(queue), UNIQUE_COUNT)
+        return int(count) if count else 0
 
     def leave(self, sources: Sequence[Source], consumer: str) -> int:
         """``consumer`` leaves the groups of ``sources`` where it owns nothing (leave.lua,
@@ -300,16 +309,17 @@ class Broker(Admin):
 
     def ack(self, queue: str, entries: Iterable[tuple[str, Any]],
             exchange: str | None = None, consumer: str = ANY_OWNER,
-            big: bool | None = None) -> int:
+            big: bool | None = None, unique: Sequence[str] | None = None) -> int:
         """Acknowledge entries, given as (stream key, id): deleted from the queue's streams;
         on a fanout exchange's stream (``exchange``), trimmed once every group is done.
         ``consumer``: only those it still owns (the others are logged); ANY_OWNER: all.
         ``big``: look each entry up and free the bodies of big messages among them; by
         default for ANY_OWNER (an operator does not know which are big), in calls of at
-        most LOOKUP_CHUNK entries."""
+        most LOOKUP_CHUNK entries. ``unique``: the x-unique-key of each entry ('' none),
+        released with it (kombu_streams/unique.py)."""
         if big is None:
             big = consumer == ANY_OWNER
-        calls = self.ack_calls(queue, entries, exchange, consumer, big)
+        calls = self.ack_calls(queue, entries, exchange, consumer, big, unique)
         return self.settled(calls, self.run_all(calls), 'ack')
 
     def requeue(self, queue: str, entries: Iterable[tuple[Any, ...]],
@@ -341,12 +351,12 @@ class Broker(Admin):
 
     def dead_letter(self, queue: str, stream: str, entry_id: Any, reason: str,
                     deliveries: int, exchange: str | None = None,
-                    consumer: str = ANY_OWNER) -> int:
+                    consumer: str = ANY_OWNER, unique_key: str = '') -> int:
         """Set one delivered entry aside; ``exchange``: it sits in that fanout stream;
-        ``consumer``: only while it owns it (else logged); ANY_OWNER: whoever does.
-        1 if it was moved, else 0."""
+        ``consumer``: only while it owns it (else logged); ANY_OWNER: whoever does;
+        ``unique_key``: the key it holds, released with it. 1 if it was moved, else 0."""
         call = self.dead_letter_call(queue, stream, entry_id, reason, deliveries, exchange,
-                                     consumer)
+                                     consumer, unique_key)
         return self.settled([call], [self.run(call)], 'dead-letter')
 
 __all__ = ('Broker', 'LayoutMismatch', 'warn_unsettled', 'ANY_OWNER', 'CHUNK', 'GATED',

@@ -92,7 +92,8 @@ class Calls(ReadCalls):
 
     def publish_call(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
                      delay: Delay | None = None, token: str | None = None,
-                     expiration: int | None = None, dedup_id: str = '') -> Call:
+                     expiration: int | None = None, dedup_id: str = '',
+                     unique_key: str = '') -> Call:
         """The publish call. ``routed``: only if the queue exists (a copy routed by an
         exchange must not recreate a deleted queue). ``delay``: delayed delivery is on
         (messages already due are moved first, so this one never overtakes them), and when
@@ -100,7 +101,9 @@ class Calls(ReadCalls):
         (``payload``, not sent with this call) the same transaction stores in the queue's
         big hash under ``token`` (:meth:`store_big`). ``expiration``: the message's own TTL
         in ms (Kombu's ``expiration`` property), None for none. ``dedup_id``: the message's
-        deduplication id (kombu_streams/dedup.py), '' for none."""
+        deduplication id (kombu_streams/dedup.py), '' for none. ``unique_key``: the key
+        the message holds while it lives (kombu_streams/unique.py), '' for none: ARGV[12]
+        after the id, and the queue's key store after its KEYS (before the big hash)."""
         k = self.keys
         keys = list(self._publish_keys.get((queue, level)) or self._lay_out_publish(queue, level))
         args: list[Any] = [payload if token is None else f'r:{token}', '1' if routed else '0',
@@ -110,6 +113,9 @@ class Calls(ReadCalls):
             args += [delay.due, delay.threshold_ms, delay.label]
         if dedup_id:  # ARGV[11]; ARGV[8..10] '' where there is no due time
             args += [''] * (10 - len(args)) + [dedup_id]
+        if unique_key:  # ARGV[12], the id '' when there is none; its store, KEYS[9+L]
+            args += [''] * (11 - len(args)) + [unique_key]
+            keys.append(k.unique(queue))
         if token is not None:
             keys.append(k.big(queue))
         return SCRIPTS['publish'], keys, args
@@ -158,7 +164,8 @@ class Calls(ReadCalls):
         """One purge step: at most ``batch`` entries per stream (and of the delayed set);
         its reply is (purged, more)."""
         keys = self.streams(queue) + [self.keys.delayed(queue),
-                                      self.keys.delayed_messages(queue), self.keys.big(queue)]
+                                      self.keys.delayed_messages(queue), self.keys.big(queue),
+                                      self.keys.unique(queue)]
         return SCRIPTS['purge'], keys, [queue, HOLDER, batch]
 
     def delete_call(self, queue: str) -> Call:
@@ -166,7 +173,7 @@ class Calls(ReadCalls):
                                       self.keys.delayed(queue),
                                       self.keys.delayed_messages(queue), self.keys.args(queue),
                                       self.keys.counters(queue), self.keys.dedup(queue),
-                                      self.keys.big(queue),
+                                      self.keys.unique(queue), self.keys.big(queue),
                                       self.keys.dlq(queue)]
         return SCRIPTS['delete'], keys, []
 
@@ -326,12 +333,17 @@ class Calls(ReadCalls):
 
     def dead_letter_call(self, queue: str, stream: str, entry_id: Any, reason: str,
                          deliveries: int, exchange: str | None = None,
-                         consumer: str = ANY_OWNER) -> Call:
+                         consumer: str = ANY_OWNER, unique_key: str = '') -> Call:
         """The deadletter call; ``consumer``: only while it owns the entry (a channel's own
-        name); ANY_OWNER: whoever owns it."""
+        name); ANY_OWNER: whoever owns it. ``unique_key``: the key the message holds, released
+        as it is set aside."""
         dlq = self.keys.fanout_dlq(exchange, queue) if exchange else self.keys.dlq(queue)
-        return SCRIPTS['deadletter'], [stream, dlq], [queue, consumer, entry_id, reason,
-                                                      deliveries, '1' if exchange else '0']
+        keys, args = [stream, dlq], [queue, consumer, entry_id, reason, deliveries,
+                                     '1' if exchange else '0']
+        if unique_key and not exchange:
+            keys.append(self.keys.unique(queue))
+            args.append(unique_key)
+        return SCRIPTS['deadletter'], keys, args
 
     def dlq_purge_call(self, queue: str, through: str, batch: int = PAGE) -> Call:
         """One step of deleting a queue's dead letters up to id ``through`` (inclusive), at

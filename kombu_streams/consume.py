@@ -24,6 +24,7 @@ from .leases import ACK_DELAY
 from .scripts import Call, run_calls
 from .settle import ACK
 from .state import InFlight
+from .unique import unique_key
 
 logger = logging.getLogger('kombu_streams.channel')
 
@@ -238,7 +239,8 @@ class Consuming(virtual.Channel):
                     self.consumer_state.hold(tag, InFlight(delivery.queue, delivery.stream,
                                                   delivery.entry_id, delivery.deliveries,
                                                   delivery.exchange, sent_at,
-                                                  big=delivery.token is not None))
+                                                  big=delivery.token is not None,
+                                                  unique=unique_key(message)))
                     out.append((message, delivery.queue))
                 if failed is not None:
                     raise failed

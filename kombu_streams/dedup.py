@@ -71,6 +71,10 @@ def _v1_task_id(message: dict[str, Any]) -> str:
     return ''
 
 
+#: Public for kombu_streams/unique.py, whose keys are shortened the same way.
+short = _short
+
+
 def dedup_id(message: dict[str, Any]) -> str:
     """The id publish.lua deduplicates ``message`` (a Kombu envelope) by, '' for none: its
     ``x-deduplication-id`` header, else a Celery task's id (protocol 2: the ``id`` header of a

@@ -20,6 +20,8 @@ client would only rewrite the first one).
     <prefix>ks:q:{<queue>}:counters  counters (hash: expired), kombu-streams limits shows them
     <prefix>ks:q:{<queue>}:dedup     ids of messages stored within x-deduplication-window:
                                      id -> until when, unix ms (zset); lua/lib/dedup.lua
+    <prefix>ks:q:{<queue>}:unique    x-unique-key -> where its message is (hash);
+                                     lua/lib/unique.lua
     <prefix>ks:x:{<exchange>}:bindings   routing table (set of "rk<sep>pattern<sep>queue")
     <prefix>ks:x:{<exchange>}:deadlines  deadlines of bindings of expiring queues (zset)
     <prefix>ks:x:{<exchange>}:fanout     fanout stream, one consumer group per bound queue
@@ -151,6 +153,11 @@ class Keys:
     def dedup(self, queue: str) -> str:
         """The ids a queue with ``x-deduplication-window`` remembers (lua/lib/dedup.lua)."""
         return f'{self.queue_base(queue)}:dedup'
+
+    def unique(self, queue: str) -> str:
+        """A queue's key store (hash): the x-unique-key each live message holds
+        (lua/lib/unique.lua)."""
+        return f'{self.queue_base(queue)}:unique'
 
     def bindings(self, exchange: str) -> str:
         return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:bindings'

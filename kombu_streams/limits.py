@@ -17,6 +17,10 @@ from typing import Any
 
 import redis
 
+from .unique import MODE as UNIQUE_MODE
+from .unique import MODES as UNIQUE_MODES
+from .unique import TTL as UNIQUE_TTL
+
 #: The arguments kombu-streams stores and enforces, in the order they are stored.
 MAX_LENGTH, OVERFLOW = 'x-max-length', 'x-overflow'
 #: Message TTL in ms (RabbitMQ's x-message-ttl; Kombu's ``Queue(message_ttl=seconds)``):
@@ -38,7 +42,14 @@ NOT_YET = {
 DEDUP_WINDOW, DEDUP_MAX_IDS = 'x-deduplication-window', 'x-deduplication-max-ids'
 DEDUP_STORED = (DEDUP_WINDOW, DEDUP_MAX_IDS)
 #: Arguments stored as integers (shown as such by :func:`as_dict`).
-INTEGERS = (MAX_LENGTH, MESSAGE_TTL, *DEDUP_STORED)
+INTEGERS: tuple[str, ...] = (MAX_LENGTH, MESSAGE_TTL, *DEDUP_STORED)
+
+#: Unique keys (kombu_streams/unique.py, lua/lib/unique.lua): what a publish whose
+#: x-unique-key is taken does (keep-first, the default, or replace the waiting one), and how
+#: long (ms) the key stays taken after the ack (throttle). Stored after the deduplication
+#: arguments, in this order.
+UNIQUE_STORED = (UNIQUE_MODE, UNIQUE_TTL)
+INTEGERS = (*INTEGERS, UNIQUE_TTL)
 
 
 #: Retry backoff (lua/lib/delay.lua, docs/design.rst "Retry backoff"): 'min_ms,max_ms', RabbitMQ
@@ -116,6 +127,20 @@ def backoff_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
     return [REQUEUE_DELAY, f'{low},{high}']
 
 
+def unique_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
+    """The unique-key arguments of ``args`` checked, as stored: [] for neither; the mode one
+    of MODES, the ttl an integer >= 1 (ms)."""
+    pairs: list[str] = []
+    mode, ttl = args.get(UNIQUE_MODE), args.get(UNIQUE_TTL)
+    if mode is not None:
+        if mode not in UNIQUE_MODES:
+            raise _error(queue, UNIQUE_MODE, mode, ' or '.join(UNIQUE_MODES))
+        pairs += [UNIQUE_MODE, mode]
+    if ttl is not None:
+        pairs += [UNIQUE_TTL, str(_positive(queue, UNIQUE_TTL, ttl))]
+    return pairs
+
+
 def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
     """The limit arguments of ``arguments`` (other ones, such as x-expires or
     x-max-priority, are left to the code that reads them) checked and as declare.lua stores
@@ -142,7 +167,8 @@ def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
     ttl = args.get(MESSAGE_TTL)
     if ttl is not None:
         pairs += [MESSAGE_TTL, str(_count(queue, MESSAGE_TTL, ttl))]
-    return pairs + dedup_pairs(queue, args) + backoff_pairs(queue, args)
+    return (pairs + dedup_pairs(queue, args) + unique_pairs(queue, args)
+            + backoff_pairs(queue, args))
 
 
 def _count(queue: str, name: str, value: Any) -> int:
@@ -197,4 +223,5 @@ def check_option(value: Any) -> bool:
 
 __all__ = ('QueueFull', 'QueueArgumentsDiffer', 'stored_pairs', 'as_dict', 'STORED',
            'MAX_LENGTH', 'OVERFLOW', 'OVERFLOWS', 'MESSAGE_TTL', 'expiration_ms',
-           'DEDUP_WINDOW', 'DEDUP_MAX_IDS', 'dedup_pairs', 'REQUEUE_DELAY', 'backoff_pairs')
+           'DEDUP_WINDOW', 'DEDUP_MAX_IDS', 'dedup_pairs', 'UNIQUE_STORED', 'unique_pairs',
+           'REQUEUE_DELAY', 'backoff_pairs')

@@ -21,6 +21,8 @@ from .due import when as due_at
 from .limits import QueueFull, expiration_ms
 from .options import level_for
 from .scripts import Call, run_calls
+from .unique import note as note_unique
+from .unique import unique_key
 
 logger = logging.getLogger('kombu_streams.channel')
 
@@ -86,30 +88,32 @@ class Publishing(virtual.Channel):
         routed = kwargs.get('_routed', False)
         expiration = expiration_ms(message)
         ident = dedup_id(message)  # the queue's x-deduplication-window, if any, applies
+        key = unique_key(message)  # x-unique-key: stored only while none of the queue has it
         if self.big_message_bytes and len(payload) >= self.big_message_bytes:
-            self._publish_big(queue, level, payload, routed, delay, kwargs, expiration, ident)
+            self._publish_big(queue, level, payload, routed, delay, kwargs, expiration, ident,
+                              key)
             return
         reply = self._publish(self.broker.publish_call(queue, level, payload, routed=routed,
                                                        delay=delay, expiration=expiration,
-                                                       dedup_id=ident), kwargs)
-        if ident and is_duplicate(reply):
-            note(queue, ident)
+                                                       dedup_id=ident, unique_key=key), kwargs)
+        if (ident or key) and is_duplicate(reply):
+            _noted(queue, ident, key)
 
     def _publish_big(self, queue: str, level: int, payload: str, routed: bool,
                      delay: Delay | None, kwargs: dict[str, Any],
-                     expiration: int | None = None, ident: str = '') -> None:
+                     expiration: int | None = None, ident: str = '', key: str = '') -> None:
         """A big message: body and entry in one transaction of their own (Broker.publish_big);
         in a ``Producer.batch()`` too, after the calls added before it (their order kept)."""
         def publish() -> Any:
             reply = self.broker.publish_big(queue, level, payload, routed, delay,
-                                            self._replica_wait(), expiration, ident)
-            if ident and is_duplicate(reply):
-                note(queue, ident)
+                                            self._replica_wait(), expiration, ident, key)
+            if (ident or key) and is_duplicate(reply):
+                _noted(queue, ident, key)
             return reply
 
         batch = kwargs.get('_publish_batch')
         if batch is not None:
-            batch.run_alone(publish, queue, ident)
+            batch.run_alone(publish, queue, ident or key)
         else:
             publish()
 
@@ -155,6 +159,15 @@ class Publishing(virtual.Channel):
     if BATCH_PUBLISH:  # Kombu 5.7+: Producer.batch() asks for this (see compat.py)
         def create_publish_batch(self, max_size: int) -> PublishBatch:
             return PublishBatch(self, max_size)
+
+
+def _noted(queue: str, ident: str, key: str) -> None:
+    """Log a publish not stored (a duplicate reply): by its unique key when it has one (a
+    taken key refuses it whether or not the id was seen), else by its id."""
+    if key:
+        note_unique(queue, key)
+    else:
+        note(queue, ident)
 
 
 __all__ = ('Publishing', 'MessageTooLarge')

@@ -189,12 +189,14 @@ class ReadCalls(CallsBase):
 
     def ack_call(self, queue: str, entries: Iterable[tuple[str, Any]],
                  exchange: str | None = None, consumer: str = ANY_OWNER,
-                 big: bool = False) -> Call | None:
+                 big: bool = False, unique: Sequence[str] | None = None) -> Call | None:
         """The ack call, or None when there is nothing to ack. ``consumer``: only entries it
         still owns are acked (a channel's own name; an entry given as (stream, id, True) is one
         it surely still owns, acked without looking); ANY_OWNER: whoever owns them. ``big``:
         the entries may be big messages', whose bodies go with them (each entry is looked
-        up: a channel sends only its big messages' acks so, see ack.lua)."""
+        up: a channel sends only its big messages' acks so, see ack.lua). ``unique``: the
+        x-unique-key of each entry, in order ('' for none), released with it: a channel sends
+        only the acks of messages with a key so (kombu_streams/unique.py)."""
         if exchange:  # fanout messages are never stored apart
             ids = [entry_id for _, entry_id, *_ in entries]
             if not ids:
@@ -203,6 +205,10 @@ class ReadCalls(CallsBase):
         streams, pairs = self._ack_args(entries)
         if not pairs:
             return None
+        if unique:
+            keys = [*streams, self.keys.big(queue)] if big else streams
+            return (SCRIPTS['ack'], [*keys, self.keys.unique(queue)],
+                    [queue, consumer, 'bu' if big else 'u', len(unique), *unique, *pairs])
         if big:
             return SCRIPTS['ack'], [*streams, self.keys.big(queue)], [queue, consumer, 'b',
                                                                       *pairs]
@@ -210,12 +216,13 @@ class ReadCalls(CallsBase):
 
     def ack_calls(self, queue: str, entries: Iterable[tuple[str, Any]],
                   exchange: str | None = None, consumer: str = ANY_OWNER,
-                  big: bool = False) -> list[Call]:
+                  big: bool = False, unique: Sequence[str] | None = None) -> list[Call]:
         """The ack calls, one per CHUNK entries (each call's work stays bounded); with
         ``big`` one per LOOKUP_CHUNK (each entry is looked up, see :meth:`ack_call`)."""
         entries = list(entries)
         chunk = LOOKUP_CHUNK if big else CHUNK
-        calls = [self.ack_call(queue, entries[j:j + chunk], exchange, consumer, big)
+        calls = [self.ack_call(queue, entries[j:j + chunk], exchange, consumer, big,
+                               None if unique is None else unique[j:j + chunk])
                  for j in range(0, len(entries), chunk)]
         return [call for call in calls if call is not None]
 

@@ -118,7 +118,7 @@ class Settling(virtual.Channel):
         lease, now = self.visibility_timeout, monotonic()
         for msg in taken:
             if (msg.stream in mergeable and msg.exchange is None and not msg.big
-                    and len(merged) < CHUNK):
+                    and not msg.unique and len(merged) < CHUNK):
                 merged.append((msg.queue, msg.stream, msg.entry_id,
                                msg.surely_held(lease, now)))
             else:
@@ -133,10 +133,19 @@ class Settling(virtual.Channel):
         which free their bodies (never riding with a read), so ordinary acks cost nothing
         more."""
         me, lease, now = self.consumer_name, self.visibility_timeout, monotonic()
-        plain = [(m.stream, m.entry_id, m.surely_held(lease, now)) for m in msgs if not m.big]
-        big = [(m.stream, m.entry_id, m.surely_held(lease, now)) for m in msgs if m.big]
-        return (self.broker.ack_calls(queue, plain, exchange, me)
-                + self.broker.ack_calls(queue, big, exchange, me, big=True))
+        plain = [(m.stream, m.entry_id, m.surely_held(lease, now)) for m in msgs
+                 if not m.big and not (m.unique and exchange is None)]
+        big = [(m.stream, m.entry_id, m.surely_held(lease, now)) for m in msgs
+               if m.big and not (m.unique and exchange is None)]
+        calls = (self.broker.ack_calls(queue, plain, exchange, me)
+                 + self.broker.ack_calls(queue, big, exchange, me, big=True))
+        if exchange is None:  # messages with a unique key: their acks release it
+            for is_big in (False, True):
+                keyed = [m for m in msgs if m.unique and m.big == is_big]
+                calls += self.broker.ack_calls(
+                    queue, [(m.stream, m.entry_id, m.surely_held(lease, now)) for m in keyed],
+                    None, me, big=is_big, unique=[m.unique for m in keyed])
+        return calls
 
     def _merged_calls(self, merged: list[tuple[str, str, bytes, bool]]) -> list[Call]:
         """Ack calls for acks that were to ride with a read that did not run."""
@@ -179,19 +188,19 @@ class Settling(virtual.Channel):
             elif mode == ACK:
                 calls += self._acks_of(queue, exchange, [m for m, _ in group])
             else:
-                calls += [self.broker.dead_letter_call(queue, stream, entry_id, reason,
-                                                       deliveries, exchange, me)
-                          for stream, entry_id, deliveries in entries]
+                calls += [self.broker.dead_letter_call(queue, m.stream, m.entry_id, reason,
+                                                       deliveries, exchange, me, m.unique)
+                          for m, deliveries in group]
         return self.broker.settled(calls, self.broker.run_all(calls), mode)
 
     def _set_aside(self, queue: str, stream: str, entry_id: bytes, deliveries: int,
-                   exchange: str | None, reason: str) -> None:
+                   exchange: str | None, reason: str, unique: str = '') -> None:
         """Move an entry this channel read to its queue's dead-letter stream, logging why."""
         logger.error('kombu-streams: moving entry %s of %s to the dead-letter stream of %r: %s',
                      bytes_to_str(entry_id), stream, queue, reason)
         try:
             self.broker.dead_letter(queue, stream, entry_id, reason[:1000], deliveries,
-                                    exchange, self.consumer_name)
+                                    exchange, self.consumer_name, unique)
         except Exception as exc:  # e.g. OOM: it stays pending and is reclaimed later
             logger.error('kombu-streams: could not dead-letter entry %s of %s: %r',
                          bytes_to_str(entry_id), stream, exc)
@@ -211,7 +220,7 @@ class Settling(virtual.Channel):
             self.qos._quick_ack(tag)  # gone from the prefetch count
         logger.error('kombu-streams: the consumer callback raised %r', exc, exc_info=exc)
         self._set_aside(msg.queue, msg.stream, msg.entry_id, msg.deliveries,
-                        msg.exchange, f'consumer callback raised {exc!r}')
+                        msg.exchange, f'consumer callback raised {exc!r}', msg.unique)
 
     def _requeue_delivered(self, tags: list[str]) -> int:
         """Requeue delivered messages together with the read-ahead of their queues, so the

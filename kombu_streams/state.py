@@ -59,6 +59,9 @@ class InFlight:
     #: a big message (its body in the queue's big hash): its ack frees the body, in an ack
     #: call of its own (ordinary acks cost no command more for it)
     big: bool = False
+    #: its x-unique-key ('' none): its ack or dead letter releases it, in a call of its own
+    #: (kombu_streams/unique.py)
+    unique: str = ''
 
 
 T = TypeVar('T')

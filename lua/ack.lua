@@ -1,13 +1,18 @@
 --[[ ack: acknowledge delivered messages of ONE queue and delete them.
 
 KEYS[1..n]  streams of the queue (one hash slot) that hold the messages
-KEYS[n+1]   only with ARGV[3] "b": the queue's big messages (hash), ks:q:{queue}:big
+KEYS[n+1]   only with ARGV[3] "b" or "bu": the queue's big messages (hash), ks:q:{queue}:big
+KEYS[#]     only with ARGV[3] "u" or "bu": the queue's key store (hash), ks:q:{queue}:unique
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     consumer name: only entries it still owns are acked; one whose lease ran out and
             that another consumer took is left to that one. '' acks whoever owns them
             (operators)
 ARGV[3]     optional "b": free the bodies of big messages among the entries deleted (each
-            entry is looked up first); the pairs then start at ARGV[4]
+            entry is looked up first); the pairs then start at ARGV[4]. Or "u" / "bu": the
+            entries hold unique keys (x-unique-key), each released when its entry is deleted
+            here (or kept until x-unique-ttl ms from now: throttle); then ARGV[4] is m, the
+            number of pairs, ARGV[5..4+m] the key of each pair in order ('': none), and the
+            pairs start at ARGV[5+m]. docs/design.rst, Unique keys
 ARGV[3..]   pairs: stream index k (1..n), entry id; -k: the consumer knows it still owns
             the entry (read or renewed less than half a lease ago by its clock): acked
             without the ownership lookup
@@ -24,13 +29,22 @@ each) and one HDEL. Acking twice is harmless; only delivered entries are deleted
 the bodies of entries this call deleted are freed. See docs/design.rst (Leases, Big messages).
 ]]
 --@include common
-local big = ARGV[3] == 'b'
+--@include unique
+local big = ARGV[3] == 'b' or ARGV[3] == 'bu'
 local first = big and 4 or 3
-local n = big and #KEYS - 1 or #KEYS  -- the streams
-local bad = check_args('ack', n >= 1, #ARGV >= first + 1 and (#ARGV - first) % 2 == 1,
-                       'KEYS: streams[, big hash]; ARGV: group, consumer[, "b"], then pairs: ' ..
-                       'stream index, id')
+-- unique keys: ARGV[4] m, then m keys, then the m pairs (docs/design.rst, Unique keys)
+local keyed, m = ARGV[3] == 'u' or ARGV[3] == 'bu', 0
+if keyed then
+  m = tonumber(ARGV[4]) or -1
+  first = 5 + m
+end
+local n = #KEYS - (big and 1 or 0) - (keyed and 1 or 0)  -- the streams
+local bad = check_args('ack', n >= 1, #ARGV >= first + 1 and (#ARGV - first) % 2 == 1
+                       and (not keyed or (m >= 1 and #ARGV == 4 + 3 * m)),
+                       'KEYS: streams[, big hash][, key store]; ARGV: group, consumer[, "b", ' ..
+                       '"u" or "bu"[, m, m keys]], then pairs: stream index, id')
 if bad then return bad end
+local bigkey, ustore = KEYS[n + 1], KEYS[#KEYS]
 local group, me = ARGV[1], ARGV[2]
 local pairs_of, order, at = ack_pairs(first, n)
 if not pairs_of then
@@ -42,7 +56,7 @@ end
 -- with trusted acks only gets a TYPE when another stream comes before or after it (alone,
 -- its XACK is the first write, and fails alone).
 local stale = 0
-local wrong = big and wrong_type(KEYS[#KEYS], 'hash')
+local wrong = (big and wrong_type(bigkey, 'hash')) or (keyed and wrong_type(ustore, 'hash'))
 if wrong then return redis.error_reply(wrong) end
 local by_stream = {}
 for _, k in ipairs(order) do
@@ -66,15 +80,27 @@ if big then
     end
   end
 end
-local done, free = 0, {}
+local done, free, gone = 0, {}, {}
 for _, k in ipairs(order) do
-  local deleted = big and {} or nil
+  local deleted = (big or keyed) and {} or nil
   done = done + ack_ids(KEYS[k], group, by_stream[k], deleted)
+  gone[k] = deleted
   for id, token in pairs(tokens[k] or {}) do
     if deleted[id] then free[#free + 1] = token end
   end
 end
 for j = 1, #free, 1000 do  -- unpack() has a limit
-  redis.call('HDEL', KEYS[#KEYS], unpack(free, j, math.min(j + 999, #free)))
+  redis.call('HDEL', bigkey, unpack(free, j, math.min(j + 999, #free)))
+end
+if keyed then  -- the key of each entry deleted here is free (or throttled) from now on
+  local now = now_ms()
+  for j = 1, m do
+    local at = first + 2 * (j - 1)
+    local k = math.abs(tonumber(ARGV[at]))
+    if ARGV[4 + j] ~= '' and gone[k][ARGV[at + 1]] then
+      unique_release(ustore, ARGV[4 + j], string.match(KEYS[k], ':(%d+)$') or '0',
+                     ARGV[at + 1], true, now)
+    end
+  end
 end
 return {done, stale}

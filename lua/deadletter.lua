@@ -12,6 +12,9 @@ ARGV[4]   reason (free text, e.g. the decoding error)
 ARGV[5]   delivery count so far
 ARGV[6]   "1" if KEYS[1] is a fanout stream (the entry is only acked there, and the stream
           trimmed), else "0"
+          Optional, for an entry with a unique key (x-unique-key): KEYS[3] the queue's key
+          store (hash), ks:q:{name}:unique, and ARGV[7] the key, released when the entry is
+          set aside (docs/design.rst, Unique keys)
 Reply:    {moved, not owned}: moved is 1 if the entry was moved, 0 if it no longer exists
           (or, on a fanout stream, is not pending for this group); not owned is 1 when the
           consumer no longer owns it and it was left alone (0 for '')
@@ -21,9 +24,16 @@ consumer, one XPENDING of its own entry. See docs/design.rst (Delivery counts an
 letters, Leases).
 ]]
 --@include common
-local bad = check_args('deadletter', #KEYS == 2, #ARGV == 6, 'KEYS: stream, dead-letter ' ..
-                       'stream; ARGV: group, consumer, id, reason, count, shared')
+--@include unique
+local ukey = ARGV[7]
+local bad = check_args('deadletter', #KEYS == (ukey and 3 or 2), #ARGV == 6 or #ARGV == 7,
+                       'KEYS: stream, dead-letter stream[, key store]; ARGV: group, ' ..
+                       'consumer, id, reason, count, shared[, unique key]')
 if bad then return bad end
+if ukey then  -- before the first write (see wrong_type)
+  local wrong = wrong_type(KEYS[3], 'hash')
+  if wrong then return redis.error_reply(wrong) end
+end
 local key, group, me, id, shared = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[6] == '1'
 local owned, stale, oerr = owned_ids(key, group, me, {id})
 if oerr then return redis.error_reply(oerr) end
@@ -43,4 +53,7 @@ end
 local err = dead_letter(key, group, id, found[1][2], KEYS[2], ARGV[4], ARGV[5], shared)
 if err then return redis.error_reply(err) end
 if shared then trim_shared(key) end
+if ukey and ukey ~= '' then
+  unique_release(KEYS[3], ukey, string.match(key, ':(%d+)$') or '0', id, false, 0)
+end
 return {1, 0}

@@ -28,9 +28,13 @@ ARGV[8]   optional, with ARGV[6] "1": due at "@<unix ms>" or "+<ms from now>"; "
 ARGV[9]   with a due time in ARGV[8]: threshold in ms: a message due sooner is published now
 ARGV[10]  optional, with ARGV[9]: a label for operators (Celery's task id), may be ""
 ARGV[11]  optional (ARGV[8..10] then given, "" where unused): the message's deduplication id
+ARGV[12]  optional (ARGV[8..11] then given, "" where unused): the message's unique key
+          (x-unique-key); then KEYS[9+L] is the queue's key store (hash), ks:q:{celery}:unique,
+          before the big hash
 Reply:    the new entry id; "delayed:<member>" when kept until due; nil when ARGV[2] is "1"
           and the queue does not exist; "duplicate" when the queue has x-deduplication-window
-          and stored a message with the id of ARGV[11] within it (nothing stored)
+          and stored a message with the id of ARGV[11] within it, or when a live message of
+          the queue holds the key of ARGV[12] (nothing stored; docs/design.rst, Unique keys)
 Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "publish: no
           body" (a big message's token is not in KEYS[#]); "QUEUEFULL ..." (x-overflow
           reject-publish, or drop-head with nothing ready to set aside: nothing stored);
@@ -48,16 +52,19 @@ arguments and limits, Message TTL, Duplicates).
 --@include limits
 --@include expiry
 --@include dedup
+--@include unique
 local big = string.sub(ARGV[1] or '', 1, 2) == 'r:'  -- the body is in the big hash
 local nk = #KEYS - (big and 1 or 0)
 local nl = tonumber(ARGV[3] or '')
-local bad = check_args('publish', nl ~= nil and nl >= 1 and nk == 8 + nl,
-                       #ARGV == 7 or (#ARGV == 11 and (ARGV[6] == '1' or ARGV[8] == ''))
+local keyed = #ARGV == 12  -- a unique key: KEYS[9+L] its store (docs: Unique keys)
+local bad = check_args('publish', nl ~= nil and nl >= 1 and nk == 8 + nl + (keyed and 1 or 0),
+                       #ARGV == 7 or ((#ARGV == 11 or keyed) and (ARGV[6] == '1' or ARGV[8] == ''))
                        or (ARGV[6] == '1' and ((#ARGV == 8 and ARGV[8] == '')
                                               or #ARGV == 9 or #ARGV == 10)),
                        '7 keys, the L streams and the id store (one more, the big hash, ' ..
                        'with "r:<token>"); 7 args, or with delayed delivery 8 to 10 (a due ' ..
-                       'time needs ARGV[9]), or 11 with an id')
+                       'time needs ARGV[9]), or 11 with an id, 12 with a unique key (and ' ..
+                       'its store)')
 if bad then return bad end
 local stream, wake, ready, argkey, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local store, dedup_id = KEYS[8 + nl], ARGV[11]
@@ -134,6 +141,42 @@ end
 local function remember()
   if dedup_now then dedup_remember(store, dedup_id, dedup_now, window, argkey, first) end
 end
+-- Unique keys (docs/design.rst, "Unique keys"): a message whose x-unique-key a live message
+-- of the queue holds is refused (a duplicate), or replaces that one while it waits
+-- (x-unique-mode replace). After the id store: a retried publish is a duplicate first.
+local ukey, ustore, ustate, uref, ua, ub, uttl = ARGV[12], nil, nil, nil, nil, nil, 0
+if ukey == '' then ukey = nil end
+if ukey then
+  ustore = KEYS[9 + nl]
+  local levels = {}
+  for i = 8, 7 + nl do levels[string.match(KEYS[i], ':(%d+)$') or ''] = KEYS[i] end
+  local conf = redis.call('HMGET', argkey, UNIQUE_MODE, UNIQUE_TTL)  -- its type: read_limit
+  uttl = math.max(math.floor(tonumber(conf[2]) or 0), 0)
+  local uerr
+  ustate, uref, ua, ub, uerr = unique_holder(ustore, ukey, levels, KEYS[6], group,
+                                             dedup_now or now_ms())
+  if not uerr and ustate and conf[1] == 'replace' then
+    local ok
+    ok, uerr = unique_replaceable(ustate, ua, KEYS[7])
+    if ok then ustate = 'replace ' .. ustate end
+  end
+  if uerr then return refuse(redis.error_reply(uerr)) end
+  if ustate and string.sub(ustate, 1, 8) ~= 'replace ' then
+    redis.call('HINCRBY', ustore, UNIQUE_COUNT, 1)
+    return refuse('duplicate')
+  end
+end
+-- Called once the message is stored (entry ID, or delayed MEMBER): it holds the key now, and
+-- the one it replaces goes (after: no refusal can follow, so nothing is lost).
+local function hold(id, member)
+  if not ukey then return end
+  if ustate then unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7]) end
+  unique_hold(ustore, ukey, uttl, string.match(stream, ':(%d+)$') or '0', id, member, uref)
+  if redis.call('PTTL', ustore) == -1 then  -- an expiring queue's store goes with it
+    local ttl = redis.call('PTTL', first)
+    if ttl > 0 then redis.call('PEXPIRE', ustore, ttl) end
+  end
+end
 if limit then  -- what else refuses the publish, before drop-head sets anything aside
   if dkey and due_arg and due_arg ~= '' and tonumber(string.sub(due_arg, 2)) == nil then
     return refuse(redis.error_reply('publish: bad due time ' .. due_arg))
@@ -206,6 +249,7 @@ local function keep_delayed(due)
   if earliest and redis.call('ZADD', wake, 0, 'w') == 1 then new[#new + 1] = wake end
   expire_new(new)
   remember()
+  hold(nil, member)
   return 'delayed:' .. member
 end
 
@@ -255,4 +299,5 @@ if marks == nil or marks[1] == 0 then
 end
 expire_new(new)
 remember()
+hold(id, nil)
 return id

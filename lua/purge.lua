@@ -4,6 +4,9 @@ KEYS[1..n]  all streams of ONE queue (one per priority level)
 KEYS[n+1]   the queue's delayed set
 KEYS[n+2]   the queue's delayed messages
 KEYS[n+3]   the queue's big messages (hash): the bodies of those deleted are deleted too
+KEYS[n+4]   the queue's key store (hash, x-unique-key): the keys of the delayed messages deleted
+            are released (a stream entry's key is free once its entry is gone: docs/design.rst,
+            Unique keys)
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
 ARGV[3]     batch: the most entries to delete from each stream (and the delayed set)
@@ -20,16 +23,18 @@ to be a big message's reference. See docs/design.rst (Leases, Big messages).
 ]]
 --@include common
 --@include delay
-local bad = check_args('purge', #KEYS >= 4, #ARGV == 3,
-                       'KEYS: streams, delayed set, delayed messages, big messages; ARGV: ' ..
-                       'group, holder, batch')
+--@include unique
+local bad = check_args('purge', #KEYS >= 5, #ARGV == 3,
+                       'KEYS: streams, delayed set, delayed messages, big messages, key ' ..
+                       'store; ARGV: group, holder, batch')
 if bad then return bad end
 local group, holder, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local purged, more = 0, 0
-local n = #KEYS - 3
-local dkey, bodies, big = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3]
+local n = #KEYS - 4
+local dkey, bodies, big, ustore = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], KEYS[n + 4]
 -- every key is checked first (see wrong_type): no delayed messages gone, then an error
 bad = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash') or wrong_type(big, 'hash')
+  or wrong_type(ustore, 'hash')
 bad = bad or wrong_streams(1, n)
 if bad then return redis.error_reply(bad) end
 local has_big = redis.call('EXISTS', big) == 1
@@ -69,6 +74,9 @@ if #delayed > 0 then
     for _, token in ipairs(delayed_tokens(bodies, delayed)) do free[#free + 1] = token end
   end
   redis.call('ZREM', dkey, unpack(delayed))
+  if redis.call('EXISTS', ustore) == 1 then  -- one command per call without unique keys
+    for _, member in ipairs(delayed) do unique_release_delayed(ustore, member) end
+  end
   redis.call('HDEL', bodies, unpack(delayed))
   purged = purged + #delayed
   if #delayed >= batch then more = 1 end

@@ -30,8 +30,8 @@ MINIMAL = {
     'cancel': ([K.delayed(Q), K.delayed_messages(Q), K.big(Q)], ['0', 10]),
     'deadletter': ([S0, K.dlq(Q)], [Q, 'c1', '1-1', 'why', 1, '0']),
     'declare': ([S0, K.args(Q)], [Q]),
-    'delete': ([S0, *QUEUE_KEYS[:4], K.args(Q), K.counters(Q), K.dedup(Q), K.big(Q), K.dlq(Q)],
-               []),
+    'delete': ([S0, *QUEUE_KEYS[:4], K.args(Q), K.counters(Q), K.dedup(Q), K.unique(Q),
+                K.big(Q), K.dlq(Q)], []),
     'dlq_purge': ([K.dlq(Q), K.big(Q)], ['1-0', 10]),
     'fanout_ack': ([FAN], [Q, 'c1', '1-1']),
     'fanout_publish': ([FAN, K.deadlines(X)], ['m']),
@@ -44,7 +44,8 @@ MINIMAL = {
     'peek': ([S0], [Q, HOLDER, 1, 1, 'h', '']),
     'limits': ([K.args(Q), S0, K.counters(Q)], ['get']),
     'publish': (PUBLISH_KEYS, ['m', '0', 1, Q, HOLDER, '0', '']),
-    'purge': ([S0, K.delayed(Q), K.delayed_messages(Q), K.big(Q)], [Q, HOLDER, 10]),
+    'purge': ([S0, K.delayed(Q), K.delayed_messages(Q), K.big(Q), K.unique(Q)],
+              [Q, HOLDER, 10]),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q)],
              ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 0]),
     'reclaim': ([FAN, FWAKE], [Q, HOLDER, 1000, 100, 0, '-']),
@@ -73,6 +74,13 @@ LARGER = {
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q)],
              ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 1, 1, '1-1']),
 }
+#: With a unique key (x-unique-key): its store in KEYS and the key in ARGV, one layout more.
+KEYED = {
+    'publish': ([*PUBLISH_KEYS, K.unique(Q)], ['m', '0', 1, Q, HOLDER, '0', '', '', '', '', '',
+                                               'k']),
+    'ack': ([S0, K.unique(Q)], [Q, 'c1', 'u', 1, 'k', 1, '1-1']),
+    'deadletter': ([S0, K.dlq(Q), K.unique(Q)], [Q, 'c1', '1-1', 'why', 1, '0', 'k']),
+}
 
 
 def too_few(keys, args, every_prefix=True):
@@ -93,13 +101,16 @@ def test_too_few_keys_or_args_give_an_error_naming_the_script(fake_client, name)
     cases = too_few(keys, args)
     if name in LARGER:
         cases += too_few(*LARGER[name], every_prefix=False)
+    if name in KEYED:
+        cases += too_few(*KEYED[name], every_prefix=False)
     assert cases
     for what, k, a in cases:
         with pytest.raises(ResponseError) as info:
             SCRIPTS[name](fake_client, k, a)
         assert str(info.value).startswith(f'{name}: expected '), (what, str(info.value))
     # the layouts themselves are accepted
-    for k, a in [MINIMAL[name], *([LARGER[name]] if name in LARGER else [])]:
+    for k, a in [MINIMAL[name], *([LARGER[name]] if name in LARGER else []),
+                 *([KEYED[name]] if name in KEYED else [])]:
         SCRIPTS[name](fake_client, k, a)
 
 

@@ -58,6 +58,14 @@ def _backoff(c: Any) -> None:
     c.hset(K.args('q'), 'x-requeue-delay', '1000,60000')
 
 
+def _unique(c: Any, mode: str = '') -> None:
+    """Queue q's key 'held' is held by its oldest entry of level 9, still ready."""
+    first = c.xrange(K.stream('q', 9), count=1)[0][0].decode()
+    c.hset(K.unique('q'), mapping={'k:held': f's:0:9:{first}', 'n': 1})
+    if mode:
+        c.hset(K.args('q'), 'x-unique-mode', mode)
+
+
 def member(queue: str, routing_key: str = '') -> str:
     return SEP.join([routing_key, '', queue])
 
@@ -221,6 +229,20 @@ CASES = {
     'requeue-backoff': (lambda b, f: b.requeue_calls(
         'q', [(f['renew'][0], f['renew'][1][0])], None, 'c1')[0], _backoff),
     'reclaim-backoff': (lambda b, f: b.reclaim_call('q', 0, 100)[0], _backoff),
+    # x-unique-key: a free key, a taken one (refused, counted), one replacing a ready message
+    'publish-unique': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay(),
+                                                   unique_key='new'), _unique),
+    'publish-unique-delayed': (lambda b, f: b.publish_call(
+        'q', 6, P, delay=Delay('+600000', 1000, 'later'), unique_key='new'), _unique),
+    'publish-unique-duplicate': (lambda b, f: b.publish_call(
+        'q', 3, P, routed=True, delay=Delay(), unique_key='held'), _unique),
+    'publish-unique-replace': (lambda b, f: b.publish_call(
+        'q', 3, P, routed=True, delay=Delay(), unique_key='held'),
+        lambda c: _unique(c, 'replace')),
+    'ack-unique': (lambda b, f: b.ack_calls('q', [(f['renew'][0], f['renew'][1][0])], None,
+                                            'c1', unique=['held'])[0], _unique),
+    'deadletter-unique': (lambda b, f: b.dead_letter_call(
+        'q', f['renew'][0], f['renew'][1][0], 'why', 1, None, 'c1', 'held'), _unique),
     'wake': (lambda b, f: b.give_back_call(
         FANOUT_SOURCES, {('q', 'f'): member('q'), ('s', 'f'): member('s')}), _popped),
 }
@@ -256,6 +278,14 @@ UNTOUCHED.add(('publish-dedup-duplicate', 0))
 UNTOUCHED.add(('publish-dedup-duplicate', 1))
 #: A queue without x-requeue-delay never looks at its delayed keys in requeue and reclaim.
 UNTOUCHED |= {('requeue', 4), ('reclaim', 7)}
+#: With a unique key (its store at 11): a free key touches what the same publish without one
+#: does; a taken one looks at its holder's stream (9) and stores nothing (0); replacing it
+#: deletes that entry.
+UNTOUCHED |= {(f'publish-unique{tail}', i) for tail, like in (
+    ('', 'publish'), ('-delayed', 'publish-delayed'), ('-duplicate', 'publish'),
+    ('-replace', 'publish')) for case, i in set(UNTOUCHED) if case == like}
+UNTOUCHED -= {('publish-unique-duplicate', 9), ('publish-unique-replace', 9)}
+UNTOUCHED |= {('publish-unique-duplicate', 0), ('publish-unique-duplicate', 1)}  # 1: see above
 
 _DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': ['1-1']}
 
@@ -270,7 +300,8 @@ POSITIONS = [(name, i) for name in sorted(CASES) for i in range(len(_keys(name))
 _TAILS = [(r':\d+', 'stream'), (r':wake(:.*)?', 'zset'), (r':ready', 'set'),
           (r':delayed', 'zset'), (r':delayed:m', 'hash'), (r':dlq(:.*)?', 'stream'),
           (r':bindings', 'set'), (r':deadlines', 'zset'), (r':fanout', 'stream'),
-          (r':big', 'hash'), (r':args', 'hash'), (r':counters', 'hash'), (r':dedup', 'zset')]
+          (r':big', 'hash'), (r':args', 'hash'), (r':counters', 'hash'), (r':dedup', 'zset'),
+          (r':unique', 'hash')]
 _OTHERS = {'kq': 'list', 'unacked': 'hash', 'unacked_index': 'zset', K.layout(): 'string'}
 
 

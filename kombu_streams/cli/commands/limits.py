@@ -27,7 +27,7 @@ def _assignments(pairs: list[str]) -> dict[str, Any]:
 
 
 def limits_text(queue: str, arguments: dict[str, Any], counters: dict[str, int],
-                duplicates: int = 0) -> str:
+                duplicates: int = 0, unique_refused: int = 0) -> str:
     text = f'{queue}: no limits'
     if arguments:
         text = f'{queue}: ' + ' '.join(f'{k}={v}' for k, v in sorted(arguments.items()))
@@ -35,6 +35,8 @@ def limits_text(queue: str, arguments: dict[str, Any], counters: dict[str, int],
         text += ' (' + ', '.join(f'{v} {k}' for k, v in sorted(counters.items())) + ')'
     if DEDUP_WINDOW in arguments:
         text += f' (duplicates not stored: {duplicates})'
+    if unique_refused:  # publishes whose x-unique-key was taken (lua/lib/unique.lua)
+        text += f' (unique keys refused: {unique_refused})'
     return text
 
 
@@ -52,7 +54,11 @@ def cmd_limits(args: argparse.Namespace, broker: Broker) -> int:
     data: dict[str, Any] = {'queue': args.queue, 'arguments': arguments, 'counters': counters}
     if DEDUP_WINDOW in arguments:  # publishes not stored as duplicates (lua/lib/dedup.lua)
         data['duplicates'] = broker.duplicates(args.queue)
-    emit(args, data, limits_text(args.queue, arguments, counters, data.get('duplicates', 0)))
+    refused = broker.unique_refused(args.queue)
+    if refused:
+        data['unique_refused'] = refused
+    emit(args, data, limits_text(args.queue, arguments, counters, data.get('duplicates', 0),
+                                 refused))
     return OK
 
 

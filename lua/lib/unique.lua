@@ -1,0 +1,135 @@
+-- Unique until done (a library, included after common): a message with the header
+-- x-unique-key is stored only while no other message with that key is alive in its queue.
+-- Why and what it costs: docs/design.rst, "Unique keys".
+-- KEYS: none of its own. Each function takes the keys it touches (the queue's key store, its
+-- streams, its delayed set) from its caller, which has them in its KEYS with the queue's tag.
+--
+-- The key store, ks:q:{q}:unique (hash):
+--   "k:<key>"     -> where the message holding the key is: "s:<ttl>:<level>:<entry id>" (a
+--                    stream entry), "d:<ttl>:<member>" (a delayed message), or "t:<until>"
+--                    (acked, throttled until that unix ms); <ttl> is x-unique-ttl when it
+--                    was published (0: none)
+--   "d:<member>"  -> the key of that delayed message (so purge frees the key it deletes)
+--   UNIQUE_COUNT  -> the number of publishes refused because their key was taken
+
+local UNIQUE_COUNT = 'n'
+local UNIQUE_MODE, UNIQUE_TTL = 'x-unique-mode', 'x-unique-ttl'
+
+-- The parts of reference REF: kind ('s', 'd' or 't'), then for 's' (ttl, level, id), for 'd'
+-- (ttl, member), for 't' (until).
+local function unique_parse(ref)
+  local kind = string.sub(ref, 1, 1)
+  if kind == 't' then return kind, tonumber(string.sub(ref, 3)) end
+  local ttl, rest = string.match(ref, '^%a:(%d+):(.*)$')
+  if kind == 's' then
+    local level, id = string.match(rest or '', '^(%d+):(.+)$')
+    return kind, tonumber(ttl), level, id
+  end
+  return kind, tonumber(ttl), rest
+end
+
+-- Where the message that holds KEY in STORE is, found by looking at it (so a key whose message
+-- is gone, however it went, is free): nil (free), 'throttled', 'delayed' (member), 'ready'
+-- (stream key, id: not delivered yet), 'taken' (delivered and not settled, or parked with
+-- the holder, or a big message: never replaced). LEVELS maps a
+-- level to its stream key; DKEY is the delayed set, GROUP the queue's group; NOW unix ms.
+-- Returns (state, ref, a, b) or (nil, nil, nil, nil, error). O(1) commands: an HGET, then
+-- an XRANGE of one id and XINFO GROUPS (one group), or a ZSCORE.
+local function unique_holder(store, key, levels, dkey, group, now)
+  local ref, err = try('HGET', store, 'k:' .. key)
+  if err then return nil, nil, nil, nil, err end
+  if not ref then return nil end
+  local kind, a, b, c = unique_parse(ref)
+  if kind == 't' then
+    if a and a > now then return 'throttled', ref end
+    return nil, ref
+  end
+  if kind == 'd' then
+    local score, zerr = try('ZSCORE', dkey, b)
+    if zerr then return nil, nil, nil, nil, zerr end
+    if score then return 'delayed', ref, b end
+    -- gone: deleted (purge, cancel) or moved to its stream by a read, which does not say
+    -- where to (read.lua has no key store yet): free, so no key outlives its message
+    return nil, ref
+  end
+  local stream = levels[b or '']
+  if not stream then return nil, ref end
+  local found, xerr = try('XRANGE', stream, c, c)
+  if xerr then return nil, nil, nil, nil, xerr end
+  if not found or #found == 0 then return nil, ref end  -- acked, set aside, purged...
+  if field(found[1][2], 'r') then return 'taken', ref end  -- big: never replaced
+  if id_before(last_delivered(stream, group), c) then return 'ready', ref, stream, c end
+  return 'taken', ref
+end
+
+-- Whether the waiting message STATE/A (unique_holder's 'ready' entry, or 'delayed' member A of
+-- the delayed messages' hash BODIES) may be replaced: not a big message's reference (its body
+-- would need the big hash). Returns (ok, error) (BODIES of another type).
+local function unique_replaceable(state, a, bodies)
+  if state == 'ready' then return true, nil end
+  if state ~= 'delayed' then return false, nil end
+  local len, err = try('HSTRLEN', bodies, a)
+  if err then return false, err end
+  if len > 64 then return true, nil end  -- a reference is short: read only what could be one
+  local v = redis.call('HGET', bodies, a) or ''  -- "r:<token>", or "e:<deadline>:r:<token>"
+  return not (string.sub(v, 1, 2) == 'r:' or string.match(v, '^e:%d+:r:') ~= nil), nil
+end
+
+-- Remove the waiting message STATE/A/B ('delayed' member A, or 'ready' entry B of stream A)
+-- that a message in replace mode replaces, once that one was stored.
+local function unique_drop(store, state, a, b, dkey, bodies)
+  if state == 'delayed' then
+    redis.call('ZREM', dkey, a)
+    redis.call('HDEL', bodies, a)
+    redis.call('HDEL', store, 'd:' .. a)
+  elseif state == 'ready' then
+    redis.call('XDEL', a, b)
+  end
+end
+
+-- Record that KEY is held by the message just stored: at LEVEL as entry ID, or delayed as
+-- MEMBER (ID nil); TTL the x-unique-ttl in force (ms). OLD is the reference it replaces (a
+-- stale one, or a replaced message's), whose reverse field goes.
+local function unique_hold(store, key, ttl, level, id, member, old)
+  if old and string.sub(old, 1, 2) == 'd:' then
+    local kind, _, m = unique_parse(old)
+    if kind == 'd' and m ~= member then redis.call('HDEL', store, 'd:' .. m) end
+  end
+  if id then
+    redis.call('HSET', store, 'k:' .. key, 's:' .. ttl .. ':' .. level .. ':' .. id)
+  else
+    redis.call('HSET', store, 'k:' .. key, 'd:' .. ttl .. ':' .. member, 'd:' .. member, key)
+  end
+end
+
+-- Release KEY if STORE says the message that holds it is entry ID at LEVEL, or a delayed one
+-- since moved to its stream (the caller settled that message, so it was that one: at most one
+-- message holds a key). ACKED: by an ack, so an x-unique-ttl keeps it until NOW + ttl
+-- (throttle); otherwise (dead-lettered) it goes at once. Returns 1 when released, else 0.
+local function unique_release(store, key, level, id, acked, now)
+  local ref = redis.call('HGET', store, 'k:' .. key)
+  if not ref then return 0 end
+  local kind, ttl, a, b = unique_parse(ref)
+  if kind == 's' and (a ~= level or b ~= id) then return 0 end
+  if kind == 't' then return 0 end
+  if kind == 'd' and redis.call('HDEL', store, 'd:' .. a) == 0 then
+    return 0  -- released already (purged): nothing of this message holds it
+  end
+  if acked and ttl and ttl > 0 then
+    redis.call('HSET', store, 'k:' .. key, 't:' .. string.format('%d', now + ttl))
+  else
+    redis.call('HDEL', store, 'k:' .. key)
+  end
+  return 1
+end
+
+-- Release the key of delayed MEMBER, deleted (purged) from the delayed set: 1 if it had one.
+local function unique_release_delayed(store, member)
+  local key = redis.call('HGET', store, 'd:' .. member)
+  if not key then return 0 end
+  redis.call('HDEL', store, 'd:' .. member)
+  local ref = redis.call('HGET', store, 'k:' .. key)
+  local kind, _, m = unique_parse(ref or 't:0')
+  if kind == 'd' and m == member then redis.call('HDEL', store, 'k:' .. key) end
+  return 1
+end

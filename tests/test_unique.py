@@ -1,0 +1,367 @@
+"""Unique until done (x-unique-key): scripts on fakeredis, Redis 6.2 and 7.0
+(``script_client``); a hypothesis model of publishes, reads, settles, reclaims and purges.
+docs/design.rst, "Unique keys"; lua/lib/unique.lua. The Kombu and Celery side:
+tests/test_unique_kombu.py.
+
+No test sleeps: a lease runs out by reclaiming with a lease of 0 ms, a throttle by writing its
+stored end in the past.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from helpers import read_messages
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kombu_streams.broker import Broker, Delay
+from kombu_streams.keys import Keys
+from kombu_streams.limits import stored_pairs, unique_pairs
+from kombu_streams.unique import unique_key
+from tests.test_scripts import PROPERTY
+from tests.test_ttl import pass_deadlines
+
+K = Keys()
+LEVELS = [0, 3, 6, 9]
+HOUR = 3_600_000
+DUPLICATE = b'duplicate'
+LATER = Delay('+600000', 1000, 'later')  # delayed for ten minutes: never due in a test
+
+
+def queue(c: Any, name: str = 'q', **args: Any) -> Broker:
+    b = Broker(c, K, LEVELS)
+    b.declare(name, stored_pairs(name, {k.replace('_', '-'): v for k, v in args.items()}))
+    return b
+
+
+def body(n: Any) -> str:
+    return json.dumps({'body': f'm{n}'})
+
+
+def stored(c: Any, name: str = 'q') -> list[str]:
+    """The bodies in the queue's streams (level by level) and then its delayed messages."""
+    out = [json.loads(f[b'm'])['body'] for lv in LEVELS
+           for _, f in c.xrange(K.stream(name, lv)) if b'm' in f]
+    for member in c.zrange(K.delayed(name), 0, -1):
+        value = c.hget(K.delayed_messages(name), member)
+        out.append(json.loads(value[value.index(b'{'):])['body'])
+    return out
+
+
+def held(c: Any, key: str, name: str = 'q') -> bool:
+    """Whether the key store still has an entry for ``key``."""
+    return c.hexists(K.unique(name), f'k:{key}')
+
+
+def publish(b: Broker, n: Any, key: str, level: int = 0, **kw: Any) -> Any:
+    return b.publish('q', level, body(n), unique_key=key, **kw)
+
+
+def test_keep_first_refuses_a_second_message_with_the_key(script_client):
+    c = script_client
+    b = queue(c)
+    assert publish(b, 1, 'k') not in (None, DUPLICATE)
+    assert publish(b, 2, 'k') == DUPLICATE
+    assert publish(b, 3, 'k', level=9) == DUPLICATE  # whatever its level
+    assert publish(b, 4, 'other') not in (None, DUPLICATE)
+    assert b.publish('q', 0, body(5)) not in (None, DUPLICATE)  # no key: never refused
+    assert stored(c) == ['m1', 'm4', 'm5']
+    assert b.unique_refused('q') == 2
+    # still refused while it is in flight
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    assert publish(b, 6, 'k') == DUPLICATE
+    b.ack('q', [(d.stream, d.entry_id)], consumer='c1', unique=['k'])
+    assert not held(c, 'k')  # released by the ack's own call
+    assert publish(b, 7, 'k') not in (None, DUPLICATE)
+    assert stored(c) == ['m4', 'm5', 'm7']
+
+
+def test_a_delayed_message_holds_its_key_and_a_purge_releases_it(script_client):
+    c = script_client
+    b = queue(c)
+    assert publish(b, 1, 'k', delay=LATER).startswith(b'delayed:')
+    assert publish(b, 2, 'k') == DUPLICATE
+    assert publish(b, 3, 'k', delay=LATER) == DUPLICATE
+    assert stored(c) == ['m1']
+    b.purge('q')
+    assert not held(c, 'k') and c.hlen(K.unique('q')) == 1  # only the count is left
+    assert publish(b, 4, 'k') not in (None, DUPLICATE)
+    assert stored(c) == ['m4']
+
+
+def test_replace_replaces_a_ready_message(script_client):
+    c = script_client
+    b = queue(c, x_unique_mode='replace')
+    publish(b, 1, 'k')
+    publish(b, 2, 'other')
+    assert publish(b, 3, 'k', level=3) not in (None, DUPLICATE)
+    assert stored(c) == ['m2', 'm3']
+    assert b.size('q') == 2
+    (d1, d2) = read_messages(b, ['q'], 'c1', 2)
+    assert json.loads(d2.payload)['body'] == 'm3'
+    # in flight: never replaced, refused as with keep-first
+    assert publish(b, 4, 'k') == DUPLICATE
+    assert stored(c) == ['m2', 'm3'] and b.unique_refused('q') == 1
+    b.ack('q', [(d2.stream, d2.entry_id)], consumer='c1', unique=['k'])
+    assert publish(b, 5, 'k') not in (None, DUPLICATE)
+
+
+def test_replace_replaces_a_delayed_message(script_client):
+    c = script_client
+    b = queue(c, x_unique_mode='replace')
+    publish(b, 1, 'k', delay=LATER)
+    assert publish(b, 2, 'k', delay=Delay('+900000', 1000, 'later')).startswith(b'delayed:')
+    assert stored(c) == ['m2']
+    assert c.zcard(K.delayed('q')) == 1 and c.hlen(K.delayed_messages('q')) == 1
+    # the key store names the new one, and only it (reverse field included)
+    assert sorted(c.hkeys(K.unique('q'))) == sorted(
+        [b'k:k', b'd:' + c.zrange(K.delayed('q'), 0, 0)[0]])
+    assert publish(b, 3, 'k') not in (None, DUPLICATE)  # due now: ready, the delayed one goes
+    assert stored(c) == ['m3'] and c.zcard(K.delayed('q')) == 0
+    assert c.hkeys(K.unique('q')) == [b'k:k']
+
+
+def test_a_requeued_message_is_not_replaced(script_client):
+    c = script_client
+    b = queue(c, x_unique_mode='replace')
+    publish(b, 1, 'k')
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    b.requeue('q', [(d.stream, d.entry_id)])
+    assert publish(b, 2, 'k') == DUPLICATE  # parked with the holder: treated as in flight
+    assert stored(c) == ['m1']
+
+
+def test_ttl_keeps_the_key_after_the_ack_then_frees_it(script_client):
+    c = script_client
+    b = queue(c, x_unique_ttl=HOUR)
+    publish(b, 1, 'k')
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    b.ack('q', [(d.stream, d.entry_id)], consumer='c1', unique=['k'])
+    assert c.hget(K.unique('q'), 'k:k').startswith(b't:')
+    assert publish(b, 2, 'k') == DUPLICATE  # throttled
+    c.hset(K.unique('q'), 'k:k', 't:1')  # the throttle ran out
+    assert publish(b, 3, 'k') not in (None, DUPLICATE)
+    assert stored(c) == ['m3']
+
+
+def test_a_dead_letter_releases_the_key_at_once_even_with_a_ttl(script_client):
+    c = script_client
+    b = queue(c, x_unique_ttl=HOUR)
+    publish(b, 1, 'k')
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    assert b.dead_letter('q', d.stream, d.entry_id, 'rejected', 1, None, 'c1', 'k') == 1
+    assert not held(c, 'k')
+    assert publish(b, 2, 'k') not in (None, DUPLICATE)
+
+
+def test_a_stale_settle_releases_nothing(script_client):
+    """A consumer whose lease ran out (SIGKILLed, or stopped) and another took the message:
+    its late ack or reject leaves the key with the message."""
+    c = script_client
+    b = queue(c)
+    publish(b, 1, 'k')
+    (d,) = read_messages(b, ['q'], 'dead', 1)
+    b.reclaim('q', 0, 100)  # its lease ran out
+    (again,) = read_messages(b, ['q'], 'c2', 1)
+    assert again.entry_id == d.entry_id
+    b.ack('q', [(d.stream, d.entry_id)], consumer='dead', unique=['k'])
+    assert b.dead_letter('q', d.stream, d.entry_id, 'late', 1, None, 'dead', 'k') == 0
+    assert held(c, 'k') and publish(b, 2, 'k') == DUPLICATE
+    b.ack('q', [(again.stream, again.entry_id)], consumer='c2', unique=['k'])
+    assert not held(c, 'k')
+
+
+def test_a_killed_consumers_message_keeps_its_key_until_reclaimed_and_acked(script_client):
+    c = script_client
+    b = queue(c)
+    publish(b, 1, 'k')
+    read_messages(b, ['q'], 'killed', 1)  # then SIGKILLed: it never settles
+    assert publish(b, 2, 'k') == DUPLICATE
+    assert b.reclaim('q', 0, 100).moved == 1  # back with the holder, waiting
+    assert publish(b, 3, 'k') == DUPLICATE
+    (d,) = read_messages(b, ['q'], 'c2', 1)
+    assert publish(b, 4, 'k') == DUPLICATE
+    b.ack('q', [(d.stream, d.entry_id)], consumer='c2', unique=['k'])
+    assert publish(b, 5, 'k') not in (None, DUPLICATE)
+    assert stored(c) == ['m5']
+
+
+def test_an_expired_message_frees_its_key(script_client):
+    c = script_client
+    b = queue(c)
+    publish(b, 1, 'k', expiration=0)
+    pass_deadlines(c, 'q')  # TTL 0: its deadline is at most a ms away
+    assert read_messages(b, ['q'], 'c1', 1) == []  # set aside: past its TTL
+    assert c.xlen(K.dlq('q')) == 1
+    assert publish(b, 2, 'k') not in (None, DUPLICATE)
+
+
+def test_a_delivery_limit_frees_its_key(script_client):
+    c = script_client
+    b = queue(c)
+    publish(b, 1, 'k')
+    read_messages(b, ['q'], 'c1', 1)
+    b.reclaim('q', 0, 100)
+    assert read_messages(b, ['q'], 'c1', 1, max_deliveries=1) == []  # its second: set aside
+    assert c.xlen(K.dlq('q')) == 1
+    assert publish(b, 2, 'k') not in (None, DUPLICATE)
+
+
+def test_purge_frees_ready_keys_and_keeps_those_in_flight(script_client):
+    c = script_client
+    b = queue(c)
+    publish(b, 1, 'a')
+    publish(b, 2, 'b')
+    read_messages(b, ['q'], 'c1', 1)  # a: in flight
+    b.purge('q')
+    assert publish(b, 3, 'a') == DUPLICATE
+    assert publish(b, 4, 'b') not in (None, DUPLICATE)
+
+
+def test_delete_removes_the_store(script_client):
+    c = script_client
+    b = queue(c)
+    publish(b, 1, 'a')
+    publish(b, 2, 'a')
+    assert c.exists(K.unique('q'))
+    b.delete('q')
+    assert not c.exists(K.unique('q'))
+    b.declare('q')
+    assert publish(b, 3, 'a') not in (None, DUPLICATE)
+
+
+def test_a_big_message_holds_its_key_and_a_refused_one_leaves_no_body(script_client):
+    c = script_client
+    b = queue(c)
+    b.publish_big('q', 0, body(1), unique_key='k')
+    assert b.publish_big('q', 0, body(2), unique_key='k') == DUPLICATE
+    assert c.hlen(K.big('q')) == 1
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    b.ack('q', [(d.stream, d.entry_id)], consumer='c1', big=True, unique=['k'])
+    assert c.hlen(K.big('q')) == 0 and not held(c, 'k')
+
+
+def test_an_expiring_queue_gives_its_store_its_expiry(script_client):
+    c = script_client
+    b = queue(c)
+    b.touch('q', HOUR)
+    publish(b, 1, 'k')
+    assert 0 < c.pttl(K.unique('q')) <= HOUR
+
+
+def test_the_key_of_a_message():
+    """The header, as a string; a long one by its hash, as a deduplication id."""
+    assert unique_key({'headers': {'x-unique-key': 'k'}}) == 'k'
+    assert unique_key({'headers': {'x-unique-key': 7}}) == '7'
+    assert unique_key({'headers': {}}) == '' and unique_key({}) == ''
+    assert unique_key({'headers': {'x-unique-key': 'x' * 300}}).startswith('sha256:')
+
+
+@pytest.mark.parametrize('arguments, says', [
+    ({'x-unique-mode': 'last'}, 'keep-first or replace'),
+    ({'x-unique-ttl': 0}, 'an integer >= 1'),
+    ({'x-unique-ttl': 'soon'}, 'an integer >= 1'),
+])
+def test_invalid_unique_arguments_are_named(arguments, says):
+    with pytest.raises(ValueError, match=says):
+        stored_pairs('q', arguments)
+
+
+def test_unique_arguments_as_stored():
+    assert unique_pairs('q', {}) == []
+    assert stored_pairs('q', {'x-unique-ttl': '5', 'x-unique-mode': 'replace',
+                              'x-deduplication-window': 9}) == [
+        'x-deduplication-window', '9', 'x-unique-mode', 'replace', 'x-unique-ttl', '5']
+
+
+class UniqueModel(RuleBasedStateMachine):
+    """Publishes with two keys (some delayed, some with a TTL already past), reads by two
+    consumers, ack, reject (dead letter), requeue, a reclaim of every lease and purge, in any
+    order. After each step: at most one live message per key, and a publish is refused
+    exactly when a live message holds its key (never a key left behind its message)."""
+
+    MODE: dict[str, str] = {}  # the queue's arguments
+
+    def __init__(self) -> None:
+        super().__init__()
+        import fakeredis
+        self.c = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        self.b = queue(self.c, **self.MODE)
+        self.n = 0
+        self.flight: dict[str, list[Any]] = {'c1': [], 'c2': []}
+
+    def live(self) -> dict[str, int]:
+        """key -> number of messages holding it, from what Redis holds."""
+        counts: dict[str, int] = {}
+        for body_ in stored(self.c):
+            key = body_.split('/')[0]
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    @rule(key=st.sampled_from(['a', 'b']), delayed=st.booleans(), expired=st.booleans())
+    def publish(self, key: str, delayed: bool, expired: bool) -> None:
+        self.n += 1
+        taken = self.live().get(key, 0) > 0
+        reply = self.b.publish('q', 0, json.dumps({'body': f'{key}/{self.n}'}),
+                               delay=LATER if delayed else None,
+                               expiration=0 if expired and not delayed else None,
+                               unique_key=key)
+        if self.MODE:  # replace: refused only while one lives; stored replaces a waiting one
+            assert reply != DUPLICATE or taken, (key, reply, self.live())
+        else:
+            assert (reply == DUPLICATE) == taken, (key, reply, self.live())
+
+    @rule(consumer=st.sampled_from(['c1', 'c2']))
+    def read(self, consumer: str) -> None:
+        for d in read_messages(self.b, ['q'], consumer, 1):
+            self.flight[consumer].append(d)
+
+    def _take(self, consumer: str) -> Any:
+        return self.flight[consumer].pop(0)
+
+    @precondition(lambda self: self.flight['c1'] or self.flight['c2'])
+    @rule(consumer=st.sampled_from(['c1', 'c2']), how=st.sampled_from(['ack', 'reject',
+                                                                       'requeue']))
+    def settle(self, consumer: str, how: str) -> None:
+        if not self.flight[consumer]:
+            return
+        d = self._take(consumer)
+        key = json.loads(d.payload)['body'].split('/')[0]
+        if how == 'ack':
+            self.b.ack('q', [(d.stream, d.entry_id)], consumer=consumer, unique=[key])
+        elif how == 'reject':
+            self.b.dead_letter('q', d.stream, d.entry_id, 'rejected', 1, None, consumer, key)
+        else:
+            self.b.requeue('q', [(d.stream, d.entry_id)], consumer=consumer)
+
+    @rule()
+    def reclaim(self) -> None:
+        """Every lease runs out (a SIGKILLed consumer's included); their late settles go
+        nowhere (they stay in self.flight and are tried, stale, later)."""
+        self.b.reclaim('q', 0, 100)
+
+    @rule()
+    def purge(self) -> None:
+        self.b.purge('q')
+
+    @invariant()
+    def at_most_one_per_key(self) -> None:
+        assert all(n <= 1 for n in self.live().values()), self.live()
+
+
+TestUniqueModel = UniqueModel.TestCase
+TestUniqueModel.settings = PROPERTY
+
+
+class ReplaceModel(UniqueModel):
+    """The same sequences with x-unique-mode replace: still at most one live message per key
+    (a replaced one is gone), and a refusal only while one lives."""
+
+    MODE = {'x_unique_mode': 'replace'}
+
+
+TestReplaceModel = ReplaceModel.TestCase
+TestReplaceModel.settings = PROPERTY

@@ -1,0 +1,125 @@
+"""Unique keys through Kombu and Celery on real servers: a channel acks (and rejects) messages
+that hold an x-unique-key in calls that release it; a batch reports a refused publish; a
+Celery task applied twice with one key while the first waits runs once. Script-level cases:
+tests/test_unique.py."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import redis
+from conftest import requires_batch_publish
+from helpers import read_messages
+from kombu import Connection, Consumer, Producer, Queue
+
+from kombu_streams.broker import Broker
+from kombu_streams.keys import Keys
+from tests.test_celery import QUEUE, celery_env, wait_for
+
+K = Keys()
+
+
+@pytest.fixture(params=['redis7', 'redis62'])
+def any_url(request) -> str:
+    """A redis-streams:// URL on Redis 7.0 or 6.2 (a flushed DB)."""
+    server = request.getfixturevalue('redis_server' if request.param == 'redis7'
+                                     else 'redis62_server')
+    with redis.Redis.from_url(server.url) as c:
+        c.flushdb()
+    return 'redis-streams://' + server.url[len('redis://'):]
+
+
+def _count(conn: Connection, queue: str) -> int:
+    return conn.default_channel.queue_declare(queue, passive=True).message_count
+
+
+def _drain(conn: Connection, queue: Queue, settle: str) -> list[Any]:
+    """Consume what ``queue`` holds, settling each message by ``settle`` (ack or reject)."""
+    got: list[Any] = []
+
+    def on_message(body: Any, message: Any) -> None:
+        got.append(body)
+        getattr(message, settle)()
+
+    with Consumer(conn.default_channel, [queue], callbacks=[on_message], accept=['json']):
+        for _ in range(20):
+            try:
+                conn.drain_events(timeout=0.5)
+            except TimeoutError:
+                if got:
+                    break
+            except OSError:  # socket.timeout on older Pythons
+                if got:
+                    break
+    return got
+
+
+@pytest.mark.parametrize('settle', ['ack', 'reject'])
+def test_a_consumed_message_releases_its_key(any_url, caplog, settle):
+    q = Queue('uq', routing_key='uq')
+    with Connection(any_url) as conn:
+        q(conn.default_channel).declare()
+        producer = Producer(conn.default_channel, routing_key='uq')
+        with caplog.at_level(logging.DEBUG, logger='kombu_streams.unique'):
+            for n in range(3):
+                producer.publish({'n': n}, headers={'x-unique-key': 'report-7'})
+        assert _count(conn, 'uq') == 1
+        assert sum('report-7' in r.getMessage() for r in caplog.records) == 2
+        assert _drain(conn, q, settle) == [{'n': 0}]
+        conn.default_channel.flush_acks()  # deferred acks go now (no waiting for ACK_DELAY)
+        client = conn.default_channel.client
+        assert not client.hexists(K.unique('uq'), 'k:report-7')  # released by the settle
+        producer.publish({'n': 3}, headers={'x-unique-key': 'report-7'})
+        assert _count(conn, 'uq') == 1
+
+
+@requires_batch_publish
+def test_a_batch_reports_a_refused_key(any_url):
+    with Connection(any_url) as conn:
+        Queue('bq', routing_key='bq')(conn.default_channel).declare()
+        producer = Producer(conn.default_channel, routing_key='bq', serializer='json')
+        with producer.batch() as batch:
+            for n in range(3):
+                producer.publish({'n': n}, headers={'x-unique-key': 'k'})
+        assert batch.state.session.duplicates == {1: ('bq', 'k'), 2: ('bq', 'k')}
+        assert _count(conn, 'bq') == 1
+
+
+@pytest.mark.celery
+@pytest.mark.slow
+def test_apply_async_twice_with_one_key_runs_once(tmp_path, redis_url):
+    with celery_env(tmp_path, redis_url.rsplit('/', 1)[0]) as env:
+        module = env.load()
+        for tag in ('first', 'second'):  # the first still waits: no worker yet
+            module.record.apply_async(args=[tag], headers={'x-unique-key': 'nightly'})
+        module.record.apply_async(args=['other'])
+        assert env.queue_length() == 2
+        worker = env.worker('unique@ks', concurrency=1)
+        wait_for(lambda: {'first', 'other'} <= set(env.done()), 60, what='the first tasks',
+                 log=env.logs)
+        # acked: the key is free again
+        module.record.apply_async(args=['third'], headers={'x-unique-key': 'nightly'})
+        wait_for(lambda: 'third' in env.done(), 60, what="the task 'third'", log=env.logs)
+        worker.terminate()
+        assert sorted(env.done()) == ['first', 'other', 'third'], env.logs()
+        assert QUEUE == 'celery'
+
+
+def test_cli_limits_shows_and_sets_the_unique_arguments(redis_url):
+    from tests.test_cli import cli, cli_json
+    c = redis.Redis.from_url(redis_url)
+    b = Broker(c, K, [0, 3, 6, 9])
+    b.declare('cq')
+    out = cli_json(redis_url, 'limits', 'cq', '--set', 'x-unique-mode=replace',
+                   'x-unique-ttl=60000')
+    assert out['arguments'] == {'x-unique-mode': 'replace', 'x-unique-ttl': 60000}
+    assert 'unique_refused' not in out
+    b.publish('cq', 0, '{"body": "1"}', unique_key='k')
+    assert len(read_messages(b, ['cq'], 'c1', 1)) == 1  # in flight: refused, not replaced
+    b.publish('cq', 0, '{"body": "2"}', unique_key='k')
+    assert cli_json(redis_url, 'limits', 'cq')['unique_refused'] == 1
+    assert 'unique keys refused: 1' in cli(redis_url, 'limits', 'cq').stdout
+    bad = cli(redis_url, 'limits', 'cq', '--set', 'x-unique-mode=last')
+    assert bad.returncode == 2 and 'x-unique-mode' in bad.stderr
