@@ -455,6 +455,7 @@ def test_cli_limits_shows_and_changes_the_rate(redis_url):
     for n in range(5):
         b.publish('lq', 0, body(n))
     assert len(read(b, ['lq'], 'c1', 10).deliveries) == 3  # the burst, set at run time
+    assert 'rate 30/m burst 3' in cli(redis_url, 'status', 'lq').stdout
     bad = cli(redis_url, 'limits', 'lq', '--set', 'x-rate-limit=30/week')
     assert bad.returncode == 2 and 'x-rate-limit' in bad.stderr
     assert cli_json(redis_url, 'limits', 'lq', '--clear')['arguments'] == {}
