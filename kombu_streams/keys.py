@@ -18,6 +18,8 @@ client would only rewrite the first one).
     <prefix>ks:q:{<queue>}:big       big messages: token -> message (hash); their stream
                                      entries (and delayed values) hold the token instead
     <prefix>ks:q:{<queue>}:counters  counters (hash: expired), kombu-streams limits shows them
+    <prefix>ks:q:{<queue>}:rate      x-rate-limit's state: the next delivery's theoretical
+                                     arrival time, unix ms (string, expires when past)
     <prefix>ks:q:{<queue>}:dedup     ids of messages stored within x-deduplication-window:
                                      id -> until when, unix ms (zset); lua/lib/dedup.lua
     <prefix>ks:q:{<queue>}:unique    x-unique-key -> where its message is (hash);
@@ -145,6 +147,11 @@ class Keys:
     def big(self, queue: str) -> str:
         """The bodies of a queue's big messages (``big_message_bytes``), by token."""
         return f'{self.queue_base(queue)}:big'
+
+    def rate(self, queue: str) -> str:
+        """A queue's rate limiter state (x-rate-limit, lua/lib/rate.lua): a string that
+        expires once it no longer limits anything."""
+        return f'{self.queue_base(queue)}:rate'
 
     def counters(self, queue: str) -> str:
         """A queue's counters (hash): ``expired``, messages set aside past their TTL."""

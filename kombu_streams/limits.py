@@ -12,6 +12,7 @@ arguments and limits".
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,6 +60,7 @@ REQUEUE_DELAY = 'x-requeue-delay'
 #: The longest max_ms taken: a day (a message waiting longer than a consumer's lease,
 #: visibility_timeout, is given back by reclaim then: see the design).
 REQUEUE_DELAY_MAX = 86_400_000
+INTEGERS = (*INTEGERS, 'x-rate-burst')  # RATE_BURST, below
 
 
 class QueueFull(redis.exceptions.ResponseError):
@@ -168,7 +170,60 @@ def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
     if ttl is not None:
         pairs += [MESSAGE_TTL, str(_count(queue, MESSAGE_TTL, ttl))]
     return (pairs + dedup_pairs(queue, args) + unique_pairs(queue, args)
-            + backoff_pairs(queue, args))
+            + rate_pairs(queue, args) + backoff_pairs(queue, args))
+
+
+# -- Global rate limit (x-rate-limit, x-rate-burst): lua/lib/rate.lua; docs/design.rst,
+# "Global rate limit". Stored after the deduplication arguments, in this order.
+RATE_LIMIT, RATE_BURST = 'x-rate-limit', 'x-rate-burst'
+RATE_STORED = (RATE_LIMIT, RATE_BURST)
+#: Celery's rate units (``Task.rate_limit``): per second, minute, hour.
+RATE_UNITS = ('s', 'm', 'h')
+#: The largest burst taken: a burst is how many deliveries may go out at once after a pause.
+MAX_BURST = 1_000_000
+_RATE = re.compile(r'^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*([smh]))?\s*$')
+
+
+def rate_spec(queue: str, value: Any) -> str:
+    """``value`` in Celery's rate syntax ('50/s', '100/m', '1000/h', or a number: per
+    second) as stored: '<n>/<unit>' with n > 0 written plainly ('50/s', '0.5/s'); else the
+    ValueError naming the queue and argument. 0, which Celery reads as "no limit", is
+    refused: leave the argument out instead, so a stored limit always limits."""
+    allowed = "a rate in Celery's syntax: a number > 0 per second, or '<n>/s', '<n>/m', '<n>/h'"
+    if isinstance(value, bool):
+        raise _error(queue, RATE_LIMIT, value, allowed)
+    if isinstance(value, (int, float)):
+        number, unit = float(value), 's'
+    elif isinstance(value, str) and _RATE.match(value):
+        m = _RATE.match(value)
+        assert m is not None
+        number, unit = float(m.group(1)), m.group(2) or 's'
+    else:
+        raise _error(queue, RATE_LIMIT, value, allowed)
+    if not (number > 0 and number < 1e12):  # NaN and inf too
+        raise _error(queue, RATE_LIMIT, value, allowed)
+    text = str(int(number)) if number == int(number) else repr(number)
+    if 'e' in text:  # Lua's pattern reads plain decimals only
+        raise _error(queue, RATE_LIMIT, value, allowed + ', written without an exponent')
+    return f'{text}/{unit}'
+
+
+def rate_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
+    """The rate-limit arguments of ``args`` checked, as stored: [] without a rate; a burst
+    without a rate is refused (it would mean nothing); the burst (default 1) is stored only
+    when given."""
+    rate, burst = args.get(RATE_LIMIT), args.get(RATE_BURST)
+    if rate is None:
+        if burst is not None:
+            raise _error(queue, RATE_BURST, burst, f'it needs {RATE_LIMIT}')
+        return []
+    pairs = [RATE_LIMIT, rate_spec(queue, rate)]
+    if burst is not None:
+        n = _positive(queue, RATE_BURST, burst)
+        if n > MAX_BURST:
+            raise _error(queue, RATE_BURST, burst, f'an integer from 1 to {MAX_BURST}')
+        pairs += [RATE_BURST, str(n)]
+    return pairs
 
 
 def _count(queue: str, name: str, value: Any) -> int:
@@ -224,4 +279,5 @@ def check_option(value: Any) -> bool:
 __all__ = ('QueueFull', 'QueueArgumentsDiffer', 'stored_pairs', 'as_dict', 'STORED',
            'MAX_LENGTH', 'OVERFLOW', 'OVERFLOWS', 'MESSAGE_TTL', 'expiration_ms',
            'DEDUP_WINDOW', 'DEDUP_MAX_IDS', 'dedup_pairs', 'UNIQUE_STORED', 'unique_pairs',
-           'REQUEUE_DELAY', 'backoff_pairs')
+           'RATE_LIMIT', 'RATE_BURST', 'rate_pairs', 'rate_spec', 'REQUEUE_DELAY',
+           'backoff_pairs')

@@ -34,15 +34,17 @@ class ReadResult(NamedTuple):
     """What one read.lua call did."""
 
     deliveries: list[Delivery]
-    #: per source: '1' may hold more ready messages, '0' nothing ready, '-' not reached
-    #: (the count ran out first), 'e' met a problem
+    #: per source: '1' may hold more ready messages, '0' nothing ready (or nothing its
+    #: x-rate-limit lets out now), '-' not reached (the count ran out first), 'e' met a
+    #: problem
     status: dict[Source, str]
     #: (source, error) for errors on a source's keys (another program's key at our names)
     problems: list[tuple[Source, str]]
     #: (source, stream key, entry id, reason) of entries moved to the dead-letter stream
     aside: list[tuple[Source, str, bytes, str]]
     #: per queue source the read opened: ms until its next delayed message is due (0: due
-    #: now), -1: none delayed
+    #: now), -1: none delayed; for a queue its x-rate-limit held back, the earlier of that
+    #: and its next slot
     dues: dict[Source, int] = {}
     #: per source: acks that rode along and were left alone, as the consumer no longer owns
     #: those entries (its lease ran out and another consumer took them)

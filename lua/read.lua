@@ -6,16 +6,22 @@ KEYS[1..S]      the streams to read, in serving order: fanout streams first, the
                 so stream i is the stream of the i-th fanout source for i <= F (F: the
                 sources of kind 'f'), else of the ((i - F - 1) mod O + 1)-th of the O queue
                 sources (kind 'q'), each with S - F = O x levels streams
-KEYS[S+7q-6]    wake marker (zset) of source q, q = 1..Q; a source is a queue's own
+KEYS[S+9q-8]    wake marker (zset) of source q, q = 1..Q; a source is a queue's own
                 streams, or its group on one fanout stream (marker ks:x:{ex}:wake:<queue>)
-KEYS[S+7q-5]    dead-letter stream of source q
-KEYS[S+7q-4]    ready index (set) of source q, ks:q:{queue}:ready
-KEYS[S+7q-3]    delayed set (zset) of source q, ks:q:{queue}:delayed
-KEYS[S+7q-2]    delayed messages (hash) of source q, ks:q:{queue}:delayed:m
-KEYS[S+7q-1]    big messages (hash) of source q, ks:q:{queue}:big
-KEYS[S+7q]      counters (hash) of source q, ks:q:{queue}:counters: "expired" counts the
+KEYS[S+9q-7]    dead-letter stream of source q
+KEYS[S+9q-6]    ready index (set) of source q, ks:q:{queue}:ready
+KEYS[S+9q-5]    delayed set (zset) of source q, ks:q:{queue}:delayed
+KEYS[S+9q-4]    delayed messages (hash) of source q, ks:q:{queue}:delayed:m
+KEYS[S+9q-3]    big messages (hash) of source q, ks:q:{queue}:big
+KEYS[S+9q-2]    counters (hash) of source q, ks:q:{queue}:counters: "expired" counts the
                 messages set aside past their TTL; a fanout source has no index, no delayed
-                keys, no big messages and no counters (the caller passes its marker again)
+                keys, no big messages, no counters, no arguments and no rate key (the caller
+                passes its marker again for each)
+KEYS[S+9q-1]    arguments (hash) of source q, ks:q:{queue}:args: only x-rate-limit and
+                x-rate-burst are read (one HMGET per source opened)
+KEYS[S+9q]      rate limiter state (string) of source q, ks:q:{queue}:rate: the next
+                delivery's theoretical arrival time, unix ms, expiring once it is past;
+                written only when the queue has x-rate-limit (lua/lib/rate.lua)
 ARGV[1]         consumer name (unique per channel)
 ARGV[2]         COUNT: the most messages to deliver (the channel's free prefetch)
 ARGV[3]         name of the holder consumer that parks requeued messages
@@ -44,15 +50,17 @@ ARGV[8+5Q]      A: the number of acks that ride along (0: none), then A pairs: s
                 consumer ARGV[1] (one round trip, one call): only those it still owns
 Reply: {status, problems, aside, dues, unsettled, then per delivered message, in delivery
        order: stream index i, entry id, delivery count, payload}; the payload of a big
-       message is {token}: the caller fetches its body from KEYS[S+7q-1] (HGET)
+       message is {token}: the caller fetches its body from KEYS[S+9q-3] (HGET)
        status    one character per source: '1' may hold more ready messages, '0' nothing
-                 ready, '-' not reached (COUNT ran out first), 'e' it met a problem
+                 ready (or nothing the queue's rate limit lets out now), '-' not reached
+                 (COUNT ran out first), 'e' it met a problem
        problems  {q, error, ...}: errors on source q's keys (another program's key at one of
                  our names); the call goes on with the other sources
        aside     {q, i, entry id, reason, ...}: entries moved to the dead-letter stream
                  (reason "expired": past its TTL deadline, never delivered)
        dues      {q, ms, ...} for each queue source opened: ms until its next delayed message
-                 is due (0: due now, more than this call moved), -1: it holds none
+                 is due (0: due now, more than this call moved), -1: it holds none; for a
+                 queue the rate limit held back, the earlier of that and its next slot
        unsettled {q, n, ...}: n acks that rode along for source q were left alone, the
                  consumer no longer owns those entries (its lease ran out, another took them)
 Errors: "read: expected ..." for another layout; none from a source's keys (see problems);
@@ -64,19 +72,21 @@ caller's size hint holds; a walk adds an XLEN per stream, moving due delayed mes
 most PROMOTE (500) and BYTES of them (an HSTRLEN each); a big message adds an HSTRLEN;
 entries set aside (expired ones too) at most COUNT + 100 per call, the rest next call;
 acks that ride along add one XPENDING per stream (ownership, see ack.lua) unless all of the
-stream's are trusted. Never blocks.
+stream's are trusted. A queue with x-rate-limit adds a TIME, a GET and a SET; one without
+pays the HMGET of its arguments. Never blocks.
 Phases: lua/lib/serve.lua. See docs/design.rst (Wake-ups, The ready index, Leases, Delivery
 counts and dead letters, Delayed delivery, Reads bounded by bytes, Big messages, Message
-TTL).
+TTL, Global rate limit).
 ]]
 --@include common
 --@include delay
 --@include expiry
+--@include rate
 --@include serve
 
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
 local A = S and Q and tonumber(ARGV[8 + 5 * Q]) or 0
-local fits = S and Q and #KEYS == S + 7 * Q and #ARGV == 8 + 5 * Q + 2 * A
+local fits = S and Q and #KEYS == S + 9 * Q and #ARGV == 8 + 5 * Q + 2 * A
 local F = 0  -- fanout sources: one stream each; the O queue sources have one per level
 if fits then
   for q = 1, Q do
@@ -87,7 +97,7 @@ if fits then
 end
 if not fits then
   return check_args('read', false, false, tostring(S) .. ' streams, ' .. tostring(Q) ..
-                    ' sources and ' .. tostring(A) .. ' acks (S + 7Q keys, 8 + 5Q + 2A args, ' ..
+                    ' sources and ' .. tostring(A) .. ' acks (S + 9Q keys, 8 + 5Q + 2A args, ' ..
                     'S = fanout sources + queue sources x levels)')
 end
 local ctx = new_context(ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]),

@@ -1,6 +1,6 @@
--- The phases of read.lua (a library, included after common and delay; KEYS and ARGV as
--- read.lua's header lays them out): open a source, serve its held then its fresh entries
--- stream by stream, and save what the call learned.
+-- The phases of read.lua (a library, included after common, delay, expiry and rate; KEYS and
+-- ARGV as read.lua's header lays them out): open a source, serve its held then its fresh
+-- entries stream by stream, and save what the call learned.
 --
 -- State lives in one table, ctx (made by read.lua), and one table per source, src:
 --   ctx.consumer, ctx.holder, ctx.limit   who reads, who parks, the delivery limit
@@ -17,8 +17,14 @@
 --                                         once, at the end of the call
 --   src.q, src.group, src.shared, src.mode, src.ttl, src.wake, src.dlq, src.index_key,
 --   src.dkey, src.bodies, src.big,        (its keys; the delayed ones: lua/lib/delay.lua)
---   src.counters
+--   src.counters, src.args, src.rate_key
 --   src.expired                           entries this call set aside past their TTL
+--   src.rate     its limiter (lua/lib/rate.lua) when it has x-rate-limit, else nil
+--   src.capped   the limiter let no more of it through in this call
+--   src.due_at   where its next due time is in ctx.dues (a limited source's next slot
+--                may replace it: the reply's dues carry both, docs/design.rst)
+--   ctx.halted   a serve step stopped the whole call (budget spent, suspect alone): a
+--                rate limit's cap on one source must not undo that
 --   src.streams                           its streams in KEYS (their indices)
 --   src.est                               the bytes expected of its next entry: the
 --                                         caller's hint, raised by every entry copied
@@ -61,13 +67,14 @@ end
 local function load_sources(S, Q, F)
   local sources, of, fan, own = {}, {}, {}, {}
   for q = 1, Q do
-    local k = S + 7 * q  -- the source's last key
+    local k = S + 9 * q  -- the source's last key
     sources[q] = {q = q, group = ARGV[3 + 5 * q], shared = ARGV[4 + 5 * q] == 'f',
                   mode = ARGV[5 + 5 * q], ttl = tonumber(ARGV[6 + 5 * q]) or 0,
                   est = tonumber(ARGV[7 + 5 * q]) or 0,
-                  wake = KEYS[k - 6], dlq = KEYS[k - 5], index_key = KEYS[k - 4],
-                  dkey = KEYS[k - 3], bodies = KEYS[k - 2], big = KEYS[k - 1],
-                  counters = KEYS[k], streams = {}, visited = {}, expired = 0}
+                  wake = KEYS[k - 8], dlq = KEYS[k - 7], index_key = KEYS[k - 6],
+                  dkey = KEYS[k - 5], bodies = KEYS[k - 4], big = KEYS[k - 3],
+                  counters = KEYS[k - 2], args = KEYS[k - 1], rate_key = KEYS[k],
+                  streams = {}, visited = {}, expired = 0}
     if sources[q].shared then fan[#fan + 1] = sources[q] else own[#own + 1] = sources[q] end
   end
   for i = 1, S do
@@ -112,6 +119,11 @@ local function problem(ctx, src, key, err)
   ctx.problems[#ctx.problems + 1] = src.q
   ctx.problems[#ctx.problems + 1] = err .. ' (key ' .. key .. ')'
   return 'error'
+end
+
+-- Stop the whole call: nothing more is delivered by it (see ctx.halted).
+local function halt(ctx)
+  ctx.left, ctx.halted = 0, true
 end
 
 -- A member list as a set.
@@ -188,10 +200,11 @@ local function promote_due(ctx, src)
   end
   ctx.dues[#ctx.dues + 1] = src.q
   ctx.dues[#ctx.dues + 1] = rel
+  src.due_at = #ctx.dues
 end
 
--- First visit of a source: gate it on its marker (mode 'm'), load its ready index and move
--- what is due of its delayed messages. True when it is to be served.
+-- First visit of a source: gate it on its marker (mode 'm'), load its ready index and its
+-- rate limiter, and move what is due of its delayed messages. True when it is to be served.
 local function open_source(ctx, src)
   if src.state == nil then
     src.state = 'open'
@@ -203,6 +216,14 @@ local function open_source(ctx, src)
         problem(ctx, src, src.index_key, err)
         src.state = 'broken'
       else
+        local rate, rerr, rkey = rate_open(src.args, src.rate_key,
+                                           function() return clock(ctx) end)
+        if rerr then  -- before anything of it is written: the source is left alone
+          problem(ctx, src, rkey, rerr)
+          src.state = 'broken'
+          return false
+        end
+        src.rate = rate
         src.index, src.had = as_set(members), as_set(members)
         src.walk = src.mode == 'w' or not src.index[COMPLETE]
         promote_due(ctx, src)
@@ -327,8 +348,8 @@ end
 local function serve_held(ctx, src, i)
   local key, group, want = KEYS[i], src.group, batch(ctx, src)
   if want <= 0 then  -- the byte budget is spent: the rest next call
-    ctx.left, src.more = 0, true
-    return
+    src.more = true
+    return halt(ctx)
   end
   local held, err = try('XPENDING', key, group, '-', '+', want, ctx.holder)
   if err then return problem(ctx, src, key, err) end
@@ -343,7 +364,8 @@ local function serve_held(ctx, src, i)
   local done = true  -- every held entry of the stream was served
   while #held > 0 do
     if ctx.aside_left <= 0 then  -- set aside enough for one call: the rest next time
-      done, ctx.left = false, 0
+      done = false
+      halt(ctx)
       break
     end
     local take, suspect = {}, false
@@ -356,12 +378,14 @@ local function serve_held(ctx, src, i)
       take[#take + 1] = p
     end
     if #take == 0 then  -- the next one must go alone, and this call has others already
-      done, ctx.left = false, 0
+      done = false
+      halt(ctx)
       break
     end
     local delivered = claim_held(ctx, src, i, take)
     if suspect and delivered > 0 then  -- delivered what came before a suspect, or it
-      done, ctx.left = false, 0
+      done = false
+      halt(ctx)
       break
     end
     if not suspect and #held < want then break end  -- that was the last held entry
@@ -371,7 +395,8 @@ local function serve_held(ctx, src, i)
     end
     want = batch(ctx, src)
     if want <= 0 then  -- the byte budget is spent
-      done, ctx.left = false, 0
+      done = false
+      halt(ctx)
       break
     end
     held = redis.call('XPENDING', key, group, '-', '+', want, ctx.holder)
@@ -391,8 +416,8 @@ local function serve_fresh(ctx, src, i)
   while true do
     local want = batch(ctx, src)
     if want <= 0 then  -- the byte budget is spent: the rest next call
-      ctx.left, src.more = 0, true
-      return
+      src.more = true
+      return halt(ctx)
     end
     local cut = want < ctx.left  -- the budget, not COUNT, sized this batch
     local reply, err = try_read(
@@ -422,8 +447,8 @@ local function serve_fresh(ctx, src, i)
     -- are served in this call: docs/design.rst, "Message TTL"), is followed by another,
     -- while COUNT and aside allow; once aside is spent the call stops, as serve_held does.
     if ctx.aside_left <= 0 then
-      ctx.left, src.more = 0, true
-      return
+      src.more = true
+      return halt(ctx)
     end
     if not (cut or src.expired > expired) or ctx.left <= 0 then
       src.more = true
@@ -448,12 +473,30 @@ local function serve_stream(ctx, src, i)
     idx[key], idx[HELD .. key] = true, true
   end
   if idx and not idx[key] and not idx[HELD .. key] then return end  -- nothing ready here
+  -- Global rate limit: the call delivers at most what the limiter lets through of this
+  -- source (over all its streams, in serving order, so priorities and requeued-first hold);
+  -- what is left stays ready in Redis. docs/design.rst, "Global rate limit".
+  local rate, left, before = src.rate, ctx.left, #ctx.out
+  if rate then
+    local room = rate.allow - rate.served
+    if room <= 0 then
+      src.capped = true
+      return
+    end
+    ctx.left = math.min(left, room)
+  end
   local gone = nil
   if not idx or idx[HELD .. key] then gone = serve_held(ctx, src, i) end
   if gone == nil and ctx.left > 0 and (not idx or idx[key]) then
     gone = serve_fresh(ctx, src, i)
   end
   if gone == 'gone' and idx then idx[key], idx[HELD .. key] = nil, nil end
+  if rate then
+    local got = (#ctx.out - before) / 4
+    rate.served = rate.served + got
+    if rate.served >= rate.allow then src.capped = true end
+    ctx.left = ctx.halted and 0 or left - got
+  end
 end
 
 -- Write back what this call learned about a reached queue's ready index: the members it
@@ -510,6 +553,21 @@ local function finish_source(ctx, src)
     return 'e'
   end
   local err = nil
+  if more and src.capped then
+    -- Rate limited: ready work is left but may not go out before the next slot. No marker
+    -- (a set one would wake every idle consumer to be refused in turn); the reply's due
+    -- time brings this consumer back then (docs/design.rst, "Global rate limit").
+    local slot = rate_next(src.rate, clock(ctx))
+    local at, dues = src.due_at, ctx.dues
+    if at == nil then  -- its delayed set met a problem: the slot alone
+      dues[#dues + 1], dues[#dues + 2] = src.q, slot
+    elseif dues[at] < 0 or dues[at] > slot then
+      dues[at] = slot
+    end
+    err = pcall_error(redis.pcall('ZREM', src.wake, 'w'))
+    if err then problem(ctx, src, src.wake, err) end
+    return src.failed and 'e' or '0'
+  end
   if not more then
     err = pcall_error(redis.pcall('ZREM', src.wake, 'w'))
   elseif src.mode == 'p' or src.walk or src.announce then
@@ -525,6 +583,7 @@ end
 local function finish(ctx, sources)
   for _, stream in ipairs(ctx.trim) do trim_shared(stream) end  -- fanout streams set aside
   for _, src in ipairs(sources) do  -- Message TTL: each queue's count of expired messages
+    if src.rate then rate_save(src.rate, src.rate_key, clock(ctx)) end
     if src.expired > 0 then
       local err = count_expired(src.counters, KEYS[src.streams[1]], src.expired)
       if err then problem(ctx, src, src.counters, err) end

@@ -1,7 +1,8 @@
 """``limits``: a queue's arguments kept in Redis (x-max-length, x-overflow, x-message-ttl,
-x-deduplication-window), shown or changed at run time, as a RabbitMQ policy would change them;
-every publisher sees the change at its next publish. Its counters (expired messages) are shown
-with them, and with a window how many publishes were not stored as duplicates."""
+x-deduplication-window, x-rate-limit), shown or changed at run time, as a RabbitMQ policy
+would change them; every publisher sees the change at its next publish (a rate, every
+consumer at its next read). Its counters (expired messages) are shown with them, and with a
+window how many publishes were not stored as duplicates."""
 
 from __future__ import annotations
 

@@ -39,7 +39,8 @@ def status_once(args: argparse.Namespace, broker: Broker) -> int:
 def limit_text(arguments: dict[str, Any], counters: dict[str, int] | None = None,
                duplicates: int = 0) -> str:
     """A queue's limits for the status table: '1000 reject-publish', 'ttl 5000ms', the count
-    of messages that expired, 'dedup 60000ms: 3 dup' (the duplicates not stored), or '-'."""
+    of messages that expired, 'dedup 60000ms: 3 dup' (the duplicates not stored), 'rate 50/s
+    burst 1', or '-'."""
     parts = []
     if 'x-max-length' in arguments:
         parts.append(f"{arguments['x-max-length']} {arguments.get('x-overflow', 'drop-head')}")
@@ -49,6 +50,8 @@ def limit_text(arguments: dict[str, Any], counters: dict[str, int] | None = None
         parts.append(f"{(counters or {})['expired']} expired")
     if 'x-deduplication-window' in arguments:
         parts.append(f"dedup {arguments['x-deduplication-window']}ms: {duplicates} dup")
+    if 'x-rate-limit' in arguments:  # global rate limit (lua/lib/rate.lua)
+        parts.append(f"rate {arguments['x-rate-limit']} burst {arguments.get('x-rate-burst', 1)}")
     return ', '.join(parts) or '-'
 
 
