@@ -52,6 +52,7 @@ ACL_RULE = (
     'resetkeys ~ks:* resetchannels -@all '
     '+@stream +zadd +zrem +zscore +zrange +zrangebyscore +zcard +bzpopmin '
     '+sadd +sscan +smembers +smismember +srem +hset +hmget +hstrlen +hdel '
+    '+hget +hexists +hgetall +hincrby +hlen +zincrby +zscan '
     '+del +unlink +exists +type +pexpire +pexpireat +pttl +time +get +set '
     '+evalsha +script|load +info +ping +select +client|setname +client|id +client|unblock'
 )
