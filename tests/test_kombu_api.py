@@ -1003,9 +1003,9 @@ def test_a_read_whose_piggybacked_ack_fails_still_hands_out_what_it_read(conn, r
     real = ch.broker.ack_call
     broken_once = []
 
-    def failing(queue, entries, exchange=None, consumer="", big=False):
+    def failing(queue, entries, exchange=None, consumer="", big=False, unique=None):
         if broken_once:
-            return real(queue, entries, exchange, consumer, big)
+            return real(queue, entries, exchange, consumer, big, unique)
         broken_once.append(1)
         stream = list(entries)[0][0]
         return SCRIPTS["ack"], [stream], [queue, consumer, "not-a-number", "0-1"]  # an error
