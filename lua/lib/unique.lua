@@ -133,3 +133,41 @@ local function unique_release_delayed(store, member)
   if kind == 'd' and m == member then redis.call('HDEL', store, 'k:' .. key) end
   return 1
 end
+
+-- Whether STORE holds keys at all, checked before a read moves any due delayed message (types
+-- first): (false) none, so nothing to re-point and no command more; (true) a hash; or
+-- (nil, error) another type. One command (TYPE) per call that has due messages to move.
+local function unique_store(store)
+  local t = redis.call('TYPE', store)['ok']
+  if t == 'none' then return false, nil end
+  if t ~= 'hash' then return nil, 'WRONGTYPE ' .. store .. ' holds a ' .. t .. ', not a hash' end
+  return true, nil
+end
+
+-- Re-point the keys of delayed messages a read just moved to their streams (PLACED: {member,
+-- stream key, new entry id} each, lua/lib/delay.lua promote): field k:<key> then names the
+-- entry, "s:<ttl>:<level>:<id>", as a publish's would, so the key stays held while the
+-- message is ready or in flight; the reverse field d:<member> goes. Only members with a
+-- reverse field (one HMGET for all): a delayed message without a key costs nothing more.
+local function unique_promoted(store, placed)
+  if #placed == 0 then return end
+  local fields = {}
+  for j, p in ipairs(placed) do fields[j] = 'd:' .. p[1] end
+  local keys = redis.call('HMGET', store, unpack(fields))
+  local set, gone = {}, {}
+  for j, p in ipairs(placed) do
+    local key = keys[j]
+    if key then
+      gone[#gone + 1] = fields[j]
+      local kind, ttl, member = unique_parse(redis.call('HGET', store, 'k:' .. key) or 't:0')
+      if kind == 'd' and member == p[1] then  -- else the key went to another message since
+        set[#set + 1] = 'k:' .. key
+        set[#set + 1] = 's:' .. (ttl or 0) .. ':' .. (string.match(p[2], ':(%d+)$') or '0') ..
+                        ':' .. p[3]
+      end
+    end
+  end
+  if #set > 0 then redis.call('HSET', store, unpack(set)) end
+  if #gone > 0 then redis.call('HDEL', store, unpack(gone)) end
+end
+
