@@ -51,7 +51,7 @@ LAYOUTS_KEPT = 64
 class ReadLayout(NamedTuple):
     """What read.lua's KEYS and ARGV hold for one tuple of sources, whatever the call."""
 
-    #: KEYS: the streams in serving order, then nine keys per source
+    #: KEYS: the streams in serving order, then ten keys per source
     keys: tuple[str, ...]
     #: (stream key, source, level) per stream, in serving order (KEYS[1..S])
     streams: tuple[tuple[str, Source, int], ...]
@@ -120,12 +120,12 @@ class ReadCalls(CallsBase):
         for q, ex in sources:
             if ex:  # no ready index, delayed set or big messages for a group on a fanout stream
                 wake = self.wake(q, ex)
-                keys += [wake, self.keys.fanout_dlq(ex, q), *[wake] * 7]
-            else:
+                keys += [wake, self.keys.fanout_dlq(ex, q), *[wake] * 8]
+            else:  # the key store last: a delayed message moved keeps its x-unique-key
                 keys += [self.keys.wake(q), self.keys.dlq(q), self.keys.ready(q),
                          self.keys.delayed(q), self.keys.delayed_messages(q),
                          self.keys.big(q), self.keys.counters(q), self.keys.args(q),
-                         self.keys.rate(q)]
+                         self.keys.rate(q), self.keys.unique(q)]
         position = {key: i + 1 for i, (key, (_, ex), _) in enumerate(streams) if not ex}
         return ReadLayout(tuple(keys), tuple(streams),
                           tuple((src, src[0], 'f' if src[1] else 'q') for src in sources),

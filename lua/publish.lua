@@ -43,9 +43,11 @@ Minimum Redis: 6.2. Cost: O(1) and one HMGET; O(log n) with n delayed messages; 
 queue adds L XLENs, an HLEN and, for drop-head when full, a few reads per level; a big
 message adds a TYPE, an HEXISTS and two PTTLs, and never passes through Lua; a TTL adds a
 TIME and the field e; an id on a queue with x-deduplication-window O(log n) with n ids
-remembered. Never trims.
+remembered; a unique key O(1) or O(log n) (its holder looked at), and one stored adds an
+HLEN, and on a store over 32 fields one HSCAN step of at most 4 fields looked at (a ZSCORE
+each, or an XRANGE of one id: 2 at most). Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
-arguments and limits, Message TTL, Duplicates).
+arguments and limits, Message TTL, Duplicates, Unique keys).
 ]]
 --@include common
 --@include delay
@@ -145,16 +147,16 @@ end
 -- of the queue holds is refused (a duplicate), or replaces that one while it waits
 -- (x-unique-mode replace). After the id store: a retried publish is a duplicate first.
 local ukey, ustore, ustate, uref, ua, ub, uttl = ARGV[12], nil, nil, nil, nil, nil, 0
+local levels, unow = {}, nil  -- level -> stream; the clock of the look
 if ukey == '' then ukey = nil end
 if ukey then
   ustore = KEYS[9 + nl]
-  local levels = {}
   for i = 8, 7 + nl do levels[string.match(KEYS[i], ':(%d+)$') or ''] = KEYS[i] end
   local conf = redis.call('HMGET', argkey, UNIQUE_MODE, UNIQUE_TTL)  -- its type: read_limit
   uttl = math.max(math.floor(tonumber(conf[2]) or 0), 0)
   local uerr
-  ustate, uref, ua, ub, uerr = unique_holder(ustore, ukey, levels, KEYS[6], group,
-                                             dedup_now or now_ms())
+  unow = dedup_now or now_ms()
+  ustate, uref, ua, ub, uerr = unique_holder(ustore, ukey, levels, KEYS[6], group, unow)
   if not uerr and ustate and conf[1] == 'replace' then
     local ok
     ok, uerr = unique_replaceable(ustate, ua, KEYS[7])
@@ -172,6 +174,7 @@ local function hold(id, member)
   if not ukey then return end
   if ustate then unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7]) end
   unique_hold(ustore, ukey, uttl, string.match(stream, ':(%d+)$') or '0', id, member, uref)
+  unique_sweep(ustore, levels, KEYS[6], unow)  -- a few fields that outlived their message
   if redis.call('PTTL', ustore) == -1 then  -- an expiring queue's store goes with it
     local ttl = redis.call('PTTL', first)
     if ttl > 0 then redis.call('PEXPIRE', ustore, ttl) end

@@ -6,22 +6,25 @@ KEYS[1..S]      the streams to read, in serving order: fanout streams first, the
                 so stream i is the stream of the i-th fanout source for i <= F (F: the
                 sources of kind 'f'), else of the ((i - F - 1) mod O + 1)-th of the O queue
                 sources (kind 'q'), each with S - F = O x levels streams
-KEYS[S+9q-8]    wake marker (zset) of source q, q = 1..Q; a source is a queue's own
+KEYS[S+10q-9]   wake marker (zset) of source q, q = 1..Q; a source is a queue's own
                 streams, or its group on one fanout stream (marker ks:x:{ex}:wake:<queue>)
-KEYS[S+9q-7]    dead-letter stream of source q
-KEYS[S+9q-6]    ready index (set) of source q, ks:q:{queue}:ready
-KEYS[S+9q-5]    delayed set (zset) of source q, ks:q:{queue}:delayed
-KEYS[S+9q-4]    delayed messages (hash) of source q, ks:q:{queue}:delayed:m
-KEYS[S+9q-3]    big messages (hash) of source q, ks:q:{queue}:big
-KEYS[S+9q-2]    counters (hash) of source q, ks:q:{queue}:counters: "expired" counts the
+KEYS[S+10q-8]   dead-letter stream of source q
+KEYS[S+10q-7]   ready index (set) of source q, ks:q:{queue}:ready
+KEYS[S+10q-6]   delayed set (zset) of source q, ks:q:{queue}:delayed
+KEYS[S+10q-5]   delayed messages (hash) of source q, ks:q:{queue}:delayed:m
+KEYS[S+10q-4]   big messages (hash) of source q, ks:q:{queue}:big
+KEYS[S+10q-3]   counters (hash) of source q, ks:q:{queue}:counters: "expired" counts the
                 messages set aside past their TTL; a fanout source has no index, no delayed
-                keys, no big messages, no counters, no arguments and no rate key (the caller
-                passes its marker again for each)
-KEYS[S+9q-1]    arguments (hash) of source q, ks:q:{queue}:args: only x-rate-limit and
+                keys, no big messages, no counters, no arguments, no rate key and no key
+                store (the caller passes its marker again for each)
+KEYS[S+10q-2]   arguments (hash) of source q, ks:q:{queue}:args: only x-rate-limit and
                 x-rate-burst are read (one HMGET per source opened)
-KEYS[S+9q]      rate limiter state (string) of source q, ks:q:{queue}:rate: the next
+KEYS[S+10q-1]   rate limiter state (string) of source q, ks:q:{queue}:rate: the next
                 delivery's theoretical arrival time, unix ms, expiring once it is past;
                 written only when the queue has x-rate-limit (lua/lib/rate.lua)
+KEYS[S+10q]     key store (hash) of source q, ks:q:{queue}:unique: a delayed message moved
+                to its stream that holds an x-unique-key keeps it (the store then names its
+                new entry; lua/lib/unique.lua); looked at (TYPE) only when due messages move
 ARGV[1]         consumer name (unique per channel)
 ARGV[2]         COUNT: the most messages to deliver (the channel's free prefetch)
 ARGV[3]         name of the holder consumer that parks requeued messages
@@ -50,7 +53,7 @@ ARGV[8+5Q]      A: the number of acks that ride along (0: none), then A pairs: s
                 consumer ARGV[1] (one round trip, one call): only those it still owns
 Reply: {status, problems, aside, dues, unsettled, then per delivered message, in delivery
        order: stream index i, entry id, delivery count, payload}; the payload of a big
-       message is {token}: the caller fetches its body from KEYS[S+9q-3] (HGET)
+       message is {token}: the caller fetches its body from KEYS[S+10q-4] (HGET)
        status    one character per source: '1' may hold more ready messages, '0' nothing
                  ready (or nothing the queue's rate limit lets out now), '-' not reached
                  (COUNT ran out first), 'e' it met a problem
@@ -69,24 +72,27 @@ Minimum Redis: 6.2. Cost: sources are opened in serving order until COUNT or BYT
 up (an EXISTS of the marker in mode 'm', SMEMBERS of the index), then commands only for the
 streams the index names: O(COUNT + entries set aside), one XREADGROUP per stream while the
 caller's size hint holds; a walk adds an XLEN per stream, moving due delayed messages at
-most PROMOTE (500) and BYTES of them (an HSTRLEN each); a big message adds an HSTRLEN;
+most PROMOTE (500) and BYTES of them (an HSTRLEN each, a TYPE of the key store per call
+that moves any; a store that exists adds an HMGET, and an HGET per moved message with a
+unique key, an HSET and an HDEL); a big message adds an HSTRLEN;
 entries set aside (expired ones too) at most COUNT + 100 per call, the rest next call;
 acks that ride along add one XPENDING per stream (ownership, see ack.lua) unless all of the
 stream's are trusted. A queue with x-rate-limit adds a TIME, a GET and a SET; one without
 pays the HMGET of its arguments. Never blocks.
 Phases: lua/lib/serve.lua. See docs/design.rst (Wake-ups, The ready index, Leases, Delivery
 counts and dead letters, Delayed delivery, Reads bounded by bytes, Big messages, Message
-TTL, Global rate limit).
+TTL, Global rate limit, Unique keys).
 ]]
 --@include common
 --@include delay
 --@include expiry
 --@include rate
+--@include unique
 --@include serve
 
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
 local A = S and Q and tonumber(ARGV[8 + 5 * Q]) or 0
-local fits = S and Q and #KEYS == S + 9 * Q and #ARGV == 8 + 5 * Q + 2 * A
+local fits = S and Q and #KEYS == S + 10 * Q and #ARGV == 8 + 5 * Q + 2 * A
 local F = 0  -- fanout sources: one stream each; the O queue sources have one per level
 if fits then
   for q = 1, Q do
@@ -97,7 +103,7 @@ if fits then
 end
 if not fits then
   return check_args('read', false, false, tostring(S) .. ' streams, ' .. tostring(Q) ..
-                    ' sources and ' .. tostring(A) .. ' acks (S + 9Q keys, 8 + 5Q + 2A args, ' ..
+                    ' sources and ' .. tostring(A) .. ' acks (S + 10Q keys, 8 + 5Q + 2A args, ' ..
                     'S = fanout sources + queue sources x levels)')
 end
 local ctx = new_context(ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]),

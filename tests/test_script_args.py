@@ -46,7 +46,8 @@ MINIMAL = {
     'publish': (PUBLISH_KEYS, ['m', '0', 1, Q, HOLDER, '0', '']),
     'purge': ([S0, K.delayed(Q), K.delayed_messages(Q), K.big(Q), K.unique(Q)],
               [Q, HOLDER, 10]),
-    'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q), K.args(Q), K.rate(Q)],
+    'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q), K.args(Q), K.rate(Q),
+              K.unique(Q)],
              ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 0]),
     'reclaim': ([FAN, FWAKE], [Q, HOLDER, 1000, 100, 0, '-']),
     'redrive': ([K.dlq(Q), S0, K.wake(Q), K.ready(Q)], [10]),
@@ -71,7 +72,8 @@ LARGER = {
     'ack': ([S0, K.big(Q)], [Q, 'c1', 'b', 1, '1-1']),
     'wake': ([FWAKE, FAN, K.deadlines(X), K.wake(Q), S0, K.wake(Q)],
              ['f', Q, 'm', 'q', Q, '']),
-    'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q), K.args(Q), K.rate(Q)],
+    'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q), K.args(Q), K.rate(Q),
+              K.unique(Q)],
              ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 1, 1, '1-1']),
 }
 #: With a unique key (x-unique-key): its store in KEYS and the key in ARGV, one layout more.
@@ -130,9 +132,9 @@ def test_a_read_whose_streams_fit_no_layout_is_refused(fake_client):
     is refused before anything is read."""
     b = 'b'
     source_keys = [*[K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q), K.args(Q),
-                     K.rate(Q)],
+                     K.rate(Q), K.unique(Q)],
                    *[K.wake(b), K.dlq(b), K.ready(b), K.delayed(b), K.delayed_messages(b),
-                     K.big(b), K.counters(b), K.args(b), K.rate(b)]]
+                     K.big(b), K.counters(b), K.args(b), K.rate(b), K.unique(b)]]
     head = ['c1', 10, HOLDER, 0]
     per_source = [Q, 'q', 'r', 0, 0, b, 'q', 'r', 0, 0]
     streams = [S0, K.stream(b, 0), K.stream(Q, 3)]  # two queue sources, three streams

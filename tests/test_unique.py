@@ -279,9 +279,10 @@ def test_unique_arguments_as_stored():
 
 class UniqueModel(RuleBasedStateMachine):
     """Publishes with two keys (some delayed, some with a TTL already past), reads by two
-    consumers, ack, reject (dead letter), requeue, a reclaim of every lease and purge, in any
-    order. After each step: at most one live message per key, and a publish is refused
-    exactly when a live message holds its key (never a key left behind its message)."""
+    consumers, ack, reject (dead letter), requeue, a reclaim of every lease, purge and delayed
+    messages made due (moved to their stream by the next read), in any order. After each
+    step: at most one live message per key, and a publish is refused exactly when a live
+    message holds its key (never a key left behind its message, never one lost on a move)."""
 
     MODE: dict[str, str] = {}  # the queue's arguments
 
@@ -346,6 +347,13 @@ class UniqueModel(RuleBasedStateMachine):
     @rule()
     def purge(self) -> None:
         self.b.purge('q')
+
+    @rule()
+    def due(self) -> None:
+        """Every delayed message due now (its score moved into the past): the next read
+        moves it to its stream, with a new entry id, where it keeps its key."""
+        for member in self.c.zrange(K.delayed('q'), 0, -1):
+            self.c.zadd(K.delayed('q'), {member: 0})
 
     @invariant()
     def at_most_one_per_key(self) -> None:

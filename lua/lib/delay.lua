@@ -131,24 +131,26 @@ end
 -- priority_steps) goes to FIRST, the queue's first stream; one whose message is gone is
 -- dropped. A retry's pointer (park_pointer) parks its entry with the holder instead, if its level's
 -- stream is among LEVELS (else the pointer goes, and reclaim gives the entry back after a
--- lease). Returns (moved, ready index members to add: the streams written, and HELD ..
--- stream for parked entries, error, bytes moved): on an error (a key holds another type) the
+-- lease: it keeps its id, so a unique key it holds stays valid). Returns (moved, ready index
+-- members to add: the streams written, and HELD .. stream for parked entries, error, bytes
+-- moved, placed: {member, stream, new entry id} per message appended, for the caller to
+-- re-point its unique key, lua/lib/unique.lua): on an error (a key holds another type) the
 -- members moved so far are removed and the rest stay where they are.
 local function promote(dkey, bodies, levels, first, now, n, bytes, alone)
   local due, err = try('ZRANGEBYSCORE', dkey, '-inf', now, 'LIMIT', 0, n)
-  if err then return 0, {}, err, 0 end
-  if due == nil or #due == 0 then return 0, {}, nil, 0 end
+  if err then return 0, {}, err, 0, {} end
+  if due == nil or #due == 0 then return 0, {}, nil, 0, {} end
   local take, size = {}, 0
   for j, member in ipairs(due) do
     local len, lerr = try('HSTRLEN', bodies, member)
-    if lerr then return 0, {}, lerr, 0 end
+    if lerr then return 0, {}, lerr, 0, {} end
     if size + len > bytes and not (alone and j == 1) then break end
     take[j], size = member, size + len
   end
-  if #take == 0 then return 0, {}, nil, 0 end
+  if #take == 0 then return 0, {}, nil, 0, {} end
   local payloads, herr = try('HMGET', bodies, unpack(take))
-  if herr then return 0, {}, herr, 0 end
-  local streams, seen, done, moved = {}, {}, {}, 0
+  if herr then return 0, {}, herr, 0, {} end
+  local streams, seen, done, moved, placed = {}, {}, {}, 0, {}
   for j, member in ipairs(take) do
     local payload = payloads[j]
     if not payload and string.match(member, '^%d+:%d+:b:') then  -- a retry's pointer
@@ -165,8 +167,9 @@ local function promote(dkey, bodies, levels, first, now, n, bytes, alone)
       end
     elseif payload then
       local stream = levels[string.match(member, '^%d+:(%d+):') or ''] or first
-      local _, xerr = try('XADD', stream, '*', unpack(entry_of(payload)))
+      local id, xerr = try('XADD', stream, '*', unpack(entry_of(payload)))
       if xerr then err = xerr .. ' (key ' .. stream .. ')'; break end
+      placed[#placed + 1] = {member, stream, id}
       if not seen[stream] then
         seen[stream] = true
         streams[#streams + 1] = stream
@@ -179,7 +182,7 @@ local function promote(dkey, bodies, levels, first, now, n, bytes, alone)
     redis.call('ZREM', dkey, unpack(done))
     redis.call('HDEL', bodies, unpack(done))
   end
-  return moved, streams, err, size
+  return moved, streams, err, size, placed
 end
 
 -- The queue's x-requeue-delay ("min_ms,max_ms") from its arguments hash ARGS, one HGET per

@@ -1,6 +1,6 @@
--- The phases of read.lua (a library, included after common, delay, expiry and rate; KEYS and
--- ARGV as read.lua's header lays them out): open a source, serve its held then its fresh
--- entries stream by stream, and save what the call learned.
+-- The phases of read.lua (a library, included after common, delay, expiry, rate and unique;
+-- KEYS and ARGV as read.lua's header lays them out): open a source, serve its held then its
+-- fresh entries stream by stream, and save what the call learned.
 --
 -- State lives in one table, ctx (made by read.lua), and one table per source, src:
 --   ctx.consumer, ctx.holder, ctx.limit   who reads, who parks, the delivery limit
@@ -17,7 +17,7 @@
 --                                         once, at the end of the call
 --   src.q, src.group, src.shared, src.mode, src.ttl, src.wake, src.dlq, src.index_key,
 --   src.dkey, src.bodies, src.big,        (its keys; the delayed ones: lua/lib/delay.lua)
---   src.counters, src.args, src.rate_key
+--   src.counters, src.args, src.rate_key, src.store (the key store, lua/lib/unique.lua)
 --   src.expired                           entries this call set aside past their TTL
 --   src.rate     its limiter (lua/lib/rate.lua) when it has x-rate-limit, else nil
 --   src.capped   the limiter let no more of it through in this call
@@ -67,14 +67,14 @@ end
 local function load_sources(S, Q, F)
   local sources, of, fan, own = {}, {}, {}, {}
   for q = 1, Q do
-    local k = S + 9 * q  -- the source's last key
+    local k = S + 10 * q  -- the source's last key
     sources[q] = {q = q, group = ARGV[3 + 5 * q], shared = ARGV[4 + 5 * q] == 'f',
                   mode = ARGV[5 + 5 * q], ttl = tonumber(ARGV[6 + 5 * q]) or 0,
                   est = tonumber(ARGV[7 + 5 * q]) or 0,
-                  wake = KEYS[k - 8], dlq = KEYS[k - 7], index_key = KEYS[k - 6],
-                  dkey = KEYS[k - 5], bodies = KEYS[k - 4], big = KEYS[k - 3],
-                  counters = KEYS[k - 2], args = KEYS[k - 1], rate_key = KEYS[k],
-                  streams = {}, visited = {}, expired = 0}
+                  wake = KEYS[k - 9], dlq = KEYS[k - 8], index_key = KEYS[k - 7],
+                  dkey = KEYS[k - 6], bodies = KEYS[k - 5], big = KEYS[k - 4],
+                  counters = KEYS[k - 3], args = KEYS[k - 2], rate_key = KEYS[k - 1],
+                  store = KEYS[k], streams = {}, visited = {}, expired = 0}
     if sources[q].shared then fan[#fan + 1] = sources[q] else own[#own + 1] = sources[q] end
   end
   for i = 1, S do
@@ -163,7 +163,10 @@ local function spend(ctx, src, fields)
 end
 
 -- Move a queue's due delayed messages into its streams (at most ctx.promote_left), and note
--- in ctx.dues when its next one is due. docs/design.rst, "Delayed delivery".
+-- in ctx.dues when its next one is due. docs/design.rst, "Delayed delivery". A moved message
+-- that holds a unique key keeps it: the key store is checked before anything moves (its
+-- type; a queue without one pays that TYPE only), and then names the new entry
+-- (docs/design.rst, "Unique keys").
 local function promote_due(ctx, src)
   local idx = src.index
   if src.walk then
@@ -179,9 +182,12 @@ local function promote_due(ctx, src)
     if next_due and next_due <= now and ctx.promote_left > 0 and ctx.promote_bytes > 0 then
       local levels = {}  -- level -> its stream, all among this call's KEYS
       for _, i in ipairs(src.streams) do levels[string.match(KEYS[i], ':(%d+)$')] = KEYS[i] end
-      local moved, streams, perr, size = promote(
+      local keyed, uerr = unique_store(src.store)
+      if uerr then return problem(ctx, src, src.store, uerr) end
+      local moved, streams, perr, size, placed = promote(
         src.dkey, src.bodies, levels, KEYS[src.streams[1]], now, ctx.promote_left,
         ctx.promote_bytes, ctx.promoted == 0)
+      if keyed then unique_promoted(src.store, placed) end
       ctx.promote_left, ctx.promoted = ctx.promote_left - moved, ctx.promoted + moved
       ctx.promote_bytes = ctx.promote_bytes - size
       if moved > 0 then src.announce = true end

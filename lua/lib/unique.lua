@@ -133,3 +133,118 @@ local function unique_release_delayed(store, member)
   if kind == 'd' and m == member then redis.call('HDEL', store, 'k:' .. key) end
   return 1
 end
+
+-- Whether STORE holds keys at all, checked before a read moves any due delayed message (types
+-- first): (false) none, so nothing to re-point and no command more; (true) a hash; or
+-- (nil, error) another type. One command (TYPE) per call that has due messages to move.
+local function unique_store(store)
+  local t = redis.call('TYPE', store)['ok']
+  if t == 'none' then return false, nil end
+  if t ~= 'hash' then return nil, 'WRONGTYPE ' .. store .. ' holds a ' .. t .. ', not a hash' end
+  return true, nil
+end
+
+-- Re-point the keys of delayed messages a read just moved to their streams (PLACED: {member,
+-- stream key, new entry id} each, lua/lib/delay.lua promote): field k:<key> then names the
+-- entry, "s:<ttl>:<level>:<id>", as a publish's would, so the key stays held while the
+-- message is ready or in flight; the reverse field d:<member> goes. Only members with a
+-- reverse field (one HMGET for all): a delayed message without a key costs nothing more.
+local function unique_promoted(store, placed)
+  if #placed == 0 then return end
+  local fields = {}
+  for j, p in ipairs(placed) do fields[j] = 'd:' .. p[1] end
+  local keys = redis.call('HMGET', store, unpack(fields))
+  local set, gone = {}, {}
+  for j, p in ipairs(placed) do
+    local key = keys[j]
+    if key then
+      gone[#gone + 1] = fields[j]
+      local kind, ttl, member = unique_parse(redis.call('HGET', store, 'k:' .. key) or 't:0')
+      if kind == 'd' and member == p[1] then  -- else the key went to another message since
+        set[#set + 1] = 'k:' .. key
+        set[#set + 1] = 's:' .. (ttl or 0) .. ':' .. (string.match(p[2], ':(%d+)$') or '0') ..
+                        ':' .. p[3]
+      end
+    end
+  end
+  if #set > 0 then redis.call('HSET', store, unpack(set)) end
+  if #gone > 0 then redis.call('HDEL', store, unpack(gone)) end
+end
+
+-- The sweep of fields that outlived their message (docs/design.rst, "Unique keys": an expiry
+-- or delivery limit at read, drop-head, a purged ready entry, a cancelled delayed message
+-- leave theirs; the key already counts as free, only memory is at stake). Each keyed publish
+-- that stores a message runs one step: HSCAN of STORE from the cursor kept in field
+-- UNIQUE_CURSOR ("<cursor>:<offset>": a step's reply can hold more fields than one call
+-- checks, e.g. a small hash comes whole), at most UNIQUE_CHECKS fields looked at (a ZSCORE,
+-- or the clock for a throttle, or an XRANGE of one id: at most UNIQUE_LOOKS of those, as each
+-- copies the entry it finds), those whose message is gone deleted. A store of at most
+-- UNIQUE_SWEEP_FROM fields is left alone (one HLEN). The bound: a cycle over a store of H
+-- fields takes at most H / 2 publishes (two fields a call at least), which add one field
+-- each (a stream entry's) or two looked at without a copy (a delayed message's); every field
+-- stale when a cycle starts is gone when it ends; so the store holds at most about twice the
+-- fields of its live messages, or UNIQUE_SWEEP_FROM. LEVELS maps a level to its stream, DKEY
+-- is the delayed set, NOW unix ms.
+-- Never fails: it runs after the message was stored, so a key of another type at one of the
+-- names is only skipped (try), and the store is a hash (the publish just wrote it).
+local UNIQUE_CURSOR, UNIQUE_CHECKS, UNIQUE_LOOKS, UNIQUE_SWEEP_FROM = 'c', 4, 2, 32
+
+local function unique_gone(store, f, v, levels, dkey, now)
+  if string.sub(f, 1, 2) == 'd:' then  -- reverse field: its delayed message is gone?
+    local member = string.sub(f, 3)
+    local score, err = try('ZSCORE', dkey, member)
+    if err or score then return nil end
+    local kind, _, m = unique_parse(redis.call('HGET', store, 'k:' .. v) or 't:0')
+    if kind == 'd' and m == member then return f, 'k:' .. v end
+    return f
+  end
+  if string.sub(f, 1, 2) ~= 'k:' then return nil end  -- the count, the cursor
+  local kind, a, b, c = unique_parse(v)
+  if kind == 't' then
+    if a and a > now then return nil end
+    return f
+  end
+  if kind == 'd' then
+    local score, err = try('ZSCORE', dkey, b)
+    if err or score then return nil end
+    return f, 'd:' .. b
+  end
+  if kind ~= 's' then return nil end
+  local stream = levels[b or '']
+  if not stream then return f end  -- a level the queue no longer has: free already
+  local found, err = try('XRANGE', stream, c, c)
+  if err or (found and #found > 0) then return nil end
+  return f
+end
+
+local function unique_sweep(store, levels, dkey, now)
+  if redis.call('HLEN', store) <= UNIQUE_SWEEP_FROM then return end
+  local at = redis.call('HGET', store, UNIQUE_CURSOR) or ''
+  local cursor, skip = string.match(at, '^(%d+):(%d+)$')
+  cursor, skip = cursor or '0', tonumber(skip) or 0
+  local step = redis.call('HSCAN', store, cursor, 'COUNT', UNIQUE_CHECKS)
+  local flat, gone = step[2], {}
+  local n = #flat / 2
+  local last, looks = skip, 0
+  local freed = 0  -- of the fields looked at: the same cursor's next reply lacks them
+  while last < n and last < skip + UNIQUE_CHECKS do
+    local f, v = flat[2 * last + 1], flat[2 * last + 2]
+    if string.sub(f, 1, 2) == 'k:' and string.sub(v, 1, 2) == 's:' then
+      if looks >= UNIQUE_LOOKS then break end  -- an XRANGE copies the entry: two at most
+      looks = looks + 1
+    end
+    last = last + 1
+    local f1, f2 = unique_gone(store, f, v, levels, dkey, now)
+    if f1 then
+      gone[#gone + 1] = f1
+      freed = freed + 1
+    end
+    if f2 then gone[#gone + 1] = f2 end
+  end
+  if #gone > 0 then redis.call('HDEL', store, unpack(gone)) end
+  if last < n then
+    redis.call('HSET', store, UNIQUE_CURSOR, cursor .. ':' .. (last - freed))
+  else
+    redis.call('HSET', store, UNIQUE_CURSOR, step[1] .. ':0')
+  end
+end
