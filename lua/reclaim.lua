@@ -42,11 +42,7 @@ local wrong = wrong_type(KEYS[n + 1], 'zset') or (index and wrong_type(index, 's
 wrong = wrong or wrong_streams(1, n)
 local dkey = KEYS[n + 4]
 local min_ms, max_ms = nil, nil  -- x-requeue-delay, when the queue has it
-if dkey and not wrong then
-  local err
-  min_ms, max_ms, err = read_backoff(KEYS[n + 3])
-  wrong = err or (min_ms and wrong_type(dkey, 'zset'))
-end
+if dkey and not wrong then min_ms, max_ms, wrong = read_backoff(KEYS[n + 3], dkey) end
 if wrong then return redis.error_reply(wrong) end
 
 local moved, more, next_ms, held = 0, 0, -1, {}

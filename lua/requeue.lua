@@ -42,11 +42,7 @@ local group, me, holder, moved, stale = ARGV[1], ARGV[2], ARGV[3], 0, 0
 local wrong = wrong_type(KEYS[n + 1], 'zset') or (KEYS[n + 2] and wrong_type(KEYS[n + 2], 'set'))
 local dkey = KEYS[n + 4]
 local min_ms, max_ms = nil, nil  -- x-requeue-delay, when the queue has it
-if dkey and not wrong then
-  local err
-  min_ms, max_ms, err = read_backoff(KEYS[n + 3])
-  wrong = err or (min_ms and wrong_type(dkey, 'zset'))
-end
+if dkey and not wrong then min_ms, max_ms, wrong = read_backoff(KEYS[n + 3], dkey) end
 if me == '' then
   wrong = wrong or wrong_streams(1, n)
 end

@@ -187,11 +187,14 @@ end
 
 -- The queue's x-requeue-delay ("min_ms,max_ms") from its arguments hash ARGS, one HGET per
 -- call: (min_ms, max_ms), or nil without it (or a value that does not parse: limits.py checks
--- what it stores), or (nil, nil, error) when ARGS holds another type.
-local function read_backoff(args)
+-- what it stores), or (nil, nil, error) when ARGS, or with the argument the delayed set DKEY
+-- (where requeue and reclaim point to waiting messages), holds another type.
+local function read_backoff(args, dkey)
   local v, err = try('HGET', args, 'x-requeue-delay')
   if err then return nil, nil, err end
   local lo, hi = string.match(v or '', '^(%d+),(%d+)$')
   if lo == nil or tonumber(hi) < 1 then return nil, nil, nil end
+  err = wrong_type(dkey, 'zset')  -- where the waiting messages' pointers go
+  if err then return nil, nil, err end
   return tonumber(lo), tonumber(hi), nil
 end
