@@ -414,3 +414,13 @@ def script_client(request):
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture(params=['redis7', 'redis62'])
+def any_url(request) -> str:
+    """A redis-streams:// URL on Redis 7.0 or 6.2 (a flushed DB)."""
+    server = request.getfixturevalue('redis_server' if request.param == 'redis7'
+                                     else 'redis62_server')
+    with redis.Redis.from_url(server.url) as c:
+        c.flushdb()
+    return 'redis-streams://' + server.url[len('redis://'):]

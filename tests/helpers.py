@@ -77,3 +77,8 @@ def assert_same(before: dict[bytes, Any], after: dict[bytes, Any]) -> None:
             assert later == ttl, f'expiry of {key!r} changed'
         else:  # time passes between the snapshots; a script would set another ttl
             assert 0 <= ttl - later < 30_000, f'expiry of {key!r} changed'
+
+
+def message_count(conn: Any, queue: str) -> int:
+    """A queue's ready count as Kombu asks for it (a passive declare)."""
+    return conn.default_channel.queue_declare(queue, passive=True).message_count

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import requires_batch_publish
-from helpers import assert_same, read_messages, snapshot
+from helpers import assert_same, message_count, read_messages, snapshot
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from kombu import Connection, Producer, Queue
@@ -256,18 +256,6 @@ def test_the_id_of_a_message():
 
 # --- the Kombu API on real servers ----------------------------------------------------------
 
-@pytest.fixture(params=['redis7', 'redis62'])
-def any_url(request) -> str:
-    """A redis-streams:// URL on Redis 7.0 or 6.2 (a flushed DB)."""
-    server = request.getfixturevalue('redis_server' if request.param == 'redis7'
-                                     else 'redis62_server')
-    with redis.Redis.from_url(server.url) as c:
-        c.flushdb()
-    return 'redis-streams://' + server.url[len('redis://'):]
-
-
-def _count(conn: Connection, queue: str) -> int:
-    return conn.default_channel.queue_declare(queue, passive=True).message_count
 
 
 def test_kombu_publish_with_an_id_header_is_stored_once(any_url, caplog):
@@ -279,7 +267,7 @@ def test_kombu_publish_with_an_id_header_is_stored_once(any_url, caplog):
             for _ in range(3):
                 producer.publish({'n': 1}, headers={'x-deduplication-id': 'order-17'})
         producer.publish({'n': 2}, headers={'x-deduplication-id': 'order-18'})
-        assert _count(conn, 'dq') == 2
+        assert message_count(conn, 'dq') == 2
         assert sum('order-17' in r.getMessage() and 'duplicate' in r.getMessage()
                    for r in caplog.records) == 2
 
@@ -296,7 +284,7 @@ def test_a_celery_task_id_is_the_default_id(any_url):
                                                      'lang': 'py'})
         other = str(uuid.uuid4())
         producer.publish([[1], {}, {}], headers={'task': 't.add', 'id': other})
-        assert _count(conn, 'tasks') == 2
+        assert message_count(conn, 'tasks') == 2
 
 
 def test_a_retried_publish_after_a_dropped_connection_is_stored_once(any_url):
@@ -333,7 +321,7 @@ def test_a_retried_publish_after_a_dropped_connection_is_stored_once(any_url):
             cls.read_response = original
         assert killed == [1]  # the first reply was lost for real
         assert len(kombu) == 1  # and Kombu's publish retry sent it again
-        assert _count(conn, 'rq') == 1
+        assert message_count(conn, 'rq') == 1
     b = Broker(admin, K, LEVELS)
     assert b.duplicates('rq') == 1
 
@@ -356,7 +344,7 @@ def test_a_batch_reports_its_duplicates(url_big):
         assert sorted(info.value.refused) == [6]
         assert {n: d.ident for n, d in info.value.duplicates.items()} == {2: 'a', 4: 'c'}
         assert all(d.queue == 'bq' for d in info.value.duplicates.values())
-        assert _count(conn, 'bq') == 4
+        assert message_count(conn, 'bq') == 4
         raw = conn.default_channel.client
         assert raw.hlen(K.big('bq')) == 1  # the big duplicate left no body
         with producer.batch() as batch:  # no refusal: nothing raised, the batch tells

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import requires_batch_publish
-from helpers import read_messages
+from helpers import message_count, read_messages
 from kombu import Connection, Consumer, Producer, Queue
 
 from kombu_streams.broker import Broker
@@ -21,18 +21,6 @@ from tests.test_celery import QUEUE, celery_env, wait_for
 K = Keys()
 
 
-@pytest.fixture(params=['redis7', 'redis62'])
-def any_url(request) -> str:
-    """A redis-streams:// URL on Redis 7.0 or 6.2 (a flushed DB)."""
-    server = request.getfixturevalue('redis_server' if request.param == 'redis7'
-                                     else 'redis62_server')
-    with redis.Redis.from_url(server.url) as c:
-        c.flushdb()
-    return 'redis-streams://' + server.url[len('redis://'):]
-
-
-def _count(conn: Connection, queue: str) -> int:
-    return conn.default_channel.queue_declare(queue, passive=True).message_count
 
 
 def _drain(conn: Connection, queue: Queue, settle: str) -> list[Any]:
@@ -65,14 +53,14 @@ def test_a_consumed_message_releases_its_key(any_url, caplog, settle):
         with caplog.at_level(logging.DEBUG, logger='kombu_streams.unique'):
             for n in range(3):
                 producer.publish({'n': n}, headers={'x-unique-key': 'report-7'})
-        assert _count(conn, 'uq') == 1
+        assert message_count(conn, 'uq') == 1
         assert sum('report-7' in r.getMessage() for r in caplog.records) == 2
         assert _drain(conn, q, settle) == [{'n': 0}]
         conn.default_channel.flush_acks()  # deferred acks go now (no waiting for ACK_DELAY)
         client = conn.default_channel.client
         assert not client.hexists(K.unique('uq'), 'k:report-7')  # released by the settle
         producer.publish({'n': 3}, headers={'x-unique-key': 'report-7'})
-        assert _count(conn, 'uq') == 1
+        assert message_count(conn, 'uq') == 1
 
 
 @requires_batch_publish
@@ -84,7 +72,7 @@ def test_a_batch_reports_a_refused_key(any_url):
             for n in range(3):
                 producer.publish({'n': n}, headers={'x-unique-key': 'k'})
         assert batch.state.session.duplicates == {1: ('bq', 'k'), 2: ('bq', 'k')}
-        assert _count(conn, 'bq') == 1
+        assert message_count(conn, 'bq') == 1
 
 
 @pytest.mark.celery
