@@ -34,11 +34,13 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 import redis
+from helpers import FakeClock, server_ms
 
 from kombu_streams.compat import BATCH_PUBLISH
 
@@ -424,3 +426,22 @@ def any_url(request) -> str:
     with redis.Redis.from_url(server.url) as c:
         c.flushdb()
     return 'redis-streams://' + server.url[len('redis://'):]
+
+
+@pytest.fixture
+def url(redis_url: str) -> str:
+    """A redis-streams:// URL of the (flushed) session server."""
+    return 'redis-streams://' + redis_url[len('redis://'):]
+
+
+@pytest.fixture
+def fake_clock(fake_client: Any) -> Iterator[tuple[Any, FakeClock]]:
+    """fakeredis with its clock (TIME) driven by the test: (client, clock)."""
+    from fakeredis.commands_mixins import server_mixin
+    clock = FakeClock(server_ms(fake_client))
+    real = server_mixin.time
+    server_mixin.time = clock  # type: ignore[assignment]
+    try:
+        yield fake_client, clock
+    finally:
+        server_mixin.time = real

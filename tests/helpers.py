@@ -82,3 +82,20 @@ def assert_same(before: dict[bytes, Any], after: dict[bytes, Any]) -> None:
 def message_count(conn: Any, queue: str) -> int:
     """A queue's ready count as Kombu asks for it (a passive declare)."""
     return conn.default_channel.queue_declare(queue, passive=True).message_count
+
+
+def server_ms(c: Any) -> int:
+    """The server's clock (TIME) in unix ms."""
+    sec, usec = c.time()
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+class FakeClock:
+    """fakeredis's clock (TIME, hence every deadline and due time), driven by a test or a
+    model; ms, whole. Installed by the ``fake_clock`` fixture of conftest.py."""
+
+    def __init__(self, start_ms: int) -> None:
+        self.ms = start_ms
+
+    def time(self) -> float:
+        return self.ms / 1000.0

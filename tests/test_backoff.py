@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import STALE, read_messages
+from helpers import STALE, FakeClock, read_messages, server_ms
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -42,11 +42,6 @@ def declare(c: Any, queue: str = 'q', delay: Any = '1000,2500', **more: Any) -> 
 
 def body(n: int) -> str:
     return json.dumps({'body': f'm{n}'})
-
-
-def server_ms(c: Any) -> int:
-    sec, usec = c.time()
-    return int(sec) * 1000 + int(usec) // 1000
 
 
 def pointers(c: Any, queue: str = 'q') -> list[tuple[bytes, int, bytes]]:
@@ -296,16 +291,6 @@ def test_invalid_values_refused_naming_the_rule(value):
     assert "'jobs'" in text and 'x-requeue-delay' in text and 'min_ms <= max_ms' in text
 
 
-class FakeClock:
-    """fakeredis's clock (TIME, hence every due time), driven by the model; ms, whole."""
-
-    def __init__(self, start_ms: int) -> None:
-        self.ms = start_ms
-
-    def time(self) -> float:
-        return self.ms / 1000.0
-
-
 class BackoffQueue(RuleBasedStateMachine):
     """Publish, read by two consumers, ack, requeue, and crash a consumer (its entries aged
     past the lease, then reclaim) while fakeredis's clock moves: nothing is lost (every
@@ -396,11 +381,6 @@ class BackoffQueue(RuleBasedStateMachine):
 
 TestBackoffQueue = BackoffQueue.TestCase
 TestBackoffQueue.settings = PROPERTY
-
-
-@pytest.fixture
-def url(redis_url: str) -> str:
-    return 'redis-streams://' + redis_url[len('redis://'):]
 
 
 def test_kombu_requeue_reject_and_restore_at_close_wait(url, redis_url):

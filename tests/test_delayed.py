@@ -451,11 +451,6 @@ def test_cancel_and_scheduled_on_real_server(script_client):
     assert c.zcard(K.delayed('q')) == c.hlen(K.delayed_messages('q')) == 9
 
 
-@pytest.fixture
-def url(redis_url):
-    return 'redis-streams://' + redis_url[len('redis://'):]
-
-
 def _consume(url, queue, n, timeout=10.0, start=None, **options):
     """Consume n messages through Kombu's API: [(body, seconds after ``start``)]."""
     got = []

@@ -241,11 +241,6 @@ TestLimitedQueue = LimitedQueue.TestCase
 TestLimitedQueue.settings = PROPERTY
 
 
-@pytest.fixture
-def url(redis_url: str) -> str:
-    return 'redis-streams://' + redis_url[len('redis://'):]
-
-
 def test_queue_arguments_of_a_kombu_queue_bind_every_publisher(url):
     with Connection(url) as conn:
         q = Queue('jobs', queue_arguments={'x-max-length': 2, 'x-overflow': 'reject-publish'})

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import math
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 import redis
+from helpers import FakeClock, server_ms
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from kombu import Connection, Consumer, Producer, Queue
@@ -60,11 +61,6 @@ def read(b: Broker, queues: Sequence[str], consumer: str, count: int) -> ReadRes
     call, parse = b.read_call(sources, consumer, count, 0, None,
                               {s: READ for s in sources})
     return parse(b.run(call))
-
-
-def server_ms(c: Any) -> int:
-    sec, usec = c.time()
-    return int(sec) * 1000 + int(usec) // 1000
 
 
 def next_window(c: Any, queue: str) -> None:
@@ -247,28 +243,6 @@ def test_an_unreadable_stored_rate_is_a_problem_not_ignored(script_client):
     assert c.xlen(K.stream('q', 0)) == 1
 
 
-class FakeClock:
-    """fakeredis's clock (TIME), driven by the test."""
-
-    def __init__(self, start_ms: int) -> None:
-        self.ms = start_ms
-
-    def time(self) -> float:
-        return self.ms / 1000.0
-
-
-@pytest.fixture
-def fake_clock(fake_client: Any) -> Iterator[tuple[Any, FakeClock]]:
-    from fakeredis.commands_mixins import server_mixin
-    clock = FakeClock(server_ms(fake_client))
-    real = server_mixin.time
-    server_mixin.time = clock  # type: ignore[assignment]
-    try:
-        yield fake_client, clock
-    finally:
-        server_mixin.time = real
-
-
 def test_expired_messages_do_not_use_the_allowance(fake_clock):
     c, clock = fake_clock
     b = broker(c)
@@ -389,11 +363,6 @@ TestRateLimitedQueue.settings = PROPERTY
 
 
 # -- Kombu, the CLI ------------------------------------------------------------------------
-
-@pytest.fixture
-def url(redis_url: str) -> str:
-    return 'redis-streams://' + redis_url[len('redis://'):]
-
 
 def _script_calls(c: Any) -> int:
     stats = c.info('commandstats')

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers import STALE, read_messages
+from helpers import STALE, FakeClock, read_messages, server_ms
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -57,11 +56,6 @@ def deadlines(c: Any, queue: str) -> dict[str, int]:
             if b'e' in f:
                 out[json.loads(f[b'm'])['body']] = int(f[b'e'])
     return out
-
-
-def server_ms(c: Any) -> int:
-    sec, usec = c.time()
-    return int(sec) * 1000 + int(usec) // 1000
 
 
 def pass_deadlines(c: Any, queue: str) -> None:
@@ -347,28 +341,6 @@ def test_an_expiration_that_is_no_number_is_refused(expiration):
         expiration_ms({'properties': {'expiration': expiration}})
 
 
-class FakeClock:
-    """fakeredis's clock (TIME, hence every deadline and due time), driven by the test."""
-
-    def __init__(self, start_ms: int) -> None:
-        self.ms = start_ms
-
-    def time(self) -> float:
-        return self.ms / 1000.0
-
-
-@pytest.fixture
-def fake_clock(fake_client: Any) -> Iterator[tuple[Any, FakeClock]]:
-    from fakeredis.commands_mixins import server_mixin
-    clock = FakeClock(server_ms(fake_client))
-    real = server_mixin.time
-    server_mixin.time = clock  # type: ignore[assignment]
-    try:
-        yield fake_client, clock
-    finally:
-        server_mixin.time = real
-
-
 def test_requeue_keeps_the_deadline_and_it_then_expires(fake_clock):
     c, clock = fake_clock
     b = with_ttl(c, 'q', 1000)
@@ -494,11 +466,6 @@ class TtlQueue(RuleBasedStateMachine):
 
 TestTtlQueue = TtlQueue.TestCase
 TestTtlQueue.settings = PROPERTY
-
-
-@pytest.fixture
-def url(redis_url: str) -> str:
-    return 'redis-streams://' + redis_url[len('redis://'):]
 
 
 def test_kombu_queue_message_ttl_and_producer_expiration(url, redis_url):
