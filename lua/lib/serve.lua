@@ -19,7 +19,8 @@
 --   src.dkey, src.bodies, src.big,        (its keys; the delayed ones: lua/lib/delay.lua)
 --   src.counters, src.args, src.rate_key, src.store (the key store, lua/lib/unique.lua)
 --   src.expired                           entries this call set aside past their TTL
---   src.rate     its limiter (lua/lib/rate.lua) when it has x-rate-limit, else nil
+--   src.rate     its limiter (lua/lib/rate.lua) when it has x-rate-limit, false without;
+--                nil until a stream of it has work to serve (an idle queue pays nothing)
 --   src.capped   the limiter let no more of it through in this call
 --   src.due_at   where its next due time is in ctx.dues (a limited source's next slot
 --                may replace it: the reply's dues carry both, docs/design.rst)
@@ -209,8 +210,8 @@ local function promote_due(ctx, src)
   src.due_at = #ctx.dues
 end
 
--- First visit of a source: gate it on its marker (mode 'm'), load its ready index and its
--- rate limiter, and move what is due of its delayed messages. True when it is to be served.
+-- First visit of a source: gate it on its marker (mode 'm'), load its ready index, and move
+-- what is due of its delayed messages. True when it is to be served.
 local function open_source(ctx, src)
   if src.state == nil then
     src.state = 'open'
@@ -222,14 +223,6 @@ local function open_source(ctx, src)
         problem(ctx, src, src.index_key, err)
         src.state = 'broken'
       else
-        local rate, rerr, rkey = rate_open(src.args, src.rate_key,
-                                           function() return clock(ctx) end)
-        if rerr then  -- before anything of it is written: the source is left alone
-          problem(ctx, src, rkey, rerr)
-          src.state = 'broken'
-          return false
-        end
-        src.rate = rate
         src.index, src.had = as_set(members), as_set(members)
         src.walk = src.mode == 'w' or not src.index[COMPLETE]
         promote_due(ctx, src)
@@ -482,6 +475,11 @@ local function serve_stream(ctx, src, i)
   -- Global rate limit: the call delivers at most what the limiter lets through of this
   -- source (over all its streams, in serving order, so priorities and requeued-first hold);
   -- what is left stays ready in Redis. docs/design.rst, "Global rate limit".
+  if src.rate == nil and not src.shared then  -- read once, when there is work to serve
+    local rate, rerr, rkey = rate_open(src.args, src.rate_key, function() return clock(ctx) end)
+    if rerr then return problem(ctx, src, rkey, rerr) end  -- nothing of it served
+    src.rate = rate or false
+  end
   local rate, left, before = src.rate, ctx.left, #ctx.out
   if rate then
     local room = rate.allow - rate.served
