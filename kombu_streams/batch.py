@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 from .compat import BatchPublishError
 from .dedup import is_duplicate, note
 from .limits import QueueFull
-from .scripts import Call, run_calls
+from .scripts import Call, NeedsAllStreams, run_calls
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -125,8 +125,7 @@ class PublishBatch:
         numbers, self._numbers = self._numbers, []
         if calls:
             try:
-                replies = run_calls(self.channel.client, calls, raise_errors=False,
-                                    wait=self.channel._replica_wait())
+                replies = self._run(calls)
                 for number, reply, call in zip(numbers, replies, calls):
                     if isinstance(reply, QueueFull):
                         self._refused[number] = reply
@@ -140,6 +139,25 @@ class PublishBatch:
                 self._failed = exc
                 raise BatchPublishError(
                     'kombu-streams publish batch failed; delivery is uncertain') from exc
+
+    def _run(self, calls: list[Call]) -> list[Any]:
+        """The replies to ``calls``, sent in one pipeline; those publish.lua refused for
+        want of every stream of a limited queue (nothing written) sent again, widened, in
+        their order, in a second one (once per queue: later calls are laid out widened).
+        Only a limit removed while the first pipeline runs could let a later message of
+        the queue in before an earlier one."""
+        wait = self.channel._replica_wait()
+        replies = run_calls(self.channel.client, calls, raise_errors=False, wait=wait)
+        wide = [i for i, r in enumerate(replies) if isinstance(r, NeedsAllStreams)]
+        if wide:
+            widened = set(wide)
+            calls[:] = [self.channel.broker.widen(c) if i in widened else c
+                        for i, c in enumerate(calls)]
+            again = run_calls(self.channel.client, [calls[i] for i in wide],
+                              raise_errors=False, wait=wait)
+            for i, reply in zip(wide, again):
+                replies[i] = reply
+        return replies
 
     def discard(self) -> None:
         self._aborted = True

@@ -38,7 +38,7 @@ from .calls import (
 from .keys import LAYOUT, Keys
 from .limits import as_dict
 from .replies import Delivery, ReadResult, Ready, Reclaimed
-from .scripts import SCRIPTS, Call, run_after, run_calls
+from .scripts import SCRIPTS, Call, NeedsAllStreams, run_after, run_calls
 from .state import Source
 from .text import text
 from .unique import COUNT_FIELD as UNIQUE_COUNT
@@ -145,9 +145,12 @@ class Broker(Admin):
     def publish(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
                 delay: Delay | None = None, expiration: int | None = None,
                 dedup_id: str = '', unique_key: str = '') -> bytes | None:
-        return self.run(self.publish_call(queue, level, payload, routed, delay,
-                                          expiration=expiration, dedup_id=dedup_id,
-                                          unique_key=unique_key))
+        call = self.publish_call(queue, level, payload, routed, delay, expiration=expiration,
+                                 dedup_id=dedup_id, unique_key=unique_key)
+        try:
+            return self.run(call)
+        except NeedsAllStreams:  # a length limit: nothing written (Calls.widen)
+            return self.run(self.widen(call))
 
     def publish_big(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
                     delay: Delay | None = None, wait: tuple[int, int] | None = None,

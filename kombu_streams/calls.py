@@ -105,7 +105,9 @@ class Calls(ReadCalls):
         the message holds while it lives (kombu_streams/unique.py), '' for none: ARGV[12]
         after the id, and the queue's key store after its KEYS (before the big hash)."""
         k = self.keys
-        keys = list(self._publish_keys.get((queue, level)) or self._lay_out_publish(queue, level))
+        full = bool(unique_key) or token is not None or queue in self._limited
+        keys = list(self._publish_keys.get((queue, level, full))
+                    or self._lay_out_publish(queue, level, full))
         args: list[Any] = [payload if token is None else f'r:{token}', '1' if routed else '0',
                            len(self.levels), queue, HOLDER, '0' if delay is None else '1',
                            '' if expiration is None else expiration]
@@ -120,17 +122,31 @@ class Calls(ReadCalls):
             keys.append(k.big(queue))
         return SCRIPTS['publish'], keys, args
 
-    def _lay_out_publish(self, queue: str, level: int) -> tuple[str, ...]:
-        """A publish's KEYS for ``queue`` and ``level`` but the big hash: laid out once and
-        kept (like a read's, see :meth:`read_layout`), as every publish to them sends them."""
+    def _lay_out_publish(self, queue: str, level: int, full: bool) -> tuple[str, ...]:
+        """A publish's KEYS for ``queue`` and ``level`` but the unique store and the big
+        hash: laid out once and kept (like a read's, see :meth:`read_layout`), as every
+        publish to them sends them. ``full``: all the queue's streams, which only a queue
+        with a length limit (or a message with a unique key) needs; else only the first,
+        and publish.lua answers NEEDKEYS, having written nothing, when it meets a limit
+        (:meth:`widen`)."""
         if len(self._publish_keys) >= LAYOUTS_KEPT:
             self._publish_keys.clear()
+            self._limited.clear()  # learnt again: a NEEDKEYS costs one round trip
         k = self.keys
-        keys = self._publish_keys[(queue, level)] = (
+        streams = self.streams(queue) if full else [k.stream(queue, self.levels[0])]
+        keys = self._publish_keys[(queue, level, full)] = (
             k.stream(queue, level), k.wake(queue), k.ready(queue), k.args(queue), k.dlq(queue),
-            k.delayed(queue), k.delayed_messages(queue), *self.streams(queue),
-            k.dedup(queue))
+            k.delayed(queue), k.delayed_messages(queue), *streams, k.dedup(queue))
         return keys
+
+    def widen(self, call: Call) -> Call:
+        """The publish ``call`` publish.lua refused with NEEDKEYS (its queue has a length
+        limit, which counts every stream), laid out with all the queue's streams; its
+        queue's publishes are laid out so from now on."""
+        script, keys, args = call
+        queue = text(args[3])
+        self._limited.add(queue)
+        return script, [*keys[:7], *self.streams(queue), self.keys.dedup(queue)], args
 
     def store_big(self, queue: str, token: str, payload: str | bytes) -> tuple[Any, ...]:
         """The command that stores a big message's body, sent with its publish call in one

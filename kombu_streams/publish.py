@@ -20,7 +20,7 @@ from .dedup import dedup_id, is_duplicate, note
 from .due import when as due_at
 from .limits import QueueFull, expiration_ms
 from .options import level_for
-from .scripts import Call, run_calls
+from .scripts import Call, NeedsAllStreams, run_calls
 from .unique import note as note_unique
 from .unique import unique_key
 
@@ -142,6 +142,12 @@ class Publishing(virtual.Channel):
         if batch is not None:
             batch.add(*call)
             return None
+        try:
+            return self._run_publish(call)
+        except NeedsAllStreams:  # a length limit: nothing written; once more with every stream
+            return self._run_publish(self.broker.widen(call))
+
+    def _run_publish(self, call: Call) -> Any:
         wait = self._replica_wait()
         if wait:
             return run_calls(self.client, [call], wait=wait)[0]

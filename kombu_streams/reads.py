@@ -71,8 +71,10 @@ class CallsBase:
         self.keys = keys
         self.levels = list(levels)
         self._read_layouts: dict[tuple[Source, ...], ReadLayout] = {}
-        #: (queue, level) -> a publish's KEYS but the big hash (Calls.publish_call)
-        self._publish_keys: dict[tuple[str, int], tuple[str, ...]] = {}
+        #: (queue, level, full) -> a publish's KEYS but the big hash (Calls.publish_call)
+        self._publish_keys: dict[tuple[str, int, bool], tuple[str, ...]] = {}
+        #: queues whose publishes send all their streams (a length limit; Calls.widen)
+        self._limited: set[str] = set()
 
     def streams(self, queue: str) -> list[str]:
         return self.keys.streams(queue, self.levels)

@@ -48,6 +48,12 @@ class KeyTypeError(ResponseError):
     """A key under one of our names holds another Redis type (WRONGTYPE)."""
 
 
+class NeedsAllStreams(ResponseError):
+    """publish.lua was sent only its queue's first stream and met a length limit, which
+    counts every stream: nothing was written; the caller sends the call again with them
+    all (:meth:`kombu_streams.calls.Calls.widen`). Never reaches a user."""
+
+
 class OutOfMemoryError(redis_errors.OutOfMemoryError):
     """Redis refused a write because it reached ``maxmemory`` (with ``noeviction``)."""
 
@@ -123,6 +129,8 @@ def explain(what: str, exc: ResponseError, keys: Sequence[Any]) -> ResponseError
     text = str(exc)
     if text.startswith('QUEUEFULL '):
         return QueueFull(f'kombu-streams: {text[len("QUEUEFULL "):]}')
+    if text.startswith('NEEDKEYS '):
+        return NeedsAllStreams(text)
     if text.startswith('PRECONDITION '):
         return QueueArgumentsDiffer(f'kombu-streams: {text[len("PRECONDITION "):]}')
     if 'WRONGTYPE' in text:

@@ -10,8 +10,11 @@ KEYS[5]   the queue's dead-letter stream, ks:q:{celery}:dlq: drop-head's letters
 KEYS[6]   the queue's delayed set, ks:q:{celery}:delayed
 KEYS[7]   the queue's delayed messages, ks:q:{celery}:delayed:m
 KEYS[8..7+L]  all the queue's streams, first level first (KEYS[8], ks:q:{celery}:0: while
-          it exists, the queue does); only a limited queue's publish looks at the others
+          it exists, the queue does); only a limited queue's publish looks at the others,
+          so a caller may send only the first (L > 1, no unique key: 9 keys in all) and gets
+          the error NEEDKEYS, nothing written, when the queue has x-max-length
 KEYS[8+L] the queue's id store (zset), ks:q:{celery}:dedup: only with x-deduplication-window
+          (KEYS[9] when only the first stream is sent)
 KEYS[#]   last, only with a big message (ARGV[1] "r:<token>"): the queue's big messages
           (hash), ks:q:{celery}:big
 ARGV[1]   the message: Kombu's JSON envelope, stored as field "m"; or "r:<token>" for a big
@@ -38,6 +41,8 @@ Reply:    the new entry id; "delayed:<member>" when kept until due; nil when ARG
 Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "publish: no
           body" (a big message's token is not in KEYS[#]); "QUEUEFULL ..." (x-overflow
           reject-publish, or drop-head with nothing ready to set aside: nothing stored);
+          "NEEDKEYS ..." (only the first stream sent to a queue with x-max-length: nothing
+          stored; send the call again with them all);
           WRONGTYPE (nothing written: checked first, or the marker's ZADD undone)
 Minimum Redis: 6.2. Cost: O(1) and one HMGET; O(log n) with n delayed messages; a limited
 queue adds L XLENs, an HLEN and, for drop-head when full, a few reads per level; a big
@@ -59,17 +64,19 @@ local big = string.sub(ARGV[1] or '', 1, 2) == 'r:'  -- the body is in the big h
 local nk = #KEYS - (big and 1 or 0)
 local nl = tonumber(ARGV[3] or '')
 local keyed = #ARGV == 12  -- a unique key: KEYS[9+L] its store (docs: Unique keys)
-local bad = check_args('publish', nl ~= nil and nl >= 1 and nk == 8 + nl + (keyed and 1 or 0),
+local full = nl ~= nil and nl >= 1 and nk == 8 + nl + (keyed and 1 or 0)
+local short = not full and not keyed and nk == 9 and nl ~= nil and nl > 1  -- see KEYS[8]
+local bad = check_args('publish', full or short,
                        #ARGV == 7 or ((#ARGV == 11 or keyed) and (ARGV[6] == '1' or ARGV[8] == ''))
                        or (ARGV[6] == '1' and ((#ARGV == 8 and ARGV[8] == '')
                                               or #ARGV == 9 or #ARGV == 10)),
-                       '7 keys, the L streams and the id store (one more, the big hash, ' ..
-                       'with "r:<token>"); 7 args, or with delayed delivery 8 to 10 (a due ' ..
-                       'time needs ARGV[9]), or 11 with an id, 12 with a unique key (and ' ..
-                       'its store)')
+                       '7 keys, the L streams (or the first) and the id store (one more, ' ..
+                       'the big hash, with "r:<token>"); 7 args, or with delayed delivery 8 ' ..
+                       'to 10 (a due time needs ARGV[9]), or 11 with an id, 12 with a ' ..
+                       'unique key (and its store)')
 if bad then return bad end
 local stream, wake, ready, argkey, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local store, dedup_id = KEYS[8 + nl], ARGV[11]
+local store, dedup_id = KEYS[full and 8 + nl or 9], ARGV[11]
 if dedup_id == '' then dedup_id = nil end
 local first = KEYS[8]
 local streams = nil  -- all the queue's streams, only a limited queue's publish needs
@@ -120,6 +127,10 @@ if wrong then return refuse(redis.error_reply(wrong)) end
 -- before any write. Keys only a limited queue's publish reads are type-checked here too.
 local limit, overflow, queue_ttl, window
 limit, overflow, wrong, queue_ttl, window = read_limit(argkey)
+if not wrong and limit and short then  -- a limit counts every stream: ask for them all
+  return refuse(redis.error_reply('NEEDKEYS queue ' .. group .. ' has x-max-length: send ' ..
+                                  'all its ' .. nl .. ' streams (nothing was stored)'))
+end
 if not wrong and limit then
   streams = {unpack(KEYS, 8, 7 + nl)}
   for _, s in ipairs(streams) do wrong = wrong or wrong_type(s, 'stream') end

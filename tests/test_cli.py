@@ -616,7 +616,7 @@ def test_scripts_call_lines_run_as_the_transport_calls(redis_url, tmp_path):
     assert cli(redis_url, 'scripts', '--load').returncode == 0
     data, words = call_words(tmp_path, 'scripts', '--call', 'publish', 'cq')
     assert data['keys'][:4] == [K.stream('cq', 0), K.wake('cq'), K.ready('cq'),
-                                K.args('cq')] and len(data['keys']) == 7 + 4 + 1
+                                K.args('cq')] and len(data['keys']) == 7 + 1 + 1
     assert data['argv'][0].startswith('<PAYLOAD')
     entry = c.execute_command(*[w if not w.startswith('<PAYLOAD') else '{"n": 1}'
                                 for w in words])

@@ -20,6 +20,7 @@ from kombu_streams.batch import BatchRefused
 from kombu_streams.broker import Broker, Delay
 from kombu_streams.keys import Keys
 from kombu_streams.limits import stored_pairs
+from kombu_streams.scripts import NeedsAllStreams
 from tests.test_scripts import PROPERTY
 
 K = Keys()
@@ -369,3 +370,66 @@ def test_a_full_queue_does_not_keep_a_routed_copy_from_the_others(url):
         counts = [q(conn.default_channel).queue_declare(passive=True).message_count
                   for q in (full, other)]
         assert counts == [1, 2]
+
+
+@pytest.mark.parametrize('overflow', ['reject-publish', 'drop-head'])
+def test_a_publish_laid_out_for_an_unlimited_queue_asks_for_every_stream(script_client,
+                                                                          overflow):
+    """A publisher that does not know the queue is limited sends its first stream only
+    (Calls.publish_call); the script writes nothing and asks for them all (NEEDKEYS), even
+    when the queue is full and drop-head would set its head aside."""
+    c = script_client
+    limited(c, 'q', 2, overflow)
+    first = broker(c)
+    assert first.publish('q', 3, body(0)) and first.publish('q', 3, body(1))
+    other = broker(c)  # a publisher that never met the limit
+    call = other.publish_call('q', 9, body(2))
+    assert len(call[1]) == 9 and K.stream('q', 6) not in call[1]
+    before = snapshot(c)
+    with pytest.raises(NeedsAllStreams, match='queue q has x-max-length'):
+        other.run(call)
+    assert_same(before, snapshot(c))
+    if overflow == 'reject-publish':
+        with pytest.raises(QueueFull):
+            other.publish('q', 9, body(2))
+    else:
+        assert other.publish('q', 9, body(2))
+        assert letters(other, 'q') == [('max-length', 'm0')]
+    # from now on laid out with every stream, at once
+    assert [K.stream('q', lv) for lv in LEVELS] == other.publish_call('q', 0, body(3))[1][7:11]
+    assert bodies(read_messages(other, ['q'], 'c1', 10)) == (
+        ['m0', 'm1'] if overflow == 'reject-publish' else ['m1', 'm2'])
+
+
+@requires_batch_publish
+def test_a_limit_learnt_while_publishing_keeps_order_and_refusals(url):
+    """Publishers learn a length limit set after their first publish: a single publish and a
+    batch (interleaved with an unlimited queue) store every message once, in order, and
+    refuse exactly what the limit refuses; the internal NEEDKEYS never reaches the user."""
+    with Connection(url) as conn, Connection(url) as admin:
+        producer = Producer(conn.default_channel, serializer='json')
+        for name in ('a', 'b'):
+            Queue(name)(conn.default_channel).declare()
+            producer.publish({'n': -1}, routing_key=name)  # laid out unlimited
+        admin_broker = admin.default_channel.broker
+        admin_broker.run(admin_broker.limits_call('b', stored_pairs(
+            'b', {'x-max-length': 5, 'x-overflow': 'reject-publish'})))
+        producer.publish({'n': 0}, routing_key='b')
+        with pytest.raises(BatchRefused) as info:
+            with producer.batch(max_size=100):
+                for n in range(1, 7):
+                    producer.publish({'n': n}, routing_key='b')
+                    producer.publish({'n': n}, routing_key='a')
+        # b held 2: 1, 2, 3 fit; 4, 5, 6 (numbers 6, 8 and 10 of the batch) refused
+        assert sorted(info.value.refused) == [6, 8, 10]
+        for name, want in (('a', [-1, 1, 2, 3, 4, 5, 6]), ('b', [-1, 0, 1, 2, 3])):
+            queue = conn.SimpleQueue(name)
+            got = []
+            while True:
+                try:
+                    message = queue.get(timeout=0.5)
+                except queue.Empty:
+                    break
+                got.append(message.payload['n'])
+                message.ack()
+            assert got == want, name

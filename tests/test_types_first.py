@@ -183,10 +183,13 @@ CASES = {
     'declare-args': (lambda b, f: b.declare_call('n', LIMIT), None),
     'limits': (lambda b, f: b.limits_call('q', LIMIT), None),
     # q holds more than its limit of 5 (drop-head sets its head aside); under one of 500
-    'publish-drop-head': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay()),
+    # (widened: a limited queue's publish sends all its streams, see Calls.widen)
+    'publish-drop-head': (lambda b, f: b.widen(b.publish_call('q', 3, P, routed=True,
+                                                              delay=Delay())),
                           lambda c: c.hset(K.args('q'), mapping=dict(zip(*[iter(LIMIT)] * 2)))),
-    'publish-limited': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay()),
-                     lambda c: c.hset(K.args('q'), mapping={'x-max-length': '500'})),
+    'publish-limited': (lambda b, f: b.widen(b.publish_call('q', 3, P, routed=True,
+                                                            delay=Delay())),
+                        lambda c: c.hset(K.args('q'), mapping={'x-max-length': '500'})),
     # message TTL: the queue's and the message's own, stamped on the entry or delayed value
     'publish-ttl': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay(),
                                                 expiration=60_000),
@@ -253,23 +256,21 @@ CASES = {
 #: whose index says it holds none, or the stream of a message kept until due).
 #: A queue without a length limit never looks at its dead-letter stream (4) nor at its
 #: streams (7...) beyond the message's own; a limited one looks at all of them, since
-#: it counts them and may set its head aside.
-UNTOUCHED = {('publish', 4), ('publish', 6), ('publish', 7), ('publish', 8), ('publish', 9),
-             ('publish-delayed', 0), ('publish-delayed', 4), ('publish-delayed', 7),
-             ('publish-delayed', 8), ('publish-delayed', 9),
-             ('publish-big', 4), ('publish-big', 6), ('publish-big', 7), ('publish-big', 8),
-             ('publish-big', 9), ('publish-big-delayed', 0), ('publish-big-delayed', 4),
-             ('publish-big-delayed', 7), ('publish-big-delayed', 8),
-             ('publish-big-delayed', 9), ('publish-drop-head', 6), ('publish-limited', 6),
-             ('publish-ttl', 4), ('publish-ttl', 6), ('publish-ttl', 7), ('publish-ttl', 8),
-             ('publish-ttl', 9), ('publish-ttl-delayed', 0), ('publish-ttl-delayed', 4),
-             ('publish-ttl-delayed', 7), ('publish-ttl-delayed', 8),
-             ('publish-ttl-delayed', 9)}
-#: A queue without x-deduplication-window never looks at its id store (10); one with it does
+#: it counts them and may set its head aside. Its publish sends only the first stream (7)
+#: and the id store (8) (a limited queue's, widened by Calls.widen, a big message's and a
+#: keyed one's send all: 7, 8 and 9, the id store 10).
+_SHORT, _SHORT_DELAYED = {4, 6, 7}, {0, 4, 7}
+_FULL, _FULL_DELAYED = {4, 6, 7, 8, 9}, {0, 4, 7, 8, 9}
+_UNUSED = {'publish': _SHORT, 'publish-delayed': _SHORT_DELAYED, 'publish-big': _FULL,
+           'publish-big-delayed': _FULL_DELAYED, 'publish-drop-head': {6},
+           'publish-limited': {6}, 'publish-ttl': _SHORT, 'publish-ttl-delayed': _SHORT_DELAYED}
+UNTOUCHED = {(case, i) for case, unused in _UNUSED.items() for i in unused}
+#: A queue without x-deduplication-window never looks at its id store; one with it does
 #: what the same publish without does, and a duplicate stores nothing (not even its stream).
-UNTOUCHED |= {(case, 10) for case in ('publish', 'publish-delayed', 'publish-big',
-                                      'publish-big-delayed', 'publish-drop-head',
-                                      'publish-limited', 'publish-ttl', 'publish-ttl-delayed')}
+_STORE = {'publish': 8, 'publish-delayed': 8, 'publish-big': 10, 'publish-big-delayed': 10,
+          'publish-drop-head': 10, 'publish-limited': 10, 'publish-ttl': 8,
+          'publish-ttl-delayed': 8}
+UNTOUCHED |= set(_STORE.items())
 UNTOUCHED |= {(f'publish-dedup{tail}', i) for tail, like in (
     ('', 'publish'), ('-big', 'publish-big'), ('-delayed', 'publish-delayed'),
     ('-duplicate', 'publish')) for case, i in set(UNTOUCHED) if case == like}
@@ -278,12 +279,12 @@ UNTOUCHED.add(('publish-dedup-duplicate', 0))
 UNTOUCHED.add(('publish-dedup-duplicate', 1))
 #: A queue without x-requeue-delay never looks at its delayed keys in requeue and reclaim.
 UNTOUCHED |= {('requeue', 4), ('reclaim', 7)}
-#: With a unique key (its store at 11): a free key touches what the same publish without one
-#: does; a taken one looks at its holder's stream (9) and stores nothing (0); replacing it
-#: deletes that entry.
-UNTOUCHED |= {(f'publish-unique{tail}', i) for tail, like in (
-    ('', 'publish'), ('-delayed', 'publish-delayed'), ('-duplicate', 'publish'),
-    ('-replace', 'publish')) for case, i in set(UNTOUCHED) if case == like}
+#: With a unique key (its store at 11, all streams sent): a free key touches what the same
+#: publish without one does; a taken one looks at its holder's stream (9) and stores nothing
+#: (0); replacing it deletes that entry.
+UNTOUCHED |= {(f'publish-unique{tail}', i) for tail, unused in (
+    ('', _FULL), ('-delayed', _FULL_DELAYED), ('-duplicate', _FULL), ('-replace', _FULL))
+    for i in unused | {10}}
 UNTOUCHED -= {('publish-unique-duplicate', 9), ('publish-unique-replace', 9)}
 UNTOUCHED |= {('publish-unique-duplicate', 0), ('publish-unique-duplicate', 1)}  # 1: see above
 

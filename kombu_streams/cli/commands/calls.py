@@ -64,7 +64,8 @@ def _touch(b: Broker, queue: str, expires: int) -> Built:
 def _publish(b: Broker, queue: str, expires: int) -> Built:
     lowest = b.levels[0]
     return (b.publish_call(queue, lowest, PAYLOAD, delay=Delay()),
-            f'level {lowest}, due now (delayed delivery on); replace {PAYLOAD}')
+            f'level {lowest}, due now (delayed delivery on), its first stream only (a '
+            f'queue with x-max-length answers NEEDKEYS: see publish.lua); replace {PAYLOAD}')
 
 
 def _ack(b: Broker, queue: str, expires: int) -> Built:
