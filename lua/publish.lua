@@ -45,7 +45,8 @@ Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "
           stored; send the call again with them all);
           WRONGTYPE (nothing written: checked first, or the marker's ZADD undone)
 Minimum Redis: 6.2. Cost: O(1) and one HMGET; O(log n) with n delayed messages; a limited
-queue adds L XLENs, an HLEN and, for drop-head when full, a few reads per level; a big
+queue adds L XLENs and an HLEN (which check those keys' types) and, for drop-head when
+full, three TYPEs and a few reads per level; a big
 message adds a TYPE, an HEXISTS and two PTTLs, and never passes through Lua; a TTL adds a
 TIME and the field e; an id on a queue with x-deduplication-window O(log n) with n ids
 remembered; a unique key O(1) or O(log n) (its holder looked at), and one stored adds an
@@ -124,19 +125,18 @@ if wrong then return refuse(redis.error_reply(wrong)) end
 
 -- The length limit (docs/design.rst, "Queue arguments and limits"): everything the queue
 -- holds counts, so what a publish adds (to a stream or the delayed set) is checked here,
--- before any write. Keys only a limited queue's publish reads are type-checked here too.
+-- before any write. The counts (XLEN, HLEN) check the types of the keys they read; drop-head
+-- checks those it writes before it writes.
 local limit, overflow, queue_ttl, window
 limit, overflow, wrong, queue_ttl, window = read_limit(argkey)
 if not wrong and limit and short then  -- a limit counts every stream: ask for them all
   return refuse(redis.error_reply('NEEDKEYS queue ' .. group .. ' has x-max-length: send ' ..
                                   'all its ' .. nl .. ' streams (nothing was stored)'))
 end
+local held = 0
 if not wrong and limit then
   streams = {unpack(KEYS, 8, 7 + nl)}
-  for _, s in ipairs(streams) do wrong = wrong or wrong_type(s, 'stream') end
-  wrong = wrong or wrong_type(KEYS[6], 'zset') or wrong_type(KEYS[7], 'hash')
-  wrong = wrong or wrong_type(dlq, 'stream')
-  wrong = wrong or wrong_type(wake, 'zset')  -- drop-head may write before the marker
+  held, wrong = held_count(streams, KEYS[7])
 end
 if wrong then return refuse(redis.error_reply(wrong)) end
 -- A duplicate (docs/design.rst, "Duplicates") is refused before the limit is looked at: a
@@ -197,11 +197,14 @@ if limit then  -- what else refuses the publish, before drop-head sets anything 
   end
   if routed and redis.call('EXISTS', first) == 0 then return refuse(false) end
 end
-local held = limit and held_count(streams, KEYS[7]) or 0
 if limit and held >= limit then
   local full = 'QUEUEFULL queue ' .. group .. ' is full: x-max-length ' .. limit ..
                ' reached (x-overflow ' .. overflow .. '); the message was not stored'
   if overflow ~= 'drop-head' or limit < 1 then return refuse(redis.error_reply(full)) end
+  -- what drop-head writes (the streams are checked by their counts), and the marker, which
+  -- it then writes after the first write; the delayed set, which the message may go to
+  wrong = wrong_type(dlq, 'stream') or wrong_type(wake, 'zset') or wrong_type(KEYS[6], 'zset')
+  if wrong then return refuse(redis.error_reply(wrong)) end
   -- one goes per publish; more (at most 100) after the limit was lowered at run time
   local drops = 0
   while held >= limit and drops < 100 do

@@ -256,14 +256,15 @@ CASES = {
 #: whose index says it holds none, or the stream of a message kept until due).
 #: A queue without a length limit never looks at its dead-letter stream (4) nor at its
 #: streams (7...) beyond the message's own; a limited one looks at all of them, since
-#: it counts them and may set its head aside. Its publish sends only the first stream (7)
-#: and the id store (8) (a limited queue's, widened by Calls.widen, a big message's and a
-#: keyed one's send all: 7, 8 and 9, the id store 10).
+#: it counts them and may set its head aside (its dead-letter stream only when full). Its
+#: publish sends only the first stream (7) and the id store (8) (a limited queue's, widened
+#: by Calls.widen, a big message's and a keyed one's send all: 7, 8 and 9, the id store 10).
 _SHORT, _SHORT_DELAYED = {4, 6, 7}, {0, 4, 7}
 _FULL, _FULL_DELAYED = {4, 6, 7, 8, 9}, {0, 4, 7, 8, 9}
 _UNUSED = {'publish': _SHORT, 'publish-delayed': _SHORT_DELAYED, 'publish-big': _FULL,
            'publish-big-delayed': _FULL_DELAYED, 'publish-drop-head': {6},
-           'publish-limited': {6}, 'publish-ttl': _SHORT, 'publish-ttl-delayed': _SHORT_DELAYED}
+           'publish-limited': {4, 6}, 'publish-ttl': _SHORT,
+           'publish-ttl-delayed': _SHORT_DELAYED}
 UNTOUCHED = {(case, i) for case, unused in _UNUSED.items() for i in unused}
 #: A queue without x-deduplication-window never looks at its id store; one with it does
 #: what the same publish without does, and a duplicate stores nothing (not even its stream).

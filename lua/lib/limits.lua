@@ -28,11 +28,18 @@ end
 -- flight: an ack deletes its entry) plus its delayed messages (the hash BODIES: a retry
 -- waiting with x-requeue-delay has a member in the delayed set but no value there, as it is
 -- still an entry of its stream). O(levels): XLEN and HLEN are O(1), so the count is exact
--- under every script without a counter to keep.
+-- under every script without a counter to keep. Returns (count) or (nil, error) when one of
+-- the keys holds another type: the counts check the types, nothing more is asked.
 local function held_count(streams, bodies)
-  local n = redis.call('HLEN', bodies)
-  for _, s in ipairs(streams) do n = n + redis.call('XLEN', s) end
-  return n
+  local n, err = try('HLEN', bodies)
+  for _, s in ipairs(streams) do
+    if err then break end
+    local len
+    len, err = try('XLEN', s)
+    n = n and len and n + len
+  end
+  if err then return nil, err end
+  return n, nil
 end
 
 -- The entry of stream S that a read would serve next, as (id, fields, deliveries) or nil:

@@ -53,8 +53,10 @@ def make_body(seq: int, stamp: int = 0) -> dict:
 
 
 @contextmanager
-def session(url: str, nqueues: int = 1, transport_options: dict | None = None):
-    """A connection with fresh queues declared on a direct exchange, and a producer.
+def session(url: str, nqueues: int = 1, transport_options: dict | None = None,
+            queue_arguments: dict | None = None):
+    """A connection with fresh queues declared on a direct exchange (with
+    ``queue_arguments``, if given), and a producer.
 
     ``queue`` and ``name`` are the first of ``queues`` and ``names``."""
     base = unique()
@@ -62,7 +64,8 @@ def session(url: str, nqueues: int = 1, transport_options: dict | None = None):
     exchange = Exchange('bench', 'direct')
     with Connection(url, transport_options=transport_options or {}) as conn:
         channel = conn.channel()
-        queues = [Queue(name, exchange, routing_key=name) for name in names]
+        queues = [Queue(name, exchange, routing_key=name, queue_arguments=queue_arguments)
+                  for name in names]
         for queue in queues:
             queue(channel).declare()
         producer = Producer(channel, exchange, serializer='json')
