@@ -1,4 +1,5 @@
---[[ purge: delete a queue's ready and delayed messages; messages being worked on stay.
+--[[ purge: delete a queue's ready and delayed messages, and retries waiting with
+x-requeue-delay; messages being worked on stay.
 
 KEYS[1..n]  all streams of ONE queue (one per priority level)
 KEYS[n+1]   the queue's delayed set
@@ -13,7 +14,8 @@ ARGV[3]     batch: the most entries to delete from each stream (and the delayed 
 Reply:      {purged, more}: messages deleted, and 1 if a stream or the delayed set had more
             than the batch, or the call stopped on its byte bound (call again until more is 0)
 Errors:     "purge: expected ..." for another layout; WRONGTYPE (checked before any write)
-Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + batch) per stream. Ready entries are
+Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + batch) per stream, and an XPENDING of
+one id, XACK and XDEL per waiting retry among the batch of delayed members. Ready entries are
 those after the group's last-delivered id and those parked with the holder; delivered,
 unacked ones stay so their consumers can still ack them. Entries it must read (the ready
 ones of a stream some consumer works on; every one it deletes while the queue has big
@@ -68,8 +70,30 @@ local function entries_from(key, start, want)
   return out, false
 end
 
+-- A retry waiting with x-requeue-delay (a pointer member, lua/lib/delay.lua park_pointer) is
+-- a message of the queue too: its entry, parked with BACKOFF, goes with its pointer (else
+-- reclaim would give it back after a lease). One still owned by another consumer stays.
+local levels = {}
+for i = 1, n do levels[string.match(KEYS[i], ':(%d+)$') or ''] = KEYS[i] end
+local function drop_retry(member)
+  local level, id, owner_group = string.match(member, '^%d+:(%d+):b:([^:]+):[^:]*:(.*)$')
+  local key = level and levels[level]
+  if not key then return end
+  local p = try('XPENDING', key, owner_group, id, id, 1)
+  if not (p and p[1] and p[1][2] == BACKOFF) then return end
+  if has_big then
+    local e = redis.call('XRANGE', key, id, id)[1]
+    if e then look_at(e) end
+  end
+  redis.call('XACK', key, owner_group, id)
+  redis.call('XDEL', key, id)
+end
+
 local delayed = redis.call('ZRANGE', dkey, 0, batch - 1)
 if #delayed > 0 then
+  for _, member in ipairs(delayed) do
+    if string.find(member, ':b:', 1, true) then drop_retry(member) end
+  end
   if has_big then
     for _, token in ipairs(delayed_tokens(bodies, delayed)) do free[#free + 1] = token end
   end

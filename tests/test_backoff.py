@@ -176,7 +176,7 @@ def test_reclaim_of_a_stopped_consumer_waits(script_client):
 
 
 def test_a_lost_pointer_comes_back_after_a_lease(script_client):
-    """An operator removed the pointer (purge, cancel): reclaim gives the entry back after a
+    """An operator removed the pointer (by hand): reclaim gives the entry back after a
     lease, at once (no second wait), and it is not lost."""
     c = script_client
     b = declare(c)
@@ -414,3 +414,23 @@ def test_kombu_declare_refuses_a_bad_value(url):
         with pytest.raises(ValueError, match=r"x-requeue-delay='5,1'.*min_ms <= max_ms"):
             Queue('bad', queue_arguments={'x-requeue-delay': '5,1'})(
                 conn.default_channel).declare()
+
+
+def test_purge_deletes_a_waiting_retry_with_its_pointer(script_client):
+    """A retry waiting with x-requeue-delay is a message of the queue: purge deletes its
+    entry with its pointer, so no reclaim brings it back; one in flight stays."""
+    c = script_client
+    b = declare(c)
+    for n in (1, 2):
+        b.publish('q', 0, body(n))
+    first, second = read_messages(b, ['q'], 'c1', 10)
+    b.requeue('q', [(first.stream, first.entry_id)], consumer='c1')
+    assert waiting(c) == 1 and len(pointers(c)) == 1
+    assert b.purge('q') == 1
+    assert pointers(c) == [] and waiting(c) == 0
+    assert [e for e, _ in c.xrange(K.stream('q', 0))] == [second.entry_id]
+    c.xclaim(second.stream, 'q', 'c1', 0, [second.entry_id], idle=STALE, justid=True)
+    assert b.reclaim('q', LEASE, 100).moved == 1  # c1's stalled one waits in turn
+    make_due(c)
+    assert [d.entry_id for d in read_messages(b, ['q'], 'c2', 10)] == [second.entry_id]
+    assert read_messages(b, ['q'], 'c2', 10) == []

@@ -82,7 +82,7 @@ end
 -- in the delayed messages' hash (so that hash's length stays the number of delayed
 -- messages), which the promotion of due messages turns into a parked entry (XCLAIM to the
 -- holder, JUSTID: the count is kept). BACKOFF holds a lease like a consumer, so reclaim gives
--- an entry whose pointer went (purge, cancel) back after a lease: never lost.
+-- an entry whose pointer went (cancel, or deleted by hand) back after a lease: never lost.
 local BACKOFF = '~backoff'
 
 -- The delay (ms) before a message given back after COUNT deliveries is served again, under
