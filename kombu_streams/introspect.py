@@ -5,6 +5,7 @@ exchange's groups lag (inspect_fanout), the next ready messages (peek) and the d
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,9 @@ from .text import text
 #: The most stream entries one inspect_fanout call reads (a group costs up to its cap + 1, so
 #: at the default cap of 1,000 about five groups per call): a few ms of Redis per call.
 FANOUT_BUDGET = 5000
+#: A retry's pointer in the delayed set, after "<stamp>:<level>:" (lua/lib/delay.lua,
+#: park_pointer): "b:<entry id>:<holder>:<group>", with no value in the delayed messages.
+RETRY_POINTER = re.compile(r'b:(\d+-\d+):[^:]*:.*')
 
 
 class Introspection(Calls):
@@ -36,8 +40,10 @@ class Introspection(Calls):
             for j in range(0, len(flat), 3):
                 member = text(flat[j])
                 _, level, label = (member.split(':', 2) + ['', ''])[:3]
+                retry = RETRY_POINTER.match(label)  # x-requeue-delay: no value, no label
                 entry: dict[str, Any] = {'member': member, 'level': int(level or 0),
-                                         'label': label,
+                                         'label': '' if retry else label,
+                                         'retry_of': retry.group(1) if retry else '',
                                          # float(): a score stored in exponent form
                                          'due_in_ms': max(int(float(flat[j + 1])) - now, 0)}
                 if bodies:  # a TTL deadline is kept as a prefix: e:<unix ms>:<message>

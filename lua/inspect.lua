@@ -9,7 +9,8 @@ ARGV[1]       consumer group (the queue's name)
 ARGV[2]       name of the holder consumer that parks requeued messages
 ARGV[3..n+2]  the priority level of each stream, in KEYS order
 Reply:        {levels, dlq length, now, delayed, next due, arguments, counters}: now is the server's
-              clock in unix ms (TIME); delayed the number of delayed messages (ZCARD), next
+              clock in unix ms (TIME); delayed the number of delayed messages and of retries
+              waiting with x-requeue-delay (ZCARD of the delayed set), next
               due the ms until the earliest of them is due (0: due, not moved yet; -1:
               none); arguments the queue's recorded arguments, flat {name, value, ...}
               (HGETALL of a hash only declare.lua and limits.lua write: a few fields),
@@ -22,10 +23,13 @@ Reply:        {levels, dlq length, now, delayed, next due, arguments, counters}:
                            last-delivered id, plus those parked with the holder
                 held       of the ready ones, those parked with the holder (requeued or
                            reclaimed, served first)
-                pending    delivered and not acked yet (the PEL without the holder)
+                pending    delivered and not acked yet (the PEL without the holder and
+                           without retries waiting with x-requeue-delay, parked with
+                           ~backoff: those count as delayed, by their pointers)
                 oldest     age in ms of the oldest ready message (from the ms part of its
                            entry id, against TIME), or -1 when none is ready
-                consumers  flat {name, pending, idle ms, ...}, the holder left out
+                consumers  flat {name, pending, idle ms, ...}, the holder and ~backoff
+                           left out
                 last       the group's last-delivered id ("" when there is no group yet:
                            then every entry is ready)
 Errors:       "inspect: expected ..." for another layout; WRONGTYPE
@@ -35,6 +39,7 @@ run with EVALSHA_RO on Redis 7.0+ (Script.call_ro). See docs/design.rst (Leases)
 ]]
 --@flags no-writes
 --@include common
+--@include delay
 local bad = check_args('inspect', #KEYS >= 5, #ARGV == #KEYS - 2,
                        'KEYS: n streams, dlq, delayed set, arguments, counters; ARGV: group, ' ..
                        'holder, n levels')
@@ -76,11 +81,13 @@ local function level_record(key, level)
     return {level, 1, length, length, 0, 0, age(first_after(key, '-')), {}, ''}
   end
   local pel = tonumber(field(info, 'pending'))
-  local held, consumers = 0, {}
+  local held, waiting, consumers = 0, 0, {}
   for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', key, group)) do
     local name, owns = field(c, 'name'), tonumber(field(c, 'pending'))
     if name == holder then
       held = owns
+    elseif name == BACKOFF then  -- retries waiting: counted by their pointers, as delayed
+      waiting = owns
     else
       consumers[#consumers + 1] = name
       consumers[#consumers + 1] = owns
@@ -92,8 +99,8 @@ local function level_record(key, level)
     local parked = redis.call('XPENDING', key, group, '-', '+', 1, holder)
     if parked[1] then oldest = older(oldest, parked[1][1]) end
   end
-  return {level, 1, length, length - pel + held, held, pel - held, age(oldest), consumers,
-          last}
+  return {level, 1, length, length - pel + held, held, pel - held - waiting, age(oldest),
+          consumers, last}
 end
 
 local levels = {}

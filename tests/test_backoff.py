@@ -434,3 +434,19 @@ def test_purge_deletes_a_waiting_retry_with_its_pointer(script_client):
     make_due(c)
     assert [d.entry_id for d in read_messages(b, ['q'], 'c2', 10)] == [second.entry_id]
     assert read_messages(b, ['q'], 'c2', 10) == []
+
+
+def test_operators_see_a_waiting_retry_once_as_delayed(script_client):
+    """inspect counts a retry waiting with x-requeue-delay once, as delayed (its pointer),
+    not also as pending nor ~backoff as a consumer; ``delayed list`` names its entry."""
+    c = script_client
+    b = declare(c)
+    for n in (1, 2):
+        b.publish('q', 0, body(n))
+    first, second = read_messages(b, ['q'], 'c1', 10)
+    b.requeue('q', [(first.stream, first.entry_id)], consumer='c1')
+    seen = b.inspect('q')
+    assert (seen['ready'], seen['pending'], seen['delayed']) == (0, 1, 1)
+    assert [con['name'] for con in seen['consumers']] == ['c1']
+    [retry] = b.scheduled('q')['messages']
+    assert retry['retry_of'] == first.entry_id.decode() and retry['label'] == ''

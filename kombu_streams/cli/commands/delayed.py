@@ -14,7 +14,8 @@ from ..render import age, emit, table
 def cmd_delayed_list(args: argparse.Namespace, broker: Broker) -> int:
     existing_queue(broker, args.queue)
     data = broker.scheduled(args.queue, args.n, bodies=args.full)
-    rows = [[m['label'] or '-', m['level'], age(m['due_in_ms'])] for m in data['messages']]
+    rows = [[f"retry of {m['retry_of']}" if m['retry_of'] else m['label'] or '-', m['level'],
+             age(m['due_in_ms'])] for m in data['messages']]
     shown = table(['LABEL', 'LEVEL', 'DUE IN'], rows) if rows else 'no delayed messages'
     more = data['delayed'] - len(rows)
     emit(args, data, shown + (f'\n({more} more)' if more > 0 else ''))
