@@ -186,7 +186,8 @@ class Broker(Admin):
     def limits_and_counters(self, queue: str, arguments: Sequence[str] | None = None
                             ) -> tuple[dict[str, Any], dict[str, int]]:
         """:meth:`limits`, and the queue's counters (``expired``: messages set aside past
-        their TTL), from the same call."""
+        their TTL; ``refused``: publishes a full queue refused; ``overflowed``: messages
+        drop-head set aside), from the same call."""
         recorded, counters = self.run(self.limits_call(queue, arguments))
         return as_dict(recorded), {k: int(v) for k, v in as_dict(counters).items()}
 

@@ -125,10 +125,10 @@ class Calls(ReadCalls):
     def _lay_out_publish(self, queue: str, level: int, full: bool) -> tuple[str, ...]:
         """A publish's KEYS for ``queue`` and ``level`` but the unique store and the big
         hash: laid out once and kept (like a read's, see :meth:`read_layout`), as every
-        publish to them sends them. ``full``: all the queue's streams, which only a queue
-        with a length limit (or a message with a unique key) needs; else only the first,
-        and publish.lua answers NEEDKEYS, having written nothing, when it meets a limit
-        (:meth:`widen`)."""
+        publish to them sends them. ``full``: all the queue's streams and its counters,
+        which only a queue with a length limit (or a message with a unique key) needs;
+        else only the first stream, and publish.lua answers NEEDKEYS, having written
+        nothing, when it meets a limit (:meth:`widen`)."""
         if len(self._publish_keys) >= LAYOUTS_KEPT:
             self._publish_keys.clear()
             self._limited.clear()  # learnt again: a NEEDKEYS costs one round trip
@@ -136,7 +136,8 @@ class Calls(ReadCalls):
         streams = self.streams(queue) if full else [k.stream(queue, self.levels[0])]
         keys = self._publish_keys[(queue, level, full)] = (
             k.stream(queue, level), k.wake(queue), k.ready(queue), k.args(queue), k.dlq(queue),
-            k.delayed(queue), k.delayed_messages(queue), *streams, k.dedup(queue))
+            k.delayed(queue), k.delayed_messages(queue), *streams, k.dedup(queue),
+            *([k.counters(queue)] if full else []))
         return keys
 
     def widen(self, call: Call) -> Call:
@@ -146,7 +147,8 @@ class Calls(ReadCalls):
         script, keys, args = call
         queue = text(args[3])
         self._limited.add(queue)
-        return script, [*keys[:7], *self.streams(queue), self.keys.dedup(queue)], args
+        k = self.keys
+        return script, [*keys[:7], *self.streams(queue), k.dedup(queue), k.counters(queue)], args
 
     def store_big(self, queue: str, token: str, payload: str | bytes) -> tuple[Any, ...]:
         """The command that stores a big message's body, sent with its publish call in one

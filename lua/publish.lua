@@ -15,6 +15,8 @@ KEYS[8..7+L]  all the queue's streams, first level first (KEYS[8], ks:q:{celery}
           the error NEEDKEYS, nothing written, when the queue has x-max-length
 KEYS[8+L] the queue's id store (zset), ks:q:{celery}:dedup: only with x-deduplication-window
           (KEYS[9] when only the first stream is sent)
+KEYS[9+L] with all the streams: the queue's counters (hash), ks:q:{celery}:counters: a
+          publish x-overflow refused counts "refused", drop-head counts "overflowed"
 KEYS[#]   last, only with a big message (ARGV[1] "r:<token>"): the queue's big messages
           (hash), ks:q:{celery}:big
 ARGV[1]   the message: Kombu's JSON envelope, stored as field "m"; or "r:<token>" for a big
@@ -32,8 +34,8 @@ ARGV[9]   with a due time in ARGV[8]: threshold in ms: a message due sooner is p
 ARGV[10]  optional, with ARGV[9]: a label for operators (Celery's task id), may be ""
 ARGV[11]  optional (ARGV[8..10] then given, "" where unused): the message's deduplication id
 ARGV[12]  optional (ARGV[8..11] then given, "" where unused): the message's unique key
-          (x-unique-key); then KEYS[9+L] is the queue's key store (hash), ks:q:{celery}:unique,
-          before the big hash
+          (x-unique-key); then KEYS[10+L] is the queue's key store (hash),
+          ks:q:{celery}:unique, before the big hash
 Reply:    the new entry id; "delayed:<member>" when kept until due; nil when ARGV[2] is "1"
           and the queue does not exist; "duplicate" when the queue has x-deduplication-window
           and stored a message with the id of ARGV[11] within it, or when a live message of
@@ -64,20 +66,22 @@ arguments and limits, Message TTL, Duplicates, Unique keys).
 local big = string.sub(ARGV[1] or '', 1, 2) == 'r:'  -- the body is in the big hash
 local nk = #KEYS - (big and 1 or 0)
 local nl = tonumber(ARGV[3] or '')
-local keyed = #ARGV == 12  -- a unique key: KEYS[9+L] its store (docs: Unique keys)
-local full = nl ~= nil and nl >= 1 and nk == 8 + nl + (keyed and 1 or 0)
-local short = not full and not keyed and nk == 9 and nl ~= nil and nl > 1  -- see KEYS[8]
-local bad = check_args('publish', full or short,
+local keyed = #ARGV == 12  -- a unique key: KEYS[10+L] its store (docs: Unique keys)
+local wide = nl ~= nil and nl >= 1 and nk == 9 + nl + (keyed and 1 or 0)
+local short = not wide and not keyed and nk == 9 and nl ~= nil and nl >= 1  -- see KEYS[8]
+local bad = check_args('publish', wide or short,
                        #ARGV == 7 or ((#ARGV == 11 or keyed) and (ARGV[6] == '1' or ARGV[8] == ''))
                        or (ARGV[6] == '1' and ((#ARGV == 8 and ARGV[8] == '')
                                               or #ARGV == 9 or #ARGV == 10)),
-                       '7 keys, the L streams (or the first) and the id store (one more, ' ..
-                       'the big hash, with "r:<token>"); 7 args, or with delayed delivery 8 ' ..
-                       'to 10 (a due time needs ARGV[9]), or 11 with an id, 12 with a ' ..
-                       'unique key (and its store)')
+                       '7 keys, the L streams, the id store and the counters (or the ' ..
+                       'first stream and the id store; one more, the big hash, with ' ..
+                       '"r:<token>"); 7 args, or with delayed delivery 8 to 10 (a due ' ..
+                       'time needs ARGV[9]), or 11 with an id, 12 with a unique key (and ' ..
+                       'its store)')
 if bad then return bad end
 local stream, wake, ready, argkey, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local store, dedup_id = KEYS[full and 8 + nl or 9], ARGV[11]
+local store, dedup_id = KEYS[wide and 8 + nl or 9], ARGV[11]
+local counters = wide and KEYS[9 + nl]  -- refusals counted (a limited queue's layout)
 if dedup_id == '' then dedup_id = nil end
 local first = KEYS[8]
 local streams = nil  -- all the queue's streams, only a limited queue's publish needs
@@ -161,7 +165,7 @@ local ukey, ustore, ustate, uref, ua, ub, uttl = ARGV[12], nil, nil, nil, nil, n
 local levels, unow = {}, nil  -- level -> stream; the clock of the look
 if ukey == '' then ukey = nil end
 if ukey then
-  ustore = KEYS[9 + nl]
+  ustore = KEYS[10 + nl]
   for i = 8, 7 + nl do levels[string.match(KEYS[i], ':(%d+)$') or ''] = KEYS[i] end
   local conf = redis.call('HMGET', argkey, UNIQUE_MODE, UNIQUE_TTL)  -- its type: read_limit
   uttl = math.max(math.floor(tonumber(conf[2]) or 0), 0)
@@ -200,7 +204,10 @@ end
 if limit and held >= limit then
   local full = 'QUEUEFULL queue ' .. group .. ' is full: x-max-length ' .. limit ..
                ' reached (x-overflow ' .. overflow .. '); the message was not stored'
-  if overflow ~= 'drop-head' or limit < 1 then return refuse(redis.error_reply(full)) end
+  if overflow ~= 'drop-head' or limit < 1 then
+    count_in(counters, first, 'refused', 1)  -- another type there: not counted, still refused
+    return refuse(redis.error_reply(full))
+  end
   -- what drop-head writes (the streams are checked by their counts), and the marker, which
   -- it then writes after the first write; the delayed set, which the message may go to
   wrong = wrong_type(dlq, 'stream') or wrong_type(wake, 'zset') or wrong_type(KEYS[6], 'zset')
@@ -213,7 +220,9 @@ if limit and held >= limit then
     if not dropped then break end
     held, drops = held - 1, drops + 1
   end
+  if drops > 0 then count_in(counters, first, 'overflowed', drops) end
   if held >= limit then  -- the rest is in flight or delayed: never over the limit
+    count_in(counters, first, 'refused', 1)
     return refuse(redis.error_reply(full .. ': no ready message left to set aside (the ' ..
                                     'rest is in flight or delayed)'))
   end

@@ -55,6 +55,14 @@ def letters(b: Broker, queue: str) -> list[tuple[str, str]]:
             for _, f in b.dead_letters(queue)]
 
 
+def counted_out(c: Any, after: dict, queue: str, **counts: int) -> dict:
+    """``after`` (a snapshot) with the queue's counters as they were before the publish
+    that counted ``counts``, which are checked: a refusal changes nothing else."""
+    assert {k: int(v) for k, v in c.hgetall(K.counters(queue)).items()} == {
+        k.encode(): v for k, v in counts.items()}
+    return {k: v for k, v in after.items() if k != K.counters(queue).encode()}
+
+
 def test_reject_publish_refuses_exactly_at_the_limit_and_stores_nothing(script_client):
     c = script_client
     b = limited(c, 'q', 3, 'reject-publish')
@@ -65,7 +73,7 @@ def test_reject_publish_refuses_exactly_at_the_limit_and_stores_nothing(script_c
         b.publish('q', 9, body(3))
     assert "queue q is full: x-max-length 3" in str(info.value)
     assert 'reject-publish' in str(info.value)
-    assert_same(before, snapshot(c))
+    assert_same(before, counted_out(c, snapshot(c), 'q', refused=1))
     assert bodies(read_messages(b, ['q'], 'c1', 10)) == ['m0', 'm1', 'm2']
 
 
@@ -86,6 +94,7 @@ def test_drop_head_dead_letters_the_oldest_ready_one_and_keeps_the_count(script_
         assert held(c, 'q') == min(n + 1, 3)
     assert letters(b, 'q') == [('max-length', 'm0'), ('max-length', 'm1')]
     assert bodies(read_messages(b, ['q'], 'c1', 10)) == ['m2', 'm3', 'm4']
+    assert b.limits_and_counters('q')[1] == {'overflowed': 2}  # operators see it
 
 
 def test_drop_head_takes_the_next_served_requeued_first_priorities_kept(script_client):
@@ -119,7 +128,7 @@ def test_in_flight_and_delayed_count_and_are_never_dropped(script_client):
     before = snapshot(c)
     with pytest.raises(QueueFull, match='no ready message left'):
         b.publish('q', 0, body(2))
-    assert_same(before, snapshot(c))
+    assert_same(before, counted_out(c, snapshot(c), 'q', refused=1))
 
 
 def test_a_lowered_limit_sets_aside_down_to_it(script_client):

@@ -20,6 +20,8 @@ FAN, FWAKE = K.fanout(X), K.fanout_wake(X, Q)
 QUEUE_KEYS = [K.wake(Q), K.ready(Q), K.delayed(Q), K.delayed_messages(Q), K.big(Q)]
 PUBLISH_KEYS = [S0, K.wake(Q), K.ready(Q), K.args(Q), K.dlq(Q), K.delayed(Q),
                 K.delayed_messages(Q), S0, K.dedup(Q)]
+#: A limited queue's, a keyed or a big message's publish: every stream, and the counters.
+PUBLISH_WIDE = [*PUBLISH_KEYS, K.counters(Q)]
 
 #: The smallest valid call of each script, laid out as kombu_streams/broker.py does (one
 #: priority level, one entry; the fanout form where a queue's call has one key more): a
@@ -78,7 +80,7 @@ LARGER = {
 }
 #: With a unique key (x-unique-key): its store in KEYS and the key in ARGV, one layout more.
 KEYED = {
-    'publish': ([*PUBLISH_KEYS, K.unique(Q)], ['m', '0', 1, Q, HOLDER, '0', '', '', '', '', '',
+    'publish': ([*PUBLISH_WIDE, K.unique(Q)], ['m', '0', 1, Q, HOLDER, '0', '', '', '', '', '',
                                                'k']),
     'ack': ([S0, K.unique(Q)], [Q, 'c1', 'u', 1, 'k', 1, '1-1']),
     'deadletter': ([S0, K.dlq(Q), K.unique(Q)], [Q, 'c1', '1-1', 'why', 1, '0', 'k']),

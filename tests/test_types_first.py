@@ -258,7 +258,9 @@ CASES = {
 #: streams (7...) beyond the message's own; a limited one looks at all of them, since
 #: it counts them and may set its head aside (its dead-letter stream only when full). Its
 #: publish sends only the first stream (7) and the id store (8) (a limited queue's, widened
-#: by Calls.widen, a big message's and a keyed one's send all: 7, 8 and 9, the id store 10).
+#: by Calls.widen, a big message's and a keyed one's send all: 7, 8 and 9, the id store 10,
+#: and the counters 11, written only by a refusal or drop-head, which count there if they
+#: can: another type there is left alone, the refusal or the drop is not undone).
 _SHORT, _SHORT_DELAYED = {4, 6, 7}, {0, 4, 7}
 _FULL, _FULL_DELAYED = {4, 6, 7, 8, 9}, {0, 4, 7, 8, 9}
 _UNUSED = {'publish': _SHORT, 'publish-delayed': _SHORT_DELAYED, 'publish-big': _FULL,
@@ -266,6 +268,8 @@ _UNUSED = {'publish': _SHORT, 'publish-delayed': _SHORT_DELAYED, 'publish-big': 
            'publish-limited': {4, 6}, 'publish-ttl': _SHORT,
            'publish-ttl-delayed': _SHORT_DELAYED}
 UNTOUCHED = {(case, i) for case, unused in _UNUSED.items() for i in unused}
+UNTOUCHED |= {(case, 11) for case in ('publish-big', 'publish-big-delayed',
+                                      'publish-drop-head', 'publish-limited')}
 #: A queue without x-deduplication-window never looks at its id store; one with it does
 #: what the same publish without does, and a duplicate stores nothing (not even its stream).
 _STORE = {'publish': 8, 'publish-delayed': 8, 'publish-big': 10, 'publish-big-delayed': 10,
@@ -280,12 +284,12 @@ UNTOUCHED.add(('publish-dedup-duplicate', 0))
 UNTOUCHED.add(('publish-dedup-duplicate', 1))
 #: A queue without x-requeue-delay never looks at its delayed keys in requeue and reclaim.
 UNTOUCHED |= {('requeue', 4), ('reclaim', 7)}
-#: With a unique key (its store at 11, all streams sent): a free key touches what the same
+#: With a unique key (its store at 12, all streams sent): a free key touches what the same
 #: publish without one does; a taken one looks at its holder's stream (9) and stores nothing
 #: (0); replacing it deletes that entry.
 UNTOUCHED |= {(f'publish-unique{tail}', i) for tail, unused in (
     ('', _FULL), ('-delayed', _FULL_DELAYED), ('-duplicate', _FULL), ('-replace', _FULL))
-    for i in unused | {10}}
+    for i in unused | {10, 11}}
 UNTOUCHED -= {('publish-unique-duplicate', 9), ('publish-unique-replace', 9)}
 UNTOUCHED |= {('publish-unique-duplicate', 0), ('publish-unique-duplicate', 1)}  # 1: see above
 

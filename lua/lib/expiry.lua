@@ -23,10 +23,10 @@ local function deadline_of(fields)
   return tonumber(field(fields, EXPIRES))
 end
 
--- Count N expired messages of a queue in its counters hash STATS, created with the expiry of
--- STREAM (x-expires) when new; a STATS of another type is left alone (returns its error).
-local function count_expired(stats, stream, n)
-  local r = redis.pcall('HINCRBY', stats, EXPIRED, n)
+-- Add N to counter NAME of a queue's counters hash STATS, created with the expiry of STREAM
+-- (x-expires) when new; a STATS of another type is left alone (returns its error).
+local function count_in(stats, stream, name, n)
+  local r = redis.pcall('HINCRBY', stats, name, n)
   local err = pcall_error(r)
   if err then return err end
   if r == n then
@@ -34,4 +34,9 @@ local function count_expired(stats, stream, n)
     if ttl > 0 then redis.call('PEXPIRE', stats, ttl) end
   end
   return nil
+end
+
+-- Count N expired messages of a queue (see count_in).
+local function count_expired(stats, stream, n)
+  return count_in(stats, stream, EXPIRED, n)
 end
