@@ -1,0 +1,71 @@
+"""The sweep of the unique key store (lua/lib/unique.lua, unique_sweep; docs/design.rst,
+"Unique keys"): above 32 fields a keyed publish counts itself, and one in eight runs a step
+that looks at a bounded number of fields and resumes where it stopped. The bound on the
+store's size is tested in tests/test_unique_due.py (expired and cancelled messages).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.test_unique import K, publish, queue
+
+
+def fields(c: Any) -> dict[str, str]:
+    return {f.decode(): v.decode() for f, v in c.hgetall(K.unique('q')).items()}
+
+
+def stale(c: Any, names: list[str]) -> None:
+    """Fields naming entries of level 0 that do not exist (as an expiry at read leaves)."""
+    c.hset(K.unique('q'), mapping={f'k:{n}': f's:0:0:1-{j}' for j, n in enumerate(names)})
+
+
+def test_a_step_every_eighth_keyed_publish_resumes_where_it_stopped(script_client):
+    """Seven keyed publishes only count (field t); the eighth looks up at most 16 entries and
+    names the field it stopped before (a). Fields deleted before that one meanwhile (acks
+    release theirs) do not make the next step skip the stale ones after it. (Names sort in
+    the order they are added: fakeredis scans a hash in sorted order, Redis a listpack in
+    the order of its fields.)"""
+    c = script_client
+    b = queue(c)
+    for j in range(20):
+        publish(b, j, f'a{j:02}')
+    gone = [f'b{j:02}' for j in range(12)]
+    stale(c, gone)  # 32 fields: the sweep's floor
+    for j in range(7):
+        publish(b, j, f'c{j}')
+    f = fields(c)
+    assert f['t'] == '7' and 'c' not in f and 'a' not in f
+    publish(b, 7, 'c7')  # a step: a00 ... a15 found, then the lookups' limit
+    f = fields(c)
+    assert (f['t'], f['a']) == ('0', 'k:a16') and f['c'].startswith('0:')
+    assert all(f'k:{n}' in f for n in gone)
+    c.hdel(K.unique('q'), *[f'k:a{j:02}' for j in range(10)])  # as their acks do
+    for j in range(8):
+        publish(b, j, f'd{j}')  # a step: a16 ... a19, then every stale one
+    f = fields(c)
+    assert [n for n in gone if f'k:{n}' in f] == []
+    assert all(f'k:a{j}' in f for j in range(10, 20)) and f['t'] == '0'
+
+
+@pytest.mark.parametrize('key', ['short', 'x' * 70])
+def test_the_store_is_scanned_once_per_eight_keyed_publishes(redis_client, key):
+    """While the store is a listpack an HSCAN returns all of it (COUNT is ignored), so one
+    per keyed publish cost more than the publish; with a long key (a field over 64 bytes) it
+    is a hashtable, scanned in steps. Either way 64 keyed publishes run 8 steps of at most
+    16 lookups (Redis 7.0's commandstats count the commands scripts run)."""
+    c = redis_client
+    b = queue(c)
+    for j in range(100):
+        publish(b, j, f'{key}{j}')
+    encoding = c.object('encoding', K.unique('q'))
+    assert encoding == (b'listpack' if key == 'short' else b'hashtable')
+    c.config_resetstat()
+    for j in range(64):
+        publish(b, j, f'more{j}')
+    stats = c.info('commandstats')
+    assert stats['cmdstat_hscan']['calls'] == 8
+    assert 0 < stats['cmdstat_xrange']['calls'] <= 8 * 16  # a new key's publish looks at none
+    assert len(fields(c)) == 100 + 64 + 3  # every one live; the sweep's c, a and t
