@@ -58,7 +58,7 @@ MINIMAL = {
     'leave': ([S0], [Q, 'c1']),
     'scheduled': ([K.delayed(Q), K.delayed_messages(Q)], [10, '0']),
     'size': ([S0], [Q, HOLDER]),
-    'touch': ([S0, *QUEUE_KEYS, K.args(Q), K.counters(Q)], [1000]),
+    'touch': ([S0, *QUEUE_KEYS, K.args(Q), K.counters(Q), K.unique(Q)], [1000]),
     'wake': ([K.wake(Q), S0, K.wake(Q)], ['q', Q, '']),
 }
 
