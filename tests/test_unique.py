@@ -267,6 +267,16 @@ def test_touch_keeps_the_store_as_long_as_its_queue(script_client):
     assert publish(b, 2, 'k') == DUPLICATE
 
 
+def test_inspect_counts_the_refused_publishes(script_client):
+    """What status and the exporter show: the store's count, 0 while there is no store."""
+    c = script_client
+    b = queue(c)
+    assert b.inspect('q')['unique_refused'] == 0
+    for n in range(3):
+        publish(b, n, 'k')
+    assert b.inspect('q')['unique_refused'] == 2 == b.unique_refused('q')
+
+
 def test_the_key_of_a_message():
     """The header, as a string; a long one by its hash, as a deduplication id."""
     assert unique_key({'headers': {'x-unique-key': 'k'}}) == 'k'
