@@ -223,7 +223,8 @@ class Admin(Introspection):
         the age of the oldest ready message in ms (None when none is ready); the totals; the
         dead-letter stream's length; the delayed messages and ms until the next is due
         (``next_due_ms``, None when none); ``exists`` (any of its streams exists);
-        ``arguments``, the queue's recorded arguments (x-max-length, ...)."""
+        ``arguments``, the queue's recorded arguments (x-max-length, ...); ``counters`` (expired);
+        ``unique_refused``, the publishes refused because their x-unique-key was taken."""
         call, parse = self.inspect_call(queue)
         return parse(self.run(call))
 

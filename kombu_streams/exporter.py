@@ -1,5 +1,6 @@
 """Prometheus metrics of a kombu-streams broker: queue depth per priority level, in flight,
-delayed, dead letters, consumers, age of the oldest ready message, fanout lag.
+delayed, dead letters, consumers, age of the oldest ready message, publishes refused for a
+taken x-unique-key, fanout lag.
 
     kombu-streams --url redis-streams://... exporter --port 9808 [QUEUE...] [-x EXCHANGE]
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Union
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client import make_wsgi_app as _wsgi_app
@@ -114,12 +115,25 @@ QUEUE_METRICS = {
 }
 
 
-def _families() -> dict[str, GaugeMetricFamily]:
-    return {name: GaugeMetricFamily(f'{PREFIX}_{name}', doc, labels=labels)
-            for name, (doc, labels) in QUEUE_METRICS.items()}
+#: name -> (help, labels) of the counters (samples ``..._total``). Each is kept in Redis with
+#: its queue and goes with it (a delete, an expiry): a drop back to 0 is a counter reset.
+QUEUE_COUNTERS = {
+    'queue_unique_refused': ('Publishes not stored because a live message of the queue held '
+                             'their x-unique-key', ['queue']),
+}
+
+Families = dict[str, Union[GaugeMetricFamily, CounterMetricFamily]]
 
 
-def _add_queue(f: dict[str, GaugeMetricFamily], info: dict[str, Any]) -> None:
+def _families() -> Families:
+    families: Families = {name: GaugeMetricFamily(f'{PREFIX}_{name}', doc, labels=labels)
+                          for name, (doc, labels) in QUEUE_METRICS.items()}
+    for name, (doc, labels) in QUEUE_COUNTERS.items():
+        families[name] = CounterMetricFamily(f'{PREFIX}_{name}', doc, labels=labels)
+    return families
+
+
+def _add_queue(f: Families, info: dict[str, Any]) -> None:
     queue = info['queue']
     for lv in info['levels']:
         level = str(lv['level'])
@@ -134,6 +148,7 @@ def _add_queue(f: dict[str, GaugeMetricFamily], info: dict[str, Any]) -> None:
     if info['oldest_ready_ms'] is not None:
         f['queue_oldest_ready_age_seconds'].add_metric([queue], info['oldest_ready_ms'] / 1000)
     f['queue_expired_messages'].add_metric([queue], info.get('counters', {}).get('expired', 0))
+    f['queue_unique_refused'].add_metric([queue], info.get('unique_refused', 0))
     for name, value in sorted(info.get('arguments', {}).items()):
         number = _number(value)
         if number is not None:  # x-overflow's mode is not a number: status shows it
@@ -147,7 +162,7 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def _add_fanout(f: dict[str, GaugeMetricFamily], exchange: str, info: dict[str, Any]) -> None:
+def _add_fanout(f: Families, exchange: str, info: dict[str, Any]) -> None:
     for g in info['groups']:
         f['fanout_lag_messages'].add_metric([exchange, g['group']], g['lag'])
         f['fanout_pending_messages'].add_metric([exchange, g['group']], g['pending'])
@@ -172,4 +187,5 @@ def serve(broker: Broker, port: int, addr: str = '127.0.0.1', **options: Any) ->
         time.sleep(3600)
 
 
-__all__ = ('Collector', 'make_wsgi_app', 'serve', 'registry_for', 'QUEUE_METRICS')
+__all__ = ('Collector', 'make_wsgi_app', 'serve', 'registry_for', 'QUEUE_METRICS',
+           'QUEUE_COUNTERS')

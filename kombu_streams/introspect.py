@@ -61,10 +61,10 @@ class Introspection(Calls):
         """The inspect call (read-only) for a queue, and the function that decodes its reply
         (see :meth:`inspect`)."""
         keys = [*self.streams(queue), self.keys.dlq(queue), self.keys.delayed(queue),
-                self.keys.args(queue), self.keys.counters(queue)]
+                self.keys.args(queue), self.keys.counters(queue), self.keys.unique(queue)]
 
         def parse(reply: Any) -> dict[str, Any]:
-            records, dlq, now, delayed, next_due, arguments, counters = reply
+            records, dlq, now, delayed, next_due, arguments, counters, refused = reply
             levels: list[dict[str, Any]] = []
             consumers: dict[str, dict[str, Any]] = {}
             for key, rec in zip(keys, records):
@@ -101,6 +101,7 @@ class Introspection(Calls):
                 'time_ms': int(now),
                 'arguments': as_dict(arguments),
                 'counters': {k: int(v) for k, v in as_dict(counters).items()},
+                'unique_refused': int(refused),
             }
 
         return (SCRIPTS['inspect'], keys, [queue, HOLDER, *self.levels]), parse

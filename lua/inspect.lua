@@ -5,16 +5,20 @@ KEYS[n+1]     the queue's dead-letter stream, ks:q:{name}:dlq
 KEYS[n+2]     the queue's delayed set, ks:q:{name}:delayed
 KEYS[n+3]     the queue's arguments (hash), ks:q:{name}:args
 KEYS[n+4]     the queue's counters (hash), ks:q:{name}:counters
+KEYS[n+5]     the queue's key store (hash), ks:q:{name}:unique: its count of publishes
+              refused because their x-unique-key was taken (field "n")
 ARGV[1]       consumer group (the queue's name)
 ARGV[2]       name of the holder consumer that parks requeued messages
 ARGV[3..n+2]  the priority level of each stream, in KEYS order
-Reply:        {levels, dlq length, now, delayed, next due, arguments, counters}: now is the server's
-              clock in unix ms (TIME); delayed the number of delayed messages and of retries
-              waiting with x-requeue-delay (ZCARD of the delayed set), next
+Reply:        {levels, dlq length, now, delayed, next due, arguments, counters, unique
+              refused}: now is the server's clock in unix ms (TIME); delayed the number of
+              delayed messages and of retries waiting with x-requeue-delay (ZCARD of the
+              delayed set), next
               due the ms until the earliest of them is due (0: due, not moved yet; -1:
               none); arguments the queue's recorded arguments, flat {name, value, ...}
               (HGETALL of a hash only declare.lua and limits.lua write: a few fields),
-              counters its counters, flat (HGETALL: expired, ...); and
+              counters its counters, flat (HGETALL: expired, ...); unique refused the
+              key store's count (HGET; 0 without a store: docs/design.rst, Unique keys); and
               levels holds one record per stream, in KEYS order:
               {level, exists, length, ready, held, pending, oldest, consumers, last}
                 exists     1 if the stream exists, else 0
@@ -40,11 +44,12 @@ run with EVALSHA_RO on Redis 7.0+ (Script.call_ro). See docs/design.rst (Leases)
 --@flags no-writes
 --@include common
 --@include delay
-local bad = check_args('inspect', #KEYS >= 5, #ARGV == #KEYS - 2,
-                       'KEYS: n streams, dlq, delayed set, arguments, counters; ARGV: group, ' ..
-                       'holder, n levels')
+--@include unique
+local bad = check_args('inspect', #KEYS >= 6, #ARGV == #KEYS - 3,
+                       'KEYS: n streams, dlq, delayed set, arguments, counters, key store; ' ..
+                       'ARGV: group, holder, n levels')
 if bad then return bad end
-local n = #KEYS - 4
+local n = #KEYS - 5
 local group, holder = ARGV[1], ARGV[2]
 local now = now_ms()
 
@@ -109,4 +114,5 @@ local first = redis.call('ZRANGE', KEYS[n + 2], 0, 0, 'WITHSCORES')
 local next_due = -1
 if first[1] then next_due = math.max(tonumber(first[2]) - now, 0) end
 return {levels, redis.call('XLEN', KEYS[n + 1]), now, redis.call('ZCARD', KEYS[n + 2]), next_due,
-        redis.call('HGETALL', KEYS[n + 3]), redis.call('HGETALL', KEYS[n + 4])}
+        redis.call('HGETALL', KEYS[n + 3]), redis.call('HGETALL', KEYS[n + 4]),
+        tonumber(redis.call('HGET', KEYS[n + 5], UNIQUE_COUNT) or '0') or 0}

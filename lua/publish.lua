@@ -52,8 +52,9 @@ full, three TYPEs and a few reads per level; a big
 message adds a TYPE, an HEXISTS and two PTTLs, and never passes through Lua; a TTL adds a
 TIME and the field e; an id on a queue with x-deduplication-window O(log n) with n ids
 remembered; a unique key O(1) or O(log n) (its holder looked at), and one stored adds an
-HLEN, and on a store over 32 fields one HSCAN step of at most 4 fields looked at (a ZSCORE
-each, or an XRANGE of one id: 2 at most). Never trims.
+HLEN, on a store over 32 fields an HINCRBY, and every 8th keyed publish one sweep step (32
+fields at most, 16 of them stream entries: an XPENDING each, an XRANGE of those not
+delivered yet, about 1 MiB copied at most; lua/lib/unique.lua). Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
 arguments and limits, Message TTL, Duplicates, Unique keys).
 ]]
@@ -189,7 +190,7 @@ local function hold(id, member)
   if not ukey then return end
   if ustate then unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7]) end
   unique_hold(ustore, ukey, uttl, string.match(stream, ':(%d+)$') or '0', id, member, uref)
-  unique_sweep(ustore, levels, KEYS[6], unow)  -- a few fields that outlived their message
+  unique_sweep(ustore, levels, KEYS[6], unow, group)  -- fields that outlived their message
   if redis.call('PTTL', ustore) == -1 then  -- an expiring queue's store goes with it
     local ttl = redis.call('PTTL', first)
     if ttl > 0 then redis.call('PEXPIRE', ustore, ttl) end

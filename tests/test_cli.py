@@ -161,7 +161,7 @@ def test_inspect_counts_dead_letters_and_writes_nothing(script_client):
         script = SCRIPTS['inspect'].flagged
         assert script.source.startswith('#!lua flags=no-writes\n')
         keys = [*K.streams('q', LEVELS), K.dlq('q'), K.delayed('q'), K.args('q'),
-                K.counters('q')]
+                K.counters('q'), K.unique('q')]
         assert c.evalsha_ro(script.sha, len(keys), *keys, 'q', HOLDER, *LEVELS)[1] == 2
 
 

@@ -15,10 +15,11 @@ from conftest import free_port, wait_until
 from kombu import Connection, Exchange, Queue
 
 prometheus = pytest.importorskip('prometheus_client')
+from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from kombu_streams.broker import Broker  # noqa: E402
-from kombu_streams.exporter import Collector, make_wsgi_app  # noqa: E402
+from kombu_streams.exporter import Collector, make_wsgi_app, registry_for  # noqa: E402
 from kombu_streams.keys import Keys  # noqa: E402
 
 CLI = Path(sys.executable).with_name('kombu-streams')
@@ -109,6 +110,19 @@ def test_wsgi_app_and_an_unreachable_broker(redis_client):
     got = samples(body.decode())
     assert got[('kombu_streams_scrape_errors_total', ())] == 1
     assert not any(name.startswith('kombu_streams_queue_') for name, _ in got)
+
+
+def test_refused_unique_keys_are_a_counter_per_queue(redis_client):
+    """Publishes refused because a live message held their x-unique-key: the count kept in
+    the queue's key store, read by the same inspect call; 0 for a queue without a store."""
+    broker = Broker(redis_client, Keys(), [0, 3, 6, 9])
+    for queue in ('u', 'v'):
+        broker.declare(queue)
+    for _ in range(3):
+        broker.publish('u', 0, '{}', unique_key='k')
+    got = samples(generate_latest(registry_for(Collector(broker, queues=['u', 'v']))).decode())
+    assert got[('kombu_streams_queue_unique_refused_total', (('queue', 'u'),))] == 2
+    assert got[('kombu_streams_queue_unique_refused_total', (('queue', 'v'),))] == 0
 
 
 def test_scrape_of_many_queues_is_one_bounded_call_each(redis_client):

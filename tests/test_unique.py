@@ -252,6 +252,31 @@ def test_an_expiring_queue_gives_its_store_its_expiry(script_client):
     assert 0 < c.pttl(K.unique('q')) <= HOUR
 
 
+def test_touch_keeps_the_store_as_long_as_its_queue(script_client):
+    """x-expires: the lease keeper's touch gives the key store the queue's new expiry, so the
+    store cannot expire before the messages whose keys it names: a key in flight stays held
+    for as long as its queue lives."""
+    c = script_client
+    b = queue(c)
+    b.touch('q', HOUR)
+    publish(b, 1, 'k')
+    assert len(read_messages(b, ['q'], 'c1', 1)) == 1  # in flight
+    b.touch('q', 10 * HOUR)
+    assert 9 * HOUR < c.pttl(K.unique('q')) <= 10 * HOUR
+    assert abs(c.pttl(K.unique('q')) - c.pttl(K.stream('q', 0))) < 60_000
+    assert publish(b, 2, 'k') == DUPLICATE
+
+
+def test_inspect_counts_the_refused_publishes(script_client):
+    """What status and the exporter show: the store's count, 0 while there is no store."""
+    c = script_client
+    b = queue(c)
+    assert b.inspect('q')['unique_refused'] == 0
+    for n in range(3):
+        publish(b, n, 'k')
+    assert b.inspect('q')['unique_refused'] == 2 == b.unique_refused('q')
+
+
 def test_the_key_of_a_message():
     """The header, as a string; a long one by its hash, as a deduplication id."""
     assert unique_key({'headers': {'x-unique-key': 'k'}}) == 'k'

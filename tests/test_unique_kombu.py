@@ -95,7 +95,7 @@ def test_apply_async_twice_with_one_key_runs_once(tmp_path, redis_url):
         assert QUEUE == 'celery'
 
 
-def test_cli_limits_shows_and_sets_the_unique_arguments(redis_url):
+def test_cli_limits_and_status_show_the_unique_arguments_and_refusals(redis_url):
     from tests.test_cli import cli, cli_json
     c = redis.Redis.from_url(redis_url)
     b = Broker(c, K, [0, 3, 6, 9])
@@ -109,5 +109,7 @@ def test_cli_limits_shows_and_sets_the_unique_arguments(redis_url):
     b.publish('cq', 0, '{"body": "2"}', unique_key='k')
     assert cli_json(redis_url, 'limits', 'cq')['unique_refused'] == 1
     assert 'unique keys refused: 1' in cli(redis_url, 'limits', 'cq').stdout
+    assert cli_json(redis_url, 'status', 'cq')['queues'][0]['unique_refused'] == 1
+    assert '1 unique refused' in cli(redis_url, 'status', 'cq').stdout
     bad = cli(redis_url, 'limits', 'cq', '--set', 'x-unique-mode=last')
     assert bad.returncode == 2 and 'x-unique-mode' in bad.stderr

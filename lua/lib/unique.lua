@@ -11,6 +11,8 @@
 --                    was published (0: none)
 --   "d:<member>"  -> the key of that delayed message (so purge frees the key it deletes)
 --   UNIQUE_COUNT  -> the number of publishes refused because their key was taken
+--   "c", "a", "t" -> the sweep's place: its cursor and offset, the field it resumes at, the
+--                    keyed publishes since its last step (unique_sweep below)
 
 local UNIQUE_COUNT = 'n'
 local UNIQUE_MODE, UNIQUE_TTL = 'x-unique-mode', 'x-unique-ttl'
@@ -173,23 +175,42 @@ end
 
 -- The sweep of fields that outlived their message (docs/design.rst, "Unique keys": an expiry
 -- or delivery limit at read, drop-head, a purged ready entry, a cancelled delayed message
--- leave theirs; the key already counts as free, only memory is at stake). Each keyed publish
--- that stores a message runs one step: HSCAN of STORE from the cursor kept in field
--- UNIQUE_CURSOR ("<cursor>:<offset>": a step's reply can hold more fields than one call
--- checks, e.g. a small hash comes whole), at most UNIQUE_CHECKS fields looked at (a ZSCORE,
--- or the clock for a throttle, or an XRANGE of one id: at most UNIQUE_LOOKS of those, as each
--- copies the entry it finds), those whose message is gone deleted. A store of at most
--- UNIQUE_SWEEP_FROM fields is left alone (one HLEN). The bound: a cycle over a store of H
--- fields takes at most H / 2 publishes (two fields a call at least), which add one field
--- each (a stream entry's) or two looked at without a copy (a delayed message's); every field
--- stale when a cycle starts is gone when it ends; so the store holds at most about twice the
--- fields of its live messages, or UNIQUE_SWEEP_FROM. LEVELS maps a level to its stream, DKEY
--- is the delayed set, NOW unix ms.
+-- leave theirs; the key already counts as free, only memory is at stake). A store of at most
+-- UNIQUE_SWEEP_FROM fields is left alone (one HLEN). Above, each keyed publish that stores a
+-- message counts itself in field UNIQUE_TICK (an HINCRBY), and every UNIQUE_EVERY-th runs one
+-- step: an HSCAN of STORE from the cursor kept in field UNIQUE_CURSOR ("<cursor>:<offset>"),
+-- resumed at the field named in UNIQUE_AT (the first one not looked at yet: a reply can hold
+-- more fields than a step looks at, and fields deleted meanwhile, by acks, shift an offset;
+-- the offset is the fallback when that field is gone), then at most UNIQUE_CHECKS fields
+-- looked at (a ZSCORE, or the clock for a throttle, or for a stream entry an XPENDING of
+-- its id and, once per stream, XINFO GROUPS: at most UNIQUE_LOOKS of those; only an entry
+-- not delivered yet is read itself, an XRANGE that copies it, until UNIQUE_COPY_BYTES were
+-- copied in the step, which then stops and resumes there), those whose message is gone
+-- deleted with their pair. Why every n-th: while the hash is a listpack (up to
+-- hash-max-listpack-entries fields, 512 by default; hash-max-ziplist-entries on 6.2) HSCAN
+-- ignores COUNT and returns the whole hash, so a step per publish copied up to 1,024 strings
+-- into Lua each time; now one publish in UNIQUE_EVERY pays it, and a hashtable's step (COUNT
+-- UNIQUE_CHECKS) is as rare. The bound: weigh a field that names a stream entry 1 and any
+-- other 1/2. A step passes at least UNIQUE_LOOKS = 2 x UNIQUE_EVERY of weight (unless its
+-- reply ends), so 2 per keyed publish, and a keyed publish adds at most 1 (its entry's field,
+-- or a delayed message's two); so a cycle over a store of weight W takes at most about W / 2
+-- keyed publishes, which add at most W / 2; every field stale when a cycle starts is gone
+-- when it ends: the store weighs at most about twice its live keyed messages (two fields
+-- each, four for a delayed one), or holds UNIQUE_SWEEP_FROM fields. Cost per keyed publish:
+-- an HLEN, above the floor an HINCRBY; per step, two HGETs, an HSCAN (at most about
+-- UNIQUE_CHECKS fields of a hashtable, all of a listpack), up to UNIQUE_CHECKS looks (at most
+-- UNIQUE_LOOKS XPENDINGs and XINFO GROUPS once per level; XRANGEs of entries not delivered
+-- yet, about 1 MiB copied at most: past it the step ends, so a queue of ready messages near
+-- big_message_bytes covers fewer fields per step), an HDEL and an HSET. LEVELS maps a level
+-- to its stream, DKEY is the delayed set, NOW unix ms, GROUP the queue's group.
 -- Never fails: it runs after the message was stored, so a key of another type at one of the
 -- names is only skipped (try), and the store is a hash (the publish just wrote it).
-local UNIQUE_CURSOR, UNIQUE_CHECKS, UNIQUE_LOOKS, UNIQUE_SWEEP_FROM = 'c', 4, 2, 32
+local UNIQUE_CURSOR, UNIQUE_AT, UNIQUE_TICK = 'c', 'a', 't'
+local UNIQUE_EVERY, UNIQUE_CHECKS, UNIQUE_LOOKS, UNIQUE_SWEEP_FROM = 8, 32, 16, 32
 
-local function unique_gone(store, f, v, levels, dkey, now)
+local UNIQUE_COPY_BYTES = 1024 * 1024  -- a step stops once its XRANGEs copied this much
+
+local function unique_gone(store, f, v, levels, dkey, now, group, step)
   if string.sub(f, 1, 2) == 'd:' then  -- reverse field: its delayed message is gone?
     local member = string.sub(f, 3)
     local score, err = try('ZSCORE', dkey, member)
@@ -212,39 +233,80 @@ local function unique_gone(store, f, v, levels, dkey, now)
   if kind ~= 's' then return nil end
   local stream = levels[b or '']
   if not stream then return f end  -- a level the queue no longer has: free already
-  local found, err = try('XRANGE', stream, c, c)
-  if err or (found and #found > 0) then return nil end
+  -- Delivered and not settled (or parked): in the PEL. Delivered and no longer there:
+  -- settled, and every settle deletes its entry. Neither asks for the entry itself.
+  local p, err = try('XPENDING', stream, group, c, c, 1)
+  if err then return nil end
+  if p and p[1] then return nil end
+  local last = step.last[stream]
+  if last == nil then
+    local ok, got = pcall(last_delivered, stream, group)  -- no stream: nothing delivered
+    last = ok and got or '0-0'
+    step.last[stream] = last
+  end
+  if not id_before(last, c) then return f end
+  -- Ready: alive unless purged or set aside, which only a look at the entry tells; the
+  -- XRANGE copies it, so the step stops (here, resumed next time) past its byte budget.
+  if step.bytes >= UNIQUE_COPY_BYTES then return nil, nil, true end
+  local found, xerr = try('XRANGE', stream, c, c)
+  if xerr then return nil end
+  if found and found[1] then
+    for _, x in ipairs(found[1][2]) do step.bytes = step.bytes + #x end
+    return nil
+  end
   return f
 end
 
-local function unique_sweep(store, levels, dkey, now)
+local function unique_sweep(store, levels, dkey, now, group)
   if redis.call('HLEN', store) <= UNIQUE_SWEEP_FROM then return end
-  local at = redis.call('HGET', store, UNIQUE_CURSOR) or ''
-  local cursor, skip = string.match(at, '^(%d+):(%d+)$')
+  local tick = try('HINCRBY', store, UNIQUE_TICK, 1)
+  if tick and tick < UNIQUE_EVERY then return end  -- (not a number: reset below)
+  local at = redis.call('HMGET', store, UNIQUE_CURSOR, UNIQUE_AT)
+  local cursor, skip = string.match(at[1] or '', '^(%d+):(%d+)$')
   cursor, skip = cursor or '0', tonumber(skip) or 0
   local step = redis.call('HSCAN', store, cursor, 'COUNT', UNIQUE_CHECKS)
-  local flat, gone = step[2], {}
+  local flat, gone, dropped = step[2], {}, {}
   local n = #flat / 2
-  local last, looks = skip, 0
-  local freed = 0  -- of the fields looked at: the same cursor's next reply lacks them
+  if at[2] and at[2] ~= '' and flat[2 * skip + 1] ~= at[2] then
+    for j = 0, n - 1 do  -- the field to resume at moved: fields before it were deleted
+      if flat[2 * j + 1] == at[2] then
+        skip = j
+        break
+      end
+    end
+  end
+  local last, looks, freed = skip, 0, 0  -- freed: of the fields looked at
+  local state = {last = {}, bytes = 0}  -- streams' last-delivered ids; bytes copied
   while last < n and last < skip + UNIQUE_CHECKS do
     local f, v = flat[2 * last + 1], flat[2 * last + 2]
     if string.sub(f, 1, 2) == 'k:' and string.sub(v, 1, 2) == 's:' then
-      if looks >= UNIQUE_LOOKS then break end  -- an XRANGE copies the entry: two at most
+      if looks >= UNIQUE_LOOKS then break end  -- an XPENDING each, maybe an XRANGE
       looks = looks + 1
     end
-    last = last + 1
-    local f1, f2 = unique_gone(store, f, v, levels, dkey, now)
-    if f1 then
-      gone[#gone + 1] = f1
-      freed = freed + 1
+    local f1, f2, stop = nil, nil, false
+    if not dropped[f] then
+      f1, f2, stop = unique_gone(store, f, v, levels, dkey, now, group, state)
     end
-    if f2 then gone[#gone + 1] = f2 end
+    if stop then break end  -- the byte budget: this field first, next time
+    last = last + 1
+    if dropped[f] then  -- the pair of one looked at before
+      freed = freed + 1
+    else
+      if f1 then
+        gone[#gone + 1], dropped[f1] = f1, true
+        freed = freed + 1
+      end
+      if f2 then gone[#gone + 1], dropped[f2] = f2, true end
+    end
   end
   if #gone > 0 then redis.call('HDEL', store, unpack(gone)) end
-  if last < n then
-    redis.call('HSET', store, UNIQUE_CURSOR, cursor .. ':' .. (last - freed))
+  while last < n and dropped[flat[2 * last + 1]] do  -- the next field went as a pair
+    last, freed = last + 1, freed + 1
+  end
+  if last < n then  -- the same reply again next time, from its field flat[2 * last + 1]
+    redis.call('HSET', store, UNIQUE_CURSOR, cursor .. ':' .. (last - freed),
+               UNIQUE_AT, flat[2 * last + 1], UNIQUE_TICK, 0)
   else
-    redis.call('HSET', store, UNIQUE_CURSOR, step[1] .. ':0')
+    redis.call('HSET', store, UNIQUE_CURSOR, step[1] .. ':0', UNIQUE_AT, '', UNIQUE_TICK, 0)
   end
 end

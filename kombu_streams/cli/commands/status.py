@@ -37,10 +37,11 @@ def status_once(args: argparse.Namespace, broker: Broker) -> int:
 
 
 def limit_text(arguments: dict[str, Any], counters: dict[str, int] | None = None,
-               duplicates: int = 0) -> str:
+               duplicates: int = 0, unique_refused: int = 0) -> str:
     """A queue's limits for the status table: '1000 reject-publish', 'ttl 5000ms', the count
-    of messages that expired, 'dedup 60000ms: 3 dup' (the duplicates not stored), 'rate 50/s
-    burst 1', or '-'."""
+    of messages that expired, 'dedup 60000ms: 3 dup' (the duplicates not stored), '2 unique
+    refused' (publishes whose x-unique-key a live message held), 'rate 50/s burst 1', or
+    '-'."""
     parts = []
     if 'x-max-length' in arguments:
         parts.append(f"{arguments['x-max-length']} {arguments.get('x-overflow', 'drop-head')}")
@@ -50,6 +51,8 @@ def limit_text(arguments: dict[str, Any], counters: dict[str, int] | None = None
         parts.append(f"{(counters or {})['expired']} expired")
     if 'x-deduplication-window' in arguments:
         parts.append(f"dedup {arguments['x-deduplication-window']}ms: {duplicates} dup")
+    if unique_refused:  # x-unique-key is a header: no argument says a queue uses it
+        parts.append(f'{unique_refused} unique refused')
     if 'x-rate-limit' in arguments:  # global rate limit (lua/lib/rate.lua)
         parts.append(f"rate {arguments['x-rate-limit']} burst {arguments.get('x-rate-burst', 1)}")
     return ', '.join(parts) or '-'
@@ -66,7 +69,7 @@ def status_text(infos: list[dict[str, Any]], fanouts: list[dict[str, Any]]) -> s
                          age(i['oldest_ready_ms']), i['delayed'], age(i['next_due_ms']),
                          len(i['consumers']), i['dlq'],
                          limit_text(i.get('limits', {}), i.get('counters'),
-                                    i.get('duplicates', 0))])
+                                    i.get('duplicates', 0), i.get('unique_refused', 0))])
             busy = [lv for lv in i['levels'] if lv['ready'] or lv['pending']]
             if len(busy) > 1 or (busy and busy[0]['level'] != 0):
                 rows += [['', lv['level'], lv['ready'], lv['held'], lv['pending'],

@@ -1,0 +1,113 @@
+"""The sweep of the unique key store (lua/lib/unique.lua, unique_sweep; docs/design.rst,
+"Unique keys"): above 32 fields a keyed publish counts itself, and one in eight runs a step
+that looks at a bounded number of fields and resumes where it stopped. The bound on the
+store's size is tested in tests/test_unique_due.py (expired and cancelled messages).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from helpers import read_messages
+
+from tests.test_unique import K, publish, queue
+
+
+def fields(c: Any) -> dict[str, str]:
+    return {f.decode(): v.decode() for f, v in c.hgetall(K.unique('q')).items()}
+
+
+def stale(c: Any, names: list[str]) -> None:
+    """Fields naming entries of level 0 that do not exist (as an expiry at read leaves)."""
+    c.hset(K.unique('q'), mapping={f'k:{n}': f's:0:0:1-{j}' for j, n in enumerate(names)})
+
+
+def test_a_step_every_eighth_keyed_publish_resumes_where_it_stopped(script_client):
+    """Seven keyed publishes only count (field t); the eighth looks up at most 16 entries and
+    names the field it stopped before (a). Fields deleted before that one meanwhile (acks
+    release theirs) do not make the next step skip the stale ones after it. (Names sort in
+    the order they are added: fakeredis scans a hash in sorted order, Redis a listpack in
+    the order of its fields.)"""
+    c = script_client
+    b = queue(c)
+    for j in range(20):
+        publish(b, j, f'a{j:02}')
+    gone = [f'b{j:02}' for j in range(12)]
+    stale(c, gone)  # 32 fields: the sweep's floor
+    for j in range(7):
+        publish(b, j, f'c{j}')
+    f = fields(c)
+    assert f['t'] == '7' and 'c' not in f and 'a' not in f
+    publish(b, 7, 'c7')  # a step: a00 ... a15 found, then the lookups' limit
+    f = fields(c)
+    assert (f['t'], f['a']) == ('0', 'k:a16') and f['c'].startswith('0:')
+    assert all(f'k:{n}' in f for n in gone)
+    c.hdel(K.unique('q'), *[f'k:a{j:02}' for j in range(10)])  # as their acks do
+    for j in range(8):
+        publish(b, j, f'd{j}')  # a step: a16 ... a19, then every stale one
+    f = fields(c)
+    assert [n for n in gone if f'k:{n}' in f] == []
+    assert all(f'k:a{j}' in f for j in range(10, 20)) and f['t'] == '0'
+
+
+@pytest.mark.parametrize('key', ['short', 'x' * 70])
+def test_the_store_is_scanned_once_per_eight_keyed_publishes(redis_client, key):
+    """While the store is a listpack an HSCAN returns all of it (COUNT is ignored), so one
+    per keyed publish cost more than the publish; with a long key (a field over 64 bytes) it
+    is a hashtable, scanned in steps. Either way 64 keyed publishes run 8 steps of at most
+    16 lookups (Redis 7.0's commandstats count the commands scripts run)."""
+    c = redis_client
+    b = queue(c)
+    for j in range(100):
+        publish(b, j, f'{key}{j}')
+    encoding = c.object('encoding', K.unique('q'))
+    assert encoding == (b'listpack' if key == 'short' else b'hashtable')
+    c.config_resetstat()
+    for j in range(64):
+        publish(b, j, f'more{j}')
+    stats = c.info('commandstats')
+    assert stats['cmdstat_hscan']['calls'] == 8
+    assert 0 < stats['cmdstat_xrange']['calls'] <= 8 * 16  # a new key's publish looks at none
+    assert len(fields(c)) == 100 + 64 + 3  # every one live; the sweep's c, a and t
+
+
+def test_a_delivered_entry_is_looked_at_without_a_copy(redis_client):
+    """An entry at or before its group's last-delivered id is alive exactly when it is in
+    the PEL: the sweep tells held from settled (acked and deleted, its field left as stale
+    as after an expiry at read) with XPENDING alone, never an XRANGE."""
+    c = redis_client
+    b = queue(c)
+    for j in range(40):
+        publish(b, j, f'a{j:02}')
+    got = read_messages(b, ['q'], 'c1', 40)
+    assert len(got) == 40
+    settled = [d.entry_id for j, d in enumerate(got) if j % 2 == 0]
+    c.xack(K.stream('q', 0), 'q', *settled)
+    c.xdel(K.stream('q', 0), *settled)  # their fields stay: stale
+    c.hdel(K.unique('q'), 'c', 'a', 't')  # the next step starts at the first field
+    c.config_resetstat()
+    for j in range(8):
+        publish(b, j, f'b{j}')  # one step: a00 ... a15
+    stats = c.info('commandstats')
+    assert stats['cmdstat_hscan']['calls'] == 1 and 'cmdstat_xrange' not in stats
+    assert stats['cmdstat_xpending']['calls'] == 16
+    f = fields(c)
+    assert [j for j in range(16) if f'k:a{j:02}' in f] == list(range(1, 16, 2))
+
+
+def test_a_step_stops_after_copying_about_a_megabyte(redis_client):
+    """Ready entries are read to be told from purged ones; a step stops once it copied
+    about 1 MiB (300 KB messages: four looked at, not sixteen) and resumes there."""
+    c = redis_client
+    b = queue(c)
+    big = 'x' * 300_000
+    for j in range(33):
+        b.publish('q', 0, json.dumps({'body': big, 'n': j}), unique_key=f'a{j:02}')
+    c.config_resetstat()
+    for j in range(8):
+        publish(b, j, f'b{j}')  # one step
+    stats = c.info('commandstats')
+    assert stats['cmdstat_hscan']['calls'] == 1 and stats['cmdstat_xrange']['calls'] == 4
+    assert fields(c)['a'] == 'k:a04'  # the next step starts at the fifth
