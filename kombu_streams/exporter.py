@@ -120,6 +120,10 @@ QUEUE_METRICS = {
 QUEUE_COUNTERS = {
     'queue_unique_refused': ('Publishes not stored because a live message of the queue held '
                              'their x-unique-key', ['queue']),
+    'queue_refused_publishes': ('Publishes refused because the queue was full (x-max-length; '
+                                'QueueFull)', ['queue']),
+    'queue_overflowed_messages': ('Messages x-overflow drop-head set aside to the dead-letter '
+                                  'stream', ['queue']),
 }
 
 Families = dict[str, Union[GaugeMetricFamily, CounterMetricFamily]]
@@ -149,6 +153,9 @@ def _add_queue(f: Families, info: dict[str, Any]) -> None:
         f['queue_oldest_ready_age_seconds'].add_metric([queue], info['oldest_ready_ms'] / 1000)
     f['queue_expired_messages'].add_metric([queue], info.get('counters', {}).get('expired', 0))
     f['queue_unique_refused'].add_metric([queue], info.get('unique_refused', 0))
+    counters = info.get('counters', {})
+    f['queue_refused_publishes'].add_metric([queue], counters.get('refused', 0))
+    f['queue_overflowed_messages'].add_metric([queue], counters.get('overflowed', 0))
     for name, value in sorted(info.get('arguments', {}).items()):
         number = _number(value)
         if number is not None:  # x-overflow's mode is not a number: status shows it

@@ -125,6 +125,27 @@ def test_refused_unique_keys_are_a_counter_per_queue(redis_client):
     assert got[('kombu_streams_queue_unique_refused_total', (('queue', 'v'),))] == 0
 
 
+def test_a_full_queue_counts_its_refusals_and_overflows(redis_client):
+    """x-max-length's outcomes, counted in the queue's counters hash by the publish: the
+    publishes reject-publish refused, and the messages drop-head set aside."""
+    from kombu_streams import QueueFull
+    from kombu_streams.limits import stored_pairs
+    broker = Broker(redis_client, Keys(), [0, 3, 6, 9])
+    for queue, overflow in (('r', 'reject-publish'), ('d', 'drop-head')):
+        broker.declare(queue, stored_pairs(queue, {'x-max-length': 1, 'x-overflow': overflow}))
+        broker.publish(queue, 0, '{}')
+        for _ in range(2):
+            try:
+                broker.publish(queue, 0, '{}')
+            except QueueFull:
+                pass
+    got = samples(generate_latest(registry_for(Collector(broker, queues=['r', 'd']))).decode())
+    assert got[('kombu_streams_queue_refused_publishes_total', (('queue', 'r'),))] == 2
+    assert got[('kombu_streams_queue_overflowed_messages_total', (('queue', 'r'),))] == 0
+    assert got[('kombu_streams_queue_refused_publishes_total', (('queue', 'd'),))] == 0
+    assert got[('kombu_streams_queue_overflowed_messages_total', (('queue', 'd'),))] == 2
+
+
 def test_scrape_of_many_queues_is_one_bounded_call_each(redis_client):
     """300 queues, found by SCAN: one inspect call per queue, nothing more."""
     broker = Broker(redis_client, Keys(), [0, 3, 6, 9])
