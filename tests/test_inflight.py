@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from kombu import Connection, Consumer, Producer, Queue
 
+from kombu_streams import plan
 from kombu_streams.broker import GATED, POPPED, READ, Broker, Delivery, ReadResult
 from kombu_streams.keys import Keys
 from kombu_streams.limits import stored_pairs
@@ -383,7 +384,7 @@ class LimitedQueue(RuleBasedStateMachine):
 
 
 TestLimitedQueue = LimitedQueue.TestCase
-TestLimitedQueue.settings = settings(PROPERTY, max_examples=25, stateful_step_count=30)
+TestLimitedQueue.settings = settings(PROPERTY, stateful_step_count=40)
 
 
 # -- Kombu, the CLI ------------------------------------------------------------------------
@@ -394,11 +395,13 @@ def _script_calls(c: Any) -> int:
                for name in ('evalsha', 'eval'))
 
 
-def test_a_consumer_gets_the_next_message_only_after_its_ack(url, redis_url):
+def test_a_consumer_gets_the_next_message_only_after_its_ack(url, redis_url, monkeypatch):
     """N=1 and prefetch 10: the consumer holds one message; waiting for more times out
     (the queue is at its limit: nothing is delivered, and no read spins). Once it acks,
-    the ack sets the marker and the wait returns the next message at once: a wait of 30 s
-    (polling_interval) would have timed out without the wake-up."""
+    the ack sets the marker and the wait returns the next message at once. Without the
+    wake-up only the safety nets would bring it: a wait of 30 s (polling_interval) and
+    the sweep, put off here to an hour."""
+    monkeypatch.setattr(plan, 'SWEEP_INTERVAL', 3600.0)
     c = redis.Redis.from_url(redis_url)
     got: list[Any] = []
 
