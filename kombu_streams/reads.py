@@ -51,7 +51,7 @@ LAYOUTS_KEPT = 64
 class ReadLayout(NamedTuple):
     """What read.lua's KEYS and ARGV hold for one tuple of sources, whatever the call."""
 
-    #: KEYS: the streams in serving order, then ten keys per source
+    #: KEYS: the streams in serving order, then eleven keys per source
     keys: tuple[str, ...]
     #: (stream key, source, level) per stream, in serving order (KEYS[1..S])
     streams: tuple[tuple[str, Source, int], ...]
@@ -122,12 +122,13 @@ class ReadCalls(CallsBase):
         for q, ex in sources:
             if ex:  # no ready index, delayed set or big messages for a group on a fanout stream
                 wake = self.wake(q, ex)
-                keys += [wake, self.keys.fanout_dlq(ex, q), *[wake] * 8]
-            else:  # the key store last: a delayed message moved keeps its x-unique-key
+                keys += [wake, self.keys.fanout_dlq(ex, q), *[wake] * 9]
+            else:  # the key store: a delayed message moved keeps its x-unique-key; the
+                # in-flight flag last (x-max-in-flight, lua/lib/inflight.lua)
                 keys += [self.keys.wake(q), self.keys.dlq(q), self.keys.ready(q),
                          self.keys.delayed(q), self.keys.delayed_messages(q),
                          self.keys.big(q), self.keys.counters(q), self.keys.args(q),
-                         self.keys.rate(q), self.keys.unique(q)]
+                         self.keys.rate(q), self.keys.unique(q), self.keys.capped(q)]
         position = {key: i + 1 for i, (key, (_, ex), _) in enumerate(streams) if not ex}
         return ReadLayout(tuple(keys), tuple(streams),
                           tuple((src, src[0], 'f' if src[1] else 'q') for src in sources),
@@ -199,7 +200,10 @@ class ReadCalls(CallsBase):
         the entries may be big messages', whose bodies go with them (each entry is looked
         up: a channel sends only its big messages' acks so, see ack.lua). ``unique``: the
         x-unique-key of each entry, in order ('' for none), released with it: a channel sends
-        only the acks of messages with a key so (kombu_streams/unique.py)."""
+        only the acks of messages with a key so (kombu_streams/unique.py). Every ack of a
+        queue's own streams takes the queue's in-flight flag and marker last (mode letter
+        'c'): one that frees a slot of a queue its x-max-in-flight stopped wakes a consumer
+        (lua/lib/inflight.lua)."""
         if exchange:  # fanout messages are never stored apart
             ids = [entry_id for _, entry_id, *_ in entries]
             if not ids:
@@ -208,14 +212,13 @@ class ReadCalls(CallsBase):
         streams, pairs = self._ack_args(entries)
         if not pairs:
             return None
+        k = self.keys
+        keys = [*streams, k.big(queue)] if big else streams
+        flag = [k.capped(queue), k.wake(queue)]
         if unique:
-            keys = [*streams, self.keys.big(queue)] if big else streams
-            return (SCRIPTS['ack'], [*keys, self.keys.unique(queue)],
-                    [queue, consumer, 'bu' if big else 'u', len(unique), *unique, *pairs])
-        if big:
-            return SCRIPTS['ack'], [*streams, self.keys.big(queue)], [queue, consumer, 'b',
-                                                                      *pairs]
-        return SCRIPTS['ack'], streams, [queue, consumer, *pairs]
+            return (SCRIPTS['ack'], [*keys, k.unique(queue), *flag],
+                    [queue, consumer, 'buc' if big else 'uc', len(unique), *unique, *pairs])
+        return SCRIPTS['ack'], [*keys, *flag], [queue, consumer, 'bc' if big else 'c', *pairs]
 
     def ack_calls(self, queue: str, entries: Iterable[tuple[str, Any]],
                   exchange: str | None = None, consumer: str = ANY_OWNER,

@@ -15,23 +15,36 @@ ARGV[6]   "1" if KEYS[1] is a fanout stream (the entry is only acked there, and 
           Optional, for an entry with a unique key (x-unique-key): KEYS[3] the queue's key
           store (hash), ks:q:{name}:unique, and ARGV[7] the key, released when the entry is
           set aside (docs/design.rst, Unique keys)
+          Optional after those (ARGV[7] then given, '' for no key): ARGV[8] "c", KEYS[4] the
+          queue's in-flight flag (string), ks:q:{name}:capped, and KEYS[5] its wake marker:
+          an entry set aside frees a slot, so a raised flag is lowered and the marker set
+          (x-max-in-flight, docs/design.rst, Global concurrency). The channel always sends it
+          for a queue's own streams
 Reply:    {moved, not owned}: moved is 1 if the entry was moved, 0 if it no longer exists
           (or, on a fanout stream, is not pending for this group); not owned is 1 when the
           consumer no longer owns it and it was left alone (0 for '')
 Errors:   "deadletter: expected ..." for another layout; WRONGTYPE
 Minimum Redis: 6.2. Cost: O(fields of the entry), plus O(groups) on a fanout stream; for a
-consumer, one XPENDING of its own entry. See docs/design.rst (Delivery counts and dead
-letters, Leases).
+consumer, one XPENDING of its own entry; with "c" a TYPE of the flag (and, raised, of the
+marker, a ZADD and a DEL). See docs/design.rst (Delivery counts and dead letters, Leases,
+Global concurrency).
 ]]
 --@include common
 --@include unique
-local ukey = ARGV[7]
-local bad = check_args('deadletter', #KEYS == (ukey and 3 or 2), #ARGV == 6 or #ARGV == 7,
-                       'KEYS: stream, dead-letter stream[, key store]; ARGV: group, ' ..
-                       'consumer, id, reason, count, shared[, unique key]')
+--@include inflight
+local ukey, capped = ARGV[7], ARGV[8] == 'c'
+local bad = check_args('deadletter', #KEYS == (ukey and 3 or 2) + (capped and 2 or 0),
+                       #ARGV == 6 or #ARGV == 7 or (#ARGV == 8 and capped),
+                       'KEYS: stream, dead-letter stream[, key store[, flag, marker]]; ARGV: ' ..
+                       'group, consumer, id, reason, count, shared[, unique key[, "c"]]')
 if bad then return bad end
+local flagged = false  -- x-max-in-flight stopped a read: the slot freed sets the marker
 if ukey then  -- before the first write (see wrong_type)
   local wrong = wrong_type(KEYS[3], 'hash')
+  if capped and not wrong then
+    flagged, wrong = inflight_flagged(KEYS[4])
+    if flagged then wrong = wrong_type(KEYS[5], 'zset') end
+  end
   if wrong then return redis.error_reply(wrong) end
 end
 local key, group, me, id, shared = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[6] == '1'
@@ -56,4 +69,5 @@ if shared then trim_shared(key) end
 if ukey and ukey ~= '' then
   unique_release(KEYS[3], ukey, string.match(key, ':(%d+)$') or '0', id, false, 0)
 end
+if flagged then inflight_release(KEYS[4], KEYS[5], key, 0) end
 return {1, 0}

@@ -6,25 +6,28 @@ KEYS[1..S]      the streams to read, in serving order: fanout streams first, the
                 so stream i is the stream of the i-th fanout source for i <= F (F: the
                 sources of kind 'f'), else of the ((i - F - 1) mod O + 1)-th of the O queue
                 sources (kind 'q'), each with S - F = O x levels streams
-KEYS[S+10q-9]   wake marker (zset) of source q, q = 1..Q; a source is a queue's own
+KEYS[S+11q-10]  wake marker (zset) of source q, q = 1..Q; a source is a queue's own
                 streams, or its group on one fanout stream (marker ks:x:{ex}:wake:<queue>)
-KEYS[S+10q-8]   dead-letter stream of source q
-KEYS[S+10q-7]   ready index (set) of source q, ks:q:{queue}:ready
-KEYS[S+10q-6]   delayed set (zset) of source q, ks:q:{queue}:delayed
-KEYS[S+10q-5]   delayed messages (hash) of source q, ks:q:{queue}:delayed:m
-KEYS[S+10q-4]   big messages (hash) of source q, ks:q:{queue}:big
-KEYS[S+10q-3]   counters (hash) of source q, ks:q:{queue}:counters: "expired" counts the
+KEYS[S+11q-9]   dead-letter stream of source q
+KEYS[S+11q-8]   ready index (set) of source q, ks:q:{queue}:ready
+KEYS[S+11q-7]   delayed set (zset) of source q, ks:q:{queue}:delayed
+KEYS[S+11q-6]   delayed messages (hash) of source q, ks:q:{queue}:delayed:m
+KEYS[S+11q-5]   big messages (hash) of source q, ks:q:{queue}:big
+KEYS[S+11q-4]   counters (hash) of source q, ks:q:{queue}:counters: "expired" counts the
                 messages set aside past their TTL; a fanout source has no index, no delayed
-                keys, no big messages, no counters, no arguments, no rate key and no key
-                store (the caller passes its marker again for each)
-KEYS[S+10q-2]   arguments (hash) of source q, ks:q:{queue}:args: only x-rate-limit and
-                x-rate-burst are read (one HMGET per source opened)
-KEYS[S+10q-1]   rate limiter state (string) of source q, ks:q:{queue}:rate: the next
+                keys, no big messages, no counters, no arguments, no rate key, no key
+                store and no flag (the caller passes its marker again for each)
+KEYS[S+11q-3]   arguments (hash) of source q, ks:q:{queue}:args: only x-rate-limit,
+                x-rate-burst and x-max-in-flight are read (one HMGET per source served)
+KEYS[S+11q-2]   rate limiter state (string) of source q, ks:q:{queue}:rate: the next
                 delivery's theoretical arrival time, unix ms, expiring once it is past;
                 written only when the queue has x-rate-limit (lua/lib/rate.lua)
-KEYS[S+10q]     key store (hash) of source q, ks:q:{queue}:unique: a delayed message moved
+KEYS[S+11q-1]   key store (hash) of source q, ks:q:{queue}:unique: a delayed message moved
                 to its stream that holds an x-unique-key keeps it (the store then names its
                 new entry; lua/lib/unique.lua); looked at (TYPE) only when due messages move
+KEYS[S+11q]     in-flight flag (string) of source q, ks:q:{queue}:capped: raised when the
+                queue's x-max-in-flight left ready work without a marker; acks that ride
+                along and free a slot lower it and set the marker (lua/lib/inflight.lua)
 ARGV[1]         consumer name (unique per channel)
 ARGV[2]         COUNT: the most messages to deliver (the channel's free prefetch)
 ARGV[3]         name of the holder consumer that parks requeued messages
@@ -53,9 +56,10 @@ ARGV[8+5Q]      A: the number of acks that ride along (0: none), then A pairs: s
                 consumer ARGV[1] (one round trip, one call): only those it still owns
 Reply: {status, problems, aside, dues, unsettled, then per delivered message, in delivery
        order: stream index i, entry id, delivery count, payload}; the payload of a big
-       message is {token}: the caller fetches its body from KEYS[S+10q-4] (HGET)
+       message is {token}: the caller fetches its body from KEYS[S+11q-5] (HGET)
        status    one character per source: '1' may hold more ready messages, '0' nothing
-                 ready (or nothing the queue's rate limit lets out now), '-' not reached
+                 ready (or nothing the queue's rate limit or x-max-in-flight lets out
+                 now), '-' not reached
                  (COUNT ran out first), 'e' it met a problem
        problems  {q, error, ...}: errors on source q's keys (another program's key at one of
                  our names); the call goes on with the other sources
@@ -77,22 +81,25 @@ that moves any; a store that exists adds an HMGET, and an HGET per moved message
 unique key, an HSET and an HDEL); a big message adds an HSTRLEN;
 entries set aside (expired ones too) at most COUNT + 100 per call, the rest next call;
 acks that ride along add one XPENDING per stream (ownership, see ack.lua) unless all of the
-stream's are trusted. A queue with x-rate-limit adds a TIME, a GET and a SET; one without
-pays the HMGET of its arguments. Never blocks.
+stream's are trusted; a source whose riding acks freed entries adds a TYPE of its flag. A
+queue with x-rate-limit adds a TIME, a GET and a SET; one with x-max-in-flight an XPENDING
+summary per stream (O(consumers of its group)), and a TYPE and SET of its flag when the
+limit stops the read; one without either pays the HMGET of its arguments. Never blocks.
 Phases: lua/lib/serve.lua. See docs/design.rst (Wake-ups, The ready index, Leases, Delivery
 counts and dead letters, Delayed delivery, Reads bounded by bytes, Big messages, Message
-TTL, Global rate limit, Unique keys).
+TTL, Global rate limit, Global concurrency, Unique keys).
 ]]
 --@include common
 --@include delay
 --@include expiry
 --@include rate
+--@include inflight
 --@include unique
 --@include serve
 
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
 local A = S and Q and tonumber(ARGV[8 + 5 * Q]) or 0
-local fits = S and Q and #KEYS == S + 10 * Q and #ARGV == 8 + 5 * Q + 2 * A
+local fits = S and Q and #KEYS == S + 11 * Q and #ARGV == 8 + 5 * Q + 2 * A
 local F = 0  -- fanout sources: one stream each; the O queue sources have one per level
 if fits then
   for q = 1, Q do
@@ -103,7 +110,7 @@ if fits then
 end
 if not fits then
   return check_args('read', false, false, tostring(S) .. ' streams, ' .. tostring(Q) ..
-                    ' sources and ' .. tostring(A) .. ' acks (S + 10Q keys, 8 + 5Q + 2A args, ' ..
+                    ' sources and ' .. tostring(A) .. ' acks (S + 11Q keys, 8 + 5Q + 2A args, ' ..
                     'S = fanout sources + queue sources x levels)')
 end
 local ctx = new_context(ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]),

@@ -8,6 +8,10 @@ KEYS[n+3..n+4] optional, with KEYS[n+2]: the queue's arguments (hash) and delaye
             for retry backoff: with x-requeue-delay a message given back after n >= 1
             deliveries waits, parked with ~backoff (docs/design.rst, "Retry backoff"); one
             parked there whose lease ran out (its pointer went) goes to the holder at once
+KEYS[n+5]   optional, with those: the queue's in-flight flag (string), ks:q:{queue}:capped:
+            when raised (x-max-in-flight stopped a read with work left) and a message went
+            back, the flag is lowered and the marker set (docs/design.rst, "Global
+            concurrency")
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
 ARGV[3]     lease, ms (visibility_timeout): a message idle this long has lost its lease
@@ -23,14 +27,17 @@ Reply:      {moved, more, next_ms, cursor_1, ..., cursor_n}: messages given back
 Errors:     "reclaim: expected ..." for another layout; WRONGTYPE (checked before any write)
 Minimum Redis: 6.2 (exclusive ranges). Cost: O(n * consumers + budget): one XINFO CONSUMERS
 per stream, then XPENDING and XCLAIM of at most budget entries in all; with backoff an HGET,
-a TIME and an O(log n) store per message delayed.
+a TIME and an O(log n) store per message delayed; with the flag a TYPE (raised: a ZADD and
+a DEL).
 Stopped consumers, the sweep and the holder: see docs/design.rst (Leases).
 ]]
 --@include common
 --@include delay
+--@include inflight
 local n = #ARGV - 5
-local bad = check_args('reclaim', #KEYS == n + 1 or #KEYS == n + 2 or #KEYS == n + 4, n >= 1,
-                       'KEYS: n streams, marker[, index[, arguments, delayed set]]; ' ..
+local bad = check_args('reclaim', #KEYS == n + 1 or #KEYS == n + 2 or #KEYS == n + 4 or
+                       #KEYS == n + 5, n >= 1,
+                       'KEYS: n streams, marker[, index[, arguments, delayed set[, flag]]]; ' ..
                        'ARGV: 5 fixed, one cursor per stream')
 if bad then return bad end
 local group, holder = ARGV[1], ARGV[2]
@@ -43,6 +50,8 @@ wrong = wrong or wrong_streams(1, n)
 local dkey = KEYS[n + 4]
 local min_ms, max_ms = nil, nil  -- x-requeue-delay, when the queue has it
 if dkey and not wrong then min_ms, max_ms, wrong = read_backoff(KEYS[n + 3], dkey) end
+local flagged = false  -- x-max-in-flight stopped a read: a slot freed sets the marker
+if KEYS[n + 5] and not wrong then flagged, wrong = inflight_flagged(KEYS[n + 5]) end
 if wrong then return redis.error_reply(wrong) end
 
 local moved, more, next_ms, held = 0, 0, -1, {}
@@ -148,6 +157,7 @@ if #held > 0 then  -- given back to the holder (those waiting made their own mar
   if index then index_add(index, KEYS[1], unpack(held)) end
   arm(KEYS[n + 1], KEYS[1])
 end
+if flagged and moved > 0 then inflight_release(KEYS[n + 5], KEYS[n + 1], KEYS[1], 0) end
 local reply = {moved, more, next_ms}
 for i = 1, n do reply[i + 3] = cursors[i] end
 return reply

@@ -6,6 +6,10 @@ KEYS[n+2]   the queue's ready index (set); not given for a fanout stream
 KEYS[n+3..n+4] optional, with KEYS[n+2]: the queue's arguments (hash) and delayed set,
             for retry backoff: with x-requeue-delay a message delivered n >= 1 times waits,
             parked with ~backoff (docs/design.rst, "Retry backoff")
+KEYS[n+5]   optional, with those: the queue's in-flight flag (string), ks:q:{queue}:capped:
+            when raised (x-max-in-flight stopped a read with work left) and a message went
+            back, the flag is lowered and the marker set (docs/design.rst, "Global
+            concurrency")
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     consumer name: only entries it still owns are requeued; one whose lease ran out
             and that another consumer took is left to that one. '' requeues whoever owns them
@@ -21,18 +25,21 @@ Errors:     "requeue: expected ..." for another layout; WRONGTYPE (checked befor
 Minimum Redis: 6.2. Cost: O(number of ids): one XCLAIM per id; for a consumer, one XPENDING
 per stream of its own entries from the lowest to the highest id (paged); with backoff an
 HGET and a TIME per call, per message that waits an O(log n) ZADD (and an XPENDING of its id
-for a count -1). Used for reject with requeue and the restore of unacked messages at close.
+for a count -1); with the flag a TYPE (raised: a ZADD and a DEL). Used for reject with
+requeue and the restore of unacked messages at close.
 The holder: see docs/design.rst (Leases).
 ]]
 --@include common
 --@include delay
+--@include inflight
 local n, ok = 0, #ARGV >= 6 and (#ARGV - 3) % 3 == 0
 for j = 4, #ARGV, 3 do
   local k = tonumber(ARGV[j])
   if k == nil or k < 1 or k % 1 ~= 0 then ok = false else n = math.max(n, k) end
 end
-local bad = check_args('requeue', #KEYS == n + 1 or #KEYS == n + 2 or #KEYS == n + 4, ok,
-  'KEYS: n streams, marker[, index[, arguments, delayed set]]; ARGV: ' ..
+local bad = check_args('requeue', #KEYS == n + 1 or #KEYS == n + 2 or #KEYS == n + 4 or
+  #KEYS == n + 5, ok,
+  'KEYS: n streams, marker[, index[, arguments, delayed set[, flag]]]; ARGV: ' ..
   'group, consumer, holder, triples (stream index 1..n, id, count)')
 if bad then return bad end
 local group, me, holder, moved, stale = ARGV[1], ARGV[2], ARGV[3], 0, 0
@@ -46,6 +53,8 @@ if dkey and not wrong then min_ms, max_ms, wrong = read_backoff(KEYS[n + 3], dke
 if me == '' then
   wrong = wrong or wrong_streams(1, n)
 end
+local flagged = false  -- x-max-in-flight stopped a read: a slot freed sets the marker
+if KEYS[n + 5] and not wrong then flagged, wrong = inflight_flagged(KEYS[n + 5]) end
 if wrong then return redis.error_reply(wrong) end
 local ids = {}  -- stream index -> its ids
 for j = 4, #ARGV, 3 do
@@ -107,4 +116,5 @@ if #held > 0 then  -- parked with the holder (those waiting made their own marks
   if KEYS[n + 2] then index_add(KEYS[n + 2], KEYS[1], unpack(held)) end
   arm(KEYS[n + 1], KEYS[1])
 end
+if flagged and moved > 0 then inflight_release(KEYS[n + 5], KEYS[n + 1], KEYS[1], 0) end
 return {moved, stale}

@@ -82,13 +82,16 @@ def test_publish_read_ack_leaves_what_an_empty_queue_keeps(script_client):
 
 
 def test_ordinary_acks_send_nothing_for_big_messages():
-    """The hot path: an ack call of ordinary messages is the one it always was (no big key,
-    no flag); only a big message's ack names the big hash."""
+    """The hot path: an ack call of ordinary messages names no big key (only the in-flight
+    flag and marker every ack of a queue takes, mode 'c'); only a big message's ack names
+    the big hash."""
     b = broker(None)
     plain = b.ack_call(Q, [(K.stream(Q, 0), '1-1')], None, 'c1')
     big = b.ack_call(Q, [(K.stream(Q, 0), '1-1')], None, 'c1', big=True)
-    assert plain == (SCRIPTS['ack'], [K.stream(Q, 0)], [Q, 'c1', 1, '1-1'])
-    assert big == (SCRIPTS['ack'], [K.stream(Q, 0), K.big(Q)], [Q, 'c1', 'b', 1, '1-1'])
+    flag = [K.capped(Q), K.wake(Q)]
+    assert plain == (SCRIPTS['ack'], [K.stream(Q, 0), *flag], [Q, 'c1', 'c', 1, '1-1'])
+    assert big == (SCRIPTS['ack'], [K.stream(Q, 0), K.big(Q), *flag],
+                   [Q, 'c1', 'bc', 1, '1-1'])
 
 
 def test_a_stale_ack_frees_nothing(script_client):

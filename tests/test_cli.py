@@ -650,10 +650,10 @@ def test_scripts_call_lines_run_as_the_transport_calls(redis_url, tmp_path):
     # the app's prefix and priority steps name the keys
     data, words = call_words(tmp_path, '--prefix', 'app1:', '--priority-steps', '0,5', 'scripts',
                              '--call', 'read', 'cq')
-    assert data['keys'][:2] == Keys('app1:').streams('cq', [0, 5]) and words[2] == '12'
+    assert data['keys'][:2] == Keys('app1:').streams('cq', [0, 5]) and words[2] == '13'
     r = cli(None, 'scripts', '--call', 'read', 'cq', '--lua-dir', str(tmp_path))
     assert r.returncode == 0 and 'redis-cli --eval ' in r.stdout
-    assert f"redis-cli EVALSHA {SCRIPTS['read'].sha} 14 'ks:q:{{cq}}:0' " in r.stdout
+    assert f"redis-cli EVALSHA {SCRIPTS['read'].sha} 15 'ks:q:{{cq}}:0' " in r.stdout
 
 
 @pytest.mark.parametrize('name', ['bind', 'migrate', 'nope'])

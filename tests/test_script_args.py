@@ -50,7 +50,7 @@ MINIMAL = {
     'purge': ([S0, K.delayed(Q), K.delayed_messages(Q), K.big(Q), K.unique(Q)],
               [Q, HOLDER, 10]),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q), K.args(Q), K.rate(Q),
-              K.unique(Q)],
+              K.unique(Q), K.capped(Q)],
              ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 0]),
     'reclaim': ([FAN, FWAKE], [Q, HOLDER, 1000, 100, 0, '-']),
     'redrive': ([K.dlq(Q), S0, K.wake(Q), K.ready(Q)], [10]),
@@ -76,7 +76,7 @@ LARGER = {
     'wake': ([FWAKE, FAN, K.deadlines(X), K.wake(Q), S0, K.wake(Q)],
              ['f', Q, 'm', 'q', Q, '']),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q), K.args(Q), K.rate(Q),
-              K.unique(Q)],
+              K.unique(Q), K.capped(Q)],
              ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 1, 1, '1-1']),
 }
 #: With a unique key (x-unique-key): its store in KEYS and the key in ARGV, one layout more.
@@ -85,6 +85,19 @@ KEYED = {
                                                'k']),
     'ack': ([S0, K.unique(Q)], [Q, 'c1', 'u', 1, 'k', 1, '1-1']),
     'deadletter': ([S0, K.dlq(Q), K.unique(Q)], [Q, 'c1', '1-1', 'why', 1, '0', 'k']),
+}
+
+#: With the in-flight flag and marker (x-max-in-flight: a settle that frees a slot wakes a
+#: consumer): the layouts the channel sends.
+FLAG = [K.capped(Q), K.wake(Q)]
+CAPPED = {
+    'ack': ([S0, *FLAG], [Q, 'c1', 'c', 1, '1-1']),
+    'deadletter': ([S0, K.dlq(Q), K.unique(Q), *FLAG], [Q, 'c1', '1-1', 'why', 1, '0', '',
+                                                          'c']),
+    'requeue': ([S0, K.wake(Q), K.ready(Q), K.args(Q), K.delayed(Q), K.capped(Q)],
+                [Q, 'c1', HOLDER, 1, '1-1', -1]),
+    'reclaim': ([S0, K.wake(Q), K.ready(Q), K.args(Q), K.delayed(Q), K.capped(Q)],
+                [Q, HOLDER, 1000, 100, 0, '-']),
 }
 
 
@@ -108,6 +121,8 @@ def test_too_few_keys_or_args_give_an_error_naming_the_script(fake_client, name)
         cases += too_few(*LARGER[name], every_prefix=False)
     if name in KEYED:
         cases += too_few(*KEYED[name], every_prefix=False)
+    if name in CAPPED and name not in ('requeue', 'reclaim'):  # one key fewer: the backoff form
+        cases += too_few(*CAPPED[name], every_prefix=False)
     assert cases
     for what, k, a in cases:
         with pytest.raises(ResponseError) as info:
@@ -115,7 +130,8 @@ def test_too_few_keys_or_args_give_an_error_naming_the_script(fake_client, name)
         assert str(info.value).startswith(f'{name}: expected '), (what, str(info.value))
     # the layouts themselves are accepted
     for k, a in [MINIMAL[name], *([LARGER[name]] if name in LARGER else []),
-                 *([KEYED[name]] if name in KEYED else [])]:
+                 *([KEYED[name]] if name in KEYED else []),
+                 *([CAPPED[name]] if name in CAPPED else [])]:
         SCRIPTS[name](fake_client, k, a)
 
 
@@ -135,9 +151,10 @@ def test_a_read_whose_streams_fit_no_layout_is_refused(fake_client):
     is refused before anything is read."""
     b = 'b'
     source_keys = [*[K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q), K.args(Q),
-                     K.rate(Q), K.unique(Q)],
+                     K.rate(Q), K.unique(Q), K.capped(Q)],
                    *[K.wake(b), K.dlq(b), K.ready(b), K.delayed(b), K.delayed_messages(b),
-                     K.big(b), K.counters(b), K.args(b), K.rate(b), K.unique(b)]]
+                     K.big(b), K.counters(b), K.args(b), K.rate(b), K.unique(b),
+                     K.capped(b)]]
     head = ['c1', 10, HOLDER, 0]
     per_source = [Q, 'q', 'r', 0, 0, b, 'q', 'r', 0, 0]
     streams = [S0, K.stream(b, 0), K.stream(Q, 3)]  # two queue sources, three streams

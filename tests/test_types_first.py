@@ -66,6 +66,13 @@ def _unique(c: Any, mode: str = '') -> None:
         c.hset(K.args('q'), 'x-unique-mode', mode)
 
 
+def _capped(c: Any) -> None:
+    """Queue q's x-max-in-flight stopped a read with work left: its flag is raised, so a
+    settle that frees a slot lowers it and sets the marker (lua/lib/inflight.lua)."""
+    c.hset(K.args('q'), 'x-max-in-flight', '1')
+    c.set(K.capped('q'), '1')
+
+
 def member(queue: str, routing_key: str = '') -> str:
     return SEP.join([routing_key, '', queue])
 
@@ -246,6 +253,14 @@ CASES = {
                                             'c1', unique=['held'])[0], _unique),
     'deadletter-unique': (lambda b, f: b.dead_letter_call(
         'q', f['renew'][0], f['renew'][1][0], 'why', 1, None, 'c1', 'held'), _unique),
+    # x-max-in-flight: the flag raised, each settle that frees a slot lowers it, arms the marker
+    'ack-capped': (lambda b, f: b.ack_calls('q', [(f['renew'][0], f['renew'][1][0])], None,
+                                            'c1')[0], _capped),
+    'deadletter-capped': (lambda b, f: b.dead_letter_call(
+        'q', f['renew'][0], f['renew'][1][0], 'why', 1, None, 'c1'), _capped),
+    'requeue-capped': (lambda b, f: b.requeue_calls(
+        'q', [(f['renew'][0], f['renew'][1][0])], None, 'c1')[0], _capped),
+    'reclaim-capped': (lambda b, f: b.reclaim_call('q', 0, 100)[0], _capped),
     'wake': (lambda b, f: b.give_back_call(
         FANOUT_SOURCES, {('q', 'f'): member('q'), ('s', 'f'): member('s')}), _popped),
 }
@@ -292,6 +307,10 @@ UNTOUCHED |= {(f'publish-unique{tail}', i) for tail, unused in (
     for i in unused | {10, 11}}
 UNTOUCHED -= {('publish-unique-duplicate', 9), ('publish-unique-replace', 9)}
 UNTOUCHED |= {('publish-unique-duplicate', 0), ('publish-unique-duplicate', 1)}  # 1: see above
+#: A settle looks at its queue's marker (last) only when the in-flight flag is raised.
+UNTOUCHED |= {('ack', 2), ('ack-any', 2), ('ack-big', 3), ('ack-unique', 3), ('deadletter', 4),
+              ('deadletter-unique', 4)}
+UNTOUCHED |= {('requeue-capped', 4), ('reclaim-capped', 7)}  # the delayed set: no backoff
 
 _DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': ['1-1']}
 
@@ -307,7 +326,7 @@ _TAILS = [(r':\d+', 'stream'), (r':wake(:.*)?', 'zset'), (r':ready', 'set'),
           (r':delayed', 'zset'), (r':delayed:m', 'hash'), (r':dlq(:.*)?', 'stream'),
           (r':bindings', 'set'), (r':deadlines', 'zset'), (r':fanout', 'stream'),
           (r':big', 'hash'), (r':args', 'hash'), (r':counters', 'hash'), (r':dedup', 'zset'),
-          (r':unique', 'hash')]
+          (r':unique', 'hash'), (r':capped', 'string')]
 _OTHERS = {'kq': 'list', 'unacked': 'hash', 'unacked_index': 'zset', K.layout(): 'string'}
 
 

@@ -131,9 +131,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument('--yes', action='store_true', help='do not ask')
     s.set_defaults(run=cmd_dlq_purge)
 
-    s = command(sub, 'limits', "a queue's arguments (length limit, message TTL, rate limit, "
-                "retry backoff, duplicates; and how many expired): show, or change at run "
-                "time")
+    s = command(sub, 'limits', "a queue's arguments (length limit, message TTL, rate and "
+                "in-flight limits, retry backoff, duplicates; and its counters): show, or "
+                "change at run time")
     s.add_argument('queue', metavar='QUEUE')
     s.add_argument('--set', nargs='+', metavar='NAME=VALUE',
                    help='set arguments, e.g. x-max-length=10000 x-overflow=reject-publish '

@@ -16,20 +16,20 @@ local function rate_interval(spec)
   return RATE_PERIOD_MS[unit] / n
 end
 
--- The limiter of a queue whose arguments hash is ARGS and rate key KEY at server time NOW
--- (ms): nil without x-rate-limit (one HMGET: all a queue without it pays), else a table
--- {interval, tau, tat, allow, served}: allow is how many deliveries the limiter lets through
--- now (a burst B lets B through at once after a pause, then one per interval). Returns
--- (nil, error, key) when KEY or ARGS holds another type or the stored values cannot be read.
-local function rate_open(args, key, now_fn)
-  local r, err = try('HMGET', args, RATE_LIMIT, RATE_BURST)
-  if err then return nil, err, args end
-  if not r or not r[1] then return nil, nil, nil end
-  local interval = rate_interval(r[1])
-  local burst = r[2] and tonumber(r[2]) or 1
+-- The limiter of a queue whose stored x-rate-limit is LIMIT and x-rate-burst BURST (false
+-- or nil when not set: lua/lib/serve.lua reads them with the queue's other limits, one HMGET
+-- of its arguments hash ARGS: all a queue without a limit pays), rate key KEY, at server
+-- time NOW_FN(): nil without x-rate-limit, else a table {interval, tau, tat, allow,
+-- served}: allow is how many deliveries the limiter lets through now (a burst B lets B
+-- through at once after a pause, then one per interval). Returns (nil, error, key) when KEY
+-- holds another type or the stored values cannot be read.
+local function rate_open(limit, burst_value, args, key, now_fn)
+  if not limit then return nil, nil, nil end
+  local interval = rate_interval(limit)
+  local burst = burst_value and tonumber(burst_value) or 1
   if not interval or not burst or burst < 1 or burst ~= math.floor(burst) then
-    return nil, 'invalid ' .. RATE_LIMIT .. ' ' .. tostring(r[1]) .. ' or ' .. RATE_BURST ..
-                ' ' .. tostring(r[2]) .. ' (kombu-streams limits sets valid ones)', args
+    return nil, 'invalid ' .. RATE_LIMIT .. ' ' .. tostring(limit) .. ' or ' .. RATE_BURST ..
+                ' ' .. tostring(burst_value) .. ' (kombu-streams limits sets valid ones)', args
   end
   local stored, gerr = try('GET', key)
   if gerr then return nil, gerr, key end

@@ -1,6 +1,6 @@
--- The phases of read.lua (a library, included after common, delay, expiry, rate and unique;
--- KEYS and ARGV as read.lua's header lays them out): open a source, serve its held then its
--- fresh entries stream by stream, and save what the call learned.
+-- The phases of read.lua (a library, included after common, delay, expiry, rate, inflight
+-- and unique; KEYS and ARGV as read.lua's header lays them out): open a source, serve its
+-- held then its fresh entries stream by stream, and save what the call learned.
 --
 -- State lives in one table, ctx (made by read.lua), and one table per source, src:
 --   ctx.consumer, ctx.holder, ctx.limit   who reads, who parks, the delivery limit
@@ -17,11 +17,16 @@
 --                                         once, at the end of the call
 --   src.q, src.group, src.shared, src.mode, src.ttl, src.wake, src.dlq, src.index_key,
 --   src.dkey, src.bodies, src.big,        (its keys; the delayed ones: lua/lib/delay.lua)
---   src.counters, src.args, src.rate_key, src.store (the key store, lua/lib/unique.lua)
+--   src.counters, src.args, src.rate_key, src.store (the key store, lua/lib/unique.lua),
+--   src.flag     (the in-flight flag, lua/lib/inflight.lua)
 --   src.expired                           entries this call set aside past their TTL
 --   src.rate     its limiter (lua/lib/rate.lua) when it has x-rate-limit, false without;
 --                nil until a stream of it has work to serve (an idle queue pays nothing)
 --   src.capped   the limiter let no more of it through in this call
+--   src.cap      x-max-in-flight's room {room, served} (lua/lib/inflight.lua): room is N less
+--                what was in flight when it was opened (with src.rate); false without
+--   src.full     the in-flight limit let no more of it through in this call
+--   src.freed    acks that rode along freed slots of it (its flag is looked at)
 --   src.due_at   where its next due time is in ctx.dues (a limited source's next slot
 --                may replace it: the reply's dues carry both, docs/design.rst)
 --   ctx.halted   a serve step stopped the whole call (budget spent, suspect alone): a
@@ -68,14 +73,15 @@ end
 local function load_sources(S, Q, F)
   local sources, of, fan, own = {}, {}, {}, {}
   for q = 1, Q do
-    local k = S + 10 * q  -- the source's last key
+    local k = S + 11 * q  -- the source's last key
     sources[q] = {q = q, group = ARGV[3 + 5 * q], shared = ARGV[4 + 5 * q] == 'f',
                   mode = ARGV[5 + 5 * q], ttl = tonumber(ARGV[6 + 5 * q]) or 0,
                   est = tonumber(ARGV[7 + 5 * q]) or 0,
-                  wake = KEYS[k - 9], dlq = KEYS[k - 8], index_key = KEYS[k - 7],
-                  dkey = KEYS[k - 6], bodies = KEYS[k - 5], big = KEYS[k - 4],
-                  counters = KEYS[k - 3], args = KEYS[k - 2], rate_key = KEYS[k - 1],
-                  store = KEYS[k], streams = {}, visited = {}, expired = 0}
+                  wake = KEYS[k - 10], dlq = KEYS[k - 9], index_key = KEYS[k - 8],
+                  dkey = KEYS[k - 7], bodies = KEYS[k - 6], big = KEYS[k - 5],
+                  counters = KEYS[k - 4], args = KEYS[k - 3], rate_key = KEYS[k - 2],
+                  store = KEYS[k - 1], flag = KEYS[k], streams = {}, visited = {},
+                  expired = 0}
     if sources[q].shared then fan[#fan + 1] = sources[q] else own[#own + 1] = sources[q] end
   end
   for i = 1, S do
@@ -89,9 +95,11 @@ end
 -- Ack the (stream index, entry id) pairs in ARGV[FIRST..], by stream, as ack.lua does: only
 -- those the consumer still owns (or trusts it owns: a negative index, see ack_pairs); the
 -- others are counted per source in ctx.unsettled. A stream holding another type is a
--- problem of its source only.
+-- problem of its source only. A source whose acks freed slots while its in-flight flag was
+-- raised gets its marker back, as ack.lua does (docs/design.rst, "Global concurrency").
 local function ride_acks(ctx, of, first)
   local by, order, at = ack_pairs(first, #of)
+  local freed = {}  -- sources with slots freed, in order
   if not by then  -- before anything is written: the whole call fails, and says why
     error({err = 'read: expected a stream index 1..' .. #of .. ' at ARGV[' .. at ..
                  '] (negative: trusted)'})
@@ -101,12 +109,28 @@ local function ride_acks(ctx, of, first)
     local owned, lost, err = ackable(KEYS[i], src.group, ctx.consumer, by[i])
     if owned then
       if lost > 0 then ctx.unsettled[src.q] = (ctx.unsettled[src.q] or 0) + lost end
-      local ok, aerr = pcall(ack_ids, KEYS[i], src.group, owned)
-      if not ok then err = tostring(aerr) end
+      local ok, done = pcall(ack_ids, KEYS[i], src.group, owned)
+      if not ok then
+        err = tostring(done)
+      elseif done > 0 and not src.freed then
+        src.freed = true
+        freed[#freed + 1] = src
+      end
     end
     if err then
       ctx.problems[#ctx.problems + 1] = src.q
       ctx.problems[#ctx.problems + 1] = err .. ' (key ' .. KEYS[i] .. ')'
+    end
+  end
+  for _, src in ipairs(freed) do  -- one TYPE each: all a queue without the limit pays
+    local flagged, err = inflight_flagged(src.flag)
+    local key = src.flag
+    if flagged then
+      err, key = inflight_release(src.flag, src.wake, KEYS[src.streams[1]], src.ttl), src.wake
+    end
+    if err then
+      ctx.problems[#ctx.problems + 1] = src.q
+      ctx.problems[#ctx.problems + 1] = err .. ' (key ' .. key .. ')'
     end
   end
 end
@@ -456,6 +480,40 @@ local function serve_fresh(ctx, src, i)
   end
 end
 
+-- The limits of queue source SRC, read once per call when a stream of it first has work to
+-- serve (an idle queue pays nothing): one HMGET of its arguments (all a queue without limits
+-- pays), then the rate limiter's state (lua/lib/rate.lua) and what is in flight
+-- (lua/lib/inflight.lua) only where it has those arguments. False on a problem (noted).
+local function open_limits(ctx, src)
+  local r, err = try('HMGET', src.args, RATE_LIMIT, RATE_BURST, MAX_IN_FLIGHT)
+  if err then
+    problem(ctx, src, src.args, err)
+    return false
+  end
+  r = r or {}
+  local rate, rerr, rkey = rate_open(r[1], r[2], src.args, src.rate_key,
+                                     function() return clock(ctx) end)
+  if rerr then
+    problem(ctx, src, rkey, rerr)
+    return false
+  end
+  src.rate, src.cap = rate or false, false
+  if r[3] then
+    local max, merr = inflight_max(r[3])
+    if merr then
+      problem(ctx, src, src.args, merr)
+      return false
+    end
+    local n, ferr, fkey = inflight_count(src.streams, src.group)
+    if ferr then
+      problem(ctx, src, fkey, ferr)
+      return false
+    end
+    src.cap = {room = max - n, served = 0}
+  end
+  return true
+end
+
 -- Serve stream I of an open source: the parts its ready index names (both parts when the
 -- source is walked and the stream is not empty; always both for a fanout source).
 local function serve_stream(ctx, src, i)
@@ -472,22 +530,26 @@ local function serve_stream(ctx, src, i)
     idx[key], idx[HELD .. key] = true, true
   end
   if idx and not idx[key] and not idx[HELD .. key] then return end  -- nothing ready here
-  -- Global rate limit: the call delivers at most what the limiter lets through of this
-  -- source (over all its streams, in serving order, so priorities and requeued-first hold);
-  -- what is left stays ready in Redis. docs/design.rst, "Global rate limit".
+  -- Global rate limit and concurrency: the call delivers at most what the limiter lets
+  -- through of this source, and what x-max-in-flight leaves room for (over all its
+  -- streams, in serving order, so priorities and requeued-first hold); what is left stays
+  -- ready in Redis. docs/design.rst, "Global rate limit" and "Global concurrency".
   if src.rate == nil and not src.shared then  -- read once, when there is work to serve
-    local rate, rerr, rkey = rate_open(src.args, src.rate_key, function() return clock(ctx) end)
-    if rerr then return problem(ctx, src, rkey, rerr) end  -- nothing of it served
-    src.rate = rate or false
+    if not open_limits(ctx, src) then return 'error' end  -- nothing of it served
   end
-  local rate, left, before = src.rate, ctx.left, #ctx.out
-  if rate then
-    local room = rate.allow - rate.served
-    if room <= 0 then
-      src.capped = true
-      return
+  local rate, cap, left, before = src.rate, src.cap, ctx.left, #ctx.out
+  if rate or cap then
+    local room = left
+    if rate then
+      room = math.min(room, rate.allow - rate.served)
+      if rate.allow - rate.served <= 0 then src.capped = true end
     end
-    ctx.left = math.min(left, room)
+    if cap then
+      room = math.min(room, cap.room - cap.served)
+      if cap.room - cap.served <= 0 then src.full = true end
+    end
+    if room <= 0 then return end
+    ctx.left = room
   end
   local gone = nil
   if not idx or idx[HELD .. key] then gone = serve_held(ctx, src, i) end
@@ -495,10 +557,16 @@ local function serve_stream(ctx, src, i)
     gone = serve_fresh(ctx, src, i)
   end
   if gone == 'gone' and idx then idx[key], idx[HELD .. key] = nil, nil end
-  if rate then
+  if rate or cap then
     local got = (#ctx.out - before) / 4
-    rate.served = rate.served + got
-    if rate.served >= rate.allow then src.capped = true end
+    if rate then
+      rate.served = rate.served + got
+      if rate.served >= rate.allow then src.capped = true end
+    end
+    if cap then
+      cap.served = cap.served + got
+      if cap.served >= cap.room then src.full = true end
+    end
     ctx.left = ctx.halted and 0 or left - got
   end
 end
@@ -557,16 +625,27 @@ local function finish_source(ctx, src)
     return 'e'
   end
   local err = nil
-  if more and src.capped then
-    -- Rate limited: ready work is left but may not go out before the next slot. No marker
-    -- (a set one would wake every idle consumer to be refused in turn); the reply's due
-    -- time brings this consumer back then (docs/design.rst, "Global rate limit").
-    local slot = rate_next(src.rate, clock(ctx))
-    local at, dues = src.due_at, ctx.dues
-    if at == nil then  -- its delayed set met a problem: the slot alone
-      dues[#dues + 1], dues[#dues + 2] = src.q, slot
-    elseif dues[at] < 0 or dues[at] > slot then
-      dues[at] = slot
+  if more and (src.capped or src.full) then
+    -- Limited: ready work is left but may not go out now. No marker (a set one would wake
+    -- every idle consumer to be refused in turn). At the rate limit the reply's due time
+    -- brings this consumer back at the next slot (docs/design.rst, "Global rate limit");
+    -- at x-max-in-flight the flag makes the settle that frees a slot set the marker again
+    -- (docs/design.rst, "Global concurrency"): raised first, or the marker stays.
+    if src.capped then
+      local slot = rate_next(src.rate, clock(ctx))
+      local at, dues = src.due_at, ctx.dues
+      if at == nil then  -- its delayed set met a problem: the slot alone
+        dues[#dues + 1], dues[#dues + 2] = src.q, slot
+      elseif dues[at] < 0 or dues[at] > slot then
+        dues[at] = slot
+      end
+    end
+    if src.full then
+      err = inflight_raise(src.flag, src.ttl)
+      if err then
+        problem(ctx, src, src.flag, err)
+        return 'e'
+      end
     end
     err = pcall_error(redis.pcall('ZREM', src.wake, 'w'))
     if err then problem(ctx, src, src.wake, err) end
