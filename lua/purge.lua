@@ -76,11 +76,9 @@ end
 local levels = {}
 for i = 1, n do levels[string.match(KEYS[i], ':(%d+)$') or ''] = KEYS[i] end
 local function drop_retry(member)
-  local level, id, owner_group = string.match(member, '^%d+:(%d+):b:([^:]+):[^:]*:(.*)$')
+  local level, id, _, owner_group = pointer_parts(member)
   local key = level and levels[level]
-  if not key then return end
-  local p = try('XPENDING', key, owner_group, id, id, 1)
-  if not (p and p[1] and p[1][2] == BACKOFF) then return end
+  if not key or not backoff_owns(key, owner_group, id) then return end
   if has_big then
     local e = redis.call('XRANGE', key, id, id)[1]
     if e then look_at(e) end
@@ -92,7 +90,7 @@ end
 local delayed = redis.call('ZRANGE', dkey, 0, batch - 1)
 if #delayed > 0 then
   for _, member in ipairs(delayed) do
-    if string.find(member, ':b:', 1, true) then drop_retry(member) end
+    drop_retry(member)  -- a delayed message's member is no pointer: nothing
   end
   if has_big then
     for _, token in ipairs(delayed_tokens(bodies, delayed)) do free[#free + 1] = token end

@@ -416,15 +416,21 @@ def test_kombu_declare_refuses_a_bad_value(url):
                 conn.default_channel).declare()
 
 
-def test_purge_deletes_a_waiting_retry_with_its_pointer(script_client):
-    """A retry waiting with x-requeue-delay is a message of the queue: purge deletes its
-    entry with its pointer, so no reclaim brings it back; one in flight stays."""
-    c = script_client
+def one_waiting(c: Any) -> tuple[Broker, Any, Any]:
+    """Two messages delivered to c1; the first requeued, so it waits (x-requeue-delay)."""
     b = declare(c)
     for n in (1, 2):
         b.publish('q', 0, body(n))
     first, second = read_messages(b, ['q'], 'c1', 10)
     b.requeue('q', [(first.stream, first.entry_id)], consumer='c1')
+    return b, first, second
+
+
+def test_purge_deletes_a_waiting_retry_with_its_pointer(script_client):
+    """A retry waiting with x-requeue-delay is a message of the queue: purge deletes its
+    entry with its pointer, so no reclaim brings it back; one in flight stays."""
+    c = script_client
+    b, first, second = one_waiting(c)
     assert waiting(c) == 1 and len(pointers(c)) == 1
     assert b.purge('q') == 1
     assert pointers(c) == [] and waiting(c) == 0
@@ -440,11 +446,7 @@ def test_operators_see_a_waiting_retry_once_as_delayed(script_client):
     """inspect counts a retry waiting with x-requeue-delay once, as delayed (its pointer),
     not also as pending nor ~backoff as a consumer; ``delayed list`` names its entry."""
     c = script_client
-    b = declare(c)
-    for n in (1, 2):
-        b.publish('q', 0, body(n))
-    first, second = read_messages(b, ['q'], 'c1', 10)
-    b.requeue('q', [(first.stream, first.entry_id)], consumer='c1')
+    b, first, second = one_waiting(c)
     seen = b.inspect('q')
     assert (seen['ready'], seen['pending'], seen['delayed']) == (0, 1, 1)
     assert [con['name'] for con in seen['consumers']] == ['c1']

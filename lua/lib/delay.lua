@@ -109,15 +109,27 @@ local function park_pointer(dkey, index, wake, stream, level, id, holder, group,
   if redis.call('ZRANGE', dkey, 0, 0)[1] == member then arm(wake, stream) end
 end
 
--- Give the entry pointer MEMBER (see park_pointer) names in STREAM to its holder, if BACKOFF
--- still owns it (reclaim may have given it back after a lease; gone, or the group gone:
--- nothing). Returns true when parked, or (nil, error) on another type at STREAM.
-local function unpark(stream, member)
-  local id, holder, group = string.match(member, '^%d+:%d+:b:([^:]+):([^:]*):(.*)$')
-  if id == nil then return nil, nil end
+-- The parts of a retry's pointer MEMBER (see park_pointer): level, entry id, holder, group;
+-- nil for a delayed message's member.
+local function pointer_parts(member)
+  return string.match(member, '^%d+:(%d+):b:([^:]+):([^:]*):(.*)$')
+end
+
+-- Whether BACKOFF still owns entry ID of STREAM in GROUP (reclaim may have given it back
+-- after a lease; gone, or the group gone: false), or (nil, error) on another type at STREAM.
+local function backoff_owns(stream, group, id)
   local p, err = try('XPENDING', stream, group, id, id, 1)  -- no group: nil, nil
   if err then return nil, err end
-  if not (p and p[1] and p[1][2] == BACKOFF) then return nil, nil end
+  return (p and p[1] and p[1][2] == BACKOFF) or false, nil
+end
+
+-- Give the entry pointer MEMBER (see park_pointer) names in STREAM to its holder, if BACKOFF
+-- still owns it. Returns true when parked, or (nil, error) on another type at STREAM.
+local function unpark(stream, member)
+  local _, id, holder, group = pointer_parts(member)
+  if id == nil then return nil, nil end
+  local owned, err = backoff_owns(stream, group, id)
+  if not owned then return nil, err end
   local got = redis.call('XCLAIM', stream, group, holder, 0, id, 'JUSTID')
   return #got > 0, nil
 end
