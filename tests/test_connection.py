@@ -576,6 +576,8 @@ def sentinel_setup(tmp_path: Path) -> Iterator[SentinelSetup]:
         for port in (primary, replica):  # masterauth on both: they swap roles later
             client = redis.Redis(host=HOST, port=port)
             client.config_set('masterauth', DATA_PASSWORD)
+            # a full sync starts at once, not after the default 5 s wait for more replicas
+            client.config_set('repl-diskless-sync-delay', 0)
             if port == replica:
                 client.replicaof(HOST, primary)
             client.config_set('requirepass', DATA_PASSWORD)
