@@ -1,6 +1,7 @@
 """Prometheus metrics of a kombu-streams broker: queue depth per priority level, in flight,
 delayed, dead letters, consumers, age of the oldest ready message, publishes refused for a
-taken x-unique-key, fanout lag.
+taken x-unique-key, fanout lag; for a queue with x-max-in-flight its messages in flight
+against the limit, with x-rate-limit the deliveries allowed now and when the next is.
 
     kombu-streams --url redis-streams://... exporter --port 9808 [QUEUE...] [-x EXCHANGE]
 
@@ -106,6 +107,14 @@ QUEUE_METRICS = {
                                'expiration), counted while the queue lives', ['queue']),
     'queue_argument': ('A numeric queue argument recorded for the queue (x-max-length, ...; '
                        'kombu-streams limits)', ['queue', 'argument']),
+    'queue_in_flight_messages': ('Messages delivered and not settled, as x-max-in-flight '
+                                 'counts them (queues with that limit)', ['queue']),
+    'queue_in_flight_limit_messages': ('The queue\'s x-max-in-flight: most messages in '
+                                       'flight at once over all consumers', ['queue']),
+    'queue_rate_tokens': ('Deliveries the queue\'s x-rate-limit lets through now (its '
+                          'burst credit)', ['queue']),
+    'queue_rate_next_delivery_seconds': ('Seconds until the queue\'s x-rate-limit lets the '
+                                         'next delivery through (0: now)', ['queue']),
     'fanout_lag_messages': ('Fanout messages a bound queue has not read yet',
                             ['exchange', 'queue']),
     'fanout_pending_messages': ('Fanout messages delivered to a bound queue, not '
@@ -156,6 +165,12 @@ def _add_queue(f: Families, info: dict[str, Any]) -> None:
     counters = info.get('counters', {})
     f['queue_refused_publishes'].add_metric([queue], counters.get('refused', 0))
     f['queue_overflowed_messages'].add_metric([queue], counters.get('overflowed', 0))
+    if info.get('in_flight_limit') is not None:  # what the reads count, and the cap
+        f['queue_in_flight_messages'].add_metric([queue], info['in_flight'])
+        f['queue_in_flight_limit_messages'].add_metric([queue], info['in_flight_limit'])
+    if info.get('rate_tokens') is not None:  # the limiter's state, read, not moved
+        f['queue_rate_tokens'].add_metric([queue], info['rate_tokens'])
+        f['queue_rate_next_delivery_seconds'].add_metric([queue], info['rate_next_ms'] / 1000)
     for name, value in sorted(info.get('arguments', {}).items()):
         number = _number(value)
         if number is not None:  # x-overflow's mode is not a number: status shows it

@@ -17,8 +17,11 @@ the read-only inspect script, one bounded call per queue, run in a thread so Flo
 loop is never blocked. Per queue: ``messages`` and ``messages_ready`` are the ready messages
 (what waits; as Flower's Redis broker counts), ``messages_unacknowledged`` those delivered
 and not acknowledged, ``consumers`` the consumers, ``delayed`` those waiting for their due
-time, ``arguments`` the queue's recorded arguments (its limits: ``kombu-streams limits``;
-the API shows them, Flower's Broker page has fixed columns). The transport options of
+time, ``arguments`` the queue's recorded arguments (its limits: ``kombu-streams limits``),
+``in_flight`` and ``in_flight_limit`` the messages x-max-in-flight counts and its value,
+``rate_tokens`` the deliveries x-rate-limit lets through now and ``rate_next_ms`` the ms
+until it lets the next one through (each None without its limit; the API shows them,
+Flower's Broker page has fixed columns). The transport options of
 Flower's Celery app (``broker_transport_options``: ``global_keyprefix``,
 ``priority_steps``...) apply.
 """
@@ -75,7 +78,11 @@ class StreamsBroker(flower_broker.BrokerBase):
                         'messages_ready': info['ready'],
                         'messages_unacknowledged': info['pending'],
                         'consumers': len(info['consumers']), 'delayed': info['delayed'],
-                        'arguments': info['arguments']})
+                        'arguments': info['arguments'],
+                        'in_flight': info['in_flight'],
+                        'in_flight_limit': info['in_flight_limit'],
+                        'rate_tokens': info['rate_tokens'],
+                        'rate_next_ms': info['rate_next_ms']})
         return out
 
     async def queues(self, names: Any) -> list[dict[str, Any]]:

@@ -61,10 +61,13 @@ class Introspection(Calls):
         """The inspect call (read-only) for a queue, and the function that decodes its reply
         (see :meth:`inspect`)."""
         keys = [*self.streams(queue), self.keys.dlq(queue), self.keys.delayed(queue),
-                self.keys.args(queue), self.keys.counters(queue), self.keys.unique(queue)]
+                self.keys.args(queue), self.keys.counters(queue), self.keys.unique(queue),
+                self.keys.rate(queue)]
 
         def parse(reply: Any) -> dict[str, Any]:
-            records, dlq, now, delayed, next_due, arguments, counters, refused = reply
+            (records, dlq, now, delayed, next_due, arguments, counters, refused, in_flight,
+             cap, tokens, next_slot) = reply
+            stored = as_dict(arguments)
             levels: list[dict[str, Any]] = []
             consumers: dict[str, dict[str, Any]] = {}
             for key, rec in zip(keys, records):
@@ -99,9 +102,16 @@ class Introspection(Calls):
                 'next_due_ms': None if next_due < 0 else int(next_due),
                 'levels': levels,
                 'time_ms': int(now),
-                'arguments': as_dict(arguments),
+                'arguments': stored,
                 'counters': {k: int(v) for k, v in as_dict(counters).items()},
                 'unique_refused': int(refused),
+                # x-max-in-flight: what the reads count against it now (None: no limit)
+                'in_flight': None if in_flight < 0 else int(in_flight),
+                'in_flight_limit': None if in_flight < 0 else int(cap),
+                # x-rate-limit: deliveries the limiter lets through now, and the ms until it
+                # lets the next one through (0: now); None: no limit
+                'rate_tokens': None if tokens < 0 else int(tokens),
+                'rate_next_ms': None if next_slot < 0 else int(next_slot),
             }
 
         return (SCRIPTS['inspect'], keys, [queue, HOLDER, *self.levels]), parse

@@ -7,18 +7,23 @@ KEYS[n+3]     the queue's arguments (hash), ks:q:{name}:args
 KEYS[n+4]     the queue's counters (hash), ks:q:{name}:counters
 KEYS[n+5]     the queue's key store (hash), ks:q:{name}:unique: its count of publishes
               refused because their x-unique-key was taken (field "n")
+KEYS[n+6]     the queue's rate limiter state (string), ks:q:{name}:rate
 ARGV[1]       consumer group (the queue's name)
 ARGV[2]       name of the holder consumer that parks requeued messages
 ARGV[3..n+2]  the priority level of each stream, in KEYS order
 Reply:        {levels, dlq length, now, delayed, next due, arguments, counters, unique
-              refused}: now is the server's clock in unix ms (TIME); delayed the number of
-              delayed messages and of retries waiting with x-requeue-delay (ZCARD of the
-              delayed set), next
-              due the ms until the earliest of them is due (0: due, not moved yet; -1:
-              none); arguments the queue's recorded arguments, flat {name, value, ...}
-              (HGETALL of a hash only declare.lua and limits.lua write: a few fields),
-              counters its counters, flat (HGETALL: expired, ...); unique refused the
-              key store's count (HGET; 0 without a store: docs/design.rst, Unique keys); and
+              refused, in flight, in-flight limit, rate tokens, rate next}: now is the
+              server's clock in unix ms (TIME); delayed the number of delayed messages and
+              of retries waiting with x-requeue-delay (ZCARD of the delayed set), next due
+              the ms until the earliest of them is due (0: due, not moved yet; -1: none);
+              arguments the queue's recorded arguments, flat {name, value, ...} (HGETALL of
+              a hash only declare.lua and limits.lua write: a few fields), counters its
+              counters, flat (HGETALL: expired, ...); unique refused the key store's count
+              (HGET; 0 without a store: docs/design.rst, Unique keys); in flight the
+              messages x-max-in-flight counts now and in-flight limit its value; rate tokens
+              the deliveries x-rate-limit lets through now and rate next the ms until it
+              lets one through (0: now); each pair -1 without its argument or with a value
+              the reads refuse (docs/design.rst, Global concurrency, Global rate limit); and
               levels holds one record per stream, in KEYS order:
               {level, exists, length, ready, held, pending, oldest, consumers, last}
                 exists     1 if the stream exists, else 0
@@ -38,18 +43,21 @@ Reply:        {levels, dlq length, now, delayed, next due, arguments, counters, 
                            then every entry is ready)
 Errors:       "inspect: expected ..." for another layout; WRONGTYPE
 Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + consumers) commands, each reading at most
-one entry (ready = XLEN - PEL size + held). Read-only: "--@flags no-writes" below makes it
+one entry (ready = XLEN - PEL size + held); with x-max-in-flight one XPENDING summary more per
+stream, as a read counts; with x-rate-limit a GET. Read-only: "--@flags no-writes" below makes it
 run with EVALSHA_RO on Redis 7.0+ (Script.call_ro). See docs/design.rst (Leases).
 ]]
 --@flags no-writes
 --@include common
 --@include delay
 --@include unique
-local bad = check_args('inspect', #KEYS >= 6, #ARGV == #KEYS - 3,
-                       'KEYS: n streams, dlq, delayed set, arguments, counters, key store; ' ..
-                       'ARGV: group, holder, n levels')
+--@include inflight
+--@include rate
+local bad = check_args('inspect', #KEYS >= 7, #ARGV == #KEYS - 4,
+                       'KEYS: n streams, dlq, delayed set, arguments, counters, key store, ' ..
+                       'rate; ARGV: group, holder, n levels')
 if bad then return bad end
-local n = #KEYS - 5
+local n = #KEYS - 6
 local group, holder = ARGV[1], ARGV[2]
 local now = now_ms()
 
@@ -113,6 +121,32 @@ for i = 1, n do levels[i] = level_record(KEYS[i], tonumber(ARGV[2 + i])) end
 local first = redis.call('ZRANGE', KEYS[n + 2], 0, 0, 'WITHSCORES')
 local next_due = -1
 if first[1] then next_due = math.max(tonumber(first[2]) - now, 0) end
+local arguments = redis.call('HGETALL', KEYS[n + 3])
+local given = {}
+for i = 1, #arguments, 2 do given[arguments[i]] = arguments[i + 1] end
+
+-- The queue's limits as a read would apply them now, with the read's own helpers: the count
+-- of lua/lib/inflight.lua and the GCRA of lua/lib/rate.lua (its state read, never written).
+-- A value the reads refuse (written by another program) shows as none: status shows it as
+-- stored, and the reads report it.
+local in_flight, cap = -1, given[MAX_IN_FLIGHT] and inflight_max(given[MAX_IN_FLIGHT]) or -1
+if cap >= 1 then
+  local streams = {}
+  for i = 1, n do streams[i] = i end
+  local count, err = inflight_count(streams, group)
+  if err then return redis.error_reply(err) end
+  in_flight = count
+end
+local tokens, next_slot = -1, -1
+local rate, rerr, rkey = rate_open(given[RATE_LIMIT], given[RATE_BURST], KEYS[n + 3], KEYS[n + 6],
+                                   function() return now end)
+if rerr and rkey == KEYS[n + 6] then return redis.error_reply(rerr) end
+if rate then
+  tokens, next_slot = rate.allow, 0
+  if tokens <= 0 then next_slot = rate_next(rate, now) end
+end
+
 return {levels, redis.call('XLEN', KEYS[n + 1]), now, redis.call('ZCARD', KEYS[n + 2]), next_due,
-        redis.call('HGETALL', KEYS[n + 3]), redis.call('HGETALL', KEYS[n + 4]),
-        tonumber(redis.call('HGET', KEYS[n + 5], UNIQUE_COUNT) or '0') or 0}
+        arguments, redis.call('HGETALL', KEYS[n + 4]),
+        tonumber(redis.call('HGET', KEYS[n + 5], UNIQUE_COUNT) or '0') or 0,
+        in_flight, cap, tokens, next_slot}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
-from helpers import read_messages
+from helpers import read_messages, server_ms
 from kombu import Connection, Exchange, Queue
 
 import kombu_streams  # noqa: F401  (registers redis-streams://)
@@ -29,6 +30,7 @@ from kombu_streams.cli import main, parsing
 from kombu_streams.cli.commands.calls import CALLS
 from kombu_streams.keys import Keys
 from kombu_streams.leases import consumer_expiry_ms
+from kombu_streams.limits import stored_pairs
 from kombu_streams.scripts import SCRIPTS, KeyTypeError
 from kombu_streams.text import text
 
@@ -161,7 +163,7 @@ def test_inspect_counts_dead_letters_and_writes_nothing(script_client):
         script = SCRIPTS['inspect'].flagged
         assert script.source.startswith('#!lua flags=no-writes\n')
         keys = [*K.streams('q', LEVELS), K.dlq('q'), K.delayed('q'), K.args('q'),
-                K.counters('q'), K.unique('q')]
+                K.counters('q'), K.unique('q'), K.rate('q')]
         assert c.evalsha_ro(script.sha, len(keys), *keys, 'q', HOLDER, *LEVELS)[1] == 2
 
 
@@ -188,6 +190,69 @@ def test_inspect_wrong_type_raises_key_type_error(script_client, which):
             broker(c).inspect('q')
     assert key in str(info.value) and 'WRONGTYPE' in str(info.value)
     assert c.get(key) == b'someone else'
+
+
+def test_inspect_counts_in_flight_as_the_reads_do_against_x_max_in_flight(script_client):
+    """In flight = what read.lua counts against x-max-in-flight (lua/lib/inflight.lua, the same
+    helper): delivered and not settled, over every level; a requeued message (parked with the
+    holder) is ready again, not in flight. None for a queue without the limit."""
+    c = script_client
+    b = broker(c)
+    b.declare('q', stored_pairs('q', {'x-max-in-flight': 3}))
+    b.declare('free')
+    for n, level in enumerate((0, 0, 3, 9)):
+        b.publish('q', level, json.dumps({'n': n}))
+    b.publish('free', 0, 'x')
+    first = read_messages(b, ['q'], 'c1', 2)  # both of level 0
+    second = read_messages(b, ['q'], 'c2', 5)  # the room left: one, of level 3
+    assert len(first) == 2 and len(second) == 1 and second[0].level == 3
+    info = b.inspect('q')
+    assert (info['in_flight'], info['in_flight_limit']) == (3, 3)
+    b.requeue('q', [(first[0].stream, first[0].entry_id)])
+    before = snapshot(c)
+    info = b.inspect('q')
+    assert (info['in_flight'], info['in_flight_limit'], info['ready']) == (2, 3, 2)
+    assert (info['rate_tokens'], info['rate_next_ms']) == (None, None)
+    assert snapshot(c) == before
+    other = b.inspect('free')
+    assert (other['in_flight'], other['in_flight_limit']) == (None, None)
+    c.hset(K.args('q'), 'x-max-in-flight', 'lots')  # another program wrote it: reads refuse it
+    assert b.inspect('q')['in_flight'] is None
+
+
+def test_inspect_shows_the_rate_limiters_tokens_and_next_slot(script_client):
+    """x-rate-limit 10/s burst 2: idle, 2 deliveries may go now; with the limiter's state
+    (the next delivery's theoretical arrival time, lua/lib/rate.lua) 5 s ahead, none may,
+    and the next one may in 5 s less the burst's tolerance (100 ms). Read, never written."""
+    c = script_client
+    b = broker(c)
+    b.declare('q', stored_pairs('q', {'x-rate-limit': '10/s', 'x-rate-burst': 2}))
+    info = b.inspect('q')
+    assert (info['rate_tokens'], info['rate_next_ms']) == (2, 0)
+    assert (info['in_flight'], info['in_flight_limit']) == (None, None)
+    at = server_ms(c) + 5000
+    c.set(K.rate('q'), at, px=60_000)
+    before = snapshot(c)
+    info = b.inspect('q')
+    assert snapshot(c) == before
+    assert info['rate_tokens'] == 0
+    assert at - 100 - info['time_ms'] == info['rate_next_ms'] and info['rate_next_ms'] <= 4900
+    c.set(K.rate('q'), info['time_ms'] - 1000)  # past: a full burst again
+    assert b.inspect('q')['rate_tokens'] == 2
+    c.delete(K.rate('q'))
+    c.set(K.rate('q'), 'x')
+    c.hset(K.args('q'), 'x-rate-limit', 'often')  # another program wrote it: reads refuse it
+    assert (b.inspect('q')['rate_tokens'], b.inspect('q')['rate_next_ms']) == (None, None)
+
+
+def test_inspect_with_a_wrong_type_at_the_rate_key_names_it(script_client):
+    c = script_client
+    b = broker(c)
+    b.declare('q', stored_pairs('q', {'x-rate-limit': '10/s'}))
+    c.hset(K.rate('q'), 'f', 'v')
+    with pytest.raises(KeyTypeError) as info:
+        b.inspect('q')
+    assert 'WRONGTYPE' in str(info.value) and K.rate('q') in str(info.value)
 
 
 # -- inspect_fanout.lua ---------------------------------------------------------------------
@@ -383,6 +448,41 @@ def test_status_table(work):
     assert [line.split()[:4] for line in lines[2:5]] == [
         ['0', '1', '1', '2'], ['3', '2', '0', '0'], ['9', '1', '0', '0']]
     assert any(line.split()[:3] == [consumer, 'work', '2'] for line in lines)
+
+
+@pytest.fixture
+def at_limits(redis_url):
+    """Queue 'cap' (x-max-in-flight 2): 3 messages, 2 delivered to consumer c1, so at its
+    limit; queue 'slow' (x-rate-limit 1/h): 2 messages, 1 delivered, the next slot an hour
+    away; queue 'plain': no limits."""
+    b = broker(redis.Redis.from_url(redis_url))
+    b.declare('cap', stored_pairs('cap', {'x-max-in-flight': 2}))
+    b.declare('slow', stored_pairs('slow', {'x-rate-limit': '1/h'}))
+    b.declare('plain')
+    for queue, n in (('cap', 3), ('slow', 2), ('plain', 1)):
+        for i in range(n):
+            b.publish(queue, 0, json.dumps({'n': i}))
+    assert len(read_messages(b, ['cap'], 'c1', 5)) == 2
+    assert len(read_messages(b, ['slow'], 'c1', 5)) == 1
+    return redis_url
+
+
+def test_status_shows_in_flight_against_the_limit_and_the_next_rate_slot(at_limits):
+    data = {i['queue']: i for i in cli_json(at_limits, 'status', 'cap', 'slow', 'plain')['queues']}
+    cap, slow, plain = data['cap'], data['slow'], data['plain']
+    assert (cap['in_flight'], cap['in_flight_limit'], cap['ready']) == (2, 2, 1)
+    assert (cap['rate_tokens'], cap['rate_next_ms']) == (None, None)
+    assert (slow['in_flight'], slow['rate_tokens']) == (None, 0)
+    assert 3_500_000 < slow['rate_next_ms'] <= 3_600_000
+    assert (plain['in_flight'], plain['in_flight_limit'], plain['rate_tokens'],
+            plain['rate_next_ms']) == (None, None, None, None)
+    r = cli(at_limits, 'status', 'cap', 'slow', 'plain')
+    assert r.returncode == 0, r.stderr
+    limits = {line.split()[0]: line.split('  ')[-1].strip() for line in r.stdout.splitlines()
+              if line.split() and line.split()[0] in data}
+    assert limits['cap'] == 'in flight 2/2'
+    assert re.fullmatch(r'rate 1/h burst 1: next in (59m\d\ds|1h00m)', limits['slow']), limits
+    assert limits['plain'] == '-'
 
 
 def test_delayed_list_and_cancel(work):

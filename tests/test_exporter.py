@@ -159,3 +159,38 @@ def test_scrape_of_many_queues_is_one_bounded_call_each(redis_client):
     calls = sum(v['calls'] for k, v in stats.items()
                 if k in ('cmdstat_evalsha', 'cmdstat_evalsha_ro'))
     assert 300 <= calls <= 302  # one per queue (a first NOSCRIPT may repeat one)
+
+
+def test_limited_queues_show_in_flight_against_the_limit_and_the_next_rate_slot(redis_client):
+    """x-max-in-flight: the messages the reads count against it and the limit; x-rate-limit:
+    the deliveries allowed now and the seconds until the next one may go. From the same
+    inspect call (the limiter's state is read, never moved); no such series for a queue
+    without those limits."""
+    from helpers import read_messages
+
+    from kombu_streams.limits import stored_pairs
+    broker = Broker(redis_client, Keys(), [0, 3, 6, 9])
+    broker.declare('cap', stored_pairs('cap', {'x-max-in-flight': 3}))
+    broker.declare('slow', stored_pairs('slow', {'x-rate-limit': '1/h', 'x-rate-burst': 2}))
+    broker.declare('fast', stored_pairs('fast', {'x-rate-limit': '1/h', 'x-rate-burst': 2}))
+    broker.declare('plain')
+    for queue, n in (('cap', 4), ('slow', 3), ('fast', 1), ('plain', 1)):
+        for _ in range(n):
+            broker.publish(queue, 0, '{}')
+    assert len(read_messages(broker, ['cap'], 'c1', 2)) == 2
+    assert len(read_messages(broker, ['slow'], 'c1', 5)) == 2  # the burst: no credit left
+    got = samples(generate_latest(registry_for(Collector(
+        broker, queues=['cap', 'slow', 'fast', 'plain']))).decode())
+    assert got[('kombu_streams_queue_in_flight_messages', (('queue', 'cap'),))] == 2
+    assert got[('kombu_streams_queue_in_flight_limit_messages', (('queue', 'cap'),))] == 3
+    assert got[('kombu_streams_queue_rate_tokens', (('queue', 'slow'),))] == 0
+    next_slot = got[('kombu_streams_queue_rate_next_delivery_seconds', (('queue', 'slow'),))]
+    assert 3500 < next_slot <= 3600  # two slots used, one interval of tolerance (burst 2)
+    assert got[('kombu_streams_queue_rate_tokens', (('queue', 'fast'),))] == 2
+    assert got[('kombu_streams_queue_rate_next_delivery_seconds', (('queue', 'fast'),))] == 0
+    limited = {'kombu_streams_queue_in_flight_messages': {'cap'},
+               'kombu_streams_queue_in_flight_limit_messages': {'cap'},
+               'kombu_streams_queue_rate_tokens': {'slow', 'fast'},
+               'kombu_streams_queue_rate_next_delivery_seconds': {'slow', 'fast'}}
+    for name, queues in limited.items():
+        assert {dict(labels)['queue'] for n, labels in got if n == name} == queues

@@ -53,7 +53,9 @@ def run_flower(tmp_path: Path, broker: str, conf: dict, n_messages: int):
         for n in range(n_messages):
             producer.publish({'n': n}, exchange='celery', routing_key='celery')
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(tmp_path), FLOWER_UNAUTHENTICATED_API='true')
+    # the app's dir first, then what the tests run with (a checkout before the install)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get('PYTHONPATH')]))
+    env = dict(os.environ, PYTHONPATH=path, FLOWER_UNAUTHENTICATED_API='true')
     proc = subprocess.Popen(
         [sys.executable, '-m', 'celery', '-A', module, 'flower', f'--port={port}',
          '--address=127.0.0.1', '--conf=flowerconfig.py'],
@@ -98,7 +100,9 @@ def test_flower_api_and_broker_page_show_queue_lengths(tmp_path, redis_url, form
         assert json.loads(answer) == {'active_queues': [
             {'name': 'celery', 'messages': 7, 'messages_ready': 7,
              'messages_unacknowledged': 0, 'consumers': 0, 'delayed': 0,
-             'arguments': {'x-max-length': 100, 'x-overflow': 'drop-head'}}]}
+             'arguments': {'x-max-length': 100, 'x-overflow': 'drop-head'},
+             'in_flight': None, 'in_flight_limit': None, 'rate_tokens': None,
+             'rate_next_ms': None}]}
         # the Broker page, rendered by a real browser
         dom = subprocess.run(
             [chromium(), '--headless', '--no-sandbox', '--disable-gpu', '--dump-dom',
@@ -116,3 +120,33 @@ def test_flower_api_and_broker_page_show_queue_lengths(tmp_path, redis_url, form
     finally:
         log = stop(proc)
     assert 'Unable to get queues' not in log, log
+
+
+def test_queue_view_shows_in_flight_against_the_limit_and_the_next_rate_slot(redis_url):
+    """What Flower's /api/queues/length gets for limited queues (StreamsBroker.queues, as
+    Flower calls it, without a Flower process): the messages x-max-in-flight counts and its
+    value, the deliveries x-rate-limit allows now and the ms until the next one."""
+    import asyncio
+
+    import redis
+    from helpers import read_messages
+
+    from kombu_streams.broker import Broker
+    from kombu_streams.flower import StreamsBroker
+    from kombu_streams.keys import Keys
+    from kombu_streams.limits import stored_pairs
+    b = Broker(redis.Redis.from_url(redis_url), Keys(), [0, 3, 6, 9])
+    b.declare('cap', stored_pairs('cap', {'x-max-in-flight': 2}))
+    b.declare('slow', stored_pairs('slow', {'x-rate-limit': '1/h'}))
+    for queue in ('cap', 'cap', 'cap', 'slow', 'slow'):
+        b.publish(queue, 0, '{}')
+    assert len(read_messages(b, ['cap'], 'c1', 5)) == 2
+    assert len(read_messages(b, ['slow'], 'c1', 5)) == 1
+    url = redis_url.replace('redis://', 'redis-streams://', 1)
+    cap, slow = asyncio.run(StreamsBroker(url).queues(['cap', 'slow']))
+    assert (cap['messages'], cap['messages_unacknowledged']) == (1, 2)
+    assert (cap['in_flight'], cap['in_flight_limit']) == (2, 2)
+    assert (cap['rate_tokens'], cap['rate_next_ms']) == (None, None)
+    assert (slow['in_flight'], slow['in_flight_limit'], slow['rate_tokens']) == (None, None, 0)
+    assert 3_500_000 < slow['rate_next_ms'] <= 3_600_000
+    json.dumps([cap, slow])  # what Flower sends: JSON as it is

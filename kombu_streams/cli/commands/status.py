@@ -1,5 +1,5 @@
-"""Looking at queues without changing them: ``status`` (counts, consumers, ages, fanout lag)
-and ``peek`` (the next ready messages)."""
+"""Looking at queues without changing them: ``status`` (counts, consumers, ages, fanout lag,
+limits and where each queue stands against them) and ``peek`` (the next ready messages)."""
 
 from __future__ import annotations
 
@@ -36,25 +36,38 @@ def status_once(args: argparse.Namespace, broker: Broker) -> int:
     return NOT_FOUND if missing else OK
 
 
-def limit_text(arguments: dict[str, Any], counters: dict[str, int] | None = None,
-               duplicates: int = 0, unique_refused: int = 0) -> str:
-    """A queue's limits for the status table: '1000 reject-publish', 'ttl 5000ms', the count
-    of messages that expired, 'dedup 60000ms: 3 dup' (the duplicates not stored), '2 unique
-    refused' (publishes whose x-unique-key a live message held), 'rate 50/s burst 1', or
-    '-'."""
+def limit_text(info: dict[str, Any]) -> str:
+    """A queue's limits and where it stands against them, for the status table (``info`` as
+    status_once leaves it): '1000 reject-publish', 'ttl 5000ms', the count of messages that
+    expired, 'dedup 60000ms: 3 dup' (the duplicates not stored), '2 unique refused'
+    (publishes whose x-unique-key a live message held), 'in flight 2/4' (x-max-in-flight:
+    delivered and not settled, as the reads count them, against the limit), 'rate 50/s burst
+    1: 1 now' (deliveries the limiter lets through now) or 'rate 50/s burst 1: next in 15ms'
+    (none now: when the next one may go), or '-'."""
+    arguments, counters = info.get('limits', {}), info.get('counters') or {}
     parts = []
     if 'x-max-length' in arguments:
         parts.append(f"{arguments['x-max-length']} {arguments.get('x-overflow', 'drop-head')}")
     if 'x-message-ttl' in arguments:
         parts.append(f"ttl {arguments['x-message-ttl']}ms")
-    if (counters or {}).get('expired'):
-        parts.append(f"{(counters or {})['expired']} expired")
+    if counters.get('expired'):
+        parts.append(f"{counters['expired']} expired")
     if 'x-deduplication-window' in arguments:
-        parts.append(f"dedup {arguments['x-deduplication-window']}ms: {duplicates} dup")
-    if unique_refused:  # x-unique-key is a header: no argument says a queue uses it
-        parts.append(f'{unique_refused} unique refused')
+        parts.append(f"dedup {arguments['x-deduplication-window']}ms: "
+                     f"{info.get('duplicates', 0)} dup")
+    if info.get('unique_refused'):  # x-unique-key is a header: no argument says it is used
+        parts.append(f"{info['unique_refused']} unique refused")
+    if info.get('in_flight_limit') is not None:  # global concurrency (lua/lib/inflight.lua)
+        parts.append(f"in flight {info['in_flight']}/{info['in_flight_limit']}")
+    elif 'x-max-in-flight' in arguments:  # a value the reads refuse: shown as stored
+        parts.append(f"in flight max {arguments['x-max-in-flight']}")
     if 'x-rate-limit' in arguments:  # global rate limit (lua/lib/rate.lua)
-        parts.append(f"rate {arguments['x-rate-limit']} burst {arguments.get('x-rate-burst', 1)}")
+        rate = f"rate {arguments['x-rate-limit']} burst {arguments.get('x-rate-burst', 1)}"
+        if info.get('rate_tokens'):
+            rate += f": {info['rate_tokens']} now"
+        elif info.get('rate_next_ms') is not None:
+            rate += f": next in {age(info['rate_next_ms'])}"
+        parts.append(rate)
     return ', '.join(parts) or '-'
 
 
@@ -68,8 +81,7 @@ def status_text(infos: list[dict[str, Any]], fanouts: list[dict[str, Any]]) -> s
             rows.append([i['queue'], 'all', i['ready'], i['held'], i['pending'],
                          age(i['oldest_ready_ms']), i['delayed'], age(i['next_due_ms']),
                          len(i['consumers']), i['dlq'],
-                         limit_text(i.get('limits', {}), i.get('counters'),
-                                    i.get('duplicates', 0), i.get('unique_refused', 0))])
+                         limit_text(i)])
             busy = [lv for lv in i['levels'] if lv['ready'] or lv['pending']]
             if len(busy) > 1 or (busy and busy[0]['level'] != 0):
                 rows += [['', lv['level'], lv['ready'], lv['held'], lv['pending'],
