@@ -90,8 +90,10 @@ def test_a_rate_limited_queue_starts_no_more_than_the_rate_in_any_second(
         env: CeleryEnv) -> None:
     """x-rate-limit 20/s with burst 1, 30 no-op tasks queued before a worker of 4 processes
     starts: the limiter lets at most 1 + 20 deliveries through in any second (GCRA: burst
-    + t / interval), and a task starts after its delivery, so no second holds more than 21
-    starts (without the limit all 30 start within a fraction of a second)."""
+    + t / interval). A task starts some time after its delivery, and on a loaded machine
+    that lag varies: a start delayed 100 ms more than the next one's can put two more starts
+    in a second than deliveries were, so the bound allows 2 more: 23 (without the limit all
+    30 start within a fraction of a second; a fixed window doubling at its edge gives 30)."""
     module = load_with(env, TIMED, {'queue_arguments': {
         QUEUE: {'x-rate-limit': '20/s', 'x-rate-burst': 1}}})
     for n in range(30):
@@ -102,7 +104,7 @@ def test_a_rate_limited_queue_starts_no_more_than_the_rate_in_any_second(
     worker.terminate()
     starts = [float(x) for x in env.store.lrange('starts', 0, -1)]
     assert sorted(env.done(), key=int) == [str(n) for n in range(30)], env.logs()
-    assert most_in_a_window(starts, 1.0) <= 20 + 1, sorted(starts)
+    assert most_in_a_window(starts, 1.0) <= 20 + 1 + 2, sorted(starts)
 
 
 def test_a_queue_with_max_in_flight_runs_no_more_at_once_than_its_limit(
