@@ -316,3 +316,15 @@ def test_kombu_declares_the_period_and_the_cli_shows_and_changes_it(url, redis_u
     assert out.stdout.strip() == 'aq: x-priority-aging=1000'
     bad = cli(redis_url, 'limits', 'aq', '--set', 'x-priority-aging=0')
     assert bad.returncode == 2 and 'x-priority-aging' in bad.stderr
+
+
+def test_a_level_published_before_its_group_exists_ages_too(script_client):
+    """A publish to a queue no consumer declared makes the stream without the group (the
+    read makes it at id 0): its first message is fresh and ages all the same."""
+    c = script_client
+    b = broker(c)
+    waited(c, 9, 10 * MINUTE, 'old-low')
+    b.publish('q', 0, body('h0'))
+    c.hset(K.args('q'), 'x-priority-aging', MINUTE)  # as limits.lua stores it
+    assert c.xinfo_groups(K.stream('q', 9)) == []
+    assert bodies(read(b, 1)) == ['old-low']

@@ -41,11 +41,11 @@ local function aging_wait(key, group, holder, held, now, period)
     end
   end
   local groups = try('XINFO', 'GROUPS', key)
-  local last = nil
-  for _, g in ipairs(groups or {}) do
+  if not groups then return nil end  -- no stream (or another type): nothing waits there
+  local last = '0-0'  -- no group yet: the read makes it at id 0, so all of it is fresh
+  for _, g in ipairs(groups) do
     if field(g, 'name') == group then last = field(g, 'last-delivered-id') end
   end
-  if not last then return nil end
   local e = try('XRANGE', key, '(' .. last, string.format('%.0f', now - period),
                   'COUNT', 1)
   local id = e and e[1] and e[1][1]
