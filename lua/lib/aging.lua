@@ -53,13 +53,17 @@ local function aging_wait(key, group, holder, held, now, period)
   return now - tonumber(string.match(id, '^(%d+)'))
 end
 
--- Before stream I of queue source SRC is served: serve first, one message each, those of its
--- lower levels whose first message in line waited at least (levels between) x period, most
--- aged first (the level it now counts as; a tie goes to the higher level). The waits are
--- looked at once per call, at the first stream of SRC with work (one look per lower level
--- the ready index names; every level on a walk), and a level is served so at most once per
--- call: its next message has its own wait, looked at by the next call. SERVE is serve.lua's
--- serve_stream, run with COUNT cut to one; NOW the server's clock of the call.
+-- Before stream I of queue source SRC is served: serve first, one message each, the levels
+-- whose first message in line counts as I's level or higher, as ordered below. A level L
+-- whose first message waited W counts as level L - floor(W / period) (level: position in
+-- SRC's streams); those that count higher go first, and a tie goes to the level that
+-- climbed more (waited more periods), so an aged level goes before the real one it ties.
+-- The waits are looked at once per call, at the first stream of SRC with work, for every
+-- lower level the ready index names (every level on a walk); that first level is not
+-- looked at (it counts as itself). A level is served so at most once per call: its next
+-- message has its own wait, looked at by the next call. Stream I itself, when looked at
+-- and aged, is one of those levels: its first message goes at its place, the rest after.
+-- SERVE is serve.lua's serve_stream, run with COUNT cut to one; NOW the call's clock.
 local function aging_serve(ctx, src, i, now, serve)
   local ag, streams, idx = src.aging, src.streams, src.index
   if ag.busy then return end
@@ -78,13 +82,14 @@ local function aging_serve(ctx, src, i, now, serve)
     end
   end
   local aged = {}
-  for p = pos + 1, #streams do
+  for p = pos, #streams do
     local wait = ag.waits[p]
-    if wait and not ag.done[p] and math.floor(wait / ag.period) >= p - pos then
-      aged[#aged + 1] = {p - math.floor(wait / ag.period), p}
+    if wait and not ag.done[p] then
+      local up = math.floor(wait / ag.period)
+      if up >= math.max(p - pos, 1) then aged[#aged + 1] = {p - up, p} end
     end
   end
-  table.sort(aged, function(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2]) end)
+  table.sort(aged, function(a, b) return a[1] < b[1] or (a[1] == b[1] and a[2] > b[2]) end)
   for _, a in ipairs(aged) do
     if ctx.left <= 0 or src.failed then return end
     local p, left, before = a[2], ctx.left, #ctx.out
