@@ -275,26 +275,50 @@ def model_read(heads: list[list[int]], period: int, count: int) -> list[tuple[in
 
 
 _level = st.lists(st.integers(0, 4), max_size=3).map(lambda ks: sorted(ks, reverse=True))
+_held = st.none() | st.integers(0, 4)
+
+
+def held(c: Any, level: int, idle: int, name: str, queue: str = 'q') -> None:
+    """A message of ``level`` parked with the holder (as a requeue leaves it, delivery
+    count 0) that has waited ``idle`` ms there; its entry is older than any other of its
+    stream, as a requeued one is."""
+    key = K.stream(queue, level)
+    c.xadd(key, {'m': body(name)}, id=f'{server_ms(c) - HOUR}-0')
+    [[_, [(entry_id, _)]]] = c.xreadgroup(queue, 'setup', {key: '>'}, count=1)
+    c.xclaim(key, queue, HOLDER, 0, [entry_id], idle=idle, retrycount=0, justid=True)
+    c.sadd(K.ready(queue), f'h:{key}')
 
 
 @PROPERTY
-@given(levels=st.lists(st.tuples(_level, st.integers(0, 2)), min_size=4, max_size=4),
+@given(levels=st.lists(st.tuples(_held, _level, st.integers(0, 2)), min_size=4, max_size=4),
        count=st.integers(1, 12))
 def test_a_read_serves_in_the_models_order(script_client, levels, count):
-    """Each level holds messages that waited k periods and a half (k from 0 to 4, oldest
-    first), then fresh ones; one read of COUNT serves exactly what the model says, and
-    nothing is lost: what it did not serve is still there."""
+    """Each level may hold a requeued message that waited k periods and a half with the
+    holder, then messages that waited k periods and a half since published (k from 0 to 4,
+    oldest first), then fresh ones; one read of COUNT serves exactly what the model says,
+    and nothing is lost: what it did not serve is still there."""
     c = script_client
     c.flushall()
     b = aging(c, MINUTE)
     heads: list[list[int]] = []
-    for (aged, fresh), level in zip(levels, LEVELS):
+    names: list[list[str]] = []
+    for (parked, aged, fresh), level in zip(levels, LEVELS):
+        waits, level_names = [], []
+        if parked is not None:
+            held(c, level, parked * MINUTE + MINUTE // 2, f'{level}-held')
+            waits.append(parked * MINUTE + MINUTE // 2)
+            level_names.append(f'{level}-held')
         for j, k in enumerate(aged):
             waited(c, level, k * MINUTE + MINUTE // 2, f'{level}-{j}', seq=j)
+            waits.append(k * MINUTE + MINUTE // 2)
+            level_names.append(f'{level}-{j}')
         for j in range(fresh):
             b.publish('q', level, body(f'{level}-{len(aged) + j}'))
-        heads.append([k * MINUTE + MINUTE // 2 for k in aged] + [0] * fresh)
-    expect = [f'{LEVELS[p]}-{j}' for p, j in model_read(heads, MINUTE, count)]
+            waits.append(0)
+            level_names.append(f'{level}-{len(aged) + j}')
+        heads.append(waits)
+        names.append(level_names)
+    expect = [names[p][j] for p, j in model_read(heads, MINUTE, count)]
     assert bodies(read(b, count)) == expect
     total = sum(len(h) for h in heads)
     assert b.size('q') == total - len(expect)
