@@ -353,3 +353,22 @@ def test_a_level_published_before_its_group_exists_ages_too(script_client):
     c.hset(K.args('q'), 'x-priority-aging', MINUTE)  # as limits.lua stores it
     assert c.xinfo_groups(K.stream('q', 9)) == []
     assert bodies(read(b, 1)) == ['old-low']
+
+
+def test_another_programs_key_at_a_lower_level_is_reported_at_its_turn(script_client):
+    """The look ignores a key it cannot read (WRONGTYPE): the read serves the other levels
+    and reports the key once, at its own turn, as without aging; nothing is lost."""
+    c = script_client
+    b = aging(c, MINUTE)
+    waited(c, 6, 10 * MINUTE, 'old-six')
+    b.publish('q', 0, body('h0'))
+    bad = K.stream('q', 9)
+    c.delete(bad)
+    c.set(bad, 'not a stream')
+    c.sadd(K.ready('q'), bad)
+    sources = b.sources(['q'])
+    call, parse = b.read_call(sources, 'c1', 10, 0, None, {s: READ for s in sources}, ())
+    result = parse(b.run(call))
+    assert bodies(result) == ['old-six', 'h0']
+    assert len(result.problems) == 1 and 'WRONGTYPE' in str(result.problems)
+    assert c.get(bad) == b'not a stream'
