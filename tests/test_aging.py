@@ -13,6 +13,7 @@ setting the state and the read. Scripts run on fakeredis, Redis 6.2 and 7.0
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -372,3 +373,21 @@ def test_another_programs_key_at_a_lower_level_is_reported_at_its_turn(script_cl
     assert bodies(result) == ['old-six', 'h0']
     assert len(result.problems) == 1 and 'WRONGTYPE' in str(result.problems)
     assert c.get(bad) == b'not a stream'
+
+
+@pytest.mark.parametrize('period, first', [(None, 0), (1, 9)])
+def test_through_kombu_an_aged_task_goes_first(url, period, first):
+    """Kombu's SimpleQueue, priority 9 put first, then two of priority 0. Strict without the
+    argument; with a period of 1 ms the priority-9 message has waited far more than three
+    periods by the time it is read (a slower machine only makes it older)."""
+    args = {'x-priority-aging': period} if period else {}
+    with Connection(url) as conn:
+        queue = conn.SimpleQueue(f'kq{period}', queue_args=args)
+        queue.put({'p': 9}, priority=9)
+        time.sleep(0.05)
+        queue.put({'p': 0}, priority=0)
+        queue.put({'p': 0}, priority=0)
+        message = queue.get(timeout=5)
+        message.ack()
+        queue.close()
+    assert message.payload == {'p': first}
