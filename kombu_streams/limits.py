@@ -68,6 +68,14 @@ INTEGERS = (*INTEGERS, 'x-rate-burst')  # RATE_BURST, below
 MAX_IN_FLIGHT = 'x-max-in-flight'
 INTEGERS = (*INTEGERS, MAX_IN_FLIGHT)
 
+#: Priority aging (lua/lib/aging.lua, docs/design.rst "Priority aging"): a ready message is
+#: served as if one level higher for each this many ms it has waited (IBM CICS's PRTYAGE;
+#: RabbitMQ, Kombu and BullMQ keep priorities strict). Stored after x-max-in-flight.
+PRIORITY_AGING = 'x-priority-aging'
+#: The longest period taken: a day (longer is strict priority in all but name).
+PRIORITY_AGING_MAX = 86_400_000
+INTEGERS = (*INTEGERS, PRIORITY_AGING)
+
 
 class QueueFull(redis.exceptions.ResponseError):
     """A publish refused because the queue holds ``x-max-length`` messages (``x-overflow``
@@ -176,7 +184,8 @@ def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
     if ttl is not None:
         pairs += [MESSAGE_TTL, str(_count(queue, MESSAGE_TTL, ttl))]
     return (pairs + dedup_pairs(queue, args) + unique_pairs(queue, args)
-            + rate_pairs(queue, args) + backoff_pairs(queue, args) + inflight_pairs(queue, args))
+            + rate_pairs(queue, args) + backoff_pairs(queue, args) + inflight_pairs(queue, args)
+            + aging_pairs(queue, args))
 
 
 def inflight_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
@@ -187,6 +196,19 @@ def inflight_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
     if value is None:
         return []
     return [MAX_IN_FLIGHT, str(_positive(queue, MAX_IN_FLIGHT, value))]
+
+
+def aging_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
+    """x-priority-aging of ``args`` checked (ms, an integer from 1 to PRIORITY_AGING_MAX, or
+    its digits), as stored, or [] without it. 0 is refused rather than read as "off": leave
+    the argument out for strict priority, so a stored period always ages."""
+    value = args.get(PRIORITY_AGING)
+    if value is None:
+        return []
+    n = _positive(queue, PRIORITY_AGING, value)
+    if n > PRIORITY_AGING_MAX:
+        raise _error(queue, PRIORITY_AGING, value, f'an integer from 1 to {PRIORITY_AGING_MAX}')
+    return [PRIORITY_AGING, str(n)]
 
 
 # -- Global rate limit (x-rate-limit, x-rate-burst): lua/lib/rate.lua; docs/design.rst,
@@ -296,4 +318,5 @@ __all__ = ('QueueFull', 'QueueArgumentsDiffer', 'stored_pairs', 'as_dict', 'STOR
            'MAX_LENGTH', 'OVERFLOW', 'OVERFLOWS', 'MESSAGE_TTL', 'expiration_ms',
            'DEDUP_WINDOW', 'DEDUP_MAX_IDS', 'dedup_pairs', 'UNIQUE_STORED', 'unique_pairs',
            'RATE_LIMIT', 'RATE_BURST', 'rate_pairs', 'rate_spec', 'REQUEUE_DELAY',
-           'backoff_pairs', 'MAX_IN_FLIGHT', 'inflight_pairs')
+           'backoff_pairs', 'MAX_IN_FLIGHT', 'inflight_pairs', 'PRIORITY_AGING',
+           'aging_pairs')

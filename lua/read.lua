@@ -18,7 +18,8 @@ KEYS[S+11q-4]   counters (hash) of source q, ks:q:{queue}:counters: "expired" co
                 keys, no big messages, no counters, no arguments, no rate key, no key
                 store and no flag (the caller passes its marker again for each)
 KEYS[S+11q-3]   arguments (hash) of source q, ks:q:{queue}:args: only x-rate-limit,
-                x-rate-burst and x-max-in-flight are read (one HMGET per source served)
+                x-rate-burst, x-max-in-flight and x-priority-aging are read (one HMGET per
+                source served)
 KEYS[S+11q-2]   rate limiter state (string) of source q, ks:q:{queue}:rate: the next
                 delivery's theoretical arrival time, unix ms, expiring once it is past;
                 written only when the queue has x-rate-limit (lua/lib/rate.lua)
@@ -84,10 +85,14 @@ acks that ride along add one XPENDING per stream (ownership, see ack.lua) unless
 stream's are trusted; a source whose riding acks freed entries adds a TYPE of its flag. A
 queue with x-rate-limit adds a TIME, a GET and a SET; one with x-max-in-flight an XPENDING
 summary per stream (O(consumers of its group)), and a TYPE and SET of its flag when the
-limit stops the read; one without either pays the HMGET of its arguments. Never blocks.
+limit stops the read; one with x-priority-aging, once per call, for each lower level than
+the first it serves that its index names: an XPENDING of one record when held entries may be
+there, else (or none held) an XINFO GROUPS and an XRANGE of at most one entry (copied only
+when it waited a period or more), and TIME; one without any pays the HMGET of its
+arguments. Never blocks.
 Phases: lua/lib/serve.lua. See docs/design.rst (Wake-ups, The ready index, Leases, Delivery
 counts and dead letters, Delayed delivery, Reads bounded by bytes, Big messages, Message
-TTL, Global rate limit, Global concurrency, Unique keys).
+TTL, Global rate limit, Global concurrency, Unique keys, Priority aging).
 ]]
 --@include common
 --@include delay
@@ -95,6 +100,7 @@ TTL, Global rate limit, Global concurrency, Unique keys).
 --@include rate
 --@include inflight
 --@include unique
+--@include aging
 --@include serve
 
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])

@@ -1,5 +1,5 @@
--- The phases of read.lua (a library, included after common, delay, expiry, rate, inflight
--- and unique; KEYS and ARGV as read.lua's header lays them out): open a source, serve its
+-- The phases of read.lua (a library, included after common, delay, expiry, rate, inflight,
+-- unique and aging; KEYS and ARGV as read.lua's header lays them out): open a source, serve its
 -- held then its fresh entries stream by stream, and save what the call learned.
 --
 -- State lives in one table, ctx (made by read.lua), and one table per source, src:
@@ -19,6 +19,8 @@
 --   src.dkey, src.bodies, src.big,        (its keys; the delayed ones: lua/lib/delay.lua)
 --   src.counters, src.args, src.rate_key, src.store (the key store, lua/lib/unique.lua),
 --   src.flag     (the in-flight flag, lua/lib/inflight.lua)
+--   src.aging    x-priority-aging's state (lua/lib/aging.lua) when it has the argument,
+--                false without; opened with src.rate
 --   src.expired                           entries this call set aside past their TTL
 --   src.rate     its limiter (lua/lib/rate.lua) when it has x-rate-limit, false without;
 --                nil until a stream of it has work to serve (an idle queue pays nothing)
@@ -485,12 +487,17 @@ end
 -- pays), then the rate limiter's state (lua/lib/rate.lua) and what is in flight
 -- (lua/lib/inflight.lua) only where it has those arguments. False on a problem (noted).
 local function open_limits(ctx, src)
-  local r, err = try('HMGET', src.args, RATE_LIMIT, RATE_BURST, MAX_IN_FLIGHT)
+  local r, err = try('HMGET', src.args, RATE_LIMIT, RATE_BURST, MAX_IN_FLIGHT, PRIORITY_AGING)
   if err then
     problem(ctx, src, src.args, err)
     return false
   end
   r = r or {}
+  src.aging, err = aging_open(r[4])  -- lua/lib/aging.lua
+  if err then
+    problem(ctx, src, src.args, err)
+    return false
+  end
   local rate, rerr, rkey = rate_open(r[1], r[2], src.args, src.rate_key,
                                      function() return clock(ctx) end)
   if rerr then
@@ -536,6 +543,10 @@ local function serve_stream(ctx, src, i)
   -- ready in Redis. docs/design.rst, "Global rate limit" and "Global concurrency".
   if src.rate == nil and not src.shared then  -- read once, when there is work to serve
     if not open_limits(ctx, src) then return 'error' end  -- nothing of it served
+  end
+  if src.aging then  -- aged lower levels first, one message each (lua/lib/aging.lua)
+    aging_serve(ctx, src, i, clock(ctx), serve_stream)
+    if ctx.left <= 0 or src.failed then return end
   end
   local rate, cap, left, before = src.rate, src.cap, ctx.left, #ctx.out
   if rate or cap then
