@@ -982,3 +982,15 @@ def test_inspect_runs_on_a_replica_and_under_oom(redis_server, tmp_path):
     finally:
         primary.config_set('maxmemory', before)
         primary.close()
+
+
+def test_status_limit_text_names_every_argument_it_knows():
+    """The status table's LIMIT column: each stored argument says itself (none left out)."""
+    from kombu_streams.cli.commands.status import limit_text
+    info = {'limits': {'x-max-length': 10, 'x-overflow': 'reject-publish',
+                       'x-message-ttl': 5000, 'x-requeue-delay': '1000,60000',
+                       'x-priority-aging': 30000},
+            'counters': {'expired': 2}}
+    assert limit_text(info) == ('10 reject-publish, ttl 5000ms, 2 expired, '
+                                'backoff 1000,60000ms, aging 30000ms')
+    assert limit_text({}) == '-'

@@ -14,7 +14,8 @@
                                  the queue's length limit (x-max-length, x-overflow) and
                                  x-deduplication-window (with the duplicates not stored),
                                  x-requeue-delay (retry backoff, 'min_ms,max_ms'),
-                                 x-rate-limit and x-rate-burst,
+                                 x-rate-limit and x-rate-burst, x-max-in-flight,
+                                 x-unique-mode and x-unique-ttl, x-priority-aging,
                                  shown or changed at run time
     delayed list QUEUE [-n N] [--full]   delayed messages (eta / countdown), earliest first
     delayed cancel QUEUE TASK_ID...      remove delayed messages by task id before they run

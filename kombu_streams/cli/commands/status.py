@@ -43,7 +43,8 @@ def limit_text(info: dict[str, Any]) -> str:
     (publishes whose x-unique-key a live message held), 'in flight 2/4' (x-max-in-flight:
     delivered and not settled, as the reads count them, against the limit), 'rate 50/s burst
     1: 1 now' (deliveries the limiter lets through now) or 'rate 50/s burst 1: next in 15ms'
-    (none now: when the next one may go), or '-'."""
+    (none now: when the next one may go), 'backoff 1000,60000ms' (x-requeue-delay), 'aging
+    30000ms' (x-priority-aging), or '-'."""
     arguments, counters = info.get('limits', {}), info.get('counters') or {}
     parts = []
     if 'x-max-length' in arguments:
@@ -68,6 +69,10 @@ def limit_text(info: dict[str, Any]) -> str:
         elif info.get('rate_next_ms') is not None:
             rate += f": next in {age(info['rate_next_ms'])}"
         parts.append(rate)
+    if 'x-requeue-delay' in arguments:  # retry backoff (lua/lib/delay.lua)
+        parts.append(f"backoff {arguments['x-requeue-delay']}ms")
+    if 'x-priority-aging' in arguments:  # priority aging (lua/lib/aging.lua)
+        parts.append(f"aging {arguments['x-priority-aging']}ms")
     return ', '.join(parts) or '-'
 
 
