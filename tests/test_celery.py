@@ -799,8 +799,10 @@ def test_delayed_tasks_survive_a_redis_restart_with_aof(tmp_path: Path) -> None:
             tags, sent = _send_delayed(env, 'a', 5)
             proc.kill()
             proc.wait(10)
-            proc = subprocess.Popen(proc.args, cwd=tmp_path / 'aof', stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            restarted_log = tmp_path / 'aof' / 'restarted.log'
+            with open(restarted_log, 'wb') as out:
+                proc = subprocess.Popen(proc.args, cwd=tmp_path / 'aof', stdout=out,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
             def all_done() -> bool:
                 try:
@@ -808,7 +810,12 @@ def test_delayed_tasks_survive_a_redis_restart_with_aof(tmp_path: Path) -> None:
                 except redis.ConnectionError:  # the server is still starting
                     return False
 
-            wait_for(all_done, 40, what='the delayed tasks after the restart', log=env.logs)
+            def diagnosis() -> str:  # the server too: did it start, on our port, load?
+                return (f'--- restarted redis-server (exit code {proc.poll()}) ---\n'
+                        f'{restarted_log.read_text(errors="replace")[-3000:]}\n'
+                        f'--- worker logs ---\n{env.logs()}')
+
+            wait_until(all_done, 40, 'the delayed tasks after the restart', diag=diagnosis)
             time.sleep(0.5)
             worker.terminate()
             assert Counter(env.done()) == Counter(tags), env.logs()
