@@ -172,11 +172,13 @@ COMPAT_62 = ['test_wrong_type_key_raises_key_type_error', 'test_connect', 'test_
              'test_fanout_each_queue_gets_a_copy', 'test_basic_get_with_ack', 'test_simple_queue',
              'test_priority_default_steps']
 COMPAT_ARGS = [*COMPAT_TESTS, '-k', ' or '.join(['not redis62', *COMPAT_62])]
-#: Also run on the oldest stack alone: the queue limits and unique keys under a real Celery
-#: prefork worker (issues #21, #22 ask for them on the oldest stack). The releases between
-#: it and the newest take the same paths of Celery's (its task_queues, acks, SIGKILL
-#: handling), so they are not run again there: CI's time is kept for what differs.
-OLDEST_TESTS = ['tests/test_limits_celery.py', 'tests/test_unique_celery.py']
+#: Also run on the oldest stack alone: queue limits, unique keys and deduplication under a
+#: real Celery prefork worker (issues #21, #22 ask for them on the oldest stack). The
+#: releases between it and the newest take the same paths of Celery's (its task_queues,
+#: acks, SIGKILL handling), so they are not run again there: CI's time is kept for what
+#: differs.
+OLDEST_TESTS = ['tests/test_limits_celery.py', 'tests/test_unique_celery.py',
+                'tests/test_dedup_celery.py']
 
 #: The Valkey leg: what runs on a server of its own -- the Lua scripts, the Kombu API, the
 #: bounds, delayed delivery, big messages (MULTI/EXEC), queue limits (length, TTL, rate,
