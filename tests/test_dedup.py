@@ -327,9 +327,8 @@ def test_a_retried_publish_after_a_dropped_connection_is_stored_once(any_url):
 
 
 @requires_batch_publish
-def test_a_batch_reports_its_duplicates(url_big):
+def test_a_batch_reports_its_duplicates(url):
     from kombu_streams.batch import BatchRefused
-    url = url_big
     with Connection(url, transport_options={'big_message_bytes': 2000}) as conn:
         Queue('bq', queue_arguments={'x-deduplication-window': HOUR, 'x-max-length': 4,
                                      'x-overflow': 'reject-publish'})(
@@ -351,11 +350,6 @@ def test_a_batch_reports_its_duplicates(url_big):
             producer.publish('y', headers={'x-deduplication-id': 'a'})
             producer.publish('y', routing_key='other', headers={'x-deduplication-id': 'z'})
         assert batch.state.session.duplicates == {0: ('bq', 'a')}
-
-
-@pytest.fixture
-def url_big(redis_url: str) -> str:
-    return 'redis-streams://' + redis_url[len('redis://'):]
 
 
 def test_cli_limits_and_status_show_the_window_and_duplicates(redis_url):

@@ -196,12 +196,6 @@ def consumers(tmp_path):
 
 
 @pytest.fixture
-def broker_url(redis_url):
-    """redis-streams:// URL of the (flushed) session server, DB 0."""
-    return 'redis-streams://' + redis_url[len('redis://'):]
-
-
-@pytest.fixture
 def store_url(redis_url):
     """Where consumers record what they processed: DB 1 of the session server."""
     return redis_url.rsplit('/', 1)[0] + '/1'
@@ -409,10 +403,10 @@ class Publisher(threading.Thread):
 
 
 def test_sigkill_consumer_mid_batch_survivor_gets_everything(
-        broker_url, store_url, store, raw, consumers):
+        url, store_url, store, raw, consumers):
     queue, n, prefetch = 'faults-kill9', 200, 10
-    publish(broker_url, queue, ({'id': i} for i in range(n)))
-    opts = dict(broker=broker_url, store=store_url, queue=queue, vt=1.0, prefetch=prefetch,
+    publish(url, queue, ({'id': i} for i in range(n)))
+    opts = dict(broker=url, store=store_url, queue=queue, vt=1.0, prefetch=prefetch,
                 sleep=0.02)
     victim = consumers.start('victim', **opts)
     consumers.start('survivor', **opts)
@@ -452,16 +446,16 @@ def test_sigkill_consumer_mid_batch_survivor_gets_everything(
 @time_limit(30)
 @requires_batch_publish
 def test_long_handler_runs_once_thanks_to_lease_renewal(
-        broker_url, store_url, store, raw, consumers):
+        url, store_url, store, raw, consumers):
     """vt 1 s, handler 3.5 s; a second, fast (so always free) consumer runs the whole time
     and would take any message whose lease ran out: the running one and the one waiting in
     the slow consumer's prefetch buffer."""
     queue = 'faults-long'
-    declare(broker_url, queue)
-    opts = dict(broker=broker_url, store=store_url, queue=queue, vt=1.0, prefetch=10)
+    declare(url, queue)
+    opts = dict(broker=url, store=store_url, queue=queue, vt=1.0, prefetch=10)
     consumers.start('slow', sleep=3.5, **opts)
     wait_until(lambda: 'slow' in store.ready(), 15, 'the slow consumer', diag=consumers.logs)
-    with Connection(broker_url) as conn:
+    with Connection(url) as conn:
         producer = Producer(conn.default_channel)
         with producer.batch():  # one round trip: the slow consumer reads both at once
             for i in (1, 2):
@@ -482,13 +476,13 @@ def test_long_handler_runs_once_thanks_to_lease_renewal(
     assert 'lost the lease' not in consumers.logs(lines=1000)
 
 
-def test_ack_during_a_lease_round_is_not_reported_as_a_lost_lease(broker_url, caplog):
+def test_ack_during_a_lease_round_is_not_reported_as_a_lost_lease(url, caplog):
     """The LeaseKeeper thread snapshots the held messages, then renews them; an ack by the
     application in between is normal and must not be logged as a lost lease ("it may be
     processed twice"), which would send operators looking for a double delivery."""
     queue = 'faults-renew-race'
-    publish(broker_url, queue, [{'id': 1}])
-    with Connection(broker_url, transport_options={'visibility_timeout': 60}) as conn:
+    publish(url, queue, [{'id': 1}])
+    with Connection(url, transport_options={'visibility_timeout': 60}) as conn:
         channel = conn.channel()
         message = Queue(queue)(channel).get()
         assert message is not None
@@ -512,15 +506,15 @@ def test_ack_during_a_lease_round_is_not_reported_as_a_lost_lease(broker_url, ca
 
 @time_limit(45)
 def test_poison_message_dead_lettered_then_redriven(
-        broker_url, store_url, store, raw, consumers):
+        url, store_url, store, raw, consumers):
     queue, n = 'faults-poison', 30
     bodies = [{'id': i} for i in range(n)]
     bodies.insert(7, {'id': 'poison', 'poison': True})
-    publish(broker_url, queue, bodies)
+    publish(url, queue, bodies)
     dlq = KEYS.dlq(queue)
     # prefetch 1: a crash takes nothing else down with it (messages read ahead together
     # with the poison are the subject of test_poison_batch_mates_are_not_dead_lettered).
-    opts = dict(broker=broker_url, store=store_url, queue=queue, vt=0.5, prefetch=1,
+    opts = dict(broker=url, store=store_url, queue=queue, vt=0.5, prefetch=1,
                 sleep=0.005, max_deliveries=3, crash_on_poison=True)
 
     crashes = 0
@@ -563,14 +557,14 @@ def test_poison_message_dead_lettered_then_redriven(
 
 
 @time_limit(45)
-def test_poison_batch_mates_are_not_dead_lettered(broker_url, store_url, store, raw, consumers):
+def test_poison_batch_mates_are_not_dead_lettered(url, store_url, store, raw, consumers):
     """Messages read ahead together with a poison message (prefetched, never handed to the
     application) must not share its fate: a crash while they sit in the prefetch buffer is
     not a failed delivery of theirs."""
     queue, n = 'faults-poison-mates', 5
-    publish(broker_url, queue, [{'id': 'poison', 'poison': True}]
+    publish(url, queue, [{'id': 'poison', 'poison': True}]
             + [{'id': i} for i in range(n)])
-    opts = dict(broker=broker_url, store=store_url, queue=queue, vt=0.5, prefetch=10,
+    opts = dict(broker=url, store=store_url, queue=queue, vt=0.5, prefetch=10,
                 max_deliveries=3, crash_on_poison=True)
     dlq = KEYS.dlq(queue)
     crashes = 0
