@@ -175,6 +175,11 @@ class Keys:
         (lua/lib/unique.lua)."""
         return f'{self.queue_base(queue)}:unique'
 
+    def fair(self, queue: str) -> str:
+        """A queue's staging hash (x-fairness, lua/lib/fair.lua): messages waiting per
+        group, and the rotation of the groups per level."""
+        return f'{self.queue_base(queue)}:fair'
+
     def bindings(self, exchange: str) -> str:
         return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:bindings'
 

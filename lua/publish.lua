@@ -36,7 +36,16 @@ ARGV[11]  optional (ARGV[8..10] then given, "" where unused): the message's dedu
 ARGV[12]  optional (ARGV[8..11] then given, "" where unused): the message's unique key
           (x-unique-key); then KEYS[10+L] is the queue's key store (hash),
           ks:q:{celery}:unique, before the big hash
-Reply:    the new entry id; "delayed:<member>" when kept until due; nil when ARGV[2] is "1"
+ARGV[13]  optional (ARGV[8..12] then given, "" where unused): the message's group (x-group,
+          "" for the default group); then KEYS[10+L] is the key store (even when ARGV[12] is
+          "") and KEYS[11+L] the queue's staging hash, ks:q:{celery}:fair. On a queue with
+          x-fairness the message is staged there, in its group's FIFO, rather than appended
+          (lua/lib/fair.lua): a read moves it into its stream when the rotation reaches its
+          group. A delayed message, one with a unique key and one behind due delayed ones
+          are appended (or kept delayed) as on any queue. A call to a queue with x-fairness
+          without ARGV[13] gets NEEDKEYS, nothing written
+Reply:    the new entry id; "delayed:<member>" when kept until due; "staged:<n>" when
+          staged (n: its group's messages staged at its level); nil when ARGV[2] is "1"
           and the queue does not exist; "duplicate" when the queue has x-deduplication-window
           and stored a message with the id of ARGV[11] within it, or when a live message of
           the queue holds the key of ARGV[12] (nothing stored; docs/design.rst, Unique keys)
@@ -56,7 +65,8 @@ HLEN, on a store over 32 fields an HINCRBY, and every 8th keyed publish one swee
 fields at most, 16 of them stream entries: an XPENDING each, an XRANGE of those not
 delivered yet, about 1 MiB copied at most; lua/lib/unique.lua). Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
-arguments and limits, Message TTL, Duplicates, Unique keys).
+arguments and limits, Message TTL, Duplicates, Unique keys, Fair share). A staged message
+costs a TYPE, a PTTL and O(1) hash commands (lua/lib/fair.lua).
 ]]
 --@include common
 --@include delay
@@ -64,11 +74,13 @@ arguments and limits, Message TTL, Duplicates, Unique keys).
 --@include expiry
 --@include dedup
 --@include unique
+--@include fair
 local big = string.sub(ARGV[1] or '', 1, 2) == 'r:'  -- the body is in the big hash
 local nk = #KEYS - (big and 1 or 0)
 local nl = tonumber(ARGV[3] or '')
-local keyed = #ARGV == 12  -- a unique key: KEYS[10+L] its store (docs: Unique keys)
-local wide = nl ~= nil and nl >= 1 and nk == 9 + nl + (keyed and 1 or 0)
+local keyed = #ARGV >= 12  -- a unique key: KEYS[10+L] its store (docs: Unique keys)
+local grouped = #ARGV == 13  -- a group: KEYS[11+L] the staging hash (docs: Fair share)
+local wide = nl ~= nil and nl >= 1 and nk == 9 + nl + (keyed and 1 or 0) + (grouped and 1 or 0)
 local short = not wide and not keyed and nk == 9 and nl ~= nil and nl >= 1  -- see KEYS[8]
 local bad = check_args('publish', wide or short,
                        #ARGV == 7 or ((#ARGV == 11 or keyed) and (ARGV[6] == '1' or ARGV[8] == ''))
@@ -78,7 +90,7 @@ local bad = check_args('publish', wide or short,
                        'first stream and the id store; one more, the big hash, with ' ..
                        '"r:<token>"); 7 args, or with delayed delivery 8 to 10 (a due ' ..
                        'time needs ARGV[9]), or 11 with an id, 12 with a unique key (and ' ..
-                       'its store)')
+                       'its store), 13 with a group (and the store and the staging hash)')
 if bad then return bad end
 local stream, wake, ready, argkey, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local store, dedup_id = KEYS[wide and 8 + nl or 9], ARGV[11]
@@ -132,8 +144,12 @@ if wrong then return refuse(redis.error_reply(wrong)) end
 -- holds counts, so what a publish adds (to a stream or the delayed set) is checked here,
 -- before any write. The counts (XLEN, HLEN) check the types of the keys they read; drop-head
 -- checks those it writes before it writes.
-local limit, overflow, queue_ttl, window
-limit, overflow, wrong, queue_ttl, window = read_limit(argkey)
+local limit, overflow, queue_ttl, window, fairness
+limit, overflow, wrong, queue_ttl, window, fairness = read_limit(argkey)
+if not wrong and fairness and not grouped then  -- staging needs its hash: ask for it
+  return refuse(redis.error_reply('NEEDKEYS queue ' .. group .. ' has x-fairness: send its ' ..
+                                  'staging hash and a group (nothing was stored)'))
+end
 if not wrong and limit and short then  -- a limit counts every stream: ask for them all
   return refuse(redis.error_reply('NEEDKEYS queue ' .. group .. ' has x-max-length: send ' ..
                                   'all its ' .. nl .. ' streams (nothing was stored)'))
@@ -302,6 +318,25 @@ if dkey then
     if redis.call('ZADD', wake, 0, 'w') == 1 then expire_new({wake}) end
     return keep_delayed(clock())
   end
+end
+-- Fair share (docs/design.rst, "Fair share"): staged in its group's FIFO, not appended; a
+-- message with a unique key is appended (the key store names an entry or a delayed member).
+local fair_key = grouped and fairness and not ukey and KEYS[11 + nl]
+if fair_key then
+  if routed and redis.call('EXISTS', first) == 0 then return refuse(false) end
+  wrong = wrong_type(fair_key, 'hash') or wrong_type(wake, 'zset')
+  if wrong then return refuse(redis.error_reply(wrong)) end
+  local new = {}
+  if redis.call('PTTL', fair_key) == -2 then new[1] = fair_key end
+  local value = payload
+  if big then value = 'r:' .. token end
+  local waiting = fair_stage(fair_key, string.match(stream, ':(%d+)$') or '0', ARGV[13],
+                             with_deadline(value, deadline))
+  if redis.call('ZADD', wake, 0, 'w') == 1 then new[#new + 1] = wake end
+  if redis.call('SADD', ready, FAIR .. stream) == 1 then new[#new + 1] = ready end
+  expire_new(new)
+  remember()
+  return 'staged:' .. waiting
 end
 local woke, wake_wrong = try('ZADD', wake, 0, 'w')  -- first write: fails alone
 if wake_wrong then return refuse(redis.error_reply(wake_wrong)) end

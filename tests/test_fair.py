@@ -1,0 +1,352 @@
+"""Fair share between tenants: a queue with x-fairness 'round-robin' stages each message in
+its group's FIFO (header x-group; none: the default group) and a read moves staged messages
+into the level's stream in rotation order just before reading them (lua/lib/fair.lua), so
+within each priority level deliveries rotate between the groups with messages waiting.
+
+Scripts run on fakeredis, Redis 6.2 and 7.0 (``script_client``); the model on fakeredis.
+docs/design.rst, "Fair share".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kombu_streams.broker import READ, WALK, Broker, Delivery, ReadResult
+from kombu_streams.keys import Keys
+from kombu_streams.limits import stored_pairs
+from tests.test_scripts import PROPERTY
+
+K = Keys()
+LEVELS = [0, 3, 6, 9]
+FAIR = {'x-fairness': 'round-robin'}
+
+
+def fair_broker(c: Any, queue: str = 'q', args: dict[str, Any] | None = None) -> Broker:
+    b = Broker(c, K, LEVELS)
+    b.declare(queue, stored_pairs(queue, FAIR if args is None else args))
+    return b
+
+
+def body(group: str | None, n: Any) -> str:
+    return json.dumps({'body': f'{group}:{n}'})
+
+
+def publish(b: Broker, group: str | None, n: Any, level: int = 0, queue: str = 'q') -> Any:
+    return b.publish(queue, level, body(group, n), group=group)
+
+
+def read(b: Broker, consumer: str, count: int, mode: str = READ,
+         queues: Sequence[str] = ('q',)) -> ReadResult:
+    sources = b.sources(list(queues))
+    call, parse = b.read_call(sources, consumer, count, 0, None, {s: mode for s in sources})
+    return parse(b.run(call))
+
+
+def names(result: ReadResult) -> list[str]:
+    return [json.loads(d.payload)['body'] for d in result.deliveries]
+
+
+def ack(b: Broker, *ds: Delivery) -> int:
+    return b.ack('q', [(d.stream, d.entry_id) for d in ds])
+
+
+def test_groups_take_turns(script_client):
+    b = fair_broker(script_client)
+    for n in range(3):
+        assert publish(b, 'a', n).startswith(b'staged:')
+    publish(b, 'b', 0)
+    publish(b, 'c', 0)
+    publish(b, 'b', 1)
+    got = []
+    for _ in range(6):
+        r = read(b, 'c1', 1)
+        got += names(r)
+        ack(b, *r.deliveries)
+    # the rotation: a was first, b and c joined behind it; each group's order is kept
+    assert got == ['a:0', 'b:0', 'c:0', 'a:1', 'b:1', 'a:2']
+    assert names(read(b, 'c1', 5)) == []
+    assert script_client.exists(K.fair('q')) == 0  # everything moved: the hash is gone
+
+
+def test_quiet_group_not_stuck_behind_noisy_one(script_client):
+    b = fair_broker(script_client)
+    for n in range(1000):
+        publish(b, 'noisy', n)
+    for n in range(10):
+        publish(b, 'quiet', n)
+    got: list[str] = []
+    while len([g for g in got if g.startswith('quiet')]) < 10:
+        r = read(b, 'c1', 1)
+        assert r.deliveries
+        got += names(r)
+        ack(b, *r.deliveries)
+    assert len(got) <= 2 * 10  # the quiet group's 10 within about one delivery per group
+    noisy = [int(g.split(':')[1]) for g in got if g.startswith('noisy')]
+    assert noisy == sorted(noisy)
+
+
+def test_a_batch_read_rotates_too(script_client):
+    b = fair_broker(script_client)
+    for n in range(5):
+        publish(b, 'a', n)
+    for n in range(2):
+        publish(b, 'b', n)
+    assert names(read(b, 'c1', 4)) == ['a:0', 'b:0', 'a:1', 'b:1']
+    assert names(read(b, 'c1', 10)) == ['a:2', 'a:3', 'a:4']
+
+
+def test_priorities_across_levels_kept(script_client):
+    b = fair_broker(script_client)
+    publish(b, 'a', 'low', level=9)
+    publish(b, 'b', 'low', level=9)
+    publish(b, 'a', 'high', level=0)
+    publish(b, 'c', 'mid', level=3)
+    assert names(read(b, 'c1', 10)) == ['a:high', 'c:mid', 'a:low', 'b:low']
+
+
+def test_requeued_first_then_rotation(script_client):
+    b = fair_broker(script_client)
+    for n in range(2):
+        publish(b, 'a', n)
+        publish(b, 'b', n)
+    first = read(b, 'c1', 1).deliveries
+    assert [json.loads(d.payload)['body'] for d in first] == ['a:0']
+    b.requeue('q', [(d.stream, d.entry_id) for d in first])
+    r = read(b, 'c1', 1)
+    assert names(r) == ['a:0'] and r.deliveries[0].deliveries == 2
+    assert names(read(b, 'c1', 10)) == ['b:0', 'a:1', 'b:1']
+
+
+def test_no_group_is_the_default_group(script_client):
+    b = fair_broker(script_client)
+    publish(b, 'a', 0)
+    publish(b, 'a', 1)
+    # a publisher that does not know the queue is fair: NEEDKEYS, then the default group
+    fresh = Broker(script_client, K, LEVELS)
+    assert fresh.publish('q', 0, body(None, 0)).startswith(b'staged:')
+    assert names(read(b, 'c1', 10)) == ['a:0', 'None:0', 'a:1']
+
+
+def test_group_on_a_queue_without_fairness_is_ignored(script_client):
+    b = fair_broker(script_client, args={})
+    reply = publish(b, 'a', 0)
+    assert not reply.startswith(b'staged:')
+    assert script_client.xlen(K.stream('q', 0)) == 1
+    assert script_client.exists(K.fair('q')) == 0
+    assert names(read(b, 'c1', 10)) == ['a:0']
+
+
+def test_declare_validates_the_argument():
+    with pytest.raises(ValueError, match='round-robin'):
+        stored_pairs('q', {'x-fairness': 'weighted'})
+    with pytest.raises(ValueError, match='x-max-length'):
+        stored_pairs('q', {'x-fairness': 'round-robin', 'x-max-length': 10})
+    assert stored_pairs('q', FAIR) == ['x-fairness', 'round-robin']
+
+
+def test_ttl_travels_with_a_staged_message(script_client):
+    b = fair_broker(script_client, args={**FAIR, 'x-message-ttl': 1})
+    publish(b, 'a', 0)
+    fields = script_client.hgetall(K.fair('q'))
+    staged = [v for f, v in fields.items() if f.startswith(b'm:')]
+    assert len(staged) == 1 and staged[0].startswith(b'e:')
+    # moved as an entry with field e: read after its deadline, it is set aside
+    script_client.hset(K.fair('q'), next(f for f in fields if f.startswith(b'm:')),
+                       b'e:1:' + body('a', 0).encode())
+    r = read(b, 'c1', 10)
+    assert names(r) == [] and [a[3] for a in r.aside] == ['expired']
+
+
+def test_walk_finds_staged_messages_without_an_index(script_client):
+    b = fair_broker(script_client)
+    publish(b, 'a', 0)
+    publish(b, 'b', 0)
+    script_client.delete(K.ready('q'))  # lost index (FLUSH of a replica, by hand)
+    assert names(read(b, 'c1', 10, WALK)) == ['a:0', 'b:0']
+
+
+def test_marker_stays_while_staged_messages_wait(script_client):
+    b = fair_broker(script_client)
+    for n in range(3):
+        publish(b, 'a', n)
+    assert script_client.exists(K.wake('q'))
+    read(b, 'c1', 1)
+    assert script_client.exists(K.wake('q'))  # 2 staged left: the marker stays
+    read(b, 'c1', 5)
+    read(b, 'c1', 5)
+    assert not script_client.exists(K.wake('q'))  # seen dry: removed
+
+
+def test_many_groups_read_is_bounded(script_client):
+    b = fair_broker(script_client)
+    for g in range(300):
+        publish(b, f'g{g}', 0)
+    r = read(b, 'c1', 2)
+    assert names(r) == ['g0:0', 'g1:0']
+    assert script_client.xlen(K.stream('q', 0)) == 2  # only what the read delivered moved
+
+
+def test_purge_removes_staged_messages_and_their_bodies(script_client):
+    b = fair_broker(script_client)
+    for n in range(5):
+        publish(b, 'a', n)
+        publish(b, 'b', n, level=3)
+    b.publish_big('q', 0, body('big', 0), group='c')
+    assert b.size('q') == 11
+    got = read(b, 'c1', 1).deliveries  # in flight: purge leaves it
+    assert b.purge('q', batch=2) == 10
+    assert script_client.exists(K.fair('q')) == 0
+    assert script_client.hlen(K.big('q')) == 0  # the big one's body went with it
+    assert b.size('q') == 0
+    assert names(read(b, 'c1', 10)) == []
+    assert ack(b, *got) == 1
+    publish(b, 'a', 'after')  # the rotation starts afresh
+    assert names(read(b, 'c1', 10)) == ['a:after']
+
+
+def test_delete_removes_the_staging_hash(script_client):
+    b = fair_broker(script_client)
+    publish(b, 'a', 0)
+    assert script_client.exists(K.fair('q')) == 1
+    b.delete('q')
+    assert script_client.exists(K.fair('q')) == 0
+    assert b.publish('q', 0, body('a', 1), routed=True, group='a') is None  # stays deleted
+
+
+def test_big_message_staged_and_delivered(script_client):
+    b = fair_broker(script_client)
+    publish(b, 'a', 0)
+    b.publish_big('q', 0, body('a', 'big'), group='a')
+    got = read(b, 'c1', 10).deliveries
+    assert [d.token is not None for d in got] == [False, True]
+    assert b.bodies('q', [got[1].token]) == [body('a', 'big').encode()]
+
+
+def test_delayed_message_is_not_staged_and_still_delivered(script_client):
+    from kombu_streams.broker import Delay
+    b = fair_broker(script_client)
+    reply = b.publish('q', 0, body('a', 'later'), delay=Delay('+1', 0), group='a')
+    assert reply.startswith(b'delayed:')
+    script_client.zadd(K.delayed('q'), {reply[8:]: 0})  # due now, without waiting
+    publish(b, 'b', 0, )
+    assert sorted(names(read(b, 'c1', 10))) == ['a:later', 'b:0']
+
+
+def test_unique_key_message_is_appended_and_keeps_its_key(script_client):
+    b = fair_broker(script_client)
+    assert not b.publish('q', 0, body('a', 0), group='a', unique_key='k').startswith(b'staged')
+    assert b.publish('q', 0, body('a', 1), group='a', unique_key='k') == b'duplicate'
+    assert names(read(b, 'c1', 10)) == ['a:0']
+
+
+class FairQueue(RuleBasedStateMachine):
+    """Publish with groups at two levels, read (1 to 3 at a time), ack, reject with requeue
+    and purge, on a queue with x-fairness: every message is staged, in a stream, acked or
+    purged, never two of those; first deliveries of each level follow an exact model of the
+    rotation (so a waiting group is served within one turn of every active group, and each
+    group's order is kept); a read delivers what it may (COUNT, or everything ready); ready
+    work always has its marker."""
+
+    GROUPS = ('a', 'b', 'c', '')
+    MODEL_LEVELS = (0, 3)
+
+    def __init__(self) -> None:
+        super().__init__()
+        import fakeredis
+        self.c = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        self.b = fair_broker(self.c)
+        self.n = 0
+        # per level: the rotation (next group first) and each group's FIFO of names
+        self.rot: dict[int, list[str]] = {lv: [] for lv in self.MODEL_LEVELS}
+        self.fifo: dict[int, dict[str, list[str]]] = {lv: {} for lv in self.MODEL_LEVELS}
+        self.requeued: list[tuple[int, str]] = []  # parked: (level, name)
+        self.in_flight: dict[str, Delivery] = {}
+        self.gone: set[str] = set()  # acked or purged
+
+    def staged(self) -> int:
+        return sum(len(q) for lv in self.fifo.values() for q in lv.values())
+
+    def ready(self) -> int:
+        return self.staged() + len(self.requeued)
+
+    @rule(group=st.sampled_from(GROUPS), level=st.sampled_from(MODEL_LEVELS))
+    def publish(self, group: str, level: int) -> None:
+        self.n += 1
+        name = f'm{self.n}'
+        self.b.publish('q', level, json.dumps({'body': name}), group=group)
+        fifo = self.fifo[level].setdefault(group, [])
+        if not fifo:
+            self.rot[level].append(group)
+        fifo.append(name)
+
+    def _next_fresh(self, level: int) -> str:
+        group = self.rot[level].pop(0)
+        name = self.fifo[level][group].pop(0)
+        if self.fifo[level][group]:
+            self.rot[level].append(group)
+        return name
+
+    @rule(count=st.integers(1, 3))
+    def read(self, count: int) -> None:
+        got = read(self.b, 'c1', count).deliveries
+        if not self.requeued:
+            assert len(got) == min(count, self.ready())
+        else:
+            assert 1 <= len(got) <= min(count, self.ready())
+        for d in got:
+            name = json.loads(d.payload)['body']
+            if d.deliveries == 1:  # fresh: the rotation's next at its level
+                assert name == self._next_fresh(d.level), name
+            else:
+                assert (d.level, name) in self.requeued
+                self.requeued.remove((d.level, name))
+            self.in_flight[name] = d
+
+    @precondition(lambda self: self.in_flight)
+    @rule(requeue=st.booleans(), data=st.data())
+    def settle(self, requeue: bool, data: Any) -> None:
+        name = data.draw(st.sampled_from(sorted(self.in_flight)))
+        d = self.in_flight.pop(name)
+        if requeue:
+            assert self.b.requeue('q', [(d.stream, d.entry_id)]) == 1
+            self.requeued.append((d.level, name))
+        else:
+            assert ack(self.b, d) == 1
+            self.gone.add(name)
+
+    @rule()
+    def purge(self) -> None:
+        assert self.b.purge('q', batch=2) == self.ready()
+        for lv in self.MODEL_LEVELS:
+            for q in self.fifo[lv].values():
+                self.gone.update(q)
+            self.fifo[lv], self.rot[lv] = {}, []
+        self.gone.update(name for _, name in self.requeued)
+        self.requeued = []
+
+    @invariant()
+    def none_lost(self) -> None:
+        stored = {json.loads(f[b'm'])['body'] for lv in LEVELS
+                  for _, f in self.c.xrange(K.stream('q', lv))}
+        staged = {json.loads(v)['body'] for f, v in self.c.hgetall(K.fair('q')).items()
+                  if f.startswith(b'm:')}
+        assert not stored & staged and not (stored | staged) & self.gone
+        assert stored | staged | self.gone == {f'm{i}' for i in range(1, self.n + 1)}
+        assert len(staged) == self.staged() == int(self.c.hget(K.fair('q'), 'n') or 0)
+        assert self.b.size('q') == self.ready()
+
+    @invariant()
+    def no_wake_up_lost(self) -> None:
+        if self.ready():
+            assert self.c.exists(K.wake('q'))
+
+
+TestFairQueue = FairQueue.TestCase
+TestFairQueue.settings = settings(PROPERTY, stateful_step_count=40)
