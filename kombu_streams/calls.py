@@ -234,12 +234,12 @@ class Calls(ReadCalls):
 
     def touch_call(self, queue: str, ttl_ms: int) -> Call:
         """The touch call: an expiring queue's keys (its key store too: it names the messages
-        that hold their x-unique-key) live another ``ttl_ms``."""
+        that hold their x-unique-key; its staging hash: x-fairness) live another ``ttl_ms``."""
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
                                       self.keys.delayed(queue),
                                       self.keys.delayed_messages(queue), self.keys.big(queue),
                                       self.keys.args(queue), self.keys.counters(queue),
-                                      self.keys.unique(queue)]
+                                      self.keys.unique(queue), self.keys.fair(queue)]
         return SCRIPTS['touch'], keys, [int(ttl_ms)]
 
     def bind_call(self, exchange: str, member: str, ttl_ms: int = 0,

@@ -61,10 +61,11 @@ class Introspection(Calls):
         """The inspect call (read-only) for a queue, and the function that decodes its reply
         (see :meth:`inspect`)."""
         keys = [*self.streams(queue), self.keys.dlq(queue), self.keys.delayed(queue),
-                self.keys.args(queue), self.keys.counters(queue), self.keys.unique(queue)]
+                self.keys.args(queue), self.keys.counters(queue), self.keys.unique(queue),
+                self.keys.fair(queue)]
 
         def parse(reply: Any) -> dict[str, Any]:
-            records, dlq, now, delayed, next_due, arguments, counters, refused = reply
+            records, dlq, now, delayed, next_due, arguments, counters, refused, staged = reply
             levels: list[dict[str, Any]] = []
             consumers: dict[str, dict[str, Any]] = {}
             for key, rec in zip(keys, records):
@@ -89,7 +90,8 @@ class Introspection(Calls):
             return {
                 'queue': queue,
                 'exists': any(lv['exists'] for lv in levels),
-                'ready': sum(lv['ready'] for lv in levels),
+                'ready': sum(lv['ready'] for lv in levels) + int(staged),
+                'staged': int(staged),
                 'held': sum(lv['held'] for lv in levels),
                 'pending': sum(lv['pending'] for lv in levels),
                 'oldest_ready_ms': max(ages) if ages else None,

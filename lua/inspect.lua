@@ -7,6 +7,8 @@ KEYS[n+3]     the queue's arguments (hash), ks:q:{name}:args
 KEYS[n+4]     the queue's counters (hash), ks:q:{name}:counters
 KEYS[n+5]     the queue's key store (hash), ks:q:{name}:unique: its count of publishes
               refused because their x-unique-key was taken (field "n")
+KEYS[n+6]     the queue's staging hash, ks:q:{name}:fair (x-fairness): its count of staged
+              messages (field "n")
 ARGV[1]       consumer group (the queue's name)
 ARGV[2]       name of the holder consumer that parks requeued messages
 ARGV[3..n+2]  the priority level of each stream, in KEYS order
@@ -19,6 +21,7 @@ Reply:        {levels, dlq length, now, delayed, next due, arguments, counters, 
               (HGETALL of a hash only declare.lua and limits.lua write: a few fields),
               counters its counters, flat (HGETALL: expired, ...); unique refused the
               key store's count (HGET; 0 without a store: docs/design.rst, Unique keys); and
+              staged (the staging hash's count, 0 without one; last in the reply); and
               levels holds one record per stream, in KEYS order:
               {level, exists, length, ready, held, pending, oldest, consumers, last}
                 exists     1 if the stream exists, else 0
@@ -45,11 +48,11 @@ run with EVALSHA_RO on Redis 7.0+ (Script.call_ro). See docs/design.rst (Leases)
 --@include common
 --@include delay
 --@include unique
-local bad = check_args('inspect', #KEYS >= 6, #ARGV == #KEYS - 3,
-                       'KEYS: n streams, dlq, delayed set, arguments, counters, key store; ' ..
-                       'ARGV: group, holder, n levels')
+local bad = check_args('inspect', #KEYS >= 7, #ARGV == #KEYS - 4,
+                       'KEYS: n streams, dlq, delayed set, arguments, counters, key store, ' ..
+                       'staging hash; ARGV: group, holder, n levels')
 if bad then return bad end
-local n = #KEYS - 5
+local n = #KEYS - 6
 local group, holder = ARGV[1], ARGV[2]
 local now = now_ms()
 
@@ -115,4 +118,5 @@ local next_due = -1
 if first[1] then next_due = math.max(tonumber(first[2]) - now, 0) end
 return {levels, redis.call('XLEN', KEYS[n + 1]), now, redis.call('ZCARD', KEYS[n + 2]), next_due,
         redis.call('HGETALL', KEYS[n + 3]), redis.call('HGETALL', KEYS[n + 4]),
-        tonumber(redis.call('HGET', KEYS[n + 5], UNIQUE_COUNT) or '0') or 0}
+        tonumber(redis.call('HGET', KEYS[n + 5], UNIQUE_COUNT) or '0') or 0,
+        tonumber(redis.call('HGET', KEYS[n + 6], 'n') or '0') or 0}

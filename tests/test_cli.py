@@ -161,7 +161,7 @@ def test_inspect_counts_dead_letters_and_writes_nothing(script_client):
         script = SCRIPTS['inspect'].flagged
         assert script.source.startswith('#!lua flags=no-writes\n')
         keys = [*K.streams('q', LEVELS), K.dlq('q'), K.delayed('q'), K.args('q'),
-                K.counters('q'), K.unique('q')]
+                K.counters('q'), K.unique('q'), K.fair('q')]
         assert c.evalsha_ro(script.sha, len(keys), *keys, 'q', HOLDER, *LEVELS)[1] == 2
 
 
@@ -781,7 +781,7 @@ def test_python_dash_m_runs_the_command(tmp_path):
                         'q', '--lua-dir', str(tmp_path)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
-    assert f"redis-cli EVALSHA {SCRIPTS['size'].sha} 4 " in r.stdout
+    assert f"redis-cli EVALSHA {SCRIPTS['size'].sha} 5 " in r.stdout
 
 
 # -- global options: before or after the command -------------------------------------------

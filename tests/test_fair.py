@@ -350,3 +350,27 @@ class FairQueue(RuleBasedStateMachine):
 
 TestFairQueue = FairQueue.TestCase
 TestFairQueue.settings = settings(PROPERTY, stateful_step_count=40)
+
+
+def test_inspect_and_exporter_count_staged_messages(script_client):
+    b = fair_broker(script_client)
+    for n in range(3):
+        publish(b, 'a', n)
+    publish(b, 'b', 0, level=3)
+    read(b, 'c1', 1)
+    info = b.inspect('q')
+    assert info['staged'] == 3 and info['ready'] == 3 and info['pending'] == 1
+    from kombu_streams.exporter import _add_queue, _families
+    families = _families()
+    _add_queue(families, info)
+    samples = {s.labels['queue']: s.value for s in families['queue_staged_messages'].samples}
+    assert samples == {'q': 3}
+
+
+def test_an_expiring_queue_keeps_its_staged_messages_alive(script_client):
+    b = fair_broker(script_client)
+    b.touch('q', 60_000)
+    publish(b, 'a', 0)
+    assert 0 < script_client.pttl(K.fair('q')) <= 60_000  # the queue's expiry, at creation
+    b.touch('q', 600_000)
+    assert script_client.pttl(K.fair('q')) > 60_000  # and every touch's

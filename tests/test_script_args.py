@@ -37,7 +37,8 @@ MINIMAL = {
     'dlq_purge': ([K.dlq(Q), K.big(Q)], ['1-0', 10]),
     'fanout_ack': ([FAN], [Q, 'c1', '1-1']),
     'fanout_publish': ([FAN, K.deadlines(X)], ['m']),
-    'inspect': ([S0, K.dlq(Q), K.delayed(Q), K.args(Q), K.counters(Q), K.unique(Q)],
+    'inspect': ([S0, K.dlq(Q), K.delayed(Q), K.args(Q), K.counters(Q), K.unique(Q),
+                  K.fair(Q)],
                 [Q, HOLDER, 0]),
     'inspect_fanout': ([FAN], [10, 0, 100]),
     'layout': (['ks:layout'], [1]),
@@ -61,7 +62,7 @@ MINIMAL = {
     'leave': ([S0], [Q, 'c1']),
     'scheduled': ([K.delayed(Q), K.delayed_messages(Q)], [10, '0']),
     'size': ([S0], [Q, HOLDER]),
-    'touch': ([S0, *QUEUE_KEYS, K.args(Q), K.counters(Q), K.unique(Q)], [1000]),
+    'touch': ([S0, *QUEUE_KEYS, K.args(Q), K.counters(Q), K.unique(Q), K.fair(Q)], [1000]),
     'wake': ([K.wake(Q), S0, K.wake(Q)], ['q', Q, '']),
 }
 
