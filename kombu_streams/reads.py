@@ -51,7 +51,7 @@ LAYOUTS_KEPT = 64
 class ReadLayout(NamedTuple):
     """What read.lua's KEYS and ARGV hold for one tuple of sources, whatever the call."""
 
-    #: KEYS: the streams in serving order, then eleven keys per source
+    #: KEYS: the streams in serving order, then twelve keys per source
     keys: tuple[str, ...]
     #: (stream key, source, level) per stream, in serving order (KEYS[1..S])
     streams: tuple[tuple[str, Source, int], ...]

@@ -9,7 +9,7 @@ KEYS[n+4]   the queue's key store (hash, x-unique-key): the keys of the delayed 
             are released (a stream entry's key is free once its entry is gone: docs/design.rst,
             Unique keys)
 KEYS[n+5]   the queue's staging hash (x-fairness), ks:q:{celery}:fair: up to batch staged
-            messages per level go too, in rotation order (lua/lib/fair.lua)
+            messages go too (over all levels), in rotation order (lua/lib/fair.lua)
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
 ARGV[3]     batch: the most entries to delete from each stream (and the delayed set)
@@ -146,11 +146,17 @@ for i = 1, n do
   end
 end
 -- Fair share: staged messages are ready ones not in a stream yet (their big bodies freed
--- as they go, in fair_drop)
+-- as they go, in fair_drop), at most batch of them per call over all levels
 if redis.call('EXISTS', staging) == 1 then
+  local budget = batch
   for i = 1, n do
-    local dropped, left = fair_drop(staging, fair_level(KEYS[i]), batch, big)
-    purged = purged + dropped
+    local level, dropped, left = fair_level(KEYS[i]), 0, nil
+    if budget > 0 then
+      dropped, left = fair_drop(staging, level, budget, big)
+    else
+      left = redis.call('HEXISTS', staging, 'c:' .. level) == 1
+    end
+    purged, budget = purged + dropped, budget - dropped
     if left then more = 1 end
   end
 end
