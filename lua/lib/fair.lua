@@ -48,43 +48,79 @@ local function fair_stage(fair_key, level, group, value)
   return waiting
 end
 
--- Take the next staged message of level LEVEL's rotation in FAIR_KEY off its group's FIFO:
--- the group after the tail gives its oldest one and becomes the tail (or leaves the rotation
--- when it ran dry). PUT(value) stores it first and answers false when it cannot (nothing is
--- then changed). Returns (status, more): status 'taken', 'lost' (its value was gone: the
--- group moves on), 'refused' (PUT said no) or nil (the rotation is empty); more whether level
--- LEVEL still has staged messages.
-local function fair_take(fair_key, level, put)
+-- Take up to N staged messages of level LEVEL off their groups' FIFOs in rotation order, one
+-- per group per turn: the group after the tail gives its oldest one and becomes the tail, or
+-- leaves the rotation when it ran dry. PUT(value) stores each first; when it answers false
+-- (or an error) the pop stops there, that message still staged. What the pop learns of the
+-- hash (links, heads, tails) is kept in Lua and written back once at the end, so a message
+-- costs an HGET and its PUT, and a group a few commands. Returns (taken, more, error): more
+-- whether level LEVEL still has staged messages.
+local function fair_pop(fair_key, level, n, put)
   local last = redis.call('HGET', fair_key, 'c:' .. level)
-  if not last then return nil, false end
-  local group = redis.call('HGET', fair_key, 'x:' .. level .. ':' .. last)
-  local hf, tf = 'h:' .. level .. ':' .. group, 't:' .. level .. ':' .. group
-  local ht = redis.call('HMGET', fair_key, hf, tf)
-  local head, tail = (tonumber(ht[1]) or 0) + 1, tonumber(ht[2]) or 0
-  local mf = 'm:' .. level .. ':' .. group .. ':' .. head
-  local value = redis.call('HGET', fair_key, mf)
-  local status = 'lost'
-  if value then
-    if not put(value) then return 'refused', true end
-    redis.call('HDEL', fair_key, mf)
-    if redis.call('HINCRBY', fair_key, FAIR_COUNT, -1) <= 0 then  -- none left: the hash goes
-      redis.call('HDEL', fair_key, FAIR_COUNT)
+  if not last then return 0, false, nil end
+  local pre = level .. ':'
+  local nxt, head, tail, relinked, dry = {}, {}, {}, {}, {}
+  local function next_of(g)
+    if nxt[g] == nil then nxt[g] = redis.call('HGET', fair_key, 'x:' .. pre .. g) end
+    return nxt[g]
+  end
+  local taken, steps, done, err = {}, 0, false, nil
+  while steps < n do
+    local g = next_of(last)
+    if head[g] == nil then
+      local ht = redis.call('HMGET', fair_key, 'h:' .. pre .. g, 't:' .. pre .. g)
+      head[g], tail[g] = tonumber(ht[1]) or 0, tonumber(ht[2]) or 0
     end
-    status = 'taken'
+    local seq = head[g] + 1
+    local mf = 'm:' .. pre .. g .. ':' .. seq
+    local value = redis.call('HGET', fair_key, mf)
+    if value then
+      local ok
+      ok, err = put(value)
+      if not ok then break end
+      taken[#taken + 1] = mf
+    end
+    steps, head[g] = steps + 1, seq
+    if seq < tail[g] then  -- the group has more: it becomes the tail
+      last = g
+    else  -- dry: out of the rotation (its predecessor LAST stays the tail)
+      dry[#dry + 1] = g
+      local after = next_of(g)
+      if after == g then  -- it was the only one
+        done = true
+        break
+      end
+      nxt[last], relinked[last] = after, true
+    end
   end
-  if head < tail then  -- the group has more: it becomes the tail
-    redis.call('HSET', fair_key, hf, head, 'c:' .. level, group)
-    return status, true
+  -- write back: the messages taken, the heads, links and tail, the dry groups' fields
+  for j = 1, #taken, 1000 do  -- unpack() has a limit
+    redis.call('HDEL', fair_key, unpack(taken, j, math.min(j + 999, #taken)))
   end
-  -- dry: out of the rotation (its predecessor LAST stays the tail)
-  local after = redis.call('HGET', fair_key, 'x:' .. level .. ':' .. group)
-  redis.call('HDEL', fair_key, hf, tf, 'x:' .. level .. ':' .. group)
-  if after == group then  -- it was the only one
-    redis.call('HDEL', fair_key, 'c:' .. level)
-    return status, false
+  if #taken > 0 and redis.call('HINCRBY', fair_key, FAIR_COUNT, -#taken) <= 0 then
+    redis.call('HDEL', fair_key, FAIR_COUNT)  -- none left: the hash goes with its last field
   end
-  redis.call('HSET', fair_key, 'x:' .. level .. ':' .. last, after)
-  return status, true
+  local gone, drops = {}, {}
+  for _, g in ipairs(dry) do
+    gone[g] = true
+    local k = #drops
+    drops[k + 1], drops[k + 2], drops[k + 3] = 'h:' .. pre .. g, 't:' .. pre .. g, 'x:' .. pre .. g
+  end
+  local sets = {}
+  for g, h in pairs(head) do
+    if not gone[g] then sets[#sets + 1], sets[#sets + 2] = 'h:' .. pre .. g, h end
+  end
+  for g in pairs(relinked) do
+    if not gone[g] then sets[#sets + 1], sets[#sets + 2] = 'x:' .. pre .. g, nxt[g] end
+  end
+  if done then
+    drops[#drops + 1] = 'c:' .. level
+  else
+    sets[#sets + 1], sets[#sets + 2] = 'c:' .. level, last
+  end
+  if #drops > 0 then redis.call('HDEL', fair_key, unpack(drops)) end
+  if #sets > 0 then redis.call('HSET', fair_key, unpack(sets)) end
+  return #taken, not done, err
 end
 
 -- Move up to N staged messages of level stream STREAM into it, in rotation order (one per
@@ -94,40 +130,22 @@ end
 -- the level still has staged messages; error when FAIR_KEY or STREAM holds another type
 -- (found before anything was written: the first HGET and the first XADD).
 local function fair_move(fair_key, stream, n)
-  local level, moved, more, err = fair_level(stream), 0, true, nil
   local _, herr = try('HGET', fair_key, FAIR_COUNT)
   if herr then return 0, true, herr end
-  local function put(value)
+  return fair_pop(fair_key, fair_level(stream), n, function(value)
     local id, xerr = try('XADD', stream, 'NOMKSTREAM', '*', unpack(entry_of(value)))
-    err = xerr
-    return id and not xerr
-  end
-  local misses = 0  -- values found gone: bounded too
-  while moved < n and misses < n do
-    local status
-    status, more = fair_take(fair_key, level, put)
-    if status == 'taken' then moved = moved + 1 else misses = misses + 1 end
-    if not more or status == 'refused' or status == nil then break end
-  end
-  return moved, more, err
+    return id and not xerr, xerr
+  end)
 end
 
 -- Remove up to N staged messages of level LEVEL from FAIR_KEY (purge), in rotation order,
 -- freeing the bodies of big ones in BIG (a hash; another type there: bodies left). Returns
 -- (removed, more).
 local function fair_drop(fair_key, level, n, big)
-  local removed, more = 0, true
-  local function put(value)
+  local removed, more = fair_pop(fair_key, level, n, function(value)
     local rest = split_deadline(value)
     if string.sub(rest, 1, 2) == 'r:' then try('HDEL', big, string.sub(rest, 3)) end
     return true
-  end
-  local steps = 0
-  while steps < n and more do
-    local status
-    status, more = fair_take(fair_key, level, put)
-    if status == 'taken' then removed = removed + 1 end
-    steps = steps + 1
-  end
+  end)
   return removed, more
 end
