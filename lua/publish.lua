@@ -44,11 +44,11 @@ ARGV[13]  optional (ARGV[8..12] then given, "" where unused): the message's grou
           group. A delayed message, one with a unique key and one behind due delayed ones
           are appended (or kept delayed) as on any queue. A call to a queue with x-fairness
           without ARGV[13] gets NEEDKEYS, nothing written
-Reply:    the new entry id; "delayed:<member>" when kept until due; "staged:<n>" when
-          staged (n: its group's messages staged at its level); nil when ARGV[2] is "1"
-          and the queue does not exist; "duplicate" when the queue has x-deduplication-window
-          and stored a message with the id of ARGV[11] within it, or when a live message of
-          the queue holds the key of ARGV[12] (nothing stored; docs/design.rst, Unique keys)
+Reply:    the new entry id; "delayed:<member>" when kept until due; "staged" when staged
+          (x-fairness); nil when ARGV[2] is "1" and the queue does not exist; "duplicate"
+          when the queue has x-deduplication-window and stored a message with the id of
+          ARGV[11] within it, or when a live message of the queue holds the key of ARGV[12]
+          (nothing stored; docs/design.rst, Unique keys)
 Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "publish: no
           body" (a big message's token is not in KEYS[#]); "QUEUEFULL ..." (x-overflow
           reject-publish, or drop-head with nothing ready to set aside: nothing stored);
@@ -66,7 +66,7 @@ fields at most, 16 of them stream entries: an XPENDING each, an XRANGE of those 
 delivered yet, about 1 MiB copied at most; lua/lib/unique.lua). Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
 arguments and limits, Message TTL, Duplicates, Unique keys, Fair share). A staged message
-costs a TYPE, a PTTL and O(1) hash commands (lua/lib/fair.lua).
+costs 3 hash commands (6 when its group joins the rotation: lua/lib/fair.lua) and an SADD.
 ]]
 --@include common
 --@include delay
@@ -324,19 +324,24 @@ end
 local fair_key = grouped and fairness and not ukey and KEYS[11 + nl]
 if fair_key then
   if routed and redis.call('EXISTS', first) == 0 then return refuse(false) end
-  wrong = wrong_type(fair_key, 'hash') or wrong_type(wake, 'zset')
-  if wrong then return refuse(redis.error_reply(wrong)) end
-  local new = {}
-  if redis.call('PTTL', fair_key) == -2 then new[1] = fair_key end
+  -- the marker first (fails alone), taken back if the staging's first write fails
+  local woke, werr = try('ZADD', wake, 0, 'w')
+  if werr then return refuse(redis.error_reply(werr)) end
   local value = payload
   if big then value = 'r:' .. token end
-  local waiting = fair_stage(fair_key, string.match(stream, ':(%d+)$') or '0', ARGV[13],
-                             with_deadline(value, deadline))
-  if redis.call('ZADD', wake, 0, 'w') == 1 then new[#new + 1] = wake end
+  local created, serr = fair_stage(fair_key, string.match(stream, ':(%d+)$') or '0',
+                                   ARGV[13], with_deadline(value, deadline))
+  if serr then
+    if woke == 1 then redis.call('ZREM', wake, 'w') end
+    return refuse(redis.error_reply(serr))
+  end
+  local new = {}
+  if woke == 1 then new[#new + 1] = wake end
+  if created then new[#new + 1] = fair_key end
   if redis.call('SADD', ready, FAIR .. stream) == 1 then new[#new + 1] = ready end
   expire_new(new)
   remember()
-  return 'staged:' .. waiting
+  return 'staged'
 end
 local woke, wake_wrong = try('ZADD', wake, 0, 'w')  -- first write: fails alone
 if wake_wrong then return refuse(redis.error_reply(wake_wrong)) end

@@ -27,15 +27,16 @@ local function fair_level(stream)
 end
 
 -- Stage VALUE (a delayed value: lua/lib/delay.lua's with_deadline) for GROUP at LEVEL in the
--- staging hash FAIR_KEY; a group that had nothing staged joins the rotation as its tail, so
--- it is served after every group already waiting. Returns the staged count of the group.
+-- staging hash FAIR_KEY; a group that had nothing staged (no tail field: a group that ran dry
+-- lost its fields) joins the rotation as its tail, so it is served after every group already
+-- waiting. The first write, an HINCRBY, fails alone on another type. Returns (created, nil):
+-- created when the hash is new (its count was 0, so it did not exist); or (nil, error).
 local function fair_stage(fair_key, level, group, value)
+  local count, err = try('HINCRBY', fair_key, FAIR_COUNT, 1)
+  if err then return nil, err end
   local tail = redis.call('HINCRBY', fair_key, 't:' .. level .. ':' .. group, 1)
   redis.call('HSET', fair_key, 'm:' .. level .. ':' .. group .. ':' .. tail, value)
-  redis.call('HINCRBY', fair_key, FAIR_COUNT, 1)
-  local head = tonumber(redis.call('HGET', fair_key, 'h:' .. level .. ':' .. group)) or 0
-  local waiting = tail - head
-  if waiting == 1 then  -- it was dry: it joins the rotation, last
+  if tail == 1 then  -- it was dry: it joins the rotation, last
     local last = redis.call('HGET', fair_key, 'c:' .. level)
     if last then
       local after = redis.call('HGET', fair_key, 'x:' .. level .. ':' .. last)
@@ -45,43 +46,34 @@ local function fair_stage(fair_key, level, group, value)
       redis.call('HSET', fair_key, 'x:' .. level .. ':' .. group, group, 'c:' .. level, group)
     end
   end
-  return waiting
+  return count == 1, nil
 end
 
--- Take up to N staged messages of level LEVEL off their groups' FIFOs in rotation order, one
+-- The rotation of level LEVEL after taking N staged messages off their groups' FIFOs, one
 -- per group per turn: the group after the tail gives its oldest one and becomes the tail, or
--- leaves the rotation when it ran dry. PUT(value) stores each first; when it answers false
--- (or an error) the pop stops there, that message still staged. What the pop learns of the
--- hash (links, heads, tails) is kept in Lua and written back once at the end, so a message
--- costs an HGET and its PUT, and a group a few commands. Returns (taken, more, error): more
--- whether level LEVEL still has staged messages.
-local function fair_pop(fair_key, level, n, put)
-  local last = redis.call('HGET', fair_key, 'c:' .. level)
-  if not last then return 0, false, nil end
+-- leaves the rotation when it ran dry. Reads the hash only through CACHE (links, heads and
+-- tails, each read once per call), so planning again for fewer costs no command. Returns the
+-- plan: order (the message fields, in taking order), head, relinked, dry, last, done.
+local function fair_plan(fair_key, level, n, last, cache)
   local pre = level .. ':'
-  local nxt, head, tail, relinked, dry = {}, {}, {}, {}, {}
+  local nxt, head, relinked, dry, order = {}, {}, {}, {}, {}
   local function next_of(g)
-    if nxt[g] == nil then nxt[g] = redis.call('HGET', fair_key, 'x:' .. pre .. g) end
+    if nxt[g] == nil then
+      if cache.x[g] == nil then cache.x[g] = redis.call('HGET', fair_key, 'x:' .. pre .. g) end
+      nxt[g] = cache.x[g]
+    end
     return nxt[g]
   end
-  local taken, steps, done, err = {}, 0, false, nil
-  while steps < n do
+  local done = false
+  while #order < n do
     local g = next_of(last)
-    if head[g] == nil then
+    if cache.h[g] == nil then
       local ht = redis.call('HMGET', fair_key, 'h:' .. pre .. g, 't:' .. pre .. g)
-      head[g], tail[g] = tonumber(ht[1]) or 0, tonumber(ht[2]) or 0
+      cache.h[g], cache.t[g] = tonumber(ht[1]) or 0, tonumber(ht[2]) or 0
     end
-    local seq = head[g] + 1
-    local mf = 'm:' .. pre .. g .. ':' .. seq
-    local value = redis.call('HGET', fair_key, mf)
-    if value then
-      local ok
-      ok, err = put(value)
-      if not ok then break end
-      taken[#taken + 1] = mf
-    end
-    steps, head[g] = steps + 1, seq
-    if seq < tail[g] then  -- the group has more: it becomes the tail
+    local seq = (head[g] or cache.h[g]) + 1
+    order[#order + 1], head[g] = 'm:' .. pre .. g .. ':' .. seq, seq
+    if seq < cache.t[g] then  -- the group has more: it becomes the tail
       last = g
     else  -- dry: out of the rotation (its predecessor LAST stays the tail)
       dry[#dry + 1] = g
@@ -93,34 +85,72 @@ local function fair_pop(fair_key, level, n, put)
       nxt[last], relinked[last] = after, true
     end
   end
-  -- write back: the messages taken, the heads, links and tail, the dry groups' fields
-  for j = 1, #taken, 1000 do  -- unpack() has a limit
-    redis.call('HDEL', fair_key, unpack(taken, j, math.min(j + 999, #taken)))
+  return {order = order, head = head, relinked = relinked, nxt = nxt, dry = dry, last = last,
+          done = done}
+end
+
+-- Write PLAN (fair_plan) back to FAIR_KEY for level LEVEL, TAKEN of its messages removed:
+-- heads, links and the tail in one HSET, the dry groups' fields in one HDEL.
+local function fair_save(fair_key, level, plan, taken)
+  local pre = level .. ':'
+  for j = 1, #plan.order, 1000 do  -- unpack() has a limit; a field gone already is no matter
+    redis.call('HDEL', fair_key, unpack(plan.order, j, math.min(j + 999, #plan.order)))
   end
-  if #taken > 0 and redis.call('HINCRBY', fair_key, FAIR_COUNT, -#taken) <= 0 then
+  if taken > 0 and redis.call('HINCRBY', fair_key, FAIR_COUNT, -taken) <= 0 then
     redis.call('HDEL', fair_key, FAIR_COUNT)  -- none left: the hash goes with its last field
   end
-  local gone, drops = {}, {}
-  for _, g in ipairs(dry) do
-    gone[g] = true
+  local gone, drops, sets = {}, {}, {}
+  for _, g in ipairs(plan.dry) do
     local k = #drops
+    gone[g] = true
     drops[k + 1], drops[k + 2], drops[k + 3] = 'h:' .. pre .. g, 't:' .. pre .. g, 'x:' .. pre .. g
   end
-  local sets = {}
-  for g, h in pairs(head) do
+  for g, h in pairs(plan.head) do
     if not gone[g] then sets[#sets + 1], sets[#sets + 2] = 'h:' .. pre .. g, h end
   end
-  for g in pairs(relinked) do
-    if not gone[g] then sets[#sets + 1], sets[#sets + 2] = 'x:' .. pre .. g, nxt[g] end
+  for g in pairs(plan.relinked) do
+    if not gone[g] then sets[#sets + 1], sets[#sets + 2] = 'x:' .. pre .. g, plan.nxt[g] end
   end
-  if done then
+  if plan.done then
     drops[#drops + 1] = 'c:' .. level
   else
-    sets[#sets + 1], sets[#sets + 2] = 'c:' .. level, last
+    sets[#sets + 1], sets[#sets + 2] = 'c:' .. level, plan.last
   end
   if #drops > 0 then redis.call('HDEL', fair_key, unpack(drops)) end
   if #sets > 0 then redis.call('HSET', fair_key, unpack(sets)) end
-  return #taken, not done, err
+end
+
+-- Take up to N staged messages of level LEVEL in rotation order (fair_plan): their values in
+-- one HMGET per 1,000, each given to PUT, which stores it first; when PUT answers false (or
+-- an error) the take stops there, that message and those after it still staged (planned
+-- again for fewer, from the cache). A value found gone counts as taken. So a message costs
+-- its share of an HMGET and its PUT, a group a few commands. Returns (taken, more, error):
+-- more whether level LEVEL still has staged messages.
+local function fair_pop(fair_key, level, n, put)
+  local last = redis.call('HGET', fair_key, 'c:' .. level)
+  if not last then return 0, false, nil end
+  local cache = {x = {}, h = {}, t = {}}
+  local plan = fair_plan(fair_key, level, n, last, cache)
+  local taken, err = 0, nil
+  for j = 1, #plan.order, 1000 do
+    local values = redis.call('HMGET', fair_key, unpack(plan.order, j,
+                                                        math.min(j + 999, #plan.order)))
+    for k, value in ipairs(values) do
+      if value then
+        local ok
+        ok, err = put(value)
+        if not ok then  -- stop before it: plan again for what went
+          plan = fair_plan(fair_key, level, j + k - 2, last, cache)
+          if #plan.order == 0 then return 0, true, err end
+          fair_save(fair_key, level, plan, taken)
+          return taken, true, err
+        end
+        taken = taken + 1
+      end
+    end
+  end
+  fair_save(fair_key, level, plan, taken)
+  return taken, not plan.done, nil
 end
 
 -- Move up to N staged messages of level stream STREAM into it, in rotation order (one per
