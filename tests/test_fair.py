@@ -463,3 +463,42 @@ def test_a_move_that_cannot_append_leaves_everything_staged(script_client):
     script_client.delete(K.stream('q', 0))
     b.declare('q')
     assert names(read(b, 'c1', 10)) == ['a:0', 'b:0']
+
+
+# -- Redis Cluster ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def cluster(tmp_path_factory: Any) -> Any:
+    """A three-master Redis Cluster (tests/test_cluster.py's)."""
+    from tests.test_cluster import Cluster
+    c = Cluster(tmp_path_factory.mktemp('cluster'))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_fair_queues_on_every_master_of_a_cluster(cluster: Any) -> None:
+    """The staging hash shares its queue's hash tag: fair queues on three masters, each
+    served in rotation by one consumer of all of them (one read call per slot)."""
+    from tests.test_cluster import drain, spread
+    cluster.flush()
+    cluster_url = cluster.url
+    names = spread(cluster, 3, prefix='fair')
+    queues = [Queue(n, routing_key=n, queue_arguments=FAIR) for n in names]
+    with Connection(cluster_url) as conn:
+        producer = Producer(conn)
+        for q in queues:
+            q(conn.default_channel).declare()
+        for name in names:
+            for n in range(4):
+                producer.publish({'q': name, 'g': 'a', 'n': n}, routing_key=name,
+                                 headers={'x-group': 'a'})
+            producer.publish({'q': name, 'g': 'b', 'n': 0}, routing_key=name,
+                             headers={'x-group': 'b'})
+        got = drain(conn, queues, 15, prefetch_count=1)
+    assert len(got) == 15
+    for name in names:
+        order = [(b['g'], b['n']) for b, _ in got if b['q'] == name]
+        assert order == [('a', 0), ('b', 0), ('a', 1), ('a', 2), ('a', 3)], (name, order)
