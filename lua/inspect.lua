@@ -8,7 +8,7 @@ KEYS[n+4]     the queue's counters (hash), ks:q:{name}:counters
 KEYS[n+5]     the queue's key store (hash), ks:q:{name}:unique: its count of publishes
               refused because their x-unique-key was taken (field "n")
 KEYS[n+6]     the queue's staging hash, ks:q:{name}:fair (x-fairness): its count of staged
-              messages (field "n")
+              messages (field "n"), and per level the groups waiting (lua/lib/fair.lua)
 ARGV[1]       consumer group (the queue's name)
 ARGV[2]       name of the holder consumer that parks requeued messages
 ARGV[3..n+2]  the priority level of each stream, in KEYS order
@@ -21,7 +21,10 @@ Reply:        {levels, dlq length, now, delayed, next due, arguments, counters, 
               (HGETALL of a hash only declare.lua and limits.lua write: a few fields),
               counters its counters, flat (HGETALL: expired, ...); unique refused the
               key store's count (HGET; 0 without a store: docs/design.rst, Unique keys); and
-              staged (the staging hash's count, 0 without one; last in the reply); and
+              staged (the staging hash's count, 0 without one), groups (per stream in
+              KEYS order {complete, group, waiting, ...}: the groups of its level's rotation,
+              at most GROUPS_MAX (1,000) of them from the next in turn; complete 1 when that
+              is all); and
               levels holds one record per stream, in KEYS order:
               {level, exists, length, ready, held, pending, oldest, consumers, last}
                 exists     1 if the stream exists, else 0
@@ -48,6 +51,8 @@ run with EVALSHA_RO on Redis 7.0+ (Script.call_ro). See docs/design.rst (Leases)
 --@include common
 --@include delay
 --@include unique
+--@include fair
+local GROUPS_MAX = 1000  -- groups walked per level (one HGET each)
 local bad = check_args('inspect', #KEYS >= 7, #ARGV == #KEYS - 4,
                        'KEYS: n streams, dlq, delayed set, arguments, counters, key store, ' ..
                        'staging hash; ARGV: group, holder, n levels')
@@ -111,12 +116,17 @@ local function level_record(key, level)
           consumers, last}
 end
 
-local levels = {}
-for i = 1, n do levels[i] = level_record(KEYS[i], tonumber(ARGV[2 + i])) end
+local levels, groups = {}, {}
+for i = 1, n do
+  levels[i] = level_record(KEYS[i], tonumber(ARGV[2 + i]))
+  local waiting, complete = fair_groups(KEYS[n + 6], fair_level(KEYS[i]), GROUPS_MAX)
+  table.insert(waiting, 1, complete and 1 or 0)
+  groups[i] = waiting
+end
 local first = redis.call('ZRANGE', KEYS[n + 2], 0, 0, 'WITHSCORES')
 local next_due = -1
 if first[1] then next_due = math.max(tonumber(first[2]) - now, 0) end
 return {levels, redis.call('XLEN', KEYS[n + 1]), now, redis.call('ZCARD', KEYS[n + 2]), next_due,
         redis.call('HGETALL', KEYS[n + 3]), redis.call('HGETALL', KEYS[n + 4]),
         tonumber(redis.call('HGET', KEYS[n + 5], UNIQUE_COUNT) or '0') or 0,
-        tonumber(redis.call('HGET', KEYS[n + 6], 'n') or '0') or 0}
+        tonumber(redis.call('HGET', KEYS[n + 6], 'n') or '0') or 0, groups}

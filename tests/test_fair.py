@@ -502,3 +502,32 @@ def test_fair_queues_on_every_master_of_a_cluster(cluster: Any) -> None:
     for name in names:
         order = [(b['g'], b['n']) for b, _ in got if b['q'] == name]
         assert order == [('a', 0), ('b', 0), ('a', 1), ('a', 2), ('a', 3)], (name, order)
+
+
+def test_status_and_exporter_show_the_groups_with_the_most_staged(script_client):
+    b = fair_broker(script_client)
+    for g, n in (('a', 3), ('b', 5), ('', 1)):
+        for i in range(n):
+            publish(b, g, i)
+    publish(b, 'a', 'low', level=9)  # a group's staged messages of every level add up
+    groups = b.inspect('q')['groups']
+    assert groups == {'active': 3, 'complete': True, 'top': [('b', 5), ('a', 4), ('', 1)]}
+    from kombu_streams.cli.commands.status import status_text
+    text = status_text([b.inspect('q')], [])
+    assert 'GROUP' in text and '(default)' in text
+    from kombu_streams.exporter import _add_queue, _families
+    families = _families()
+    _add_queue(families, b.inspect('q'))
+    samples = {s.labels['group']: s.value
+               for s in families['queue_group_staged_messages'].samples}
+    assert samples == {'b': 5, 'a': 4, '': 1}
+
+
+def test_inspect_walks_at_most_a_thousand_groups_a_level(script_client):
+    b = fair_broker(script_client)
+    for g in range(1001):
+        publish(b, f'g{g}', 0)
+    publish(b, 'g0', 1)
+    groups = b.inspect('q')['groups']
+    assert groups['active'] == 1000 and not groups['complete']
+    assert groups['top'][0] == ('g0', 2)  # the next in turn are walked: g0 first

@@ -179,3 +179,28 @@ local function fair_drop(fair_key, level, n, big)
   end)
   return removed, more
 end
+
+-- For operators (inspect.lua, read-only): the groups of level LEVEL's rotation in FAIR_KEY
+-- with what each has waiting, walking at most MAX of them from the next in turn (one HGET
+-- per group and one HMGET for all their heads and tails). Returns a flat {group, waiting,
+-- ...} and whether that was the whole rotation.
+local function fair_groups(fair_key, level, max)
+  local last = redis.call('HGET', fair_key, 'c:' .. level)
+  if not last then return {}, true end
+  local pre, groups, g = level .. ':', {}, last
+  repeat
+    g = redis.call('HGET', fair_key, 'x:' .. pre .. g)
+    groups[#groups + 1] = g
+  until g == last or #groups >= max
+  local fields = {}
+  for j, name in ipairs(groups) do
+    fields[2 * j - 1], fields[2 * j] = 'h:' .. pre .. name, 't:' .. pre .. name
+  end
+  local ht = redis.call('HMGET', fair_key, unpack(fields))
+  local out = {}
+  for j, name in ipairs(groups) do
+    out[2 * j - 1] = name
+    out[2 * j] = (tonumber(ht[2 * j]) or 0) - (tonumber(ht[2 * j - 1]) or 0)
+  end
+  return out, g == last
+end
