@@ -38,19 +38,19 @@ def group(message: Mapping[str, Any]) -> str | None:
 
 
 def fairness_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
-    """x-fairness of ``args`` checked, as stored, or [] without it. Refused with x-max-length
-    for now: the length counts the queue's streams and delayed set, not its staged messages
-    (docs/design.rst, "Fair share"), and a limit that misses some is no limit."""
+    """x-fairness of ``args`` checked, as stored, or [] without it. With x-max-length only
+    with x-overflow reject-publish: drop-head sets aside the message a read would serve next,
+    and it does not look at staged messages yet (docs/design.rst, "Fair share")."""
     value = args.get(ARGUMENT)
     if value is None:
         return []
     if value not in VALUES:
         raise ValueError(f'kombu-streams: queue {queue!r}: argument {ARGUMENT}={value!r} is '
                          f'not valid: {" or ".join(VALUES)}')
-    if args.get('x-max-length') is not None:
+    if args.get('x-max-length') is not None and args.get('x-overflow') != 'reject-publish':
         raise ValueError(f'kombu-streams: queue {queue!r}: argument {ARGUMENT}={value!r} is '
-                         f'not valid: not with x-max-length yet (staged messages are not '
-                         f'counted against it)')
+                         f'not valid: with x-max-length only with x-overflow reject-publish '
+                         f'(drop-head does not set staged messages aside yet)')
     return [ARGUMENT, value]
 
 

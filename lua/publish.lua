@@ -56,7 +56,8 @@ Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "
           stored; send the call again with them all);
           WRONGTYPE (nothing written: checked first, or the marker's ZADD undone)
 Minimum Redis: 6.2. Cost: O(1) and one HMGET; O(log n) with n delayed messages; a limited
-queue adds L XLENs and an HLEN (which check those keys' types) and, for drop-head when
+queue adds L XLENs and an HLEN (with x-fairness an HGET of KEYS[11+L]: they check those
+keys' types) and, for drop-head when
 full, three TYPEs and a few reads per level; a big
 message adds a TYPE, an HEXISTS and two PTTLs, and never passes through Lua; a TTL adds a
 TIME and the field e; an id on a queue with x-deduplication-window O(log n) with n ids
@@ -158,6 +159,11 @@ local held = 0
 if not wrong and limit then
   streams = {unpack(KEYS, 8, 7 + nl)}
   held, wrong = held_count(streams, KEYS[7])
+  if not wrong and fairness then  -- staged messages count too (its HGET checks its type)
+    local staged
+    staged, wrong = try('HGET', KEYS[11 + nl], FAIR_COUNT)
+    held = held and held + (tonumber(staged) or 0)
+  end
 end
 if wrong then return refuse(redis.error_reply(wrong)) end
 -- A duplicate (docs/design.rst, "Duplicates") is refused before the limit is looked at: a

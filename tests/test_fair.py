@@ -149,8 +149,9 @@ def test_group_on_a_queue_without_fairness_is_ignored(script_client):
 def test_declare_validates_the_argument():
     with pytest.raises(ValueError, match='round-robin'):
         stored_pairs('q', {'x-fairness': 'weighted'})
-    with pytest.raises(ValueError, match='x-max-length'):
+    with pytest.raises(ValueError, match='x-max-length only with x-overflow reject-publish'):
         stored_pairs('q', {'x-fairness': 'round-robin', 'x-max-length': 10})
+    assert stored_pairs('q', {**FAIR, 'x-max-length': 10, 'x-overflow': 'reject-publish'})
     assert stored_pairs('q', FAIR) == ['x-fairness', 'round-robin']
 
 
@@ -531,3 +532,20 @@ def test_inspect_walks_at_most_a_thousand_groups_a_level(script_client):
     groups = b.inspect('q')['groups']
     assert groups['active'] == 1000 and not groups['complete']
     assert groups['top'][0] == ('g0', 2)  # the next in turn are walked: g0 first
+
+
+def test_a_length_limit_counts_staged_messages(script_client):
+    from kombu_streams.limits import QueueFull
+    b = fair_broker(script_client, args={**FAIR, 'x-max-length': 3,
+                                          'x-overflow': 'reject-publish'})
+    fresh = Broker(script_client, K, LEVELS)  # learns both the limit and the fairness
+    for n in range(3):
+        assert fresh.publish('q', 0, body('a', n), group='a') == b'staged'
+    with pytest.raises(QueueFull):
+        fresh.publish('q', 0, body('b', 0), group='b')
+    got = read(b, 'c1', 1).deliveries  # moved and in flight: still held
+    with pytest.raises(QueueFull):
+        publish(b, 'b', 0)
+    assert ack(b, *got) == 1
+    assert publish(b, 'b', 0) == b'staged'
+    assert names(read(b, 'c1', 10)) == ['a:1', 'b:0', 'a:2']

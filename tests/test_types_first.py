@@ -74,6 +74,12 @@ def _fair(c: Any) -> None:
         b.publish('q', 3, P, group='a')
 
 
+def _fair_limited(c: Any) -> None:
+    """As _fair, with a length limit far off: staged messages are counted against it."""
+    _fair(c)
+    c.hset(K.args('q'), mapping={'x-max-length': '500', 'x-overflow': 'reject-publish'})
+
+
 def _capped(c: Any) -> None:
     """Queue q's x-max-in-flight stopped a read with work left: its flag is raised, so a
     settle that frees a slot lowers it and sets the marker (lua/lib/inflight.lua)."""
@@ -273,6 +279,8 @@ CASES = {
     'publish-fair': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay(),
                                                  group='g'), _fair),
     'purge-fair': (lambda b, f: b.purge_call('q', 2), _fair),
+    'publish-fair-limited': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay(),
+                                                         group='g'), _fair_limited),
     'wake': (lambda b, f: b.give_back_call(
         FANOUT_SOURCES, {('q', 'f'): member('q'), ('s', 'f'): member('s')}), _popped),
 }
@@ -327,6 +335,8 @@ UNTOUCHED |= {('requeue-capped', 4), ('reclaim-capped', 7)}  # the delayed set: 
 #: 8, 9), nor the dead-letter stream (4), the delayed messages (6), the id store (10), the
 #: counters (11) or the key store (12, no unique key).
 UNTOUCHED |= {('publish-fair', i) for i in (0, 4, 6, 7, 8, 9, 10, 11, 12)}
+#: Limited, it counts every stream and the staging hash (their types so checked) first.
+UNTOUCHED |= {('publish-fair-limited', i) for i in (4, 10, 11, 12)}
 
 _DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': ['1-1']}
 
