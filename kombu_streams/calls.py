@@ -229,7 +229,7 @@ class Calls(ReadCalls):
         """One step of the scan of a queue's delayed set for ``labels``, from ``cursor``;
         its reply is (next cursor, member removed, ...)."""
         keys = [self.keys.delayed(queue), self.keys.delayed_messages(queue),
-                self.keys.big(queue)]
+                self.keys.big(queue), self.keys.fair(queue)]
         return SCRIPTS['cancel'], keys, [cursor, step, *labels]
 
     def touch_call(self, queue: str, ttl_ms: int) -> Call:

@@ -41,8 +41,9 @@ ARGV[13]  optional (ARGV[8..12] then given, "" where unused): the message's grou
           "") and KEYS[11+L] the queue's staging hash, ks:q:{celery}:fair. On a queue with
           x-fairness the message is staged there, in its group's FIFO, rather than appended
           (lua/lib/fair.lua): a read moves it into its stream when the rotation reaches its
-          group. A delayed message, one with a unique key and one behind due delayed ones
-          are appended (or kept delayed) as on any queue. A call to a queue with x-fairness
+          group. A delayed message is kept delayed, its group in the staging hash (field
+          d:<member>), and staged when a read moves it; one with a unique key is appended
+          (or kept delayed) as on any queue. A call to a queue with x-fairness
           without ARGV[13] gets NEEDKEYS, nothing written
 Reply:    the new entry id; "delayed:<member>" when kept until due; "staged" when staged
           (x-fairness); nil when ARGV[2] is "1" and the queue does not exist; "duplicate"
@@ -250,6 +251,10 @@ if limit and held >= limit then
                                     'rest is in flight or delayed)'))
   end
 end
+-- Fair share (docs/design.rst, "Fair share"): staged in its group's FIFO, not appended (a
+-- delayed one when due); a message with a unique key is appended (the key store names an
+-- entry or a delayed member).
+local fair_key = grouped and fairness and not ukey and KEYS[11 + nl]
 local time = nil  -- the server's clock, read once: {seconds, microseconds}
 local function now_us()
   if time == nil then time = redis.call('TIME') end
@@ -283,6 +288,7 @@ end
 -- The delayed keys' types, checked before a path that writes them writes anything.
 local function delayed_wrong()
   local err = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash') or wrong_type(wake, 'zset')
+  err = err or (fair_key and wrong_type(fair_key, 'hash'))
   return err and refuse(redis.error_reply(err))
 end
 
@@ -296,6 +302,10 @@ local function keep_delayed(due)
   if redis.call('SADD', ready, DELAYED) == 1 then new[#new + 1] = ready end
   -- a new earliest due time (or one due now): wake a consumer, whose read learns it
   if earliest and redis.call('ZADD', wake, 0, 'w') == 1 then new[#new + 1] = wake end
+  if fair_key then  -- x-fairness: staged when due, in its group (docs: Fair share)
+    redis.call('HSET', fair_key, 'd:' .. member, ARGV[13])
+    if redis.call('PTTL', fair_key) == -1 then new[#new + 1] = fair_key end
+  end
   expire_new(new)
   remember()
   hold(nil, member)
@@ -325,9 +335,6 @@ if dkey then
     return keep_delayed(clock())
   end
 end
--- Fair share (docs/design.rst, "Fair share"): staged in its group's FIFO, not appended; a
--- message with a unique key is appended (the key store names an entry or a delayed member).
-local fair_key = grouped and fairness and not ukey and KEYS[11 + nl]
 if fair_key then
   if routed and redis.call('EXISTS', first) == 0 then return refuse(false) end
   -- the marker first (fails alone), taken back if the staging's first write fails

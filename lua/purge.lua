@@ -9,7 +9,8 @@ KEYS[n+4]   the queue's key store (hash, x-unique-key): the keys of the delayed 
             are released (a stream entry's key is free once its entry is gone: docs/design.rst,
             Unique keys)
 KEYS[n+5]   the queue's staging hash (x-fairness), ks:q:{celery}:fair: up to batch staged
-            messages go too (over all levels), in rotation order (lua/lib/fair.lua)
+            messages go too (over all levels), in rotation order (lua/lib/fair.lua), and the
+            groups (d:<member>) of the delayed messages deleted
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
 ARGV[3]     batch: the most entries to delete from each stream (and the delayed set)
@@ -104,6 +105,11 @@ if #delayed > 0 then
     for _, member in ipairs(delayed) do unique_release_delayed(ustore, member) end
   end
   redis.call('HDEL', bodies, unpack(delayed))
+  if redis.call('EXISTS', staging) == 1 then  -- x-fairness: their groups (d:<member>) go
+    local fields = {}
+    for j, member in ipairs(delayed) do fields[j] = 'd:' .. member end
+    redis.call('HDEL', staging, unpack(fields))
+  end
   purged = purged + #delayed
   if #delayed >= batch then more = 1 end
 end

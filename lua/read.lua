@@ -83,9 +83,11 @@ streams the index names: O(COUNT + entries set aside), one XREADGROUP per stream
 caller's size hint holds; a walk adds an XLEN per stream, moving due delayed messages at
 most PROMOTE (500) and BYTES of them (an HSTRLEN each, a TYPE of the key store per call
 that moves any; a store that exists adds an HMGET, and an HGET per moved message with a
-unique key, an HSET and an HDEL); a big message adds an HSTRLEN; a staged message
-moved (x-fairness) an XADD and about 6 O(1) hash commands, at most what the call may still
-deliver per level, whatever the number of groups;
+unique key, an HSET and an HDEL; on a queue whose staging hash exists an EXISTS, and an
+HGET per due message, staged in its group if it has one); a big message adds an HSTRLEN; a
+staged message moved (x-fairness) an XADD and its share of an HMGET, each group served a
+few hash commands, at most what the call may still deliver per level, whatever the number
+of groups waiting;
 entries set aside (expired ones too) at most COUNT + 100 per call, the rest next call;
 acks that ride along add one XPENDING per stream (ownership, see ack.lua) unless all of the
 stream's are trusted; a source whose riding acks freed entries adds a TYPE of its flag. A

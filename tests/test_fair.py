@@ -233,14 +233,32 @@ def test_big_message_staged_and_delivered(script_client):
     assert b.bodies('q', [got[1].token]) == [body('a', 'big').encode()]
 
 
-def test_delayed_message_is_not_staged_and_still_delivered(script_client):
+def test_a_delayed_message_joins_its_group_when_due(script_client):
     from kombu_streams.broker import Delay
     b = fair_broker(script_client)
-    reply = b.publish('q', 0, body('a', 'later'), delay=Delay('+1', 0), group='a')
+    publish(b, 'a', 0)
+    reply = b.publish('q', 0, body('a', 'later'), delay=Delay('+600000', 0), group='a')
     assert reply.startswith(b'delayed:')
-    script_client.zadd(K.delayed('q'), {reply[8:]: 0})  # due now, without waiting
-    publish(b, 'b', 0, )
-    assert sorted(names(read(b, 'c1', 10))) == ['a:later', 'b:0']
+    member = reply[len(b'delayed:'):]
+    assert script_client.hget(K.fair('q'), b'd:' + member) == b'a'
+    publish(b, 'b', 0)
+    publish(b, 'b', 1)
+    script_client.zadd(K.delayed('q'), {member: 0})  # due now, without waiting
+    # staged behind a:0 in a's FIFO when the read moved it, then served in rotation
+    assert names(read(b, 'c1', 10)) == ['a:0', 'b:0', 'a:later', 'b:1']
+    assert script_client.exists(K.fair('q')) == 0  # nothing left behind
+
+
+def test_cancel_and_purge_remove_a_delayed_messages_group(script_client):
+    from kombu_streams.broker import Delay
+    b = fair_broker(script_client)
+    b.publish('q', 0, body('a', 0), delay=Delay('+600000', 0, 'task-1'), group='a')
+    b.publish('q', 0, body('a', 1), delay=Delay('+600000', 0, 'task-2'), group='a')
+    assert len(b.cancel('q', ['task-1'])) == 1
+    assert [f for f in script_client.hkeys(K.fair('q'))] == [
+        b'd:' + m for m in script_client.zrange(K.delayed('q'), 0, -1)]
+    assert b.purge('q') == 1
+    assert script_client.exists(K.fair('q')) == 0
 
 
 def test_unique_key_message_is_appended_and_keeps_its_key(script_client):

@@ -279,6 +279,8 @@ CASES = {
     'publish-fair': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay(),
                                                  group='g'), _fair),
     'purge-fair': (lambda b, f: b.purge_call('q', 2), _fair),
+    'publish-fair-delayed': (lambda b, f: b.publish_call(
+        'q', 6, P, delay=Delay('+600000', 1000, 'later'), group='g'), _fair),
     'publish-fair-limited': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay(),
                                                          group='g'), _fair_limited),
     'wake': (lambda b, f: b.give_back_call(
@@ -335,6 +337,10 @@ UNTOUCHED |= {('requeue-capped', 4), ('reclaim-capped', 7)}  # the delayed set: 
 #: 8, 9), nor the dead-letter stream (4), the delayed messages (6), the id store (10), the
 #: counters (11) or the key store (12, no unique key).
 UNTOUCHED |= {('publish-fair', i) for i in (0, 4, 6, 7, 8, 9, 10, 11, 12)}
+#: Delayed, it touches the delayed keys, the marker, the index and the staging hash (d:<member>
+#: names its group): none of the streams (0, 7, 8, 9), the dead-letter stream (4), the id
+#: store (10), the counters (11) or the key store (12).
+UNTOUCHED |= {('publish-fair-delayed', i) for i in (0, 4, 7, 8, 9, 10, 11, 12)}
 #: Limited, it counts every stream and the staging hash (their types so checked) first.
 UNTOUCHED |= {('publish-fair-limited', i) for i in (4, 10, 11, 12)}
 

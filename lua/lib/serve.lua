@@ -210,9 +210,23 @@ local function promote_due(ctx, src)
       for _, i in ipairs(src.streams) do levels[string.match(KEYS[i], ':(%d+)$')] = KEYS[i] end
       local keyed, uerr = unique_store(src.store)
       if uerr then return problem(ctx, src, src.store, uerr) end
+      -- x-fairness: a delayed message published with a group (its member names it in the
+      -- staging hash, d:<member>) is staged when due, not appended (docs/design.rst, "Fair
+      -- share"); one HGET per due message, only where the staging hash exists
+      local divert = nil
+      if redis.call('EXISTS', src.fair) == 1 then
+        divert = function(member, value, stream)
+          local g, gerr = try('HGET', src.fair, 'd:' .. member)
+          if gerr or not g then return false end  -- another type: appended, as without
+          redis.call('HDEL', src.fair, 'd:' .. member)
+          fair_stage(src.fair, fair_level(stream), g, value)
+          idx[FAIR .. stream] = true
+          return true
+        end
+      end
       local moved, streams, perr, size, placed = promote(
         src.dkey, src.bodies, levels, KEYS[src.streams[1]], now, ctx.promote_left,
-        ctx.promote_bytes, ctx.promoted == 0)
+        ctx.promote_bytes, ctx.promoted == 0, divert)
       if keyed then unique_promoted(src.store, placed) end
       ctx.promote_left, ctx.promoted = ctx.promote_left - moved, ctx.promoted + moved
       ctx.promote_bytes = ctx.promote_bytes - size
