@@ -14,10 +14,10 @@
 --                  (h absent: 0); t - h messages wait; both go when the group runs dry
 --   m:L:G:<seq>    a staged message, as a delayed value (lua/lib/delay.lua: its TTL deadline
 --                  prefix, "r:<token>" for a big message)
+--   d:<member>     the group of a delayed message (publish.lua), staged when a read moves it
 -- Every operation is O(1) commands per message staged or moved, whatever the number of
 -- groups: the rotation is a linked list, never scanned.
 
-local FAIRNESS = 'x-fairness'  -- the queue argument (its only value: round-robin)
 local FAIR = 'g:'  -- ready index member prefix: level stream <key>'s staging may hold messages
 local FAIR_COUNT = 'n'
 
@@ -30,7 +30,8 @@ end
 -- staging hash FAIR_KEY; a group that had nothing staged (no tail field: a group that ran dry
 -- lost its fields) joins the rotation as its tail, so it is served after every group already
 -- waiting. The first write, an HINCRBY, fails alone on another type. Returns (created, nil):
--- created when the hash is new (its count was 0, so it did not exist); or (nil, error).
+-- created when its count was 0 (the hash is new, or held delayed messages' groups only: it
+-- gets the queue's expiry either way); or (nil, error).
 local function fair_stage(fair_key, level, group, value)
   local count, err = try('HINCRBY', fair_key, FAIR_COUNT, 1)
   if err then return nil, err end
