@@ -144,26 +144,35 @@ class Broker(Admin):
 
     def publish(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
                 delay: Delay | None = None, expiration: int | None = None,
-                dedup_id: str = '', unique_key: str = '') -> bytes | None:
+                dedup_id: str = '', unique_key: str = '', group: str | None = None
+                ) -> bytes | None:
         call = self.publish_call(queue, level, payload, routed, delay, expiration=expiration,
-                                 dedup_id=dedup_id, unique_key=unique_key)
+                                 dedup_id=dedup_id, unique_key=unique_key, group=group)
         try:
             return self.run(call)
-        except NeedsAllStreams:  # a length limit: nothing written (Calls.widen)
-            return self.run(self.widen(call))
+        except NeedsAllStreams as exc:  # a length limit, x-fairness: nothing written (widen)
+            return self.run(self.widen(call, exc))
 
     def publish_big(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
                     delay: Delay | None = None, wait: tuple[int, int] | None = None,
                     expiration: int | None = None, dedup_id: str = '',
-                    unique_key: str = '') -> Any:
+                    unique_key: str = '', group: str | None = None) -> Any:
         """Publish a big message (``big_message_bytes``): its body in the queue's big hash
         under a new token (HSET) and its entry, holding the token, by publish.lua, in one
         MULTI/EXEC (:func:`~kombu_streams.scripts.run_after`), so no script copies the body.
-        ``wait``: (replicas, ms) to WAIT for after it. The reply is publish.lua's."""
-        token = uuid4().hex
-        return run_after(self.client, self.store_big(queue, token, payload),
-                         self.publish_call(queue, level, payload, routed, delay, token,
-                                           expiration, dedup_id, unique_key), wait)
+        ``wait``: (replicas, ms) to WAIT for after it. The reply is publish.lua's. A queue
+        with x-fairness refuses one without a group (NEEDKEYS, body deleted): sent again
+        with the default group, once."""
+        for _ in range(2):
+            token = uuid4().hex
+            call = self.publish_call(queue, level, payload, routed, delay, token, expiration,
+                                     dedup_id, unique_key, group)
+            try:
+                return run_after(self.client, self.store_big(queue, token, payload), call,
+                                 wait)
+            except NeedsAllStreams as exc:
+                self.widen(call, exc)  # learns the queue's fairness: a group from now on
+        raise NeedsAllStreams(f'publish to {queue}: refused twice for want of keys')
 
     def bodies(self, queue: str, tokens: Sequence[Any]) -> list[bytes | None]:
         """The bodies of big messages of ``queue`` by token (None: gone), one HGET each and

@@ -93,7 +93,7 @@ class Calls(ReadCalls):
     def publish_call(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
                      delay: Delay | None = None, token: str | None = None,
                      expiration: int | None = None, dedup_id: str = '',
-                     unique_key: str = '') -> Call:
+                     unique_key: str = '', group: str | None = None) -> Call:
         """The publish call. ``routed``: only if the queue exists (a copy routed by an
         exchange must not recreate a deleted queue). ``delay``: delayed delivery is on
         (messages already due are moved first, so this one never overtakes them), and when
@@ -103,9 +103,15 @@ class Calls(ReadCalls):
         in ms (Kombu's ``expiration`` property), None for none. ``dedup_id``: the message's
         deduplication id (kombu_streams/dedup.py), '' for none. ``unique_key``: the key
         the message holds while it lives (kombu_streams/unique.py), '' for none: ARGV[12]
-        after the id, and the queue's key store after its KEYS (before the big hash)."""
+        after the id, and the queue's key store after its KEYS (before the big hash).
+        ``group``: the message's x-group (kombu_streams/fair.py), None for none (a queue
+        known to have x-fairness gets '', the default group): ARGV[13], with the key store
+        and the staging hash after the KEYS."""
         k = self.keys
-        full = bool(unique_key) or token is not None or queue in self._limited
+        if group is None and queue in self._fair:
+            group = ''
+        full = (bool(unique_key) or token is not None or queue in self._limited
+                or group is not None)
         keys = list(self._publish_keys.get((queue, level, full))
                     or self._lay_out_publish(queue, level, full))
         args: list[Any] = [payload if token is None else f'r:{token}', '1' if routed else '0',
@@ -115,9 +121,12 @@ class Calls(ReadCalls):
             args += [delay.due, delay.threshold_ms, delay.label]
         if dedup_id:  # ARGV[11]; ARGV[8..10] '' where there is no due time
             args += [''] * (10 - len(args)) + [dedup_id]
-        if unique_key:  # ARGV[12], the id '' when there is none; its store, KEYS[9+L]
-            args += [''] * (11 - len(args)) + [unique_key]
+        if unique_key or group is not None:  # ARGV[12], the id '' when there is none;
+            args += [''] * (11 - len(args)) + [unique_key]  # its store, KEYS[10+L]
             keys.append(k.unique(queue))
+        if group is not None:  # ARGV[13]; the staging hash, KEYS[11+L]
+            args.append(group)
+            keys.append(k.fair(queue))
         if token is not None:
             keys.append(k.big(queue))
         return SCRIPTS['publish'], keys, args
@@ -140,15 +149,28 @@ class Calls(ReadCalls):
             *([k.counters(queue)] if full else []))
         return keys
 
-    def widen(self, call: Call) -> Call:
-        """The publish ``call`` publish.lua refused with NEEDKEYS (its queue has a length
-        limit, which counts every stream), laid out with all the queue's streams; its
-        queue's publishes are laid out so from now on."""
+    def widen(self, call: Call, why: Any = '') -> Call:
+        """The publish ``call`` publish.lua refused with NEEDKEYS ``why`` (its queue has a
+        length limit, which counts every stream, or x-fairness, whose staging needs a group
+        and the staging hash), laid out with all the queue's streams (and with the default
+        group '' and the staging hash when ``why`` names x-fairness); its queue's publishes
+        are laid out so from now on."""
         script, keys, args = call
         queue = text(args[3])
         self._limited.add(queue)
+        if 'x-fairness' in str(why):
+            self._fair.add(queue)
         k = self.keys
-        return script, [*keys[:7], *self.streams(queue), k.dedup(queue), k.counters(queue)], args
+        big = [keys[-1]] if keys[-1] == k.big(queue) else []
+        wide = [*keys[:7], *self.streams(queue), k.dedup(queue), k.counters(queue)]
+        args = list(args)
+        if queue in self._fair and len(args) < 13:
+            args += [''] * (12 - len(args)) + ['']
+        if len(args) >= 12:
+            wide.append(k.unique(queue))
+        if len(args) == 13:
+            wide.append(k.fair(queue))
+        return script, wide + big, args
 
     def store_big(self, queue: str, token: str, payload: str | bytes) -> tuple[Any, ...]:
         """The command that stores a big message's body, sent with its publish call in one
@@ -176,14 +198,15 @@ class Calls(ReadCalls):
         return SCRIPTS['limits'], keys, args
 
     def size_call(self, queue: str) -> Call:
-        return SCRIPTS['size'], self.streams(queue), [queue, HOLDER]
+        return SCRIPTS['size'], [*self.streams(queue), self.keys.fair(queue)], [queue, HOLDER,
+                                                                                '1']
 
     def purge_call(self, queue: str, batch: int = 1000) -> Call:
         """One purge step: at most ``batch`` entries per stream (and of the delayed set);
         its reply is (purged, more)."""
         keys = self.streams(queue) + [self.keys.delayed(queue),
                                       self.keys.delayed_messages(queue), self.keys.big(queue),
-                                      self.keys.unique(queue)]
+                                      self.keys.unique(queue), self.keys.fair(queue)]
         return SCRIPTS['purge'], keys, [queue, HOLDER, batch]
 
     def delete_call(self, queue: str) -> Call:
@@ -191,8 +214,8 @@ class Calls(ReadCalls):
                                       self.keys.delayed(queue),
                                       self.keys.delayed_messages(queue), self.keys.args(queue),
                                       self.keys.counters(queue), self.keys.dedup(queue),
-                                      self.keys.unique(queue), self.keys.big(queue),
-                                      self.keys.dlq(queue)]
+                                      self.keys.unique(queue), self.keys.fair(queue),
+                                      self.keys.big(queue), self.keys.dlq(queue)]
         return SCRIPTS['delete'], keys, []
 
     def leave_call(self, queue: str, consumer: str, exchange: str | None = None) -> Call:
@@ -206,17 +229,17 @@ class Calls(ReadCalls):
         """One step of the scan of a queue's delayed set for ``labels``, from ``cursor``;
         its reply is (next cursor, member removed, ...)."""
         keys = [self.keys.delayed(queue), self.keys.delayed_messages(queue),
-                self.keys.big(queue)]
+                self.keys.big(queue), self.keys.fair(queue)]
         return SCRIPTS['cancel'], keys, [cursor, step, *labels]
 
     def touch_call(self, queue: str, ttl_ms: int) -> Call:
         """The touch call: an expiring queue's keys (its key store too: it names the messages
-        that hold their x-unique-key) live another ``ttl_ms``."""
+        that hold their x-unique-key; its staging hash: x-fairness) live another ``ttl_ms``."""
         keys = self.streams(queue) + [self.keys.wake(queue), self.keys.ready(queue),
                                       self.keys.delayed(queue),
                                       self.keys.delayed_messages(queue), self.keys.big(queue),
                                       self.keys.args(queue), self.keys.counters(queue),
-                                      self.keys.unique(queue)]
+                                      self.keys.unique(queue), self.keys.fair(queue)]
         return SCRIPTS['touch'], keys, [int(ttl_ms)]
 
     def bind_call(self, exchange: str, member: str, ttl_ms: int = 0,

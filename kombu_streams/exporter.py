@@ -101,6 +101,10 @@ QUEUE_METRICS = {
                                'x-delay)', ['queue']),
     'queue_next_due_seconds': ('Seconds until the next delayed message is due', ['queue']),
     'queue_dead_letter_messages': ('Messages in the dead-letter stream', ['queue']),
+    'queue_staged_messages': ('Messages staged per group, not in a stream yet (x-fairness; '
+                              'ready, not counted in queue_ready_messages)', ['queue']),
+    'queue_group_staged_messages': ('Messages staged of the groups with the most staged '
+                                    '(x-fairness; the top 10)', ['queue', 'group']),
     'queue_consumers': ('Consumers holding or recently reading messages', ['queue']),
     'queue_oldest_ready_age_seconds': ('Age of the oldest ready message', ['queue']),
     'queue_expired_messages': ('Messages set aside unread past their TTL (x-message-ttl, '
@@ -157,6 +161,9 @@ def _add_queue(f: Families, info: dict[str, Any]) -> None:
     if info['next_due_ms'] is not None:
         f['queue_next_due_seconds'].add_metric([queue], info['next_due_ms'] / 1000)
     f['queue_dead_letter_messages'].add_metric([queue], info['dlq'])
+    f['queue_staged_messages'].add_metric([queue], info.get('staged', 0))
+    for name, waiting in info.get('groups', {}).get('top', []):
+        f['queue_group_staged_messages'].add_metric([queue, name], waiting)
     f['queue_consumers'].add_metric([queue], len(info['consumers']))
     if info['oldest_ready_ms'] is not None:
         f['queue_oldest_ready_age_seconds'].add_metric([queue], info['oldest_ready_ms'] / 1000)

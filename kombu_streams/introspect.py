@@ -18,6 +18,9 @@ from .text import text
 #: The most stream entries one inspect_fanout call reads (a group costs up to its cap + 1, so
 #: at the default cap of 1,000 about five groups per call): a few ms of Redis per call.
 FANOUT_BUDGET = 5000
+#: Groups of a queue with x-fairness that inspect reports, those with the most waiting first
+#: (of at most 1,000 per level walked: inspect.lua's GROUPS_MAX).
+GROUPS_TOP = 10
 #: A retry's pointer in the delayed set, after "<stamp>:<level>:" (lua/lib/delay.lua,
 #: park_pointer): "b:<entry id>:<holder>:<group>", with no value in the delayed messages.
 RETRY_POINTER = re.compile(r'b:(\d+-\d+):[^:]*:.*')
@@ -62,12 +65,19 @@ class Introspection(Calls):
         (see :meth:`inspect`)."""
         keys = [*self.streams(queue), self.keys.dlq(queue), self.keys.delayed(queue),
                 self.keys.args(queue), self.keys.counters(queue), self.keys.unique(queue),
-                self.keys.rate(queue)]
+                self.keys.rate(queue), self.keys.fair(queue)]
 
         def parse(reply: Any) -> dict[str, Any]:
             (records, dlq, now, delayed, next_due, arguments, counters, refused, in_flight,
-             cap, tokens, next_slot) = reply
+             cap, tokens, next_slot, staged, groups) = reply
             stored = as_dict(arguments)
+            waiting: dict[str, int] = {}
+            complete = True
+            for flat in groups:  # per level: complete, then group, waiting, ...
+                complete = complete and bool(int(flat[0]))
+                for j in range(1, len(flat), 2):
+                    name = text(flat[j])
+                    waiting[name] = waiting.get(name, 0) + int(flat[j + 1])
             levels: list[dict[str, Any]] = []
             consumers: dict[str, dict[str, Any]] = {}
             for key, rec in zip(keys, records):
@@ -92,7 +102,11 @@ class Introspection(Calls):
             return {
                 'queue': queue,
                 'exists': any(lv['exists'] for lv in levels),
-                'ready': sum(lv['ready'] for lv in levels),
+                'ready': sum(lv['ready'] for lv in levels) + int(staged),
+                'staged': int(staged),
+                'groups': {'active': len(waiting), 'complete': complete,
+                           'top': sorted(waiting.items(), key=lambda kv: (-kv[1], kv[0]))[
+                               :GROUPS_TOP]},
                 'held': sum(lv['held'] for lv in levels),
                 'pending': sum(lv['pending'] for lv in levels),
                 'oldest_ready_ms': max(ages) if ages else None,

@@ -27,6 +27,8 @@ client would only rewrite the first one).
                                      id -> until when, unix ms (zset); lua/lib/dedup.lua
     <prefix>ks:q:{<queue>}:unique    x-unique-key -> where its message is (hash);
                                      lua/lib/unique.lua
+    <prefix>ks:q:{<queue>}:fair      x-fairness: messages staged per group and level, and
+                                     each level's rotation of groups (hash); lua/lib/fair.lua
     <prefix>ks:x:{<exchange>}:bindings   routing table (set of "rk<sep>pattern<sep>queue")
     <prefix>ks:x:{<exchange>}:deadlines  deadlines of bindings of expiring queues (zset)
     <prefix>ks:x:{<exchange>}:fanout     fanout stream, one consumer group per bound queue
@@ -174,6 +176,11 @@ class Keys:
         """A queue's key store (hash): the x-unique-key each live message holds
         (lua/lib/unique.lua)."""
         return f'{self.queue_base(queue)}:unique'
+
+    def fair(self, queue: str) -> str:
+        """A queue's staging hash (x-fairness, lua/lib/fair.lua): messages waiting per
+        group, and the rotation of the groups per level."""
+        return f'{self.queue_base(queue)}:fair'
 
     def bindings(self, exchange: str) -> str:
         return f'{self.prefix}ks:x:{self._tag(exchange, "exchange")}:bindings'

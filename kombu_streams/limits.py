@@ -18,6 +18,7 @@ from typing import Any
 
 import redis
 
+from .fair import fairness_pairs
 from .unique import MODE as UNIQUE_MODE
 from .unique import MODES as UNIQUE_MODES
 from .unique import TTL as UNIQUE_TTL
@@ -185,7 +186,7 @@ def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
         pairs += [MESSAGE_TTL, str(_count(queue, MESSAGE_TTL, ttl))]
     return (pairs + dedup_pairs(queue, args) + unique_pairs(queue, args)
             + rate_pairs(queue, args) + backoff_pairs(queue, args) + inflight_pairs(queue, args)
-            + aging_pairs(queue, args))
+            + aging_pairs(queue, args) + fairness_pairs(queue, args))
 
 
 def inflight_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:

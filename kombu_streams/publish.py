@@ -18,6 +18,7 @@ from .broker import (
 from .compat import BATCH_PUBLISH
 from .dedup import dedup_id, is_duplicate, note
 from .due import when as due_at
+from .fair import group as fair_group
 from .limits import QueueFull, expiration_ms
 from .options import level_for
 from .scripts import Call, NeedsAllStreams, run_calls
@@ -89,24 +90,28 @@ class Publishing(virtual.Channel):
         expiration = expiration_ms(message)
         ident = dedup_id(message)  # the queue's x-deduplication-window, if any, applies
         key = unique_key(message)  # x-unique-key: stored only while none of the queue has it
+        group = fair_group(message)  # x-group: staged per group on a queue with x-fairness
         if self.big_message_bytes and len(payload) >= self.big_message_bytes:
             self._publish_big(queue, level, payload, routed, delay, kwargs, expiration, ident,
-                              key)
+                              key, group)
             return
         reply = self._publish(self.broker.publish_call(queue, level, payload, routed=routed,
                                                        delay=delay, expiration=expiration,
-                                                       dedup_id=ident, unique_key=key), kwargs)
+                                                       dedup_id=ident, unique_key=key,
+                                                       group=group), kwargs)
         if (ident or key) and is_duplicate(reply):
             _noted(queue, ident, key)
 
     def _publish_big(self, queue: str, level: int, payload: str, routed: bool,
                      delay: Delay | None, kwargs: dict[str, Any],
-                     expiration: int | None = None, ident: str = '', key: str = '') -> None:
+                     expiration: int | None = None, ident: str = '', key: str = '',
+                     group: str | None = None) -> None:
         """A big message: body and entry in one transaction of their own (Broker.publish_big);
         in a ``Producer.batch()`` too, after the calls added before it (their order kept)."""
         def publish() -> Any:
             reply = self.broker.publish_big(queue, level, payload, routed, delay,
-                                            self._replica_wait(), expiration, ident, key)
+                                            self._replica_wait(), expiration, ident, key,
+                                            group)
             if (ident or key) and is_duplicate(reply):
                 _noted(queue, ident, key)
             return reply
@@ -144,8 +149,8 @@ class Publishing(virtual.Channel):
             return None
         try:
             return self._run_publish(call)
-        except NeedsAllStreams:  # a length limit: nothing written; once more with every stream
-            return self._run_publish(self.broker.widen(call))
+        except NeedsAllStreams as exc:  # a length limit or x-fairness: nothing written; once
+            return self._run_publish(self.broker.widen(call, exc))  # more, laid out wider
 
     def _run_publish(self, call: Call) -> Any:
         wait = self._replica_wait()

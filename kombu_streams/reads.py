@@ -51,7 +51,7 @@ LAYOUTS_KEPT = 64
 class ReadLayout(NamedTuple):
     """What read.lua's KEYS and ARGV hold for one tuple of sources, whatever the call."""
 
-    #: KEYS: the streams in serving order, then eleven keys per source
+    #: KEYS: the streams in serving order, then twelve keys per source
     keys: tuple[str, ...]
     #: (stream key, source, level) per stream, in serving order (KEYS[1..S])
     streams: tuple[tuple[str, Source, int], ...]
@@ -75,6 +75,8 @@ class CallsBase:
         self._publish_keys: dict[tuple[str, int, bool], tuple[str, ...]] = {}
         #: queues whose publishes send all their streams (a length limit; Calls.widen)
         self._limited: set[str] = set()
+        #: queues with x-fairness: every publish sends a group (Calls.widen)
+        self._fair: set[str] = set()
 
     def streams(self, queue: str) -> list[str]:
         return self.keys.streams(queue, self.levels)
@@ -122,13 +124,15 @@ class ReadCalls(CallsBase):
         for q, ex in sources:
             if ex:  # no ready index, delayed set or big messages for a group on a fanout stream
                 wake = self.wake(q, ex)
-                keys += [wake, self.keys.fanout_dlq(ex, q), *[wake] * 9]
+                keys += [wake, self.keys.fanout_dlq(ex, q), *[wake] * 10]
             else:  # the key store: a delayed message moved keeps its x-unique-key; the
-                # in-flight flag last (x-max-in-flight, lua/lib/inflight.lua)
+                # in-flight flag (x-max-in-flight, lua/lib/inflight.lua); the staging
+                # hash last (x-fairness, lua/lib/fair.lua)
                 keys += [self.keys.wake(q), self.keys.dlq(q), self.keys.ready(q),
                          self.keys.delayed(q), self.keys.delayed_messages(q),
                          self.keys.big(q), self.keys.counters(q), self.keys.args(q),
-                         self.keys.rate(q), self.keys.unique(q), self.keys.capped(q)]
+                         self.keys.rate(q), self.keys.unique(q), self.keys.capped(q),
+                         self.keys.fair(q)]
         position = {key: i + 1 for i, (key, (_, ex), _) in enumerate(streams) if not ex}
         return ReadLayout(tuple(keys), tuple(streams),
                           tuple((src, src[0], 'f' if src[1] else 'q') for src in sources),

@@ -3,6 +3,8 @@
 KEYS[1]   the queue's delayed set, ks:q:{queue}:delayed
 KEYS[2]   the queue's delayed messages, ks:q:{queue}:delayed:m
 KEYS[3]   the queue's big messages (hash): a cancelled big message's body goes too
+KEYS[4]   optional: the queue's staging hash (x-fairness): a cancelled message's group
+          (field d:<member>) goes too
 ARGV[1]   ZSCAN cursor: "0" to start, then the one the last call returned
 ARGV[2]   COUNT hint of the ZSCAN step: about how many members one call looks at
 ARGV[3..] the labels to cancel
@@ -15,11 +17,12 @@ See docs/design.rst (Delayed delivery, Big messages).
 ]]
 --@include common
 --@include delay
-local bad = check_args('cancel', #KEYS == 3, #ARGV >= 2,
-                       'KEYS: delayed set, delayed messages, big messages; ARGV: cursor, ' ..
-                       'count, labels')
+local bad = check_args('cancel', #KEYS == 3 or #KEYS == 4, #ARGV >= 2,
+                       'KEYS: delayed set, delayed messages, big messages[, staging hash]; ' ..
+                       'ARGV: cursor, count, labels')
 if bad then return bad end
 bad = wrong_type(KEYS[1], 'zset') or wrong_type(KEYS[2], 'hash') or wrong_type(KEYS[3], 'hash')
+  or (KEYS[4] and wrong_type(KEYS[4], 'hash'))
 if bad then return redis.error_reply(bad) end
 local wanted = {}
 for i = 3, #ARGV do wanted[ARGV[i]] = true end
@@ -43,6 +46,11 @@ if #gone > 0 then
   if #tokens > 0 then redis.call('HDEL', KEYS[3], unpack(tokens)) end
   redis.call('ZREM', KEYS[1], unpack(gone))
   redis.call('HDEL', KEYS[2], unpack(gone))
+  if KEYS[4] and redis.call('EXISTS', KEYS[4]) == 1 then
+    local fields = {}
+    for j, m in ipairs(gone) do fields[j] = 'd:' .. m end
+    redis.call('HDEL', KEYS[4], unpack(fields))
+  end
   for _, m in ipairs(gone) do reply[#reply + 1] = m end
 end
 return reply

@@ -9,9 +9,10 @@ KEYS[n+5]   the queue's arguments (hash)
 KEYS[n+6]   the queue's counters (hash: expired)
 KEYS[n+7]   the queue's id store (zset, x-deduplication-window)
 KEYS[n+8]   the queue's key store (hash, x-unique-key)
-KEYS[n+9]   the queue's big messages (hash): kept, whole, while the dead-letter stream is (its
+KEYS[n+9]   the queue's staging hash (x-fairness: messages staged per group)
+KEYS[n+10]  the queue's big messages (hash): kept, whole, while the dead-letter stream is (its
             letters may refer to bodies there)
-KEYS[n+10]  the queue's dead-letter stream: deleted only when it is empty
+KEYS[n+11]  the queue's dead-letter stream: deleted only when it is empty
 ARGV        none
 Reply:      number of keys deleted
 Errors:     "delete: expected ..." for another layout; WRONGTYPE (checked before any write:
@@ -20,15 +21,15 @@ Minimum Redis: 6.2. Cost: O(n); UNLINK frees the streams' memory in the backgrou
 See docs/design.rst (Key layout, Big messages).
 ]]
 --@include common
-local bad = check_args('delete', #KEYS >= 11, #ARGV == 0,
+local bad = check_args('delete', #KEYS >= 12, #ARGV == 0,
                        'KEYS: streams, marker, index, delayed set, delayed messages, ' ..
-                       'arguments, counters, id store, key store, big messages, dlq; no ' ..
-                       'ARGV')
+                       'arguments, counters, id store, key store, staging hash, big ' ..
+                       'messages, dlq; no ARGV')
 if bad then return bad end
-local n = #KEYS - 10
+local n = #KEYS - 11
 local big, dlq = KEYS[#KEYS - 1], KEYS[#KEYS]
 -- every key is checked first (see wrong_type)
-local kinds = {'zset', 'set', 'zset', 'hash', 'hash', 'hash', 'zset', 'hash', 'hash',
+local kinds = {'zset', 'set', 'zset', 'hash', 'hash', 'hash', 'zset', 'hash', 'hash', 'hash',
                'stream'}  -- marker ... dlq
 for i, key in ipairs(KEYS) do
   local wrong = wrong_type(key, i <= n and 'stream' or kinds[i - n])

@@ -8,12 +8,14 @@ KEYS[n+4]     the queue's counters (hash), ks:q:{name}:counters
 KEYS[n+5]     the queue's key store (hash), ks:q:{name}:unique: its count of publishes
               refused because their x-unique-key was taken (field "n")
 KEYS[n+6]     the queue's rate limiter state (string), ks:q:{name}:rate
+KEYS[n+7]     the queue's staging hash, ks:q:{name}:fair (x-fairness): its count of staged
+              messages (field "n"), and per level the groups waiting (lua/lib/fair.lua)
 ARGV[1]       consumer group (the queue's name)
 ARGV[2]       name of the holder consumer that parks requeued messages
 ARGV[3..n+2]  the priority level of each stream, in KEYS order
 Reply:        {levels, dlq length, now, delayed, next due, arguments, counters, unique
-              refused, in flight, in-flight limit, rate tokens, rate next}: now is the
-              server's clock in unix ms (TIME); delayed the number of delayed messages and
+              refused, in flight, in-flight limit, rate tokens, rate next, staged, groups}:
+              now is the server's clock in unix ms (TIME); delayed the number of delayed messages and
               of retries waiting with x-requeue-delay (ZCARD of the delayed set), next due
               the ms until the earliest of them is due (0: due, not moved yet; -1: none);
               arguments the queue's recorded arguments, flat {name, value, ...} (HGETALL of
@@ -23,7 +25,11 @@ Reply:        {levels, dlq length, now, delayed, next due, arguments, counters, 
               messages x-max-in-flight counts now and in-flight limit its value; rate tokens
               the deliveries x-rate-limit lets through now and rate next the ms until it
               lets one through (0: now); each pair -1 without its argument or with a value
-              the reads refuse (docs/design.rst, Global concurrency, Global rate limit); and
+              the reads refuse (docs/design.rst, Global concurrency, Global rate limit);
+              staged (the staging hash's count, 0 without one), groups (per stream in
+              KEYS order {complete, group, waiting, ...}: the groups of its level's rotation,
+              at most GROUPS_MAX (1,000) of them from the next in turn; complete 1 when that
+              is all); and
               levels holds one record per stream, in KEYS order:
               {level, exists, length, ready, held, pending, oldest, consumers, last}
                 exists     1 if the stream exists, else 0
@@ -44,7 +50,8 @@ Reply:        {levels, dlq length, now, delayed, next due, arguments, counters, 
 Errors:       "inspect: expected ..." for another layout; WRONGTYPE
 Minimum Redis: 6.2 (exclusive XRANGE). Cost: O(n + consumers) commands, each reading at most
 one entry (ready = XLEN - PEL size + held); with x-max-in-flight one XPENDING summary more per
-stream, as a read counts; with x-rate-limit a GET. Read-only: "--@flags no-writes" below makes it
+stream, as a read counts; with x-rate-limit a GET; with x-fairness an HGET per group waiting,
+at most GROUPS_MAX per level. Read-only: "--@flags no-writes" below makes it
 run with EVALSHA_RO on Redis 7.0+ (Script.call_ro). See docs/design.rst (Leases).
 ]]
 --@flags no-writes
@@ -53,11 +60,13 @@ run with EVALSHA_RO on Redis 7.0+ (Script.call_ro). See docs/design.rst (Leases)
 --@include unique
 --@include inflight
 --@include rate
-local bad = check_args('inspect', #KEYS >= 7, #ARGV == #KEYS - 4,
+--@include fair
+local GROUPS_MAX = 1000  -- groups walked per level (one HGET each)
+local bad = check_args('inspect', #KEYS >= 8, #ARGV == #KEYS - 5,
                        'KEYS: n streams, dlq, delayed set, arguments, counters, key store, ' ..
-                       'rate; ARGV: group, holder, n levels')
+                       'rate, staging hash; ARGV: group, holder, n levels')
 if bad then return bad end
-local n = #KEYS - 6
+local n = #KEYS - 7
 local group, holder = ARGV[1], ARGV[2]
 local now = now_ms()
 
@@ -116,8 +125,13 @@ local function level_record(key, level)
           consumers, last}
 end
 
-local levels = {}
-for i = 1, n do levels[i] = level_record(KEYS[i], tonumber(ARGV[2 + i])) end
+local levels, groups = {}, {}
+for i = 1, n do
+  levels[i] = level_record(KEYS[i], tonumber(ARGV[2 + i]))
+  local waiting, complete = fair_groups(KEYS[n + 7], fair_level(KEYS[i]), GROUPS_MAX)
+  table.insert(waiting, 1, complete and 1 or 0)
+  groups[i] = waiting
+end
 local first = redis.call('ZRANGE', KEYS[n + 2], 0, 0, 'WITHSCORES')
 local next_due = -1
 if first[1] then next_due = math.max(tonumber(first[2]) - now, 0) end
@@ -149,4 +163,5 @@ end
 return {levels, redis.call('XLEN', KEYS[n + 1]), now, redis.call('ZCARD', KEYS[n + 2]), next_due,
         arguments, redis.call('HGETALL', KEYS[n + 4]),
         tonumber(redis.call('HGET', KEYS[n + 5], UNIQUE_COUNT) or '0') or 0,
-        in_flight, cap, tokens, next_slot}
+        in_flight, cap, tokens, next_slot,
+        tonumber(redis.call('HGET', KEYS[n + 7], 'n') or '0') or 0, groups}

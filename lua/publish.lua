@@ -36,10 +36,20 @@ ARGV[11]  optional (ARGV[8..10] then given, "" where unused): the message's dedu
 ARGV[12]  optional (ARGV[8..11] then given, "" where unused): the message's unique key
           (x-unique-key); then KEYS[10+L] is the queue's key store (hash),
           ks:q:{celery}:unique, before the big hash
-Reply:    the new entry id; "delayed:<member>" when kept until due; nil when ARGV[2] is "1"
-          and the queue does not exist; "duplicate" when the queue has x-deduplication-window
-          and stored a message with the id of ARGV[11] within it, or when a live message of
-          the queue holds the key of ARGV[12] (nothing stored; docs/design.rst, Unique keys)
+ARGV[13]  optional (ARGV[8..12] then given, "" where unused): the message's group (x-group,
+          "" for the default group); then KEYS[10+L] is the key store (even when ARGV[12] is
+          "") and KEYS[11+L] the queue's staging hash, ks:q:{celery}:fair. On a queue with
+          x-fairness the message is staged there, in its group's FIFO, rather than appended
+          (lua/lib/fair.lua): a read moves it into its stream when the rotation reaches its
+          group. A delayed message is kept delayed, its group in the staging hash (field
+          d:<member>), and staged when a read moves it; one with a unique key is appended
+          (or kept delayed) as on any queue. A call to a queue with x-fairness
+          without ARGV[13] gets NEEDKEYS, nothing written
+Reply:    the new entry id; "delayed:<member>" when kept until due; "staged" when staged
+          (x-fairness); nil when ARGV[2] is "1" and the queue does not exist; "duplicate"
+          when the queue has x-deduplication-window and stored a message with the id of
+          ARGV[11] within it, or when a live message of the queue holds the key of ARGV[12]
+          (nothing stored; docs/design.rst, Unique keys)
 Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "publish: no
           body" (a big message's token is not in KEYS[#]); "QUEUEFULL ..." (x-overflow
           reject-publish, or drop-head with nothing ready to set aside: nothing stored);
@@ -47,7 +57,8 @@ Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "
           stored; send the call again with them all);
           WRONGTYPE (nothing written: checked first, or the marker's ZADD undone)
 Minimum Redis: 6.2. Cost: O(1) and one HMGET; O(log n) with n delayed messages; a limited
-queue adds L XLENs and an HLEN (which check those keys' types) and, for drop-head when
+queue adds L XLENs and an HLEN (with x-fairness an HGET of KEYS[11+L]: they check those
+keys' types) and, for drop-head when
 full, three TYPEs and a few reads per level; a big
 message adds a TYPE, an HEXISTS and two PTTLs, and never passes through Lua; a TTL adds a
 TIME and the field e; an id on a queue with x-deduplication-window O(log n) with n ids
@@ -56,7 +67,8 @@ HLEN, on a store over 32 fields an HINCRBY, and every 8th keyed publish one swee
 fields at most, 16 of them stream entries: an XPENDING each, an XRANGE of those not
 delivered yet, about 1 MiB copied at most; lua/lib/unique.lua). Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
-arguments and limits, Message TTL, Duplicates, Unique keys).
+arguments and limits, Message TTL, Duplicates, Unique keys, Fair share). A staged message
+costs 3 hash commands (6 when its group joins the rotation: lua/lib/fair.lua) and an SADD.
 ]]
 --@include common
 --@include delay
@@ -64,11 +76,13 @@ arguments and limits, Message TTL, Duplicates, Unique keys).
 --@include expiry
 --@include dedup
 --@include unique
+--@include fair
 local big = string.sub(ARGV[1] or '', 1, 2) == 'r:'  -- the body is in the big hash
 local nk = #KEYS - (big and 1 or 0)
 local nl = tonumber(ARGV[3] or '')
-local keyed = #ARGV == 12  -- a unique key: KEYS[10+L] its store (docs: Unique keys)
-local wide = nl ~= nil and nl >= 1 and nk == 9 + nl + (keyed and 1 or 0)
+local keyed = #ARGV >= 12  -- a unique key: KEYS[10+L] its store (docs: Unique keys)
+local grouped = #ARGV == 13  -- a group: KEYS[11+L] the staging hash (docs: Fair share)
+local wide = nl ~= nil and nl >= 1 and nk == 9 + nl + (keyed and 1 or 0) + (grouped and 1 or 0)
 local short = not wide and not keyed and nk == 9 and nl ~= nil and nl >= 1  -- see KEYS[8]
 local bad = check_args('publish', wide or short,
                        #ARGV == 7 or ((#ARGV == 11 or keyed) and (ARGV[6] == '1' or ARGV[8] == ''))
@@ -78,7 +92,7 @@ local bad = check_args('publish', wide or short,
                        'first stream and the id store; one more, the big hash, with ' ..
                        '"r:<token>"); 7 args, or with delayed delivery 8 to 10 (a due ' ..
                        'time needs ARGV[9]), or 11 with an id, 12 with a unique key (and ' ..
-                       'its store)')
+                       'its store), 13 with a group (and the store and the staging hash)')
 if bad then return bad end
 local stream, wake, ready, argkey, dlq = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local store, dedup_id = KEYS[wide and 8 + nl or 9], ARGV[11]
@@ -132,8 +146,12 @@ if wrong then return refuse(redis.error_reply(wrong)) end
 -- holds counts, so what a publish adds (to a stream or the delayed set) is checked here,
 -- before any write. The counts (XLEN, HLEN) check the types of the keys they read; drop-head
 -- checks those it writes before it writes.
-local limit, overflow, queue_ttl, window
-limit, overflow, wrong, queue_ttl, window = read_limit(argkey)
+local limit, overflow, queue_ttl, window, fairness
+limit, overflow, wrong, queue_ttl, window, fairness = read_limit(argkey)
+if not wrong and fairness and not grouped then  -- staging needs its hash: ask for it
+  return refuse(redis.error_reply('NEEDKEYS queue ' .. group .. ' has x-fairness: send its ' ..
+                                  'staging hash and a group (nothing was stored)'))
+end
 if not wrong and limit and short then  -- a limit counts every stream: ask for them all
   return refuse(redis.error_reply('NEEDKEYS queue ' .. group .. ' has x-max-length: send ' ..
                                   'all its ' .. nl .. ' streams (nothing was stored)'))
@@ -142,6 +160,11 @@ local held = 0
 if not wrong and limit then
   streams = {unpack(KEYS, 8, 7 + nl)}
   held, wrong = held_count(streams, KEYS[7])
+  if not wrong and fairness then  -- staged messages count too (its HGET checks its type)
+    local staged
+    staged, wrong = try('HGET', KEYS[11 + nl], FAIR_COUNT)
+    held = held and held + (tonumber(staged) or 0)
+  end
 end
 if wrong then return refuse(redis.error_reply(wrong)) end
 -- A duplicate (docs/design.rst, "Duplicates") is refused before the limit is looked at: a
@@ -228,6 +251,10 @@ if limit and held >= limit then
                                     'rest is in flight or delayed)'))
   end
 end
+-- Fair share (docs/design.rst, "Fair share"): staged in its group's FIFO, not appended (a
+-- delayed one when due); a message with a unique key is appended (the key store names an
+-- entry or a delayed member).
+local fair_key = grouped and fairness and not ukey and KEYS[11 + nl]
 local time = nil  -- the server's clock, read once: {seconds, microseconds}
 local function now_us()
   if time == nil then time = redis.call('TIME') end
@@ -261,6 +288,7 @@ end
 -- The delayed keys' types, checked before a path that writes them writes anything.
 local function delayed_wrong()
   local err = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash') or wrong_type(wake, 'zset')
+  err = err or (fair_key and wrong_type(fair_key, 'hash'))
   return err and refuse(redis.error_reply(err))
 end
 
@@ -274,6 +302,10 @@ local function keep_delayed(due)
   if redis.call('SADD', ready, DELAYED) == 1 then new[#new + 1] = ready end
   -- a new earliest due time (or one due now): wake a consumer, whose read learns it
   if earliest and redis.call('ZADD', wake, 0, 'w') == 1 then new[#new + 1] = wake end
+  if fair_key then  -- x-fairness: staged when due, in its group (docs: Fair share)
+    redis.call('HSET', fair_key, 'd:' .. member, ARGV[13])
+    if redis.call('PTTL', fair_key) == -1 then new[#new + 1] = fair_key end
+  end
   expire_new(new)
   remember()
   hold(nil, member)
@@ -302,6 +334,27 @@ if dkey then
     if redis.call('ZADD', wake, 0, 'w') == 1 then expire_new({wake}) end
     return keep_delayed(clock())
   end
+end
+if fair_key then
+  if routed and redis.call('EXISTS', first) == 0 then return refuse(false) end
+  -- the marker first (fails alone), taken back if the staging's first write fails
+  local woke, werr = try('ZADD', wake, 0, 'w')
+  if werr then return refuse(redis.error_reply(werr)) end
+  local value = payload
+  if big then value = 'r:' .. token end
+  local created, serr = fair_stage(fair_key, string.match(stream, ':(%d+)$') or '0',
+                                   ARGV[13], with_deadline(value, deadline))
+  if serr then
+    if woke == 1 then redis.call('ZREM', wake, 'w') end
+    return refuse(redis.error_reply(serr))
+  end
+  local new = {}
+  if woke == 1 then new[#new + 1] = wake end
+  if created then new[#new + 1] = fair_key end
+  if redis.call('SADD', ready, FAIR .. stream) == 1 then new[#new + 1] = ready end
+  expire_new(new)
+  remember()
+  return 'staged'
 end
 local woke, wake_wrong = try('ZADD', wake, 0, 'w')  -- first write: fails alone
 if wake_wrong then return refuse(redis.error_reply(wake_wrong)) end

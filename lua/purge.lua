@@ -8,6 +8,9 @@ KEYS[n+3]   the queue's big messages (hash): the bodies of those deleted are del
 KEYS[n+4]   the queue's key store (hash, x-unique-key): the keys of the delayed messages deleted
             are released (a stream entry's key is free once its entry is gone: docs/design.rst,
             Unique keys)
+KEYS[n+5]   the queue's staging hash (x-fairness), ks:q:{celery}:fair: up to batch staged
+            messages go too (over all levels), in rotation order (lua/lib/fair.lua), and the
+            groups (d:<member>) of the delayed messages deleted
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
 ARGV[3]     batch: the most entries to delete from each stream (and the delayed set)
@@ -26,17 +29,19 @@ to be a big message's reference. See docs/design.rst (Leases, Big messages).
 --@include common
 --@include delay
 --@include unique
-local bad = check_args('purge', #KEYS >= 5, #ARGV == 3,
+--@include fair
+local bad = check_args('purge', #KEYS >= 6, #ARGV == 3,
                        'KEYS: streams, delayed set, delayed messages, big messages, key ' ..
-                       'store; ARGV: group, holder, batch')
+                       'store, staging hash; ARGV: group, holder, batch')
 if bad then return bad end
 local group, holder, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local purged, more = 0, 0
-local n = #KEYS - 4
+local n = #KEYS - 5
 local dkey, bodies, big, ustore = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], KEYS[n + 4]
+local staging = KEYS[n + 5]
 -- every key is checked first (see wrong_type): no delayed messages gone, then an error
 bad = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash') or wrong_type(big, 'hash')
-  or wrong_type(ustore, 'hash')
+  or wrong_type(ustore, 'hash') or wrong_type(staging, 'hash')
 bad = bad or wrong_streams(1, n)
 if bad then return redis.error_reply(bad) end
 local has_big = redis.call('EXISTS', big) == 1
@@ -100,6 +105,11 @@ if #delayed > 0 then
     for _, member in ipairs(delayed) do unique_release_delayed(ustore, member) end
   end
   redis.call('HDEL', bodies, unpack(delayed))
+  if redis.call('EXISTS', staging) == 1 then  -- x-fairness: their groups (d:<member>) go
+    local fields = {}
+    for j, member in ipairs(delayed) do fields[j] = 'd:' .. member end
+    redis.call('HDEL', staging, unpack(fields))
+  end
   purged = purged + #delayed
   if #delayed >= batch then more = 1 end
 end
@@ -139,6 +149,21 @@ for i = 1, n do
       end
       if cut or #fresh >= batch then more = 1 end
     end
+  end
+end
+-- Fair share: staged messages are ready ones not in a stream yet (their big bodies freed
+-- as they go, in fair_drop), at most batch of them per call over all levels
+if redis.call('EXISTS', staging) == 1 then
+  local budget = batch
+  for i = 1, n do
+    local level, dropped, left = fair_level(KEYS[i]), 0, nil
+    if budget > 0 then
+      dropped, left = fair_drop(staging, level, budget, big)
+    else
+      left = redis.call('HEXISTS', staging, 'c:' .. level) == 1
+    end
+    purged, budget = purged + dropped, budget - dropped
+    if left then more = 1 end
   end
 end
 for j = 1, #free, 1000 do  -- unpack() has a limit

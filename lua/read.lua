@@ -6,29 +6,34 @@ KEYS[1..S]      the streams to read, in serving order: fanout streams first, the
                 so stream i is the stream of the i-th fanout source for i <= F (F: the
                 sources of kind 'f'), else of the ((i - F - 1) mod O + 1)-th of the O queue
                 sources (kind 'q'), each with S - F = O x levels streams
-KEYS[S+11q-10]  wake marker (zset) of source q, q = 1..Q; a source is a queue's own
+KEYS[S+12q-11]  wake marker (zset) of source q, q = 1..Q; a source is a queue's own
                 streams, or its group on one fanout stream (marker ks:x:{ex}:wake:<queue>)
-KEYS[S+11q-9]   dead-letter stream of source q
-KEYS[S+11q-8]   ready index (set) of source q, ks:q:{queue}:ready
-KEYS[S+11q-7]   delayed set (zset) of source q, ks:q:{queue}:delayed
-KEYS[S+11q-6]   delayed messages (hash) of source q, ks:q:{queue}:delayed:m
-KEYS[S+11q-5]   big messages (hash) of source q, ks:q:{queue}:big
-KEYS[S+11q-4]   counters (hash) of source q, ks:q:{queue}:counters: "expired" counts the
+KEYS[S+12q-10]  dead-letter stream of source q
+KEYS[S+12q-9]   ready index (set) of source q, ks:q:{queue}:ready
+KEYS[S+12q-8]   delayed set (zset) of source q, ks:q:{queue}:delayed
+KEYS[S+12q-7]   delayed messages (hash) of source q, ks:q:{queue}:delayed:m
+KEYS[S+12q-6]   big messages (hash) of source q, ks:q:{queue}:big
+KEYS[S+12q-5]   counters (hash) of source q, ks:q:{queue}:counters: "expired" counts the
                 messages set aside past their TTL; a fanout source has no index, no delayed
                 keys, no big messages, no counters, no arguments, no rate key, no key
-                store and no flag (the caller passes its marker again for each)
-KEYS[S+11q-3]   arguments (hash) of source q, ks:q:{queue}:args: only x-rate-limit,
+                store, no flag and no staging hash (the caller passes its marker again for
+                each)
+KEYS[S+12q-4]   arguments (hash) of source q, ks:q:{queue}:args: only x-rate-limit,
                 x-rate-burst, x-max-in-flight and x-priority-aging are read (one HMGET per
                 source served)
-KEYS[S+11q-2]   rate limiter state (string) of source q, ks:q:{queue}:rate: the next
+KEYS[S+12q-3]   rate limiter state (string) of source q, ks:q:{queue}:rate: the next
                 delivery's theoretical arrival time, unix ms, expiring once it is past;
                 written only when the queue has x-rate-limit (lua/lib/rate.lua)
-KEYS[S+11q-1]   key store (hash) of source q, ks:q:{queue}:unique: a delayed message moved
+KEYS[S+12q-2]   key store (hash) of source q, ks:q:{queue}:unique: a delayed message moved
                 to its stream that holds an x-unique-key keeps it (the store then names its
                 new entry; lua/lib/unique.lua); looked at (TYPE) only when due messages move
-KEYS[S+11q]     in-flight flag (string) of source q, ks:q:{queue}:capped: raised when the
+KEYS[S+12q-1]   in-flight flag (string) of source q, ks:q:{queue}:capped: raised when the
                 queue's x-max-in-flight left ready work without a marker; acks that ride
                 along and free a slot lower it and set the marker (lua/lib/inflight.lua)
+KEYS[S+12q]     staging hash of source q, ks:q:{queue}:fair: on a queue with x-fairness,
+                messages wait there per group until a read moves them into their level's
+                stream in rotation order, just before reading it (lua/lib/fair.lua); looked
+                at only where the ready index names a level's staging (g:<stream key>)
 ARGV[1]         consumer name (unique per channel)
 ARGV[2]         COUNT: the most messages to deliver (the channel's free prefetch)
 ARGV[3]         name of the holder consumer that parks requeued messages
@@ -57,7 +62,7 @@ ARGV[8+5Q]      A: the number of acks that ride along (0: none), then A pairs: s
                 consumer ARGV[1] (one round trip, one call): only those it still owns
 Reply: {status, problems, aside, dues, unsettled, then per delivered message, in delivery
        order: stream index i, entry id, delivery count, payload}; the payload of a big
-       message is {token}: the caller fetches its body from KEYS[S+11q-5] (HGET)
+       message is {token}: the caller fetches its body from KEYS[S+12q-6] (HGET)
        status    one character per source: '1' may hold more ready messages, '0' nothing
                  ready (or nothing the queue's rate limit or x-max-in-flight lets out
                  now), '-' not reached
@@ -79,7 +84,11 @@ streams the index names: O(COUNT + entries set aside), one XREADGROUP per stream
 caller's size hint holds; a walk adds an XLEN per stream, moving due delayed messages at
 most PROMOTE (500) and BYTES of them (an HSTRLEN each, a TYPE of the key store per call
 that moves any; a store that exists adds an HMGET, and an HGET per moved message with a
-unique key, an HSET and an HDEL); a big message adds an HSTRLEN;
+unique key, an HSET and an HDEL; on a queue whose staging hash exists an EXISTS, and an
+HGET per due message, staged in its group if it has one); a big message adds an HSTRLEN; a
+staged message moved (x-fairness) an XADD and its share of an HMGET, each group served a
+few hash commands, at most what the call may still deliver per level, whatever the number
+of groups waiting;
 entries set aside (expired ones too) at most COUNT + 100 per call, the rest next call;
 acks that ride along add one XPENDING per stream (ownership, see ack.lua) unless all of the
 stream's are trusted; a source whose riding acks freed entries adds a TYPE of its flag. A
@@ -92,7 +101,7 @@ when it waited a period or more), and TIME; one without any pays the HMGET of it
 arguments. Never blocks.
 Phases: lua/lib/serve.lua. See docs/design.rst (Wake-ups, The ready index, Leases, Delivery
 counts and dead letters, Delayed delivery, Reads bounded by bytes, Big messages, Message
-TTL, Global rate limit, Global concurrency, Unique keys, Priority aging).
+TTL, Global rate limit, Global concurrency, Unique keys, Priority aging, Fair share).
 ]]
 --@include common
 --@include delay
@@ -101,11 +110,12 @@ TTL, Global rate limit, Global concurrency, Unique keys, Priority aging).
 --@include inflight
 --@include unique
 --@include aging
+--@include fair
 --@include serve
 
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
 local A = S and Q and tonumber(ARGV[8 + 5 * Q]) or 0
-local fits = S and Q and #KEYS == S + 11 * Q and #ARGV == 8 + 5 * Q + 2 * A
+local fits = S and Q and #KEYS == S + 12 * Q and #ARGV == 8 + 5 * Q + 2 * A
 local F = 0  -- fanout sources: one stream each; the O queue sources have one per level
 if fits then
   for q = 1, Q do
@@ -116,7 +126,7 @@ if fits then
 end
 if not fits then
   return check_args('read', false, false, tostring(S) .. ' streams, ' .. tostring(Q) ..
-                    ' sources and ' .. tostring(A) .. ' acks (S + 11Q keys, 8 + 5Q + 2A args, ' ..
+                    ' sources and ' .. tostring(A) .. ' acks (S + 12Q keys, 8 + 5Q + 2A args, ' ..
                     'S = fanout sources + queue sources x levels)')
 end
 local ctx = new_context(ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]),

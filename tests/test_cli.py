@@ -163,7 +163,7 @@ def test_inspect_counts_dead_letters_and_writes_nothing(script_client):
         script = SCRIPTS['inspect'].flagged
         assert script.source.startswith('#!lua flags=no-writes\n')
         keys = [*K.streams('q', LEVELS), K.dlq('q'), K.delayed('q'), K.args('q'),
-                K.counters('q'), K.unique('q'), K.rate('q')]
+                K.counters('q'), K.unique('q'), K.rate('q'), K.fair('q')]
         assert c.evalsha_ro(script.sha, len(keys), *keys, 'q', HOLDER, *LEVELS)[1] == 2
 
 
@@ -681,9 +681,9 @@ def test_scripts_lists_every_script_with_a_ready_evalsha_line(redis_url):
     docs = {d['name']: d for d in cli_json(None, 'scripts')}
     assert set(docs) == set(SCRIPTS)
     size = docs['size']
-    assert size['keys'][0].startswith('KEYS[1..n]') and len(size['argv']) == 2
+    assert size['keys'][0].startswith('KEYS[1..n]') and len(size['argv']) == 3
     assert size['template'] == (f"redis-cli EVALSHA {SCRIPTS['size'].sha} <numkeys> "
-                                f"'<KEYS[1..n]>' '<ARGV[1]>' '<ARGV[2]>'")
+                                f"'<KEYS[1..n]>' '<ARGV[1]>' '<ARGV[2]>' '<ARGV[3]>'")
     assert docs['inspect']['summary'].startswith('a read-only snapshot of ONE queue')
     # --load puts them on the server, so the template works as printed
     assert cli(redis_url, 'scripts', '--load').returncode == 0
@@ -741,7 +741,7 @@ def test_scripts_call_lines_run_as_the_transport_calls(redis_url, tmp_path):
     assert (tmp_path / 'size.lua').read_text() == SCRIPTS['size'].source
     words = shlex.split(data['eval'])
     assert words[:3] == ['redis-cli', '--eval', str(tmp_path / 'size.lua')]
-    assert words[3:] == [*K.streams('cq', LEVELS), ',', 'cq', HOLDER]
+    assert words[3:] == [*K.streams('cq', LEVELS), K.fair('cq'), ',', 'cq', HOLDER, '1']
     if shutil.which('redis-cli'):
         port = str(urlsplit(redis_url).port)
         r = subprocess.run(['redis-cli', '-p', port, *words[1:]], capture_output=True,
@@ -750,10 +750,10 @@ def test_scripts_call_lines_run_as_the_transport_calls(redis_url, tmp_path):
     # the app's prefix and priority steps name the keys
     data, words = call_words(tmp_path, '--prefix', 'app1:', '--priority-steps', '0,5', 'scripts',
                              '--call', 'read', 'cq')
-    assert data['keys'][:2] == Keys('app1:').streams('cq', [0, 5]) and words[2] == '13'
+    assert data['keys'][:2] == Keys('app1:').streams('cq', [0, 5]) and words[2] == '14'
     r = cli(None, 'scripts', '--call', 'read', 'cq', '--lua-dir', str(tmp_path))
     assert r.returncode == 0 and 'redis-cli --eval ' in r.stdout
-    assert f"redis-cli EVALSHA {SCRIPTS['read'].sha} 15 'ks:q:{{cq}}:0' " in r.stdout
+    assert f"redis-cli EVALSHA {SCRIPTS['read'].sha} 16 'ks:q:{{cq}}:0' " in r.stdout
 
 
 @pytest.mark.parametrize('name', ['bind', 'migrate', 'nope'])
@@ -881,7 +881,7 @@ def test_python_dash_m_runs_the_command(tmp_path):
                         'q', '--lua-dir', str(tmp_path)], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
-    assert f"redis-cli EVALSHA {SCRIPTS['size'].sha} 4 " in r.stdout
+    assert f"redis-cli EVALSHA {SCRIPTS['size'].sha} 5 " in r.stdout
 
 
 # -- global options: before or after the command -------------------------------------------

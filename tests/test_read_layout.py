@@ -40,9 +40,11 @@ def test_kept_layout_gives_the_fresh_call_whatever_changes():
     assert args[7:17] == ['a', 'q', 'r', 5000, 900, 'b', 'q', 'p', 0, 0]
     assert args[17:] == [1, -4, b'1-1']
     assert keys[3] == s3b  # streams by level, then by source: a0 b0 a3 b3 ...
-    # then eleven keys per source, its marker first and its in-flight flag last
+    # then twelve keys per source, its marker first, its in-flight flag and staging hash last
     assert keys[8] == calls.keys.wake('a') and keys[18] == calls.keys.capped('a')
-    assert keys[19] == calls.keys.wake('b') and keys[29:] == [calls.keys.capped('b')]
+    assert keys[19] == calls.keys.fair('a')
+    assert keys[20] == calls.keys.wake('b') and keys[30:] == [calls.keys.capped('b'),
+                                                              calls.keys.fair('b')]
     # the reply is decoded against the call's own sources and streams
     call, parse = calls.read_call([b, a], 'c1', 2)
     result = parse([b'10', [], [], [], [], 2, b'5-1', 1, b'm'])

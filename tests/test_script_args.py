@@ -33,12 +33,12 @@ MINIMAL = {
     'deadletter': ([S0, K.dlq(Q)], [Q, 'c1', '1-1', 'why', 1, '0']),
     'declare': ([S0, K.args(Q)], [Q]),
     'delete': ([S0, *QUEUE_KEYS[:4], K.args(Q), K.counters(Q), K.dedup(Q), K.unique(Q),
-                K.big(Q), K.dlq(Q)], []),
+                K.fair(Q), K.big(Q), K.dlq(Q)], []),
     'dlq_purge': ([K.dlq(Q), K.big(Q)], ['1-0', 10]),
     'fanout_ack': ([FAN], [Q, 'c1', '1-1']),
     'fanout_publish': ([FAN, K.deadlines(X)], ['m']),
     'inspect': ([S0, K.dlq(Q), K.delayed(Q), K.args(Q), K.counters(Q), K.unique(Q),
-                 K.rate(Q)],
+                 K.rate(Q), K.fair(Q)],
                 [Q, HOLDER, 0]),
     'inspect_fanout': ([FAN], [10, 0, 100]),
     'layout': (['ks:layout'], [1]),
@@ -48,10 +48,10 @@ MINIMAL = {
     'peek': ([S0], [Q, HOLDER, 1, 1, 'h', '']),
     'limits': ([K.args(Q), S0, K.counters(Q)], ['get']),
     'publish': (PUBLISH_KEYS, ['m', '0', 1, Q, HOLDER, '0', '']),
-    'purge': ([S0, K.delayed(Q), K.delayed_messages(Q), K.big(Q), K.unique(Q)],
+    'purge': ([S0, K.delayed(Q), K.delayed_messages(Q), K.big(Q), K.unique(Q), K.fair(Q)],
               [Q, HOLDER, 10]),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q), K.args(Q), K.rate(Q),
-              K.unique(Q), K.capped(Q)],
+              K.unique(Q), K.capped(Q), K.fair(Q)],
              ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 0]),
     'reclaim': ([FAN, FWAKE], [Q, HOLDER, 1000, 100, 0, '-']),
     'redrive': ([K.dlq(Q), S0, K.wake(Q), K.ready(Q)], [10]),
@@ -62,7 +62,7 @@ MINIMAL = {
     'leave': ([S0], [Q, 'c1']),
     'scheduled': ([K.delayed(Q), K.delayed_messages(Q)], [10, '0']),
     'size': ([S0], [Q, HOLDER]),
-    'touch': ([S0, *QUEUE_KEYS, K.args(Q), K.counters(Q), K.unique(Q)], [1000]),
+    'touch': ([S0, *QUEUE_KEYS, K.args(Q), K.counters(Q), K.unique(Q), K.fair(Q)], [1000]),
     'wake': ([K.wake(Q), S0, K.wake(Q)], ['q', Q, '']),
 }
 
@@ -77,7 +77,7 @@ LARGER = {
     'wake': ([FWAKE, FAN, K.deadlines(X), K.wake(Q), S0, K.wake(Q)],
              ['f', Q, 'm', 'q', Q, '']),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q), K.args(Q), K.rate(Q),
-              K.unique(Q), K.capped(Q)],
+              K.unique(Q), K.capped(Q), K.fair(Q)],
              ['c1', 10, HOLDER, 0, 1, 1, 4096, Q, 'q', 'r', 0, 0, 1, 1, '1-1']),
 }
 #: With a unique key (x-unique-key): its store in KEYS and the key in ARGV, one layout more.
@@ -152,10 +152,10 @@ def test_a_read_whose_streams_fit_no_layout_is_refused(fake_client):
     is refused before anything is read."""
     b = 'b'
     source_keys = [*[K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q), K.args(Q),
-                     K.rate(Q), K.unique(Q), K.capped(Q)],
+                     K.rate(Q), K.unique(Q), K.capped(Q), K.fair(Q)],
                    *[K.wake(b), K.dlq(b), K.ready(b), K.delayed(b), K.delayed_messages(b),
                      K.big(b), K.counters(b), K.args(b), K.rate(b), K.unique(b),
-                     K.capped(b)]]
+                     K.capped(b), K.fair(b)]]
     head = ['c1', 10, HOLDER, 0]
     per_source = [Q, 'q', 'r', 0, 0, b, 'q', 'r', 0, 0]
     streams = [S0, K.stream(b, 0), K.stream(Q, 3)]  # two queue sources, three streams

@@ -67,6 +67,20 @@ def _unique(c: Any, mode: str = '') -> None:
         c.hset(K.args('q'), 'x-unique-mode', mode)
 
 
+def _fair(c: Any) -> None:
+    """Queue q has x-fairness, and two messages of group 'a' staged at level 3."""
+    c.hset(K.args('q'), 'x-fairness', 'round-robin')
+    b = Broker(c, K, LEVELS)
+    for _ in range(2):
+        b.publish('q', 3, P, group='a')
+
+
+def _fair_limited(c: Any) -> None:
+    """As _fair, with a length limit far off: staged messages are counted against it."""
+    _fair(c)
+    c.hset(K.args('q'), mapping={'x-max-length': '500', 'x-overflow': 'reject-publish'})
+
+
 def _capped(c: Any) -> None:
     """Queue q's x-max-in-flight stopped a read with work left: its flag is raised, so a
     settle that frees a slot lowers it and sets the marker (lua/lib/inflight.lua)."""
@@ -262,6 +276,14 @@ CASES = {
     'requeue-capped': (lambda b, f: b.requeue_calls(
         'q', [(f['renew'][0], f['renew'][1][0])], None, 'c1')[0], _capped),
     'reclaim-capped': (lambda b, f: b.reclaim_call('q', 0, 100)[0], _capped),
+    # x-fairness: the message is staged in its group's FIFO (lua/lib/fair.lua)
+    'publish-fair': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay(),
+                                                 group='g'), _fair),
+    'purge-fair': (lambda b, f: b.purge_call('q', 2), _fair),
+    'publish-fair-delayed': (lambda b, f: b.publish_call(
+        'q', 6, P, delay=Delay('+600000', 1000, 'later'), group='g'), _fair),
+    'publish-fair-limited': (lambda b, f: b.publish_call('q', 3, P, routed=True, delay=Delay(),
+                                                         group='g'), _fair_limited),
     'wake': (lambda b, f: b.give_back_call(
         FANOUT_SOURCES, {('q', 'f'): member('q'), ('s', 'f'): member('s')}), _popped),
 }
@@ -312,6 +334,16 @@ UNTOUCHED |= {('publish-unique-duplicate', 0), ('publish-unique-duplicate', 1)} 
 UNTOUCHED |= {('ack', 2), ('ack-any', 2), ('ack-big', 3), ('ack-unique', 3), ('deadletter', 4),
               ('deadletter-unique', 4)}
 UNTOUCHED |= {('requeue-capped', 4), ('reclaim-capped', 7)}  # the delayed set: no backoff
+#: A staged message touches neither its stream (0) nor the others (7: only EXISTS and PTTL;
+#: 8, 9), nor the dead-letter stream (4), the delayed messages (6), the id store (10), the
+#: counters (11) or the key store (12, no unique key).
+UNTOUCHED |= {('publish-fair', i) for i in (0, 4, 6, 7, 8, 9, 10, 11, 12)}
+#: Delayed, it touches the delayed keys, the marker, the index and the staging hash (d:<member>
+#: names its group): none of the streams (0, 7, 8, 9), the dead-letter stream (4), the id
+#: store (10), the counters (11) or the key store (12).
+UNTOUCHED |= {('publish-fair-delayed', i) for i in (0, 4, 7, 8, 9, 10, 11, 12)}
+#: Limited, it counts every stream and the staging hash (their types so checked) first.
+UNTOUCHED |= {('publish-fair-limited', i) for i in (4, 10, 11, 12)}
 
 _DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': ['1-1']}
 
@@ -327,7 +359,7 @@ _TAILS = [(r':\d+', 'stream'), (r':wake(:.*)?', 'zset'), (r':ready', 'set'),
           (r':delayed', 'zset'), (r':delayed:m', 'hash'), (r':dlq(:.*)?', 'stream'),
           (r':bindings', 'set'), (r':deadlines', 'zset'), (r':fanout', 'stream'),
           (r':big', 'hash'), (r':args', 'hash'), (r':counters', 'hash'), (r':dedup', 'zset'),
-          (r':unique', 'hash'), (r':capped', 'string')]
+          (r':unique', 'hash'), (r':capped', 'string'), (r':fair', 'hash')]
 _OTHERS = {'kq': 'list', 'unacked': 'hash', 'unacked_index': 'zset', K.layout(): 'string'}
 
 

@@ -147,8 +147,10 @@ end
 -- members to add: the streams written, and HELD .. stream for parked entries, error, bytes
 -- moved, placed: {member, stream, new entry id} per message appended, for the caller to
 -- re-point its unique key, lua/lib/unique.lua): on an error (a key holds another type) the
--- members moved so far are removed and the rest stay where they are.
-local function promote(dkey, bodies, levels, first, now, n, bytes, alone)
+-- members moved so far are removed and the rest stay where they are. DIVERT, optional:
+-- DIVERT(member, value, stream) takes a message elsewhere instead of its stream (x-fairness
+-- stages it: lua/lib/fair.lua), true when it did.
+local function promote(dkey, bodies, levels, first, now, n, bytes, alone, divert)
   local due, err = try('ZRANGEBYSCORE', dkey, '-inf', now, 'LIMIT', 0, n)
   if err then return 0, {}, err, 0, {} end
   if due == nil or #due == 0 then return 0, {}, nil, 0, {} end
@@ -177,6 +179,10 @@ local function promote(dkey, bodies, levels, first, now, n, bytes, alone)
         end
         moved = moved + 1
       end
+    elseif payload and divert and divert(member, payload,
+                                         levels[string.match(member, '^%d+:(%d+):') or '']
+                                         or first) then
+      moved = moved + 1
     elseif payload then
       local stream = levels[string.match(member, '^%d+:(%d+):') or ''] or first
       local id, xerr = try('XADD', stream, '*', unpack(entry_of(payload)))

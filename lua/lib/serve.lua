@@ -18,7 +18,8 @@
 --   src.q, src.group, src.shared, src.mode, src.ttl, src.wake, src.dlq, src.index_key,
 --   src.dkey, src.bodies, src.big,        (its keys; the delayed ones: lua/lib/delay.lua)
 --   src.counters, src.args, src.rate_key, src.store (the key store, lua/lib/unique.lua),
---   src.flag     (the in-flight flag, lua/lib/inflight.lua)
+--   src.flag     (the in-flight flag, lua/lib/inflight.lua), src.fair (the staging hash,
+--                lua/lib/fair.lua)
 --   src.aging    x-priority-aging's state (lua/lib/aging.lua) when it has the argument,
 --                false without; opened with src.rate
 --   src.expired                           entries this call set aside past their TTL
@@ -75,15 +76,15 @@ end
 local function load_sources(S, Q, F)
   local sources, of, fan, own = {}, {}, {}, {}
   for q = 1, Q do
-    local k = S + 11 * q  -- the source's last key
+    local k = S + 12 * q - 1  -- the source's last key but its staging hash
     sources[q] = {q = q, group = ARGV[3 + 5 * q], shared = ARGV[4 + 5 * q] == 'f',
                   mode = ARGV[5 + 5 * q], ttl = tonumber(ARGV[6 + 5 * q]) or 0,
                   est = tonumber(ARGV[7 + 5 * q]) or 0,
                   wake = KEYS[k - 10], dlq = KEYS[k - 9], index_key = KEYS[k - 8],
                   dkey = KEYS[k - 7], bodies = KEYS[k - 6], big = KEYS[k - 5],
                   counters = KEYS[k - 4], args = KEYS[k - 3], rate_key = KEYS[k - 2],
-                  store = KEYS[k - 1], flag = KEYS[k], streams = {}, visited = {},
-                  expired = 0}
+                  store = KEYS[k - 1], flag = KEYS[k], fair = KEYS[k + 1], streams = {},
+                  visited = {}, expired = 0}
     if sources[q].shared then fan[#fan + 1] = sources[q] else own[#own + 1] = sources[q] end
   end
   for i = 1, S do
@@ -211,9 +212,23 @@ local function promote_due(ctx, src)
       for _, i in ipairs(src.streams) do levels[string.match(KEYS[i], ':(%d+)$')] = KEYS[i] end
       local keyed, uerr = unique_store(src.store)
       if uerr then return problem(ctx, src, src.store, uerr) end
+      -- x-fairness: a delayed message published with a group (its member names it in the
+      -- staging hash, d:<member>) is staged when due, not appended (docs/design.rst, "Fair
+      -- share"); one HGET per due message, only where the staging hash exists
+      local divert = nil
+      if redis.call('EXISTS', src.fair) == 1 then
+        divert = function(member, value, stream)
+          local g, gerr = try('HGET', src.fair, 'd:' .. member)
+          if gerr or not g then return false end  -- another type: appended, as without
+          redis.call('HDEL', src.fair, 'd:' .. member)
+          fair_stage(src.fair, fair_level(stream), g, value)
+          idx[FAIR .. stream] = true
+          return true
+        end
+      end
       local moved, streams, perr, size, placed = promote(
         src.dkey, src.bodies, levels, KEYS[src.streams[1]], now, ctx.promote_left,
-        ctx.promote_bytes, ctx.promoted == 0)
+        ctx.promote_bytes, ctx.promoted == 0, divert)
       if keyed then unique_promoted(src.store, placed) end
       ctx.promote_left, ctx.promoted = ctx.promote_left - moved, ctx.promoted + moved
       ctx.promote_bytes = ctx.promote_bytes - size
@@ -482,6 +497,46 @@ local function serve_fresh(ctx, src, i)
   end
 end
 
+-- Fair share (docs/design.rst, "Fair share"): stream I of a queue with x-fairness has no
+-- undelivered entries left, and its level's staging may hold messages: move as many as this
+-- call may still deliver of it (COUNT, and the byte budget at the expected size) into the
+-- stream, in rotation order, then read them as fresh entries. So a message enters its stream
+-- only just before it is read, and everything after delivery is as on any queue. The index
+-- keeps g:<stream> while the level's staging is not empty.
+local function serve_staged(ctx, src, i)
+  local key, idx = KEYS[i], src.index
+  while ctx.left > 0 and idx[FAIR .. key] and not idx[key] do
+    local want = batch(ctx, src)  -- the first of a call may be one entry, to learn the size
+    if want <= 0 then  -- the byte budget is spent
+      src.more = true
+      return halt(ctx)
+    end
+    local moved, more, err = fair_move(src.fair, key, want)
+    if not more then idx[FAIR .. key] = nil end
+    if err then return problem(ctx, src, src.fair, err) end
+    if moved == 0 then return end
+    idx[key] = true
+    local before = ctx.copied
+    local gone = serve_fresh(ctx, src, i)
+    if gone ~= nil or ctx.halted then return gone end
+    -- every moved entry read, and the stream had none undelivered before: dry (no probe)
+    if ctx.copied - before == moved then idx[key] = nil end
+  end
+end
+
+-- Whether level stream KEY's staging (in the source's staging hash) holds messages, for a
+-- walk: one HEXISTS, none when the hash does not exist (looked at once per walk). Returns
+-- (staged, error).
+local function fair_walk(src, key)
+  if src.fair_exists == nil then
+    src.fair_exists = src.fair ~= src.wake and redis.call('EXISTS', src.fair) == 1
+  end
+  if not src.fair_exists then return false, nil end
+  local r, err = try('HEXISTS', src.fair, 'c:' .. fair_level(key))
+  if err then return true, err end
+  return r == 1, nil
+end
+
 -- The limits of queue source SRC, read once per call when a stream of it first has work to
 -- serve (an idle queue pays nothing): one HMGET of its arguments (all a queue without limits
 -- pays), then the rate limiter's state (lua/lib/rate.lua) and what is in flight
@@ -527,16 +582,22 @@ local function serve_stream(ctx, src, i)
   local key, idx = KEYS[i], src.index
   src.visited[i] = true
   if idx and src.walk then
+    local staged, serr = fair_walk(src, key)
+    if serr then return problem(ctx, src, src.fair, serr) end
+    idx[FAIR .. key] = staged or nil
     local len, err = try('XLEN', key)
     if err then return problem(ctx, src, key, err) end
-    if len == 0 then  -- nothing in it, so nothing ready
+    if len == 0 then  -- nothing in it, so nothing ready but what is staged
       idx[key], idx[HELD .. key] = nil, nil
       if not src.alive and redis.call('EXISTS', key) == 1 then src.alive = true end
-      return
+      if not staged then return end
+    else
+      idx[key], idx[HELD .. key] = true, true
     end
-    idx[key], idx[HELD .. key] = true, true
   end
-  if idx and not idx[key] and not idx[HELD .. key] then return end  -- nothing ready here
+  if idx and not idx[key] and not idx[HELD .. key] and not idx[FAIR .. key] then
+    return  -- nothing ready here
+  end
   -- Global rate limit and concurrency: the call delivers at most what the limiter lets
   -- through of this source, and what x-max-in-flight leaves room for (over all its
   -- streams, in serving order, so priorities and requeued-first hold); what is left stays
@@ -567,6 +628,9 @@ local function serve_stream(ctx, src, i)
   if gone == nil and ctx.left > 0 and (not idx or idx[key]) then
     gone = serve_fresh(ctx, src, i)
   end
+  if gone == nil and idx and idx[FAIR .. key] and not idx[key] and not ctx.halted then
+    gone = serve_staged(ctx, src, i)
+  end
   if gone == 'gone' and idx then idx[key], idx[HELD .. key] = nil, nil end
   if rate or cap then
     local got = (#ctx.out - before) / 4
@@ -594,6 +658,8 @@ local function save_index(ctx, src)
         local len = try('XLEN', KEYS[i])
         local maybe = len ~= 0  -- nil (another type) counts as maybe: read and report it
         idx[KEYS[i]], idx[HELD .. KEYS[i]] = maybe or nil, maybe or nil
+        local staged, serr = fair_walk(src, KEYS[i])
+        idx[FAIR .. KEYS[i]] = (staged or serr) and true or nil
       end
     end
   end
@@ -609,7 +675,7 @@ local function save_index(ctx, src)
     if ttl > 0 then redis.call('PEXPIRE', src.index_key, ttl) end
   end
   for _, i in ipairs(src.streams) do
-    if idx[KEYS[i]] or idx[HELD .. KEYS[i]] then return true end
+    if idx[KEYS[i]] or idx[HELD .. KEYS[i]] or idx[FAIR .. KEYS[i]] then return true end
   end
   return false
 end

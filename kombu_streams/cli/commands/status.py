@@ -98,6 +98,13 @@ def status_text(infos: list[dict[str, Any]], fanouts: list[dict[str, Any]]) -> s
                      for i in infos for c in i['consumers']]
         if consumers:
             parts.append(table(['CONSUMER', 'QUEUE', 'PENDING', 'IDLE'], consumers))
+        # x-fairness: the groups with the most staged (inspect walks at most 1,000 a level)
+        groups = [[i['queue'], name or '(default)', waiting,
+                   f"{i['groups']['active']}{'' if i['groups']['complete'] else '+'}"]
+                  for i in infos if i.get('groups', {}).get('active')
+                  for name, waiting in i['groups']['top']]
+        if groups:
+            parts.append(table(['QUEUE', 'GROUP', 'STAGED', 'OF GROUPS'], groups))
     if fanouts:
         rows = [[f['exchange'], g['group'], f"{g['lag']}{'+' if g['lag_capped'] else ''}",
                  g['pending'], g['consumers'], age(g['oldest_unread_ms'])]

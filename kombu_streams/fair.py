@@ -1,0 +1,57 @@
+"""Fair share between the groups of a queue: which group a message belongs to, and the queue
+argument that turns it on.
+
+A queue declared with ``x-fairness: 'round-robin'`` serves, within each priority level, its
+groups in turn: a message's group is its ``x-group`` header (Celery:
+``apply_async(headers={'x-group': customer_id})``; none: the default group ''). Publishes
+stage each message in its group's FIFO and a read moves them into the level's stream in
+rotation order just before reading them (``lua/lib/fair.lua``; docs/design.rst, "Fair
+share"). On a queue without the argument the header means nothing: the message is stored as
+any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .dedup import short
+
+#: The header that names a message's group.
+HEADER = 'x-group'
+#: The queue argument, and the values it takes.
+ARGUMENT = 'x-fairness'
+VALUES = ('round-robin',)
+
+
+def group(message: Mapping[str, Any]) -> str | None:
+    """The group of ``message`` (a Kombu envelope): its ``x-group`` header as a string (a long
+    one by its SHA-256, as a deduplication id), or None without one (the publish then sends
+    no group, unless its queue is known to have x-fairness: kombu_streams/calls.py)."""
+    headers = message.get('headers')
+    if not isinstance(headers, dict):
+        return None
+    given = headers.get(HEADER)
+    if given is None:
+        return None
+    return short(str(given))
+
+
+def fairness_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
+    """x-fairness of ``args`` checked, as stored, or [] without it. With x-max-length only
+    with x-overflow reject-publish: drop-head sets aside the message a read would serve next,
+    and it does not look at staged messages yet (docs/design.rst, "Fair share")."""
+    value = args.get(ARGUMENT)
+    if value is None:
+        return []
+    if value not in VALUES:
+        raise ValueError(f'kombu-streams: queue {queue!r}: argument {ARGUMENT}={value!r} is '
+                         f'not valid: {" or ".join(VALUES)}')
+    if args.get('x-max-length') is not None and args.get('x-overflow') != 'reject-publish':
+        raise ValueError(f'kombu-streams: queue {queue!r}: argument {ARGUMENT}={value!r} is '
+                         f'not valid: with x-max-length only with x-overflow reject-publish '
+                         f'(drop-head does not set staged messages aside yet)')
+    return [ARGUMENT, value]
+
+
+__all__ = ('HEADER', 'ARGUMENT', 'VALUES', 'group', 'fairness_pairs')

@@ -1,0 +1,207 @@
+-- Fair share between the groups of a queue (a library, included after common and delay): a
+-- queue with x-fairness round-robin stages each message in its group's FIFO, and a read moves
+-- staged messages into the level's stream in rotation order just before it reads them. Why
+-- it is correct and what it costs: docs/design.rst, "Fair share".
+--
+-- KEYS: none of its own. The staging hash (ks:q:{q}:fair, in the queue's slot) comes from the
+-- caller, which has it in its KEYS. Its fields, for a level L (the number that ends the level
+-- stream's name) and a group G (any string, the message's x-group; '' is the default group):
+--   n              messages staged, all levels and groups (size, inspect, status)
+--   c:L            the rotation's tail: the group served last at level L; absent: no group
+--                  of level L has a staged message
+--   x:L:G          the group after G in level L's rotation (a circular list)
+--   t:L:G, h:L:G   the last sequence number staged and the last moved of group G at level L
+--                  (h absent: 0); t - h messages wait; both go when the group runs dry
+--   m:L:G:<seq>    a staged message, as a delayed value (lua/lib/delay.lua: its TTL deadline
+--                  prefix, "r:<token>" for a big message)
+--   d:<member>     the group of a delayed message (publish.lua), staged when a read moves it
+-- Every operation is O(1) commands per message staged or moved, whatever the number of
+-- groups: the rotation is a linked list, never scanned.
+
+local FAIR = 'g:'  -- ready index member prefix: level stream <key>'s staging may hold messages
+local FAIR_COUNT = 'n'
+
+-- The level of a level stream's key: the number that ends its name.
+local function fair_level(stream)
+  return string.match(stream, ':(%d+)$') or '0'
+end
+
+-- Stage VALUE (a delayed value: lua/lib/delay.lua's with_deadline) for GROUP at LEVEL in the
+-- staging hash FAIR_KEY; a group that had nothing staged (no tail field: a group that ran dry
+-- lost its fields) joins the rotation as its tail, so it is served after every group already
+-- waiting. The first write, an HINCRBY, fails alone on another type. Returns (created, nil):
+-- created when its count was 0 (the hash is new, or held delayed messages' groups only: it
+-- gets the queue's expiry either way); or (nil, error).
+local function fair_stage(fair_key, level, group, value)
+  local count, err = try('HINCRBY', fair_key, FAIR_COUNT, 1)
+  if err then return nil, err end
+  local tail = redis.call('HINCRBY', fair_key, 't:' .. level .. ':' .. group, 1)
+  redis.call('HSET', fair_key, 'm:' .. level .. ':' .. group .. ':' .. tail, value)
+  if tail == 1 then  -- it was dry: it joins the rotation, last
+    local last = redis.call('HGET', fair_key, 'c:' .. level)
+    if last then
+      local after = redis.call('HGET', fair_key, 'x:' .. level .. ':' .. last)
+      redis.call('HSET', fair_key, 'x:' .. level .. ':' .. group, after,
+                 'x:' .. level .. ':' .. last, group, 'c:' .. level, group)
+    else
+      redis.call('HSET', fair_key, 'x:' .. level .. ':' .. group, group, 'c:' .. level, group)
+    end
+  end
+  return count == 1, nil
+end
+
+-- The rotation of level LEVEL after taking N staged messages off their groups' FIFOs, one
+-- per group per turn: the group after the tail gives its oldest one and becomes the tail, or
+-- leaves the rotation when it ran dry. Reads the hash only through CACHE (links, heads and
+-- tails, each read once per call), so planning again for fewer costs no command. Returns the
+-- plan: order (the message fields, in taking order), head, relinked, dry, last, done.
+local function fair_plan(fair_key, level, n, last, cache)
+  local pre = level .. ':'
+  local nxt, head, relinked, dry, order = {}, {}, {}, {}, {}
+  local function next_of(g)
+    if nxt[g] == nil then
+      if cache.x[g] == nil then cache.x[g] = redis.call('HGET', fair_key, 'x:' .. pre .. g) end
+      nxt[g] = cache.x[g]
+    end
+    return nxt[g]
+  end
+  local done = false
+  while #order < n do
+    local g = next_of(last)
+    if cache.h[g] == nil then
+      local ht = redis.call('HMGET', fair_key, 'h:' .. pre .. g, 't:' .. pre .. g)
+      cache.h[g], cache.t[g] = tonumber(ht[1]) or 0, tonumber(ht[2]) or 0
+    end
+    local seq = (head[g] or cache.h[g]) + 1
+    order[#order + 1], head[g] = 'm:' .. pre .. g .. ':' .. seq, seq
+    if seq < cache.t[g] then  -- the group has more: it becomes the tail
+      last = g
+    else  -- dry: out of the rotation (its predecessor LAST stays the tail)
+      dry[#dry + 1] = g
+      local after = next_of(g)
+      if after == g then  -- it was the only one
+        done = true
+        break
+      end
+      nxt[last], relinked[last] = after, true
+    end
+  end
+  return {order = order, head = head, relinked = relinked, nxt = nxt, dry = dry, last = last,
+          done = done}
+end
+
+-- Write PLAN (fair_plan) back to FAIR_KEY for level LEVEL, TAKEN of its messages removed:
+-- heads, links and the tail in one HSET, the dry groups' fields in one HDEL.
+local function fair_save(fair_key, level, plan, taken)
+  local pre = level .. ':'
+  for j = 1, #plan.order, 1000 do  -- unpack() has a limit; a field gone already is no matter
+    redis.call('HDEL', fair_key, unpack(plan.order, j, math.min(j + 999, #plan.order)))
+  end
+  if taken > 0 and redis.call('HINCRBY', fair_key, FAIR_COUNT, -taken) <= 0 then
+    redis.call('HDEL', fair_key, FAIR_COUNT)  -- none left: the hash goes with its last field
+  end
+  local gone, drops, sets = {}, {}, {}
+  for _, g in ipairs(plan.dry) do
+    local k = #drops
+    gone[g] = true
+    drops[k + 1], drops[k + 2], drops[k + 3] = 'h:' .. pre .. g, 't:' .. pre .. g, 'x:' .. pre .. g
+  end
+  for g, h in pairs(plan.head) do
+    if not gone[g] then sets[#sets + 1], sets[#sets + 2] = 'h:' .. pre .. g, h end
+  end
+  for g in pairs(plan.relinked) do
+    if not gone[g] then sets[#sets + 1], sets[#sets + 2] = 'x:' .. pre .. g, plan.nxt[g] end
+  end
+  if plan.done then
+    drops[#drops + 1] = 'c:' .. level
+  else
+    sets[#sets + 1], sets[#sets + 2] = 'c:' .. level, plan.last
+  end
+  if #drops > 0 then redis.call('HDEL', fair_key, unpack(drops)) end
+  if #sets > 0 then redis.call('HSET', fair_key, unpack(sets)) end
+end
+
+-- Take up to N staged messages of level LEVEL in rotation order (fair_plan): their values in
+-- one HMGET per 1,000, each given to PUT, which stores it first; when PUT answers false (or
+-- an error) the take stops there, that message and those after it still staged (planned
+-- again for fewer, from the cache). A value found gone counts as taken. So a message costs
+-- its share of an HMGET and its PUT, a group a few commands. Returns (taken, more, error):
+-- more whether level LEVEL still has staged messages.
+local function fair_pop(fair_key, level, n, put)
+  local last = redis.call('HGET', fair_key, 'c:' .. level)
+  if not last then return 0, false, nil end
+  local cache = {x = {}, h = {}, t = {}}
+  local plan = fair_plan(fair_key, level, n, last, cache)
+  local taken, err = 0, nil
+  for j = 1, #plan.order, 1000 do
+    local values = redis.call('HMGET', fair_key, unpack(plan.order, j,
+                                                        math.min(j + 999, #plan.order)))
+    for k, value in ipairs(values) do
+      if value then
+        local ok
+        ok, err = put(value)
+        if not ok then  -- stop before it: plan again for what went
+          plan = fair_plan(fair_key, level, j + k - 2, last, cache)
+          if #plan.order == 0 then return 0, true, err end
+          fair_save(fair_key, level, plan, taken)
+          return taken, true, err
+        end
+        taken = taken + 1
+      end
+    end
+  end
+  fair_save(fair_key, level, plan, taken)
+  return taken, not plan.done, nil
+end
+
+-- Move up to N staged messages of level stream STREAM into it, in rotation order (one per
+-- group per turn), as new entries at its end (a TTL deadline becomes field e, a big
+-- message's reference field r: delay.lua's entry_of). Never creates the stream (a deleted
+-- queue keeps them staged, for delete to remove). Returns (moved, more, error): more whether
+-- the level still has staged messages; error when FAIR_KEY or STREAM holds another type
+-- (found before anything was written: the first HGET and the first XADD).
+local function fair_move(fair_key, stream, n)
+  local _, herr = try('HGET', fair_key, FAIR_COUNT)
+  if herr then return 0, true, herr end
+  return fair_pop(fair_key, fair_level(stream), n, function(value)
+    local id, xerr = try('XADD', stream, 'NOMKSTREAM', '*', unpack(entry_of(value)))
+    return id and not xerr, xerr
+  end)
+end
+
+-- Remove up to N staged messages of level LEVEL from FAIR_KEY (purge), in rotation order,
+-- freeing the bodies of big ones in BIG (a hash; another type there: bodies left). Returns
+-- (removed, more).
+local function fair_drop(fair_key, level, n, big)
+  local removed, more = fair_pop(fair_key, level, n, function(value)
+    local rest = split_deadline(value)
+    if string.sub(rest, 1, 2) == 'r:' then try('HDEL', big, string.sub(rest, 3)) end
+    return true
+  end)
+  return removed, more
+end
+
+-- For operators (inspect.lua, read-only): the groups of level LEVEL's rotation in FAIR_KEY
+-- with what each has waiting, walking at most MAX of them from the next in turn (one HGET
+-- per group and one HMGET for all their heads and tails). Returns a flat {group, waiting,
+-- ...} and whether that was the whole rotation.
+local function fair_groups(fair_key, level, max)
+  local last = redis.call('HGET', fair_key, 'c:' .. level)
+  if not last then return {}, true end
+  local pre, groups, g = level .. ':', {}, last
+  repeat
+    g = redis.call('HGET', fair_key, 'x:' .. pre .. g)
+    groups[#groups + 1] = g
+  until g == last or #groups >= max
+  local fields = {}
+  for j, name in ipairs(groups) do
+    fields[2 * j - 1], fields[2 * j] = 'h:' .. pre .. name, 't:' .. pre .. name
+  end
+  local ht = redis.call('HMGET', fair_key, unpack(fields))
+  local out = {}
+  for j, name in ipairs(groups) do
+    out[2 * j - 1] = name
+    out[2 * j] = (tonumber(ht[2 * j]) or 0) - (tonumber(ht[2 * j - 1]) or 0)
+  end
+  return out, g == last
+end

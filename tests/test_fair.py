@@ -1,0 +1,569 @@
+"""Fair share between tenants: a queue with x-fairness 'round-robin' stages each message in
+its group's FIFO (header x-group; none: the default group) and a read moves staged messages
+into the level's stream in rotation order just before reading them (lua/lib/fair.lua), so
+within each priority level deliveries rotate between the groups with messages waiting.
+
+Scripts run on fakeredis, Redis 6.2 and 7.0 (``script_client``); the model on fakeredis.
+docs/design.rst, "Fair share".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from conftest import requires_batch_publish
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from kombu import Connection, Consumer, Producer, Queue
+
+from kombu_streams.broker import GATED, READ, WALK, Broker, Delivery, ReadResult
+from kombu_streams.keys import Keys
+from kombu_streams.limits import stored_pairs
+from tests.test_scripts import PROPERTY
+
+K = Keys()
+LEVELS = [0, 3, 6, 9]
+FAIR = {'x-fairness': 'round-robin'}
+
+
+def fair_broker(c: Any, queue: str = 'q', args: dict[str, Any] | None = None) -> Broker:
+    b = Broker(c, K, LEVELS)
+    b.declare(queue, stored_pairs(queue, FAIR if args is None else args))
+    return b
+
+
+def body(group: str | None, n: Any) -> str:
+    return json.dumps({'body': f'{group}:{n}'})
+
+
+def publish(b: Broker, group: str | None, n: Any, level: int = 0, queue: str = 'q') -> Any:
+    return b.publish(queue, level, body(group, n), group=group)
+
+
+def read(b: Broker, consumer: str, count: int, mode: str = READ,
+         queues: Sequence[str] = ('q',)) -> ReadResult:
+    sources = b.sources(list(queues))
+    call, parse = b.read_call(sources, consumer, count, 0, None, {s: mode for s in sources})
+    return parse(b.run(call))
+
+
+def names(result: ReadResult) -> list[str]:
+    return [json.loads(d.payload)['body'] for d in result.deliveries]
+
+
+def ack(b: Broker, *ds: Delivery) -> int:
+    return b.ack('q', [(d.stream, d.entry_id) for d in ds])
+
+
+def test_groups_take_turns(script_client):
+    b = fair_broker(script_client)
+    for n in range(3):
+        assert publish(b, 'a', n) == b'staged'
+    publish(b, 'b', 0)
+    publish(b, 'c', 0)
+    publish(b, 'b', 1)
+    got = []
+    for _ in range(6):
+        r = read(b, 'c1', 1)
+        got += names(r)
+        ack(b, *r.deliveries)
+    # the rotation: a was first, b and c joined behind it; each group's order is kept
+    assert got == ['a:0', 'b:0', 'c:0', 'a:1', 'b:1', 'a:2']
+    assert names(read(b, 'c1', 5)) == []
+    assert script_client.exists(K.fair('q')) == 0  # everything moved: the hash is gone
+
+
+def test_quiet_group_not_stuck_behind_noisy_one(script_client):
+    b = fair_broker(script_client)
+    for n in range(1000):
+        publish(b, 'noisy', n)
+    for n in range(10):
+        publish(b, 'quiet', n)
+    got: list[str] = []
+    while len([g for g in got if g.startswith('quiet')]) < 10:
+        r = read(b, 'c1', 1)
+        assert r.deliveries
+        got += names(r)
+        ack(b, *r.deliveries)
+    # every other delivery is the quiet group's: one per active group per turn
+    assert [i for i, g in enumerate(got) if g.startswith('quiet')] == list(range(1, 20, 2))
+    noisy = [int(g.split(':')[1]) for g in got if g.startswith('noisy')]
+    assert noisy == sorted(noisy)
+
+
+def test_a_batch_read_rotates_too(script_client):
+    b = fair_broker(script_client)
+    for n in range(5):
+        publish(b, 'a', n)
+    for n in range(2):
+        publish(b, 'b', n)
+    assert names(read(b, 'c1', 4)) == ['a:0', 'b:0', 'a:1', 'b:1']
+    assert names(read(b, 'c1', 10)) == ['a:2', 'a:3', 'a:4']
+
+
+def test_priorities_across_levels_kept(script_client):
+    b = fair_broker(script_client)
+    publish(b, 'a', 'low', level=9)
+    publish(b, 'b', 'low', level=9)
+    publish(b, 'a', 'high', level=0)
+    publish(b, 'c', 'mid', level=3)
+    assert names(read(b, 'c1', 10)) == ['a:high', 'c:mid', 'a:low', 'b:low']
+
+
+def test_requeued_first_then_rotation(script_client):
+    b = fair_broker(script_client)
+    for n in range(2):
+        publish(b, 'a', n)
+        publish(b, 'b', n)
+    first = read(b, 'c1', 1).deliveries
+    assert [json.loads(d.payload)['body'] for d in first] == ['a:0']
+    b.requeue('q', [(d.stream, d.entry_id) for d in first])
+    r = read(b, 'c1', 1)
+    assert names(r) == ['a:0'] and r.deliveries[0].deliveries == 2
+    assert names(read(b, 'c1', 10)) == ['b:0', 'a:1', 'b:1']
+
+
+def test_no_group_is_the_default_group(script_client):
+    b = fair_broker(script_client)
+    publish(b, 'a', 0)
+    publish(b, 'a', 1)
+    # a publisher that does not know the queue is fair: NEEDKEYS, then the default group
+    fresh = Broker(script_client, K, LEVELS)
+    assert fresh.publish('q', 0, body(None, 0)) == b'staged'
+    assert names(read(b, 'c1', 10)) == ['a:0', 'None:0', 'a:1']
+
+
+def test_group_on_a_queue_without_fairness_is_ignored(script_client):
+    b = fair_broker(script_client, args={})
+    reply = publish(b, 'a', 0)
+    assert reply != b'staged'
+    assert script_client.xlen(K.stream('q', 0)) == 1
+    assert script_client.exists(K.fair('q')) == 0
+    assert names(read(b, 'c1', 10)) == ['a:0']
+
+
+def test_declare_validates_the_argument():
+    with pytest.raises(ValueError, match='round-robin'):
+        stored_pairs('q', {'x-fairness': 'weighted'})
+    with pytest.raises(ValueError, match='x-max-length only with x-overflow reject-publish'):
+        stored_pairs('q', {'x-fairness': 'round-robin', 'x-max-length': 10})
+    assert stored_pairs('q', {**FAIR, 'x-max-length': 10, 'x-overflow': 'reject-publish'})
+    assert stored_pairs('q', FAIR) == ['x-fairness', 'round-robin']
+
+
+def test_ttl_travels_with_a_staged_message(script_client):
+    b = fair_broker(script_client, args={**FAIR, 'x-message-ttl': 1})
+    publish(b, 'a', 0)
+    fields = script_client.hgetall(K.fair('q'))
+    staged = [v for f, v in fields.items() if f.startswith(b'm:')]
+    assert len(staged) == 1 and staged[0].startswith(b'e:')
+    # moved as an entry with field e: read after its deadline, it is set aside
+    script_client.hset(K.fair('q'), next(f for f in fields if f.startswith(b'm:')),
+                       b'e:1:' + body('a', 0).encode())
+    r = read(b, 'c1', 10)
+    assert names(r) == [] and [a[3] for a in r.aside] == ['expired']
+
+
+def test_walk_finds_staged_messages_without_an_index(script_client):
+    b = fair_broker(script_client)
+    publish(b, 'a', 0)
+    publish(b, 'b', 0)
+    script_client.delete(K.ready('q'))  # lost index (FLUSH of a replica, by hand)
+    assert names(read(b, 'c1', 10, WALK)) == ['a:0', 'b:0']
+
+
+def test_marker_stays_while_staged_messages_wait(script_client):
+    b = fair_broker(script_client)
+    for n in range(3):
+        publish(b, 'a', n)
+    assert script_client.exists(K.wake('q'))
+    read(b, 'c1', 1)
+    assert script_client.exists(K.wake('q'))  # 2 staged left: the marker stays
+    read(b, 'c1', 5)
+    read(b, 'c1', 5)
+    assert not script_client.exists(K.wake('q'))  # seen dry: removed
+
+
+def test_many_groups_read_is_bounded(script_client):
+    b = fair_broker(script_client)
+    for g in range(300):
+        publish(b, f'g{g}', 0)
+    r = read(b, 'c1', 2)
+    assert names(r) == ['g0:0', 'g1:0']
+    assert script_client.xlen(K.stream('q', 0)) == 2  # only what the read delivered moved
+
+
+def test_purge_removes_staged_messages_and_their_bodies(script_client):
+    b = fair_broker(script_client)
+    for n in range(5):
+        publish(b, 'a', n)
+        publish(b, 'b', n, level=3)
+    b.publish_big('q', 0, body('big', 0), group='c')
+    assert b.size('q') == 11
+    got = read(b, 'c1', 1).deliveries  # in flight: purge leaves it
+    assert b.purge('q', batch=2) == 10
+    assert script_client.exists(K.fair('q')) == 0
+    assert script_client.hlen(K.big('q')) == 0  # the big one's body went with it
+    assert b.size('q') == 0
+    assert names(read(b, 'c1', 10)) == []
+    assert ack(b, *got) == 1
+    publish(b, 'a', 'after')  # the rotation starts afresh
+    assert names(read(b, 'c1', 10)) == ['a:after']
+
+
+def test_delete_removes_the_staging_hash(script_client):
+    b = fair_broker(script_client)
+    publish(b, 'a', 0)
+    assert script_client.exists(K.fair('q')) == 1
+    b.delete('q')
+    assert script_client.exists(K.fair('q')) == 0
+    assert b.publish('q', 0, body('a', 1), routed=True, group='a') is None  # stays deleted
+
+
+def test_big_message_staged_and_delivered(script_client):
+    b = fair_broker(script_client)
+    publish(b, 'a', 0)
+    b.publish_big('q', 0, body('a', 'big'), group='a')
+    got = read(b, 'c1', 10).deliveries
+    assert [d.token is not None for d in got] == [False, True]
+    assert b.bodies('q', [got[1].token]) == [body('a', 'big').encode()]
+
+
+def test_a_delayed_message_joins_its_group_when_due(script_client):
+    from kombu_streams.broker import Delay
+    b = fair_broker(script_client)
+    publish(b, 'a', 0)
+    reply = b.publish('q', 0, body('a', 'later'), delay=Delay('+600000', 0), group='a')
+    assert reply.startswith(b'delayed:')
+    member = reply[len(b'delayed:'):]
+    assert script_client.hget(K.fair('q'), b'd:' + member) == b'a'
+    publish(b, 'b', 0)
+    publish(b, 'b', 1)
+    script_client.zadd(K.delayed('q'), {member: 0})  # due now, without waiting
+    # staged behind a:0 in a's FIFO when the read moved it, then served in rotation
+    assert names(read(b, 'c1', 10)) == ['a:0', 'b:0', 'a:later', 'b:1']
+    assert script_client.exists(K.fair('q')) == 0  # nothing left behind
+
+
+def test_cancel_and_purge_remove_a_delayed_messages_group(script_client):
+    from kombu_streams.broker import Delay
+    b = fair_broker(script_client)
+    b.publish('q', 0, body('a', 0), delay=Delay('+600000', 0, 'task-1'), group='a')
+    b.publish('q', 0, body('a', 1), delay=Delay('+600000', 0, 'task-2'), group='a')
+    assert len(b.cancel('q', ['task-1'])) == 1
+    assert [f for f in script_client.hkeys(K.fair('q'))] == [
+        b'd:' + m for m in script_client.zrange(K.delayed('q'), 0, -1)]
+    assert b.purge('q') == 1
+    assert script_client.exists(K.fair('q')) == 0
+
+
+def test_unique_key_message_is_appended_and_keeps_its_key(script_client):
+    b = fair_broker(script_client)
+    assert not b.publish('q', 0, body('a', 0), group='a', unique_key='k').startswith(b'staged')
+    assert b.publish('q', 0, body('a', 1), group='a', unique_key='k') == b'duplicate'
+    assert names(read(b, 'c1', 10)) == ['a:0']
+
+
+class FairQueue(RuleBasedStateMachine):
+    """Publish with groups at two levels, read (1 to 3 at a time), ack, reject with requeue
+    and purge, on a queue with x-fairness: every message is staged, in a stream, acked or
+    purged, never two of those; first deliveries of each level follow an exact model of the
+    rotation (so a waiting group is served within one turn of every active group, and each
+    group's order is kept); a read delivers what it may (COUNT, or everything ready); ready
+    work always has its marker."""
+
+    GROUPS = ('a', 'b', 'c', '')
+    MODEL_LEVELS = (0, 3)
+
+    def __init__(self) -> None:
+        super().__init__()
+        import fakeredis
+        self.c = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        self.b = fair_broker(self.c)
+        self.n = 0
+        # per level: the rotation (next group first) and each group's FIFO of names
+        self.rot: dict[int, list[str]] = {lv: [] for lv in self.MODEL_LEVELS}
+        self.fifo: dict[int, dict[str, list[str]]] = {lv: {} for lv in self.MODEL_LEVELS}
+        self.requeued: list[tuple[int, str]] = []  # parked: (level, name)
+        self.in_flight: dict[str, Delivery] = {}
+        self.gone: set[str] = set()  # acked or purged
+
+    def staged(self) -> int:
+        return sum(len(q) for lv in self.fifo.values() for q in lv.values())
+
+    def ready(self) -> int:
+        return self.staged() + len(self.requeued)
+
+    @rule(group=st.sampled_from(GROUPS), level=st.sampled_from(MODEL_LEVELS))
+    def publish(self, group: str, level: int) -> None:
+        self.n += 1
+        name = f'm{self.n}'
+        self.b.publish('q', level, json.dumps({'body': name}), group=group)
+        fifo = self.fifo[level].setdefault(group, [])
+        if not fifo:
+            self.rot[level].append(group)
+        fifo.append(name)
+
+    def _next_fresh(self, level: int) -> str:
+        group = self.rot[level].pop(0)
+        name = self.fifo[level][group].pop(0)
+        if self.fifo[level][group]:
+            self.rot[level].append(group)
+        return name
+
+    @rule(count=st.integers(1, 3), mode=st.sampled_from([READ, WALK, GATED]),
+          lose_index=st.booleans())
+    def read(self, count: int, mode: str, lose_index: bool) -> None:
+        if lose_index and mode == WALK:  # a walk rebuilds it, staged levels included
+            self.c.delete(K.ready('q'))
+        got = read(self.b, 'c1', count, mode).deliveries
+        if not self.requeued:
+            assert len(got) == min(count, self.ready())
+        else:
+            assert 1 <= len(got) <= min(count, self.ready())
+        for d in got:
+            name = json.loads(d.payload)['body']
+            if d.deliveries == 1:  # fresh: the rotation's next at its level
+                assert name == self._next_fresh(d.level), name
+            else:
+                assert (d.level, name) in self.requeued
+                self.requeued.remove((d.level, name))
+            self.in_flight[name] = d
+
+    @precondition(lambda self: self.in_flight)
+    @rule(requeue=st.booleans(), data=st.data())
+    def settle(self, requeue: bool, data: Any) -> None:
+        name = data.draw(st.sampled_from(sorted(self.in_flight)))
+        d = self.in_flight.pop(name)
+        if requeue:
+            assert self.b.requeue('q', [(d.stream, d.entry_id)]) == 1
+            self.requeued.append((d.level, name))
+        else:
+            assert ack(self.b, d) == 1
+            self.gone.add(name)
+
+    @rule()
+    def purge(self) -> None:
+        assert self.b.purge('q', batch=2) == self.ready()
+        for lv in self.MODEL_LEVELS:
+            for q in self.fifo[lv].values():
+                self.gone.update(q)
+            self.fifo[lv], self.rot[lv] = {}, []
+        self.gone.update(name for _, name in self.requeued)
+        self.requeued = []
+
+    @invariant()
+    def none_lost(self) -> None:
+        stored = {json.loads(f[b'm'])['body'] for lv in LEVELS
+                  for _, f in self.c.xrange(K.stream('q', lv))}
+        staged = {json.loads(v)['body'] for f, v in self.c.hgetall(K.fair('q')).items()
+                  if f.startswith(b'm:')}
+        assert not stored & staged and not (stored | staged) & self.gone
+        assert stored | staged | self.gone == {f'm{i}' for i in range(1, self.n + 1)}
+        assert len(staged) == self.staged() == int(self.c.hget(K.fair('q'), 'n') or 0)
+        assert self.b.size('q') == self.ready()
+
+    @invariant()
+    def no_wake_up_lost(self) -> None:
+        if self.ready():
+            assert self.c.exists(K.wake('q'))
+
+
+TestFairQueue = FairQueue.TestCase
+TestFairQueue.settings = settings(PROPERTY, stateful_step_count=40)
+
+
+def test_inspect_and_exporter_count_staged_messages(script_client):
+    b = fair_broker(script_client)
+    for n in range(3):
+        publish(b, 'a', n)
+    publish(b, 'b', 0, level=3)
+    read(b, 'c1', 1)
+    info = b.inspect('q')
+    assert info['staged'] == 3 and info['ready'] == 3 and info['pending'] == 1
+    from kombu_streams.exporter import _add_queue, _families
+    families = _families()
+    _add_queue(families, info)
+    samples = {s.labels['queue']: s.value for s in families['queue_staged_messages'].samples}
+    assert samples == {'q': 3}
+
+
+def test_an_expiring_queue_keeps_its_staged_messages_alive(script_client):
+    b = fair_broker(script_client)
+    b.touch('q', 60_000)
+    publish(b, 'a', 0)
+    assert 0 < script_client.pttl(K.fair('q')) <= 60_000  # the queue's expiry, at creation
+    b.touch('q', 600_000)
+    assert script_client.pttl(K.fair('q')) > 60_000  # and every touch's
+
+
+# -- Kombu -----------------------------------------------------------------------------------
+
+
+def test_kombu_consumer_sees_groups_take_turns(url):
+    """Through the channel: the declare records x-fairness, publishes with and without
+    x-group are staged (one without a group, by a producer that did not declare the queue,
+    after its NEEDKEYS), a consumer with prefetch 3 gets them in rotation, big ones too."""
+    got: list[Any] = []
+    with Connection(url, transport_options={'big_message_bytes': 2000}) as conn:
+        queue = Queue('fq', queue_arguments=FAIR)
+        producer = Producer(conn.default_channel, serializer='json')
+        for n in range(3):
+            producer.publish({'g': 'a', 'n': n}, routing_key='fq', declare=[queue],
+                             headers={'x-group': 'a'})
+        producer.publish({'g': 'b', 'n': 0, 'pad': 'x' * 3000}, routing_key='fq',
+                         headers={'x-group': 'b'})
+        with Connection(url) as other:  # knows nothing of the queue's fairness
+            Producer(other.default_channel, serializer='json').publish(
+                {'g': '', 'n': 0}, routing_key='fq')
+        assert queue(conn.default_channel).queue_declare(passive=True).message_count == 5
+        raw = conn.default_channel.client
+        assert int(raw.hget(K.fair('fq'), 'n')) == 5 and raw.xlen(K.stream('fq', 0)) == 0
+
+        def on_message(body: Any, message: Any) -> None:
+            got.append((body['g'], body['n']))
+            message.ack()
+
+        with Consumer(conn.channel(), [queue], callbacks=[on_message], accept=['json'],
+                      prefetch_count=3):
+            while len(got) < 5:
+                conn.drain_events(timeout=5)
+    assert got == [('a', 0), ('b', 0), ('', 0), ('a', 1), ('a', 2)]
+
+
+@requires_batch_publish
+def test_a_batch_publishes_to_a_fair_queue(url):
+    with Connection(url) as conn:
+        queue = Queue('bfq', queue_arguments=FAIR)
+        queue(conn.default_channel).declare()
+        producer = Producer(conn.default_channel, routing_key='bfq', serializer='json')
+        with producer.batch(max_size=10):  # the first without a group learns NEEDKEYS
+            for n in range(3):
+                producer.publish({'n': n})
+            producer.publish({'n': 'b'}, headers={'x-group': 'b'})
+        raw = conn.default_channel.client
+        assert int(raw.hget(K.fair('bfq'), 'n')) == 4
+        b = Broker(raw, K, LEVELS)
+        got = read(b, 'c1', 10, queues=['bfq']).deliveries
+        # the three without a group went again, widened, after the first pipeline, where b
+        # was staged first: b's group joined the rotation first; each group's order is kept
+        assert [kombu_body(d)['n'] for d in got] == ['b', 0, 1, 2]
+
+
+def kombu_body(d: Delivery) -> Any:
+    """The decoded body of a Kombu envelope (base64 as Kombu's virtual transport encodes)."""
+    import base64
+    envelope = json.loads(d.payload)
+    body = envelope['body']
+    if envelope['properties'].get('body_encoding') == 'base64':
+        body = base64.b64decode(body)
+    return json.loads(body)
+
+
+def test_a_move_that_cannot_append_leaves_everything_staged(script_client):
+    """The stream gone behind our back (NOMKSTREAM: never recreated) or of another type: the
+    read moves nothing and reports the type; the staging is as it was, and once the queue is
+    declared again the messages are delivered in rotation."""
+    b = fair_broker(script_client)
+    publish(b, 'a', 0)
+    publish(b, 'b', 0)
+    before = script_client.hgetall(K.fair('q'))
+    script_client.delete(K.stream('q', 0))
+    assert names(read(b, 'c1', 10)) == []
+    assert script_client.hgetall(K.fair('q')) == before
+    script_client.set(K.stream('q', 0), 'someone else')
+    r = read(b, 'c1', 10)
+    assert names(r) == [] and 'WRONGTYPE' in r.problems[0][1]
+    assert script_client.hgetall(K.fair('q')) == before
+    script_client.delete(K.stream('q', 0))
+    b.declare('q')
+    assert names(read(b, 'c1', 10)) == ['a:0', 'b:0']
+
+
+# -- Redis Cluster ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module')
+def cluster(tmp_path_factory: Any) -> Any:
+    """A three-master Redis Cluster (tests/test_cluster.py's)."""
+    from tests.test_cluster import Cluster
+    c = Cluster(tmp_path_factory.mktemp('cluster'))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_fair_queues_on_every_master_of_a_cluster(cluster: Any) -> None:
+    """The staging hash shares its queue's hash tag: fair queues on three masters, each
+    served in rotation by one consumer of all of them (one read call per slot)."""
+    from tests.test_cluster import drain, spread
+    cluster.flush()
+    cluster_url = cluster.url
+    names = spread(cluster, 3, prefix='fair')
+    queues = [Queue(n, routing_key=n, queue_arguments=FAIR) for n in names]
+    with Connection(cluster_url) as conn:
+        producer = Producer(conn)
+        for q in queues:
+            q(conn.default_channel).declare()
+        for name in names:
+            for n in range(4):
+                producer.publish({'q': name, 'g': 'a', 'n': n}, routing_key=name,
+                                 headers={'x-group': 'a'})
+            producer.publish({'q': name, 'g': 'b', 'n': 0}, routing_key=name,
+                             headers={'x-group': 'b'})
+        got = drain(conn, queues, 15, prefetch_count=1)
+    assert len(got) == 15
+    for name in names:
+        order = [(b['g'], b['n']) for b, _ in got if b['q'] == name]
+        assert order == [('a', 0), ('b', 0), ('a', 1), ('a', 2), ('a', 3)], (name, order)
+
+
+def test_status_and_exporter_show_the_groups_with_the_most_staged(script_client):
+    b = fair_broker(script_client)
+    for g, n in (('a', 3), ('b', 5), ('', 1)):
+        for i in range(n):
+            publish(b, g, i)
+    publish(b, 'a', 'low', level=9)  # a group's staged messages of every level add up
+    groups = b.inspect('q')['groups']
+    assert groups == {'active': 3, 'complete': True, 'top': [('b', 5), ('a', 4), ('', 1)]}
+    from kombu_streams.cli.commands.status import status_text
+    text = status_text([b.inspect('q')], [])
+    assert 'GROUP' in text and '(default)' in text
+    from kombu_streams.exporter import _add_queue, _families
+    families = _families()
+    _add_queue(families, b.inspect('q'))
+    samples = {s.labels['group']: s.value
+               for s in families['queue_group_staged_messages'].samples}
+    assert samples == {'b': 5, 'a': 4, '': 1}
+
+
+def test_inspect_walks_at_most_a_thousand_groups_a_level(script_client):
+    b = fair_broker(script_client)
+    for g in range(1001):
+        publish(b, f'g{g}', 0)
+    publish(b, 'g0', 1)
+    groups = b.inspect('q')['groups']
+    assert groups['active'] == 1000 and not groups['complete']
+    assert groups['top'][0] == ('g0', 2)  # the next in turn are walked: g0 first
+
+
+def test_a_length_limit_counts_staged_messages(script_client):
+    from kombu_streams.limits import QueueFull
+    b = fair_broker(script_client, args={**FAIR, 'x-max-length': 3,
+                                          'x-overflow': 'reject-publish'})
+    fresh = Broker(script_client, K, LEVELS)  # learns both the limit and the fairness
+    for n in range(3):
+        assert fresh.publish('q', 0, body('a', n), group='a') == b'staged'
+    with pytest.raises(QueueFull):
+        fresh.publish('q', 0, body('b', 0), group='b')
+    got = read(b, 'c1', 1).deliveries  # moved and in flight: still held
+    with pytest.raises(QueueFull):
+        publish(b, 'b', 0)
+    assert ack(b, *got) == 1
+    assert publish(b, 'b', 0) == b'staged'
+    assert names(read(b, 'c1', 10)) == ['a:1', 'b:0', 'a:2']
