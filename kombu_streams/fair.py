@@ -40,7 +40,8 @@ def group(message: Mapping[str, Any]) -> str | None:
 def fairness_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
     """x-fairness of ``args`` checked, as stored, or [] without it. With x-max-length only
     with x-overflow reject-publish: drop-head sets aside the message a read would serve next,
-    and it does not look at staged messages yet (docs/design.rst, "Fair share")."""
+    and it does not look at staged messages yet; never with x-priority-aging, which looks at
+    the streams only (docs/design.rst, "Fair share")."""
     value = args.get(ARGUMENT)
     if value is None:
         return []
@@ -51,6 +52,11 @@ def fairness_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
         raise ValueError(f'kombu-streams: queue {queue!r}: argument {ARGUMENT}={value!r} is '
                          f'not valid: with x-max-length only with x-overflow reject-publish '
                          f'(drop-head does not set staged messages aside yet)')
+    if args.get('x-priority-aging') is not None:
+        raise ValueError(f'kombu-streams: queue {queue!r}: argument {ARGUMENT}={value!r} is '
+                         f'not valid with x-priority-aging (aging looks at the streams, and '
+                         f'a staged message is in none until a read moves it: it would not '
+                         f'age)')
     return [ARGUMENT, value]
 
 

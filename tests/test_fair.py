@@ -153,6 +153,8 @@ def test_declare_validates_the_argument():
         stored_pairs('q', {'x-fairness': 'round-robin', 'x-max-length': 10})
     assert stored_pairs('q', {**FAIR, 'x-max-length': 10, 'x-overflow': 'reject-publish'})
     assert stored_pairs('q', FAIR) == ['x-fairness', 'round-robin']
+    with pytest.raises(ValueError, match='not valid with x-priority-aging'):
+        stored_pairs('q', {**FAIR, 'x-priority-aging': 1000})
 
 
 def test_ttl_travels_with_a_staged_message(script_client):
