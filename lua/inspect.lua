@@ -15,9 +15,10 @@ ARGV[2]       name of the holder consumer that parks requeued messages
 ARGV[3..n+2]  the priority level of each stream, in KEYS order
 Reply:        {levels, dlq length, now, delayed, next due, arguments, counters, unique
               refused, in flight, in-flight limit, rate tokens, rate next, staged, groups}:
-              now is the server's clock in unix ms (TIME); delayed the number of delayed messages and
-              of retries waiting with x-requeue-delay (ZCARD of the delayed set), next due
-              the ms until the earliest of them is due (0: due, not moved yet; -1: none);
+              now is the server's clock in unix ms (TIME); delayed the number of delayed
+              messages and of retries waiting with x-requeue-delay (ZCARD of the delayed
+              set), next due the ms until the earliest of them is due (0: due, not moved
+              yet; -1: none);
               arguments the queue's recorded arguments, flat {name, value, ...} (HGETALL of
               a hash only declare.lua and limits.lua write: a few fields), counters its
               counters, flat (HGETALL: expired, ...); unique refused the key store's count
