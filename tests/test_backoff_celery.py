@@ -6,17 +6,11 @@ read from Redis and the message made due by moving its score."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_celery import (
-    APP_BODY,
-    APP_HEADER,
-    BASE_CONF,
-    MODULE,
     QUEUE,
     CeleryEnv,
     celery_env,
@@ -51,25 +45,14 @@ def env(tmp_path: Path, redis_url: str) -> Any:
         yield environment
 
 
-def load(env: CeleryEnv, transport_options: dict[str, Any]) -> Any:
-    """CeleryEnv.load with the rejecting task added to the app module."""
-    settings = dict(BASE_CONF, broker_transport_options=transport_options)
-    kw = env.store.connection_pool.connection_kwargs
-    store = f"redis://{kw['host']}:{kw['port']}/{kw['db']}"
-    source = APP_HEADER.format(broker=env.broker, store=store, conf=settings) + APP_BODY
-    (env.cwd / f'{MODULE}.py').write_text(source + REJECTING)
-    sys.modules.pop(MODULE, None)
-    env.module = importlib.import_module(MODULE)
-    return env.module
-
-
 def server_ms(env: CeleryEnv) -> int:
     sec, usec = env.raw_broker.time()
     return int(sec) * 1000 + int(usec) // 1000
 
 
 def test_a_rejected_task_waits_its_backoff_then_runs_again(env: CeleryEnv) -> None:
-    module = load(env, {'queue_arguments': {QUEUE: {'x-requeue-delay': f'{DELAY},{DELAY}'}}})
+    module = env.load({'queue_arguments': {QUEUE: {'x-requeue-delay': f'{DELAY},{DELAY}'}}},
+                      tasks=REJECTING)
     module.rejecting.delay('r')
     [(entry_id, _)] = env.raw_broker.xrange(K.stream(QUEUE, 0))
     before = server_ms(env)

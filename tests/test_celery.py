@@ -182,14 +182,17 @@ class CeleryEnv:
     def app(self) -> Any:
         return self.module.app
 
-    def load(self, transport_options: dict[str, Any] | None = None, **conf: Any) -> Any:
+    def load(self, transport_options: dict[str, Any] | None = None, tasks: str = '',
+             **conf: Any) -> Any:
+        """Write the app module (APP_HEADER and APP_BODY, then ``tasks``: more task
+        definitions a test needs) with these settings, and import it afresh."""
         settings = dict(BASE_CONF, **conf)
         if transport_options:
             settings['broker_transport_options'] = transport_options
         store_url = self.store.connection_pool.connection_kwargs
         store = f"redis://{store_url['host']}:{store_url['port']}/{store_url['db']}"
         source = APP_HEADER.format(broker=self.broker, store=store, conf=settings) + APP_BODY
-        (self.cwd / f'{MODULE}.py').write_text(source)
+        (self.cwd / f'{MODULE}.py').write_text(source + tasks)
         sys.modules.pop(MODULE, None)
         self.module = importlib.import_module(MODULE)
         return self.module

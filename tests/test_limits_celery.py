@@ -9,22 +9,11 @@ and "Global concurrency".
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_celery import (
-    APP_BODY,
-    APP_HEADER,
-    BASE_CONF,
-    MODULE,
-    QUEUE,
-    CeleryEnv,
-    celery_env,
-    wait_for,
-)
+from test_celery import QUEUE, CeleryEnv, celery_env, wait_for
 
 pytestmark = [pytest.mark.celery, pytest.mark.slow]
 
@@ -49,19 +38,6 @@ def span(self, tag, seconds):
 def env(tmp_path: Path, redis_url: str) -> Any:
     with celery_env(tmp_path, redis_url.rsplit('/', 1)[0]) as environment:
         yield environment
-
-
-def load_with(env: CeleryEnv, extra: str, transport_options: dict[str, Any],
-              **conf: Any) -> Any:
-    """CeleryEnv.load with the tasks in ``extra`` added to the app module."""
-    settings = dict(BASE_CONF, broker_transport_options=transport_options, **conf)
-    kw = env.store.connection_pool.connection_kwargs
-    store = f"redis://{kw['host']}:{kw['port']}/{kw['db']}"
-    source = APP_HEADER.format(broker=env.broker, store=store, conf=settings) + APP_BODY
-    (env.cwd / f'{MODULE}.py').write_text(source + extra)
-    sys.modules.pop(MODULE, None)
-    env.module = importlib.import_module(MODULE)
-    return env.module
 
 
 def most_in_a_window(times: list[float], window: float) -> int:
@@ -94,8 +70,8 @@ def test_a_rate_limited_queue_starts_no_more_than_the_rate_in_any_second(
     that lag varies: a start delayed 100 ms more than the next one's can put two more starts
     in a second than deliveries were, so the bound allows 2 more: 23 (without the limit all
     30 start within a fraction of a second; a fixed window doubling at its edge gives 30)."""
-    module = load_with(env, TIMED, {'queue_arguments': {
-        QUEUE: {'x-rate-limit': '20/s', 'x-rate-burst': 1}}})
+    module = env.load({'queue_arguments': {
+        QUEUE: {'x-rate-limit': '20/s', 'x-rate-burst': 1}}}, tasks=TIMED)
     for n in range(30):
         module.stamp.delay(n)
     assert env.queue_length() == 30
@@ -112,7 +88,7 @@ def test_a_queue_with_max_in_flight_runs_no_more_at_once_than_its_limit(
     """x-max-in-flight 2, a worker of 4 processes, 8 tasks of 0.2 s queued before it starts
     (acks_late: a task's slot is held from its delivery to its ack, which come before its
     start and after its end): at no instant do more than 2 run (without the limit, 4)."""
-    module = load_with(env, TIMED, {'queue_arguments': {QUEUE: {'x-max-in-flight': 2}}})
+    module = env.load({'queue_arguments': {QUEUE: {'x-max-in-flight': 2}}}, tasks=TIMED)
     for n in range(8):
         module.span.delay(n, 0.2)
     assert env.queue_length() == 8

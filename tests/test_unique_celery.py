@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from test_celery import QUEUE, CeleryEnv, celery_env, wait_for
-from test_limits_celery import load_with
 
 from kombu_streams.keys import Keys
 from kombu_streams.unique import COUNT_FIELD
@@ -47,7 +46,7 @@ def test_a_killed_workers_task_keeps_its_key_until_it_runs_again_and_is_acked(
     second publish with its key is refused (not stored, counted). Worker B reclaims it after
     the lease (visibility_timeout 2 s) and runs it once; its ack frees the key, and a third
     publish with it is stored and runs."""
-    module = load_with(env, HOLDING, {'visibility_timeout': 2})
+    module = env.load({'visibility_timeout': 2}, tasks=HOLDING)
     stream = K.stream(QUEUE, 0)
     module.hold.apply_async(args=['first'], headers=KEY)
     worker_a = env.worker('a@ks', concurrency=1)
