@@ -11,7 +11,7 @@ with the holder, since acked entries are deleted at once. See docs/design.rst (L
 ]]
 --@include common
 local staged = ARGV[3] == '1'
-local bad = check_args('size', #KEYS >= (staged and 2 or 1), #ARGV == 2 or staged,
+local bad = check_args('size', #KEYS >= (staged and 2 or 1), #ARGV == (staged and 3 or 2),
                        'KEYS: streams[, staging hash]; ARGV: group, holder[, "1"]')
 if bad then return bad end
 local group, holder, ready = ARGV[1], ARGV[2], 0
