@@ -151,7 +151,7 @@ class PublishBatch:
         wide = [i for i, r in enumerate(replies) if isinstance(r, NeedsAllStreams)]
         if wide:
             widened = set(wide)
-            calls[:] = [self.channel.broker.widen(c, replies[i]) if i in widened else c
+            calls[:] = [self.channel.broker.widen(c, replies[i].fair) if i in widened else c
                         for i, c in enumerate(calls)]
             again = run_calls(self.channel.client, [calls[i] for i in wide],
                               raise_errors=False, wait=wait)

@@ -151,7 +151,7 @@ class Broker(Admin):
         try:
             return self.run(call)
         except NeedsAllStreams as exc:  # a length limit, x-fairness: nothing written (widen)
-            return self.run(self.widen(call, exc))
+            return self.run(self.widen(call, exc.fair))
 
     def publish_big(self, queue: str, level: int, payload: str | bytes, routed: bool = False,
                     delay: Delay | None = None, wait: tuple[int, int] | None = None,
@@ -171,7 +171,7 @@ class Broker(Admin):
                 return run_after(self.client, self.store_big(queue, token, payload), call,
                                  wait)
             except NeedsAllStreams as exc:
-                self.widen(call, exc)  # learns the queue's fairness: a group from now on
+                self.widen(call, exc.fair)  # learns the queue's fairness: a group from now on
         raise NeedsAllStreams(f'publish to {queue}: refused twice for want of keys')
 
     def bodies(self, queue: str, tokens: Sequence[Any]) -> list[bytes | None]:

@@ -149,16 +149,16 @@ class Calls(ReadCalls):
             *([k.counters(queue)] if full else []))
         return keys
 
-    def widen(self, call: Call, why: Any = '') -> Call:
-        """The publish ``call`` publish.lua refused with NEEDKEYS ``why`` (its queue has a
-        length limit, which counts every stream, or x-fairness, whose staging needs a group
-        and the staging hash), laid out with all the queue's streams (and with the default
-        group '' and the staging hash when ``why`` names x-fairness); its queue's publishes
-        are laid out so from now on."""
+    def widen(self, call: Call, fair: bool = False) -> Call:
+        """The publish ``call`` publish.lua refused with NEEDKEYS (its queue has a length
+        limit, which counts every stream, or, ``fair``, x-fairness, whose staging needs a
+        group and the staging hash), laid out with all the queue's streams (and with the
+        default group '' and the staging hash when ``fair``); its queue's publishes are laid
+        out so from now on."""
         script, keys, args = call
         queue = text(args[3])
         self._limited.add(queue)
-        if 'x-fairness' in str(why):
+        if fair:
             self._fair.add(queue)
         k = self.keys
         big = [keys[-1]] if keys[-1] == k.big(queue) else []

@@ -150,7 +150,7 @@ class Publishing(virtual.Channel):
         try:
             return self._run_publish(call)
         except NeedsAllStreams as exc:  # a length limit or x-fairness: nothing written; once
-            return self._run_publish(self.broker.widen(call, exc))  # more, laid out wider
+            return self._run_publish(self.broker.widen(call, exc.fair))  # more, laid out wider
 
     def _run_publish(self, call: Call) -> Any:
         wait = self._replica_wait()

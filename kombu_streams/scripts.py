@@ -50,8 +50,14 @@ class KeyTypeError(ResponseError):
 
 class NeedsAllStreams(ResponseError):
     """publish.lua was sent only its queue's first stream and met a length limit, which
-    counts every stream: nothing was written; the caller sends the call again with them
-    all (:meth:`kombu_streams.calls.Calls.widen`). Never reaches a user."""
+    counts every stream, or x-fairness, whose staging needs a group and the staging hash:
+    nothing was written; the caller sends the call again laid out wider
+    (:meth:`kombu_streams.calls.Calls.widen`). Never reaches a user."""
+
+    @property
+    def fair(self) -> bool:
+        """The queue has x-fairness (publish.lua names the argument it met)."""
+        return 'x-fairness' in str(self)
 
 
 class OutOfMemoryError(redis_errors.OutOfMemoryError):
