@@ -14,6 +14,22 @@ what it defines; a statement that defines nothing recognisable is always kept. T
 lines right above a statement go with it. Names are found as identifiers, comments left out,
 so a name only mentioned in a string keeps its helper too (never the reverse: a helper is left
 out only when no kept code names it).
+
+Two more steps make a call cheaper, because Redis builds every closure again on each call and
+each upvalue a closure captures is looked up among the chunk's open upvalues (a walk of that
+list: about 60 ns each with read.lua's 96 top-level locals):
+
+- **Constants are inlined.** A top-level ``local NAME = 'text'`` (or a number, or several
+  such names at once) whose NAME is in capitals (two or more) is removed and NAME replaced
+  by its literal wherever code names it (never in strings or comments, never after a
+  ``.``). Such a name assigned, declared again or used as a table key is an error: the text
+  would change meaning.
+- **Lazy libraries.** A library whose header has a line starting ``--@lazy`` is built only
+  when a call first needs it: its kept statements go inside ``local function lib_NAME()``,
+  which builds them once per call and returns a table of its functions. Callers write
+  ``lib_NAME().helper(...)``; a function of it named directly elsewhere is an error, because
+  it would be nil. So a queue without priority aging, fair share, a rate limit, unique keys
+  or deduplication pays one closure per such library per call, not all of theirs.
 """
 
 from __future__ import annotations
@@ -22,13 +38,24 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ('flatten', 'Block', 'blocks_of')
+__all__ = ('flatten', 'Block', 'blocks_of', 'inline_constants', 'FlattenError')
 
 _INCLUDE = re.compile(r'^--@include\s+(\w+)\s*$', re.M)
 _IDENT = re.compile(r'[A-Za-z_]\w*')
 _LOCAL_FUNCTION = re.compile(r'^local\s+function\s+(\w+)')
 _LOCAL_NAMES = re.compile(r'^local\s+([\w\s,]+?)\s*(?:=|--|$)')
 _ASSIGN_FUNCTION = re.compile(r'^(\w+)\s*=\s*function\b')
+_LAZY = re.compile(r'^--@lazy\b', re.M)
+_LITERAL = r"(?:'[^'\\\n]*'|\"[^\"\\\n]*\"|\d+)"
+_CONSTANT = re.compile(r'^local\s+([A-Z][A-Z0-9_]+(?:\s*,\s*[A-Z][A-Z0-9_]+)*)\s*=\s*'
+                       rf'({_LITERAL}(?:\s*,\s*{_LITERAL})*)\s*(?:--.*)?$', re.M)
+_TOKEN = re.compile(r'''--\[(=*)\[.*?\]\1\]|--[^\n]*|\[(=*)\[.*?\]\2\]'''
+                    r'''|'(?:\\.|[^'\\\n])*'|"(?:\\.|[^"\\\n])*"'''
+                    r'''|[A-Za-z_]\w*|\d+(?:\.\d*)?|\.\.\.|\.\.|==|~=|<=|>=|\S''', re.S)
+
+
+class FlattenError(ValueError):
+    """A script or library that cannot be flattened without changing what it means."""
 
 
 @dataclass
@@ -110,16 +137,114 @@ def _shake(body: str, libs: list[tuple[list[str], list[Block]]]) -> list[list[Bl
 
 def flatten(path: Path, lib: Path) -> str:
     """The script at PATH with each ``--@include NAME`` replaced by what it uses of
-    ``LIB/NAME.lua``, between ``-- begin include NAME`` and ``-- end include NAME`` lines."""
+    ``LIB/NAME.lua``, between ``-- begin include NAME`` and ``-- end include NAME`` lines;
+    lazy libraries wrapped in their builder, then constants inlined (see the top)."""
     text = path.read_text()
     names = _INCLUDE.findall(text)
-    libs = [blocks_of((lib / f'{name}.lua').read_text()) for name in names]
+    texts = [(lib / f'{name}.lua').read_text() for name in names]
+    libs = [blocks_of(t) for t in texts]
     kept = _shake(_INCLUDE.sub('', text), libs)
-    parts = {}
-    for name, (header, _), blocks in zip(names, libs, kept):
+    parts, lazy = {}, {}
+    for name, source, (header, _), blocks in zip(names, texts, libs, kept):
         lines = [f'-- begin include {name}', *header]
-        for block in blocks:
-            lines.extend(block.lines)
+        if _LAZY.search(source) and any(_is_function(b) for b in blocks):
+            lines.extend(_lazy(name, blocks))
+            lazy[name] = {n for b in blocks if _is_function(b) for n in b.defines}
+        else:
+            for block in blocks:
+                lines.extend(block.lines)
         lines.append(f'-- end include {name}')
         parts[name] = '\n'.join(lines)
-    return _INCLUDE.sub(lambda m: parts[m.group(1)], text)
+    flat = _INCLUDE.sub(lambda m: parts[m.group(1)], text)
+    try:
+        _check_lazy(flat, lazy)
+        return inline_constants(flat)
+    except FlattenError as exc:
+        raise FlattenError(f'{path.name}: {exc}') from None
+
+
+def _is_function(block: Block) -> bool:
+    """Whether BLOCK defines a function (``local function f`` or ``f = function``)."""
+    first = next(line for line in block.lines if not line.startswith('--'))
+    return bool(_LOCAL_FUNCTION.match(first) or _ASSIGN_FUNCTION.match(first))
+
+
+def _lazy(name: str, blocks: list[Block]) -> list[str]:
+    """A lazy library's kept BLOCKS inside its builder ``lib_NAME()``, which returns the table
+    of its functions (built once per call)."""
+    exported = sorted(n for b in blocks if _is_function(b) for n in b.defines)
+    built = f'lib_{name}_built'
+    lines = [f'local {built}  -- lib_{name}() builds it at its first use in a call',
+             f'local function lib_{name}()',
+             f'if {built} then return {built} end']
+    for block in blocks:
+        lines.extend(block.lines)
+    lines.append(f'{built} = {{' + ', '.join(f'{n} = {n}' for n in exported) + '}')
+    lines += [f'return {built}', 'end']
+    return lines
+
+
+def _tokens(text: str) -> list[tuple[int, int, str]]:
+    """Lua tokens of TEXT as (start, end, token), comments left out (strings kept whole)."""
+    return [(m.start(), m.end(), m.group()) for m in _TOKEN.finditer(text)
+            if not m.group().startswith('--')]
+
+
+def _check_lazy(flat: str, lazy: dict[str, set[str]]) -> None:
+    """Refuse a lazy library's function named outside its builder other than as a field
+    (``lib_NAME().helper``): there it would be nil."""
+    if not lazy:
+        return
+    spans = {name: (flat.index(f'local function lib_{name}()'),
+                    flat.index(f'-- end include {name}')) for name in lazy}
+    tokens = _tokens(flat)
+    for n, (start, _, tok) in enumerate(tokens):
+        for name, functions in lazy.items():
+            inside = spans[name][0] <= start < spans[name][1]
+            if tok in functions and not inside and (n == 0 or tokens[n - 1][2] != '.'):
+                raise FlattenError(f'{tok} of lazy library {name} is named directly; '
+                                   f'call lib_{name}().{tok}')
+
+
+def inline_constants(text: str) -> str:
+    """TEXT with each top-level constant (see the top of this file) replaced by its literal
+    and its definition turned into a comment."""
+    values: dict[str, str] = {}
+    for m in _CONSTANT.finditer(text):
+        names = [n.strip() for n in m.group(1).split(',')]
+        literals = re.findall(_LITERAL, m.group(2))
+        if len(names) != len(literals):
+            raise FlattenError(f'constants {m.group(1)} take {len(literals)} values')
+        for n, v in zip(names, literals):
+            if n in values:
+                raise FlattenError(f'constant {n} is defined twice')
+            values[n] = v
+    if not values:
+        return text
+    text = _CONSTANT.sub(lambda m: '-- inlined: ' + m.group(0)[len('local '):], text)
+    tokens = _tokens(text)
+    out, at = [], 0
+    for n, (start, end, tok) in enumerate(tokens):
+        if tok not in values:
+            continue
+        before = tokens[n - 1][2] if n else ''
+        after = tokens[n + 1][2] if n + 1 < len(tokens) else ''
+        if before in ('.', ':'):
+            continue  # a field of that name, not the constant
+        if after == '=' or before in ('local', 'function') or _declared(tokens, n):
+            raise FlattenError(f'constant {tok} is assigned, declared again or a table key')
+        out += [text[at:start], values[tok]]
+        at = end
+    return ''.join(out) + text[at:]
+
+
+def _declared(tokens: list[tuple[int, int, str]], n: int) -> bool:
+    """Whether token N is a later name of a ``local a, b`` list (or of a function's
+    parameters): names and commas back to ``local`` (or to ``function f(``)."""
+    k = n - 1
+    while k >= 1 and tokens[k][2] == ',' and _IDENT.fullmatch(tokens[k - 1][2]):
+        k -= 2
+    if k == n - 1:
+        return False
+    return tokens[k][2] == 'local' or (tokens[k][2] == '(' and k >= 2
+                                        and tokens[k - 2][2] == 'function')

@@ -118,8 +118,9 @@ if keyed then  -- the key of each entry deleted here is free (or throttled) from
     local at = first + 2 * (j - 1)
     local k = math.abs(tonumber(ARGV[at]))
     if ARGV[4 + j] ~= '' and gone[k][ARGV[at + 1]] then
-      unique_release(ustore, ARGV[4 + j], string.match(KEYS[k], ':(%d+)$') or '0',
-                     ARGV[at + 1], true, now)
+      lib_unique().unique_release(ustore, ARGV[4 + j],
+                                  string.match(KEYS[k], ':(%d+)$') or '0', ARGV[at + 1], true,
+                                  now)
     end
   end
 end

@@ -129,7 +129,8 @@ end
 local levels, groups = {}, {}
 for i = 1, n do
   levels[i] = level_record(KEYS[i], tonumber(ARGV[2 + i]))
-  local waiting, complete = fair_groups(KEYS[n + 7], fair_level(KEYS[i]), GROUPS_MAX)
+  local fair = lib_fair()
+  local waiting, complete = fair.fair_groups(KEYS[n + 7], fair.fair_level(KEYS[i]), GROUPS_MAX)
   table.insert(waiting, 1, complete and 1 or 0)
   groups[i] = waiting
 end
@@ -153,12 +154,12 @@ if cap >= 1 then
   in_flight = count
 end
 local tokens, next_slot = -1, -1
-local rate, rerr, rkey = rate_open(given[RATE_LIMIT], given[RATE_BURST], KEYS[n + 3], KEYS[n + 6],
-                                   function() return now end)
+local rate, rerr, rkey = lib_rate().rate_open(given[RATE_LIMIT], given[RATE_BURST], KEYS[n + 3],
+                                              KEYS[n + 6], function() return now end)
 if rerr and rkey == KEYS[n + 6] then return redis.error_reply(rerr) end
 if rate then
   tokens, next_slot = rate.allow, 0
-  if tokens <= 0 then next_slot = rate_next(rate, now) end
+  if tokens <= 0 then next_slot = lib_rate().rate_next(rate, now) end
 end
 
 return {levels, redis.call('XLEN', KEYS[n + 1]), now, redis.call('ZCARD', KEYS[n + 2]), next_due,

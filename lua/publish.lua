@@ -172,15 +172,18 @@ if wrong then return refuse(redis.error_reply(wrong)) end
 local dedup_now = nil  -- with an id to remember once the message is stored
 if window and window > 0 and dedup_id then
   dedup_now = now_ms()
-  local seen, err = dedup_seen(store, dedup_id, dedup_now)
+  local dedup = lib_dedup()
+  local seen, err = dedup.dedup_seen(store, dedup_id, dedup_now)
   if err then return refuse(redis.error_reply(err)) end
   if seen then
-    dedup_count(store)
+    dedup.dedup_count(store)
     return refuse('duplicate')
   end
 end
 local function remember()
-  if dedup_now then dedup_remember(store, dedup_id, dedup_now, window, argkey, first) end
+  if dedup_now then
+    lib_dedup().dedup_remember(store, dedup_id, dedup_now, window, argkey, first)
+  end
 end
 -- Unique keys (docs/design.rst, "Unique keys"): a message whose x-unique-key a live message
 -- of the queue holds is refused (a duplicate), or replaces that one while it waits
@@ -195,10 +198,11 @@ if ukey then
   uttl = math.max(math.floor(tonumber(conf[2]) or 0), 0)
   local uerr
   unow = dedup_now or now_ms()
-  ustate, uref, ua, ub, uerr = unique_holder(ustore, ukey, levels, KEYS[6], group, unow)
+  local unique = lib_unique()
+  ustate, uref, ua, ub, uerr = unique.unique_holder(ustore, ukey, levels, KEYS[6], group, unow)
   if not uerr and ustate and conf[1] == 'replace' then
     local ok
-    ok, uerr = unique_replaceable(ustate, ua, KEYS[7])
+    ok, uerr = unique.unique_replaceable(ustate, ua, KEYS[7])
     if ok then ustate = 'replace ' .. ustate end
   end
   if uerr then return refuse(redis.error_reply(uerr)) end
@@ -211,9 +215,10 @@ end
 -- the one it replaces goes (after: no refusal can follow, so nothing is lost).
 local function hold(id, member)
   if not ukey then return end
-  if ustate then unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7]) end
-  unique_hold(ustore, ukey, uttl, string.match(stream, ':(%d+)$') or '0', id, member, uref)
-  unique_sweep(ustore, levels, KEYS[6], unow, group)  -- fields that outlived their message
+  local unique = lib_unique()
+  if ustate then unique.unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7]) end
+  unique.unique_hold(ustore, ukey, uttl, string.match(stream, ':(%d+)$') or '0', id, member, uref)
+  unique.unique_sweep(ustore, levels, KEYS[6], unow, group)  -- fields that outlived their message
   if redis.call('PTTL', ustore) == -1 then  -- an expiring queue's store goes with it
     local ttl = redis.call('PTTL', first)
     if ttl > 0 then redis.call('PEXPIRE', ustore, ttl) end
@@ -342,8 +347,8 @@ if fair_key then
   if werr then return refuse(redis.error_reply(werr)) end
   local value = payload
   if big then value = 'r:' .. token end
-  local created, serr = fair_stage(fair_key, string.match(stream, ':(%d+)$') or '0',
-                                   ARGV[13], with_deadline(value, deadline))
+  local created, serr = lib_fair().fair_stage(fair_key, string.match(stream, ':(%d+)$') or '0',
+                                              ARGV[13], with_deadline(value, deadline))
   if serr then
     if woke == 1 then redis.call('ZREM', wake, 'w') end
     return refuse(redis.error_reply(serr))

@@ -102,7 +102,8 @@ if #delayed > 0 then
   end
   redis.call('ZREM', dkey, unpack(delayed))
   if redis.call('EXISTS', ustore) == 1 then  -- one command per call without unique keys
-    for _, member in ipairs(delayed) do unique_release_delayed(ustore, member) end
+    local unique = lib_unique()
+    for _, member in ipairs(delayed) do unique.unique_release_delayed(ustore, member) end
   end
   redis.call('HDEL', bodies, unpack(delayed))
   if redis.call('EXISTS', staging) == 1 then  -- x-fairness: their groups (d:<member>) go
@@ -154,11 +155,11 @@ end
 -- Fair share: staged messages are ready ones not in a stream yet (their big bodies freed
 -- as they go, in fair_drop), at most batch of them per call over all levels
 if redis.call('EXISTS', staging) == 1 then
-  local budget = batch
+  local budget, fair = batch, lib_fair()
   for i = 1, n do
-    local level, dropped, left = fair_level(KEYS[i]), 0, nil
+    local level, dropped, left = fair.fair_level(KEYS[i]), 0, nil
     if budget > 0 then
-      dropped, left = fair_drop(staging, level, budget, big)
+      dropped, left = fair.fair_drop(staging, level, budget, big)
     else
       left = redis.call('HEXISTS', staging, 'c:' .. level) == 1
     end

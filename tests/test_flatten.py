@@ -7,7 +7,9 @@ import re
 
 import pytest
 
-from kombu_streams.flatten import _IDENT, _code, blocks_of, flatten
+from kombu_streams.flatten import _IDENT, FlattenError, _code, blocks_of, flatten
+from kombu_streams.broker import Broker
+from kombu_streams.keys import Keys
 from kombu_streams.scripts import SCRIPTS, lua_dir
 
 LIB = """\
@@ -55,19 +57,19 @@ def write(tmp_path, body: str) -> str:
 def test_keeps_what_is_used_transitively_and_drops_the_rest(tmp_path):
     flat = write(tmp_path, '--@include mini\nreturn late_one(ARGV[1])\n')
     assert '-- A library for the test' in flat and '-- Second header line.' in flat
-    for kept in ('local LIMIT = 10', 'local function helper_a', 'local function helper_b',
-                 'local late_one, late_two', 'late_one = function'):
+    for kept in ('-- inlined: LIMIT = 10', 'local function helper_a', 'local function helper_b',
+                 'local late_one, late_two', 'late_one = function', 'return x + 10'):
         assert kept in flat
     for dropped in ('local function unused', '-- unused: nobody names it', 'late_two = function'):
         assert dropped not in flat
-    assert flat.index('local LIMIT') < flat.index('helper_a(x)') < flat.index('late_one =')
+    assert flat.index('inlined: LIMIT') < flat.index('helper_a(x)') < flat.index('late_one =')
     assert flat.startswith('-- begin include mini\n') and flat.rstrip().endswith('return late_one'
                                                                                   '(ARGV[1])')
 
 
 def test_a_name_only_in_a_comment_keeps_nothing(tmp_path):
     flat = write(tmp_path, '--@include mini\n-- helper_b is not called here\nreturn 1\n')
-    assert 'local function helper_b' not in flat and 'local LIMIT' not in flat
+    assert 'local function helper_b' not in flat and 'LIMIT' not in flat
 
 
 def test_statements_of_the_library():
@@ -93,10 +95,126 @@ def test_every_helper_left_in_a_script_is_used(name):
     parts = re.findall(r'-- begin include (\w+)\n(.*?)-- end include \1', source, re.S)
     defined = [n for _, part in parts for n in re.findall(
         r'^local function (\w+)|^(\w+) = function', part, re.M) for n in n if n]
-    unused = [n for n in defined if names.count(n) < 2]
+    # a lazy library's table of its functions ({f = f}) names each twice: not a use
+    exports = _code_names('\n'.join(re.findall(r'^lib_\w+_built = \{.*\}$', source, re.M)))
+    unused = [n for n in defined if names.count(n) - exports.count(n) < 2]
     assert unused == []
 
 
 def test_flat_scripts_match_a_fresh_flattening():
     for name, script in SCRIPTS.items():
         assert flatten(lua_dir() / f'{name}.lua', lua_dir() / 'lib') == script.source
+
+
+CONSTANTS = """\
+-- Constants of a test library.
+
+local NAME, LEVELS = 'x-name', 3
+local MIXED = 'a'  -- a comment after it
+local lower = 'not a constant'
+local TABLE = {1, 2}
+
+local function use(t)
+  -- NAME in a comment stays
+  return NAME .. ':NAME:' .. t.NAME .. LEVELS .. lower .. MIXED .. #TABLE
+end
+"""
+
+
+def test_constants_are_inlined_in_code_only(tmp_path):
+    lib = tmp_path / 'lib'
+    lib.mkdir()
+    (lib / 'consts.lua').write_text(CONSTANTS)
+    script = tmp_path / 'script.lua'
+    script.write_text('--@include consts\nreturn use(ARGV)\n')
+    flat = flatten(script, lib)
+    assert "return 'x-name' .. ':NAME:' .. t.NAME .. 3 .. lower .. 'a' .. #TABLE" in flat
+    assert "-- inlined: NAME, LEVELS = 'x-name', 3" in flat
+    assert '-- NAME in a comment stays' in flat and "local lower = 'not a constant'" in flat
+    assert 'local TABLE = {1, 2}' in flat  # not a literal: a local still
+
+
+@pytest.mark.parametrize('misuse', ['LIMIT = 11', 'local x, LIMIT = 1, 2', 'local t = {LIMIT = 1}',
+                                    'local function f(a, LIMIT) return a end'])
+def test_a_constant_given_another_meaning_is_refused(tmp_path, misuse):
+    (tmp_path / 'lib').mkdir()
+    (tmp_path / 'lib' / 'c.lua').write_text('-- c\n\nlocal LIMIT = 10\n')
+    script = tmp_path / 'script.lua'
+    script.write_text(f'--@include c\n{misuse}\nreturn LIMIT\n')
+    with pytest.raises(FlattenError, match='LIMIT'):
+        flatten(script, tmp_path / 'lib')
+
+
+LAZY = """\
+-- A lazy library for the test.
+--@lazy: built at its first use
+
+local BASE = 100
+
+local function inner(x)
+  return x + BASE
+end
+
+local function outer(x)
+  return inner(x) * 2 + shared_helper()
+end
+
+local function unused(x)
+  return x
+end
+"""
+
+
+def lazy_script(tmp_path, body: str) -> str:
+    lib = tmp_path / 'lib'
+    lib.mkdir()
+    (lib / 'lz.lua').write_text(LAZY)
+    (lib / 'hot.lua').write_text('-- hot\n\nlocal function shared_helper()\n  return 1\nend\n')
+    script = tmp_path / 'script.lua'
+    script.write_text('--@include hot\n--@include lz\n' + body)
+    return flatten(script, lib)
+
+
+def test_a_lazy_library_is_built_by_its_first_use_and_runs(tmp_path, fake_client):
+    flat = lazy_script(tmp_path, 'if ARGV[1] == "skip" then return 0 end\n'
+                                 'return lib_lz().outer(tonumber(ARGV[1]))\n')
+    assert 'local function lib_lz()' in flat and 'lib_lz_built = {inner = inner, outer = outer}' in flat
+    assert 'local function unused' not in flat  # shaken as any library
+    assert flat.index('local function lib_lz()') < flat.index('local function inner')
+    assert fake_client.eval(flat, 0, '5') == 211  # (5 + 100) * 2 + 1
+    assert fake_client.eval(flat, 0, 'skip') == 0
+
+
+def test_a_lazy_function_named_directly_is_refused(tmp_path):
+    with pytest.raises(FlattenError, match='outer of lazy library lz'):
+        lazy_script(tmp_path, 'return outer(1)\n')
+
+
+def _lazy_refused(source: str) -> str:
+    """SOURCE with every lazy library's builder raising instead of building."""
+    return re.sub(r'(local function (lib_\w+)\(\)\n)', r"\1error('built \2')\n", source)
+
+
+@pytest.mark.redis
+def test_a_queue_without_arguments_builds_no_lazy_library(script_client):
+    """The hot path (publish, read with acks riding along, prefetch 1 and 100) of a queue
+    without arguments never calls lib_NAME(): each such call sits behind the argument or
+    state that needs it. With every builder raising, the cycle still runs."""
+    c = script_client
+    b = Broker(c, Keys(), [0, 3, 6, 9])
+    b.declare('q')
+    read = _lazy_refused(SCRIPTS['read'].source)
+    publish = _lazy_refused(SCRIPTS['publish'].source)
+    assert read.count("error('built lib_") >= 4 and publish.count("error('built lib_") >= 3
+    for n in range(150):
+        _, keys, args = b.publish_call('q', 3 * (n % 2), f'{{"n": {n}}}')
+        c.eval(publish, len(keys), *keys, *args)
+    acks: list = []
+    got = []
+    for count in (1, 1, 100, 100):
+        (_, keys, args), parse = b.read_call(b.sources(['q']), 'c1', count, acks=acks)
+        result = parse(c.eval(read, len(keys), *keys, *args))
+        assert not result.problems
+        got += result.deliveries
+        acks = [(d.stream, d.entry_id) for d in result.deliveries]
+    assert len(got) == 150 and c.xlen('ks:q:{q}:0') + c.xlen('ks:q:{q}:3') == 48

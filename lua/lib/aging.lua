@@ -10,6 +10,9 @@
 -- that became due) has waited its idle time in the holder's PEL, which parking reset; else
 -- the first entry after the group's last-delivered id has waited since its id (the XADD time
 -- of a publish, of a due delayed message's move, of a redrive).
+--
+--@lazy: built only when a call needs it; callers write lib_aging().helper(...)
+-- (kombu_streams/flatten.py).
 
 local PRIORITY_AGING = 'x-priority-aging'
 

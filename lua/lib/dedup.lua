@@ -7,6 +7,9 @@
 -- The id store, ks:q:{q}:dedup (zset): member id -> the unix ms until which the id is
 -- remembered (always > 0); member DEDUP_COUNT -> minus the number of duplicates refused (so it
 -- sorts first and no by-score range over (0, ...] ever meets it). No id is empty.
+--
+--@lazy: built only when a call needs it; callers write lib_dedup().helper(...)
+-- (kombu_streams/flatten.py).
 
 local DEDUP_COUNT = ''
 -- An argument (limits.py): the most ids a queue remembers; DEDUP_CAP without it.

@@ -17,6 +17,9 @@
 --   d:<member>     the group of a delayed message (publish.lua), staged when a read moves it
 -- Every operation is O(1) commands per message staged or moved, whatever the number of
 -- groups: the rotation is a linked list, never scanned.
+--
+--@lazy: built only when a call needs it; callers write lib_fair().helper(...)
+-- (kombu_streams/flatten.py).
 
 local FAIR = 'g:'  -- ready index member prefix: level stream <key>'s staging may hold messages
 local FAIR_COUNT = 'n'

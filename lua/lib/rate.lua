@@ -3,6 +3,9 @@
 -- theoretical arrival time (TAT, unix ms on the server's clock), is the string key
 -- ks:q:{q}:rate. Why it is correct and what it costs: docs/design.rst, "Global rate limit".
 -- KEYS: none of its own; read.lua passes the arguments hash and the rate key of each source.
+--
+--@lazy: built only when a call needs it; callers write lib_rate().helper(...)
+-- (kombu_streams/flatten.py).
 
 local RATE_LIMIT, RATE_BURST = 'x-rate-limit', 'x-rate-burst'
 local RATE_PERIOD_MS = {s = 1000, m = 60000, h = 3600000}

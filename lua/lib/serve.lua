@@ -210,7 +210,7 @@ local function promote_due(ctx, src)
     if next_due and next_due <= now and ctx.promote_left > 0 and ctx.promote_bytes > 0 then
       local levels = {}  -- level -> its stream, all among this call's KEYS
       for _, i in ipairs(src.streams) do levels[string.match(KEYS[i], ':(%d+)$')] = KEYS[i] end
-      local keyed, uerr = unique_store(src.store)
+      local keyed, uerr = lib_unique().unique_store(src.store)
       if uerr then return problem(ctx, src, src.store, uerr) end
       -- x-fairness: a delayed message published with a group (its member names it in the
       -- staging hash, d:<member>) is staged when due, not appended (docs/design.rst, "Fair
@@ -221,7 +221,8 @@ local function promote_due(ctx, src)
           local g, gerr = try('HGET', src.fair, 'd:' .. member)
           if gerr or not g then return false end  -- another type: appended, as without
           redis.call('HDEL', src.fair, 'd:' .. member)
-          fair_stage(src.fair, fair_level(stream), g, value)
+          local fair = lib_fair()
+          fair.fair_stage(src.fair, fair.fair_level(stream), g, value)
           idx[FAIR .. stream] = true
           return true
         end
@@ -229,7 +230,7 @@ local function promote_due(ctx, src)
       local moved, streams, perr, size, placed = promote(
         src.dkey, src.bodies, levels, KEYS[src.streams[1]], now, ctx.promote_left,
         ctx.promote_bytes, ctx.promoted == 0, divert)
-      if keyed then unique_promoted(src.store, placed) end
+      if keyed then lib_unique().unique_promoted(src.store, placed) end
       ctx.promote_left, ctx.promoted = ctx.promote_left - moved, ctx.promoted + moved
       ctx.promote_bytes = ctx.promote_bytes - size
       if moved > 0 then src.announce = true end
@@ -511,7 +512,7 @@ local function serve_staged(ctx, src, i)
       src.more = true
       return halt(ctx)
     end
-    local moved, more, err = fair_move(src.fair, key, want)
+    local moved, more, err = lib_fair().fair_move(src.fair, key, want)
     if not more then idx[FAIR .. key] = nil end
     if err then return problem(ctx, src, src.fair, err) end
     if moved == 0 then return end
@@ -532,7 +533,7 @@ local function fair_walk(src, key)
     src.fair_exists = src.fair ~= src.wake and redis.call('EXISTS', src.fair) == 1
   end
   if not src.fair_exists then return false, nil end
-  local r, err = try('HEXISTS', src.fair, 'c:' .. fair_level(key))
+  local r, err = try('HEXISTS', src.fair, 'c:' .. lib_fair().fair_level(key))
   if err then return true, err end
   return r == 1, nil
 end
@@ -548,13 +549,19 @@ local function open_limits(ctx, src)
     return false
   end
   r = r or {}
-  src.aging, err = aging_open(r[4])  -- lua/lib/aging.lua
-  if err then
-    problem(ctx, src, src.args, err)
-    return false
+  src.aging = false
+  if r[4] then  -- lua/lib/aging.lua
+    src.aging, err = lib_aging().aging_open(r[4])
+    if err then
+      problem(ctx, src, src.args, err)
+      return false
+    end
   end
-  local rate, rerr, rkey = rate_open(r[1], r[2], src.args, src.rate_key,
-                                     function() return clock(ctx) end)
+  local rate, rerr, rkey = nil, nil, nil
+  if r[1] then
+    rate, rerr, rkey = lib_rate().rate_open(r[1], r[2], src.args, src.rate_key,
+                                            function() return clock(ctx) end)
+  end
   if rerr then
     problem(ctx, src, rkey, rerr)
     return false
@@ -606,7 +613,7 @@ local function serve_stream(ctx, src, i)
     if not open_limits(ctx, src) then return 'error' end  -- nothing of it served
   end
   if src.aging then  -- aged lower levels first, one message each (lua/lib/aging.lua)
-    aging_serve(ctx, src, i, clock(ctx), serve_stream)
+    lib_aging().aging_serve(ctx, src, i, clock(ctx), serve_stream)
     if ctx.left <= 0 or src.failed then return end
   end
   local rate, cap, left, before = src.rate, src.cap, ctx.left, #ctx.out
@@ -709,7 +716,7 @@ local function finish_source(ctx, src)
     -- at x-max-in-flight the flag makes the settle that frees a slot set the marker again
     -- (docs/design.rst, "Global concurrency"): raised first, or the marker stays.
     if src.capped then
-      local slot = rate_next(src.rate, clock(ctx))
+      local slot = lib_rate().rate_next(src.rate, clock(ctx))
       local at, dues = src.due_at, ctx.dues
       if at == nil then  -- its delayed set met a problem: the slot alone
         dues[#dues + 1], dues[#dues + 2] = src.q, slot
@@ -743,7 +750,7 @@ end
 local function finish(ctx, sources)
   for _, stream in ipairs(ctx.trim) do trim_shared(stream) end  -- fanout streams set aside
   for _, src in ipairs(sources) do  -- Message TTL: each queue's count of expired messages
-    if src.rate then rate_save(src.rate, src.rate_key, clock(ctx)) end
+    if src.rate then lib_rate().rate_save(src.rate, src.rate_key, clock(ctx)) end
     if src.expired > 0 then
       local err = count_expired(src.counters, KEYS[src.streams[1]], src.expired)
       if err then problem(ctx, src, src.counters, err) end

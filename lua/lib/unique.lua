@@ -13,6 +13,9 @@
 --   UNIQUE_COUNT  -> the number of publishes refused because their key was taken
 --   "c", "a", "t" -> the sweep's place: its cursor and offset, the field it resumes at, the
 --                    keyed publishes since its last step (unique_sweep below)
+--
+--@lazy: built only when a call needs it; callers write lib_unique().helper(...)
+-- (kombu_streams/flatten.py).
 
 local UNIQUE_COUNT = 'n'
 local UNIQUE_MODE, UNIQUE_TTL = 'x-unique-mode', 'x-unique-ttl'
