@@ -148,7 +148,8 @@ def flatten(path: Path, lib: Path) -> str:
     for name, source, (header, _), blocks in zip(names, texts, libs, kept):
         lines = [f'-- begin include {name}', *header]
         if _LAZY.search(source) and any(_is_function(b) for b in blocks):
-            lines.extend(_lazy(name, blocks))
+            declared = re.compile(rf'^local lib_{name}\b', re.M)
+            lines.extend(_lazy(name, blocks, any(declared.search(p) for p in parts.values())))
             lazy[name] = {n for b in blocks if _is_function(b) for n in b.defines}
         else:
             for block in blocks:
@@ -169,13 +170,15 @@ def _is_function(block: Block) -> bool:
     return bool(_LOCAL_FUNCTION.match(first) or _ASSIGN_FUNCTION.match(first))
 
 
-def _lazy(name: str, blocks: list[Block]) -> list[str]:
+def _lazy(name: str, blocks: list[Block], declared: bool) -> list[str]:
     """A lazy library's kept BLOCKS inside its builder ``lib_NAME()``, which returns the table
-    of its functions (built once per call)."""
+    of its functions (built once per call). DECLARED: a library included before this one
+    declared ``local lib_NAME`` (its functions call it, and this one calls theirs): the
+    builder is assigned to that local."""
     exported = sorted(n for b in blocks if _is_function(b) for n in b.defines)
     built = f'lib_{name}_built'
     lines = [f'local {built}  -- lib_{name}() builds it at its first use in a call',
-             f'local function lib_{name}()',
+             f'lib_{name} = function()' if declared else f'local function lib_{name}()',
              f'if {built} then return {built} end']
     for block in blocks:
         lines.extend(block.lines)
@@ -195,7 +198,7 @@ def _check_lazy(flat: str, lazy: dict[str, set[str]]) -> None:
     (``lib_NAME().helper``): there it would be nil."""
     if not lazy:
         return
-    spans = {name: (flat.index(f'local function lib_{name}()'),
+    spans = {name: (flat.index(f'-- begin include {name}'),
                     flat.index(f'-- end include {name}')) for name in lazy}
     tokens = _tokens(flat)
     for n, (start, _, tok) in enumerate(tokens):

@@ -99,9 +99,10 @@ the first it serves that its index names: an XPENDING of one record when held en
 there, else (or none held) an XINFO GROUPS and an XRANGE of at most one entry (copied only
 when it waited a period or more), and TIME; one without any pays the HMGET of its
 arguments. Never blocks.
-Phases: lua/lib/serve.lua. See docs/design.rst (Wake-ups, The ready index, Leases, Delivery
-counts and dead letters, Delayed delivery, Reads bounded by bytes, Big messages, Message
-TTL, Global rate limit, Global concurrency, Unique keys, Priority aging, Fair share).
+Phases: lua/lib/serve.lua, the rarer ones lua/lib/serve_rare.lua. See docs/design.rst
+(Wake-ups, The ready index, Leases, Delivery counts and dead letters, Delayed delivery,
+Reads bounded by bytes, Big messages, Message TTL, Global rate limit, Global concurrency,
+Unique keys, Priority aging, Fair share).
 ]]
 --@include common
 --@include delay
@@ -112,6 +113,7 @@ TTL, Global rate limit, Global concurrency, Unique keys, Priority aging, Fair sh
 --@include aging
 --@include fair
 --@include serve
+--@include serve_rare
 
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
 local A = S and Q and tonumber(ARGV[8 + 5 * Q]) or 0

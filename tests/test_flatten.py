@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from kombu_streams.flatten import _IDENT, FlattenError, _code, blocks_of, flatten
 from kombu_streams.broker import Broker
+from kombu_streams.flatten import _IDENT, FlattenError, _code, blocks_of, flatten
 from kombu_streams.keys import Keys
 from kombu_streams.scripts import SCRIPTS, lua_dir
 
@@ -178,7 +178,8 @@ def lazy_script(tmp_path, body: str) -> str:
 def test_a_lazy_library_is_built_by_its_first_use_and_runs(tmp_path, fake_client):
     flat = lazy_script(tmp_path, 'if ARGV[1] == "skip" then return 0 end\n'
                                  'return lib_lz().outer(tonumber(ARGV[1]))\n')
-    assert 'local function lib_lz()' in flat and 'lib_lz_built = {inner = inner, outer = outer}' in flat
+    assert 'local function lib_lz()' in flat
+    assert 'lib_lz_built = {inner = inner, outer = outer}' in flat
     assert 'local function unused' not in flat  # shaken as any library
     assert flat.index('local function lib_lz()') < flat.index('local function inner')
     assert fake_client.eval(flat, 0, '5') == 211  # (5 + 100) * 2 + 1
@@ -192,7 +193,8 @@ def test_a_lazy_function_named_directly_is_refused(tmp_path):
 
 def _lazy_refused(source: str) -> str:
     """SOURCE with every lazy library's builder raising instead of building."""
-    return re.sub(r'(local function (lib_\w+)\(\)\n)', r"\1error('built \2')\n", source)
+    return re.sub(r'((?:local function (lib_\w+)\(\)|(lib_\w+) = function\(\))\n)',
+                  r"\1error('built \2\3')\n", source)
 
 
 @pytest.mark.redis
@@ -205,16 +207,29 @@ def test_a_queue_without_arguments_builds_no_lazy_library(script_client):
     b.declare('q')
     read = _lazy_refused(SCRIPTS['read'].source)
     publish = _lazy_refused(SCRIPTS['publish'].source)
-    assert read.count("error('built lib_") >= 4 and publish.count("error('built lib_") >= 3
-    for n in range(150):
-        _, keys, args = b.publish_call('q', 3 * (n % 2), f'{{"n": {n}}}')
-        c.eval(publish, len(keys), *keys, *args)
-    acks: list = []
+    assert read.count("error('built lib_") >= 5 and publish.count("error('built lib_") >= 3
+    assert "lib_serve_rare = function()\nerror('built lib_serve_rare')" in read
+
+    def publish_all(n: int, script: str) -> None:
+        for k in range(n):
+            _, keys, args = b.publish_call('q', 3 * (k % 2), f'{{"n": {k}}}')
+            c.eval(script, len(keys), *keys, *args)
+
+    def read_some(count: int, script: str, acks: list) -> list:
+        (_, keys, args), parse = b.read_call(b.sources(['q']), 'c1', count, acks=acks)
+        result = parse(c.eval(script, len(keys), *keys, *args))
+        assert not result.problems
+        return result.deliveries
+
+    # Warming up: the first read walks the queue (its ready index is not complete yet), a
+    # repair that looks at the delayed set and at what may be held in every stream, so it
+    # builds serve_rare; what it leaves is the steady state, which never does.
+    publish_all(2, SCRIPTS['publish'].source)
+    acks = [(d.stream, d.entry_id) for d in read_some(10, SCRIPTS['read'].source, [])]
+    publish_all(150, publish)
     got = []
     for count in (1, 1, 100, 100):
-        (_, keys, args), parse = b.read_call(b.sources(['q']), 'c1', count, acks=acks)
-        result = parse(c.eval(read, len(keys), *keys, *args))
-        assert not result.problems
-        got += result.deliveries
-        acks = [(d.stream, d.entry_id) for d in result.deliveries]
+        delivered = read_some(count, read, acks)
+        got += delivered
+        acks = [(d.stream, d.entry_id) for d in delivered]
     assert len(got) == 150 and c.xlen('ks:q:{q}:0') + c.xlen('ks:q:{q}:3') == 48
