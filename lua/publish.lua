@@ -180,8 +180,11 @@ if window and window > 0 and dedup_id then
     return refuse('duplicate')
   end
 end
-local function remember()
-  if dedup_now then
+-- Called once the message is stored: its id is remembered. Built only when there is one to
+-- remember (a closure with its upvalues is work for every call that builds it).
+local remember = nil
+if dedup_now then
+  remember = function()
     lib_dedup().dedup_remember(store, dedup_id, dedup_now, window, argkey, first)
   end
 end
@@ -212,16 +215,22 @@ if ukey then
   end
 end
 -- Called once the message is stored (entry ID, or delayed MEMBER): it holds the key now, and
--- the one it replaces goes (after: no refusal can follow, so nothing is lost).
-local function hold(id, member)
-  if not ukey then return end
-  local unique = lib_unique()
-  if ustate then unique.unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7]) end
-  unique.unique_hold(ustore, ukey, uttl, string.match(stream, ':(%d+)$') or '0', id, member, uref)
-  unique.unique_sweep(ustore, levels, KEYS[6], unow, group)  -- fields that outlived their message
-  if redis.call('PTTL', ustore) == -1 then  -- an expiring queue's store goes with it
-    local ttl = redis.call('PTTL', first)
-    if ttl > 0 then redis.call('PEXPIRE', ustore, ttl) end
+-- the one it replaces goes (after: no refusal can follow, so nothing is lost). Built only
+-- for a message with a key.
+local hold = nil
+if ukey then
+  hold = function(id, member)
+    local unique = lib_unique()
+    if ustate then
+      unique.unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7])
+    end
+    unique.unique_hold(ustore, ukey, uttl, string.match(stream, ':(%d+)$') or '0', id, member,
+                       uref)
+    unique.unique_sweep(ustore, levels, KEYS[6], unow, group)  -- fields outliving their message
+    if redis.call('PTTL', ustore) == -1 then  -- an expiring queue's store goes with it
+      local ttl = redis.call('PTTL', first)
+      if ttl > 0 then redis.call('PEXPIRE', ustore, ttl) end
+    end
   end
 end
 if limit then  -- what else refuses the publish, before drop-head sets anything aside
@@ -290,31 +299,36 @@ local function expire_new(new)
   end
 end
 
--- The delayed keys' types, checked before a path that writes them writes anything.
-local function delayed_wrong()
-  local err = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash') or wrong_type(wake, 'zset')
-  err = err or (fair_key and wrong_type(fair_key, 'hash'))
-  return err and refuse(redis.error_reply(err))
-end
-
-local function keep_delayed(due)
-  local sec, usec = now_us()
-  local member, earliest = delay_store(dkey, bodies, string.match(stream, ':(%d+)$') or '0',
-                                       label or '', with_deadline(payload, deadline), due,
-                                       string.format('%010d%06d', sec, usec))
-  local new = {}
-  if redis.call('ZCARD', dkey) == 1 then new = {dkey, bodies} end
-  if redis.call('SADD', ready, DELAYED) == 1 then new[#new + 1] = ready end
-  -- a new earliest due time (or one due now): wake a consumer, whose read learns it
-  if earliest and redis.call('ZADD', wake, 0, 'w') == 1 then new[#new + 1] = wake end
-  if fair_key then  -- x-fairness: staged when due, in its group (docs: Fair share)
-    redis.call('HSET', fair_key, 'd:' .. member, ARGV[13])
-    if redis.call('PTTL', fair_key) == -1 then new[#new + 1] = fair_key end
+-- What keeps a message delayed: built only for a publish that may (a due time given, or
+-- due messages of the queue not moved yet), not for every call.
+local delayed_wrong, keep_delayed = nil, nil
+if dkey and ((due_arg and due_arg ~= '') or next_due) then
+  -- The delayed keys' types, checked before a path that writes them writes anything.
+  delayed_wrong = function()
+    local err = wrong_type(dkey, 'zset') or wrong_type(bodies, 'hash') or wrong_type(wake, 'zset')
+    err = err or (fair_key and wrong_type(fair_key, 'hash'))
+    return err and refuse(redis.error_reply(err))
   end
-  expire_new(new)
-  remember()
-  hold(nil, member)
-  return 'delayed:' .. member
+
+  keep_delayed = function(due)
+    local sec, usec = now_us()
+    local member, earliest = delay_store(dkey, bodies, string.match(stream, ':(%d+)$') or '0',
+                                         label or '', with_deadline(payload, deadline), due,
+                                         string.format('%010d%06d', sec, usec))
+    local new = {}
+    if redis.call('ZCARD', dkey) == 1 then new = {dkey, bodies} end
+    if redis.call('SADD', ready, DELAYED) == 1 then new[#new + 1] = ready end
+    -- a new earliest due time (or one due now): wake a consumer, whose read learns it
+    if earliest and redis.call('ZADD', wake, 0, 'w') == 1 then new[#new + 1] = wake end
+    if fair_key then  -- x-fairness: staged when due, in its group (docs: Fair share)
+      redis.call('HSET', fair_key, 'd:' .. member, ARGV[13])
+      if redis.call('PTTL', fair_key) == -1 then new[#new + 1] = fair_key end
+    end
+    expire_new(new)
+    if remember then remember() end
+    if hold then hold(nil, member) end
+    return 'delayed:' .. member
+  end
 end
 
 if dkey and due_arg and due_arg ~= '' then
@@ -358,7 +372,7 @@ if fair_key then
   if created then new[#new + 1] = fair_key end
   if redis.call('SADD', ready, FAIR .. stream) == 1 then new[#new + 1] = ready end
   expire_new(new)
-  remember()
+  if remember then remember() end
   return 'staged'
 end
 local woke, wake_wrong = try('ZADD', wake, 0, 'w')  -- first write: fails alone
@@ -383,6 +397,6 @@ if marks == nil or marks[1] == 0 then
   if redis.call('SADD', ready, stream) == 1 then new[#new + 1] = ready end
 end
 expire_new(new)
-remember()
-hold(id, nil)
+if remember then remember() end
+if hold then hold(id, nil) end
 return id
