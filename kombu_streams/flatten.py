@@ -29,7 +29,9 @@ list: about 60 ns each with read.lua's 96 top-level locals):
   which builds them once per call and returns a table of its functions. Callers write
   ``lib_NAME().helper(...)``; a function of it named directly elsewhere is an error, because
   it would be nil. So a queue without priority aging, fair share, a rate limit, unique keys
-  or deduplication pays one closure per such library per call, not all of theirs.
+  or deduplication pays one closure per such library per call, not all of theirs. A helper
+  of an eager library that only lazy code names (read.lua's delay helpers, used only by
+  serve_rare) is moved into each builder that needs it (_sink).
 """
 
 from __future__ import annotations
@@ -144,13 +146,18 @@ def flatten(path: Path, lib: Path) -> str:
     texts = [(lib / f'{name}.lua').read_text() for name in names]
     libs = [blocks_of(t) for t in texts]
     kept = _shake(_INCLUDE.sub('', text), libs)
-    parts, lazy = {}, {}
-    for name, source, (header, _), blocks in zip(names, texts, libs, kept):
+    is_lazy = [bool(_LAZY.search(t)) and any(_is_function(b) for b in blocks)
+               for t, blocks in zip(texts, kept)]
+    kept, sunk = _sink(_INCLUDE.sub('', text), kept, is_lazy)
+    parts: dict[str, str] = {}
+    lazy: dict[str, set[str]] = {}
+    for n, (name, (header, _), blocks) in enumerate(zip(names, libs, kept)):
         lines = [f'-- begin include {name}', *header]
-        if _LAZY.search(source) and any(_is_function(b) for b in blocks):
+        if is_lazy[n]:
             declared = re.compile(rf'^local lib_{name}\b', re.M)
-            lines.extend(_lazy(name, blocks, any(declared.search(p) for p in parts.values())))
-            lazy[name] = {n for b in blocks if _is_function(b) for n in b.defines}
+            lines.extend(_lazy(name, sunk[n], blocks,
+                               any(declared.search(p) for p in parts.values())))
+            lazy[name] = {d for b in blocks + sunk[n] if _is_function(b) for d in b.defines}
         else:
             for block in blocks:
                 lines.extend(block.lines)
@@ -170,17 +177,56 @@ def _is_function(block: Block) -> bool:
     return bool(_LOCAL_FUNCTION.match(first) or _ASSIGN_FUNCTION.match(first))
 
 
-def _lazy(name: str, blocks: list[Block], declared: bool) -> list[str]:
+def _sink(body: str, kept: list[list[Block]], is_lazy: list[bool]
+          ) -> tuple[list[list[Block]], list[list[Block]]]:
+    """Move the statements of eager libraries that only lazy code names into the builders
+    that need them: KEPT with those left out, and per library the statements to put first
+    in its builder (copies, in include order; a statement two builders need is in both).
+    Such a helper is then built only in a call that builds a library using it."""
+    hot = set(_IDENT.findall('\n'.join(_code(line) for line in body.splitlines())))
+    eager = [b for blocks, lazy in zip(kept, is_lazy) if not lazy for b in blocks]
+    changed = True
+    warm: list[Block] = []
+    while changed:
+        changed = False
+        for block in eager:
+            if not any(block is w for w in warm) and (not block.defines or block.defines & hot):
+                warm.append(block)
+                hot |= block.names
+                changed = True
+    cold = [b for b in eager if not any(b is w for w in warm)]
+    sunk: list[list[Block]] = [[] for _ in kept]
+    for n, blocks in enumerate(kept):
+        if not is_lazy[n]:
+            continue
+        need = {name for b in blocks for name in b.names}
+        take: list[Block] = []
+        changed = True
+        while changed:
+            changed = False
+            for block in cold:
+                if not any(block is t for t in take) and block.defines & need:
+                    take.append(block)
+                    need |= block.names
+                    changed = True
+        sunk[n] = [b for b in cold if any(b is t for t in take)]
+    left = [[b for b in blocks if lazy or not any(b is c for c in cold)]
+            for blocks, lazy in zip(kept, is_lazy)]
+    return left, sunk
+
+
+def _lazy(name: str, sunk: list[Block], blocks: list[Block], declared: bool) -> list[str]:
     """A lazy library's kept BLOCKS inside its builder ``lib_NAME()``, which returns the table
-    of its functions (built once per call). DECLARED: a library included before this one
-    declared ``local lib_NAME`` (its functions call it, and this one calls theirs): the
-    builder is assigned to that local."""
+    of its functions (built once per call), after the eager libraries' statements only it
+    needs (SUNK; see _sink). DECLARED: a library included before this one declared ``local
+    lib_NAME`` (its functions call it, and this one calls theirs): the builder is assigned
+    to that local."""
     exported = sorted(n for b in blocks if _is_function(b) for n in b.defines)
     built = f'lib_{name}_built'
     lines = [f'local {built}  -- lib_{name}() builds it at its first use in a call',
              f'lib_{name} = function()' if declared else f'local function lib_{name}()',
              f'if {built} then return {built} end']
-    for block in blocks:
+    for block in [*sunk, *blocks]:
         lines.extend(block.lines)
     lines.append(f'{built} = {{' + ', '.join(f'{n} = {n}' for n in exported) + '}')
     lines += [f'return {built}', 'end']
@@ -194,19 +240,21 @@ def _tokens(text: str) -> list[tuple[int, int, str]]:
 
 
 def _check_lazy(flat: str, lazy: dict[str, set[str]]) -> None:
-    """Refuse a lazy library's function named outside its builder other than as a field
-    (``lib_NAME().helper``): there it would be nil."""
+    """Refuse a function of a lazy library named outside its builder other than as a field
+    (``lib_NAME().helper``): there it would be nil. (A helper sunk into several builders is
+    defined in each: named in any of them, it is in scope.)"""
     if not lazy:
         return
     spans = {name: (flat.index(f'-- begin include {name}'),
                     flat.index(f'-- end include {name}')) for name in lazy}
     tokens = _tokens(flat)
     for n, (start, _, tok) in enumerate(tokens):
-        for name, functions in lazy.items():
-            inside = spans[name][0] <= start < spans[name][1]
-            if tok in functions and not inside and (n == 0 or tokens[n - 1][2] != '.'):
-                raise FlattenError(f'{tok} of lazy library {name} is named directly; '
-                                   f'call lib_{name}().{tok}')
+        owners = [name for name, functions in lazy.items() if tok in functions]
+        if not owners or (n and tokens[n - 1][2] == '.'):
+            continue
+        if not any(spans[name][0] <= start < spans[name][1] for name in owners):
+            raise FlattenError(f'{tok} of lazy library {owners[0]} is named directly; '
+                               f'call lib_{owners[0]}().{tok}')
 
 
 def inline_constants(text: str) -> str:

@@ -186,6 +186,21 @@ def test_a_lazy_library_is_built_by_its_first_use_and_runs(tmp_path, fake_client
     assert fake_client.eval(flat, 0, 'skip') == 0
 
 
+def test_eager_helpers_only_lazy_code_names_are_built_with_it(tmp_path, fake_client):
+    """shared_helper (an eager library's) is named only by the lazy outer: it moves into
+    lib_lz's builder, so a call that never builds lib_lz does not build it either; named by
+    the script too, it stays where it was."""
+    flat = lazy_script(tmp_path, 'return lib_lz().outer(tonumber(ARGV[1]))\n')
+    builder = flat.index('local function lib_lz()')
+    assert flat.index('local function shared_helper') > builder
+    assert fake_client.eval(flat, 0, '5') == 211
+    again = tmp_path / 'again'
+    again.mkdir()
+    flat = lazy_script(again, 'return shared_helper() + lib_lz().outer(1)\n')
+    assert flat.index('local function shared_helper') < flat.index('local function lib_lz()')
+    assert fake_client.eval(flat, 0) == 204
+
+
 def test_a_lazy_function_named_directly_is_refused(tmp_path):
     with pytest.raises(FlattenError, match='outer of lazy library lz'):
         lazy_script(tmp_path, 'return outer(1)\n')
