@@ -169,15 +169,21 @@ class ReadCalls(CallsBase):
         def parse(reply: list[Any]) -> ReadResult:
             status, problems, aside, dues = text(reply[0]), reply[1], reply[2], reply[3]
             unsettled = reply[4]
-            out = []
-            for j in range(5, len(reply), 4):
-                i, entry_id, deliveries, payload = reply[j:j + 4]
+            out: list[Delivery] = []
+            append = out.append
+            if (len(reply) - 5) % 4:
+                raise ValueError(f'read: a reply of {len(reply)} items, not 5 + 4 per entry')
+            entries = iter(reply)
+            for _ in range(5):  # the five fields before the entries
+                next(entries)
+            # four items an entry: zip over one iterator takes them without a slice each
+            for i, entry_id, deliveries, payload in zip(entries, entries, entries, entries):
                 key, (queue, exchange), level = streams[int(i) - 1]
                 token = None
                 if isinstance(payload, list):  # a big message: {token}, body not fetched yet
                     token, payload = payload[0], b''
-                out.append(Delivery(queue, level, key, entry_id, int(deliveries), payload,
-                                    exchange, token))
+                append(Delivery(queue, level, key, entry_id, int(deliveries), payload,
+                                exchange, token))
             # problems, aside and unsettled are empty in almost every reply: no loop then
             return ReadResult(
                 out, dict(zip(sources, status)),
