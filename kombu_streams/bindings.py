@@ -22,12 +22,14 @@ class Bindings(virtual.Channel):
         return (self.transport.server_id, self.keys.bindings(exchange))
 
     def get_table(self, exchange: str) -> list[tuple[str, ...]]:
-        def read() -> list[tuple[str, ...]]:
-            members = self.broker.route(
-                exchange, fanout_sep=self.sep if self._is_fanout(exchange) else None)
-            return parse_members(self.sep, members)
+        return TABLES.get(self._route_key(exchange), self.routing_cache_ttl,
+                          lambda: self._read_table(exchange))
 
-        return TABLES.get(self._route_key(exchange), self.routing_cache_ttl, read)
+    def _read_table(self, exchange: str) -> list[tuple[str, ...]]:
+        """The routing table of ``exchange`` as Redis has it now."""
+        members = self.broker.route(
+            exchange, fanout_sep=self.sep if self._is_fanout(exchange) else None)
+        return parse_members(self.sep, members)
 
     def _lookup(self, exchange: str, routing_key: str, default: Any = None) -> list[str]:
         """Route with the cached table; when it finds no queue, read the table again first:
@@ -38,11 +40,14 @@ class Bindings(virtual.Channel):
             if TABLES.cached(cache_key):
                 try:
                     found = self.typeof(exchange).lookup(
-                        self.get_table(exchange), exchange, routing_key, None)
+                        TABLES.get(cache_key, self.routing_cache_ttl,
+                                   lambda: self._read_table(exchange)),
+                        exchange, routing_key, None)
                 except KeyError:
                     found = []
-                if not found:
-                    TABLES.forget(cache_key)
+                if found:  # what Kombu's lookup answers for it, without routing it again
+                    return found
+                TABLES.forget(cache_key)
         return super()._lookup(exchange, routing_key, default)
 
     def _is_fanout(self, exchange: str) -> bool:

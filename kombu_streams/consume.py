@@ -223,25 +223,28 @@ class Consuming(virtual.Channel):
                 reply, failed = self._send_read(calls + [read], acks)
                 acks, calls = [], []
                 result = self._fetch_bodies(parse(reply))
-                for delivery in result.deliveries:  # as read.lua counts: field m and payload
-                    size = len(delivery.payload) + 1 + len(delivery.token or b'')
+                deliveries = result.deliveries
+                # one pass for the sizes: the byte budget left, as read.lua counts (field m
+                # and payload, a big message's token too), and each source's largest entry
+                # for the plan's size hints (its payload and field)
+                sizes = self.plan.sizes
+                largest: dict[Source, int] = {}
+                for delivery in deliveries:
+                    source = (delivery.queue, delivery.exchange)
+                    size = len(delivery.payload) + 1
+                    if size > largest.get(source, 0):
+                        largest[source] = size
+                    if delivery.token is not None:
+                        size += len(delivery.token)
                     budget -= size
-                    expect = max(expect, size, self.plan.sizes.get(
-                        (delivery.queue, delivery.exchange), 0))
+                    if size > expect:
+                        expect = size
+                for source in largest:  # the hints as they were before this read
+                    expect = max(expect, sizes.get(source, 0))
                 self._bytes_cut = budget < expect  # read.lua stops so (see its batch())
-                self._learn(modes, result)
-                for delivery in result.deliveries:
-                    credit -= 1
-                    message = self._decode(delivery)
-                    if message is None:
-                        continue
-                    tag = message['properties']['delivery_tag']
-                    self.consumer_state.hold(tag, InFlight(delivery.queue, delivery.stream,
-                                                  delivery.entry_id, delivery.deliveries,
-                                                  delivery.exchange, sent_at,
-                                                  big=delivery.token is not None,
-                                                  unique=unique_key(message)))
-                    out.append((message, delivery.queue))
+                self._learn(modes, result, largest)
+                credit -= len(deliveries)
+                self._take_in(deliveries, sent_at, out)
                 if failed is not None:
                     raise failed
             if calls or merged:  # no read ran (no credit): the acks go on their own
@@ -253,6 +256,26 @@ class Consuming(virtual.Channel):
             if out and self.connection is not None:
                 self.connection.leases.start()
         return out
+
+    def _take_in(self, deliveries: list[Delivery], sent_at: float,
+                 out: list[tuple[dict[str, Any], str]]) -> None:
+        """Decode and check ``deliveries`` (read at ``sent_at``), appending to ``out`` what a
+        consumer can take, each in flight from now on (set aside: the others). Those decoded
+        are put in flight together, under one lock, also when something raises half-way:
+        whatever is in ``out`` is in flight."""
+        decode, held = self._decode, []
+        try:
+            for delivery in deliveries:
+                message = decode(delivery)
+                if message is None:
+                    continue
+                held.append((message['properties']['delivery_tag'],
+                             InFlight(delivery.queue, delivery.stream, delivery.entry_id,
+                                      delivery.deliveries, delivery.exchange, sent_at, False,
+                                      delivery.token is not None, unique_key(message))))
+                out.append((message, delivery.queue))
+        finally:
+            self.consumer_state.hold_many(held)
 
     def _fetch_bodies(self, result: ReadResult) -> ReadResult:
         """``result`` with the bodies of its big messages fetched (Broker.bodies: one HGET
@@ -279,11 +302,15 @@ class Consuming(virtual.Channel):
             out.append(d._replace(payload=body))
         return result._replace(deliveries=out)
 
-    def _learn(self, modes: dict[Source, str], result: ReadResult) -> None:
-        """Take in a read's news: the plan's source states, and a log line for each entry
-        read.lua set aside (it cannot log) and for acks that rode along but found their
-        lease lost (one line per queue)."""
-        self.plan.learn(modes, result)
+    def _learn(self, modes: dict[Source, str], result: ReadResult,
+               largest: dict[Source, int] | None = None) -> None:
+        """Take in a read's news: the plan's source states (``largest``: each source's
+        largest entry read, if the caller measured it already), and a log line for each
+        entry read.lua set aside (it cannot log) and for acks that rode along but found
+        their lease lost (one line per queue)."""
+        self.plan.learn(modes, result, largest)
+        if not result.aside and not result.unsettled:  # almost every read
+            return
         expired: dict[str, int] = {}
         for (queue, _), stream, entry_id, reason in result.aside:
             if reason == 'expired':  # past its TTL: as asked, so one line per queue
@@ -324,8 +351,10 @@ class Consuming(virtual.Channel):
         return results[-1], failed
 
     def _decode(self, d: Delivery) -> dict[str, Any] | None:
-        try:
-            message = self._decode_envelope(bytes_to_str(d.payload))
+        payload = d.payload
+        try:  # bytes as kombu's bytes_to_str decodes them, without its call per message
+            message = self._decode_envelope(
+                payload.decode(errors='replace') if isinstance(payload, bytes) else payload)
             check_envelope(message, self._check_decode)
             props = message['properties']
             info = props.setdefault('delivery_info', {})

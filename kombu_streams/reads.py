@@ -95,12 +95,15 @@ class ReadCalls(CallsBase):
         is the stream's index, negative for an ack the consumer knows it may make without
         the ownership lookup (see ack.lua and InFlight.surely_held)."""
         streams: list[str] = []
+        index: dict[str, int] = {}  # stream -> its k
         flat: list[Any] = []
-        for stream, entry_id, *trusted in entries:
-            if stream not in streams:
+        for entry in entries:  # indexed: no list made per entry
+            stream = entry[0]
+            k = index.get(stream)
+            if k is None:
                 streams.append(stream)
-            k = streams.index(stream) + 1
-            flat += [-k if trusted and trusted[0] else k, entry_id]
+                k = index[stream] = len(streams)
+            flat += (-k if len(entry) > 2 and entry[2] else k, entry[1])
         return streams, flat
 
     def read_layout(self, sources: Sequence[Source]) -> ReadLayout:
@@ -162,22 +165,28 @@ class ReadCalls(CallsBase):
             args += (q, kind, modes.get(src, READ), ttls.get(q, 0), int(hints.get(src, 0)))
         args.append(len(acks))
         position = layout.position
-        for stream, entry_id, *trusted in acks:
-            k = position[stream]
-            args += (-k if trusted and trusted[0] else k, entry_id)
+        for ack in acks:  # (stream, id[, trusted]), indexed: no list made per ack
+            k = position[ack[0]]
+            args += (-k if len(ack) > 2 and ack[2] else k, ack[1])
 
         def parse(reply: list[Any]) -> ReadResult:
             status, problems, aside, dues = text(reply[0]), reply[1], reply[2], reply[3]
             unsettled = reply[4]
-            out = []
-            for j in range(5, len(reply), 4):
-                i, entry_id, deliveries, payload = reply[j:j + 4]
+            out: list[Delivery] = []
+            append = out.append
+            if (len(reply) - 5) % 4:
+                raise ValueError(f'read: a reply of {len(reply)} items, not 5 + 4 per entry')
+            entries = iter(reply)
+            for _ in range(5):  # the five fields before the entries
+                next(entries)
+            # four items an entry: zip over one iterator takes them without a slice each
+            for i, entry_id, deliveries, payload in zip(entries, entries, entries, entries):
                 key, (queue, exchange), level = streams[int(i) - 1]
                 token = None
                 if isinstance(payload, list):  # a big message: {token}, body not fetched yet
                     token, payload = payload[0], b''
-                out.append(Delivery(queue, level, key, entry_id, int(deliveries), payload,
-                                    exchange, token))
+                append(Delivery(queue, level, key, entry_id, int(deliveries), payload,
+                                exchange, token))
             # problems, aside and unsettled are empty in almost every reply: no loop then
             return ReadResult(
                 out, dict(zip(sources, status)),

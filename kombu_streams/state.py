@@ -121,6 +121,12 @@ class ConsumerState:
         with self._lock:
             self._held[tag] = msg
 
+    def hold_many(self, held: Iterable[tuple[str, InFlight]]) -> None:
+        """Messages were read: each in flight under its tag until settled (one lock for a
+        read's worth)."""
+        with self._lock:
+            self._held.update(held)
+
     def get(self, tag: str) -> InFlight | None:
         with self._lock:
             return self._held.get(tag)
@@ -174,10 +180,11 @@ class ConsumerState:
 
     def buffer(self, items: Iterable[Item]) -> None:
         """Messages read ahead (already in flight), to be handed out in this order."""
+        items = list(items)
+        tags = [item[0]['properties']['delivery_tag'] for item in items]
         with self._lock:
-            for item in items:
-                self._buffer.append(item)
-                self._buffered_tags.add(_tag(item))
+            self._buffer.extend(items)
+            self._buffered_tags.update(tags)
 
     def buffered(self) -> int:
         with self._lock:
@@ -250,7 +257,8 @@ class ConsumerState:
             msg = self._held.pop(tag, None)
             if msg is None:
                 return False
-            self._unbuffer({tag})
+            if tag in self._buffered_tags:  # not the usual ack: no set made per ack
+                self._unbuffer({tag})
             if not self._acks:
                 self._acks_since = monotonic()
             self._acks.append(msg)

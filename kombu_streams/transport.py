@@ -110,6 +110,8 @@ class Transport(virtual.Transport):
         #: Redis Cluster (see :mod:`kombu_streams.cluster`): one client for all channels.
         self.cluster = wants_cluster(scheme if isinstance(scheme, str) else '', options)
         self._cluster: redis.RedisCluster | None = None
+        #: (pool, its server_id): the last pool named, and its name
+        self._server_named: tuple[redis.ConnectionPool, str] | None = None
         self.server_version: tuple[int, ...] | None = None
         #: The largest string the server takes in one command (proto-max-bulk-len)
         self.bulk_limit = DEFAULT_BULK_LIMIT
@@ -155,7 +157,12 @@ class Transport(virtual.Transport):
         if self.cluster:
             nodes = self.make_client().nodes_manager.startup_nodes
             return 'cluster:' + ','.join(sorted(nodes))
-        return pool_id(self.pool)
+        # every publish routes by it (the routing cache's key): named once per pool, which
+        # reaches the same server and database (or Sentinel service) as long as it lives
+        pool, named = self.pool, self._server_named
+        if named is None or named[0] is not pool:
+            named = self._server_named = (pool, pool_id(pool))
+        return named[1]
 
     def make_client(self) -> Any:
         """A client for script calls: on its own on the shared pool, or the cluster client

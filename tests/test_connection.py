@@ -199,6 +199,25 @@ def test_unix_socket_round_trip(unix_socket: str) -> None:
         assert unix_socket in conn.transport.server_id
 
 
+def test_server_id_names_the_pool_in_use(redis_url: str) -> None:
+    """The transport names its pool once (every publish routes by the name), and names it
+    again when the pool is replaced: a name kept from the old pool would share routing
+    tables between two databases."""
+    with Connection(redis_url.replace('redis://', 'redis-streams://', 1)) as conn:
+        transport = conn.transport
+        first = transport.server_id
+        assert first == pool_id(transport.pool) and transport.server_id is first
+        mine, other = transport.pool, redis.ConnectionPool.from_url(redis_url)
+        other.connection_kwargs['db'] = 5
+        transport._pool = other
+        try:
+            assert transport.server_id == pool_id(other) and transport.server_id.endswith(':5')
+        finally:
+            transport._pool = mine
+            other.disconnect()
+        assert transport.server_id == first
+
+
 def test_unix_socket_database_in_query(unix_socket: str) -> None:
     raw = redis.Redis(unix_socket_path=unix_socket, db=3)
     try:

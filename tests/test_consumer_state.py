@@ -268,3 +268,42 @@ def test_a_fork_while_another_thread_holds_the_lock_does_not_hang_the_child(
         report = os.read(read_end, 1000).decode() if done else 'hung'
         os.close(read_end)
         assert status == 0 and report == '0', (status, report)
+
+
+def test_a_read_interrupted_half_way_keeps_what_it_decoded_in_flight(
+        redis_url: str, monkeypatch) -> None:
+    """A read's decoded messages are put in flight together (hold_many). When decoding
+    stops half-way (here a KeyboardInterrupt at the third message), the two decoded before
+    it are in flight and in the read-ahead buffer, handed out next: nothing read is
+    stranded until its lease runs out. The third and later stay unacked in Redis."""
+    url = redis_url.replace('redis://', 'redis-streams://', 1)
+    queue = Queue('halfway', routing_key='halfway')
+    with Connection(url) as conn:
+        producer = conn.Producer()
+        for n in range(5):
+            producer.publish(f'm{n}', routing_key='halfway', declare=[queue])
+        channel = conn.channel()
+        queue(channel).declare()
+        real = type(channel)._decode
+        seen: list[int] = []
+
+        def decode(self, delivery):
+            seen.append(1)
+            if len(seen) == 3:
+                raise KeyboardInterrupt
+            return real(self, delivery)
+
+        monkeypatch.setattr(type(channel), '_decode', decode)
+        try:
+            channel._read(['halfway'], 5, planned=False)
+        except KeyboardInterrupt:
+            pass
+        else:  # pragma: no cover
+            raise AssertionError('the read was not interrupted')
+        monkeypatch.setattr(type(channel), '_decode', real)
+        state = channel.consumer_state
+        assert state.held_count() == 2 and state.buffered() == 2
+        handed = [state.next_buffered(), state.next_buffered()]
+        assert [channel.Message(item[0], channel=channel).decode() for item in handed] == [
+            'm0', 'm1']
+        assert state.next_buffered() is None

@@ -89,3 +89,48 @@ def test_only_the_same_body_object_takes_a_kept_decoding(url):
         assert channel.decode_body(body, 'utf-8') == body  # another encoding: not the kept one
         assert channel.decode_body(body, 'base64') == b'hello'
         assert not channel._decoded  # taken once
+
+
+ENVELOPES = [
+    # Kombu's own text, typed values restored by its object_hook
+    None,
+    '{"a": 1}',
+    '  {"a": 1}',  # white space before and after: decode() matches it
+    '{"a": 1}\n',
+    '{"a": 1} x',  # extra data
+    '{"a": 1}{"b": 2}',
+    '',
+    '   ',
+    'nope',
+    '{"a": ',
+    '[1, "two", null]',
+    '"text"',
+]
+
+
+@pytest.mark.parametrize('text', ENVELOPES)
+def test_the_envelope_decoder_answers_as_kombus_loads(text):
+    """The channel's envelope decoder (kombu_streams/envelope.py) takes Kombu's text with
+    raw_decode, everything else with decode(): either way it answers what Kombu's loads
+    answers, and raises the same error for what Kombu's loads refuses."""
+    import datetime
+    import uuid
+
+    from kombu.utils.json import dumps, loads
+
+    from kombu_streams.envelope import decoder
+
+    if text is None:
+        text = dumps({'headers': {'eta': datetime.datetime(2030, 1, 2, 3, 4, 5),
+                                  'id': uuid.UUID(int=7)},
+                      'properties': {'delivery_info': {}}, 'body': 'eA=='})
+    decode = decoder()
+    try:
+        expected = loads(text)
+    except Exception as exc:
+        with pytest.raises(type(exc)) as raised:
+            decode(text)
+        assert str(raised.value) == str(exc)
+    else:
+        assert decode(text) == expected
+        assert type(decode(text)) is type(expected)

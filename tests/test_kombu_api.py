@@ -292,6 +292,38 @@ def test_fanout_each_queue_gets_a_copy(conn, url):
             assert payloads(drain(other, [q], 2)) == ["one", "two"]
 
 
+def test_a_cached_table_routes_each_publish_once(conn, raw, monkeypatch):
+    """A publish routed by the cached table goes to the queues it names, routed once (not
+    again by Kombu's lookup); a routing key the cached table has no queue for reads the
+    table again, so a binding made elsewhere since is found at once."""
+    from kombu.transport.virtual.exchange import DirectExchange
+
+    qa, qb = direct_queue("route-a", "route-x", "k"), direct_queue("route-b", "route-x", "k")
+    late = direct_queue("route-late", "route-x", "late")
+    bindings = Keys().bindings("route-x")
+    late(conn.default_channel).declare()
+    member = next(m for m in raw.smembers(bindings) if m.endswith(b"route-late"))
+    raw.srem(bindings, member)  # as if bound elsewhere, later: after the table is cached
+    publish(conn, ["warm"], queue=qa, declare=[qb])  # binds both, caches the table
+    raw.sadd(bindings, member)
+    calls = []
+    real = DirectExchange.lookup
+
+    def lookup(self, table, exchange, routing_key, default):
+        calls.append(routing_key)
+        return real(self, table, exchange, routing_key, default)
+
+    monkeypatch.setattr(DirectExchange, "lookup", lookup)
+    publish(conn, ["both"], exchange=qa.exchange, routing_key="k")
+    assert calls == ["k"]
+    calls.clear()
+    publish(conn, ["late"], exchange=qa.exchange, routing_key="late")
+    assert calls == ["late", "late"]  # the cached table, then the one read again
+    assert payloads(drain(conn, [qa], 2)) == ["warm", "both"]
+    assert payloads(drain(conn, [qb], 2)) == ["warm", "both"]
+    assert payloads(drain(conn, [late], 1)) == ["late"]
+
+
 def test_consumer_on_several_queues_gets_each_message_once(conn):
     qa, qb = direct_queue("multi-a"), direct_queue("multi-b")
     publish(conn, ["a1", "a2"], queue=qa)

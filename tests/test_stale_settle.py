@@ -401,3 +401,30 @@ def test_a_channel_trusts_only_acks_whose_lease_surely_holds(redis_url, redis_cl
         channel.flush_acks()
         assert [entry[2] for entry in sent] == [False]
         assert pel(redis_client, key, 'trust') == {entry_id: (B, 1)}  # left to B
+
+
+def test_ack_arguments_number_each_stream_by_its_first_use() -> None:
+    """An ack call's ARGV pairs: k, the stream's place among the call's KEYS in the order
+    the acks first name it, negative for a trusted ack (2-tuples are not trusted)."""
+    from kombu_streams.calls import Calls
+
+    calls = Calls(K, [0, 3])
+    s0, s3 = K.stream('q', 0), K.stream('q', 3)
+    _, keys, args = calls.ack_call('q', [(s3, b'1-0'), (s0, b'2-0', True), (s3, b'3-0', False),
+                                         (s0, b'4-0')], consumer=A)
+    assert keys[:2] == [s3, s0]
+    assert args[3:] == [1, b'1-0', -2, b'2-0', 1, b'3-0', 2, b'4-0']
+
+
+def test_riding_ack_arguments_name_the_stream_by_its_place_in_the_read() -> None:
+    """The acks riding in a read: their count, then k (the stream's place among the read's
+    KEYS, negative for a trusted ack) and the id of each, last in ARGV."""
+    from kombu_streams.calls import Calls
+
+    calls = Calls(K, [0, 3])
+    s0, s3 = K.stream('q', 0), K.stream('q', 3)
+    (_, keys, args), _ = calls.read_call([('q', None)], A, 10,
+                                         acks=[(s3, b'1-0', True), (s0, b'2-0'),
+                                               (s0, b'3-0', False)])
+    k0, k3 = keys.index(s0) + 1, keys.index(s3) + 1
+    assert args[-7:] == [3, -k3, b'1-0', k0, b'2-0', k0, b'3-0']
