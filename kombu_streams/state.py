@@ -181,7 +181,7 @@ class ConsumerState:
     def buffer(self, items: Iterable[Item]) -> None:
         """Messages read ahead (already in flight), to be handed out in this order."""
         items = list(items)
-        tags = [item[0]['properties']['delivery_tag'] for item in items]
+        tags = [_tag(item) for item in items]
         with self._lock:
             self._buffer.extend(items)
             self._buffered_tags.update(tags)
