@@ -319,13 +319,17 @@ def tls_port(certs: Certs, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 PROMPT_ATTEMPTS = 2
 
 
-def count_connects(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every redis-py connection attempt from now on (its class name)."""
+def count_connects(monkeypatch: pytest.MonkeyPatch, port: int,
+                   username: str | None = None) -> list[str]:
+    """Every redis-py connection attempt to PORT (as USERNAME, if given) from now on (its
+    class name). Only those: a thread another test of this process left running (a
+    consumer, an exporter) may connect meanwhile."""
     attempts: list[str] = []
     real = redis.connection.Connection.connect
 
     def connect(self: Any, *args: Any, **kwargs: Any) -> Any:
-        attempts.append(type(self).__name__)
+        if getattr(self, 'port', None) == port and username in (None, self.username):
+            attempts.append(type(self).__name__)
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(redis.connection.Connection, 'connect', connect)
@@ -361,7 +365,7 @@ def test_tls_untrusted_server_fails_promptly(tls_port: int, certs: Certs, how: s
     ssl = _ssl(certs, certs.wrong_ca) if how == 'wrong CA' else None
     conn = Connection(f'rediss-streams://{HOST}:{tls_port}/0', ssl=ssl or False,
                       transport_options={'socket_connect_timeout': 3})
-    attempts = count_connects(monkeypatch)
+    attempts = count_connects(monkeypatch, tls_port)
     try:
         with pytest.raises(conn.connection_errors) as info:
             conn.connect()
@@ -448,7 +452,7 @@ def test_acl_wrong_password_fails_promptly(plain_server: int, acl_user: tuple[st
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     user, _ = acl_user
     conn = Connection(f'redis-streams://{user}:wrong@{HOST}:{plain_server}/0')
-    attempts = count_connects(monkeypatch)
+    attempts = count_connects(monkeypatch, plain_server, user)
     try:
         with pytest.raises(redis.AuthenticationError):
             conn.connect()
