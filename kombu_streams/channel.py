@@ -109,7 +109,10 @@ class Channel(Consuming, Settling, Publishing, Bindings):
         #: delivery tags are f'{channel id}.{n}.{salt}': unique per channel, one uuid per channel
         self._tag_suffix = f'.{salt}'
         self.consumer_name = f'{socket.gethostname()}:{os.getpid()}:{self.channel_id}:{salt}'
-        self.client = connection.make_client()
+        #: the client of the channel's script calls: on a connection it holds while open
+        #: (Transport.make_client), the shared pool's after (unpin)
+        self.client = connection.make_client(pinned=True)
+        self._pool_client = connection.make_client()
         self.broker = Broker(self.client, self.keys, self._levels)
         layout_seen = (connection.server_id, self.keys.prefix)
         if layout_seen not in _LAYOUT_SEEN:  # once per process, server and prefix
@@ -282,8 +285,23 @@ class Channel(Consuming, Settling, Publishing, Bindings):
             super().close()  # cancels the consumers, gives back what was delivered
             if healthy:  # else no more waiting on a broken connection: reclaim forgets it
                 self._leave()
+            self.unpin()
         else:
             super().close()
+
+    def unpin(self, forked: bool = False) -> None:
+        """Give the connection the channel's script calls held back to the pool: calls made
+        after (the lease keeper's, for acks it adopted) check one out each. Under the
+        client's lock, which a call of the lease keeper's thread may hold. ``forked``: in a
+        child process, the parent's connection and lock are only dropped (the lock may be
+        held by a thread the child does not have; the transport disconnects the pool)."""
+        pinned = self.client
+        self.client = self.broker.client = self._pool_client
+        lock = getattr(pinned, 'single_connection_lock', None)  # None: a pool's client
+        if lock is None or pinned is self._pool_client or forked:
+            return
+        with lock:
+            pinned.close()
 
     def _leave(self) -> None:
         """This channel's consumer leaves the groups it read, where it owns nothing now

@@ -33,13 +33,16 @@ _NAMED: dict[type, bool] = {}
 
 def _direct_pool(client: Any) -> Any:
     """The pool to take a connection from for a direct call, or None where anything is
-    unusual: Redis Cluster, a pipeline, a client holding one connection of its own, a
-    client-side cache, another encoding than redis-py's default, an EVALSHA reply callback."""
+    unusual: Redis Cluster, a pipeline, a client holding one connection of its own without
+    redis-py's lock for it, a client-side cache, another encoding than redis-py's default,
+    an EVALSHA reply callback. (A client holding one connection with that lock is used
+    through it: see :func:`direct_evalshas`.)"""
     kind = type(client)
     ok = _DIRECT.get(kind)
     if ok is None:
         ok = _DIRECT[kind] = issubclass(kind, Redis) and not issubclass(kind, Pipeline)
-    if not ok or client.connection is not None or 'EVALSHA' in client.response_callbacks:
+    if not ok or 'EVALSHA' in client.response_callbacks or (
+            client.connection is not None and not hasattr(client, 'single_connection_lock')):
         return None
     pool = client.connection_pool
     kwargs = pool.connection_kwargs
@@ -59,6 +62,24 @@ def _take(pool: Any) -> Any:
         param = inspect.signature(kind.get_connection).parameters.get('command_name')
         named = _NAMED[kind] = param is not None and param.default is inspect.Parameter.empty
     return pool.get_connection('EVALSHA') if named else pool.get_connection()
+
+
+def _ready(conn: Any, pool: Any) -> None:
+    """Check a held connection before a call, as redis-py's pool checks one it hands out:
+    connected, and nothing to read on it (the server closed it, e.g. CLIENT KILL or a
+    restart, or a reply was left unread), else connected again. One poll of the socket:
+    what the pool's check-out costs without its bookkeeping. (A close still on its way is
+    met by the call itself: retried or raised as the connection's Retry says, as on a
+    pooled connection.)"""
+    conn.connect()  # nothing when connected
+    # on RESP3 a pushed message (a maintenance notice) may wait there: not an error
+    pushes = str(pool.connection_kwargs.get('protocol') or 2) == '3'
+    try:  # a connection the server closed raises here (end of file)
+        if conn.can_read() and not pushes:
+            raise redis_errors.ConnectionError('Connection has data')
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError):
+        conn.disconnect()
+        conn.connect()
 
 
 def direct_evalsha(client: Any, sha: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
@@ -95,7 +116,17 @@ def direct_evalshas(client: Any, calls: Sequence[tuple[str, Sequence[Any], Seque
         return PLAIN
     # one write, as redis-py's; one call's bytes as they are (a publish's body: no copy)
     chunks = (packed[0] if len(packed) == 1 else b''.join(packed),)  # type: ignore[arg-type]
-    conn = _take(pool)
+    # a channel's client holds one connection (Transport.make_client): used under its lock,
+    # with no check-out of the pool, which costs redis-py 8 about 40 us of CPU per call
+    lock = getattr(client, 'single_connection_lock', None) if client.connection else None
+    if lock is not None:
+        lock.acquire()
+        conn = client.connection  # under the lock: close() may have given it back meanwhile
+        if conn is None:
+            lock.release()
+            lock = None
+    if lock is None:
+        conn = _take(pool)
     close = getattr(client, '_close_connection', None)  # redis-py 6+; then retry as Retry says
 
     def fail(error: Exception) -> None:
@@ -119,6 +150,8 @@ def direct_evalshas(client: Any, calls: Sequence[tuple[str, Sequence[Any], Seque
         return replies
 
     try:
+        if lock is not None:
+            _ready(conn, pool)
         return conn.retry.call_with_retry(send, fail)
     finally:
         try:
@@ -127,4 +160,7 @@ def direct_evalshas(client: Any, calls: Sequence[tuple[str, Sequence[Any], Seque
                 conn.disconnect()
                 conn.connect()
         finally:
-            pool.release(conn)
+            if lock is not None:
+                lock.release()
+            else:
+                pool.release(conn)

@@ -125,6 +125,7 @@ class Transport(virtual.Transport):
         keeper of its own, whose thread starts if the child consumes."""
         for channel in list(self.channels):
             channel.consumer_state.after_fork()
+            channel.unpin(forked=True)
         self.cycle.after_fork()
         self.leases = LeaseKeeper(self)
         if self._pool is not None:
@@ -164,9 +165,23 @@ class Transport(virtual.Transport):
             named = self._server_named = (pool, pool_id(pool))
         return named[1]
 
-    def make_client(self) -> Any:
+    def make_client(self, pinned: bool = False) -> Any:
         """A client for script calls: on its own on the shared pool, or the cluster client
-        (thread-safe, one per connection)."""
+        (thread-safe, one per connection).
+
+        ``pinned``: a client that holds one connection of the pool for all its commands
+        (redis-py's ``single_connection_client``), for a channel's own calls. Checking a
+        connection out of the pool and back in costs redis-py 8 about 40 us of CPU per
+        command (its lock and observability hooks; a PING's round trip is about 60), more
+        than a read.lua call at prefetch 1 costs Redis. Only where redis-py serialises the
+        commands of such a client with a lock of its own (``single_connection_lock``):
+        the lease keeper's thread may renew through the channel too. Otherwise, and on a
+        cluster, the same client as without."""
+        if pinned and not self.cluster:
+            client = redis.Redis(connection_pool=self.pool, single_connection_client=True)
+            if hasattr(client, 'single_connection_lock'):
+                return client
+            client.close()  # its connection back to the pool
         if self.cluster:
             if self._cluster is None:
                 scheme = self.client.transport_cls

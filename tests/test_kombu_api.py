@@ -385,6 +385,41 @@ def test_drain_events_wakes_on_publish_from_other_connection(conn, url):
 # ---------------------------------------------------------------------------
 
 
+def test_a_channel_holds_one_connection_for_its_calls_until_closed(conn, raw):
+    """A channel's script calls (publish, read, acks) go over one connection it holds
+    (Transport.make_client): no pool check-out per call, where redis-py locks such a
+    client; once the channel is closed its connection is back in the pool and its client
+    (still used by the lease keeper for acks it adopted) is the pool's."""
+    channel = conn.channel()
+    held = channel.client
+    if 'single_connection_lock' not in inspect.getsource(redis.Redis.__init__):
+        assert held.connection is None  # this redis-py does not lock it: the pool, as before
+        channel.close()
+        return
+    pool = conn.transport.pool
+    taken = []
+    real = pool.get_connection
+    pool.get_connection = lambda *a, **k: taken.append(1) or real(*a, **k)
+    try:
+        queue = direct_queue('held')
+        publish(conn, ['a', 'b', 'c'], queue)  # declares on conn's default channel
+        with Producer(channel, serializer='json') as producer:
+            for body in ('d', 'e'):
+                producer.publish(body, exchange=queue.exchange, routing_key='held')
+        got = drain(conn, [queue], 5, channel=channel, prefetch=1)
+        assert sorted(payloads(got)) == ['a', 'b', 'c', 'd', 'e']
+        mine = held.connection
+        assert mine is not None and channel.client is held
+    finally:
+        pool.get_connection = real
+    channel.close()
+    assert held.connection is None and channel.client is not held
+    assert channel.client.connection is None and mine in pool._available_connections
+    # a check-out per call would be 12 or more (declares, 5 publishes, 5 reads); what is
+    # left is the default channel's own connection and the consumer's waits (BZPOPMIN)
+    assert len(taken) < 6, len(taken)
+
+
 def test_simple_queue(conn):
     sq = conn.SimpleQueue("simple-q", serializer="json")
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import select
 
 import pytest
 import redis
@@ -192,13 +193,65 @@ def test_dropped_connection_as_redis_pys(redis_url, retries):
 def test_unusual_clients_go_the_plain_way(redis_url):
     single = redis.Redis.from_url(redis_url, single_connection_client=True)
     latin = redis.Redis.from_url(redis_url, encoding='latin-1')
+    # a client holding one connection goes direct only where redis-py locks it (5.x+)
+    locked = hasattr(single, 'single_connection_lock')
     try:
-        for client in (single, latin, single.pipeline()):
+        for client in (latin, single.pipeline(), *(() if locked else (single,))):
             assert direct_evalsha(client, COUNT.sha, ['{q}:c'], []) is PLAIN
         assert COUNT(latin, ['{q}:c']) == 1 and COUNT(single, ['{q}:c']) == 2
     finally:
         single.close()
         latin.close()
+
+
+def _held(redis_url):
+    client = redis.Redis.from_url(redis_url, single_connection_client=True)
+    if not hasattr(client, 'single_connection_lock'):
+        client.close()
+        pytest.skip('this redis-py does not lock a client holding one connection')
+    return client
+
+
+def test_a_held_connection_is_used_under_its_lock_without_the_pool(redis_url, monkeypatch):
+    """A channel's client (Transport.make_client(pinned=True)): every call on the one
+    connection it holds, the pool never asked, calls of several threads serialised."""
+    import threading
+    client = _held(redis_url)
+    try:
+        COUNT(client, ['{q}:held'])  # loaded
+        _no_plain(client, monkeypatch)
+        taken = []
+        monkeypatch.setattr(client.connection_pool, 'get_connection',
+                            lambda *a, **k: taken.append(1))
+        threads = [threading.Thread(target=lambda: [COUNT(client, ['{q}:held'])
+                                                    for _ in range(200)]) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert client.get('{q}:held') == b'801' and taken == []
+    finally:
+        client.close()
+
+
+def test_a_held_connection_the_server_closed_is_replaced_before_use(redis_url, monkeypatch):
+    """As the pool checks what it hands out: a held connection killed while idle (CLIENT
+    KILL, a restart) is connected again before the call, which runs once."""
+    client = _held(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        COUNT(client, ['{q}:killed'])
+        _no_plain(client, monkeypatch)
+        mine = client.client_id()
+        assert admin.client_kill_filter(_id=mine) == 1
+        # the server's close has reached this side (a close still on its way is met by the
+        # call itself, and retried or raised as the connection's Retry says, as on a pool)
+        assert select.select([client.connection._sock], [], [], 5)[0]
+        assert COUNT(client, ['{q}:killed']) == 2
+        assert client.client_id() != mine
+    finally:
+        client.close()
+        admin.close()
 
 
 def test_connection_goes_back_to_the_pool(redis_url, monkeypatch):
