@@ -174,9 +174,9 @@ class Transport(virtual.Transport):
         connection out of the pool and back in costs redis-py 8 about 40 us of CPU per
         command (its lock and observability hooks; a PING's round trip is about 60), more
         than a read.lua call at prefetch 1 costs Redis. Only where redis-py serialises the
-        commands of such a client with a lock of its own (``single_connection_lock``):
-        the lease keeper's thread may renew through the channel too. Otherwise, and on a
-        cluster, the same client as without."""
+        commands of such a client with a lock of its own (``single_connection_lock``; 6.4
+        has it, 5.2 not): the lease keeper's thread may renew through the channel too.
+        Otherwise, and on a cluster, the same client as without."""
         if pinned and not self.cluster:
             client = redis.Redis(connection_pool=self.pool, single_connection_client=True)
             if hasattr(client, 'single_connection_lock'):
