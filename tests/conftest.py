@@ -33,6 +33,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,26 @@ START_TIMEOUT = 10.0
 #: The oldest major version the "Redis 7" fixtures accept (Valkey 8 counts as 8).
 REDIS7_MAJOR = 7
 BIND_ATTEMPTS = 5
+
+
+@pytest.fixture(autouse=True)
+def _close_pooled_connections() -> Iterator[None]:
+    """After each test: close the connections Kombu's global pools and Celery apps' pools
+    keep (Celery's app.close() only forgets its pool). Each such connection's transport
+    keeps a lease keeper thread, which went on renewing and reclaiming on the test's server
+    during later tests of the process (a connect counted by another test, a losswatch
+    error after a flush)."""
+    yield
+    state = sys.modules.get('celery._state')
+    if state is not None:
+        for app in list(state._get_active_apps()):
+            pool = getattr(app, '_pool', None)
+            if pool is not None:
+                pool.force_close_all()
+    pools = sys.modules.get('kombu.pools')
+    if pools is not None:
+        pools.reset()
+
 
 # Tests that use any of these fixtures need a real server and get the
 # ``redis`` marker automatically (so ``-m "not redis"`` deselects them).

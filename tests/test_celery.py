@@ -193,6 +193,8 @@ class CeleryEnv:
         store = f"redis://{store_url['host']}:{store_url['port']}/{store_url['db']}"
         source = APP_HEADER.format(broker=self.broker, store=store, conf=settings) + APP_BODY
         (self.cwd / f'{MODULE}.py').write_text(source + tasks)
+        if self.module is not None:  # the app loaded before: its connections closed
+            close_app(self.module.app)
         sys.modules.pop(MODULE, None)
         self.module = importlib.import_module(MODULE)
         return self.module
@@ -224,6 +226,18 @@ class CeleryEnv:
             return conn.default_channel.queue_declare(queue, passive=True).message_count
 
 
+def close_app(app: Any) -> None:
+    """Close an app of the tests: the connections of its pool too (Celery's app.close()
+    only forgets the pool; each open connection's transport keeps a lease keeper thread
+    at work on this test's server during the tests after)."""
+    try:
+        if app._pool is not None:
+            app._pool.force_close_all()
+        app.close()
+    except Exception:
+        pass
+
+
 @contextmanager
 def celery_env(tmp_path: Path, base: str) -> Iterator[CeleryEnv]:
     """A CeleryEnv on the server at ``base`` (redis://host:port): broker DB 3, records DB 4;
@@ -239,10 +253,7 @@ def celery_env(tmp_path: Path, base: str) -> Iterator[CeleryEnv]:
         for worker in environment.workers:
             worker.kill_group()
         if environment.module is not None:
-            try:
-                environment.module.app.close()
-            except Exception:
-                pass
+            close_app(environment.module.app)
         sys.path.remove(str(tmp_path))
         sys.modules.pop(MODULE, None)
         store.close()
