@@ -190,14 +190,20 @@ local function spend(ctx, src, fields)
   if size > src.est then src.est = size end
 end
 
+-- Note in the reply's dues that source SRC's next delayed message is due in REL ms (-1:
+-- none), and where (src.due_at: a rate limit's next slot may replace it).
+local function note_due(ctx, src, rel)
+  local dues = ctx.dues
+  dues[#dues + 1], dues[#dues + 2] = src.q, rel
+  src.due_at = #dues
+end
+
 -- The delayed messages of a source just opened: those due are moved (lua/lib/serve_rare.lua)
 -- only where a walk looks or its ready index says it may hold some; else it has none, and
 -- the reply's due time says so.
 local function open_delayed(ctx, src)
   if src.walk or src.index[DELAYED] then return lib_serve_rare().promote_due(ctx, src) end
-  local dues = ctx.dues
-  dues[#dues + 1], dues[#dues + 2] = src.q, -1
-  src.due_at = #dues
+  note_due(ctx, src, -1)
 end
 
 -- First visit of a source: gate it on its marker (mode 'm'), load its ready index, and move

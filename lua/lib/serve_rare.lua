@@ -63,9 +63,7 @@ local function promote_due(ctx, src)
       end
     end
   end
-  ctx.dues[#ctx.dues + 1] = src.q
-  ctx.dues[#ctx.dues + 1] = rel
-  src.due_at = #ctx.dues
+  note_due(ctx, src, rel)
 end
 
 -- Drop one expired entry of stream I of an expiring queue (x-expires: Celery's event, reply
