@@ -69,12 +69,10 @@ def check(message: Any, decode_body: Callable[[Any, Any], Any]) -> None:
     info = props.get('delivery_info')
     if info is not None and not isinstance(info, dict):
         raise Unfit('properties.delivery_info is not an object')
-    value = message.get('content-type')
-    if value is not None and not isinstance(value, str):
-        raise Unfit('content-type is not a string')
-    value = message.get('content-encoding')
-    if value is not None and not isinstance(value, str):
-        raise Unfit('content-encoding is not a string')
+    for name in ('content-type', 'content-encoding'):
+        value = message.get(name)
+        if value is not None and not isinstance(value, str):
+            raise Unfit(f'{name} is not a string')
     body, encoding = message.get('body'), props.get('body_encoding')
     if encoding is not None and not isinstance(encoding, str):
         raise Unfit('properties.body_encoding is not a string')
