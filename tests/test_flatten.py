@@ -45,13 +45,19 @@ end
 """
 
 
-def write(tmp_path, body: str) -> str:
+def flat_of(tmp_path, body: str, **libs: str) -> str:
+    """BODY flattened as a script of TMP_PATH, with the libraries LIBS (name=text)."""
     lib = tmp_path / 'lib'
     lib.mkdir()
-    (lib / 'mini.lua').write_text(LIB)
+    for name, text in libs.items():
+        (lib / f'{name}.lua').write_text(text)
     script = tmp_path / 'script.lua'
     script.write_text(body)
     return flatten(script, lib)
+
+
+def write(tmp_path, body: str) -> str:
+    return flat_of(tmp_path, body, mini=LIB)
 
 
 def test_keeps_what_is_used_transitively_and_drops_the_rest(tmp_path):
@@ -122,12 +128,7 @@ end
 
 
 def test_constants_are_inlined_in_code_only(tmp_path):
-    lib = tmp_path / 'lib'
-    lib.mkdir()
-    (lib / 'consts.lua').write_text(CONSTANTS)
-    script = tmp_path / 'script.lua'
-    script.write_text('--@include consts\nreturn use(ARGV)\n')
-    flat = flatten(script, lib)
+    flat = flat_of(tmp_path, '--@include consts\nreturn use(ARGV)\n', consts=CONSTANTS)
     assert "return 'x-name' .. ':NAME:' .. t.NAME .. 3 .. lower .. 'a' .. #TABLE" in flat
     assert "-- inlined: NAME, LEVELS = 'x-name', 3" in flat
     assert '-- NAME in a comment stays' in flat and "local lower = 'not a constant'" in flat
@@ -137,12 +138,9 @@ def test_constants_are_inlined_in_code_only(tmp_path):
 @pytest.mark.parametrize('misuse', ['LIMIT = 11', 'local x, LIMIT = 1, 2', 'local t = {LIMIT = 1}',
                                     'local function f(a, LIMIT) return a end'])
 def test_a_constant_given_another_meaning_is_refused(tmp_path, misuse):
-    (tmp_path / 'lib').mkdir()
-    (tmp_path / 'lib' / 'c.lua').write_text('-- c\n\nlocal LIMIT = 10\n')
-    script = tmp_path / 'script.lua'
-    script.write_text(f'--@include c\n{misuse}\nreturn LIMIT\n')
     with pytest.raises(FlattenError, match='LIMIT'):
-        flatten(script, tmp_path / 'lib')
+        flat_of(tmp_path, f'--@include c\n{misuse}\nreturn LIMIT\n',
+                c='-- c\n\nlocal LIMIT = 10\n')
 
 
 LAZY = """\
@@ -166,13 +164,8 @@ end
 
 
 def lazy_script(tmp_path, body: str) -> str:
-    lib = tmp_path / 'lib'
-    lib.mkdir()
-    (lib / 'lz.lua').write_text(LAZY)
-    (lib / 'hot.lua').write_text('-- hot\n\nlocal function shared_helper()\n  return 1\nend\n')
-    script = tmp_path / 'script.lua'
-    script.write_text('--@include hot\n--@include lz\n' + body)
-    return flatten(script, lib)
+    return flat_of(tmp_path, '--@include hot\n--@include lz\n' + body, lz=LAZY,
+                   hot='-- hot\n\nlocal function shared_helper()\n  return 1\nend\n')
 
 
 def test_a_lazy_library_is_built_by_its_first_use_and_runs(tmp_path, fake_client):
