@@ -296,16 +296,35 @@ class Broker(Admin):
     # waits there are and when (see docs/design.rst, "Wake-ups").
 
     @staticmethod
-    def send_wait(conn: Any, keys: Sequence[str], block: float) -> None:
+    def send_wait(conn: Any, keys: Sequence[str], block: float,
+                  then: Call | None = None) -> None:
         """Send BZPOPMIN on wake markers ``keys`` for at most ``block`` seconds, without
-        reading the answer (:meth:`wait_answer`, once the socket is readable)."""
-        conn.send_command('BZPOPMIN', *keys, block)
+        reading the answer (:meth:`wait_answer`, once the socket is readable). ``then``: a
+        read call sent behind it in the same write: Redis runs it on this connection as soon
+        as the wait is answered (a marker popped, a timeout or CLIENT UNBLOCK), so its reply
+        comes with the wait's (docs/design.rst, "A wait carries its read")."""
+        if then is None:
+            conn.send_command('BZPOPMIN', *keys, block)
+            return
+        script, call_keys, args = then
+        conn.send_packed_command(conn.pack_commands([
+            ('BZPOPMIN', *keys, block),
+            ('EVALSHA', script.sha, len(call_keys), *call_keys, *args)]))
 
     @staticmethod
-    def wait_answer(conn: Any) -> Any:
-        """The answer to a wait sent on ``conn``: [marker, member, score] it popped, or None
-        when it timed out (or was ended by :meth:`unblock`)."""
-        return conn.read_response()
+    def wait_answer(conn: Any, carried: bool = False) -> tuple[Any, Any]:
+        """The answers to a wait sent on ``conn``, errors returned, not raised: ([marker,
+        member, score] it popped, or None when it timed out or was ended by :meth:`unblock`;
+        the reply of the read it carried, None without one). Both are read whatever the
+        first says: the read runs after a wait answered with an error too, and the
+        connection must stay in step. A connection error is raised."""
+        replies = []
+        for _ in range(2 if carried else 1):
+            try:
+                replies.append(conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies[0], replies[1] if carried else None
 
     @staticmethod
     def client_id(conn: Any) -> int:
@@ -344,6 +363,25 @@ class Broker(Admin):
         """
         calls = self.requeue_calls(queue, entries, exchange, consumer)
         return self.settled(calls, self.run_all(calls), 'requeue')
+
+    def owned(self, sources: Sequence[Source], consumer: str, count: int
+              ) -> list[tuple[Source, str, Any, int]]:
+        """What ``consumer`` owns in the streams of ``sources``, at most ``count`` entries
+        per stream (one XPENDING of its own each, in one round trip): (source, stream, id,
+        delivery count). A stream or group that is not there owns nothing."""
+        pipe = self.client.pipeline(transaction=False)
+        where: list[tuple[Source, str]] = []
+        for queue, exchange in sources:
+            streams = [self.keys.fanout(exchange)] if exchange else self.streams(queue)
+            for stream in streams:
+                pipe.xpending_range(stream, queue, '-', '+', count, consumername=consumer)
+                where.append(((queue, exchange), stream))
+        out: list[tuple[Source, str, Any, int]] = []
+        for (source, stream), rows in zip(where, pipe.execute(raise_on_error=False)):
+            if not isinstance(rows, Exception):
+                out += [(source, stream, r['message_id'], int(r['times_delivered']))
+                        for r in rows]
+        return out
 
     def renew(self, queue: str, consumer: str, entries: Iterable[tuple[str, Any]]
               ) -> list[tuple[str, bytes]]:

@@ -24,8 +24,8 @@ from .broker import (
     HOLDER,
     Broker,
 )
+from .carried import Carrying
 from .connection import socket_timeout
-from .consume import Consuming
 from .envelope import decoder as envelope_decoder
 from .errors import ChannelClosed
 from .keys import Keys
@@ -54,7 +54,7 @@ def _queue_expires(declare_kwargs: dict[str, Any]) -> int:
         return 0
 
 
-class Channel(Consuming, Settling, Publishing, Bindings):
+class Channel(Carrying, Settling, Publishing, Bindings):
     """A Kombu channel on Redis Streams: the parts are in consume.py (reads), settle.py
     (acks, requeues, dead letters), publish.py and bindings.py; here what ties them
     together: options, queues, consumers and the channel's life."""
@@ -236,6 +236,8 @@ class Channel(Consuming, Settling, Publishing, Bindings):
             self.flush_acks()  # no read of this consumer may come to carry them
         except Exception as exc:  # kept: sent later, or the messages come back (at least once)
             logger.warning('kombu-streams: could not send acks at cancel: %r', exc)
+        if self.connection is not None:  # what a wait's read took comes to the buffer
+            self.connection.cycle.end_carried(self)
         queue = self._tag_to_queue.get(consumer_tag)
         result = super().basic_cancel(consumer_tag)
         if queue is not None and queue not in self._active_queues:
@@ -276,12 +278,13 @@ class Channel(Consuming, Settling, Publishing, Bindings):
                 healthy = False
                 logger.warning('kombu-streams: acks not sent at close, retrying later: %r', exc)
                 self.connection.leases.adopt(self)
+            # first: the waits end, and what a read they carried took comes to the buffer
+            self.connection.cycle.discard(self)
             try:
                 self._return_buffered()
             except Exception as exc:  # they stay in the PEL and are reclaimed later
                 healthy = False
                 logger.warning('kombu-streams: could not requeue buffered messages: %r', exc)
-            self.connection.cycle.discard(self)
             super().close()  # cancels the consumers, gives back what was delivered
             if healthy:  # else no more waiting on a broken connection: reclaim forgets it
                 self._leave()

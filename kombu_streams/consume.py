@@ -46,6 +46,7 @@ KEEP_MAX = 1000
 class Consuming(virtual.Channel):
     """The consuming part of :class:`kombu_streams.channel.Channel`."""
 
+
     #: Bodies the envelope check decoded, kept for Kombu's Message to take instead of
     #: decoding them again: id(body) -> (body, encoding, decoded). Emptied before each
     #: read into an empty buffer: what is left then was handed out or dropped.
@@ -145,10 +146,11 @@ class Consuming(virtual.Channel):
             if kind not in ('zset', 'none'):
                 self.plan.suspend(source, f'WRONGTYPE {key} holds a {kind}, not a zset')
 
-    def next_delivery(self) -> tuple[dict[str, Any], str] | None:
-        """The next message for the application: from the buffer, or read from Redis."""
+    def next_delivery(self, read: bool = True) -> tuple[dict[str, Any], str] | None:
+        """The next message for the application: from the buffer, or (``read``) read from
+        Redis."""
         state = self.consumer_state
-        if not state.buffered() and self._consumers and not self.closed:
+        if read and not state.buffered() and self._consumers and not self.closed:
             if self._decoded:
                 self._decoded.clear()
             credit = self._credit()
@@ -187,7 +189,8 @@ class Consuming(virtual.Channel):
             # message by message, as Kombu's Redis transport does with one BRPOP each.
             return 1
         credit = qos.can_consume_max_estimate()
-        return min(UNLIMITED_READ if credit is None else credit, self.max_read_batch)
+        credit = min(UNLIMITED_READ if credit is None else credit, self.max_read_batch)
+        return credit
 
     def _read(self, queues: list[str], credit: int, planned: bool = True
               ) -> list[tuple[dict[str, Any], str]]:
@@ -222,29 +225,9 @@ class Consuming(virtual.Channel):
                 sent_at = monotonic()  # the leases start when the read runs, not after
                 reply, failed = self._send_read(calls + [read], acks)
                 acks, calls = [], []
-                result = self._fetch_bodies(parse(reply))
-                deliveries = result.deliveries
-                # one pass for the sizes: the byte budget left, as read.lua counts (field m
-                # and payload, a big message's token too), and each source's largest entry
-                # for the plan's size hints (its payload and field)
-                sizes = self.plan.sizes
-                largest: dict[Source, int] = {}
-                for delivery in deliveries:
-                    source = (delivery.queue, delivery.exchange)
-                    size = len(delivery.payload) + 1
-                    if size > largest.get(source, 0):
-                        largest[source] = size
-                    if delivery.token is not None:
-                        size += len(delivery.token)
-                    budget -= size
-                    if size > expect:
-                        expect = size
-                for source in largest:  # the hints as they were before this read
-                    expect = max(expect, sizes.get(source, 0))
-                self._bytes_cut = budget < expect  # read.lua stops so (see its batch())
-                self._learn(modes, result, largest)
-                credit -= len(deliveries)
-                self._take_in(deliveries, sent_at, out)
+                taken, budget, expect = self._take_read(modes, parse(reply), sent_at, out,
+                                                        budget, expect)
+                credit -= taken
                 if failed is not None:
                     raise failed
             if calls or merged:  # no read ran (no credit): the acks go on their own
@@ -256,6 +239,37 @@ class Consuming(virtual.Channel):
             if out and self.connection is not None:
                 self.connection.leases.start()
         return out
+
+    def _take_read(self, modes: dict[Source, str], result: ReadResult, sent_at: float,
+                   out: list[tuple[dict[str, Any], str]], budget: int, expect: int
+                   ) -> tuple[int, int, int]:
+        """Take in a read's reply (run at ``sent_at`` or later): big bodies fetched, the
+        plan's news learnt, the messages appended to ``out``, in flight. Returns the number
+        read, the byte budget left and the largest entry expected, as read.lua counts them
+        (field m and payload, a big message's token too), setting ``_bytes_cut`` when the
+        budget left is under that (read.lua stops so, see its batch())."""
+        result = self._fetch_bodies(result)
+        deliveries = result.deliveries
+        # one pass for the sizes: the byte budget left, and each source's largest entry for
+        # the plan's size hints (its payload and field)
+        sizes = self.plan.sizes
+        largest: dict[Source, int] = {}
+        for delivery in deliveries:
+            source = (delivery.queue, delivery.exchange)
+            size = len(delivery.payload) + 1
+            if size > largest.get(source, 0):
+                largest[source] = size
+            if delivery.token is not None:
+                size += len(delivery.token)
+            budget -= size
+            if size > expect:
+                expect = size
+        for source in largest:  # the hints as they were before this read
+            expect = max(expect, sizes.get(source, 0))
+        self._bytes_cut = budget < expect
+        self._learn(modes, result, largest)
+        self._take_in(deliveries, sent_at, out)
+        return len(deliveries), budget, expect
 
     def _take_in(self, deliveries: list[Delivery], sent_at: float,
                  out: list[tuple[dict[str, Any], str]]) -> None:

@@ -49,7 +49,7 @@ class EventLoopSide(PollerBase):
     def close(self) -> None:
         self.channels = []
         for fd in list(self.waits.pending):
-            self.waits.drop(fd, disconnect=True)
+            self.waits.end(fd)
         if self.waits.hub is not None:
             self.waits.hub.on_tick.discard(self.on_tick)
             self.waits.hub = None
@@ -82,7 +82,7 @@ class EventLoopSide(PollerBase):
                 continue
             if wakes and self._due_now(channel):
                 # due (e.g. credit came back after the due timer fired): the read moves it
-                self._deliver_channel(channel)
+                self._read_due(channel)
                 wakes = channel.wake_keys()
             channel.flush_acks()
             if not wakes:
@@ -101,8 +101,11 @@ class EventLoopSide(PollerBase):
                 if pool_of is not None and not self._cap(pool_of, used, keys):
                     unwatched.extend(keys)
                     continue
-                fd = self.waits.send(keys, channel, self._block(None, channel),
-                                     sources=tuple((channel, wakes[k]) for k in keys))
+                block = self._block(None, channel)
+                fd = self.waits.send(keys, channel, block,
+                                     sources=tuple((channel, wakes[k]) for k in keys),
+                                     carried=channel.carried_read([wakes[k] for k in keys],
+                                                                  block))
                 self.waits.hub.add_reader(fd, self.transport.on_readable, fd)
                 wait = self.waits.pending[fd]
                 self.waits.hub.call_later(wait.deadline - monotonic(),
@@ -184,8 +187,20 @@ class EventLoopSide(PollerBase):
             self._due_timer = None
         for channel in list(self.channels):
             if self._due_now(channel) and channel.wake_keys():
-                self._deliver_channel(channel)
+                self._read_due(channel)
         self._arm_due()
+
+    def _read_due(self, channel: Channel) -> None:
+        """Read ``channel`` now, a delayed message of it being due. A wait of it that
+        carries a read is ended with CLIENT UNBLOCK instead: its read, which holds the
+        channel's credit, then runs at once and moves the due message (its answer comes to
+        on_readable); a read of the channel's own would have no credit left."""
+        carrying = [w for w in self.waits.pending.values()
+                    if w.carried is not None and w.carried.channel is channel]
+        if not carrying:
+            self._deliver_channel(channel)
+        for wait in carrying:
+            self.waits.unblock(wait)
 
     def _looked(self) -> None:
         """A hub timer: nothing to do but wake the loop, whose next turn looks."""
@@ -203,9 +218,11 @@ class EventLoopSide(PollerBase):
         """A wait answered: deliver what is ready; the next loop turn waits again."""
         if fd not in self.waits.pending:
             return
-        popped = self.waits.answer(fd)
+        popped, taken = self.waits.answer(fd)
         try:
-            self._after_wake(popped, self.transport._deliver, ASYNC_BATCH)
+            # a read the wait carried was taken: hand out what it read, no read after it
+            # (the next loop turn reads again if it took all it was allowed)
+            self._after_wake(popped, self.transport._deliver, ASYNC_BATCH, read=not taken)
         finally:
             self._arm_due()  # before the hub's next turn works out how long to sleep
 

@@ -106,12 +106,29 @@ class ReadPlan:
             modes.update((s, GATED) for s in cold)
         elif modes:
             modes.update((s, GATED) for s in self._next('window', cold, WINDOW))
+        self._sweep(live, modes, now)
+        return modes
+
+    def carried_modes(self, sources: Sequence[Source], within: float) -> dict[Source, str]:
+        """How a read sent behind a wait of at most ``within`` seconds on the markers of
+        ``sources`` covers them (kombu_streams.carried.CarriedRead): each as if its marker
+        was popped, as any one may be, and walked when its sweep falls due by the wait's end
+        (a walk sets the marker again as well; a wake-up may run it a little early)."""
+        live = self.live(sources)
+        modes = {s: POPPED for s in live}
+        self._sweep(live, modes, monotonic() + within, carried=True)
+        return modes
+
+    def _sweep(self, live: list[Source], modes: dict[Source, str], now: float,
+               carried: bool = False) -> None:
+        """Every SWEEP_INTERVAL, walk the next SWEEP sources (see the module's docstring).
+        A source whose marker this consumer popped is read, not walked (its marker must be
+        read or given back), except in a carried read, where a walk sets it again too."""
         if now >= self._sweep_at and live:
             self._sweep_at = now + SWEEP_INTERVAL
             for s in self._next('sweep', live, SWEEP):
-                if modes.get(s) != POPPED:  # a popped marker must be read or given back
+                if carried or modes.get(s) != POPPED:
                     modes[s] = WALK
-        return modes
 
     def marked(self, sources: Sequence[Source]) -> None:
         """Their markers were seen set, not popped (marked.lua): read them next, as hot."""

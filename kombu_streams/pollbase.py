@@ -52,8 +52,17 @@ class PollerBase:
             self.channels.remove(channel)
         for fd, wait in list(self.waits.pending.items()):
             if wait.owner is channel:
-                self.waits.drop(fd, disconnect=True)
+                self.waits.end(fd)
+        self.end_carried(channel)
         self._unwatched.pop(channel, None)
+
+    def end_carried(self, channel: Channel) -> None:
+        """End the waits that carry a read of ``channel`` (Waits.end: what the read took
+        comes to the channel's buffer), when this thread may: not while another thread is
+        inside drain(), whose wait it is. That thread then takes the answer itself, and a
+        channel closed or a queue cancelled meanwhile gives the messages back then."""
+        if self._draining in (None, threading.get_ident()):
+            self.waits.end_carried(channel)
 
     def after_fork(self) -> None:
         """In a child process: forget the parent's waits."""
@@ -66,12 +75,13 @@ class PollerBase:
         drain_events, acks of its callbacks wait for the next read or wait (see drain)."""
         return self.waits.hub is not None or self._draining == threading.get_ident()
 
-    def deliver_one(self, deliver: Callable[[Any, str], Any]) -> bool:
-        """Hand one message of any channel to ``deliver``; False when none is ready."""
+    def deliver_one(self, deliver: Callable[[Any, str], Any], read: bool = True) -> bool:
+        """Hand one message of any channel to ``deliver``; False when none is ready.
+        ``read``: read from Redis when a channel's read-ahead buffer is empty."""
         for _ in range(len(self.channels)):
             channel = self.channels[0]
             self.channels.append(self.channels.pop(0))  # fair turn between channels
-            item = channel.next_delivery()
+            item = channel.next_delivery(read)
             if item is not None:
                 self._hand(channel, item[0], item[1], deliver)
                 return True
@@ -177,18 +187,19 @@ class PollerBase:
         return max(block, MIN_BLOCK)
 
     def _after_wake(self, popped: Popped, deliver: Callable[[Any, str], Any],
-                    limit: int | None) -> int:
+                    limit: int | None, read: bool = True) -> int:
         """Deliver what is ready after a wake-up (or a timeout). The channel whose marker was
         popped reads that source next (read.lua gives the wake-up back if the read runs out
         of credit first); a marker that no read covered (the channel ran out of credit, or
-        went away meanwhile) is given back (wake.lua)."""
+        went away meanwhile) is given back (wake.lua). ``read``: False after a wait whose
+        carried read was taken: hand out what the buffers hold, read nothing."""
         owner = None
         if popped is not None:
             key, channel, _ = popped
             owner = channel if channel in self.channels and channel.woke(key) else None
         delivered = 0
         try:
-            while (limit is None or delivered < limit) and self.deliver_one(deliver):
+            while (limit is None or delivered < limit) and self.deliver_one(deliver, read):
                 delivered += 1
                 if limit is None:
                     break

@@ -28,9 +28,10 @@ The waiting thread selects on all of the waits' sockets. A wait answered MOVED
 or ASK (the slot is moving) counts as a wake-up: the next read goes through the cluster
 client, which follows the slot, and the slot map is refreshed before the next wait.
 
-Latency: a publish wakes the blocked consumer directly, which then runs one read: two round
-trips from publish to callback, the same as Kombu's Redis transport (BRPOP, then its
-pipeline that records the unacked message).
+Latency: a wait carries the channel's read (sent behind the BZPOPMIN on the same
+connection, see :class:`kombu_streams.carried.CarriedRead`), so a publish wakes the
+blocked consumer and Redis runs its read at once: one round trip from publish to callback. Kombu's
+Redis transport takes two (BRPOP, then its pipeline that records the unacked message).
 """
 
 from __future__ import annotations
@@ -97,12 +98,12 @@ class Poller(EventLoopSide):
                     return
                 continue
             try:
-                popped = self._wait_one(wakes, remaining)
+                popped, taken = self._wait_one(wakes, remaining)
             except ResponseError as exc:
                 if not self._on_wrongtype(exc):
                     raise
                 continue
-            if self._after_wake(popped, deliver, None):
+            if self._after_wake(popped, deliver, None, read=not taken):
                 return
 
     def _due_bounds(self, remaining: float | None, owner: Channel | None = None) -> bool:
@@ -116,15 +117,20 @@ class Poller(EventLoopSide):
         return remaining is None or due < remaining
 
     def _wait_one(self, wakes: dict[str, tuple[Channel, Source]], remaining: float | None
-                  ) -> Popped:
-        """drain() on one Redis: BZPOPMIN on ``keys`` for as long as :meth:`_block` says.
-        When a due time ends it and Redis has not answered UNBLOCK_AFTER past it, the wait is
-        ended with CLIENT UNBLOCK (then read: a marker it popped meanwhile is not lost). An
-        answer that does not come by the wait's deadline means a dead connection
-        (DeadConnection). Returns the popped marker or None."""
+                  ) -> tuple[Popped, bool]:
+        """drain() on one Redis: BZPOPMIN on ``keys`` for as long as :meth:`_block` says,
+        carrying the read of the channel whose markers they are, when they are all one
+        channel's (see CarriedRead). When a due time ends it and Redis has not answered
+        UNBLOCK_AFTER past it, the wait is ended with CLIENT UNBLOCK (then read: a marker it
+        popped meanwhile is not lost). An answer that does not come by the wait's deadline
+        means a dead connection (DeadConnection). Returns what Waits.answer does."""
         due = self._due_bounds(remaining)
-        fd = self.waits.send(tuple(wakes), None, self._block(remaining), need_id=due,
-                             sources=tuple(wakes.values()))
+        block = self._block(remaining)
+        owners = {channel for channel, _ in wakes.values()}
+        carried = (next(iter(owners)).carried_read([src for _, src in wakes.values()], block)
+                   if len(owners) == 1 else None)
+        fd = self.waits.send(tuple(wakes), None, block, need_id=due,
+                             sources=tuple(wakes.values()), carried=carried)
         wait = self.waits.pending[fd]
         try:
             if due and not readable([fd], min((self._due_in() or 0.0) + UNBLOCK_AFTER,
@@ -134,8 +140,8 @@ class Poller(EventLoopSide):
                 self.waits.dead(fd)
             return self.waits.answer(fd)
         finally:
-            if fd in self.waits.pending:  # interrupted before the answer: give its markers back
-                self.waits.drop(fd, disconnect=True)
+            if fd in self.waits.pending:  # interrupted before the answer: see Waits.end
+                self.waits.end(fd)
 
     def _wait_groups(self, wakes: dict[str, tuple[Channel, Source]], remaining: float | None,
                      deliver: Callable[[Any, str], Any]) -> bool:
@@ -178,7 +184,7 @@ class Poller(EventLoopSide):
             return self._after_wake(None, deliver, None) > 0
         # every answer is read before any callback runs: a marker popped meanwhile would
         # otherwise wait in its socket, unseen by other consumers, until the next drain
-        answers = [self.waits.answer(fd) for fd in ready]
+        answers = [self.waits.answer(fd)[0] for fd in ready]  # no carried reads on Cluster
         delivered = 0
         for popped in answers:
             # the first wake-up delivers one message; later ones only keep their markers

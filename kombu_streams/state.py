@@ -148,6 +148,13 @@ class ConsumerState:
         with self._lock:
             return [(tag, m) for tag, m in self._held.items() if not m.lost]
 
+    def known(self) -> set[tuple[str, Any]]:
+        """(stream, entry id) of every message this channel knows it owns: in flight, or
+        acked and the ack not sent yet."""
+        with self._lock:
+            return ({(m.stream, m.entry_id) for m in self._held.values()}
+                    | {(m.stream, m.entry_id) for m in self._acks})
+
     def held_count(self) -> int:
         with self._lock:
             return len(self._held)

@@ -59,6 +59,9 @@ class Wait(NamedTuple):
     #: per key, the channel that reads its source and the source: to give a popped marker
     #: back (wake.lua) when no read of that channel covers it
     sources: tuple[tuple[Any, Source], ...] = ()
+    #: the read sent behind the BZPOPMIN (a channel's CarriedRead, kombu_streams/carried.py),
+    #: or None
+    carried: Any = None
 
 
 #: A popped marker: (its key, the channel that reads its source, the source), or None.
@@ -89,48 +92,60 @@ class Waits:
         self._client_ids: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
     def send(self, keys: tuple[str, ...], owner: Channel | None, block: float,
-             need_id: bool = False, sources: tuple[tuple[Any, Source], ...] = ()) -> int:
+             need_id: bool = False, sources: tuple[tuple[Any, Source], ...] = (),
+             carried: Any = None) -> int:
         """Send BZPOPMIN on ``keys`` on a connection of its own; returns its fd.
         ``need_id``: a due time ends it; learn the connection's id first, to unblock it.
+        ``carried``: a channel's read to send behind it (see Broker.send_wait); such a wait
+        is ended early with CLIENT UNBLOCK and its answers read (:meth:`end`), so its id is
+        learnt too, and without one the read is not carried.
         Its deadline is its timeout plus the pool's socket timeout (or DEAD_AFTER)."""
         pool = self.transport.wait_pool(keys[0])
         conn = pool_connection(pool, 'BZPOPMIN')
         try:
-            client_id = self._client_id(conn) if need_id else None
+            client_id = self._client_id(conn) if need_id or carried is not None else None
+            if carried is not None and (client_id is None or not self.can_unblock):
+                carried.channel.drop_carried(carried)
+                carried = None
             fd = conn_fileno(conn)  # the pool connected it
-            Broker.send_wait(conn, keys, block)
+            Broker.send_wait(conn, keys, block, carried.call if carried is not None else None)
         except Exception:
+            if carried is not None:
+                carried.channel.drop_carried(carried)
             conn.disconnect()  # half a command, or an answer on its way: nobody else reads it
             pool.release(conn)
             raise
         deadline = monotonic() + block + (socket_timeout(pool) or DEAD_AFTER)
-        self.pending[fd] = Wait(owner, keys, conn, pool, client_id, deadline, sources)
+        self.pending[fd] = Wait(owner, keys, conn, pool, client_id, deadline, sources, carried)
         return fd
 
-    def answer(self, fd: int) -> Popped:
-        """Read a wait's answer and end the wait: the popped marker with the channel and
-        source it belongs to, or None."""
+    def answer(self, fd: int) -> tuple[Popped, bool]:
+        """Read a wait's answer and end the wait: (the popped marker with the channel and
+        source it belongs to, or None; whether a read it carried was taken). A carried read
+        is handed to its channel first; when it ran, it covered every source of the wait,
+        the popped marker's too (see CarriedRead), so no marker is left to follow."""
         wait = self.pending[fd]
+        carried = wait.carried
         try:
-            popped = Broker.wait_answer(wait.conn)
-        except _SLOT_MOVING:
-            self.drop(fd)
-            self.transport.refresh_slots()
-            return None
-        except ResponseError as exc:
-            self.drop(fd)
-            if not self._on_wrongtype(exc):
-                raise
-            return None
+            popped, reply = Broker.wait_answer(wait.conn, carried is not None)
         except Exception:
             self.drop(fd, disconnect=True)
+            self._lost(wait)
             raise
         self.drop(fd)
-        if not popped:
-            return None
+        taken = carried is not None and carried.channel.take_carried(carried, reply)
+        if isinstance(popped, _SLOT_MOVING):
+            self.transport.refresh_slots()
+            return None, taken
+        if isinstance(popped, ResponseError):
+            if not self._on_wrongtype(popped):
+                raise popped
+            return None, taken
+        if not popped or taken:
+            return None, taken
         key = popped[0].decode() if isinstance(popped[0], bytes) else str(popped[0])
         channel, source = dict(zip(wait.keys, wait.sources)).get(key, (None, None))
-        return (key, channel, source) if source is not None else None
+        return ((key, channel, source) if source is not None else None), False
 
     def drop(self, fd: int, disconnect: bool = False) -> None:
         wait = self.pending.pop(fd, None)
@@ -143,6 +158,39 @@ class Waits:
         wait.pool.release(wait.conn)
         if disconnect:
             self.give_back(wait.sources)
+
+    def end(self, fd: int) -> None:
+        """End a pending wait before its answer, without losing what it may have done: a
+        plain wait is dropped (its markers given back); one that carries a read is ended
+        with CLIENT UNBLOCK and its answers read, so that what the read took reaches its
+        channel (to be handed out, or returned to the queue by a cancel or close) instead of
+        waiting in the PEL for its lease to run out. If that fails, it is dropped, logged."""
+        wait = self.pending.get(fd)
+        if wait is None:
+            return
+        if wait.carried is None:
+            self.drop(fd, disconnect=True)
+            return
+        try:
+            self.unblock(wait)
+            # unblocked, it is answered within a round trip; else by its own timeout
+            if not readable([fd], wait.deadline - monotonic()):
+                raise TimeoutError('no answer by the wait\'s deadline')
+            popped, _ = self.answer(fd)
+        except Exception as exc:
+            logger.warning('kombu-streams: a wait ended early could not be read: %r', exc)
+            if fd in self.pending:
+                self.drop(fd, disconnect=True)
+                self._lost(wait)
+            return
+        if popped is not None:  # the read failed (NOSCRIPT...): nobody reads that source now
+            self.give_back([popped[1:]])
+
+    def end_carried(self, channel: Any) -> None:
+        """End every pending wait that carries a read of ``channel`` (see :meth:`end`)."""
+        for fd, wait in list(self.pending.items()):
+            if wait.carried is not None and wait.carried.channel is channel:
+                self.end(fd)
 
     def give_back(self, sources: Any) -> None:
         """Popped markers no read will cover, given as (channel, source): a wait dropped
@@ -170,9 +218,34 @@ class Waits:
             self.hub.remove_reader(fd)
         wait.conn.disconnect()
         wait.pool.release(wait.conn)
+        if wait.carried is not None:  # the pool's other connections went the same way
+            wait.pool.disconnect()
+            self._lost(wait)
         raise DeadConnection(
             f'kombu-streams: a wait on {len(wait.keys)} wake marker(s) got no answer by its '
             f'deadline: the connection to Redis is presumed dead (half-open); reconnecting')
+
+    def _lost(self, wait: Wait) -> None:
+        """A wait that carried a read ended without its answers: the read may have run and
+        taken messages for its channel's consumer, which nobody will hand out; the channel
+        gives them back now (CarriedRead's recover), on another connection. Without a socket
+        timeout that could hang on a dead network, so it is not tried: they come back when
+        their lease runs out, as after a crash."""
+        carried = wait.carried
+        if carried is None:
+            return
+        if socket_timeout(wait.pool) is None:
+            carried.channel.drop_carried(carried)
+            logger.warning('kombu-streams: a wait\'s answer was lost; what its read took, if '
+                           'anything, comes back when its lease runs out (set socket_timeout '
+                           'to have it given back at once)')
+            return
+        try:
+            carried.channel.recover_carried(carried)
+        except Exception as exc:
+            logger.warning('kombu-streams: a wait\'s answer was lost, and what its read took, '
+                           'if anything, could not be given back (%r): it comes back when its '
+                           'lease runs out', exc)
 
     def expire_if_waiting(self, fd: int, wait: Wait) -> None:
         """A hub timer at a wait's deadline: if it is still the one pending on fd, its
@@ -223,6 +296,8 @@ class Waits:
         """In a child process: forget the parent's waits (their sockets are closed here, not
         shut down: the parent's waits go on) and its event loop."""
         for wait in self.pending.values():
+            if wait.carried is not None:  # the child's copy of the channel: credit free
+                wait.carried.channel.drop_carried(wait.carried)
             wait.conn.disconnect()
         self.pending.clear()
         self.hub = None
