@@ -193,7 +193,8 @@ VALKEY_TESTS = ['tests/test_scripts.py', 'tests/test_kombu_api.py', 'tests/test_
                 'tests/test_limits.py', 'tests/test_ttl.py', 'tests/test_rate.py',
                 'tests/test_backoff.py', 'tests/test_unique.py', 'tests/test_inflight.py',
                 'tests/test_dedup.py', 'tests/test_unique_sweep.py', 'tests/test_unique_due.py',
-                'tests/test_unique_kombu.py', 'tests/test_aging.py', 'tests/test_fair.py', '-m',
+                'tests/test_unique_kombu.py', 'tests/test_aging.py', 'tests/test_fair.py',
+                'tests/test_carried_read.py', '-m',
                 'redis', '-k', 'not redis62']
 
 
