@@ -98,13 +98,16 @@ class Waits:
         ``need_id``: a due time ends it; learn the connection's id first, to unblock it.
         ``carried``: a channel's read to send behind it (see Broker.send_wait); such a wait
         is ended early with CLIENT UNBLOCK and its answers read (:meth:`end`), so its id is
-        learnt too, and without one the read is not carried.
+        learnt too, and a lost answer is made good on another connection (:meth:`_lost`),
+        which only a socket timeout bounds: without an id, UNBLOCK or a socket timeout the
+        read is not carried.
         Its deadline is its timeout plus the pool's socket timeout (or DEAD_AFTER)."""
         pool = self.transport.wait_pool(keys[0])
         conn = pool_connection(pool, 'BZPOPMIN')
         try:
             client_id = self._client_id(conn) if need_id or carried is not None else None
-            if carried is not None and (client_id is None or not self.can_unblock):
+            if carried is not None and (client_id is None or not self.can_unblock
+                                        or socket_timeout(pool) is None):
                 carried.channel.drop_carried(carried)
                 carried = None
             fd = conn_fileno(conn)  # the pool connected it
@@ -228,17 +231,10 @@ class Waits:
     def _lost(self, wait: Wait) -> None:
         """A wait that carried a read ended without its answers: the read may have run and
         taken messages for its channel's consumer, which nobody will hand out; the channel
-        gives them back now (CarriedRead's recover), on another connection. Without a socket
-        timeout that could hang on a dead network, so it is not tried: they come back when
-        their lease runs out, as after a crash."""
+        gives them back now (CarriedRead's recover), on another connection (bounded by the
+        socket timeout, without which no read is carried)."""
         carried = wait.carried
         if carried is None:
-            return
-        if socket_timeout(wait.pool) is None:
-            carried.channel.drop_carried(carried)
-            logger.warning('kombu-streams: a wait\'s answer was lost; what its read took, if '
-                           'anything, comes back when its lease runs out (set socket_timeout '
-                           'to have it given back at once)')
             return
         try:
             carried.channel.recover_carried(carried)

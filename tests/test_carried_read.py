@@ -21,8 +21,9 @@ from kombu import Connection, Consumer, Producer, Queue
 
 pytestmark = pytest.mark.redis
 
-#: no wait times out by itself while a test runs
-QUIET = {'polling_interval': 30}
+#: no wait times out by itself while a test runs; a socket timeout, without which no read is
+#: carried (redis-py before 6 sets none)
+QUIET = {'polling_interval': 30, 'socket_timeout': 5}
 
 
 def _publish(url: str, name: str, n: int) -> None:
@@ -199,7 +200,7 @@ def test_a_dead_wait_gives_back_what_its_read_took(any_url):
     from kombu_streams.errors import DeadConnection
 
     name = 'carried-dead'
-    with Connection(any_url, transport_options={**QUIET, 'socket_timeout': 5}) as conn:
+    with Connection(any_url, transport_options=QUIET) as conn:
         _publish(any_url, name, 0)
         channel = conn.channel()
         cycle = conn.transport.cycle
@@ -266,3 +267,38 @@ def test_a_channel_closed_by_another_thread_during_a_drain_strands_nothing(any_u
             with Connection(any_url) as other:
                 with other.SimpleQueue(name) as q:
                     assert q.get(timeout=5).payload == {'n': 0}
+
+
+def test_no_read_is_carried_without_a_socket_timeout(any_url, monkeypatch):
+    """A lost answer is made good on another connection, which only a socket timeout keeps
+    from hanging on a dead network: without one, waits carry nothing (and still deliver)."""
+    import kombu_streams.waits
+
+    # the pool's socket timeout as redis-py before 6 leaves it by default
+    monkeypatch.setattr(kombu_streams.waits, 'socket_timeout', lambda pool: None)
+    name = 'carried-none'
+    carried: list = []
+    got: list = []
+    with Connection(any_url, transport_options=QUIET) as conn:
+        _publish(any_url, name, 0)
+        channel = conn.channel()
+        waits = conn.transport.cycle.waits
+        real_send = waits.send
+
+        def send(*args: Any, **kwargs: Any) -> int:
+            fd = real_send(*args, **kwargs)
+            carried.append(waits.pending[fd].carried)
+            return fd
+
+        monkeypatch.setattr(waits, 'send', send)
+        with Consumer(channel, [Queue(name, routing_key=name)], accept=['json'],
+                      callbacks=[lambda body, m: (got.append(body), m.ack())]):
+            later = threading.Timer(0.3, _publish, (any_url, name, 1))
+            later.start()
+            try:
+                conn.drain_events(timeout=10)
+            finally:
+                later.join()
+    assert got == [{'n': 0}]
+    assert carried and all(c is None for c in carried)
+    assert channel._reserved == 0
