@@ -62,6 +62,9 @@ class Poller(EventLoopSide):
     (:class:`kombu_streams.hubloop.EventLoopSide`); what both share is in
     :class:`kombu_streams.pollbase.PollerBase`."""
 
+    #: the last wait of drain() carried a read that took less than it was allowed
+    _dry = False
+
     def drain(self, deliver: Callable[[Any, str], Any], timeout: float | None = None) -> None:
         """Deliver one message, blocking up to ``timeout`` (None: forever) for one to come.
 
@@ -79,7 +82,14 @@ class Poller(EventLoopSide):
 
     def _drain(self, deliver: Callable[[Any, str], Any], timeout: float | None) -> None:
         deadline = None if timeout is None else monotonic() + timeout
-        if self.deliver_one(deliver):
+        # Right after a carried read that took less than it was allowed, a read now would
+        # find what the next wait finds at once (read.lua left the marker of every source
+        # not seen dry set): wait instead, one round trip for what comes next instead of
+        # two. Not for a drain too short to wait (timeout 0: look only).
+        skip = self._dry and (timeout is None or timeout >= MIN_BLOCK)
+        self._dry = False
+        if self.deliver_one(deliver, read=not skip):
+            self._dry = skip  # handed from that read's buffer: still nothing more to read
             return
         while True:
             self._flush_acks()  # nothing ready: acks must not wait for a later read
@@ -103,6 +113,7 @@ class Poller(EventLoopSide):
                 if not self._on_wrongtype(exc):
                     raise
                 continue
+            self._dry = taken and not any(ch.more_ready for ch in self.channels)
             if self._after_wake(popped, deliver, None, read=not taken):
                 return
 

@@ -63,7 +63,8 @@ def _owned(url: str, consumer: str) -> int:
 def test_a_wake_up_delivers_without_a_read_of_its_own(any_url, monkeypatch):
     """drain_events reads once (nothing), then waits; the publish that wakes the wait is
     delivered by the read behind it: no read of the channel's own between wait and
-    delivery (without carried reads, one would follow the wake-up)."""
+    delivery (without carried reads, one would follow the wake-up), nor before the next
+    wait."""
     name = 'carried-wake'
     events: list[str] = []
     with Connection(any_url, transport_options=QUIET) as conn:
@@ -81,14 +82,17 @@ def test_a_wake_up_delivers_without_a_read_of_its_own(any_url, monkeypatch):
         with Consumer(channel, [Queue(name, routing_key=name)], accept=['json'],
                       callbacks=[lambda body, m: (events.append(f'got {body["n"]}'),
                                                   m.ack())]):
-            later = threading.Timer(0.3, _publish, (any_url, name, 1))
-            later.start()
-            try:
-                conn.drain_events(timeout=10)
-            finally:
-                later.join()
-    assert events[-2:] == ['wait', 'got 0'], events
-    assert len(reads) == 1  # the one before the first wait
+            for _ in range(2):
+                later = threading.Timer(0.3, _publish, (any_url, name, 1))
+                later.start()
+                try:
+                    conn.drain_events(timeout=10)
+                finally:
+                    later.join()
+    assert events[-4:] == ['wait', 'got 0', 'wait', 'got 0'], events
+    # the one before the first wait; the next drain waits at once: the read behind the
+    # wait saw the queue dry, so a read of its own would find only what the wait finds
+    assert len(reads) == 1
 
 
 def test_a_carried_read_reserves_its_credit(redis_url, monkeypatch):
@@ -243,8 +247,8 @@ def test_a_channel_closed_by_another_thread_during_a_drain_strands_nothing(any_u
         errors: list = []
 
         def drain() -> None:
-            try:
-                conn.drain_events(timeout=10)
+            try:  # a close before the wake-up leaves it waiting out its timeout
+                conn.drain_events(timeout=3)
             except Exception as exc:  # the channel may go away under it
                 errors.append(exc)
 
@@ -302,3 +306,25 @@ def test_no_read_is_carried_without_a_socket_timeout(any_url, monkeypatch):
     assert got == [{'n': 0}]
     assert carried and all(c is None for c in carried)
     assert channel._reserved == 0
+
+
+def test_a_look_only_drain_after_a_carried_read_still_reads(any_url):
+    """drain_events(timeout=0) looks without waiting: right after a carried read it must
+    read, not skip to a wait it will not make."""
+    name = 'carried-look'
+    got: list = []
+    with Connection(any_url, transport_options=QUIET) as conn:
+        _publish(any_url, name, 0)
+        channel = conn.channel()
+        with Consumer(channel, [Queue(name, routing_key=name)], accept=['json'],
+                      callbacks=[lambda body, m: (got.append(body['n']), m.ack())]):
+            later = threading.Timer(0.3, _publish, (any_url, name, 1))
+            later.start()
+            try:
+                conn.drain_events(timeout=10)  # a wait; its read delivers
+            finally:
+                later.join()
+            assert conn.transport.cycle._dry
+            _publish(any_url, name, 1)
+            conn.drain_events(timeout=0)
+    assert got == [0, 0]
