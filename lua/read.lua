@@ -51,7 +51,9 @@ ARGV[5+5q]      how to read source q: 'r' read it; 'p' read it, this consumer po
                 marker (if COUNT runs out first, the marker is set again); 'm' read it only
                 if its marker is set (else nothing is ready: the wake-up invariant); 'w' walk
                 it: look at every stream, not only those its ready index names, and rebuild
-                the index (a repair, now and then)
+                the index (a repair, now and then; if COUNT runs out first, the marker is
+                set again, as for 'p': a read a wait carries walks sources whose marker the
+                wait may have popped)
 ARGV[6+5q]      ttl in ms of source q's marker and index (x-expires; 0: the ttl of its first
                 stream)
 ARGV[7+5q]      size hint of source q: the bytes the caller expects of its largest entry (0:

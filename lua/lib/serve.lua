@@ -474,10 +474,12 @@ end
 
 -- The end of the call for one source: its status character; its marker removed if seen dry,
 -- set if work is left and it was popped, walked or announced, else left as it was (a popped
--- one is always given back). Why no wake-up is lost: docs/design.rst, "Wake-ups".
+-- one is always given back, and so is a walked one: a read carried by a wait walks a source
+-- whose marker that wait may have popped). Why no wake-up is lost: docs/design.rst,
+-- "Wake-ups" and "A wait carries its read".
 local function finish_source(ctx, src)
   if src.state == nil then
-    if src.mode == 'p' then
+    if src.mode == 'p' or src.mode == 'w' then
       local err = arm(src.wake, KEYS[src.streams[1]], src.ttl)
       if err then problem(ctx, src, src.wake, err) end
     end
@@ -487,7 +489,7 @@ local function finish_source(ctx, src)
   local more = src.more
   if src.state == 'open' and src.index then more = save_index(ctx, src) or more end
   if src.state == 'broken' then  -- its index cannot be read: leave its marker be,
-    if src.mode == 'p' then       -- but give a popped wake-up back
+    if src.mode == 'p' or src.mode == 'w' then  -- but give a popped wake-up back
       local err = arm(src.wake, KEYS[src.streams[1]], src.ttl)
       if err then problem(ctx, src, src.wake, err) end
     end
