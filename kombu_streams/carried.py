@@ -84,7 +84,12 @@ class Carrying(Consuming):
         is this channel's own. On another connection than the wait's: the pool's, which the
         caller renewed. Fails with the connection error when Redis cannot be reached."""
         self._reserved -= carried.credit
-        sources = [src for src, mode in carried.modes.items()]
+        self._give_back_unknown(carried)
+
+    def _give_back_unknown(self, carried: CarriedRead) -> None:
+        """Give back what this channel's consumer owns in ``carried``'s sources and the
+        channel does not know (see recover_carried)."""
+        sources = list(carried.modes)
         known = self.consumer_state.known()
         owned = self.broker.owned(sources, self.consumer_name, carried.credit + len(known))
         orphans: dict[Source, list[tuple[str, Any, int]]] = {}
@@ -112,6 +117,16 @@ class Carrying(Consuming):
             taken, _, _ = self._take_read(carried.modes, carried.parse(reply), carried.sent_at,
                                           out, int(self.max_read_bytes), 0)
             self.more_ready = taken >= carried.credit or self._bytes_cut
+        except BaseException:
+            # taken in part (a reply that does not parse, a big body not fetched): what is
+            # not in flight here would wait in the PEL for its lease
+            try:
+                self._give_back_unknown(carried)
+            except Exception as exc:
+                logger.warning('kombu-streams: messages a wait\'s read took could not be '
+                               'given back (%r): they come back when their lease runs out',
+                               exc)
+            raise
         finally:
             self.consumer_state.buffer(out)
             if out and self.connection is not None:

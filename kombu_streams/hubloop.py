@@ -8,6 +8,7 @@ waits themselves and why no wake-up is lost: :mod:`kombu_streams.poller`.
 
 from __future__ import annotations
 
+import threading
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -48,8 +49,10 @@ class EventLoopSide(PollerBase):
 
     def close(self) -> None:
         self.channels = []
-        for fd in list(self.waits.pending):
-            self.waits.end(fd)
+        mine = self._draining in (None, threading.get_ident())
+        for fd, wait in list(self.waits.pending.items()):
+            if mine or wait.owner is not None:  # not the wait another thread drains on
+                self.waits.end(fd)
         if self.waits.hub is not None:
             self.waits.hub.on_tick.discard(self.on_tick)
             self.waits.hub = None
@@ -105,7 +108,8 @@ class EventLoopSide(PollerBase):
                 fd = self.waits.send(keys, channel, block,
                                      sources=tuple((channel, wakes[k]) for k in keys),
                                      carried=channel.carried_read([wakes[k] for k in keys],
-                                                                  block))
+                                                                  block)
+                                     if self.waits.may_carry(keys) else None)
                 self.waits.hub.add_reader(fd, self.transport.on_readable, fd)
                 wait = self.waits.pending[fd]
                 self.waits.hub.call_later(wait.deadline - monotonic(),

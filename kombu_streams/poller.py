@@ -139,7 +139,7 @@ class Poller(EventLoopSide):
         block = self._block(remaining)
         owners = {channel for channel, _ in wakes.values()}
         carried = (next(iter(owners)).carried_read([src for _, src in wakes.values()], block)
-                   if len(owners) == 1 else None)
+                   if len(owners) == 1 and self.waits.may_carry(tuple(wakes)) else None)
         fd = self.waits.send(tuple(wakes), None, block, need_id=due,
                              sources=tuple(wakes.values()), carried=carried)
         wait = self.waits.pending[fd]

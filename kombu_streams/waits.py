@@ -91,6 +91,13 @@ class Waits:
         #: connection -> its CLIENT ID, forgotten when it reconnects (a new id)
         self._client_ids: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
+    def may_carry(self, keys: tuple[str, ...]) -> bool:
+        """Whether a wait on ``keys`` may carry a read (see :meth:`send`), as far as is
+        known before sending it: asked first, so that a channel plans no read (its sweep
+        included) for a wait that would drop it."""
+        return (self.can_unblock and not self.transport.cluster
+                and socket_timeout(self.transport.wait_pool(keys[0])) is not None)
+
     def send(self, keys: tuple[str, ...], owner: Channel | None, block: float,
              need_id: bool = False, sources: tuple[tuple[Any, Source], ...] = (),
              carried: Any = None) -> int:
@@ -102,8 +109,13 @@ class Waits:
         which only a socket timeout bounds: without an id, UNBLOCK or a socket timeout the
         read is not carried.
         Its deadline is its timeout plus the pool's socket timeout (or DEAD_AFTER)."""
-        pool = self.transport.wait_pool(keys[0])
-        conn = pool_connection(pool, 'BZPOPMIN')
+        try:
+            pool = self.transport.wait_pool(keys[0])
+            conn = pool_connection(pool, 'BZPOPMIN')
+        except BaseException:
+            if carried is not None:
+                carried.channel.drop_carried(carried)
+            raise
         try:
             client_id = self._client_id(conn) if need_id or carried is not None else None
             if carried is not None and (client_id is None or not self.can_unblock
@@ -131,7 +143,7 @@ class Waits:
         carried = wait.carried
         try:
             popped, reply = Broker.wait_answer(wait.conn, carried is not None)
-        except Exception:
+        except BaseException:  # an interrupt between the two replies too: out of step
             self.drop(fd, disconnect=True)
             self._lost(wait)
             raise
@@ -180,6 +192,9 @@ class Waits:
             if not readable([fd], wait.deadline - monotonic()):
                 raise TimeoutError('no answer by the wait\'s deadline')
             popped, _ = self.answer(fd)
+            if wait.carried.channel.consumer_state.buffered():
+                # on an event loop nothing else hands these out before the next wake-up
+                wait.carried.channel.more_ready = True
         except Exception as exc:
             logger.warning('kombu-streams: a wait ended early could not be read: %r', exc)
             if fd in self.pending:
