@@ -19,7 +19,11 @@ import redis
 from conftest import wait_until
 from kombu import Connection, Consumer, Producer, Queue
 
+from kombu_streams.broker import POPPED, WALK, Broker
+from kombu_streams.keys import Keys
+
 pytestmark = pytest.mark.redis
+
 
 #: no wait times out by itself while a test runs; a socket timeout, without which no read is
 #: carried (redis-py before 6 sets none)
@@ -328,3 +332,51 @@ def test_a_look_only_drain_after_a_carried_read_still_reads(any_url):
             _publish(any_url, name, 1)
             conn.drain_events(timeout=0)
     assert got == [0, 0]
+
+
+@pytest.mark.parametrize('mode', [POPPED, WALK])
+def test_an_unreached_source_of_a_carried_read_gets_its_marker_back(script_client, mode):
+    """A carried read reads every source of its wait as popped, or walks it when its sweep
+    is due: the wait may have popped its marker. When COUNT runs out before the read
+    reaches it, its marker is set again in either mode, or its ready message would wait
+    unmarked (docs/design.rst, "A wait carries its read")."""
+    c = script_client
+    keys = Keys()
+    b = Broker(c, keys, [0, 3, 6, 9])
+    b.publish('a', 0, '{"n": 0}')
+    b.publish('b', 0, '{"n": 1}')
+    c.delete(keys.wake('b'))  # popped by the wait
+    sources = b.sources(['a', 'b'])
+    call, parse = b.read_call(sources, 'c1', 1, modes={sources[0]: POPPED, sources[1]: mode})
+    result = parse(b.run(call))
+    assert [d.queue for d in result.deliveries] == ['a']
+    assert c.exists(keys.wake('b')) == 1
+
+
+def test_a_wait_that_cannot_be_sent_frees_its_reads_credit(any_url, monkeypatch):
+    """No connection for the wait (the pool is full, Redis is down): the read it was to
+    carry is not sent, and its reserved credit is free again, or the channel would wait
+    with no credit to read for good."""
+    import kombu_streams.waits
+
+    with Connection(any_url, transport_options=QUIET) as conn:
+        _publish(any_url, 'carried-noconn', 0)
+        channel = conn.channel()
+        consumer = Consumer(channel, [Queue('carried-noconn', routing_key='carried-noconn')],
+                            accept=['json'], callbacks=[lambda body, m: None],
+                            prefetch_count=4)
+        consumer.consume()
+        wakes = channel.wake_keys()
+        sources = list(wakes.values())
+        carried = channel.carried_read(sources, 30)
+        assert channel._reserved == 4
+
+        def refuse(pool: Any, name: str) -> Any:
+            raise redis.ConnectionError('Too many connections')
+
+        monkeypatch.setattr(kombu_streams.waits, 'pool_connection', refuse)
+        with pytest.raises(redis.ConnectionError):
+            conn.transport.cycle.waits.send(tuple(wakes), None, 30, carried=carried,
+                                            sources=tuple((channel, s) for s in sources))
+        assert channel._reserved == 0
+        channel.close()
