@@ -263,7 +263,9 @@ OPTIONS: tuple[Option, ...] = (
     # -- redis-py's connection pool ---------------------------------------------------------
     Option('socket_timeout', 'float | None', None, _or_none(POSITIVE), POOL,
            "How long a command may wait for its reply; None: redis-py's default (none in "
-           "redis-py 4 and 5, 5 s in 6 and newer).", kombu=True),
+           "redis-py 4 and 5, 5 s in 6 and newer). Without one, an idle consumer's wait "
+           "carries no read and a wake-up takes two round trips (see `Connecting`_).",
+           kombu=True),
     Option('socket_connect_timeout', 'float | None', None, _or_none(POSITIVE), POOL,
            "How long a connection attempt may take; None: redis-py's default.", kombu=True),
     Option('socket_keepalive', 'bool | None', None, _or_none(BOOL), POOL,
