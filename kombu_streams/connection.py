@@ -208,7 +208,7 @@ def socket_timeout(pool: redis.ConnectionPool) -> float | None:
 
 
 @functools.cache
-def _default_socket_timeout(connection_class: type) -> float | None:
+def _default_socket_timeout(connection_class: Any) -> float | None:
     """A connection class's own default socket timeout. Cached: inspecting the signatures
     costs about 60 us, and every wait asks."""
     for cls in connection_class.__mro__:
