@@ -38,6 +38,18 @@ class CarriedRead(NamedTuple):
     #: (sooner than they do: never renewed late)
     sent_at: float
 
+    def drop(self) -> None:
+        """The wait ended without sending it, or without a reply: its credit is free."""
+        self.channel.drop_carried(self)
+
+    def take(self, reply: Any) -> bool:
+        """Its reply, to the channel (see Carrying.take_carried)."""
+        return bool(self.channel.take_carried(self, reply))
+
+    def recover(self) -> None:
+        """Its reply is lost (see Carrying.recover_carried)."""
+        self.channel.recover_carried(self)
+
 
 class Carrying(Consuming):
     """The part of :class:`kombu_streams.channel.Channel` that makes and takes carried
@@ -85,6 +97,13 @@ class Carrying(Consuming):
         caller renewed. Fails with the connection error when Redis cannot be reached."""
         self._reserved -= carried.credit
         self._give_back_unknown(carried)
+
+    def hand_out_later(self) -> None:
+        """A wait of this channel was ended early and its read's messages buffered: on an
+        event loop nothing else hands them out before the next wake-up, so the next loop
+        turn does (as after a read that took all it was allowed)."""
+        if self.consumer_state.buffered():
+            self.more_ready = True
 
     def _give_back_unknown(self, carried: CarriedRead) -> None:
         """Give back what this channel's consumer owns in ``carried``'s sources and the

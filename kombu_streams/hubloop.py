@@ -199,11 +199,10 @@ class EventLoopSide(PollerBase):
         carries a read is ended with CLIENT UNBLOCK instead: its read, which holds the
         channel's credit, then runs at once and moves the due message (its answer comes to
         on_readable); a read of the channel's own would have no credit left."""
-        carrying = [w for w in self.waits.pending.values()
-                    if w.carried is not None and w.carried.channel is channel]
+        carrying = self.waits.carrying(channel)
         if not carrying:
             self._deliver_channel(channel)
-        for wait in carrying:
+        for _, wait in carrying:
             self.waits.unblock(wait)
 
     def _looked(self) -> None:

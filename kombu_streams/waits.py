@@ -114,19 +114,19 @@ class Waits:
             conn = pool_connection(pool, 'BZPOPMIN')
         except BaseException:
             if carried is not None:
-                carried.channel.drop_carried(carried)
+                carried.drop()
             raise
         try:
             client_id = self._client_id(conn) if need_id or carried is not None else None
             if carried is not None and (client_id is None or not self.can_unblock
                                         or socket_timeout(pool) is None):
-                carried.channel.drop_carried(carried)
+                carried.drop()
                 carried = None
             fd = conn_fileno(conn)  # the pool connected it
             Broker.send_wait(conn, keys, block, carried.call if carried is not None else None)
         except Exception:
             if carried is not None:
-                carried.channel.drop_carried(carried)
+                carried.drop()
             conn.disconnect()  # half a command, or an answer on its way: nobody else reads it
             pool.release(conn)
             raise
@@ -148,7 +148,7 @@ class Waits:
             self._lost(wait)
             raise
         self.drop(fd)
-        taken = carried is not None and carried.channel.take_carried(carried, reply)
+        taken = carried is not None and carried.take(reply)
         if isinstance(popped, _SLOT_MOVING):
             self.transport.refresh_slots()
             return None, taken
@@ -192,9 +192,7 @@ class Waits:
             if not readable([fd], wait.deadline - monotonic()):
                 raise TimeoutError('no answer by the wait\'s deadline')
             popped, _ = self.answer(fd)
-            if wait.carried.channel.consumer_state.buffered():
-                # on an event loop nothing else hands these out before the next wake-up
-                wait.carried.channel.more_ready = True
+            wait.carried.channel.hand_out_later()
         except Exception as exc:
             logger.warning('kombu-streams: a wait ended early could not be read: %r', exc)
             if fd in self.pending:
@@ -204,11 +202,15 @@ class Waits:
         if popped is not None:  # the read failed (NOSCRIPT...): nobody reads that source now
             self.give_back([popped[1:]])
 
+    def carrying(self, channel: Any) -> list[tuple[int, Wait]]:
+        """The pending waits that carry a read of ``channel``, by fd."""
+        return [(fd, wait) for fd, wait in self.pending.items()
+                if wait.carried is not None and wait.carried.channel is channel]
+
     def end_carried(self, channel: Any) -> None:
         """End every pending wait that carries a read of ``channel`` (see :meth:`end`)."""
-        for fd, wait in list(self.pending.items()):
-            if wait.carried is not None and wait.carried.channel is channel:
-                self.end(fd)
+        for fd, _ in self.carrying(channel):
+            self.end(fd)
 
     def give_back(self, sources: Any) -> None:
         """Popped markers no read will cover, given as (channel, source): a wait dropped
@@ -252,7 +254,7 @@ class Waits:
         if carried is None:
             return
         try:
-            carried.channel.recover_carried(carried)
+            carried.recover()
         except Exception as exc:
             logger.warning('kombu-streams: a wait\'s answer was lost, and what its read took, '
                            'if anything, could not be given back (%r): it comes back when its '
@@ -308,7 +310,7 @@ class Waits:
         shut down: the parent's waits go on) and its event loop."""
         for wait in self.pending.values():
             if wait.carried is not None:  # the child's copy of the channel: credit free
-                wait.carried.channel.drop_carried(wait.carried)
+                wait.carried.drop()
             wait.conn.disconnect()
         self.pending.clear()
         self.hub = None
