@@ -4,6 +4,8 @@
   transport lays it out (``Broker.read_call``), returning its deliveries
 * ``snapshot(client)`` / ``assert_same(before, after)`` -- every key of the database (type,
   value, expiry) and the check that nothing changed between two snapshots
+* ``count_reads(monkeypatch, channel)`` -- the credit of every read a channel makes on its
+  own from now on
 """
 
 from __future__ import annotations
@@ -119,3 +121,17 @@ class FakeClock:
 
     def time(self) -> float:
         return self.ms / 1000.0
+
+
+def count_reads(monkeypatch: Any, channel: Any) -> list[int]:
+    """Patch ``channel``'s own read (not one a wait carries): each call appends the credit
+    it was given."""
+    credits: list[int] = []
+    real = channel._read
+
+    def read(queues: Any, credit: int, planned: bool = True) -> Any:
+        credits.append(credit)
+        return real(queues, credit, planned)
+
+    monkeypatch.setattr(channel, '_read', read)
+    return credits

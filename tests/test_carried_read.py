@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 from conftest import wait_until
+from helpers import count_reads
 from kombu import Connection, Consumer, Producer, Queue
 
 from kombu_streams.broker import POPPED, WALK, Broker
@@ -37,17 +38,47 @@ def _publish(url: str, name: str, n: int) -> None:
             producer.publish({'n': i}, routing_key=name, declare=[Queue(name, routing_key=name)])
 
 
-def _count_reads(monkeypatch: pytest.MonkeyPatch, channel: Any) -> list[int]:
-    """Each read the channel makes on its own (not carried by a wait): its credit."""
-    credits: list[int] = []
-    real = channel._read
+def _consuming(conn: Any, url: str, name: str, **kwargs: Any) -> tuple[Any, Consumer]:
+    """A new channel of ``conn`` consuming queue ``name`` (declared, empty), its scripts
+    loaded (another test may have flushed them: a carried read would be answered NOSCRIPT)."""
+    _publish(url, name, 0)
+    channel = conn.channel()
+    consumer = Consumer(channel, [Queue(name, routing_key=name)], accept=['json'], **kwargs)
+    consumer.consume()
+    channel.broker.load_scripts()
+    return channel, consumer
 
-    def read(queues: Any, credit: int, planned: bool = True) -> Any:
-        credits.append(credit)
-        return real(queues, credit, planned)
 
-    monkeypatch.setattr(channel, '_read', read)
-    return credits
+def _send_carrying(conn: Any, channel: Any) -> int:
+    """A wait on the markers of ``channel``'s queues, carrying its read; returns its fd."""
+    wakes = channel.wake_keys()
+    sources = list(wakes.values())
+    return conn.transport.cycle.waits.send(tuple(wakes), None, 30,
+                                           sources=tuple((channel, s) for s in sources),
+                                           carried=channel.carried_read(sources, 30))
+
+
+def _drain_while_publishing(conn: Any, url: str, name: str, timeout: float = 10,
+                            before: Any = None) -> None:
+    """One drain_events while another thread publishes one message to ``name`` a little
+    later (the drain is waiting by then); ``before``: run first in that thread."""
+    def publish() -> None:
+        if before is not None:
+            before()
+        _publish(url, name, 1)
+
+    later = threading.Timer(0.3, publish)
+    later.start()
+    try:
+        conn.drain_events(timeout=timeout)
+    finally:
+        later.join()
+
+
+def _read_ran(url: str, channel: Any) -> None:
+    """Until the read a publish woke is in the PEL (Valkey may answer the wait first, in a
+    write of its own)."""
+    wait_until(lambda: _owned(url, channel.consumer_name) == 1, 10, 'the read')
 
 
 def _owned(url: str, consumer: str) -> int:
@@ -82,17 +113,12 @@ def test_a_wake_up_delivers_without_a_read_of_its_own(any_url, monkeypatch):
             return real_send(*args, **kwargs)
 
         monkeypatch.setattr(waits, 'send', send)
-        reads = _count_reads(monkeypatch, channel)
+        reads = count_reads(monkeypatch, channel)
         with Consumer(channel, [Queue(name, routing_key=name)], accept=['json'],
                       callbacks=[lambda body, m: (events.append(f'got {body["n"]}'),
                                                   m.ack())]):
             for _ in range(2):
-                later = threading.Timer(0.3, _publish, (any_url, name, 1))
-                later.start()
-                try:
-                    conn.drain_events(timeout=10)
-                finally:
-                    later.join()
+                _drain_while_publishing(conn, any_url, name)
     assert events[-4:] == ['wait', 'got 0', 'wait', 'got 0'], events
     # the one before the first wait; the next drain waits at once: the read behind the
     # wait saw the queue dry, so a read of its own would find only what the wait finds
@@ -121,9 +147,8 @@ def test_a_carried_read_reserves_its_credit(redis_url, monkeypatch):
             [(fd, wait)] = cycle.waits.pending.items()
             assert wait.carried is not None and wait.carried.credit == 4
             _publish(url, name, 10)
-            # woken by the first publish: its read ran then, took 1
-            wait_until(lambda: _owned(url, channel.consumer_name) == 1, 10, 'the read')
-            reads = _count_reads(monkeypatch, channel)
+            _read_ran(url, channel)  # woken by the first publish: its read took 1
+            reads = count_reads(monkeypatch, channel)
             cycle._deliver_channel(channel)  # a read now (as at a due time): no credit left
             assert reads == [] and got == []
             cycle.on_readable(fd)
@@ -142,22 +167,12 @@ def test_what_an_ended_wait_read_goes_back_at_once(any_url, end):
     message goes back to the queue now, not after the lease (an hour by default)."""
     name = f'carried-{end}'
     with Connection(any_url, transport_options=QUIET) as conn:
-        _publish(any_url, name, 0)
-        channel = conn.channel()
         cycle = conn.transport.cycle
-        consumer = Consumer(channel, [Queue(name, routing_key=name)], accept=['json'],
-                            callbacks=[lambda body, m: None], prefetch_count=4)
-        consumer.consume()
-        channel.broker.load_scripts()  # another test may have flushed them (NOSCRIPT)
-        wakes = channel.wake_keys()
-        sources = list(wakes.values())
-        fd = cycle.waits.send(tuple(wakes), None, 30, sources=tuple((channel, s) for s in sources),
-                              carried=channel.carried_read(sources, 30))
+        channel, consumer = _consuming(conn, any_url, name, prefetch_count=4)
+        fd = _send_carrying(conn, channel)
         assert cycle.waits.pending[fd].carried is not None
         _publish(any_url, name, 1)
-        # the read ran: the message is in the PEL (Valkey may answer the wait first, in a
-        # write of its own)
-        wait_until(lambda: _owned(any_url, channel.consumer_name) == 1, 10, 'the read')
+        _read_ran(any_url, channel)  # the message is in the PEL
         if end == 'close':
             channel.close()
         else:
@@ -177,26 +192,18 @@ def test_a_carried_read_refused_falls_back_to_a_read(any_url):
     name = 'carried-noscript'
     got: list = []
     with Connection(any_url, transport_options=QUIET) as conn:
-        _publish(any_url, name, 0)
-        channel = conn.channel()
-        with Consumer(channel, [Queue(name, routing_key=name)], accept=['json'],
-                      callbacks=[lambda body, m: (got.append(body), m.ack())]):
-            with pytest.raises(socket.timeout):
-                conn.drain_events(timeout=0.2)
+        channel, _ = _consuming(conn, any_url, name,
+                                callbacks=[lambda body, m: (got.append(body), m.ack())])
+        with pytest.raises(socket.timeout):
+            conn.drain_events(timeout=0.2)
 
-            def flush_then_publish() -> None:
-                with redis.Redis.from_url(any_url.replace('redis-streams://', 'redis://')) as r:
-                    r.script_flush()
-                _publish(any_url, name, 1)
+        def flush() -> None:
+            with redis.Redis.from_url(any_url.replace('redis-streams://', 'redis://')) as r:
+                r.script_flush()
 
-            later = threading.Timer(0.2, flush_then_publish)
-            later.start()
-            try:
-                conn.drain_events(timeout=10)
-            finally:
-                later.join()
-            assert got == [{'n': 0}]
-            assert channel._reserved == 0
+        _drain_while_publishing(conn, any_url, name, before=flush)
+        assert got == [{'n': 0}]
+        assert channel._reserved == 0
 
 
 
@@ -209,19 +216,11 @@ def test_a_dead_wait_gives_back_what_its_read_took(any_url):
 
     name = 'carried-dead'
     with Connection(any_url, transport_options=QUIET) as conn:
-        _publish(any_url, name, 0)
-        channel = conn.channel()
         cycle = conn.transport.cycle
-        consumer = Consumer(channel, [Queue(name, routing_key=name)], accept=['json'],
-                            callbacks=[lambda body, m: None], prefetch_count=4)
-        consumer.consume()
-        channel.broker.load_scripts()  # another test may have flushed them (NOSCRIPT)
-        wakes = channel.wake_keys()
-        sources = list(wakes.values())
-        fd = cycle.waits.send(tuple(wakes), None, 30, sources=tuple((channel, s) for s in sources),
-                              carried=channel.carried_read(sources, 30))
+        channel, _ = _consuming(conn, any_url, name, prefetch_count=4)
+        fd = _send_carrying(conn, channel)
         _publish(any_url, name, 1)
-        wait_until(lambda: _owned(any_url, channel.consumer_name) == 1, 10, 'the read')
+        _read_ran(any_url, channel)
         with pytest.raises(DeadConnection):
             cycle.waits.dead(fd)  # as if its answer never came by the deadline
         assert _owned(any_url, channel.consumer_name) == 0
@@ -301,12 +300,7 @@ def test_no_read_is_carried_without_a_socket_timeout(any_url, monkeypatch):
         monkeypatch.setattr(waits, 'send', send)
         with Consumer(channel, [Queue(name, routing_key=name)], accept=['json'],
                       callbacks=[lambda body, m: (got.append(body), m.ack())]):
-            later = threading.Timer(0.3, _publish, (any_url, name, 1))
-            later.start()
-            try:
-                conn.drain_events(timeout=10)
-            finally:
-                later.join()
+            _drain_while_publishing(conn, any_url, name)
     assert got == [{'n': 0}]
     assert carried and all(c is None for c in carried)
     assert channel._reserved == 0
@@ -318,19 +312,12 @@ def test_a_look_only_drain_after_a_carried_read_still_reads(any_url):
     name = 'carried-look'
     got: list = []
     with Connection(any_url, transport_options=QUIET) as conn:
-        _publish(any_url, name, 0)
-        channel = conn.channel()
-        with Consumer(channel, [Queue(name, routing_key=name)], accept=['json'],
-                      callbacks=[lambda body, m: (got.append(body['n']), m.ack())]):
-            later = threading.Timer(0.3, _publish, (any_url, name, 1))
-            later.start()
-            try:
-                conn.drain_events(timeout=10)  # a wait; its read delivers
-            finally:
-                later.join()
-            assert conn.transport.cycle._dry
-            _publish(any_url, name, 1)
-            conn.drain_events(timeout=0)
+        _consuming(conn, any_url, name,
+                   callbacks=[lambda body, m: (got.append(body['n']), m.ack())])
+        _drain_while_publishing(conn, any_url, name)  # a wait; its read delivers
+        assert conn.transport.cycle._dry
+        _publish(any_url, name, 1)
+        conn.drain_events(timeout=0)
     assert got == [0, 0]
 
 
@@ -360,12 +347,7 @@ def test_a_wait_that_cannot_be_sent_frees_its_reads_credit(any_url, monkeypatch)
     import kombu_streams.waits
 
     with Connection(any_url, transport_options=QUIET) as conn:
-        _publish(any_url, 'carried-noconn', 0)
-        channel = conn.channel()
-        consumer = Consumer(channel, [Queue('carried-noconn', routing_key='carried-noconn')],
-                            accept=['json'], callbacks=[lambda body, m: None],
-                            prefetch_count=4)
-        consumer.consume()
+        channel, _ = _consuming(conn, any_url, 'carried-noconn', prefetch_count=4)
         wakes = channel.wake_keys()
         sources = list(wakes.values())
         carried = channel.carried_read(sources, 30)

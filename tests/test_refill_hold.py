@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import count_reads
 from kombu import Connection, Consumer, Producer, Queue
 
 from kombu_streams.channel import Channel
@@ -26,19 +27,6 @@ from kombu_streams.poller import Poller
 
 def _url(redis_url: str) -> str:
     return redis_url.replace('redis://', 'redis-streams://', 1)
-
-
-def _counting_reads(monkeypatch: pytest.MonkeyPatch, channel: Any) -> list[int]:
-    """Patch the channel's read: each call appends the credit it was given."""
-    credits: list[int] = []
-    real = channel._read
-
-    def read(queues: Any, credit: int, planned: bool = True) -> Any:
-        credits.append(credit)
-        return real(queues, credit, planned)
-
-    monkeypatch.setattr(channel, '_read', read)
-    return credits
 
 
 @pytest.mark.redis
@@ -63,7 +51,7 @@ def test_a_refill_read_waits_for_half_the_prefetch_and_carries_the_acks(redis_ur
             while len(got) < 8 and monotonic() < deadline:
                 hub.run_once()  # a wait, woken by the publishes' marker; a read of 8
             assert len(got) == 8 and channel.more_ready
-            reads = _counting_reads(monkeypatch, channel)
+            reads = count_reads(monkeypatch, channel)
 
             got[0].ack()  # credit 1 of 8: the read waits, and so does the ack
             cycle.on_tick()
