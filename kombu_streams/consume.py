@@ -219,7 +219,8 @@ class Consuming(virtual.Channel):
                     break
                 read, parse = self.broker.read_call(
                     group, self.consumer_name, credit, self.max_deliveries, self._expires,
-                    modes, [(stream, entry_id, trusted) for _, stream, entry_id, trusted in merged],
+                    modes, [(stream, entry_id, trusted, key)
+                            for _, stream, entry_id, trusted, key in merged],
                     max_bytes=budget, hints=self.plan.sizes)
                 merged = []
                 sent_at = monotonic()  # the leases start when the read runs, not after

@@ -150,8 +150,9 @@ class ReadCalls(CallsBase):
                   ) -> tuple[Call, Callable[[list[Any]], ReadResult]]:
         """The read call for ``sources`` (see :meth:`sources`), each read as ``modes`` says
         (READ, POPPED, GATED or WALK; READ by default), and the function that decodes its
-        reply. ``acks``: (stream key, entry id[, trusted]) of messages ``consumer`` acks in
-        the same call (only those it still owns are acked, as :meth:`ack_call` says); each
+        reply. ``acks``: (stream key, entry id[, trusted[, x-unique-key]]) of messages
+        ``consumer`` acks in the same call (only those it still owns are acked, as
+        :meth:`ack_call` says; a key, '' for none, is released with its entry); each
         stream must be one of a queue source's own (see :meth:`ack_merges`). ``max_bytes``:
         the call's byte budget (one message bigger than it is still delivered, alone);
         ``hints``: per source, the bytes expected of its largest entry (unknown: the first
@@ -165,9 +166,15 @@ class ReadCalls(CallsBase):
             args += (q, kind, modes.get(src, READ), ttls.get(q, 0), int(hints.get(src, 0)))
         args.append(len(acks))
         position = layout.position
-        for ack in acks:  # (stream, id[, trusted]), indexed: no list made per ack
+        keyed: list[Any] = []
+        for j, ack in enumerate(acks, 1):  # (stream, id[, trusted[, key]]): no list per ack
             k = position[ack[0]]
             args += (-k if len(ack) > 2 and ack[2] else k, ack[1])
+            if len(ack) > 3 and ack[3]:
+                keyed += (j, ack[3])
+        if keyed:  # ARGV[9+5Q+2A]: U, then (ack number, x-unique-key) pairs
+            args.append(len(keyed) // 2)
+            args += keyed
 
         def parse(reply: list[Any]) -> ReadResult:
             status, problems, aside, dues = text(reply[0]), reply[1], reply[2], reply[3]

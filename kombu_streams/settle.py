@@ -21,6 +21,10 @@ from .state import InFlight, by_source
 
 logger = logging.getLogger('kombu_streams.channel')
 
+#: An ack that rides inside the next read call: (queue, stream, entry id, trusted,
+#: x-unique-key or '').
+Merged = tuple[str, str, bytes, bool, str]
+
 
 #: How _settle disposes of messages.
 ACK, REQUEUE, DEAD_LETTER = 'ack', 'requeue', 'dead-letter'
@@ -107,20 +111,21 @@ class Settling(virtual.Channel):
             transport.leases.acks_waiting()  # sent within ACK_DELAY at the latest
 
     def _ack_calls(self, mergeable: set[str] | frozenset[str] = frozenset()
-                   ) -> tuple[list[InFlight], list[Call], list[tuple[str, str, bytes, bool]]]:
+                   ) -> tuple[list[InFlight], list[Call], list[Merged]]:
         """Take the deferred acks: (the acks, script calls: one per source and CHUNK acks,
-        and the (queue, stream, id, trusted) of those on ``mergeable`` streams, at most CHUNK,
-        which ride inside the next read call instead). A caller whose calls fail puts the
-        acks back."""
+        and the (queue, stream, id, trusted, x-unique-key) of those on ``mergeable``
+        streams, at most CHUNK, which ride inside the next read call instead: a key rides
+        too, released by the read as an ack call would). A caller whose calls fail puts
+        the acks back."""
         taken = self.consumer_state.take_acks()
-        merged: list[tuple[str, str, bytes, bool]] = []
+        merged: list[Merged] = []
         alone: list[InFlight] = []
         lease, now = self.visibility_timeout, monotonic()
         for msg in taken:
             if (msg.stream in mergeable and msg.exchange is None and not msg.big
-                    and not msg.unique and len(merged) < CHUNK):
+                    and len(merged) < CHUNK):
                 merged.append((msg.queue, msg.stream, msg.entry_id,
-                               msg.surely_held(lease, now)))
+                               msg.surely_held(lease, now), msg.unique))
             else:
                 alone.append(msg)
         calls: list[Call] = []
@@ -147,13 +152,18 @@ class Settling(virtual.Channel):
                     None, me, big=is_big, unique=[m.unique for m in keyed])
         return calls
 
-    def _merged_calls(self, merged: list[tuple[str, str, bytes, bool]]) -> list[Call]:
-        """Ack calls for acks that were to ride with a read that did not run."""
-        by_queue: dict[str, list[tuple[str, bytes, bool]]] = {}
-        for queue, stream, entry_id, trusted in merged:
-            by_queue.setdefault(queue, []).append((stream, entry_id, trusted))
-        return [c for q, entries in by_queue.items()
-                for c in self.broker.ack_calls(q, entries, None, self.consumer_name)]
+    def _merged_calls(self, merged: list[Merged]) -> list[Call]:
+        """Ack calls for acks that were to ride with a read that did not run (those with a
+        key in calls that release it)."""
+        by_queue: dict[tuple[str, bool], list[tuple[str, bytes, bool]]] = {}
+        keys: dict[str, list[str]] = {}
+        for queue, stream, entry_id, trusted, key in merged:
+            by_queue.setdefault((queue, bool(key)), []).append((stream, entry_id, trusted))
+            if key:
+                keys.setdefault(queue, []).append(key)
+        return [c for (q, keyed), entries in by_queue.items()
+                for c in self.broker.ack_calls(q, entries, None, self.consumer_name,
+                                               unique=keys[q] if keyed else None)]
 
     def flush_acks(self) -> None:
         """Send deferred acks now."""

@@ -59,8 +59,8 @@ class InFlight:
     #: a big message (its body in the queue's big hash): its ack frees the body, in an ack
     #: call of its own (ordinary acks cost no command more for it)
     big: bool = False
-    #: its x-unique-key ('' none): its ack or dead letter releases it, in a call of its own
-    #: (kombu_streams/unique.py)
+    #: its x-unique-key ('' none): its ack (riding in a read, or in an ack call) or dead
+    #: letter releases it (kombu_streams/unique.py)
     unique: str = ''
 
 

@@ -9,8 +9,9 @@ one does, and is counted in the queue's key store. The queue's arguments say how
 still waiting) and ``x-unique-ttl`` (ms the key stays taken after the ack: throttle).
 
 The key is released by the script call that deletes its message. The channel remembers which
-messages it holds have a key (:class:`kombu_streams.state.InFlight`), and acks those in ack
-calls of their own that carry the keys, so an ack of a message without one costs nothing more.
+messages it holds have a key (:class:`kombu_streams.state.InFlight`) and sends each key with
+its ack, in the read the ack rides in or in an ack call, so an ack of a message without one
+costs nothing more, and one with a key no call more.
 """
 
 from __future__ import annotations

@@ -33,8 +33,10 @@ own entries from the lowest to the highest id (paged; this is also the type chec
 all its ids are trusted (-k), for '' a TYPE per stream. With "b", an XRANGE per entry acked
 (it copies the entry: the channel sends only big messages' entries this way, a field r
 each) and one HDEL. Acking twice is harmless; only delivered entries are deleted, and only
-the bodies of entries this call deleted are freed. With "c", a TYPE of the flag (all a queue
-without x-max-in-flight pays); when it is raised, a TYPE of the marker, a ZADD and a DEL.
+the bodies of entries this call deleted are freed. With "u", a TYPE of the key store and,
+per 1,000 keys, an HMGET, an HDEL and an HSET and a TIME (for throttled ones). With "c", a
+TYPE of the flag (all a queue without x-max-in-flight pays); when it is raised, a TYPE of
+the marker, a ZADD and a DEL.
 See docs/design.rst (Leases, Big messages, Global concurrency).
 ]]
 --@include common
@@ -113,16 +115,15 @@ for j = 1, #free, 1000 do  -- unpack() has a limit
   redis.call('HDEL', bigkey, unpack(free, j, math.min(j + 999, #free)))
 end
 if keyed then  -- the key of each entry deleted here is free (or throttled) from now on
-  local now = now_ms()
+  local items = {}
   for j = 1, m do
     local at = first + 2 * (j - 1)
     local k = math.abs(tonumber(ARGV[at]))
     if ARGV[4 + j] ~= '' and gone[k][ARGV[at + 1]] then
-      lib_unique().unique_release(ustore, ARGV[4 + j],
-                                  string.match(KEYS[k], ':(%d+)$') or '0', ARGV[at + 1], true,
-                                  now)
+      items[#items + 1] = {ARGV[4 + j], string.match(KEYS[k], ':(%d+)$') or '0', ARGV[at + 1]}
     end
   end
+  if #items > 0 then lib_unique().unique_release_acked(ustore, items, now_ms) end
 end
 if flagged and done > 0 then inflight_release(flag, wake, KEYS[1], 0) end
 return {done, stale}

@@ -27,6 +27,7 @@ KEYS[S+12q-3]   rate limiter state (string) of source q, ks:q:{queue}:rate: the 
 KEYS[S+12q-2]   key store (hash) of source q, ks:q:{queue}:unique: a delayed message moved
                 to its stream that holds an x-unique-key keeps it (the store then names its
                 new entry; lua/lib/unique.lua); looked at (TYPE) only when due messages move
+                or keyed acks ride along (ARGV[9+5Q+2A])
 KEYS[S+12q-1]   in-flight flag (string) of source q, ks:q:{queue}:capped: raised when the
                 queue's x-max-in-flight left ready work without a marker; acks that ride
                 along and free a slot lower it and set the marker (lua/lib/inflight.lua)
@@ -62,6 +63,10 @@ ARGV[8+5Q]      A: the number of acks that ride along (0: none), then A pairs: s
                 i (a queue's own stream, never a fanout one; -i: trusted, see ack.lua),
                 entry id; they are acked before anything is read, as ack.lua does for
                 consumer ARGV[1] (one round trip, one call): only those it still owns
+ARGV[9+5Q+2A]   optional: U >= 1, the number of those acks whose messages hold an
+                x-unique-key, then U pairs: the ack's number 1..A, its key. Each key is
+                released (or kept x-unique-ttl ms: throttle) when its entry is deleted
+                here, in the source's key store KEYS[S+12q-2], as ack.lua's mode "u" does
 Reply: {status, problems, aside, dues, unsettled, then per delivered message, in delivery
        order: stream index i, entry id, delivery count, payload}; the payload of a big
        message is {token}: the caller fetches its body from KEYS[S+12q-6] (HGET)
@@ -93,7 +98,9 @@ few hash commands, at most what the call may still deliver per level, whatever t
 of groups waiting;
 entries set aside (expired ones too) at most COUNT + 100 per call, the rest next call;
 acks that ride along add one XPENDING per stream (ownership, see ack.lua) unless all of the
-stream's are trusted; a source whose riding acks freed entries adds a TYPE of its flag. A
+stream's are trusted; a source whose riding acks freed entries adds a TYPE of its flag;
+keyed acks a TYPE of the key store per stream, and an HMGET, an HDEL and an HSET and a
+TIME (for throttled keys) per stream and 1,000 keys. A
 queue with x-rate-limit adds a TIME, a GET and a SET; one with x-max-in-flight an XPENDING
 summary per stream (O(consumers of its group)), and a TYPE and SET of its flag when the
 limit stops the read; one with x-priority-aging, once per call, for each lower level than
@@ -119,7 +126,9 @@ Unique keys, Priority aging, Fair share).
 
 local S, Q = tonumber(ARGV[5]), tonumber(ARGV[6])
 local A = S and Q and tonumber(ARGV[8 + 5 * Q]) or 0
-local fits = S and Q and #KEYS == S + 12 * Q and #ARGV == 8 + 5 * Q + 2 * A
+local U = S and Q and #ARGV > 8 + 5 * Q + 2 * A and tonumber(ARGV[9 + 5 * Q + 2 * A]) or 0
+local fits = S and Q and #KEYS == S + 12 * Q and A >= 0 and A % 1 == 0 and U >= 0 and U % 1 == 0
+             and #ARGV == 8 + 5 * Q + 2 * A + (U > 0 and 1 + 2 * U or 0)
 local F = 0  -- fanout sources: one stream each; the O queue sources have one per level
 if fits then
   for q = 1, Q do
@@ -130,13 +139,15 @@ if fits then
 end
 if not fits then
   return check_args('read', false, false, tostring(S) .. ' streams, ' .. tostring(Q) ..
-                    ' sources and ' .. tostring(A) .. ' acks (S + 12Q keys, 8 + 5Q + 2A args, ' ..
-                    'S = fanout sources + queue sources x levels)')
+                    ' sources and ' .. tostring(A) .. ' acks (S + 12Q keys, 8 + 5Q + 2A args ' ..
+                    'and 1 + 2U more with U keyed acks, S = fanout sources + queue sources ' ..
+                    'x levels)')
 end
 local ctx = new_context(ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]),
                         math.max(tonumber(ARGV[7]) or 1, 1))
 local sources, of = load_sources(S, Q, F)
-ride_acks(ctx, of, 9 + 5 * Q)  -- before anything is read, as ack.lua would
+local refused = ride_acks(ctx, of, 9 + 5 * Q, A, U)  -- before any read, as ack.lua would
+if refused then return redis.error_reply(refused) end
 for i = 1, S do
   if ctx.left <= 0 then break end
   local src = of[i]

@@ -23,7 +23,8 @@ STALE = 1_000_000
 def read_messages(broker: Broker, queues: Sequence[str], consumer: str, count: int,
                   max_deliveries: int = 0, fanout: dict[str, Iterable[str]] | None = None,
                   ttls: dict[str, int] | None = None, walk: bool = False,
-                  hints: dict[tuple[str, str | None], int] | None = None) -> list[Delivery]:
+                  hints: dict[tuple[str, str | None], int] | None = None,
+                  acks: Sequence[tuple[Any, ...]] = ()) -> list[Delivery]:
     """Deliver up to ``count`` messages across ``queues``, highest priority first.
 
     ``fanout`` maps a queue to the fanout exchanges it is bound to: their streams are read
@@ -31,12 +32,13 @@ def read_messages(broker: Broker, queues: Sequence[str], consumer: str, count: i
     expiring queues, for their markers. ``walk``: look at every stream, not only those the
     queues' ready indexes name, and rebuild the indexes (a repair). ``hints``: per source,
     the size read.lua expects of its entries, as a channel learns it (unknown: the first
-    batch of a stream is one entry).
+    batch of a stream is one entry). ``acks``: acks that ride along, (stream, entry id[,
+    trusted[, x-unique-key]]) each, as a channel's next read carries them.
     """
     sources = broker.sources(queues, fanout)
     mode = WALK if walk else READ
     call, parse = broker.read_call(sources, consumer, count, max_deliveries, ttls,
-                                   {src: mode for src in sources}, hints=hints)
+                                   {src: mode for src in sources}, acks, hints=hints)
     return parse(broker.run(call)).deliveries
 
 

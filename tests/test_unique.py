@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 import pytest
+import redis
 from helpers import read_messages
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -174,6 +175,110 @@ def test_a_stale_settle_releases_nothing(script_client):
     assert not held(c, 'k')
 
 
+def ride(b: Broker, consumer: str, d: Any, key: str, trusted: bool = False) -> list[Any]:
+    """Ack ``d`` inside a read of ``consumer``, as a channel's next read carries its acks."""
+    return read_messages(b, ['q'], consumer, 1, acks=[(d.stream, d.entry_id, trusted, key)])
+
+
+@pytest.mark.parametrize('trusted', [False, True])
+def test_an_ack_riding_in_a_read_releases_its_key(script_client, trusted):
+    c = script_client
+    b = queue(c)
+    publish(b, 1, 'k')
+    publish(b, 2, 'j')
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    (after,) = ride(b, 'c1', d, 'k', trusted)
+    assert json.loads(after.payload)['body'] == 'm2'
+    assert not held(c, 'k') and held(c, 'j')
+    assert c.xlen(K.stream('q', 0)) == 1  # m1's entry went with its ack
+    assert publish(b, 3, 'k') not in (None, DUPLICATE)
+
+
+def test_keyed_and_plain_acks_ride_in_one_read(script_client):
+    c = script_client
+    b = queue(c)
+    publish(b, 1, 'k')
+    b.publish('q', 3, body(2))
+    publish(b, 3, 'j', level=3)
+    got = read_messages(b, ['q'], 'c1', 3)
+    assert len(got) == 3
+    keys = {'m1': 'k', 'm2': '', 'm3': 'j'}
+    acks = [(d.stream, d.entry_id, False, keys[json.loads(d.payload)['body']]) for d in got]
+    assert read_messages(b, ['q'], 'c1', 1, acks=acks) == []
+    assert not held(c, 'k') and not held(c, 'j')
+    assert sum(c.xlen(K.stream('q', lv)) for lv in LEVELS) == 0
+
+
+@pytest.mark.parametrize('ttl', [0, HOUR])
+def test_one_ack_call_releases_every_key_it_acks(script_client, ttl):
+    c = script_client
+    b = queue(c, x_unique_ttl=ttl) if ttl else queue(c)
+    for n, key in enumerate(['a', 'b', 'c']):
+        publish(b, n, key)
+    got = read_messages(b, ['q'], 'c1', 3)
+    keys = {f'm{n}': key for n, key in enumerate(['a', 'b', 'c'])}
+    assert b.ack('q', [(d.stream, d.entry_id) for d in got], consumer='c1',
+                 unique=[keys[json.loads(d.payload)['body']] for d in got]) == 3
+    refs = c.hmget(K.unique('q'), ['k:a', 'k:b', 'k:c'])
+    assert all(r is not None and r.startswith(b't:') for r in refs) if ttl else refs == [None] * 3
+
+
+def test_an_ack_riding_in_a_read_keeps_a_throttled_key(script_client):
+    c = script_client
+    b = queue(c, x_unique_ttl=HOUR)
+    publish(b, 1, 'k')
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    assert ride(b, 'c1', d, 'k') == []
+    assert c.hget(K.unique('q'), 'k:k').startswith(b't:')
+    assert publish(b, 2, 'k') == DUPLICATE
+
+
+def test_a_stale_ack_riding_in_a_read_releases_nothing(script_client):
+    c = script_client
+    b = queue(c)
+    publish(b, 1, 'k')
+    (d,) = read_messages(b, ['q'], 'dead', 1)
+    b.reclaim('q', 0, 100)  # its lease ran out
+    (again,) = read_messages(b, ['q'], 'c2', 1)
+    assert ride(b, 'dead', d, 'k') == []
+    assert held(c, 'k') and c.xlen(K.stream('q', 0)) == 1
+    assert ride(b, 'c2', again, 'k') == []
+    assert not held(c, 'k')
+
+
+def test_a_keyed_ack_naming_no_riding_ack_is_refused(script_client):
+    c = script_client
+    b = queue(c)
+    publish(b, 1, 'k')
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    (script, keys, args), _ = b.read_call(b.sources(['q']), 'c1', 1,
+                                          acks=[(d.stream, d.entry_id, False, 'k')])
+    assert args[-3:] == [1, 1, 'k']  # U, then the ack's number and its key
+    args[-2] = 2  # only one ack rides
+    with pytest.raises(redis.ResponseError, match='ack pair number 1..1'):
+        b.run((script, keys, args))
+    assert held(c, 'k') and c.xpending(K.stream('q', 0), 'q')['pending'] == 1
+
+
+def test_a_keyed_ack_with_a_broken_key_store_is_its_queues_problem(script_client):
+    """Another program's key at the store's name: the ack is not made (the message stays
+    pending, its key unreleasable), the read says why and goes on."""
+    c = script_client
+    b = queue(c)
+    publish(b, 1, 'k')
+    b.publish('q', 0, body(2))
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    c.delete(K.unique('q'))
+    c.set(K.unique('q'), 'not a hash')
+    call, parse = b.read_call(b.sources(['q']), 'c1', 1,
+                              acks=[(d.stream, d.entry_id, False, 'k')])
+    result = parse(b.run(call))
+    assert [text for _, text in result.problems] == [
+        f'WRONGTYPE {K.unique("q")} holds a string, not a hash (key {K.stream("q", 0)})']
+    assert [json.loads(x.payload)['body'] for x in result.deliveries] == ['m2']
+    assert c.xpending(K.stream('q', 0), 'q')['pending'] == 2
+
+
 def test_a_killed_consumers_message_keeps_its_key_until_reclaimed_and_acked(script_client):
     c = script_client
     b = queue(c)
@@ -304,8 +409,9 @@ def test_unique_arguments_as_stored():
 
 class UniqueModel(RuleBasedStateMachine):
     """Publishes with two keys (some delayed, some with a TTL already past), reads by two
-    consumers, ack, reject (dead letter), requeue, a reclaim of every lease, purge and delayed
-    messages made due (moved to their stream by the next read), in any order. After each
+    consumers, ack (in a call of its own or riding in a read), reject (dead letter),
+    requeue, a reclaim of every lease, purge and delayed messages made due (moved to their
+    stream by the next read), in any order. After each
     step: at most one live message per key, and a publish is refused exactly when a live
     message holds its key (never a key left behind its message, never one lost on a move)."""
 
@@ -349,8 +455,8 @@ class UniqueModel(RuleBasedStateMachine):
         return self.flight[consumer].pop(0)
 
     @precondition(lambda self: self.flight['c1'] or self.flight['c2'])
-    @rule(consumer=st.sampled_from(['c1', 'c2']), how=st.sampled_from(['ack', 'reject',
-                                                                       'requeue']))
+    @rule(consumer=st.sampled_from(['c1', 'c2']), how=st.sampled_from(['ack', 'ride',
+                                                                       'reject', 'requeue']))
     def settle(self, consumer: str, how: str) -> None:
         if not self.flight[consumer]:
             return
@@ -358,6 +464,9 @@ class UniqueModel(RuleBasedStateMachine):
         key = json.loads(d.payload)['body'].split('/')[0]
         if how == 'ack':
             self.b.ack('q', [(d.stream, d.entry_id)], consumer=consumer, unique=[key])
+        elif how == 'ride':  # inside the consumer's next read, which may deliver one more
+            self.flight[consumer] += read_messages(self.b, ['q'], consumer, 1,
+                                                   acks=[(d.stream, d.entry_id, False, key)])
         elif how == 'reject':
             self.b.dead_letter('q', d.stream, d.entry_id, 'rejected', 1, None, consumer, key)
         else:

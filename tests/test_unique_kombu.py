@@ -63,6 +63,37 @@ def test_a_consumed_message_releases_its_key(any_url, caplog, settle):
         assert message_count(conn, 'uq') == 1
 
 
+def test_keyed_acks_ride_in_the_next_read(any_url, monkeypatch):
+    """A consumer's acks of messages with a key ride inside its next read, as other acks
+    do: no ack call of their own while it keeps reading, and every key released."""
+    alone: list[Any] = []
+    ack_call = Broker.ack_call
+
+    def spy(self: Broker, *args: Any, **kwargs: Any) -> Any:
+        call = ack_call(self, *args, **kwargs)
+        if call is not None:
+            alone.append(call)
+        return call
+
+    monkeypatch.setattr(Broker, 'ack_call', spy)
+    q = Queue('rq', routing_key='rq')
+    with Connection(any_url) as conn:
+        q(conn.default_channel).declare()
+        producer = Producer(conn.default_channel, routing_key='rq')
+        for n in range(5):
+            producer.publish({'n': n}, headers={'x-unique-key': f'k{n}'})
+        got: list[Any] = []
+        with Consumer(conn.default_channel, [q], prefetch_count=1,
+                      callbacks=[lambda body, m: (got.append(body), m.ack())]):
+            while len(got) < 5:
+                conn.drain_events(timeout=5)
+            assert alone == []  # four acks rode in reads; the fifth waits for the next
+            conn.default_channel.flush_acks()
+        client = conn.default_channel.client
+        assert [f for f in client.hkeys(K.unique('rq')) if f.startswith(b'k:')] == []
+        assert message_count(conn, 'rq') == 0
+
+
 @requires_batch_publish
 def test_a_batch_reports_a_refused_key(any_url):
     with Connection(any_url) as conn:

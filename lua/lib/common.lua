@@ -256,9 +256,9 @@ end
 -- k is not an index 1..N. A negative k marks an entry the consumer knows it still owns: by
 -- its own clock it read or renewed it less than half a lease ago, so no reclaim can have
 -- taken it (docs/design.rst, "Leases"); it is acked without the ownership lookup.
-local function ack_pairs(first, n)
+local function ack_pairs(first, n, last)
   local by, order = {}, {}
-  for j = first, #ARGV, 2 do
+  for j = first, last or #ARGV, 2 do
     local k = tonumber(ARGV[j])
     local trusted = k ~= nil and k < 0
     if trusted then k = -k end

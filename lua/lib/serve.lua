@@ -95,29 +95,74 @@ local function load_sources(S, Q, F)
   return sources, of
 end
 
--- Ack the (stream index, entry id) pairs in ARGV[FIRST..], by stream, as ack.lua does: only
--- those the consumer still owns (or trusts it owns: a negative index, see ack_pairs); the
--- others are counted per source in ctx.unsettled. A stream holding another type is a
+-- The keys of the keyed acks that ride along (ARGV after the A pairs at FIRST: U, then U
+-- (pair number, x-unique-key) pairs): stream index -> entry id -> key; or nil and what is
+-- wrong (nothing written yet).
+local function keyed_acks(first, a, u)
+  local keyed, base = {}, first + 2 * a  -- ARGV[base] is U
+  for j = 1, u do
+    local p = tonumber(ARGV[base + 2 * j - 1])
+    if p == nil or p < 1 or p > a or p % 1 ~= 0 then
+      return nil, 'read: expected an ack pair number 1..' .. a .. ' at ARGV[' ..
+                  (base + 2 * j - 1) .. ']'
+    end
+    local at = first + 2 * (p - 1)
+    local k = math.abs(tonumber(ARGV[at]))
+    keyed[k] = keyed[k] or {}
+    keyed[k][ARGV[at + 1]] = ARGV[base + 2 * j]
+  end
+  return keyed
+end
+
+-- Ack the A (stream index, entry id) pairs in ARGV[FIRST..], by stream, as ack.lua does:
+-- only those the consumer still owns (or trusts it owns: a negative index, see ack_pairs);
+-- the others are counted per source in ctx.unsettled. A stream holding another type is a
 -- problem of its source only. A source whose acks freed slots while its in-flight flag was
 -- raised gets its marker back, as ack.lua does (docs/design.rst, "Global concurrency").
-local function ride_acks(ctx, of, first)
-  local by, order, at = ack_pairs(first, #of)
+-- U > 0 keyed acks: the key of each such entry deleted here is released (or throttled) in
+-- its source's key store, as ack.lua's mode "u" does (docs/design.rst, Unique keys). Returns
+-- an error when ARGV does not say which acks there are (before any write), else nil.
+local function ride_acks(ctx, of, first, a, u)
+  local by, order, at = ack_pairs(first, #of, first + 2 * a - 1)
   local freed = {}  -- sources with slots freed, in order
   if not by then  -- before anything is written: the whole call fails, and says why
-    error({err = 'read: expected a stream index 1..' .. #of .. ' at ARGV[' .. at ..
-                 '] (negative: trusted)'})
+    return 'read: expected a stream index 1..' .. #of .. ' at ARGV[' .. at ..
+           '] (negative: trusted)'
+  end
+  local keyed, wrong = nil, nil
+  if u > 0 then
+    keyed, wrong = keyed_acks(first, a, u)
+    if wrong then return wrong end
   end
   for _, i in ipairs(order) do
     local src = of[i]
+    local keys = keyed and keyed[i]
     local owned, lost, err = ackable(KEYS[i], src.group, ctx.consumer, by[i])
+    if owned and keys then  -- the store's type before this stream's first write
+      err = wrong_type(src.store, 'hash')
+      if err then owned = nil end
+    end
     if owned then
       if lost > 0 then ctx.unsettled[src.q] = (ctx.unsettled[src.q] or 0) + lost end
-      local ok, done = pcall(ack_ids, KEYS[i], src.group, owned)
+      local deleted = keys and {} or nil
+      local ok, done = pcall(ack_ids, KEYS[i], src.group, owned, deleted)
       if not ok then
         err = tostring(done)
       elseif done > 0 and not src.freed then
         src.freed = true
         freed[#freed + 1] = src
+      end
+      if ok and keys then
+        local level, items = string.match(KEYS[i], ':(%d+)$') or '0', {}
+        for id, key in pairs(keys) do
+          if key ~= '' and deleted[id] then items[#items + 1] = {key, level, id} end
+        end
+        if #items > 0 then
+          lib_unique().unique_release_acked(src.store, items, function()
+            ctx.now = ctx.now or now_ms()
+            return ctx.now
+          end)
+        end
       end
     end
     if err then

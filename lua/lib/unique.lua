@@ -128,6 +128,43 @@ local function unique_release(store, key, level, id, acked, now)
   return 1
 end
 
+-- unique_release for ITEMS ({key, level, entry id} each) acked in one call, in one HMGET, one
+-- HDEL and one HSET (the throttled ones) per 1,000 rather than two commands a key: what
+-- ack.lua and the acks riding in a read release. A key whose message was a delayed one since
+-- moved goes through unique_release (rare). CLOCK() gives the time in unix ms, asked only
+-- for a throttled key (no TIME otherwise). Returns the number released.
+local function unique_release_acked(store, items, clock)
+  local released, now = 0, nil
+  for first = 1, #items, 1000 do  -- unpack() has a limit
+    local last = math.min(first + 999, #items)
+    local fields = {}
+    for j = first, last do fields[#fields + 1] = 'k:' .. items[j][1] end
+    local refs = redis.call('HMGET', store, unpack(fields))
+    local gone, set = {}, {}
+    for j = first, last do
+      local ref, item = refs[j - first + 1], items[j]
+      local kind, ttl, a, b = nil, nil, nil, nil
+      if ref then kind, ttl, a, b = unique_parse(ref) end
+      if kind == 'd' then
+        now = now or clock()
+        released = released + unique_release(store, item[1], item[2], item[3], true, now)
+      elseif kind == 's' and a == item[2] and b == item[3] then
+        released = released + 1
+        if ttl and ttl > 0 then
+          now = now or clock()
+          set[#set + 1] = 'k:' .. item[1]
+          set[#set + 1] = 't:' .. string.format('%d', now + ttl)
+        else
+          gone[#gone + 1] = 'k:' .. item[1]
+        end
+      end
+    end
+    if #gone > 0 then redis.call('HDEL', store, unpack(gone)) end
+    if #set > 0 then redis.call('HSET', store, unpack(set)) end
+  end
+  return released
+end
+
 -- Release the key of delayed MEMBER, deleted (purged) from the delayed set: 1 if it had one.
 local function unique_release_delayed(store, member)
   local key = redis.call('HGET', store, 'd:' .. member)
