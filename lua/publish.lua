@@ -64,8 +64,8 @@ message adds a TYPE, an HEXISTS and two PTTLs, and never passes through Lua; a T
 TIME and the field e; an id on a queue with x-deduplication-window O(log n) with n ids
 remembered; a unique key O(1) or O(log n) (its holder looked at), and one stored adds an
 HLEN, on a store over 32 fields an HINCRBY, and every 8th keyed publish one sweep step (32
-fields at most, 16 of them stream entries: an XPENDING each, an XRANGE of those not
-delivered yet, about 1 MiB copied at most; lua/lib/unique.lua). Never trims.
+fields at most, 16 of them stream entries: an XPENDING of each delivered one, an XRANGE
+of each not delivered yet, about 1 MiB copied at most; lua/lib/unique.lua). Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
 arguments and limits, Message TTL, Duplicates, Unique keys, Fair share). A staged message
 costs 3 hash commands (6 when its group joins the rotation: lua/lib/fair.lua) and an SADD.

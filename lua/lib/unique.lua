@@ -238,11 +238,12 @@ end
 -- when it ends: the store weighs at most about twice its live keyed messages (two fields
 -- each, four for a delayed one), or holds UNIQUE_SWEEP_FROM fields. Cost per keyed publish:
 -- an HLEN, above the floor an HINCRBY; per step, two HGETs, an HSCAN (at most about
--- UNIQUE_CHECKS fields of a hashtable, all of a listpack), up to UNIQUE_CHECKS looks (at most
--- UNIQUE_LOOKS XPENDINGs and XINFO GROUPS once per level; XRANGEs of entries not delivered
--- yet, about 1 MiB copied at most: past it the step ends, so a queue of ready messages near
--- big_message_bytes covers fewer fields per step), an HDEL and an HSET. LEVELS maps a level
--- to its stream, DKEY is the delayed set, NOW unix ms, GROUP the queue's group.
+-- UNIQUE_CHECKS fields of a hashtable, all of a listpack), up to UNIQUE_CHECKS looks (XINFO
+-- GROUPS once per level, then at most UNIQUE_LOOKS XPENDINGs of delivered entries or XRANGEs
+-- of entries not delivered yet, about 1 MiB copied at most: past it the step ends, so a
+-- queue of ready messages near big_message_bytes covers fewer fields per step), an HDEL
+-- and an HSET. LEVELS maps a level to its stream, DKEY is the delayed set, NOW unix ms,
+-- GROUP the queue's group.
 -- Never fails: it runs after the message was stored, so a key of another type at one of the
 -- names is only skipped (try), and the store is a hash (the publish just wrote it).
 local UNIQUE_CURSOR, UNIQUE_AT, UNIQUE_TICK = 'c', 'a', 't'
@@ -273,18 +274,21 @@ local function unique_gone(store, f, v, levels, dkey, now, group, step)
   if kind ~= 's' then return nil end
   local stream = levels[b or '']
   if not stream then return f end  -- a level the queue no longer has: free already
-  -- Delivered and not settled (or parked): in the PEL. Delivered and no longer there:
-  -- settled, and every settle deletes its entry. Neither asks for the entry itself.
-  local p, err = try('XPENDING', stream, group, c, c, 1)
-  if err then return nil end
-  if p and p[1] then return nil end
   local last = step.last[stream]
   if last == nil then
     local ok, got = pcall(last_delivered, stream, group)  -- no stream: nothing delivered
     last = ok and got or '0-0'
     step.last[stream] = last
   end
-  if not id_before(last, c) then return f end
+  if not id_before(last, c) then
+    -- Delivered and not settled (or parked): in the PEL. Delivered and no longer there:
+    -- settled, and every settle deletes its entry. Neither asks for the entry itself. (An
+    -- entry after the group's last-delivered id was never delivered: no PEL look.)
+    local p, err = try('XPENDING', stream, group, c, c, 1)
+    if err then return nil end
+    if p and p[1] then return nil end
+    return f
+  end
   -- Ready: alive unless purged or set aside, which only a look at the entry tells; the
   -- XRANGE copies it, so the step stops (here, resumed next time) past its byte budget.
   if step.bytes >= UNIQUE_COPY_BYTES then return nil, nil, true end
@@ -320,7 +324,7 @@ local function unique_sweep(store, levels, dkey, now, group)
   while last < n and last < skip + UNIQUE_CHECKS do
     local f, v = flat[2 * last + 1], flat[2 * last + 2]
     if string.sub(f, 1, 2) == 'k:' and string.sub(v, 1, 2) == 's:' then
-      if looks >= UNIQUE_LOOKS then break end  -- an XPENDING each, maybe an XRANGE
+      if looks >= UNIQUE_LOOKS then break end  -- an XPENDING or an XRANGE each
       looks = looks + 1
     end
     local f1, f2, stop = nil, nil, false
