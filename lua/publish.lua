@@ -63,9 +63,11 @@ full, three TYPEs and a few reads per level; a big
 message adds a TYPE, an HEXISTS and two PTTLs, and never passes through Lua; a TTL adds a
 TIME and the field e; an id on a queue with x-deduplication-window O(log n) with n ids
 remembered; a unique key O(1) or O(log n) (its holder looked at), and one stored adds an
-HLEN, on a store over 32 fields an HINCRBY, and every 8th keyed publish one sweep step (32
-fields at most, 16 of them stream entries: an XPENDING of each delivered one, an XRANGE
-of each not delivered yet, about 1 MiB copied at most; lua/lib/unique.lua). Never trims.
+HLEN and a PTTL (two on an expiring queue), on a store over 32 fields an HINCRBY, and
+every 8th keyed publish one sweep step (32 fields at most, 16 of them stream entries: an
+XPENDING of each delivered one, an XRANGE of each not delivered yet, about 1 MiB copied at
+most; lua/lib/unique.lua); its x-unique-mode and x-unique-ttl come in the HMGET of the
+arguments every publish makes, and TIME only for a throttled key. Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
 arguments and limits, Message TTL, Duplicates, Unique keys, Fair share). A staged message
 costs 3 hash commands (6 when its group joins the rotation: lua/lib/fair.lua) and an SADD.
@@ -146,8 +148,8 @@ if wrong then return refuse(redis.error_reply(wrong)) end
 -- holds counts, so what a publish adds (to a stream or the delayed set) is checked here,
 -- before any write. The counts (XLEN, HLEN) check the types of the keys they read; drop-head
 -- checks those it writes before it writes.
-local limit, overflow, queue_ttl, window, fairness
-limit, overflow, wrong, queue_ttl, window, fairness = read_limit(argkey)
+local limit, overflow, queue_ttl, window, fairness, umode, uconf
+limit, overflow, wrong, queue_ttl, window, fairness, umode, uconf = read_limit(argkey)
 if not wrong and fairness and not grouped then  -- staging needs its hash: ask for it
   return refuse(redis.error_reply('NEEDKEYS queue ' .. group .. ' has x-fairness: send its ' ..
                                   'staging hash and a group (nothing was stored)'))
@@ -167,11 +169,20 @@ if not wrong and limit then
   end
 end
 if wrong then return refuse(redis.error_reply(wrong)) end
+local time = nil  -- the server's clock, read once: {seconds, microseconds}
+local function now_us()
+  if time == nil then time = redis.call('TIME') end
+  return tonumber(time[1]), tonumber(time[2])
+end
+local function clock()  -- ms, rounded down
+  local sec, usec = now_us()
+  return sec * 1000 + math.floor(usec / 1000)
+end
 -- A duplicate (docs/design.rst, "Duplicates") is refused before the limit is looked at: a
 -- retried publish to a full queue is no reason to set another message aside.
 local dedup_now = nil  -- with an id to remember once the message is stored
 if window and window > 0 and dedup_id then
-  dedup_now = now_ms()
+  dedup_now = clock()
   local dedup = lib_dedup()
   local seen, err = dedup.dedup_seen(store, dedup_id, dedup_now)
   if err then return refuse(redis.error_reply(err)) end
@@ -192,18 +203,16 @@ end
 -- of the queue holds is refused (a duplicate), or replaces that one while it waits
 -- (x-unique-mode replace). After the id store: a retried publish is a duplicate first.
 local ukey, ustore, ustate, uref, ua, ub, uttl = ARGV[12], nil, nil, nil, nil, nil, 0
-local levels, unow = {}, nil  -- level -> stream; the clock of the look
+local levels = {}  -- level -> stream
 if ukey == '' then ukey = nil end
 if ukey then
   ustore = KEYS[10 + nl]
   for i = 8, 7 + nl do levels[string.match(KEYS[i], ':(%d+)$') or ''] = KEYS[i] end
-  local conf = redis.call('HMGET', argkey, UNIQUE_MODE, UNIQUE_TTL)  -- its type: read_limit
-  uttl = math.max(math.floor(tonumber(conf[2]) or 0), 0)
+  uttl = math.max(math.floor(tonumber(uconf) or 0), 0)  -- read with the limit (read_limit)
   local uerr
-  unow = dedup_now or now_ms()
   local unique = lib_unique()
-  ustate, uref, ua, ub, uerr = unique.unique_holder(ustore, ukey, levels, KEYS[6], group, unow)
-  if not uerr and ustate and conf[1] == 'replace' then
+  ustate, uref, ua, ub, uerr = unique.unique_holder(ustore, ukey, levels, KEYS[6], group, clock)
+  if not uerr and ustate and umode == 'replace' then
     local ok
     ok, uerr = unique.unique_replaceable(ustate, ua, KEYS[7])
     if ok then ustate = 'replace ' .. ustate end
@@ -226,11 +235,9 @@ if ukey then
     end
     unique.unique_hold(ustore, ukey, uttl, string.match(stream, ':(%d+)$') or '0', id, member,
                        uref)
-    unique.unique_sweep(ustore, levels, KEYS[6], unow, group)  -- fields outliving their message
-    if redis.call('PTTL', ustore) == -1 then  -- an expiring queue's store goes with it
-      local ttl = redis.call('PTTL', first)
-      if ttl > 0 then redis.call('PEXPIRE', ustore, ttl) end
-    end
+    unique.unique_sweep(ustore, levels, KEYS[6], clock, group)  -- fields outliving a message
+    local ttl = redis.call('PTTL', first)  -- an expiring queue's store goes with it
+    if ttl > 0 and redis.call('PTTL', ustore) == -1 then redis.call('PEXPIRE', ustore, ttl) end
   end
 end
 if limit then  -- what else refuses the publish, before drop-head sets anything aside
@@ -269,15 +276,6 @@ end
 -- delayed one when due); a message with a unique key is appended (the key store names an
 -- entry or a delayed member).
 local fair_key = grouped and fairness and not ukey and KEYS[11 + nl]
-local time = nil  -- the server's clock, read once: {seconds, microseconds}
-local function now_us()
-  if time == nil then time = redis.call('TIME') end
-  return tonumber(time[1]), tonumber(time[2])
-end
-local function clock()  -- ms, rounded down
-  local sec, usec = now_us()
-  return sec * 1000 + math.floor(usec / 1000)
-end
 
 -- Message TTL (docs/design.rst, "Message TTL"): the deadline, from this call's clock, goes
 -- with the message wherever it waits (field e of its entry, a prefix of its delayed value).

@@ -13,17 +13,19 @@ local DEDUP_WINDOW = 'x-deduplication-window'
 -- The queue's length limit and overflow from its arguments hash ARGS: (limit, overflow), or
 -- (nil, nil) without a limit, or (nil, nil, error) when ARGS holds another type; the fourth
 -- value is the queue's message TTL in ms, or nil, the fifth its x-deduplication-window in ms,
--- or nil, the sixth its x-fairness (lua/lib/fair.lua), or nil. One HMGET, O(1): all a
--- publish to a queue without arguments pays.
+-- or nil, the sixth its x-fairness (lua/lib/fair.lua), or nil, then its x-unique-mode and
+-- x-unique-ttl (lua/lib/unique.lua) as stored, or nil. One HMGET, O(1): all a publish to a
+-- queue without arguments pays, and all a keyed one pays for them.
 local function read_limit(args)
   local r, err = try('HMGET', args, MAX_LENGTH, OVERFLOW, MESSAGE_TTL, DEDUP_WINDOW,
-                     'x-fairness')
-  if err then return nil, nil, err, nil, nil, nil end
-  if not r then return nil, nil, nil, nil, nil, nil end
+                     'x-fairness', 'x-unique-mode', 'x-unique-ttl')
+  if err then return nil, nil, err, nil, nil, nil, nil, nil end
+  if not r then return nil, nil, nil, nil, nil, nil, nil, nil end
   local ttl = r[3] and tonumber(r[3]) or nil
   local window, fairness = tonumber(r[4]), r[5] or nil
-  if not r[1] then return nil, nil, nil, ttl, window, fairness end
-  return tonumber(r[1]), r[2] or 'drop-head', nil, ttl, window, fairness
+  local umode, uttl = r[6] or nil, r[7] or nil
+  if not r[1] then return nil, nil, nil, ttl, window, fairness, umode, uttl end
+  return tonumber(r[1]), r[2] or 'drop-head', nil, ttl, window, fairness, umode, uttl
 end
 
 -- What a queue holds, counted against its limit: every entry of its STREAMS (ready and in

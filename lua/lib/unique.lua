@@ -37,16 +37,17 @@ end
 -- is gone, however it went, is free): nil (free), 'throttled', 'delayed' (member), 'ready'
 -- (stream key, id: not delivered yet), 'taken' (delivered and not settled, or parked with
 -- the holder, or a big message: never replaced). LEVELS maps a
--- level to its stream key; DKEY is the delayed set, GROUP the queue's group; NOW unix ms.
+-- level to its stream key; DKEY is the delayed set, GROUP the queue's group; CLOCK() the
+-- time in unix ms (asked only for a throttled key).
 -- Returns (state, ref, a, b) or (nil, nil, nil, nil, error). O(1) commands: an HGET, then
 -- an XRANGE of one id and XINFO GROUPS (one group), or a ZSCORE.
-local function unique_holder(store, key, levels, dkey, group, now)
+local function unique_holder(store, key, levels, dkey, group, clock)
   local ref, err = try('HGET', store, 'k:' .. key)
   if err then return nil, nil, nil, nil, err end
   if not ref then return nil end
   local kind, a, b, c = unique_parse(ref)
   if kind == 't' then
-    if a and a > now then return 'throttled', ref end
+    if a and a > clock() then return 'throttled', ref end
     return nil, ref
   end
   if kind == 'd' then
@@ -242,7 +243,7 @@ end
 -- GROUPS once per level, then at most UNIQUE_LOOKS XPENDINGs of delivered entries or XRANGEs
 -- of entries not delivered yet, about 1 MiB copied at most: past it the step ends, so a
 -- queue of ready messages near big_message_bytes covers fewer fields per step), an HDEL
--- and an HSET. LEVELS maps a level to its stream, DKEY is the delayed set, NOW unix ms,
+-- and an HSET. LEVELS maps a level to its stream, DKEY is the delayed set, CLOCK() unix ms,
 -- GROUP the queue's group.
 -- Never fails: it runs after the message was stored, so a key of another type at one of the
 -- names is only skipped (try), and the store is a hash (the publish just wrote it).
@@ -251,7 +252,7 @@ local UNIQUE_EVERY, UNIQUE_CHECKS, UNIQUE_LOOKS, UNIQUE_SWEEP_FROM = 8, 32, 16, 
 
 local UNIQUE_COPY_BYTES = 1024 * 1024  -- a step stops once its XRANGEs copied this much
 
-local function unique_gone(store, f, v, levels, dkey, now, group, step)
+local function unique_gone(store, f, v, levels, dkey, clock, group, step)
   if string.sub(f, 1, 2) == 'd:' then  -- reverse field: its delayed message is gone?
     local member = string.sub(f, 3)
     local score, err = try('ZSCORE', dkey, member)
@@ -263,7 +264,7 @@ local function unique_gone(store, f, v, levels, dkey, now, group, step)
   if string.sub(f, 1, 2) ~= 'k:' then return nil end  -- the count, the cursor
   local kind, a, b, c = unique_parse(v)
   if kind == 't' then
-    if a and a > now then return nil end
+    if a and a > clock() then return nil end
     return f
   end
   if kind == 'd' then
@@ -301,7 +302,7 @@ local function unique_gone(store, f, v, levels, dkey, now, group, step)
   return f
 end
 
-local function unique_sweep(store, levels, dkey, now, group)
+local function unique_sweep(store, levels, dkey, clock, group)
   if redis.call('HLEN', store) <= UNIQUE_SWEEP_FROM then return end
   local tick = try('HINCRBY', store, UNIQUE_TICK, 1)
   if tick and tick < UNIQUE_EVERY then return end  -- (not a number: reset below)
@@ -329,7 +330,7 @@ local function unique_sweep(store, levels, dkey, now, group)
     end
     local f1, f2, stop = nil, nil, false
     if not dropped[f] then
-      f1, f2, stop = unique_gone(store, f, v, levels, dkey, now, group, state)
+      f1, f2, stop = unique_gone(store, f, v, levels, dkey, clock, group, state)
     end
     if stop then break end  -- the byte budget: this field first, next time
     last = last + 1
