@@ -11,19 +11,23 @@ ARGV[6]     and the last id the page before returned of that part ("" for none)
 Reply:      {i, part, id, then per message: stream index, entry id, held, payload}
               i, part, id  where the next page starts (ARGV[4..6] of the next call); i is 0
                            when every ready message was returned (a page short of COUNT
-                           may still give one: held entries deleted while parked)
+                           may still give one: held entries deleted while parked, or
+                           messages past their TTL, which are not shown)
               held         1 if parked with the holder (requeued or reclaimed), else 0
               payload      the entry's "m" field; {token} for a big message (field r: its
                            body is in the queue's big hash); "" when it has neither (a
                            read sets such an entry aside)
 Order:      as read.lua serves (levels in priority order; held entries, then fresh ones);
-            due delayed messages not moved yet are not shown
+            due delayed messages not moved yet are not shown, nor messages past their TTL
+            deadline (field e): the next read sets those aside, never delivers them
 Errors:     "peek: expected ..." for another layout; WRONGTYPE
-Minimum Redis: 6.2. Cost: O(n + COUNT) commands; read-only (EVALSHA_RO on 7.0+). Why:
+Minimum Redis: 6.2. Cost: O(n + COUNT) commands (a TIME when an entry has a deadline);
+read-only (EVALSHA_RO on 7.0+). Why:
 operators see what the next reads would deliver. See docs/design.rst (The ready index).
 ]]
 --@flags no-writes
 --@include common
+--@include expiry
 local n, want, start = #KEYS, tonumber(ARGV[3]), tonumber(ARGV[4])
 local bad = check_args('peek', n >= 1, #ARGV == 6 and want ~= nil and want >= 1 and
                        want <= 1000 and start ~= nil and start >= 1 and start <= n and
@@ -33,8 +37,14 @@ local bad = check_args('peek', n >= 1, #ARGV == 6 and want ~= nil and want >= 1 
 if bad then return bad end
 local group, holder = ARGV[1], ARGV[2]
 local reply, left = {0, '', ''}, want
+local now = nil  -- the server's clock, read at the first deadline met
 
 local function add(i, entry, held)
+  local deadline = deadline_of(entry[2])
+  if deadline then
+    now = now or now_ms()
+    if deadline <= now then return end  -- expired: a read sets it aside (Message TTL)
+  end
   local k = #reply
   reply[k + 1], reply[k + 2], reply[k + 3] = i, entry[1], held
   local payload = field(entry[2], 'm')
@@ -66,9 +76,11 @@ for i = start, n do
       if #held >= asked then return stop(i, 'h', held[#held][1]) end
     end
     if part == 'f' and after ~= '' then last = after end  -- the page before ended there
-    local fresh = redis.call('XRANGE', key, '(' .. last, '+', 'COUNT', left)
+    local asked = left
+    local fresh = redis.call('XRANGE', key, '(' .. last, '+', 'COUNT', asked)
     for _, entry in ipairs(fresh) do add(i, entry, 0) end
-    if left <= 0 then return stop(i, 'f', fresh[#fresh][1]) end
+    -- a whole page (some maybe expired, not shown): the stream may hold more, next page
+    if #fresh >= asked then return stop(i, 'f', fresh[#fresh][1]) end
   end
 end
 return reply

@@ -513,3 +513,24 @@ def test_cli_limits_and_status_show_the_ttl_and_the_expired(redis_url):
     assert 'ttl 0ms, 2 expired' in cli(redis_url, 'status', 'tq').stdout
     bad = cli(redis_url, 'limits', 'tq', '--set', 'x-message-ttl=soon')
     assert bad.returncode == 2 and 'x-message-ttl' in bad.stderr
+
+
+def test_peek_leaves_out_what_a_read_would_set_aside_as_expired(script_client, monkeypatch):
+    """peek.lua shows what reads would deliver, in their order: a message past its deadline,
+    fresh or requeued, is set aside by the next read, so peek does not show it; a page whose
+    entries all expired still says where the next one starts."""
+    c = script_client
+    b = with_ttl(c, 'q', None)
+    b.publish('q', 0, body(1), expiration=300)  # read in time, requeued, then expired
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    assert bodies([d]) == ['m1']
+    b.requeue('q', [(d.stream, d.entry_id)])
+    b.publish('q', 0, body(0), expiration=0)  # expired at once
+    b.publish('q', 0, body(2))
+    b.publish('q', 3, body(3), expiration=FAR)
+    pass_deadlines(c, 'q')
+    peeked = [json.loads(m.payload)['body'] for m in b.peek('q', 10)]
+    assert peeked == ['m2', 'm3']
+    monkeypatch.setattr('kombu_streams.broker.PEEK_MAX', 1)  # a call per entry looked at
+    assert [json.loads(m.payload)['body'] for m in b.peek('q', 10)] == peeked
+    assert bodies(read_messages(b, ['q'], 'c2', 10)) == peeked
