@@ -65,8 +65,8 @@ TIME and the field e; an id on a queue with x-deduplication-window O(log n) with
 remembered; a unique key O(1) or O(log n) (its holder looked at), and one stored adds an
 HLEN and a PTTL (two on an expiring queue), on a store over 32 fields an HINCRBY, and
 every 8th keyed publish one sweep step (32 fields at most, 16 of them stream entries: an
-XPENDING of each delivered one, an XRANGE of each not delivered yet, about 1 MiB copied at
-most; lua/lib/unique.lua); its x-unique-mode and x-unique-ttl come in the HMGET of the
+XPENDING of each delivered one, no command for one not delivered yet, no entry copied;
+lua/lib/unique.lua); its x-unique-mode and x-unique-ttl come in the HMGET of the
 arguments every publish makes, and TIME only for a throttled key. Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
 arguments and limits, Message TTL, Duplicates, Unique keys, Fair share). A staged message

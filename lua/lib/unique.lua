@@ -214,43 +214,40 @@ local function unique_promoted(store, placed)
   if #gone > 0 then redis.call('HDEL', store, unpack(gone)) end
 end
 
--- The sweep of fields that outlived their message (docs/design.rst, "Unique keys": an expiry
--- or delivery limit at read, drop-head, a purged ready entry, a cancelled delayed message
--- leave theirs; the key already counts as free, only memory is at stake). A store of at most
+-- The sweep of fields that outlived their message (docs/design.rst, "Unique keys": an expiry or
+-- delivery limit at read, drop-head, a purged ready entry, a cancelled delayed message leave
+-- theirs; the key already counts as free, only memory is at stake). A store of at most
 -- UNIQUE_SWEEP_FROM fields is left alone (one HLEN). Above, each keyed publish that stores a
 -- message counts itself in field UNIQUE_TICK (an HINCRBY), and every UNIQUE_EVERY-th runs one
 -- step: an HSCAN of STORE from the cursor kept in field UNIQUE_CURSOR ("<cursor>:<offset>"),
 -- resumed at the field named in UNIQUE_AT (the first one not looked at yet: a reply can hold
--- more fields than a step looks at, and fields deleted meanwhile, by acks, shift an offset;
--- the offset is the fallback when that field is gone), then at most UNIQUE_CHECKS fields
--- looked at (a ZSCORE, or the clock for a throttle, or for a stream entry an XPENDING of
--- its id and, once per stream, XINFO GROUPS: at most UNIQUE_LOOKS of those; only an entry
--- not delivered yet is read itself, an XRANGE that copies it, until UNIQUE_COPY_BYTES were
--- copied in the step, which then stops and resumes there), those whose message is gone
--- deleted with their pair. Why every n-th: while the hash is a listpack (up to
+-- more fields than a step looks at, and fields deleted meanwhile, by acks, shift an offset; the
+-- offset is the fallback when that field is gone), then at most UNIQUE_CHECKS fields looked at
+-- (a ZSCORE, or the clock for a throttle, or for a stream entry, at most UNIQUE_LOOKS of those,
+-- XINFO GROUPS once per stream and an XPENDING of its id if it was delivered), those whose
+-- message is gone deleted with their pair. An entry not delivered yet is never read (an XRANGE
+-- would copy it): its field stays until the group reads past its id, when the PEL tells (so a
+-- ready entry purged, dropped by drop-head or deleted behind our back keeps its field, memory
+-- only, until a consumer reads on). Why every n-th: while the hash is a listpack (up to
 -- hash-max-listpack-entries fields, 512 by default; hash-max-ziplist-entries on 6.2) HSCAN
 -- ignores COUNT and returns the whole hash, so a step per publish copied up to 1,024 strings
 -- into Lua each time; now one publish in UNIQUE_EVERY pays it, and a hashtable's step (COUNT
--- UNIQUE_CHECKS) is as rare. The bound: weigh a field that names a stream entry 1 and any
--- other 1/2. A step passes at least UNIQUE_LOOKS = 2 x UNIQUE_EVERY of weight (unless its
--- reply ends), so 2 per keyed publish, and a keyed publish adds at most 1 (its entry's field,
--- or a delayed message's two); so a cycle over a store of weight W takes at most about W / 2
--- keyed publishes, which add at most W / 2; every field stale when a cycle starts is gone
--- when it ends: the store weighs at most about twice its live keyed messages (two fields
--- each, four for a delayed one), or holds UNIQUE_SWEEP_FROM fields. Cost per keyed publish:
--- an HLEN, above the floor an HINCRBY; per step, two HGETs, an HSCAN (at most about
--- UNIQUE_CHECKS fields of a hashtable, all of a listpack), up to UNIQUE_CHECKS looks (XINFO
--- GROUPS once per level, then at most UNIQUE_LOOKS XPENDINGs of delivered entries or XRANGEs
--- of entries not delivered yet, about 1 MiB copied at most: past it the step ends, so a
--- queue of ready messages near big_message_bytes covers fewer fields per step), an HDEL
--- and an HSET. LEVELS maps a level to its stream, DKEY is the delayed set, CLOCK() unix ms,
--- GROUP the queue's group.
+-- UNIQUE_CHECKS) is as rare. The bound: weigh a field that names a stream entry 1 and any other
+-- 1/2. A step passes at least UNIQUE_LOOKS = 2 x UNIQUE_EVERY of weight (unless its reply
+-- ends), so 2 per keyed publish, and a keyed publish adds at most 1 (its entry's field, or a
+-- delayed message's two); so a cycle over a store of weight W takes at most about W / 2 keyed
+-- publishes, which add at most W / 2; every field stale when a cycle starts is gone when it
+-- ends: the store weighs at most about twice its live keyed messages (two fields each, four for
+-- a delayed one) and the fields of entries deleted before the group read past them, or holds
+-- UNIQUE_SWEEP_FROM fields. Cost per keyed publish: an HLEN, above the floor an HINCRBY; per
+-- step, two HGETs, an HSCAN (at most about UNIQUE_CHECKS fields of a hashtable, all of a
+-- listpack), up to UNIQUE_CHECKS looks (XINFO GROUPS once per level, then at most UNIQUE_LOOKS
+-- XPENDINGs: no copy of any entry), an HDEL and an HSET. LEVELS maps a level to its stream,
+-- DKEY is the delayed set, CLOCK() unix ms, GROUP the queue's group.
 -- Never fails: it runs after the message was stored, so a key of another type at one of the
 -- names is only skipped (try), and the store is a hash (the publish just wrote it).
 local UNIQUE_CURSOR, UNIQUE_AT, UNIQUE_TICK = 'c', 'a', 't'
 local UNIQUE_EVERY, UNIQUE_CHECKS, UNIQUE_LOOKS, UNIQUE_SWEEP_FROM = 8, 32, 16, 32
-
-local UNIQUE_COPY_BYTES = 1024 * 1024  -- a step stops once its XRANGEs copied this much
 
 local function unique_gone(store, f, v, levels, dkey, clock, group, step)
   if string.sub(f, 1, 2) == 'd:' then  -- reverse field: its delayed message is gone?
@@ -290,16 +287,11 @@ local function unique_gone(store, f, v, levels, dkey, clock, group, step)
     if p and p[1] then return nil end
     return f
   end
-  -- Ready: alive unless purged or set aside, which only a look at the entry tells; the
-  -- XRANGE copies it, so the step stops (here, resumed next time) past its byte budget.
-  if step.bytes >= UNIQUE_COPY_BYTES then return nil, nil, true end
-  local found, xerr = try('XRANGE', stream, c, c)
-  if xerr then return nil end
-  if found and found[1] then
-    for _, x in ipairs(found[1][2]) do step.bytes = step.bytes + #x end
-    return nil
-  end
-  return f
+  -- Not delivered yet: kept, unlooked. Only a look at the entry (an XRANGE, a copy) would
+  -- tell a ready one from one purged, dropped or deleted behind our back; instead its field
+  -- waits until the group reads past its id (a read sets an expired one aside so), when the
+  -- look above (the PEL) tells.
+  return nil
 end
 
 local function unique_sweep(store, levels, dkey, clock, group)
@@ -321,18 +313,17 @@ local function unique_sweep(store, levels, dkey, clock, group)
     end
   end
   local last, looks, freed = skip, 0, 0  -- freed: of the fields looked at
-  local state = {last = {}, bytes = 0}  -- streams' last-delivered ids; bytes copied
+  local state = {last = {}}  -- streams' last-delivered ids
   while last < n and last < skip + UNIQUE_CHECKS do
     local f, v = flat[2 * last + 1], flat[2 * last + 2]
     if string.sub(f, 1, 2) == 'k:' and string.sub(v, 1, 2) == 's:' then
-      if looks >= UNIQUE_LOOKS then break end  -- an XPENDING or an XRANGE each
+      if looks >= UNIQUE_LOOKS then break end  -- at most an XPENDING each
       looks = looks + 1
     end
-    local f1, f2, stop = nil, nil, false
+    local f1, f2 = nil, nil
     if not dropped[f] then
-      f1, f2, stop = unique_gone(store, f, v, levels, dkey, clock, group, state)
+      f1, f2 = unique_gone(store, f, v, levels, dkey, clock, group, state)
     end
-    if stop then break end  -- the byte budget: this field first, next time
     last = last + 1
     if dropped[f] then  -- the pair of one looked at before
       freed = freed + 1
