@@ -125,6 +125,27 @@ def test_main_table_with_ceiling_columns():
     assert len(lines[0]) <= len(header)
 
 
+def test_floor_table_sets_the_design_ceiling_beside_the_ceiling():
+    """The script floor (one EVALSHA of the least script per message) gives a Lua-script
+    design's ceiling, 1 / (1/alone + 1/floor), what fraction of the ceiling such a design can
+    reach, and kombu-streams' fraction of it; rows without a floor (or latency) stay out."""
+    rows = report.summarize(samples(
+        publish={'streams': [6000], 'raw': [10_000], 'floor': [9000], 'alone': [100_000]},
+        consume1={'streams': [4000], 'raw': [7500], 'alone': [100_000]},
+        lat50={'streams': [500], 'raw': [200], 'floor': [250]},
+    ))
+    publish = by_key(rows)['publish']
+    design = 1 / (1 / 100_000 + 1 / 9000)
+    assert publish['design'] == pytest.approx(design)
+    assert by_key(rows)['consume1']['design'] is None and by_key(rows)['lat50']['design'] is None
+    lines = report.floor_table(rows, {**LABELS, 'floor': 'script floor'})
+    assert len(lines) == 3  # header, rule, publish
+    cells = [c.strip() for c in lines[2].split('|')]
+    assert cells == ['publish (msg/s, higher=better)', '10,000', '9,000', '9,091', '8,257',
+                     f'{design / publish["ceiling"]:.2f}', f'{6000 / design:.2f}']
+    assert report.floor_table(report.summarize(samples()), LABELS) == []
+
+
 def test_main_table_without_ceilings_keeps_the_old_columns():
     rows = report.summarize(samples(prefork={'kombu': [1000], 'streams': [1500]}))
     lines = report.main_table(rows, LABELS)

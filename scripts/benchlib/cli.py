@@ -68,7 +68,7 @@ import redis
 
 import kombu_streams
 
-from . import charts, nohiredis, rabbit, raw, report, servers, subjects, workloads
+from . import charts, nohiredis, rabbit, report, servers, subjects, workloads
 from .common import BODY_SIZE, SendCounter
 
 
@@ -170,8 +170,8 @@ def warm_up(every: list[subjects.Subject], opts, admin) -> None:
     for subject in every:
         admin.flushdb()
         if subject.kind in ('redis', 'memory') and 'consume1' in subject.runs:
-            if subject.key == 'raw':
-                raw.r_consume1(subject, small, admin)
+            if subject.key in ('raw', 'floor'):
+                subject.runs['consume1'](subject, small, admin)
             else:
                 workloads.w_consume(subject, small, admin, 10)
 
@@ -228,6 +228,11 @@ def print_run(run: dict, opts) -> None:
     print(*report.main_table(run['rows'], labels), sep='\n')
     if any(r['ceiling'] for r in run['rows']):
         print(*report.ceiling_note(), sep='\n')
+    floor = report.floor_table(run['rows'], labels) if 'floor' in labels else []
+    if floor:
+        print('\nthe script floor: each message in one EVALSHA of the least script '
+              '(design ceiling = 1 / (1/floor + 1/alone)):')
+        print(*floor, sep='\n')
     if run['errors']:
         print(f"\n{len(run['errors'])} run(s) failed:", *run['errors'], sep='\n  ')
     if any(k.startswith('rabbit') for k in labels):

@@ -11,6 +11,14 @@ so neither JSON encoding nor decoding is counted here: that is Kombu's part (``m
   the acks ride with the next read, as kombu-streams' read script does.
 * latency: a consumer process blocked in that same pipeline (XREADGROUP BLOCK); the
   producer XADDs one stamped entry at a time, as the Kombu latency workload does.
+
+The script floor (subject ``floor``): the same client and commands, each message's work in
+one EVALSHA of the least script a design with a Lua script per broker operation can run, as
+kombu-streams' design has (README: one script call per publish, per read with its acks): a
+publish sets the queue's wake-up marker (ZADD) and appends (XADD); a consume+ack round trip
+acks and deletes the entries read before (XACK, XDEL) and reads (XREADGROUP COUNT k), in
+one script. No Kombu, no priorities, no leases: what remains above it in kombu-streams is
+its scripts' own logic and its Python.
 """
 
 from __future__ import annotations
@@ -166,6 +174,69 @@ def r_latency(subject, opts, admin):
         client.close()
 
 
+#: The script floor's scripts (see the top): KEYS[1] the stream; a publish's KEYS[2] the marker.
+FLOOR_PUBLISH = ("redis.call('ZADD', KEYS[2], 0, 'w') "
+                 "return redis.call('XADD', KEYS[1], '*', 'm', ARGV[1])")
+FLOOR_READ = ("if #ARGV > 2 then "
+              "redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3)) "
+              "redis.call('XDEL', KEYS[1], unpack(ARGV, 3)) end "
+              "return redis.call('XREADGROUP', 'GROUP', ARGV[1], 'c', 'COUNT', ARGV[2], "
+              "'STREAMS', KEYS[1], '>')")
+
+
+def f_publish(subject, opts, admin):
+    n, key, payload = opts.messages, unique('bench:floor'), envelope()
+    client = client_for(subject)
+    try:
+        sha, mark = client.script_load(FLOOR_PUBLISH), key + ':wake'
+        evalsha = client.evalsha
+        start = time.perf_counter()
+        for _ in range(n):
+            evalsha(sha, 2, key, mark, payload)
+        elapsed = time.perf_counter() - start
+        if client.xlen(key) != n:
+            raise RuntimeError(f'stream holds {client.xlen(key)} entries, expected {n}')
+    finally:
+        client.delete(key, key + ':wake')
+        client.close()
+    return {'publish': n / elapsed}
+
+
+def f_consume(subject, opts, admin, count: int):
+    n, key = opts.messages, unique('bench:floor')
+    client = client_for(subject)
+    try:
+        fill(client, key, n)
+        sha = client.script_load(FLOOR_READ)
+        got, ids = 0, []
+        start = time.perf_counter()
+        while got < n:
+            ids = entry_ids(client.evalsha(sha, 1, key, GROUP, count, *ids))
+            if not ids:
+                raise RuntimeError(f'floor consumer found nothing after {got}/{n} entries')
+            got += len(ids)
+        client.evalsha(sha, 1, key, GROUP, 0, *ids)  # the last acks (COUNT 0: reads none)
+        elapsed = time.perf_counter() - start
+        left, pending = client.xlen(key), client.xpending(key, GROUP)['pending']
+        if got != n or left or pending:
+            raise RuntimeError(f'floor consume: {got} read, {left} left, {pending} pending '
+                               f'of {n}')
+    finally:
+        client.delete(key)
+        client.close()
+    return {f'consume{count}': n / elapsed}
+
+
+def f_consume1(subject, opts, admin):
+    return f_consume(subject, opts, admin, 1)
+
+
+def f_consume100(subject, opts, admin):
+    return f_consume(subject, opts, admin, 100)
+
+
 #: Workload name (as in --only) -> the raw function measuring the same rows.
 RAW_WORKLOADS = {'publish': r_publish, 'consume1': r_consume1, 'consume100': r_consume100,
                  'latency': r_latency}
+#: The script floor's (no latency: a script cannot block).
+FLOOR_WORKLOADS = {'publish': f_publish, 'consume1': f_consume1, 'consume100': f_consume100}

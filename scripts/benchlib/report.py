@@ -6,6 +6,11 @@ at the most: a message costs at least what Kombu costs alone (``memory://``, no 
 what redis-py and Redis cost at the least (the raw ceilings), so the best rate is
 ``1 / (1/alone + 1/raw)``. For latency the ceiling is the raw floor. "Fraction of ceiling"
 is rate / ceiling (latency: floor / latency): 1.0 is as good as it gets.
+
+The script floor (``floor``, benchlib/raw.py) is the same for a design that runs each
+message's work in one Lua script, as kombu-streams' does: the design's ceiling is
+``1 / (1/alone + 1/floor)``, and its fraction of the ceiling is the most such a transport
+could reach of it.
 """
 
 from __future__ import annotations
@@ -103,8 +108,10 @@ def summarize(samples: dict[str, dict[str, list]]) -> list[dict]:
                 value = med.get(subject)
                 if value:
                     fraction[subject] = value / top if kind == 'rate' else top / value
+        design = ceiling(med.get('alone'), med.get('floor')) if kind == 'rate' else None
         rows.append({'key': key, 'title': title, 'format': fmt, 'median': med, 'ratio': ratio,
-                     'ceiling': top, 'fraction': fraction, 'samples': samples.get(key, {})})
+                     'ceiling': top, 'fraction': fraction, 'design': design,
+                     'samples': samples.get(key, {})})
     return rows
 
 
@@ -210,6 +217,28 @@ def main_table(rows: list[dict], labels: dict[str, str]) -> list[str]:
         body.append(cells)
     groups = [('', 4), ('', 3), ('fraction of ceiling', 2)] if ceilings else None
     return table(columns, body, groups)
+
+
+def floor_table(rows: list[dict], labels: dict[str, str]) -> list[str]:
+    """Where a Lua-script design stands against the ceiling: the script floor beside the raw
+    ceilings, the design's ceiling, its fraction of the ceiling, and kombu-streams' fraction
+    of the design's ceiling. Empty when the floor was not measured."""
+    body = []
+    for r in rows:
+        if not r.get('design'):
+            continue
+        fmt, med = r['format'], r['median']
+        ours = med.get(OURS)
+        body.append([r['title'], cell(fmt, med.get('raw'), ''), cell(fmt, med.get('floor'), ''),
+                     cell(fmt, r['ceiling'], ''), cell(fmt, r['design'], ''),
+                     cell('{:.2f}', r['design'] / r['ceiling'] if r['ceiling'] else None, ''),
+                     cell('{:.2f}', ours / r['design'] if ours else None, '')])
+    if not body:
+        return []
+    columns = [('workload', '<', 0), (labels['raw'], '>', 9), (labels['floor'], '>', 12),
+               ('ceiling', '>', 9), ('design ceiling', '>', 14), ('/ ceiling', '>', 9),
+               (f"{labels[OURS]} / design", '>', 22)]
+    return table(columns, body)
 
 
 def ceiling_note() -> list[str]:

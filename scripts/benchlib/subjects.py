@@ -3,6 +3,9 @@
 * ``kombu``, ``streams``: Kombu's stock Redis transport and kombu-streams, every workload.
 * ``raw``: redis-py alone on the same server (``raw.py``): the client and server's ceiling
   for publish, consume+ack prefetch 1 and 100, and the latency floor.
+* ``floor``: redis-py alone again, each message's commands in one EVALSHA of the least
+  script (``raw.py``, the script floor): what a design with one Lua script per operation
+  pays at the least, for publish and consume+ack prefetch 1 and 100.
 * ``alone``: the same Kombu workloads on ``memory://`` in this process: what Kombu itself
   costs per message, with no broker (publish, consume+ack prefetch 1 and 100).
 * ``rabbit``, ``rabbit_confirm``, ``rabbit_quorum`` (``--peers``): the Celery workloads on a
@@ -64,6 +67,8 @@ def redis_subjects(where: str) -> list[Subject]:
         Subject('streams', 'kombu-streams', 'redis', f'redis-streams://{where}',
                 dict(WORKLOADS), store),
         Subject('raw', 'raw redis-py', 'redis', f'redis://{where}', dict(raw.RAW_WORKLOADS)),
+        Subject('floor', 'script floor', 'redis', f'redis://{where}',
+                dict(raw.FLOOR_WORKLOADS)),
         Subject('alone', 'Kombu alone', 'memory', 'memory://',
                 {name: WORKLOADS[name] for name in ALONE}),
     ]
