@@ -8,7 +8,7 @@ ceiling of this client and server, and optionally RabbitMQ under the same Celery
 
 Both transports talk to the same Redis server and database (``redis://`` for Kombu,
 ``redis-streams://`` for kombu-streams). Every workload runs once per subject per round,
-alternating (Kombu, streams, raw, alone, [RabbitMQ ...], Kombu, streams, ...), on a fresh
+alternating (Kombu, streams, raw, floor, alone, [RabbitMQ ...], Kombu, ...), on a fresh
 queue after FLUSHDB. The table shows the median of the rounds and the ratio kombu-streams /
 Kombu, and the end of the output says which of the issues' targets are met.
 
@@ -17,7 +17,11 @@ The ceiling, in the same run and table: "raw redis-py" is redis-py alone on the 
 COUNT k] per k messages; latency: a consumer blocked in that pipeline), "Kombu alone" the
 same Kombu workloads on ``memory://`` in this process (no broker: Kombu's own cost). The
 ceiling of a rate is 1 / (1/alone + 1/raw), of latency the raw floor; each transport's
-"fraction of ceiling" is printed beside it (latency: floor / latency).
+"fraction of ceiling" is printed beside it (latency: floor / latency). "script floor" is
+redis-py alone again with each message's work in one EVALSHA of the least script (publish:
+ZADD + XADD; consume+ack: XACK, XDEL, XREADGROUP in one call): a second table gives the
+ceiling of a design with a Lua script per operation, 1 / (1/alone + 1/floor), and
+kombu-streams' fraction of it.
 
 Scale rows: one channel publishes to and consumes from 10 or 100 queues, each with 10
 priority levels (``priority_steps=list(range(10))`` for both transports). Celery rows: the
