@@ -279,6 +279,29 @@ def test_a_keyed_ack_with_a_broken_key_store_is_its_queues_problem(script_client
     assert c.xpending(K.stream('q', 0), 'q')['pending'] == 2
 
 
+@pytest.mark.parametrize('how', ['ack', 'ride', 'reject'])
+def test_a_settle_never_releases_the_key_a_delayed_message_holds(script_client, how):
+    """A message redriven from the dead letters carries its key in its headers but does not
+    hold it; once a delayed message took the key, settling the redriven one (ack, an ack
+    riding in a read, a dead letter) leaves the delayed one's key alone."""
+    c = script_client
+    b = queue(c)
+    publish(b, 1, 'k')
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    assert b.dead_letter('q', d.stream, d.entry_id, 'rejected', 1, None, 'c1', 'k') == 1
+    assert b.redrive('q', 10) == (1, 0)
+    assert publish(b, 2, 'k', delay=LATER).startswith(b'delayed:')  # the key is free: taken
+    (again,) = read_messages(b, ['q'], 'c1', 1)  # the redriven one
+    if how == 'ack':
+        b.ack('q', [(again.stream, again.entry_id)], consumer='c1', unique=['k'])
+    elif how == 'ride':
+        assert ride(b, 'c1', again, 'k') == []
+    else:
+        b.dead_letter('q', again.stream, again.entry_id, 'rejected', 1, None, 'c1', 'k')
+    assert c.hget(K.unique('q'), 'k:k').startswith(b'd:')
+    assert publish(b, 3, 'k') == DUPLICATE
+
+
 def test_a_killed_consumers_message_keeps_its_key_until_reclaimed_and_acked(script_client):
     c = script_client
     b = queue(c)

@@ -55,7 +55,8 @@ local function unique_holder(store, key, levels, dkey, group, clock)
     if zerr then return nil, nil, nil, nil, zerr end
     if score then return 'delayed', ref, b end
     -- gone: deleted (purge, cancel) or moved to its stream by a read, which does not say
-    -- where to (read.lua has no key store yet): free, so no key outlives its message
+    -- where to (a read of an older release, without the store): free, so no key outlives
+    -- its message
     return nil, ref
   end
   local stream = levels[b or '']
@@ -108,19 +109,18 @@ local function unique_hold(store, key, ttl, level, id, member, old)
   end
 end
 
--- Release KEY if STORE says the message that holds it is entry ID at LEVEL, or a delayed one
--- since moved to its stream (the caller settled that message, so it was that one: at most one
--- message holds a key). ACKED: by an ack, so an x-unique-ttl keeps it until NOW + ttl
--- (throttle); otherwise (dead-lettered) it goes at once. Returns 1 when released, else 0.
+-- Release KEY if STORE says the message that holds it is entry ID at LEVEL (the caller
+-- settled that message: at most one message holds a key). A delayed message's reference
+-- ("d:") is never released by a settle: a read that moves a delayed message to its stream
+-- names the new entry in the same call (unique_promoted), so a "d:" one is another message,
+-- still waiting (a message redriven from the dead letters carries its key without holding
+-- it). ACKED: by an ack, so an x-unique-ttl keeps it until NOW + ttl (throttle); otherwise
+-- (dead-lettered) it goes at once. Returns 1 when released, else 0.
 local function unique_release(store, key, level, id, acked, now)
   local ref = redis.call('HGET', store, 'k:' .. key)
   if not ref then return 0 end
   local kind, ttl, a, b = unique_parse(ref)
-  if kind == 's' and (a ~= level or b ~= id) then return 0 end
-  if kind == 't' then return 0 end
-  if kind == 'd' and redis.call('HDEL', store, 'd:' .. a) == 0 then
-    return 0  -- released already (purged): nothing of this message holds it
-  end
+  if kind ~= 's' or a ~= level or b ~= id then return 0 end
   if acked and ttl and ttl > 0 then
     redis.call('HSET', store, 'k:' .. key, 't:' .. string.format('%d', now + ttl))
   else
@@ -131,9 +131,8 @@ end
 
 -- unique_release for ITEMS ({key, level, entry id} each) acked in one call, in one HMGET, one
 -- HDEL and one HSET (the throttled ones) per 1,000 rather than two commands a key: what
--- ack.lua and the acks riding in a read release. A key whose message was a delayed one since
--- moved goes through unique_release (rare). CLOCK() gives the time in unix ms, asked only
--- for a throttled key (no TIME otherwise). Returns the number released.
+-- ack.lua and the acks riding in a read release. CLOCK() gives the time in unix ms, asked
+-- only for a throttled key (no TIME otherwise). Returns the number released.
 local function unique_release_acked(store, items, clock)
   local released, now = 0, nil
   for first = 1, #items, 1000 do  -- unpack() has a limit
@@ -146,10 +145,7 @@ local function unique_release_acked(store, items, clock)
       local ref, item = refs[j - first + 1], items[j]
       local kind, ttl, a, b = nil, nil, nil, nil
       if ref then kind, ttl, a, b = unique_parse(ref) end
-      if kind == 'd' then
-        now = now or clock()
-        released = released + unique_release(store, item[1], item[2], item[3], true, now)
-      elseif kind == 's' and a == item[2] and b == item[3] then
+      if kind == 's' and a == item[2] and b == item[3] then
         released = released + 1
         if ttl and ttl > 0 then
           now = now or clock()
