@@ -151,3 +151,21 @@ def test_fields_of_cancelled_delayed_messages_are_swept(script_client):
     assert c.zcard(K.delayed('q')) == 0
     # the sweep's floor, what 8 delayed publishes add before a step runs, its c, a and t
     assert c.hlen(K.unique('q')) <= 32 + 2 * 8 + 3
+
+
+@pytest.mark.parametrize('consumer', [False, True])
+def test_fields_of_messages_drop_head_set_aside_are_swept_unread(script_client, consumer):
+    """drop-head sets aside the oldest ready message of a full queue, never delivered: the
+    sweep tells its entry is gone without reading it (before the first ready entry left),
+    with no consumer at all, or with one holding a message unacked in front of them, so the
+    store stays bounded however long the queue keeps overflowing."""
+    c = script_client
+    b = queue(c, x_max_length=2, x_overflow='drop-head')
+    if consumer:
+        publish(b, 0, 'held')
+        assert len(read_messages(b, ['q'], 'c1', 1)) == 1  # in flight, never acked
+    for n in range(1, 401):
+        assert not taken(publish(b, n, f'key{n}'))
+    assert c.xlen(K.dlq('q')) >= 398
+    # the sweep's floor, what 8 publishes add before a step, the live ones, its c, a and t
+    assert c.hlen(K.unique('q')) <= 32 + 8 + 3 + 3

@@ -221,25 +221,27 @@ end
 -- offset is the fallback when that field is gone), then at most UNIQUE_CHECKS fields looked at
 -- (a ZSCORE, or the clock for a throttle, or for a stream entry, at most UNIQUE_LOOKS of those,
 -- XINFO GROUPS once per stream and an XPENDING of its id if it was delivered), those whose
--- message is gone deleted with their pair. An entry not delivered yet is never read (an XRANGE
--- would copy it): its field stays until the group reads past its id, when the PEL tells (so a
--- ready entry purged, dropped by drop-head or deleted behind our back keeps its field, memory
--- only, until a consumer reads on). Why every n-th: while the hash is a listpack (up to
--- hash-max-listpack-entries fields, 512 by default; hash-max-ziplist-entries on 6.2) HSCAN
--- ignores COUNT and returns the whole hash, so a step per publish copied up to 1,024 strings
--- into Lua each time; now one publish in UNIQUE_EVERY pays it, and a hashtable's step (COUNT
--- UNIQUE_CHECKS) is as rare. The bound: weigh a field that names a stream entry 1 and any other
--- 1/2. A step passes at least UNIQUE_LOOKS = 2 x UNIQUE_EVERY of weight (unless its reply
--- ends), so 2 per keyed publish, and a keyed publish adds at most 1 (its entry's field, or a
--- delayed message's two); so a cycle over a store of weight W takes at most about W / 2 keyed
--- publishes, which add at most W / 2; every field stale when a cycle starts is gone when it
--- ends: the store weighs at most about twice its live keyed messages (two fields each, four for
--- a delayed one) and the fields of entries deleted before the group read past them, or holds
+-- message is gone deleted with their pair. An entry not delivered yet is not read (an XRANGE of
+-- it would copy it): purge and drop-head delete ready entries from the front, so one before the
+-- first ready entry left, or with none left, is gone (one XRANGE of one entry per stream and
+-- step tells); one deleted from the middle (an XDEL behind our back) keeps its field, memory
+-- only, until the group reads past its id, when the PEL tells. Why every n-th: while the hash
+-- is a listpack (up to hash-max-listpack-entries fields, 512 by default;
+-- hash-max-ziplist-entries on 6.2) HSCAN ignores COUNT and returns the whole hash, so a step
+-- per publish copied up to 1,024 strings into Lua each time; now one publish in UNIQUE_EVERY
+-- pays it, and a hashtable's step (COUNT UNIQUE_CHECKS) is as rare. The bound: weigh a field
+-- that names a stream entry 1 and any other 1/2. A step passes at least UNIQUE_LOOKS = 2 x
+-- UNIQUE_EVERY of weight (unless its reply ends), so 2 per keyed publish, and a keyed publish
+-- adds at most 1 (its entry's field, or a delayed message's two); so a cycle over a store of
+-- weight W takes at most about W / 2 keyed publishes, which add at most W / 2; every field
+-- stale when a cycle starts is gone when it ends: the store weighs at most about twice its live
+-- keyed messages (two fields each, four for a delayed one) and the fields of entries deleted
+-- from the middle of the ready ones behind our back and not read past yet, or holds
 -- UNIQUE_SWEEP_FROM fields. Cost per keyed publish: an HLEN, above the floor an HINCRBY; per
 -- step, two HGETs, an HSCAN (at most about UNIQUE_CHECKS fields of a hashtable, all of a
 -- listpack), up to UNIQUE_CHECKS looks (XINFO GROUPS once per level, then at most UNIQUE_LOOKS
--- XPENDINGs: no copy of any entry), an HDEL and an HSET. LEVELS maps a level to its stream,
--- DKEY is the delayed set, CLOCK() unix ms, GROUP the queue's group.
+-- XPENDINGs and an XRANGE of one entry per level), an HDEL and an HSET. LEVELS maps a level to
+-- its stream, DKEY is the delayed set, CLOCK() unix ms, GROUP the queue's group.
 -- Never fails: it runs after the message was stored, so a key of another type at one of the
 -- names is only skipped (try), and the store is a hash (the publish just wrote it).
 local UNIQUE_CURSOR, UNIQUE_AT, UNIQUE_TICK = 'c', 'a', 't'
@@ -283,10 +285,18 @@ local function unique_gone(store, f, v, levels, dkey, clock, group, step)
     if p and p[1] then return nil end
     return f
   end
-  -- Not delivered yet: kept, unlooked. Only a look at the entry (an XRANGE, a copy) would
-  -- tell a ready one from one purged, dropped or deleted behind our back; instead its field
-  -- waits until the group reads past its id (a read sets an expired one aside so), when the
-  -- look above (the PEL) tells.
+  -- Not delivered yet. Purge and drop-head delete ready entries from the front (the oldest
+  -- after the group's last-delivered id), so one before the first ready entry left (or with
+  -- none left) is gone: one XRANGE of one entry per stream and step tells, not a copy of
+  -- each. One deleted from the middle (an XDEL behind our back) keeps its field until the
+  -- group reads past its id, when the look above (the PEL) tells.
+  local ready = step.ready[stream]
+  if ready == nil then
+    local r, err = try('XRANGE', stream, '(' .. last, '+', 'COUNT', 1)
+    if err then ready = '' else ready = r[1] and r[1][1] or false end  -- '': not a stream
+    step.ready[stream] = ready
+  end
+  if ready == false or (ready ~= '' and id_before(c, ready)) then return f end
   return nil
 end
 
@@ -309,7 +319,7 @@ local function unique_sweep(store, levels, dkey, clock, group)
     end
   end
   local last, looks, freed = skip, 0, 0  -- freed: of the fields looked at
-  local state = {last = {}}  -- streams' last-delivered ids
+  local state = {last = {}, ready = {}}  -- per stream: last-delivered, first ready id
   while last < n and last < skip + UNIQUE_CHECKS do
     local f, v = flat[2 * last + 1], flat[2 * last + 2]
     if string.sub(f, 1, 2) == 'k:' and string.sub(v, 1, 2) == 's:' then
