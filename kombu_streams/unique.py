@@ -10,8 +10,9 @@ still waiting) and ``x-unique-ttl`` (ms the key stays taken after the ack: throt
 
 The key is released by the script call that deletes its message. The channel remembers which
 messages it holds have a key (:class:`kombu_streams.state.InFlight`) and sends each key with
-its ack, in the read the ack rides in or in an ack call, so an ack of a message without one
-costs nothing more, and one with a key no call more.
+its ack, in the read the ack rides in or in an ack call (big messages' acks, and acks sent
+when no read runs, go in ack calls, as for messages without a key), so an ack of a message
+without one costs nothing more, and one with a key no call more than it would without.
 """
 
 from __future__ import annotations

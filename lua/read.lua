@@ -83,8 +83,10 @@ Reply: {status, problems, aside, dues, unsettled, then per delivered message, in
                  queue the rate limit held back, the earlier of that and its next slot
        unsettled {q, n, ...}: n acks that rode along for source q were left alone, the
                  consumer no longer owns those entries (its lease ran out, another took them)
-Errors: "read: expected ..." for another layout; none from a source's keys (see problems);
-        Redis's own otherwise.
+Errors: "read: expected ..." for another layout (an ack pair of a fanout stream too: "read:
+        an ack of fanout stream ..."); none from a source's keys (see problems; a key store of
+        another type leaves the keys of riding acks held, the acks made); Redis's own
+        otherwise.
 Minimum Redis: 6.2. Cost: sources are opened in serving order until COUNT or BYTES is used
 up (an EXISTS of the marker in mode 'm', SMEMBERS of the index), then commands only for the
 streams the index names: O(COUNT + entries set aside), one XREADGROUP per stream while the

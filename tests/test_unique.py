@@ -260,23 +260,42 @@ def test_a_keyed_ack_naming_no_riding_ack_is_refused(script_client):
     assert held(c, 'k') and c.xpending(K.stream('q', 0), 'q')['pending'] == 1
 
 
+def test_an_ack_of_a_fanout_stream_cannot_ride_along(script_client):
+    """Acks riding in a read are of a queue's own streams (the channel never sends others):
+    a pair naming a fanout stream (index 1 here) is refused before anything is written."""
+    c = script_client
+    b = queue(c)
+    publish(b, 1, 'k')
+    (script, keys, args), _ = b.read_call(b.sources(['q'], {'q': ['bx']}), 'c1', 1)
+    assert args[-1] == 0  # no acks: add one pair by hand, on the fanout stream
+    args[-1:] = [1, 1, '1-0']
+    with pytest.raises(redis.ResponseError, match='ack of fanout stream 1 cannot ride'):
+        b.run((script, keys, args))
+    assert c.xpending(K.stream('q', 0), 'q')['pending'] == 0  # nothing read either
+
+
 def test_a_keyed_ack_with_a_broken_key_store_is_its_queues_problem(script_client):
-    """Another program's key at the store's name: the ack is not made (the message stays
-    pending, its key unreleasable), the read says why and goes on."""
+    """Another program's key at the store's name: the acks riding along are made all the
+    same (keyed or not: nothing is delivered twice for it), the keys are not released, and
+    the read says why, naming the store, and goes on."""
     c = script_client
     b = queue(c)
     publish(b, 1, 'k')
     b.publish('q', 0, body(2))
-    (d,) = read_messages(b, ['q'], 'c1', 1)
+    b.publish('q', 0, body(3))
+    got = read_messages(b, ['q'], 'c1', 2)
     c.delete(K.unique('q'))
     c.set(K.unique('q'), 'not a hash')
     call, parse = b.read_call(b.sources(['q']), 'c1', 1,
-                              acks=[(d.stream, d.entry_id, False, 'k')])
+                              acks=[(got[0].stream, got[0].entry_id, False, 'k'),
+                                    (got[1].stream, got[1].entry_id, False, '')])
     result = parse(b.run(call))
     assert [text for _, text in result.problems] == [
-        f'WRONGTYPE {K.unique("q")} holds a string, not a hash (key {K.stream("q", 0)})']
-    assert [json.loads(x.payload)['body'] for x in result.deliveries] == ['m2']
-    assert c.xpending(K.stream('q', 0), 'q')['pending'] == 2
+        f'WRONGTYPE {K.unique("q")} holds a string, not a hash (keys of acked messages not '
+        'released)']
+    assert [json.loads(x.payload)['body'] for x in result.deliveries] == ['m3']
+    assert c.xpending(K.stream('q', 0), 'q')['pending'] == 1  # m1 and m2 acked
+    assert c.get(K.unique('q')) == b'not a hash'
 
 
 @pytest.mark.parametrize('how', ['ack', 'ride', 'reject'])

@@ -251,11 +251,12 @@ local function owned_ids(key, group, consumer, ids)
   return owned, left, nil
 end
 
--- Ack pairs in ARGV[FIRST..] (stream index k, entry id), by stream: {ids to look up, ids
--- trusted} per k, and the ks in first-seen order; nil and the offending ARGV position when a
--- k is not an index 1..N. A negative k marks an entry the consumer knows it still owns: by
--- its own clock it read or renewed it less than half a lease ago, so no reclaim can have
--- taken it (docs/design.rst, "Leases"); it is acked without the ownership lookup.
+-- Ack pairs in ARGV[FIRST..LAST] (LAST nil: to the end) (stream index k, entry id), by
+-- stream: {ids to look up, ids trusted} per k, and the ks in first-seen order; nil and the
+-- offending ARGV position when a k is not an index 1..N. A negative k marks an entry the
+-- consumer knows it still owns: by its own clock it read or renewed it less than half a lease
+-- ago, so no reclaim can have taken it (docs/design.rst, "Leases"); it is acked without the
+-- ownership lookup.
 local function ack_pairs(first, n, last)
   local by, order = {}, {}
   for j = first, last or #ARGV, 2 do

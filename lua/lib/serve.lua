@@ -129,6 +129,9 @@ local function ride_acks(ctx, of, first, a, u)
     return 'read: expected a stream index 1..' .. #of .. ' at ARGV[' .. at ..
            '] (negative: trusted)'
   end
+  for _, i in ipairs(order) do  -- a fanout stream's entries are never deleted by an ack
+    if of[i].shared then return 'read: an ack of fanout stream ' .. i .. ' cannot ride along' end
+  end
   local keyed, wrong = nil, nil
   if u > 0 then
     keyed, wrong = keyed_acks(first, a, u)
@@ -138,9 +141,13 @@ local function ride_acks(ctx, of, first, a, u)
     local src = of[i]
     local keys = keyed and keyed[i]
     local owned, lost, err = ackable(KEYS[i], src.group, ctx.consumer, by[i])
-    if owned and keys then  -- the store's type before this stream's first write
-      err = wrong_type(src.store, 'hash')
-      if err then owned = nil end
+    if owned and keys then  -- the store's type before this stream's first write: another
+      local bad = wrong_type(src.store, 'hash')  -- type, the acks go on, the keys stay
+      if bad then
+        ctx.problems[#ctx.problems + 1] = src.q
+        ctx.problems[#ctx.problems + 1] = bad .. ' (keys of acked messages not released)'
+        keys = nil
+      end
     end
     if owned then
       if lost > 0 then ctx.unsettled[src.q] = (ctx.unsettled[src.q] or 0) + lost end
