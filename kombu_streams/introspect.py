@@ -161,7 +161,8 @@ class Introspection(Calls):
                   ) -> tuple[Call, Callable[[Any], tuple[list[Ready], PeekCursor | None]]]:
         """The peek call (read-only) for the next ``count`` (at most PEEK_MAX) ready messages
         of a queue from ``cursor``, and the function that decodes its reply: the messages and
-        where the next page starts (None: there are no more)."""
+        where the next page starts (None: there are no more). A queue with x-fairness shows
+        its staged messages after each level's stream entries (peek.lua)."""
         streams = self.streams(queue)
         count = max(1, min(int(count), PEEK_MAX))
         index, part, after = cursor
@@ -174,11 +175,13 @@ class Introspection(Calls):
                 if isinstance(payload, list):  # a big message: {token}, its body apart
                     token, payload = payload[0], b''
                 out.append(Ready(self.levels[int(i) - 1], streams[int(i) - 1],
-                                 text(entry_id), bool(int(held)), payload, token))
+                                 text(entry_id), int(held) == 1, payload, token,
+                                 int(held) == 2))
             at = int(reply[0])
             return out, (at, text(reply[1]), text(reply[2])) if at else None
 
-        return (SCRIPTS['peek'], streams, [queue, HOLDER, count, index, part, after]), parse
+        return (SCRIPTS['peek'], [*streams, self.keys.fair(queue)],
+                [queue, HOLDER, count, index, part, after]), parse
 
 
 __all__ = ('Introspection', 'FANOUT_BUDGET')

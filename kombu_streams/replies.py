@@ -76,6 +76,9 @@ class Ready(NamedTuple):
     payload: bytes
     #: a big message's token in the queue's big hash, None for one stored inline
     token: bytes | None = None
+    #: staged (x-fairness): waiting for its group's turn, with no entry yet (``entry_id``
+    #: '', ``stream`` the level's stream a read will move it into)
+    staged: bool = False
 
 
 __all__ = ('Delivery', 'ReadResult', 'Reclaimed', 'Ready')

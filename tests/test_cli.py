@@ -588,6 +588,23 @@ def test_peek_shows_ready_messages_in_serving_order_without_consuming(work):
     assert counts(after) == counts(before)
 
 
+def test_peek_shows_staged_messages_of_a_fair_queue(redis_url):
+    """x-fairness: the staged messages come after their level's stream entries, marked
+    staged, with no id or age (they have no entry until a read moves them)."""
+    with Connection(redis_url, transport='kombu_streams.transport:Transport') as conn:
+        q = Queue('fq', Exchange('fq'), 'fq', queue_arguments={'x-fairness': 'round-robin'})
+        p = conn.Producer()
+        for group in ('a', 'a', 'b'):
+            p.publish({'g': group}, exchange=q.exchange, routing_key='fq', declare=[q],
+                      headers={'x-group': group})
+    found = cli_json(redis_url, 'peek', 'fq')
+    assert [(m['body'], m['staged'], m['id'], m['age_ms']) for m in found] == [
+        ('{"g": "a"}', True, '', None), ('{"g": "b"}', True, '', None),
+        ('{"g": "a"}', True, '', None)]
+    r = cli(redis_url, 'peek', 'fq')
+    assert r.returncode == 0 and r.stdout.count("staged (x-fairness") == 3
+
+
 def test_peek_shortens_and_decodes_bodies(redis_url):
     with Connection(redis_url, transport='kombu_streams.transport:Transport') as conn:
         q = Queue('big', Exchange('big'), 'big')

@@ -77,6 +77,42 @@ def test_groups_take_turns(script_client):
     assert script_client.exists(K.fair('q')) == 0  # everything moved: the hash is gone
 
 
+def test_peek_shows_staged_messages_in_the_order_reads_deliver_them(script_client,
+                                                                    monkeypatch):
+    """peek.lua shows a level's staged messages after its stream entries, in the order the
+    rotation will move them, with no entry id; page by page too (a call per message);
+    changing nothing. A read then delivers exactly that order."""
+    c = script_client
+    b = fair_broker(c)
+    for n in range(3):
+        publish(b, 'a', n)
+    publish(b, 'b', 0)
+    publish(b, 'c', 0, level=3)
+    publish(b, 'b', 1)
+    got = read(b, 'c1', 1)  # a:0 moved to the stream and delivered: not ready any more
+    assert names(got) == ['a:0']
+    publish(b, 'c', 1, level=3)
+    before = sorted(c.hgetall(K.fair('q')).items())
+    peeked = b.peek('q', 100)
+    assert sorted(c.hgetall(K.fair('q')).items()) == before
+    assert [(m.level, json.loads(m.payload)['body'], m.staged, m.entry_id)
+            for m in peeked] == [(0, 'b:0', True, ''), (0, 'a:1', True, ''),
+                                 (0, 'b:1', True, ''), (0, 'a:2', True, ''),
+                                 (3, 'c:0', True, ''), (3, 'c:1', True, '')]
+    assert all(not m.requeued for m in peeked)
+    monkeypatch.setattr('kombu_streams.broker.PEEK_MAX', 1)  # a call per message
+    assert b.peek('q', 100) == peeked
+    assert b.peek('q', 3) == peeked[:3]
+    served = []
+    while True:
+        r = read(b, 'c2', 1)
+        if not r.deliveries:
+            break
+        served += names(r)
+    assert served == [json.loads(m.payload)['body'] for m in peeked]
+    assert b.peek('q', 10) == []
+
+
 def test_quiet_group_not_stuck_behind_noisy_one(script_client):
     b = fair_broker(script_client)
     for n in range(1000):

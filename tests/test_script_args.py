@@ -45,7 +45,7 @@ MINIMAL = {
     'migrate': (['kq', S0, K.wake(Q), K.ready(Q)], [10, 0, 1, 0]),
     'migrate_unacked': (['unacked', 'unacked_index', S0, K.wake(Q), K.ready(Q)],
                         ['t', 'v', 'm']),
-    'peek': ([S0], [Q, HOLDER, 1, 1, 'h', '']),
+    'peek': ([S0, K.fair(Q)], [Q, HOLDER, 1, 1, 'h', '']),
     'limits': ([K.args(Q), S0, K.counters(Q)], ['get']),
     'publish': (PUBLISH_KEYS, ['m', '0', 1, Q, HOLDER, '0', '']),
     'purge': ([S0, K.delayed(Q), K.delayed_messages(Q), K.big(Q), K.unique(Q), K.fair(Q)],

@@ -135,12 +135,15 @@ def cmd_status(args: argparse.Namespace, broker: Broker) -> int:
 
 def cmd_peek(args: argparse.Namespace, broker: Broker) -> int:
     info = existing_queue(broker, args.queue)
-    found = [{'level': m.level, 'id': m.entry_id, 'requeued': m.requeued,
-              'age_ms': entry_age(m.entry_id, info['time_ms']), **summarize(m.payload)}
+    found = [{'level': m.level, 'id': m.entry_id, 'requeued': m.requeued, 'staged': m.staged,
+              'age_ms': None if m.staged else entry_age(m.entry_id, info['time_ms']),
+              **summarize(m.payload)}
              for m in broker.peek(args.queue, args.n)]
     lines = []
     for m in found:
-        lines.append(f"[{m['level']}] {m['id']}  age {age(m['age_ms'])}"
+        where = ('staged (x-fairness: waits for its group\'s turn)' if m['staged']
+                 else f"{m['id']}  age {age(m['age_ms'])}")
+        lines.append(f"[{m['level']}] {where}"
                      f"{'  requeued' if m['requeued'] else ''}  {describe(m)}")
         lines.append(f"    body: {m['body']}")
     emit(args, found, '\n'.join(lines) or f'no ready messages in {args.queue}')
