@@ -86,48 +86,75 @@ def read_round(pipe, key: str, acked: list, count: int, block: int | None = None
     return pipe.execute()[-1]
 
 
-def r_publish(subject, opts, admin):
-    n, key, payload = opts.messages, unique('bench:raw'), envelope()
+def timed_publish(subject, opts, prefix: str, sender) -> dict:
+    """Publish ``opts.messages`` envelopes one round trip each with ``sender(client, key)``'s
+    function (given the payload), timed; the stream must then hold them all."""
+    n, key, payload = opts.messages, unique(prefix), envelope()
     client = client_for(subject)
     try:
-        xadd = client.xadd
+        send = sender(client, key)
         start = time.perf_counter()
         for _ in range(n):
-            xadd(key, {'m': payload})
+            send(payload)
         elapsed = time.perf_counter() - start
         if client.xlen(key) != n:
             raise RuntimeError(f'stream holds {client.xlen(key)} entries, expected {n}')
     finally:
-        client.delete(key)
+        client.delete(key, key + ':wake')
         client.close()
     return {'publish': n / elapsed}
 
 
-def r_consume(subject, opts, admin, count: int):
-    n, key = opts.messages, unique('bench:raw')
+def timed_consume(subject, opts, prefix: str, count: int, rounds) -> dict:
+    """Drain a filled stream ``count`` at a time, timed: ``rounds(client, key)`` gives the
+    function of one round trip, which acks and deletes the ids it is given and reads up to
+    ``count`` more (count 0: only acks); nothing may be left or pending after."""
+    n, key = opts.messages, unique(prefix)
     client = client_for(subject)
     try:
         fill(client, key, n)
-        pipe = client.pipeline(transaction=False)
+        round_trip = rounds(client, key)
         got, ids = 0, []
         start = time.perf_counter()
         while got < n:
-            ids = entry_ids(read_round(pipe, key, ids, count))
+            ids = round_trip(ids, count)
             if not ids:
-                raise RuntimeError(f'raw consumer found nothing after {got}/{n} entries')
+                raise RuntimeError(f'{prefix} consumer found nothing after {got}/{n} entries')
             got += len(ids)
-        pipe.xack(key, GROUP, *ids)
-        pipe.xdel(key, *ids)
-        pipe.execute()
+        round_trip(ids, 0)
         elapsed = time.perf_counter() - start
         left, pending = client.xlen(key), client.xpending(key, GROUP)['pending']
         if got != n or left or pending:
-            raise RuntimeError(f'raw consume: {got} read, {left} left, {pending} pending '
-                               f'of {n}')
+            raise RuntimeError(f'{prefix} consume: {got} read, {left} left, {pending} '
+                               f'pending of {n}')
     finally:
         client.delete(key)
         client.close()
     return {f'consume{count}': n / elapsed}
+
+
+def r_publish(subject, opts, admin):
+    return timed_publish(subject, opts, 'bench:raw',
+                         lambda client, key: lambda payload: client.xadd(key, {'m': payload}))
+
+
+def raw_rounds(client: redis.Redis, key: str):
+    """One round trip of raw commands: [XACK, XDEL] of the ids before, XREADGROUP."""
+    pipe = client.pipeline(transaction=False)
+
+    def round_trip(ids: list, count: int) -> list:
+        if not count:
+            pipe.xack(key, GROUP, *ids)
+            pipe.xdel(key, *ids)
+            pipe.execute()
+            return []
+        return entry_ids(read_round(pipe, key, ids, count))
+
+    return round_trip
+
+
+def r_consume(subject, opts, admin, count: int):
+    return timed_consume(subject, opts, 'bench:raw', count, raw_rounds)
 
 
 def r_consume1(subject, opts, admin):
@@ -174,65 +201,39 @@ def r_latency(subject, opts, admin):
         client.close()
 
 
-#: The script floor's scripts (see the top): KEYS[1] the stream; a publish's KEYS[2] the marker.
+#: The script floor's scripts (see the top): KEYS[1] the stream; a publish's KEYS[2] the
+#: marker; a read's ARGV: group, consumer, COUNT (0: only the acks), the ids to ack.
 FLOOR_PUBLISH = ("redis.call('ZADD', KEYS[2], 0, 'w') "
                  "return redis.call('XADD', KEYS[1], '*', 'm', ARGV[1])")
-FLOOR_READ = ("if #ARGV > 2 then "
-              "redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3)) "
-              "redis.call('XDEL', KEYS[1], unpack(ARGV, 3)) end "
-              "return redis.call('XREADGROUP', 'GROUP', ARGV[1], 'c', 'COUNT', ARGV[2], "
+FLOOR_READ = ("if #ARGV > 3 then "
+              "redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 4)) "
+              "redis.call('XDEL', KEYS[1], unpack(ARGV, 4)) end "
+              "if ARGV[3] == '0' then return false end "
+              "return redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], "
               "'STREAMS', KEYS[1], '>')")
 
 
+def floor_sender(client: redis.Redis, key: str):
+    sha, mark, evalsha = client.script_load(FLOOR_PUBLISH), key + ':wake', client.evalsha
+    return lambda payload: evalsha(sha, 2, key, mark, payload)
+
+
 def f_publish(subject, opts, admin):
-    n, key, payload = opts.messages, unique('bench:floor'), envelope()
-    client = client_for(subject)
-    try:
-        sha, mark = client.script_load(FLOOR_PUBLISH), key + ':wake'
-        evalsha = client.evalsha
-        start = time.perf_counter()
-        for _ in range(n):
-            evalsha(sha, 2, key, mark, payload)
-        elapsed = time.perf_counter() - start
-        if client.xlen(key) != n:
-            raise RuntimeError(f'stream holds {client.xlen(key)} entries, expected {n}')
-    finally:
-        client.delete(key, key + ':wake')
-        client.close()
-    return {'publish': n / elapsed}
+    return timed_publish(subject, opts, 'bench:floor', floor_sender)
 
 
-def f_consume(subject, opts, admin, count: int):
-    n, key = opts.messages, unique('bench:floor')
-    client = client_for(subject)
-    try:
-        fill(client, key, n)
-        sha = client.script_load(FLOOR_READ)
-        got, ids = 0, []
-        start = time.perf_counter()
-        while got < n:
-            ids = entry_ids(client.evalsha(sha, 1, key, GROUP, count, *ids))
-            if not ids:
-                raise RuntimeError(f'floor consumer found nothing after {got}/{n} entries')
-            got += len(ids)
-        client.evalsha(sha, 1, key, GROUP, 0, *ids)  # the last acks (COUNT 0: reads none)
-        elapsed = time.perf_counter() - start
-        left, pending = client.xlen(key), client.xpending(key, GROUP)['pending']
-        if got != n or left or pending:
-            raise RuntimeError(f'floor consume: {got} read, {left} left, {pending} pending '
-                               f'of {n}')
-    finally:
-        client.delete(key)
-        client.close()
-    return {f'consume{count}': n / elapsed}
+def floor_rounds(client: redis.Redis, key: str):
+    """One round trip: the same three commands in one EVALSHA."""
+    sha, evalsha = client.script_load(FLOOR_READ), client.evalsha
+    return lambda ids, count: entry_ids(evalsha(sha, 1, key, GROUP, CONSUMER, count, *ids))
 
 
 def f_consume1(subject, opts, admin):
-    return f_consume(subject, opts, admin, 1)
+    return timed_consume(subject, opts, 'bench:floor', 1, floor_rounds)
 
 
 def f_consume100(subject, opts, admin):
-    return f_consume(subject, opts, admin, 100)
+    return timed_consume(subject, opts, 'bench:floor', 100, floor_rounds)
 
 
 #: Workload name (as in --only) -> the raw function measuring the same rows.
