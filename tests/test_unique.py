@@ -135,12 +135,27 @@ def test_a_requeued_message_is_not_replaced(script_client):
     assert stored(c) == ['m1']
 
 
-def test_ttl_keeps_the_key_after_the_ack_then_frees_it(script_client):
+def ride(b: Broker, consumer: str, d: Any, key: str, trusted: bool = False) -> list[Any]:
+    """Ack ``d`` inside a read of ``consumer``, as a channel's next read carries its acks."""
+    return read_messages(b, ['q'], consumer, 1, acks=[(d.stream, d.entry_id, trusted, key)])
+
+
+def ack_as(b: Broker, how: str, consumer: str, d: Any, key: str) -> None:
+    """Ack ``d`` for ``consumer`` releasing ``key``: in an ack call of its own ('ack') or
+    riding in the consumer's next read, which must deliver nothing more ('ride')."""
+    if how == 'ack':
+        b.ack('q', [(d.stream, d.entry_id)], consumer=consumer, unique=[key])
+    else:
+        assert ride(b, consumer, d, key) == []
+
+
+@pytest.mark.parametrize('how', ['ack', 'ride'])
+def test_ttl_keeps_the_key_after_the_ack_then_frees_it(script_client, how):
     c = script_client
     b = queue(c, x_unique_ttl=HOUR)
     publish(b, 1, 'k')
     (d,) = read_messages(b, ['q'], 'c1', 1)
-    b.ack('q', [(d.stream, d.entry_id)], consumer='c1', unique=['k'])
+    ack_as(b, how, 'c1', d, 'k')
     assert c.hget(K.unique('q'), 'k:k').startswith(b't:')
     assert publish(b, 2, 'k') == DUPLICATE  # throttled
     c.hset(K.unique('q'), 'k:k', 't:1')  # the throttle ran out
@@ -158,9 +173,11 @@ def test_a_dead_letter_releases_the_key_at_once_even_with_a_ttl(script_client):
     assert publish(b, 2, 'k') not in (None, DUPLICATE)
 
 
-def test_a_stale_settle_releases_nothing(script_client):
+@pytest.mark.parametrize('how', ['ack', 'ride'])
+def test_a_stale_settle_releases_nothing(script_client, how):
     """A consumer whose lease ran out (SIGKILLed, or stopped) and another took the message:
-    its late ack or reject leaves the key with the message."""
+    its late ack (in a call of its own or riding in a read) or reject leaves the key and the
+    entry with the message."""
     c = script_client
     b = queue(c)
     publish(b, 1, 'k')
@@ -168,16 +185,12 @@ def test_a_stale_settle_releases_nothing(script_client):
     b.reclaim('q', 0, 100)  # its lease ran out
     (again,) = read_messages(b, ['q'], 'c2', 1)
     assert again.entry_id == d.entry_id
-    b.ack('q', [(d.stream, d.entry_id)], consumer='dead', unique=['k'])
+    ack_as(b, how, 'dead', d, 'k')
     assert b.dead_letter('q', d.stream, d.entry_id, 'late', 1, None, 'dead', 'k') == 0
-    assert held(c, 'k') and publish(b, 2, 'k') == DUPLICATE
-    b.ack('q', [(again.stream, again.entry_id)], consumer='c2', unique=['k'])
+    assert held(c, 'k') and c.xlen(K.stream('q', 0)) == 1
+    assert publish(b, 2, 'k') == DUPLICATE
+    ack_as(b, how, 'c2', again, 'k')
     assert not held(c, 'k')
-
-
-def ride(b: Broker, consumer: str, d: Any, key: str, trusted: bool = False) -> list[Any]:
-    """Ack ``d`` inside a read of ``consumer``, as a channel's next read carries its acks."""
-    return read_messages(b, ['q'], consumer, 1, acks=[(d.stream, d.entry_id, trusted, key)])
 
 
 @pytest.mark.parametrize('trusted', [False, True])
@@ -221,29 +234,6 @@ def test_one_ack_call_releases_every_key_it_acks(script_client, ttl):
                  unique=[keys[json.loads(d.payload)['body']] for d in got]) == 3
     refs = c.hmget(K.unique('q'), ['k:a', 'k:b', 'k:c'])
     assert all(r is not None and r.startswith(b't:') for r in refs) if ttl else refs == [None] * 3
-
-
-def test_an_ack_riding_in_a_read_keeps_a_throttled_key(script_client):
-    c = script_client
-    b = queue(c, x_unique_ttl=HOUR)
-    publish(b, 1, 'k')
-    (d,) = read_messages(b, ['q'], 'c1', 1)
-    assert ride(b, 'c1', d, 'k') == []
-    assert c.hget(K.unique('q'), 'k:k').startswith(b't:')
-    assert publish(b, 2, 'k') == DUPLICATE
-
-
-def test_a_stale_ack_riding_in_a_read_releases_nothing(script_client):
-    c = script_client
-    b = queue(c)
-    publish(b, 1, 'k')
-    (d,) = read_messages(b, ['q'], 'dead', 1)
-    b.reclaim('q', 0, 100)  # its lease ran out
-    (again,) = read_messages(b, ['q'], 'c2', 1)
-    assert ride(b, 'dead', d, 'k') == []
-    assert held(c, 'k') and c.xlen(K.stream('q', 0)) == 1
-    assert ride(b, 'c2', again, 'k') == []
-    assert not held(c, 'k')
 
 
 def test_a_keyed_ack_naming_no_riding_ack_is_refused(script_client):
@@ -311,12 +301,10 @@ def test_a_settle_never_releases_the_key_a_delayed_message_holds(script_client, 
     assert b.redrive('q', 10) == (1, 0)
     assert publish(b, 2, 'k', delay=LATER).startswith(b'delayed:')  # the key is free: taken
     (again,) = read_messages(b, ['q'], 'c1', 1)  # the redriven one
-    if how == 'ack':
-        b.ack('q', [(again.stream, again.entry_id)], consumer='c1', unique=['k'])
-    elif how == 'ride':
-        assert ride(b, 'c1', again, 'k') == []
-    else:
+    if how == 'reject':
         b.dead_letter('q', again.stream, again.entry_id, 'rejected', 1, None, 'c1', 'k')
+    else:
+        ack_as(b, how, 'c1', again, 'k')
     assert c.hget(K.unique('q'), 'k:k').startswith(b'd:')
     assert publish(b, 3, 'k') == DUPLICATE
 
