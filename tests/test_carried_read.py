@@ -75,6 +75,19 @@ def _drain_while_publishing(conn: Any, url: str, name: str, timeout: float = 10,
         later.join()
 
 
+def _spy_sends(monkeypatch: Any, waits: Any, seen: Any) -> None:
+    """Call ``seen(kwargs, fd)`` after each wait ``waits`` sends (its keyword arguments and
+    the fd it answers on)."""
+    real_send = waits.send
+
+    def send(*args: Any, **kwargs: Any) -> int:
+        fd = real_send(*args, **kwargs)
+        seen(kwargs, fd)
+        return fd
+
+    monkeypatch.setattr(waits, 'send', send)
+
+
 def _read_ran(url: str, channel: Any) -> None:
     """Until the read a publish woke is in the PEL (Valkey may answer the wait first, in a
     write of its own)."""
@@ -106,13 +119,8 @@ def test_a_wake_up_delivers_without_a_read_of_its_own(any_url, monkeypatch):
         _publish(any_url, name, 0)
         channel = conn.channel()
         waits = conn.transport.cycle.waits
-        real_send = waits.send
-
-        def send(*args: Any, **kwargs: Any) -> int:
-            events.append('wait' if kwargs.get('carried') is not None else 'plain wait')
-            return real_send(*args, **kwargs)
-
-        monkeypatch.setattr(waits, 'send', send)
+        _spy_sends(monkeypatch, waits, lambda kwargs, fd: events.append(
+            'wait' if kwargs.get('carried') is not None else 'plain wait'))
         reads = count_reads(monkeypatch, channel)
         with Consumer(channel, [Queue(name, routing_key=name)], accept=['json'],
                       callbacks=[lambda body, m: (events.append(f'got {body["n"]}'),
@@ -290,14 +298,8 @@ def test_no_read_is_carried_without_a_socket_timeout(any_url, monkeypatch):
         _publish(any_url, name, 0)
         channel = conn.channel()
         waits = conn.transport.cycle.waits
-        real_send = waits.send
-
-        def send(*args: Any, **kwargs: Any) -> int:
-            fd = real_send(*args, **kwargs)
-            carried.append(waits.pending[fd].carried)
-            return fd
-
-        monkeypatch.setattr(waits, 'send', send)
+        _spy_sends(monkeypatch, waits,
+                   lambda kwargs, fd: carried.append(waits.pending[fd].carried))
         with Consumer(channel, [Queue(name, routing_key=name)], accept=['json'],
                       callbacks=[lambda body, m: (got.append(body), m.ack())]):
             _drain_while_publishing(conn, any_url, name)
