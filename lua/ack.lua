@@ -123,7 +123,7 @@ if keyed then  -- the key of each entry deleted here is free (or throttled) from
       items[#items + 1] = {ARGV[4 + j], string.match(KEYS[k], ':(%d+)$') or '0', ARGV[at + 1]}
     end
   end
-  if #items > 0 then lib_unique().unique_release_acked(ustore, items, now_ms) end
+  if #items > 0 then lib_unique().unique_release(ustore, items, now_ms) end
 end
 if flagged and done > 0 then inflight_release(flag, wake, KEYS[1], 0) end
 return {done, stale}

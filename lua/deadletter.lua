@@ -67,8 +67,7 @@ local err = dead_letter(key, group, id, found[1][2], KEYS[2], ARGV[4], ARGV[5], 
 if err then return redis.error_reply(err) end
 if shared then trim_shared(key) end
 if ukey and ukey ~= '' then
-  lib_unique().unique_release(KEYS[3], ukey, string.match(key, ':(%d+)$') or '0', id, false,
-                              0)
+  lib_unique().unique_release(KEYS[3], {{ukey, string.match(key, ':(%d+)$') or '0', id}})
 end
 if flagged then inflight_release(KEYS[4], KEYS[5], key, 0) end
 return {1, 0}

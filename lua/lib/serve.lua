@@ -165,7 +165,7 @@ local function ride_acks(ctx, of, first, a, u)
           if key ~= '' and deleted[id] then items[#items + 1] = {key, level, id} end
         end
         if #items > 0 then
-          lib_unique().unique_release_acked(src.store, items, function()
+          lib_unique().unique_release(src.store, items, function()
             ctx.now = ctx.now or now_ms()
             return ctx.now
           end)

@@ -109,31 +109,17 @@ local function unique_hold(store, key, ttl, level, id, member, old)
   end
 end
 
--- Release KEY if STORE says the message that holds it is entry ID at LEVEL (the caller
--- settled that message: at most one message holds a key). A delayed message's reference
--- ("d:") is never released by a settle: a read that moves a delayed message to its stream
--- names the new entry in the same call (unique_promoted), so a "d:" one is another message,
--- still waiting (a message redriven from the dead letters carries its key without holding
--- it). ACKED: by an ack, so an x-unique-ttl keeps it until NOW + ttl (throttle); otherwise
--- (dead-lettered) it goes at once. Returns 1 when released, else 0.
-local function unique_release(store, key, level, id, acked, now)
-  local ref = redis.call('HGET', store, 'k:' .. key)
-  if not ref then return 0 end
-  local kind, ttl, a, b = unique_parse(ref)
-  if kind ~= 's' or a ~= level or b ~= id then return 0 end
-  if acked and ttl and ttl > 0 then
-    redis.call('HSET', store, 'k:' .. key, 't:' .. string.format('%d', now + ttl))
-  else
-    redis.call('HDEL', store, 'k:' .. key)
-  end
-  return 1
-end
-
--- unique_release for ITEMS ({key, level, entry id} each) acked in one call, in one HMGET, one
--- HDEL and one HSET (the throttled ones) per 1,000 rather than two commands a key: what
--- ack.lua and the acks riding in a read release. CLOCK() gives the time in unix ms, asked
--- only for a throttled key (no TIME otherwise). Returns the number released.
-local function unique_release_acked(store, items, clock)
+-- Release the keys of ITEMS ({key, level, entry id} each), messages the caller settled:
+-- each key whose STORE field still names that entry (at most one message holds a key, so a
+-- stale settle, or a key since taken by another message, releases nothing). A delayed
+-- message's reference ("d:") is never released by a settle: a read that moves a delayed
+-- message to its stream names the new entry in the same call (unique_promoted), so a "d:"
+-- one is another message, still waiting (one redriven from the dead letters carries its key
+-- without holding it). CLOCK: the settle is an ack and CLOCK() the time in unix ms, asked
+-- only for a key with x-unique-ttl, which stays until then + ttl (throttle); nil: a dead
+-- letter, every key goes at once. One HMGET, one HDEL and one HSET per 1,000 keys (ack.lua,
+-- the acks riding in a read, deadletter.lua). Returns the number released.
+local function unique_release(store, items, clock)
   local released, now = 0, nil
   for first = 1, #items, 1000 do  -- unpack() has a limit
     local last = math.min(first + 999, #items)
@@ -147,7 +133,7 @@ local function unique_release_acked(store, items, clock)
       if ref then kind, ttl, a, b = unique_parse(ref) end
       if kind == 's' and a == item[2] and b == item[3] then
         released = released + 1
-        if ttl and ttl > 0 then
+        if clock and ttl and ttl > 0 then
           now = now or clock()
           set[#set + 1] = 'k:' .. item[1]
           set[#set + 1] = 't:' .. string.format('%d', now + ttl)
