@@ -11,16 +11,18 @@ and INFO / CONFIG GET of a server at connect (:func:`server_info`, :func:`config
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.exceptions import ResponseError
 
 from .calls import PAGE, PeekCursor
 from .introspect import Introspection
 from .replies import Ready
-from .scripts import Call
+from .scripts import Call, explain
 from .text import text
+from .unique import unique_key
 
 
 def server_info(client: Any) -> dict[str, Any]:
@@ -36,6 +38,20 @@ def config_value(client: Any, name: str) -> str | None:
     except ResponseError:
         return None
     return None if value is None else text(value)
+
+
+class Redriven(NamedTuple):
+    """What a redrive did: letters moved back, letters left because they hold no message or
+    came from another queue, and letters left because a live message holds their
+    x-unique-key."""
+
+    moved: int
+    skipped: int
+    held: int
+
+    def add(self, other: Redriven) -> Redriven:
+        return Redriven(self.moved + other.moved, self.skipped + other.skipped,
+                        self.held + other.held)
 
 
 class Admin(Introspection):
@@ -108,24 +124,73 @@ class Admin(Introspection):
             if cursor == '0':
                 return sorted(set(gone))
 
-    def redrive(self, queue: str, count: int, ids: Sequence[Any] = ()) -> tuple[int, int]:
-        """Move up to ``count`` dead letters (or just ``ids``) back; returns (moved, skipped)."""
-        moved, skipped = self.run(self.redrive_call(queue, count, ids))
-        return int(moved), int(skipped)
+    def redrive(self, queue: str, count: int, ids: Sequence[Any] = ()) -> Redriven:
+        """Move back the ``count`` oldest dead letters, or up to ``count`` of ``ids``. A letter
+        whose message holds an x-unique-key takes it back, or stays while a live message of
+        the queue holds it (docs/design.rst, "Unique keys"): the keys are read from the
+        letters here, a page of at most PAGE at a time (a big message's body fetched), and
+        redrive.lua decides for each page in one call."""
+        try:
+            return self._redrive_letters(queue, count, ids)
+        except ResponseError as exc:  # reading the letters: as the script would say it
+            raise explain("script 'redrive'", exc, [self.keys.dlq(queue)]) from None
 
-    def redrive_all(self, queue: str) -> tuple[int, int]:
-        """Move every dead letter filed so far back (one filed meanwhile stays), by id in
-        redrive calls of at most PAGE, so that letters which cannot move (no message, or
-        from another queue) are counted once; returns (moved, skipped)."""
-        newest = self.newest_dead_letter(queue)
-        moved, skipped, start = 0, 0, '-'
-        while newest:
-            ids = [entry_id for entry_id, _ in self.dead_letters(queue, PAGE, start, newest)]
-            if not ids:
+    def _redrive_letters(self, queue: str, count: int, ids: Sequence[Any]) -> Redriven:
+        total = Redriven(0, 0, 0)
+        if ids:
+            dlq, ids = self.keys.dlq(queue), list(dict.fromkeys(ids))
+            for first in range(0, len(ids), PAGE):
+                if total.moved >= count:
+                    break
+                pipe = self.client.pipeline(transaction=False)
+                for entry_id in ids[first:first + PAGE]:
+                    pipe.xrange(dlq, entry_id, entry_id)
+                letters = [(entry_id, found[0][1] if found else {})
+                           for entry_id, found in zip(ids[first:first + PAGE], pipe.execute())]
+                total = total.add(self._redrive(queue, count - total.moved, letters))
+            return total
+        start, left = '-', count  # the oldest ``count`` letters, those that stay included
+        while left > 0:
+            letters = self.dead_letters(queue, min(left, PAGE), start)
+            if not letters:
                 break
-            m, s = self.redrive(queue, len(ids), ids)
-            moved, skipped, start = moved + m, skipped + s, f'({text(ids[-1])}'
-        return moved, skipped
+            total = total.add(self._redrive(queue, len(letters), letters))
+            start, left = f'({text(letters[-1][0])}', left - len(letters)
+        return total
+
+    def _redrive(self, queue: str, count: int, letters: Sequence[tuple[Any, dict[Any, Any]]]
+                 ) -> Redriven:
+        """One redrive.lua call for ``letters`` (id, fields), each with its key."""
+        keyed = [(entry_id, self._letter_key(queue, fields)) for entry_id, fields in letters]
+        moved, skipped, held = self.run(self.redrive_call(queue, count, keyed=keyed))
+        return Redriven(int(moved), int(skipped), int(held))
+
+    def _letter_key(self, queue: str, fields: dict[Any, Any]) -> str:
+        """The x-unique-key of a dead letter's message, '' for none (or not a message)."""
+        payload = fields.get(b'f:m')
+        if payload is None and fields.get(b'f:r') is not None:
+            payload = self.bodies(queue, [fields[b'f:r']])[0]
+        if payload is None:
+            return ''
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            return ''
+        return unique_key(message) if isinstance(message, dict) else ''
+
+    def redrive_all(self, queue: str) -> Redriven:
+        """Move every dead letter filed so far back (one filed meanwhile stays), a page of
+        at most PAGE per call, so that letters which cannot move (no message, from another
+        queue, or a key held) are counted once."""
+        newest = self.newest_dead_letter(queue)
+        total, start = Redriven(0, 0, 0), '-'
+        while newest:
+            letters = self.dead_letters(queue, PAGE, start, newest)
+            if not letters:
+                break
+            total = total.add(self._redrive(queue, len(letters), letters))
+            start = f'({text(letters[-1][0])}'
+        return total
 
     def dead_letters(self, queue: str, count: int = 100, start: str = '-', end: str = '+'
                      ) -> list[tuple[Any, dict[Any, Any]]]:

@@ -397,10 +397,18 @@ class Calls(ReadCalls):
         return SCRIPTS['dlq_purge'], [self.keys.dlq(queue), self.keys.big(queue)], [through,
                                                                                    batch]
 
-    def redrive_call(self, queue: str, count: int, ids: Sequence[Any] = ()) -> Call:
+    def redrive_call(self, queue: str, count: int, ids: Sequence[Any] = (),
+                     keyed: Sequence[tuple[Any, str]] | None = None) -> Call:
+        """The redrive call of up to ``count`` dead letters: the oldest, or ``ids``, or
+        ``keyed``: (id, the x-unique-key its message holds, '' for none) pairs, whose keys
+        the letters take back (or stay while a live message holds them)."""
         keys = [self.keys.dlq(queue), *self.streams(queue), self.keys.wake(queue),
                 self.keys.ready(queue)]
-        return SCRIPTS['redrive'], keys, [count, *ids]
+        if keyed is None:
+            return SCRIPTS['redrive'], keys, [count, *ids]
+        keys += [self.keys.unique(queue), self.keys.args(queue), self.keys.delayed(queue)]
+        return SCRIPTS['redrive'], keys, [count, 'k', queue,
+                                          *(x for pair in keyed for x in pair)]
 
     def migrate_list_call(self, source: str, queue: str, list_level: int, count: int,
                           todo: int = -1

@@ -1,50 +1,83 @@
---[[ redrive: move dead letters back to their queue, oldest first.
+--[[ redrive: move dead letters back to their queue, oldest first; a letter whose message
+holds an x-unique-key takes the key back, or stays while a live message holds it.
 
 KEYS[1]     the queue's dead-letter stream, ks:q:{name}:dlq
 KEYS[2..n]  all streams of the queue (one per priority level)
 KEYS[n+1]   the queue's wake marker (zset)
 KEYS[n+2]   the queue's ready index (set)
+KEYS[n+3..n+5]  only with ARGV[2] "k": the queue's key store (hash), ks:q:{name}:unique,
+            its arguments (hash), ks:q:{name}:args (x-unique-ttl), and its delayed set
+            (zset), ks:q:{name}:delayed
 ARGV[1]     the most dead letters to move in this call
 ARGV[2..]   optional: only these dead-letter ids, in this order (otherwise the oldest
-            ones); an id given twice counts once, an id not in the stream is ignored
-Reply:      {moved, skipped}: skipped counts dead letters that hold no message (an entry
-            that was never a Kombu message) or came from a stream of another queue; they
-            stay in the dead-letter stream
+            ones); an id given twice counts once, an id not in the stream is ignored.
+            Or ARGV[2] "k", ARGV[3] the consumer group (the queue's name), then pairs:
+            dead-letter id, the x-unique-key its message holds ('' for none; the caller
+            read it from the letter, kombu_streams/unique.py's unique_key). A letter with a
+            key goes back only while no live message of the queue holds that key, and then
+            holds it as a publish would (x-unique-ttl as the queue has it now); else it
+            stays, counted as held. Without "k" every letter goes back without its key
+            (docs/design.rst, Unique keys)
+Reply:      {moved, skipped, held}: skipped counts dead letters that hold no message (an
+            entry that was never a Kombu message) or came from a stream of another queue;
+            held those whose key a live message holds (with "k" only); both stay in the
+            dead-letter stream
 Errors:     "redrive: expected ..." for another layout; WRONGTYPE (checked before any write)
-Minimum Redis: 6.2. Cost: O(count), or O(number of ids given). A letter goes back to the
-stream it came from as a new entry (a fresh delivery count); a big message's (f:r) as its
-token, its body left in the queue's big hash. See docs/design.rst
-(Delivery counts and dead letters).
+Minimum Redis: 6.2. Cost: O(count), or O(number of ids given); with "k" a letter with a key
+adds what a keyed publish's look at the key costs (an HGET, then an XRANGE of one id and
+XINFO GROUPS, or a ZSCORE) and an HSET, and the call an HGET of x-unique-ttl. A letter goes
+back to the stream it came from as a new entry (a fresh delivery count); a big message's
+(f:r) as its token, its body left in the queue's big hash. See docs/design.rst
+(Delivery counts and dead letters, Unique keys).
 ]]
 --@include common
-local bad = check_args('redrive', #KEYS >= 4, #ARGV >= 1,
-                       'KEYS: dlq, streams, marker, index; ARGV: count[, ids]')
+--@include unique
+local keyed = ARGV[2] == 'k'  -- pairs (id, key) from ARGV[4], the key store in KEYS
+local bad = check_args('redrive', #KEYS >= (keyed and 7 or 4),
+                       #ARGV >= 1 and (not keyed or (#ARGV >= 3 and #ARGV % 2 == 1)),
+                       'KEYS: dlq, streams, marker, index[, key store, arguments, delayed ' ..
+                       'set]; ARGV: count[, ids], or count, "k", group, then pairs: id, key')
 if bad then return bad end
-local n = #KEYS - 2
+local n = #KEYS - (keyed and 5 or 2)
 local limit = tonumber(ARGV[1])
+local store, argkey, dkey = KEYS[n + 3], KEYS[n + 4], KEYS[n + 5]
 -- every key is checked first (see wrong_type): no letter moved without its marker
 local wrong = wrong_type(KEYS[1], 'stream') or wrong_type(KEYS[n + 1], 'zset')
   or wrong_type(KEYS[n + 2], 'set')
 wrong = wrong or wrong_streams(2, n)
+if keyed then
+  wrong = wrong or wrong_type(store, 'hash') or wrong_type(argkey, 'hash')
+          or wrong_type(dkey, 'zset')
+end
 if wrong then return redis.error_reply(wrong) end
-if limit <= 0 then return {0, 0} end  -- XRANGE COUNT 0 answers nil on Redis
+if limit <= 0 then return {0, 0, 0} end  -- XRANGE COUNT 0 answers nil on Redis
 local entries
+local key_of = {}  -- dead-letter id -> the key its message holds (keyed form)
 if #ARGV > 1 then
   entries = {}
   local wanted = {}
-  for j = 2, #ARGV do
+  local first, step = 2, 1
+  if keyed then first, step = 4, 2 end
+  for j = first, #ARGV, step do
     local found = redis.call('XRANGE', KEYS[1], ARGV[j], ARGV[j])
     -- an id given twice is moved once (XRANGE normalizes it, e.g. "5" and "5-0")
     if found[1] and not wanted[found[1][1]] then
       wanted[found[1][1]] = true
       entries[#entries + 1] = found[1]
+      if keyed and ARGV[j + 1] ~= '' then key_of[found[1][1]] = ARGV[j + 1] end
     end
   end
 else
   entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', limit)
 end
-local moved, skipped = 0, 0
+local moved, skipped, held = 0, 0, 0
 local added, members = {}, {}  -- ready index members of the streams that got letters
+local levels, uttl, unique = {}, 0, nil  -- level -> stream; x-unique-ttl (ms)
+if next(key_of) ~= nil then
+  for i = 2, n do levels[string.match(KEYS[i], ':(%d+)$') or ''] = KEYS[i] end
+  uttl = math.max(math.floor(tonumber(redis.call('HGET', argkey, 'x-unique-ttl')) or 0), 0)
+  unique = lib_unique()
+end
 for _, e in ipairs(entries) do
   if moved >= limit then break end
   -- a big message's letter holds its token (f:r): it goes back as such, its body stays put
@@ -55,9 +88,22 @@ for _, e in ipairs(entries) do
   for i = 2, n do
     if KEYS[i] == origin then target = KEYS[i] end
   end
-  if payload and target then
-    redis.call('XADD', target, '*', name, payload)
+  local key, state, ref = key_of[e[1]], nil, nil
+  if payload and target and key then  -- a live message holding the key keeps it
+    local err
+    state, ref, _, _, err = unique.unique_holder(store, key, levels, dkey, ARGV[3], now_ms)
+    state = state or err  -- (types were checked first) a key not looked at is not taken
+  end
+  if state then
+    held = held + 1
+  elseif payload and target then
+    local id = redis.call('XADD', target, '*', name, payload)
     redis.call('XDEL', KEYS[1], e[1])
+    if key then
+      unique.unique_hold(store, key, uttl, string.match(target, ':(%d+)$') or '0', id, nil, ref)
+      local ttl = redis.call('PTTL', KEYS[2])  -- an expiring queue's store goes with it
+      if ttl > 0 and redis.call('PTTL', store) == -1 then redis.call('PEXPIRE', store, ttl) end
+    end
     if not added[target] then
       added[target] = true
       members[#members + 1] = target
@@ -71,4 +117,4 @@ if moved > 0 then
   index_add(KEYS[n + 2], KEYS[2], unpack(members))
   arm(KEYS[n + 1], KEYS[2])
 end
-return {moved, skipped}
+return {moved, skipped, held}

@@ -181,7 +181,7 @@ def test_dead_letter_redrive_consume_ack(script_client):
     [(_, letter)] = c.xrange(K.dlq(Q))
     assert letter[b'f:r'] == d.token and b'f:m' not in letter
     assert bodies_left(c) == {d.token: envelope(1)}  # kept with its letter
-    assert b.redrive_all(Q) == (1, 0)
+    assert b.redrive_all(Q) == (1, 0, 0)
     back = read_one(c)
     assert back.token == d.token and back.stream == K.stream(Q, 3) and back.deliveries == 1
     assert b.ack(Q, [(back.stream, back.entry_id)], consumer='c1', big=True) == 1

@@ -664,9 +664,9 @@ def test_dlq_redrive_by_id_count_and_all(redis_url):
     c, b = dead_letters(redis_url)
     junk, poison = cli_json(redis_url, 'dlq', 'list', 'dq')['letters']
     assert cli_json(redis_url, 'dlq', 'redrive', 'dq', '--count', '1') == {
-        'queue': 'dq', 'moved': 0, 'skipped': 1}  # the oldest holds no message
+        'queue': 'dq', 'moved': 0, 'skipped': 1, 'held': 0}  # the oldest holds no message
     assert cli_json(redis_url, 'dlq', 'redrive', 'dq', '--id', poison['id']) == {
-        'queue': 'dq', 'moved': 1, 'skipped': 0}
+        'queue': 'dq', 'moved': 1, 'skipped': 0, 'held': 0}
     assert counts(b.inspect('dq')) == {0: (1, 0, 0), 3: (1, 0, 0)}
     b.dead_letter('dq', K.stream('dq', 3), c.xrange(K.stream('dq', 3))[0][0], 'again', 1)
     r = cli(redis_url, 'dlq', 'redrive', 'dq')
@@ -674,6 +674,30 @@ def test_dlq_redrive_by_id_count_and_all(redis_url):
     assert 'moved 1 dead letter(s) back to dq; 1 skipped' in r.stdout
     info = b.inspect('dq')
     assert counts(info) == {0: (1, 0, 0), 3: (1, 0, 0)} and info['dlq'] == 1
+
+
+def test_dlq_redrive_holds_a_letter_whose_key_is_taken(redis_url):
+    """A Kombu message with an x-unique-key, rejected to the dead letters; another with the
+    key published since: the letter stays (held), and goes once that one is acked."""
+    c = redis.Redis.from_url(redis_url)
+    b = broker(c)
+    with Connection(redis_url, transport='kombu_streams.transport:Transport',
+                    transport_options={'dead_letter_rejected': True}) as conn:
+        q = conn.SimpleQueue('uq')
+        q.put({'n': 1}, headers={'x-unique-key': 'k1'})
+        q.get(timeout=5).reject()
+        q.put({'n': 2}, headers={'x-unique-key': 'k1'})  # the key is free: stored
+        assert cli_json(redis_url, 'dlq', 'redrive', 'uq') == {
+            'queue': 'uq', 'moved': 0, 'skipped': 0, 'held': 1}
+        r = cli(redis_url, 'dlq', 'redrive', 'uq')
+        assert 'moved 0 dead letter(s) back to uq; 1 held (a live message holds their ' \
+               'x-unique-key)' in r.stdout
+        got = q.get(timeout=5)
+        assert got.payload == {'n': 2}
+        got.ack()
+        q.close()
+    assert b.redrive_all('uq') == (1, 0, 0)
+    assert c.hget(K.unique('uq'), 'k:k1').startswith(b's:')
 
 
 def test_dlq_purge(redis_url):

@@ -546,7 +546,7 @@ def test_poison_message_dead_lettered_then_redriven(
     store.stop_consumers()
     proc.wait(timeout=10)
     store.client.delete('stop')
-    assert Broker(raw, Keys(), LEVELS).redrive(queue, 10) == (1, 0)
+    assert Broker(raw, Keys(), LEVELS).redrive(queue, 10) == (1, 0, 0)
     assert raw.xlen(dlq) == 0
     consumers.start('healthy', **dict(opts, crash_on_poison=False))
     wait_until(lambda: 'poison' in store.counts(), 15, 'the redriven message',

@@ -1203,7 +1203,7 @@ def test_redrive_moves_dead_letters_back_oldest_first(script_client):
     declare(c, 'q')
     _dead_letters(c, 'q', [(b'y', 3), (b'b', 0), (b'x', 3), (b'd', 9)])
     c.delete(K.wake('q'))
-    assert redrive(c, 'q', 10) == (4, 0)
+    assert redrive(c, 'q', 10) == (4, 0, 0)
     assert c.xlen(K.dlq('q')) == 0
     assert marker(c, 'q') == [(b'w', 0.0)]
     assert [f for _, f in c.xrange(K.stream('q', 3))] == [{b'm': b'y'}, {b'm': b'x'}]
@@ -1222,25 +1222,25 @@ def test_redrive_count_and_ids(script_client):
     def ready():
         return [f[b'm'] for _, f in c.xrange(key)]
 
-    assert redrive(c, 'q', 2) == (2, 0)
+    assert redrive(c, 'q', 2) == (2, 0, 0)
     assert ready() == [b'p0', b'p1']
-    assert redrive(c, 'q', 10, ids=[dl[4], dl[2]]) == (2, 0)  # in the order given
+    assert redrive(c, 'q', 10, ids=[dl[4], dl[2]]) == (2, 0, 0)  # in the order given
     assert ready() == [b'p0', b'p1', b'p4', b'p2']
-    assert redrive(c, 'q', 10, ids=[dl[0], b'1-1']) == (0, 0)  # gone or never there
-    assert redrive(c, 'q', 10, ids=[dl[3], dl[3]]) == (1, 0)   # moved once, not twice
+    assert redrive(c, 'q', 10, ids=[dl[0], b'1-1']) == (0, 0, 0)  # gone or never there
+    assert redrive(c, 'q', 10, ids=[dl[3], dl[3]]) == (1, 0, 0)   # moved once, not twice
     assert ready() == [b'p0', b'p1', b'p4', b'p2', b'p3']
     assert c.xlen(K.dlq('q')) == 0
-    assert redrive(c, 'q', 10) == (0, 0)
+    assert redrive(c, 'q', 10) == (0, 0, 0)
 
 
 def test_redrive_count_limits_moves_given_by_id(script_client):
     c = script_client
     declare(c, 'q')
     dl = _dead_letters(c, 'q', [(b'p%d' % i, 0) for i in range(3)])
-    assert redrive(c, 'q', 1, ids=[dl[2], dl[0]]) == (1, 0)
+    assert redrive(c, 'q', 1, ids=[dl[2], dl[0]]) == (1, 0, 0)
     assert [f[b'm'] for _, f in c.xrange(K.stream('q', 0))] == [b'p2']
     assert [e for e, _ in dead(c, 'q')] == [dl[0], dl[1]]
-    assert redrive(c, 'q', 0) == (0, 0)
+    assert redrive(c, 'q', 0) == (0, 0, 0)
 
 
 def test_redrive_skips_and_keeps_letters_it_cannot_place(script_client):
@@ -1256,13 +1256,13 @@ def test_redrive_skips_and_keeps_letters_it_cannot_place(script_client):
     good = _dead_letters(c, 'q', [(b'good', 6)])[-1]
     before = dead(c, 'q')
     c.delete(K.wake('q'))
-    assert redrive(c, 'q', 10) == (1, 4)
+    assert redrive(c, 'q', 10) == (1, 4, 0)
     assert dead(c, 'q') == [e for e in before if e[0] != good]
     assert [f for _, f in c.xrange(K.stream('q', 6))] == [{b'm': b'good'}]
     assert c.keys('*other*') == [] and c.exists(K.stream('q', 5)) == 0
     assert marker(c, 'q') == [(b'w', 0.0)]
     c.delete(K.wake('q'))
-    assert redrive(c, 'q', 10) == (0, 4)
+    assert redrive(c, 'q', 10) == (0, 4, 0)
     assert marker(c, 'q') == []  # nothing moved, no wake-up
     assert dead(c, 'q') == [e for e in before if e[0] != good]
 
@@ -1274,7 +1274,7 @@ def test_redrive_after_delivery_limit_starts_counting_again(script_client):
     read(c, ['q'], 1, limit=1)
     requeue(c, 'q', [(3, m)])
     assert read(c, ['q'], 1, limit=1) == []
-    assert redrive(c, 'q', 1) == (1, 0)
+    assert redrive(c, 'q', 1) == (1, 0, 0)
     [(_, new, n, payload)] = [d[1:] for d in read(c, ['q'], 5, limit=1)]
     assert (n, payload) == (1, b'again') and sid(new) > sid(m)
     assert c.xlen(K.dlq('q')) == 0
@@ -1285,7 +1285,7 @@ def test_redrive_to_a_deleted_queue_recreates_its_stream(script_client):
     declare(c, 'q')
     _dead_letters(c, 'q', [(b'x', 9)])
     delete(c, 'q')                                     # the dead letters stay
-    assert redrive(c, 'q', 5) == (1, 0)
+    assert redrive(c, 'q', 5) == (1, 0, 0)
     assert [f for _, f in c.xrange(K.stream('q', 9))] == [{b'm': b'x'}]
     assert [d[4] for d in read(c, ['q'], 5)] == [b'x']  # read creates the group lazily
 
@@ -1404,7 +1404,7 @@ def test_reclaim_and_redrive_index_what_they_bring_back(script_client):
     got = read(c, ['q'], 5, limit=1)  # over the delivery limit: dead-lettered
     assert got == [] and len(dead(c, 'q')) == 1
     assert c.smembers(K.ready('q')) == {b''}
-    assert redrive(c, 'q', 5) == (1, 0)
+    assert redrive(c, 'q', 5) == (1, 0, 0)
     assert c.smembers(K.ready('q')) == {b'', b(K.stream('q', 6))}
     assert [d[4] for d in read(c, ['q'], 5)] == [b'a']
     assert m not in ids(c, K.stream('q', 6))  # a redriven letter is a new entry

@@ -252,7 +252,7 @@ def test_redrive_gives_an_expired_message_back_without_its_deadline(script_clien
     b.publish('q', 0, body(1), expiration=0)
     pass_deadlines(c, 'q')
     assert read_messages(b, ['q'], 'c1', 1) == []
-    assert b.redrive('q', 10) == (1, 0)
+    assert b.redrive('q', 10) == (1, 0, 0)
     assert bodies(read_messages(b, ['q'], 'c1', 1)) == ['m1']
 
 

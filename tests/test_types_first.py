@@ -122,6 +122,7 @@ def realistic(c: Any, expiring: bool) -> dict[str, Any]:
     assert own[0].token and own[1].token and not own[2].token
     b.requeue('q', [(own[0].stream, own[0].entry_id)])  # a big one parked with the holder
     b.dead_letter('q', own[1].stream, own[1].entry_id, 'why', 1)  # a big one's letter: f:r
+    letter = c.xrange(K.dlq('q'))[-1][0]
     # a lease about to run out (renew's work; XCLAIM IDLE sets the idle time, count kept)
     c.xclaim(own[2].stream, 'q', 'c1', 0, [own[2].entry_id], idle=STALE, justid=True)
     c.hset(K.counters('q'), 'expired', 2)  # messages set aside past their TTL
@@ -133,7 +134,7 @@ def realistic(c: Any, expiring: bool) -> dict[str, Any]:
     c.hset('unacked', 't1', raw)
     c.zadd('unacked_index', {'t1': 1})
     return {'renew': (own[2].stream, [own[2].entry_id]), 'raw': raw,
-            'fanout_ids': [d.entry_id for d in fan]}
+            'fanout_ids': [d.entry_id for d in fan], 'letter': letter}
 
 
 def _popped(c: Any) -> None:
@@ -229,6 +230,7 @@ CASES = {
     'route-fanout': (lambda b, f: b.route_call('f', 100, SEP), None),
     'cancel': (lambda b, f: b.cancel_call('q', ['lbl']), None),
     'redrive': (lambda b, f: b.redrive_call('q', 10), None),
+    'redrive-keyed': (lambda b, f: b.redrive_call('q', 10, keyed=[(f['letter'], 'k')]), None),
     'reclaim': (lambda b, f: b.reclaim_call('q', 0, 100)[0], None),
     'reclaim-fanout': (lambda b, f: b.reclaim_call('q', 0, 100, exchange='f')[0], None),
     'renew': (lambda b, f: b.renew_call('q', 'c1', *f['renew']), None),
@@ -345,7 +347,8 @@ UNTOUCHED |= {('publish-fair-delayed', i) for i in (0, 4, 7, 8, 9, 10, 11, 12)}
 #: Limited, it counts every stream and the staging hash (their types so checked) first.
 UNTOUCHED |= {('publish-fair-limited', i) for i in (4, 10, 11, 12)}
 
-_DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': ['1-1']}
+_DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': ['1-1'],
+          'letter': '1-1'}
 
 
 def _keys(name: str, facts: dict[str, Any] = _DUMMY) -> list[str]:

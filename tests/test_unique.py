@@ -52,6 +52,12 @@ def stored(c: Any, name: str = 'q') -> list[str]:
     return out
 
 
+def keyed_body(n: Any, key: str) -> str:
+    """A message as Kombu stores it, with ``key`` in its headers (a dead letter's key is read
+    from there when it is redriven)."""
+    return json.dumps({'body': f'{n}', 'headers': {'x-unique-key': key}})
+
+
 def held(c: Any, key: str, name: str = 'q') -> bool:
     """Whether the key store still has an entry for ``key``."""
     return c.hexists(K.unique(name), f'k:{key}')
@@ -290,15 +296,16 @@ def test_a_keyed_ack_with_a_broken_key_store_is_its_queues_problem(script_client
 
 @pytest.mark.parametrize('how', ['ack', 'ride', 'reject'])
 def test_a_settle_never_releases_the_key_a_delayed_message_holds(script_client, how):
-    """A message redriven from the dead letters carries its key in its headers but does not
-    hold it; once a delayed message took the key, settling the redriven one (ack, an ack
-    riding in a read, a dead letter) leaves the delayed one's key alone."""
+    """A message redriven by hand without its key (redrive.lua without "k") carries the key
+    in its headers but does not hold it; once a delayed message took the key, settling the
+    redriven one (ack, an ack riding in a read, a dead letter) leaves the delayed one's key
+    alone."""
     c = script_client
     b = queue(c)
     publish(b, 1, 'k')
     (d,) = read_messages(b, ['q'], 'c1', 1)
     assert b.dead_letter('q', d.stream, d.entry_id, 'rejected', 1, None, 'c1', 'k') == 1
-    assert b.redrive('q', 10) == (1, 0)
+    assert b.run(b.redrive_call('q', 10)) == [1, 0, 0]  # by hand, without its key
     assert publish(b, 2, 'k', delay=LATER).startswith(b'delayed:')  # the key is free: taken
     (again,) = read_messages(b, ['q'], 'c1', 1)  # the redriven one
     if how == 'reject':
@@ -332,6 +339,89 @@ def test_an_expired_message_frees_its_key(script_client):
     assert read_messages(b, ['q'], 'c1', 1) == []  # set aside: past its TTL
     assert c.xlen(K.dlq('q')) == 1
     assert publish(b, 2, 'k') not in (None, DUPLICATE)
+
+
+def reject(b: Broker, key: str, consumer: str = 'c1') -> None:
+    """Read one message and dead-letter it (a reject), releasing ``key``."""
+    (d,) = read_messages(b, ['q'], consumer, 1)
+    assert b.dead_letter('q', d.stream, d.entry_id, 'rejected', 1, None, consumer, key) == 1
+
+
+def test_a_redriven_letter_takes_its_key_back(script_client):
+    c = script_client
+    b = queue(c)
+    b.publish('q', 3, keyed_body(1, 'k'), unique_key='k')
+    reject(b, 'k')
+    assert not held(c, 'k')
+    assert b.redrive('q', 10) == (1, 0, 0)
+    assert c.hget(K.unique('q'), 'k:k').startswith(b's:0:3:')  # its new entry, level 3
+    assert publish(b, 2, 'k') == DUPLICATE  # one message per key alive, again
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    ack_as(b, 'ack', 'c1', d, 'k')
+    assert not held(c, 'k') and publish(b, 3, 'k') not in (None, DUPLICATE)
+
+
+def test_a_letter_whose_key_a_live_message_holds_stays(script_client):
+    c = script_client
+    b = queue(c)
+    b.publish('q', 0, keyed_body(1, 'k'), unique_key='k')
+    reject(b, 'k')
+    publish(b, 2, 'k')  # the key was free: this one holds it now
+    letters = c.xrange(K.dlq('q'))
+    assert b.redrive('q', 10) == (0, 0, 1)
+    assert c.xrange(K.dlq('q')) == letters and stored(c) == ['m2']
+    assert b.redrive_all('q') == (0, 0, 1)
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    ack_as(b, 'ride', 'c1', d, 'k')
+    assert b.redrive('q', 10, ids=[letters[0][0]]) == (1, 0, 0)  # free again: it goes
+    assert stored(c) == ['1'] and held(c, 'k')
+
+
+def test_two_letters_with_one_key_redrive_one(script_client):
+    c = script_client
+    b = queue(c)
+    for n in (1, 2):
+        b.publish('q', 0, keyed_body(n, 'k'), unique_key='k')
+        reject(b, 'k')
+    b.publish('q', 0, keyed_body(3, 'other'), unique_key='other')
+    reject(b, 'other')
+    assert b.redrive_all('q') == (2, 0, 1)  # the oldest with k, and the one with other
+    assert sorted(stored(c)) == ['1', '3'] and c.xlen(K.dlq('q')) == 1
+
+
+def test_a_redriven_letter_keeps_the_queues_throttle(script_client):
+    c = script_client
+    b = queue(c, x_unique_ttl=HOUR)
+    b.publish('q', 0, keyed_body(1, 'k'), unique_key='k')
+    reject(b, 'k')  # a dead letter frees the key at once, throttle or not
+    assert b.redrive('q', 10) == (1, 0, 0)
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    ack_as(b, 'ack', 'c1', d, 'k')
+    assert c.hget(K.unique('q'), 'k:k').startswith(b't:')  # kept x-unique-ttl after the ack
+    assert publish(b, 2, 'k') == DUPLICATE
+
+
+def test_a_big_letter_takes_its_key_back(script_client):
+    c = script_client
+    b = queue(c)
+    b.publish_big('q', 0, keyed_body(1, 'k'), unique_key='k')
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    b.dead_letter('q', d.stream, d.entry_id, 'rejected', 1, None, 'c1', 'k')
+    assert b.redrive('q', 10) == (1, 0, 0)
+    assert held(c, 'k') and publish(b, 2, 'k') == DUPLICATE
+
+
+def test_a_letter_without_a_message_or_key_moves_as_before(script_client):
+    c = script_client
+    b = queue(c)
+    b.publish('q', 0, 'not json', unique_key='')
+    b.publish('q', 0, body(2), unique_key='k')  # its body names no key: it goes back bare
+    for _ in range(2):
+        (d,) = read_messages(b, ['q'], 'c1', 1) or [None]
+        if d is not None:
+            b.dead_letter('q', d.stream, d.entry_id, 'rejected', 1, None, 'c1', '')
+    assert c.xlen(K.dlq('q')) == 2
+    assert b.redrive('q', 10) == (2, 0, 0)
 
 
 def test_a_delivery_limit_frees_its_key(script_client):
@@ -440,8 +530,8 @@ def test_unique_arguments_as_stored():
 class UniqueModel(RuleBasedStateMachine):
     """Publishes with two keys (some delayed, some with a TTL already past), reads by two
     consumers, ack (in a call of its own or riding in a read), reject (dead letter),
-    requeue, a reclaim of every lease, purge and delayed messages made due (moved to their
-    stream by the next read), in any order. After each
+    requeue, a reclaim of every lease, purge, redrive of the dead letters and delayed
+    messages made due (moved to their stream by the next read), in any order. After each
     step: at most one live message per key, and a publish is refused exactly when a live
     message holds its key (never a key left behind its message, never one lost on a move)."""
 
@@ -467,7 +557,7 @@ class UniqueModel(RuleBasedStateMachine):
     def publish(self, key: str, delayed: bool, expired: bool) -> None:
         self.n += 1
         taken = self.live().get(key, 0) > 0
-        reply = self.b.publish('q', 0, json.dumps({'body': f'{key}/{self.n}'}),
+        reply = self.b.publish('q', 0, keyed_body(f'{key}/{self.n}', key),
                                delay=LATER if delayed else None,
                                expiration=0 if expired and not delayed else None,
                                unique_key=key)
@@ -511,6 +601,12 @@ class UniqueModel(RuleBasedStateMachine):
     @rule()
     def purge(self) -> None:
         self.b.purge('q')
+
+    @rule()
+    def redrive(self) -> None:
+        """Every dead letter back to the queue (an operator's redrive): a letter whose key a
+        live message holds stays a dead letter."""
+        self.b.redrive_all('q')
 
     @rule()
     def due(self) -> None:

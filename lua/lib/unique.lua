@@ -114,11 +114,11 @@ end
 -- stale settle, or a key since taken by another message, releases nothing). A delayed
 -- message's reference ("d:") is never released by a settle: a read that moves a delayed
 -- message to its stream names the new entry in the same call (unique_promoted), so a "d:"
--- one is another message, still waiting (one redriven from the dead letters carries its key
--- without holding it). CLOCK: the settle is an ack and CLOCK() the time in unix ms, asked
--- only for a key with x-unique-ttl, which stays until then + ttl (throttle); nil: a dead
--- letter, every key goes at once. One HMGET, one HDEL and one HSET per 1,000 keys (ack.lua,
--- the acks riding in a read, deadletter.lua). Returns the number released.
+-- one is another message, still waiting (one redriven by hand without its key carries it
+-- without holding it: lua/redrive.lua). CLOCK: the settle is an ack and CLOCK() the time in
+-- unix ms, asked only for a key with x-unique-ttl, which stays until then + ttl (throttle);
+-- nil: a dead letter, every key goes at once. One HMGET, one HDEL and one HSET per 1,000
+-- keys (ack.lua, the acks riding in a read, deadletter.lua). Returns the number released.
 local function unique_release(store, items, clock)
   local released, now = 0, nil
   for first = 1, #items, 1000 do  -- unpack() has a limit

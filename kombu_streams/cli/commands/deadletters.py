@@ -76,14 +76,19 @@ def cmd_dlq_show(args: argparse.Namespace, broker: Broker) -> int:
 def cmd_dlq_redrive(args: argparse.Namespace, broker: Broker) -> int:
     existing_queue(broker, args.queue)
     if args.id:
-        moved, skipped = broker.redrive(args.queue, len(args.id), args.id)
+        done = broker.redrive(args.queue, len(args.id), args.id)
     elif args.count is not None:
-        moved, skipped = broker.redrive(args.queue, args.count)
+        done = broker.redrive(args.queue, args.count)
     else:  # all there are now
-        moved, skipped = broker.redrive_all(args.queue)
-    emit(args, {'queue': args.queue, 'moved': moved, 'skipped': skipped},
-         f'moved {moved} dead letter(s) back to {args.queue}'
-         + (f'; {skipped} skipped (no message, or from another queue)' if skipped else ''))
+        done = broker.redrive_all(args.queue)
+    left = []
+    if done.skipped:
+        left.append(f'{done.skipped} skipped (no message, or from another queue)')
+    if done.held:
+        left.append(f'{done.held} held (a live message holds their x-unique-key)')
+    emit(args, {'queue': args.queue, **done._asdict()},
+         f'moved {done.moved} dead letter(s) back to {args.queue}'
+         + ''.join(f'; {part}' for part in left))
     return OK
 
 
