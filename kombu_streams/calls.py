@@ -406,7 +406,8 @@ class Calls(ReadCalls):
                 self.keys.ready(queue)]
         if keyed is None:
             return SCRIPTS['redrive'], keys, [count, *ids]
-        keys += [self.keys.unique(queue), self.keys.args(queue), self.keys.delayed(queue)]
+        keys += [self.keys.unique(queue), self.keys.args(queue), self.keys.delayed(queue),
+                 self.keys.fair(queue)]
         return SCRIPTS['redrive'], keys, [count, 'k', queue,
                                           *(x for pair in keyed for x in pair)]
 

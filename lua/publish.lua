@@ -42,9 +42,9 @@ ARGV[13]  optional (ARGV[8..12] then given, "" where unused): the message's grou
           x-fairness the message is staged there, in its group's FIFO, rather than appended
           (lua/lib/fair.lua): a read moves it into its stream when the rotation reaches its
           group. A delayed message is kept delayed, its group in the staging hash (field
-          d:<member>), and staged when a read moves it; one with a unique key is appended
-          (or kept delayed) as on any queue. A call to a queue with x-fairness
-          without ARGV[13] gets NEEDKEYS, nothing written
+          d:<member>), and staged when a read moves it; one with a unique key too, the key
+          store naming the staged message (lua/lib/unique.lua). A call to a queue with
+          x-fairness without ARGV[13] gets NEEDKEYS, nothing written
 Reply:    the new entry id; "delayed:<member>" when kept until due; "staged" when staged
           (x-fairness); nil when ARGV[2] is "1" and the queue does not exist; "duplicate"
           when the queue has x-deduplication-window and stored a message with the id of
@@ -204,6 +204,9 @@ end
 -- (x-unique-mode replace). After the id store: a retried publish is a duplicate first.
 local ukey, ustore, ustate, uref, ua, ub, uttl = ARGV[12], nil, nil, nil, nil, nil, 0
 local levels = {}  -- level -> stream
+-- Fair share (docs/design.rst, "Fair share"): staged in its group's FIFO, not appended (a
+-- delayed one when due), keyed or not: the key store then names the staged message.
+local fair_key = grouped and fairness and KEYS[11 + nl] or nil
 if ukey == '' then ukey = nil end
 if ukey then
   ustore = KEYS[10 + nl]
@@ -211,10 +214,11 @@ if ukey then
   uttl = math.max(math.floor(tonumber(uconf) or 0), 0)  -- read with the limit (read_limit)
   local uerr
   local unique = lib_unique()
-  ustate, uref, ua, ub, uerr = unique.unique_holder(ustore, ukey, levels, KEYS[6], group, clock)
+  ustate, uref, ua, ub, uerr = unique.unique_holder(ustore, ukey, levels, KEYS[6], group, clock,
+                                                    fair_key)
   if not uerr and ustate and umode == 'replace' then
     local ok
-    ok, uerr = unique.unique_replaceable(ustate, ua, KEYS[7])
+    ok, uerr = unique.unique_replaceable(ustate, ua, KEYS[7], fair_key)
     if ok then ustate = 'replace ' .. ustate end
   end
   if uerr then return refuse(redis.error_reply(uerr)) end
@@ -223,19 +227,20 @@ if ukey then
     return refuse('duplicate')
   end
 end
--- Called once the message is stored (entry ID, or delayed MEMBER): it holds the key now, and
--- the one it replaces goes (after: no refusal can follow, so nothing is lost). Built only
--- for a message with a key.
+-- Called once the message is stored (entry ID, delayed MEMBER, or staged at FIELD of the
+-- staging hash): it holds the key now, and the one it replaces goes (after: no refusal can
+-- follow, so nothing is lost). Built only for a message with a key.
 local hold = nil
 if ukey then
-  hold = function(id, member)
+  hold = function(id, member, field)
     local unique = lib_unique()
     if ustate then
-      unique.unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7])
+      unique.unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7], fair_key)
     end
     unique.unique_hold(ustore, ukey, uttl, string.match(stream, ':(%d+)$') or '0', id, member,
-                       uref)
-    unique.unique_sweep(ustore, levels, KEYS[6], clock, group)  -- fields outliving a message
+                       uref, field)
+    unique.unique_sweep(ustore, levels, KEYS[6], clock, group, fair_key)  -- fields
+    -- outliving a message
     local ttl = redis.call('PTTL', first)  -- an expiring queue's store goes with it
     if ttl > 0 and redis.call('PTTL', ustore) == -1 then redis.call('PEXPIRE', ustore, ttl) end
   end
@@ -272,10 +277,6 @@ if limit and held >= limit then
                                     'rest is in flight or delayed)'))
   end
 end
--- Fair share (docs/design.rst, "Fair share"): staged in its group's FIFO, not appended (a
--- delayed one when due); a message with a unique key is appended (the key store names an
--- entry or a delayed member).
-local fair_key = grouped and fairness and not ukey and KEYS[11 + nl]
 
 -- Message TTL (docs/design.rst, "Message TTL"): the deadline, from this call's clock, goes
 -- with the message wherever it waits (field e of its entry, a prefix of its delayed value).
@@ -359,8 +360,9 @@ if fair_key then
   if werr then return refuse(redis.error_reply(werr)) end
   local value = payload
   if big then value = 'r:' .. token end
-  local created, serr = lib_fair().fair_stage(fair_key, string.match(stream, ':(%d+)$') or '0',
-                                              ARGV[13], with_deadline(value, deadline))
+  local created, serr, field = lib_fair().fair_stage(fair_key,
+                                                     string.match(stream, ':(%d+)$') or '0',
+                                                     ARGV[13], with_deadline(value, deadline))
   if serr then
     if woke == 1 then redis.call('ZREM', wake, 'w') end
     return refuse(redis.error_reply(serr))
@@ -371,6 +373,7 @@ if fair_key then
   if redis.call('SADD', ready, FAIR .. stream) == 1 then new[#new + 1] = ready end
   expire_new(new)
   if remember then remember() end
+  if hold then hold(nil, nil, field) end
   return 'staged'
 end
 local woke, wake_wrong = try('ZADD', wake, 0, 'w')  -- first write: fails alone

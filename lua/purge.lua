@@ -5,9 +5,9 @@ KEYS[1..n]  all streams of ONE queue (one per priority level)
 KEYS[n+1]   the queue's delayed set
 KEYS[n+2]   the queue's delayed messages
 KEYS[n+3]   the queue's big messages (hash): the bodies of those deleted are deleted too
-KEYS[n+4]   the queue's key store (hash, x-unique-key): the keys of the delayed messages deleted
-            are released (a stream entry's key is free once its entry is gone: docs/design.rst,
-            Unique keys)
+KEYS[n+4]   the queue's key store (hash, x-unique-key): the keys of the delayed and staged
+            messages deleted are released (a stream entry's key is free once its entry is
+            gone: docs/design.rst, Unique keys)
 KEYS[n+5]   the queue's staging hash (x-fairness), ks:q:{celery}:fair: up to batch staged
             messages go too (over all levels), in rotation order (lua/lib/fair.lua), and the
             groups (d:<member>) of the delayed messages deleted
@@ -103,7 +103,7 @@ if #delayed > 0 then
   redis.call('ZREM', dkey, unpack(delayed))
   if redis.call('EXISTS', ustore) == 1 then  -- one command per call without unique keys
     local unique = lib_unique()
-    for _, member in ipairs(delayed) do unique.unique_release_delayed(ustore, member) end
+    for _, member in ipairs(delayed) do unique.unique_release_waiting(ustore, 'd', member) end
   end
   redis.call('HDEL', bodies, unpack(delayed))
   if redis.call('EXISTS', staging) == 1 then  -- x-fairness: their groups (d:<member>) go
@@ -155,16 +155,20 @@ end
 -- Fair share: staged messages are ready ones not in a stream yet (their big bodies freed
 -- as they go, in fair_drop), at most batch of them per call over all levels
 if redis.call('EXISTS', staging) == 1 then
-  local budget, fair = batch, lib_fair()
+  local budget, fair, fields = batch, lib_fair(), {}  -- fields: those dropped
   for i = 1, n do
     local level, dropped, left = fair.fair_level(KEYS[i]), 0, nil
     if budget > 0 then
-      dropped, left = fair.fair_drop(staging, level, budget, big)
+      dropped, left = fair.fair_drop(staging, level, budget, big, fields)
     else
       left = redis.call('HEXISTS', staging, 'c:' .. level) == 1
     end
     purged, budget = purged + dropped, budget - dropped
     if left then more = 1 end
+  end
+  if #fields > 0 and redis.call('EXISTS', ustore) == 1 then  -- the keys they held go
+    local unique = lib_unique()
+    for _, f in ipairs(fields) do unique.unique_release_waiting(ustore, 'g', f) end
   end
 end
 for j = 1, #free, 1000 do  -- unpack() has a limit

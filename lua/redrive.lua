@@ -5,9 +5,10 @@ KEYS[1]     the queue's dead-letter stream, ks:q:{name}:dlq
 KEYS[2..n]  all streams of the queue (one per priority level)
 KEYS[n+1]   the queue's wake marker (zset)
 KEYS[n+2]   the queue's ready index (set)
-KEYS[n+3..n+5]  only with ARGV[2] "k": the queue's key store (hash), ks:q:{name}:unique,
-            its arguments (hash), ks:q:{name}:args (x-unique-ttl), and its delayed set
-            (zset), ks:q:{name}:delayed
+KEYS[n+3..n+6]  only with ARGV[2] "k": the queue's key store (hash), ks:q:{name}:unique,
+            its arguments (hash), ks:q:{name}:args (x-unique-ttl), its delayed set (zset),
+            ks:q:{name}:delayed, and its staging hash, ks:q:{name}:fair (a staged message
+            holding the key is looked at there)
 ARGV[1]     the most dead letters to move in this call
 ARGV[2..]   optional: only these dead-letter ids, in this order (otherwise the oldest
             ones); an id given twice counts once, an id not in the stream is ignored.
@@ -25,29 +26,31 @@ Reply:      {moved, skipped, held}: skipped counts dead letters that hold no mes
 Errors:     "redrive: expected ..." for another layout; WRONGTYPE (checked before any write)
 Minimum Redis: 6.2. Cost: O(count), or O(number of ids given); with "k" a letter with a key
 adds what a keyed publish's look at the key costs (an HGET, then an XRANGE of one id and
-XINFO GROUPS, or a ZSCORE) and an HSET, and the call an HGET of x-unique-ttl. A letter goes
-back to the stream it came from as a new entry (a fresh delivery count); a big message's
-(f:r) as its token, its body left in the queue's big hash. See docs/design.rst
-(Delivery counts and dead letters, Unique keys).
+XINFO GROUPS, a ZSCORE or an HEXISTS) and an HSET, and the call an HGET of x-unique-ttl. A
+letter goes back to the stream it came from as a new entry (a fresh delivery count); a big
+message's (f:r) as its token, its body left in the queue's big hash. A letter of a fair
+queue (x-fairness) goes straight back to its stream, not through its group's turn. See
+docs/design.rst (Delivery counts and dead letters, Unique keys).
 ]]
 --@include common
 --@include unique
 local keyed = ARGV[2] == 'k'  -- pairs (id, key) from ARGV[4], the key store in KEYS
-local bad = check_args('redrive', #KEYS >= (keyed and 7 or 4),
+local bad = check_args('redrive', #KEYS >= (keyed and 8 or 4),
                        #ARGV >= 1 and (not keyed or (#ARGV >= 3 and #ARGV % 2 == 1)),
                        'KEYS: dlq, streams, marker, index[, key store, arguments, delayed ' ..
-                       'set]; ARGV: count[, ids], or count, "k", group, then pairs: id, key')
+                       'set, staging hash]; ARGV: count[, ids], or count, "k", group, then ' ..
+                       'pairs: id, key')
 if bad then return bad end
-local n = #KEYS - (keyed and 5 or 2)
+local n = #KEYS - (keyed and 6 or 2)
 local limit = tonumber(ARGV[1])
-local store, argkey, dkey = KEYS[n + 3], KEYS[n + 4], KEYS[n + 5]
+local store, argkey, dkey, staging = KEYS[n + 3], KEYS[n + 4], KEYS[n + 5], KEYS[n + 6]
 -- every key is checked first (see wrong_type): no letter moved without its marker
 local wrong = wrong_type(KEYS[1], 'stream') or wrong_type(KEYS[n + 1], 'zset')
   or wrong_type(KEYS[n + 2], 'set')
 wrong = wrong or wrong_streams(2, n)
 if keyed then
   wrong = wrong or wrong_type(store, 'hash') or wrong_type(argkey, 'hash')
-          or wrong_type(dkey, 'zset')
+          or wrong_type(dkey, 'zset') or wrong_type(staging, 'hash')
 end
 if wrong then return redis.error_reply(wrong) end
 if limit <= 0 then return {0, 0, 0} end  -- XRANGE COUNT 0 answers nil on Redis
@@ -91,7 +94,8 @@ for _, e in ipairs(entries) do
   local key, state, ref = key_of[e[1]], nil, nil
   if payload and target and key then  -- a live message holding the key keeps it
     local err
-    state, ref, _, _, err = unique.unique_holder(store, key, levels, dkey, ARGV[3], now_ms)
+    state, ref, _, _, err = unique.unique_holder(store, key, levels, dkey, ARGV[3], now_ms,
+                                                 staging)
     state = state or err  -- (types were checked first) a key not looked at is not taken
   end
   if state then

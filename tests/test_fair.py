@@ -299,11 +299,113 @@ def test_cancel_and_purge_remove_a_delayed_messages_group(script_client):
     assert script_client.exists(K.fair('q')) == 0
 
 
-def test_unique_key_message_is_appended_and_keeps_its_key(script_client):
+def keyed(b: Broker, group: str, n: Any, key: str, **kw: Any) -> Any:
+    """Publish message ``group:n`` holding unique key ``key``."""
+    return b.publish('q', kw.pop('level', 0), body(group, n), group=group, unique_key=key, **kw)
+
+
+def ref(c: Any, key: str) -> bytes:
+    """Where the key store says the message holding ``key`` is (b'' when free)."""
+    return c.hget(K.unique('q'), f'k:{key}') or b''
+
+
+def test_a_keyed_message_is_staged_and_keeps_its_key(script_client):
+    """Keyed or not, a fair queue's message waits in its group's FIFO: the key store names
+    the staged message, then its entry once a read moved it, until its ack."""
+    c = script_client
+    b = fair_broker(c)
+    assert keyed(b, 'a', 0, 'k') == b'staged'
+    assert ref(c, 'k') == b'g:0:m:0:a:1'
+    assert c.hget(K.unique('q'), 'g:m:0:a:1') == b'k'  # the reverse field
+    assert keyed(b, 'a', 1, 'k') == b'duplicate'
+    (d,) = read(b, 'c1', 10).deliveries
+    assert ref(c, 'k').startswith(b's:0:0:') and not c.hexists(K.unique('q'), 'g:m:0:a:1')
+    assert keyed(b, 'b', 0, 'k') == b'duplicate'  # in flight: still held
+    b.ack('q', [(d.stream, d.entry_id)], consumer='c1', unique=['k'])
+    assert ref(c, 'k') == b'' and keyed(b, 'b', 1, 'k') == b'staged'
+
+
+def test_keyed_messages_take_turns_with_the_other_groups(script_client):
     b = fair_broker(script_client)
-    assert not b.publish('q', 0, body('a', 0), group='a', unique_key='k').startswith(b'staged')
-    assert b.publish('q', 0, body('a', 1), group='a', unique_key='k') == b'duplicate'
-    assert names(read(b, 'c1', 10)) == ['a:0']
+    for n in range(3):
+        keyed(b, 'a', n, f'k{n}')
+    publish(b, 'b', 0)
+    assert names(read(b, 'c1', 10)) == ['a:0', 'b:0', 'a:1', 'a:2']
+
+
+def test_replace_replaces_a_staged_message(script_client):
+    c = script_client
+    b = fair_broker(c, args={**FAIR, 'x-unique-mode': 'replace'})
+    keyed(b, 'a', 0, 'k')
+    publish(b, 'b', 0)
+    assert keyed(b, 'a', 1, 'k') == b'staged'  # a:0 goes, a:1 waits behind b:0
+    assert c.hget(K.fair('q'), 'n') == b'2'
+    assert [json.loads(m.payload)['body'] for m in b.peek('q', 10)] == ['b:0', 'a:1']
+    assert names(read(b, 'c1', 10)) == ['b:0', 'a:1']
+    assert c.exists(K.fair('q')) == 0 and ref(c, 'k').startswith(b's:')
+
+
+def test_a_read_passes_over_many_gaps_a_bounded_number_per_call(script_client):
+    """Every replaced staged message leaves a gap in its group: a read passes over at most
+    its set-aside budget of them (COUNT + 100) and leaves its marker set for the rest."""
+    c = script_client
+    b = fair_broker(c, args={**FAIR, 'x-unique-mode': 'replace'})
+    for n in range(150):
+        keyed(b, 'a', n, 'k')  # each replaces the one before: 149 gaps, then a:149
+    c.delete(K.wake('q'))  # popped by the wait the read follows
+    got = read(b, 'c1', 1, mode='p')
+    assert names(got) == [] and got.status[('q', None)] == '1'
+    assert c.zcard(K.wake('q')) == 1  # set again: the next read goes on
+    assert names(read(b, 'c1', 1)) == ['a:149']
+
+
+def test_purge_releases_the_keys_of_staged_messages(script_client):
+    c = script_client
+    b = fair_broker(c)
+    keyed(b, 'a', 0, 'k')
+    keyed(b, 'b', 0, 'other')
+    assert b.purge('q') == 2
+    assert c.hgetall(K.unique('q')) in ({}, {b'n': b'0'})
+    assert keyed(b, 'a', 1, 'k') == b'staged'
+
+
+def test_a_staged_holder_gone_behind_our_back_frees_its_key(script_client):
+    c = script_client
+    b = fair_broker(c)
+    keyed(b, 'a', 0, 'k')
+    c.hdel(K.fair('q'), 'm:0:a:1')  # not by our scripts: the look finds it gone
+    assert keyed(b, 'a', 1, 'k') == b'staged'
+    assert ref(c, 'k') == b'g:0:m:0:a:2' and not c.hexists(K.unique('q'), 'g:m:0:a:1')
+
+
+def test_a_keyed_delayed_message_is_staged_when_due_and_keeps_its_key(script_client):
+    from kombu_streams.broker import Delay
+    c = script_client
+    b = fair_broker(c)
+    member = keyed(b, 'a', 0, 'k', delay=Delay('+600000', 0, 'later'))[len(b'delayed:'):]
+    assert ref(c, 'k') == b'd:0:' + member
+    assert c.hget(K.fair('q'), b'd:' + member) == b'a'  # its group, staged when due
+    publish(b, 'b', 0)
+    publish(b, 'b', 1)
+    c.zadd(K.delayed('q'), {member: 0})  # due now
+    assert names(read(b, 'c1', 1)) == ['b:0']  # the read stages it behind b's turn
+    assert ref(c, 'k').startswith(b'g:0:m:0:a:')
+    assert keyed(b, 'c', 0, 'k') == b'duplicate'
+    assert names(read(b, 'c1', 10)) == ['a:0', 'b:1']
+    assert ref(c, 'k').startswith(b's:0:0:')
+
+
+def test_a_letter_whose_key_a_staged_message_holds_stays(script_client):
+    c = script_client
+    b = fair_broker(c)
+    b.publish('q', 0, json.dumps({'body': 'a:0', 'headers': {'x-unique-key': 'k'}}),
+              group='a', unique_key='k')
+    (d,) = read(b, 'c1', 1).deliveries
+    b.dead_letter('q', d.stream, d.entry_id, 'rejected', 1, None, 'c1', 'k')
+    assert keyed(b, 'a', 1, 'k') == b'staged'
+    assert b.redrive('q', 10) == (0, 0, 1)
+    names(read(b, 'c1', 10))
+    assert b.redrive('q', 10) == (0, 0, 1)  # delivered, not acked: still held
 
 
 class FairQueue(RuleBasedStateMachine):

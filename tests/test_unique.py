@@ -43,13 +43,14 @@ def body(n: Any) -> str:
 
 
 def stored(c: Any, name: str = 'q') -> list[str]:
-    """The bodies in the queue's streams (level by level) and then its delayed messages."""
+    """The bodies in the queue's streams (level by level), then its delayed messages, then
+    those staged in its groups (x-fairness)."""
     out = [json.loads(f[b'm'])['body'] for lv in LEVELS
            for _, f in c.xrange(K.stream(name, lv)) if b'm' in f]
-    for member in c.zrange(K.delayed(name), 0, -1):
-        value = c.hget(K.delayed_messages(name), member)
-        out.append(json.loads(value[value.index(b'{'):])['body'])
-    return out
+    values = [c.hget(K.delayed_messages(name), member)
+              for member in c.zrange(K.delayed(name), 0, -1)]
+    values += [v for f, v in sorted(c.hgetall(K.fair(name)).items()) if f.startswith(b'm:')]
+    return out + [json.loads(v[v.index(b'{'):])['body'] for v in values if v]
 
 
 def keyed_body(n: Any, key: str) -> str:
@@ -536,6 +537,7 @@ class UniqueModel(RuleBasedStateMachine):
     message holds its key (never a key left behind its message, never one lost on a move)."""
 
     MODE: dict[str, str] = {}  # the queue's arguments
+    GROUPS: tuple[str, ...] = ()  # x-fairness: the groups publishes take turns in
 
     def __init__(self) -> None:
         super().__init__()
@@ -553,15 +555,18 @@ class UniqueModel(RuleBasedStateMachine):
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-    @rule(key=st.sampled_from(['a', 'b']), delayed=st.booleans(), expired=st.booleans())
-    def publish(self, key: str, delayed: bool, expired: bool) -> None:
+    @rule(key=st.sampled_from(['a', 'b']), delayed=st.booleans(), expired=st.booleans(),
+          level=st.sampled_from([0, 3]), turn=st.integers(0, 2))
+    def publish(self, key: str, delayed: bool, expired: bool, level: int, turn: int) -> None:
         self.n += 1
         taken = self.live().get(key, 0) > 0
-        reply = self.b.publish('q', 0, keyed_body(f'{key}/{self.n}', key),
+        group = {'group': self.GROUPS[turn % len(self.GROUPS)]} if self.GROUPS else {}
+        reply = self.b.publish('q', level, keyed_body(f'{key}/{self.n}', key),
                                delay=LATER if delayed else None,
                                expiration=0 if expired and not delayed else None,
-                               unique_key=key)
-        if self.MODE:  # replace: refused only while one lives; stored replaces a waiting one
+                               unique_key=key, **group)
+        if self.MODE.get('x_unique_mode'):  # replace: refused only while one lives; stored
+            # replaces a waiting one
             assert reply != DUPLICATE or taken, (key, reply, self.live())
         else:
             assert (reply == DUPLICATE) == taken, (key, reply, self.live())
@@ -633,3 +638,26 @@ class ReplaceModel(UniqueModel):
 
 TestReplaceModel = ReplaceModel.TestCase
 TestReplaceModel.settings = PROPERTY
+
+
+class FairUniqueModel(UniqueModel):
+    """The same sequences on a queue with x-fairness, publishes taking turns in three groups:
+    a keyed message waits staged in its group, the store naming the staged message, until a
+    read moves it into its stream (or a purge deletes it)."""
+
+    MODE = {'x_fairness': 'round-robin'}
+    GROUPS = ('g1', 'g2', '')
+
+
+TestFairUniqueModel = FairUniqueModel.TestCase
+TestFairUniqueModel.settings = PROPERTY
+
+
+class FairReplaceModel(FairUniqueModel):
+    """The same with x-unique-mode replace: a staged message is replaced too."""
+
+    MODE = {'x_fairness': 'round-robin', 'x_unique_mode': 'replace'}
+
+
+TestFairReplaceModel = FairReplaceModel.TestCase
+TestFairReplaceModel.settings = PROPERTY

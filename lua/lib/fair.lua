@@ -13,7 +13,9 @@
 --   t:L:G, h:L:G   the last sequence number staged and the last moved of group G at level L
 --                  (h absent: 0); t - h messages wait; both go when the group runs dry
 --   m:L:G:<seq>    a staged message, as a delayed value (lua/lib/delay.lua: its TTL deadline
---                  prefix, "r:<token>" for a big message)
+--                  prefix, "r:<token>" for a big message); one holding a unique key is
+--                  named by the key store (lua/lib/unique.lua); one x-unique-mode replace
+--                  dropped leaves a gap in its group's sequence, passed over by fair_pop
 --   d:<member>     the group of a delayed message (publish.lua), staged when a read moves it
 -- Every operation is O(1) commands per message staged or moved, whatever the number of
 -- groups: the rotation is a linked list, never scanned.
@@ -32,14 +34,16 @@ end
 -- Stage VALUE (a delayed value: lua/lib/delay.lua's with_deadline) for GROUP at LEVEL in the
 -- staging hash FAIR_KEY; a group that had nothing staged (no tail field: a group that ran dry
 -- lost its fields) joins the rotation as its tail, so it is served after every group already
--- waiting. The first write, an HINCRBY, fails alone on another type. Returns (created, nil):
--- created when its count was 0 (the hash is new, or held delayed messages' groups only: it
--- gets the queue's expiry either way); or (nil, error).
+-- waiting. The first write, an HINCRBY, fails alone on another type. Returns (created, nil,
+-- field): created when its count was 0 (the hash is new, or held delayed messages' groups
+-- only: it gets the queue's expiry either way), field the message's m:L:G:<seq> (a unique
+-- key's store names it: lua/lib/unique.lua); or (nil, error).
 local function fair_stage(fair_key, level, group, value)
   local count, err = try('HINCRBY', fair_key, FAIR_COUNT, 1)
   if err then return nil, err end
   local tail = redis.call('HINCRBY', fair_key, 't:' .. level .. ':' .. group, 1)
-  redis.call('HSET', fair_key, 'm:' .. level .. ':' .. group .. ':' .. tail, value)
+  local field = 'm:' .. level .. ':' .. group .. ':' .. tail
+  redis.call('HSET', fair_key, field, value)
   if tail == 1 then  -- it was dry: it joins the rotation, last
     local last = redis.call('HGET', fair_key, 'c:' .. level)
     if last then
@@ -50,7 +54,7 @@ local function fair_stage(fair_key, level, group, value)
       redis.call('HSET', fair_key, 'x:' .. level .. ':' .. group, group, 'c:' .. level, group)
     end
   end
-  return count == 1, nil
+  return count == 1, nil, field
 end
 
 -- The rotation of level LEVEL after taking N staged messages off their groups' FIFOs, one
@@ -125,14 +129,16 @@ local function fair_save(fair_key, level, plan, taken)
 end
 
 -- Take up to N staged messages of level LEVEL in rotation order (fair_plan): their values in
--- one HMGET per 1,000, each given to PUT, which stores it first; when PUT answers false (or
+-- one HMGET per 1,000, each given to PUT (value, field), which stores it first; when PUT
+-- answers false (or
 -- an error) the take stops there, that message and those after it still staged (planned
--- again for fewer, from the cache). A value found gone counts as taken. So a message costs
--- its share of an HMGET and its PUT, a group a few commands. Returns (taken, more, error):
--- more whether level LEVEL still has staged messages.
+-- again for fewer, from the cache). A value found gone (a gap: a message x-unique-mode
+-- replace dropped, lua/lib/unique.lua) is passed over, not counted as taken. So a message
+-- costs its share of an HMGET and its PUT, a group a few commands. Returns (taken, more,
+-- error, gaps): more whether level LEVEL still has staged messages.
 local function fair_pop(fair_key, level, n, put)
   local last = redis.call('HGET', fair_key, 'c:' .. level)
-  if not last then return 0, false, nil end
+  if not last then return 0, false, nil, 0 end
   local cache = {x = {}, h = {}, t = {}}
   local plan = fair_plan(fair_key, level, n, last, cache)
   local taken, err = 0, nil
@@ -142,43 +148,49 @@ local function fair_pop(fair_key, level, n, put)
     for k, value in ipairs(values) do
       if value then
         local ok
-        ok, err = put(value)
+        ok, err = put(value, plan.order[j + k - 1])
         if not ok then  -- stop before it: plan again for what went
           plan = fair_plan(fair_key, level, j + k - 2, last, cache)
-          if #plan.order == 0 then return 0, true, err end
+          if #plan.order == 0 then return 0, true, err, 0 end
           fair_save(fair_key, level, plan, taken)
-          return taken, true, err
+          return taken, true, err, #plan.order - taken
         end
         taken = taken + 1
       end
     end
   end
   fair_save(fair_key, level, plan, taken)
-  return taken, not plan.done, nil
+  return taken, not plan.done, nil, #plan.order - taken
 end
 
 -- Move up to N staged messages of level stream STREAM into it, in rotation order (one per
 -- group per turn), as new entries at its end (a TTL deadline becomes field e, a big
 -- message's reference field r: delay.lua's entry_of). Never creates the stream (a deleted
--- queue keeps them staged, for delete to remove). Returns (moved, more, error): more whether
--- the level still has staged messages; error when FAIR_KEY or STREAM holds another type
--- (found before anything was written: the first HGET and the first XADD).
-local function fair_move(fair_key, stream, n)
+-- queue keeps them staged, for delete to remove). Returns (moved, more, error, gaps): more
+-- whether the level still has staged messages, gaps the gone ones passed over (fair_pop);
+-- error when FAIR_KEY or STREAM holds another type
+-- (found before anything was written: the first HGET and the first XADD). PLACED, optional,
+-- gets {field, stream, new entry id} per message moved (a unique key it holds is re-pointed
+-- at its entry: lua/lib/unique.lua's unique_moved).
+local function fair_move(fair_key, stream, n, placed)
   local _, herr = try('HGET', fair_key, FAIR_COUNT)
-  if herr then return 0, true, herr end
-  return fair_pop(fair_key, fair_level(stream), n, function(value)
+  if herr then return 0, true, herr, 0 end
+  return fair_pop(fair_key, fair_level(stream), n, function(value, field)
     local id, xerr = try('XADD', stream, 'NOMKSTREAM', '*', unpack(entry_of(value)))
+    if id and not xerr and placed then placed[#placed + 1] = {field, stream, id} end
     return id and not xerr, xerr
   end)
 end
 
 -- Remove up to N staged messages of level LEVEL from FAIR_KEY (purge), in rotation order,
--- freeing the bodies of big ones in BIG (a hash; another type there: bodies left). Returns
--- (removed, more).
-local function fair_drop(fair_key, level, n, big)
-  local removed, more = fair_pop(fair_key, level, n, function(value)
+-- freeing the bodies of big ones in BIG (a hash; another type there: bodies left). DROPPED,
+-- optional, gets the field of each (a unique key it holds is released). Returns (removed,
+-- more).
+local function fair_drop(fair_key, level, n, big, dropped)
+  local removed, more = fair_pop(fair_key, level, n, function(value, field)
     local rest = split_deadline(value)
     if string.sub(rest, 1, 2) == 'r:' then try('HDEL', big, string.sub(rest, 3)) end
+    if dropped then dropped[#dropped + 1] = field end
     return true
   end)
   return removed, more

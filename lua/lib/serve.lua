@@ -20,6 +20,8 @@
 --   src.counters, src.args, src.rate_key, src.store (the key store, lua/lib/unique.lua),
 --   src.flag     (the in-flight flag, lua/lib/inflight.lua), src.fair (the staging hash,
 --                lua/lib/fair.lua)
+--   src.keyed    its key store exists (a staged message it moves may hold a unique key: its
+--                key is re-pointed, lua/lib/serve_rare.lua); nil until a move looks
 --   src.aging    x-priority-aging's state (lua/lib/aging.lua) when it has the argument,
 --                false without; opened with src.rate
 --   src.expired                           entries this call set aside past their TTL

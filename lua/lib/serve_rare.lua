@@ -31,14 +31,15 @@ local function promote_due(ctx, src)
       -- x-fairness: a delayed message published with a group (its member names it in the
       -- staging hash, d:<member>) is staged when due, not appended (docs/design.rst, "Fair
       -- share"); one HGET per due message, only where the staging hash exists
-      local divert = nil
+      local divert, staged = nil, {}  -- staged: {member, nil, its staging field} each
       if redis.call('EXISTS', src.fair) == 1 then
         divert = function(member, value, stream)
           local g, gerr = try('HGET', src.fair, 'd:' .. member)
           if gerr or not g then return false end  -- another type: appended, as without
           redis.call('HDEL', src.fair, 'd:' .. member)
           local fair = lib_fair()
-          fair.fair_stage(src.fair, fair.fair_level(stream), g, value)
+          local _, _, field = fair.fair_stage(src.fair, fair.fair_level(stream), g, value)
+          staged[#staged + 1] = {member, nil, field}
           idx[FAIR .. stream] = true
           return true
         end
@@ -46,7 +47,10 @@ local function promote_due(ctx, src)
       local moved, streams, perr, size, placed = promote(
         src.dkey, src.bodies, levels, KEYS[src.streams[1]], now, ctx.promote_left,
         ctx.promote_bytes, ctx.promoted == 0, divert)
-      if keyed then lib_unique().unique_promoted(src.store, placed) end
+      if keyed then  -- their keys name where they are now
+        lib_unique().unique_moved(src.store, placed, 'd')
+        lib_unique().unique_moved(src.store, staged, 'd')
+      end
       ctx.promote_left, ctx.promoted = ctx.promote_left - moved, ctx.promoted + moved
       ctx.promote_bytes = ctx.promote_bytes - size
       if moved > 0 then src.announce = true end
@@ -209,16 +213,29 @@ local function serve_staged(ctx, src, i)
       src.more = true
       return halt(ctx)
     end
-    local moved, more, err = lib_fair().fair_move(src.fair, key, want)
+    if src.keyed == nil then  -- a staged message holding a unique key: the store names it
+      local kerr
+      src.keyed, kerr = lib_unique().unique_store(src.store)
+      if kerr then return problem(ctx, src, src.store, kerr) end
+    end
+    local placed = src.keyed and {} or nil
+    local moved, more, err, gaps = lib_fair().fair_move(src.fair, key, want, placed)
+    if placed and #placed > 0 then lib_unique().unique_moved(src.store, placed, 'g') end
     if not more then idx[FAIR .. key] = nil end
     if err then return problem(ctx, src, src.fair, err) end
-    if moved == 0 then return end
-    idx[key] = true
-    local before = ctx.copied
-    local gone = serve_fresh(ctx, src, i)
-    if gone ~= nil or ctx.halted then return gone end
-    -- every moved entry read, and the stream had none undelivered before: dry (no probe)
-    if ctx.copied - before == moved then idx[key] = nil end
+    -- gaps (replaced messages) passed over are work without a delivery: bounded per call as
+    -- entries set aside are, the rest by the next call (the index keeps g:<stream>, so its
+    -- marker is set again)
+    ctx.aside_left = ctx.aside_left - gaps
+    if moved == 0 and not (more and gaps > 0 and ctx.aside_left > 0) then return end
+    if moved > 0 then
+      idx[key] = true
+      local before = ctx.copied
+      local gone = serve_fresh(ctx, src, i)
+      if gone ~= nil or ctx.halted then return gone end
+      -- every moved entry read, and the stream had none undelivered before: dry (no probe)
+      if ctx.copied - before == moved then idx[key] = nil end
+    end
   end
 end
 

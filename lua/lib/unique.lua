@@ -6,10 +6,13 @@
 --
 -- The key store, ks:q:{q}:unique (hash):
 --   "k:<key>"     -> where the message holding the key is: "s:<ttl>:<level>:<entry id>" (a
---                    stream entry), "d:<ttl>:<member>" (a delayed message), or "t:<until>"
---                    (acked, throttled until that unix ms); <ttl> is x-unique-ttl when it
---                    was published (0: none)
+--                    stream entry), "d:<ttl>:<member>" (a delayed message), "g:<ttl>:<field>"
+--                    (a message staged in a fair queue's staging hash, field m:<L>:<G>:<seq>:
+--                    lua/lib/fair.lua), or "t:<until>" (acked, throttled until that unix ms);
+--                    <ttl> is x-unique-ttl when it was published (0: none)
 --   "d:<member>"  -> the key of that delayed message (so purge frees the key it deletes)
+--   "g:<field>"   -> the key of that staged message (the same, and a read that moves it into
+--                    its stream re-points the key at its entry)
 --   UNIQUE_COUNT  -> the number of publishes refused because their key was taken
 --   "c", "a", "t" -> the sweep's place: its cursor and offset, the field it resumes at, the
 --                    keyed publishes since its last step (unique_sweep below)
@@ -20,8 +23,8 @@
 local UNIQUE_COUNT = 'n'
 local UNIQUE_MODE, UNIQUE_TTL = 'x-unique-mode', 'x-unique-ttl'
 
--- The parts of reference REF: kind ('s', 'd' or 't'), then for 's' (ttl, level, id), for 'd'
--- (ttl, member), for 't' (until).
+-- The parts of reference REF: kind ('s', 'd', 'g' or 't'), then for 's' (ttl, level, id), for
+-- 'd' (ttl, member), for 'g' (ttl, staging field), for 't' (until).
 local function unique_parse(ref)
   local kind = string.sub(ref, 1, 1)
   if kind == 't' then return kind, tonumber(string.sub(ref, 3)) end
@@ -34,14 +37,15 @@ local function unique_parse(ref)
 end
 
 -- Where the message that holds KEY in STORE is, found by looking at it (so a key whose message
--- is gone, however it went, is free): nil (free), 'throttled', 'delayed' (member), 'ready'
--- (stream key, id: not delivered yet), 'taken' (delivered and not settled, or parked with
--- the holder, or a big message: never replaced). LEVELS maps a
+-- is gone, however it went, is free): nil (free), 'throttled', 'delayed' (member), 'staged'
+-- (its field in the staging hash FAIR), 'ready' (stream key, id: not delivered yet), 'taken'
+-- (delivered and not settled, or parked with the holder, or a big message: never replaced;
+-- or staged, when the caller has no FAIR to look in). LEVELS maps a
 -- level to its stream key; DKEY is the delayed set, GROUP the queue's group; CLOCK() the
 -- time in unix ms (asked only for a throttled key).
 -- Returns (state, ref, a, b) or (nil, nil, nil, nil, error). O(1) commands: an HGET, then
--- an XRANGE of one id and XINFO GROUPS (one group), or a ZSCORE.
-local function unique_holder(store, key, levels, dkey, group, clock)
+-- an XRANGE of one id and XINFO GROUPS (one group), a ZSCORE or an HEXISTS.
+local function unique_holder(store, key, levels, dkey, group, clock, fair)
   local ref, err = try('HGET', store, 'k:' .. key)
   if err then return nil, nil, nil, nil, err end
   if not ref then return nil end
@@ -59,6 +63,13 @@ local function unique_holder(store, key, levels, dkey, group, clock)
     -- its message
     return nil, ref
   end
+  if kind == 'g' then
+    if not fair then return 'taken', ref end
+    local staged, herr = try('HEXISTS', fair, b)
+    if herr then return nil, nil, nil, nil, herr end
+    if staged == 1 then return 'staged', ref, b end
+    return nil, ref  -- moved by a read (which re-points the key) or purged: free
+  end
   local stream = levels[b or '']
   if not stream then return nil, ref end
   local found, xerr = try('XRANGE', stream, c, c)
@@ -69,43 +80,55 @@ local function unique_holder(store, key, levels, dkey, group, clock)
   return 'taken', ref
 end
 
--- Whether the waiting message STATE/A (unique_holder's 'ready' entry, or 'delayed' member A of
--- the delayed messages' hash BODIES) may be replaced: not a big message's reference (its body
--- would need the big hash). Returns (ok, error) (BODIES of another type).
-local function unique_replaceable(state, a, bodies)
+-- Whether the waiting message STATE/A (unique_holder's 'ready' entry, 'delayed' member A of
+-- the delayed messages' hash BODIES, or 'staged' field A of the staging hash FAIR) may be
+-- replaced: not a big message's reference (its body would need the big hash). Returns (ok,
+-- error) (BODIES or FAIR of another type).
+local function unique_replaceable(state, a, bodies, fair)
   if state == 'ready' then return true, nil end
-  if state ~= 'delayed' then return false, nil end
-  local len, err = try('HSTRLEN', bodies, a)
+  local hash = (state == 'delayed' and bodies) or (state == 'staged' and fair)
+  if not hash then return false, nil end
+  local len, err = try('HSTRLEN', hash, a)
   if err then return false, err end
   if len > 64 then return true, nil end  -- a reference is short: read only what could be one
-  local v = redis.call('HGET', bodies, a) or ''  -- "r:<token>", or "e:<deadline>:r:<token>"
+  local v = redis.call('HGET', hash, a) or ''  -- "r:<token>", or "e:<deadline>:r:<token>"
   return not (string.sub(v, 1, 2) == 'r:' or string.match(v, '^e:%d+:r:') ~= nil), nil
 end
 
--- Remove the waiting message STATE/A/B ('delayed' member A, or 'ready' entry B of stream A)
--- that a message in replace mode replaces, once that one was stored.
-local function unique_drop(store, state, a, b, dkey, bodies)
+-- Remove the waiting message STATE/A/B ('delayed' member A, 'staged' field A of the staging
+-- hash FAIR, or 'ready' entry B of stream A) that a message in replace mode replaces, once
+-- that one was stored. A staged one leaves a gap in its group's FIFO, which the rotation
+-- passes over (lua/lib/fair.lua's fair_pop), and the count of staged messages drops now.
+local function unique_drop(store, state, a, b, dkey, bodies, fair)
   if state == 'delayed' then
     redis.call('ZREM', dkey, a)
     redis.call('HDEL', bodies, a)
     redis.call('HDEL', store, 'd:' .. a)
+    if fair then redis.call('HDEL', fair, 'd:' .. a) end  -- its group, on a fair queue
+  elseif state == 'staged' then
+    redis.call('HDEL', fair, a)
+    if redis.call('HINCRBY', fair, 'n', -1) <= 0 then redis.call('HDEL', fair, 'n') end
+    redis.call('HDEL', store, 'g:' .. a)
   elseif state == 'ready' then
     redis.call('XDEL', a, b)
   end
 end
 
--- Record that KEY is held by the message just stored: at LEVEL as entry ID, or delayed as
--- MEMBER (ID nil); TTL the x-unique-ttl in force (ms). OLD is the reference it replaces (a
--- stale one, or a replaced message's), whose reverse field goes.
-local function unique_hold(store, key, ttl, level, id, member, old)
-  if old and string.sub(old, 1, 2) == 'd:' then
-    local kind, _, m = unique_parse(old)
-    if kind == 'd' and m ~= member then redis.call('HDEL', store, 'd:' .. m) end
+-- Record that KEY is held by the message just stored: at LEVEL as entry ID, delayed as
+-- MEMBER, or staged as FIELD of the staging hash (the other two nil); TTL the x-unique-ttl
+-- in force (ms). OLD is the reference it replaces (a stale one, or a replaced message's),
+-- whose reverse field goes.
+local function unique_hold(store, key, ttl, level, id, member, old, field)
+  local kind, _, m = unique_parse(old or 't:0')
+  if (kind == 'd' and m ~= member) or (kind == 'g' and m ~= field) then
+    redis.call('HDEL', store, kind .. ':' .. m)
   end
   if id then
     redis.call('HSET', store, 'k:' .. key, 's:' .. ttl .. ':' .. level .. ':' .. id)
-  else
+  elseif member then
     redis.call('HSET', store, 'k:' .. key, 'd:' .. ttl .. ':' .. member, 'd:' .. member, key)
+  else
+    redis.call('HSET', store, 'k:' .. key, 'g:' .. ttl .. ':' .. field, 'g:' .. field, key)
   end
 end
 
@@ -148,14 +171,15 @@ local function unique_release(store, items, clock)
   return released
 end
 
--- Release the key of delayed MEMBER, deleted (purged) from the delayed set: 1 if it had one.
-local function unique_release_delayed(store, member)
-  local key = redis.call('HGET', store, 'd:' .. member)
+-- Release the key of a waiting message a purge deleted: KIND 'd', delayed MEMBER NAME, or
+-- 'g', the staged message at field NAME of the staging hash. 1 if it had one.
+local function unique_release_waiting(store, kind, name)
+  local key = redis.call('HGET', store, kind .. ':' .. name)
   if not key then return 0 end
-  redis.call('HDEL', store, 'd:' .. member)
+  redis.call('HDEL', store, kind .. ':' .. name)
   local ref = redis.call('HGET', store, 'k:' .. key)
-  local kind, _, m = unique_parse(ref or 't:0')
-  if kind == 'd' and m == member then redis.call('HDEL', store, 'k:' .. key) end
+  local k, _, m = unique_parse(ref or 't:0')
+  if k == kind and m == name then redis.call('HDEL', store, 'k:' .. key) end
   return 1
 end
 
@@ -169,31 +193,39 @@ local function unique_store(store)
   return true, nil
 end
 
--- Re-point the keys of delayed messages a read just moved to their streams (PLACED: {member,
--- stream key, new entry id} each, lua/lib/delay.lua promote): field k:<key> then names the
--- entry, "s:<ttl>:<level>:<id>", as a publish's would, so the key stays held while the
--- message is ready or in flight; the reverse field d:<member> goes. Only members with a
--- reverse field (one HMGET for all): a delayed message without a key costs nothing more.
-local function unique_promoted(store, placed)
-  if #placed == 0 then return end
+-- Re-point the keys of waiting messages a read just moved (MOVED: {name, stream key, new
+-- entry id} each, with KIND 'd': delayed members lua/lib/delay.lua's promote appended to
+-- their streams, or 'g': staged fields lua/lib/fair.lua's fair_move appended; or {name, nil,
+-- staging field} with KIND 'd': delayed members promote staged in their group): field
+-- k:<key> then names the entry, "s:<ttl>:<level>:<id>", as a publish's would (or the staged
+-- message, "g:<ttl>:<field>", with its reverse field), so the key stays held while the
+-- message is ready or in flight; the reverse field <kind>:<name> goes. Only names with a
+-- reverse field (one HMGET for all): a message without a key costs nothing more.
+local function unique_moved(store, moved, kind)
+  if #moved == 0 then return end
   local fields = {}
-  for j, p in ipairs(placed) do fields[j] = 'd:' .. p[1] end
+  for j, p in ipairs(moved) do fields[j] = kind .. ':' .. p[1] end
   local keys = redis.call('HMGET', store, unpack(fields))
   local set, gone = {}, {}
-  for j, p in ipairs(placed) do
+  for j, p in ipairs(moved) do
     local key = keys[j]
     if key then
       gone[#gone + 1] = fields[j]
-      local kind, ttl, member = unique_parse(redis.call('HGET', store, 'k:' .. key) or 't:0')
-      if kind == 'd' and member == p[1] then  -- else the key went to another message since
-        set[#set + 1] = 'k:' .. key
-        set[#set + 1] = 's:' .. (ttl or 0) .. ':' .. (string.match(p[2], ':(%d+)$') or '0') ..
-                        ':' .. p[3]
+      local k, ttl, name = unique_parse(redis.call('HGET', store, 'k:' .. key) or 't:0')
+      if k == kind and name == p[1] then  -- else the key went to another message since
+        local n = #set
+        if p[2] then
+          set[n + 1], set[n + 2] = 'k:' .. key, 's:' .. (ttl or 0) .. ':' ..
+                                   (string.match(p[2], ':(%d+)$') or '0') .. ':' .. p[3]
+        else
+          set[n + 1], set[n + 2] = 'k:' .. key, 'g:' .. (ttl or 0) .. ':' .. p[3]
+          set[n + 3], set[n + 4] = 'g:' .. p[3], key
+        end
       end
     end
   end
-  if #set > 0 then redis.call('HSET', store, unpack(set)) end
   if #gone > 0 then redis.call('HDEL', store, unpack(gone)) end
+  if #set > 0 then redis.call('HSET', store, unpack(set)) end
 end
 
 -- The sweep of fields that outlived their message (docs/design.rst, "Unique keys": an expiry or
@@ -227,19 +259,36 @@ end
 -- step, two HGETs, an HSCAN (at most about UNIQUE_CHECKS fields of a hashtable, all of a
 -- listpack), up to UNIQUE_CHECKS looks (XINFO GROUPS once per level, then at most UNIQUE_LOOKS
 -- XPENDINGs and an XRANGE of one entry per level), an HDEL and an HSET. LEVELS maps a level to
--- its stream, DKEY is the delayed set, CLOCK() unix ms, GROUP the queue's group.
+-- its stream, DKEY is the delayed set, CLOCK() unix ms, GROUP the queue's group, FAIR the
+-- staging hash of a fair queue (a staged message's look is an HEXISTS there; nil: staged
+-- ones are left alone).
 -- Never fails: it runs after the message was stored, so a key of another type at one of the
 -- names is only skipped (try), and the store is a hash (the publish just wrote it).
 local UNIQUE_CURSOR, UNIQUE_AT, UNIQUE_TICK = 'c', 'a', 't'
 local UNIQUE_EVERY, UNIQUE_CHECKS, UNIQUE_LOOKS, UNIQUE_SWEEP_FROM = 8, 32, 16, 32
 
+-- Whether staged field NAME of STEP.fair (the staging hash, nil when the caller has none:
+-- then it counts as there) is there, or nil on another type.
+local function unique_staged(step, name)
+  if not step.fair then return true end
+  local r, err = try('HEXISTS', step.fair, name)
+  if err then return nil end
+  return r == 1
+end
+
 local function unique_gone(store, f, v, levels, dkey, clock, group, step)
-  if string.sub(f, 1, 2) == 'd:' then  -- reverse field: its delayed message is gone?
-    local member = string.sub(f, 3)
-    local score, err = try('ZSCORE', dkey, member)
-    if err or score then return nil end
+  local rev = string.sub(f, 1, 2)
+  if rev == 'd:' or rev == 'g:' then  -- reverse field: its delayed or staged message gone?
+    local name, there = string.sub(f, 3), nil
+    if rev == 'd:' then
+      local score, err = try('ZSCORE', dkey, name)
+      there = err or score
+    else
+      there = unique_staged(step, name) ~= false
+    end
+    if there then return nil end
     local kind, _, m = unique_parse(redis.call('HGET', store, 'k:' .. v) or 't:0')
-    if kind == 'd' and m == member then return f, 'k:' .. v end
+    if kind == string.sub(rev, 1, 1) and m == name then return f, 'k:' .. v end
     return f
   end
   if string.sub(f, 1, 2) ~= 'k:' then return nil end  -- the count, the cursor
@@ -252,6 +301,10 @@ local function unique_gone(store, f, v, levels, dkey, clock, group, step)
     local score, err = try('ZSCORE', dkey, b)
     if err or score then return nil end
     return f, 'd:' .. b
+  end
+  if kind == 'g' then
+    if unique_staged(step, b) ~= false then return nil end
+    return f, 'g:' .. b
   end
   if kind ~= 's' then return nil end
   local stream = levels[b or '']
@@ -286,7 +339,7 @@ local function unique_gone(store, f, v, levels, dkey, clock, group, step)
   return nil
 end
 
-local function unique_sweep(store, levels, dkey, clock, group)
+local function unique_sweep(store, levels, dkey, clock, group, fair)
   if redis.call('HLEN', store) <= UNIQUE_SWEEP_FROM then return end
   local tick = try('HINCRBY', store, UNIQUE_TICK, 1)
   if tick and tick < UNIQUE_EVERY then return end  -- (not a number: reset below)
@@ -305,7 +358,8 @@ local function unique_sweep(store, levels, dkey, clock, group)
     end
   end
   local last, looks, freed = skip, 0, 0  -- freed: of the fields looked at
-  local state = {last = {}, ready = {}}  -- per stream: last-delivered, first ready id
+  local state = {last = {}, ready = {}, fair = fair}  -- per stream: last-delivered, first
+  -- ready id; the staging hash (staged messages' fields are looked at there)
   while last < n and last < skip + UNIQUE_CHECKS do
     local f, v = flat[2 * last + 1], flat[2 * last + 2]
     if string.sub(f, 1, 2) == 'k:' and string.sub(v, 1, 2) == 's:' then
