@@ -11,13 +11,14 @@ and INFO / CONFIG GET of a server at connect (:func:`server_info`, :func:`config
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 from redis.exceptions import ResponseError
 
 from .calls import PAGE, PeekCursor
+from .envelope import decoder as envelope_decoder
 from .introspect import Introspection
 from .replies import Ready
 from .scripts import Call, explain
@@ -130,33 +131,40 @@ class Admin(Introspection):
         the queue holds it (docs/design.rst, "Unique keys"): the keys are read from the
         letters here, a page of at most PAGE at a time (a big message's body fetched), and
         redrive.lua decides for each page in one call."""
-        try:
-            return self._redrive_letters(queue, count, ids)
-        except ResponseError as exc:  # reading the letters: as the script would say it
-            raise explain("script 'redrive'", exc, [self.keys.dlq(queue)]) from None
-
-    def _redrive_letters(self, queue: str, count: int, ids: Sequence[Any]) -> Redriven:
         total = Redriven(0, 0, 0)
         if ids:
             dlq, ids = self.keys.dlq(queue), list(dict.fromkeys(ids))
             for first in range(0, len(ids), PAGE):
                 if total.moved >= count:
                     break
-                pipe = self.client.pipeline(transaction=False)
-                for entry_id in ids[first:first + PAGE]:
-                    pipe.xrange(dlq, entry_id, entry_id)
-                letters = [(entry_id, found[0][1] if found else {})
-                           for entry_id, found in zip(ids[first:first + PAGE], pipe.execute())]
+                page = ids[first:first + PAGE]
+                with self._reading_letters(queue):
+                    pipe = self.client.pipeline(transaction=False)
+                    for entry_id in page:
+                        pipe.xrange(dlq, entry_id, entry_id)
+                    found = pipe.execute()
+                letters = [(entry_id, got[0][1] if got else {})
+                           for entry_id, got in zip(page, found)]
                 total = total.add(self._redrive(queue, count - total.moved, letters))
             return total
         start, left = '-', count  # the oldest ``count`` letters, those that stay included
         while left > 0:
-            letters = self.dead_letters(queue, min(left, PAGE), start)
+            with self._reading_letters(queue):
+                letters = self.dead_letters(queue, min(left, PAGE), start)
             if not letters:
                 break
             total = total.add(self._redrive(queue, len(letters), letters))
             start, left = f'({text(letters[-1][0])}', left - len(letters)
         return total
+
+    @contextmanager
+    def _reading_letters(self, queue: str) -> Iterator[None]:
+        """A dead-letter stream of another type met while reading letters: said as the
+        redrive script would say it."""
+        try:
+            yield
+        except ResponseError as exc:
+            raise explain("script 'redrive'", exc, [self.keys.dlq(queue)]) from None
 
     def _redrive(self, queue: str, count: int, letters: Sequence[tuple[Any, dict[Any, Any]]]
                  ) -> Redriven:
@@ -166,14 +174,16 @@ class Admin(Introspection):
         return Redriven(int(moved), int(skipped), int(held))
 
     def _letter_key(self, queue: str, fields: dict[Any, Any]) -> str:
-        """The x-unique-key of a dead letter's message, '' for none (or not a message)."""
-        payload = fields.get(b'f:m')
-        if payload is None and fields.get(b'f:r') is not None:
-            payload = self.bodies(queue, [fields[b'f:r']])[0]
+        """The x-unique-key of a dead letter's message, '' for none (or not a message),
+        decoded as a consumer decodes it (Kombu's types: a UUID key is its string)."""
+        payload = fields.get(b'f:m', fields.get('f:m'))
+        token = fields.get(b'f:r', fields.get('f:r'))
+        if payload is None and token is not None:
+            payload = self.bodies(queue, [token])[0]
         if payload is None:
             return ''
         try:
-            message = json.loads(payload)
+            message = envelope_decoder()(text(payload))
         except ValueError:
             return ''
         return unique_key(message) if isinstance(message, dict) else ''

@@ -70,7 +70,8 @@ lua/lib/unique.lua); its x-unique-mode and x-unique-ttl come in the HMGET of the
 arguments every publish makes, and TIME only for a throttled key. Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
 arguments and limits, Message TTL, Duplicates, Unique keys, Fair share). A staged message
-costs 3 hash commands (6 when its group joins the rotation: lua/lib/fair.lua) and an SADD.
+costs 4 hash commands (7 when its group joins the rotation: lua/lib/fair.lua; one is the
+HDEL of a stale reverse field in the key store, lua/lib/unique.lua) and an SADD.
 ]]
 --@include common
 --@include delay
@@ -373,7 +374,11 @@ if fair_key then
   if redis.call('SADD', ready, FAIR .. stream) == 1 then new[#new + 1] = ready end
   expire_new(new)
   if remember then remember() end
-  if hold then hold(nil, nil, field) end
+  if hold then
+    hold(nil, nil, field)
+  else  -- a key's reverse field left at this name by a message gone behind our back goes
+    redis.pcall('HDEL', KEYS[10 + nl], 'g:' .. field)  -- (lua/lib/unique.lua)
+  end
   return 'staged'
 end
 local woke, wake_wrong = try('ZADD', wake, 0, 'w')  -- first write: fails alone

@@ -24,10 +24,11 @@ KEYS[S+12q-4]   arguments (hash) of source q, ks:q:{queue}:args: only x-rate-lim
 KEYS[S+12q-3]   rate limiter state (string) of source q, ks:q:{queue}:rate: the next
                 delivery's theoretical arrival time, unix ms, expiring once it is past;
                 written only when the queue has x-rate-limit (lua/lib/rate.lua)
-KEYS[S+12q-2]   key store (hash) of source q, ks:q:{queue}:unique: a delayed message moved
-                to its stream that holds an x-unique-key keeps it (the store then names its
-                new entry; lua/lib/unique.lua); looked at (TYPE) only when due messages move
-                or keyed acks ride along (ARGV[9+5Q+2A])
+KEYS[S+12q-2]   key store (hash) of source q, ks:q:{queue}:unique: a delayed or staged
+                message moved to its stream (or a due one staged) that holds an x-unique-key
+                keeps it (the store then names where it is; lua/lib/unique.lua); looked at
+                (TYPE) only when due or staged messages move or keyed acks ride along
+                (ARGV[9+5Q+2A])
 KEYS[S+12q-1]   in-flight flag (string) of source q, ks:q:{queue}:capped: raised when the
                 queue's x-max-in-flight left ready work without a marker; acks that ride
                 along and free a slot lower it and set the marker (lua/lib/inflight.lua)

@@ -378,6 +378,24 @@ def test_a_staged_holder_gone_behind_our_back_frees_its_key(script_client):
     assert ref(c, 'k') == b'g:0:m:0:a:2' and not c.hexists(K.unique('q'), 'g:m:0:a:1')
 
 
+@pytest.mark.parametrize('mode', ['keep-first', 'replace'])
+def test_a_field_name_used_again_is_not_the_old_keys_message(script_client, mode):
+    """A staged holder deleted behind our back; its group runs dry and its field's name
+    comes back with another message: the old key is free, and that message is neither
+    refused for it, replaced by it, nor taken as its holder when a read moves it."""
+    c = script_client
+    b = fair_broker(c, args={**FAIR, 'x-unique-mode': mode})
+    keyed(b, 'a', 0, 'k')
+    c.hdel(K.fair('q'), 'm:0:a:1')
+    c.hincrby(K.fair('q'), 'n', -1)
+    assert names(read(b, 'c1', 10)) == []  # passes the gap: a runs dry
+    assert publish(b, 'a', 'x') == b'staged'  # at m:0:a:1 again
+    assert keyed(b, 'z', 0, 'k') == b'staged'  # free: stored, and a:x is not replaced
+    assert sorted(names(read(b, 'c1', 10))) == ['a:x', 'z:0']
+    assert ref(c, 'k').startswith(b's:0:0:')
+    assert keyed(b, 'y', 0, 'k') == b'duplicate'  # z:0 holds it, in flight
+
+
 def test_a_keyed_delayed_message_is_staged_when_due_and_keeps_its_key(script_client):
     from kombu_streams.broker import Delay
     c = script_client

@@ -412,6 +412,36 @@ def test_a_big_letter_takes_its_key_back(script_client):
     assert held(c, 'k') and publish(b, 2, 'k') == DUPLICATE
 
 
+def test_a_letters_key_is_read_as_a_consumer_decodes_it(script_client):
+    """A UUID header, as Kombu's JSON writes it (a typed object): the key is its string, as
+    the publish and the consumer's ack have it."""
+    import uuid
+
+    from kombu.utils.json import dumps, loads
+
+    from kombu_streams.unique import unique_key
+    c = script_client
+    b = queue(c)
+    payload = dumps({'body': '1', 'headers': {'x-unique-key': uuid.UUID(int=7)}})
+    key = unique_key(loads(payload))
+    assert key == str(uuid.UUID(int=7))
+    b.publish('q', 0, payload, unique_key=key)
+    reject(b, key)
+    assert b.redrive('q', 10) == (1, 0, 0)
+    assert held(c, key) and publish(b, 2, key) == DUPLICATE
+
+
+def test_a_letter_whose_key_is_throttled_stays(script_client):
+    c = script_client
+    b = queue(c, x_unique_ttl=HOUR)
+    b.publish('q', 0, keyed_body(1, 'k'), unique_key='k')
+    reject(b, 'k')
+    b.publish('q', 0, keyed_body(2, 'k'), unique_key='k')
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    ack_as(b, 'ack', 'c1', d, 'k')  # throttled for an hour
+    assert b.redrive('q', 10) == (0, 0, 1)
+
+
 def test_a_letter_without_a_message_or_key_moves_as_before(script_client):
     c = script_client
     b = queue(c)

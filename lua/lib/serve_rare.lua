@@ -40,6 +40,9 @@ local function promote_due(ctx, src)
           local fair = lib_fair()
           local _, _, field = fair.fair_stage(src.fair, fair.fair_level(stream), g, value)
           staged[#staged + 1] = {member, nil, field}
+          -- a key's reverse field left at this name by a message gone behind our back goes;
+          -- unique_moved writes this one's if it has a key (lua/lib/unique.lua)
+          if keyed then redis.call('HDEL', src.store, 'g:' .. field) end
           idx[FAIR .. stream] = true
           return true
         end

@@ -12,7 +12,12 @@
 --                    <ttl> is x-unique-ttl when it was published (0: none)
 --   "d:<member>"  -> the key of that delayed message (so purge frees the key it deletes)
 --   "g:<field>"   -> the key of that staged message (the same, and a read that moves it into
---                    its stream re-points the key at its entry)
+--                    its stream re-points the key at its entry). A group's field names come
+--                    back once it ran dry, so every staging writes or clears the reverse
+--                    field of its name (an HDEL for a message without a key: one left by a
+--                    message that went without our scripts, deleted by hand or moved by an
+--                    older release's read, goes), and a "g:" reference holds its key only
+--                    while the reverse field of its field names that key
 --   UNIQUE_COUNT  -> the number of publishes refused because their key was taken
 --   "c", "a", "t" -> the sweep's place: its cursor and offset, the field it resumes at, the
 --                    keyed publishes since its last step (unique_sweep below)
@@ -67,7 +72,11 @@ local function unique_holder(store, key, levels, dkey, group, clock, fair)
     if not fair then return 'taken', ref end
     local staged, herr = try('HEXISTS', fair, b)
     if herr then return nil, nil, nil, nil, herr end
-    if staged == 1 then return 'staged', ref, b end
+    -- a field's name comes back once its group ran dry: it is this message only while the
+    -- reverse field, which every staging writes or clears, names this key
+    if staged == 1 and redis.call('HGET', store, 'g:' .. b) == key then
+      return 'staged', ref, b
+    end
     return nil, ref  -- moved by a read (which re-points the key) or purged: free
   end
   local stream = levels[b or '']
@@ -136,7 +145,7 @@ end
 -- each key whose STORE field still names that entry (at most one message holds a key, so a
 -- stale settle, or a key since taken by another message, releases nothing). A delayed
 -- message's reference ("d:") is never released by a settle: a read that moves a delayed
--- message to its stream names the new entry in the same call (unique_promoted), so a "d:"
+-- message to its stream names the new entry in the same call (unique_moved), so a "d:"
 -- one is another message, still waiting (one redriven by hand without its key carries it
 -- without holding it: lua/redrive.lua). CLOCK: the settle is an ack and CLOCK() the time in
 -- unix ms, asked only for a key with x-unique-ttl, which stays until then + ttl (throttle);
@@ -303,8 +312,11 @@ local function unique_gone(store, f, v, levels, dkey, clock, group, step)
     return f, 'd:' .. b
   end
   if kind == 'g' then
-    if unique_staged(step, b) ~= false then return nil end
-    return f, 'g:' .. b
+    local there = unique_staged(step, b)
+    if there == nil or (there and redis.call('HGET', store, 'g:' .. b) == string.sub(f, 3)) then
+      return nil
+    end
+    return f
   end
   if kind ~= 's' then return nil end
   local stream = levels[b or '']

@@ -128,7 +128,9 @@ CALLS: dict[str, Callable[[Broker, str, int], Built]] = {
     'read': _read, 'publish': _publish, 'ack': _ack, 'requeue': _requeue, 'renew': _renew,
     'deadletter': _deadletter, 'reclaim': _reclaim, 'purge': _purge, 'delete': _delete,
     'cancel': _cancel, 'touch': _touch,
-    'redrive': lambda b, q, _: (b.redrive_call(q, 1), 'the oldest dead letter'),
+    'redrive': lambda b, q, _: (b.redrive_call(q, 1),
+                                'the oldest dead letter, without its x-unique-key (kombu-streams '
+                                'dlq redrive gives each letter its key)'),
     'dlq_purge': lambda b, q, _: (b.dlq_purge_call(q, LAST_ID, PAGE),
                                   f'dead letters up to id {LAST_ID} (inclusive), at most '
                                   f'{PAGE}: replace {LAST_ID}, repeat while the second value '

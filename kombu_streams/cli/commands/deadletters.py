@@ -85,7 +85,8 @@ def cmd_dlq_redrive(args: argparse.Namespace, broker: Broker) -> int:
     if done.skipped:
         left.append(f'{done.skipped} skipped (no message, or from another queue)')
     if done.held:
-        left.append(f'{done.held} held (a live message holds their x-unique-key)')
+        left.append(f'{done.held} held (their x-unique-key is taken: a live message holds '
+                    f'it, or x-unique-ttl keeps it)')
     emit(args, {'queue': args.queue, **done._asdict()},
          f'moved {done.moved} dead letter(s) back to {args.queue}'
          + ''.join(f'; {part}' for part in left))
