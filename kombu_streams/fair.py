@@ -22,6 +22,10 @@ HEADER = 'x-group'
 #: The queue argument, and the values it takes.
 ARGUMENT = 'x-fairness'
 VALUES = ('round-robin',)
+#: The per-group cap (BullMQ Pro's group concurrency): at most this many messages of one
+#: group handed out by the rotation and not settled yet; the group's turn passes while it is
+#: there (lua/lib/fair.lua's fair_gate). Only with x-fairness. Stored after it.
+GROUP_MAX_IN_FLIGHT = 'x-group-max-in-flight'
 
 
 def group(message: Mapping[str, Any]) -> str | None:
@@ -38,12 +42,18 @@ def group(message: Mapping[str, Any]) -> str | None:
 
 
 def fairness_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
-    """x-fairness of ``args`` checked, as stored, or [] without it. With x-max-length only
-    with x-overflow reject-publish: drop-head sets aside the message a read would serve next,
-    and it does not look at staged messages yet; never with x-priority-aging, which looks at
-    the streams only (docs/design.rst, "Fair share")."""
-    value = args.get(ARGUMENT)
+    """x-fairness of ``args`` checked, as stored, with x-group-max-in-flight (an integer >=
+    1) after it, or [] without it. With x-max-length only with x-overflow reject-publish:
+    drop-head sets aside the message a read would serve next, and it does not look at staged
+    messages yet; never with x-priority-aging, which looks at the streams only
+    (docs/design.rst, "Fair share"). x-group-max-in-flight without x-fairness is refused:
+    it would mean nothing."""
+    value, cap = args.get(ARGUMENT), args.get(GROUP_MAX_IN_FLIGHT)
     if value is None:
+        if cap is not None:
+            raise ValueError(f'kombu-streams: queue {queue!r}: argument '
+                             f'{GROUP_MAX_IN_FLIGHT}={cap!r} is not valid: it needs '
+                             f"{ARGUMENT} 'round-robin' (groups to cap)")
         return []
     if value not in VALUES:
         raise ValueError(f'kombu-streams: queue {queue!r}: argument {ARGUMENT}={value!r} is '
@@ -57,7 +67,14 @@ def fairness_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
                          f'not valid with x-priority-aging (aging looks at the streams, and '
                          f'a staged message is in none until a read moves it: it would not '
                          f'age)')
-    return [ARGUMENT, value]
+    if cap is None:
+        return [ARGUMENT, value]
+    if isinstance(cap, str) and cap.isdigit():
+        cap = int(cap)
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f'kombu-streams: queue {queue!r}: argument {GROUP_MAX_IN_FLIGHT}='
+                         f'{cap!r} is not valid: an integer >= 1')
+    return [ARGUMENT, value, GROUP_MAX_IN_FLIGHT, str(cap)]
 
 
-__all__ = ('HEADER', 'ARGUMENT', 'VALUES', 'group', 'fairness_pairs')
+__all__ = ('HEADER', 'ARGUMENT', 'VALUES', 'GROUP_MAX_IN_FLIGHT', 'group', 'fairness_pairs')

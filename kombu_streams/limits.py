@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from .fair import fairness_pairs
+from .fair import GROUP_MAX_IN_FLIGHT, fairness_pairs
 from .unique import MODE as UNIQUE_MODE
 from .unique import MODES as UNIQUE_MODES
 from .unique import TTL as UNIQUE_TTL
@@ -75,7 +75,7 @@ INTEGERS = (*INTEGERS, MAX_IN_FLIGHT)
 PRIORITY_AGING = 'x-priority-aging'
 #: The longest period taken: a day (longer is strict priority in all but name).
 PRIORITY_AGING_MAX = 86_400_000
-INTEGERS = (*INTEGERS, PRIORITY_AGING)
+INTEGERS = (*INTEGERS, PRIORITY_AGING, GROUP_MAX_IN_FLIGHT)
 
 
 class QueueFull(redis.exceptions.ResponseError):

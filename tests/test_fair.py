@@ -10,6 +10,7 @@ docs/design.rst, "Fair share".
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -535,6 +536,232 @@ TestFairQueue = FairQueue.TestCase
 TestFairQueue.settings = settings(PROPERTY, stateful_step_count=40)
 
 
+# -- x-group-max-in-flight -------------------------------------------------------------------
+
+
+CAPPED = {**FAIR, 'x-group-max-in-flight': 2}
+
+
+def held_by_group(c: Any) -> dict[str, int]:
+    """Per group, its messages in the queue's streams: delivered and not settled, parked, or
+    moved and not read (on a fair queue every entry comes from the rotation)."""
+    out: dict[str, int] = {}
+    for lv in LEVELS:
+        for _, f in c.xrange(K.stream('q', lv)):
+            g = json.loads(f[b'm'])['body'].split(':')[0]
+            out[g] = out.get(g, 0) + 1
+    return out
+
+
+def test_a_group_at_its_cap_lets_its_turn_pass(script_client):
+    c = script_client
+    b = fair_broker(c, args=CAPPED)
+    for n in range(5):
+        publish(b, 'a', n)
+    publish(b, 'b', 0)
+    got = read(b, 'c1', 10)
+    assert names(got) == ['a:0', 'b:0', 'a:1']  # then a is at 2: its turn passes
+    assert held_by_group(c) == {'a': 2, 'b': 1}
+    # nothing else ready: no marker (it would wake consumers to be refused), the flag up
+    assert got.status[('q', None)] == '0' and c.zcard(K.wake('q')) == 0 and c.get(K.capped('q'))
+    assert names(read(b, 'c1', 10)) == []
+
+
+def test_a_settle_frees_a_slot_and_wakes_a_consumer(script_client):
+    c = script_client
+    b = fair_broker(c, args=CAPPED)
+    for n in range(4):
+        publish(b, 'a', n)
+    first = read(b, 'c1', 10).deliveries
+    assert [json.loads(d.payload)['body'] for d in first] == ['a:0', 'a:1']
+    b.ack('q', [(first[0].stream, first[0].entry_id)], consumer='c1')
+    assert c.zcard(K.wake('q')) == 1 and not c.exists(K.capped('q'))  # the ack set it
+    assert names(read(b, 'c1', 10)) == ['a:2']
+    b.dead_letter('q', first[1].stream, first[1].entry_id, 'rejected', 1, None, 'c1')
+    assert names(read(b, 'c1', 10)) == ['a:3']  # a dead letter frees one too
+
+
+def test_a_requeued_message_keeps_its_groups_slot(script_client):
+    c = script_client
+    b = fair_broker(c, args={**FAIR, 'x-group-max-in-flight': 1})
+    publish(b, 'a', 0)
+    publish(b, 'a', 1)
+    (d,) = read(b, 'c1', 10).deliveries
+    assert b.requeue('q', [(d.stream, d.entry_id)]) == 1  # parked: still a's
+    again = read(b, 'c1', 10)
+    assert names(again) == ['a:0'] and again.deliveries[0].deliveries == 2
+    b.reclaim('q', 0, 100)  # a lease ran out: parked again, still a's
+    assert names(read(b, 'c2', 10)) == ['a:0']
+    assert held_by_group(c) == {'a': 1}
+
+
+def test_a_group_leaves_the_rotation_once_what_it_gave_is_settled(script_client):
+    """A group that ran dry stays in its level's rotation (its turn passing) while messages
+    it gave are not settled, so its cap still holds if it publishes again; then it leaves,
+    and the staging hash goes with the last of it."""
+    c = script_client
+    b = fair_broker(c, args={**FAIR, 'x-group-max-in-flight': 1})
+    publish(b, 'a', 0)
+    (d,) = read(b, 'c1', 10).deliveries
+    assert c.hget(K.fair('q'), 'x:0:a') == b'a' and c.hget(K.fair('q'), 'f:a')
+    publish(b, 'a', 1)  # it rejoins nothing: it is still there, and at its cap
+    assert names(read(b, 'c1', 10)) == []
+    b.ack('q', [(d.stream, d.entry_id)], consumer='c1')
+    (d,) = read(b, 'c1', 10).deliveries
+    b.ack('q', [(d.stream, d.entry_id)], consumer='c1')
+    assert names(read(b, 'c1', 10)) == []
+    assert c.exists(K.fair('q')) == 0
+
+
+def test_a_read_passes_a_bounded_number_of_capped_groups(script_client):
+    """40 groups at their cap before one with room: a read passes at most 32 turns (then
+    stops, the flag up, as when every group is at its cap); the next one gets there."""
+    c = script_client
+    b = fair_broker(c, args={**FAIR, 'x-group-max-in-flight': 1})
+    for g in range(40):
+        publish(b, f'g{g:02}', 0)
+    assert len(read(b, 'c1', 100).deliveries) == 40
+    for g in range(40):
+        publish(b, f'g{g:02}', 1)
+    publish(b, 'z', 0)
+    first = read(b, 'c1', 100)
+    assert names(first) == [] and c.get(K.capped('q'))
+    assert names(read(b, 'c1', 100)) == ['z:0']
+
+
+def test_without_the_cap_a_dry_group_leaves_at_once(script_client):
+    """Removing x-group-max-in-flight at run time: groups kept in the rotation for their
+    settles leave it at their next turn, as dry groups do without a cap."""
+    c = script_client
+    b = fair_broker(c, args={**FAIR, 'x-group-max-in-flight': 1})
+    publish(b, 'a', 0)
+    publish(b, 'b', 0)
+    assert names(read(b, 'c1', 10)) == ['a:0', 'b:0']
+    b.limits('q', stored_pairs('q', FAIR))
+    publish(b, 'c', 0)
+    assert names(read(b, 'c1', 10)) == ['c:0']
+    assert not c.hexists(K.fair('q'), 'x:0:a') and not c.hexists(K.fair('q'), 'x:0:b')
+
+
+@pytest.mark.parametrize('args, says', [
+    ({'x-group-max-in-flight': 2}, "it needs x-fairness 'round-robin'"),
+    ({**FAIR, 'x-group-max-in-flight': 0}, 'an integer >= 1'),
+    ({**FAIR, 'x-group-max-in-flight': 'two'}, 'an integer >= 1'),
+])
+def test_an_invalid_group_cap_is_named(args, says):
+    with pytest.raises(ValueError, match=says):
+        stored_pairs('q', args)
+
+
+class FairCap(RuleBasedStateMachine):
+    """x-group-max-in-flight 2 on a fair queue: publishes in three groups at two levels,
+    reads by two consumers, ack, dead letter, requeue, a reclaim of every lease and purge, in
+    any order. After each step: no group has more than 2 messages handed out and not settled
+    (its entries in the streams), nothing is lost, and no wake-up is lost (staged work that a
+    group may take now has its marker; staged work the caps hold back has the marker or the
+    flag). And a drain (everything settled, reads until none delivers) delivers every
+    message: no group is ever stuck."""
+
+    CAP = 2
+    GROUPS = ('a', 'b', '')
+
+    def __init__(self) -> None:
+        super().__init__()
+        import fakeredis
+        self.c = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        self.b = fair_broker(self.c, args={**FAIR, 'x-group-max-in-flight': self.CAP})
+        self.n = 0
+        self.flight: dict[str, list[Delivery]] = {'c1': [], 'c2': []}
+        self.done: set[str] = set()  # acked, dead-lettered or purged
+
+    @rule(group=st.sampled_from(GROUPS), level=st.sampled_from([0, 3]))
+    def publish(self, group: str, level: int) -> None:
+        self.n += 1
+        publish(self.b, group, self.n, level=level)
+
+    @rule(consumer=st.sampled_from(['c1', 'c2']), count=st.integers(1, 4))
+    def read(self, consumer: str, count: int) -> None:
+        self.flight[consumer] += read(self.b, consumer, count).deliveries
+
+    @precondition(lambda self: self.flight['c1'] or self.flight['c2'])
+    @rule(consumer=st.sampled_from(['c1', 'c2']),
+          how=st.sampled_from(['ack', 'reject', 'requeue']))
+    def settle(self, consumer: str, how: str) -> None:
+        if not self.flight[consumer]:
+            return
+        d = self.flight[consumer].pop(0)
+        name = json.loads(d.payload)['body']
+        if how == 'ack':
+            done = self.b.ack('q', [(d.stream, d.entry_id)], consumer=consumer)
+        elif how == 'reject':
+            done = self.b.dead_letter('q', d.stream, d.entry_id, 'rejected', 1, None, consumer)
+        else:
+            self.b.requeue('q', [(d.stream, d.entry_id)], consumer=consumer)
+            done = 0
+        if done:
+            self.done.add(name)
+
+    @rule()
+    def reclaim(self) -> None:
+        """Every lease runs out: parked again, their late settles go nowhere."""
+        self.b.reclaim('q', 0, 100)
+
+    @rule()
+    def purge(self) -> None:
+        stored, staged, _ = self._where()
+        self.b.purge('q')
+        after, staged_after, _ = self._where()
+        self.done |= (stored | staged) - (after | staged_after)
+
+    def _where(self) -> tuple[set[str], set[str], set[str]]:
+        stored = {json.loads(f[b'm'])['body'] for lv in LEVELS
+                  for _, f in self.c.xrange(K.stream('q', lv))}
+        staged = {json.loads(v)['body'] for f, v in self.c.hgetall(K.fair('q')).items()
+                  if f.startswith(b'm:')}
+        letters = {json.loads(f[b'f:m'])['body'] for _, f in self.c.xrange(K.dlq('q'))}
+        return stored, staged, letters
+
+    @invariant()
+    def capped(self) -> None:
+        assert all(n <= self.CAP for n in held_by_group(self.c).values()), held_by_group(self.c)
+
+    @invariant()
+    def none_lost(self) -> None:
+        stored, staged, letters = self._where()
+        assert not stored & staged
+        assert len(stored | staged | letters | self.done) == self.n
+
+    @invariant()
+    def no_wake_up_lost(self) -> None:
+        _, staged, _ = self._where()
+        if not staged:
+            return
+        held = held_by_group(self.c)
+        waiting = {name.split(':')[0] for name in staged}
+        if any(held.get(g, 0) < self.CAP for g in waiting):
+            assert self.c.exists(K.wake('q'))
+        else:
+            assert self.c.exists(K.wake('q')) or self.c.exists(K.capped('q'))
+
+    def teardown(self) -> None:
+        """The drain: whatever is in flight settled, then reads (each delivery acked) until
+        one delivers nothing; every message is then acked, dead-lettered or purged."""
+        for consumer in ('c1', 'c2'):
+            for d in self.flight[consumer]:
+                self.b.ack('q', [(d.stream, d.entry_id)], consumer='')
+        for _ in range(self.n + 2):
+            got = read(self.b, 'c1', 4).deliveries
+            if not got:
+                break
+            self.b.ack('q', [(d.stream, d.entry_id) for d in got], consumer='c1')
+        stored, staged, _ = self._where()
+        assert not stored and not staged, (stored, staged)
+
+
+TestFairCap = FairCap.TestCase
+TestFairCap.settings = settings(PROPERTY, stateful_step_count=40)
+
+
 def test_inspect_and_exporter_count_staged_messages(script_client):
     b = fair_broker(script_client)
     for n in range(3):
@@ -725,3 +952,45 @@ def test_a_length_limit_counts_staged_messages(script_client):
     assert ack(b, *got) == 1
     assert publish(b, 'b', 0) == b'staged'
     assert names(read(b, 'c1', 10)) == ['a:1', 'b:0', 'a:2']
+
+
+def test_kombu_consumer_waits_for_a_groups_slot_and_is_woken_by_the_ack(url):
+    """x-group-max-in-flight 1 through the channel: a consumer with room for ten gets one
+    message of each group, then waits (no message of a capped group, no busy reads); the
+    ack of a's message frees a's slot and wakes the waiting consumer, which gets a's next."""
+    got: list[Any] = []
+    queue = Queue('cq', queue_arguments={**FAIR, 'x-group-max-in-flight': 1})
+    with Connection(url) as conn:
+        producer = Producer(conn.default_channel, serializer='json')
+        for g in ('a', 'b'):
+            for n in range(3):
+                producer.publish({'g': g, 'n': n}, routing_key='cq', declare=[queue],
+                                 headers={'x-group': g})
+
+        def on_message(body: Any, message: Any) -> None:
+            got.append((body['g'], body['n'], message))
+
+        channel = conn.channel()
+        with Consumer(channel, [queue], callbacks=[on_message], accept=['json'],
+                      prefetch_count=10):
+            while len(got) < 2:
+                conn.drain_events(timeout=5)
+            assert [(g, n) for g, n, _ in got] == [('a', 0), ('b', 0)]
+            raw = conn.default_channel.client
+            reads = raw.info('commandstats').get('cmdstat_evalsha', {}).get('calls', 0)
+            with pytest.raises(socket.timeout):
+                conn.drain_events(timeout=0.5)
+            assert len(got) == 2  # both groups at their cap: nothing more, and no busy reads
+            assert raw.info('commandstats')['cmdstat_evalsha']['calls'] - reads < 10
+            got[0][2].ack()
+            while len(got) < 3:
+                conn.drain_events(timeout=5)
+            assert (got[2][0], got[2][1]) == ('a', 1)
+            for _, _, message in got[1:]:
+                message.ack()
+            while len(got) < 6:
+                conn.drain_events(timeout=5)
+                for _, _, message in got:
+                    if not message.acknowledged:
+                        message.ack()
+    assert sorted((g, n) for g, n, _ in got) == [(g, n) for g in 'ab' for n in range(3)]

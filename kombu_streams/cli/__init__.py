@@ -16,6 +16,7 @@
                                  x-requeue-delay (retry backoff, 'min_ms,max_ms'),
                                  x-rate-limit and x-rate-burst, x-max-in-flight,
                                  x-unique-mode and x-unique-ttl, x-priority-aging,
+                                 x-fairness and x-group-max-in-flight,
                                  shown or changed at run time
     delayed list QUEUE [-n N] [--full]   delayed messages (eta / countdown), earliest first
     delayed cancel QUEUE TASK_ID...      remove delayed messages by task id before they run

@@ -57,14 +57,130 @@ local function fair_stage(fair_key, level, group, value)
   return count == 1, nil, field
 end
 
+-- The per-group cap of one read call (x-group-max-in-flight MAX, docs/design.rst "Fair
+-- share"): a group may have at most MAX messages the rotation moved into the queue's
+-- streams and not settled yet (delivered and not acked, parked again after a requeue,
+-- reclaim or retry, or moved and not read yet). Counted, not kept: field f:<group> of the
+-- staging hash FAIR_KEY lists the moves, "<level>:<entry id> ..." oldest first, and a move
+-- is charged while its entry is still there: in GROUP's PEL of the level's stream (LEVELS
+-- maps a level to it), or after GROUP's last-delivered id and not deleted. So a settle of
+-- any kind (ack, dead letter, expiry, purge) frees the slot without writing here, and no
+-- count can drift. A list is looked at only when it would stop a group (room) or keep a dry
+-- one in the rotation (idle), oldest first, at most FAIR_LOOKS entries per call (one
+-- XPENDING each; XINFO GROUPS once per stream, an XRANGE of one id for an entry not
+-- delivered yet); entries found gone leave the list. A group's turn passes at most
+-- FAIR_SKIPS times per call.
+local FAIR_LOOKS, FAIR_SKIPS = 64, 32
+
+local function fair_gate(fair_key, max, levels, group)
+  local refs, dirty, pending, seen = {}, {}, {}, {}
+  local lasts, looks, skips = {}, 0, 0
+  local gate = {}
+  local function load(g)
+    if refs[g] == nil then
+      local list = {}
+      for r in string.gmatch(redis.call('HGET', fair_key, 'f:' .. g) or '', '%S+') do
+        list[#list + 1] = r
+      end
+      refs[g] = list
+    end
+    return refs[g]
+  end
+  local function charged(r)  -- whether move R still holds a slot (one look)
+    looks = looks + 1
+    local lv, id = string.match(r, '^(%d+):(.+)$')
+    local s = lv and levels[lv]
+    if not s then return false end  -- a level the queue no longer has
+    local p = try('XPENDING', s, group, id, id, 1)
+    if p and p[1] then return true end
+    if lasts[s] == nil then
+      local ok, got = pcall(last_delivered, s, group)
+      lasts[s] = ok and got or '0-0'
+    end
+    if not id_before(lasts[s], id) then return false end  -- delivered and settled
+    local e = try('XRANGE', s, id, id)  -- not delivered yet: charged unless deleted
+    return e ~= nil and e[1] ~= nil
+  end
+  -- Look at G's moves, oldest first, dropping those settled, until WANT of them are found
+  -- settled (nil: all) or the looks run out; an entry not looked at counts as charged.
+  local function look(g, want)
+    if seen[g] then return end
+    local list, kept, freed = load(g), {}, 0
+    for j, r in ipairs(list) do
+      if (want and freed >= want) or looks >= FAIR_LOOKS then
+        for k = j, #list do kept[#kept + 1] = list[k] end
+        break
+      end
+      if charged(r) then kept[#kept + 1] = r else freed = freed + 1 end
+    end
+    if freed > 0 then refs[g], dirty[g] = kept, true end
+    if #kept == #list or not want then seen[g] = true end
+  end
+  -- Whether G may give one more, having given TOOK in the plan being made.
+  function gate.room(g, took)
+    if #load(g) + took < max then return true end
+    look(g, #load(g) + took - max + 1)
+    return #refs[g] + took < max
+  end
+  -- Whether G, with nothing staged, holds no slot (then it leaves the rotation), having given
+  -- TOOK in the plan being made.
+  function gate.idle(g, took)
+    if took > 0 then return false end
+    local list = load(g)
+    if #list == 0 then return true end
+    for j, r in ipairs(list) do  -- the first one charged answers: no
+      if looks >= FAIR_LOOKS then return false end
+      if charged(r) then
+        if j > 1 then refs[g], dirty[g] = {unpack(list, j)}, true end
+        return false
+      end
+    end
+    refs[g], dirty[g] = {}, true
+    return true
+  end
+  function gate.skip()
+    skips = skips + 1
+    return skips <= FAIR_SKIPS
+  end
+  -- A message of field FIELD (m:<level>:<group>:<seq>) moved as entry ID.
+  function gate.moved(field, id)
+    local lv, g = string.match(field, '^m:(%d+):(.*):%d+$')
+    pending[#pending + 1] = {g, lv .. ':' .. id}
+  end
+  -- Charge what was moved and write the lists that changed (one HSET, one HDEL).
+  function gate.flush()
+    for _, p in ipairs(pending) do
+      local list = load(p[1])
+      list[#list + 1], dirty[p[1]] = p[2], true
+    end
+    pending = {}
+    local sets, drops = {}, {}
+    for g in pairs(dirty) do
+      if #refs[g] > 0 then
+        sets[#sets + 1], sets[#sets + 2] = 'f:' .. g, table.concat(refs[g], ' ')
+      else
+        drops[#drops + 1] = 'f:' .. g
+      end
+    end
+    dirty = {}
+    if #drops > 0 then redis.call('HDEL', fair_key, unpack(drops)) end
+    if #sets > 0 then redis.call('HSET', fair_key, unpack(sets)) end
+  end
+  return gate
+end
+
 -- The rotation of level LEVEL after taking N staged messages off their groups' FIFOs, one
 -- per group per turn: the group after the tail gives its oldest one and becomes the tail, or
 -- leaves the rotation when it ran dry. Reads the hash only through CACHE (links, heads and
--- tails, each read once per call), so planning again for fewer costs no command. Returns the
--- plan: order (the message fields, in taking order), head, relinked, dry, last, done.
-local function fair_plan(fair_key, level, n, last, cache)
+-- tails, each read once per call), so planning again for fewer costs no command. GATE,
+-- optional (fair_gate: x-group-max-in-flight): a group at its cap lets its turn pass (it
+-- becomes the tail, giving nothing), and a group that ran dry stays in the rotation while
+-- messages it gave are not settled, its turn passing too, until they are; after GATE's skip
+-- budget, or a whole turn of passes, the plan stops (blocked). Returns the plan: order (the
+-- message fields, in taking order), head, relinked, dry, last, done, blocked.
+local function fair_plan(fair_key, level, n, last, cache, gate)
   local pre = level .. ':'
-  local nxt, head, relinked, dry, order = {}, {}, {}, {}, {}
+  local nxt, head, relinked, dry, order, took = {}, {}, {}, {}, {}, {}
   local function next_of(g)
     if nxt[g] == nil then
       if cache.x[g] == nil then cache.x[g] = redis.call('HGET', fair_key, 'x:' .. pre .. g) end
@@ -72,7 +188,14 @@ local function fair_plan(fair_key, level, n, last, cache)
     end
     return nxt[g]
   end
-  local done = false
+  local function unlink(g)  -- out of the rotation (its predecessor LAST stays the tail)
+    dry[#dry + 1] = g
+    local after = next_of(g)
+    if after == g then return true end  -- it was the only one
+    nxt[last], relinked[last] = after, true
+    return false
+  end
+  local done, blocked, since = false, false, nil  -- since: the first of a run of passes
   while #order < n do
     local g = next_of(last)
     if cache.h[g] == nil then
@@ -80,21 +203,36 @@ local function fair_plan(fair_key, level, n, last, cache)
       cache.h[g], cache.t[g] = tonumber(ht[1]) or 0, tonumber(ht[2]) or 0
     end
     local seq = (head[g] or cache.h[g]) + 1
-    order[#order + 1], head[g] = 'm:' .. pre .. g .. ':' .. seq, seq
-    if seq < cache.t[g] then  -- the group has more: it becomes the tail
-      last = g
-    else  -- dry: out of the rotation (its predecessor LAST stays the tail)
-      dry[#dry + 1] = g
-      local after = next_of(g)
-      if after == g then  -- it was the only one
+    local staged, pass = seq <= cache.t[g], false
+    if gate then
+      local t = took[g] or 0
+      if staged then pass = not gate.room(g, t) else pass = not gate.idle(g, t) end
+    end
+    if pass then
+      if since == g or not gate.skip() then
+        blocked = true
+        break
+      end
+      since, last = since or g, g
+    elseif staged then
+      since, took[g] = nil, (took[g] or 0) + 1
+      order[#order + 1], head[g] = 'm:' .. pre .. g .. ':' .. seq, seq
+      if seq < cache.t[g] or gate then  -- more, or (capped) what it gave is not settled yet
+        last = g
+      elseif unlink(g) then
         done = true
         break
       end
-      nxt[last], relinked[last] = after, true
+    else  -- nothing staged and nothing of it in flight (or no cap): dry
+      since = nil
+      if unlink(g) then
+        done = true
+        break
+      end
     end
   end
   return {order = order, head = head, relinked = relinked, nxt = nxt, dry = dry, last = last,
-          done = done}
+          done = done, blocked = blocked}
 end
 
 -- Write PLAN (fair_plan) back to FAIR_KEY for level LEVEL, TAKEN of its messages removed:
@@ -134,13 +272,15 @@ end
 -- an error) the take stops there, that message and those after it still staged (planned
 -- again for fewer, from the cache). A value found gone (a gap: a message x-unique-mode
 -- replace dropped, lua/lib/unique.lua) is passed over, not counted as taken. So a message
--- costs its share of an HMGET and its PUT, a group a few commands. Returns (taken, more,
--- error, gaps): more whether level LEVEL still has staged messages.
-local function fair_pop(fair_key, level, n, put)
+-- costs its share of an HMGET and its PUT, a group a few commands. GATE, optional: the
+-- per-group cap (fair_gate), told what was taken (GATE.flush) once the plan is saved.
+-- Returns (taken, more, error, gaps, blocked): more whether level LEVEL's rotation still
+-- holds groups, blocked when the cap stopped the plan (fair_plan).
+local function fair_pop(fair_key, level, n, put, gate)
   local last = redis.call('HGET', fair_key, 'c:' .. level)
-  if not last then return 0, false, nil, 0 end
+  if not last then return 0, false, nil, 0, false end
   local cache = {x = {}, h = {}, t = {}}
-  local plan = fair_plan(fair_key, level, n, last, cache)
+  local plan = fair_plan(fair_key, level, n, last, cache, gate)
   local taken, err = 0, nil
   for j = 1, #plan.order, 1000 do
     local values = redis.call('HMGET', fair_key, unpack(plan.order, j,
@@ -150,36 +290,42 @@ local function fair_pop(fair_key, level, n, put)
         local ok
         ok, err = put(value, plan.order[j + k - 1])
         if not ok then  -- stop before it: plan again for what went
-          plan = fair_plan(fair_key, level, j + k - 2, last, cache)
-          if #plan.order == 0 then return 0, true, err, 0 end
+          plan = fair_plan(fair_key, level, j + k - 2, last, cache, gate)
+          if #plan.order == 0 then return 0, true, err, 0, false end
           fair_save(fair_key, level, plan, taken)
-          return taken, true, err, #plan.order - taken
+          if gate then gate.flush() end
+          return taken, true, err, #plan.order - taken, false
         end
         taken = taken + 1
       end
     end
   end
   fair_save(fair_key, level, plan, taken)
-  return taken, not plan.done, nil, #plan.order - taken
+  if gate then gate.flush() end
+  return taken, not plan.done, nil, #plan.order - taken, plan.blocked
 end
 
 -- Move up to N staged messages of level stream STREAM into it, in rotation order (one per
 -- group per turn), as new entries at its end (a TTL deadline becomes field e, a big
 -- message's reference field r: delay.lua's entry_of). Never creates the stream (a deleted
--- queue keeps them staged, for delete to remove). Returns (moved, more, error, gaps): more
--- whether the level still has staged messages, gaps the gone ones passed over (fair_pop);
--- error when FAIR_KEY or STREAM holds another type
+-- queue keeps them staged, for delete to remove). Returns (moved, more, error, gaps,
+-- blocked): more whether the level's rotation still holds groups, gaps the gone ones passed
+-- over, blocked when GATE (optional, fair_gate) stopped it (fair_pop); error when FAIR_KEY
+-- or STREAM holds another type
 -- (found before anything was written: the first HGET and the first XADD). PLACED, optional,
 -- gets {field, stream, new entry id} per message moved (a unique key it holds is re-pointed
 -- at its entry: lua/lib/unique.lua's unique_moved).
-local function fair_move(fair_key, stream, n, placed)
+local function fair_move(fair_key, stream, n, placed, gate)
   local _, herr = try('HGET', fair_key, FAIR_COUNT)
-  if herr then return 0, true, herr, 0 end
+  if herr then return 0, true, herr, 0, false end
   return fair_pop(fair_key, fair_level(stream), n, function(value, field)
     local id, xerr = try('XADD', stream, 'NOMKSTREAM', '*', unpack(entry_of(value)))
-    if id and not xerr and placed then placed[#placed + 1] = {field, stream, id} end
+    if id and not xerr then
+      if placed then placed[#placed + 1] = {field, stream, id} end
+      if gate then gate.moved(field, id) end
+    end
     return id and not xerr, xerr
-  end)
+  end, gate)
 end
 
 -- Remove up to N staged messages of level LEVEL from FAIR_KEY (purge), in rotation order,

@@ -13,11 +13,12 @@ local MAX_IN_FLIGHT = 'x-max-in-flight'
 -- capped read sets it again, and so does the sweep of each idle consumer (docs/design.rst).
 local CAPPED_TTL = 3600000
 
--- The limit stored as VALUE (an integer >= 1), or nil and the error naming it.
-local function inflight_max(value)
+-- The limit stored as VALUE (an integer >= 1), or nil and the error naming it (NAME, default
+-- x-max-in-flight: x-group-max-in-flight is read the same way).
+local function inflight_max(value, name)
   local n = tonumber(value)
   if not n or n < 1 or n ~= math.floor(n) then
-    return nil, 'invalid ' .. MAX_IN_FLIGHT .. ' ' .. tostring(value) ..
+    return nil, 'invalid ' .. (name or MAX_IN_FLIGHT) .. ' ' .. tostring(value) ..
                 ' (kombu-streams limits sets valid ones)'
   end
   return n, nil

@@ -20,6 +20,9 @@
 --   src.counters, src.args, src.rate_key, src.store (the key store, lua/lib/unique.lua),
 --   src.flag     (the in-flight flag, lua/lib/inflight.lua), src.fair (the staging hash,
 --                lua/lib/fair.lua)
+--   src.gcap     x-group-max-in-flight (fair share's per-group cap) or nil; src.gate its
+--                state in this call (lua/lib/fair.lua's fair_gate), src.gfull: it stopped
+--                the staging (then, with room left in the call, the source counts as full)
 --   src.keyed    its key store exists (a staged message it moves may hold a unique key: its
 --                key is re-pointed, lua/lib/serve_rare.lua); nil until a move looks
 --   src.aging    x-priority-aging's state (lua/lib/aging.lua) when it has the argument,
@@ -382,13 +385,22 @@ end
 -- pays), then the rate limiter's state (lua/lib/rate.lua) and what is in flight
 -- (lua/lib/inflight.lua) only where it has those arguments. False on a problem (noted).
 local function open_limits(ctx, src)
-  local r, err = try('HMGET', src.args, RATE_LIMIT, RATE_BURST, MAX_IN_FLIGHT, PRIORITY_AGING)
+  local r, err = try('HMGET', src.args, RATE_LIMIT, RATE_BURST, MAX_IN_FLIGHT, PRIORITY_AGING,
+                     'x-group-max-in-flight')
   if err then
     problem(ctx, src, src.args, err)
     return false
   end
   r = r or {}
   src.aging = false
+  if r[5] then  -- fair share's per-group cap (lua/lib/fair.lua's fair_gate); no field
+    -- otherwise: one more key in src costs a plain read a rehash of it
+    src.gcap, err = inflight_max(r[5], 'x-group-max-in-flight')
+    if err then
+      problem(ctx, src, src.args, err)
+      return false
+    end
+  end
   if r[4] then  -- lua/lib/aging.lua
     src.aging, err = lib_aging().aging_open(r[4])
     if err then
@@ -550,6 +562,9 @@ local function finish_source(ctx, src)
     return 'e'
   end
   local err = nil
+  -- x-group-max-in-flight stopped the staging, and the call had room left, so nothing else
+  -- of the source was ready: limited too (its settles lower the flag as x-max-in-flight's)
+  if src.gfull and ctx.left > 0 and not ctx.halted then src.full = true end
   if more and (src.capped or src.full) then
     -- Limited: ready work is left but may not go out now. No marker (a set one would wake
     -- every idle consumer to be refused in turn). At the rate limit the reply's due time

@@ -222,7 +222,14 @@ local function serve_staged(ctx, src, i)
       if kerr then return problem(ctx, src, src.store, kerr) end
     end
     local placed = src.keyed and {} or nil
-    local moved, more, err, gaps = lib_fair().fair_move(src.fair, key, want, placed)
+    if src.gcap and not src.gate then  -- x-group-max-in-flight: the call's per-group cap
+      local levels = {}
+      for _, k in ipairs(src.streams) do levels[lib_fair().fair_level(KEYS[k])] = KEYS[k] end
+      src.gate = lib_fair().fair_gate(src.fair, src.gcap, levels, src.group)
+    end
+    local moved, more, err, gaps, blocked = lib_fair().fair_move(src.fair, key, want, placed,
+                                                                src.gate)
+    if blocked then src.gfull = true end  -- groups at their cap stopped it
     if placed and #placed > 0 then lib_unique().unique_moved(src.store, placed, 'g') end
     if not more then idx[FAIR .. key] = nil end
     if err then return problem(ctx, src, src.fair, err) end
@@ -230,7 +237,9 @@ local function serve_staged(ctx, src, i)
     -- entries set aside are, the rest by the next call (the index keeps g:<stream>, so its
     -- marker is set again)
     ctx.aside_left = ctx.aside_left - gaps
-    if moved == 0 and not (more and gaps > 0 and ctx.aside_left > 0) then return end
+    if moved == 0 and (blocked or not (more and gaps > 0 and ctx.aside_left > 0)) then
+      return
+    end
     if moved > 0 then
       idx[key] = true
       local before = ctx.copied
