@@ -629,6 +629,18 @@ def test_a_read_passes_a_bounded_number_of_capped_groups(script_client):
     assert names(read(b, 'c1', 100)) == ['z:0']
 
 
+def test_a_groups_list_stays_near_what_it_has_in_flight(script_client):
+    """Under a high cap, settled moves leave the group's list as new ones come (its front
+    looked at after each move), so the list holds about what is in flight, not the cap."""
+    c = script_client
+    b = fair_broker(c, args={**FAIR, 'x-group-max-in-flight': 1000})
+    for n in range(30):
+        publish(b, 'a', n)
+        (d,) = read(b, 'c1', 1).deliveries
+        ack(b, d)
+    assert len(c.hget(K.fair('q'), 'f:a').split()) <= 2
+
+
 def test_without_the_cap_a_dry_group_leaves_at_once(script_client):
     """Removing x-group-max-in-flight at run time: groups kept in the rotation for their
     settles leave it at their next turn, as dry groups do without a cap."""

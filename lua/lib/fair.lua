@@ -65,16 +65,16 @@ end
 -- is charged while its entry is still there: in GROUP's PEL of the level's stream (LEVELS
 -- maps a level to it), or after GROUP's last-delivered id and not deleted. So a settle of
 -- any kind (ack, dead letter, expiry, purge) frees the slot without writing here, and no
--- count can drift. A list is looked at only when it would stop a group (room) or keep a dry
--- one in the rotation (idle), oldest first, at most FAIR_LOOKS entries per call (one
--- XPENDING each; XINFO GROUPS once per stream, an XRANGE of one id for an entry not
--- delivered yet); entries found gone leave the list. A group's turn passes at most
--- FAIR_SKIPS times per call.
-local FAIR_LOOKS, FAIR_SKIPS = 64, 32
+-- count can drift. A list is looked at when it would stop a group (room) or keep a dry one
+-- in the rotation (idle), oldest first, at most FAIR_LOOKS entries per call (one XPENDING
+-- each; XINFO GROUPS once per stream, an XRANGE of one id for an entry not delivered yet),
+-- and from its front when it grew (flush: at most FAIR_TRIM looks per call); entries found
+-- gone leave the list. Turns pass at most FAIR_SKIPS times per call.
+local FAIR_LOOKS, FAIR_SKIPS, FAIR_TRIM = 64, 32, 128
 
 local function fair_gate(fair_key, max, levels, group)
   local refs, dirty, pending, seen = {}, {}, {}, {}
-  local lasts, looks, skips = {}, 0, 0
+  local lasts, looks, skips, trims = {}, 0, 0, 0
   local gate = {}
   local function load(g)
     if refs[g] == nil then
@@ -86,8 +86,12 @@ local function fair_gate(fair_key, max, levels, group)
     end
     return refs[g]
   end
-  local function charged(r)  -- whether move R still holds a slot (one look)
-    looks = looks + 1
+  local function from(list, j)  -- LIST from its J-th on (no unpack: a cap may be large)
+    local out = {}
+    for k = j, #list do out[#out + 1] = list[k] end
+    return out
+  end
+  local function charged(r)  -- whether move R still holds a slot
     local lv, id = string.match(r, '^(%d+):(.+)$')
     local s = lv and levels[lv]
     if not s then return false end  -- a level the queue no longer has
@@ -108,9 +112,10 @@ local function fair_gate(fair_key, max, levels, group)
     local list, kept, freed = load(g), {}, 0
     for j, r in ipairs(list) do
       if (want and freed >= want) or looks >= FAIR_LOOKS then
-        for k = j, #list do kept[#kept + 1] = list[k] end
+        for k = j, #list do kept[#kept + 1] = list[k] end  -- not looked at: charged
         break
       end
+      looks = looks + 1
       if charged(r) then kept[#kept + 1] = r else freed = freed + 1 end
     end
     if freed > 0 then refs[g], dirty[g] = kept, true end
@@ -130,8 +135,9 @@ local function fair_gate(fair_key, max, levels, group)
     if #list == 0 then return true end
     for j, r in ipairs(list) do  -- the first one charged answers: no
       if looks >= FAIR_LOOKS then return false end
+      looks = looks + 1
       if charged(r) then
-        if j > 1 then refs[g], dirty[g] = {unpack(list, j)}, true end
+        if j > 1 then refs[g], dirty[g] = from(list, j), true end
         return false
       end
     end
@@ -147,13 +153,28 @@ local function fair_gate(fair_key, max, levels, group)
     local lv, g = string.match(field, '^m:(%d+):(.*):%d+$')
     pending[#pending + 1] = {g, lv .. ':' .. id}
   end
-  -- Charge what was moved and write the lists that changed (one HSET, one HDEL).
+  -- Charge what was moved and write the lists that changed (one HSET, one HDEL). A list
+  -- that grew by k loses first its oldest moves already settled, up to k + 1 of them (a
+  -- look each, at most FAIR_TRIM looks per call, apart from the FAIR_LOOKS of the turns):
+  -- with messages settled about in the order they went out, it stays near what the group
+  -- really has in flight, not at its cap, so its string stays short.
   function gate.flush()
+    local grew = {}
     for _, p in ipairs(pending) do
       local list = load(p[1])
       list[#list + 1], dirty[p[1]] = p[2], true
+      grew[p[1]] = (grew[p[1]] or 0) + 1
     end
     pending = {}
+    for g, k in pairs(grew) do
+      local list, j = refs[g], 1
+      while j <= #list and j <= k + 1 and trims < FAIR_TRIM do
+        trims = trims + 1
+        if charged(list[j]) then break end
+        j = j + 1
+      end
+      if j > 1 then refs[g] = from(list, j) end
+    end
     local sets, drops = {}, {}
     for g in pairs(dirty) do
       if #refs[g] > 0 then
