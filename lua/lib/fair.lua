@@ -61,124 +61,184 @@ end
 -- share"): a group may have at most MAX messages the rotation moved into the queue's
 -- streams and not settled yet (delivered and not acked, parked again after a requeue,
 -- reclaim or retry, or moved and not read yet). Counted, not kept: field f:<group> of the
--- staging hash FAIR_KEY lists the moves, "<level>:<entry id> ..." oldest first, and a move
--- is charged while its entry is still there: in GROUP's PEL of the level's stream (LEVELS
--- maps a level to it), or after GROUP's last-delivered id and not deleted. So a settle of
--- any kind (ack, dead letter, expiry, purge) frees the slot without writing here, and no
--- count can drift. A list is looked at when it would stop a group (room) or keep a dry one
--- in the rotation (idle), oldest first, at most FAIR_LOOKS entries per call (one XPENDING
--- each; XINFO GROUPS once per stream, an XRANGE of one id for an entry not delivered yet),
--- and from its front when it grew (flush: at most FAIR_TRIM looks per call); entries found
--- gone leave the list. Turns pass at most FAIR_SKIPS times per call.
-local FAIR_LOOKS, FAIR_SKIPS, FAIR_TRIM = 64, 32, 128
+-- staging hash FAIR_KEY lists the moves, "<count> <level>:<entry id> ...", oldest first
+-- (the count read without the list, the list read from its front only as far as a look
+-- goes), and a move is charged while its entry is still in its stream (LEVELS maps a level
+-- to it): pending in GROUP's PEL, or moved and not read yet. Every settle (ack, dead
+-- letter, expiry, purge) deletes its entry, so it frees the slot without writing here, and
+-- no count can drift. A list is looked at when it would stop a group (room) or keep a dry
+-- one in the rotation (idle), oldest first, at most FAIR_LOOKS moves per call (an XPENDING
+-- of one id each, and an XRANGE of one id for one not pending), and at its front when it
+-- grew (flush: at most FAIR_TRIM looks per call); moves found settled leave it. Turns pass
+-- at most FAIR_SKIPS times per call.
+local FAIR_LOOKS, FAIR_SKIPS, FAIR_TRIM, FAIR_KEEP = 64, 32, 128, 64
 
 local function fair_gate(fair_key, max, levels, group)
-  local refs, dirty, pending, seen = {}, {}, {}, {}
-  local lasts, looks, skips, trims = {}, 0, 0, 0
+  local lists, dirty, pending, order, seen = {}, {}, {}, {}, {}  -- pending: g -> new moves
+  local looks, skips, trims = 0, 0, 0
   local gate = {}
+  -- G's list as stored, "<count> <move> <move> ...", kept as {n = count, s = the moves}:
+  -- counted without reading the moves, which are read one by one from the front only as
+  -- far as a look goes, and cut or appended as strings (no parse of the whole list).
   local function load(g)
-    if refs[g] == nil then
-      local list = {}
-      for r in string.gmatch(redis.call('HGET', fair_key, 'f:' .. g) or '', '%S+') do
-        list[#list + 1] = r
-      end
-      refs[g] = list
+    if lists[g] == nil then
+      local v = redis.call('HGET', fair_key, 'f:' .. g) or ''
+      local space = string.find(v, ' ', 1, true)  -- no pattern over the whole list
+      lists[g] = {n = space and tonumber(string.sub(v, 1, space - 1)) or 0,
+                  s = space and string.sub(v, space + 1) or ''}
     end
-    return refs[g]
+    return lists[g]
   end
-  local function from(list, j)  -- LIST from its J-th on (no unpack: a cap may be large)
-    local out = {}
-    for k = j, #list do out[#out + 1] = list[k] end
-    return out
-  end
-  local function charged(r)  -- whether move R still holds a slot
+  -- Whether move R still holds a slot: its entry is still in its stream (every settle
+  -- deletes it). Pending ones answer the XPENDING (a short reply); the others the XRANGE,
+  -- which copies only an entry moved and not read yet (a settled one is gone). SETTLED:
+  -- R is likely settled (an old move at a list's front): the XRANGE alone answers that.
+  local function charged(r, settled)
     local lv, id = string.match(r, '^(%d+):(.+)$')
     local s = lv and levels[lv]
     if not s then return false end  -- a level the queue no longer has
-    local p = try('XPENDING', s, group, id, id, 1)
-    if p and p[1] then return true end
-    if lasts[s] == nil then
-      local ok, got = pcall(last_delivered, s, group)
-      lasts[s] = ok and got or '0-0'
+    if not settled then
+      local p = try('XPENDING', s, group, id, id, 1)
+      if p and p[1] then return true end
     end
-    if not id_before(lasts[s], id) then return false end  -- delivered and settled
-    local e = try('XRANGE', s, id, id)  -- not delivered yet: charged unless deleted
+    local e = try('XRANGE', s, id, id)
     return e ~= nil and e[1] ~= nil
   end
-  -- Look at G's moves, oldest first, dropping those settled, until WANT of them are found
-  -- settled (nil: all) or the looks run out; an entry not looked at counts as charged.
-  local function look(g, want)
-    if seen[g] then return end
-    local list, kept, freed = load(g), {}, 0
-    for j, r in ipairs(list) do
-      if (want and freed >= want) or looks >= FAIR_LOOKS then
-        for k = j, #list do kept[#kept + 1] = list[k] end  -- not looked at: charged
-        break
-      end
-      looks = looks + 1
-      if charged(r) then kept[#kept + 1] = r else freed = freed + 1 end
-    end
-    if freed > 0 then refs[g], dirty[g] = kept, true end
-    if #kept == #list or not want then seen[g] = true end
-  end
-  -- Whether G may give one more, having given TOOK in the plan being made.
-  function gate.room(g, took)
-    if #load(g) + took < max then return true end
-    look(g, #load(g) + took - max + 1)
-    return #refs[g] + took < max
-  end
-  -- Whether G, with nothing staged, holds no slot (then it leaves the rotation), having given
-  -- TOOK in the plan being made.
-  function gate.idle(g, took)
-    if took > 0 then return false end
+  -- Walk LIST's moves from the front while GO(move) says so (it looks at them): the settled
+  -- ones it found leave the list. Returns how many were found settled.
+  local function walk(g, go)
     local list = load(g)
-    if #list == 0 then return true end
-    for j, r in ipairs(list) do  -- the first one charged answers: no
-      if looks >= FAIR_LOOKS then return false end
-      looks = looks + 1
-      if charged(r) then
-        if j > 1 then refs[g], dirty[g] = from(list, j), true end
-        return false
-      end
+    local kept, freed, at = {}, 0, 1
+    while at <= #list.s do
+      local stop = string.find(list.s, ' ', at, true) or #list.s + 1
+      local r = string.sub(list.s, at, stop - 1)
+      local verdict = go(r, freed)  -- nil: stop here; true: charged; false: settled
+      if verdict == nil then break end
+      if verdict then kept[#kept + 1] = r else freed = freed + 1 end
+      at = stop + 1
     end
-    refs[g], dirty[g] = {}, true
-    return true
+    if freed > 0 then
+      local rest = string.sub(list.s, at)
+      if rest ~= '' then kept[#kept + 1] = rest end
+      list.s, list.n, dirty[g] = table.concat(kept, ' '), list.n - freed, true
+    end
+    return freed
+  end
+  -- Whether G may give one more, having given TOOK in the plan being made: at the cap, its
+  -- moves are looked at, oldest first, until enough are found settled (or the looks run
+  -- out: a move not looked at counts as charged), once per call.
+  function gate.room(g, took)
+    local list = load(g)
+    if list.n + took < max then return true end
+    if not seen[g] then
+      seen[g] = true
+      local need = list.n + took - max + 1
+      walk(g, function(r, freed)
+        if freed >= need or looks >= FAIR_LOOKS then return nil end
+        looks = looks + 1
+        return charged(r)
+      end)
+    end
+    return list.n + took < max
+  end
+  -- Drop G's oldest moves while they are settled, looking at at most LIMIT of them (and
+  -- within FAIR_TRIM looks per call, apart from the FAIR_LOOKS of the turns: an XRANGE of
+  -- each, as such old moves are mostly gone). True when it stopped at one still charged
+  -- (or ran out of looks): G still holds a slot.
+  local function prune(g, limit)
+    local k, held = 0, false
+    walk(g, function(r)
+      if held or k >= limit then return nil end
+      if trims >= FAIR_TRIM then
+        held = true
+        return nil
+      end
+      k, trims = k + 1, trims + 1
+      held = charged(r, true)
+      return held
+    end)
+    return held
   end
   function gate.skip()
     skips = skips + 1
     return skips <= FAIR_SKIPS
   end
-  -- A message of field FIELD (m:<level>:<group>:<seq>) moved as entry ID.
-  function gate.moved(field, id)
-    local lv, g = string.match(field, '^m:(%d+):(.*):%d+$')
-    pending[#pending + 1] = {g, lv .. ':' .. id}
+  -- A message of group G at level LEVEL moved as entry ID.
+  function gate.moved(g, level, id)
+    local moves = pending[g]
+    if not moves then
+      moves = {}
+      pending[g], order[#order + 1] = moves, g
+    end
+    moves[#moves + 1] = level .. ':' .. id
   end
-  -- Charge what was moved and write the lists that changed (one HSET, one HDEL). A list
-  -- that grew by k loses first its oldest moves already settled, up to k + 1 of them (a
-  -- look each, at most FAIR_TRIM looks per call, apart from the FAIR_LOOKS of the turns):
-  -- with messages settled about in the order they went out, it stays near what the group
-  -- really has in flight, not at its cap, so its string stays short.
-  function gate.flush()
-    local grew = {}
-    for _, p in ipairs(pending) do
-      local list = load(p[1])
-      list[#list + 1], dirty[p[1]] = p[2], true
-      grew[p[1]] = (grew[p[1]] or 0) + 1
+  -- Whether group G is in the rotation of a level (its tail field t:<level>:<group>).
+  local function turning(g)
+    local fields = {}
+    for lv in pairs(levels) do fields[#fields + 1] = 't:' .. lv .. ':' .. g end
+    for _, t in ipairs(redis.call('HMGET', fair_key, unpack(fields))) do
+      if t then return true end
     end
-    pending = {}
-    for g, k in pairs(grew) do
-      local list, j = refs[g], 1
-      while j <= #list and j <= k + 1 and trims < FAIR_TRIM do
-        trims = trims + 1
-        if charged(list[j]) then break end
-        j = j + 1
+    return false
+  end
+  -- Groups that ran dry (DRIED) leave the rotation holding slots: their lists stay until
+  -- settled, so a group that comes back is still capped. They wait in a FIFO in the
+  -- staging hash (fields zh, zt, z:<n>). Once it holds more than FAIR_KEEP, a call that
+  -- dries k groups looks at its k + 1 oldest: one back in a rotation leaves the FIFO (its
+  -- turns look after its list), one whose moves are all settled leaves it with its list,
+  -- others go to its end. So the FIFO, and the lists, stay near the groups with messages
+  -- out, at a few commands per group that ran dry.
+  local function tend(dried)
+    local ht = redis.call('HMGET', fair_key, 'zh', 'zt')
+    local h, t = tonumber(ht[1]) or 0, tonumber(ht[2]) or 0
+    local sets = {}
+    for _, g in ipairs(dried) do
+      t = t + 1
+      sets[#sets + 1], sets[#sets + 2] = 'z:' .. t, g
+    end
+    if #sets > 0 then redis.call('HSET', fair_key, unpack(sets)) end
+    if t - h > FAIR_KEEP then
+      local fields = {}
+      for n = h + 1, h + math.min(#dried + 1, t - h) do fields[#fields + 1] = 'z:' .. n end
+      local again = {}
+      for _, g in ipairs(redis.call('HMGET', fair_key, unpack(fields))) do
+        if g and not turning(g) and prune(g, FAIR_TRIM) then
+          t = t + 1
+          again[#again + 1], again[#again + 2] = 'z:' .. t, g
+        end
       end
-      if j > 1 then refs[g] = from(list, j) end
+      redis.call('HDEL', fair_key, unpack(fields))
+      if #again > 0 then redis.call('HSET', fair_key, unpack(again)) end
+      h = h + #fields
     end
+    if h >= t then
+      redis.call('HDEL', fair_key, 'zh', 'zt')
+    else
+      redis.call('HSET', fair_key, 'zh', h, 'zt', t)
+    end
+  end
+  -- Charge what was moved, dry groups (DRIED, from the plan) to the FIFO (tend), and write
+  -- the lists that changed (one HSET, one HDEL). A list that grew by k loses first its
+  -- oldest moves already settled, up to k + 1 of them: with messages settled about in the
+  -- order they went out, it stays near what the group really has in flight, not at its
+  -- cap, so its string stays short.
+  function gate.flush(dried)
+    local grew, grown = pending, order
+    pending, order = {}, {}
+    for _, g in ipairs(grown) do
+      local list, moves = load(g), grew[g]
+      local old = math.min(list.n, #moves + 1)  -- looked at: old moves only
+      local added = table.concat(moves, ' ')
+      list.s = list.s == '' and added or list.s .. ' ' .. added
+      list.n, dirty[g] = list.n + #moves, true
+      prune(g, old)
+    end
+    if dried and #dried > 0 then tend(dried) end
     local sets, drops = {}, {}
     for g in pairs(dirty) do
-      if #refs[g] > 0 then
-        sets[#sets + 1], sets[#sets + 2] = 'f:' .. g, table.concat(refs[g], ' ')
+      local list = lists[g]
+      if list.n > 0 then
+        sets[#sets + 1], sets[#sets + 2] = 'f:' .. g, list.n .. ' ' .. list.s
       else
         drops[#drops + 1] = 'f:' .. g
       end
@@ -195,13 +255,12 @@ end
 -- leaves the rotation when it ran dry. Reads the hash only through CACHE (links, heads and
 -- tails, each read once per call), so planning again for fewer costs no command. GATE,
 -- optional (fair_gate: x-group-max-in-flight): a group at its cap lets its turn pass (it
--- becomes the tail, giving nothing), and a group that ran dry stays in the rotation while
--- messages it gave are not settled, its turn passing too, until they are; after GATE's skip
--- budget, or a whole turn of passes, the plan stops (blocked). Returns the plan: order (the
+-- becomes the tail, giving nothing); after GATE's skip budget, or a whole turn of passes,
+-- the plan stops (blocked). Returns the plan: order (the
 -- message fields, in taking order), head, relinked, dry, last, done, blocked.
 local function fair_plan(fair_key, level, n, last, cache, gate)
   local pre = level .. ':'
-  local nxt, head, relinked, dry, order, took = {}, {}, {}, {}, {}, {}
+  local nxt, head, relinked, dry, order, took, groups = {}, {}, {}, {}, {}, {}, {}
   local function next_of(g)
     if nxt[g] == nil then
       if cache.x[g] == nil then cache.x[g] = redis.call('HGET', fair_key, 'x:' .. pre .. g) end
@@ -224,12 +283,8 @@ local function fair_plan(fair_key, level, n, last, cache, gate)
       cache.h[g], cache.t[g] = tonumber(ht[1]) or 0, tonumber(ht[2]) or 0
     end
     local seq = (head[g] or cache.h[g]) + 1
-    local staged, pass = seq <= cache.t[g], false
-    if gate then
-      local t = took[g] or 0
-      if staged then pass = not gate.room(g, t) else pass = not gate.idle(g, t) end
-    end
-    if pass then
+    local staged = seq <= cache.t[g]
+    if staged and gate and not gate.room(g, took[g] or 0) then
       if since == g or not gate.skip() then
         blocked = true
         break
@@ -237,14 +292,14 @@ local function fair_plan(fair_key, level, n, last, cache, gate)
       since, last = since or g, g
     elseif staged then
       since, took[g] = nil, (took[g] or 0) + 1
-      order[#order + 1], head[g] = 'm:' .. pre .. g .. ':' .. seq, seq
-      if seq < cache.t[g] or gate then  -- more, or (capped) what it gave is not settled yet
+      order[#order + 1], head[g], groups[#order + 1] = 'm:' .. pre .. g .. ':' .. seq, seq, g
+      if seq < cache.t[g] then  -- the group has more: it becomes the tail
         last = g
       elseif unlink(g) then
         done = true
         break
       end
-    else  -- nothing staged and nothing of it in flight (or no cap): dry
+    else  -- nothing staged (a gap was its last): dry
       since = nil
       if unlink(g) then
         done = true
@@ -252,8 +307,8 @@ local function fair_plan(fair_key, level, n, last, cache, gate)
       end
     end
   end
-  return {order = order, head = head, relinked = relinked, nxt = nxt, dry = dry, last = last,
-          done = done, blocked = blocked}
+  return {order = order, groups = groups, head = head, relinked = relinked, nxt = nxt,
+          dry = dry, last = last, done = done, blocked = blocked}
 end
 
 -- Write PLAN (fair_plan) back to FAIR_KEY for level LEVEL, TAKEN of its messages removed:
@@ -288,15 +343,15 @@ local function fair_save(fair_key, level, plan, taken)
 end
 
 -- Take up to N staged messages of level LEVEL in rotation order (fair_plan): their values in
--- one HMGET per 1,000, each given to PUT (value, field), which stores it first; when PUT
--- answers false (or
--- an error) the take stops there, that message and those after it still staged (planned
--- again for fewer, from the cache). A value found gone (a gap: a message x-unique-mode
--- replace dropped, lua/lib/unique.lua) is passed over, not counted as taken. So a message
--- costs its share of an HMGET and its PUT, a group a few commands. GATE, optional: the
--- per-group cap (fair_gate), told what was taken (GATE.flush) once the plan is saved.
--- Returns (taken, more, error, gaps, blocked): more whether level LEVEL's rotation still
--- holds groups, blocked when the cap stopped the plan (fair_plan).
+-- one HMGET per 1,000, each given to PUT (value, field, group), which stores it first; when
+-- PUT answers false (or an error) the take stops there, that message and those after it
+-- still staged (planned again for fewer, from the cache). A value found gone (a gap: a
+-- message x-unique-mode replace dropped, lua/lib/unique.lua) is passed over, not counted as
+-- taken. So a message costs its share of an HMGET and its PUT, a group a few commands.
+-- GATE, optional: the per-group cap (fair_gate), told what was moved (GATE.moved, by PUT)
+-- and which groups ran dry (GATE.flush) once the plan is saved. Returns (taken, more,
+-- error, gaps, blocked): more whether level LEVEL's rotation still holds groups, blocked
+-- when the cap stopped the plan (fair_plan).
 local function fair_pop(fair_key, level, n, put, gate)
   local last = redis.call('HGET', fair_key, 'c:' .. level)
   if not last then return 0, false, nil, 0, false end
@@ -309,12 +364,12 @@ local function fair_pop(fair_key, level, n, put, gate)
     for k, value in ipairs(values) do
       if value then
         local ok
-        ok, err = put(value, plan.order[j + k - 1])
+        ok, err = put(value, plan.order[j + k - 1], plan.groups[j + k - 1])
         if not ok then  -- stop before it: plan again for what went
           plan = fair_plan(fair_key, level, j + k - 2, last, cache, gate)
           if #plan.order == 0 then return 0, true, err, 0, false end
           fair_save(fair_key, level, plan, taken)
-          if gate then gate.flush() end
+          if gate then gate.flush(plan.dry) end
           return taken, true, err, #plan.order - taken, false
         end
         taken = taken + 1
@@ -322,7 +377,7 @@ local function fair_pop(fair_key, level, n, put, gate)
     end
   end
   fair_save(fair_key, level, plan, taken)
-  if gate then gate.flush() end
+  if gate then gate.flush(plan.dry) end
   return taken, not plan.done, nil, #plan.order - taken, plan.blocked
 end
 
@@ -339,11 +394,12 @@ end
 local function fair_move(fair_key, stream, n, placed, gate)
   local _, herr = try('HGET', fair_key, FAIR_COUNT)
   if herr then return 0, true, herr, 0, false end
-  return fair_pop(fair_key, fair_level(stream), n, function(value, field)
+  local level = fair_level(stream)
+  return fair_pop(fair_key, level, n, function(value, field, g)
     local id, xerr = try('XADD', stream, 'NOMKSTREAM', '*', unpack(entry_of(value)))
     if id and not xerr then
       if placed then placed[#placed + 1] = {field, stream, id} end
-      if gate then gate.moved(field, id) end
+      if gate then gate.moved(g, level, id) end
     end
     return id and not xerr, xerr
   end, gate)
