@@ -656,6 +656,84 @@ def test_a_groups_list_stays_near_what_it_has_in_flight(script_client):
     assert len(c.hget(K.fair('q'), 'f:a').split()) <= 2
 
 
+def test_a_long_task_at_the_front_does_not_slow_its_group(script_client):
+    """One message of a runs long while its others are acked as they come: the settled moves
+    behind it leave a's list (looked-at charged ones go to its end), so every read delivers
+    what the cap leaves room for, not one message a read."""
+    c = script_client
+    b = fair_broker(c, args={**FAIR, 'x-group-max-in-flight': 50})
+    publish(b, 'a', 'long')
+    read(b, 'c1', 1)  # runs all along
+    for n in range(300):
+        publish(b, 'a', n)
+    sizes = []
+    for _ in range(6):
+        got = read(b, 'c1', 49).deliveries
+        sizes.append(len(got))
+        ack(b, *got)
+    assert sizes == [49] * 6
+
+
+def test_a_group_waits_once_in_the_fifo_of_dry_groups(script_client):
+    """A worker with one message running and one read ahead: its group runs dry at every
+    read, but waits in the FIFO once, and its list holds what is out."""
+    c = script_client
+    b = fair_broker(c, args={**FAIR, 'x-group-max-in-flight': 5})
+    before = None
+    for n in range(200):
+        publish(b, 'a', n)
+        (d,) = read(b, 'c1', 1).deliveries
+        if before:
+            ack(b, before)
+        before = d
+    fields = c.hkeys(K.fair('q'))
+    assert sum(1 for f in fields if f.startswith(b'z:')) <= 1
+    assert int(c.hget(K.fair('q'), 'f:a').split()[0].rstrip(b'*')) <= 3
+
+
+def test_capped_groups_of_one_level_do_not_stop_another(script_client):
+    """More groups at their cap at the first level than a level's passes: the next level's
+    group with room is still served in the same read."""
+    c = script_client
+    b = fair_broker(c, args={**FAIR, 'x-group-max-in-flight': 1})
+    for g in range(40):
+        publish(b, f'g{g:02}', 0)
+    publish(b, 'y', 0, level=9)
+    assert len(read(b, 'c1', 100).deliveries) == 41  # every group has one out now
+    for g in range(40):
+        publish(b, f'g{g:02}', 1)
+    publish(b, 'y', 1, level=9)  # at its cap too, before z in level 9's turns
+    publish(b, 'z', 0, level=9)
+    assert names(read(b, 'c1', 100)) == ['z:0']
+
+
+def test_a_slot_freed_in_the_read_itself_keeps_the_marker(script_client):
+    """a's only slot is held by a requeued message the read then sets aside (its delivery
+    limit): the read found a at its cap first, but a has room after it, so the marker is
+    set again (no flag): a waiting consumer reads a:1 at once."""
+    c = script_client
+    b = fair_broker(c, args={**FAIR, 'x-group-max-in-flight': 1})
+    publish(b, 'a', 0, level=9)
+    (d,) = read(b, 'c1', 10).deliveries
+    b.requeue('q', [(d.stream, d.entry_id)])
+    publish(b, 'a', 1)  # level 0: served before level 9, where a:0 waits
+    c.delete(K.wake('q'))  # popped by the wait this read follows
+    sources = b.sources(['q'])
+    call, parse = b.read_call(sources, 'c1', 10, 1, None, {s: 'p' for s in sources})
+    assert parse(b.run(call)).deliveries == []  # a:0 past its delivery limit: set aside
+    assert c.zcard(K.wake('q')) == 1 and not c.exists(K.capped('q'))
+    assert names(read(b, 'c1', 10)) == ['a:1']
+
+
+def test_the_staging_hash_keeps_the_queues_expiry(script_client):
+    c = script_client
+    b = fair_broker(c, args={**FAIR, 'x-group-max-in-flight': 2})
+    publish(b, 'a', 0)
+    b.touch('q', 60_000)
+    read(b, 'c1', 5)  # empties the hash, then writes a's list into it again
+    assert 0 < c.pttl(K.fair('q')) <= 60_000
+
+
 @pytest.mark.parametrize('args, says', [
     ({'x-group-max-in-flight': 2}, "it needs x-fairness 'round-robin'"),
     ({**FAIR, 'x-group-max-in-flight': 0}, 'an integer >= 1'),

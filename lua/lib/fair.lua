@@ -17,8 +17,12 @@
 --                  named by the key store (lua/lib/unique.lua); one x-unique-mode replace
 --                  dropped leaves a gap in its group's sequence, passed over by fair_pop
 --   d:<member>     the group of a delayed message (publish.lua), staged when a read moves it
+--   f:G            with x-group-max-in-flight: the moves of group G that may hold its slots,
+--                  "<count>[*] <level>:<entry id> ..." (* while G waits in the FIFO below)
+--   zh, zt, z:<n>  the FIFO of groups that ran dry holding slots (fair_gate)
 -- Every operation is O(1) commands per message staged or moved, whatever the number of
--- groups: the rotation is a linked list, never scanned.
+-- groups: the rotation is a linked list, never scanned (the per-group cap's looks are
+-- bounded per call: fair_gate).
 --
 --@lazy: built only when a call needs it; callers write lib_fair().helper(...)
 -- (kombu_streams/flatten.py).
@@ -73,26 +77,46 @@ end
 -- at most FAIR_SKIPS times per call.
 local FAIR_LOOKS, FAIR_SKIPS, FAIR_TRIM, FAIR_KEEP = 64, 32, 128, 64
 
-local function fair_gate(fair_key, max, levels, group)
+-- Redis command CMD on hash KEY with the items of LIST, at most 1,000 per call (unpack() has
+-- a limit; 1,000 is even, so HSET's field-value pairs stay whole).
+local function fair_chunked(cmd, key, list)
+  for j = 1, #list, 1000 do
+    redis.call(cmd, key, unpack(list, j, math.min(j + 999, #list)))
+  end
+end
+
+local function fair_gate(fair_key, max, levels, group, stream)
   local lists, dirty, pending, order, seen = {}, {}, {}, {}, {}  -- pending: g -> new moves
-  local looks, skips, trims = 0, 0, 0
+  local looks, trims, aged, passes = 0, 0, false, 0
   local gate = {}
-  -- G's list as stored, "<count> <move> <move> ...", kept as {n = count, s = the moves}:
-  -- counted without reading the moves, which are read one by one from the front only as
-  -- far as a look goes, and cut or appended as strings (no parse of the whole list).
+  -- A turn passes: false once FAIR_SKIPS passed since the last gate.level() (each level
+  -- of a call has its own budget: passes at one level never stop another's).
+  function gate.pass()
+    passes = passes + 1
+    return passes <= FAIR_SKIPS
+  end
+  function gate.level()
+    passes = 0
+  end
+  -- G's list as stored, "<count>[*] <move> <move> ..." (* while G waits in the FIFO of dry
+  -- groups), kept as {n = count, q = queued, s = the moves}: counted without reading the
+  -- moves, which are read one by one from the front only as far as a look goes, and cut or
+  -- appended as strings (no parse of the whole list).
   local function load(g)
     if lists[g] == nil then
       local v = redis.call('HGET', fair_key, 'f:' .. g) or ''
       local space = string.find(v, ' ', 1, true)  -- no pattern over the whole list
-      lists[g] = {n = space and tonumber(string.sub(v, 1, space - 1)) or 0,
-                  s = space and string.sub(v, space + 1) or ''}
+      local head = space and string.sub(v, 1, space - 1) or ''
+      local queued = string.sub(head, -1) == '*'
+      if queued then head = string.sub(head, 1, -2) end
+      lists[g] = {n = tonumber(head) or 0, q = queued, s = space and string.sub(v, space + 1) or ''}
     end
     return lists[g]
   end
   -- Whether move R still holds a slot: its entry is still in its stream (every settle
   -- deletes it). Pending ones answer the XPENDING (a short reply); the others the XRANGE,
   -- which copies only an entry moved and not read yet (a settled one is gone). SETTLED:
-  -- R is likely settled (an old move at a list's front): the XRANGE alone answers that.
+  -- R is likely settled (an old move): the XRANGE alone answers that.
   local function charged(r, settled)
     local lv, id = string.match(r, '^(%d+):(.+)$')
     local s = lv and levels[lv]
@@ -104,64 +128,46 @@ local function fair_gate(fair_key, max, levels, group)
     local e = try('XRANGE', s, id, id)
     return e ~= nil and e[1] ~= nil
   end
-  -- Walk LIST's moves from the front while GO(move) says so (it looks at them): the settled
-  -- ones it found leave the list. Returns how many were found settled.
-  local function walk(g, go)
+  -- Look at up to LIMIT of G's moves from the front (at most WANT found settled, nil: no
+  -- such bound), each a look of the turns' budget (FAIR_LOOKS), or of housekeeping's
+  -- (FAIR_TRIM) when HOUSE, which stops at its second charged one (it copies those):
+  -- settled ones leave the list, charged ones go to its end, so the next look meets
+  -- others (a long task at the front hides nothing behind it).
+  local function walk(g, limit, want, house)
     local list = load(g)
-    local kept, freed, at = {}, 0, 1
-    while at <= #list.s do
+    local back, freed, at, k = {}, 0, 1, 0
+    while at <= #list.s and k < limit and not (want and freed >= want)
+          and not (house and #back >= 2) do
+      if house then
+        if trims >= FAIR_TRIM then break end
+        trims = trims + 1
+      else
+        if looks >= FAIR_LOOKS then break end
+        looks = looks + 1
+      end
       local stop = string.find(list.s, ' ', at, true) or #list.s + 1
       local r = string.sub(list.s, at, stop - 1)
-      local verdict = go(r, freed)  -- nil: stop here; true: charged; false: settled
-      if verdict == nil then break end
-      if verdict then kept[#kept + 1] = r else freed = freed + 1 end
-      at = stop + 1
+      k, at = k + 1, stop + 1
+      if charged(r, house) then back[#back + 1] = r else freed = freed + 1 end
     end
-    if freed > 0 then
-      local rest = string.sub(list.s, at)
-      if rest ~= '' then kept[#kept + 1] = rest end
-      list.s, list.n, dirty[g] = table.concat(kept, ' '), list.n - freed, true
+    if k > 0 then
+      local parts, rest = {}, string.sub(list.s, at)
+      if rest ~= '' then parts[1] = rest end
+      if #back > 0 then parts[#parts + 1] = table.concat(back, ' ') end
+      list.s, list.n, dirty[g] = table.concat(parts, ' '), list.n - freed, true
     end
-    return freed
   end
   -- Whether G may give one more, having given TOOK in the plan being made: at the cap, its
-  -- moves are looked at, oldest first, until enough are found settled (or the looks run
-  -- out: a move not looked at counts as charged), once per call.
+  -- moves are looked at (once per call) until enough are found settled, or the looks run
+  -- out (a move not looked at counts as charged).
   function gate.room(g, took)
     local list = load(g)
     if list.n + took < max then return true end
     if not seen[g] then
       seen[g] = true
-      local need = list.n + took - max + 1
-      walk(g, function(r, freed)
-        if freed >= need or looks >= FAIR_LOOKS then return nil end
-        looks = looks + 1
-        return charged(r)
-      end)
+      walk(g, list.n, list.n + took - max + 1, false)
     end
     return list.n + took < max
-  end
-  -- Drop G's oldest moves while they are settled, looking at at most LIMIT of them (and
-  -- within FAIR_TRIM looks per call, apart from the FAIR_LOOKS of the turns: an XRANGE of
-  -- each, as such old moves are mostly gone). True when it stopped at one still charged
-  -- (or ran out of looks): G still holds a slot.
-  local function prune(g, limit)
-    local k, held = 0, false
-    walk(g, function(r)
-      if held or k >= limit then return nil end
-      if trims >= FAIR_TRIM then
-        held = true
-        return nil
-      end
-      k, trims = k + 1, trims + 1
-      held = charged(r, true)
-      return held
-    end)
-    return held
-  end
-  function gate.skip()
-    skips = skips + 1
-    return skips <= FAIR_SKIPS
   end
   -- A message of group G at level LEVEL moved as entry ID.
   function gate.moved(g, level, id)
@@ -182,46 +188,68 @@ local function fair_gate(fair_key, max, levels, group)
     return false
   end
   -- Groups that ran dry (DRIED) leave the rotation holding slots: their lists stay until
-  -- settled, so a group that comes back is still capped. They wait in a FIFO in the
-  -- staging hash (fields zh, zt, z:<n>). Once it holds more than FAIR_KEEP, a call that
-  -- dries k groups looks at its k + 1 oldest: one back in a rotation leaves the FIFO (its
-  -- turns look after its list), one whose moves are all settled leaves it with its list,
-  -- others go to its end. So the FIFO, and the lists, stay near the groups with messages
-  -- out, at a few commands per group that ran dry.
+  -- settled, so a group that comes back is still capped. Each waits once (its list marked)
+  -- in a FIFO in the staging hash (fields zh, zt, z:<n>). Once it holds more than
+  -- FAIR_KEEP, a call that dries k groups looks at its k + 1 oldest: one back in a rotation
+  -- leaves the FIFO (its turns look after its list), one whose moves are all settled leaves
+  -- it with its list, others go to its end. So the FIFO holds each group at most once, and
+  -- it and the lists stay near the groups with messages out.
   local function tend(dried)
     local ht = redis.call('HMGET', fair_key, 'zh', 'zt')
     local h, t = tonumber(ht[1]) or 0, tonumber(ht[2]) or 0
     local sets = {}
     for _, g in ipairs(dried) do
-      t = t + 1
-      sets[#sets + 1], sets[#sets + 2] = 'z:' .. t, g
+      local list = load(g)
+      if list.n > 0 and not list.q then
+        t, list.q, dirty[g] = t + 1, true, true
+        sets[#sets + 1], sets[#sets + 2] = 'z:' .. t, g
+      end
     end
-    if #sets > 0 then redis.call('HSET', fair_key, unpack(sets)) end
     if t - h > FAIR_KEEP then
       local fields = {}
       for n = h + 1, h + math.min(#dried + 1, t - h) do fields[#fields + 1] = 'z:' .. n end
-      local again = {}
-      for _, g in ipairs(redis.call('HMGET', fair_key, unpack(fields))) do
-        if g and not turning(g) and prune(g, FAIR_TRIM) then
-          t = t + 1
-          again[#again + 1], again[#again + 2] = 'z:' .. t, g
+      local names = {}
+      for n = 1, #fields, 1000 do  -- in the sets just made, or in the hash
+        local got = redis.call('HMGET', fair_key, unpack(fields, n, math.min(n + 999, #fields)))
+        for k, v in ipairs(got) do names[n + k - 1] = v end
+      end
+      local pushed = {}
+      for k = 1, #sets, 2 do pushed[sets[k]] = sets[k + 1] end
+      for k, f in ipairs(fields) do
+        local g = names[k] or pushed[f]
+        if g then
+          local list, back = load(g), turning(g)
+          if not back then walk(g, list.n, nil, true) end
+          if list.n > 0 and not back then
+            t = t + 1
+            sets[#sets + 1], sets[#sets + 2] = 'z:' .. t, g
+          else
+            list.q, dirty[g] = false, true
+          end
         end
       end
-      redis.call('HDEL', fair_key, unpack(fields))
-      if #again > 0 then redis.call('HSET', fair_key, unpack(again)) end
+      fair_chunked('HDEL', fair_key, fields)
       h = h + #fields
     end
+    local keep = {}  -- pushed and not taken back off by the tending above
+    for k = 1, #sets, 2 do
+      if tonumber(string.sub(sets[k], 3)) > h then
+        keep[#keep + 1], keep[#keep + 2] = sets[k], sets[k + 1]
+      end
+    end
+    fair_chunked('HSET', fair_key, keep)
     if h >= t then
       redis.call('HDEL', fair_key, 'zh', 'zt')
     else
       redis.call('HSET', fair_key, 'zh', h, 'zt', t)
     end
   end
-  -- Charge what was moved, dry groups (DRIED, from the plan) to the FIFO (tend), and write
-  -- the lists that changed (one HSET, one HDEL). A list that grew by k loses first its
-  -- oldest moves already settled, up to k + 1 of them: with messages settled about in the
-  -- order they went out, it stays near what the group really has in flight, not at its
-  -- cap, so its string stays short.
+  -- Charge what was moved, queue the groups that ran dry (DRIED, from the plan: tend), and
+  -- write the lists that changed (an HSET and an HDEL per 1,000). A list that grew by k is
+  -- looked at first: up to k + 1 of its oldest moves, the settled ones dropped, the others
+  -- sent to its end, so with messages settled about in the order they went out it stays
+  -- near what the group has in flight, not at its cap, and so does its string. The staging
+  -- hash, which the plan's save may have emptied, gets the queue's expiry back (STREAM's).
   function gate.flush(dried)
     local grew, grown = pending, order
     pending, order = {}, {}
@@ -231,21 +259,29 @@ local function fair_gate(fair_key, max, levels, group)
       local added = table.concat(moves, ' ')
       list.s = list.s == '' and added or list.s .. ' ' .. added
       list.n, dirty[g] = list.n + #moves, true
-      prune(g, old)
+      walk(g, old, nil, true)
     end
     if dried and #dried > 0 then tend(dried) end
     local sets, drops = {}, {}
     for g in pairs(dirty) do
       local list = lists[g]
       if list.n > 0 then
-        sets[#sets + 1], sets[#sets + 2] = 'f:' .. g, list.n .. ' ' .. list.s
+        sets[#sets + 1] = 'f:' .. g
+        sets[#sets + 1] = list.n .. (list.q and '*' or '') .. ' ' .. list.s
       else
         drops[#drops + 1] = 'f:' .. g
       end
     end
     dirty = {}
-    if #drops > 0 then redis.call('HDEL', fair_key, unpack(drops)) end
-    if #sets > 0 then redis.call('HSET', fair_key, unpack(sets)) end
+    fair_chunked('HDEL', fair_key, drops)
+    fair_chunked('HSET', fair_key, sets)
+    if not aged and #sets > 0 then
+      aged = true
+      if redis.call('PTTL', fair_key) == -1 then
+        local ttl = redis.call('PTTL', stream)
+        if ttl > 0 then redis.call('PEXPIRE', fair_key, ttl) end
+      end
+    end
   end
   return gate
 end
@@ -285,7 +321,7 @@ local function fair_plan(fair_key, level, n, last, cache, gate)
     local seq = (head[g] or cache.h[g]) + 1
     local staged = seq <= cache.t[g]
     if staged and gate and not gate.room(g, took[g] or 0) then
-      if since == g or not gate.skip() then
+      if since == g or not gate.pass() then  -- at its cap: its turn passes
         blocked = true
         break
       end
@@ -338,8 +374,8 @@ local function fair_save(fair_key, level, plan, taken)
   else
     sets[#sets + 1], sets[#sets + 2] = 'c:' .. level, plan.last
   end
-  if #drops > 0 then redis.call('HDEL', fair_key, unpack(drops)) end
-  if #sets > 0 then redis.call('HSET', fair_key, unpack(sets)) end
+  fair_chunked('HDEL', fair_key, drops)
+  fair_chunked('HSET', fair_key, sets)
 end
 
 -- Take up to N staged messages of level LEVEL in rotation order (fair_plan): their values in

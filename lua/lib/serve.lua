@@ -22,7 +22,8 @@
 --                lua/lib/fair.lua)
 --   src.gcap     x-group-max-in-flight (fair share's per-group cap) or nil; src.gate its
 --                state in this call (lua/lib/fair.lua's fair_gate), src.gfull: it stopped
---                the staging (then, with room left in the call, the source counts as full)
+--                the staging (then, with room left in the call, the source counts as full,
+--                unless src.dropped: the call set one of its entries aside, lua/lib/serve_rare.lua)
 --   src.keyed    its key store exists (a staged message it moves may hold a unique key: its
 --                key is re-pointed, lua/lib/serve_rare.lua); nil until a move looks
 --   src.aging    x-priority-aging's state (lua/lib/aging.lua) when it has the argument,
@@ -563,8 +564,9 @@ local function finish_source(ctx, src)
   end
   local err = nil
   -- x-group-max-in-flight stopped the staging, and the call had room left, so nothing else
-  -- of the source was ready: limited too (its settles lower the flag as x-max-in-flight's)
-  if src.gfull and ctx.left > 0 and not ctx.halted then src.full = true end
+  -- of the source was ready: limited too (its settles lower the flag as x-max-in-flight's),
+  -- unless this call itself set an entry aside after (which may have freed a slot)
+  if src.gfull and ctx.left > 0 and not ctx.halted and not src.dropped then src.full = true end
   if more and (src.capped or src.full) then
     -- Limited: ready work is left but may not go out now. No marker (a set one would wake
     -- every idle consumer to be refused in turn). At the rate limit the reply's due time

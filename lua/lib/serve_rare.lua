@@ -81,6 +81,7 @@ end
 local function drop_expired(ctx, src, i, id, fields)
   redis.call('XACK', KEYS[i], src.group, id)
   redis.call('XDEL', KEYS[i], id)
+  src.dropped = true  -- may have freed a slot of a capped group (serve.lua's finish_source)
   local token = not src.shared and field(fields, 'r')
   if token then try('HDEL', src.big, token) end  -- another type there: no body to free
   ctx.aside_left = ctx.aside_left - 1
@@ -103,6 +104,7 @@ local function set_aside(ctx, src, i, id, fields, reason, deliveries)
   local aside, n = ctx.aside, #ctx.aside
   aside[n + 1], aside[n + 2], aside[n + 3], aside[n + 4] = src.q, i, id, reason
   ctx.aside_left = ctx.aside_left - 1
+  src.dropped = true  -- may have freed a slot of a capped group (serve.lua's finish_source)
 end
 
 -- Claim the parked entries TAKE (XPENDING records) of stream I for the consumer and deliver
@@ -210,6 +212,7 @@ end
 -- keeps g:<stream> while the level's staging is not empty.
 local function serve_staged(ctx, src, i)
   local key, idx = KEYS[i], src.index
+  if src.gate then src.gate.level() end  -- each level its own budget of passes
   while ctx.left > 0 and idx[FAIR .. key] and not idx[key] do
     local want = batch(ctx, src)  -- the first of a call may be one entry, to learn the size
     if want <= 0 then  -- the byte budget is spent
@@ -225,7 +228,8 @@ local function serve_staged(ctx, src, i)
     if src.gcap and not src.gate then  -- x-group-max-in-flight: the call's per-group cap
       local levels = {}
       for _, k in ipairs(src.streams) do levels[lib_fair().fair_level(KEYS[k])] = KEYS[k] end
-      src.gate = lib_fair().fair_gate(src.fair, src.gcap, levels, src.group)
+      src.gate = lib_fair().fair_gate(src.fair, src.gcap, levels, src.group,
+                                      KEYS[src.streams[1]])
     end
     local moved, more, err, gaps, blocked = lib_fair().fair_move(src.fair, key, want, placed,
                                                                 src.gate)
