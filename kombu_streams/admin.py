@@ -19,6 +19,7 @@ from redis.exceptions import ResponseError
 
 from .calls import PAGE, PeekCursor
 from .envelope import decoder as envelope_decoder
+from .fair import group as group_of
 from .introspect import Introspection
 from .replies import Ready
 from .scripts import Call, explain
@@ -168,25 +169,28 @@ class Admin(Introspection):
 
     def _redrive(self, queue: str, count: int, letters: Sequence[tuple[Any, dict[Any, Any]]]
                  ) -> Redriven:
-        """One redrive.lua call for ``letters`` (id, fields), each with its key."""
-        keyed = [(entry_id, self._letter_key(queue, fields)) for entry_id, fields in letters]
+        """One redrive.lua call for ``letters`` (id, fields), each with its key and group."""
+        keyed = [(entry_id, *self._letter_meta(queue, fields)) for entry_id, fields in letters]
         moved, skipped, held = self.run(self.redrive_call(queue, count, keyed=keyed))
         return Redriven(int(moved), int(skipped), int(held))
 
-    def _letter_key(self, queue: str, fields: dict[Any, Any]) -> str:
-        """The x-unique-key of a dead letter's message, '' for none (or not a message),
-        decoded as a consumer decodes it (Kombu's types: a UUID key is its string)."""
+    def _letter_meta(self, queue: str, fields: dict[Any, Any]) -> tuple[str, str]:
+        """The x-unique-key and x-group of a dead letter's message, '' for none (or not a
+        message), decoded as a consumer decodes it (Kombu's types: a UUID key is its
+        string)."""
         payload = fields.get(b'f:m', fields.get('f:m'))
         token = fields.get(b'f:r', fields.get('f:r'))
         if payload is None and token is not None:
             payload = self.bodies(queue, [token])[0]
         if payload is None:
-            return ''
+            return '', ''
         try:
             message = envelope_decoder()(text(payload))
         except ValueError:
-            return ''
-        return unique_key(message) if isinstance(message, dict) else ''
+            return '', ''
+        if not isinstance(message, dict):
+            return '', ''
+        return unique_key(message), group_of(message) or ''
 
     def redrive_all(self, queue: str) -> Redriven:
         """Move every dead letter filed so far back (one filed meanwhile stays), a page of

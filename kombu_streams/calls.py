@@ -398,10 +398,11 @@ class Calls(ReadCalls):
                                                                                    batch]
 
     def redrive_call(self, queue: str, count: int, ids: Sequence[Any] = (),
-                     keyed: Sequence[tuple[Any, str]] | None = None) -> Call:
+                     keyed: Sequence[tuple[Any, str, str]] | None = None) -> Call:
         """The redrive call of up to ``count`` dead letters: the oldest, or ``ids``, or
-        ``keyed``: (id, the x-unique-key its message holds, '' for none) pairs, whose keys
-        the letters take back (or stay while a live message holds them)."""
+        ``keyed``: (id, the x-unique-key its message holds, its x-group; '' for none)
+        triples: the letters take their keys back (or stay while a live message holds
+        them), and on a fair queue join their groups' turns."""
         keys = [self.keys.dlq(queue), *self.streams(queue), self.keys.wake(queue),
                 self.keys.ready(queue)]
         if keyed is None:
@@ -409,7 +410,7 @@ class Calls(ReadCalls):
         keys += [self.keys.unique(queue), self.keys.args(queue), self.keys.delayed(queue),
                  self.keys.fair(queue)]
         return SCRIPTS['redrive'], keys, [count, 'k', queue,
-                                          *(x for pair in keyed for x in pair)]
+                                          *(x for triple in keyed for x in triple)]
 
     def migrate_list_call(self, source: str, queue: str, list_level: int, count: int,
                           todo: int = -1

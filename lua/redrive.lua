@@ -12,13 +12,15 @@ KEYS[n+3..n+6]  only with ARGV[2] "k": the queue's key store (hash), ks:q:{name}
 ARGV[1]     the most dead letters to move in this call
 ARGV[2..]   optional: only these dead-letter ids, in this order (otherwise the oldest
             ones); an id given twice counts once, an id not in the stream is ignored.
-            Or ARGV[2] "k", ARGV[3] the consumer group (the queue's name), then pairs:
-            dead-letter id, the x-unique-key its message holds ('' for none; the caller
-            read it from the letter, kombu_streams/unique.py's unique_key). A letter with a
-            key goes back only while no live message of the queue holds that key, and then
-            holds it as a publish would (x-unique-ttl as the queue has it now); else it
-            stays, counted as held. Without "k" every letter goes back without its key
-            (docs/design.rst, Unique keys)
+            Or ARGV[2] "k", ARGV[3] the consumer group (the queue's name), then triples:
+            dead-letter id, the x-unique-key its message holds ('' for none) and its
+            x-group ('' for none; the caller read both from the letter, kombu_streams/
+            unique.py's unique_key and fair.py's group). A letter with a key goes back only
+            while no live message of the queue holds that key, and then holds it as a
+            publish would (x-unique-ttl as the queue has it now); else it stays, counted as
+            held. On a queue with x-fairness a letter is staged in its group (KEYS[n+6]), as
+            a publish would stage it, and takes its group's turn. Without "k" every letter
+            goes back to its stream without its key (docs/design.rst, Unique keys)
 Reply:      {moved, skipped, held}: skipped counts dead letters that hold no message (an
             entry that was never a Kombu message) or came from a stream of another queue;
             held those whose key a live message holds (with "k" only); both stay in the
@@ -26,20 +28,21 @@ Reply:      {moved, skipped, held}: skipped counts dead letters that hold no mes
 Errors:     "redrive: expected ..." for another layout; WRONGTYPE (checked before any write)
 Minimum Redis: 6.2. Cost: O(count), or O(number of ids given); with "k" a letter with a key
 adds what a keyed publish's look at the key costs (an HGET, then an XRANGE of one id and
-XINFO GROUPS, a ZSCORE or an HEXISTS) and an HSET, and the call an HGET of x-unique-ttl. A
-letter goes back to the stream it came from as a new entry (a fresh delivery count); a big
-message's (f:r) as its token, its body left in the queue's big hash. A letter of a fair
-queue (x-fairness) goes straight back to its stream, not through its group's turn. See
-docs/design.rst (Delivery counts and dead letters, Unique keys).
+XINFO GROUPS, a ZSCORE or an HEXISTS) and an HSET, and the call an HMGET of the arguments.
+A letter goes back to the stream it came from as a new entry (a fresh delivery count), or
+staged in its group on a fair queue (a few hash commands: lua/lib/fair.lua); a big
+message's (f:r) as its token, its body left in the queue's big hash. See docs/design.rst
+(Delivery counts and dead letters, Unique keys, Fair share).
 ]]
 --@include common
 --@include unique
-local keyed = ARGV[2] == 'k'  -- pairs (id, key) from ARGV[4], the key store in KEYS
+--@include fair
+local keyed = ARGV[2] == 'k'  -- triples (id, key, group) from ARGV[4], more keys in KEYS
 local bad = check_args('redrive', #KEYS >= (keyed and 8 or 4),
-                       #ARGV >= 1 and (not keyed or (#ARGV >= 3 and #ARGV % 2 == 1)),
+                       #ARGV >= 1 and (not keyed or (#ARGV >= 3 and (#ARGV - 3) % 3 == 0)),
                        'KEYS: dlq, streams, marker, index[, key store, arguments, delayed ' ..
                        'set, staging hash]; ARGV: count[, ids], or count, "k", group, then ' ..
-                       'pairs: id, key')
+                       'triples: id, key, x-group')
 if bad then return bad end
 local n = #KEYS - (keyed and 6 or 2)
 local limit = tonumber(ARGV[1])
@@ -55,12 +58,12 @@ end
 if wrong then return redis.error_reply(wrong) end
 if limit <= 0 then return {0, 0, 0} end  -- XRANGE COUNT 0 answers nil on Redis
 local entries
-local key_of = {}  -- dead-letter id -> the key its message holds (keyed form)
+local key_of, group_of = {}, {}  -- dead-letter id -> its message's key, group ("k" form)
 if #ARGV > 1 then
   entries = {}
   local wanted = {}
   local first, step = 2, 1
-  if keyed then first, step = 4, 2 end
+  if keyed then first, step = 4, 3 end
   for j = first, #ARGV, step do
     local found = redis.call('XRANGE', KEYS[1], ARGV[j], ARGV[j])
     -- an id given twice is moved once (XRANGE normalizes it, e.g. "5" and "5-0")
@@ -68,6 +71,7 @@ if #ARGV > 1 then
       wanted[found[1][1]] = true
       entries[#entries + 1] = found[1]
       if keyed and ARGV[j + 1] ~= '' then key_of[found[1][1]] = ARGV[j + 1] end
+      if keyed then group_of[found[1][1]] = ARGV[j + 2] end
     end
   end
 else
@@ -76,9 +80,14 @@ end
 local moved, skipped, held = 0, 0, 0
 local added, members = {}, {}  -- ready index members of the streams that got letters
 local levels, uttl, unique = {}, 0, nil  -- level -> stream; x-unique-ttl (ms)
+local fair = nil  -- x-fairness: a letter is staged in its group, and takes its turn
+if keyed then
+  local conf = redis.call('HMGET', argkey, 'x-unique-ttl', 'x-fairness')
+  uttl = math.max(math.floor(tonumber(conf[1]) or 0), 0)
+  fair = conf[2] and lib_fair() or nil
+end
 if next(key_of) ~= nil then
   for i = 2, n do levels[string.match(KEYS[i], ':(%d+)$') or ''] = KEYS[i] end
-  uttl = math.max(math.floor(tonumber(redis.call('HGET', argkey, 'x-unique-ttl')) or 0), 0)
   unique = lib_unique()
 end
 for _, e in ipairs(entries) do
@@ -101,16 +110,27 @@ for _, e in ipairs(entries) do
   if state then
     held = held + 1
   elseif payload and target then
-    local id = redis.call('XADD', target, '*', name, payload)
+    local level, id, staged, member = string.match(target, ':(%d+)$') or '0', nil, nil, target
+    if fair then  -- as a publish stages it (lua/lib/fair.lua), without its old deadline
+      local _, _, f = fair.fair_stage(staging, level, group_of[e[1]] or '',
+                                      name == 'r' and 'r:' .. payload or payload)
+      staged, member = f, FAIR .. target
+      if not key then redis.pcall('HDEL', store, 'g:' .. f) end  -- a stale reverse field
+    else
+      id = redis.call('XADD', target, '*', name, payload)
+    end
     redis.call('XDEL', KEYS[1], e[1])
+    local ttl = redis.call('PTTL', KEYS[2])  -- what it made goes with an expiring queue
     if key then
-      unique.unique_hold(store, key, uttl, string.match(target, ':(%d+)$') or '0', id, nil, ref)
-      local ttl = redis.call('PTTL', KEYS[2])  -- an expiring queue's store goes with it
+      unique.unique_hold(store, key, uttl, level, id, nil, ref, staged)
       if ttl > 0 and redis.call('PTTL', store) == -1 then redis.call('PEXPIRE', store, ttl) end
     end
-    if not added[target] then
-      added[target] = true
-      members[#members + 1] = target
+    if fair and ttl > 0 and redis.call('PTTL', staging) == -1 then
+      redis.call('PEXPIRE', staging, ttl)
+    end
+    if not added[member] then
+      added[member] = true
+      members[#members + 1] = member
     end
     moved = moved + 1
   else

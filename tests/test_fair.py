@@ -414,6 +414,42 @@ def test_a_keyed_delayed_message_is_staged_when_due_and_keeps_its_key(script_cli
     assert ref(c, 'k').startswith(b's:0:0:')
 
 
+def grouped_body(group: str, n: Any, key: str = '') -> str:
+    """A message as Kombu stores it, its x-group (and x-unique-key) in its headers: a dead
+    letter's are read from there when it is redriven."""
+    headers = {'x-group': group, **({'x-unique-key': key} if key else {})}
+    return json.dumps({'body': f'{group}:{n}', 'headers': headers})
+
+
+def test_a_redriven_letter_takes_its_groups_turn(script_client):
+    """A dead letter of group b goes back staged in b, not to the front of its stream: it
+    takes b's turn among a's waiting messages."""
+    c = script_client
+    b = fair_broker(c)
+    for n in range(3):
+        b.publish('q', 0, grouped_body('a', n), group='a')
+    b.publish('q', 0, grouped_body('b', 0), group='b')
+    got = read(b, 'c1', 2).deliveries
+    assert names(ReadResult(got, {}, [], [], {}, {})) == ['a:0', 'b:0']
+    ack(b, got[0])
+    b.dead_letter('q', got[1].stream, got[1].entry_id, 'rejected', 1, None, 'c1')
+    assert b.redrive('q', 10) == (1, 0, 0)
+    assert c.xlen(K.stream('q', 0)) == 0 and c.hget(K.fair('q'), 'n') == b'3'
+    assert names(read(b, 'c1', 10)) == ['a:1', 'b:0', 'a:2']
+
+
+def test_a_redriven_keyed_letter_of_a_fair_queue_holds_its_key_staged(script_client):
+    c = script_client
+    b = fair_broker(c)
+    b.publish('q', 3, grouped_body('a', 0, 'k'), group='a', unique_key='k')
+    (d,) = read(b, 'c1', 1).deliveries
+    b.dead_letter('q', d.stream, d.entry_id, 'rejected', 1, None, 'c1', 'k')
+    assert b.redrive('q', 10) == (1, 0, 0)
+    assert ref(c, 'k').startswith(b'g:0:m:3:a:')
+    assert keyed(b, 'b', 0, 'k') == b'duplicate'
+    assert names(read(b, 'c1', 10)) == ['a:0'] and ref(c, 'k').startswith(b's:0:3:')
+
+
 def test_a_letter_whose_key_a_staged_message_holds_stays(script_client):
     c = script_client
     b = fair_broker(c)

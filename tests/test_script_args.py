@@ -87,7 +87,7 @@ KEYED = {
     'ack': ([S0, K.unique(Q)], [Q, 'c1', 'u', 1, 'k', 1, '1-1']),
     'deadletter': ([S0, K.dlq(Q), K.unique(Q)], [Q, 'c1', '1-1', 'why', 1, '0', 'k']),
     'redrive': ([K.dlq(Q), S0, K.wake(Q), K.ready(Q), K.unique(Q), K.args(Q), K.delayed(Q),
-                 K.fair(Q)], [10, 'k', Q, '1-1', 'k']),
+                 K.fair(Q)], [10, 'k', Q, '1-1', 'k', 'g']),
 }
 
 #: With the in-flight flag and marker (x-max-in-flight: a settle that frees a slot wakes a

@@ -230,7 +230,11 @@ CASES = {
     'route-fanout': (lambda b, f: b.route_call('f', 100, SEP), None),
     'cancel': (lambda b, f: b.cancel_call('q', ['lbl']), None),
     'redrive': (lambda b, f: b.redrive_call('q', 10), None),
-    'redrive-keyed': (lambda b, f: b.redrive_call('q', 10, keyed=[(f['letter'], 'k')]), None),
+    'redrive-keyed': (lambda b, f: b.redrive_call('q', 10, keyed=[(f['letter'], 'k', '')]),
+                      None),
+    # a fair queue's letter is staged in its group
+    'redrive-fair': (lambda b, f: b.redrive_call('q', 10, keyed=[(f['letter'], '', 'g')]),
+                     lambda c: c.hset(K.args('q'), 'x-fairness', 'round-robin')),
     'reclaim': (lambda b, f: b.reclaim_call('q', 0, 100)[0], None),
     'reclaim-fanout': (lambda b, f: b.reclaim_call('q', 0, 100, exchange='f')[0], None),
     'renew': (lambda b, f: b.renew_call('q', 'c1', *f['renew']), None),
