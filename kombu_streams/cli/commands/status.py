@@ -44,7 +44,7 @@ def limit_text(info: dict[str, Any]) -> str:
     delivered and not settled, as the reads count them, against the limit), 'rate 50/s burst
     1: 1 now' (deliveries the limiter lets through now) or 'rate 50/s burst 1: next in 15ms'
     (none now: when the next one may go), 'backoff 1000,60000ms' (x-requeue-delay), 'aging
-    30000ms' (x-priority-aging), or '-'."""
+    30000ms' (x-priority-aging), 'per group 2 in flight' (x-group-max-in-flight), or '-'."""
     arguments, counters = info.get('limits', {}), info.get('counters') or {}
     parts = []
     if 'x-max-length' in arguments:
@@ -73,6 +73,8 @@ def limit_text(info: dict[str, Any]) -> str:
         parts.append(f"backoff {arguments['x-requeue-delay']}ms")
     if 'x-priority-aging' in arguments:  # priority aging (lua/lib/aging.lua)
         parts.append(f"aging {arguments['x-priority-aging']}ms")
+    if 'x-group-max-in-flight' in arguments:  # fair share's per-group cap (lua/lib/fair.lua)
+        parts.append(f"per group {arguments['x-group-max-in-flight']} in flight")
     return ', '.join(parts) or '-'
 
 
