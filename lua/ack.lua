@@ -111,9 +111,7 @@ for _, k in ipairs(order) do
     if deleted[id] then free[#free + 1] = token end
   end
 end
-for j = 1, #free, 1000 do  -- unpack() has a limit
-  redis.call('HDEL', bigkey, unpack(free, j, math.min(j + 999, #free)))
-end
+chunked('HDEL', bigkey, free)
 if keyed then  -- the key of each entry deleted here is free (or throttled) from now on
   local items = {}
   for j = 1, m do

@@ -171,7 +171,5 @@ if redis.call('EXISTS', staging) == 1 then
     for _, f in ipairs(fields) do unique.unique_release_waiting(ustore, 'g', f) end
   end
 end
-for j = 1, #free, 1000 do  -- unpack() has a limit
-  redis.call('HDEL', big, unpack(free, j, math.min(j + 999, #free)))
-end
+chunked('HDEL', big, free)
 return {purged, more}

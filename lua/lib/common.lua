@@ -42,6 +42,14 @@ end
 -- entries parked there), COMPLETE (a walk saw every stream). docs/design.rst, "The ready index".
 local HELD, COMPLETE = 'h:', ''
 
+-- Redis command CMD on KEY with the items of LIST, at most 1,000 per call (unpack() has a
+-- limit; 1,000 is even, so HSET's field-value pairs stay whole).
+local function chunked(cmd, key, list)
+  for j = 1, #list, 1000 do
+    redis.call(cmd, key, unpack(list, j, math.min(j + 999, #list)))
+  end
+end
+
 -- Add MEMBERS to the ready index INDEX; a new member gives INDEX the expiry of STREAM.
 local function index_add(index, stream, ...)
   if redis.call('SADD', index, ...) > 0 then

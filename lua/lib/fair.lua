@@ -77,14 +77,6 @@ end
 -- at most FAIR_SKIPS times per call.
 local FAIR_LOOKS, FAIR_SKIPS, FAIR_TRIM, FAIR_KEEP = 64, 32, 128, 64
 
--- Redis command CMD on hash KEY with the items of LIST, at most 1,000 per call (unpack() has
--- a limit; 1,000 is even, so HSET's field-value pairs stay whole).
-local function fair_chunked(cmd, key, list)
-  for j = 1, #list, 1000 do
-    redis.call(cmd, key, unpack(list, j, math.min(j + 999, #list)))
-  end
-end
-
 local function fair_gate(fair_key, max, levels, group, stream)
   local lists, dirty, pending, order, seen = {}, {}, {}, {}, {}  -- pending: g -> new moves
   local looks, trims, aged, passes = 0, 0, false, 0
@@ -228,7 +220,7 @@ local function fair_gate(fair_key, max, levels, group, stream)
           end
         end
       end
-      fair_chunked('HDEL', fair_key, fields)
+      chunked('HDEL', fair_key, fields)
       h = h + #fields
     end
     local keep = {}  -- pushed and not taken back off by the tending above
@@ -237,7 +229,7 @@ local function fair_gate(fair_key, max, levels, group, stream)
         keep[#keep + 1], keep[#keep + 2] = sets[k], sets[k + 1]
       end
     end
-    fair_chunked('HSET', fair_key, keep)
+    chunked('HSET', fair_key, keep)
     if h >= t then
       redis.call('HDEL', fair_key, 'zh', 'zt')
     else
@@ -273,8 +265,8 @@ local function fair_gate(fair_key, max, levels, group, stream)
       end
     end
     dirty = {}
-    fair_chunked('HDEL', fair_key, drops)
-    fair_chunked('HSET', fair_key, sets)
+    chunked('HDEL', fair_key, drops)
+    chunked('HSET', fair_key, sets)
     if not aged and #sets > 0 then
       aged = true
       if redis.call('PTTL', fair_key) == -1 then
@@ -351,9 +343,7 @@ end
 -- heads, links and the tail in one HSET, the dry groups' fields in one HDEL.
 local function fair_save(fair_key, level, plan, taken)
   local pre = level .. ':'
-  for j = 1, #plan.order, 1000 do  -- unpack() has a limit; a field gone already is no matter
-    redis.call('HDEL', fair_key, unpack(plan.order, j, math.min(j + 999, #plan.order)))
-  end
+  chunked('HDEL', fair_key, plan.order)  -- a field gone already is no matter
   if taken > 0 and redis.call('HINCRBY', fair_key, FAIR_COUNT, -taken) <= 0 then
     redis.call('HDEL', fair_key, FAIR_COUNT)  -- none left: the hash goes with its last field
   end
@@ -374,8 +364,8 @@ local function fair_save(fair_key, level, plan, taken)
   else
     sets[#sets + 1], sets[#sets + 2] = 'c:' .. level, plan.last
   end
-  fair_chunked('HDEL', fair_key, drops)
-  fair_chunked('HSET', fair_key, sets)
+  chunked('HDEL', fair_key, drops)
+  chunked('HSET', fair_key, sets)
 end
 
 -- Take up to N staged messages of level LEVEL in rotation order (fair_plan): their values in
