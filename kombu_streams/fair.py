@@ -26,6 +26,9 @@ VALUES = ('round-robin',)
 #: group handed out by the rotation and not settled yet; the group's turn passes while it is
 #: there (lua/lib/fair.lua's fair_gate). Only with x-fairness. Stored after it.
 GROUP_MAX_IN_FLIGHT = 'x-group-max-in-flight'
+#: Its largest value: a group's list of moves (one string in the staging hash, rewritten by
+#: the read that moves one) holds up to this many, about 20 bytes each.
+GROUP_MAX_IN_FLIGHT_MAX = 10_000
 
 
 def group(message: Mapping[str, Any]) -> str | None:
@@ -71,9 +74,10 @@ def fairness_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
         return [ARGUMENT, value]
     if isinstance(cap, str) and cap.isdigit():
         cap = int(cap)
-    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= GROUP_MAX_IN_FLIGHT_MAX:
         raise ValueError(f'kombu-streams: queue {queue!r}: argument {GROUP_MAX_IN_FLIGHT}='
-                         f'{cap!r} is not valid: an integer >= 1')
+                         f'{cap!r} is not valid: an integer from 1 to '
+                         f'{GROUP_MAX_IN_FLIGHT_MAX:,}')
     return [ARGUMENT, value, GROUP_MAX_IN_FLIGHT, str(cap)]
 
 

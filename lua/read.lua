@@ -19,8 +19,8 @@ KEYS[S+12q-5]   counters (hash) of source q, ks:q:{queue}:counters: "expired" co
                 store, no flag and no staging hash (the caller passes its marker again for
                 each)
 KEYS[S+12q-4]   arguments (hash) of source q, ks:q:{queue}:args: only x-rate-limit,
-                x-rate-burst, x-max-in-flight and x-priority-aging are read (one HMGET per
-                source served)
+                x-rate-burst, x-max-in-flight, x-priority-aging and x-group-max-in-flight
+                are read (one HMGET per source served)
 KEYS[S+12q-3]   rate limiter state (string) of source q, ks:q:{queue}:rate: the next
                 delivery's theoretical arrival time, unix ms, expiring once it is past;
                 written only when the queue has x-rate-limit (lua/lib/rate.lua)
@@ -30,12 +30,15 @@ KEYS[S+12q-2]   key store (hash) of source q, ks:q:{queue}:unique: a delayed or 
                 (TYPE) only when due or staged messages move or keyed acks ride along
                 (ARGV[9+5Q+2A])
 KEYS[S+12q-1]   in-flight flag (string) of source q, ks:q:{queue}:capped: raised when the
-                queue's x-max-in-flight left ready work without a marker; acks that ride
+                queue's x-max-in-flight (or x-group-max-in-flight) left ready work without a
+                marker; acks that ride
                 along and free a slot lower it and set the marker (lua/lib/inflight.lua)
 KEYS[S+12q]     staging hash of source q, ks:q:{queue}:fair: on a queue with x-fairness,
                 messages wait there per group until a read moves them into their level's
                 stream in rotation order, just before reading it (lua/lib/fair.lua); looked
-                at only where the ready index names a level's staging (g:<stream key>)
+                at only where the ready index names a level's staging (g:<stream key>); with
+                x-group-max-in-flight each group's moves (f:<group>) and the FIFO of groups
+                that ran dry (zh, zt, z:<n>) are kept there too (fair_gate)
 ARGV[1]         consumer name (unique per channel)
 ARGV[2]         COUNT: the most messages to deliver (the channel's free prefetch)
 ARGV[3]         name of the holder consumer that parks requeued messages

@@ -778,8 +778,9 @@ def test_the_staging_hash_keeps_the_queues_expiry(script_client):
 
 @pytest.mark.parametrize('args, says', [
     ({'x-group-max-in-flight': 2}, "it needs x-fairness 'round-robin'"),
-    ({**FAIR, 'x-group-max-in-flight': 0}, 'an integer >= 1'),
-    ({**FAIR, 'x-group-max-in-flight': 'two'}, 'an integer >= 1'),
+    ({**FAIR, 'x-group-max-in-flight': 0}, 'an integer from 1 to 10,000'),
+    ({**FAIR, 'x-group-max-in-flight': 'two'}, 'an integer from 1 to 10,000'),
+    ({**FAIR, 'x-group-max-in-flight': 10_001}, 'an integer from 1 to 10,000'),
 ])
 def test_an_invalid_group_cap_is_named(args, says):
     with pytest.raises(ValueError, match=says):
