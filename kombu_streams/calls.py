@@ -127,7 +127,7 @@ class Calls(ReadCalls):
         if group is not None:  # ARGV[13]; the staging hash, KEYS[11+L]
             args.append(group)
             keys.append(k.fair(queue))
-        if token is not None:
+        if full:  # the big hash ends the wide layout (and is where a big message's body is)
             keys.append(k.big(queue))
         return SCRIPTS['publish'], keys, args
 
@@ -161,7 +161,6 @@ class Calls(ReadCalls):
         if fair:
             self._fair.add(queue)
         k = self.keys
-        big = [keys[-1]] if keys[-1] == k.big(queue) else []
         wide = [*keys[:7], *self.streams(queue), k.dedup(queue), k.counters(queue)]
         args = list(args)
         if queue in self._fair and len(args) < 13:
@@ -170,7 +169,7 @@ class Calls(ReadCalls):
             wide.append(k.unique(queue))
         if len(args) == 13:
             wide.append(k.fair(queue))
-        return script, wide + big, args
+        return script, [*wide, k.big(queue)], args
 
     def store_big(self, queue: str, token: str, payload: str | bytes) -> tuple[Any, ...]:
         """The command that stores a big message's body, sent with its publish call in one
@@ -206,7 +205,8 @@ class Calls(ReadCalls):
         its reply is (purged, more)."""
         keys = self.streams(queue) + [self.keys.delayed(queue),
                                       self.keys.delayed_messages(queue), self.keys.big(queue),
-                                      self.keys.unique(queue), self.keys.fair(queue)]
+                                      self.keys.unique(queue), self.keys.fair(queue),
+                                      self.keys.counters(queue)]
         return SCRIPTS['purge'], keys, [queue, HOLDER, batch]
 
     def delete_call(self, queue: str) -> Call:
@@ -229,7 +229,7 @@ class Calls(ReadCalls):
         """One step of the scan of a queue's delayed set for ``labels``, from ``cursor``;
         its reply is (next cursor, member removed, ...)."""
         keys = [self.keys.delayed(queue), self.keys.delayed_messages(queue),
-                self.keys.big(queue), self.keys.fair(queue)]
+                self.keys.big(queue), self.keys.fair(queue), self.keys.counters(queue)]
         return SCRIPTS['cancel'], keys, [cursor, step, *labels]
 
     def touch_call(self, queue: str, ttl_ms: int) -> Call:
@@ -343,11 +343,14 @@ class Calls(ReadCalls):
 
     def _backoff_keys(self, queue: str) -> list[str]:
         """The ready index, the keys of retry backoff (x-requeue-delay: the arguments and
-        the delayed set) and the in-flight flag (x-max-in-flight: a message given back frees
-        a slot, see lua/lib/inflight.lua), which requeue and reclaim take after the marker:
-        the queue's arguments decide in the script, whatever this client's options say."""
+        the delayed set), the in-flight flag (x-max-in-flight: a message given back frees
+        a slot, see lua/lib/inflight.lua), the counters and the big hash (x-max-length-bytes:
+        a message given back waits again, its size counted, lua/lib/bytes.lua), which
+        requeue and reclaim take after the marker: the queue's arguments decide in the
+        script, whatever this client's options say."""
         k = self.keys
-        return [k.ready(queue), k.args(queue), k.delayed(queue), k.capped(queue)]
+        return [k.ready(queue), k.args(queue), k.delayed(queue), k.capped(queue),
+                k.counters(queue), k.big(queue)]
 
     def requeue_calls(self, queue: str, entries: Iterable[tuple[Any, ...]],
                       exchange: str | None = None, consumer: str = ANY_OWNER) -> list[Call]:
@@ -408,7 +411,7 @@ class Calls(ReadCalls):
         if keyed is None:
             return SCRIPTS['redrive'], keys, [count, *ids]
         keys += [self.keys.unique(queue), self.keys.args(queue), self.keys.delayed(queue),
-                 self.keys.fair(queue)]
+                 self.keys.fair(queue), self.keys.counters(queue), self.keys.big(queue)]
         return SCRIPTS['redrive'], keys, [count, 'k', queue,
                                           *(x for triple in keyed for x in triple)]
 

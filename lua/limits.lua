@@ -3,7 +3,9 @@ policy would.
 
 KEYS[1]   the queue's arguments (hash), ks:q:{celery}:args
 KEYS[2]   the queue's first stream: while it exists, the queue does
-KEYS[3]   the queue's counters (hash), ks:q:{celery}:counters: only read
+KEYS[3]   the queue's counters (hash), ks:q:{celery}:counters: read, and its waiting bytes
+          dropped unless x-max-length-bytes stays set (a new count starts at the next
+          publish: lua/lib/bytes.lua)
 ARGV[1]   "get"; or "set" followed by field, value pairs (validated by the caller,
           kombu_streams/limits.py): they replace all the queue's arguments ("set" alone
           clears them)
@@ -27,7 +29,11 @@ if ARGV[1] == 'set' then
   if redis.call('EXISTS', first) == 0 then
     return redis.error_reply('limits: no queue at ' .. first .. ' (declare it first)')
   end
+  local kept = redis.call('HEXISTS', argkey, 'x-max-length-bytes') == 1
   redis.call('DEL', argkey)
+  local keeps = false
+  for i = 2, #ARGV, 2 do keeps = keeps or ARGV[i] == 'x-max-length-bytes' end
+  if not (kept and keeps) then redis.call('HDEL', KEYS[3], 'waiting-bytes') end
   if #ARGV > 1 then
     redis.call('HSET', argkey, unpack(ARGV, 2))
     local ttl = redis.call('PTTL', first)

@@ -16,9 +16,13 @@ KEYS[8..7+L]  all the queue's streams, first level first (KEYS[8], ks:q:{celery}
 KEYS[8+L] the queue's id store (zset), ks:q:{celery}:dedup: only with x-deduplication-window
           (KEYS[9] when only the first stream is sent)
 KEYS[9+L] with all the streams: the queue's counters (hash), ks:q:{celery}:counters: a
-          publish x-overflow refused counts "refused", drop-head counts "overflowed"
-KEYS[#]   last, only with a big message (ARGV[1] "r:<token>"): the queue's big messages
-          (hash), ks:q:{celery}:big
+          publish x-overflow refused counts "refused", drop-head counts "overflowed"; with
+          x-max-length-bytes field "waiting-bytes" is the bytes of the messages waiting
+          (lua/lib/bytes.lua): a message stored adds its size, one drop-head or replace
+          mode takes out its own
+KEYS[#]   last, with a big message (ARGV[1] "r:<token>") and in every wide layout (all the
+          streams sent): the queue's big messages (hash), ks:q:{celery}:big (x-max-length-bytes
+          sizes the big messages drop-head or replace mode take out)
 ARGV[1]   the message: Kombu's JSON envelope, stored as field "m"; or "r:<token>" for a big
           one, whose body the caller stored in KEYS[#] under the token (HSET in the same
           MULTI/EXEC, just before): its entry gets field "r" = token (a delayed one keeps
@@ -53,21 +57,24 @@ Reply:    the new entry id; "delayed:<member>" when kept until due; "staged" whe
 Errors:   "publish: expected ..." for another layout; "publish: bad due time"; "publish: no
           body" (a big message's token is not in KEYS[#]); "QUEUEFULL ..." (x-overflow
           reject-publish, or drop-head with nothing ready to set aside: nothing stored);
-          "NEEDKEYS ..." (only the first stream sent to a queue with x-max-length: nothing
-          stored; send the call again with them all);
+          "NEEDKEYS ..." (only the first stream sent to a queue with x-max-length or
+          x-max-length-bytes: nothing stored; send the call again with them all);
           WRONGTYPE (nothing written: checked first, or the marker's ZADD undone)
 Minimum Redis: 6.2. Cost: O(1) and one HMGET; O(log n) with n delayed messages; a limited
 queue adds L XLENs and an HLEN (with x-fairness an HGET of KEYS[11+L]: they check those
 keys' types) and, for drop-head when
 full, three TYPEs and a few reads per level; a big
-message adds a TYPE, an HEXISTS and two PTTLs, and never passes through Lua; a TTL adds a
+message adds a TYPE, an HSTRLEN and two PTTLs, and never passes through Lua; a TTL adds a
 TIME and the field e; an id on a queue with x-deduplication-window O(log n) with n ids
 remembered; a unique key O(1) or O(log n) (its holder looked at), and one stored adds an
 HLEN and a PTTL (two on an expiring queue), on a store over 32 fields an HINCRBY, and
 every 8th keyed publish one sweep step (32 fields at most, 16 of them stream entries: an
 XPENDING of each delivered one, no command for one not delivered yet, no entry copied;
 lua/lib/unique.lua); its x-unique-mode and x-unique-ttl come in the HMGET of the
-arguments every publish makes, and TIME only for a throttled key. Never trims.
+arguments every publish makes, and TIME only for a throttled key. x-max-length-bytes adds
+an HGET and an HINCRBY of the counters, and only before refusing for bytes a look at
+every level's next message, the delayed set's ZCARD and the staging count (a count that
+drifted up heals there). Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
 arguments and limits, Message TTL, Duplicates, Unique keys, Fair share). A staged message
 costs 4 hash commands (7 when its group joins the rotation: lua/lib/fair.lua; one is the
@@ -76,6 +83,7 @@ HDEL of a stale reverse field in the key store, lua/lib/unique.lua) and an SADD.
 --@include common
 --@include delay
 --@include limits
+--@include bytes
 --@include expiry
 --@include dedup
 --@include unique
@@ -85,7 +93,10 @@ local nk = #KEYS - (big and 1 or 0)
 local nl = tonumber(ARGV[3] or '')
 local keyed = #ARGV >= 12  -- a unique key: KEYS[10+L] its store (docs: Unique keys)
 local grouped = #ARGV == 13  -- a group: KEYS[11+L] the staging hash (docs: Fair share)
-local wide = nl ~= nil and nl >= 1 and nk == 9 + nl + (keyed and 1 or 0) + (grouped and 1 or 0)
+-- the big hash ends a wide layout whatever the message: x-max-length-bytes sizes the big
+-- messages that drop-head or replace mode takes out (lua/lib/bytes.lua)
+local wide = nl ~= nil and nl >= 1
+             and #KEYS == 10 + nl + (keyed and 1 or 0) + (grouped and 1 or 0)
 local short = not wide and not keyed and nk == 9 and nl ~= nil and nl >= 1  -- see KEYS[8]
 local bad = check_args('publish', wide or short,
                        #ARGV == 7 or ((#ARGV == 11 or keyed) and (ARGV[6] == '1' or ARGV[8] == ''))
@@ -110,13 +121,16 @@ local expiration = tonumber(ARGV[7])  -- ms, nil: none
 local due_arg, threshold, label = ARGV[8], ARGV[9], ARGV[10]
 local payload, routed = ARGV[1], ARGV[2] == '1'
 local bigkey, token = nil, nil
+local bighash = (wide or big) and KEYS[#KEYS] or nil  -- the big hash, when given
 local field_values = {'m', payload}  -- what the stream entry holds
+local size = #payload  -- what it counts for against x-max-length-bytes
 if big then
   bigkey, token = KEYS[#KEYS], string.sub(payload, 3)
   field_values = {'r', token}
   local wrong = wrong_type(bigkey, 'hash')  -- then the HSET before failed too: nothing to undo
   if wrong then return redis.error_reply(wrong) end
-  if redis.call('HEXISTS', bigkey, token) == 0 then
+  size = redis.call('HSTRLEN', bigkey, token)
+  if size == 0 then
     return redis.error_reply('publish: no body of big message ' .. token .. ' in ' .. bigkey)
   end
 end
@@ -149,15 +163,16 @@ if wrong then return refuse(redis.error_reply(wrong)) end
 -- holds counts, so what a publish adds (to a stream or the delayed set) is checked here,
 -- before any write. The counts (XLEN, HLEN) check the types of the keys they read; drop-head
 -- checks those it writes before it writes.
-local limit, overflow, queue_ttl, window, fairness, umode, uconf
-limit, overflow, wrong, queue_ttl, window, fairness, umode, uconf = read_limit(argkey)
+local limit, overflow, queue_ttl, window, fairness, umode, uconf, maxbytes
+limit, overflow, wrong, queue_ttl, window, fairness, umode, uconf, maxbytes = read_limit(argkey)
 if not wrong and fairness and not grouped then  -- staging needs its hash: ask for it
   return refuse(redis.error_reply('NEEDKEYS queue ' .. group .. ' has x-fairness: send its ' ..
                                   'staging hash and a group (nothing was stored)'))
 end
-if not wrong and limit and short then  -- a limit counts every stream: ask for them all
-  return refuse(redis.error_reply('NEEDKEYS queue ' .. group .. ' has x-max-length: send ' ..
-                                  'all its ' .. nl .. ' streams (nothing was stored)'))
+if not wrong and (limit or maxbytes) and short then  -- a limit needs every stream
+  return refuse(redis.error_reply('NEEDKEYS queue ' .. group .. ' has x-max-length' ..
+                                  (limit and '' or '-bytes') .. ': send all its ' .. nl ..
+                                  ' streams (nothing was stored)'))
 end
 local held = 0
 if not wrong and limit then
@@ -168,6 +183,11 @@ if not wrong and limit then
     staged, wrong = try('HGET', KEYS[11 + nl], FAIR_COUNT)
     held = held and held + (tonumber(staged) or 0)
   end
+end
+local waiting = 0  -- x-max-length-bytes: the bytes the queue holds waiting (lua/lib/bytes.lua)
+if not wrong and maxbytes then
+  streams = streams or {unpack(KEYS, 8, 7 + nl)}
+  waiting, wrong = lib_bytes().bytes_waiting(counters)
 end
 if wrong then return refuse(redis.error_reply(wrong)) end
 local time = nil  -- the server's clock, read once: {seconds, microseconds}
@@ -231,12 +251,13 @@ end
 -- Called once the message is stored (entry ID, delayed MEMBER, or staged at FIELD of the
 -- staging hash): it holds the key now, and the one it replaces goes (after: no refusal can
 -- follow, so nothing is lost). Built only for a message with a key.
-local hold = nil
+local hold, replaced = nil, 0  -- replaced: the bytes of the message it replaced
 if ukey then
   hold = function(id, member, field)
     local unique = lib_unique()
     if ustate then
-      unique.unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7], fair_key)
+      replaced = unique.unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7],
+                                    fair_key, maxbytes ~= nil, bighash)
     end
     unique.unique_hold(ustore, ukey, uttl, string.match(stream, ':(%d+)$') or '0', id, member,
                        uref, field)
@@ -246,16 +267,31 @@ if ukey then
     if ttl > 0 and redis.call('PTTL', ustore) == -1 then redis.call('PEXPIRE', ustore, ttl) end
   end
 end
-if limit then  -- what else refuses the publish, before drop-head sets anything aside
+if limit or maxbytes then  -- what else refuses the publish, before drop-head sets any aside
   if dkey and due_arg and due_arg ~= '' and tonumber(string.sub(due_arg, 2)) == nil then
     return refuse(redis.error_reply('publish: bad due time ' .. due_arg))
   end
   if routed and redis.call('EXISTS', first) == 0 then return refuse(false) end
 end
-if limit and held >= limit then
-  local full = 'QUEUEFULL queue ' .. group .. ' is full: x-max-length ' .. limit ..
+if maxbytes and size > maxbytes then  -- never stored, whatever waits
+  count_in(counters, first, 'refused', 1)
+  return refuse(redis.error_reply('QUEUEFULL queue ' .. group .. ': a message of ' .. size ..
+                                  ' bytes is over its x-max-length-bytes ' .. maxbytes ..
+                                  '; the message was not stored'))
+end
+-- a count that drifted up heals: nothing waits, yet it says full (lua/lib/bytes.lua)
+if maxbytes and waiting + size > maxbytes
+   and lib_bytes().bytes_none_waiting(streams, group, holder, KEYS[6],
+                                      fairness and grouped and KEYS[11 + nl]) then
+  lib_bytes().bytes_add(counters, first, 0, true)
+  waiting = 0
+end
+if (limit and held >= limit) or (maxbytes and waiting + size > maxbytes) then
+  local full = 'QUEUEFULL queue ' .. group .. ' is full: ' ..
+               ((limit and held >= limit) and 'x-max-length ' .. limit or
+                'x-max-length-bytes ' .. maxbytes) ..
                ' reached (x-overflow ' .. overflow .. '); the message was not stored'
-  if overflow ~= 'drop-head' or limit < 1 then
+  if overflow ~= 'drop-head' or (limit and limit < 1) then
     count_in(counters, first, 'refused', 1)  -- another type there: not counted, still refused
     return refuse(redis.error_reply(full))
   end
@@ -263,17 +299,24 @@ if limit and held >= limit then
   -- it then writes after the first write; the delayed set, which the message may go to
   wrong = wrong_type(dlq, 'stream') or wrong_type(wake, 'zset') or wrong_type(KEYS[6], 'zset')
   if wrong then return refuse(redis.error_reply(wrong)) end
-  -- one goes per publish; more (at most 100) after the limit was lowered at run time
-  local drops = 0
-  while held >= limit and drops < 100 do
-    local dropped, err = drop_head(streams, group, holder, dlq)
+  -- one goes per publish; more (at most 100) after a limit was lowered at run time, or for
+  -- the bytes of a message bigger than those ahead of it
+  local drops, freed = 0, 0
+  while ((limit and held >= limit) or (maxbytes and waiting + size > maxbytes))
+        and drops < 100 do
+    local dropped, err, fields = drop_head(streams, group, holder, dlq)
     if err then return refuse(redis.error_reply(err)) end
     if not dropped then break end
     held, drops = held - 1, drops + 1
+    if maxbytes then
+      local bytes = lib_bytes().entry_bytes(fields, bighash)
+      waiting, freed = waiting - bytes, freed + bytes
+    end
   end
   if drops > 0 then count_in(counters, first, 'overflowed', drops) end
-  if held >= limit then  -- the rest is in flight or delayed: never over the limit
-    count_in(counters, first, 'refused', 1)
+  if freed > 0 then lib_bytes().bytes_add(counters, first, -freed) end
+  if (limit and held >= limit) or (maxbytes and waiting + size > maxbytes) then  -- the rest:
+    count_in(counters, first, 'refused', 1)  -- in flight or delayed: never over the limit
     return refuse(redis.error_reply(full .. ': no ready message left to set aside (the ' ..
                                     'rest is in flight or delayed)'))
   end
@@ -327,6 +370,7 @@ if dkey and ((due_arg and due_arg ~= '') or next_due) then
     expire_new(new)
     if remember then remember() end
     if hold then hold(nil, member) end
+    if maxbytes then lib_bytes().bytes_add(counters, first, size - replaced) end  -- it waits
     return 'delayed:' .. member
   end
 end
@@ -379,6 +423,7 @@ if fair_key then
   else  -- a key's reverse field left at this name by a message gone behind our back goes
     redis.pcall('HDEL', KEYS[10 + nl], 'g:' .. field)  -- (lua/lib/unique.lua)
   end
+  if maxbytes then lib_bytes().bytes_add(counters, first, size - replaced) end  -- it waits
   return 'staged'
 end
 local woke, wake_wrong = try('ZADD', wake, 0, 'w')  -- first write: fails alone
@@ -405,4 +450,5 @@ end
 expire_new(new)
 if remember then remember() end
 if hold then hold(id, nil) end
+if maxbytes then lib_bytes().bytes_add(counters, first, size - replaced) end  -- it waits
 return id

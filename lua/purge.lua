@@ -11,6 +11,9 @@ KEYS[n+4]   the queue's key store (hash, x-unique-key): the keys of the delayed 
 KEYS[n+5]   the queue's staging hash (x-fairness), ks:q:{celery}:fair: up to batch staged
             messages go too (over all levels), in rotation order (lua/lib/fair.lua), and the
             groups (d:<member>) of the delayed messages deleted
+KEYS[n+6]   the queue's counters (hash): while they keep its waiting bytes
+            (x-max-length-bytes, lua/lib/bytes.lua), the call that leaves nothing waiting (more
+            0) sets them to 0; the calls before leave them as they were
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
 ARGV[3]     batch: the most entries to delete from each stream (and the delayed set)
@@ -24,19 +27,21 @@ unacked ones stay so their consumers can still ack them. Entries it must read (t
 ones of a stream some consumer works on; every one it deletes while the queue has big
 messages, to find their tokens) are read in pages until about COPY_BYTES (4 MiB) were
 copied, then the call stops with more = 1; delayed values are read only when short enough
-to be a big message's reference. See docs/design.rst (Leases, Big messages).
+to be a big message's reference; the last call an HSET of the waiting bytes. See
+docs/design.rst (Leases, Big messages).
 ]]
 --@include common
 --@include delay
 --@include unique
 --@include fair
-local bad = check_args('purge', #KEYS >= 6, #ARGV == 3,
+--@include bytes
+local bad = check_args('purge', #KEYS >= 7, #ARGV == 3,
                        'KEYS: streams, delayed set, delayed messages, big messages, key ' ..
-                       'store, staging hash; ARGV: group, holder, batch')
+                       'store, staging hash, counters; ARGV: group, holder, batch')
 if bad then return bad end
 local group, holder, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local purged, more = 0, 0
-local n = #KEYS - 5
+local n = #KEYS - 6
 local dkey, bodies, big, ustore = KEYS[n + 1], KEYS[n + 2], KEYS[n + 3], KEYS[n + 4]
 local staging = KEYS[n + 5]
 -- every key is checked first (see wrong_type): no delayed messages gone, then an error
@@ -172,4 +177,6 @@ if redis.call('EXISTS', staging) == 1 then
   end
 end
 chunked('HDEL', big, free)
+-- nothing waits now (its count of bytes is right again, lua/lib/bytes.lua)
+if more == 0 then lib_bytes().bytes_add(KEYS[n + 6], KEYS[1], 0, true) end
 return {purged, more}

@@ -14,13 +14,15 @@ KEYS[S+12q-8]   delayed set (zset) of source q, ks:q:{queue}:delayed
 KEYS[S+12q-7]   delayed messages (hash) of source q, ks:q:{queue}:delayed:m
 KEYS[S+12q-6]   big messages (hash) of source q, ks:q:{queue}:big
 KEYS[S+12q-5]   counters (hash) of source q, ks:q:{queue}:counters: "expired" counts the
-                messages set aside past their TTL; a fanout source has no index, no delayed
-                keys, no big messages, no counters, no arguments, no rate key, no key
-                store, no flag and no staging hash (the caller passes its marker again for
-                each)
+                messages set aside past their TTL; with x-max-length-bytes "waiting-bytes"
+                loses the sizes of the messages the call delivered or set aside, and is
+                set to 0 when it leaves nothing waiting (lua/lib/bytes.lua); a fanout
+                source has no index, no delayed keys, no big messages, no counters, no
+                arguments, no rate key, no key store, no flag and no staging hash (the
+                caller passes its marker again for each)
 KEYS[S+12q-4]   arguments (hash) of source q, ks:q:{queue}:args: only x-rate-limit,
-                x-rate-burst, x-max-in-flight, x-priority-aging and x-group-max-in-flight
-                are read (one HMGET per source served)
+                x-rate-burst, x-max-in-flight, x-priority-aging, x-group-max-in-flight and
+                x-max-length-bytes are read (one HMGET per source served)
 KEYS[S+12q-3]   rate limiter state (string) of source q, ks:q:{queue}:rate: the next
                 delivery's theoretical arrival time, unix ms, expiring once it is past;
                 written only when the queue has x-rate-limit (lua/lib/rate.lua)
@@ -107,7 +109,9 @@ acks that ride along add one XPENDING per stream (ownership, see ack.lua) unless
 stream's are trusted; a source whose riding acks freed entries adds a TYPE of its flag;
 keyed acks a TYPE of the key store per stream, and an HMGET, an HDEL and an HSET and a
 TIME (for throttled keys) per stream and 1,000 keys. A
-queue with x-rate-limit adds a TIME, a GET and a SET; one with x-max-in-flight an XPENDING
+queue with x-max-length-bytes adds an HINCRBY (or an HSET when dry; an HSTRLEN per entry of a
+big message it sets aside); with x-rate-limit a TIME, a GET and a SET; with x-max-in-flight an
+XPENDING
 summary per stream (O(consumers of its group)), and a TYPE and SET of its flag when the
 limit stops the read; one with x-priority-aging, once per call, for each lower level than
 the first it serves that its index names: an XPENDING of one record when held entries may be
@@ -121,6 +125,7 @@ Unique keys, Priority aging, Fair share).
 ]]
 --@include common
 --@include delay
+--@include bytes
 --@include expiry
 --@include rate
 --@include inflight

@@ -12,6 +12,9 @@ KEYS[n+5]   optional, with those: the queue's in-flight flag (string), ks:q:{que
             when raised (x-max-in-flight stopped a read with work left) and a message went
             back, the flag is lowered and the marker set (docs/design.rst, "Global
             concurrency")
+KEYS[n+6..n+7] optional, with those: the queue's counters (hash) and big messages (hash):
+            while the counters keep its waiting bytes (x-max-length-bytes,
+            lua/lib/bytes.lua), each message a consumer held that goes back adds its size
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     name of the holder consumer that parks requeued messages
 ARGV[3]     lease, ms (visibility_timeout): a message idle this long has lost its lease
@@ -28,16 +31,19 @@ Errors:     "reclaim: expected ..." for another layout; WRONGTYPE (checked befor
 Minimum Redis: 6.2 (exclusive ranges). Cost: O(n * consumers + budget): one XINFO CONSUMERS
 per stream, then XPENDING and XCLAIM of at most budget entries in all; with backoff an HGET,
 a TIME and an O(log n) store per message delayed; with the flag a TYPE (raised: a ZADD and
-a DEL).
+a DEL); with the waiting bytes kept an HEXISTS, an XRANGE of one id per message and an
+HINCRBY.
 Stopped consumers, the sweep and the holder: see docs/design.rst (Leases).
 ]]
 --@include common
 --@include delay
 --@include inflight
+--@include bytes
 local n = #ARGV - 5
 local bad = check_args('reclaim', #KEYS == n + 1 or #KEYS == n + 2 or #KEYS == n + 4 or
-                       #KEYS == n + 5, n >= 1,
-                       'KEYS: n streams, marker[, index[, arguments, delayed set[, flag]]]; ' ..
+                       #KEYS == n + 5 or #KEYS == n + 7, n >= 1,
+                       'KEYS: n streams, marker[, index[, arguments, delayed set[, flag[, ' ..
+                       'counters, big messages]]]]; ' ..
                        'ARGV: 5 fixed, one cursor per stream')
 if bad then return bad end
 local group, holder = ARGV[1], ARGV[2]
@@ -56,6 +62,15 @@ if wrong then return redis.error_reply(wrong) end
 
 local moved, more, next_ms, held = 0, 0, -1, {}
 local clock = nil  -- TIME, read once, when a message is to wait
+-- x-max-length-bytes: a message a consumer held waits again, its size added (one waiting
+-- out a backoff whose pointer went already counts: lua/lib/bytes.lua)
+local sized = KEYS[n + 6] and lib_bytes().bytes_kept(KEYS[n + 6])
+local added = 0
+local function count_back(key, id)
+  if not sized then return end
+  local e = redis.call('XRANGE', key, id, id)[1]
+  if e then added = added + lib_bytes().entry_bytes(e[2], KEYS[n + 7]) end
+end
 
 -- Retry backoff: park the ids of stream KEY (XPENDING records P, idle a whole lease) that
 -- their delivery count says must wait with BACKOFF, each pointed to from the delayed set.
@@ -68,6 +83,7 @@ local function wait(key, p)
     if delay <= 0 then
       rest[#rest + 1] = e[1]
     elseif redis.call('XCLAIM', key, group, BACKOFF, lease, e[1], 'JUSTID')[1] then
+      count_back(key, e[1])  -- from a consumer (never BACKOFF's own: see above)
       clock = clock or redis.call('TIME')
       local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
       park_pointer(dkey, index, KEYS[n + 1], key, string.match(key, ':(%d+)$') or '0',
@@ -88,7 +104,15 @@ local function give_back(key, p)
   local args = {key, group, holder, lease}
   for _, id in ipairs(ids) do args[#args + 1] = id end
   args[#args + 1] = 'JUSTID'  -- unpack() must come last to expand fully
-  local got = #redis.call('XCLAIM', unpack(args))
+  local claimed = redis.call('XCLAIM', unpack(args))
+  local got = #claimed
+  if sized and got > 0 then
+    local backoff = {}  -- those BACKOFF held count already
+    for _, e in ipairs(p) do backoff[e[1]] = e[2] == BACKOFF or nil end
+    for _, id in ipairs(claimed) do
+      if not backoff[id] then count_back(key, id) end
+    end
+  end
   if got > 0 then
     moved = moved + got
     held[#held + 1] = HELD .. key
@@ -158,6 +182,7 @@ if #held > 0 then  -- given back to the holder (those waiting made their own mar
   arm(KEYS[n + 1], KEYS[1])
 end
 if flagged and moved > 0 then inflight_release(KEYS[n + 5], KEYS[n + 1], KEYS[1], 0) end
+if added > 0 then lib_bytes().bytes_add(KEYS[n + 6], KEYS[1], added) end
 local reply = {moved, more, next_ms}
 for i = 1, n do reply[i + 3] = cursors[i] end
 return reply

@@ -9,6 +9,9 @@ KEYS[n+3..n+6]  only with ARGV[2] "k": the queue's key store (hash), ks:q:{name}
             its arguments (hash), ks:q:{name}:args (x-unique-ttl), its delayed set (zset),
             ks:q:{name}:delayed, and its staging hash, ks:q:{name}:fair (a staged message
             holding the key is looked at there)
+KEYS[n+7..n+8]  with those: the queue's counters (hash) and big messages (hash): while the
+            counters keep its waiting bytes (x-max-length-bytes, lua/lib/bytes.lua), each
+            message that goes back adds its size
 ARGV[1]     the most dead letters to move in this call
 ARGV[2..]   optional: only these dead-letter ids, in this order (otherwise the oldest
             ones); an id given twice counts once, an id not in the stream is ignored.
@@ -32,19 +35,22 @@ XINFO GROUPS, a ZSCORE or an HEXISTS) and an HSET, and the call an HMGET of the 
 A letter goes back to the stream it came from as a new entry (a fresh delivery count), or
 staged in its group on a fair queue (a few hash commands: lua/lib/fair.lua); a big
 message's (f:r) as its token, its body left in the queue's big hash. See docs/design.rst
-(Delivery counts and dead letters, Unique keys, Fair share).
+(Delivery counts and dead letters, Unique keys, Fair share). With the waiting bytes kept
+("k"), an HEXISTS and an HINCRBY, and an HSTRLEN per big message.
 ]]
 --@include common
+--@include delay
+--@include bytes
 --@include unique
 --@include fair
 local keyed = ARGV[2] == 'k'  -- triples (id, key, group) from ARGV[4], more keys in KEYS
-local bad = check_args('redrive', #KEYS >= (keyed and 8 or 4),
+local bad = check_args('redrive', #KEYS >= (keyed and 10 or 4),
                        #ARGV >= 1 and (not keyed or (#ARGV >= 3 and (#ARGV - 3) % 3 == 0)),
                        'KEYS: dlq, streams, marker, index[, key store, arguments, delayed ' ..
-                       'set, staging hash]; ARGV: count[, ids], or count, "k", group, then ' ..
-                       'triples: id, key, x-group')
+                       'set, staging hash, counters, big messages]; ARGV: count[, ids], or ' ..
+                       'count, "k", group, then triples: id, key, x-group')
 if bad then return bad end
-local n = #KEYS - (keyed and 6 or 2)
+local n = #KEYS - (keyed and 8 or 2)
 local limit = tonumber(ARGV[1])
 local store, argkey, dkey, staging = KEYS[n + 3], KEYS[n + 4], KEYS[n + 5], KEYS[n + 6]
 -- every key is checked first (see wrong_type): no letter moved without its marker
@@ -57,6 +63,9 @@ if keyed then
 end
 if wrong then return redis.error_reply(wrong) end
 if limit <= 0 then return {0, 0, 0} end  -- XRANGE COUNT 0 answers nil on Redis
+-- x-max-length-bytes: each message that goes back waits again (lua/lib/bytes.lua)
+local counters, bighash = KEYS[n + 7], KEYS[n + 8]
+local sized, grown = keyed and lib_bytes().bytes_kept(counters), 0
 local entries
 local key_of, group_of = {}, {}  -- dead-letter id -> its message's key, group ("k" form)
 if #ARGV > 1 then
@@ -133,6 +142,7 @@ for _, e in ipairs(entries) do
       members[#members + 1] = member
     end
     moved = moved + 1
+    if sized then grown = grown + lib_bytes().entry_bytes({name, payload}, bighash) end
   else
     skipped = skipped + 1
   end
@@ -141,4 +151,5 @@ if moved > 0 then
   index_add(KEYS[n + 2], KEYS[2], unpack(members))
   arm(KEYS[n + 1], KEYS[2])
 end
+if grown > 0 then lib_bytes().bytes_add(counters, KEYS[2], grown) end
 return {moved, skipped, held}

@@ -10,6 +10,9 @@ KEYS[n+5]   optional, with those: the queue's in-flight flag (string), ks:q:{que
             when raised (x-max-in-flight stopped a read with work left) and a message went
             back, the flag is lowered and the marker set (docs/design.rst, "Global
             concurrency")
+KEYS[n+6..n+7] optional, with those: the queue's counters (hash) and big messages (hash):
+            while the counters keep its waiting bytes (x-max-length-bytes,
+            lua/lib/bytes.lua), each message given back adds its size
 ARGV[1]     consumer group (the queue's name)
 ARGV[2]     consumer name: only entries it still owns are requeued; one whose lease ran out
             and that another consumer took is left to that one. '' requeues whoever owns them
@@ -25,21 +28,24 @@ Errors:     "requeue: expected ..." for another layout; WRONGTYPE (checked befor
 Minimum Redis: 6.2. Cost: O(number of ids): one XCLAIM per id; for a consumer, one XPENDING
 per stream of its own entries from the lowest to the highest id (paged); with backoff an
 HGET and a TIME per call, per message that waits an O(log n) ZADD (and an XPENDING of its id
-for a count -1); with the flag a TYPE (raised: a ZADD and a DEL). Used for reject with
-requeue and the restore of unacked messages at close.
+for a count -1); with the flag a TYPE (raised: a ZADD and a DEL); with the waiting bytes
+kept an HEXISTS, an XRANGE of one id per message (and an XPENDING of it for '') and an
+HINCRBY. Used for reject with requeue and the restore of unacked messages at close.
 The holder: see docs/design.rst (Leases).
 ]]
 --@include common
 --@include delay
 --@include inflight
+--@include bytes
 local n, ok = 0, #ARGV >= 6 and (#ARGV - 3) % 3 == 0
 for j = 4, #ARGV, 3 do
   local k = tonumber(ARGV[j])
   if k == nil or k < 1 or k % 1 ~= 0 then ok = false else n = math.max(n, k) end
 end
 local bad = check_args('requeue', #KEYS == n + 1 or #KEYS == n + 2 or #KEYS == n + 4 or
-  #KEYS == n + 5, ok,
-  'KEYS: n streams, marker[, index[, arguments, delayed set[, flag]]]; ARGV: ' ..
+  #KEYS == n + 5 or #KEYS == n + 7, ok,
+  'KEYS: n streams, marker[, index[, arguments, delayed set[, flag[, counters, big ' ..
+  'messages]]]]; ARGV: ' ..
   'group, consumer, holder, triples (stream index 1..n, id, count)')
 if bad then return bad end
 local group, me, holder, moved, stale = ARGV[1], ARGV[2], ARGV[3], 0, 0
@@ -56,6 +62,20 @@ end
 local flagged = false  -- x-max-in-flight stopped a read: a slot freed sets the marker
 if KEYS[n + 5] and not wrong then flagged, wrong = inflight_flagged(KEYS[n + 5]) end
 if wrong then return redis.error_reply(wrong) end
+-- x-max-length-bytes: a message given back waits again, its size added (lua/lib/bytes.lua)
+local sized = KEYS[n + 6] and lib_bytes().bytes_kept(KEYS[n + 6])
+local added = 0
+-- Count entry ID of stream KEY as waiting again (it was in flight; for '' one parked with the
+-- holder or waiting out a backoff already waits, and counts once).
+local function count_back(key, id)
+  if not sized then return end
+  if me == '' then
+    local p = redis.call('XPENDING', key, group, id, id, 1)[1]
+    if not p or p[2] == holder or p[2] == BACKOFF then return end
+  end
+  local e = redis.call('XRANGE', key, id, id)[1]
+  if e then added = added + lib_bytes().entry_bytes(e[2], KEYS[n + 7]) end
+end
 local ids = {}  -- stream index -> its ids
 for j = 4, #ARGV, 3 do
   local k = tonumber(ARGV[j])
@@ -83,6 +103,7 @@ local function wait(k, id, count)
   end
   local delay = backoff_ms(count, min_ms, max_ms)
   if delay <= 0 then return false end
+  count_back(key, id)
   if redis.call('XCLAIM', key, group, BACKOFF, 0, id, 'RETRYCOUNT', count, 'JUSTID')[1] then
     clock = clock or redis.call('TIME')
     local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
@@ -99,6 +120,7 @@ for j = 4, #ARGV, 3 do
   if mine[k][id] and min_ms and wait(k, id, count) then
     mine[k][id] = nil  -- waits in the delayed set (or was not pending)
   elseif mine[k][id] then
+    count_back(key, id)
     local r, err
     if count >= 0 then
       r, err = try('XCLAIM', key, group, holder, 0, id, 'RETRYCOUNT', count, 'JUSTID')
@@ -117,4 +139,5 @@ if #held > 0 then  -- parked with the holder (those waiting made their own marks
   arm(KEYS[n + 1], KEYS[1])
 end
 if flagged and moved > 0 then inflight_release(KEYS[n + 5], KEYS[n + 1], KEYS[1], 0) end
+if added > 0 then lib_bytes().bytes_add(KEYS[n + 6], KEYS[1], added) end
 return {moved, stale}

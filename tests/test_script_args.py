@@ -20,7 +20,8 @@ FAN, FWAKE = K.fanout(X), K.fanout_wake(X, Q)
 QUEUE_KEYS = [K.wake(Q), K.ready(Q), K.delayed(Q), K.delayed_messages(Q), K.big(Q)]
 PUBLISH_KEYS = [S0, K.wake(Q), K.ready(Q), K.args(Q), K.dlq(Q), K.delayed(Q),
                 K.delayed_messages(Q), S0, K.dedup(Q)]
-#: A limited queue's, a keyed or a big message's publish: every stream, and the counters.
+#: A limited queue's, a keyed or a big message's publish: every stream, and the counters
+#: (then the key store and the staging hash, as ARGV says, and last the big hash).
 PUBLISH_WIDE = [*PUBLISH_KEYS, K.counters(Q)]
 
 #: The smallest valid call of each script, laid out as kombu_streams/broker.py does (one
@@ -48,7 +49,8 @@ MINIMAL = {
     'peek': ([S0, K.fair(Q)], [Q, HOLDER, 1, 1, 'h', '']),
     'limits': ([K.args(Q), S0, K.counters(Q)], ['get']),
     'publish': (PUBLISH_KEYS, ['m', '0', 1, Q, HOLDER, '0', '']),
-    'purge': ([S0, K.delayed(Q), K.delayed_messages(Q), K.big(Q), K.unique(Q), K.fair(Q)],
+    'purge': ([S0, K.delayed(Q), K.delayed_messages(Q), K.big(Q), K.unique(Q), K.fair(Q),
+               K.counters(Q)],
               [Q, HOLDER, 10]),
     'read': ([S0, K.wake(Q), K.dlq(Q), *QUEUE_KEYS[1:], K.counters(Q), K.args(Q), K.rate(Q),
               K.unique(Q), K.capped(Q), K.fair(Q)],
@@ -82,12 +84,12 @@ LARGER = {
 }
 #: With a unique key (x-unique-key): its store in KEYS and the key in ARGV, one layout more.
 KEYED = {
-    'publish': ([*PUBLISH_WIDE, K.unique(Q)], ['m', '0', 1, Q, HOLDER, '0', '', '', '', '', '',
-                                               'k']),
+    'publish': ([*PUBLISH_WIDE, K.unique(Q), K.big(Q)],
+                ['m', '0', 1, Q, HOLDER, '0', '', '', '', '', '', 'k']),
     'ack': ([S0, K.unique(Q)], [Q, 'c1', 'u', 1, 'k', 1, '1-1']),
     'deadletter': ([S0, K.dlq(Q), K.unique(Q)], [Q, 'c1', '1-1', 'why', 1, '0', 'k']),
     'redrive': ([K.dlq(Q), S0, K.wake(Q), K.ready(Q), K.unique(Q), K.args(Q), K.delayed(Q),
-                 K.fair(Q)], [10, 'k', Q, '1-1', 'k', 'g']),
+                 K.fair(Q), K.counters(Q), K.big(Q)], [10, 'k', Q, '1-1', 'k', 'g']),
 }
 
 #: With the in-flight flag and marker (x-max-in-flight: a settle that frees a slot wakes a

@@ -340,6 +340,12 @@ UNTOUCHED |= {('publish-unique-duplicate', 0), ('publish-unique-duplicate', 1)} 
 UNTOUCHED |= {('ack', 2), ('ack-any', 2), ('ack-big', 3), ('ack-unique', 3), ('deadletter', 4),
               ('deadletter-unique', 4)}
 UNTOUCHED |= {('requeue-capped', 4), ('reclaim-capped', 7)}  # the delayed set: no backoff
+#: The counters and the big hash (last) are looked at only while the counters keep the
+#: queue's waiting bytes (x-max-length-bytes): a counters key of another type keeps none.
+UNTOUCHED |= {(f'requeue{tail}', i) for tail in ('', '-backoff', '-capped') for i in (6, 7)}
+UNTOUCHED |= {(f'reclaim{tail}', i) for tail in ('', '-backoff', '-capped') for i in (9, 10)}
+UNTOUCHED |= {('cancel', 4), ('purge', 9), ('purge-fair', 9)}
+UNTOUCHED |= {(f'redrive{tail}', i) for tail in ('-fair', '-keyed') for i in (11, 12)}
 #: A staged message touches neither its stream (0) nor the others (7: only EXISTS and PTTL;
 #: 8, 9), nor the dead-letter stream (4), the delayed messages (6), the id store (10), the
 #: counters (11) or the key store (12, no unique key).
@@ -350,6 +356,11 @@ UNTOUCHED |= {('publish-fair', i) for i in (0, 4, 6, 7, 8, 9, 10, 11, 12)}
 UNTOUCHED |= {('publish-fair-delayed', i) for i in (0, 4, 7, 8, 9, 10, 11, 12)}
 #: Limited, it counts every stream and the staging hash (their types so checked) first.
 UNTOUCHED |= {('publish-fair-limited', i) for i in (4, 10, 11, 12)}
+#: The big hash ends every wide layout; a message that is not big leaves it alone (with
+#: x-max-length-bytes drop-head and replace mode ask the size of a big one they take out).
+UNTOUCHED |= {('publish-drop-head', 12), ('publish-limited', 12)}
+UNTOUCHED |= {(f'publish-unique{tail}', 13) for tail in ('', '-delayed', '-duplicate', '-replace')}
+UNTOUCHED |= {(f'publish-fair{tail}', 14) for tail in ('', '-delayed', '-limited')}
 
 _DUMMY = {'renew': (K.stream('q', 0), ['1-1']), 'raw': b'', 'fanout_ids': ['1-1'],
           'letter': '1-1'}

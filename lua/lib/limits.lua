@@ -14,18 +14,19 @@ local DEDUP_WINDOW = 'x-deduplication-window'
 -- (nil, nil) without a limit, or (nil, nil, error) when ARGS holds another type; the fourth
 -- value is the queue's message TTL in ms, or nil, the fifth its x-deduplication-window in ms,
 -- or nil, the sixth its x-fairness (lua/lib/fair.lua), or nil, then its x-unique-mode and
--- x-unique-ttl (lua/lib/unique.lua) as stored, or nil. One HMGET, O(1): all a publish to a
--- queue without arguments pays, and all a keyed one pays for them.
+-- x-unique-ttl (lua/lib/unique.lua) as stored, or nil, and its x-max-length-bytes, or nil
+-- (overflow is given with either limit). One HMGET, O(1): all a publish to a queue without
+-- arguments pays, and all a keyed one pays for them.
 local function read_limit(args)
   local r, err = try('HMGET', args, MAX_LENGTH, OVERFLOW, MESSAGE_TTL, DEDUP_WINDOW,
-                     'x-fairness', 'x-unique-mode', 'x-unique-ttl')
-  if err then return nil, nil, err, nil, nil, nil, nil, nil end
-  if not r then return nil, nil, nil, nil, nil, nil, nil, nil end
+                     'x-fairness', 'x-unique-mode', 'x-unique-ttl', 'x-max-length-bytes')
+  if err then return nil, nil, err end
+  if not r then return nil, nil, nil end
   local ttl = r[3] and tonumber(r[3]) or nil
   local window, fairness = tonumber(r[4]), r[5] or nil
-  local umode, uttl = r[6] or nil, r[7] or nil
-  if not r[1] then return nil, nil, nil, ttl, window, fairness, umode, uttl end
-  return tonumber(r[1]), r[2] or 'drop-head', nil, ttl, window, fairness, umode, uttl
+  local umode, uttl, bytes = r[6] or nil, r[7] or nil, tonumber(r[8])
+  local overflow = (r[1] or bytes) and (r[2] or 'drop-head') or nil
+  return tonumber(r[1]), overflow, nil, ttl, window, fairness, umode, uttl, bytes
 end
 
 -- What a queue holds, counted against its limit: every entry of its STREAMS (ready and in
@@ -64,16 +65,16 @@ local function next_served(s, group, holder)
 end
 
 -- drop-head: move the message a read would serve next (levels in order, each parked before
--- fresh) to the dead-letter stream DLQ with reason "max-length". Returns true when one went,
--- false when none is ready (all in flight or delayed), or (false, error) when DLQ cannot
--- take it (nothing changed).
+-- fresh) to the dead-letter stream DLQ with reason "max-length". Returns true and the fields
+-- of the entry when one went, false when none is ready (all in flight or delayed), or
+-- (false, error) when DLQ cannot take it (nothing changed).
 local function drop_head(streams, group, holder, dlq)
   for _, s in ipairs(streams) do
     local id, fields, deliveries = next_served(s, group, holder)
     if id then
       local err = dead_letter(s, group, id, fields, dlq, 'max-length', deliveries, false)
       if err then return false, err end
-      return true, nil
+      return true, nil, fields
     end
   end
   return false, nil

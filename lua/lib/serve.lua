@@ -24,6 +24,8 @@
 --                state in this call (lua/lib/fair.lua's fair_gate), src.gfull: it stopped
 --                the staging (then, with room left in the call, the source counts as full,
 --                unless src.dropped: the call set one of its entries aside, lua/lib/serve_rare.lua)
+--   src.bytes    x-max-length-bytes: the bytes of its messages this call delivered or set
+--                aside (they wait no more, lua/lib/bytes.lua), or nil without the argument
 --   src.keyed    its key store exists (a staged message it moves may hold a unique key: its
 --                key is re-pointed, lua/lib/serve_rare.lua); nil until a move looks
 --   src.aging    x-priority-aging's state (lua/lib/aging.lua) when it has the argument,
@@ -313,7 +315,8 @@ local function deliver(ctx, src, i, id, fields, count)
     end
     local size, err = try('HSTRLEN', src.big, token)
     if err then
-      redis.call('XCLAIM', KEYS[i], src.group, UNFILED, 0, id, 'JUSTID')
+      redis.call('XCLAIM', KEYS[i], src.group, UNFILED, 0, id, 'JUSTID')  -- out of waiting
+      if src.bytes then src.bytes = src.bytes + lib_bytes().entry_bytes(fields, nil) end
       problem(ctx, src, src.big, err)
       return false
     end
@@ -324,7 +327,10 @@ local function deliver(ctx, src, i, id, fields, count)
     end
     ctx.bytes_left = ctx.bytes_left - size
     if size > src.est then src.est = size end
+    if src.bytes then src.bytes = src.bytes + size end
     payload = {token}
+  elseif src.bytes then  -- x-max-length-bytes: it no longer waits (lua/lib/bytes.lua)
+    src.bytes = src.bytes + #payload
   end
   local out, n = ctx.out, #ctx.out
   out[n + 1], out[n + 2], out[n + 3], out[n + 4] = i, id, count, payload
@@ -387,13 +393,17 @@ end
 -- (lua/lib/inflight.lua) only where it has those arguments. False on a problem (noted).
 local function open_limits(ctx, src)
   local r, err = try('HMGET', src.args, RATE_LIMIT, RATE_BURST, MAX_IN_FLIGHT, PRIORITY_AGING,
-                     'x-group-max-in-flight')
+                     'x-group-max-in-flight', 'x-max-length-bytes')
   if err then
     problem(ctx, src, src.args, err)
     return false
   end
   r = r or {}
   src.aging = false
+  -- x-max-length-bytes: the bytes of its messages this call took out of waiting (delivered
+  -- or set aside), taken off its count at the end (lua/lib/bytes.lua); no field otherwise,
+  -- as for gcap below
+  if r[6] then src.bytes = 0 end
   if r[5] then  -- fair share's per-group cap (lua/lib/fair.lua's fair_gate); no field
     -- otherwise: one more key in src costs a plain read a rehash of it
     src.gcap, err = inflight_max(r[5], 'x-group-max-in-flight')
@@ -616,7 +626,14 @@ local function finish(ctx, sources)
   end
   local status, unsettled = {}, {}
   for q = 1, #sources do
-    status[q] = finish_source(ctx, sources[q])
+    local src = sources[q]
+    status[q] = finish_source(ctx, src)
+    if src.bytes then  -- x-max-length-bytes: what left waiting; 0 once nothing waits
+      local at = src.due_at
+      local dry = status[q] == '0' and src.state == 'open' and not (src.capped or src.full)
+                  and at ~= nil and ctx.dues[at] == -1
+      lib_bytes().bytes_add(src.counters, KEYS[src.streams[1]], -src.bytes, dry)
+    end
     if ctx.unsettled[q] then
       unsettled[#unsettled + 1] = q
       unsettled[#unsettled + 1] = ctx.unsettled[q]

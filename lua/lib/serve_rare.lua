@@ -79,6 +79,7 @@ end
 -- let expire (RabbitMQ too drops expired messages of a queue without a dead-letter
 -- exchange). It counts against the call's set-aside budget. docs/design.rst, "Message TTL".
 local function drop_expired(ctx, src, i, id, fields)
+  if src.bytes then src.bytes = src.bytes + lib_bytes().entry_bytes(fields, src.big) end
   redis.call('XACK', KEYS[i], src.group, id)
   redis.call('XDEL', KEYS[i], id)
   src.dropped = true  -- may have freed a slot of a capped group (serve.lua's finish_source)
@@ -91,6 +92,8 @@ end
 -- it (another type at its name), the entry is parked with UNFILED instead and the problem
 -- noted: the queue keeps flowing, and the entry is tried again after a lease.
 local function set_aside(ctx, src, i, id, fields, reason, deliveries)
+  -- filed or parked with UNFILED, it waits no more (x-max-length-bytes, lua/lib/bytes.lua)
+  if src.bytes then src.bytes = src.bytes + lib_bytes().entry_bytes(fields, src.big) end
   local err = dead_letter(KEYS[i], src.group, id, fields, src.dlq, reason, deliveries,
                           src.shared)
   if err then
