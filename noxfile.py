@@ -117,6 +117,8 @@ COMPAT_TESTS = [
     'tests/test_delayed.py::test_options_checked',
     'tests/test_delayed.py::test_purge_counts_delayed_through_kombu',
     'tests/test_delayed.py::test_wait_is_ended_at_the_due_time',
+    # x-max-length-bytes through Kombu's declare (queue_arguments) and publish
+    'tests/test_max_bytes.py::test_a_kombu_queue_with_max_length_bytes',
     # prometheus_client: its declared floor (0.20) on the oldest stack
     'tests/test_exporter.py',
     # the connection forms whose code differs by redis-py and Kombu: Sentinel pools,
@@ -182,7 +184,7 @@ OLDEST_TESTS = ['tests/test_limits_celery.py', 'tests/test_unique_celery.py',
 
 #: The Valkey leg: what runs on a server of its own -- the Lua scripts, the Kombu API, the
 #: bounds, delayed delivery, big messages (MULTI/EXEC), queue limits (length, TTL, rate,
-#: retry backoff, unique keys, in-flight limit), deduplication, priority aging, fair share
+#: retry backoff, unique keys, in-flight limit, bytes), deduplication, priority aging, fair share
 #: and the fault tests
 #: (restarts, SCRIPT FLUSH, CLIENT KILL, OOM) --
 #: on Valkey's redis-server, which the "redis7" fixtures take. Tests on fakeredis or on
@@ -194,7 +196,7 @@ VALKEY_TESTS = ['tests/test_scripts.py', 'tests/test_kombu_api.py', 'tests/test_
                 'tests/test_backoff.py', 'tests/test_unique.py', 'tests/test_inflight.py',
                 'tests/test_dedup.py', 'tests/test_unique_sweep.py', 'tests/test_unique_due.py',
                 'tests/test_unique_kombu.py', 'tests/test_aging.py', 'tests/test_fair.py',
-                'tests/test_carried_read.py', '-m',
+                'tests/test_carried_read.py', 'tests/test_max_bytes.py', '-m',
                 'redis', '-k', 'not redis62']
 
 

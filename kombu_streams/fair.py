@@ -46,7 +46,8 @@ def group(message: Mapping[str, Any]) -> str | None:
 
 def fairness_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
     """x-fairness of ``args`` checked, as stored, with x-group-max-in-flight (an integer >=
-    1) after it, or [] without it. With x-max-length only with x-overflow reject-publish:
+    1) after it, or [] without it. With x-max-length (or x-max-length-bytes) only with
+    x-overflow reject-publish:
     drop-head sets aside the message a read would serve next, and it does not look at staged
     messages yet; never with x-priority-aging, which looks at the streams only
     (docs/design.rst, "Fair share"). x-group-max-in-flight without x-fairness is refused:
@@ -61,10 +62,12 @@ def fairness_pairs(queue: str, args: Mapping[str, Any]) -> list[str]:
     if value not in VALUES:
         raise ValueError(f'kombu-streams: queue {queue!r}: argument {ARGUMENT}={value!r} is '
                          f'not valid: {" or ".join(VALUES)}')
-    if args.get('x-max-length') is not None and args.get('x-overflow') != 'reject-publish':
-        raise ValueError(f'kombu-streams: queue {queue!r}: argument {ARGUMENT}={value!r} is '
-                         f'not valid: with x-max-length only with x-overflow reject-publish '
-                         f'(drop-head does not set staged messages aside yet)')
+    for length in ('x-max-length', 'x-max-length-bytes'):
+        if args.get(length) is not None and args.get('x-overflow') != 'reject-publish':
+            raise ValueError(f'kombu-streams: queue {queue!r}: argument {ARGUMENT}={value!r} '
+                             f'is not valid: with {length} only with x-overflow '
+                             f'reject-publish (drop-head does not set staged messages aside '
+                             f'yet)')
     if args.get('x-priority-aging') is not None:
         raise ValueError(f'kombu-streams: queue {queue!r}: argument {ARGUMENT}={value!r} is '
                          f'not valid with x-priority-aging (aging looks at the streams, and '

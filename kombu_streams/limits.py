@@ -25,17 +25,19 @@ from .unique import TTL as UNIQUE_TTL
 
 #: The arguments kombu-streams stores and enforces, in the order they are stored.
 MAX_LENGTH, OVERFLOW = 'x-max-length', 'x-overflow'
+#: The bytes of the messages a queue holds waiting to be served (ready, requeued, delayed,
+#: staged; not in flight): RabbitMQ's x-max-length-bytes, with the same x-overflow
+#: (lua/lib/bytes.lua, docs/design.rst "Queue arguments and limits"). Stored after
+#: x-max-length, before x-overflow.
+MAX_LENGTH_BYTES = 'x-max-length-bytes'
 #: Message TTL in ms (RabbitMQ's x-message-ttl; Kombu's ``Queue(message_ttl=seconds)``):
 #: a message not delivered within it goes to the dead-letter stream (reason ``expired``).
 MESSAGE_TTL = 'x-message-ttl'
-STORED = (MAX_LENGTH, OVERFLOW, MESSAGE_TTL)
+STORED = (MAX_LENGTH, MAX_LENGTH_BYTES, OVERFLOW, MESSAGE_TTL)
 #: x-overflow values: RabbitMQ's names.
 OVERFLOWS = ('drop-head', 'reject-publish')
 #: Limits known from RabbitMQ that are not enforced yet: refused, never silently ignored.
-NOT_YET = {
-    'x-max-length-bytes': 'a byte count of what a queue holds cannot be kept exact by every '
-                          'script that removes messages without reading them yet',
-}
+NOT_YET: dict[str, str] = {}
 
 
 #: Idempotent publish (kombu_streams/dedup.py, lua/lib/dedup.lua): the window in ms within
@@ -44,7 +46,7 @@ NOT_YET = {
 DEDUP_WINDOW, DEDUP_MAX_IDS = 'x-deduplication-window', 'x-deduplication-max-ids'
 DEDUP_STORED = (DEDUP_WINDOW, DEDUP_MAX_IDS)
 #: Arguments stored as integers (shown as such by :func:`as_dict`).
-INTEGERS: tuple[str, ...] = (MAX_LENGTH, MESSAGE_TTL, *DEDUP_STORED)
+INTEGERS: tuple[str, ...] = (MAX_LENGTH, MAX_LENGTH_BYTES, MESSAGE_TTL, *DEDUP_STORED)
 
 #: Unique keys (kombu_streams/unique.py, lua/lib/unique.lua): what a publish whose
 #: x-unique-key is taken does (keep-first, the default, or replace the waiting one), and how
@@ -79,8 +81,9 @@ INTEGERS = (*INTEGERS, PRIORITY_AGING, GROUP_MAX_IN_FLIGHT)
 
 
 class QueueFull(redis.exceptions.ResponseError):
-    """A publish refused because the queue holds ``x-max-length`` messages (``x-overflow``
-    ``reject-publish``): nothing was stored. A channel error, not a connection error, so a
+    """A publish refused because the queue holds ``x-max-length`` messages or
+    ``x-max-length-bytes`` bytes waiting (``x-overflow`` ``reject-publish``; or a message
+    bigger than ``x-max-length-bytes`` alone): nothing was stored. A channel error, not a connection error, so a
     publish with ``retry=True`` does not spin on it; the message names the queue and limit."""
 
 
@@ -162,24 +165,30 @@ def stored_pairs(queue: str, arguments: Mapping[str, Any] | None) -> list[str]:
     """The limit arguments of ``arguments`` (other ones, such as x-expires or
     x-max-priority, are left to the code that reads them) checked and as declare.lua stores
     them: a flat [field, value, ...] list of strings in a fixed order; [] for none. An
-    x-overflow without a length is refused (it would mean nothing); x-overflow defaults to
-    drop-head, RabbitMQ's default. Raises ValueError naming the queue and argument."""
+    x-overflow without a length (x-max-length or x-max-length-bytes) is refused (it would
+    mean nothing); x-overflow defaults to drop-head, RabbitMQ's default. Raises ValueError
+    naming the queue and argument."""
     args = dict(arguments or {})
     for name, why in NOT_YET.items():
         if name in args:
             raise _error(queue, name, args[name], f'not supported by kombu-streams yet ({why})')
     pairs: list[str] = []
-    length = args.get(MAX_LENGTH)
+    length, size = args.get(MAX_LENGTH), args.get(MAX_LENGTH_BYTES)
     overflow = args.get(OVERFLOW)
-    if length is None:
+    if length is None and size is None:
         if overflow is not None:
-            raise _error(queue, OVERFLOW, overflow, f'it needs {MAX_LENGTH}')
+            raise _error(queue, OVERFLOW, overflow,
+                         f'it needs {MAX_LENGTH} or {MAX_LENGTH_BYTES}')
     else:
         if overflow is None:
             overflow = 'drop-head'
         if overflow not in OVERFLOWS:
             raise _error(queue, OVERFLOW, overflow, ' or '.join(OVERFLOWS))
-        pairs += [MAX_LENGTH, str(_count(queue, MAX_LENGTH, length)), OVERFLOW, overflow]
+        if length is not None:
+            pairs += [MAX_LENGTH, str(_count(queue, MAX_LENGTH, length))]
+        if size is not None:
+            pairs += [MAX_LENGTH_BYTES, str(_count(queue, MAX_LENGTH_BYTES, size))]
+        pairs += [OVERFLOW, overflow]
     # x-message-ttl: Celery's event queues (event_queue_ttl) and reply queues set it
     ttl = args.get(MESSAGE_TTL)
     if ttl is not None:
@@ -316,7 +325,8 @@ def check_option(value: Any) -> bool:
 
 
 __all__ = ('QueueFull', 'QueueArgumentsDiffer', 'stored_pairs', 'as_dict', 'STORED',
-           'MAX_LENGTH', 'OVERFLOW', 'OVERFLOWS', 'MESSAGE_TTL', 'expiration_ms',
+           'MAX_LENGTH', 'MAX_LENGTH_BYTES', 'OVERFLOW', 'OVERFLOWS', 'MESSAGE_TTL',
+           'expiration_ms',
            'DEDUP_WINDOW', 'DEDUP_MAX_IDS', 'dedup_pairs', 'UNIQUE_STORED', 'unique_pairs',
            'RATE_LIMIT', 'RATE_BURST', 'rate_pairs', 'rate_spec', 'REQUEUE_DELAY',
            'backoff_pairs', 'MAX_IN_FLIGHT', 'inflight_pairs', 'PRIORITY_AGING',

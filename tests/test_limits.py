@@ -185,7 +185,10 @@ def test_limits_set_needs_the_queue(script_client):
     ({'x-max-length': True}, 'an integer >= 0'),
     ({'x-max-length': 3, 'x-overflow': 'reject-publish-dlx'}, 'drop-head or reject-publish'),
     ({'x-overflow': 'drop-head'}, 'it needs x-max-length'),
-    ({'x-max-length-bytes': 1000}, 'not supported by kombu-streams yet'),
+    ({'x-max-length-bytes': -1}, 'an integer >= 0'),
+    ({'x-max-length-bytes': '1k'}, 'an integer >= 0'),
+    ({'x-max-length-bytes': 9, 'x-fairness': 'round-robin'},
+     'with x-max-length-bytes only with x-overflow reject-publish'),
 ])
 def test_invalid_arguments_are_named(arguments, says):
     with pytest.raises(ValueError, match=says) as info:
