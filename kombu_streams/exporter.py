@@ -111,6 +111,9 @@ QUEUE_METRICS = {
                                'expiration), counted while the queue lives', ['queue']),
     'queue_argument': ('A numeric queue argument recorded for the queue (x-max-length, ...; '
                        'kombu-streams limits)', ['queue', 'argument']),
+    'queue_waiting_bytes': ('Bytes of the messages waiting (ready, requeued, delayed, '
+                            'staged), as x-max-length-bytes counts them (queues with that '
+                            'limit)', ['queue']),
     'queue_in_flight_messages': ('Messages delivered and not settled, as x-max-in-flight '
                                  'counts them (queues with that limit)', ['queue']),
     'queue_in_flight_limit_messages': ('The queue\'s x-max-in-flight: most messages in '
@@ -133,8 +136,8 @@ QUEUE_METRICS = {
 QUEUE_COUNTERS = {
     'queue_unique_refused': ('Publishes not stored because a live message of the queue held '
                              'their x-unique-key', ['queue']),
-    'queue_refused_publishes': ('Publishes refused because the queue was full (x-max-length; '
-                                'QueueFull)', ['queue']),
+    'queue_refused_publishes': ('Publishes refused because the queue was full (x-max-length, '
+                                'x-max-length-bytes; QueueFull)', ['queue']),
     'queue_overflowed_messages': ('Messages x-overflow drop-head set aside to the dead-letter '
                                   'stream', ['queue']),
 }
@@ -172,6 +175,8 @@ def _add_queue(f: Families, info: dict[str, Any]) -> None:
     counters = info.get('counters', {})
     f['queue_refused_publishes'].add_metric([queue], counters.get('refused', 0))
     f['queue_overflowed_messages'].add_metric([queue], counters.get('overflowed', 0))
+    if 'waiting-bytes' in counters:  # kept while the queue has x-max-length-bytes
+        f['queue_waiting_bytes'].add_metric([queue], counters['waiting-bytes'])
     if info.get('in_flight_limit') is not None:  # what the reads count, and the cap
         f['queue_in_flight_messages'].add_metric([queue], info['in_flight'])
         f['queue_in_flight_limit_messages'].add_metric([queue], info['in_flight_limit'])

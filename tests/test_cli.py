@@ -1029,9 +1029,11 @@ def test_status_limit_text_names_every_argument_it_knows():
     """The status table's LIMIT column: each stored argument says itself (none left out)."""
     from kombu_streams.cli.commands.status import limit_text
     info = {'limits': {'x-max-length': 10, 'x-overflow': 'reject-publish',
+                       'x-max-length-bytes': 65536,
                        'x-message-ttl': 5000, 'x-requeue-delay': '1000,60000',
                        'x-priority-aging': 30000, 'x-group-max-in-flight': 2},
-            'counters': {'expired': 2}}
-    assert limit_text(info) == ('10 reject-publish, ttl 5000ms, 2 expired, '
+            'counters': {'expired': 2, 'waiting-bytes': 5120}}
+    assert limit_text(info) == ('10 reject-publish, 5120/65536 bytes reject-publish, '
+                                'ttl 5000ms, 2 expired, '
                                 'backoff 1000,60000ms, aging 30000ms, per group 2 in flight')
     assert limit_text({}) == '-'

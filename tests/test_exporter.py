@@ -146,6 +146,22 @@ def test_a_full_queue_counts_its_refusals_and_overflows(redis_client):
     assert got[('kombu_streams_queue_overflowed_messages_total', (('queue', 'd'),))] == 2
 
 
+def test_a_queue_with_max_length_bytes_shows_what_waits(redis_client):
+    """x-max-length-bytes: the bytes waiting as the scripts count them, beside the limit (a
+    numeric argument); a queue without it has no such sample."""
+    from kombu_streams.limits import stored_pairs
+    broker = Broker(redis_client, Keys(), [0, 3, 6, 9])
+    broker.declare('b', stored_pairs('b', {'x-max-length-bytes': 5000}))
+    broker.declare('n', [])
+    for queue in ('b', 'n'):
+        broker.publish(queue, 0, '{"x": 1}')
+    got = samples(generate_latest(registry_for(Collector(broker, queues=['b', 'n']))).decode())
+    assert got[('kombu_streams_queue_waiting_bytes', (('queue', 'b'),))] == 8
+    assert got[('kombu_streams_queue_argument',
+                (('argument', 'x-max-length-bytes'), ('queue', 'b')))] == 5000
+    assert ('kombu_streams_queue_waiting_bytes', (('queue', 'n'),)) not in got
+
+
 def test_scrape_of_many_queues_is_one_bounded_call_each(redis_client):
     """300 queues, found by SCAN: one inspect call per queue, nothing more."""
     broker = Broker(redis_client, Keys(), [0, 3, 6, 9])

@@ -38,7 +38,8 @@ def status_once(args: argparse.Namespace, broker: Broker) -> int:
 
 def limit_text(info: dict[str, Any]) -> str:
     """A queue's limits and where it stands against them, for the status table (``info`` as
-    status_once leaves it): '1000 reject-publish', 'ttl 5000ms', the count of messages that
+    status_once leaves it): '1000 reject-publish', '5120/65536 bytes drop-head' (the bytes
+    waiting, x-max-length-bytes), 'ttl 5000ms', the count of messages that
     expired, 'dedup 60000ms: 3 dup' (the duplicates not stored), '2 unique refused'
     (publishes whose x-unique-key a live message held), 'in flight 2/4' (x-max-in-flight:
     delivered and not settled, as the reads count them, against the limit), 'rate 50/s burst
@@ -49,6 +50,9 @@ def limit_text(info: dict[str, Any]) -> str:
     parts = []
     if 'x-max-length' in arguments:
         parts.append(f"{arguments['x-max-length']} {arguments.get('x-overflow', 'drop-head')}")
+    if 'x-max-length-bytes' in arguments:  # what waits, against the limit (lua/lib/bytes.lua)
+        parts.append(f"{counters.get('waiting-bytes', 0)}/{arguments['x-max-length-bytes']} "
+                     f"bytes {arguments.get('x-overflow', 'drop-head')}")
     if 'x-message-ttl' in arguments:
         parts.append(f"ttl {arguments['x-message-ttl']}ms")
     if counters.get('expired'):
