@@ -17,7 +17,8 @@ client would only rewrite the first one).
                                      kombu_streams/limits.py
     <prefix>ks:q:{<queue>}:big       big messages: token -> message (hash); their stream
                                      entries (and delayed values) hold the token instead
-    <prefix>ks:q:{<queue>}:counters  counters (hash: expired), kombu-streams limits shows them
+    <prefix>ks:q:{<queue>}:counters  counters (hash: expired, ..., waiting-bytes with
+                                     x-max-length-bytes), kombu-streams limits shows them
     <prefix>ks:q:{<queue>}:rate      x-rate-limit's state: the next delivery's theoretical
                                      arrival time, unix ms (string, expires when past)
     <prefix>ks:q:{<queue>}:capped    x-max-in-flight's flag: a read left ready work

@@ -247,7 +247,8 @@ OPTIONS: tuple[Option, ...] = (
     Option('delayed_threshold', 'float', 1.0, NON_NEGATIVE, CHANNEL,
            'A message due sooner than this is published at once.'),
     Option('queue_arguments', 'dict[str, dict[str, Any]]', {}, QUEUE_ARGUMENTS, CHANNEL,
-           "Queue name -> queue arguments (``x-max-length``, ``x-message-ttl``, "
+           "Queue name -> queue arguments (``x-max-length``, ``x-max-length-bytes``, "
+           "``x-message-ttl``, "
            "``x-rate-limit``, ``x-fairness``, ``x-group-max-in-flight`` ... each checked as "
            "at a declare) for queues "
            "declared without them, such as Celery's default ``celery`` queue: recorded in "
