@@ -20,7 +20,8 @@ and not acknowledged, ``consumers`` the consumers, ``delayed`` those waiting for
 time, ``arguments`` the queue's recorded arguments (its limits: ``kombu-streams limits``),
 ``in_flight`` and ``in_flight_limit`` the messages x-max-in-flight counts and its value,
 ``rate_tokens`` the deliveries x-rate-limit lets through now and ``rate_next_ms`` the ms
-until it lets the next one through (each None without its limit; the API shows them,
+until it lets the next one through, ``waiting_bytes`` the bytes of the messages waiting as
+x-max-length-bytes counts them (each None without its limit; the API shows them,
 Flower's Broker page has fixed columns). The transport options of
 Flower's Celery app (``broker_transport_options``: ``global_keyprefix``,
 ``priority_steps``...) apply.
@@ -82,7 +83,8 @@ class StreamsBroker(flower_broker.BrokerBase):
                         'in_flight': info['in_flight'],
                         'in_flight_limit': info['in_flight_limit'],
                         'rate_tokens': info['rate_tokens'],
-                        'rate_next_ms': info['rate_next_ms']})
+                        'rate_next_ms': info['rate_next_ms'],
+                        'waiting_bytes': (info.get('counters') or {}).get('waiting-bytes')})
         return out
 
     async def queues(self, names: Any) -> list[dict[str, Any]]:

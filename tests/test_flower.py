@@ -102,7 +102,7 @@ def test_flower_api_and_broker_page_show_queue_lengths(tmp_path, redis_url, form
              'messages_unacknowledged': 0, 'consumers': 0, 'delayed': 0,
              'arguments': {'x-max-length': 100, 'x-overflow': 'drop-head'},
              'in_flight': None, 'in_flight_limit': None, 'rate_tokens': None,
-             'rate_next_ms': None}]}
+             'rate_next_ms': None, 'waiting_bytes': None}]}
         # the Broker page, rendered by a real browser
         dom = subprocess.run(
             [chromium(), '--headless', '--no-sandbox', '--disable-gpu', '--dump-dom',
@@ -125,7 +125,8 @@ def test_flower_api_and_broker_page_show_queue_lengths(tmp_path, redis_url, form
 def test_queue_view_shows_in_flight_against_the_limit_and_the_next_rate_slot(redis_url):
     """What Flower's /api/queues/length gets for limited queues (StreamsBroker.queues, as
     Flower calls it, without a Flower process): the messages x-max-in-flight counts and its
-    value, the deliveries x-rate-limit allows now and the ms until the next one."""
+    value, the deliveries x-rate-limit allows now and the ms until the next one, the bytes
+    waiting as x-max-length-bytes counts them."""
     import asyncio
 
     import redis
@@ -137,7 +138,8 @@ def test_queue_view_shows_in_flight_against_the_limit_and_the_next_rate_slot(red
     from kombu_streams.limits import stored_pairs
     b = Broker(redis.Redis.from_url(redis_url), Keys(), [0, 3, 6, 9])
     b.declare('cap', stored_pairs('cap', {'x-max-in-flight': 2}))
-    b.declare('slow', stored_pairs('slow', {'x-rate-limit': '1/h'}))
+    b.declare('slow', stored_pairs('slow', {'x-rate-limit': '1/h',
+                                            'x-max-length-bytes': 1000}))
     for queue in ('cap', 'cap', 'cap', 'slow', 'slow'):
         b.publish(queue, 0, '{}')
     assert len(read_messages(b, ['cap'], 'c1', 5)) == 2
@@ -149,4 +151,5 @@ def test_queue_view_shows_in_flight_against_the_limit_and_the_next_rate_slot(red
     assert (cap['rate_tokens'], cap['rate_next_ms']) == (None, None)
     assert (slow['in_flight'], slow['in_flight_limit'], slow['rate_tokens']) == (None, None, 0)
     assert 3_500_000 < slow['rate_next_ms'] <= 3_600_000
+    assert (cap['waiting_bytes'], slow['waiting_bytes']) == (None, 2)  # one '{}' waits
     json.dumps([cap, slow])  # what Flower sends: JSON as it is
