@@ -83,8 +83,9 @@ INTEGERS = (*INTEGERS, PRIORITY_AGING, GROUP_MAX_IN_FLIGHT)
 class QueueFull(redis.exceptions.ResponseError):
     """A publish refused because the queue holds ``x-max-length`` messages or
     ``x-max-length-bytes`` bytes waiting (``x-overflow`` ``reject-publish``; or a message
-    bigger than ``x-max-length-bytes`` alone): nothing was stored. A channel error, not a connection error, so a
-    publish with ``retry=True`` does not spin on it; the message names the queue and limit."""
+    bigger than ``x-max-length-bytes`` alone): nothing was stored. A channel error, not a
+    connection error, so a publish with ``retry=True`` does not spin on it; the message
+    names the queue and limit."""
 
 
 class QueueArgumentsDiffer(redis.exceptions.ResponseError):
