@@ -3,9 +3,9 @@ policy would.
 
 KEYS[1]   the queue's arguments (hash), ks:q:{celery}:args
 KEYS[2]   the queue's first stream: while it exists, the queue does
-KEYS[3]   the queue's counters (hash), ks:q:{celery}:counters: read, and its waiting bytes
-          dropped unless x-max-length-bytes stays set (a new count starts at the next
-          publish: lua/lib/bytes.lua)
+KEYS[3]   the queue's counters (hash), ks:q:{celery}:counters: read; its waiting bytes
+          (lua/lib/bytes.lua) start again at 0 when x-max-length-bytes is set anew, and go
+          when it is removed
 ARGV[1]   "get"; or "set" followed by field, value pairs (validated by the caller,
           kombu_streams/limits.py): they replace all the queue's arguments ("set" alone
           clears them)
@@ -33,7 +33,13 @@ if ARGV[1] == 'set' then
   redis.call('DEL', argkey)
   local keeps = false
   for i = 2, #ARGV, 2 do keeps = keeps or ARGV[i] == 'x-max-length-bytes' end
-  if not (kept and keeps) then redis.call('HDEL', KEYS[3], 'waiting-bytes') end
+  if not keeps then
+    redis.call('HDEL', KEYS[3], 'waiting-bytes')
+  elseif not kept then  -- counted from now on (what waits already is left out)
+    redis.call('HSET', KEYS[3], 'waiting-bytes', 0)
+    local ttl = redis.call('PTTL', first)
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+  end
   if #ARGV > 1 then
     redis.call('HSET', argkey, unpack(ARGV, 2))
     local ttl = redis.call('PTTL', first)

@@ -251,13 +251,12 @@ end
 -- Called once the message is stored (entry ID, delayed MEMBER, or staged at FIELD of the
 -- staging hash): it holds the key now, and the one it replaces goes (after: no refusal can
 -- follow, so nothing is lost). Built only for a message with a key.
-local hold, replaced = nil, 0  -- replaced: the bytes of the message it replaced
+local hold = nil
 if ukey then
   hold = function(id, member, field)
     local unique = lib_unique()
     if ustate then
-      replaced = unique.unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7],
-                                    fair_key, maxbytes ~= nil, bighash)
+      unique.unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7], fair_key)
     end
     unique.unique_hold(ustore, ukey, uttl, string.match(stream, ':(%d+)$') or '0', id, member,
                        uref, field)
@@ -279,14 +278,24 @@ if maxbytes and size > maxbytes then  -- never stored, whatever waits
                                   ' bytes is over its x-max-length-bytes ' .. maxbytes ..
                                   '; the message was not stored'))
 end
+-- Replace mode: the message it replaces goes once this one is stored, so it counts against
+-- neither limit, and drop-head never sets it aside
+local rstate = ustate and string.sub(ustate, 9) or nil
+local replaced = 0  -- its bytes (x-max-length-bytes)
+if rstate then
+  held = held - 1
+  if maxbytes then
+    replaced = lib_bytes().bytes_of_waiting(rstate, ua, ub, KEYS[7], fair_key, bighash)
+  end
+end
 -- a count that drifted up heals: nothing waits, yet it says full (lua/lib/bytes.lua)
-if maxbytes and waiting + size > maxbytes
+if maxbytes and waiting - replaced + size > maxbytes
    and lib_bytes().bytes_none_waiting(streams, group, holder, KEYS[6],
                                       fairness and grouped and KEYS[11 + nl]) then
   lib_bytes().bytes_add(counters, first, 0, true)
   waiting = 0
 end
-if (limit and held >= limit) or (maxbytes and waiting + size > maxbytes) then
+if (limit and held >= limit) or (maxbytes and waiting - replaced + size > maxbytes) then
   local full = 'QUEUEFULL queue ' .. group .. ' is full: ' ..
                ((limit and held >= limit) and 'x-max-length ' .. limit or
                 'x-max-length-bytes ' .. maxbytes) ..
@@ -299,26 +308,34 @@ if (limit and held >= limit) or (maxbytes and waiting + size > maxbytes) then
   -- it then writes after the first write; the delayed set, which the message may go to
   wrong = wrong_type(dlq, 'stream') or wrong_type(wake, 'zset') or wrong_type(KEYS[6], 'zset')
   if wrong then return refuse(redis.error_reply(wrong)) end
-  -- one goes per publish; more (at most 100) after a limit was lowered at run time, or for
-  -- the bytes of a message bigger than those ahead of it
-  local drops, freed = 0, 0
-  while ((limit and held >= limit) or (maxbytes and waiting + size > maxbytes))
-        and drops < 100 do
-    local dropped, err, fields = drop_head(streams, group, holder, dlq)
-    if err then return refuse(redis.error_reply(err)) end
-    if not dropped then break end
-    held, drops = held - 1, drops + 1
-    if maxbytes then
-      local bytes = lib_bytes().entry_bytes(fields, bighash)
-      waiting, freed = waiting - bytes, freed + bytes
-    end
+  -- The heads to set aside, in serving order, until the message fits: one per publish, more
+  -- (at most 100) after a limit was lowered at run time or for a message bigger than those
+  -- ahead of it. Planned first: when the ready ones run out before it fits (the rest is in
+  -- flight, delayed or staged), none goes, as setting them aside would not make room.
+  local next_head = heads(streams, group, holder, rstate == 'ready' and ua or nil, ub)
+  local plan, h, w = {}, held, waiting - replaced
+  local function over() return (limit and h >= limit) or (maxbytes and w + size > maxbytes) end
+  while over() and #plan < 100 do
+    local s, id, fields, deliveries = next_head()
+    if not s then break end
+    plan[#plan + 1] = {s, id, fields, deliveries}
+    h = h - 1
+    if maxbytes then w = w - lib_bytes().entry_bytes(fields, bighash) end
   end
-  if drops > 0 then count_in(counters, first, 'overflowed', drops) end
-  if freed > 0 then lib_bytes().bytes_add(counters, first, -freed) end
-  if (limit and held >= limit) or (maxbytes and waiting + size > maxbytes) then  -- the rest:
-    count_in(counters, first, 'refused', 1)  -- in flight or delayed: never over the limit
+  if over() and #plan < 100 then
+    count_in(counters, first, 'refused', 1)
     return refuse(redis.error_reply(full .. ': no ready message left to set aside (the ' ..
-                                    'rest is in flight or delayed)'))
+                                    'rest is in flight, delayed or staged)'))
+  end
+  for _, p in ipairs(plan) do
+    local err = dead_letter(p[1], group, p[2], p[3], dlq, 'max-length', p[4], false)
+    if err then return refuse(redis.error_reply(err)) end  -- the first: nothing changed
+  end
+  count_in(counters, first, 'overflowed', #plan)
+  if maxbytes then lib_bytes().bytes_add(counters, first, w - (waiting - replaced)) end
+  if over() then  -- at 100 (a lowered limit): those went, the publish is still refused
+    count_in(counters, first, 'refused', 1)
+    return refuse(redis.error_reply(full .. ': 100 messages set aside, more to go'))
   end
 end
 

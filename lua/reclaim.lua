@@ -31,8 +31,8 @@ Errors:     "reclaim: expected ..." for another layout; WRONGTYPE (checked befor
 Minimum Redis: 6.2 (exclusive ranges). Cost: O(n * consumers + budget): one XINFO CONSUMERS
 per stream, then XPENDING and XCLAIM of at most budget entries in all; with backoff an HGET,
 a TIME and an O(log n) store per message delayed; with the flag a TYPE (raised: a ZADD and
-a DEL); with the waiting bytes kept an HEXISTS, an XRANGE of one id per message and an
-HINCRBY.
+a DEL); with the waiting bytes kept an HEXISTS, an XRANGE of one id per message (at most
+COPY_BYTES, 4 MiB, copied per call: then more is 1) and an HINCRBY.
 Stopped consumers, the sweep and the holder: see docs/design.rst (Leases).
 ]]
 --@include common
@@ -66,10 +66,34 @@ local clock = nil  -- TIME, read once, when a message is to wait
 -- out a backoff whose pointer went already counts: lua/lib/bytes.lua)
 local sized = KEYS[n + 6] and lib_bytes().bytes_kept(KEYS[n + 6])
 local added = 0
-local function count_back(key, id)
-  if not sized then return end
-  local e = redis.call('XRANGE', key, id, id)[1]
-  if e then added = added + lib_bytes().entry_bytes(e[2], KEYS[n + 7]) end
+local COPY_BYTES = 4 * 1024 * 1024  -- most bytes of entries copied to size them, per call
+local copied, sizes, cut = 0, {}, false  -- sizes: id -> its bytes; cut: the budget cut
+-- Of the XPENDING records P of stream KEY, those whose entries fit what is left of the copy
+-- budget (one at least while nothing was copied; those of BACKOFF count already and are
+-- not copied), each sized; the rest is left for the next call (more).
+local function within_copy(key, p)
+  if not sized then return p end
+  local kept = {}
+  for _, e in ipairs(p) do
+    if e[2] ~= BACKOFF then
+      if copied >= COPY_BYTES then
+        more, cut = 1, true
+        break
+      end
+      local entry = redis.call('XRANGE', key, e[1], e[1])[1]
+      local bytes = 0
+      if entry then
+        for _, v in ipairs(entry[2]) do copied = copied + #v end
+        bytes = lib_bytes().entry_bytes(entry[2], KEYS[n + 7])
+      end
+      sizes[e[1]] = bytes
+    end
+    kept[#kept + 1] = e
+  end
+  return kept
+end
+local function count_back(id)
+  if sized and sizes[id] then added = added + sizes[id] end
 end
 
 -- Retry backoff: park the ids of stream KEY (XPENDING records P, idle a whole lease) that
@@ -83,7 +107,7 @@ local function wait(key, p)
     if delay <= 0 then
       rest[#rest + 1] = e[1]
     elseif redis.call('XCLAIM', key, group, BACKOFF, lease, e[1], 'JUSTID')[1] then
-      count_back(key, e[1])  -- from a consumer (never BACKOFF's own: see above)
+      count_back(e[1])  -- from a consumer (never BACKOFF's own: see above)
       clock = clock or redis.call('TIME')
       local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
       park_pointer(dkey, index, KEYS[n + 1], key, string.match(key, ':(%d+)$') or '0',
@@ -99,6 +123,7 @@ end
 -- Give the XPENDING records P of stream KEY back to the holder (or, with backoff, to the
 -- delayed set), if they are still idle for a whole lease. Returns how many went.
 local function give_back(key, p)
+  p = within_copy(key, p)
   local ids, parked = wait(key, p)
   if #ids == 0 then return parked end
   local args = {key, group, holder, lease}
@@ -106,13 +131,7 @@ local function give_back(key, p)
   args[#args + 1] = 'JUSTID'  -- unpack() must come last to expand fully
   local claimed = redis.call('XCLAIM', unpack(args))
   local got = #claimed
-  if sized and got > 0 then
-    local backoff = {}  -- those BACKOFF held count already
-    for _, e in ipairs(p) do backoff[e[1]] = e[2] == BACKOFF or nil end
-    for _, id in ipairs(claimed) do
-      if not backoff[id] then count_back(key, id) end
-    end
-  end
+  for _, id in ipairs(claimed) do count_back(id) end  -- BACKOFF's have no size: counted
   if got > 0 then
     moved = moved + got
     held[#held + 1] = HELD .. key
@@ -171,8 +190,11 @@ for i = 1, n do
       local idle = p[2] == BACKOFF and lease + (max_ms or 0) or lease
       if p[2] ~= holder and tonumber(p[3]) >= idle then stale[#stale + 1] = p end
     end
+    local was_cut = cut
     give_back(key, stale)
-    cursor = #entries >= page and entries[#entries][1] or '-'
+    if not cut or was_cut then  -- else the copy budget cut it: this page again next call
+      cursor = #entries >= page and entries[#entries][1] or '-'
+    end
   end
   cursors[i] = cursor
 end

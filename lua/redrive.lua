@@ -9,9 +9,9 @@ KEYS[n+3..n+6]  only with ARGV[2] "k": the queue's key store (hash), ks:q:{name}
             its arguments (hash), ks:q:{name}:args (x-unique-ttl), its delayed set (zset),
             ks:q:{name}:delayed, and its staging hash, ks:q:{name}:fair (a staged message
             holding the key is looked at there)
-KEYS[n+7..n+8]  with those: the queue's counters (hash) and big messages (hash): while the
-            counters keep its waiting bytes (x-max-length-bytes, lua/lib/bytes.lua), each
-            message that goes back adds its size
+KEYS[n+7..n+8]  with those: the queue's counters (hash) and big messages (hash): on a queue
+            with x-max-length-bytes each message that goes back adds its size to the bytes
+            waiting (lua/lib/bytes.lua; never refused for them, as a requeue is not)
 ARGV[1]     the most dead letters to move in this call
 ARGV[2..]   optional: only these dead-letter ids, in this order (otherwise the oldest
             ones); an id given twice counts once, an id not in the stream is ignored.
@@ -35,8 +35,8 @@ XINFO GROUPS, a ZSCORE or an HEXISTS) and an HSET, and the call an HMGET of the 
 A letter goes back to the stream it came from as a new entry (a fresh delivery count), or
 staged in its group on a fair queue (a few hash commands: lua/lib/fair.lua); a big
 message's (f:r) as its token, its body left in the queue's big hash. See docs/design.rst
-(Delivery counts and dead letters, Unique keys, Fair share). With the waiting bytes kept
-("k"), an HEXISTS and an HINCRBY, and an HSTRLEN per big message.
+(Delivery counts and dead letters, Unique keys, Fair share). With x-max-length-bytes ("k")
+an HINCRBY, and an HSTRLEN per big message.
 ]]
 --@include common
 --@include delay
@@ -63,9 +63,8 @@ if keyed then
 end
 if wrong then return redis.error_reply(wrong) end
 if limit <= 0 then return {0, 0, 0} end  -- XRANGE COUNT 0 answers nil on Redis
--- x-max-length-bytes: each message that goes back waits again (lua/lib/bytes.lua)
 local counters, bighash = KEYS[n + 7], KEYS[n + 8]
-local sized, grown = keyed and lib_bytes().bytes_kept(counters), 0
+local sized, grown = false, 0  -- x-max-length-bytes: each message back waits again
 local entries
 local key_of, group_of = {}, {}  -- dead-letter id -> its message's key, group ("k" form)
 if #ARGV > 1 then
@@ -91,9 +90,10 @@ local added, members = {}, {}  -- ready index members of the streams that got le
 local levels, uttl, unique = {}, 0, nil  -- level -> stream; x-unique-ttl (ms)
 local fair = nil  -- x-fairness: a letter is staged in its group, and takes its turn
 if keyed then
-  local conf = redis.call('HMGET', argkey, 'x-unique-ttl', 'x-fairness')
+  local conf = redis.call('HMGET', argkey, 'x-unique-ttl', 'x-fairness', 'x-max-length-bytes')
   uttl = math.max(math.floor(tonumber(conf[1]) or 0), 0)
   fair = conf[2] and lib_fair() or nil
+  sized = conf[3] ~= false  -- counted as a publish counts (lua/lib/bytes.lua)
 end
 if next(key_of) ~= nil then
   for i = 2, n do levels[string.match(KEYS[i], ':(%d+)$') or ''] = KEYS[i] end

@@ -120,6 +120,7 @@ for j = 4, #ARGV, 3 do
   if mine[k][id] and min_ms and wait(k, id, count) then
     mine[k][id] = nil  -- waits in the delayed set (or was not pending)
   elseif mine[k][id] then
+    mine[k][id] = nil  -- an id given twice goes back (and counts) once
     count_back(key, id)
     local r, err
     if count >= 0 then

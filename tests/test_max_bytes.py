@@ -389,3 +389,82 @@ def test_a_message_the_read_sets_aside_waits_no_more(script_client):
     assert name_of(e.payload) == 'b'
     assert [f[b'reason'] for _, f in b.dead_letters('q')] == [b'expired', b'delivery limit']
     assert waiting(c) == 0
+
+
+def test_an_id_requeued_twice_in_one_call_counts_once(script_client):
+    c = script_client
+    b = limited(c, 1000)
+    b.publish('q', 0, msg('a', 100))
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    b.requeue('q', [(d.stream, d.entry_id), (d.stream, d.entry_id)], consumer='c1')
+    assert waiting(c) == 100
+
+
+def test_a_redrive_counts_on_a_queue_that_never_took_a_publish(script_client):
+    """The count follows the argument, not a publish having made the field."""
+    c = script_client
+    b = limited(c, 150)
+    b.publish('q', 0, msg('a', 120))
+    (d,) = read_messages(b, ['q'], 'c1', 1)
+    b.dead_letter('q', d.stream, d.entry_id, 'bad', d.deliveries)
+    c.delete(K.counters('q'))  # as after a delete and a declare: the letters stay
+    assert b.redrive('q', 10).moved == 1
+    assert waiting(c) == 120
+    with pytest.raises(QueueFull):
+        b.publish('q', 0, msg('b', 100))
+
+
+def test_drop_head_sets_nothing_aside_when_that_cannot_make_room(script_client):
+    """With the rest delayed (or in flight), setting the ready ones aside would not make
+    room: the publish is refused and they stay."""
+    c = script_client
+    b = limited(c, 1000, 'drop-head')
+    b.publish('q', 0, msg('later', 850), delay=Delay('+600000', 1000, 'x'))
+    b.publish('q', 0, msg('a', 70))
+    b.publish('q', 0, msg('b', 70))
+    with pytest.raises(QueueFull, match='no ready message left'):
+        b.publish('q', 0, msg('c', 200))
+    assert b.dead_letters('q') == []
+    assert waiting(c) == 990
+
+
+def test_replace_mode_credits_the_message_it_replaces(script_client):
+    c = script_client
+    b = limited(c, 300, **{'x-unique-mode': 'replace'})
+    b.publish('q', 0, msg('k1', 200), unique_key='k')
+    b.publish('q', 0, msg('other', 100))
+    b.publish('q', 0, msg('k2', 150), unique_key='k')  # 250 after: fits
+    assert waiting(c) == 250
+    got = [name_of(d.payload) for d in read_messages(b, ['q'], 'c1', 5)]
+    assert sorted(got) == ['k2', 'other']
+
+
+def test_replace_mode_with_drop_head_never_drops_the_one_it_replaces(script_client):
+    c = script_client
+    b = limited(c, 300, 'drop-head', **{'x-unique-mode': 'replace'})
+    b.publish('q', 0, msg('k1', 100), unique_key='k')
+    b.publish('q', 0, msg('other', 200))
+    b.publish('q', 0, msg('k2', 250), unique_key='k')  # 'other' must go, 'k1' is replaced
+    assert [name_of(f[b'f:m']) for _, f in b.dead_letters('q')] == ['other']
+    assert waiting(c) == 250
+    assert [name_of(d.payload) for d in read_messages(b, ['q'], 'c1', 5)] == ['k2']
+
+
+def test_reclaim_sizes_what_it_gives_back_within_a_copy_budget(script_client):
+    """Sizing a message given back copies its entry: a call copies about 4 MiB at most, and
+    says there is more; the next calls give back the rest, each counted once."""
+    c = script_client
+    b = limited(c, 100 * 1024 * 1024)
+    for n in range(12):
+        b.publish('q', 0, msg(f'm{n}', 500_000))
+    got = 0
+    while got < 12:  # a read is bounded by bytes too
+        got += len(read_messages(b, ['q'], 'c1', 12))
+    assert waiting(c) == 0
+    first = b.reclaim('q', 0, 100)
+    assert first.more and 0 < first.moved < 12
+    assert waiting(c) == first.moved * 500_000
+    total = first.moved
+    while total < 12:
+        total += b.reclaim('q', 0, 100).moved
+    assert total == 12 and waiting(c) == 12 * 500_000

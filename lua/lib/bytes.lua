@@ -34,14 +34,23 @@ local function value_bytes(value, big)
   return entry_bytes(entry_of(value), big)
 end
 
+-- The bytes of the waiting message STATE/A/B that replace mode replaces (lua/lib/unique.lua's
+-- unique_drop: 'delayed' member A of the hash BODIES, 'staged' field A of the staging hash
+-- FAIR, 'ready' entry B of stream A); BIG the big hash or nil. One HGET or XRANGE.
+local function bytes_of_waiting(state, a, b, bodies, fair, big)
+  if state == 'delayed' then return value_bytes(redis.call('HGET', bodies, a), big) end
+  if state == 'staged' then return value_bytes(redis.call('HGET', fair, a), big) end
+  local e = redis.call('XRANGE', a, b, b)[1]
+  return e and entry_bytes(e[2], big) or 0
+end
+
 -- True when nothing waits in a queue: no level of STREAMS has a message to serve next (the
--- holder's first, then fresh: lua/lib/limits.lua's next_served, GROUP and HOLDER), its
--- delayed set DKEY is empty, and its staging hash STAGING (or nil) holds none. O(levels);
--- asked only before a publish is refused for bytes.
+-- holder's first, then fresh: lua/lib/limits.lua's heads, GROUP and HOLDER), its delayed
+-- set DKEY is empty, and its staging hash STAGING (or nil) holds none. O(levels), an entry
+-- copied at most; asked only before a publish is refused for bytes.
 local function bytes_none_waiting(streams, group, holder, dkey, staging)
-  for _, s in ipairs(streams) do
-    if next_served(s, group, holder) then return false end
-  end
+  local s, unsure = heads(streams, group, holder)()
+  if s or unsure then return false end
   if redis.pcall('ZCARD', dkey) ~= 0 then return false end
   return not (staging and redis.pcall('HEXISTS', staging, 'n') ~= 0)
 end

@@ -47,35 +47,44 @@ local function held_count(streams, bodies)
   return n, nil
 end
 
--- The entry of stream S that a read would serve next, as (id, fields, deliveries) or nil:
--- the oldest one parked with HOLDER (requeued first), else the first after GROUP's
--- last-delivered id. Parked records whose entry is gone (Redis 6.2 keeps them) are skipped,
--- at most 10 per call.
-local function next_served(s, group, holder)
-  if redis.call('XLEN', s) == 0 then return nil end  -- also a level never created
-  local parked = try('XPENDING', s, group, '-', '+', 10, holder)
-  for _, p in ipairs(parked or {}) do
-    local e = redis.call('XRANGE', s, p[1], p[1])[1]
-    if e then return e[1], e[2], tonumber(p[4]) end
-  end
-  local last = last_delivered(s, group)
-  local e = redis.call('XRANGE', s, '(' .. last, '+', 'COUNT', 1)[1]
-  if e then return e[1], e[2], 0 end
-  return nil
-end
-
--- drop-head: move the message a read would serve next (levels in order, each parked before
--- fresh) to the dead-letter stream DLQ with reason "max-length". Returns true and the fields
--- of the entry when one went, false when none is ready (all in flight or delayed), or
--- (false, error) when DLQ cannot take it (nothing changed).
-local function drop_head(streams, group, holder, dlq)
-  for _, s in ipairs(streams) do
-    local id, fields, deliveries = next_served(s, group, holder)
-    if id then
-      local err = dead_letter(s, group, id, fields, dlq, 'max-length', deliveries, false)
-      if err then return false, err end
-      return true, nil, fields
+-- The messages drop-head would set aside, in the order a read would serve them (levels in
+-- order, each parked with HOLDER before fresh), nothing changed: a function giving the next
+-- as (stream, id, fields, deliveries so far), or nil when no ready message is left (nil and
+-- 'looks' when the budget below ran out first: it does not know). Entry
+-- SKIP_ID of stream SKIP (a message replace mode replaces) is passed over. Each call costs
+-- an XPENDING or XRANGE of one record (an XRANGE more for a parked one); parked records
+-- whose entry is gone (Redis 6.2 keeps them) are passed over, at most LOOKS in all.
+local function heads(streams, group, holder, skip, skip_id)
+  local li, cursor, fresh, looks = 1, '-', false, 200
+  return function()
+    while li <= #streams and looks > 0 do
+      local s = streams[li]
+      looks = looks - 1
+      if cursor == '-' and not fresh and redis.call('XLEN', s) == 0 then
+        li = li + 1  -- also a level never created
+      elseif not fresh then
+        local p = try('XPENDING', s, group, cursor, '+', 1, holder)
+        if p and p[1] then
+          cursor = '(' .. p[1][1]
+          local e = redis.call('XRANGE', s, p[1][1], p[1][1])[1]
+          if e and not (s == skip and e[1] == skip_id) then
+            return s, e[1], e[2], tonumber(p[1][4])
+          end
+        else
+          fresh, cursor = true, nil
+        end
+      else
+        if cursor == nil then cursor = '(' .. last_delivered(s, group) end
+        local e = redis.call('XRANGE', s, cursor, '+', 'COUNT', 1)[1]
+        if e then
+          cursor = '(' .. e[1]
+          if not (s == skip and e[1] == skip_id) then return s, e[1], e[2], 0 end
+        else
+          li, cursor, fresh = li + 1, '-', false
+        end
+      end
     end
+    if li <= #streams then return nil, 'looks' end
+    return nil
   end
-  return false, nil
 end

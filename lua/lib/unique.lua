@@ -108,29 +108,19 @@ end
 -- hash FAIR, or 'ready' entry B of stream A) that a message in replace mode replaces, once
 -- that one was stored. A staged one leaves a gap in its group's FIFO, which the rotation
 -- passes over (lua/lib/fair.lua's fair_pop), and the count of staged messages drops now.
--- SIZED (x-max-length-bytes): returns the bytes it counted for (lua/lib/bytes.lua; BIG, the
--- big hash, or nil), else 0.
-local function unique_drop(store, state, a, b, dkey, bodies, fair, sized, big)
-  local bytes = 0
+local function unique_drop(store, state, a, b, dkey, bodies, fair)
   if state == 'delayed' then
-    if sized then bytes = lib_bytes().value_bytes(redis.call('HGET', bodies, a), big) end
     redis.call('ZREM', dkey, a)
     redis.call('HDEL', bodies, a)
     redis.call('HDEL', store, 'd:' .. a)
     if fair then redis.call('HDEL', fair, 'd:' .. a) end  -- its group, on a fair queue
   elseif state == 'staged' then
-    if sized then bytes = lib_bytes().value_bytes(redis.call('HGET', fair, a), big) end
     redis.call('HDEL', fair, a)
     if redis.call('HINCRBY', fair, 'n', -1) <= 0 then redis.call('HDEL', fair, 'n') end
     redis.call('HDEL', store, 'g:' .. a)
   elseif state == 'ready' then
-    if sized then
-      local e = redis.call('XRANGE', a, b, b)[1]
-      bytes = e and lib_bytes().entry_bytes(e[2], big) or 0
-    end
     redis.call('XDEL', a, b)
   end
-  return bytes
 end
 
 -- Record that KEY is held by the message just stored: at LEVEL as entry ID, delayed as
