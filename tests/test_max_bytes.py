@@ -344,13 +344,20 @@ def test_replace_mode_counts_the_new_body_not_both(script_client):
     assert waiting(c) == 350
 
 
-def test_a_redriven_message_waits_again(script_client):
-    c = script_client
-    b = limited(c, 1000)
-    b.publish('q', 0, msg('a', 120))
+def one_dead_letter(c: Any, size: int, limit: int) -> Broker:
+    """A queue limited to ``limit`` bytes whose one message (``size`` bytes) was delivered
+    and set aside: nothing waits."""
+    b = limited(c, limit)
+    b.publish('q', 0, msg('a', size))
     (d,) = read_messages(b, ['q'], 'c1', 1)
     b.dead_letter('q', d.stream, d.entry_id, 'bad', d.deliveries)
     assert waiting(c) == 0
+    return b
+
+
+def test_a_redriven_message_waits_again(script_client):
+    c = script_client
+    b = one_dead_letter(c, 120, 1000)
     assert b.redrive('q', 10).moved == 1
     assert waiting(c) == 120
 
@@ -403,10 +410,7 @@ def test_an_id_requeued_twice_in_one_call_counts_once(script_client):
 def test_a_redrive_counts_on_a_queue_that_never_took_a_publish(script_client):
     """The count follows the argument, not a publish having made the field."""
     c = script_client
-    b = limited(c, 150)
-    b.publish('q', 0, msg('a', 120))
-    (d,) = read_messages(b, ['q'], 'c1', 1)
-    b.dead_letter('q', d.stream, d.entry_id, 'bad', d.deliveries)
+    b = one_dead_letter(c, 120, 150)
     c.delete(K.counters('q'))  # as after a delete and a declare: the letters stay
     assert b.redrive('q', 10).moved == 1
     assert waiting(c) == 120
