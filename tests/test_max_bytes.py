@@ -290,11 +290,6 @@ TestWaitingBytes = WaitingBytes.TestCase
 TestWaitingBytes.settings = PROPERTY
 
 
-@pytest.fixture
-def url(redis_url: str) -> str:
-    return redis_url.replace('redis://', 'redis-streams://')
-
-
 def test_a_kombu_queue_with_max_length_bytes(url):
     q = Queue('bq', Exchange('bq', 'direct'), 'bq',
               queue_arguments={'x-max-length-bytes': 2000, 'x-overflow': 'reject-publish'})
@@ -472,3 +467,23 @@ def test_reclaim_sizes_what_it_gives_back_within_a_copy_budget(script_client):
     while total < 12:
         total += b.reclaim('q', 0, 100).moved
     assert total == 12 and waiting(c) == 12 * 500_000
+
+
+def test_celery_apply_async_to_a_full_default_queue_raises_at_once(url):
+    """Celery's default queue, limited by the transport option: apply_async with retry
+    raises QueueFull naming the limit (a channel error: the publish is not retried), and
+    what was stored counts its task messages' bytes."""
+    from celery import Celery
+    app = Celery('bytes', broker=url)
+    app.conf.broker_transport_options = {'queue_arguments': {'celery': {
+        'x-max-length-bytes': 4000, 'x-overflow': 'reject-publish'}}}
+    sent = 0
+    with pytest.raises(QueueFull, match='x-max-length-bytes 4000'):
+        for i in range(20):
+            app.send_task('tasks.add', (i, 'x' * 200), retry=True)
+            sent += 1
+    assert 1 <= sent < 4
+    with Connection(url) as conn:
+        waiting_bytes = conn.default_channel.broker.limits_and_counters('celery')[1]
+    assert 0 < waiting_bytes['waiting-bytes'] <= 4000
+    assert waiting_bytes['refused'] == 1
