@@ -292,7 +292,7 @@ end
 if maxbytes and waiting - replaced + size > maxbytes
    and lib_bytes().bytes_none_waiting(streams, group, holder, KEYS[6],
                                       fairness and grouped and KEYS[11 + nl]) then
-  lib_bytes().bytes_add(counters, first, 0, true)
+  lib_bytes().bytes_reset(counters)
   waiting = 0
 end
 if (limit and held >= limit) or (maxbytes and waiting - replaced + size > maxbytes) then

@@ -178,5 +178,5 @@ if redis.call('EXISTS', staging) == 1 then
 end
 chunked('HDEL', big, free)
 -- nothing waits now (its count of bytes is right again, lua/lib/bytes.lua)
-if more == 0 then lib_bytes().bytes_add(KEYS[n + 6], KEYS[1], 0, true) end
+if more == 0 then lib_bytes().bytes_reset(KEYS[n + 6]) end
 return {purged, more}

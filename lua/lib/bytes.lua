@@ -1,12 +1,15 @@
 -- The bytes a queue holds waiting, against its x-max-length-bytes (a library, included after
 -- common and delay): docs/design.rst, "Queue arguments and limits".
+-- KEYS: none of its own. The callers pass the queue's counters hash, big hash, streams,
+-- delayed keys and staging hash, which they have in their KEYS with the queue's tag.
 --@lazy
--- Field WAITING of the queue's counters hash holds the sizes of its messages waiting to be
+-- Field waiting-bytes of the queue's counters hash holds the sizes of its messages waiting to be
 -- served: ready, requeued, delayed (retries waiting out x-requeue-delay too) and staged (fair
 -- share); not those in flight, so an ack never touches it. A message's size is its envelope
 -- as stored (field m), or a big message's body. Every script that moves a message into or
 -- out of waiting changes the field in the same call, while it exists: a publish to a queue
--- with the argument creates it, limits.lua drops it when the argument changes. A read that
+-- with the argument creates it (as do a read and a redrive), limits.lua sets it to 0 when
+-- the argument is set anew and drops it when the argument goes. A read that
 -- leaves the queue with nothing waiting sets it to 0, as does a purge that emptied it, so a
 -- count that was started on a queue already holding messages (or changed behind our back)
 -- is right again from then on.
@@ -69,25 +72,21 @@ local function bytes_waiting(counters)
   return math.max(tonumber(v) or 0, 0), nil
 end
 
--- Add DELTA to the waiting bytes in COUNTERS (never below 0); ZERO: set them to 0 instead
--- (nothing waits), if it keeps them. A field just created gets the expiry of the queue's
--- first stream STREAM (x-expires), as count_in gives its counters. A COUNTERS of another
--- type is left alone.
-local function bytes_add(counters, stream, delta, zero)
-  if delta == 0 and not zero then return end
-  local r, new = nil, false
-  if zero then
-    if redis.pcall('HEXISTS', counters, WAITING_BYTES) == 1 then
-      redis.call('HSET', counters, WAITING_BYTES, 0)
-    end
-  else
-    r = redis.pcall('HINCRBY', counters, WAITING_BYTES, delta)
-    if type(r) ~= 'number' then return end
-    if r < 0 then redis.call('HSET', counters, WAITING_BYTES, 0) end
-    new = r == delta
-  end
-  if new then
+-- Add DELTA to the waiting bytes in COUNTERS (never below 0). A field just created gets the
+-- expiry of the queue's first stream STREAM (x-expires), as count_in gives its counters. A
+-- COUNTERS of another type is left alone.
+local function bytes_add(counters, stream, delta)
+  if delta == 0 then return end
+  local r = redis.pcall('HINCRBY', counters, WAITING_BYTES, delta)
+  if type(r) ~= 'number' then return end
+  if r < 0 then redis.call('HSET', counters, WAITING_BYTES, 0) end
+  if r == delta then
     local ttl = redis.call('PTTL', stream)
     if ttl > 0 then redis.call('PEXPIRE', counters, ttl) end
   end
+end
+
+-- Nothing waits: the waiting bytes in COUNTERS are 0, if it keeps them (see bytes_kept).
+local function bytes_reset(counters)
+  if bytes_kept(counters) then redis.call('HSET', counters, WAITING_BYTES, 0) end
 end

@@ -632,7 +632,11 @@ local function finish(ctx, sources)
       local at = src.due_at
       local dry = status[q] == '0' and src.state == 'open' and not (src.capped or src.full)
                   and at ~= nil and ctx.dues[at] == -1
-      lib_bytes().bytes_add(src.counters, KEYS[src.streams[1]], -src.bytes, dry)
+      if dry then
+        lib_bytes().bytes_reset(src.counters)
+      else
+        lib_bytes().bytes_add(src.counters, KEYS[src.streams[1]], -src.bytes)
+      end
     end
     if ctx.unsettled[q] then
       unsettled[#unsettled + 1] = q
