@@ -31,6 +31,7 @@ from prometheus_client import make_wsgi_app as _wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .broker import Broker
+from .limits import WAITING_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +176,8 @@ def _add_queue(f: Families, info: dict[str, Any]) -> None:
     counters = info.get('counters', {})
     f['queue_refused_publishes'].add_metric([queue], counters.get('refused', 0))
     f['queue_overflowed_messages'].add_metric([queue], counters.get('overflowed', 0))
-    if 'waiting-bytes' in counters:  # kept while the queue has x-max-length-bytes
-        f['queue_waiting_bytes'].add_metric([queue], counters['waiting-bytes'])
+    if WAITING_BYTES in counters:  # kept while the queue has x-max-length-bytes
+        f['queue_waiting_bytes'].add_metric([queue], counters[WAITING_BYTES])
     if info.get('in_flight_limit') is not None:  # what the reads count, and the cap
         f['queue_in_flight_messages'].add_metric([queue], info['in_flight'])
         f['queue_in_flight_limit_messages'].add_metric([queue], info['in_flight_limit'])

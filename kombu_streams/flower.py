@@ -36,6 +36,8 @@ from typing import Any
 from flower.utils import broker as flower_broker  # type: ignore[import-untyped]
 from kombu import Connection
 
+from .limits import WAITING_BYTES
+
 #: URL schemes (and the transport path of ``broker_transport``) handled here.
 SCHEMES = ('redis-streams', 'rediss-streams', 'redis-streams-cluster',
            'rediss-streams-cluster', 'sentinel-streams', 'sentinels-streams')
@@ -84,7 +86,7 @@ class StreamsBroker(flower_broker.BrokerBase):
                         'in_flight_limit': info['in_flight_limit'],
                         'rate_tokens': info['rate_tokens'],
                         'rate_next_ms': info['rate_next_ms'],
-                        'waiting_bytes': (info.get('counters') or {}).get('waiting-bytes')})
+                        'waiting_bytes': (info.get('counters') or {}).get(WAITING_BYTES)})
         return out
 
     async def queues(self, names: Any) -> list[dict[str, Any]]:

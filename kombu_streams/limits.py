@@ -30,6 +30,8 @@ MAX_LENGTH, OVERFLOW = 'x-max-length', 'x-overflow'
 #: (lua/lib/bytes.lua, docs/design.rst "Queue arguments and limits"). Stored after
 #: x-max-length, before x-overflow.
 MAX_LENGTH_BYTES = 'x-max-length-bytes'
+#: The field of a queue's counters hash where the scripts keep those bytes.
+WAITING_BYTES = 'waiting-bytes'
 #: Message TTL in ms (RabbitMQ's x-message-ttl; Kombu's ``Queue(message_ttl=seconds)``):
 #: a message not delivered within it goes to the dead-letter stream (reason ``expired``).
 MESSAGE_TTL = 'x-message-ttl'
@@ -326,8 +328,8 @@ def check_option(value: Any) -> bool:
 
 
 __all__ = ('QueueFull', 'QueueArgumentsDiffer', 'stored_pairs', 'as_dict', 'STORED',
-           'MAX_LENGTH', 'MAX_LENGTH_BYTES', 'OVERFLOW', 'OVERFLOWS', 'MESSAGE_TTL',
-           'expiration_ms',
+           'MAX_LENGTH', 'MAX_LENGTH_BYTES', 'WAITING_BYTES', 'OVERFLOW', 'OVERFLOWS',
+           'MESSAGE_TTL', 'expiration_ms',
            'DEDUP_WINDOW', 'DEDUP_MAX_IDS', 'dedup_pairs', 'UNIQUE_STORED', 'unique_pairs',
            'RATE_LIMIT', 'RATE_BURST', 'rate_pairs', 'rate_spec', 'REQUEUE_DELAY',
            'backoff_pairs', 'MAX_IN_FLIGHT', 'inflight_pairs', 'PRIORITY_AGING',

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from ...broker import Broker
+from ...limits import MAX_LENGTH_BYTES, WAITING_BYTES
 from ..connect import discover, existing_queue
 from ..errors import NOT_FOUND, OK
 from ..messages import describe, summarize
@@ -50,8 +51,8 @@ def limit_text(info: dict[str, Any]) -> str:
     parts = []
     if 'x-max-length' in arguments:
         parts.append(f"{arguments['x-max-length']} {arguments.get('x-overflow', 'drop-head')}")
-    if 'x-max-length-bytes' in arguments:  # what waits, against the limit (lua/lib/bytes.lua)
-        parts.append(f"{counters.get('waiting-bytes', 0)}/{arguments['x-max-length-bytes']} "
+    if MAX_LENGTH_BYTES in arguments:  # what waits, against the limit (lua/lib/bytes.lua)
+        parts.append(f"{counters.get(WAITING_BYTES, 0)}/{arguments[MAX_LENGTH_BYTES]} "
                      f"bytes {arguments.get('x-overflow', 'drop-head')}")
     if 'x-message-ttl' in arguments:
         parts.append(f"ttl {arguments['x-message-ttl']}ms")
