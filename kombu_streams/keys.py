@@ -18,7 +18,9 @@ client would only rewrite the first one).
     <prefix>ks:q:{<queue>}:big       big messages: token -> message (hash); their stream
                                      entries (and delayed values) hold the token instead
     <prefix>ks:q:{<queue>}:counters  counters (hash: expired, ..., waiting-bytes with
-                                     x-max-length-bytes), kombu-streams limits shows them
+                                     x-max-length-bytes), kombu-streams limits shows them;
+                                     in-flight-bound with x-max-in-flight (an upper bound
+                                     of what is in flight, lua/lib/inflight.lua)
     <prefix>ks:q:{<queue>}:rate      x-rate-limit's state: the next delivery's theoretical
                                      arrival time, unix ms (string, expires when past)
     <prefix>ks:q:{<queue>}:capped    x-max-in-flight's flag: a read left ready work
@@ -166,7 +168,8 @@ class Keys:
         return f'{self.queue_base(queue)}:capped'
 
     def counters(self, queue: str) -> str:
-        """A queue's counters (hash): ``expired``, messages set aside past their TTL."""
+        """A queue's counters (hash): ``expired``, messages set aside past their TTL; the
+        scripts keep ``waiting-bytes`` and ``in-flight-bound`` there too (limits.py)."""
         return f'{self.queue_base(queue)}:counters'
 
     def dedup(self, queue: str) -> str:

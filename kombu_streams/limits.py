@@ -32,6 +32,9 @@ MAX_LENGTH, OVERFLOW = 'x-max-length', 'x-overflow'
 MAX_LENGTH_BYTES = 'x-max-length-bytes'
 #: The field of a queue's counters hash where the scripts keep those bytes.
 WAITING_BYTES = 'waiting-bytes'
+#: The field where reads keep an upper bound of a queue's messages in flight, with
+#: x-max-in-flight (lua/lib/inflight.lua): state of the scripts, not a count to show.
+IN_FLIGHT_BOUND = 'in-flight-bound'
 #: Message TTL in ms (RabbitMQ's x-message-ttl; Kombu's ``Queue(message_ttl=seconds)``):
 #: a message not delivered within it goes to the dead-letter stream (reason ``expired``).
 MESSAGE_TTL = 'x-message-ttl'
@@ -328,7 +331,8 @@ def check_option(value: Any) -> bool:
 
 
 __all__ = ('QueueFull', 'QueueArgumentsDiffer', 'stored_pairs', 'as_dict', 'STORED',
-           'MAX_LENGTH', 'MAX_LENGTH_BYTES', 'WAITING_BYTES', 'OVERFLOW', 'OVERFLOWS',
+           'MAX_LENGTH', 'MAX_LENGTH_BYTES', 'WAITING_BYTES', 'IN_FLIGHT_BOUND', 'OVERFLOW',
+           'OVERFLOWS',
            'MESSAGE_TTL', 'expiration_ms',
            'DEDUP_WINDOW', 'DEDUP_MAX_IDS', 'dedup_pairs', 'UNIQUE_STORED', 'unique_pairs',
            'RATE_LIMIT', 'RATE_BURST', 'rate_pairs', 'rate_spec', 'REQUEUE_DELAY',

@@ -5,7 +5,9 @@ KEYS[1]   the queue's arguments (hash), ks:q:{celery}:args
 KEYS[2]   the queue's first stream: while it exists, the queue does
 KEYS[3]   the queue's counters (hash), ks:q:{celery}:counters: read; its waiting bytes
           (lua/lib/bytes.lua) start again at 0 when x-max-length-bytes is set anew, and go
-          when it is removed
+          when it is removed; its in-flight bound (lua/lib/inflight.lua) goes at every "set"
+          (reads did not keep it while the queue had no x-max-in-flight: the next read
+          counts)
 ARGV[1]   "get"; or "set" followed by field, value pairs (validated by the caller,
           kombu_streams/limits.py): they replace all the queue's arguments ("set" alone
           clears them)
@@ -29,6 +31,7 @@ if ARGV[1] == 'set' then
   if redis.call('EXISTS', first) == 0 then
     return redis.error_reply('limits: no queue at ' .. first .. ' (declare it first)')
   end
+  redis.call('HDEL', KEYS[3], 'in-flight-bound')
   local kept = redis.call('HEXISTS', argkey, 'x-max-length-bytes') == 1
   redis.call('DEL', argkey)
   local keeps = false

@@ -16,7 +16,9 @@ KEYS[S+12q-6]   big messages (hash) of source q, ks:q:{queue}:big
 KEYS[S+12q-5]   counters (hash) of source q, ks:q:{queue}:counters: "expired" counts the
                 messages set aside past their TTL; with x-max-length-bytes "waiting-bytes"
                 loses the sizes of the messages the call delivered or set aside, and is
-                set to 0 when it leaves nothing waiting (lua/lib/bytes.lua); a fanout
+                set to 0 when it leaves nothing waiting (lua/lib/bytes.lua); with
+                x-max-in-flight "in-flight-bound" is kept, an upper bound of the messages in
+                flight (lua/lib/inflight.lua); a fanout
                 source has no index, no delayed keys, no big messages, no counters, no
                 arguments, no rate key, no key store, no flag and no staging hash (the
                 caller passes its marker again for each)
@@ -108,16 +110,16 @@ entries set aside (expired ones too) at most COUNT + 100 per call, the rest next
 acks that ride along add one XPENDING per stream (ownership, see ack.lua) unless all of the
 stream's are trusted; a source whose riding acks freed entries adds a TYPE of its flag;
 keyed acks a TYPE of the key store per stream, and an HMGET, an HDEL and an HSET and a
-TIME (for throttled keys) per stream and 1,000 keys. A
-queue with x-max-length-bytes adds an HINCRBY (or an HSET when dry; an HSTRLEN per entry of a
-big message it sets aside); with x-rate-limit a TIME, a GET and a SET; with x-max-in-flight an
-XPENDING
-summary per stream (O(consumers of its group)), and a TYPE and SET of its flag when the
-limit stops the read; one with x-priority-aging, once per call, for each lower level than
-the first it serves that its index names: an XPENDING of one record when held entries may be
-there, else (or none held) an XINFO GROUPS and an XRANGE of at most one entry (copied only
-when it waited a period or more), and TIME; one without any pays the HMGET of its
-arguments. Never blocks.
+TIME (for throttled keys) per stream and 1,000 keys. A queue with x-max-length-bytes adds
+an HINCRBY (or an HSET when dry; an HSTRLEN per entry of a big message it sets aside); with
+x-rate-limit a TIME, a GET and a SET; with x-max-in-flight an HGET of its bound, an HSET
+when the bound changed and, only where the bound does not leave room for COUNT (or is not
+kept), an XPENDING summary per stream (O(consumers of its group)), and a TYPE and SET of
+its flag when the limit stops the read; one with x-priority-aging, once per call, for each
+lower level than the first it serves that its index names: an XPENDING of one record when
+held entries may be there, else (or none held) an XINFO GROUPS and an XRANGE of at most one
+entry (copied only when it waited a period or more), and TIME; one without any pays the
+HMGET of its arguments. Never blocks.
 Phases: lua/lib/serve.lua, the rarer ones lua/lib/serve_rare.lua. See docs/design.rst
 (Wake-ups, The ready index, Leases, Delivery counts and dead letters, Delayed delivery,
 Reads bounded by bytes, Big messages, Message TTL, Global rate limit, Global concurrency,

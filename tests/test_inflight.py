@@ -1,13 +1,14 @@
 """Global concurrency: the queue argument x-max-in-flight = N, at most N messages of the queue
 delivered and not yet settled over every consumer, enforced inside read.lua by counting the
-queue's pending entries (less those parked by the holder, ~backoff and ~unfiled); the rest
-stays ready in Redis. A read the limit stops removes the marker and raises the queue's flag;
-the settle that frees a slot (ack, an ack riding in a read, dead letter, requeue, reclaim)
-lowers it and sets the marker, so a waiting consumer wakes without polling.
+queue's pending entries (less those parked by the holder, ~backoff and ~unfiled) wherever
+the upper bound it keeps of that count (in-flight-bound) does not leave room for the whole
+read; the rest stays ready in Redis. A read the limit stops removes the marker and raises
+the queue's flag; the settle that frees a slot (ack, an ack riding in a read, dead letter,
+requeue, reclaim) lowers it and sets the marker, so a waiting consumer wakes without
+polling.
 
-Scripts run on fakeredis, Redis 6.2 and 7.0 (``script_client``); the model on fakeredis.
-docs/design.rst, "Global concurrency".
-"""
+Scripts run on fakeredis, Redis 6.2 and 7.0 (``script_client``); the models on fakeredis.
+docs/design.rst, "Global concurrency"."""
 
 from __future__ import annotations
 
@@ -247,6 +248,84 @@ def test_parked_messages_are_not_in_flight(script_client):
     assert bodies(read(b, ['q'], 'c2', 10)) == ['m1']
 
 
+BOUND = 'in-flight-bound'
+
+
+def bound(c: Any) -> int | None:
+    """The upper bound of what is in flight read.lua keeps in the counters hash."""
+    v = c.hget(K.counters('q'), BOUND)
+    return None if v is None else int(v)
+
+
+def test_far_below_the_limit_a_read_trusts_the_kept_bound(script_client):
+    """N=100: the first read counts (no bound kept) and keeps what it leaves in flight; the
+    next ones add what they deliver and take off what their riding acks free, without
+    counting. A bound that is high (2 more than in flight: acks outside reads) stays high
+    while it leaves room for the whole read."""
+    c = script_client
+    b = limited(c, 'q', 100)
+    for n in range(10):
+        b.publish('q', 0, body(n))
+    first = read(b, ['q'], 'c1', 3).deliveries
+    assert bound(c) == 3
+    r = read(b, ['q'], 'c1', 2, acks=[(d.stream, d.entry_id) for d in first[:2]])
+    assert len(r.deliveries) == 2 and bound(c) == 3 == in_flight(c)
+    ack(b, 'c1', first[2])  # an ack of its own leaves the bound as it was
+    c.hincrby(K.counters('q'), BOUND, 1)
+    assert len(read(b, ['q'], 'c2', 4).deliveries) == 4
+    assert bound(c) == 8 and in_flight(c) == 6
+
+
+def test_near_the_limit_a_read_counts_and_keeps_the_count(script_client):
+    """N=3 and a bound far too high (a crash between two scripts cannot leave one, a hand
+    edit can): the read that would be stopped by it counts instead, delivers up to the
+    limit and keeps the exact count; a bound below what the riding acks free counts too."""
+    c = script_client
+    b = limited(c, 'q', 3)
+    for n in range(6):
+        b.publish('q', 0, body(n))
+    c.hset(K.counters('q'), BOUND, 50)
+    got = read(b, ['q'], 'c1', 2).deliveries
+    assert len(got) == 2 and bound(c) == 2
+    c.hset(K.counters('q'), BOUND, 0)  # below the 2 its acks free
+    r = read(b, ['q'], 'c1', 1, acks=[(d.stream, d.entry_id) for d in got])
+    assert len(r.deliveries) == 1 and bound(c) == 1 == in_flight(c)
+
+
+def test_acks_riding_in_a_read_take_off_only_the_slots_they_free(script_client):
+    """N=6, c1 holds 2 and c2 holds 1 (bound 3); one of c1's is acked outside a read (the
+    bound stays 3). c1's read of 3 carries the acks of both of its messages: only the one
+    still pending frees a slot, so the bound it trusts is 2, and it keeps 5 (one more than
+    the 4 in flight: the outside ack's)."""
+    c = script_client
+    b = limited(c, 'q', 6)
+    for n in range(8):
+        b.publish('q', 0, body(n))
+    mine = read(b, ['q'], 'c1', 2).deliveries
+    read(b, ['q'], 'c2', 1)
+    assert bound(c) == 3
+    ack(b, 'c1', mine[1])
+    r = read(b, ['q'], 'c1', 3, acks=[(d.stream, d.entry_id) for d in mine])
+    assert len(r.deliveries) == 3 and in_flight(c) == 4 and bound(c) == 5
+
+
+def test_limits_drops_the_kept_bound(script_client):
+    """While a queue has no x-max-in-flight its reads keep no bound: any change of its
+    arguments drops the one kept, and the next read with a limit counts."""
+    c = script_client
+    b = limited(c, 'q', 5)
+    for n in range(4):
+        b.publish('q', 0, body(n))
+    read(b, ['q'], 'c1', 1)
+    assert bound(c) == 1
+    b.run(b.limits_call('q', []))
+    read(b, ['q'], 'c1', 2)
+    assert bound(c) is None
+    b.run(b.limits_call('q', stored_pairs('q', {'x-max-in-flight': 4})))
+    assert bound(c) is None
+    assert len(read(b, ['q'], 'c1', 5).deliveries) == 1 and bound(c) == 4
+
+
 def test_a_limit_changed_at_run_time_is_read_by_the_next_read(script_client):
     c = script_client
     b = limited(c, 'q', 1)
@@ -352,6 +431,25 @@ class LimitedQueue(RuleBasedStateMachine):
             self.requeued.add(name)
 
     @precondition(lambda self: self.in_flight)
+    @rule(data=st.data())
+    def operator_acks(self, data: Any) -> None:
+        """An operator acks whoever owns it: the kept bound is left high (a read counts)."""
+        name = data.draw(st.sampled_from(sorted(self.in_flight)))
+        _, d = self.in_flight.pop(name)
+        assert self.b.ack('q', [(d.stream, d.entry_id)]) == 1
+        self.done.add(name)
+
+    @rule(by=st.integers(0, 6))
+    def bound_drifts(self, by: int) -> None:
+        """The bound read.lua keeps goes high (acks outside reads, a hand edit) or, by
+        0, goes (a flushed field): a read must count again, never deliver past the limit."""
+        if by:
+            if self.c.hexists(K.counters('q'), 'in-flight-bound'):
+                self.c.hincrby(K.counters('q'), 'in-flight-bound', by)
+        else:
+            self.c.hdel(K.counters('q'), 'in-flight-bound')
+
+    @precondition(lambda self: self.in_flight)
     @rule(consumer=st.sampled_from(['c1', 'c2']))
     def consumer_dies(self, consumer: str) -> None:
         """Its messages idle past the lease; reclaim's sweep gives them back."""
@@ -367,6 +465,11 @@ class LimitedQueue(RuleBasedStateMachine):
     def never_more_than_n_in_flight(self) -> None:
         assert len(self.in_flight) <= self.N
         assert in_flight(self.c) == len(self.in_flight)
+
+    @invariant()
+    def the_kept_bound_is_never_below_what_is_in_flight(self) -> None:
+        kept = self.c.hget(K.counters('q'), 'in-flight-bound')
+        assert kept is None or int(kept) >= len(self.in_flight)
 
     @invariant()
     def no_wake_up_lost(self) -> None:
@@ -385,6 +488,17 @@ class LimitedQueue(RuleBasedStateMachine):
 
 TestLimitedQueue = LimitedQueue.TestCase
 TestLimitedQueue.settings = settings(PROPERTY, stateful_step_count=40)
+
+
+class RoomyQueue(LimitedQueue):
+    """The same with room for several reads (x-max-in-flight = 4, reads of 1 to 3): most
+    reads trust the kept bound, the rest count."""
+
+    N = 4
+
+
+TestRoomyQueue = RoomyQueue.TestCase
+TestRoomyQueue.settings = settings(PROPERTY, stateful_step_count=40)
 
 
 # -- Kombu, the CLI ------------------------------------------------------------------------
@@ -446,5 +560,7 @@ def test_kombu_declares_the_limit_and_the_cli_changes_it(url, redis_url):
     for n in range(5):
         b.publish('lq', 0, body(n))
     assert len(read(b, ['lq'], 'c1', 10).deliveries) == 2
-    bad = cli(redis_url, 'limits', 'lq', '--set', 'x-max-in-flight=none')
+    assert c.hget(K.counters('lq'), 'in-flight-bound') == b'2'  # the scripts' state: the
+    assert cli(redis_url, 'limits', 'lq').stdout.strip() == 'lq: x-max-in-flight=2'  # text
+    bad = cli(redis_url, 'limits', 'lq', '--set', 'x-max-in-flight=none')  # leaves it out
     assert bad.returncode == 2 and 'x-max-in-flight' in bad.stderr

@@ -1,14 +1,21 @@
 -- A queue's global concurrency limit (a library, included after common): x-max-in-flight = N
 -- caps the queue's messages delivered and not yet settled at N, over every consumer and
--- process. Counted, never kept: the pending entries of the queue's group over its streams
+-- process. Exact when it matters, cheap when it does not: the field in-flight-bound of the
+-- queue's counters hash is an upper bound of what is in flight (reads add what they deliver,
+-- the acks riding in a read take off what they free; every other settle leaves it high). A
+-- read trusts the bound only while it leaves room for the whole call; otherwise, or with no
+-- bound kept, it counts: the pending entries of the queue's group over its streams
 -- (XPENDING's summary form, one command per stream), less those parked by a consumer whose
--- name starts with '~' (the holder of requeued messages, ~backoff, ~unfiled): no counter
--- that could drift after a crash. The flag ks:q:{q}:capped (a string) says a read left ready
--- work without a marker at the cap; a settle that frees a slot and finds it lowers it and
--- sets the marker. Why no wake-up is lost and what it costs: docs/design.rst, "Global
--- concurrency". KEYS: none of its own; the callers pass the flag, marker and streams.
+-- name starts with '~' (the holder of requeued messages, ~backoff, ~unfiled), and keeps that
+-- count as the new bound. So a read stops at the limit only on an exact count, and a bound
+-- that drifted high (a crash, an older client, keys changed behind our back) costs a count,
+-- never a message. The flag ks:q:{q}:capped (a string) says a read left ready work without a
+-- marker at the cap; a settle that frees a slot and finds it lowers it and sets the marker.
+-- Why no wake-up is lost and what it costs: docs/design.rst, "Global concurrency". KEYS: none
+-- of its own; the callers pass the flag, marker, counters and streams.
 
 local MAX_IN_FLIGHT = 'x-max-in-flight'
+local IN_FLIGHT_BOUND = 'in-flight-bound'  -- the field of the counters hash (see the top)
 -- Longest a flag lives (ms): a safety net for a queue deleted or expired while capped. Every
 -- capped read sets it again, and so does the sweep of each idle consumer (docs/design.rst).
 local CAPPED_TTL = 3600000
@@ -41,6 +48,26 @@ local function inflight_count(streams, group)
     end
   end
   return n, nil, nil
+end
+
+-- The bound of what is in flight that COUNTERS keeps (an integer >= 0), or nil when it keeps
+-- none: no field, a value that is not one, or another type at COUNTERS (then a read counts).
+local function inflight_bound(counters)
+  local v = tonumber(redis.pcall('HGET', counters, IN_FLIGHT_BOUND))
+  if v and v >= 0 and v == math.floor(v) then return v end
+  return nil
+end
+
+-- Keep BOUND in COUNTERS (OLD: the value read before, nil when none). A hash created here
+-- gets the expiry of the queue's first stream STREAM (x-expires), as count_in gives its
+-- counters; a COUNTERS of another type is left alone (reads then count every time).
+local function inflight_keep(counters, stream, bound, old)
+  if bound == old then return end
+  local r = redis.pcall('HSET', counters, IN_FLIGHT_BOUND, bound)
+  if r == 1 then  -- a new field: maybe a new hash
+    local ttl = redis.call('PTTL', stream)
+    if ttl > 0 then redis.call('PEXPIRE', counters, ttl) end
+  end
 end
 
 -- Whether the flag KEY is raised (one TYPE: what a settle of a queue without the limit

@@ -34,10 +34,12 @@
 --   src.rate     its limiter (lua/lib/rate.lua) when it has x-rate-limit, false without;
 --                nil until a stream of it has work to serve (an idle queue pays nothing)
 --   src.capped   the limiter let no more of it through in this call
---   src.cap      x-max-in-flight's room {room, served} (lua/lib/inflight.lua): room is N less
---                what was in flight when it was opened (with src.rate); false without
+--   src.cap      x-max-in-flight's room {room, served, n, kept, exact} (lua/lib/inflight.lua):
+--                room is N less n, what was in flight at most when it was opened (with
+--                src.rate: exact when counted, else the kept bound, read as kept: nil
+--                when none); false without
 --   src.full     the in-flight limit let no more of it through in this call
---   src.freed    acks that rode along freed slots of it (its flag is looked at)
+--   src.freed    the slots acks that rode along freed of it (its flag is looked at), or nil
 --   src.due_at   where its next due time is in ctx.dues (a limited source's next slot
 --                may replace it: the reply's dues carry both, docs/design.rst)
 --   ctx.halted   a serve step stopped the whole call (budget spent, suspect alone): a
@@ -163,9 +165,9 @@ local function ride_acks(ctx, of, first, a, u)
       local ok, done = pcall(ack_ids, KEYS[i], src.group, owned, deleted)
       if not ok then
         err = tostring(done)
-      elseif done > 0 and not src.freed then
-        src.freed = true
-        freed[#freed + 1] = src
+      elseif done > 0 then
+        if not src.freed then freed[#freed + 1] = src end
+        src.freed = (src.freed or 0) + done
       end
       if ok and keys then
         local level, items = string.match(KEYS[i], ':(%d+)$') or '0', {}
@@ -435,12 +437,21 @@ local function open_limits(ctx, src)
       problem(ctx, src, src.args, merr)
       return false
     end
-    local n, ferr, fkey = inflight_count(src.streams, src.group)
-    if ferr then
-      problem(ctx, src, fkey, ferr)
-      return false
+    -- the kept bound, less what the acks riding in this call freed, while it leaves room for
+    -- all the call may still deliver; else an exact count (lua/lib/inflight.lua)
+    -- (only a limit met on an exact count stops the source: a bound's room covers the call)
+    local bound = inflight_bound(src.counters)
+    local n = bound and bound - (src.freed or 0)
+    local exact = not n or n < 0 or max - n < ctx.left
+    if exact then
+      local ferr, fkey
+      n, ferr, fkey = inflight_count(src.streams, src.group)
+      if ferr then
+        problem(ctx, src, fkey, ferr)
+        return false
+      end
     end
-    src.cap = {room = max - n, served = 0}
+    src.cap = {room = max - n, served = 0, n = n, kept = bound, exact = exact}
   end
   return true
 end
@@ -487,7 +498,7 @@ local function serve_stream(ctx, src, i)
     end
     if cap then
       room = math.min(room, cap.room - cap.served)
-      if cap.room - cap.served <= 0 then src.full = true end
+      if cap.room - cap.served <= 0 and cap.exact then src.full = true end
     end
     if room <= 0 then return end
     ctx.left = room
@@ -509,7 +520,7 @@ local function serve_stream(ctx, src, i)
     end
     if cap then
       cap.served = cap.served + got
-      if cap.served >= cap.room then src.full = true end
+      if cap.served >= cap.room and cap.exact then src.full = true end
     end
     ctx.left = ctx.halted and 0 or left - got
   end
@@ -619,6 +630,10 @@ local function finish(ctx, sources)
   for _, stream in ipairs(ctx.trim) do trim_shared(stream) end  -- fanout streams set aside
   for _, src in ipairs(sources) do  -- Message TTL: each queue's count of expired messages
     if src.rate then lib_rate().rate_save(src.rate, src.rate_key, clock(ctx)) end
+    local cap = src.cap
+    if cap then  -- x-max-in-flight: what is in flight now, at most
+      inflight_keep(src.counters, KEYS[src.streams[1]], cap.n + cap.served, cap.kept)
+    end
     if src.expired > 0 then
       local err = count_expired(src.counters, KEYS[src.streams[1]], src.expired)
       if err then problem(ctx, src, src.counters, err) end
