@@ -266,13 +266,15 @@ if ukey then
     if ttl > 0 and redis.call('PTTL', ustore) == -1 then redis.call('PEXPIRE', ustore, ttl) end
   end
 end
-if limit or maxbytes then  -- what else refuses the publish, before drop-head sets any aside
-  if dkey and due_arg and due_arg ~= '' and tonumber(string.sub(due_arg, 2)) == nil then
-    return refuse(redis.error_reply('publish: bad due time ' .. due_arg))
-  end
-  if routed and redis.call('EXISTS', first) == 0 then return refuse(false) end
+-- A routed publish to a queue that does not exist stores nothing (nil): asked (EXISTS) only
+-- where a limit would refuse it or write first; the paths that store ask on their own.
+local function gone() return routed and redis.call('EXISTS', first) == 0 end
+if (limit or maxbytes) and dkey and due_arg and due_arg ~= ''
+   and tonumber(string.sub(due_arg, 2)) == nil then  -- before drop-head sets any aside
+  return refuse(redis.error_reply('publish: bad due time ' .. due_arg))
 end
 if maxbytes and size > maxbytes then  -- never stored, whatever waits
+  if gone() then return refuse(false) end
   count_in(counters, first, 'refused', 1)
   return refuse(redis.error_reply('QUEUEFULL queue ' .. group .. ': a message of ' .. size ..
                                   ' bytes is over its x-max-length-bytes ' .. maxbytes ..
@@ -296,6 +298,7 @@ if maxbytes and waiting - replaced + size > maxbytes
   waiting = 0
 end
 if (limit and held >= limit) or (maxbytes and waiting - replaced + size > maxbytes) then
+  if gone() then return refuse(false) end
   local full = 'QUEUEFULL queue ' .. group .. ' is full: ' ..
                ((limit and held >= limit) and 'x-max-length ' .. limit or
                 'x-max-length-bytes ' .. maxbytes) ..

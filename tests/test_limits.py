@@ -445,3 +445,23 @@ def test_a_limit_learnt_while_publishing_keeps_order_and_refusals(url):
                 got.append(message.payload['n'])
                 message.ack()
             assert got == want, name
+
+
+def test_a_routed_publish_to_a_gone_queue_is_neither_refused_nor_counted(script_client):
+    """A routed publish (through an exchange) to a queue whose first stream is gone stores
+    nothing and answers nil, as for a queue without limits: it is not refused and not
+    counted, whether the queue is full by length, full by bytes, or the message alone is
+    over x-max-length-bytes. Only these paths ask whether the queue exists (one EXISTS); a
+    publish that fits does not."""
+    c = script_client
+    b = broker(c)
+    for n in range(2):
+        b.publish('p', 9, body(n))  # level 9 only: the first stream (level 0) never made
+    for args in ({'x-max-length': 1}, {'x-max-length-bytes': 20}, {'x-max-length-bytes': 5}):
+        c.delete(K.args('p'))
+        c.hset(K.args('p'), mapping=dict(zip(*[iter(stored_pairs('p', args))] * 2)))
+        c.hset(K.counters('p'), 'waiting-bytes', 30)  # as if both waited
+        assert b.publish('p', 9, body(7), routed=True) is None, args
+        assert c.xlen(K.stream('p', 9)) == 2
+        assert c.hget(K.counters('p'), 'waiting-bytes') == b'30'
+        assert c.hget(K.counters('p'), 'refused') is None
