@@ -20,7 +20,7 @@ client would only rewrite the first one).
     <prefix>ks:q:{<queue>}:counters  counters (hash: expired, ..., waiting-bytes with
                                      x-max-length-bytes), kombu-streams limits shows them;
                                      in-flight-bound with x-max-in-flight (an upper bound
-                                     of what is in flight, lua/lib/inflight.lua)
+                                     of the pending entries, lua/lib/inflight.lua)
     <prefix>ks:q:{<queue>}:rate      x-rate-limit's state: the next delivery's theoretical
                                      arrival time, unix ms (string, expires when past)
     <prefix>ks:q:{<queue>}:capped    x-max-in-flight's flag: a read left ready work

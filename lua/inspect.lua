@@ -149,7 +149,7 @@ local in_flight, cap = -1, given[MAX_IN_FLIGHT] and inflight_max(given[MAX_IN_FL
 if cap >= 1 then
   local streams = {}
   for i = 1, n do streams[i] = i end
-  local count, err = inflight_count(streams, group)
+  local count, _, err = inflight_count(streams, group)
   if err then return redis.error_reply(err) end
   in_flight = count
 end

@@ -17,8 +17,8 @@ KEYS[S+12q-5]   counters (hash) of source q, ks:q:{queue}:counters: "expired" co
                 messages set aside past their TTL; with x-max-length-bytes "waiting-bytes"
                 loses the sizes of the messages the call delivered or set aside, and is
                 set to 0 when it leaves nothing waiting (lua/lib/bytes.lua); with
-                x-max-in-flight "in-flight-bound" is kept, an upper bound of the messages in
-                flight (lua/lib/inflight.lua); a fanout
+                x-max-in-flight "in-flight-bound" is kept, an upper bound of the group's pending
+                entries (lua/lib/inflight.lua); a fanout
                 source has no index, no delayed keys, no big messages, no counters, no
                 arguments, no rate key, no key store, no flag and no staging hash (the
                 caller passes its marker again for each)

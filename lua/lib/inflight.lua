@@ -1,18 +1,18 @@
 -- A queue's global concurrency limit (a library, included after common): x-max-in-flight = N
 -- caps the queue's messages delivered and not yet settled at N, over every consumer and
--- process. Exact when it matters, cheap when it does not: the field in-flight-bound of the
--- queue's counters hash is an upper bound of what is in flight (reads add what they deliver,
--- the acks riding in a read take off what they free; every other settle leaves it high). A
--- read trusts the bound only while it leaves room for the whole call; otherwise, or with no
--- bound kept, it counts: the pending entries of the queue's group over its streams
--- (XPENDING's summary form, one command per stream), less those parked by a consumer whose
--- name starts with '~' (the holder of requeued messages, ~backoff, ~unfiled), and keeps that
--- count as the new bound. So a read stops at the limit only on an exact count, and a bound
--- that drifted high (a crash, an older client, keys changed behind our back) costs a count,
--- never a message. The flag ks:q:{q}:capped (a string) says a read left ready work without a
--- marker at the cap; a settle that frees a slot and finds it lowers it and sets the marker.
--- Why no wake-up is lost and what it costs: docs/design.rst, "Global concurrency". KEYS: none
--- of its own; the callers pass the flag, marker, counters and streams.
+-- process. What is in flight: the pending entries of the queue's group over its streams,
+-- less those parked by a consumer whose name starts with '~' (the holder of requeued
+-- messages, ~backoff, ~unfiled), counted with XPENDING's summary form (one command per
+-- stream). Counted only near the limit: the field in-flight-bound of the queue's counters
+-- hash keeps an upper bound of the pending entries, parked ones included (reads add what
+-- they deliver, the acks riding in a read take off what XACK freed, whoever held it; every
+-- other settle leaves it high). A read trusts it while it leaves room for the whole call,
+-- else counts and keeps the count, so a read stops at the limit only on an exact count, and
+-- a bound that went high (acks outside reads, parked messages, keys changed behind our back)
+-- costs a count, never a message. The flag ks:q:{q}:capped (a string) says a read left
+-- ready work without a marker at the cap; a settle that frees a slot and finds it lowers it
+-- and sets the marker. Why it holds, and what it costs: docs/design.rst, "Global
+-- concurrency". KEYS: none of its own; the callers pass the flag, marker, counters, streams.
 
 local MAX_IN_FLIGHT = 'x-max-in-flight'
 local IN_FLIGHT_BOUND = 'in-flight-bound'  -- the field of the counters hash (see the top)
@@ -32,26 +32,28 @@ local function inflight_max(value, name)
 end
 
 -- The messages of GROUP in flight on the streams KEYS[i], i in STREAMS: their pending
--- entries less those parked by a '~' consumer. Returns the count, or (nil, error, key) when
--- a stream holds another type. One XPENDING summary per stream: O(consumers of the group
--- with entries pending), bounded since reclaim removes idle consumers.
+-- entries less those parked by a '~' consumer. Returns the count and all the pending
+-- entries (parked ones too: what the kept bound bounds), or (nil, nil, error, key) when a
+-- stream holds another type. One XPENDING summary per stream: O(consumers of the group with
+-- entries pending), bounded since reclaim removes idle consumers.
 local function inflight_count(streams, group)
-  local n = 0
+  local n, pending = 0, 0
   for _, i in ipairs(streams) do
     local s, err = try('XPENDING', KEYS[i], group)  -- no stream or group: nil, nothing
-    if err then return nil, err, KEYS[i] end
+    if err then return nil, nil, err, KEYS[i] end
     if s and (tonumber(s[1]) or 0) > 0 then
-      n = n + tonumber(s[1])
+      n, pending = n + tonumber(s[1]), pending + tonumber(s[1])
       for _, c in ipairs(s[4] or {}) do
         if string.sub(c[1], 1, 1) == '~' then n = n - tonumber(c[2]) end
       end
     end
   end
-  return n, nil, nil
+  return n, pending
 end
 
--- The bound of what is in flight that COUNTERS keeps (an integer >= 0), or nil when it keeps
--- none: no field, a value that is not one, or another type at COUNTERS (then a read counts).
+-- The bound of the pending entries that COUNTERS keeps (an integer >= 0), or nil when it
+-- keeps none: no field, a value that is not one, or another type at COUNTERS (then a read
+-- counts).
 local function inflight_bound(counters)
   local v = tonumber(redis.pcall('HGET', counters, IN_FLIGHT_BOUND))
   if v and v >= 0 and v == math.floor(v) then return v end

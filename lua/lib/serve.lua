@@ -34,10 +34,11 @@
 --   src.rate     its limiter (lua/lib/rate.lua) when it has x-rate-limit, false without;
 --                nil until a stream of it has work to serve (an idle queue pays nothing)
 --   src.capped   the limiter let no more of it through in this call
---   src.cap      x-max-in-flight's room {room, served, n, kept, exact} (lua/lib/inflight.lua):
---                room is N less n, what was in flight at most when it was opened (with
---                src.rate: exact when counted, else the kept bound, read as kept: nil
---                when none); false without
+--   src.cap      x-max-in-flight's room {room, served, pending, kept, exact}
+--                (lua/lib/inflight.lua): room is N less what was in flight when it was
+--                opened (with src.rate), at most: counted when exact, else the kept bound
+--                of the pending entries (read as kept: nil when none), pending those
+--                entries then, at most; false without
 --   src.full     the in-flight limit let no more of it through in this call
 --   src.freed    the slots acks that rode along freed of it (its flag is looked at), or nil
 --   src.due_at   where its next due time is in ctx.dues (a limited source's next slot
@@ -437,21 +438,22 @@ local function open_limits(ctx, src)
       problem(ctx, src, src.args, merr)
       return false
     end
-    -- the kept bound, less what the acks riding in this call freed, while it leaves room for
-    -- all the call may still deliver; else an exact count (lua/lib/inflight.lua)
-    -- (only a limit met on an exact count stops the source: a bound's room covers the call)
+    -- the kept bound of the pending entries, less what the acks riding in this call freed,
+    -- while it leaves room for all the call may still deliver; else an exact count of what
+    -- is in flight, the pending entries kept as the bound (lua/lib/inflight.lua). Only a
+    -- limit met on an exact count stops the source: a bound's room covers the call.
     local bound = inflight_bound(src.counters)
     local n = bound and bound - (src.freed or 0)
-    local exact = not n or n < 0 or max - n < ctx.left
+    local pending, exact = n, not n or n < 0 or max - n < ctx.left
     if exact then
       local ferr, fkey
-      n, ferr, fkey = inflight_count(src.streams, src.group)
+      n, pending, ferr, fkey = inflight_count(src.streams, src.group)
       if ferr then
         problem(ctx, src, fkey, ferr)
         return false
       end
     end
-    src.cap = {room = max - n, served = 0, n = n, kept = bound, exact = exact}
+    src.cap = {room = max - n, served = 0, pending = pending, kept = bound, exact = exact}
   end
   return true
 end
@@ -632,7 +634,7 @@ local function finish(ctx, sources)
     if src.rate then lib_rate().rate_save(src.rate, src.rate_key, clock(ctx)) end
     local cap = src.cap
     if cap then  -- x-max-in-flight: what is in flight now, at most
-      inflight_keep(src.counters, KEYS[src.streams[1]], cap.n + cap.served, cap.kept)
+      inflight_keep(src.counters, KEYS[src.streams[1]], cap.pending + cap.served, cap.kept)
     end
     if src.expired > 0 then
       local err = count_expired(src.counters, KEYS[src.streams[1]], src.expired)
