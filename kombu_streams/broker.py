@@ -36,7 +36,7 @@ from .calls import (
     PeekCursor,
 )
 from .keys import LAYOUT, Keys
-from .limits import as_dict
+from .limits import as_dict, counters_of
 from .replies import Delivery, ReadResult, Ready, Reclaimed
 from .scripts import SCRIPTS, Call, NeedsAllStreams, run_after, run_calls
 from .state import Source
@@ -198,7 +198,7 @@ class Broker(Admin):
         their TTL; ``refused``: publishes a full queue refused; ``overflowed``: messages
         drop-head set aside), from the same call."""
         recorded, counters = self.run(self.limits_call(queue, arguments))
-        return as_dict(recorded), {k: int(v) for k, v in as_dict(counters).items()}
+        return as_dict(recorded), counters_of(counters)
 
     def duplicates(self, queue: str) -> int:
         """How many publishes ``queue`` did not store as duplicates (x-deduplication-window)

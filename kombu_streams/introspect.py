@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .calls import HOLDER, PEEK_MAX, SCHEDULED_MAX, Calls, PeekCursor
-from .limits import as_dict
+from .limits import as_dict, counters_of
 from .replies import Ready
 from .scripts import SCRIPTS, Call
 from .text import text
@@ -117,7 +117,7 @@ class Introspection(Calls):
                 'levels': levels,
                 'time_ms': int(now),
                 'arguments': stored,
-                'counters': {k: int(v) for k, v in as_dict(counters).items()},
+                'counters': counters_of(counters),
                 'unique_refused': int(refused),
                 # x-max-in-flight: what the reads count against it now (None: no limit)
                 'in_flight': None if in_flight < 0 else int(in_flight),

@@ -32,7 +32,7 @@ MAX_LENGTH, OVERFLOW = 'x-max-length', 'x-overflow'
 MAX_LENGTH_BYTES = 'x-max-length-bytes'
 #: The field of a queue's counters hash where the scripts keep those bytes.
 WAITING_BYTES = 'waiting-bytes'
-#: The field where reads keep an upper bound of a queue's messages in flight, with
+#: The field where reads keep an upper bound of a queue's pending entries, with
 #: x-max-in-flight (lua/lib/inflight.lua): state of the scripts, not a count to show.
 IN_FLIGHT_BOUND = 'in-flight-bound'
 #: Message TTL in ms (RabbitMQ's x-message-ttl; Kombu's ``Queue(message_ttl=seconds)``):
@@ -300,6 +300,18 @@ def as_dict(flat: list[Any]) -> dict[str, Any]:
     return out
 
 
+def counters_of(flat: list[Any]) -> dict[str, int]:
+    """A queue's counters from their stored flat list (HGETALL), as ints: the scripts' own
+    state (IN_FLIGHT_BOUND) is left out, and so is a field another program wrote that is
+    not a whole number, so an operator's view never fails on what it reads."""
+    out: dict[str, int] = {}
+    for name, value in as_dict(flat).items():
+        text = str(value)
+        if name != IN_FLIGHT_BOUND and text.lstrip('-').isdigit():
+            out[name] = int(text)
+    return out
+
+
 def expiration_ms(message: Mapping[str, Any]) -> int | None:
     """A message's own TTL in ms, from Kombu's ``expiration`` property (a string of ms:
     ``Producer.publish(expiration=seconds)``, and Celery's ``apply_async(expires=...)``, which
@@ -330,7 +342,7 @@ def check_option(value: Any) -> bool:
     return True
 
 
-__all__ = ('QueueFull', 'QueueArgumentsDiffer', 'stored_pairs', 'as_dict', 'STORED',
+__all__ = ('QueueFull', 'QueueArgumentsDiffer', 'stored_pairs', 'as_dict', 'counters_of', 'STORED',
            'MAX_LENGTH', 'MAX_LENGTH_BYTES', 'WAITING_BYTES', 'IN_FLIGHT_BOUND', 'OVERFLOW',
            'OVERFLOWS',
            'MESSAGE_TTL', 'expiration_ms',

@@ -448,11 +448,11 @@ def test_a_limit_learnt_while_publishing_keeps_order_and_refusals(url):
 
 
 def test_a_routed_publish_to_a_gone_queue_is_neither_refused_nor_counted(script_client):
-    """A routed publish (through an exchange) to a queue whose first stream is gone stores
-    nothing and answers nil, as for a queue without limits: it is not refused and not
-    counted, whether the queue is full by length, full by bytes, or the message alone is
-    over x-max-length-bytes. Only these paths ask whether the queue exists (one EXISTS); a
-    publish that fits does not."""
+    """A routed publish (through an exchange) that a limit would refuse, to a queue whose
+    first stream is gone, stores nothing and answers nil: it is not refused and not counted,
+    whether the queue is full by length, full by bytes, or the message alone is over
+    x-max-length-bytes. Only these paths ask whether the queue exists (one EXISTS); one that
+    fits goes the way of a queue without limits (stored if its level's stream exists)."""
     c = script_client
     b = broker(c)
     for n in range(2):

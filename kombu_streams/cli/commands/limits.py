@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from ...broker import Broker
-from ...limits import DEDUP_WINDOW, IN_FLIGHT_BOUND, stored_pairs
+from ...limits import DEDUP_WINDOW, stored_pairs
 from ..connect import existing_queue
 from ..errors import OK, USAGE, Failure
 from ..render import emit
@@ -32,9 +32,8 @@ def limits_text(queue: str, arguments: dict[str, Any], counters: dict[str, int],
     text = f'{queue}: no limits'
     if arguments:
         text = f'{queue}: ' + ' '.join(f'{k}={v}' for k, v in sorted(arguments.items()))
-    shown = {k: v for k, v in counters.items() if k != IN_FLIGHT_BOUND}  # state, not a count
-    if shown:
-        text += ' (' + ', '.join(f'{v} {k}' for k, v in sorted(shown.items())) + ')'
+    if counters:
+        text += ' (' + ', '.join(f'{v} {k}' for k, v in sorted(counters.items())) + ')'
     if DEDUP_WINDOW in arguments:
         text += f' (duplicates not stored: {duplicates})'
     if unique_refused:  # publishes whose x-unique-key was taken (lua/lib/unique.lua)
