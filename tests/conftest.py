@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import redis
-from helpers import FakeClock, server_ms
+from helpers import FakeClock, install_clock, server_ms
 
 from kombu_streams.compat import BATCH_PUBLISH
 
@@ -458,11 +458,9 @@ def url(redis_url: str) -> str:
 @pytest.fixture
 def fake_clock(fake_client: Any) -> Iterator[tuple[Any, FakeClock]]:
     """fakeredis with its clock (TIME) driven by the test: (client, clock)."""
-    from fakeredis.commands_mixins import server_mixin
     clock = FakeClock(server_ms(fake_client))
-    real = server_mixin.time
-    server_mixin.time = clock  # type: ignore[assignment]
+    restore = install_clock(clock)
     try:
         yield fake_client, clock
     finally:
-        server_mixin.time = real
+        restore()

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from kombu_streams.broker import READ, WALK, Broker, Delivery
@@ -116,13 +116,35 @@ def server_ms(c: Any) -> int:
 
 class FakeClock:
     """fakeredis's clock (TIME, hence every deadline and due time), driven by a test or a
-    model; ms, whole. Installed by the ``fake_clock`` fixture of conftest.py."""
+    model; ms, whole. Installed by the ``fake_clock`` fixture of conftest.py, or by
+    :func:`install_clock`."""
 
     def __init__(self, start_ms: int) -> None:
         self.ms = start_ms
 
     def time(self) -> float:
         return self.ms / 1000.0
+
+
+def install_clock(clock: FakeClock) -> Callable[[], None]:
+    """Drive fakeredis's clocks from ``clock``: TIME, and the time each command runs at,
+    which key expiry (PX, PEXPIRE) is measured against. With TIME alone, a key set to
+    expire after 250 ms of the test's time expired after 250 ms of real time: on a loaded
+    machine, between two steps of a model (the rate limiter's state, a flake seen in CI).
+    Blocking commands' timeouts follow it too, so none may be used under it. Returns what
+    puts the real clocks back."""
+    from fakeredis.commands_mixins import server_mixin
+    try:
+        from fakeredis._socket import _base as socket_base
+    except ImportError:  # fakeredis before 2.30 kept it here
+        from fakeredis import _basefakesocket as socket_base  # type: ignore[no-redef]
+    real = server_mixin.time, socket_base.time
+    server_mixin.time = clock  # type: ignore[assignment]
+    socket_base.time = clock  # type: ignore[assignment]
+
+    def restore() -> None:
+        server_mixin.time, socket_base.time = real  # type: ignore[assignment]
+    return restore
 
 
 def count_reads(monkeypatch: Any, channel: Any) -> list[int]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import STALE, FakeClock, read_messages, server_ms
+from helpers import STALE, FakeClock, install_clock, read_messages, server_ms
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -303,11 +303,9 @@ class BackoffQueue(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         import fakeredis
-        from fakeredis.commands_mixins import server_mixin
         self.c = fakeredis.FakeRedis(server=fakeredis.FakeServer())
         self.clock = FakeClock(server_ms(self.c))
-        self._module, self._real = server_mixin, server_mixin.time
-        server_mixin.time = self.clock  # type: ignore[assignment]
+        self.restore_clock = install_clock(self.clock)
         self.b = declare(self.c, delay=f'{self.MIN},{self.MAX}')
         self.n = 0
         self.due: dict[str, int] = {}
@@ -316,7 +314,7 @@ class BackoffQueue(RuleBasedStateMachine):
         self.acked: set[str] = set()
 
     def teardown(self) -> None:
-        self._module.time = self._real  # type: ignore[attr-defined]
+        self.restore_clock()
 
     def _wait(self, name: str, deliveries: int) -> None:
         self.due[name] = self.clock.ms + min(self.MIN * deliveries, self.MAX)

@@ -163,3 +163,16 @@ def test_redis7_passes_over_an_older_one_earlier_on_path(monkeypatch, tmp_path):
                                                  os.path.dirname(real)]))
     assert conftest.binary_major(redis7_binary()) >= 7
     assert redis7_binary() == os.path.join(os.path.dirname(real), "redis-server")
+
+
+def test_the_fake_clock_drives_key_expiry_too(fake_clock):
+    """A key set to expire after 100 ms of the test's clock outlives 200 ms of real time
+    (a loaded CI machine between two steps of a model) and goes once the test's clock
+    passes its deadline: TIME and expiry follow one clock (helpers.install_clock)."""
+    import time
+    c, clock = fake_clock
+    c.set('k', 'v', px=100)
+    time.sleep(0.2)
+    assert c.get('k') == b'v' and c.pttl('k') == 100
+    clock.ms += 101
+    assert c.get('k') is None

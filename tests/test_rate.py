@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import FakeClock, server_ms
+from helpers import FakeClock, install_clock, server_ms
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from kombu import Connection, Consumer, Producer, Queue
@@ -284,11 +284,9 @@ class RateLimitedQueue(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         import fakeredis
-        from fakeredis.commands_mixins import server_mixin
         self.c = fakeredis.FakeRedis(server=fakeredis.FakeServer())
         self.clock = FakeClock(server_ms(self.c))
-        self._module, self._real = server_mixin, server_mixin.time
-        server_mixin.time = self.clock  # type: ignore[assignment]
+        self.restore_clock = install_clock(self.clock)
         self.b = limited(self.c, 'q', '4/s', self.BURST)
         self.n = 0
         self.tat = 0.0
@@ -298,7 +296,7 @@ class RateLimitedQueue(RuleBasedStateMachine):
         self.requeued: set[str] = set()  # parked with the holder, delivered before
 
     def teardown(self) -> None:
-        self._module.time = self._real  # type: ignore[attr-defined]
+        self.restore_clock()
 
     @rule(level=st.sampled_from(LEVELS))
     def publish(self, level: int) -> None:

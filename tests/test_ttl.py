@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 import pytest
-from helpers import STALE, FakeClock, read_messages, server_ms
+from helpers import STALE, FakeClock, install_clock, read_messages, server_ms
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -389,11 +389,9 @@ class TtlQueue(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         import fakeredis
-        from fakeredis.commands_mixins import server_mixin
         self.c = fakeredis.FakeRedis(server=fakeredis.FakeServer())
         self.clock = FakeClock(server_ms(self.c))
-        self._module, self._real = server_mixin, server_mixin.time
-        server_mixin.time = self.clock  # type: ignore[assignment]
+        self.restore_clock = install_clock(self.clock)
         self.b = with_ttl(self.c, 'q', None)
         self.queue_ttl: int | None = None
         self.n = 0
@@ -402,7 +400,7 @@ class TtlQueue(RuleBasedStateMachine):
         self.acked: set[str] = set()
 
     def teardown(self) -> None:
-        self._module.time = self._real  # type: ignore[attr-defined]
+        self.restore_clock()
 
     @rule(ttl=st.one_of(st.none(), st.integers(0, 200)))
     def set_queue_ttl(self, ttl: int | None) -> None:
