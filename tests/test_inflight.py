@@ -331,6 +331,29 @@ def test_a_trusted_ack_of_a_parked_message_leaves_the_bound_above_what_is_in_fli
     assert r.deliveries == [] and in_flight(c) == 2 and bound(c) == 2
 
 
+@pytest.mark.parametrize('why', ['no dead-letter stream', 'no big hash'])
+def test_an_entry_parked_unfiled_by_a_read_is_in_the_bound(script_client, why):
+    """An entry the read can neither deliver nor file (a malformed one while the
+    dead-letter stream's name holds a string; a big message's while the big hash's does) is
+    parked with ~unfiled: pending, never delivered. The bound the read keeps counts it with
+    the 2 delivered, so it stays above what is pending."""
+    c = script_client
+    b = limited(c, 'q', 10)
+    b.publish('q', 0, body('A'))
+    if why == 'no dead-letter stream':
+        c.xadd(K.stream('q', 0), {'x': '1'})  # no m field: to be set aside
+        c.set(K.dlq('q'), 'not a stream')
+    else:
+        c.xadd(K.stream('q', 0), {'r': 'token'})
+        c.set(K.big('q'), 'not a hash')
+    b.publish('q', 0, body('B'))
+    r = read(b, ['q'], 'c1', 3)
+    assert bodies(r) == ['mA', 'mB'] and r.problems
+    pending = sum(c.xpending(K.stream('q', lv), 'q')['pending'] for lv in LEVELS
+                  if c.exists(K.stream('q', lv)))
+    assert in_flight(c) == 2 and pending == 3 and bound(c) == 3
+
+
 def test_limits_drops_the_kept_bound(script_client):
     """While a queue has no x-max-in-flight its reads keep no bound: any change of its
     arguments drops the one kept, and the next read with a limit counts."""
@@ -427,7 +450,7 @@ class LimitedQueue(RuleBasedStateMachine):
                     self.done.add(name)
                     del self.in_flight[name]
             for name, (who, d) in list(self.believed.items()):  # parked since: acked too
-                if who == consumer and name in self.requeued:
+                if who == consumer:
                     riding.append((d.stream, d.entry_id, True))
                     self.done.add(name)
                     self.requeued.discard(name)

@@ -35,10 +35,11 @@
 --                nil until a stream of it has work to serve (an idle queue pays nothing)
 --   src.capped   the limiter let no more of it through in this call
 --   src.cap      x-max-in-flight's room {room, served, pending, kept, exact}
---                (lua/lib/inflight.lua): room is N less what was in flight when it was
---                opened (with src.rate), at most: counted when exact, else the kept bound
---                of the pending entries (read as kept: nil when none), pending those
---                entries then, at most; false without
+--                (lua/lib/inflight.lua), set when opened (with src.rate): pending is the
+--                group's pending entries then (counted when exact, else at most the kept
+--                bound less what riding acks freed), room N less what was in flight then
+--                (at most pending), kept the bound as read (nil: none); false without
+--   src.unfiled  entries this call parked with ~unfiled (pending, never delivered), or nil
 --   src.full     the in-flight limit let no more of it through in this call
 --   src.freed    the slots acks that rode along freed of it (its flag is looked at), or nil
 --   src.due_at   where its next due time is in ctx.dues (a limited source's next slot
@@ -319,6 +320,7 @@ local function deliver(ctx, src, i, id, fields, count)
     local size, err = try('HSTRLEN', src.big, token)
     if err then
       redis.call('XCLAIM', KEYS[i], src.group, UNFILED, 0, id, 'JUSTID')  -- out of waiting
+      src.unfiled = (src.unfiled or 0) + 1  -- still pending (the in-flight bound counts it)
       if src.bytes then src.bytes = src.bytes + lib_bytes().entry_bytes(fields, nil) end
       problem(ctx, src, src.big, err)
       return false
@@ -634,7 +636,8 @@ local function finish(ctx, sources)
     if src.rate then lib_rate().rate_save(src.rate, src.rate_key, clock(ctx)) end
     local cap = src.cap
     if cap then  -- x-max-in-flight: what is in flight now, at most
-      inflight_keep(src.counters, KEYS[src.streams[1]], cap.pending + cap.served, cap.kept)
+      inflight_keep(src.counters, KEYS[src.streams[1]],
+                    cap.pending + cap.served + (src.unfiled or 0), cap.kept)
     end
     if src.expired > 0 then
       local err = count_expired(src.counters, KEYS[src.streams[1]], src.expired)

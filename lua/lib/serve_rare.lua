@@ -98,6 +98,7 @@ local function set_aside(ctx, src, i, id, fields, reason, deliveries)
                           src.shared)
   if err then
     redis.call('XCLAIM', KEYS[i], src.group, UNFILED, 0, id, 'JUSTID')
+    src.unfiled = (src.unfiled or 0) + 1  -- still pending (the in-flight bound counts it)
     return problem(ctx, src, src.dlq, err)
   end
   if src.shared and not ctx.trim[KEYS[i]] then  -- trimmed once, in finish: not per entry
