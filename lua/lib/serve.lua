@@ -41,7 +41,8 @@
 --                (at most pending), kept the bound as read (nil: none); false without
 --   src.unfiled  entries this call parked with ~unfiled (pending, never delivered), or nil
 --   src.full     the in-flight limit let no more of it through in this call
---   src.freed    the slots acks that rode along freed of it (its flag is looked at), or nil
+--   src.freed    the entries the acks riding along freed of it (XACK's count; its flag is
+--                looked at), or nil
 --   src.due_at   where its next due time is in ctx.dues (a limited source's next slot
 --                may replace it: the reply's dues carry both, docs/design.rst)
 --   ctx.halted   a serve step stopped the whole call (budget spent, suspect alone): a
@@ -635,7 +636,7 @@ local function finish(ctx, sources)
   for _, src in ipairs(sources) do  -- Message TTL: each queue's count of expired messages
     if src.rate then lib_rate().rate_save(src.rate, src.rate_key, clock(ctx)) end
     local cap = src.cap
-    if cap then  -- x-max-in-flight: what is in flight now, at most
+    if cap then  -- x-max-in-flight: the group's pending entries now, at most
       inflight_keep(src.counters, KEYS[src.streams[1]],
                     cap.pending + cap.served + (src.unfiled or 0), cap.kept)
     end
