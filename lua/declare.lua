@@ -65,7 +65,6 @@ for i = 1, n do
 end
 if record then  -- with the queue's expiry (x-expires), as its other keys
   redis.call('HSET', argkey, unpack(given))
-  local ttl = redis.call('PTTL', KEYS[1])
-  if ttl > 0 then redis.call('PEXPIRE', argkey, ttl) end
+  expire_as(argkey, KEYS[1])
 end
 return created

@@ -40,13 +40,11 @@ if ARGV[1] == 'set' then
     redis.call('HDEL', KEYS[3], 'waiting-bytes')
   elseif not kept then  -- counted from now on (what waits already is left out)
     redis.call('HSET', KEYS[3], 'waiting-bytes', 0)
-    local ttl = redis.call('PTTL', first)
-    if ttl > 0 then redis.call('PEXPIRE', KEYS[3], ttl) end
+    expire_as(KEYS[3], first)
   end
   if #ARGV > 1 then
     redis.call('HSET', argkey, unpack(ARGV, 2))
-    local ttl = redis.call('PTTL', first)
-    if ttl > 0 then redis.call('PEXPIRE', argkey, ttl) end
+    expire_as(argkey, first)
   end
 end
 return {redis.call('HGETALL', argkey), redis.call('HGETALL', KEYS[3])}

@@ -46,8 +46,7 @@ for s = 1, n do
   if kind == 'q' then
     if redis.call('EXISTS', stream) == 1 then
       redis.call('ZADD', wake, 0, 'w')
-      local ttl = redis.call('PTTL', stream)
-      if ttl > 0 then redis.call('PEXPIRE', wake, ttl) end
+      expire_as(wake, stream)
       set = true
     end
   elseif try('XPENDING', stream, ARGV[3 * s - 1], '-', '+', 1) then  -- the group exists

@@ -80,10 +80,7 @@ local function bytes_add(counters, stream, delta)
   local r = redis.pcall('HINCRBY', counters, WAITING_BYTES, delta)
   if type(r) ~= 'number' then return end
   if r < 0 then redis.call('HSET', counters, WAITING_BYTES, 0) end
-  if r == delta then
-    local ttl = redis.call('PTTL', stream)
-    if ttl > 0 then redis.call('PEXPIRE', counters, ttl) end
-  end
+  if r == delta then expire_as(counters, stream) end
 end
 
 -- Nothing waits: the waiting bytes in COUNTERS are 0, if it keeps them (see bytes_kept).

@@ -50,12 +50,16 @@ local function chunked(cmd, key, list)
   end
 end
 
+-- Give KEY, a key of a queue a script just made, the expiry of the queue's STREAM (its
+-- first stream: x-expires), if it has one, so it goes with an expiring queue.
+local function expire_as(key, stream)
+  local ttl = redis.call('PTTL', stream)
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+end
+
 -- Add MEMBERS to the ready index INDEX; a new member gives INDEX the expiry of STREAM.
 local function index_add(index, stream, ...)
-  if redis.call('SADD', index, ...) > 0 then
-    local ttl = redis.call('PTTL', stream)
-    if ttl > 0 then redis.call('PEXPIRE', index, ttl) end
-  end
+  if redis.call('SADD', index, ...) > 0 then expire_as(index, stream) end
 end
 
 -- Make sure GROUP exists on an existing stream KEY, starting at its first entry (so messages

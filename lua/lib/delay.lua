@@ -101,10 +101,7 @@ local function park_pointer(dkey, index, wake, stream, level, id, holder, group,
   local fresh = redis.call('EXISTS', dkey) == 0
   local member = stamp .. ':' .. level .. ':b:' .. id .. ':' .. holder .. ':' .. group
   redis.call('ZADD', dkey, due, member)
-  if fresh then
-    local ttl = redis.call('PTTL', stream)
-    if ttl > 0 then redis.call('PEXPIRE', dkey, ttl) end
-  end
+  if fresh then expire_as(dkey, stream) end
   index_add(index, stream, DELAYED)
   if redis.call('ZRANGE', dkey, 0, 0)[1] == member then arm(wake, stream) end
 end

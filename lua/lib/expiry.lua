@@ -29,10 +29,7 @@ local function count_in(stats, stream, name, n)
   local r = redis.pcall('HINCRBY', stats, name, n)
   local err = pcall_error(r)
   if err then return err end
-  if r == n then
-    local ttl = redis.call('PTTL', stream)
-    if ttl > 0 then redis.call('PEXPIRE', stats, ttl) end
-  end
+  if r == n then expire_as(stats, stream) end
   return nil
 end
 

@@ -269,10 +269,7 @@ local function fair_gate(fair_key, max, levels, group, stream)
     chunked('HSET', fair_key, sets)
     if not aged and #sets > 0 then
       aged = true
-      if redis.call('PTTL', fair_key) == -1 then
-        local ttl = redis.call('PTTL', stream)
-        if ttl > 0 then redis.call('PEXPIRE', fair_key, ttl) end
-      end
+      if redis.call('PTTL', fair_key) == -1 then expire_as(fair_key, stream) end
     end
   end
   return gate

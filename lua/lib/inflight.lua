@@ -65,10 +65,8 @@ end
 -- counters; a COUNTERS of another type is left alone (reads then count every time).
 local function inflight_keep(counters, stream, bound, old)
   if bound == old then return end
-  local r = redis.pcall('HSET', counters, IN_FLIGHT_BOUND, bound)
-  if r == 1 then  -- a new field: maybe a new hash
-    local ttl = redis.call('PTTL', stream)
-    if ttl > 0 then redis.call('PEXPIRE', counters, ttl) end
+  if redis.pcall('HSET', counters, IN_FLIGHT_BOUND, bound) == 1 then  -- maybe a new hash
+    expire_as(counters, stream)
   end
 end
 
