@@ -5,7 +5,9 @@
 -- State lives in one table, ctx (made by read.lua), and one table per source, src:
 --   ctx.consumer, ctx.holder, ctx.limit   who reads, who parks, the delivery limit
 --   ctx.left                              messages this call may still deliver
---   ctx.out, ctx.problems, ctx.aside,     the reply's parts (see read.lua)
+--   ctx.out                               the reply (see read.lua): REPLY_HEAD places that
+--                                         finish fills, then the deliveries
+--   ctx.problems, ctx.aside,              the reply's other parts
 --   ctx.unsettled
 --   ctx.aside_left                        entries this call may still set aside (COUNT +
 --                                         100: a backlog of them is worked off over calls)
@@ -73,11 +75,13 @@
 -- of its body, never a copy: the body counts against BYTES as the caller will fetch it.
 
 local PROMOTE = 500  -- most delayed messages moved per call
+local REPLY_HEAD = 5  -- ctx.out starts with the places of the reply's five parts (see read.lua)
 
 -- The call's state (see the top of this file): CONSUMER reads up to COUNT messages, HOLDER
 -- parks, LIMIT is the delivery limit.
 local function new_context(consumer, count, holder, limit, bytes)
-  return {consumer = consumer, left = count, holder = holder, limit = limit, out = {},
+  return {consumer = consumer, left = count, holder = holder, limit = limit,
+          out = {false, false, false, false, false},  -- REPLY_HEAD places, set by finish
           problems = {}, aside = {}, aside_left = count + 100, promote_left = PROMOTE,
           dues = {}, unsettled = {}, bytes_left = bytes, copied = 0, promote_bytes = bytes,
           promoted = 0, trim = {}}
@@ -245,11 +249,12 @@ local function batch(ctx, src)
   return math.max(n, 0)
 end
 
--- Count entry FIELDS, just copied from one of SRC's streams, against the byte budget.
+-- Count entry FIELDS, just copied from one of SRC's streams, against the byte budget. Every
+-- value of an entry Redis replies with is a string (a numeric loop: no call per field).
 local function spend(ctx, src, fields)
   local size = 0
   if type(fields) == 'table' then
-    for _, v in ipairs(fields) do size = size + #tostring(v) end
+    for k = 1, #fields do size = size + #fields[k] end
   end
   ctx.bytes_left, ctx.copied = ctx.bytes_left - size, ctx.copied + 1
   if size > src.est then src.est = size end
@@ -300,8 +305,12 @@ end
 -- docs/design.rst "Message TTL"). When the big hash holds another type the entry is parked
 -- with UNFILED (tried again after a lease) and the problem noted. True when delivered.
 local function deliver(ctx, src, i, id, fields, count)
-  -- Message TTL: past its deadline, never handed out. An entry without one has one field.
-  local deadline = type(fields) == 'table' and fields[3] ~= nil and deadline_of(fields)
+  -- Message TTL: past its deadline, never handed out. An entry without one has one field; a
+  -- publish writes the deadline third (m or r first), read in place: the lookup is the rule.
+  local deadline = type(fields) == 'table' and fields[3] ~= nil
+  if deadline then
+    deadline = fields[3] == EXPIRES and tonumber(fields[4]) or deadline_of(fields)
+  end
   if deadline and deadline <= clock(ctx) then
     if src.ttl > 0 then  -- an expiring queue's (x-expires): dropped, counted, not filed
       lib_serve_rare().drop_expired(ctx, src, i, id, fields)
@@ -311,7 +320,7 @@ local function deliver(ctx, src, i, id, fields, count)
     end
     return false
   end
-  local payload = field(fields, 'm')
+  local payload = fields[1] == 'm' and fields[2] or field(fields, 'm')
   if payload == nil then
     local token = not src.shared and field(fields, 'r')
     if not token then
@@ -664,7 +673,8 @@ local function finish(ctx, sources)
       unsettled[#unsettled + 1] = ctx.unsettled[q]
     end
   end
-  local reply = {table.concat(status), ctx.problems, ctx.aside, ctx.dues, unsettled}
-  for _, v in ipairs(ctx.out) do reply[#reply + 1] = v end
+  local reply = ctx.out  -- the deliveries follow the head's places: nothing is copied
+  reply[1], reply[2], reply[3], reply[4], reply[5] =
+    table.concat(status), ctx.problems, ctx.aside, ctx.dues, unsettled
   return reply
 end

@@ -172,7 +172,7 @@ local function serve_held(ctx, src, i)
     for _, p in ipairs(held) do
       if tonumber(p[4]) >= 1 then
         suspect = true
-        if #take == 0 and #ctx.out == 0 then take[1] = p end
+        if #take == 0 and #ctx.out == REPLY_HEAD then take[1] = p end
         break
       end
       take[#take + 1] = p
