@@ -68,7 +68,7 @@ message adds a TYPE, an HSTRLEN and two PTTLs, and never passes through Lua; a T
 TIME and the field e; an id on a queue with x-deduplication-window O(log n) with n ids
 remembered; a unique key O(1) or O(log n) (its holder looked at), and one stored adds an
 HLEN and a PTTL (two on an expiring queue), on a store over 32 fields an HINCRBY, and
-every 8th keyed publish one sweep step (32 fields at most, 16 of them stream entries: an
+every 16th keyed publish one sweep step (one to four HSCANs, 64 fields at most: an
 XPENDING of each delivered one, no command for one not delivered yet, no entry copied;
 lua/lib/unique.lua); its x-unique-mode and x-unique-ttl come in the HMGET of the
 arguments every publish makes, and TIME only for a throttled key. x-max-length-bytes adds

@@ -33,12 +33,23 @@ local UNIQUE_MODE, UNIQUE_TTL = 'x-unique-mode', 'x-unique-ttl'
 local function unique_parse(ref)
   local kind = string.sub(ref, 1, 1)
   if kind == 't' then return kind, tonumber(string.sub(ref, 3)) end
-  local ttl, rest = string.match(ref, '^%a:(%d+):(.*)$')
-  if kind == 's' then
-    local level, id = string.match(rest or '', '^(%d+):(.+)$')
+  if kind == 's' then  -- the sweep parses one per field it looks at: one match
+    local ttl, level, id = string.match(ref, '^s:(%d+):(%d+):(.+)$')
     return kind, tonumber(ttl), level, id
   end
+  local ttl, rest = string.match(ref, '^%a:(%d+):(.*)$')
   return kind, tonumber(ttl), rest
+end
+
+-- Stream id ID ("ms-seq", or "ms") as two numbers, or nil when it is not one: a plain find,
+-- no pattern (the sweep compares an id per field it looks at; common's id_before matches
+-- two patterns per comparison).
+local function id_parts(id)
+  local dash = string.find(id, '-', 1, true)
+  local ms = tonumber(dash and string.sub(id, 1, dash - 1) or id)
+  local seq = dash and tonumber(string.sub(id, dash + 1)) or 0
+  if not ms or not seq then return nil end
+  return ms, seq
 end
 
 -- Where the message that holds KEY in STORE is, found by looking at it (so a key whose message
@@ -242,13 +253,16 @@ end
 -- theirs; the key already counts as free, only memory is at stake). A store of at most
 -- UNIQUE_SWEEP_FROM fields is left alone (one HLEN). Above, each keyed publish that stores a
 -- message counts itself in field UNIQUE_TICK (an HINCRBY), and every UNIQUE_EVERY-th runs one
--- step: an HSCAN of STORE from the cursor kept in field UNIQUE_CURSOR ("<cursor>:<offset>"),
--- resumed at the field named in UNIQUE_AT (the first one not looked at yet: a reply can hold
--- more fields than a step looks at, and fields deleted meanwhile, by acks, shift an offset; the
--- offset is the fallback when that field is gone), then at most UNIQUE_CHECKS fields looked at
--- (a ZSCORE, or the clock for a throttle, or for a stream entry, at most UNIQUE_LOOKS of those,
--- XINFO GROUPS once per stream and an XPENDING of its id if it was delivered), those whose
--- message is gone deleted with their pair. An entry not delivered yet is not read (an XRANGE of
+-- step: an HSCAN (COUNT UNIQUE_LOOKS + 8: the sweep's own fields and a reply's unevenness
+-- leave one of stream entries' fields its weight) of STORE from the cursor in UNIQUE_CURSOR
+-- ("<cursor>:<offset>"), resumed at the field named in UNIQUE_AT (the first one not looked at
+-- yet: a reply can hold more fields than a step looks at, and fields deleted meanwhile, by
+-- acks, shift an offset; the offset is the fallback when that field is gone). It looks at
+-- the rest of the reply, at most 2 x UNIQUE_LOOKS fields (a ZSCORE, or the clock for a
+-- throttle, or for a stream entry XINFO GROUPS once per stream and an XPENDING of its id if
+-- it was delivered), those whose message is gone deleted with their pair; while it has
+-- passed less than UNIQUE_LOOKS of weight (below) and the cycle goes on, it takes the next
+-- reply, at most four in all. An entry not delivered yet is not read (an XRANGE of
 -- it would copy it): purge and drop-head delete ready entries from the front, so one before the
 -- first ready entry left, or with none left, is gone (one XRANGE of one entry per stream and
 -- step tells); one deleted from the middle (an XDEL behind our back) keeps its field, memory
@@ -256,25 +270,27 @@ end
 -- is a listpack (up to hash-max-listpack-entries fields, 512 by default;
 -- hash-max-ziplist-entries on 6.2) HSCAN ignores COUNT and returns the whole hash, so a step
 -- per publish copied up to 1,024 strings into Lua each time; now one publish in UNIQUE_EVERY
--- pays it, and a hashtable's step (COUNT UNIQUE_CHECKS) is as rare. The bound: weigh a field
--- that names a stream entry 1 and any other 1/2. A step passes at least UNIQUE_LOOKS = 2 x
--- UNIQUE_EVERY of weight (unless its reply ends), so 2 per keyed publish, and a keyed publish
--- adds at most 1 (its entry's field, or a delayed message's two); so a cycle over a store of
--- weight W takes at most about W / 2 keyed publishes, which add at most W / 2; every field
--- stale when a cycle starts is gone when it ends: the store weighs at most about twice its live
--- keyed messages (two fields each, four for a delayed one) and the fields of entries deleted
--- from the middle of the ready ones behind our back and not read past yet, or holds
+-- pays it. Why the whole reply: a hashtable's reply holds about COUNT fields, and a step that
+-- stopped short of its end fetched the same reply again the next time (copied into Lua twice).
+-- The bound: weigh a field that names a stream entry 1 and any other 1/2. A step passes at
+-- least UNIQUE_LOOKS = 2 x UNIQUE_EVERY of weight (unless the cycle ends, or four replies of
+-- a hashtable, each of about COUNT fields, hold less), so 2 per keyed publish, and a keyed
+-- publish adds at most 1 (its entry's field, or a delayed message's two); so a cycle over a
+-- store of weight W takes at most about W / 2 keyed publishes, which add at most W / 2; every
+-- field stale when a cycle starts is gone when it ends: the store weighs at most about twice
+-- its live keyed messages (two fields each, four for a delayed one) and the fields of entries
+-- deleted from the middle of the ready ones behind our back and not read past yet, or holds
 -- UNIQUE_SWEEP_FROM fields. Cost per keyed publish: an HLEN, above the floor an HINCRBY; per
--- step, two HGETs, an HSCAN (at most about UNIQUE_CHECKS fields of a hashtable, all of a
--- listpack), up to UNIQUE_CHECKS looks (XINFO GROUPS once per level, then at most UNIQUE_LOOKS
--- XPENDINGs and an XRANGE of one entry per level), an HDEL and an HSET. LEVELS maps a level to
--- its stream, DKEY is the delayed set, CLOCK() unix ms, GROUP the queue's group, FAIR the
--- staging hash of a fair queue (a staged message's look is an HEXISTS there; nil: staged
--- ones are left alone).
+-- step, an HMGET, one to four HSCANs (about UNIQUE_LOOKS fields each of a hashtable, all of a
+-- listpack), up to 2 x UNIQUE_LOOKS looks (XINFO GROUPS once per level, an XPENDING or two
+-- hash commands per field, and an XRANGE of one entry per level), an HDEL per reply and an
+-- HSET. LEVELS maps a level to its stream, DKEY is the delayed set, CLOCK() unix ms, GROUP the
+-- queue's group, FAIR the staging hash of a fair queue (a staged message's look is an HEXISTS
+-- there; nil: staged ones are left alone).
 -- Never fails: it runs after the message was stored, so a key of another type at one of the
 -- names is only skipped (try), and the store is a hash (the publish just wrote it).
 local UNIQUE_CURSOR, UNIQUE_AT, UNIQUE_TICK = 'c', 'a', 't'
-local UNIQUE_EVERY, UNIQUE_CHECKS, UNIQUE_LOOKS, UNIQUE_SWEEP_FROM = 8, 32, 16, 32
+local UNIQUE_EVERY, UNIQUE_LOOKS, UNIQUE_SWEEP_FROM = 16, 32, 32
 
 -- Whether staged field NAME of STEP.fair (the staging hash, nil when the caller has none:
 -- then it counts as there) is there, or nil on another type.
@@ -285,7 +301,59 @@ local function unique_staged(step, name)
   return r == 1
 end
 
+-- Whether field F of the store, naming entry C (id C, parsed as CMS, CSEQ) of the stream at
+-- LEVEL, outlived it: F when it did, else nil (see unique_sweep below for the looks).
+local function unique_entry_gone(f, level, c, cms, cseq, levels, group, step)
+  local stream = levels[level or '']
+  if not stream then return f end  -- a level the queue no longer has: free already
+  if not cms then return f end  -- names no entry: not a field of ours, free
+  local last = step.last[stream]  -- the group's last-delivered id: {ms, seq, id}
+  if last == nil then
+    local ok, got = pcall(last_delivered, stream, group)  -- no stream: nothing delivered
+    got = ok and got or '0-0'
+    local lms, lseq = id_parts(got)
+    last = {lms or 0, lseq or 0, got}
+    step.last[stream] = last
+  end
+  if cms < last[1] or (cms == last[1] and cseq <= last[2]) then
+    -- Delivered and not settled (or parked): in the PEL. Delivered and no longer there:
+    -- settled, and every settle deletes its entry. Neither asks for the entry itself. (An
+    -- entry after the group's last-delivered id was never delivered: no PEL look.)
+    local p, err = try('XPENDING', stream, group, c, c, 1)
+    if err then return nil end
+    if p and p[1] then return nil end
+    return f
+  end
+  -- Not delivered yet. Purge and drop-head delete ready entries from the front (the oldest
+  -- after the group's last-delivered id), so one before the first ready entry left (or with
+  -- none left) is gone: one XRANGE of one entry per stream and step tells, not a copy of
+  -- each. One deleted from the middle (an XDEL behind our back) keeps its field until the
+  -- group reads past its id, when the look above (the PEL) tells.
+  local ready = step.ready[stream]  -- the first ready id as {ms, seq}; '': not a stream
+  if ready == nil then
+    local r, err = try('XRANGE', stream, '(' .. last[3], '+', 'COUNT', 1)
+    if err then
+      ready = ''
+    else
+      ready = false
+      if r[1] then
+        local rms, rseq = id_parts(r[1][1])
+        ready = rms and {rms, rseq} or ''  -- (a real stream's ids always parse)
+      end
+    end
+    step.ready[stream] = ready
+  end
+  if ready == false then return f end
+  if ready ~= '' and (cms < ready[1] or (cms == ready[1] and cseq < ready[2])) then return f end
+  return nil
+end
+
 local function unique_gone(store, f, v, levels, dkey, clock, group, step)
+  -- most fields name a stream entry: one match takes its level and id ("ms-seq")
+  local level, c, ms, seq = string.match(v, '^s:%d+:(%d+):((%d+)%-(%d+))$')
+  if level and string.sub(f, 1, 2) == 'k:' then
+    return unique_entry_gone(f, level, c, tonumber(ms), tonumber(seq), levels, group, step)
+  end
   local rev = string.sub(f, 1, 2)
   if rev == 'd:' or rev == 'g:' then  -- reverse field: its delayed or staged message gone?
     local name, there = string.sub(f, 3), nil
@@ -319,36 +387,8 @@ local function unique_gone(store, f, v, levels, dkey, clock, group, step)
     return f
   end
   if kind ~= 's' then return nil end
-  local stream = levels[b or '']
-  if not stream then return f end  -- a level the queue no longer has: free already
-  local last = step.last[stream]
-  if last == nil then
-    local ok, got = pcall(last_delivered, stream, group)  -- no stream: nothing delivered
-    last = ok and got or '0-0'
-    step.last[stream] = last
-  end
-  if not id_before(last, c) then
-    -- Delivered and not settled (or parked): in the PEL. Delivered and no longer there:
-    -- settled, and every settle deletes its entry. Neither asks for the entry itself. (An
-    -- entry after the group's last-delivered id was never delivered: no PEL look.)
-    local p, err = try('XPENDING', stream, group, c, c, 1)
-    if err then return nil end
-    if p and p[1] then return nil end
-    return f
-  end
-  -- Not delivered yet. Purge and drop-head delete ready entries from the front (the oldest
-  -- after the group's last-delivered id), so one before the first ready entry left (or with
-  -- none left) is gone: one XRANGE of one entry per stream and step tells, not a copy of
-  -- each. One deleted from the middle (an XDEL behind our back) keeps its field until the
-  -- group reads past its id, when the look above (the PEL) tells.
-  local ready = step.ready[stream]
-  if ready == nil then
-    local r, err = try('XRANGE', stream, '(' .. last, '+', 'COUNT', 1)
-    if err then ready = '' else ready = r[1] and r[1][1] or false end  -- '': not a stream
-    step.ready[stream] = ready
-  end
-  if ready == false or (ready ~= '' and id_before(c, ready)) then return f end
-  return nil
+  local cms, cseq = id_parts(c or '')
+  return unique_entry_gone(f, b, c, cms, cseq, levels, group, step)
 end
 
 local function unique_sweep(store, levels, dkey, clock, group, fair)
@@ -358,44 +398,52 @@ local function unique_sweep(store, levels, dkey, clock, group, fair)
   local at = redis.call('HMGET', store, UNIQUE_CURSOR, UNIQUE_AT)
   local cursor, skip = string.match(at[1] or '', '^(%d+):(%d+)$')
   cursor, skip = cursor or '0', tonumber(skip) or 0
-  local step = redis.call('HSCAN', store, cursor, 'COUNT', UNIQUE_CHECKS)
-  local flat, gone, dropped = step[2], {}, {}
-  local n = #flat / 2
-  if at[2] and at[2] ~= '' and flat[2 * skip + 1] ~= at[2] then
-    for j = 0, n - 1 do  -- the field to resume at moved: fields before it were deleted
-      if flat[2 * j + 1] == at[2] then
-        skip = j
-        break
-      end
-    end
-  end
-  local last, looks, freed = skip, 0, 0  -- freed: of the fields looked at
   local state = {last = {}, ready = {}, fair = fair}  -- per stream: last-delivered, first
   -- ready id; the staging hash (staged messages' fields are looked at there)
-  while last < n and last < skip + UNIQUE_CHECKS do
-    local f, v = flat[2 * last + 1], flat[2 * last + 2]
-    if string.sub(f, 1, 2) == 'k:' and string.sub(v, 1, 2) == 's:' then
-      if looks >= UNIQUE_LOOKS then break end  -- at most an XPENDING each
-      looks = looks + 1
-    end
-    local f1, f2 = nil, nil
-    if not dropped[f] then
-      f1, f2 = unique_gone(store, f, v, levels, dkey, clock, group, state)
-    end
-    last = last + 1
-    if dropped[f] then  -- the pair of one looked at before
-      freed = freed + 1
-    else
-      if f1 then
-        gone[#gone + 1], dropped[f1] = f1, true
-        freed = freed + 1
+  local weight, looked, scans = 0, 0, 0  -- weight passed: 1 a stream entry's field, 1/2
+  -- any other; fields passed (at most 2 x UNIQUE_LOOKS a step); HSCANs
+  local step, flat, n, last, freed
+  while true do
+    step = redis.call('HSCAN', store, cursor, 'COUNT', UNIQUE_LOOKS + 8)  -- + c, a, t
+    scans = scans + 1
+    flat, n = step[2], #step[2] / 2
+    if scans == 1 and at[2] and at[2] ~= '' and flat[2 * skip + 1] ~= at[2] then
+      for j = 0, n - 1 do  -- the field to resume at moved: fields before it were deleted
+        if flat[2 * j + 1] == at[2] then
+          skip = j
+          break
+        end
       end
-      if f2 then gone[#gone + 1], dropped[f2] = f2, true end
     end
-  end
-  if #gone > 0 then redis.call('HDEL', store, unpack(gone)) end
-  while last < n and dropped[flat[2 * last + 1]] do  -- the next field went as a pair
-    last, freed = last + 1, freed + 1
+    local gone, dropped = {}, {}
+    last, freed = skip, 0  -- freed: of this reply's fields looked at
+    while last < n and looked < 2 * UNIQUE_LOOKS do  -- the whole reply, within the cap
+      local f, v = flat[2 * last + 1], flat[2 * last + 2]
+      local entry = string.sub(f, 1, 2) == 'k:' and string.sub(v, 1, 2) == 's:'
+      weight, looked = weight + (entry and 1 or 0.5), looked + 1
+      local f1, f2 = nil, nil
+      if not dropped[f] then
+        f1, f2 = unique_gone(store, f, v, levels, dkey, clock, group, state)
+      end
+      last = last + 1
+      if dropped[f] then  -- the pair of one looked at before
+        freed = freed + 1
+      else
+        if f1 then
+          gone[#gone + 1], dropped[f1] = f1, true
+          freed = freed + 1
+        end
+        if f2 then gone[#gone + 1], dropped[f2] = f2, true end
+      end
+    end
+    if #gone > 0 then redis.call('HDEL', store, unpack(gone)) end
+    while last < n and dropped[flat[2 * last + 1]] do  -- the next field went as a pair
+      last, freed = last + 1, freed + 1
+    end
+    -- owed: UNIQUE_LOOKS of weight; another reply only while this one is done, the cycle
+    -- is not, and (a hashtable's replies hold COUNT fields or more) at most four in all
+    if last < n or weight >= UNIQUE_LOOKS or step[1] == '0' or scans >= 4 then break end
+    cursor, skip = step[1], 0
   end
   if last < n then  -- the same reply again next time, from its field flat[2 * last + 1]
     redis.call('HSET', store, UNIQUE_CURSOR, cursor .. ':' .. (last - freed),
