@@ -1,8 +1,8 @@
 """The sweep of the unique key store (lua/lib/unique.lua, unique_sweep; docs/design.rst,
 "Unique keys"): above 32 fields a keyed publish counts itself, and one in sixteen runs a
 step that looks at a bounded number of fields (the rest of an HSCAN reply, at most 64) and
-resumes where it stopped, and never copies an entry. The bound on the store's size is tested in tests/test_unique_due.py (expired and
-cancelled messages).
+resumes where it stopped, and never copies an entry. The bound on the store's size is tested
+in tests/test_unique_due.py (expired and cancelled messages).
 """
 
 from __future__ import annotations
