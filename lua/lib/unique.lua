@@ -41,15 +41,13 @@ local function unique_parse(ref)
   return kind, tonumber(ttl), rest
 end
 
--- Stream id ID ("ms-seq", or "ms") as two numbers, or nil when it is not one: a plain find,
--- no pattern (the sweep compares an id per field it looks at; common's id_before matches
--- two patterns per comparison).
+-- Stream id ID ("ms-seq", or "ms") as two numbers, or nil when it is not one (digits only:
+-- tonumber alone would take "1e0" or "0x1"). The sweep parses each once, then compares
+-- numbers (common's id_before matches two patterns per comparison).
 local function id_parts(id)
-  local dash = string.find(id, '-', 1, true)
-  local ms = tonumber(dash and string.sub(id, 1, dash - 1) or id)
-  local seq = dash and tonumber(string.sub(id, dash + 1)) or 0
-  if not ms or not seq then return nil end
-  return ms, seq
+  local ms, seq = string.match(id, '^(%d+)%-?(%d*)$')
+  if not ms or (seq == '' and string.sub(id, -1) == '-') then return nil end
+  return tonumber(ms), tonumber(seq) or 0
 end
 
 -- Where the message that holds KEY in STORE is, found by looking at it (so a key whose message
@@ -281,7 +279,7 @@ end
 -- its live keyed messages (two fields each, four for a delayed one) and the fields of entries
 -- deleted from the middle of the ready ones behind our back and not read past yet, or holds
 -- UNIQUE_SWEEP_FROM fields. Cost per keyed publish: an HLEN, above the floor an HINCRBY; per
--- step, an HMGET, one to four HSCANs (about UNIQUE_LOOKS fields each of a hashtable, all of a
+-- step, an HMGET, one to four HSCANs (about COUNT fields each of a hashtable, all of a
 -- listpack), up to 2 x UNIQUE_LOOKS looks (XINFO GROUPS once per level, an XPENDING or two
 -- hash commands per field, and an XRANGE of one entry per level), an HDEL per reply and an
 -- HSET. LEVELS maps a level to its stream, DKEY is the delayed set, CLOCK() unix ms, GROUP the
@@ -408,7 +406,10 @@ local function unique_sweep(store, levels, dkey, clock, group, fair)
     scans = scans + 1
     flat, n = step[2], #step[2] / 2
     if scans == 1 and at[2] and at[2] ~= '' and flat[2 * skip + 1] ~= at[2] then
-      for j = 0, n - 1 do  -- the field to resume at moved: fields before it were deleted
+      -- the field to resume at moved: fields before it were deleted, so it can only be
+      -- earlier; found later, it was deleted and added again (at a listpack's end): the
+      -- offset then, which may look at a few fields twice but passes over none
+      for j = 0, math.min(skip, n - 1) do
         if flat[2 * j + 1] == at[2] then
           skip = j
           break
