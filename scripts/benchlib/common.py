@@ -97,27 +97,45 @@ def check_size(s, expected: int) -> None:
         raise RuntimeError(f'queue holds {found} messages, expected {expected}')
 
 
+class Draining:
+    """A consumer of ``s``'s queues that acks and counts what it gets, drained ``n`` more at
+    a time (``take``): one kept open while other work runs between its takes."""
+
+    def __init__(self, s, prefetch: int) -> None:
+        self.s, self.got, self.started = s, 0, False
+
+        def on_message(body, message) -> None:
+            message.ack()
+            self.got += 1
+
+        self.consumer = Consumer(s.channel, s.queues, callbacks=[on_message],
+                                 accept=['json'], prefetch_count=prefetch)
+
+    def take(self, n: int) -> float:
+        """Consume and ack ``n`` more messages (the first take starts consuming); seconds
+        taken."""
+        target = self.got + n
+        start = time.perf_counter()
+        if not self.started:
+            self.consumer.consume()
+            self.started = True
+        while self.got < target:
+            try:
+                self.s.conn.drain_events(timeout=DRAIN_TIMEOUT)
+            except socket.timeout:
+                raise RuntimeError(f'consumer stalled: {self.got}/{target} messages after a '
+                                   f'{DRAIN_TIMEOUT:.0f}s drain_events timeout') from None
+        return time.perf_counter() - start
+
+    def cancel(self) -> None:
+        self.consumer.cancel()
+
+
 def drain(s, n: int, prefetch: int) -> float:
     """Consume and ack ``n`` messages; return the seconds it took."""
-    got = 0
-
-    def on_message(body, message):
-        nonlocal got
-        message.ack()
-        got += 1
-
-    consumer = Consumer(s.channel, s.queues, callbacks=[on_message], accept=['json'],
-                        prefetch_count=prefetch)
-    start = time.perf_counter()
-    consumer.consume()
-    while got < n:
-        try:
-            s.conn.drain_events(timeout=DRAIN_TIMEOUT)
-        except socket.timeout:
-            raise RuntimeError(f'consumer stalled: {got}/{n} messages after a '
-                               f'{DRAIN_TIMEOUT:.0f}s drain_events timeout') from None
-    elapsed = time.perf_counter() - start
-    consumer.cancel()
+    draining = Draining(s, prefetch)
+    elapsed = draining.take(n)
+    draining.cancel()
     return elapsed
 
 
