@@ -27,6 +27,18 @@ def stale(c: Any, names: list[str]) -> None:
     c.xgroup_setid(K.stream('q', 0), 'q', '1-1000')
 
 
+def live_then_stale(c: Any) -> tuple[Any, list[str]]:
+    """A queue whose store holds 60 live fields (a00 ... a59), then 12 stale ones (b00 ...
+    b11, returned), the sweep's place forgotten: the next step starts at a00."""
+    b = queue(c)
+    for j in range(60):
+        publish(b, j, f'a{j:02}')
+    gone = [f'b{j:02}' for j in range(12)]
+    stale(c, gone)
+    c.hdel(K.unique('q'), 'c', 'a', 't')  # the steps so far (all live) forgotten
+    return b, gone
+
+
 def test_a_step_every_sixteenth_keyed_publish_resumes_where_it_stopped(script_client):
     """Fifteen keyed publishes only count (field t); the sixteenth looks at 64 fields, the
     most a step looks at, and names the field it stopped before (a). Fields deleted before
@@ -34,12 +46,7 @@ def test_a_step_every_sixteenth_keyed_publish_resumes_where_it_stopped(script_cl
     after it. (Names sort in the order they are added: fakeredis scans a hash in sorted
     order, Redis a listpack in the order of its fields.)"""
     c = script_client
-    b = queue(c)
-    for j in range(60):
-        publish(b, j, f'a{j:02}')
-    gone = [f'b{j:02}' for j in range(12)]
-    stale(c, gone)
-    c.hdel(K.unique('q'), 'c', 'a', 't')  # the steps so far (all live) forgotten
+    b, gone = live_then_stale(c)
     for j in range(15):
         publish(b, j, f'c{j:02}')
     f = fields(c)
@@ -168,12 +175,7 @@ def test_a_step_does_not_resume_at_a_field_added_again(redis_client):
     end. The next step resumes at the offset, not there, so the fields between are looked at
     in this cycle, not passed over (cycle after cycle, if it keeps happening)."""
     c = redis_client
-    b = queue(c)
-    for j in range(60):
-        publish(b, j, f'a{j:02}')
-    gone = [f'b{j:02}' for j in range(12)]
-    stale(c, gone)
-    c.hdel(K.unique('q'), 'c', 'a', 't')
+    b, gone = live_then_stale(c)
     for j in range(16):
         publish(b, j, f'c{j:02}')  # a step: a00 ... a59, b00 ... b03, then the cap
     f = fields(c)
