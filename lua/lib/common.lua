@@ -90,13 +90,21 @@ local function field(fields, name)
   return nil
 end
 
--- True when stream id A sorts before stream id B ("ms-seq" strings; "ms" alone is "ms-0").
+-- Stream id ID ("ms-seq", or "ms" for "ms-0") as two numbers, or nil when it is not one
+-- (digits only: tonumber alone would take "1e0" or "0x1"). A caller comparing many ids
+-- parses each once and compares the numbers (the unique key store's sweep).
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)%-?(%d*)$')
+  if not ms or (seq == '' and string.sub(id, -1) == '-') then return nil end
+  return tonumber(ms), tonumber(seq) or 0
+end
+
+-- True when stream id A sorts before stream id B.
 local function id_before(a, b)
-  local ams, aseq = string.match(a, '^(%d+)-?(%d*)$')
-  local bms, bseq = string.match(b, '^(%d+)-?(%d*)$')
-  ams, bms = tonumber(ams), tonumber(bms)
+  local ams, aseq = id_parts(a)
+  local bms, bseq = id_parts(b)
   if ams ~= bms then return ams < bms end
-  return (tonumber(aseq) or 0) < (tonumber(bseq) or 0)
+  return (aseq or 0) < (bseq or 0)
 end
 
 -- GROUP's last-delivered id on stream KEY ('0-0' without that group) and its XINFO GROUPS

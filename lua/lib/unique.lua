@@ -41,15 +41,6 @@ local function unique_parse(ref)
   return kind, tonumber(ttl), rest
 end
 
--- Stream id ID ("ms-seq", or "ms") as two numbers, or nil when it is not one (digits only:
--- tonumber alone would take "1e0" or "0x1"). The sweep parses each once, then compares
--- numbers (common's id_before matches two patterns per comparison).
-local function id_parts(id)
-  local ms, seq = string.match(id, '^(%d+)%-?(%d*)$')
-  if not ms or (seq == '' and string.sub(id, -1) == '-') then return nil end
-  return tonumber(ms), tonumber(seq) or 0
-end
-
 -- Where the message that holds KEY in STORE is, found by looking at it (so a key whose message
 -- is gone, however it went, is free): nil (free), 'throttled', 'delayed' (member), 'staged'
 -- (its field in the staging hash FAIR), 'ready' (stream key, id: not delivered yet), 'taken'
