@@ -67,10 +67,11 @@ full, three TYPEs and a few reads per level; a big
 message adds a TYPE, an HSTRLEN and two PTTLs, and never passes through Lua; a TTL adds a
 TIME and the field e; an id on a queue with x-deduplication-window O(log n) with n ids
 remembered; a unique key O(1) or O(log n) (its holder looked at), and one stored adds an
-HLEN and a PTTL (two on an expiring queue), on a store over 32 fields an HINCRBY, and
-every 16th keyed publish one sweep step (one to four HSCANs, 64 fields at most: an
-XPENDING of each delivered one, no command for one not delivered yet, no entry copied;
-lua/lib/unique.lua); its x-unique-mode and x-unique-ttl come in the HMGET of the
+HINCRBY of the store's count and, every 16th keyed publish, an HMGET, a PTTL (two on an
+expiring queue) and either a sweep step, while a cycle is under way (one to four HSCANs, 64
+fields at most: an XPENDING of each delivered one, no command for one not delivered yet,
+no entry copied), or the look that starts one: an HLEN, an XLEN per level and a ZCARD
+(lua/lib/unique.lua); its x-unique-mode and x-unique-ttl come in the HMGET of the
 arguments every publish makes, and TIME only for a throttled key. x-max-length-bytes adds
 an HGET and an HINCRBY of the counters, and only before refusing for bytes a look at
 every level's next message, the delayed set's ZCARD and the staging count (a count that
@@ -231,7 +232,8 @@ local fair_key = grouped and fairness and KEYS[11 + nl] or nil
 if ukey == '' then ukey = nil end
 if ukey then
   ustore = KEYS[10 + nl]
-  for i = 8, 7 + nl do levels[string.match(KEYS[i], ':(%d+)$') or ''] = KEYS[i] end
+  -- a stream's level follows its queue's name ("<name>:<level>"): where level 0's "0" is
+  for i = 8, 7 + nl do levels[string.sub(KEYS[i], #first)] = KEYS[i] end
   uttl = math.max(math.floor(tonumber(uconf) or 0), 0)  -- read with the limit (read_limit)
   local uerr
   local unique = lib_unique()
@@ -258,12 +260,13 @@ if ukey then
     if ustate then
       unique.unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7], fair_key)
     end
-    unique.unique_hold(ustore, ukey, uttl, string.match(stream, ':(%d+)$') or '0', id, member,
-                       uref, field)
-    unique.unique_sweep(ustore, levels, KEYS[6], clock, group, fair_key)  -- fields
-    -- outliving a message
-    local ttl = redis.call('PTTL', first)  -- an expiring queue's store goes with it
-    if ttl > 0 and redis.call('PTTL', ustore) == -1 then redis.call('PEXPIRE', ustore, ttl) end
+    unique.unique_hold(ustore, ukey, uttl, string.sub(stream, #first), id, member, uref, field)
+    -- fields outliving a message; its count 1: a new store (or a count begun again), which
+    -- an expiring queue's store must go with
+    if unique.unique_sweep(ustore, levels, KEYS[6], clock, group, fair_key) == 1 then
+      local ttl = redis.call('PTTL', first)
+      if ttl > 0 and redis.call('PTTL', ustore) == -1 then redis.call('PEXPIRE', ustore, ttl) end
+    end
   end
 end
 -- A routed publish to a queue that does not exist stores nothing (nil): asked (EXISTS) only

@@ -1,8 +1,9 @@
 """The sweep of the unique key store (lua/lib/unique.lua, unique_sweep; docs/design.rst,
-"Unique keys"): above 32 fields a keyed publish counts itself, and one in sixteen runs a
-step that looks at a bounded number of fields (the rest of an HSCAN reply, at most 64) and
-resumes where it stopped, and never copies an entry. The bound on the store's size is tested
-in tests/test_unique_due.py (expired and cancelled messages).
+"Unique keys"): a keyed publish counts itself, and one in sixteen either runs a step of the
+cycle under way, which looks at a bounded number of fields (the rest of an HSCAN reply, at
+most 64), resumes where it stopped and never copies an entry, or starts a cycle only when
+the store holds more than 32 fields beyond two for each message of the queue. The bound on
+the store's size is tested in tests/test_unique_due.py (expired and cancelled messages).
 """
 
 from __future__ import annotations
@@ -27,15 +28,22 @@ def stale(c: Any, names: list[str]) -> None:
     c.xgroup_setid(K.stream('q', 0), 'q', '1-1000')
 
 
+def from_start(c: Any) -> None:
+    """A cycle under way at its start, whatever the store holds: the next step (in the 16th
+    keyed publish from now) looks at the store's first fields."""
+    c.hdel(K.unique('q'), 't')
+    c.hset(K.unique('q'), mapping={'c': '0:0', 'a': ''})
+
+
 def live_then_stale(c: Any) -> tuple[Any, list[str]]:
     """A queue whose store holds 60 live fields (a00 ... a59), then 12 stale ones (b00 ...
-    b11, returned), the sweep's place forgotten: the next step starts at a00."""
+    b11, returned), and a cycle from its start: the next step starts at a00."""
     b = queue(c)
     for j in range(60):
         publish(b, j, f'a{j:02}')
     gone = [f'b{j:02}' for j in range(12)]
     stale(c, gone)
-    c.hdel(K.unique('q'), 'c', 'a', 't')  # the steps so far (all live) forgotten
+    from_start(c)
     return b, gone
 
 
@@ -50,7 +58,7 @@ def test_a_step_every_sixteenth_keyed_publish_resumes_where_it_stopped(script_cl
     for j in range(15):
         publish(b, j, f'c{j:02}')
     f = fields(c)
-    assert f['t'] == '15' and 'c' not in f and 'a' not in f
+    assert f['t'] == '15' and f['c'] == '0:0' and f['a'] == ''
     publish(b, 15, 'c15')  # a step
     f = fields(c)
     assert f['t'] == '0'
@@ -68,11 +76,14 @@ def test_a_step_every_sixteenth_keyed_publish_resumes_where_it_stopped(script_cl
 
 
 @pytest.mark.parametrize('key', ['short', 'x' * 70])
-def test_the_store_is_scanned_once_per_sixteen_keyed_publishes(redis_client, key):
+def test_a_cycle_scans_once_per_sixteen_keyed_publishes_to_its_end(redis_client, key):
     """While the store is a listpack an HSCAN returns all of it (COUNT is ignored), so one
     per keyed publish cost more than the publish; with a long key (a field over 64 bytes) it
     is a hashtable, scanned in steps of one reply each (about 40 fields, all looked at: none
-    fetched twice). Either way 128 keyed publishes run 8 steps (Redis 7.0's commandstats
+    fetched twice). Either way a cycle under way runs one step per 16 keyed publishes until
+    it has passed every field, though every key is live (a cycle, once started, ends); then
+    a store of live keys is not scanned again, only weighed against the room of the queue's
+    messages once per 16 (an HLEN, an XLEN per level, a ZCARD: Redis 7.0's commandstats
     count the commands scripts run)."""
     c = redis_client
     b = queue(c)
@@ -80,15 +91,57 @@ def test_the_store_is_scanned_once_per_sixteen_keyed_publishes(redis_client, key
         publish(b, j, f'{key}{j}')
     encoding = c.object('encoding', K.unique('q'))
     assert encoding == (b'listpack' if key == 'short' else b'hashtable')
+    from_start(c)
+    steps = 0
+    while fields(c)['c']:
+        c.config_resetstat()
+        for j in range(16):
+            publish(b, j, f'more{steps}-{j}')
+        assert c.info('commandstats')['cmdstat_hscan']['calls'] == 1
+        steps += 1
+        assert steps <= 5  # about 40 fields a step (64 at most), 116 to 180 fields in all
+    assert steps >= 2
+    assert fields(c)['a'] == ''
     c.config_resetstat()
-    for j in range(128):
-        publish(b, j, f'more{j}')
+    for j in range(64):
+        publish(b, j, f'last{j}')
     stats = c.info('commandstats')
-    assert stats['cmdstat_hscan']['calls'] == 8
-    assert 0 < stats['cmdstat_xrange']['calls'] <= 8  # per step: level 0's first ready entry
-    assert len(fields(c)) == 100 + 128 + 3  # every one live; the sweep's c, a and t
-    if key != 'short':  # a hashtable's step looks at its whole reply: none fetched twice
-        assert fields(c)['a'] == ''
+    assert 'cmdstat_hscan' not in stats
+    assert stats['cmdstat_hlen']['calls'] == 4 and stats['cmdstat_zcard']['calls'] == 4
+    assert stats['cmdstat_xlen']['calls'] == 4 * 4  # the queue's four levels
+    assert len(fields(c)) == 100 + 16 * steps + 64 + 3  # every one live; c, a and t
+
+
+def test_a_store_of_stale_fields_starts_a_cycle(redis_client):
+    """Fields of messages gone behind the store's back (here: ready entries deleted from the
+    front, as a purge leaves them) make the store hold more than 32 fields beyond the room
+    of the queue's messages: the next look starts a cycle, which deletes them and runs to
+    its end. A store within the room is never scanned."""
+    c = redis_client
+    b = queue(c)
+    for j in range(30):
+        publish(b, j, f'a{j:02}')
+    c.config_resetstat()
+    for j in range(34):  # 64 live keys: three looks (publishes 32, 48, 64), no cycle
+        publish(b, j, f'b{j:02}')
+    stats = c.info('commandstats')
+    assert 'cmdstat_hscan' not in stats and stats['cmdstat_hlen']['calls'] == 3
+    ids = [i for i, _ in c.xrange(K.stream('q', 0))]
+    c.xdel(K.stream('q', 0), *ids[:60])  # a00 ... a29, b00 ... b29: their fields stay
+    for j in range(16):  # the next look: 81 fields > 32 + 2 x 20, a cycle starts
+        publish(b, j, f'c{j:02}')
+    f = fields(c)
+    live = {f'k:b{j:02}' for j in range(30, 34)} | {f'k:c{j:02}' for j in range(16)}
+    assert {n for n in f if n.startswith('k:')} == live
+    assert f['c'] and f['a'] == 'k:b33'  # under way: 64 fields looked at, the most a step
+    for j in range(16):
+        publish(b, j, f'd{j:02}')
+    assert fields(c)['c'] == ''  # the rest in one step: the cycle ended
+    c.config_resetstat()
+    for j in range(16):
+        publish(b, j, f'e{j:02}')
+    assert 'cmdstat_hscan' not in c.info('commandstats')
+    assert len([n for n in fields(c) if n.startswith('k:')]) == 4 + 16 * 3
 
 
 def test_a_delivered_entry_is_looked_at_without_a_copy(redis_client):
@@ -105,7 +158,7 @@ def test_a_delivered_entry_is_looked_at_without_a_copy(redis_client):
     settled = [d.entry_id for j, d in enumerate(got) if j % 2 == 0]
     c.xack(K.stream('q', 0), 'q', *settled)
     c.xdel(K.stream('q', 0), *settled)  # their fields stay: stale
-    c.hdel(K.unique('q'), 'c', 'a', 't')  # the next step starts at the first field
+    from_start(c)
     c.config_resetstat()
     for j in range(16):
         publish(b, j, f'b{j:02}')  # one step: a00 ... a39, b00 ... b15
@@ -128,7 +181,7 @@ def test_a_ready_entry_is_never_copied(redis_client):
         publish(b, j, f'a{j:02}')
     ids = [i for i, _ in c.xrange(K.stream('q', 0))]
     c.xdel(K.stream('q', 0), *ids[:4], *ids[10:14])  # a00 ... a03 at the front, a10 ... a13
-    c.hdel(K.unique('q'), 'c', 'a', 't')  # the next step starts at the first field
+    from_start(c)
     c.config_resetstat()
     for j in range(16):
         publish(b, j, f'b{j:02}')  # one step: a00 ... a39, b00 ... b15, all ready
@@ -141,7 +194,7 @@ def test_a_ready_entry_is_never_copied(redis_client):
     got = read_messages(b, ['q'], 'c1', 10)  # a04 ... a09, a14 ... a17: past a10 ... a13
     b.ack('q', [(d.stream, d.entry_id) for d in got], consumer='c1',
           unique=[json.loads(d.payload)['body'].replace('m', 'a') for d in got])
-    c.hdel(K.unique('q'), 'c', 'a', 't')
+    from_start(c)
     for j in range(16):
         publish(b, j, f'c{j:02}')  # one step: the fields of a10 ... a13 (but a11's) go
     f = fields(c)
@@ -161,7 +214,7 @@ def test_a_field_naming_no_entry_is_swept_without_an_error(script_client):
     assert len(read_messages(b, ['q'], 'c1', 40)) == 40  # junk ids are before the group's
     junk = ['not-an-id', '12x', '5-x', '123-', '1e0-1', '0x1-1']  # tonumber takes the last two
     c.hset(K.unique('q'), mapping={f'k:junk{j}': f's:0:0:{v}' for j, v in enumerate(junk)})
-    c.hdel(K.unique('q'), 'c', 'a', 't')
+    from_start(c)
     for j in range(32):  # two steps (fakeredis answers 40 fields a reply, in name order)
         assert publish(b, j, f'b{j:02}') not in (None, b'duplicate')
     f = fields(c)

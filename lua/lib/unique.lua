@@ -19,8 +19,9 @@
 --                    older release's read, goes), and a "g:" reference holds its key only
 --                    while the reverse field of its field names that key
 --   UNIQUE_COUNT  -> the number of publishes refused because their key was taken
---   "c", "a", "t" -> the sweep's place: its cursor and offset, the field it resumes at, the
---                    keyed publishes since its last step (unique_sweep below)
+--   "c", "a", "t" -> the sweep's place: its cursor and offset ("" or absent: no cycle under
+--                    way), the field it resumes at, the keyed publishes since it last
+--                    stepped or looked (unique_sweep below)
 --
 --@lazy: built only when a call needs it; callers write lib_unique().helper(...)
 -- (kombu_streams/flatten.py).
@@ -239,10 +240,18 @@ end
 
 -- The sweep of fields that outlived their message (docs/design.rst, "Unique keys": an expiry or
 -- delivery limit at read, drop-head, a purged ready entry, a cancelled delayed message leave
--- theirs; the key already counts as free, only memory is at stake). A store of at most
--- UNIQUE_SWEEP_FROM fields is left alone (one HLEN). Above, each keyed publish that stores a
--- message counts itself in field UNIQUE_TICK (an HINCRBY), and every UNIQUE_EVERY-th runs one
--- step: an HSCAN (COUNT UNIQUE_LOOKS + 8: the sweep's own fields and a reply's unevenness
+-- theirs; the key already counts as free, only memory is at stake).
+-- When: each keyed publish that stores a message counts itself in field UNIQUE_TICK (an
+-- HINCRBY), and every UNIQUE_EVERY-th one either runs a step of the cycle under way, or
+-- starts a cycle only if the store holds more than UNIQUE_SLACK fields beyond the room its
+-- messages can take (unique_room: two fields for each message the queue holds). So a store
+-- whose messages end through acks, dead letters or replace mode, which release their keys,
+-- is never scanned: before 2026-12-08 every 16th keyed publish ran a step whatever the store
+-- held, 2.5 fields looked at per publish. A cycle once started runs to its end (UNIQUE_CURSOR
+-- "" again, or absent): the room is a count of messages, not of live keys, so it only says
+-- when there may be garbage, and a cycle stopped half-way would leave what it had not
+-- reached.
+-- A step: an HSCAN (COUNT UNIQUE_LOOKS + 8: the sweep's own fields and a reply's unevenness
 -- leave one of stream entries' fields its weight) of STORE from the cursor in UNIQUE_CURSOR
 -- ("<cursor>:<offset>"), resumed at the field named in UNIQUE_AT (the first one not looked at
 -- yet: a reply can hold more fields than a step looks at, and fields deleted meanwhile, by
@@ -266,20 +275,33 @@ end
 -- a hashtable, each of about COUNT fields, hold less), so 2 per keyed publish, and a keyed
 -- publish adds at most 1 (its entry's field, or a delayed message's two); so a cycle over a
 -- store of weight W takes at most about W / 2 keyed publishes, which add at most W / 2; every
--- field stale when a cycle starts is gone when it ends: the store weighs at most about twice
--- its live keyed messages (two fields each, four for a delayed one) and the fields of entries
--- deleted from the middle of the ready ones behind our back and not read past yet, or holds
--- UNIQUE_SWEEP_FROM fields. Cost per keyed publish: an HLEN, above the floor an HINCRBY; per
--- step, an HMGET, one to four HSCANs (about COUNT fields each of a hashtable, all of a
--- listpack), up to 2 x UNIQUE_LOOKS looks (XINFO GROUPS once per level, an XPENDING or two
--- hash commands per field, and an XRANGE of one entry per level), an HDEL per reply and an
--- HSET. LEVELS maps a level to its stream, DKEY is the delayed set, CLOCK() unix ms, GROUP the
--- queue's group, FAIR the staging hash of a fair queue (a staged message's look is an HEXISTS
--- there; nil: staged ones are left alone).
+-- field stale when a cycle starts is gone when it ends. With no cycle under way the store
+-- holds at most UNIQUE_SLACK fields more than twice the queue's messages (and what the
+-- publishes since the last count added); during one, at most about twice that. Fields of
+-- entries deleted from the middle of the ready ones behind our back stay until the group
+-- reads past them. Cost per keyed publish: an HINCRBY; every UNIQUE_EVERY-th, an HMGET and,
+-- with no cycle under way, the room (an HLEN, an XLEN per level, a ZCARD, with x-fairness an
+-- HGET) and an HSET; per step, one to four HSCANs (about COUNT fields each of a hashtable,
+-- all of a listpack), up to 2 x UNIQUE_LOOKS looks (XINFO GROUPS once per level, an XPENDING
+-- or two hash commands per field, and an XRANGE of one entry per level), an HDEL per reply
+-- and an HSET. LEVELS maps a level to its stream, DKEY is the delayed set, CLOCK() unix ms,
+-- GROUP the queue's group, FAIR the staging hash of a fair queue (a staged message's look is
+-- an HEXISTS there; nil: staged ones are left alone). Returns the count: 1 when the store is
+-- new (or a count began again after a step): the caller then sees to its expiry.
 -- Never fails: it runs after the message was stored, so a key of another type at one of the
 -- names is only skipped (try), and the store is a hash (the publish just wrote it).
 local UNIQUE_CURSOR, UNIQUE_AT, UNIQUE_TICK = 'c', 'a', 't'
-local UNIQUE_EVERY, UNIQUE_LOOKS, UNIQUE_SWEEP_FROM = 16, 32, 32
+local UNIQUE_EVERY, UNIQUE_LOOKS, UNIQUE_SLACK = 16, 32, 32
+
+-- The fields the queue's messages can hold live: two for each message it holds (a key, and a
+-- delayed or staged message's reverse field), whether it has a key or not. LEVELS, DKEY, FAIR
+-- as unique_sweep's; a key of another type counts nothing.
+local function unique_room(levels, dkey, fair)
+  local n = try('ZCARD', dkey) or 0
+  for _, stream in pairs(levels) do n = n + (try('XLEN', stream) or 0) end
+  if fair then n = n + (tonumber(try('HGET', fair, FAIR_COUNT)) or 0) end
+  return 2 * n
+end
 
 -- Whether staged field NAME of STEP.fair (the staging hash, nil when the caller has none:
 -- then it counts as there) is there, or nil on another type.
@@ -381,12 +403,16 @@ local function unique_gone(store, f, v, levels, dkey, clock, group, step)
 end
 
 local function unique_sweep(store, levels, dkey, clock, group, fair)
-  if redis.call('HLEN', store) <= UNIQUE_SWEEP_FROM then return end
   local tick = try('HINCRBY', store, UNIQUE_TICK, 1)
-  if tick and tick < UNIQUE_EVERY then return end  -- (not a number: reset below)
+  if tick and tick < UNIQUE_EVERY then return tick end  -- (not a number: reset below)
   local at = redis.call('HMGET', store, UNIQUE_CURSOR, UNIQUE_AT)
   local cursor, skip = string.match(at[1] or '', '^(%d+):(%d+)$')
   cursor, skip = cursor or '0', tonumber(skip) or 0
+  if (at[1] or '') == ''  -- no cycle under way: one starts only over the room
+     and redis.call('HLEN', store) <= UNIQUE_SLACK + unique_room(levels, dkey, fair) then
+    redis.call('HSET', store, UNIQUE_TICK, 0)
+    return tick
+  end
   local state = {last = {}, ready = {}, fair = fair}  -- per stream: last-delivered, first
   -- ready id; the staging hash (staged messages' fields are looked at there)
   local weight, looked, scans = 0, 0, 0  -- weight passed: 1 a stream entry's field, 1/2
@@ -440,7 +466,9 @@ local function unique_sweep(store, levels, dkey, clock, group, fair)
   if last < n then  -- the same reply again next time, from its field flat[2 * last + 1]
     redis.call('HSET', store, UNIQUE_CURSOR, cursor .. ':' .. (last - freed),
                UNIQUE_AT, flat[2 * last + 1], UNIQUE_TICK, 0)
-  else
-    redis.call('HSET', store, UNIQUE_CURSOR, step[1] .. ':0', UNIQUE_AT, '', UNIQUE_TICK, 0)
+  else  -- the next reply; none when the cursor is back at 0: the cycle ended
+    redis.call('HSET', store, UNIQUE_CURSOR, step[1] == '0' and '' or step[1] .. ':0',
+               UNIQUE_AT, '', UNIQUE_TICK, 0)
   end
+  return tick
 end
