@@ -247,7 +247,8 @@ end
 -- messages can take (unique_room: two fields for each message the queue holds). So a store
 -- whose messages end through acks, dead letters or replace mode, which release their keys,
 -- is never scanned: before 2026-12-08 every 16th keyed publish ran a step whatever the store
--- held, 2.5 fields looked at per publish. A cycle once started runs to its end (UNIQUE_CURSOR
+-- held, 2.5 fields looked at per publish. (Keys an ack keeps throttled, x-unique-ttl, are
+-- fields the room does not count: over 32 of them, cycles run one after the other.) A cycle once started runs to its end (UNIQUE_CURSOR
 -- "" again, or absent): the room is a count of messages, not of live keys, so it only says
 -- when there may be garbage, and a cycle stopped half-way would leave what it had not
 -- reached.
@@ -299,7 +300,10 @@ local UNIQUE_EVERY, UNIQUE_LOOKS, UNIQUE_SLACK = 16, 32, 32
 local function unique_room(levels, dkey, fair)
   local n = try('ZCARD', dkey) or 0
   for _, stream in pairs(levels) do n = n + (try('XLEN', stream) or 0) end
-  if fair then n = n + (tonumber(try('HGET', fair, FAIR_COUNT)) or 0) end
+  if fair then
+    local staged = try('HGET', fair, FAIR_COUNT)  -- (try's error, if any, not to tonumber)
+    n = n + (tonumber(staged) or 0)
+  end
   return 2 * n
 end
 
