@@ -67,8 +67,8 @@ full, three TYPEs and a few reads per level; a big
 message adds a TYPE, an HSTRLEN and two PTTLs, and never passes through Lua; a TTL adds a
 TIME and the field e; an id on a queue with x-deduplication-window O(log n) with n ids
 remembered; a unique key O(1) or O(log n) (its holder looked at), and one stored adds an
-HINCRBY of the store's count and, every 16th keyed publish, an HMGET, a PTTL (two on an
-expiring queue) and either a sweep step, while a cycle is under way (one to four HSCANs, 64
+HINCRBY of the store's count and, once in 16 keyed publishes, a PTTL (two on an expiring
+queue), an HMGET and either a sweep step, while a cycle is under way (one to four HSCANs, 64
 fields at most: an XPENDING of each delivered one, no command for one not delivered yet,
 no entry copied), or the look that starts one: an HLEN, an XLEN per level and a ZCARD
 (lua/lib/unique.lua); its x-unique-mode and x-unique-ttl come in the HMGET of the
@@ -232,7 +232,7 @@ local fair_key = grouped and fairness and KEYS[11 + nl] or nil
 if ukey == '' then ukey = nil end
 if ukey then
   ustore = KEYS[10 + nl]
-  -- a stream's level follows its queue's name ("<name>:<level>"): where level 0's "0" is
+  -- a level stream's name is "<queue's base>:<level>": the level starts where KEYS[8]'s 0
   for i = 8, 7 + nl do levels[string.sub(KEYS[i], #first)] = KEYS[i] end
   uttl = math.max(math.floor(tonumber(uconf) or 0), 0)  -- read with the limit (read_limit)
   local uerr
