@@ -248,10 +248,10 @@ end
 -- whose messages end through acks, dead letters or replace mode, which release their keys,
 -- is never scanned: before 2026-12-08 every 16th keyed publish ran a step whatever the store
 -- held, 2.5 fields looked at per publish. (Keys an ack keeps throttled, x-unique-ttl, are
--- fields the room does not count: over 32 of them, cycles run one after the other.) A cycle once started runs to its end (UNIQUE_CURSOR
--- "" again, or absent): the room is a count of messages, not of live keys, so it only says
--- when there may be garbage, and a cycle stopped half-way would leave what it had not
--- reached.
+-- fields the room does not count: over 32 of them, cycles run one after the other.) A cycle
+-- once started runs to its end (UNIQUE_CURSOR "" again, or absent): the room is a count of
+-- messages, not of live keys, so it only says when there may be garbage, and a cycle
+-- stopped half-way would leave what it had not reached.
 -- A step: an HSCAN (COUNT UNIQUE_LOOKS + 8: the sweep's own fields and a reply's unevenness
 -- leave one of stream entries' fields its weight) of STORE from the cursor in UNIQUE_CURSOR
 -- ("<cursor>:<offset>"), resumed at the field named in UNIQUE_AT (the first one not looked at
