@@ -71,7 +71,7 @@ HINCRBY of the store's count and, once in 16 keyed publishes, a PTTL (two on an 
 queue), an HMGET and either a sweep step, while a cycle is under way (one to four HSCANs, 64
 fields at most: an XPENDING of each delivered one, no command for one not delivered yet,
 no entry copied), or the look that starts one: an HLEN, an XLEN per level and a ZCARD
-(lua/lib/unique.lua); its x-unique-mode and x-unique-ttl come in the HMGET of the
+(lua/lib/unique_sweep.lua); its x-unique-mode and x-unique-ttl come in the HMGET of the
 arguments every publish makes, and TIME only for a throttled key. x-max-length-bytes adds
 an HGET and an HINCRBY of the counters, and only before refusing for bytes a look at
 every level's next message, the delayed set's ZCARD and the staging count (a count that
@@ -89,6 +89,7 @@ HDEL of a stale reverse field in the key store, lua/lib/unique.lua) and an SADD.
 --@include dedup
 --@include unique
 --@include fair
+--@include unique_sweep
 local big = string.sub(ARGV[1] or '', 1, 2) == 'r:'  -- the body is in the big hash
 local nk = #KEYS - (big and 1 or 0)
 local nl = tonumber(ARGV[3] or '')
@@ -261,10 +262,11 @@ if ukey then
       unique.unique_drop(ustore, string.sub(ustate, 9), ua, ub, KEYS[6], KEYS[7], fair_key)
     end
     unique.unique_hold(ustore, ukey, uttl, string.sub(stream, #first), id, member, uref, field)
-    -- fields outliving a message; its count 1: a new store (or a count begun again), which
-    -- an expiring queue's store must go with
-    if unique.unique_sweep(ustore, levels, KEYS[6], clock, group, fair_key) == 1 then
-      local ttl = redis.call('PTTL', first)
+    local tick = unique.unique_count(ustore)
+    if tick == nil or tick >= UNIQUE_EVERY then  -- fields outliving a message
+      lib_unique_sweep().unique_sweep(ustore, levels, KEYS[6], clock, group, fair_key)
+    elseif tick == 1 then  -- a new store (or a count begun again): an expiring queue's goes
+      local ttl = redis.call('PTTL', first)  -- with it
       if ttl > 0 and redis.call('PTTL', ustore) == -1 then redis.call('PEXPIRE', ustore, ttl) end
     end
   end

@@ -1,4 +1,4 @@
-"""The sweep of the unique key store (lua/lib/unique.lua, unique_sweep; docs/design.rst,
+"""The sweep of the unique key store (lua/lib/unique_sweep.lua; docs/design.rst,
 "Unique keys"): a keyed publish counts itself, and one in sixteen either runs a step of the
 cycle under way, which looks at a bounded number of fields (the rest of an HSCAN reply, at
 most 64), resumes where it stopped and never copies an entry, or starts a cycle only when
