@@ -70,12 +70,12 @@ remembered; a unique key O(1) or O(log n) (its holder looked at), and one stored
 HINCRBY of the store's count and, once in 16 keyed publishes, a PTTL (two on an expiring
 queue), an HMGET and either a sweep step, while a cycle is under way (one to four HSCANs, 64
 fields at most: an XPENDING of each delivered one, no command for one not delivered yet,
-no entry copied), or the look that starts one: an HLEN, an XLEN per level and a ZCARD
-(lua/lib/unique_sweep.lua); its x-unique-mode and x-unique-ttl come in the HMGET of the
-arguments every publish makes, and TIME only for a throttled key. x-max-length-bytes adds
-an HGET and an HINCRBY of the counters, and only before refusing for bytes a look at
-every level's next message, the delayed set's ZCARD and the staging count (a count that
-drifted up heals there). Never trims.
+no entry copied), or the look that starts one: an HLEN of the store and the count a
+length limit makes (lua/lib/unique_sweep.lua); its x-unique-mode and x-unique-ttl come in
+the HMGET of the arguments every publish makes, and TIME only for a throttled key.
+x-max-length-bytes adds an HGET and an HINCRBY of the counters, and only before refusing
+for bytes a look at every level's next message, the delayed set's ZCARD and the staging
+count (a count that drifted up heals there). Never trims.
 See docs/design.rst (Wake-ups, The ready index, Delayed delivery, Big messages, Queue
 arguments and limits, Message TTL, Duplicates, Unique keys, Fair share). A staged message
 costs 4 hash commands (7 when its group joins the rotation: lua/lib/fair.lua; one is the
@@ -264,7 +264,8 @@ if ukey then
     unique.unique_hold(ustore, ukey, uttl, string.sub(stream, #first), id, member, uref, field)
     local tick = unique.unique_count(ustore)
     if tick == nil or tick >= UNIQUE_EVERY then  -- fields outliving a message
-      lib_unique_sweep().unique_sweep(ustore, levels, KEYS[6], clock, group, fair_key)
+      lib_unique_sweep().unique_sweep(ustore, levels, KEYS[6], KEYS[7], clock, group,
+                                      fair_key)
     elseif tick == 1 then  -- a new store (or a count begun again): an expiring queue's goes
       local ttl = redis.call('PTTL', first)  -- with it
       if ttl > 0 and redis.call('PTTL', ustore) == -1 then redis.call('PEXPIRE', ustore, ttl) end

@@ -55,11 +55,12 @@
 -- publishes since the last count added); during one, at most about twice that. Fields of
 -- entries deleted from the middle of the ready ones behind our back stay until the group
 -- reads past them. Cost per keyed publish: an HINCRBY; every UNIQUE_EVERY-th, an HMGET and,
--- with no cycle under way, the room (an HLEN, an XLEN per level, a ZCARD, with x-fairness an
--- HGET) and an HSET; per step, one to four HSCANs (about COUNT fields each of a hashtable,
--- all of a listpack), up to 2 x UNIQUE_LOOKS looks (XINFO GROUPS once per level, an XPENDING
--- or two hash commands per field, and an XRANGE of one entry per level), an HDEL per reply
--- and an HSET. LEVELS maps a level to its stream, DKEY is the delayed set, CLOCK() unix ms,
+-- with no cycle under way, the room (an HLEN of the store, an XLEN per level, an HLEN of
+-- BODIES, with x-fairness an HGET) and an HSET; per step, one to four HSCANs (about COUNT
+-- fields each of a hashtable, all of a listpack), up to 2 x UNIQUE_LOOKS looks (XINFO
+-- GROUPS once per level, an XPENDING or two hash commands per field, and an XRANGE of one
+-- entry per level), an HDEL per reply and an HSET. LEVELS maps a level to its stream, DKEY
+-- is the delayed set and BODIES the delayed messages' hash, CLOCK() unix ms,
 -- GROUP the queue's group, FAIR the staging hash of a fair queue (a staged message's look is
 -- an HEXISTS there; nil: staged ones are left alone).
 -- Never fails: it runs after the message was stored, so a key of another type at one of the
@@ -68,11 +69,14 @@ local UNIQUE_CURSOR, UNIQUE_AT = 'c', 'a'
 local UNIQUE_LOOKS, UNIQUE_SLACK = 32, 32
 
 -- The fields the queue's messages can hold live: two for each message it holds (a key, and a
--- delayed or staged message's reverse field), whether it has a key or not. LEVELS, DKEY, FAIR
--- as unique_sweep's; a key of another type counts nothing.
-local function unique_room(levels, dkey, fair)
-  local n = try('ZCARD', dkey) or 0
-  for _, stream in pairs(levels) do n = n + (try('XLEN', stream) or 0) end
+-- delayed or staged message's reverse field), whether it has a key or not, counted as a
+-- length limit counts them (held_count, lua/lib/limits.lua: its streams' entries and the
+-- delayed messages' hash BODIES) plus the staged ones. LEVELS, FAIR as unique_sweep's; a key
+-- of another type counts nothing (then a cycle starts sooner: sweeping, never a loss).
+local function unique_room(levels, bodies, fair)
+  local streams = {}
+  for _, stream in pairs(levels) do streams[#streams + 1] = stream end
+  local n = held_count(streams, bodies) or 0
   if fair then
     local staged = try('HGET', fair, FAIR_COUNT)  -- (try's error, if any, not to tonumber)
     n = n + (tonumber(staged) or 0)
@@ -180,12 +184,12 @@ local function unique_gone(store, f, v, levels, dkey, clock, group, step)
   return unique_entry_gone(f, b, c, cms, cseq, levels, group, step)
 end
 
-local function unique_sweep(store, levels, dkey, clock, group, fair)
+local function unique_sweep(store, levels, dkey, bodies, clock, group, fair)
   local at = redis.call('HMGET', store, UNIQUE_CURSOR, UNIQUE_AT)
   local cursor, skip = string.match(at[1] or '', '^(%d+):(%d+)$')
   cursor, skip = cursor or '0', tonumber(skip) or 0
   if (at[1] or '') == ''  -- no cycle under way: one starts only over the room
-     and redis.call('HLEN', store) <= UNIQUE_SLACK + unique_room(levels, dkey, fair) then
+     and redis.call('HLEN', store) <= UNIQUE_SLACK + unique_room(levels, bodies, fair) then
     redis.call('HSET', store, UNIQUE_TICK, 0)
     return
   end
